@@ -1,0 +1,53 @@
+//! Generated protobuf types and tonic clients/servers for every meshgate contract.
+
+/// Types shared by every contract.
+pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("meshgate.common.v1");
+    }
+}
+
+/// The edge's gRPC facade.
+pub mod gateway {
+    pub mod v1 {
+        tonic::include_proto!("meshgate.gateway.v1");
+    }
+}
+
+/// Local model execution.
+pub mod inference {
+    pub mod v1 {
+        tonic::include_proto!("meshgate.inference.v1");
+    }
+}
+
+/// Routing decisions.
+pub mod router {
+    pub mod v1 {
+        tonic::include_proto!("meshgate.router.v1");
+    }
+}
+
+/// Budgets and rate limits.
+pub mod quota {
+    pub mod v1 {
+        tonic::include_proto!("meshgate.quota.v1");
+    }
+}
+
+/// Traces and analytics.
+pub mod analytics {
+    pub mod v1 {
+        tonic::include_proto!("meshgate.analytics.v1");
+    }
+}
+
+/// Upstream providers and the durable queue.
+pub mod sync {
+    pub mod v1 {
+        tonic::include_proto!("meshgate.sync.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every contract, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("meshgate_descriptor");
