@@ -1,1 +1,18 @@
+//! The runtime every meshgate service shares: configuration, telemetry, metrics, the gRPC and
+//! admin servers, inter-service clients, shutdown, and the one error-code table.
 
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod process;
+pub mod metrics;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use client::{MeshChannel, channel};
+pub use error::{ApiError, ErrorCode};
+pub use process::run_main;
+pub use metrics::Metrics;
+pub use server::{ListenConfig, Listeners, Readiness, ServeError, ServiceHost};
+pub use shutdown::Shutdown;

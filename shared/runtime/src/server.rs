@@ -1,0 +1,356 @@
+//! Serving a service: listeners, readiness, the gRPC server with health and reflection, the
+//! admin HTTP listener, and draining on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::response::IntoResponse;
+use futures::future::BoxFuture;
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+use tonic_health::ServingStatus;
+use tracing::Instrument;
+
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// Sockets a service serves on. Tests bind `127.0.0.1:0` and pass the listeners in.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+    /// The edge's HTTP listener (gateway only).
+    pub http: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(addrs: &ListenConfig) -> std::io::Result<Self> {
+        Ok(Self {
+            grpc: bind(addrs.grpc).await?,
+            admin: bind(addrs.admin).await?,
+            http: match addrs.http {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+        })
+    }
+
+    /// gRPC, admin and HTTP listeners on ephemeral loopback ports.
+    pub async fn ephemeral() -> std::io::Result<Self> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::bind(&ListenConfig { grpc: any, admin: any, http: Some(any) }).await
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        local_addr(&self.grpc)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        local_addr(&self.admin)
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(local_addr)
+    }
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}")))
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Where a service listens; `MESHGATE_LISTEN__GRPC`, `__ADMIN`, `__HTTP` override the defaults.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
+}
+
+/// Whether a service's dependencies answer; drives `/readyz` and gRPC health.
+#[derive(Clone, Debug, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, ready: bool) -> bool {
+        self.0.swap(ready, Ordering::Relaxed) != ready
+    }
+}
+
+/// Errors of the serving machinery itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("admin listener failed: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Hosts one gRPC service with everything DESIGN §1 requires around it.
+#[derive(Clone)]
+pub struct ServiceHost {
+    name: &'static str,
+    metrics: Metrics,
+    readiness: Readiness,
+    drain_deadline: Duration,
+}
+
+impl ServiceHost {
+    /// `name` is the short service name (`"quota"`), used in metrics and logs.
+    pub fn new(name: &'static str) -> Self {
+        Self { name, metrics: Metrics::new(name), readiness: Readiness::default(), drain_deadline: Duration::from_secs(10) }
+    }
+
+    /// How long in-flight requests may run after shutdown starts.
+    pub fn with_drain_deadline(mut self, deadline: Duration) -> Self {
+        self.drain_deadline = deadline;
+        self
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// Serves `service` on `listeners.grpc` and the admin endpoints on `listeners.admin` until
+    /// `shutdown`. Health is NOT_SERVING until `probe` first succeeds, and follows it afterwards.
+    pub async fn run<S, P, Fut>(
+        self,
+        service: S,
+        listeners: Listeners,
+        probe: P,
+        shutdown: Shutdown,
+    ) -> Result<(), ServeError>
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+        P: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter.set_service_status("", ServingStatus::NotServing).await;
+        reporter.set_not_serving::<S>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(meshgate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+
+        let watcher = tokio::spawn(watch_readiness(
+            self.name,
+            self.readiness.clone(),
+            reporter,
+            S::NAME,
+            probe,
+            shutdown.clone(),
+        ));
+        let admin = tokio::spawn(serve_admin(listeners.admin, self.metrics.clone(), self.readiness.clone(), shutdown.clone()));
+
+        tracing::info!(service = self.name, grpc = %local_addr(&listeners.grpc), "serving");
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(ObserveLayer { metrics: self.metrics.clone() })
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+                shutdown.cancelled_owned(),
+            );
+        let deadline = self.drain_deadline;
+        let drained = tokio::select! {
+            result = server => { result?; true }
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(deadline).await } => false,
+        };
+        if !drained {
+            tracing::warn!(service = self.name, ?deadline, "drain deadline passed; dropping remaining requests");
+        }
+        watcher.abort();
+        match admin.await {
+            Ok(result) => result.map_err(ServeError::Admin)?,
+            Err(err) => tracing::warn!(service = self.name, %err, "admin listener task ended abnormally"),
+        }
+        tracing::info!(service = self.name, "stopped");
+        Ok(())
+    }
+}
+
+/// Polls `probe` (fast until the first success, then every two seconds) and mirrors it into
+/// gRPC health and `/readyz`. Shutdown turns both NOT_SERVING at once so balancers stop sending.
+async fn watch_readiness<P, Fut>(
+    name: &'static str,
+    readiness: Readiness,
+    reporter: tonic_health::server::HealthReporter,
+    grpc_service: &'static str,
+    probe: P,
+    shutdown: Shutdown,
+) where
+    P: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let mut interval = Duration::from_millis(100);
+    loop {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            result = probe() => result,
+        };
+        let ready = result.is_ok();
+        if readiness.set(ready) {
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status(grpc_service, status).await;
+            match result {
+                Ok(()) => tracing::info!(service = name, "ready"),
+                Err(reason) => tracing::warn!(service = name, %reason, "not ready"),
+            }
+        }
+        if ready {
+            interval = Duration::from_secs(2);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+    readiness.set(false);
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    reporter.set_service_status(grpc_service, ServingStatus::NotServing).await;
+}
+
+#[derive(Clone)]
+struct AdminState {
+    metrics: Metrics,
+    readiness: Readiness,
+}
+
+/// The admin router: `/livez`, `/readyz`, `/metrics`.
+pub fn admin_router(metrics: Metrics, readiness: Readiness) -> axum::Router {
+    axum::Router::new()
+        .route("/livez", axum::routing::get(|| async { "ok" }))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(render_metrics))
+        .with_state(AdminState { metrics, readiness })
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.readiness.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    metrics: Metrics,
+    readiness: Readiness,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
+    axum::serve(listener, admin_router(metrics, readiness))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Tower layer around every gRPC request: joins the caller's trace, records metrics.
+#[derive(Clone)]
+struct ObserveLayer {
+    metrics: Metrics,
+}
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe { inner, metrics: self.metrics.clone() }
+    }
+}
+
+#[derive(Clone)]
+struct Observe<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Observe<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        // Only our own and the standard services' paths become label values: a client sending
+        // made-up paths must not grow the metric's cardinality.
+        let method: Arc<str> = if path.starts_with("/meshgate.") || path.starts_with("/grpc.") {
+            Arc::from(path)
+        } else {
+            Arc::from("other")
+        };
+        let span = tracing::info_span!("grpc.server", otel.name = %method, otel.kind = "server", rpc.system = "grpc");
+        crate::telemetry::set_parent_from_headers(&span, request.headers());
+        let start = Instant::now();
+        let future = self.inner.call(request);
+        let metrics = self.metrics.clone();
+        Box::pin(
+            async move {
+                let result = future.await;
+                let code = match &result {
+                    Ok(response) => {
+                        response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_owned()
+                    }
+                    Err(_) => "transport".to_owned(),
+                };
+                metrics.observe_grpc(&method, &code, start.elapsed().as_secs_f64());
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
