@@ -1,0 +1,98 @@
+//! The gRPC facade of the edge (`meshgate.gateway.v1.Gateway`): the same request path as the
+//! HTTP edge, authenticated by `authorization: Bearer <key>` metadata.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use meshgate_proto::gateway::v1::gateway_server::Gateway;
+use meshgate_proto::gateway::v1::{
+    ChatChunk, ChatRequest, EmbedRequest, EmbedResponse, ListModelsRequest, ListModelsResponse, ModelInfo,
+};
+use meshgate_runtime::{ApiError, ErrorCode};
+use tonic::{Request, Response, Status};
+
+use crate::auth::Authenticator;
+use crate::openai::{ChatLimits, ValidChat, check_chat};
+use crate::orchestrator::{ChatCall, Orchestrator};
+
+/// The gRPC gateway service.
+#[derive(Clone)]
+pub struct GatewayService {
+    pub orchestrator: Arc<Orchestrator>,
+    pub auth: Authenticator,
+    pub limits: ChatLimits,
+}
+
+fn request_id<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+impl GatewayService {
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<meshgate_proto::common::v1::Principal, Status> {
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        self.auth.authenticate(header).map_err(|err| err.to_status())
+    }
+}
+
+type ChatStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    type ChatStream = ChatStream;
+
+    async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
+        let started = Instant::now();
+        let principal = self.authenticate(&request)?;
+        let request_id = request_id(&request);
+        let trace_id = meshgate_runtime::telemetry::trace_id(&tracing::Span::current());
+        let body = request.into_inner();
+        let chat = ValidChat {
+            model: body.model.trim().to_owned(),
+            messages: body.messages,
+            sampling: body.sampling.unwrap_or_default(),
+            stream: true,
+            include_usage: true,
+        };
+        check_chat(&chat, self.limits).map_err(|err| err.to_status())?;
+        let model = chat.model.clone();
+        let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started };
+        let reply = self.orchestrator.chat(call).await.map_err(|err| err.to_status())?;
+        let served = reply.target.model.clone();
+        let chunks = reply.pieces.map(move |piece| {
+            piece
+                .map(|piece| ChatChunk {
+                    request_id: request_id.clone(),
+                    model: if served.is_empty() { model.clone() } else { served.clone() },
+                    delta: piece.delta,
+                    finish_reason: piece.finish_reason,
+                    usage: piece.usage,
+                    tool_calls: Vec::new(),
+                })
+                .map_err(|err: ApiError| err.to_status())
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        self.authenticate(&request)?;
+        Err(ErrorCode::NotImplemented.status("embeddings at the edge arrive with the local inference issue (#5)"))
+    }
+
+    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        self.authenticate(&request)?;
+        let targets = self.orchestrator.models().await.map_err(|err| err.to_status())?;
+        let models = targets
+            .into_iter()
+            .map(|t| ModelInfo { id: t.model, owned_by: t.provider, tasks: vec!["chat".into()] })
+            .collect();
+        Ok(Response::new(ListModelsResponse { models }))
+    }
+}

@@ -1,0 +1,328 @@
+//! The HTTP/JSON edge (OpenAI-compatible). Layers, outermost first: load shedding over a
+//! concurrency limit (503 when full), then request id + trace context + metrics, then routing.
+//! Authentication and body limits run in the handlers so that every failure gets the JSON
+//! error shape and the request id.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use meshgate_runtime::{ApiError, ErrorCode};
+use tower::ServiceBuilder;
+use tracing::Instrument;
+
+use crate::auth::Authenticator;
+use crate::metrics::GatewayMetrics;
+use crate::openai::{self, ChatLimits, ValidChat};
+use crate::orchestrator::{ChatCall, ChatReply, Orchestrator, Piece};
+
+/// Header carrying the request id, accepted from clients and always returned.
+pub const REQUEST_ID: &str = "x-request-id";
+/// Header naming the target that served a reply.
+pub const TARGET: &str = "x-meshgate-target";
+/// Header carrying the W3C trace id of the request.
+pub const TRACE_ID: &str = "x-meshgate-trace-id";
+
+/// Shared state of the edge's handlers.
+#[derive(Clone)]
+pub struct Edge {
+    pub orchestrator: Arc<Orchestrator>,
+    pub auth: Authenticator,
+    pub limits: ChatLimits,
+    pub max_body_bytes: usize,
+    pub metrics: GatewayMetrics,
+}
+
+/// Per-request facts the middleware hands to handlers.
+#[derive(Clone)]
+struct RequestContext {
+    request_id: String,
+    trace_id: String,
+    started: Instant,
+}
+
+/// Builds the edge's router.
+pub fn router(edge: Edge, max_concurrency: usize) -> axum::Router {
+    let shed = ServiceBuilder::new()
+        .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
+            let err = ApiError::new(ErrorCode::Overloaded, "the gateway is at its concurrency limit; retry shortly")
+                .with_retry_after(1);
+            error_response(&err, "")
+        }))
+        .load_shed()
+        .concurrency_limit(max_concurrency);
+    axum::Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(edge.clone(), observe))
+        .layer(shed)
+        .with_state(edge)
+}
+
+/// Assigns the request id, joins the caller's trace, and records metrics.
+async fn observe(State(edge): State<Edge>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let span = tracing::info_span!("http.request", otel.name = %format!("{} {route}", request.method()), otel.kind = "server", request_id = %request_id);
+    meshgate_runtime::telemetry::set_parent_from_headers(&span, request.headers());
+    let trace_id = meshgate_runtime::telemetry::trace_id(&span);
+    request.extensions_mut().insert(RequestContext { request_id: request_id.clone(), trace_id: trace_id.clone(), started });
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert(REQUEST_ID, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&trace_id) {
+        headers.insert(TRACE_ID, value);
+    }
+    if let Some(parent) = meshgate_runtime::telemetry::traceparent(&span)
+        && let Ok(value) = HeaderValue::from_str(&parent)
+    {
+        headers.insert("traceparent", value);
+    }
+    edge.metrics.http_requests.with_label_values(&[&route, response.status().as_str()]).inc();
+    edge.metrics.http_duration.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Client-chosen request ids are kept when they are short and plain.
+fn valid_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// The JSON error shape, with `Retry-After` when the error carries one.
+pub fn error_response(err: &ApiError, request_id: &str) -> Response {
+    let mut response = (err.code.http_status(), axum::Json(err.body(request_id))).into_response();
+    if let Some(seconds) = err.retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
+}
+
+async fn not_found(request: Request) -> Response {
+    let id = request_id_of(&request);
+    error_response(&ApiError::new(ErrorCode::NotFound, format!("no route for {} {}", request.method(), request.uri().path())), &id)
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    let id = request_id_of(&request);
+    let err = ApiError::new(ErrorCode::InvalidRequest, format!("method {} is not allowed on {}", request.method(), request.uri().path()));
+    let mut response = error_response(&err, &id);
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
+}
+
+fn request_id_of(request: &Request) -> String {
+    request.extensions().get::<RequestContext>().map(|c| c.request_id.clone()).unwrap_or_default()
+}
+
+/// Reads the body up to the limit; a larger body is a 413 without reading the rest.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, format!("request body exceeds {limit} bytes"));
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|_| too_large())
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+async fn chat_completions(State(edge): State<Edge>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let Some(context) = parts.extensions.get::<RequestContext>().cloned() else {
+        return error_response(&ApiError::new(ErrorCode::Internal, "request context missing"), "");
+    };
+    match run_chat(&edge, &parts.headers, body, &context).await {
+        Ok(response) => response,
+        Err(err) => error_response(&err, &context.request_id),
+    }
+}
+
+async fn run_chat(edge: &Edge, headers: &HeaderMap, body: Body, context: &RequestContext) -> Result<Response, ApiError> {
+    let principal = edge.auth.authenticate(authorization(headers))?;
+    let body = read_body(body, headers, edge.max_body_bytes).await?;
+    let chat = openai::parse_chat(&body, edge.limits)?;
+    let call = ChatCall {
+        request_id: context.request_id.clone(),
+        trace_id: context.trace_id.clone(),
+        principal,
+        chat: chat.clone(),
+        started: context.started,
+    };
+    let reply = edge.orchestrator.chat(call).await?;
+    let completion_id = format!("chatcmpl-{}", context.request_id);
+    if chat.stream {
+        Ok(stream_response(reply, &chat, completion_id, context.request_id.clone()))
+    } else {
+        json_response(reply, &chat, &completion_id).await
+    }
+}
+
+fn target_header(response: &mut Response, reply: &ChatReply) {
+    if let Ok(value) = HeaderValue::from_str(&reply.target.id) {
+        response.headers_mut().insert(TARGET, value);
+    }
+}
+
+async fn json_response(mut reply: ChatReply, chat: &ValidChat, completion_id: &str) -> Result<Response, ApiError> {
+    let mut content = String::new();
+    let mut last = Piece::default();
+    while let Some(piece) = reply.pieces.next().await {
+        let piece = piece?;
+        content.push_str(&piece.delta);
+        last = piece;
+    }
+    let usage = last.usage.unwrap_or_default();
+    let body = openai::ChatCompletion {
+        id: completion_id,
+        object: "chat.completion",
+        created: unix_now(),
+        model: &chat.model,
+        choices: [openai::Choice {
+            index: 0,
+            message: openai::AssistantMessage { role: "assistant", content: &content },
+            finish_reason: if last.finish_reason.is_empty() { "stop" } else { &last.finish_reason },
+            logprobs: None,
+        }],
+        usage: openai::WireUsage::from(&usage),
+    };
+    let mut response = axum::Json(body).into_response();
+    target_header(&mut response, &reply);
+    Ok(response)
+}
+
+/// Server-sent events in the OpenAI chunk format: the first chunk carries the role, each piece
+/// its text, the last its finish reason, then (when asked) a usage chunk, then `[DONE]`. An
+/// error after the first byte ends the stream with an `error` event instead of `[DONE]`.
+fn stream_response(reply: ChatReply, chat: &ValidChat, completion_id: String, request_id: String) -> Response {
+    let model = chat.model.clone();
+    let include_usage = chat.include_usage;
+    let created = unix_now();
+    let mut response_target = Response::new(Body::empty());
+    target_header(&mut response_target, &reply);
+    let mut pieces = reply.pieces;
+    let events = async_stream::stream! {
+        let usage_field = include_usage.then_some(None);
+        let mut first = true;
+        while let Some(piece) = pieces.next().await {
+            let piece = match piece {
+                Ok(piece) => piece,
+                Err(err) => {
+                    yield Ok::<Bytes, std::convert::Infallible>(sse(&err.body(&request_id)));
+                    return;
+                }
+            };
+            let finish = (!piece.finish_reason.is_empty()).then_some(piece.finish_reason.as_str());
+            if first || !piece.delta.is_empty() || finish.is_none() {
+                let chunk = openai::ChatChunk {
+                    id: &completion_id,
+                    object: "chat.completion.chunk",
+                    created,
+                    model: &model,
+                    choices: vec![openai::ChunkChoice {
+                        index: 0,
+                        delta: openai::Delta { role: first.then_some("assistant"), content: Some(&piece.delta) },
+                        finish_reason: None,
+                        logprobs: None,
+                    }],
+                    usage: usage_field,
+                };
+                yield Ok(sse(&chunk));
+                first = false;
+            }
+            if let Some(reason) = finish {
+                let chunk = openai::ChatChunk {
+                    id: &completion_id,
+                    object: "chat.completion.chunk",
+                    created,
+                    model: &model,
+                    choices: vec![openai::ChunkChoice { index: 0, delta: openai::Delta::default(), finish_reason: Some(reason), logprobs: None }],
+                    usage: usage_field,
+                };
+                yield Ok(sse(&chunk));
+                if include_usage {
+                    let usage = piece.usage.unwrap_or_default();
+                    let chunk = openai::ChatChunk {
+                        id: &completion_id,
+                        object: "chat.completion.chunk",
+                        created,
+                        model: &model,
+                        choices: Vec::new(),
+                        usage: Some(Some(openai::WireUsage::from(&usage))),
+                    };
+                    yield Ok(sse(&chunk));
+                }
+            }
+        }
+        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+    };
+    let mut response = Response::new(Body::from_stream(events));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Some(target) = response_target.headers().get(TARGET) {
+        headers.insert(TARGET, target.clone());
+    }
+    response
+}
+
+fn sse<T: serde::Serialize>(value: &T) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"data: ");
+    if serde_json::to_writer(&mut out, value).is_err() {
+        out.truncate(6);
+        out.extend_from_slice(br#"{"error":{"type":"api_error","code":"internal_error","message":"encoding failed"}}"#);
+    }
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+async fn list_models(State(edge): State<Edge>, request: Request) -> Response {
+    let id = request_id_of(&request);
+    if let Err(err) = edge.auth.authenticate(authorization(request.headers())) {
+        return error_response(&err, &id);
+    }
+    let data = match edge.orchestrator.models().await {
+        Ok(targets) => targets
+            .into_iter()
+            .map(|t| openai::ModelEntry { id: t.model, object: "model", created: 0, owned_by: t.provider })
+            .collect(),
+        Err(err) => return error_response(&err, &id),
+    };
+    axum::Json(openai::ModelList { object: "list", data }).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_from_clients_must_be_plain() {
+        assert!(valid_request_id("abc-123_x.y:z"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id("has space"));
+        assert!(!valid_request_id(&"x".repeat(129)));
+    }
+}

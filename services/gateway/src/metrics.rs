@@ -1,0 +1,77 @@
+//! The edge's own metrics, registered in the gateway's service registry.
+
+use meshgate_proto::common::v1::Usage;
+use meshgate_runtime::Metrics;
+use meshgate_runtime::metrics::LATENCY_BUCKETS;
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
+
+use crate::traces::TraceSinkMetrics;
+
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub tokens: IntCounterVec,
+    pub cost_micros: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+    pub quota_rejections: IntCounter,
+    pub traces: TraceSinkMetrics,
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("static metric options are valid")
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("static metric options are valid")
+}
+
+impl GatewayMetrics {
+    pub fn register(metrics: &Metrics) -> Self {
+        let this = Self {
+            http_requests: counter_vec(
+                "meshgate_http_requests_total",
+                "Edge HTTP requests, by route and status code",
+                &["route", "status"],
+            ),
+            http_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "meshgate_http_request_duration_seconds",
+                    "Edge HTTP time until response headers, by route",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["route"],
+            )
+            .expect("static metric options are valid"),
+            tokens: counter_vec("meshgate_tokens_total", "Tokens charged, by model and kind", &["model", "kind"]),
+            cost_micros: counter_vec("meshgate_cost_micros_total", "Cost charged in micro-dollars, by model", &["model"]),
+            fallbacks: counter_vec(
+                "meshgate_target_failures_total",
+                "Targets that failed before their first piece (and were fallen back from), by target",
+                &["target"],
+            ),
+            quota_rejections: counter("meshgate_quota_rejections_total", "Requests refused by quota"),
+            traces: TraceSinkMetrics {
+                dropped: counter("meshgate_traces_dropped_total", "Trace records dropped because the buffer was full"),
+                sent: counter("meshgate_traces_sent_total", "Trace records delivered to analytics"),
+                failed: counter("meshgate_traces_failed_total", "Trace records lost because analytics did not accept them"),
+            },
+        };
+        metrics.register(Box::new(this.http_requests.clone()));
+        metrics.register(Box::new(this.http_duration.clone()));
+        metrics.register(Box::new(this.tokens.clone()));
+        metrics.register(Box::new(this.cost_micros.clone()));
+        metrics.register(Box::new(this.fallbacks.clone()));
+        metrics.register(Box::new(this.quota_rejections.clone()));
+        metrics.register(Box::new(this.traces.dropped.clone()));
+        metrics.register(Box::new(this.traces.sent.clone()));
+        metrics.register(Box::new(this.traces.failed.clone()));
+        this
+    }
+
+    pub fn record_usage(&self, model: &str, usage: &Usage) {
+        self.tokens.with_label_values(&[model, "prompt"]).inc_by(usage.prompt_tokens.max(0) as u64);
+        self.tokens.with_label_values(&[model, "completion"]).inc_by(usage.completion_tokens.max(0) as u64);
+        self.cost_micros.with_label_values(&[model]).inc_by(usage.cost_micros.max(0) as u64);
+    }
+}

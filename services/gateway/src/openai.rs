@@ -1,0 +1,376 @@
+//! The OpenAI wire format of the edge: request parsing with validation that names the offending
+//! field, and the response and stream-chunk shapes the official SDKs expect.
+
+use meshgate_proto::common::v1::{ChatMessage, SamplingParams, Usage};
+use meshgate_runtime::{ApiError, ErrorCode};
+use serde::{Deserialize, Serialize};
+
+/// Limits applied while validating a chat request.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatLimits {
+    pub max_messages: usize,
+    pub max_tokens_cap: i64,
+}
+
+/// `POST /v1/chat/completions` body. Fields the gateway does not act on yet (tools,
+/// response_format, penalties, ...) are accepted and ignored, as OpenAI-compatible servers do.
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<RequestMessage>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub n: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// `stop` is a string or a list of up to four strings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+/// Message content: a string or a list of typed parts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// A validated chat request in the mesh's terms.
+#[derive(Debug, Clone)]
+pub struct ValidChat {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub sampling: SamplingParams,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest, message)
+}
+
+/// Parses and validates a chat request body.
+pub fn parse_chat(body: &[u8], limits: ChatLimits) -> Result<ValidChat, ApiError> {
+    let request: ChatCompletionRequest = serde_json::from_slice(body).map_err(json_error)?;
+    validate_chat(request, limits)
+}
+
+/// Maps a serde_json error to a 400 that says what was wrong and where.
+pub fn json_error(err: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match err.classify() {
+        Category::Syntax | Category::Eof | Category::Io => invalid(format!("malformed JSON body: {err}")),
+        Category::Data => invalid(format!("invalid request body: {err}")),
+    }
+}
+
+pub fn validate_chat(request: ChatCompletionRequest, limits: ChatLimits) -> Result<ValidChat, ApiError> {
+    if let Some(n) = request.n
+        && n != 1
+    {
+        return Err(invalid("`n` must be 1: one choice per request is supported"));
+    }
+    let mut messages = Vec::with_capacity(request.messages.len());
+    for (index, message) in request.messages.into_iter().enumerate() {
+        let content = match message.content {
+            None => String::new(),
+            Some(Content::Text(text)) => text,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for (part_index, part) in parts.into_iter().enumerate() {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(part_text)) => text.push_str(&part_text),
+                        (kind, _) => {
+                            return Err(invalid(format!(
+                                "`messages[{index}].content[{part_index}]` has type {kind:?}; only text parts are supported"
+                            )));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        messages.push(ChatMessage {
+            // `developer` is the newer name of `system`; providers downstream all know `system`.
+            role: if message.role == "developer" { "system".into() } else { message.role },
+            content,
+            name: message.name.unwrap_or_default(),
+            tool_call_id: message.tool_call_id.unwrap_or_default(),
+            tool_calls: Vec::new(),
+        });
+    }
+    let stop = match request.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(list)) => list,
+    };
+    let chat = ValidChat {
+        model: request.model.trim().to_owned(),
+        messages,
+        sampling: SamplingParams {
+            max_tokens: request.max_completion_tokens.or(request.max_tokens),
+            temperature: request.temperature,
+            top_p: request.top_p,
+            top_k: None,
+            seed: request.seed,
+            stop,
+        },
+        stream: request.stream.unwrap_or(false),
+        include_usage: request.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+    };
+    check_chat(&chat, limits)?;
+    Ok(chat)
+}
+
+/// Checks a chat request however it arrived (HTTP/JSON or gRPC).
+pub fn check_chat(chat: &ValidChat, limits: ChatLimits) -> Result<(), ApiError> {
+    if chat.model.is_empty() {
+        return Err(invalid("`model` must not be empty"));
+    }
+    if chat.messages.is_empty() {
+        return Err(invalid("`messages` must contain at least one message"));
+    }
+    if chat.messages.len() > limits.max_messages {
+        return Err(invalid(format!(
+            "`messages` has {} entries; at most {} are allowed",
+            chat.messages.len(),
+            limits.max_messages
+        )));
+    }
+    for (index, message) in chat.messages.iter().enumerate() {
+        if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "tool") {
+            return Err(invalid(format!(
+                "`messages[{index}].role` is {:?}; expected system, developer, user, assistant or tool",
+                message.role
+            )));
+        }
+    }
+    let sampling = &chat.sampling;
+    if let Some(max) = sampling.max_tokens
+        && !(1..=limits.max_tokens_cap).contains(&max)
+    {
+        return Err(invalid(format!("`max_tokens` must be between 1 and {}", limits.max_tokens_cap)));
+    }
+    if let Some(t) = sampling.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(invalid("`temperature` must be between 0 and 2"));
+    }
+    if let Some(p) = sampling.top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(invalid("`top_p` must be in (0, 1]"));
+    }
+    if let Some(k) = sampling.top_k
+        && k < 0
+    {
+        return Err(invalid("`top_k` must not be negative"));
+    }
+    if sampling.stop.len() > 4 || sampling.stop.iter().any(String::is_empty) {
+        return Err(invalid("`stop` takes at most 4 non-empty strings"));
+    }
+    Ok(())
+}
+
+/// `usage` object of responses and the last stream chunk.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WireUsage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+}
+
+impl From<&Usage> for WireUsage {
+    fn from(usage: &Usage) -> Self {
+        Self {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.prompt_tokens + usage.completion_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatCompletion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: i64,
+    pub model: &'a str,
+    pub choices: [Choice<'a>; 1],
+    pub usage: WireUsage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Choice<'a> {
+    pub index: u32,
+    pub message: AssistantMessage<'a>,
+    pub finish_reason: &'a str,
+    pub logprobs: Option<()>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AssistantMessage<'a> {
+    pub role: &'static str,
+    pub content: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatChunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: i64,
+    pub model: &'a str,
+    pub choices: Vec<ChunkChoice<'a>>,
+    /// Present (as null) on every chunk when the client asked for usage, set on the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<WireUsage>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChunkChoice<'a> {
+    pub index: u32,
+    pub delta: Delta<'a>,
+    pub finish_reason: Option<&'a str>,
+    pub logprobs: Option<()>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelEntry {
+    pub id: String,
+    pub object: &'static str,
+    pub created: i64,
+    pub owned_by: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ChatLimits = ChatLimits { max_messages: 8, max_tokens_cap: 1000 };
+
+    fn parse(json: &str) -> Result<ValidChat, ApiError> {
+        parse_chat(json.as_bytes(), LIMITS)
+    }
+
+    #[test]
+    fn accepts_the_sdk_shapes() {
+        let chat = parse(
+            r#"{"model":" m ","messages":[{"role":"developer","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
+                "stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":5,
+                "stop":"END","temperature":0.5,"seed":7,"tools":[],"user":"u"}"#,
+        )
+        .unwrap();
+        assert_eq!(chat.model, "m");
+        assert_eq!(chat.messages[0].role, "system");
+        assert_eq!(chat.messages[1].content, "hi there");
+        assert!(chat.stream && chat.include_usage);
+        assert_eq!(chat.sampling.max_tokens, Some(5));
+        assert_eq!(chat.sampling.stop, ["END"]);
+        assert_eq!(chat.sampling.seed, Some(7));
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_message_naming_the_field() {
+        let cases = [
+            ("{", "malformed JSON"),
+            (r#"{"messages":[]}"#, "missing field `model`"),
+            (r#"{"model":"m","messages":"hi"}"#, "invalid request body"),
+            (r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#, "`model`"),
+            (r#"{"model":"m","messages":[]}"#, "`messages`"),
+            (r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#, "messages[0].role"),
+            (r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#, "content[0]"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":1001}"#, "max_tokens"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"many"}"#, "invalid request body"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_p":0}"#, "top_p"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#, "`n`"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#, "stop"),
+        ];
+        for (body, needle) in cases {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidRequest, "{body}");
+            assert!(err.message.contains(needle), "{body}: {}", err.message);
+        }
+        let many = format!(
+            r#"{{"model":"m","messages":[{}]}}"#,
+            vec![r#"{"role":"user","content":"x"}"#; 9].join(",")
+        );
+        assert!(parse(&many).unwrap_err().message.contains("at most 8"));
+    }
+
+    #[test]
+    fn chunk_carries_null_usage_only_when_asked() {
+        let chunk = ChatChunk {
+            id: "c",
+            object: "chat.completion.chunk",
+            created: 1,
+            model: "m",
+            choices: vec![ChunkChoice { index: 0, delta: Delta { role: None, content: Some("hi") }, finish_reason: None, logprobs: None }],
+            usage: Some(None),
+        };
+        let json = serde_json::to_value(&chunk).unwrap();
+        assert!(json.get("usage").unwrap().is_null());
+        let chunk = ChatChunk { usage: None, ..chunk };
+        assert!(serde_json::to_value(&chunk).unwrap().get("usage").is_none());
+    }
+}

@@ -1,0 +1,556 @@
+//! The request path of DESIGN §2: reserve quota and route (concurrently), try the plan's targets
+//! in order until one produces its first piece, stream the rest, then settle: commit (or release)
+//! the reservation, report the outcome to the router and record the trace — all off the reply's
+//! critical path.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use meshgate_proto::analytics::v1::{ModelCall, Trace};
+use meshgate_proto::common::v1::{ChatMessage, ErrorDetail, Principal, Target, TargetKind, Usage};
+use meshgate_proto::inference::v1::GenerateRequest;
+use meshgate_proto::inference::v1::inference_client::InferenceClient;
+use meshgate_proto::quota::v1::quota_client::QuotaClient;
+use meshgate_proto::quota::v1::{CommitRequest, ReleaseRequest, ReserveRequest};
+use meshgate_proto::router::v1::router_client::RouterClient;
+use meshgate_proto::router::v1::{ListTargetsRequest, Outcome, RouteRequest};
+use meshgate_proto::sync::v1::CompleteRequest;
+use meshgate_proto::sync::v1::sync_client::SyncClient;
+use meshgate_runtime::{ApiError, ErrorCode, MeshChannel};
+
+use crate::metrics::GatewayMetrics;
+use crate::openai::ValidChat;
+use crate::traces::TraceSink;
+
+/// Clients of the services the gateway orchestrates.
+#[derive(Clone)]
+pub struct Peers {
+    pub quota: QuotaClient<MeshChannel>,
+    pub router: RouterClient<MeshChannel>,
+    pub sync: SyncClient<MeshChannel>,
+    pub inference: InferenceClient<MeshChannel>,
+}
+
+/// Timeouts and defaults of the request path.
+#[derive(Debug, Clone, Copy)]
+pub struct PathConfig {
+    /// Completion tokens reserved when the request sets no `max_tokens`.
+    pub default_max_tokens: i64,
+    /// How long a target may take to produce its first piece before the next one is tried.
+    pub first_piece_timeout: Duration,
+    /// How long a started stream may stay silent before it is ended with an error.
+    pub idle_timeout: Duration,
+    /// Deadline of the quota and router calls.
+    pub peer_timeout: Duration,
+}
+
+/// One piece of a model's reply.
+#[derive(Debug, Clone, Default)]
+pub struct Piece {
+    pub delta: String,
+    /// Set on the last piece.
+    pub finish_reason: String,
+    /// Exact usage, when the target reports it (last piece).
+    pub usage: Option<Usage>,
+}
+
+/// A chat request ready to run.
+pub struct ChatCall {
+    pub request_id: String,
+    pub trace_id: String,
+    pub principal: Principal,
+    pub chat: ValidChat,
+    pub started: Instant,
+}
+
+/// A reply that has started: the target that serves it and its pieces, the first included.
+pub struct ChatReply {
+    pub target: Target,
+    pub pieces: BoxStream<'static, Result<Piece, ApiError>>,
+}
+
+type PieceStream = BoxStream<'static, Result<Piece, ApiError>>;
+
+/// Runs the request path.
+pub struct Orchestrator {
+    peers: Peers,
+    config: PathConfig,
+    traces: TraceSink,
+    metrics: GatewayMetrics,
+}
+
+/// Prompt tokens estimated without a tokenizer: about four characters per token plus a few
+/// tokens of per-message framing (the OpenAI chat format spends 3–4). Providers report exact
+/// counts afterwards, and commits use those.
+pub fn estimate_prompt_tokens(messages: &[ChatMessage]) -> i64 {
+    let chars: usize = messages.iter().map(|m| m.content.chars().count() + m.role.len() + m.name.len()).sum();
+    (chars as u64).div_ceil(4) as i64 + 4 * messages.len() as i64 + 3
+}
+
+/// Cost in micro-dollars, rounded up so the gateway never undercharges.
+pub fn cost_micros(target: &Target, prompt_tokens: i64, completion_tokens: i64) -> i64 {
+    let micro_per_mtok = i128::from(prompt_tokens.max(0)) * i128::from(target.input_price_micros_per_mtok)
+        + i128::from(completion_tokens.max(0)) * i128::from(target.output_price_micros_per_mtok);
+    let cost = (micro_per_mtok + 999_999) / 1_000_000;
+    i64::try_from(cost).unwrap_or(i64::MAX)
+}
+
+impl Orchestrator {
+    pub fn new(peers: Peers, config: PathConfig, traces: TraceSink, metrics: GatewayMetrics) -> Arc<Self> {
+        Arc::new(Self { peers, config, traces, metrics })
+    }
+
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    pub fn peer_timeout(&self) -> Duration {
+        self.config.peer_timeout
+    }
+
+    /// One target per model id the mesh can serve (the preferred one), for model listings.
+    pub async fn models(&self) -> Result<Vec<Target>, ApiError> {
+        let mut router = self.peers.router.clone();
+        let states = peer_call("router", self.config.peer_timeout, router.list_targets(ListTargetsRequest {})).await?;
+        let mut models: Vec<Target> = Vec::new();
+        for target in states.targets.into_iter().filter_map(|t| t.target) {
+            if !models.iter().any(|m| m.model == target.model) {
+                models.push(target);
+            }
+        }
+        Ok(models)
+    }
+
+    /// Reserves, routes and starts the first target that answers.
+    pub async fn chat(self: &Arc<Self>, call: ChatCall) -> Result<ChatReply, ApiError> {
+        let prompt_estimate = estimate_prompt_tokens(&call.chat.messages);
+        let max_tokens = call.chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
+        let mut settlement = Settlement::new(self.clone(), &call, prompt_estimate);
+
+        let reserve = ReserveRequest {
+            request_id: call.request_id.clone(),
+            principal: Some(call.principal.clone()),
+            estimated_tokens: prompt_estimate + max_tokens,
+            estimated_cost_micros: 0,
+        };
+        let route = RouteRequest {
+            request_id: call.request_id.clone(),
+            principal: Some(call.principal.clone()),
+            model: call.chat.model.clone(),
+            prompt_tokens: prompt_estimate,
+            max_tokens,
+            stream: call.chat.stream,
+            task: "chat".into(),
+        };
+        let mut quota = self.peers.quota.clone();
+        let mut router = self.peers.router.clone();
+        let (reserved, routed) = tokio::join!(
+            peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)),
+            peer_call("router", self.config.peer_timeout, router.route(route)),
+        );
+        let reservation = match reserved {
+            Ok(response) if response.admitted => response.reservation_id,
+            Ok(response) => {
+                self.metrics.quota_rejections.inc();
+                let scope = response.rejected_scope.map(|s| format!(" of {} {:?}", scope_name(s.kind), s.id)).unwrap_or_default();
+                let err = ApiError::new(
+                    ErrorCode::QuotaExceeded,
+                    format!("quota exceeded: {}{scope}; retry after {} s", response.rejected_limit, response.retry_after_seconds),
+                )
+                .with_retry_after(response.retry_after_seconds.max(1) as u64);
+                settlement.fail(err.clone());
+                return Err(err);
+            }
+            Err(err) => {
+                settlement.fail(err.clone());
+                return Err(err);
+            }
+        };
+        settlement.reservation = Some(reservation);
+        let plan = match routed {
+            Ok(plan) => plan,
+            Err(err) => {
+                settlement.fail(err.clone());
+                return Err(err);
+            }
+        };
+        settlement.routing_reason = plan.explanation.clone();
+
+        let attempts = plan.targets.len();
+        let mut last_error = None;
+        for target in plan.targets.into_iter().filter_map(|p| p.target) {
+            let attempt_start = Instant::now();
+            match self.open(&target, &call).await {
+                Ok((first, rest)) => {
+                    settlement.serving(target.clone(), attempt_start);
+                    let pieces = self.stream_reply(first, rest, settlement);
+                    return Ok(ChatReply { target, pieces });
+                }
+                Err(err) => {
+                    tracing::warn!(request_id = %call.request_id, target = %target.id, error = %err, "target failed before its first piece");
+                    self.metrics.fallbacks.with_label_values(&[&target.id]).inc();
+                    settlement.failed_call(&target, attempt_start, &err);
+                    let stop = err.code == ErrorCode::InvalidRequest;
+                    last_error = Some(err);
+                    if stop {
+                        break;
+                    }
+                }
+            }
+        }
+        let last = last_error.unwrap_or_else(|| ApiError::new(ErrorCode::ModelNotFound, "the routing plan was empty"));
+        let err = if attempts > 1 {
+            ApiError { message: format!("all {attempts} targets failed; last: {}", last.message), ..last }
+        } else {
+            last
+        };
+        settlement.fail(err.clone());
+        Err(err)
+    }
+
+    /// Calls one target and waits for its first piece.
+    async fn open(&self, target: &Target, call: &ChatCall) -> Result<(Piece, PieceStream), ApiError> {
+        let mut pieces: PieceStream = if target.kind == TargetKind::Local as i32 {
+            let request = GenerateRequest {
+                model: target.model.clone(),
+                messages: call.chat.messages.clone(),
+                sampling: Some(call.chat.sampling.clone()),
+                request_id: call.request_id.clone(),
+            };
+            let mut client = self.peers.inference.clone();
+            let stream = tokio::time::timeout(self.config.first_piece_timeout, client.generate(request))
+                .await
+                .map_err(|_| first_piece_timeout(target, self.config.first_piece_timeout))?
+                .map_err(|status| ApiError::from_status(&status))?
+                .into_inner();
+            stream
+                .map(|item| {
+                    item.map(|c| Piece { delta: c.delta, finish_reason: c.finish_reason, usage: c.usage })
+                        .map_err(|status| ApiError::from_status(&status))
+                })
+                .boxed()
+        } else {
+            let request = CompleteRequest {
+                request_id: call.request_id.clone(),
+                provider: target.provider.clone(),
+                model: target.model.clone(),
+                messages: call.chat.messages.clone(),
+                sampling: Some(call.chat.sampling.clone()),
+                timeout_ms: 0,
+            };
+            let mut client = self.peers.sync.clone();
+            let stream = tokio::time::timeout(self.config.first_piece_timeout, client.complete(request))
+                .await
+                .map_err(|_| first_piece_timeout(target, self.config.first_piece_timeout))?
+                .map_err(|status| ApiError::from_status(&status))?
+                .into_inner();
+            stream
+                .map(|item| {
+                    item.map(|c| Piece { delta: c.delta, finish_reason: c.finish_reason, usage: c.usage })
+                        .map_err(|status| ApiError::from_status(&status))
+                })
+                .boxed()
+        };
+        match tokio::time::timeout(self.config.first_piece_timeout, pieces.next()).await {
+            Err(_) => Err(first_piece_timeout(target, self.config.first_piece_timeout)),
+            Ok(None) => Err(ApiError::new(ErrorCode::UpstreamError, format!("{} ended its reply without any data", target.id))),
+            Ok(Some(Err(err))) => Err(err),
+            Ok(Some(Ok(first))) => Ok((first, pieces)),
+        }
+    }
+
+    fn stream_reply(&self, first: Piece, mut rest: PieceStream, mut settlement: Settlement) -> PieceStream {
+        let idle = self.config.idle_timeout;
+        async_stream::stream! {
+            let mut next: Option<Result<Piece, ApiError>> = Some(Ok(first));
+            loop {
+                let item = match next.take() {
+                    Some(item) => Some(item),
+                    None => match tokio::time::timeout(idle, rest.next()).await {
+                        Ok(item) => item,
+                        Err(_) => {
+                            let err = ApiError::new(ErrorCode::Timeout, format!("the reply stalled for more than {} ms", idle.as_millis()));
+                            settlement.finish(Some(err.clone()));
+                            yield Err(err);
+                            return;
+                        }
+                    },
+                };
+                match item {
+                    Some(Ok(mut piece)) => {
+                        settlement.observe(&piece);
+                        if piece.finish_reason.is_empty() {
+                            yield Ok(piece);
+                            continue;
+                        }
+                        // The last piece always carries the usage that is charged, cost included.
+                        piece.usage = Some(settlement.charged_usage());
+                        settlement.finish(None);
+                        yield Ok(piece);
+                        return;
+                    }
+                    Some(Err(err)) => {
+                        settlement.finish(Some(err.clone()));
+                        yield Err(err);
+                        return;
+                    }
+                    None => {
+                        // A target that ends without a finish reason still produced a reply.
+                        let piece = Piece { finish_reason: "stop".into(), usage: Some(settlement.charged_usage()), ..Piece::default() };
+                        settlement.finish(None);
+                        yield Ok(piece);
+                        return;
+                    }
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+fn first_piece_timeout(target: &Target, after: Duration) -> ApiError {
+    ApiError::new(ErrorCode::Timeout, format!("{} sent nothing within {} ms", target.id, after.as_millis()))
+}
+
+fn scope_name(kind: i32) -> &'static str {
+    use meshgate_proto::quota::v1::ScopeKind;
+    match ScopeKind::try_from(kind).unwrap_or(ScopeKind::Unspecified) {
+        ScopeKind::Org => "organization",
+        ScopeKind::Project => "project",
+        ScopeKind::User => "user",
+        ScopeKind::Key => "key",
+        ScopeKind::Unspecified => "scope",
+    }
+}
+
+/// Calls a peer service with a deadline; failures become the errors the edge reports.
+async fn peer_call<T>(
+    peer: &'static str,
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => {
+            let err = ApiError::from_status(&status);
+            Err(match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("{peer} service unavailable: {}", status.message()),
+                ),
+                _ => err,
+            })
+        }
+        Err(_) => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!("{peer} service did not answer within {} ms", deadline.as_millis()),
+        )),
+    }
+}
+
+/// Everything that must happen once a request ends, however it ends. Dropping an unsettled
+/// settlement (the client went away mid-stream) still charges what was produced so far.
+struct Settlement {
+    orchestrator: Arc<Orchestrator>,
+    trace: Trace,
+    started: Instant,
+    prompt_estimate: i64,
+    reservation: Option<String>,
+    routing_reason: String,
+    serving: Option<(Target, Instant)>,
+    completion_chars: usize,
+    usage: Option<Usage>,
+    settled: bool,
+}
+
+impl Settlement {
+    fn new(orchestrator: Arc<Orchestrator>, call: &ChatCall, prompt_estimate: i64) -> Self {
+        let started_at = SystemTime::now() - call.started.elapsed();
+        let trace = Trace {
+            request_id: call.request_id.clone(),
+            trace_id: call.trace_id.clone(),
+            principal: Some(call.principal.clone()),
+            started_at: Some(prost_types::Timestamp::from(started_at)),
+            requested_model: call.chat.model.clone(),
+            stream: call.chat.stream,
+            ..Default::default()
+        };
+        Self {
+            orchestrator,
+            trace,
+            started: call.started,
+            prompt_estimate,
+            reservation: None,
+            routing_reason: String::new(),
+            serving: None,
+            completion_chars: 0,
+            usage: None,
+            settled: false,
+        }
+    }
+
+    fn serving(&mut self, target: Target, since: Instant) {
+        self.serving = Some((target, since));
+    }
+
+    fn failed_call(&mut self, target: &Target, since: Instant, err: &ApiError) {
+        let latency = since.elapsed();
+        self.trace.calls.push(ModelCall {
+            target_id: target.id.clone(),
+            provider: target.provider.clone(),
+            model: target.model.clone(),
+            latency_us: latency.as_micros() as i64,
+            usage: None,
+            status: "error".into(),
+            error: Some(error_detail(err, &self.trace.request_id)),
+        });
+        self.report_outcome(&target.id, false, latency, 0, err.code.as_str());
+    }
+
+    fn observe(&mut self, piece: &Piece) {
+        self.completion_chars += piece.delta.len();
+        if piece.usage.is_some() {
+            self.usage = piece.usage;
+        }
+    }
+
+    /// The usage to charge: exact when the target reported it; otherwise (a cut stream, a target
+    /// without usage) what was produced so far, estimated from its length.
+    fn charged_usage(&self) -> Usage {
+        let mut usage = self.usage.unwrap_or(Usage {
+            prompt_tokens: self.prompt_estimate,
+            completion_tokens: (self.completion_chars as u64).div_ceil(4) as i64,
+            ..Default::default()
+        });
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+        usage.cost_micros = self.serving.as_ref().map_or(0, |(target, _)| {
+            cost_micros(target, usage.prompt_tokens, usage.completion_tokens)
+        });
+        usage
+    }
+
+    /// Ends a request that never reached a target.
+    fn fail(&mut self, err: ApiError) {
+        self.settle(Some(err));
+    }
+
+    fn finish(&mut self, err: Option<ApiError>) {
+        self.settle(err);
+    }
+
+    fn settle(&mut self, err: Option<ApiError>) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let orchestrator = self.orchestrator.clone();
+        let mut trace = std::mem::take(&mut self.trace);
+        trace.routing_reason = std::mem::take(&mut self.routing_reason);
+        let mut charged = Usage::default();
+        let usage = self.charged_usage();
+        if let Some((target, since)) = self.serving.take() {
+            let latency = since.elapsed();
+            charged = usage;
+            let ok = err.is_none();
+            trace.calls.push(ModelCall {
+                target_id: target.id.clone(),
+                provider: target.provider.clone(),
+                model: target.model.clone(),
+                latency_us: latency.as_micros() as i64,
+                usage: Some(usage),
+                status: if ok { "ok".into() } else { "error".into() },
+                error: err.as_ref().map(|e| error_detail(e, &trace.request_id)),
+            });
+            trace.served_model = target.model.clone();
+            trace.served_target = target.id.clone();
+            trace.layer = target.layer;
+            let code = err.as_ref().map(|e| e.code.as_str()).unwrap_or("");
+            self.report_outcome(&target.id, ok, latency, usage.completion_tokens, code);
+            orchestrator.metrics.record_usage(&target.model, &usage);
+        }
+        trace.usage = Some(charged);
+        trace.latency_us = self.started.elapsed().as_micros() as i64;
+        trace.status_code = err.as_ref().map(|e| i32::from(e.code.http_status().as_u16())).unwrap_or(200);
+        trace.error = err.as_ref().map(|e| error_detail(e, &trace.request_id));
+        let reservation = self.reservation.take();
+        let served = !trace.served_target.is_empty();
+        let peer_timeout = orchestrator.config.peer_timeout;
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(async move {
+            if let Some(reservation_id) = reservation {
+                let mut quota = orchestrator.peers.quota.clone();
+                let result = if served {
+                    peer_call("quota", peer_timeout, quota.commit(CommitRequest { reservation_id, usage: Some(charged) }))
+                        .await
+                        .map(drop)
+                } else {
+                    peer_call("quota", peer_timeout, quota.release(ReleaseRequest { reservation_id })).await.map(drop)
+                };
+                if let Err(err) = result {
+                    // The reservation's TTL reclaims it; the ledger misses nothing it had not
+                    // already held.
+                    tracing::warn!(%err, request_id = %trace.request_id, "settling the quota reservation failed");
+                }
+            }
+            orchestrator.traces.record(trace);
+        });
+    }
+
+    fn report_outcome(&self, target_id: &str, ok: bool, latency: Duration, completion_tokens: i64, error_code: &str) {
+        let outcome = Outcome {
+            target_id: target_id.to_owned(),
+            ok,
+            latency_us: latency.as_micros() as i64,
+            completion_tokens,
+            error_code: error_code.to_owned(),
+        };
+        let mut router = self.orchestrator.peers.router.clone();
+        let deadline = self.orchestrator.config.peer_timeout;
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(err) = peer_call("router", deadline, router.report_outcome(outcome)).await {
+                    tracing::debug!(%err, "outcome not reported");
+                }
+            });
+        }
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settle(Some(ApiError::new(ErrorCode::InvalidRequest, "client closed the connection before the reply ended")));
+        }
+    }
+}
+
+fn error_detail(err: &ApiError, request_id: &str) -> ErrorDetail {
+    ErrorDetail { code: err.code.as_str().into(), message: err.message.clone(), request_id: request_id.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_rounds_up_and_never_overflows() {
+        let target = Target { input_price_micros_per_mtok: 150_000, output_price_micros_per_mtok: 600_000, ..Default::default() };
+        assert_eq!(cost_micros(&target, 1_000_000, 0), 150_000);
+        assert_eq!(cost_micros(&target, 1, 0), 1, "a fraction of a micro-dollar is charged as one");
+        assert_eq!(cost_micros(&target, 0, 0), 0);
+        assert_eq!(cost_micros(&target, 10, 20), 14);
+        let pricey = Target { input_price_micros_per_mtok: i64::MAX, ..Default::default() };
+        assert_eq!(cost_micros(&pricey, i64::MAX, 0), i64::MAX);
+    }
+
+    #[test]
+    fn prompt_estimate_grows_with_text_and_messages() {
+        let one = [ChatMessage { role: "user".into(), content: "x".repeat(400), ..Default::default() }];
+        let two = [one[0].clone(), one[0].clone()];
+        assert_eq!(estimate_prompt_tokens(&one), 101 + 4 + 3);
+        assert!(estimate_prompt_tokens(&two) > estimate_prompt_tokens(&one));
+    }
+}
