@@ -1,0 +1,583 @@
+#!/usr/bin/env python3
+"""Build the tiny ONNX models meshgate's inference tests run on a real ONNX Runtime session.
+
+Usage: make-test-models.py OUTDIR
+
+Writes, deterministically (fixed seeds, fixed vocabularies):
+  OUTDIR/tiny-embed/{model.onnx,tokenizer.json,reference.json}
+      a 2-layer BERT-style encoder with the all-MiniLM-L6-v2 interface
+      (input_ids, attention_mask, token_type_ids -> last_hidden_state) and a WordPiece tokenizer.
+  OUTDIR/tiny-classify/{model.onnx,tokenizer.json,reference.json}
+      the same encoder shape with a classifier head (mean pooling, linear, softmax) in one graph,
+      outputs last_hidden_state and probabilities over five task labels.
+  OUTDIR/tiny-chat/{model.onnx,tokenizer.json,reference.json}
+      a 2-layer Llama-style decoder (RMSNorm, rotary positions, grouped-query attention, SwiGLU)
+      with random weights and the SmolLM2 / optimum interface (input_ids, attention_mask,
+      position_ids, past_key_values.{i}.key/value -> logits, present.{i}.key/value) and a
+      byte-level BPE tokenizer with ChatML markers.
+  OUTDIR/manifest.json
+      the same manifest format the real models use (see MANIFEST below and the inference crate).
+
+Before writing, the script checks with onnxruntime that the decoder really uses its KV cache
+(logits of an incremental run equal a full recompute) and records references the Rust tests
+compare against: greedy token ids for fixed chat prompts, pooled embeddings and class
+probabilities for fixed sentences.
+
+Idempotent: when every file listed in OUTDIR/manifest.json exists with the recorded sha256 and the
+manifest was written by this exact script, nothing is rebuilt.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+OPSET = 17
+# ONNX Runtime 1.17 (the oldest the Rust side accepts) reads IR version 9.
+IR_VERSION = 9
+NEG_INF = -1e9
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! How are you today?",
+    "I am fine, thank you. What can I do for you?",
+    "The capital of France is Paris, and the capital of Japan is Tokyo.",
+    "Write a function that adds two numbers in Rust: fn add(a: i32, b: i32) -> i32 { a + b }",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024.",
+    "Café, naïve, über, résumé, façade, jalapeño.",
+    "日本語のテキスト。こんにちは世界。",
+    "Emoji: 🙂 🚀 ✨ — and quotes “like this”.",
+    "system user assistant tool",
+    "You are a helpful assistant. Answer briefly and precisely.",
+    "Once upon a time there was a little model that generated tokens one by one.",
+]
+
+EMBED_WORDS = sorted(
+    {
+        w
+        for line in [
+            "the a an of to and in is it that for on with as was are be this by at from",
+            "cat cats dog dogs fox bird fish sat mat sun moon sky blue red green quick brown lazy",
+            "weather today rain sunny cold hot paris france london japan tokyo city capital",
+            "model models token tokens embedding embeddings vector search query document text",
+            "hello world good morning night thank you please love like hate run runs running",
+            "rust python code function number numbers one two three four five",
+        ]
+        for w in line.split()
+    }
+)
+EMBED_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+CLASSIFY_LABELS = ["chat", "code", "math", "creative", "reasoning"]
+
+CHAT_REFERENCE_PROMPTS = [
+    [{"role": "user", "content": "Hello, world! How are you today?"}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
+    [{"role": "user", "content": "Café 日本 🙂"}],
+]
+CHAT_REFERENCE_MAX_TOKENS = 24
+EMBED_REFERENCE_SENTENCES = [
+    "the quick brown fox",
+    "Hello world, good morning!",
+    "embeddings of a search query",
+    "zebra xylophone",  # out of vocabulary: exercises WordPiece pieces and [UNK]
+]
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Graph:
+    """A small helper to write ONNX graphs op by op with generated value names."""
+
+    def __init__(self, name):
+        self.name = name
+        self.nodes = []
+        self.initializers = []
+        self.inputs = []
+        self.outputs = []
+        self._n = 0
+
+    def _fresh(self, hint):
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, array, hint="const"):
+        name = self._fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def i64(self, values, hint="i64"):
+        return self.const(np.asarray(values, dtype=np.int64), hint)
+
+    def f32(self, values, hint="f32"):
+        return self.const(np.asarray(values, dtype=np.float32), hint)
+
+    def op(self, op_type, inputs, n_out=1, out=None, **attrs):
+        outs = out if out is not None else [self._fresh(op_type.lower()) for _ in range(n_out)]
+        if isinstance(outs, str):
+            outs = [outs]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def input(self, name, elem, shape):
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def output(self, name, elem, shape):
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def dim(self, tensor, axis):
+        """A 1-element int64 tensor with tensor.shape[axis]."""
+        shape = self.op("Shape", [tensor])
+        return self.op("Gather", [shape, self.i64([axis])], axis=0)
+
+    def model(self, doc):
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        m = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="meshgate-make-test-models",
+            doc_string=doc,
+        )
+        m.ir_version = IR_VERSION
+        onnx.checker.check_model(m, full_check=True)
+        return m
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def build_chat_tokenizer():
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        min_frequency=2,
+        special_tokens=CHAT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CHAT_CORPUS * 4, trainer=trainer)
+    return tok
+
+
+def build_embed_tokenizer(context_length):
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
+    vocab = {}
+    for piece in EMBED_SPECIALS + chars + ["##" + c for c in chars] + EMBED_WORDS:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(EMBED_SPECIALS)
+    # Like the published all-MiniLM-L6-v2 tokenizer.json: fixed-length padding and truncation, which
+    # the service must override with batch-longest padding.
+    tok.enable_padding(pad_id=vocab["[PAD]"], pad_token="[PAD]", length=context_length)
+    tok.enable_truncation(max_length=context_length)
+    return tok
+
+
+# ---------------------------------------------------------------- tiny-embed
+
+
+def build_embed_model(vocab_size, hidden, heads, layers, ffn, context_length, seed, labels=None):
+    """The encoder; with `labels`, also a classifier head over its mean-pooled output."""
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+    w = lambda *shape, scale=0.2: (rng.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
+
+    g = Graph("tiny-embed")
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    mask = g.input("attention_mask", TensorProto.INT64, ["batch", "sequence"])
+    types = g.input("token_type_ids", TensorProto.INT64, ["batch", "sequence"])
+
+    seq = g.dim(ids, 1)
+    positions = g.op("Range", [g.i64(0), g.op("Squeeze", [seq, g.i64([0])]), g.i64(1)])
+    x = g.op("Gather", [g.const(w(vocab_size, hidden, scale=1.0), "word_embeddings"), ids])
+    x = g.op("Add", [x, g.op("Gather", [g.const(w(context_length, hidden, scale=0.5), "position_embeddings"), positions])])
+    x = g.op("Add", [x, g.op("Gather", [g.const(w(2, hidden, scale=0.5), "token_type_embeddings"), types])])
+
+    def layer_norm(v):
+        return g.op("LayerNormalization", [v, g.f32(np.ones(hidden)), g.f32(np.zeros(hidden))], axis=-1, epsilon=1e-12)
+
+    x = layer_norm(x)
+    # Keys at padded positions are masked out: [batch, 1, 1, seq].
+    key_ok = g.op("Cast", [g.op("Unsqueeze", [mask, g.i64([1, 2])])], to=TensorProto.BOOL)
+    split_heads = g.i64([0, 0, heads, head_dim])
+    for _ in range(layers):
+        def proj(v):
+            return g.op("Add", [g.op("MatMul", [v, g.f32(w(hidden, hidden))]), g.f32(w(hidden, scale=0.02))])
+
+        def heads_first(v):
+            return g.op("Transpose", [g.op("Reshape", [v, split_heads])], perm=[0, 2, 1, 3])
+
+        q, k, v = heads_first(proj(x)), heads_first(proj(x)), heads_first(proj(x))
+        scores = g.op("Div", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]), g.f32(np.sqrt(head_dim))])
+        scores = g.op("Where", [key_ok, scores, g.f32(NEG_INF)])
+        ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.i64([0, 0, hidden])])
+        x = layer_norm(g.op("Add", [x, proj(ctx)]))
+        h = g.op("Add", [g.op("MatMul", [x, g.f32(w(hidden, ffn))]), g.f32(w(ffn, scale=0.02))])
+        # Exact GELU: 0.5 * h * (1 + erf(h / sqrt(2))).
+        gelu = g.op("Mul", [g.op("Mul", [h, g.f32(0.5)]), g.op("Add", [g.f32(1.0), g.op("Erf", [g.op("Div", [h, g.f32(np.sqrt(2.0))])])])])
+        h = g.op("Add", [g.op("MatMul", [gelu, g.f32(w(ffn, hidden))]), g.f32(w(hidden, scale=0.02))])
+        x = layer_norm(g.op("Add", [x, h]))
+    g.op("Identity", [x], out="last_hidden_state")
+    g.output("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
+    if labels is None:
+        return g.model("tiny BERT-style encoder with the all-MiniLM-L6-v2 interface, random weights")
+
+    # Mean pooling over the attention mask, then a linear head and softmax.
+    mask_f = g.op("Cast", [g.op("Unsqueeze", [mask, g.i64([2])])], to=TensorProto.FLOAT)
+    summed = g.op("ReduceSum", [g.op("Mul", [x, mask_f]), g.i64([1])], keepdims=0)
+    count = g.op("Max", [g.op("ReduceSum", [mask_f, g.i64([1])], keepdims=0), g.f32(1e-9)])
+    logits = g.op("Add", [g.op("MatMul", [g.op("Div", [summed, count]), g.f32(w(hidden, len(labels), scale=1.0))]), g.f32(w(len(labels), scale=0.5))])
+    g.op("Softmax", [logits], axis=-1, out="probabilities")
+    g.output("probabilities", TensorProto.FLOAT, ["batch", len(labels)])
+    return g.model("tiny encoder with a classifier head (mean pooling, linear, softmax), random weights")
+
+
+# ---------------------------------------------------------------- tiny-chat
+
+
+def build_chat_model(vocab_size, hidden, heads, kv_heads, layers, ffn, context_length, seed, eos_id, eos_bias):
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+    w = lambda *shape, scale: (rng.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
+
+    g = Graph("tiny-chat")
+    ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
+    pos = g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])
+    pasts = []
+    for i in range(layers):
+        pk = g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, ["batch", kv_heads, "past_sequence", head_dim])
+        pv = g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, ["batch", kv_heads, "past_sequence", head_dim])
+        pasts.append((pk, pv))
+
+    # Rotary tables indexed by position id: [batch, 1, seq, head_dim].
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.outer(np.arange(context_length, dtype=np.float64), inv_freq)
+    angles = np.concatenate([angles, angles], axis=-1)
+    cos = g.op("Unsqueeze", [g.op("Gather", [g.f32(np.cos(angles)), pos]), g.i64([1])])
+    sin = g.op("Unsqueeze", [g.op("Gather", [g.f32(np.sin(angles)), pos]), g.i64([1])])
+    half = head_dim // 2
+
+    def rope(v):
+        first = g.op("Slice", [v, g.i64([0]), g.i64([half]), g.i64([3])])
+        second = g.op("Slice", [v, g.i64([half]), g.i64([head_dim]), g.i64([3])])
+        rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=3)
+        return g.op("Add", [g.op("Mul", [v, cos]), g.op("Mul", [rotated, sin])])
+
+    # Causal mask over absolute indices (past + new) combined with the padding mask.
+    seq = g.op("Squeeze", [g.dim(ids, 1), g.i64([0])])
+    total = g.op("Squeeze", [g.dim(mask, 1), g.i64([0])])
+    key_idx = g.op("Range", [g.i64(0), total, g.i64(1)])
+    query_idx = g.op("Range", [g.op("Sub", [total, seq]), total, g.i64(1)])
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [key_idx, g.i64([0])]), g.op("Unsqueeze", [query_idx, g.i64([1])])])
+    key_ok = g.op("Cast", [g.op("Unsqueeze", [mask, g.i64([1, 2])])], to=TensorProto.BOOL)
+    allowed = g.op("And", [g.op("Unsqueeze", [causal, g.i64([0, 1])]), key_ok])
+
+    def rms_norm(v):
+        var = g.op("ReduceMean", [g.op("Mul", [v, v])], axes=[-1], keepdims=1)
+        normed = g.op("Div", [v, g.op("Sqrt", [g.op("Add", [var, g.f32(1e-5)])])])
+        return g.op("Mul", [normed, g.f32(1.0 + w(hidden, scale=0.1))])
+
+    x = g.op("Gather", [g.const(w(vocab_size, hidden, scale=1.0), "embed_tokens"), ids])
+    scale = 1.0 / np.sqrt(hidden)
+    for i, (past_k, past_v) in enumerate(pasts):
+        h = rms_norm(x)
+
+        def project(n_heads, v=h):
+            out = g.op("MatMul", [v, g.f32(w(hidden, n_heads * head_dim, scale=scale))])
+            return g.op("Transpose", [g.op("Reshape", [out, g.i64([0, 0, n_heads, head_dim])])], perm=[0, 2, 1, 3])
+
+        q = rope(project(heads))
+        k = rope(project(kv_heads))
+        v = project(kv_heads)
+        present_k = g.op("Concat", [past_k, k], axis=2, out=f"present.{i}.key")
+        present_v = g.op("Concat", [past_v, v], axis=2, out=f"present.{i}.value")
+
+        def repeat_kv(t):
+            t = g.op("Expand", [g.op("Unsqueeze", [t, g.i64([2])]), g.i64([1, 1, heads // kv_heads, 1, 1])])
+            return g.op("Reshape", [t, g.i64([0, heads, -1, head_dim])])
+
+        scores = g.op("MatMul", [q, g.op("Transpose", [repeat_kv(present_k)], perm=[0, 1, 3, 2])])
+        scores = g.op("Where", [allowed, g.op("Div", [scores, g.f32(np.sqrt(head_dim))]), g.f32(NEG_INF)])
+        ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), repeat_kv(present_v)])
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.i64([0, 0, heads * head_dim])])
+        x = g.op("Add", [x, g.op("MatMul", [ctx, g.f32(w(heads * head_dim, hidden, scale=scale))])])
+
+        h = rms_norm(x)
+        gate = g.op("MatMul", [h, g.f32(w(hidden, ffn, scale=scale))])
+        up = g.op("MatMul", [h, g.f32(w(hidden, ffn, scale=scale))])
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        x = g.op("Add", [x, g.op("MatMul", [act, g.f32(w(ffn, hidden, scale=1.0 / np.sqrt(ffn)))])])
+
+        g.output(f"present.{i}.key", TensorProto.FLOAT, ["batch", kv_heads, "total_sequence", head_dim])
+        g.output(f"present.{i}.value", TensorProto.FLOAT, ["batch", kv_heads, "total_sequence", head_dim])
+
+    lm_head = w(hidden, vocab_size, scale=3.0 / np.sqrt(hidden))
+    # Random weights would almost never pick the end token; a fixed bias makes it a real competitor so
+    # some reference prompts end with it and others run to max_tokens.
+    bias = np.zeros(vocab_size, dtype=np.float32)
+    bias[eos_id] = eos_bias
+    g.op("Add", [g.op("MatMul", [rms_norm(x), g.f32(lm_head)]), g.f32(bias)], out="logits")
+    g.output("logits", TensorProto.FLOAT, ["batch", "sequence", vocab_size])
+    return g.model("tiny Llama-style decoder with the SmolLM2/optimum KV-cache interface, random weights")
+
+
+def render_chatml(messages):
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + "<|im_start|>assistant\n"
+
+
+class ChatRunner:
+    """Greedy decoding with onnxruntime: the reference the Rust implementation must reproduce."""
+
+    def __init__(self, path, layers, kv_heads, head_dim):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+
+    def forward(self, ids, past, past_len):
+        n = len(ids)
+        feed = {
+            "input_ids": np.array([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, past_len + n), dtype=np.int64),
+            "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None, :],
+        }
+        for i in range(self.layers):
+            feed[f"past_key_values.{i}.key"] = past[2 * i]
+            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
+        out = self.sess.run(names, feed)
+        return out[0][0], out[1:]
+
+    def empty_past(self):
+        return [np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)] * (2 * self.layers)
+
+    def greedy_cached(self, prompt, max_tokens, eos_ids):
+        logits, past = self.forward(prompt, self.empty_past(), 0)
+        out, step_logits = [], [logits[-1]]
+        while True:
+            token = int(np.argmax(step_logits[-1]))
+            if token in eos_ids:
+                return out, "stop", step_logits
+            out.append(token)
+            if len(out) == max_tokens:
+                return out, "length", step_logits
+            logits, past = self.forward([token], past, len(prompt) + len(out) - 1)
+            step_logits.append(logits[-1])
+
+    def check_cache_matches_recompute(self, prompt, tokens, step_logits):
+        """Each cached step's logits must equal a from-scratch run over the whole sequence."""
+        seq = list(prompt)
+        for step, logits in enumerate(step_logits):
+            full, _ = self.forward(seq, self.empty_past(), 0)
+            diff = float(np.max(np.abs(full[-1] - logits)))
+            if diff > 1e-3 or int(np.argmax(full[-1])) != int(np.argmax(logits)):
+                raise SystemExit(f"tiny-chat: KV-cache step {step} differs from a full recompute (max |diff| {diff})")
+            if step < len(tokens):
+                seq.append(tokens[step])
+
+
+def build_chat(outdir):
+    d = os.path.join(outdir, "tiny-chat")
+    os.makedirs(d, exist_ok=True)
+    tok = build_chat_tokenizer()
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    eos_id = tok.token_to_id("<|im_end|>")
+    eos_ids = {eos_id, tok.token_to_id("<|endoftext|>")}
+    layers, hidden, heads, kv_heads, ffn, context_length = 2, 64, 4, 2, 128, 128
+    head_dim = hidden // heads
+    tok_path = os.path.join(d, "tokenizer.json")
+    model_path = os.path.join(d, "model.onnx")
+    tok.save(tok_path)
+
+    prompts = [tok.encode(render_chatml(m)).ids for m in CHAT_REFERENCE_PROMPTS]
+    # The smallest end-token bias (from a fixed ladder) under which at least one reference prompt
+    # ends with the end token and at least one runs to max_tokens, so both finish paths have a
+    # reference.
+    for bias in [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]:
+        model = build_chat_model(vocab_size, hidden, heads, kv_heads, layers, ffn, context_length, 1234, eos_id, bias)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_model = os.path.join(tmp, "model.onnx")
+            onnx.save(model, tmp_model)
+            runner = ChatRunner(tmp_model, layers, kv_heads, head_dim)
+            runs = [runner.greedy_cached(p, CHAT_REFERENCE_MAX_TOKENS, eos_ids) for p in prompts]
+            reasons = {r[1] for r in runs}
+            if reasons == {"stop", "length"} and all(len(r[0]) >= 3 for r in runs):
+                for p, (tokens, _, step_logits) in zip(prompts, runs):
+                    runner.check_cache_matches_recompute(p, tokens, step_logits)
+                break
+    else:
+        raise SystemExit("tiny-chat: no end-token bias gives both a 'stop' and a 'length' reference")
+
+    onnx.save(model, model_path)
+    reference = {
+        "greedy": [
+            {
+                "messages": msgs,
+                "prompt": render_chatml(msgs),
+                "prompt_ids": p,
+                "max_tokens": CHAT_REFERENCE_MAX_TOKENS,
+                "completion_ids": tokens,
+                "finish_reason": reason,
+            }
+            for msgs, p, (tokens, reason, _) in zip(CHAT_REFERENCE_PROMPTS, prompts, runs)
+        ]
+    }
+    ref_path = os.path.join(d, "reference.json")
+    with open(ref_path, "w") as f:
+        json.dump(reference, f, indent=1, ensure_ascii=False)
+    return {
+        "name": "tiny-chat",
+        "task": "chat",
+        "file": "tiny-chat/model.onnx",
+        "sha256": sha256_file(model_path),
+        "tokenizer": "tiny-chat/tokenizer.json",
+        "tokenizer_sha256": sha256_file(tok_path),
+        "context_length": context_length,
+        "chat_template": "chatml",
+        "eos_tokens": ["<|im_end|>", "<|endoftext|>"],
+        "reference": "tiny-chat/reference.json",
+        "reference_sha256": sha256_file(ref_path),
+    }
+
+
+def build_encoder(outdir, name, seed, labels=None):
+    """tiny-embed (labels None) or a tiny classifier over the same tokenizer and encoder shape."""
+    d = os.path.join(outdir, name)
+    os.makedirs(d, exist_ok=True)
+    hidden, context_length = 32, 64
+    tok = build_embed_tokenizer(context_length)
+    tok_path = os.path.join(d, "tokenizer.json")
+    model_path = os.path.join(d, "model.onnx")
+    tok.save(tok_path)
+    model = build_embed_model(tok.get_vocab_size(with_added_tokens=True), hidden, 4, 2, 64, context_length, seed, labels)
+    onnx.save(model, model_path)
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+    tok.no_padding()
+
+    def run(ids, mask):
+        ids = np.array(ids, dtype=np.int64)
+        mask = np.array(mask, dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        hidden_state = sess.run(["last_hidden_state"], feed)[0]
+        pooled = (hidden_state * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+        vec = (pooled / np.linalg.norm(pooled, axis=1, keepdims=True))[0]
+        probs = sess.run(["probabilities"], feed)[0][0] if labels else None
+        return vec, probs
+
+    def encode(text):
+        enc = tok.encode(text)
+        vec, probs = run([enc.ids], [enc.attention_mask])
+        return vec, probs, enc.ids
+
+    # Padding must not change a sentence's result: the model masks padded keys.
+    vec, probs, ids = encode(EMBED_REFERENCE_SENTENCES[0])
+    padded_vec, padded_probs = run([ids + [0] * 5], [[1] * len(ids) + [0] * 5])
+    if not np.allclose(padded_vec, vec, atol=1e-5) or (labels and not np.allclose(padded_probs, probs, atol=1e-5)):
+        raise SystemExit(f"{name}: padding changes the output")
+
+    reference = {"embeddings": [], "classifications": []}
+    for text in EMBED_REFERENCE_SENTENCES:
+        vec, probs, ids = encode(text)
+        if labels:
+            reference["classifications"].append({"text": text, "probabilities": [round(float(p), 7) for p in probs]})
+        else:
+            reference["embeddings"].append({"text": text, "input_ids": ids, "vector": [round(float(x), 7) for x in vec]})
+    ref_path = os.path.join(d, "reference.json")
+    with open(ref_path, "w") as f:
+        json.dump({k: v for k, v in reference.items() if v}, f, indent=1)
+    entry = {
+        "name": name,
+        "task": "classification" if labels else "embeddings",
+        "file": f"{name}/model.onnx",
+        "sha256": sha256_file(model_path),
+        "tokenizer": f"{name}/tokenizer.json",
+        "tokenizer_sha256": sha256_file(tok_path),
+        "context_length": context_length,
+    }
+    if labels:
+        entry["labels"] = labels
+    else:
+        entry.update({"dims": hidden, "pooling": "mean", "normalize": True})
+    entry.update({"reference": f"{name}/reference.json", "reference_sha256": sha256_file(ref_path)})
+    return entry
+
+
+def up_to_date(outdir, generator):
+    path = os.path.join(outdir, "manifest.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if manifest.get("generator") != generator:
+        return False
+    for entry in manifest.get("models", []):
+        for file_key, hash_key in (("file", "sha256"), ("tokenizer", "tokenizer_sha256"), ("reference", "reference_sha256")):
+            p = os.path.join(outdir, entry[file_key])
+            if not os.path.isfile(p) or sha256_file(p) != entry[hash_key]:
+                return False
+    return bool(manifest.get("models"))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("outdir")
+    args = parser.parse_args()
+    outdir = os.path.abspath(args.outdir)
+    generator = "make-test-models.py sha256:" + sha256_file(os.path.abspath(__file__))
+    if up_to_date(outdir, generator):
+        print(f"test models in {outdir} are up to date")
+        return
+    os.makedirs(outdir, exist_ok=True)
+    entries = [
+        build_encoder(outdir, "tiny-embed", 4321),
+        build_encoder(outdir, "tiny-classify", 5678, CLASSIFY_LABELS),
+        build_chat(outdir),
+    ]
+    manifest = {"version": 1, "generator": generator, "models": entries}
+    tmp = os.path.join(outdir, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, os.path.join(outdir, "manifest.json"))
+    print(f"built {', '.join(e['name'] for e in entries)} in {outdir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

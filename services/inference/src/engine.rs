@@ -1,0 +1,483 @@
+//! The model registry and the requests it serves. Model work runs on blocking threads so the
+//! async workers never wait on ONNX Runtime.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use meshgate_proto::common::v1::SamplingParams;
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::chat::{ChatModel, ChatTurn, Completion, FinishReason, GenerationParams, GenerationSink};
+use crate::config::Config;
+use crate::encoder::{ClassifyModel, EmbedModel};
+use crate::error::Error;
+use crate::manifest::{Manifest, ModelEntry, Task};
+use crate::metrics::InferenceMetrics;
+use crate::onnx;
+use crate::sampling::SamplingConfig;
+
+/// Most stop sequences one generation may set.
+pub const MAX_STOP_SEQUENCES: usize = 8;
+
+/// A loaded model, shared by the requests using it (an unload frees it once they finish).
+#[derive(Clone)]
+pub enum LoadedModel {
+    Chat(Arc<ChatModel>),
+    Embed(Arc<EmbedModel>),
+    Classify(Arc<ClassifyModel>),
+}
+
+enum SlotState {
+    /// Not loaded (never, or unloaded on request).
+    Unloaded(String),
+    Loading,
+    Loaded(LoadedModel),
+    /// Loading failed; the reason is reported and returned to requests.
+    Failed(String),
+}
+
+struct Slot {
+    entry: ModelEntry,
+    state: RwLock<SlotState>,
+    /// Serialises loads and unloads of this model.
+    transition: tokio::sync::Mutex<()>,
+}
+
+/// What the registry says about one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelStatus {
+    pub name: String,
+    pub task: Task,
+    pub loaded: bool,
+    /// Why the model is not serving, when it is not.
+    pub error: Option<String>,
+    /// Embedding dimensions (embedding models).
+    pub dims: Option<u32>,
+    pub context_length: u32,
+}
+
+/// Vectors of one `Embed` call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedOutput {
+    pub vectors: Vec<Vec<f32>>,
+    pub dims: usize,
+    pub prompt_tokens: u64,
+}
+
+/// Label scores of one `Classify` call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifyOutput {
+    /// Per input, every label with its probability, most likely first.
+    pub results: Vec<Vec<(String, f32)>>,
+    pub prompt_tokens: u64,
+}
+
+/// One event of a generation stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerateEvent {
+    /// Text decoded since the previous event.
+    Delta(String),
+    /// The last event: finish reason, exact usage and the produced tokens.
+    Done(Completion),
+}
+
+/// The events of one generation; an `Err` ends the stream.
+pub type GenerateStream = ReceiverStream<Result<GenerateEvent, Error>>;
+
+/// The inference engine: registry, loading, and request execution. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    slots: BTreeMap<String, Slot>,
+    in_flight: AtomicUsize,
+    /// Set once the models to load at start have all been tried.
+    initialized: AtomicBool,
+    metrics: InferenceMetrics,
+}
+
+/// Counts one executing request until dropped.
+struct InFlight(Arc<Inner>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.in_flight.dec();
+    }
+}
+
+impl Engine {
+    /// Reads the manifest of `config.models_dir` without loading any model. A missing manifest
+    /// gives an empty registry (models not fetched yet); an invalid one is an error.
+    pub fn new(config: Config, metrics: InferenceMetrics) -> Result<Self, Error> {
+        let manifest_path = config.models_dir.join("manifest.json");
+        let entries = if manifest_path.exists() {
+            Manifest::load(&manifest_path)?.models
+        } else {
+            tracing::warn!(path = %manifest_path.display(), "no model manifest; serving no local models");
+            Vec::new()
+        };
+        let initial = if config.load_on_start { "waiting to load" } else { "not loaded; call Load" }.to_owned();
+        let slots = entries
+            .into_iter()
+            .map(|entry| {
+                metrics.model_loaded.with_label_values(&[entry.name.as_str()]).set(0);
+                let slot = Slot {
+                    state: RwLock::new(SlotState::Unloaded(initial.clone())),
+                    transition: tokio::sync::Mutex::new(()),
+                    entry,
+                };
+                (slot.entry.name.clone(), slot)
+            })
+            .collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                slots,
+                in_flight: AtomicUsize::new(0),
+                initialized: AtomicBool::new(false),
+                metrics,
+            }),
+        })
+    }
+
+    /// [`Engine::new`], then loads the models in the background when `load_on_start` is set.
+    pub fn start(config: Config, metrics: InferenceMetrics) -> Result<Self, Error> {
+        let engine = Self::new(config, metrics)?;
+        if engine.inner.config.load_on_start {
+            let loader = engine.clone();
+            tokio::spawn(async move { loader.load_all().await });
+        } else {
+            engine.inner.initialized.store(true, Ordering::Release);
+        }
+        Ok(engine)
+    }
+
+    /// Loads every model of the registry, one after the other; failures are recorded per model.
+    pub async fn load_all(&self) {
+        for slot in self.inner.slots.values() {
+            let status = self.load_slot(slot).await;
+            if let Some(reason) = &status.error {
+                tracing::error!(model = %status.name, %reason, "model not loaded");
+            }
+        }
+        self.inner.initialized.store(true, Ordering::Release);
+    }
+
+    /// Ready once the start-up loading finished, whatever its per-model outcome.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.inner.initialized.load(Ordering::Acquire) { Ok(()) } else { Err("loading models".into()) }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Requests executing now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Every model of the registry, by name.
+    pub fn models(&self) -> Vec<ModelStatus> {
+        self.inner.slots.values().map(status).collect()
+    }
+
+    /// Loads `name` (no-op when loaded) and reports its state.
+    pub async fn load(&self, name: &str) -> Result<ModelStatus, Error> {
+        let slot = self.slot(name)?;
+        Ok(self.load_slot(slot).await)
+    }
+
+    /// Unloads `name`; requests already running keep the model until they finish.
+    pub async fn unload(&self, name: &str) -> Result<ModelStatus, Error> {
+        let slot = self.slot(name)?;
+        let _transition = slot.transition.lock().await;
+        *slot.state.write() = SlotState::Unloaded("unloaded on request".into());
+        self.inner.metrics.model_loaded.with_label_values(&[name]).set(0);
+        Ok(status(slot))
+    }
+
+    async fn load_slot(&self, slot: &Slot) -> ModelStatus {
+        let name = slot.entry.name.as_str();
+        let _transition = slot.transition.lock().await;
+        if matches!(*slot.state.read(), SlotState::Loaded(_)) {
+            return status(slot);
+        }
+        *slot.state.write() = SlotState::Loading;
+        let entry = slot.entry.clone();
+        let config = self.inner.config.clone();
+        let started = Instant::now();
+        let loaded = tokio::task::spawn_blocking(move || load_model(&entry, &config)).await;
+        let state = match loaded {
+            Ok(Ok(model)) => {
+                tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "loaded");
+                self.inner.metrics.model_loaded.with_label_values(&[name]).set(1);
+                SlotState::Loaded(model)
+            }
+            Ok(Err(err)) => SlotState::Failed(err.to_string()),
+            Err(join) => SlotState::Failed(format!("loading stopped abnormally: {join}")),
+        };
+        *slot.state.write() = state;
+        status(slot)
+    }
+
+    fn slot(&self, name: &str) -> Result<&Slot, Error> {
+        if name.trim().is_empty() {
+            return Err(Error::InvalidRequest("model is required".into()));
+        }
+        self.inner.slots.get(name).ok_or_else(|| Error::ModelNotFound(name.to_owned()))
+    }
+
+    /// The loaded model `name`, which must do `task`.
+    fn model(&self, name: &str, task: Task) -> Result<LoadedModel, Error> {
+        let slot = self.slot(name)?;
+        if slot.entry.task != task {
+            return Err(Error::WrongTask {
+                model: name.to_owned(),
+                expected: task.as_str(),
+                actual: slot.entry.task.as_str(),
+            });
+        }
+        let unavailable = |reason: &str| Error::ModelUnavailable { model: name.to_owned(), reason: reason.to_owned() };
+        match &*slot.state.read() {
+            SlotState::Loaded(model) => Ok(model.clone()),
+            SlotState::Loading => Err(unavailable("it is loading")),
+            SlotState::Unloaded(reason) | SlotState::Failed(reason) => Err(unavailable(reason)),
+        }
+    }
+
+    fn enter(&self) -> Result<InFlight, Error> {
+        let now = self.inner.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        let guard = InFlight(self.inner.clone());
+        self.inner.metrics.in_flight.inc();
+        if now > self.inner.config.max_in_flight {
+            return Err(Error::Overloaded(now - 1));
+        }
+        Ok(guard)
+    }
+
+    fn count(&self, model: &str, task: Task, outcome: &str) {
+        self.inner.metrics.requests.with_label_values(&[model, task.as_str(), outcome]).inc();
+    }
+
+    /// Embeds `inputs` with the embedding model `model`.
+    pub async fn embed(&self, model: &str, inputs: Vec<String>) -> Result<EmbedOutput, Error> {
+        let LoadedModel::Embed(embedder) = self.model(model, Task::Embeddings)? else {
+            return Err(Error::Internal(format!(
+                "model `{model}` is registered as embeddings but loaded as another task"
+            )));
+        };
+        check_inputs(&inputs, self.inner.config.max_batch_inputs)?;
+        let guard = self.enter()?;
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            embedder.embed(&inputs).map(|e| (e, embedder.dims()))
+        })
+        .await
+        .map_err(|join| Error::Internal(format!("embedding stopped abnormally: {join}")))?;
+        match result {
+            Ok((embeddings, dims)) => {
+                self.inner.metrics.embed_duration.with_label_values(&[model]).observe(started.elapsed().as_secs_f64());
+                self.inner.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(embeddings.prompt_tokens);
+                self.count(model, Task::Embeddings, "ok");
+                Ok(EmbedOutput { vectors: embeddings.vectors, dims, prompt_tokens: embeddings.prompt_tokens })
+            }
+            Err(err) => {
+                self.count(model, Task::Embeddings, "error");
+                Err(err)
+            }
+        }
+    }
+
+    /// Scores `inputs` with the classifier `model`.
+    pub async fn classify(&self, model: &str, inputs: Vec<String>) -> Result<ClassifyOutput, Error> {
+        let LoadedModel::Classify(classifier) = self.model(model, Task::Classification)? else {
+            return Err(Error::Internal(format!(
+                "model `{model}` is registered as classification but loaded as another task"
+            )));
+        };
+        check_inputs(&inputs, self.inner.config.max_batch_inputs)?;
+        let guard = self.enter()?;
+        let result = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            classifier.classify(&inputs)
+        })
+        .await
+        .map_err(|join| Error::Internal(format!("classification stopped abnormally: {join}")))?;
+        match result {
+            Ok(out) => {
+                self.inner.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(out.prompt_tokens);
+                self.count(model, Task::Classification, "ok");
+                Ok(ClassifyOutput { results: out.results, prompt_tokens: out.prompt_tokens })
+            }
+            Err(err) => {
+                self.count(model, Task::Classification, "error");
+                Err(err)
+            }
+        }
+    }
+
+    /// Starts a generation with the chat model `model`. Invalid requests fail here, before any
+    /// event; the stream then yields deltas as they are decoded and ends with
+    /// [`GenerateEvent::Done`]. Dropping the stream stops the generation.
+    pub async fn generate(
+        &self,
+        model: &str,
+        messages: Vec<ChatTurn>,
+        sampling: Option<SamplingParams>,
+    ) -> Result<GenerateStream, Error> {
+        let LoadedModel::Chat(chat) = self.model(model, Task::Chat)? else {
+            return Err(Error::Internal(format!("model `{model}` is registered as chat but loaded as another task")));
+        };
+        let params = generation_params(sampling.unwrap_or_default(), self.inner.config.default_max_tokens)?;
+        let guard = self.enter()?;
+        let started = Instant::now();
+
+        let encoder = chat.clone();
+        let prompt = tokio::task::spawn_blocking(move || encoder.encode_prompt(&messages))
+            .await
+            .map_err(|join| Error::Internal(format!("tokenization stopped abnormally: {join}")))??;
+        if prompt.len() >= chat.context_length() {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt is {} tokens; model `{model}` has a context of {} tokens, leaving no room for a reply",
+                prompt.len(),
+                chat.context_length()
+            )));
+        }
+
+        let (tx, rx) = mpsc::channel(self.inner.config.stream_buffer.max(1));
+        let engine = self.clone();
+        let model = model.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            let mut sink = ChannelSink { tx: tx.clone(), started, first: None };
+            let result = chat.generate(&prompt, &params, &mut sink);
+            let metrics = &engine.inner.metrics;
+            if let Some(ttft) = sink.first {
+                metrics.time_to_first_token.with_label_values(&[model.as_str()]).observe(ttft);
+            }
+            match result {
+                Ok(done) => {
+                    metrics.tokens.with_label_values(&[model.as_str(), "prompt"]).inc_by(done.prompt_tokens as u64);
+                    metrics
+                        .tokens
+                        .with_label_values(&[model.as_str(), "completion"])
+                        .inc_by(done.completion_tokens as u64);
+                    if done.finish_reason == FinishReason::Cancelled {
+                        engine.count(&model, Task::Chat, "cancelled");
+                        tracing::debug!(%model, tokens = done.completion_tokens, "generation cancelled by the client");
+                    } else {
+                        engine.count(&model, Task::Chat, "ok");
+                        // The receiver may be gone by now; nothing is left to tell it.
+                        let _ = tx.blocking_send(Ok(GenerateEvent::Done(done)));
+                    }
+                }
+                Err(err) => {
+                    engine.count(&model, Task::Chat, "error");
+                    tracing::error!(%model, %err, "generation failed");
+                    let _ = tx.blocking_send(Err(err));
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+}
+
+/// Sends deltas into a bounded channel: decoding waits while the client is slow, and stops when
+/// the client is gone.
+struct ChannelSink {
+    tx: mpsc::Sender<Result<GenerateEvent, Error>>,
+    started: Instant,
+    first: Option<f64>,
+}
+
+impl GenerationSink for ChannelSink {
+    fn delta(&mut self, text: &str) -> bool {
+        self.first.get_or_insert_with(|| self.started.elapsed().as_secs_f64());
+        self.tx.blocking_send(Ok(GenerateEvent::Delta(text.to_owned()))).is_ok()
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+fn status(slot: &Slot) -> ModelStatus {
+    let entry = &slot.entry;
+    let (loaded, error, dims) = match &*slot.state.read() {
+        SlotState::Loaded(LoadedModel::Embed(m)) => (true, None, Some(m.dims() as u32)),
+        SlotState::Loaded(LoadedModel::Chat(_) | LoadedModel::Classify(_)) => (true, None, None),
+        SlotState::Loading => (false, Some("loading".to_owned()), entry.dims),
+        SlotState::Unloaded(reason) | SlotState::Failed(reason) => (false, Some(reason.clone()), entry.dims),
+    };
+    ModelStatus {
+        name: entry.name.clone(),
+        task: entry.task,
+        loaded,
+        error,
+        dims,
+        context_length: entry.context_length,
+    }
+}
+
+/// Loads one model (blocking).
+fn load_model(entry: &ModelEntry, config: &Config) -> Result<LoadedModel, Error> {
+    let dir: &Path = &config.models_dir;
+    let file: PathBuf = dir.join(&entry.file);
+    let tokenizer = dir.join(&entry.tokenizer);
+    onnx::verify_file(&file, entry.sha256.as_deref(), config.verify_sha256)?;
+    onnx::verify_file(&tokenizer, entry.tokenizer_sha256.as_deref(), config.verify_sha256)?;
+    let open = || {
+        let env = onnx::environment(config.ort_dylib_path.as_deref())?;
+        onnx::open_session(env, &file, config.intra_op_threads)
+    };
+    match entry.task {
+        Task::Chat => Ok(LoadedModel::Chat(Arc::new(ChatModel::load(entry, open()?, &tokenizer)?))),
+        Task::Embeddings => Ok(LoadedModel::Embed(Arc::new(EmbedModel::load(entry, open()?, &tokenizer)?))),
+        Task::Classification => Ok(LoadedModel::Classify(Arc::new(ClassifyModel::load(entry, open()?, &tokenizer)?))),
+    }
+}
+
+/// Validates the texts of an `Embed` or `Classify` call.
+fn check_inputs(inputs: &[String], max: usize) -> Result<(), Error> {
+    if inputs.is_empty() {
+        return Err(Error::InvalidRequest("inputs must not be empty".into()));
+    }
+    if inputs.len() > max {
+        return Err(Error::InvalidRequest(format!("{} inputs in one call; the limit is {max}", inputs.len())));
+    }
+    if let Some(i) = inputs.iter().position(|s| s.trim().is_empty()) {
+        return Err(Error::InvalidRequest(format!("inputs[{i}] is empty")));
+    }
+    Ok(())
+}
+
+/// Validates the request's length, sampling and stop controls.
+pub fn generation_params(sampling: SamplingParams, default_max_tokens: u32) -> Result<GenerationParams, Error> {
+    let max_tokens = match sampling.max_tokens {
+        None => default_max_tokens as usize,
+        Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+        Some(n) => return Err(Error::InvalidRequest(format!("max_tokens must be at least 1, got {n}"))),
+    };
+    if sampling.stop.len() > MAX_STOP_SEQUENCES {
+        return Err(Error::InvalidRequest(format!(
+            "{} stop sequences; the limit is {MAX_STOP_SEQUENCES}",
+            sampling.stop.len()
+        )));
+    }
+    if sampling.stop.iter().any(String::is_empty) {
+        return Err(Error::InvalidRequest("stop sequences must not be empty".into()));
+    }
+    let config = SamplingConfig::from_request(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)?;
+    Ok(GenerationParams { max_tokens, sampling: config, stop: sampling.stop })
+}

@@ -1,0 +1,82 @@
+//! Prometheus metrics of the inference service.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+
+/// The inference service's own metrics (the runtime adds the gRPC ones).
+#[derive(Clone)]
+pub struct InferenceMetrics {
+    /// Requests executing now.
+    pub in_flight: IntGauge,
+    /// Finished requests by model, task and outcome (`ok`, `error`, `cancelled`).
+    pub requests: IntCounterVec,
+    /// Tokens read (`prompt`) and produced (`completion`) by model.
+    pub tokens: IntCounterVec,
+    /// Seconds from a generation request to its first decoded text.
+    pub time_to_first_token: HistogramVec,
+    /// Seconds one `Embed` call spends in the model.
+    pub embed_duration: HistogramVec,
+    /// 1 while a model is loaded and serving.
+    pub model_loaded: IntGaugeVec,
+}
+
+impl InferenceMetrics {
+    pub fn new() -> Self {
+        let buckets = meshgate_runtime::metrics::LATENCY_BUCKETS.to_vec();
+        Self {
+            in_flight: IntGauge::new("meshgate_inference_in_flight", "Inference requests executing now")
+                .expect("static metric options are valid"),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "meshgate_inference_requests_total",
+                    "Finished inference requests by model, task and outcome",
+                ),
+                &["model", "task", "outcome"],
+            )
+            .expect("static metric options are valid"),
+            tokens: IntCounterVec::new(
+                Opts::new("meshgate_inference_tokens_total", "Tokens read (prompt) and produced (completion) by model"),
+                &["model", "kind"],
+            )
+            .expect("static metric options are valid"),
+            time_to_first_token: HistogramVec::new(
+                HistogramOpts::new(
+                    "meshgate_inference_time_to_first_token_seconds",
+                    "Time from a generation request to its first decoded text",
+                )
+                .buckets(buckets.clone()),
+                &["model"],
+            )
+            .expect("static metric options are valid"),
+            embed_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "meshgate_inference_embed_duration_seconds",
+                    "Time one Embed call spends in the model",
+                )
+                .buckets(buckets),
+                &["model"],
+            )
+            .expect("static metric options are valid"),
+            model_loaded: IntGaugeVec::new(
+                Opts::new("meshgate_inference_model_loaded", "1 while a model is loaded and serving"),
+                &["model"],
+            )
+            .expect("static metric options are valid"),
+        }
+    }
+
+    /// Adds every metric to a service registry.
+    pub fn register(&self, metrics: &meshgate_runtime::Metrics) {
+        metrics.register(Box::new(self.in_flight.clone()));
+        metrics.register(Box::new(self.requests.clone()));
+        metrics.register(Box::new(self.tokens.clone()));
+        metrics.register(Box::new(self.time_to_first_token.clone()));
+        metrics.register(Box::new(self.embed_duration.clone()));
+        metrics.register(Box::new(self.model_loaded.clone()));
+    }
+}
+
+impl Default for InferenceMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

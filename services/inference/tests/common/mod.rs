@@ -1,0 +1,141 @@
+//! Shared setup of the inference tests: the tiny models built by `scripts/make-test-models.py`,
+//! their Python onnxruntime references, and the ONNX Runtime library from the project venv.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use meshgate_inference::Config;
+use serde::Deserialize;
+
+/// `MESHGATE_TEST_MODELS_DIR`, else `<workspace>/target/test-models`.
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("MESHGATE_TEST_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/test-models"));
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "no test models in {}: run `scripts/setup-python.sh && .venv/bin/python scripts/make-test-models.py target/test-models`",
+        dir.display()
+    );
+    dir
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `ORT_DYLIB_PATH`, else the library of the onnxruntime wheel in `<workspace>/.venv`.
+pub fn ort_dylib() -> PathBuf {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let lib = workspace().join(".venv/lib");
+    std::fs::read_dir(&lib)
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|python| python.path().join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("set ORT_DYLIB_PATH or run scripts/setup-python.sh (nothing under {})", lib.display())
+        })
+}
+
+/// A configuration over `dir`, one intra-op thread (the machine is shared).
+pub fn config(dir: &Path) -> Config {
+    Config {
+        models_dir: dir.to_path_buf(),
+        ort_dylib_path: Some(ort_dylib()),
+        intra_op_threads: 1,
+        ..Config::default()
+    }
+}
+
+/// A copy of the test models that a test may damage.
+pub fn copy_models() -> tempfile::TempDir {
+    let src = models_dir();
+    let dst = tempfile::tempdir().unwrap();
+    for entry in walk(&src) {
+        let rel = entry.strip_prefix(&src).unwrap();
+        let target = dst.path().join(rel);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &target).unwrap();
+    }
+    dst
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GreedyCase {
+    pub messages: Vec<Message>,
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub max_tokens: usize,
+    pub completion_ids: Vec<u32>,
+    pub finish_reason: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingCase {
+    pub text: String,
+    pub input_ids: Vec<u32>,
+    pub vector: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClassificationCase {
+    pub text: String,
+    pub probabilities: Vec<f32>,
+}
+
+/// Everything the build script recorded with Python onnxruntime.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Reference {
+    #[serde(default)]
+    pub greedy: Vec<GreedyCase>,
+    #[serde(default)]
+    pub embeddings: Vec<EmbeddingCase>,
+    #[serde(default)]
+    pub classifications: Vec<ClassificationCase>,
+}
+
+/// The reference of model `name`, and its manifest entry.
+pub fn reference(name: &str) -> (Reference, meshgate_inference::manifest::ModelEntry) {
+    let dir = models_dir();
+    let manifest = meshgate_inference::manifest::Manifest::load(&dir.join("manifest.json")).unwrap();
+    let entry = manifest.models.into_iter().find(|m| m.name == name).unwrap();
+    let path = dir.join(entry.reference.as_ref().unwrap());
+    (serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap(), entry)
+}
+
+/// The tokenizer of model `name`, for decoding reference ids.
+pub fn tokenizer(name: &str) -> tokenizers::Tokenizer {
+    let (_, entry) = reference(name);
+    tokenizers::Tokenizer::from_file(models_dir().join(entry.tokenizer)).unwrap()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
