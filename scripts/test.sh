@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Runs meshgate's whole check suite: rustfmt, clippy, the workspace's tests, and the extra checks.
+#
+# Usage: scripts/test.sh [COMMAND...]    (from any directory)
+#   Without a COMMAND it runs the suite. With one, it prepares the same environment and runs
+#   COMMAND in it instead, e.g. `scripts/test.sh cargo nextest run -p meshgate-quota`.
+#
+# Environment prepared (exported to the tests):
+#   MESHGATE_TEST_DATABASE_URL  a fresh database for this run, dropped at exit
+#   MESHGATE_TEST_REDIS_URL     redis://127.0.0.1:<port>/0
+#   ORT_DYLIB_PATH              libonnxruntime.so from the onnxruntime wheel in the project venv
+#   MESHGATE_TEST_MODELS_DIR    tiny ONNX models built by scripts/make-test-models.py
+# Postgres and Redis already answering on 127.0.0.1 are used; otherwise throwaway servers are
+# started (installed with apt-get when missing, as root) and removed at exit, even on failure.
+#
+# Knobs:
+#   MESHGATE_TEST_SETUP_ONLY=1  stop after the setup, print the exported variables, clean up
+#                               (with KEEP_TEST_DB=1 and the machine's own servers, the printed
+#                               variables stay usable for running cargo by hand)
+#   KEEP_TEST_DB=1              keep the test database (or the throwaway cluster's data) at exit
+#   MESHGATE_PG_PORT=5432       port probed for an existing Postgres, preferred for a throwaway one
+#   MESHGATE_REDIS_PORT=6379    likewise for Redis
+# shellcheck source-path=SCRIPTDIR/..
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MG_LOG_TAG=test.sh
+source scripts/lib/common.sh
+source scripts/lib/postgres.sh
+source scripts/lib/redis.sh
+source scripts/lib/python.sh
+cd "$MG_ROOT"
+mg_cleanup_init
+
+# --- setup -------------------------------------------------------------------------------------
+mg_pg_ensure
+mg_pg_create_db "meshgate_test_$(date -u +%Y%m%d%H%M%S)_$$"
+export MESHGATE_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$MG_PG_PORT/$MG_PG_DB"
+
+mg_redis_ensure
+export MESHGATE_TEST_REDIS_URL="redis://127.0.0.1:$MG_REDIS_PORT/0"
+
+mg_python_setup
+mg_export_ort_dylib_path
+
+export MESHGATE_TEST_MODELS_DIR="$MG_ROOT/target/test-models"
+mg_log "Models: building test models into $MESHGATE_TEST_MODELS_DIR"
+# stdout is kept for the SETUP_ONLY exports below.
+mg_lock test-models "$MG_VENV/bin/python" scripts/make-test-models.py "$MESHGATE_TEST_MODELS_DIR" >&2 ||
+    mg_die "scripts/make-test-models.py failed"
+
+if [[ ${MESHGATE_TEST_SETUP_ONLY:-0} == 1 ]]; then
+    mg_log "MESHGATE_TEST_SETUP_ONLY=1: setup done; exported:"
+    for var in MESHGATE_TEST_DATABASE_URL MESHGATE_TEST_REDIS_URL ORT_DYLIB_PATH MESHGATE_TEST_MODELS_DIR; do
+        printf 'export %s=%q\n' "$var" "${!var}"
+    done
+    exit 0
+fi
+
+if (($#)); then
+    mg_log "running: $*"
+    "$@"
+    exit $?
+fi
+
+# --- checks ------------------------------------------------------------------------------------
+PASSED=()
+FAILED=()
+SKIPPED=()
+
+# run_step NAME CMD... : runs one check, records its outcome, never stops the run.
+run_step() {
+    local name=$1 start=$SECONDS
+    shift
+    mg_log "==> $name: $*"
+    if "$@"; then
+        PASSED+=("$name")
+        mg_log "<== $name: ok ($((SECONDS - start))s)"
+    else
+        FAILED+=("$name")
+        mg_log "<== $name: FAILED ($((SECONDS - start))s)"
+    fi
+}
+
+# ensure_component COMPONENT CARGO_SUBCOMMAND : true when `cargo SUBCOMMAND` works, adding the
+# rustup component first if needed.
+ensure_component() {
+    cargo "$2" --version >/dev/null 2>&1 && return 0
+    if mg_have rustup && rustup component add "$1" >&2; then
+        cargo "$2" --version >/dev/null 2>&1 && return 0
+    fi
+    mg_warn "$1 is not available and rustup could not add it: skipping"
+    SKIPPED+=("$1")
+    return 1
+}
+
+if ensure_component rustfmt fmt; then
+    run_step fmt cargo fmt --all -- --check
+fi
+if ensure_component clippy clippy; then
+    run_step clippy cargo clippy --workspace --all-targets -- -D warnings
+fi
+if cargo nextest --version >/dev/null 2>&1; then
+    run_step tests cargo nextest run --workspace --no-fail-fast
+    # nextest does not run doctests.
+    run_step doctests cargo test --workspace --doc
+else
+    mg_warn "cargo-nextest not found: using cargo test"
+    run_step tests cargo test --workspace --no-fail-fast
+fi
+
+# ===== extra checks (begin) ====================================================================
+# Checks added by later work (helm lint, promtool, ...) go here, one `run_step NAME CMD...` each.
+# ===== extra checks (end) ======================================================================
+
+# --- summary -----------------------------------------------------------------------------------
+join() {
+    local out
+    printf -v out '%s, ' "$@"
+    out=${out%, }
+    echo "${out:-none}"
+}
+if ((${#FAILED[@]})); then
+    mg_log "RESULT: FAILED [$(join "${FAILED[@]}")]; passed [$(join "${PASSED[@]}")]; skipped [$(join "${SKIPPED[@]}")]"
+    exit 1
+fi
+mg_log "RESULT: PASSED [$(join "${PASSED[@]}")]; skipped [$(join "${SKIPPED[@]}")]"
