@@ -1,0 +1,7 @@
+//! `meshgate-sync`: the sync service as its own process.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    meshgate_runtime::run_main("sync", meshgate_sync::default_listen(), meshgate_sync::serve)
+}

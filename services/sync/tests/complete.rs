@@ -1,0 +1,559 @@
+//! `Sync.Complete` over real gRPC against the mock provider over real HTTP.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meshgate_mock_provider::reply::{prompt_tokens, reply_text};
+use meshgate_mock_provider::{Behavior, MockProvider, MockToolCall, StreamFault};
+use meshgate_proto::common::v1::{ChatMessage, SamplingParams, Usage};
+use meshgate_proto::sync::v1::sync_client::SyncClient;
+use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, ListJobsRequest};
+use meshgate_runtime::error::{ERROR_CODE_METADATA, RETRY_AFTER_METADATA};
+use meshgate_runtime::{Listeners, Shutdown};
+use meshgate_sync::error::UPSTREAM_STATUS_METADATA;
+use meshgate_sync::{Config, ProviderSpec};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+struct Sync {
+    client: SyncClient<Channel>,
+    admin: SocketAddr,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), meshgate_sync::Error>>,
+}
+
+impl Sync {
+    async fn start(providers: Vec<ProviderSpec>) -> Self {
+        let config = Config { providers, providers_from_env: false, ..Config::default() };
+        Self::start_with(config).await
+    }
+
+    async fn start_with(config: Config) -> Self {
+        let listeners = Listeners::ephemeral().await.unwrap();
+        let grpc = listeners.grpc_addr();
+        let admin = listeners.admin_addr();
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(meshgate_sync::serve(config, listeners, shutdown.clone()));
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+        wait_serving(channel.clone()).await;
+        Self { client: SyncClient::new(channel), admin, shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.trigger();
+        tokio::time::timeout(Duration::from_secs(15), self.task).await.unwrap().unwrap().unwrap();
+    }
+
+    /// Runs a completion: the chunks received, then the error that ended the stream (if any).
+    async fn complete(&self, request: CompleteRequest) -> (Vec<CompleteChunk>, Option<Status>) {
+        let mut client = self.client.clone();
+        let mut stream = match client.complete(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return (Vec::new(), Some(status)),
+        };
+        let mut chunks = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => chunks.push(chunk),
+                Ok(None) => return (chunks, None),
+                Err(status) => return (chunks, Some(status)),
+            }
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
+    }
+}
+
+async fn wait_serving(channel: Channel) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut health = HealthClient::new(channel);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(HealthCheckRequest { service: "meshgate.sync.v1.Sync".into() })
+            .await
+            .map(|r| r.into_inner().status);
+        if matches!(status, Ok(s) if s == ServingStatus::Serving as i32) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "sync never became SERVING: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn provider(name: &str, mock: &MockProvider) -> ProviderSpec {
+    ProviderSpec {
+        name: name.into(),
+        base_url: mock.base_url(),
+        models: vec!["gpt-test".into()],
+        ..ProviderSpec::default()
+    }
+}
+
+fn message(role: &str, content: &str) -> ChatMessage {
+    ChatMessage { role: role.into(), content: content.into(), ..ChatMessage::default() }
+}
+
+fn request(provider: &str) -> CompleteRequest {
+    CompleteRequest {
+        request_id: "req-123".into(),
+        provider: provider.into(),
+        model: "gpt-test".into(),
+        messages: vec![message("system", "you are terse"), message("user", "tell me about the mesh gateway")],
+        ..CompleteRequest::default()
+    }
+}
+
+fn text(chunks: &[CompleteChunk]) -> String {
+    chunks.iter().map(|c| c.delta.as_str()).collect()
+}
+
+fn metadata<'a>(status: &'a Status, key: &str) -> Option<&'a str> {
+    status.metadata().get(key).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_content_and_usage_match_the_providers_json_answer() {
+    let mock = MockProvider::start().await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+
+    let (chunks, error) = sync.complete(request("mock")).await;
+    assert!(error.is_none(), "{error:?}");
+
+    // The same conversation asked directly, without streaming.
+    let json: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/chat/completions", mock.base_url()))
+        .json(&serde_json::json!({
+            "model": "gpt-test",
+            "messages": [
+                {"role": "system", "content": "you are terse"},
+                {"role": "user", "content": "tell me about the mesh gateway"}
+            ]
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(text(&chunks), json["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(text(&chunks), "echo: tell me about the mesh gateway");
+
+    let last = chunks.last().unwrap();
+    assert_eq!(last.delta, "");
+    assert_eq!(last.finish_reason, json["choices"][0]["finish_reason"].as_str().unwrap());
+    let usage = last.usage.unwrap();
+    assert_eq!(usage.prompt_tokens, json["usage"]["prompt_tokens"].as_i64().unwrap());
+    assert_eq!(usage.completion_tokens, json["usage"]["completion_tokens"].as_i64().unwrap());
+    assert_eq!(usage.total_tokens, json["usage"]["total_tokens"].as_i64().unwrap());
+    let prompt = prompt_tokens(["you are terse", "tell me about the mesh gateway"]) as i64;
+    assert_eq!(usage, Usage { prompt_tokens: prompt, completion_tokens: 7, total_tokens: prompt + 7, cost_micros: 0 });
+
+    // The model comes once, on the first chunk, which already carries text.
+    assert_eq!(chunks[0].model, "gpt-test");
+    assert!(!chunks[0].delta.is_empty());
+    assert!(chunks[1..].iter().all(|c| c.model.is_empty()));
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c.finish_reason.is_empty() && c.usage.is_none()));
+    // One gRPC chunk per upstream content chunk, then the final one.
+    assert_eq!(chunks.len(), 7 + 1);
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_arrive_in_order_as_the_provider_streams_them() {
+    let behavior = Behavior { chunk_delay: Duration::from_millis(80), stream_chunks: 5, ..Behavior::default() };
+    let mock = MockProvider::start_with(behavior).await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+
+    let mut client = sync.client.clone();
+    let mut stream = client.complete(request("mock")).await.unwrap().into_inner();
+    let started = Instant::now();
+    let mut arrivals = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        arrivals.push((started.elapsed(), chunk));
+    }
+    let deltas: Vec<&str> = arrivals.iter().map(|(_, c)| c.delta.as_str()).filter(|d| !d.is_empty()).collect();
+    assert_eq!(deltas, ["echo:", " tell", " me", " about", " the"]);
+    assert_eq!(deltas.concat(), reply_text("tell me about the mesh gateway", 5, None));
+    // Passed through as they came, not buffered until the end.
+    let first = arrivals[0].0;
+    let last_delta = arrivals[arrivals.len() - 2].0;
+    assert!(last_delta - first >= Duration::from_millis(240), "first {first:?}, last {last_delta:?}");
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_500_is_unavailable_as_the_first_stream_item() {
+    let mock = MockProvider::start().await.unwrap();
+    mock.set_failures(1.0, 500);
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+
+    // The call itself succeeds; the failure is the stream's first item, so nothing reached the
+    // caller and it may fall back.
+    let mut client = sync.client.clone();
+    let mut stream = client.complete(request("mock")).await.unwrap().into_inner();
+    let status = stream.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("upstream_error"));
+    assert_eq!(metadata(&status, UPSTREAM_STATUS_METADATA), Some("500"));
+    assert!(
+        status.message().contains("500") && status.message().contains("server had an error"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(mock.requests_total(), 1, "no retries inside Complete");
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_429_is_resource_exhausted_with_retry_after() {
+    let mock = MockProvider::start_with(Behavior { retry_after_secs: Some(7), ..Behavior::default() }).await.unwrap();
+    mock.set_failures(1.0, 429);
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let (chunks, status) = sync.complete(request("mock")).await;
+    let status = status.unwrap();
+    assert!(chunks.is_empty());
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("rate_limited"));
+    assert_eq!(metadata(&status, RETRY_AFTER_METADATA), Some("7"));
+    assert_eq!(metadata(&status, UPSTREAM_STATUS_METADATA), Some("429"));
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_provider_is_deadline_exceeded_within_the_timeout() {
+    let mock = MockProvider::start().await.unwrap();
+    mock.set_hang(true);
+    let slow_first_byte = ProviderSpec { first_byte_timeout_ms: Some(300), ..provider("mock", &mock) };
+    let sync = Sync::start(vec![slow_first_byte]).await;
+
+    // The request's own timeout.
+    let started = Instant::now();
+    let (_, status) = sync.complete(CompleteRequest { timeout_ms: 200, ..request("mock") }).await;
+    let elapsed = started.elapsed();
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("timeout"));
+    assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_millis(1500), "{elapsed:?}");
+
+    // The provider's first-byte timeout.
+    let started = Instant::now();
+    let (_, status) = sync.complete(request("mock")).await;
+    let elapsed = started.elapsed();
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(status.message().contains("first-byte timeout of 300 ms"), "{}", status.message());
+    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_millis(1500), "{elapsed:?}");
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_timeout_cuts_a_slow_stream_after_some_deltas() {
+    let behavior = Behavior { chunk_delay: Duration::from_millis(100), stream_chunks: 20, ..Behavior::default() };
+    let mock = MockProvider::start_with(behavior).await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let started = Instant::now();
+    let (chunks, status) = sync.complete(CompleteRequest { timeout_ms: 450, ..request("mock") }).await;
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+    assert!(status.message().contains("total timeout of 450 ms"), "{}", status.message());
+    assert!((1..=5).contains(&chunks.len()), "{} chunks", chunks.len());
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    sync.stop().await;
+}
+
+async fn broken_stream(fault: StreamFault) -> (Vec<CompleteChunk>, Status) {
+    let behavior = Behavior { fail_after_chunks: Some(3), stream_fault: fault, ..Behavior::default() };
+    let mock = MockProvider::start_with(behavior).await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let (chunks, status) = sync.complete(request("mock")).await;
+    sync.stop().await;
+    (chunks, status.expect("the stream must end with an error"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mid_stream_failures_end_the_stream_with_an_error_after_the_deltas() {
+    let (chunks, status) = broken_stream(StreamFault::Abort).await;
+    assert_eq!(text(&chunks), "echo: tell me");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("service_unavailable"));
+    assert!(status.message().contains("mid-stream"), "{}", status.message());
+
+    let (chunks, status) = broken_stream(StreamFault::ErrorEvent).await;
+    assert_eq!(text(&chunks), "echo: tell me");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("upstream_error"));
+    assert!(status.message().contains("mid-stream failure injected"), "{}", status.message());
+
+    let (chunks, status) = broken_stream(StreamFault::Close).await;
+    assert_eq!(text(&chunks), "echo: tell me");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("upstream_error"));
+    assert!(status.message().contains("before [DONE]"), "{}", status.message());
+    assert!(chunks.iter().all(|c| c.finish_reason.is_empty() && c.usage.is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_non_streaming_answers_are_errors() {
+    let mock = MockProvider::start_with(Behavior { garbage: true, ..Behavior::default() }).await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let (chunks, status) = sync.complete(request("mock")).await;
+    let status = status.unwrap();
+    assert!(chunks.is_empty());
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("upstream_error"));
+    assert!(status.message().contains("malformed chunk"), "{}", status.message());
+
+    mock.update(|b| {
+        b.garbage = false;
+        b.ignore_stream = true;
+    });
+    let (_, status) = sync.complete(request("mock")).await;
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("text/event-stream"), "{}", status.message());
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_and_request_id_are_forwarded_and_a_wrong_key_is_an_upstream_error() {
+    let mock =
+        MockProvider::start_with(Behavior { api_key: Some("sk-right".into()), ..Behavior::default() }).await.unwrap();
+    let good = ProviderSpec { api_key: Some("sk-right".into()), ..provider("good", &mock) };
+    let bad = ProviderSpec { api_key: Some("sk-wrong".into()), ..provider("bad", &mock) };
+    let sync = Sync::start(vec![good, bad]).await;
+
+    let (chunks, status) = sync.complete(request("good")).await;
+    assert!(status.is_none(), "{status:?}");
+    assert!(chunks.last().unwrap().usage.is_some());
+    let seen = mock.last_request().unwrap();
+    assert_eq!(seen.authorization.as_deref(), Some("Bearer sk-right"));
+    assert_eq!(seen.request_id.as_deref(), Some("req-123"));
+    let body = seen.json().unwrap();
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["stream_options"]["include_usage"], true);
+    assert_eq!(body["model"], "gpt-test");
+    assert_eq!(body["messages"][1], serde_json::json!({"role": "user", "content": "tell me about the mesh gateway"}));
+
+    let (_, status) = sync.complete(request("bad")).await;
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("upstream_error"));
+    assert_eq!(metadata(&status, UPSTREAM_STATUS_METADATA), Some("401"));
+    assert!(status.message().contains("credentials"), "{}", status.message());
+    assert_eq!(mock.count_for_request_id("req-123"), 2);
+
+    // Without request_id, the x-request-id metadata is forwarded.
+    let mut grpc_request = tonic::Request::new(CompleteRequest { request_id: String::new(), ..request("good") });
+    grpc_request.metadata_mut().insert("x-request-id", "from-metadata".parse().unwrap());
+    let mut client = sync.client.clone();
+    let mut stream = client.complete(grpc_request).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    assert_eq!(mock.count_for_request_id("from-metadata"), 1);
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_is_forwarded_and_max_tokens_ends_with_length() {
+    let mock = MockProvider::start().await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sampling = SamplingParams {
+        max_tokens: Some(3),
+        temperature: Some(0.5),
+        top_p: Some(0.9),
+        seed: Some(42),
+        stop: vec!["END".into()],
+        ..SamplingParams::default()
+    };
+    let (chunks, status) = sync.complete(CompleteRequest { sampling: Some(sampling), ..request("mock") }).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(text(&chunks), "echo: tell me");
+    let last = chunks.last().unwrap();
+    assert_eq!(last.finish_reason, "length");
+    assert_eq!(last.usage.unwrap().completion_tokens, 3);
+    let body = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(body["max_tokens"], 3);
+    assert_eq!(body["temperature"], 0.5);
+    assert_eq!(body["seed"], 42);
+    assert_eq!(body["stop"], serde_json::json!(["END"]));
+    assert!((body["top_p"].as_f64().unwrap() - 0.9).abs() < 1e-6);
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_are_assembled_from_their_fragments() {
+    let call = MockToolCall { name: "get_weather".into(), arguments: r#"{"city":"Paris","unit":"celsius"}"#.into() };
+    let mock = MockProvider::start_with(Behavior { tool_call: Some(call), ..Behavior::default() }).await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let (chunks, status) = sync.complete(request("mock")).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(chunks.len(), 1, "no text, only the final chunk");
+    let last = &chunks[0];
+    assert_eq!(last.model, "gpt-test");
+    assert_eq!(last.finish_reason, "tool_calls");
+    assert_eq!(last.tool_calls.len(), 1);
+    let tool = &last.tool_calls[0];
+    assert!(tool.id.starts_with("call_"));
+    assert_eq!(tool.r#type, "function");
+    assert_eq!(tool.function_name, "get_weather");
+    assert_eq!(tool.arguments_json, r#"{"city":"Paris","unit":"celsius"}"#);
+    assert_eq!(last.usage.unwrap().completion_tokens, 9);
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_unknown_targets_fail_with_matching_codes() {
+    let mock = MockProvider::start_with(Behavior {
+        strict_models: true,
+        models: vec!["gpt-test".into()],
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let down = ProviderSpec { base_url: format!("http://{closed}/v1"), ..provider("down", &mock) };
+    let sync = Sync::start(vec![provider("mock", &mock), down]).await;
+
+    let cases = [
+        (CompleteRequest { provider: "nope".into(), ..request("mock") }, Code::NotFound),
+        (CompleteRequest { provider: String::new(), ..request("mock") }, Code::InvalidArgument),
+        (CompleteRequest { model: String::new(), ..request("mock") }, Code::InvalidArgument),
+        (CompleteRequest { messages: Vec::new(), ..request("mock") }, Code::InvalidArgument),
+        (CompleteRequest { messages: vec![message("robot", "x")], ..request("mock") }, Code::InvalidArgument),
+        (CompleteRequest { request_id: "line\nbreak".into(), ..request("mock") }, Code::InvalidArgument),
+        (CompleteRequest { timeout_ms: -1, ..request("mock") }, Code::InvalidArgument),
+        (
+            CompleteRequest {
+                sampling: Some(SamplingParams { temperature: Some(9.0), ..SamplingParams::default() }),
+                ..request("mock")
+            },
+            Code::InvalidArgument,
+        ),
+    ];
+    for (bad, code) in cases {
+        let mut client = sync.client.clone();
+        let status = client.complete(bad).await.expect_err("rejected before any stream");
+        assert_eq!(status.code(), code, "{}", status.message());
+    }
+    assert_eq!(mock.requests_total(), 0, "nothing invalid reached the provider");
+
+    let (_, status) = sync.complete(CompleteRequest { model: "gpt-unknown".into(), ..request("mock") }).await;
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("model_not_found"));
+
+    let (_, status) = sync.complete(request("down")).await;
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("service_unavailable"));
+    assert!(status.message().contains("unreachable"), "{}", status.message());
+
+    // Provider names are case-insensitive.
+    let (_, status) = sync.complete(request("MOCK")).await;
+    assert!(status.is_none(), "{status:?}");
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_rpcs_are_unimplemented_until_issue_7() {
+    let sync = Sync::start(Vec::new()).await;
+    let mut client = sync.client.clone();
+    let statuses = [
+        client.enqueue(EnqueueRequest::default()).await.unwrap_err(),
+        client.get_job(GetJobRequest::default()).await.unwrap_err(),
+        client.list_jobs(ListJobsRequest::default()).await.unwrap_err(),
+    ];
+    for status in statuses {
+        assert_eq!(status.code(), Code::Unimplemented);
+        assert!(status.message().contains("issue 7"), "{}", status.message());
+    }
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_calls_are_counted_in_metrics() {
+    let behavior = Behavior { chunk_delay: Duration::from_millis(50), ..Behavior::default() };
+    let mock = MockProvider::start_with(behavior).await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let (_, status) = sync.complete(request("mock")).await;
+    assert!(status.is_none());
+    mock.fail_next(1);
+    let (_, status) = sync.complete(CompleteRequest { model: "unlisted-model".into(), ..request("mock") }).await;
+    assert!(status.is_some());
+
+    // A caller that goes away mid-stream.
+    let mut client = sync.client.clone();
+    let mut stream = client.complete(request("mock")).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    drop(stream);
+
+    let wanted = [
+        r#"meshgate_sync_upstream_requests_total{model="gpt-test",outcome="ok",provider="mock",status="200",service="sync"} 1"#,
+        r#"meshgate_sync_upstream_requests_total{model="other",outcome="upstream_error",provider="mock",status="500",service="sync"} 1"#,
+        r#"meshgate_sync_upstream_requests_total{model="gpt-test",outcome="cancelled",provider="mock",status="200",service="sync"} 1"#,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = sync.metrics().await;
+        if wanted.iter().all(|line| text.contains(line)) {
+            assert!(text.contains("meshgate_sync_upstream_duration_seconds_bucket"));
+            assert!(text.contains("meshgate_sync_upstream_first_chunk_seconds_count{model=\"gpt-test\",provider=\"mock\",service=\"sync\"}"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "metrics never showed {wanted:?}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_rejects_malformed_providers_and_config() {
+    let bad = ProviderSpec { name: "x".into(), base_url: "ftp://nope".into(), ..ProviderSpec::default() };
+    let config = Config { providers: vec![bad], providers_from_env: false, ..Config::default() };
+    let err = meshgate_sync::serve(config, Listeners::ephemeral().await.unwrap(), Shutdown::new()).await.unwrap_err();
+    assert!(err.to_string().contains("invalid base URL"), "{err}");
+
+    let config = Config { timeout_ms: 0, providers_from_env: false, ..Config::default() };
+    let err = meshgate_sync::serve(config, Listeners::ephemeral().await.unwrap(), Shutdown::new()).await.unwrap_err();
+    assert!(err.to_string().contains("timeout_ms"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_streams_share_the_pool_concurrently() {
+    let mock = MockProvider::start_with(Behavior { chunk_delay: Duration::from_millis(5), ..Behavior::default() })
+        .await
+        .unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let mut calls = Vec::new();
+    for i in 0..32 {
+        let client = sync.client.clone();
+        calls.push(tokio::spawn(async move {
+            let mut client = client;
+            let user = format!("question number {i}");
+            let req = CompleteRequest {
+                request_id: format!("r{i}"),
+                messages: vec![message("user", &user)],
+                ..request("mock")
+            };
+            let mut stream = client.complete(req).await.unwrap().into_inner();
+            let mut out = String::new();
+            while let Some(chunk) = stream.message().await.unwrap() {
+                out.push_str(&chunk.delta);
+            }
+            (user, out)
+        }));
+    }
+    for call in calls {
+        let (user, out) = call.await.unwrap();
+        assert_eq!(out, reply_text(&user, 0, None));
+    }
+    assert_eq!(mock.requests_total(), 32);
+    sync.stop().await;
+}

@@ -1,0 +1,605 @@
+//! HTTP routes and handlers.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::reply::{self, Echo, argument_fragments, completion_plan, splitmix64};
+use crate::wire::{self, ChatRequest, EmbeddingInput, EmbeddingRequest, sse_frame};
+use crate::{Behavior, RECENT_CAPACITY, RecordedRequest, Shared, StreamFault};
+
+/// Largest request body accepted.
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
+/// Largest embedding dimension a request may ask for.
+const MAX_EMBEDDING_DIM: usize = 8192;
+/// Pause before an injected transport abort.
+const ABORT_FLUSH_PAUSE: Duration = Duration::from_millis(20);
+const FINGERPRINT: &str = "fp_meshgate_mock";
+const OWNER: &str = "meshgate-mock";
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(shared)
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Chat,
+    Embeddings,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Embeddings => "/v1/embeddings",
+        }
+    }
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Shared {
+    fn count(&self, endpoint: Endpoint, headers: &HeaderMap, body: &Bytes, behavior: &Behavior) {
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        match endpoint {
+            Endpoint::Chat => self.chat_requests.fetch_add(1, Ordering::Relaxed),
+            Endpoint::Embeddings => self.embedding_requests.fetch_add(1, Ordering::Relaxed),
+        };
+        if !behavior.track_requests {
+            return;
+        }
+        let idempotency_key = header_str(headers, "idempotency-key");
+        let request_id = header_str(headers, "x-request-id");
+        for (map, key) in [(&self.by_idempotency_key, idempotency_key), (&self.by_request_id, request_id)] {
+            if let Some(key) = key {
+                let mut map = map.lock();
+                match map.get_mut(key) {
+                    Some(n) => *n += 1,
+                    None => {
+                        map.insert(key.to_owned(), 1);
+                    }
+                }
+            }
+        }
+        let record = RecordedRequest {
+            path: endpoint.path(),
+            authorization: header_str(headers, "authorization").map(str::to_owned),
+            request_id: request_id.map(str::to_owned),
+            idempotency_key: idempotency_key.map(str::to_owned),
+            body: body.clone(),
+        };
+        let mut recent = self.recent.lock();
+        if recent.len() == RECENT_CAPACITY {
+            recent.pop_front();
+        }
+        recent.push_back(record);
+    }
+
+    /// Latency, hang and authentication, common to every API request. `Some` is the answer.
+    async fn preamble(&self, behavior: &Behavior, headers: &HeaderMap) -> Option<Response> {
+        if !behavior.latency.is_zero() {
+            tokio::time::sleep(behavior.latency).await;
+        }
+        if behavior.hang {
+            // An error means the mock is being dropped: answer as for a shutdown.
+            let _ = self.shutdown.clone().wait_for(|stop| *stop).await;
+            return Some(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The mock provider is shutting down.",
+                "server_error",
+                None,
+            ));
+        }
+        if let Some(expected) = &behavior.api_key {
+            let given = header_str(headers, "authorization").and_then(|v| v.strip_prefix("Bearer "));
+            let answer = match given {
+                Some(key) if key == expected => return None,
+                Some(_) => error(
+                    StatusCode::UNAUTHORIZED,
+                    "Incorrect API key provided.",
+                    "invalid_request_error",
+                    Some("invalid_api_key"),
+                ),
+                None => error(
+                    StatusCode::UNAUTHORIZED,
+                    "You didn't provide an API key. Provide it in an Authorization header (Bearer auth).",
+                    "invalid_request_error",
+                    None,
+                ),
+            };
+            self.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return Some(answer);
+        }
+        None
+    }
+
+    /// The injected failure for this request, if it draws one.
+    fn injected_failure(&self, behavior: &Behavior) -> Option<Response> {
+        let forced = self.fail_next.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        if !forced && !self.draw_failure(behavior) {
+            return None;
+        }
+        self.injected_failures.fetch_add(1, Ordering::Relaxed);
+        let status = StatusCode::from_u16(behavior.failure_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let (message, kind, code) = match status.as_u16() {
+            429 => (
+                "Rate limit reached for requests (injected by the mock provider).",
+                "requests",
+                Some("rate_limit_exceeded"),
+            ),
+            503 => (
+                "The engine is currently overloaded, please try again later (injected by the mock provider).",
+                "server_error",
+                None,
+            ),
+            s if s >= 500 => (
+                "The server had an error while processing your request (injected by the mock provider).",
+                "server_error",
+                None,
+            ),
+            _ => ("Injected failure of the mock provider.", "invalid_request_error", None),
+        };
+        let mut response = error(status, message, kind, code);
+        if matches!(status.as_u16(), 429 | 503)
+            && let Some(secs) = behavior.retry_after_secs
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        Some(response)
+    }
+
+    fn draw_failure(&self, behavior: &Behavior) -> bool {
+        if behavior.failure_rate <= 0.0 {
+            return false;
+        }
+        if behavior.failure_rate >= 1.0 {
+            return true;
+        }
+        let n = self.decisions.fetch_add(1, Ordering::Relaxed);
+        // 53 uniform bits -> [0, 1).
+        let draw = (splitmix64(behavior.seed ^ splitmix64(n)) >> 11) as f64 / (1u64 << 53) as f64;
+        draw < behavior.failure_rate
+    }
+
+    fn next_id(&self, prefix: &str) -> String {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}{:016x}", splitmix64(n))
+    }
+}
+
+fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
+    let body = wire::ErrorBody { error: wire::ErrorObject { message, kind, param: None, code } };
+    json_response(status, &body)
+}
+
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => {
+            (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
+        }
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
+fn invalid(message: &str) -> Response {
+    error(StatusCode::BAD_REQUEST, message, "invalid_request_error", None)
+}
+
+fn model_not_found(model: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("The model `{model}` does not exist or you do not have access to it."),
+        "invalid_request_error",
+        Some("model_not_found"),
+    )
+}
+
+fn garbage(stream: bool) -> Response {
+    if stream {
+        let body = "data: {\"id\": this is not json\n\ndata: [DONE]\n\n";
+        (StatusCode::OK, [(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")], body).into_response()
+    } else {
+        (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"id\": this is not json").into_response()
+    }
+}
+
+const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+
+async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let behavior = shared.behavior.load_full();
+    shared.count(Endpoint::Chat, &headers, &body, &behavior);
+    if let Some(answer) = shared.preamble(&behavior, &headers).await {
+        return answer;
+    }
+    let request: ChatRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => return invalid(&format!("Invalid chat completion request: {err}")),
+    };
+    if request.messages.is_empty() {
+        return invalid("'messages' must contain at least one message.");
+    }
+    if let Some(bad) = request.messages.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
+        return invalid(&format!("Invalid role '{}' in 'messages'.", bad.role));
+    }
+    let max_tokens = request.max_completion_tokens.or(request.max_tokens);
+    if max_tokens == Some(0) {
+        return invalid("'max_tokens' must be at least 1.");
+    }
+    if behavior.strict_models && !behavior.models.contains(&request.model) {
+        return model_not_found(&request.model);
+    }
+    if let Some(answer) = shared.injected_failure(&behavior) {
+        return answer;
+    }
+    let stream = request.stream.unwrap_or(false) && !behavior.ignore_stream;
+    if behavior.garbage {
+        return garbage(stream);
+    }
+
+    let last_user = request.messages.iter().rev().find(|m| m.role == "user").map(|m| m.text()).unwrap_or_default();
+    let prompt_tokens = reply::TOKENS_PER_REQUEST
+        + request.messages.iter().map(|m| reply::TOKENS_PER_MESSAGE + m.token_count()).sum::<u64>();
+    let tool = tool_call_for(&behavior, &request, &last_user);
+    let reply = Reply {
+        id: shared.next_id("chatcmpl-mock"),
+        created: now_secs(),
+        prompt_tokens,
+        max_tokens,
+        echo: Echo::new(last_user),
+        tool: tool.map(|(name, arguments)| ToolReply { id: shared.next_id("call_mock"), name, arguments }),
+        model: request.model,
+    };
+    shared.succeeded.fetch_add(1, Ordering::Relaxed);
+    if stream {
+        let include_usage = request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+        stream_reply(reply, &behavior, include_usage)
+    } else {
+        json_reply(&reply, &behavior)
+    }
+}
+
+/// The tool call to make: the behaviour's, or the function `tool_choice` demands.
+fn tool_call_for(behavior: &Behavior, request: &ChatRequest, last_user: &str) -> Option<(String, String)> {
+    if let Some(call) = &behavior.tool_call {
+        return Some((call.name.clone(), call.arguments.clone()));
+    }
+    let tools = request.tools.as_ref()?;
+    let name = match request.tool_choice.as_ref()? {
+        serde_json::Value::String(choice) if choice == "required" => {
+            tools.iter().find_map(|t| t.function.as_ref()).map(|f| f.name.clone())?
+        }
+        serde_json::Value::Object(choice) => choice.get("function")?.get("name")?.as_str()?.to_owned(),
+        _ => return None,
+    };
+    Some((name, serde_json::json!({ "input": last_user }).to_string()))
+}
+
+struct ToolReply {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+struct Reply {
+    id: String,
+    model: String,
+    created: u64,
+    prompt_tokens: u64,
+    max_tokens: Option<u64>,
+    echo: Echo,
+    tool: Option<ToolReply>,
+}
+
+impl Reply {
+    fn usage(&self, completion_tokens: u64) -> wire::Usage {
+        wire::Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens,
+            total_tokens: self.prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+fn json_reply(reply: &Reply, behavior: &Behavior) -> Response {
+    let (content, tool_calls, finish, completion_tokens) = match &reply.tool {
+        Some(tool) => {
+            let call = wire::ToolCallOut {
+                id: &tool.id,
+                kind: "function",
+                function: wire::FunctionOut { name: &tool.name, arguments: &tool.arguments },
+            };
+            (None, Some([call]), "tool_calls", argument_fragments(&tool.arguments).count())
+        }
+        None => {
+            let (count, finish) = completion_plan(reply.echo.len(), behavior.stream_chunks, reply.max_tokens);
+            let mut text = String::new();
+            for i in 0..count {
+                use std::fmt::Write as _;
+                // Writing into a String cannot fail.
+                let _ = write!(text, "{}", reply.echo.piece(i));
+            }
+            (Some(text), None, finish, count)
+        }
+    };
+    let body = wire::Completion {
+        id: &reply.id,
+        object: "chat.completion",
+        created: reply.created,
+        model: &reply.model,
+        system_fingerprint: FINGERPRINT,
+        choices: [wire::CompletionChoice {
+            index: 0,
+            message: wire::AssistantMessage {
+                role: "assistant",
+                content: content.as_deref(),
+                refusal: None,
+                tool_calls,
+            },
+            logprobs: None,
+            finish_reason: finish,
+        }],
+        usage: reply.usage(completion_tokens as u64),
+    };
+    json_response(StatusCode::OK, &body)
+}
+
+fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool) -> Response {
+    let chunk_delay = behavior.chunk_delay;
+    let fail_after = behavior.fail_after_chunks.map(|n| n as usize);
+    let fault = behavior.stream_fault;
+    let (count, finish) = match &reply.tool {
+        Some(tool) => (argument_fragments(&tool.arguments).count(), "tool_calls"),
+        None => completion_plan(reply.echo.len(), behavior.stream_chunks, reply.max_tokens),
+    };
+    let body = async_stream::try_stream! {
+        // `usage: null` on every chunk but the last one when usage was asked for.
+        let usage = include_usage.then_some(None);
+        let role = wire::RoleDelta {
+            role: "assistant",
+            content: if reply.tool.is_some() { None } else { Some("") },
+            refusal: None,
+            tool_calls: reply.tool.as_ref().map(|tool| {
+                [wire::ToolCallStart {
+                    index: 0,
+                    id: &tool.id,
+                    kind: "function",
+                    function: wire::FunctionOut { name: &tool.name, arguments: "" },
+                }]
+            }),
+        };
+        yield chunk_frame(&reply, usage, &[choice(role, None)])?;
+
+        let mut fragments = reply.tool.as_ref().map(|tool| argument_fragments(&tool.arguments));
+        for i in 0..count {
+            if fail_after == Some(i) {
+                break;
+            }
+            if !chunk_delay.is_zero() {
+                tokio::time::sleep(chunk_delay).await;
+            }
+            let frame = match fragments.as_mut().and_then(Iterator::next) {
+                Some(arguments) => {
+                    let delta = wire::ToolArgumentsDelta {
+                        tool_calls: [wire::ToolArguments { index: 0, function: wire::ArgumentsOnly { arguments } }],
+                    };
+                    chunk_frame(&reply, usage, &[choice(delta, None)])
+                }
+                None => chunk_frame(&reply, usage, &[choice(wire::ContentDelta { content: reply.echo.piece(i) }, None)]),
+            };
+            yield frame?;
+        }
+        if fail_after.is_some_and(|n| n <= count) {
+            match fault {
+                StreamFault::Abort => {
+                    // Let the connection flush what was produced, so the client really holds
+                    // the first chunks when the transport breaks.
+                    tokio::time::sleep(ABORT_FLUSH_PAUSE).await;
+                    Err(io::Error::other("mock provider: stream aborted"))?;
+                }
+                StreamFault::ErrorEvent => {
+                    let body = wire::ErrorBody {
+                        error: wire::ErrorObject {
+                            message: "The server had an error while processing your request (mid-stream failure injected by the mock provider).",
+                            kind: "server_error",
+                            param: None,
+                            code: None,
+                        },
+                    };
+                    yield sse_frame(&body).map_err(io::Error::other)?;
+                }
+                StreamFault::Close => {}
+            }
+            return;
+        }
+        yield chunk_frame(&reply, usage, &[choice(wire::EmptyDelta {}, Some(finish))])?;
+        if include_usage {
+            yield chunk_frame::<wire::EmptyDelta>(&reply, Some(Some(reply.usage(count as u64))), &[])?;
+        }
+        yield Bytes::from_static(b"data: [DONE]\n\n");
+    };
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        io_body(body),
+    )
+        .into_response()
+}
+
+/// Pins the stream's error type to `io::Error` (an error aborts the HTTP body).
+fn io_body(stream: impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
+    Body::from_stream(stream)
+}
+
+/// One `chat.completion.chunk` event of `reply`.
+fn chunk_frame<D: Serialize>(
+    reply: &Reply,
+    usage: Option<Option<wire::Usage>>,
+    choices: &[wire::ChunkChoice<'_, D>],
+) -> io::Result<Bytes> {
+    let chunk = wire::Chunk {
+        id: &reply.id,
+        object: "chat.completion.chunk",
+        created: reply.created,
+        model: &reply.model,
+        system_fingerprint: FINGERPRINT,
+        choices,
+        usage,
+    };
+    sse_frame(&chunk).map_err(io::Error::other)
+}
+
+fn choice<D: Serialize>(delta: D, finish_reason: Option<&str>) -> wire::ChunkChoice<'_, D> {
+    wire::ChunkChoice { index: 0, delta, logprobs: None, finish_reason }
+}
+
+async fn embeddings(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let behavior = shared.behavior.load_full();
+    shared.count(Endpoint::Embeddings, &headers, &body, &behavior);
+    if let Some(answer) = shared.preamble(&behavior, &headers).await {
+        return answer;
+    }
+    let request: EmbeddingRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => return invalid(&format!("Invalid embeddings request: {err}")),
+    };
+    let dims = request.dimensions.unwrap_or(behavior.embedding_dim);
+    if dims == 0 || dims > MAX_EMBEDDING_DIM {
+        return invalid(&format!("'dimensions' must be between 1 and {MAX_EMBEDDING_DIM}."));
+    }
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return invalid(&format!("Invalid 'encoding_format' '{other}': expected 'float' or 'base64'."));
+        }
+    };
+    let empty = match &request.input {
+        EmbeddingInput::Text(text) => text.is_empty(),
+        EmbeddingInput::Texts(texts) => texts.is_empty() || texts.iter().any(String::is_empty),
+        EmbeddingInput::Tokens(tokens) => tokens.is_empty(),
+        EmbeddingInput::TokenLists(lists) => lists.is_empty() || lists.iter().any(Vec::is_empty),
+    };
+    if empty {
+        return invalid("'input' must not be empty.");
+    }
+    if behavior.strict_models && !behavior.models.contains(&request.model) {
+        return model_not_found(&request.model);
+    }
+    if let Some(answer) = shared.injected_failure(&behavior) {
+        return answer;
+    }
+    if behavior.garbage {
+        return garbage(false);
+    }
+    let (vectors, tokens) = match &request.input {
+        EmbeddingInput::Text(text) => (vec![reply::embed_text(text, dims)], reply::count_tokens(text)),
+        EmbeddingInput::Texts(texts) => (
+            texts.iter().map(|t| reply::embed_text(t, dims)).collect(),
+            texts.iter().map(|t| reply::count_tokens(t)).sum(),
+        ),
+        EmbeddingInput::Tokens(tokens) => (vec![reply::embed_tokens(tokens, dims)], tokens.len() as u64),
+        EmbeddingInput::TokenLists(lists) => {
+            (lists.iter().map(|t| reply::embed_tokens(t, dims)).collect(), lists.iter().map(|t| t.len() as u64).sum())
+        }
+    };
+    shared.succeeded.fetch_add(1, Ordering::Relaxed);
+    let usage = wire::EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens };
+    if base64 {
+        let data = vectors
+            .iter()
+            .enumerate()
+            .map(|(index, v)| {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                wire::EmbeddingItem {
+                    object: "embedding",
+                    index,
+                    embedding: base64::engine::general_purpose::STANDARD.encode(bytes),
+                }
+            })
+            .collect();
+        json_response(StatusCode::OK, &wire::EmbeddingList { object: "list", data, model: &request.model, usage })
+    } else {
+        let data = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(index, embedding)| wire::EmbeddingItem { object: "embedding", index, embedding })
+            .collect();
+        json_response(StatusCode::OK, &wire::EmbeddingList { object: "list", data, model: &request.model, usage })
+    }
+}
+
+async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let behavior = shared.behavior.load_full();
+    if let Some(answer) = authenticate_only(&shared, &behavior, &headers) {
+        return answer;
+    }
+    let data = behavior
+        .models
+        .iter()
+        .map(|id| wire::ModelObject { id, object: "model", created: 0, owned_by: OWNER })
+        .collect();
+    json_response(StatusCode::OK, &wire::ModelList { object: "list", data })
+}
+
+async fn model(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let behavior = shared.behavior.load_full();
+    if let Some(answer) = authenticate_only(&shared, &behavior, &headers) {
+        return answer;
+    }
+    if !behavior.models.contains(&id) {
+        return model_not_found(&id);
+    }
+    json_response(StatusCode::OK, &wire::ModelObject { id: &id, object: "model", created: 0, owned_by: OWNER })
+}
+
+/// Model listing checks the key but ignores latency, failures and hang.
+fn authenticate_only(shared: &Shared, behavior: &Behavior, headers: &HeaderMap) -> Option<Response> {
+    let expected = behavior.api_key.as_deref()?;
+    let given = header_str(headers, "authorization").and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(expected) {
+        return None;
+    }
+    shared.unauthorized.fetch_add(1, Ordering::Relaxed);
+    Some(error(
+        StatusCode::UNAUTHORIZED,
+        "Incorrect API key provided.",
+        "invalid_request_error",
+        Some("invalid_api_key"),
+    ))
+}
+
+async fn health() -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"status\":\"ok\"}").into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "Unknown route of the mock provider.", "invalid_request_error", None)
+}
