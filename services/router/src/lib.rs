@@ -17,6 +17,7 @@ use meshgate_proto::router::v1::{
     TargetState,
 };
 use meshgate_runtime::{ErrorCode, Listeners, ServiceHost, Shutdown};
+use meshgate_sync::providers::{ProviderSpec, resolve_providers};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
@@ -35,8 +36,9 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// Declared layer, prices and context window per model id.
     pub models: BTreeMap<String, ModelFacts>,
-    /// Cloud providers in addition to those from `MESHGATE_PROVIDER_<NAME>_*`.
-    pub providers: Vec<ProviderConfig>,
+    /// Cloud providers; `MESHGATE_PROVIDER_<NAME>_*` add to and override these (see
+    /// `meshgate_sync::providers`, shared with the sync service so both agree).
+    pub providers: Vec<ProviderSpec>,
 }
 
 impl Default for Config {
@@ -49,15 +51,6 @@ impl Default for Config {
             providers: Vec::new(),
         }
     }
-}
-
-/// A cloud provider declared in the router's configuration.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProviderConfig {
-    pub name: String,
-    pub models: Vec<String>,
-    pub priority: i64,
 }
 
 /// Errors of the router service.
@@ -220,16 +213,18 @@ impl Router for RouterService {
     }
 }
 
-/// Cloud providers from the configuration plus `extra` (from the environment), validated.
-pub fn cloud_providers(config: &Config, extra: Vec<CloudProvider>) -> Result<Vec<CloudProvider>, Error> {
-    let mut providers = extra;
-    for entry in &config.providers {
-        let name = entry.name.trim().to_ascii_lowercase();
-        if name.is_empty() || entry.models.is_empty() {
-            return Err(Error::Config(format!("provider {:?} needs a name and at least one model", entry.name)));
-        }
-        providers.push(CloudProvider { name, models: entry.models.clone(), priority: entry.priority });
-    }
+/// Cloud providers of the configuration merged with the environment `vars`, validated.
+pub fn cloud_providers<I, K, V>(config: &Config, vars: I) -> Result<Vec<CloudProvider>, Error>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    let specs = resolve_providers(&config.providers, vars).map_err(|err| Error::Config(err.to_string()))?;
+    let providers = specs
+        .iter()
+        .map(|spec| CloudProvider { name: spec.name.clone(), models: spec.models.clone(), priority: i64::from(spec.rank().0) })
+        .collect();
     for facts in config.models.values() {
         if let Some(layer) = &facts.layer
             && catalog::parse_layer(layer).is_none()
@@ -240,15 +235,9 @@ pub fn cloud_providers(config: &Config, extra: Vec<CloudProvider>) -> Result<Vec
     Ok(providers)
 }
 
-/// Runs the router until `shutdown`. `extra_providers` are the providers the environment
-/// declares (`MESHGATE_PROVIDER_<NAME>_*`), parsed by the caller.
-pub async fn serve_with_providers(
-    config: Config,
-    extra_providers: Vec<CloudProvider>,
-    listeners: Listeners,
-    shutdown: Shutdown,
-) -> Result<(), Error> {
-    let providers = cloud_providers(&config, extra_providers)?;
+/// Runs the router until `shutdown`, with providers from `config` and the environment.
+pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
+    let providers = cloud_providers(&config, std::env::vars())?;
     let core = Arc::new(RouterCore::new(providers, config.models.clone(), config.breaker));
     if let Some(endpoint) = &config.inference_endpoint {
         let channel = meshgate_runtime::channel(endpoint, Duration::from_secs(2))
@@ -371,12 +360,25 @@ mod tests {
         assert_eq!(ids(&core.plan(&small, Instant::now()).unwrap()), ["a/gpt"]);
     }
 
+    const NO_ENV: [(&str, &str); 0] = [];
+
+    #[test]
+    fn providers_come_from_config_and_environment() {
+        let file = ProviderSpec { name: "b".into(), base_url: "http://127.0.0.1:1/v1".into(), models: vec!["m".into()], ..Default::default() };
+        let config = Config { providers: vec![file], ..Default::default() };
+        let env = [("MESHGATE_PROVIDER_A_BASE_URL", "http://127.0.0.1:2/v1"), ("MESHGATE_PROVIDER_A_MODELS", "m,n")];
+        let providers = cloud_providers(&config, env).unwrap();
+        let names: Vec<_> = providers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(providers[0].models, ["m", "n"]);
+    }
+
     #[test]
     fn config_rejects_bad_providers_and_layers() {
-        let bad = Config { providers: vec![ProviderConfig { name: "x".into(), ..Default::default() }], ..Default::default() };
-        assert!(cloud_providers(&bad, vec![]).is_err());
+        let bad = Config { providers: vec![ProviderSpec { name: "x".into(), ..Default::default() }], ..Default::default() };
+        assert!(cloud_providers(&bad, NO_ENV).is_err(), "a provider without a base URL");
         let mut models = BTreeMap::new();
         models.insert("m".to_owned(), ModelFacts { layer: Some("l9".into()), ..Default::default() });
-        assert!(cloud_providers(&Config { models, ..Default::default() }, vec![]).is_err());
+        assert!(cloud_providers(&Config { models, ..Default::default() }, NO_ENV).is_err());
     }
 }
