@@ -20,13 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("meshgate_descriptor.bin"))
-        .compile_with_config(
-            config,
-            &PROTOS.iter().map(|p| root.join(p)).collect::<Vec<_>>(),
-            &[root.clone(), include],
-        )?;
+    tonic_prost_build::configure().file_descriptor_set_path(out.join("meshgate_descriptor.bin")).compile_with_config(
+        config,
+        &PROTOS.iter().map(|p| root.join(p)).collect::<Vec<_>>(),
+        &[root.clone(), include],
+    )?;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={}", root.join(proto).display());
     }

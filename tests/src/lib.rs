@@ -1,1 +1,174 @@
-//! Test harness for booting the whole mesh.
+//! Boots the whole mesh for integration tests: six real services on ephemeral loopback ports,
+//! real Postgres and Redis (from `MESHGATE_TEST_DATABASE_URL` / `MESHGATE_TEST_REDIS_URL`, set by
+//! `scripts/test.sh`), the tiny ONNX models, and the project's mock OpenAI providers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use meshgate::{MeshConfig, MeshListeners};
+use meshgate_mock_provider::MockProvider;
+use meshgate_runtime::Shutdown;
+use meshgate_sync::providers::ProviderSpec;
+
+/// The bootstrap key every test mesh accepts.
+pub const ADMIN_KEY: &str = "sk-meshgate-test-admin";
+/// The model both mock providers serve.
+pub const CLOUD_MODEL: &str = "mock-gpt";
+
+pub fn database_url() -> String {
+    std::env::var("MESHGATE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("MESHGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("MESHGATE_TEST_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-models")))
+}
+
+/// A running mesh with two mock providers (`alpha` tried first, then `beta`) serving
+/// [`CLOUD_MODEL`].
+pub struct TestMesh {
+    pub edge: String,
+    pub addresses: [(&'static str, SocketAddr, SocketAddr); 6],
+    pub alpha: MockProvider,
+    pub beta: MockProvider,
+    pub shutdown: Shutdown,
+    pub http: reqwest::Client,
+    task: tokio::task::JoinHandle<Result<(), meshgate::MeshError>>,
+}
+
+/// How to build a test mesh.
+pub struct MeshOptions {
+    /// Use Postgres and Redis (true) or the embedded in-memory stores.
+    pub stores: bool,
+    /// Adjusts the configuration before start.
+    pub tune: Box<dyn FnOnce(&mut MeshConfig) + Send>,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        Self { stores: true, tune: Box::new(|_| {}) }
+    }
+}
+
+impl TestMesh {
+    pub async fn start() -> Self {
+        Self::start_with(MeshOptions::default()).await
+    }
+
+    pub async fn start_with(options: MeshOptions) -> Self {
+        meshgate_runtime::telemetry::init("meshgate-tests");
+        let alpha = MockProvider::start().await.expect("mock provider alpha");
+        let beta = MockProvider::start().await.expect("mock provider beta");
+        let mut config = base_config(&[("alpha", &alpha), ("beta", &beta)], options.stores);
+        (options.tune)(&mut config);
+        let listeners = MeshListeners::ephemeral().await.expect("ephemeral listeners");
+        let addresses = listeners.addresses();
+        let edge = format!("http://{}", listeners.edge_addr().expect("edge listener"));
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(meshgate::run(config, listeners, shutdown.clone()));
+        let mesh = Self { edge, addresses, alpha, beta, shutdown, http: reqwest::Client::new(), task };
+        mesh.wait_until_serving(Duration::from_secs(30)).await;
+        mesh
+    }
+
+    pub fn grpc_url(&self, service: &str) -> String {
+        let (_, grpc, _) = self.addresses.iter().find(|(name, _, _)| *name == service).expect("known service");
+        format!("http://{grpc}")
+    }
+
+    pub fn admin_url(&self, service: &str) -> String {
+        let (_, _, admin) = self.addresses.iter().find(|(name, _, _)| *name == service).expect("known service");
+        format!("http://{admin}")
+    }
+
+    /// A channel to one service.
+    pub fn channel(&self, service: &str) -> meshgate_runtime::MeshChannel {
+        meshgate_runtime::channel(&self.grpc_url(service), Duration::from_secs(1)).expect("valid endpoint")
+    }
+
+    /// gRPC health of one service.
+    pub async fn health(&self, service: &str) -> Option<i32> {
+        let mut client = tonic_health::pb::health_client::HealthClient::new(self.channel(service));
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        client.check(request).await.ok().map(|r| r.into_inner().status)
+    }
+
+    async fn wait_until_serving(&self, limit: Duration) {
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        let deadline = Instant::now() + limit;
+        for (name, _, _) in self.addresses {
+            loop {
+                if self.health(name).await == Some(serving) {
+                    break;
+                }
+                assert!(!self.task.is_finished(), "the mesh stopped while starting");
+                assert!(Instant::now() < deadline, "{name} did not become SERVING within {limit:?}");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
+
+    /// `POST /v1/chat/completions` with the admin key.
+    pub async fn chat(&self, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.edge))
+            .bearer_auth(ADMIN_KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("edge answers")
+    }
+
+    /// Stops the mesh and waits for every service to drain.
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        let result = tokio::time::timeout(Duration::from_secs(15), self.task).await;
+        let stopped = result.expect("the mesh stops within 15 s").expect("mesh task joins");
+        stopped.expect("every service stops cleanly");
+    }
+}
+
+/// The configuration every test mesh starts from: the admin key, short timeouts, the mock
+/// `providers` in the given order serving [`CLOUD_MODEL`], the tiny models, and (with `stores`)
+/// Postgres and Redis under a Redis key prefix of its own.
+pub fn base_config(providers: &[(&str, &MockProvider)], stores: bool) -> MeshConfig {
+    let mut config = MeshConfig::default();
+    config.gateway.admin_key = Some(ADMIN_KEY.into());
+    config.gateway.target_timeout_ms = 1_000;
+    config.gateway.trace_flush_ms = 20;
+    config.sync.providers = providers
+        .iter()
+        .zip(1..)
+        .map(|((name, mock), priority)| ProviderSpec {
+            name: (*name).into(),
+            base_url: mock.base_url(),
+            models: vec![CLOUD_MODEL.into()],
+            priority: Some(priority),
+            ..Default::default()
+        })
+        .collect();
+    config.inference.models_dir = models_dir();
+    config.router.local_refresh_ms = 200;
+    if stores {
+        config.use_stores(Some(database_url()), Some(redis_url()));
+        // One run's tests share a database and a Redis: each mesh gets its own key space.
+        config.quota.key_prefix = format!("mgtest:{}:", uuid::Uuid::new_v4().simple());
+    }
+    config
+}
+
+/// A chat request body for `model` with one user message.
+pub fn chat_body(model: &str, text: &str) -> serde_json::Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 64})
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n").filter_map(|event| event.strip_prefix("data: ")).map(str::to_owned).collect()
+}

@@ -23,14 +23,19 @@ impl Authenticator {
     /// The principal for the `Authorization` header value, or a 401.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
         let Some(value) = authorization else {
-            return Err(ApiError::new(ErrorCode::Unauthenticated, "missing API key: send `Authorization: Bearer <key>`"));
+            return Err(ApiError::new(
+                ErrorCode::Unauthenticated,
+                "missing API key: send `Authorization: Bearer <key>`",
+            ));
         };
         let token = value
             .strip_prefix("Bearer ")
             .or_else(|| value.strip_prefix("bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "malformed Authorization header: expected `Bearer <key>`"))?;
+            .ok_or_else(|| {
+                ApiError::new(ErrorCode::Unauthenticated, "malformed Authorization header: expected `Bearer <key>`")
+            })?;
         let presented = digest(token);
         match &self.admin_digest {
             Some(admin) if constant_time_eq(admin, &presented) => Ok(Principal {

@@ -77,11 +77,16 @@ async fn observe(State(edge): State<Edge>, mut request: Request, next: Next) -> 
         .filter(|v| valid_request_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let route =
+        request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let span = tracing::info_span!("http.request", otel.name = %format!("{} {route}", request.method()), otel.kind = "server", request_id = %request_id);
     meshgate_runtime::telemetry::set_parent_from_headers(&span, request.headers());
     let trace_id = meshgate_runtime::telemetry::trace_id(&span);
-    request.extensions_mut().insert(RequestContext { request_id: request_id.clone(), trace_id: trace_id.clone(), started });
+    request.extensions_mut().insert(RequestContext {
+        request_id: request_id.clone(),
+        trace_id: trace_id.clone(),
+        started,
+    });
     let mut response = next.run(request).instrument(span.clone()).await;
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&request_id) {
@@ -116,12 +121,18 @@ pub fn error_response(err: &ApiError, request_id: &str) -> Response {
 
 async fn not_found(request: Request) -> Response {
     let id = request_id_of(&request);
-    error_response(&ApiError::new(ErrorCode::NotFound, format!("no route for {} {}", request.method(), request.uri().path())), &id)
+    error_response(
+        &ApiError::new(ErrorCode::NotFound, format!("no route for {} {}", request.method(), request.uri().path())),
+        &id,
+    )
 }
 
 async fn method_not_allowed(request: Request) -> Response {
     let id = request_id_of(&request);
-    let err = ApiError::new(ErrorCode::InvalidRequest, format!("method {} is not allowed on {}", request.method(), request.uri().path()));
+    let err = ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!("method {} is not allowed on {}", request.method(), request.uri().path()),
+    );
     let mut response = error_response(&err, &id);
     *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
     response
@@ -134,7 +145,8 @@ fn request_id_of(request: &Request) -> String {
 /// Reads the body up to the limit; a larger body is a 413 without reading the rest.
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, format!("request body exceeds {limit} bytes"));
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit) {
         return Err(too_large());
     }
@@ -160,7 +172,12 @@ async fn chat_completions(State(edge): State<Edge>, request: Request) -> Respons
     }
 }
 
-async fn run_chat(edge: &Edge, headers: &HeaderMap, body: Body, context: &RequestContext) -> Result<Response, ApiError> {
+async fn run_chat(
+    edge: &Edge,
+    headers: &HeaderMap,
+    body: Body,
+    context: &RequestContext,
+) -> Result<Response, ApiError> {
     let principal = edge.auth.authenticate(authorization(headers))?;
     let body = read_body(body, headers, edge.max_body_bytes).await?;
     let chat = openai::parse_chat(&body, edge.limits)?;

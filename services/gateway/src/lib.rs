@@ -105,14 +105,22 @@ fn connect(endpoint: &str) -> Result<meshgate_runtime::MeshChannel, Error> {
 
 /// Runs the edge: HTTP on `listeners.http` (required) and gRPC on `listeners.grpc`.
 pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
-    let admin_key = config.admin_key.clone().or_else(|| std::env::var("MESHGATE_ADMIN_KEY").ok()).filter(|k| !k.is_empty());
+    let admin_key =
+        config.admin_key.clone().or_else(|| std::env::var("MESHGATE_ADMIN_KEY").ok()).filter(|k| !k.is_empty());
     if admin_key.is_none() {
         tracing::warn!("no admin key configured (MESHGATE_ADMIN_KEY): every request will be refused with 401");
     }
-    if config.max_body_bytes == 0 || config.max_messages == 0 || config.max_tokens_cap < 1 || config.default_max_tokens < 1 {
-        return Err(Error::Config("max_body_bytes, max_messages, max_tokens_cap and default_max_tokens must be positive".into()));
+    if config.max_body_bytes == 0
+        || config.max_messages == 0
+        || config.max_tokens_cap < 1
+        || config.default_max_tokens < 1
+    {
+        return Err(Error::Config(
+            "max_body_bytes, max_messages, max_tokens_cap and default_max_tokens must be positive".into(),
+        ));
     }
-    let http_listener = listeners.http.take().ok_or_else(|| Error::Config("the gateway needs an HTTP listener".into()))?;
+    let http_listener =
+        listeners.http.take().ok_or_else(|| Error::Config("the gateway needs an HTTP listener".into()))?;
     let quota = connect(&config.quota_endpoint)?;
     let router = connect(&config.router_endpoint)?;
     let peers = orchestrator::Peers {
@@ -182,7 +190,9 @@ fn readiness_probe(
                 .await
                 .map_err(|_| format!("{name} did not answer its health check"))?
                 .map_err(|status| format!("{name}: {}", status.message()))?;
-                if response.into_inner().status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                if response.into_inner().status
+                    != tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                {
                     return Err(format!("{name} is not serving"));
                 }
             }

@@ -44,7 +44,11 @@ impl GatewayMetrics {
             )
             .expect("static metric options are valid"),
             tokens: counter_vec("meshgate_tokens_total", "Tokens charged, by model and kind", &["model", "kind"]),
-            cost_micros: counter_vec("meshgate_cost_micros_total", "Cost charged in micro-dollars, by model", &["model"]),
+            cost_micros: counter_vec(
+                "meshgate_cost_micros_total",
+                "Cost charged in micro-dollars, by model",
+                &["model"],
+            ),
             fallbacks: counter_vec(
                 "meshgate_target_failures_total",
                 "Targets that failed before their first piece (and were fallen back from), by target",
@@ -54,7 +58,10 @@ impl GatewayMetrics {
             traces: TraceSinkMetrics {
                 dropped: counter("meshgate_traces_dropped_total", "Trace records dropped because the buffer was full"),
                 sent: counter("meshgate_traces_sent_total", "Trace records delivered to analytics"),
-                failed: counter("meshgate_traces_failed_total", "Trace records lost because analytics did not accept them"),
+                failed: counter(
+                    "meshgate_traces_failed_total",
+                    "Trace records lost because analytics did not accept them",
+                ),
             },
         };
         metrics.register(Box::new(this.http_requests.clone()));

@@ -351,10 +351,7 @@ mod tests {
             assert_eq!(err.code, ErrorCode::InvalidRequest, "{body}");
             assert!(err.message.contains(needle), "{body}: {}", err.message);
         }
-        let many = format!(
-            r#"{{"model":"m","messages":[{}]}}"#,
-            vec![r#"{"role":"user","content":"x"}"#; 9].join(",")
-        );
+        let many = format!(r#"{{"model":"m","messages":[{}]}}"#, vec![r#"{"role":"user","content":"x"}"#; 9].join(","));
         assert!(parse(&many).unwrap_err().message.contains("at most 8"));
     }
 
@@ -365,7 +362,12 @@ mod tests {
             object: "chat.completion.chunk",
             created: 1,
             model: "m",
-            choices: vec![ChunkChoice { index: 0, delta: Delta { role: None, content: Some("hi") }, finish_reason: None, logprobs: None }],
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta: Delta { role: None, content: Some("hi") },
+                finish_reason: None,
+                logprobs: None,
+            }],
             usage: Some(None),
         };
         let json = serde_json::to_value(&chunk).unwrap();

@@ -154,10 +154,16 @@ impl Orchestrator {
             Ok(response) if response.admitted => response.reservation_id,
             Ok(response) => {
                 self.metrics.quota_rejections.inc();
-                let scope = response.rejected_scope.map(|s| format!(" of {} {:?}", scope_name(s.kind), s.id)).unwrap_or_default();
+                let scope = response
+                    .rejected_scope
+                    .map(|s| format!(" of {} {:?}", scope_name(s.kind), s.id))
+                    .unwrap_or_default();
                 let err = ApiError::new(
                     ErrorCode::QuotaExceeded,
-                    format!("quota exceeded: {}{scope}; retry after {} s", response.rejected_limit, response.retry_after_seconds),
+                    format!(
+                        "quota exceeded: {}{scope}; retry after {} s",
+                        response.rejected_limit, response.retry_after_seconds
+                    ),
                 )
                 .with_retry_after(response.retry_after_seconds.max(1) as u64);
                 settlement.fail(err.clone());
@@ -255,7 +261,9 @@ impl Orchestrator {
         };
         match tokio::time::timeout(self.config.first_piece_timeout, pieces.next()).await {
             Err(_) => Err(first_piece_timeout(target, self.config.first_piece_timeout)),
-            Ok(None) => Err(ApiError::new(ErrorCode::UpstreamError, format!("{} ended its reply without any data", target.id))),
+            Ok(None) => {
+                Err(ApiError::new(ErrorCode::UpstreamError, format!("{} ended its reply without any data", target.id)))
+            }
             Ok(Some(Err(err))) => Err(err),
             Ok(Some(Ok(first))) => Ok((first, pieces)),
         }
@@ -336,10 +344,9 @@ async fn peer_call<T>(
         Ok(Err(status)) => {
             let err = ApiError::from_status(&status);
             Err(match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => ApiError::new(
-                    ErrorCode::Unavailable,
-                    format!("{peer} service unavailable: {}", status.message()),
-                ),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => {
+                    ApiError::new(ErrorCode::Unavailable, format!("{peer} service unavailable: {}", status.message()))
+                }
                 _ => err,
             })
         }
@@ -425,9 +432,10 @@ impl Settlement {
             ..Default::default()
         });
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-        usage.cost_micros = self.serving.as_ref().map_or(0, |(target, _)| {
-            cost_micros(target, usage.prompt_tokens, usage.completion_tokens)
-        });
+        usage.cost_micros = self
+            .serving
+            .as_ref()
+            .map_or(0, |(target, _)| cost_micros(target, usage.prompt_tokens, usage.completion_tokens));
         usage
     }
 
@@ -483,9 +491,13 @@ impl Settlement {
             if let Some(reservation_id) = reservation {
                 let mut quota = orchestrator.peers.quota.clone();
                 let result = if served {
-                    peer_call("quota", peer_timeout, quota.commit(CommitRequest { reservation_id, usage: Some(charged) }))
-                        .await
-                        .map(drop)
+                    peer_call(
+                        "quota",
+                        peer_timeout,
+                        quota.commit(CommitRequest { reservation_id, usage: Some(charged) }),
+                    )
+                    .await
+                    .map(drop)
                 } else {
                     peer_call("quota", peer_timeout, quota.release(ReleaseRequest { reservation_id })).await.map(drop)
                 };
@@ -522,7 +534,10 @@ impl Settlement {
 impl Drop for Settlement {
     fn drop(&mut self) {
         if !self.settled {
-            self.settle(Some(ApiError::new(ErrorCode::InvalidRequest, "client closed the connection before the reply ended")));
+            self.settle(Some(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "client closed the connection before the reply ended",
+            )));
         }
     }
 }
@@ -537,7 +552,11 @@ mod tests {
 
     #[test]
     fn cost_rounds_up_and_never_overflows() {
-        let target = Target { input_price_micros_per_mtok: 150_000, output_price_micros_per_mtok: 600_000, ..Default::default() };
+        let target = Target {
+            input_price_micros_per_mtok: 150_000,
+            output_price_micros_per_mtok: 600_000,
+            ..Default::default()
+        };
         assert_eq!(cost_micros(&target, 1_000_000, 0), 150_000);
         assert_eq!(cost_micros(&target, 1, 0), 1, "a fraction of a micro-dollar is charged as one");
         assert_eq!(cost_micros(&target, 0, 0), 0);

@@ -1,1 +1,274 @@
+//! The standalone meshgate: all six services in one process, each on its own loopback port and
+//! talking to the others over real gRPC — the same code path as the mesh — with embedded
+//! defaults (in-memory quota and traces) unless `DATABASE_URL` / `REDIS_URL` point at stores.
 
+pub mod commands;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use meshgate_runtime::config::{self, ConfigError};
+use meshgate_runtime::{ListenConfig, Listeners, Shutdown};
+use serde::{Deserialize, Serialize};
+
+/// Every top-level section a meshgate configuration file may have.
+pub const SECTIONS: &[&str] = &["standalone", "gateway", "inference", "router", "quota", "analytics", "sync"];
+
+/// Where the standalone process listens (`[standalone]`, `MESHGATE_STANDALONE__*`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StandaloneConfig {
+    /// Address of the edge (HTTP); the services listen on `host`.
+    pub edge: SocketAddr,
+    /// Interface the six gRPC services and admin listeners bind to.
+    pub host: IpAddr,
+    /// gRPC ports: gateway, inference, router, quota, analytics, sync.
+    pub grpc_ports: [u16; 6],
+    /// Admin ports in the same order.
+    pub admin_ports: [u16; 6],
+}
+
+impl Default for StandaloneConfig {
+    fn default() -> Self {
+        Self {
+            edge: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            grpc_ports: [50051, 50052, 50053, 50054, 50055, 50056],
+            admin_ports: [9101, 9102, 9103, 9104, 9105, 9106],
+        }
+    }
+}
+
+/// The configuration of the whole mesh.
+#[derive(Debug, Clone, Default)]
+pub struct MeshConfig {
+    pub standalone: StandaloneConfig,
+    pub gateway: meshgate_gateway::Config,
+    pub inference: meshgate_inference::Config,
+    pub router: meshgate_router::Config,
+    pub quota: meshgate_quota::Config,
+    pub analytics: meshgate_analytics::Config,
+    pub sync: meshgate_sync::Config,
+}
+
+impl MeshConfig {
+    /// Reads every section from `file` (when given) and the environment; unknown sections and
+    /// keys are errors. `DATABASE_URL` and `REDIS_URL` switch the stores from memory to
+    /// Postgres and Redis.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(file) = file {
+            config::check_sections(file, SECTIONS)?;
+        }
+        let mut mesh = Self {
+            standalone: config::load("standalone", file)?,
+            gateway: config::load("gateway", file)?,
+            inference: config::load("inference", file)?,
+            router: config::load("router", file)?,
+            quota: config::load("quota", file)?,
+            analytics: config::load("analytics", file)?,
+            sync: config::load("sync", file)?,
+        };
+        mesh.use_stores(std::env::var("DATABASE_URL").ok(), std::env::var("REDIS_URL").ok());
+        Ok(mesh)
+    }
+
+    /// Points the stateful services at Postgres and Redis (unless their own sections already do).
+    pub fn use_stores(&mut self, database_url: Option<String>, redis_url: Option<String>) {
+        let database_url = database_url.filter(|u| !u.is_empty());
+        let redis_url = redis_url.filter(|u| !u.is_empty());
+        if self.quota.database_url.is_none() {
+            self.quota.database_url = database_url.clone();
+        }
+        if self.quota.redis_url.is_none() {
+            self.quota.redis_url = redis_url;
+        }
+        if self.analytics.database_url.is_none() {
+            self.analytics.database_url = database_url;
+        }
+    }
+
+    /// Connects the services to each other at the addresses they actually listen on.
+    pub fn wire(&mut self, listeners: &MeshListeners) {
+        let url = |l: &Listeners| format!("http://{}", l.grpc_addr());
+        self.gateway.quota_endpoint = url(&listeners.quota);
+        self.gateway.router_endpoint = url(&listeners.router);
+        self.gateway.sync_endpoint = url(&listeners.sync);
+        self.gateway.inference_endpoint = url(&listeners.inference);
+        self.gateway.analytics_endpoint = url(&listeners.analytics);
+        self.router.inference_endpoint = Some(url(&listeners.inference));
+        if self.router.providers.is_empty() {
+            self.router.providers = self.sync.providers.clone();
+        }
+    }
+}
+
+/// The listeners of the six services.
+#[derive(Debug)]
+pub struct MeshListeners {
+    pub gateway: Listeners,
+    pub inference: Listeners,
+    pub router: Listeners,
+    pub quota: Listeners,
+    pub analytics: Listeners,
+    pub sync: Listeners,
+}
+
+impl MeshListeners {
+    /// Binds the configured ports.
+    pub async fn bind(config: &StandaloneConfig) -> std::io::Result<Self> {
+        let at = |i: usize, http: Option<SocketAddr>| ListenConfig {
+            grpc: SocketAddr::new(config.host, config.grpc_ports[i]),
+            admin: SocketAddr::new(config.host, config.admin_ports[i]),
+            http,
+        };
+        Ok(Self {
+            gateway: Listeners::bind(&at(0, Some(config.edge))).await?,
+            inference: Listeners::bind(&at(1, None)).await?,
+            router: Listeners::bind(&at(2, None)).await?,
+            quota: Listeners::bind(&at(3, None)).await?,
+            analytics: Listeners::bind(&at(4, None)).await?,
+            sync: Listeners::bind(&at(5, None)).await?,
+        })
+    }
+
+    /// Ephemeral loopback ports for every listener (tests, benchmarks).
+    pub async fn ephemeral() -> std::io::Result<Self> {
+        let bare = || async {
+            let mut listeners = Listeners::ephemeral().await?;
+            listeners.http = None;
+            Ok::<_, std::io::Error>(listeners)
+        };
+        Ok(Self {
+            gateway: Listeners::ephemeral().await?,
+            inference: bare().await?,
+            router: bare().await?,
+            quota: bare().await?,
+            analytics: bare().await?,
+            sync: bare().await?,
+        })
+    }
+
+    /// The edge's HTTP address.
+    pub fn edge_addr(&self) -> Option<SocketAddr> {
+        self.gateway.http_addr()
+    }
+
+    /// `(name, gRPC address, admin address)` of each service.
+    pub fn addresses(&self) -> [(&'static str, SocketAddr, SocketAddr); 6] {
+        let of = |name, l: &Listeners| (name, l.grpc_addr(), l.admin_addr());
+        [
+            of("gateway", &self.gateway),
+            of("inference", &self.inference),
+            of("router", &self.router),
+            of("quota", &self.quota),
+            of("analytics", &self.analytics),
+            of("sync", &self.sync),
+        ]
+    }
+}
+
+/// A service of the mesh that stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("{service}: {message}")]
+pub struct MeshError {
+    pub service: &'static str,
+    pub message: String,
+}
+
+/// Runs one service as a task; its failure triggers `shutdown` so the whole mesh stops with it.
+fn spawn_service<F, E>(
+    service: &'static str,
+    serving: F,
+    shutdown: Shutdown,
+) -> tokio::task::JoinHandle<Result<(), MeshError>>
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        let result = serving.await.map_err(|err| MeshError { service, message: err.to_string() });
+        if result.is_err() {
+            shutdown.trigger();
+        }
+        result
+    })
+}
+
+/// Runs the six services until `shutdown`; the first one to fail stops the others.
+pub async fn run(mut config: MeshConfig, listeners: MeshListeners, shutdown: Shutdown) -> Result<(), MeshError> {
+    config.wire(&listeners);
+    let MeshListeners { gateway, inference, router, quota, analytics, sync } = listeners;
+    let s = &shutdown;
+    let tasks = [
+        spawn_service("gateway", meshgate_gateway::serve(config.gateway, gateway, s.clone()), s.clone()),
+        spawn_service("inference", meshgate_inference::serve(config.inference, inference, s.clone()), s.clone()),
+        spawn_service("router", meshgate_router::serve(config.router, router, s.clone()), s.clone()),
+        spawn_service("quota", meshgate_quota::serve(config.quota, quota, s.clone()), s.clone()),
+        spawn_service("analytics", meshgate_analytics::serve(config.analytics, analytics, s.clone()), s.clone()),
+        spawn_service("sync", meshgate_sync::serve(config.sync, sync, s.clone()), s.clone()),
+    ];
+    let mut first_error = None;
+    for result in futures::future::join_all(tasks).await {
+        let result = result
+            .map_err(|err| MeshError { service: "mesh", message: format!("a service task panicked: {err}") })
+            .and_then(|r| r);
+        if let Err(err) = result {
+            tracing::error!(%err, "service stopped");
+            first_error.get_or_insert(err);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(contents: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(contents.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn loads_every_section_and_rejects_unknown_ones() {
+        let good = file("[standalone]\nedge = \"127.0.0.1:18080\"\n[gateway]\nmax_body_bytes = 2048\n");
+        let config = MeshConfig::load(Some(good.path())).unwrap();
+        assert_eq!(config.standalone.edge.port(), 18080);
+        assert_eq!(config.gateway.max_body_bytes, 2048);
+
+        let unknown_section = file("[gatewya]\nmax_body_bytes = 2048\n");
+        let err = MeshConfig::load(Some(unknown_section.path())).unwrap_err().to_string();
+        assert!(err.contains("gatewya"), "{err}");
+
+        let unknown_key = file("[router]\nbreakr = 1\n");
+        let err = MeshConfig::load(Some(unknown_key.path())).unwrap_err().to_string();
+        assert!(err.contains("breakr"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn wiring_points_every_client_at_the_bound_ports() {
+        let listeners = MeshListeners::ephemeral().await.unwrap();
+        let mut config = MeshConfig::default();
+        config.wire(&listeners);
+        assert_eq!(config.gateway.quota_endpoint, format!("http://{}", listeners.quota.grpc_addr()));
+        assert_eq!(config.gateway.analytics_endpoint, format!("http://{}", listeners.analytics.grpc_addr()));
+        assert_eq!(config.router.inference_endpoint, Some(format!("http://{}", listeners.inference.grpc_addr())));
+        assert!(listeners.edge_addr().is_some());
+        assert!(listeners.quota.http.is_none());
+    }
+
+    #[test]
+    fn store_urls_apply_unless_a_section_sets_its_own() {
+        let mut config = MeshConfig::default();
+        config.analytics.database_url = Some("postgres://own".into());
+        config.use_stores(Some("postgres://shared".into()), Some("redis://shared".into()));
+        assert_eq!(config.quota.database_url.as_deref(), Some("postgres://shared"));
+        assert_eq!(config.quota.redis_url.as_deref(), Some("redis://shared"));
+        assert_eq!(config.analytics.database_url.as_deref(), Some("postgres://own"));
+        let mut memory = MeshConfig::default();
+        memory.use_stores(Some(String::new()), None);
+        assert!(memory.quota.database_url.is_none() && memory.quota.redis_url.is_none());
+    }
+}

@@ -61,11 +61,7 @@ pub struct Catalog {
 impl Catalog {
     /// Builds the catalog: local models first (free, on this machine), then cloud providers by
     /// priority and name.
-    pub fn build(
-        cloud: &[CloudProvider],
-        local: &[LocalModel],
-        facts: &BTreeMap<String, ModelFacts>,
-    ) -> Self {
+    pub fn build(cloud: &[CloudProvider], local: &[LocalModel], facts: &BTreeMap<String, ModelFacts>) -> Self {
         let mut by_model: BTreeMap<(String, String), Vec<Target>> = BTreeMap::new();
         for model in local.iter().filter(|m| m.task == "chat" || m.task == "embeddings") {
             by_model.entry((model.task.clone(), model.name.clone())).or_default().push(Target {
@@ -134,12 +130,20 @@ mod tests {
         let mut facts = BTreeMap::new();
         facts.insert(
             "m".to_owned(),
-            ModelFacts { layer: Some("l3".into()), input_price_micros_per_mtok: 5, output_price_micros_per_mtok: 7, context_window: 9 },
+            ModelFacts {
+                layer: Some("l3".into()),
+                input_price_micros_per_mtok: 5,
+                output_price_micros_per_mtok: 7,
+                context_window: 9,
+            },
         );
         let catalog = Catalog::build(&[provider("p", 0, &["m"])], &[], &facts);
         let target = &catalog.targets_for("chat", "m")[0];
         assert_eq!(target.layer, Layer::L3Premium as i32);
-        assert_eq!((target.input_price_micros_per_mtok, target.output_price_micros_per_mtok, target.context_window), (5, 7, 9));
+        assert_eq!(
+            (target.input_price_micros_per_mtok, target.output_price_micros_per_mtok, target.context_window),
+            (5, 7, 9)
+        );
     }
 
     #[test]

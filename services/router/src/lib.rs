@@ -13,7 +13,7 @@ use meshgate_proto::common::v1::Target;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::router::v1::router_server::{Router, RouterServer};
 use meshgate_proto::router::v1::{
-    ListTargetsRequest, ListTargetsResponse, Outcome, PlannedTarget, ReportOutcomeResponse, RouteRequest, RoutePlan,
+    ListTargetsRequest, ListTargetsResponse, Outcome, PlannedTarget, ReportOutcomeResponse, RoutePlan, RouteRequest,
     TargetState,
 };
 use meshgate_runtime::{ErrorCode, Listeners, ServiceHost, Shutdown};
@@ -223,7 +223,11 @@ where
     let specs = resolve_providers(&config.providers, vars).map_err(|err| Error::Config(err.to_string()))?;
     let providers = specs
         .iter()
-        .map(|spec| CloudProvider { name: spec.name.clone(), models: spec.models.clone(), priority: i64::from(spec.rank().0) })
+        .map(|spec| CloudProvider {
+            name: spec.name.clone(),
+            models: spec.models.clone(),
+            priority: i64::from(spec.rank().0),
+        })
         .collect();
     for facts in config.models.values() {
         if let Some(layer) = &facts.layer
@@ -364,7 +368,12 @@ mod tests {
 
     #[test]
     fn providers_come_from_config_and_environment() {
-        let file = ProviderSpec { name: "b".into(), base_url: "http://127.0.0.1:1/v1".into(), models: vec!["m".into()], ..Default::default() };
+        let file = ProviderSpec {
+            name: "b".into(),
+            base_url: "http://127.0.0.1:1/v1".into(),
+            models: vec!["m".into()],
+            ..Default::default()
+        };
         let config = Config { providers: vec![file], ..Default::default() };
         let env = [("MESHGATE_PROVIDER_A_BASE_URL", "http://127.0.0.1:2/v1"), ("MESHGATE_PROVIDER_A_MODELS", "m,n")];
         let providers = cloud_providers(&config, env).unwrap();
@@ -375,7 +384,8 @@ mod tests {
 
     #[test]
     fn config_rejects_bad_providers_and_layers() {
-        let bad = Config { providers: vec![ProviderSpec { name: "x".into(), ..Default::default() }], ..Default::default() };
+        let bad =
+            Config { providers: vec![ProviderSpec { name: "x".into(), ..Default::default() }], ..Default::default() };
         assert!(cloud_providers(&bad, NO_ENV).is_err(), "a provider without a base URL");
         let mut models = BTreeMap::new();
         models.insert("m".to_owned(), ModelFacts { layer: Some("l9".into()), ..Default::default() });

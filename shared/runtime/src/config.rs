@@ -45,25 +45,18 @@ where
     let mut figment = Figment::from(Serialized::defaults(defaults));
     if let Some(path) = file {
         if !path.exists() {
-            return Err(ConfigError::File {
-                path: path.display().to_string(),
-                message: "does not exist".into(),
-            });
+            return Err(ConfigError::File { path: path.display().to_string(), message: "does not exist".into() });
         }
         figment = figment.merge(Figment::from(Toml::file(path)).focus(section));
     }
     figment = figment.merge(Env::prefixed(&env_prefix(section)).split("__"));
-    figment
-        .extract()
-        .map_err(|source| ConfigError::Invalid { section: section.into(), source: Box::new(source) })
+    figment.extract().map_err(|source| ConfigError::Invalid { section: section.into(), source: Box::new(source) })
 }
 
 /// Rejects top-level sections of `file` that no component reads.
 pub fn check_sections(file: &Path, known: &[&str]) -> Result<(), ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|err| ConfigError::File {
-        path: file.display().to_string(),
-        message: err.to_string(),
-    })?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|err| ConfigError::File { path: file.display().to_string(), message: err.to_string() })?;
     let table: figment::value::Dict = Figment::from(Toml::string(&text))
         .extract()
         .map_err(|err| ConfigError::File { path: file.display().to_string(), message: err.to_string() })?;

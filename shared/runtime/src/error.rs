@@ -72,10 +72,7 @@ impl ErrorCode {
     /// A gRPC status carrying this code in its metadata.
     pub fn status(self, message: impl Into<String>) -> tonic::Status {
         let mut status = tonic::Status::new(self.grpc_code(), message);
-        status.metadata_mut().insert(
-            ERROR_CODE_METADATA,
-            tonic::metadata::MetadataValue::from_static(self.as_str()),
-        );
+        status.metadata_mut().insert(ERROR_CODE_METADATA, tonic::metadata::MetadataValue::from_static(self.as_str()));
         status
     }
 
@@ -132,10 +129,7 @@ impl ApiError {
             .and_then(|v| v.to_str().ok())
             .and_then(ErrorCode::parse)
             .unwrap_or_else(|| ErrorCode::from_grpc(status.code()));
-        let retry_after = metadata
-            .get(RETRY_AFTER_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
+        let retry_after = metadata.get(RETRY_AFTER_METADATA).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
         Self { code, message: status.message().to_owned(), retry_after }
     }
 
@@ -143,9 +137,7 @@ impl ApiError {
     pub fn to_status(&self) -> tonic::Status {
         let mut status = self.code.status(self.message.clone());
         if let Some(seconds) = self.retry_after {
-            status
-                .metadata_mut()
-                .insert(RETRY_AFTER_METADATA, tonic::metadata::MetadataValue::from(seconds));
+            status.metadata_mut().insert(RETRY_AFTER_METADATA, tonic::metadata::MetadataValue::from(seconds));
         }
         status
     }

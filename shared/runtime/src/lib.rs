@@ -4,15 +4,15 @@
 pub mod client;
 pub mod config;
 pub mod error;
-pub mod process;
 pub mod metrics;
+pub mod process;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use client::{MeshChannel, channel};
 pub use error::{ApiError, ErrorCode};
-pub use process::run_main;
 pub use metrics::Metrics;
+pub use process::run_main;
 pub use server::{ListenConfig, Listeners, Readiness, ServeError, ServiceHost};
 pub use shutdown::Shutdown;

@@ -119,7 +119,12 @@ pub struct ServiceHost {
 impl ServiceHost {
     /// `name` is the short service name (`"quota"`), used in metrics and logs.
     pub fn new(name: &'static str) -> Self {
-        Self { name, metrics: Metrics::new(name), readiness: Readiness::default(), drain_deadline: Duration::from_secs(10) }
+        Self {
+            name,
+            metrics: Metrics::new(name),
+            readiness: Readiness::default(),
+            drain_deadline: Duration::from_secs(10),
+        }
     }
 
     /// How long in-flight requests may run after shutdown starts.
@@ -177,7 +182,8 @@ impl ServiceHost {
             probe,
             shutdown.clone(),
         ));
-        let admin = tokio::spawn(serve_admin(listeners.admin, self.metrics.clone(), self.readiness.clone(), shutdown.clone()));
+        let admin =
+            tokio::spawn(serve_admin(listeners.admin, self.metrics.clone(), self.readiness.clone(), shutdown.clone()));
 
         tracing::info!(service = self.name, grpc = %local_addr(&listeners.grpc), "serving");
         let server = tonic::transport::Server::builder()
@@ -267,11 +273,7 @@ pub fn admin_router(metrics: Metrics, readiness: Readiness) -> axum::Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.readiness.is_ready() {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
+    if state.readiness.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
@@ -284,9 +286,7 @@ async fn serve_admin(
     readiness: Readiness,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    axum::serve(listener, admin_router(metrics, readiness))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(listener, admin_router(metrics, readiness)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 /// Tower layer around every gRPC request: joins the caller's trace, records metrics.

@@ -1,0 +1,7 @@
+fn main() -> std::process::ExitCode {
+    meshgate_runtime::run_main(
+        "gateway",
+        meshgate_runtime::process::default_listen(50051, 9101, Some(8080)),
+        meshgate_gateway::serve,
+    )
+}

@@ -1,0 +1,52 @@
+//! `meshgate`: the standalone binary and operator CLI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "meshgate", version, about = "meshgate AI gateway: standalone mesh and operator commands")]
+struct Cli {
+    /// Configuration file (TOML, one section per service); `MESHGATE_CONFIG` when unset.
+    #[arg(long, global = true, env = "MESHGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run all six services in this process, each on its own loopback port.
+    Up,
+    /// Apply the database migrations of every service (needs `DATABASE_URL`).
+    Migrate,
+    /// Validate the configuration and exit.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&format!("cannot start the async runtime: {err}")),
+    };
+    let result = runtime.block_on(async {
+        meshgate_runtime::telemetry::init("meshgate");
+        match cli.command {
+            Command::Up => meshgate::commands::up(cli.config.as_deref()).await,
+            Command::Migrate => meshgate::commands::migrate().await,
+            Command::CheckConfig => meshgate::commands::check_config(cli.config.as_deref()),
+        }
+    });
+    meshgate_runtime::telemetry::shutdown();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(&message),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("meshgate: {message}");
+    ExitCode::FAILURE
+}
