@@ -1,0 +1,380 @@
+//! Trace rows, query shapes and the aggregate arithmetic shared by both stores, so the in-memory
+//! store answers exactly what Postgres answers.
+
+use chrono::{DateTime, Datelike, Days, SubsecRound, Utc};
+use meshgate_proto::analytics::v1 as pb;
+use meshgate_proto::common::v1::Layer;
+
+use crate::Error;
+
+/// Longest request id, org id or other identifier accepted, bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// The queryable columns of one trace, and the trace itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceRow {
+    /// Truncated to microseconds, the precision of `timestamptz`, so both stores agree on the day.
+    pub started_at: DateTime<Utc>,
+    pub org_id: String,
+    pub request_id: String,
+    pub trace_id: String,
+    pub project_id: String,
+    pub user_id: String,
+    pub key_id: String,
+    pub requested_model: String,
+    pub served_model: String,
+    pub served_target: String,
+    /// "l0".."l3", or "" when unknown.
+    pub layer: &'static str,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub cost_micros: i64,
+    pub latency_us: i64,
+    pub status_code: i32,
+    pub error_code: String,
+    pub stream: bool,
+    pub trace: pb::Trace,
+}
+
+fn check_id(what: &str, id: &str, required: bool) -> Result<(), Error> {
+    if required && id.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is required")));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Error::InvalidArgument(format!("{what} is longer than {MAX_ID_LEN} bytes")));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!("{what} contains control characters")));
+    }
+    Ok(())
+}
+
+fn check_non_negative(what: &str, value: i64, request_id: &str) -> Result<(), Error> {
+    if value < 0 {
+        return Err(Error::InvalidArgument(format!("trace {request_id}: {what} must not be negative")));
+    }
+    Ok(())
+}
+
+/// A timestamp from the wire, or `None` when out of range.
+pub fn from_timestamp(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    let nanos = u32::try_from(ts.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    DateTime::from_timestamp(ts.seconds, nanos)
+}
+
+pub fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0) }
+}
+
+/// Short name of a cost layer in rows and group keys.
+pub fn layer_name(layer: i32) -> &'static str {
+    match Layer::try_from(layer) {
+        Ok(Layer::L0Local) => "l0",
+        Ok(Layer::L1Cheap) => "l1",
+        Ok(Layer::L2Standard) => "l2",
+        Ok(Layer::L3Premium) => "l3",
+        Ok(Layer::Unspecified) | Err(_) => "",
+    }
+}
+
+impl TraceRow {
+    /// Validates a received trace and extracts its columns.
+    pub fn from_trace(trace: pb::Trace) -> Result<Self, Error> {
+        check_id("trace.request_id", &trace.request_id, true)?;
+        let rid = trace.request_id.clone();
+        let principal = trace.principal.clone().unwrap_or_default();
+        check_id("trace.principal.org_id", &principal.org_id, true)?;
+        for (what, id) in [
+            ("trace.principal.project_id", &principal.project_id),
+            ("trace.principal.user_id", &principal.user_id),
+            ("trace.principal.key_id", &principal.key_id),
+            ("trace.trace_id", &trace.trace_id),
+            ("trace.requested_model", &trace.requested_model),
+            ("trace.served_model", &trace.served_model),
+            ("trace.served_target", &trace.served_target),
+        ] {
+            check_id(what, id, false)?;
+        }
+        let started_at = trace
+            .started_at
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument(format!("trace {rid}: started_at is required")))
+            .and_then(|ts| {
+                from_timestamp(ts)
+                    .ok_or_else(|| Error::InvalidArgument(format!("trace {rid}: started_at is out of range")))
+            })?
+            .trunc_subsecs(6);
+        let usage = trace.usage.unwrap_or_default();
+        for (what, value) in [
+            ("usage.prompt_tokens", usage.prompt_tokens),
+            ("usage.completion_tokens", usage.completion_tokens),
+            ("usage.total_tokens", usage.total_tokens),
+            ("usage.cost_micros", usage.cost_micros),
+            ("latency_us", trace.latency_us),
+        ] {
+            check_non_negative(what, value, &rid)?;
+        }
+        if !(0..=999).contains(&trace.status_code) {
+            return Err(Error::InvalidArgument(format!(
+                "trace {rid}: status_code {} is not an HTTP status",
+                trace.status_code
+            )));
+        }
+        let total_tokens = if usage.total_tokens > 0 {
+            usage.total_tokens
+        } else {
+            usage.prompt_tokens.saturating_add(usage.completion_tokens)
+        };
+        Ok(Self {
+            started_at,
+            org_id: principal.org_id,
+            request_id: rid,
+            trace_id: trace.trace_id.clone(),
+            project_id: principal.project_id,
+            user_id: principal.user_id,
+            key_id: principal.key_id,
+            requested_model: trace.requested_model.clone(),
+            served_model: trace.served_model.clone(),
+            served_target: trace.served_target.clone(),
+            layer: layer_name(trace.layer),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens,
+            cost_micros: usage.cost_micros,
+            latency_us: trace.latency_us,
+            status_code: trace.status_code,
+            error_code: trace.error.as_ref().map(|e| e.code.clone()).unwrap_or_default(),
+            stream: trace.stream,
+            trace,
+        })
+    }
+
+    /// The model that answered, else the one asked for (the `model` column).
+    pub fn model(&self) -> &str {
+        if self.served_model.is_empty() { &self.requested_model } else { &self.served_model }
+    }
+
+    /// An HTTP error status or an error code (the `is_error` column).
+    pub fn is_error(&self) -> bool {
+        self.status_code >= 400 || !self.error_code.is_empty()
+    }
+}
+
+/// A time range, `from` inclusive and `to` exclusive; an absent bound is open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeWindow {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+impl TimeWindow {
+    pub fn from_proto(range: Option<&pb::TimeRange>) -> Result<Self, Error> {
+        let Some(range) = range else { return Ok(Self::default()) };
+        let bound = |ts: Option<&prost_types::Timestamp>, name: &str| {
+            ts.map(|ts| {
+                from_timestamp(ts).ok_or_else(|| Error::InvalidArgument(format!("range.{name} is out of range")))
+            })
+            .transpose()
+        };
+        let window = Self { from: bound(range.from.as_ref(), "from")?, to: bound(range.to.as_ref(), "to")? };
+        if let (Some(from), Some(to)) = (window.from, window.to)
+            && from >= to
+        {
+            return Err(Error::InvalidArgument("range.from must be before range.to".into()));
+        }
+        Ok(window)
+    }
+
+    pub fn contains(&self, t: DateTime<Utc>) -> bool {
+        self.from.is_none_or(|from| t >= from) && self.to.is_none_or(|to| t < to)
+    }
+}
+
+/// How Query groups rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// One total row with an empty key.
+    Total,
+    /// `YYYY-MM-DD` (UTC).
+    Day,
+    /// Monday of the ISO week, `YYYY-MM-DD` (UTC).
+    Week,
+    /// `YYYY-MM` (UTC).
+    Month,
+    Model,
+    Layer,
+    User,
+    Project,
+}
+
+impl GroupBy {
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "" => GroupBy::Total,
+            "day" => GroupBy::Day,
+            "week" => GroupBy::Week,
+            "month" => GroupBy::Month,
+            "model" => GroupBy::Model,
+            "layer" => GroupBy::Layer,
+            "user" => GroupBy::User,
+            "project" => GroupBy::Project,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "group_by {other:?} is not one of day, week, month, model, layer, user, project"
+                )));
+            }
+        })
+    }
+
+    /// The group key of a row (must match the SQL expression of the Postgres store).
+    pub fn key(self, row: &TraceRow) -> String {
+        let day = row.started_at.date_naive();
+        match self {
+            GroupBy::Total => String::new(),
+            GroupBy::Day => day.format("%Y-%m-%d").to_string(),
+            GroupBy::Week => day
+                .checked_sub_days(Days::new(u64::from(day.weekday().num_days_from_monday())))
+                .unwrap_or(day)
+                .format("%Y-%m-%d")
+                .to_string(),
+            GroupBy::Month => day.format("%Y-%m").to_string(),
+            GroupBy::Model => row.model().to_owned(),
+            GroupBy::Layer => row.layer.to_owned(),
+            GroupBy::User => row.user_id.clone(),
+            GroupBy::Project => row.project_id.clone(),
+        }
+    }
+}
+
+/// An aggregation over one organization's traces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceQuery {
+    pub org_id: String,
+    pub project_id: Option<String>,
+    pub user_id: Option<String>,
+    pub model: Option<String>,
+    pub window: TimeWindow,
+    pub group_by: GroupBy,
+}
+
+impl TraceQuery {
+    pub fn from_proto(req: &pb::QueryRequest) -> Result<Self, Error> {
+        check_id("org_id", &req.org_id, true)?;
+        let optional = |what: &str, v: &str| -> Result<Option<String>, Error> {
+            check_id(what, v, false)?;
+            Ok((!v.is_empty()).then(|| v.to_owned()))
+        };
+        Ok(Self {
+            org_id: req.org_id.clone(),
+            project_id: optional("project_id", &req.project_id)?,
+            user_id: optional("user_id", &req.user_id)?,
+            model: optional("model", &req.model)?,
+            window: TimeWindow::from_proto(req.range.as_ref())?,
+            group_by: GroupBy::parse(&req.group_by)?,
+        })
+    }
+
+    pub fn matches(&self, row: &TraceRow) -> bool {
+        row.org_id == self.org_id
+            && self.project_id.as_ref().is_none_or(|p| *p == row.project_id)
+            && self.user_id.as_ref().is_none_or(|u| *u == row.user_id)
+            && self.model.as_ref().is_none_or(|m| m == row.model())
+            && self.window.contains(row.started_at)
+    }
+}
+
+/// Validates the org of a tenancy-scoped request.
+pub fn require_org(org_id: &str) -> Result<(), Error> {
+    check_id("org_id", org_id, true)
+}
+
+/// Postgres' `percentile_cont(p) WITHIN GROUP (ORDER BY x)::bigint` over sorted values:
+/// linear interpolation, then round half to even. 0 for no values.
+pub fn percentile_cont(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let position = p * (sorted.len() - 1) as f64;
+    let (lo, hi) = (position.floor(), position.ceil());
+    let (low, high) = (sorted[lo as usize] as f64, sorted[hi as usize] as f64);
+    (low + (position - lo) * (high - low)).round_ties_even() as i64
+}
+
+/// One aggregate row over `rows`.
+pub fn aggregate(key: String, rows: &[&TraceRow]) -> pb::AggregateRow {
+    let mut latencies: Vec<i64> = rows.iter().map(|r| r.latency_us).collect();
+    latencies.sort_unstable();
+    pb::AggregateRow {
+        key,
+        requests: rows.len() as i64,
+        errors: rows.iter().filter(|r| r.is_error()).count() as i64,
+        prompt_tokens: rows.iter().map(|r| r.prompt_tokens).sum(),
+        completion_tokens: rows.iter().map(|r| r.completion_tokens).sum(),
+        cost_micros: rows.iter().map(|r| r.cost_micros).sum(),
+        p50_latency_us: percentile_cont(&latencies, 0.5),
+        p95_latency_us: percentile_cont(&latencies, 0.95),
+        p99_latency_us: percentile_cont(&latencies, 0.99),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_like_postgres() {
+        assert_eq!(percentile_cont(&[], 0.5), 0);
+        assert_eq!(percentile_cont(&[7], 0.99), 7);
+        assert_eq!(percentile_cont(&[100, 200, 300, 400], 0.5), 250);
+        assert_eq!(percentile_cont(&[100, 200, 300, 400], 0.95), 385);
+        assert_eq!(percentile_cont(&[100, 200, 300, 400], 0.99), 397);
+        // Ties round to even, as float8 -> int8 does.
+        assert_eq!(percentile_cont(&[1, 2], 0.5), 2);
+        assert_eq!(percentile_cont(&[2, 3], 0.5), 2);
+    }
+
+    #[test]
+    fn group_keys() {
+        let trace = pb::Trace {
+            request_id: "r".into(),
+            principal: Some(meshgate_proto::common::v1::Principal { org_id: "o".into(), ..Default::default() }),
+            // 2031-01-08 is a Wednesday.
+            started_at: Some(prost_types::Timestamp { seconds: 1_925_640_000, nanos: 999_999_999 }),
+            requested_model: "asked".into(),
+            layer: Layer::L2Standard as i32,
+            ..Default::default()
+        };
+        let row = TraceRow::from_trace(trace).unwrap();
+        assert_eq!(row.started_at.to_rfc3339(), "2031-01-08T12:00:00.999999+00:00");
+        assert_eq!(GroupBy::Day.key(&row), "2031-01-08");
+        assert_eq!(GroupBy::Week.key(&row), "2031-01-06");
+        assert_eq!(GroupBy::Month.key(&row), "2031-01");
+        assert_eq!(GroupBy::Model.key(&row), "asked");
+        assert_eq!(GroupBy::Layer.key(&row), "l2");
+        assert!(GroupBy::parse("hour").is_err());
+    }
+
+    #[test]
+    fn invalid_traces_are_refused() {
+        let ok = pb::Trace {
+            request_id: "r".into(),
+            principal: Some(meshgate_proto::common::v1::Principal { org_id: "o".into(), ..Default::default() }),
+            started_at: Some(prost_types::Timestamp { seconds: 1_900_000_000, nanos: 0 }),
+            ..Default::default()
+        };
+        assert!(TraceRow::from_trace(ok.clone()).is_ok());
+        let cases = [
+            pb::Trace { request_id: String::new(), ..ok.clone() },
+            pb::Trace { principal: None, ..ok.clone() },
+            pb::Trace { started_at: None, ..ok.clone() },
+            pb::Trace { started_at: Some(prost_types::Timestamp { seconds: 0, nanos: -1 }), ..ok.clone() },
+            pb::Trace { latency_us: -1, ..ok.clone() },
+            pb::Trace { status_code: 1000, ..ok.clone() },
+            pb::Trace { request_id: "a\0b".into(), ..ok },
+        ];
+        for trace in cases {
+            assert!(matches!(TraceRow::from_trace(trace.clone()), Err(Error::InvalidArgument(_))), "{trace:?}");
+        }
+    }
+}

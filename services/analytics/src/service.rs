@@ -1,0 +1,175 @@
+//! `meshgate.analytics.v1.Analytics` over a [`TraceStore`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::TimeDelta;
+use meshgate_proto::analytics::v1 as pb;
+use meshgate_storage::SharedClock;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::warn;
+
+use crate::Error;
+use crate::metrics::AnalyticsMetrics;
+use crate::model::{TimeWindow, TraceQuery, TraceRow, require_org};
+use crate::store::TraceStore;
+
+/// TopExpensive's default and largest page.
+const TOP_DEFAULT: usize = 10;
+const TOP_MAX: usize = 100;
+
+/// What Record accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestLimits {
+    pub max_trace_age: Duration,
+    pub max_future_skew: Duration,
+    pub max_batch_traces: usize,
+}
+
+/// The analytics gRPC service.
+#[derive(Clone)]
+pub struct AnalyticsService {
+    store: Arc<dyn TraceStore>,
+    clock: SharedClock,
+    limits: IngestLimits,
+    metrics: AnalyticsMetrics,
+}
+
+impl AnalyticsService {
+    pub fn new(
+        store: Arc<dyn TraceStore>,
+        clock: SharedClock,
+        limits: IngestLimits,
+        metrics: AnalyticsMetrics,
+    ) -> Self {
+        Self { store, clock, limits, metrics }
+    }
+
+    /// Validates a whole batch before anything of it is stored.
+    fn rows(&self, batch: pb::RecordBatch) -> Result<Vec<TraceRow>, Error> {
+        if batch.traces.len() > self.limits.max_batch_traces {
+            return Err(Error::InvalidArgument(format!(
+                "a batch holds at most {} traces (got {})",
+                self.limits.max_batch_traces,
+                batch.traces.len()
+            )));
+        }
+        let now = self.clock.now();
+        let delta = |d: Duration| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
+        let oldest = now.checked_sub_signed(delta(self.limits.max_trace_age)).unwrap_or(now);
+        let newest = now.checked_add_signed(delta(self.limits.max_future_skew)).unwrap_or(now);
+        batch
+            .traces
+            .into_iter()
+            .map(|trace| {
+                let row = TraceRow::from_trace(trace)?;
+                if row.started_at < oldest {
+                    return Err(Error::InvalidArgument(format!(
+                        "trace {}: started_at {} is older than the accepted {} days",
+                        row.request_id,
+                        row.started_at.to_rfc3339(),
+                        self.limits.max_trace_age.as_secs() / 86_400
+                    )));
+                }
+                if row.started_at > newest {
+                    return Err(Error::InvalidArgument(format!(
+                        "trace {}: started_at {} is in the future",
+                        row.request_id,
+                        row.started_at.to_rfc3339()
+                    )));
+                }
+                Ok(row)
+            })
+            .collect()
+    }
+
+    fn store_failed(&self, op: &str, err: Error) -> Status {
+        if !matches!(err, Error::InvalidArgument(_) | Error::NotFound(_)) {
+            self.metrics.store_errors.with_label_values(&[op]).inc();
+            warn!(op, error = %err, store = self.store.kind(), "trace store operation failed");
+        }
+        err.into()
+    }
+
+    /// The gRPC server, accepting messages up to `max_message_bytes`.
+    pub fn into_server(self, max_message_bytes: usize) -> pb::analytics_server::AnalyticsServer<Self> {
+        pb::analytics_server::AnalyticsServer::new(self).max_decoding_message_size(max_message_bytes)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::analytics_server::Analytics for AnalyticsService {
+    async fn record(
+        &self,
+        request: Request<Streaming<pb::RecordBatch>>,
+    ) -> Result<Response<pb::RecordSummary>, Status> {
+        let mut stream = request.into_inner();
+        let mut accepted = 0;
+        // Each batch is stored as it arrives; a refused batch ends the stream, and the ones before
+        // it stay stored (retrying them is harmless: request ids are idempotent).
+        while let Some(batch) = stream.message().await? {
+            let received = batch.traces.len() as u64;
+            self.metrics.traces_received.inc_by(received);
+            let rows = self.rows(batch).inspect_err(|_| self.metrics.traces_rejected.inc_by(received))?;
+            let started = Instant::now();
+            let stored = self.store.insert(rows).await.map_err(|e| self.store_failed("record", e))?;
+            self.metrics.insert_duration.observe(started.elapsed().as_secs_f64());
+            self.metrics.traces_stored.inc_by(stored);
+            self.metrics.traces_duplicate.inc_by(received.saturating_sub(stored));
+            accepted += stored;
+        }
+        Ok(Response::new(pb::RecordSummary { accepted: i64::try_from(accepted).unwrap_or(i64::MAX) }))
+    }
+
+    async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+        let query = TraceQuery::from_proto(request.get_ref())?;
+        let rows = self.store.query(&query).await.map_err(|e| self.store_failed("query", e))?;
+        Ok(Response::new(pb::QueryResponse { rows }))
+    }
+
+    async fn top_expensive(
+        &self,
+        request: Request<pb::TopExpensiveRequest>,
+    ) -> Result<Response<pb::TopExpensiveResponse>, Status> {
+        let req = request.get_ref();
+        require_org(&req.org_id)?;
+        let window = TimeWindow::from_proto(req.range.as_ref())?;
+        let limit = match usize::try_from(req.limit) {
+            Ok(0) => TOP_DEFAULT,
+            Ok(n) => n.min(TOP_MAX),
+            Err(_) => return Err(Error::InvalidArgument("limit must not be negative".into()).into()),
+        };
+        let traces = self
+            .store
+            .top_expensive(&req.org_id, &window, limit)
+            .await
+            .map_err(|e| self.store_failed("top_expensive", e))?;
+        Ok(Response::new(pb::TopExpensiveResponse { traces }))
+    }
+
+    async fn error_rates(
+        &self,
+        request: Request<pb::ErrorRatesRequest>,
+    ) -> Result<Response<pb::ErrorRatesResponse>, Status> {
+        let req = request.get_ref();
+        require_org(&req.org_id)?;
+        let window = TimeWindow::from_proto(req.range.as_ref())?;
+        let models =
+            self.store.error_rates(&req.org_id, &window).await.map_err(|e| self.store_failed("error_rates", e))?;
+        Ok(Response::new(pb::ErrorRatesResponse { models }))
+    }
+
+    async fn get_trace(&self, request: Request<pb::GetTraceRequest>) -> Result<Response<pb::Trace>, Status> {
+        let req = request.get_ref();
+        require_org(&req.org_id)?;
+        if req.request_id.is_empty() {
+            return Err(Error::InvalidArgument("request_id is required".into()).into());
+        }
+        match self.store.get(&req.org_id, &req.request_id).await {
+            Ok(Some(trace)) => Ok(Response::new(trace)),
+            // Another organization's trace answers exactly like an unknown one.
+            Ok(None) => Err(Error::NotFound(req.request_id.clone()).into()),
+            Err(e) => Err(self.store_failed("get_trace", e)),
+        }
+    }
+}

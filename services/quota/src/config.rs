@@ -1,0 +1,137 @@
+use std::time::Duration;
+
+use meshgate_storage::{PostgresConfig, RedisConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::limits::DefaultLimits;
+
+/// Configuration of the quota service (`[quota]`, `MESHGATE_QUOTA__*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Postgres holding limit overrides and the usage ledger; without it both stay in memory
+    /// and no ledger is written.
+    pub database_url: Option<String>,
+    /// Redis holding the hot counters shared by replicas; without it counters are in memory
+    /// (one replica only).
+    pub redis_url: Option<String>,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    /// Prefix of every Redis key.
+    pub key_prefix: String,
+    /// Limits of scopes without an override.
+    pub defaults: DefaultLimits,
+    /// How long a reservation holds budget without a commit or release.
+    pub reservation_ttl_secs: u64,
+    /// How long a settled or expired reservation is remembered for idempotent replays.
+    pub settled_retention_secs: u64,
+    /// Safety-net lifetime of cached limits; changes normally apply on the next request.
+    pub limits_cache_ttl_ms: u64,
+    /// Admit reservations unchecked while the store is unreachable (default: refuse, 503).
+    pub fail_open: bool,
+    /// Period of the usage ledger flusher.
+    pub ledger_flush_interval_ms: u64,
+    /// Counters written per ledger statement.
+    pub ledger_batch_size: usize,
+    /// Apply this service's migrations once Postgres answers (safe with many replicas).
+    pub migrate_on_start: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            redis_url: None,
+            postgres: PostgresConfig::default(),
+            redis: RedisConfig::default(),
+            key_prefix: "meshgate:quota:".into(),
+            defaults: DefaultLimits::default(),
+            reservation_ttl_secs: 300,
+            settled_retention_secs: 600,
+            limits_cache_ttl_ms: 30_000,
+            fail_open: false,
+            ledger_flush_interval_ms: 5_000,
+            ledger_batch_size: 500,
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl Config {
+    /// Fills `database_url` / `redis_url` from `DATABASE_URL` / `REDIS_URL` when not configured.
+    pub fn with_env_urls(mut self) -> Self {
+        let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        if self.database_url.is_none() {
+            self.database_url = from_env("DATABASE_URL");
+        }
+        if self.redis_url.is_none() {
+            self.redis_url = from_env("REDIS_URL");
+        }
+        self
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |m: &str| Err(Error::Config(m.into()));
+        if self.key_prefix.is_empty() {
+            return invalid("key_prefix must not be empty");
+        }
+        if !(1..=86_400).contains(&self.reservation_ttl_secs) {
+            return invalid("reservation_ttl_secs must be between 1 and 86400");
+        }
+        if self.settled_retention_secs == 0 {
+            return invalid("settled_retention_secs must be at least 1");
+        }
+        if self.ledger_batch_size == 0 {
+            return invalid("ledger_batch_size must be at least 1");
+        }
+        if self.ledger_flush_interval_ms < 100 {
+            return invalid("ledger_flush_interval_ms must be at least 100");
+        }
+        self.defaults.validate()
+    }
+
+    pub fn reservation_ttl(&self) -> Duration {
+        Duration::from_secs(self.reservation_ttl_secs)
+    }
+
+    pub fn settled_retention(&self) -> Duration {
+        Duration::from_secs(self.settled_retention_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_limit_keys_to_a_million_tokens_a_day() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.defaults.key.tokens_per_day, 1_000_000);
+        assert_eq!(config.defaults.org.tokens_per_day, 0);
+    }
+
+    #[test]
+    fn loads_through_the_runtime_loader_and_rejects_unknown_keys() {
+        let config: Config =
+            meshgate_runtime::config::load_with_defaults("quota-test", None, Config::default()).unwrap();
+        assert_eq!(config, Config::default());
+        let parsed: Result<Config, _> = serde_json::from_str(r#"{"defaults": {"key": {"tokens_per_dya": 5}}}"#);
+        assert!(parsed.unwrap_err().to_string().contains("tokens_per_dya"));
+        let parsed: Config =
+            serde_json::from_str(r#"{"redis_url": "redis://r:6379/0", "defaults": {"user": {"tokens_per_day": 5}}}"#)
+                .unwrap();
+        assert_eq!(parsed.redis_url.as_deref(), Some("redis://r:6379/0"));
+        assert_eq!((parsed.defaults.user.tokens_per_day, parsed.defaults.key.tokens_per_day), (5, 1_000_000));
+    }
+
+    #[test]
+    fn invalid_settings_are_refused() {
+        let bad = Config { reservation_ttl_secs: 0, ..Config::default() };
+        assert!(bad.validate().is_err());
+        let mut bad = Config::default();
+        bad.defaults.key.tokens_per_day = -5;
+        assert!(bad.validate().unwrap_err().to_string().contains("defaults.key"));
+    }
+}

@@ -1,0 +1,61 @@
+//! Prometheus metrics of the quota service.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+
+/// The quota service's own metrics, registered in the service's registry.
+#[derive(Clone)]
+pub struct QuotaMetrics {
+    /// By `result` (admitted, rejected, fail_open) and `limit` (the limit that refused, or "none").
+    pub reservations: IntCounterVec,
+    pub reserve_duration: Histogram,
+    /// By `result` (committed, replay).
+    pub commits: IntCounterVec,
+    pub committed_tokens: IntCounter,
+    pub releases: IntCounter,
+    /// By `op` (reserve, commit, release, status, set_limits, limits, ledger).
+    pub store_errors: IntCounterVec,
+    pub ledger_rows: IntCounter,
+    pub ledger_flush_errors: IntCounter,
+}
+
+impl QuotaMetrics {
+    pub fn new(metrics: &meshgate_runtime::Metrics) -> Self {
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric options are valid");
+            metrics.register(Box::new(c.clone()));
+            c
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static metric options are valid");
+            metrics.register(Box::new(c.clone()));
+            c
+        };
+        let reserve_duration = Histogram::with_opts(
+            HistogramOpts::new("meshgate_quota_reserve_duration_seconds", "Time to decide a reservation")
+                .buckets(meshgate_runtime::metrics::LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("static metric options are valid");
+        metrics.register(Box::new(reserve_duration.clone()));
+        Self {
+            reservations: counter_vec(
+                "meshgate_quota_reservations_total",
+                "Reservations decided, by result and the limit that refused them",
+                &["result", "limit"],
+            ),
+            reserve_duration,
+            commits: counter_vec("meshgate_quota_commits_total", "Reservations committed", &["result"]),
+            committed_tokens: counter("meshgate_quota_committed_tokens_total", "Tokens charged by commits"),
+            releases: counter("meshgate_quota_releases_total", "Reservations released without charge"),
+            store_errors: counter_vec(
+                "meshgate_quota_store_errors_total",
+                "Failed calls to the quota or limits store, by operation",
+                &["op"],
+            ),
+            ledger_rows: counter("meshgate_quota_ledger_rows_written_total", "Usage ledger rows written to Postgres"),
+            ledger_flush_errors: counter(
+                "meshgate_quota_ledger_flush_errors_total",
+                "Usage ledger flushes that failed (retried on the next tick)",
+            ),
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Scopes, limits and daily windows: the vocabulary shared by the stores and the engine.
+
+use std::fmt;
+
+use chrono::{DateTime, Days, NaiveDate, Utc};
+use meshgate_proto::common::v1::Principal;
+use meshgate_proto::quota::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Largest token amount (estimate, usage or limit) accepted; beyond it a value is a bug or abuse.
+/// Kept far below 2^53 so sums stay exact in Redis' Lua numbers.
+pub const MAX_TOKENS: i64 = 1_000_000_000_000;
+/// Largest money amount accepted, micro-dollars ($1 billion).
+pub const MAX_COST_MICROS: i64 = 1_000_000_000_000_000;
+/// Largest per-minute limit accepted.
+pub const MAX_PER_MINUTE: i64 = 1_000_000_000;
+/// Longest scope id or request id accepted, bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// What a limit applies to, broadest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeKind {
+    Org,
+    Project,
+    User,
+    Key,
+}
+
+impl ScopeKind {
+    pub const ALL: [ScopeKind; 4] = [ScopeKind::Org, ScopeKind::Project, ScopeKind::User, ScopeKind::Key];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeKind::Org => "org",
+            ScopeKind::Project => "project",
+            ScopeKind::User => "user",
+            ScopeKind::Key => "key",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    fn from_proto(kind: i32) -> Option<Self> {
+        match pb::ScopeKind::try_from(kind).ok()? {
+            pb::ScopeKind::Org => Some(ScopeKind::Org),
+            pb::ScopeKind::Project => Some(ScopeKind::Project),
+            pb::ScopeKind::User => Some(ScopeKind::User),
+            pb::ScopeKind::Key => Some(ScopeKind::Key),
+            pb::ScopeKind::Unspecified => None,
+        }
+    }
+
+    fn to_proto(self) -> pb::ScopeKind {
+        match self {
+            ScopeKind::Org => pb::ScopeKind::Org,
+            ScopeKind::Project => pb::ScopeKind::Project,
+            ScopeKind::User => pb::ScopeKind::User,
+            ScopeKind::Key => pb::ScopeKind::Key,
+        }
+    }
+}
+
+/// One scope, e.g. the key `k_123`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope {
+    pub kind: ScopeKind,
+    pub id: String,
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.as_str(), self.id)
+    }
+}
+
+impl Scope {
+    pub fn new(kind: ScopeKind, id: impl Into<String>) -> Result<Self, Error> {
+        let id = id.into();
+        validate_id(&format!("{} id", kind.as_str()), &id)?;
+        Ok(Self { kind, id })
+    }
+
+    /// Parses a scope from the wire; an unspecified kind or an empty id is invalid.
+    pub fn from_proto(scope: Option<&pb::Scope>) -> Result<Self, Error> {
+        let scope = scope.ok_or_else(|| Error::InvalidArgument("scope is required".into()))?;
+        let kind = ScopeKind::from_proto(scope.kind).ok_or_else(|| {
+            Error::InvalidArgument(format!("scope kind {} is not one of org, project, user, key", scope.kind))
+        })?;
+        Self::new(kind, scope.id.clone())
+    }
+
+    pub fn to_proto(&self) -> pb::Scope {
+        pb::Scope { kind: self.kind.to_proto() as i32, id: self.id.clone() }
+    }
+
+    /// Every scope a request of `principal` is charged to, broadest first. Organization and key
+    /// are required; project and user are charged when present.
+    pub fn of_principal(principal: Option<&Principal>) -> Result<Vec<Self>, Error> {
+        let p = principal.ok_or_else(|| Error::InvalidArgument("principal is required".into()))?;
+        if p.org_id.is_empty() {
+            return Err(Error::InvalidArgument("principal.org_id is required".into()));
+        }
+        if p.key_id.is_empty() {
+            return Err(Error::InvalidArgument("principal.key_id is required".into()));
+        }
+        let mut scopes = vec![Scope::new(ScopeKind::Org, p.org_id.clone())?];
+        if !p.project_id.is_empty() {
+            scopes.push(Scope::new(ScopeKind::Project, p.project_id.clone())?);
+        }
+        if !p.user_id.is_empty() {
+            scopes.push(Scope::new(ScopeKind::User, p.user_id.clone())?);
+        }
+        scopes.push(Scope::new(ScopeKind::Key, p.key_id.clone())?);
+        Ok(scopes)
+    }
+}
+
+/// Ids end up in Redis keys and newline-separated lists: no control characters, bounded length.
+pub fn validate_id(what: &str, id: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is empty")));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Error::InvalidArgument(format!("{what} is longer than {MAX_ID_LEN} bytes")));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::InvalidArgument(format!("{what} contains control characters")));
+    }
+    Ok(())
+}
+
+/// The limits of one scope; 0 means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub tokens_per_day: i64,
+    pub cost_micros_per_day: i64,
+    /// Stored and validated; enforcement of per-minute windows is not implemented yet, so a
+    /// non-zero value is refused rather than silently ignored.
+    pub requests_per_minute: i64,
+    pub tokens_per_minute: i64,
+}
+
+impl Limits {
+    /// Rejects negative, absurd and (for now) per-minute limits.
+    pub fn validate(&self) -> Result<(), Error> {
+        let check = |name: &str, value: i64, max: i64| {
+            if value < 0 {
+                Err(Error::InvalidArgument(format!("{name} must not be negative (got {value})")))
+            } else if value > max {
+                Err(Error::InvalidArgument(format!("{name} must be at most {max} (got {value})")))
+            } else {
+                Ok(())
+            }
+        };
+        check("tokens_per_day", self.tokens_per_day, MAX_TOKENS)?;
+        check("cost_micros_per_day", self.cost_micros_per_day, MAX_COST_MICROS)?;
+        check("requests_per_minute", self.requests_per_minute, MAX_PER_MINUTE)?;
+        check("tokens_per_minute", self.tokens_per_minute, MAX_PER_MINUTE)?;
+        if self.requests_per_minute != 0 || self.tokens_per_minute != 0 {
+            return Err(Error::NotSupported(
+                "per-minute limits (requests_per_minute, tokens_per_minute) are not enforced by this \
+                 version; set them to 0"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn from_proto(limits: Option<&pb::Limits>) -> Result<Self, Error> {
+        let l = limits.ok_or_else(|| Error::InvalidArgument("limits are required".into()))?;
+        let limits = Self {
+            tokens_per_day: l.tokens_per_day,
+            cost_micros_per_day: l.cost_micros_per_day,
+            requests_per_minute: l.requests_per_minute,
+            tokens_per_minute: l.tokens_per_minute,
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
+
+    pub fn to_proto(self) -> pb::Limits {
+        pb::Limits {
+            tokens_per_day: self.tokens_per_day,
+            cost_micros_per_day: self.cost_micros_per_day,
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+        }
+    }
+}
+
+/// A limit a reservation can hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitName {
+    TokensPerDay,
+    CostMicrosPerDay,
+}
+
+impl LimitName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitName::TokensPerDay => "tokens_per_day",
+            LimitName::CostMicrosPerDay => "cost_micros_per_day",
+        }
+    }
+}
+
+/// The daily window containing `now`: the UTC calendar day.
+pub fn window_day(now: DateTime<Utc>) -> NaiveDate {
+    now.date_naive()
+}
+
+/// Start of the window after the one containing `now` (next 00:00 UTC).
+pub fn window_reset_at(now: DateTime<Utc>) -> DateTime<Utc> {
+    let next = window_day(now).checked_add_days(Days::new(1)).unwrap_or(NaiveDate::MAX);
+    next.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc()
+}
+
+/// Whole seconds from `now` until `reset_at`, rounded up, at least 1.
+pub fn retry_after_seconds(now: DateTime<Utc>, reset_at: DateTime<Utc>) -> i64 {
+    let ms = (reset_at - now).num_milliseconds().max(0);
+    ((ms + 999) / 1000).max(1)
+}
+
+/// Counters of one scope in one window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterState {
+    pub used_tokens: i64,
+    pub reserved_tokens: i64,
+    pub used_cost_micros: i64,
+    pub reserved_cost_micros: i64,
+    /// Commits charged in the window.
+    pub requests: i64,
+}
+
+impl CounterState {
+    /// Tokens left under `limit` (0 = unlimited gives `None`), floored at 0.
+    pub fn remaining_tokens(&self, limit: i64) -> Option<i64> {
+        (limit > 0).then(|| (limit - self.used_tokens - self.reserved_tokens).max(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    #[test]
+    fn windows_reset_at_utc_midnight_with_exact_retry_after() {
+        let now = t("2031-03-04T23:59:58.250Z");
+        assert_eq!(window_day(now).to_string(), "2031-03-04");
+        assert_eq!(window_reset_at(now), t("2031-03-05T00:00:00Z"));
+        assert_eq!(retry_after_seconds(now, window_reset_at(now)), 2);
+        let midnight = t("2031-03-05T00:00:00Z");
+        assert_eq!(window_reset_at(midnight), t("2031-03-06T00:00:00Z"));
+        assert_eq!(retry_after_seconds(midnight, window_reset_at(midnight)), 86_400);
+        assert_eq!(retry_after_seconds(midnight, midnight), 1);
+    }
+
+    #[test]
+    fn limits_validation() {
+        assert!(Limits { tokens_per_day: 5, ..Default::default() }.validate().is_ok());
+        assert!(Limits::default().validate().is_ok());
+        assert!(matches!(
+            Limits { tokens_per_day: -1, ..Default::default() }.validate(),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Limits { cost_micros_per_day: MAX_COST_MICROS + 1, ..Default::default() }.validate(),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            Limits { requests_per_minute: 100, ..Default::default() }.validate(),
+            Err(Error::NotSupported(_))
+        ));
+    }
+
+    #[test]
+    fn principal_scopes_broadest_first_and_required_fields() {
+        let p = Principal {
+            org_id: "o".into(),
+            project_id: "p".into(),
+            user_id: String::new(),
+            key_id: "k".into(),
+            role: 0,
+        };
+        let scopes = Scope::of_principal(Some(&p)).unwrap();
+        let names: Vec<String> = scopes.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["org:o", "project:p", "key:k"]);
+        assert!(Scope::of_principal(None).is_err());
+        assert!(Scope::of_principal(Some(&Principal { key_id: String::new(), ..p.clone() })).is_err());
+        assert!(Scope::of_principal(Some(&Principal { org_id: "a\nb".into(), ..p })).is_err());
+    }
+
+    #[test]
+    fn unspecified_scope_kind_is_invalid() {
+        let scope = pb::Scope { kind: 0, id: "x".into() };
+        assert!(matches!(Scope::from_proto(Some(&scope)), Err(Error::InvalidArgument(_))));
+        let scope = pb::Scope { kind: 99, id: "x".into() };
+        assert!(matches!(Scope::from_proto(Some(&scope)), Err(Error::InvalidArgument(_))));
+        let scope = pb::Scope { kind: pb::ScopeKind::Key as i32, id: String::new() };
+        assert!(matches!(Scope::from_proto(Some(&scope)), Err(Error::InvalidArgument(_))));
+    }
+}

@@ -1,0 +1,57 @@
+-- Commit ('c': charge the actual usage) or release ('x') a reservation, once.
+-- KEYS[1] reservation record, KEYS[2] dirty-usage hash.
+-- ARGV[1] key prefix, ARGV[2] mode, ARGV[3] tokens, ARGV[4] cost, ARGV[5] settled record TTL (ms),
+-- ARGV[6] counter TTL (ms), ARGV[7] '1' to mark charged counters dirty for the ledger.
+-- Returns {'missing'}, {'conflict', state}, or {'ok' | 'replay', suffixes, counters...}.
+-- The counter keys come from the record, so this script only runs on standalone/Sentinel Redis.
+local rec = redis.call('HMGET', KEYS[1], 'st', 't', 'c', 'm', 's')
+local state = rec[1]
+if not state then
+  return {'missing'}
+end
+
+local mode = ARGV[2]
+local prefix = ARGV[1]
+local suffixes = {}
+for s in string.gmatch(rec[5], '[^\n]+') do
+  suffixes[#suffixes + 1] = s
+end
+
+local function reply(status)
+  local out = {status, rec[5]}
+  for _, s in ipairs(suffixes) do
+    local v = read(prefix .. 'c:' .. s)
+    for j = 1, 5 do
+      out[#out + 1] = v[j]
+    end
+  end
+  return out
+end
+
+if state == mode then
+  return reply('replay')
+end
+if state ~= 'r' then
+  return {'conflict', state}
+end
+
+for _, s in ipairs(suffixes) do
+  local counter, zset = prefix .. 'c:' .. s, prefix .. 'z:' .. s
+  -- Only whoever removes the member releases its hold; an expired, pruned one holds nothing.
+  if redis.call('ZREM', zset, rec[4]) == 1 then
+    redis.call('HINCRBY', counter, 'rt', int(-tonumber(rec[2])))
+    redis.call('HINCRBY', counter, 'rc', int(-tonumber(rec[3])))
+  end
+  if mode == 'c' then
+    redis.call('HINCRBY', counter, 'ut', ARGV[3])
+    redis.call('HINCRBY', counter, 'uc', ARGV[4])
+    redis.call('HINCRBY', counter, 'n', 1)
+    redis.call('PEXPIRE', counter, ARGV[6])
+    if ARGV[7] == '1' then
+      redis.call('HINCRBY', KEYS[2], s, 1)
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'st', mode)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return reply('ok')

@@ -1,0 +1,353 @@
+//! Redis store. Key layout under the configured prefix `P` (default `meshgate:quota:`):
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `P gen` | string | limits generation, replaced on every limit change |
+//! | `P c:<YYYYMMDD>:<kind>:<id>` | hash | `ut`/`uc` used tokens/cost, `rt`/`rc` reserved, `n` commits; TTL 3 days after last touch |
+//! | `P z:<YYYYMMDD>:<kind>:<id>` | zset | open reservations `<rid>\|<tokens>\|<cost>` scored by expiry (ms) |
+//! | `P r:<rid>` | hash | reservation record: `st` (r/c/x), `t`, `c`, `m` (zset member), `s` (counter suffixes) |
+//! | `P dirty` | hash | counter suffix -> change version, for the ledger flusher |
+//!
+//! A reservation's hold lives in its counters' zsets, with the amounts in the member itself, so
+//! an expired hold is released by whichever script next touches the counter — no key expiry
+//! notifications, no background sweeper, nothing lost when a gateway dies.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use meshgate_storage::{RedisConnection, ping_redis};
+use redis::{Script, Value};
+
+use super::{
+    CounterSpec, DirtyUsage, QuotaStore, ReservationState, ReserveInput, ReserveOutcome, SettleOutcome, day_key,
+    parse_day_key,
+};
+use crate::Error;
+use crate::model::{CounterState, LimitName, Scope, ScopeKind};
+
+/// Counters outlive their day by long enough for late commits and the ledger flusher.
+const COUNTER_TTL: Duration = Duration::from_secs(3 * 86_400);
+
+const RESERVE: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/reserve.lua"));
+const SETTLE: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/settle.lua"));
+const STATUS: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/status.lua"));
+const CLEAR_DIRTY: &str = include_str!("lua/clear_dirty.lua");
+
+/// Settings of a [`RedisStore`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreSettings {
+    /// Prefix of every key (tests use a unique one each).
+    pub key_prefix: String,
+    /// How long a reservation record outlives its reservation's expiry or settlement, so replays
+    /// of Reserve/Commit/Release are answered consistently.
+    pub settled_retention: Duration,
+    /// Lifetime of a reservation, needed to size its record's TTL.
+    pub reservation_ttl: Duration,
+    /// Whether commits mark counters dirty for the ledger (only when a ledger is written).
+    pub track_dirty: bool,
+}
+
+/// The quota store shared by every replica.
+pub struct RedisStore {
+    conn: RedisConnection,
+    settings: RedisStoreSettings,
+    reserve: Script,
+    settle: Script,
+    status: Script,
+    clear_dirty: Script,
+}
+
+impl RedisStore {
+    pub fn new(conn: RedisConnection, settings: RedisStoreSettings) -> Self {
+        Self {
+            conn,
+            settings,
+            reserve: Script::new(RESERVE),
+            settle: Script::new(SETTLE),
+            status: Script::new(STATUS),
+            clear_dirty: Script::new(CLEAR_DIRTY),
+        }
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.settings.key_prefix)
+    }
+
+    fn counter_keys(&self, scope: &Scope, day: NaiveDate) -> (String, String) {
+        let suffix = suffix(scope, day);
+        (self.key(&format!("c:{suffix}")), self.key(&format!("z:{suffix}")))
+    }
+
+    fn record_key(&self, reservation_id: &str) -> String {
+        self.key(&format!("r:{reservation_id}"))
+    }
+
+    async fn settle(&self, reservation_id: &str, mode: &str, tokens: i64, cost: i64) -> Result<SettleOutcome, Error> {
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = self
+            .settle
+            .key(self.record_key(reservation_id))
+            .key(self.key("dirty"))
+            .arg(&self.settings.key_prefix)
+            .arg(mode)
+            .arg(tokens)
+            .arg(cost)
+            .arg(ms(self.settings.settled_retention))
+            .arg(ms(COUNTER_TTL))
+            .arg(if self.settings.track_dirty { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await?;
+        let status = reply.first().map(text).transpose()?.unwrap_or_default();
+        match status.as_str() {
+            "missing" => Ok(SettleOutcome::NotFound),
+            "conflict" => {
+                let state = reply.get(1).map(text).transpose()?.unwrap_or_default();
+                Ok(SettleOutcome::Conflict(parse_state(&state)?))
+            }
+            "ok" | "replay" => {
+                let suffixes = reply.get(1).map(text).transpose()?.unwrap_or_default();
+                let scopes =
+                    suffixes.split('\n').filter(|s| !s.is_empty()).map(parse_suffix).collect::<Result<Vec<_>, _>>()?;
+                let values = integers(&reply[2.min(reply.len())..])?;
+                let states = counter_states(&values, scopes.len())?;
+                Ok(SettleOutcome::Settled {
+                    replay: status == "replay",
+                    counters: scopes.into_iter().zip(states).map(|((scope, day), s)| (scope, day, s)).collect(),
+                })
+            }
+            other => Err(Error::StoreReply(format!("settle script answered {other:?}"))),
+        }
+    }
+}
+
+/// `<YYYYMMDD>:<kind>:<id>`; the id comes last so it may contain ':'.
+fn suffix(scope: &Scope, day: NaiveDate) -> String {
+    format!("{}:{}:{}", day_key(day), scope.kind.as_str(), scope.id)
+}
+
+fn parse_suffix(s: &str) -> Result<(Scope, NaiveDate), Error> {
+    let bad = || Error::StoreReply(format!("malformed counter key suffix {s:?}"));
+    let mut parts = s.splitn(3, ':');
+    let day = parts.next().and_then(parse_day_key).ok_or_else(bad)?;
+    let kind = parts.next().and_then(ScopeKind::parse).ok_or_else(bad)?;
+    let id = parts.next().filter(|id| !id.is_empty()).ok_or_else(bad)?;
+    Ok((Scope { kind, id: id.to_owned() }, day))
+}
+
+fn parse_state(s: &str) -> Result<ReservationState, Error> {
+    match s {
+        "r" => Ok(ReservationState::Reserved),
+        "c" => Ok(ReservationState::Committed),
+        "x" => Ok(ReservationState::Released),
+        other => Err(Error::StoreReply(format!("unknown reservation state {other:?}"))),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn epoch_ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn text(v: &Value) -> Result<String, Error> {
+    match v {
+        Value::BulkString(bytes) => Ok(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(s) => Ok(s.clone()),
+        other => Err(Error::StoreReply(format!("expected a string, got {other:?}"))),
+    }
+}
+
+fn integers(values: &[Value]) -> Result<Vec<i64>, Error> {
+    values
+        .iter()
+        .map(|v| match v {
+            Value::Int(i) => Ok(*i),
+            other => Err(Error::StoreReply(format!("expected an integer, got {other:?}"))),
+        })
+        .collect()
+}
+
+fn counter_states(values: &[i64], n: usize) -> Result<Vec<CounterState>, Error> {
+    if values.len() != n * 5 {
+        return Err(Error::StoreReply(format!("expected {} counter values, got {}", n * 5, values.len())));
+    }
+    Ok(values
+        .chunks_exact(5)
+        .map(|c| CounterState {
+            used_tokens: c[0],
+            reserved_tokens: c[1],
+            used_cost_micros: c[2],
+            reserved_cost_micros: c[3],
+            requests: c[4],
+        })
+        .collect())
+}
+
+#[async_trait]
+impl QuotaStore for RedisStore {
+    async fn reserve(&self, input: &ReserveInput) -> Result<ReserveOutcome, Error> {
+        let n = input.counters.len();
+        let member = format!("{}|{}|{}", input.reservation_id, input.tokens, input.cost_micros);
+        let suffixes: Vec<String> = input.counters.iter().map(|c| suffix(&c.scope, c.day)).collect();
+        let mut invocation = self.reserve.key(self.key("gen"));
+        invocation.key(self.record_key(&input.reservation_id));
+        for CounterSpec { scope, day, .. } in &input.counters {
+            let (counter, zset) = self.counter_keys(scope, *day);
+            invocation.key(counter).key(zset);
+        }
+        invocation
+            .arg(input.limits_generation.as_deref().unwrap_or(""))
+            .arg(epoch_ms(input.now))
+            .arg(epoch_ms(input.expires_at))
+            .arg(input.tokens)
+            .arg(input.cost_micros)
+            .arg(member)
+            .arg(ms(self.settings.reservation_ttl + self.settings.settled_retention))
+            .arg(ms(COUNTER_TTL))
+            .arg(suffixes.join("\n"));
+        for c in &input.counters {
+            invocation.arg(c.tokens_limit).arg(c.cost_limit_micros);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let values = integers(&reply)?;
+        match values.first() {
+            Some(2) => Ok(ReserveOutcome::StaleLimits),
+            Some(0) if values.len() >= 2 => {
+                Ok(ReserveOutcome::Admitted { existing: values[1] == 1, counters: counter_states(&values[2..], n)? })
+            }
+            Some(1) if values.len() >= 3 => {
+                let counter = usize::try_from(values[1] - 1)
+                    .ok()
+                    .filter(|i| *i < n)
+                    .ok_or_else(|| Error::StoreReply(format!("reserve refused by unknown counter {}", values[1])))?;
+                let limit = if values[2] == 0 { LimitName::TokensPerDay } else { LimitName::CostMicrosPerDay };
+                Ok(ReserveOutcome::Rejected { counter, limit, counters: counter_states(&values[3..], n)? })
+            }
+            _ => Err(Error::StoreReply(format!("reserve script answered {values:?}"))),
+        }
+    }
+
+    async fn commit(&self, reservation_id: &str, tokens: i64, cost_micros: i64) -> Result<SettleOutcome, Error> {
+        self.settle(reservation_id, "c", tokens, cost_micros).await
+    }
+
+    async fn release(&self, reservation_id: &str) -> Result<SettleOutcome, Error> {
+        self.settle(reservation_id, "x", 0, 0).await
+    }
+
+    async fn status(&self, counters: &[(Scope, NaiveDate)], now: DateTime<Utc>) -> Result<Vec<CounterState>, Error> {
+        if counters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.status.prepare_invoke();
+        for (scope, day) in counters {
+            let (counter, zset) = self.counter_keys(scope, *day);
+            invocation.key(counter).key(zset);
+        }
+        invocation.arg(epoch_ms(now));
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        counter_states(&integers(&reply)?, counters.len())
+    }
+
+    async fn limits_generation(&self) -> Result<Option<String>, Error> {
+        let mut conn = self.conn.clone();
+        let generation: Option<String> = redis::cmd("GET").arg(self.key("gen")).query_async(&mut conn).await?;
+        Ok(generation)
+    }
+
+    async fn bump_limits_generation(&self) -> Result<(), Error> {
+        // A fresh random value rather than INCR: after Redis loses its data a counter could
+        // restart at a value some replica still caches.
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(self.key("gen"))
+            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .exec_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn dirty_usage(&self, max: usize) -> Result<Vec<DirtyUsage>, Error> {
+        let mut conn = self.conn.clone();
+        // Versions first, values second: a change in between leaves a newer version behind, so the
+        // entry stays dirty and is written again.
+        let flat: Vec<String> = redis::cmd("HRANDFIELD")
+            .arg(self.key("dirty"))
+            .arg(max.max(1))
+            .arg("WITHVALUES")
+            .query_async(&mut conn)
+            .await?;
+        if flat.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut entries = Vec::with_capacity(flat.len() / 2);
+        let mut pipe = redis::pipe();
+        for pair in flat.chunks_exact(2) {
+            let (scope, day) = parse_suffix(&pair[0])?;
+            let version: i64 = pair[1]
+                .parse()
+                .map_err(|_| Error::StoreReply(format!("dirty version {:?} is not an integer", pair[1])))?;
+            pipe.cmd("HMGET").arg(self.key(&format!("c:{}", pair[0]))).arg("ut").arg("uc").arg("n");
+            entries.push((scope, day, version));
+        }
+        let values: Vec<(Option<i64>, Option<i64>, Option<i64>)> = pipe.query_async(&mut conn).await?;
+        Ok(entries
+            .into_iter()
+            .zip(values)
+            .map(|((scope, day, version), (tokens, cost, requests))| DirtyUsage {
+                scope,
+                day,
+                usage: CounterState {
+                    used_tokens: tokens.unwrap_or(0),
+                    used_cost_micros: cost.unwrap_or(0),
+                    requests: requests.unwrap_or(0),
+                    ..CounterState::default()
+                },
+                version,
+            })
+            .collect())
+    }
+
+    async fn clear_dirty(&self, written: &[DirtyUsage]) -> Result<(), Error> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.clear_dirty.key(self.key("dirty"));
+        for d in written {
+            invocation.arg(suffix(&d.scope, d.day)).arg(d.version);
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), Error> {
+        Ok(ping_redis(&self.conn).await?)
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffixes_round_trip_even_with_colons_in_ids() {
+        let scope = Scope { kind: ScopeKind::User, id: "auth0:123:x".into() };
+        let day = NaiveDate::from_ymd_opt(2031, 1, 2).unwrap();
+        let s = suffix(&scope, day);
+        assert_eq!(s, "20310102:user:auth0:123:x");
+        assert_eq!(parse_suffix(&s).unwrap(), (scope, day));
+        assert!(parse_suffix("2031:user:x").is_err());
+        assert!(parse_suffix("20310102:team:x").is_err());
+        assert!(parse_suffix("20310102:user:").is_err());
+    }
+}

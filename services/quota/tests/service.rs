@@ -1,0 +1,248 @@
+//! The quota service over real gRPC (Redis + Postgres, and standalone), its failure modes, and
+//! its migrations.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{commit, database_url, delete_prefix, principal, redis_url, reserve, scope, set_limits, unique};
+use meshgate_proto::quota::v1 as pb;
+use meshgate_proto::quota::v1::quota_client::QuotaClient;
+use meshgate_quota::{
+    Config, EngineSettings, MemoryLimits, QuotaEngine, QuotaMetrics, RedisStore, RedisStoreSettings, migrations, serve,
+};
+use meshgate_runtime::error::ERROR_CODE_METADATA;
+use meshgate_runtime::{ErrorCode, Listeners, Shutdown};
+use meshgate_storage::{RedisConfig, migrate, postgres_client, redis_connection, system_clock};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+struct Running {
+    grpc: String,
+    admin: std::net::SocketAddr,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), meshgate_quota::Error>>,
+}
+
+async fn start(config: Config) -> Running {
+    let listeners = Listeners::ephemeral().await.unwrap();
+    let grpc = format!("http://{}", listeners.grpc_addr());
+    let admin = listeners.admin_addr();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(serve(config, listeners, shutdown.clone()));
+    Running { grpc, admin, shutdown, task }
+}
+
+impl Running {
+    async fn client(&self) -> QuotaClient<tonic::transport::Channel> {
+        QuotaClient::connect(self.grpc.clone()).await.unwrap()
+    }
+
+    async fn wait_serving(&self) {
+        let channel = tonic::transport::Endpoint::from_shared(self.grpc.clone()).unwrap().connect().await.unwrap();
+        let mut health = HealthClient::new(channel);
+        for _ in 0..100 {
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest { service: "meshgate.quota.v1.Quota".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .status;
+            if status == ServingStatus::Serving as i32 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("quota never became SERVING");
+    }
+
+    async fn admin_get(&self, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
+    async fn stop(self) {
+        self.shutdown.trigger();
+        tokio::time::timeout(Duration::from_secs(15), self.task).await.unwrap().unwrap().unwrap();
+    }
+}
+
+async fn round_trip(running: &Running) {
+    running.wait_serving().await;
+    let mut client = running.client().await;
+    let p = principal();
+    let key = scope(pb::ScopeKind::Key, &p.key_id);
+
+    let set = client.set_limits(set_limits(key.clone(), 1_000, 0)).await.unwrap().into_inner();
+    assert_eq!(set.limits.unwrap().tokens_per_day, 1_000);
+    let r = client.reserve(reserve(&p, "grpc-1", 400, 0)).await.unwrap().into_inner();
+    assert!(r.admitted);
+    assert_eq!(r.remaining_tokens, 600);
+    let c = client.commit(commit(&r.reservation_id, 300, 12)).await.unwrap().into_inner();
+    assert_eq!(c.remaining_tokens, 700);
+    let refused = client.reserve(reserve(&p, "grpc-2", 800, 0)).await.unwrap().into_inner();
+    assert!(!refused.admitted);
+    assert_eq!(refused.rejected_scope, Some(key.clone()));
+    assert!(refused.retry_after_seconds >= 1);
+    let status = client.status(pb::StatusRequest { principal: Some(p.clone()) }).await.unwrap().into_inner();
+    let key_status = status.scopes.iter().find(|s| s.scope.as_ref() == Some(&key)).unwrap();
+    assert_eq!((key_status.used_tokens, key_status.used_cost_micros, key_status.remaining_tokens), (300, 12, 700));
+
+    // Bad input is INVALID_ARGUMENT with the shared error code attached; unknown is NOT_FOUND.
+    let err = client.reserve(reserve(&p, "grpc-3", -1, 0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.metadata().get(ERROR_CODE_METADATA).unwrap(), "invalid_request");
+    let err = client.set_limits(set_limits(pb::Scope { kind: 0, id: "x".into() }, 1, 0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = client.release(pb::ReleaseRequest { reservation_id: "rsv_nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    assert!(running.admin_get("/readyz").await.starts_with("HTTP/1.1 200"));
+    let metrics = running.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("meshgate_quota_reservations_total{limit=\"tokens_per_day\",result=\"rejected\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("meshgate_quota_reserve_duration_seconds_count"), "{metrics}");
+}
+
+#[tokio::test]
+async fn serves_over_grpc_with_redis_and_postgres_and_flushes_the_ledger_on_shutdown() {
+    let prefix = format!("{}:", unique("test:quota-svc"));
+    let config = Config {
+        database_url: Some(database_url()),
+        redis_url: Some(redis_url()),
+        key_prefix: prefix.clone(),
+        // Long enough that only the shutdown flush can have written the ledger.
+        ledger_flush_interval_ms: 3_600_000,
+        ..Config::default()
+    };
+    let running = start(config).await;
+    round_trip(&running).await;
+
+    let mut client = running.client().await;
+    let p = principal();
+    let r = client.reserve(reserve(&p, "ledger", 50, 0)).await.unwrap().into_inner();
+    client.commit(commit(&r.reservation_id, 42, 9)).await.unwrap();
+    running.stop().await;
+
+    let pool = common::pg().await;
+    let row = postgres_client(&pool)
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT tokens, cost_micros, requests FROM usage_ledger WHERE scope_kind = 'key' AND scope_id = $1",
+            &[&p.key_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (42, 9, 1));
+    delete_prefix(&prefix);
+}
+
+#[tokio::test]
+async fn serves_standalone_in_memory() {
+    let running = start(Config::default()).await;
+    round_trip(&running).await;
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn bad_configuration_fails_serve_with_a_clear_message() {
+    let listeners = Listeners::ephemeral().await.unwrap();
+    let config = Config { reservation_ttl_secs: 0, ..Config::default() };
+    let err = serve(config, listeners, Shutdown::new()).await.unwrap_err();
+    assert!(err.to_string().contains("reservation_ttl_secs"), "{err}");
+    let listeners = Listeners::ephemeral().await.unwrap();
+    let config = Config { database_url: Some("definitely not a url://".into()), ..Config::default() };
+    assert!(serve(config, listeners, Shutdown::new()).await.is_err());
+}
+
+fn unreachable_engine(fail_open: bool) -> (QuotaEngine, QuotaMetrics) {
+    let conn = redis_connection(
+        "redis://127.0.0.1:1/0",
+        &RedisConfig { connect_timeout_ms: 200, response_timeout_ms: 200, reconnect_retries: 0 },
+    )
+    .unwrap();
+    let store = RedisStore::new(
+        conn,
+        RedisStoreSettings {
+            key_prefix: "unused:".into(),
+            settled_retention: Duration::from_secs(60),
+            reservation_ttl: Duration::from_secs(60),
+            track_dirty: false,
+        },
+    );
+    let metrics = QuotaMetrics::new(&meshgate_runtime::Metrics::new("quota"));
+    let engine = QuotaEngine::new(
+        Arc::new(store),
+        Arc::new(MemoryLimits::default()),
+        system_clock(),
+        EngineSettings { fail_open, ..EngineSettings::default() },
+        metrics.clone(),
+    );
+    (engine, metrics)
+}
+
+#[tokio::test]
+async fn unreachable_redis_fails_closed_by_default() {
+    let (engine, metrics) = unreachable_engine(false);
+    let p = principal();
+    let started = std::time::Instant::now();
+    for i in 0..3 {
+        let err = engine.reserve(&reserve(&p, &format!("down-{i}"), 10, 0)).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
+        assert!(err.to_string().contains("fail-closed") && err.to_string().contains("Redis"), "{err}");
+        let status: tonic::Status = err.into();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(metrics.store_errors.with_label_values(&["reserve"]).get(), 3);
+    let err = engine.status(&pb::StatusRequest { principal: Some(p) }).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unavailable);
+}
+
+#[tokio::test]
+async fn unreachable_redis_fails_open_when_configured() {
+    let (engine, metrics) = unreachable_engine(true);
+    let p = principal();
+    let r = engine.reserve(&reserve(&p, "open", 10, 0)).await.unwrap();
+    assert!(r.admitted);
+    assert!(r.reservation_id.starts_with("open_"));
+    assert_eq!(r.remaining_tokens, -1);
+    engine.commit(&commit(&r.reservation_id, 8, 0)).await.unwrap();
+    engine.release(&pb::ReleaseRequest { reservation_id: r.reservation_id }).await.unwrap();
+    assert_eq!(metrics.reservations.with_label_values(&["fail_open", "none"]).get(), 1);
+    assert_eq!(metrics.store_errors.with_label_values(&["reserve"]).get(), 1);
+}
+
+#[tokio::test]
+async fn quota_migrations_apply_concurrently_and_repeatedly() {
+    let runs = (0..4).map(|_| {
+        tokio::spawn(async {
+            let pool = meshgate_storage::postgres_pool(&database_url(), &Default::default()).unwrap();
+            migrate(&pool, "quota", migrations()).await.unwrap()
+        })
+    });
+    for report in futures::future::join_all(runs).await {
+        let report = report.unwrap();
+        assert_eq!(report.applied.len() + report.already_applied.len(), migrations().len());
+    }
+    let pool = common::pg().await;
+    let client = postgres_client(&pool).await.unwrap();
+    let n: i64 =
+        client.query_one("SELECT count(*) FROM schema_migrations WHERE component = 'quota'", &[]).await.unwrap().get(0);
+    assert_eq!(n, migrations().len() as i64);
+    for table in ["quota_limits", "usage_ledger"] {
+        let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await.unwrap().get(0);
+        assert!(exists, "{table}");
+    }
+}
