@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Measures meshgate's added latency and throughput beside LiteLLM and Portkey, in one run, with
+# the peers harness in ../shared/bench/peers (install it once with its install.sh).
+#
+# Usage: scripts/bench.sh [PEERS_BENCH_ARGS...]     e.g. scripts/bench.sh -m rate -r 200 -d 15
+#   Starts the mock upstream, LiteLLM and Portkey (peers.sh), then meshgate twice against the same
+#   mock: standalone (`meshgate up`, one process, embedded stores) and as six processes using
+#   Postgres and Redis (DATABASE_URL / REDIS_URL, default the local ones). Both run with auth,
+#   quota, routing and tracing on. Everything is stopped at exit. Results land in
+#   ../shared/bench/peers/results/<timestamp>/ (oha JSON, results.csv, results.txt).
+# Knobs: MESHGATE_BENCH_PEERS=0 skips LiteLLM and Portkey; MESHGATE_BENCH_MODES="standalone six"
+# picks the meshgate shapes; MESHGATE_PEERS_DIR points at the harness.
+# shellcheck source-path=SCRIPTDIR/..
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MG_LOG_TAG=bench.sh
+source scripts/lib/common.sh
+source scripts/lib/python.sh
+cd "$MG_ROOT"
+mg_cleanup_init
+
+PEERS=$(cd "${MESHGATE_PEERS_DIR:-$MG_ROOT/../shared/bench/peers}" && pwd)
+[[ -x $PEERS/bench.sh ]] || mg_die "peer harness not found at $PEERS"
+[[ -x $PEERS/mock-upstream/target/release/mock-upstream ]] || mg_die "run $PEERS/install.sh first"
+MODES=${MESHGATE_BENCH_MODES:-standalone six}
+KEY=sk-meshgate-bench
+RUN_DIR=$MG_ROOT/.run/bench
+mkdir -p "$RUN_DIR"
+
+mg_log "building release binaries"
+cargo build --release -q -p meshgate -p meshgate-gateway -p meshgate-inference -p meshgate-router \
+    -p meshgate-quota -p meshgate-analytics -p meshgate-sync
+BIN=${CARGO_TARGET_DIR:-$MG_ROOT/target}/release
+mg_python_setup
+mg_export_ort_dylib_path
+
+export NICE=${NICE:--10}
+"$PEERS/peers.sh" start mock
+mg_defer "$PEERS/peers.sh" stop all
+if [[ ${MESHGATE_BENCH_PEERS:-1} == 1 ]]; then
+    "$PEERS/peers.sh" start litellm 1
+    "$PEERS/peers.sh" start portkey
+fi
+
+# Providers from the environment alone, as an operator would set them.
+export MESHGATE_PROVIDER_MOCK_BASE_URL=http://127.0.0.1:18000/v1
+export MESHGATE_PROVIDER_MOCK_MODELS=mock-gpt
+export MESHGATE_ADMIN_KEY=$KEY
+# The benchmark sends far more than a day's default budget; 0 = unlimited (still reserved and
+# committed on every request).
+export MESHGATE_QUOTA__DEFAULTS__KEY__TOKENS_PER_DAY=0
+export MESHGATE_INFERENCE__MODELS_DIR=$RUN_DIR/no-models
+export RUST_LOG=${RUST_LOG:-warn}
+
+wait_ready() { # url
+    local i
+    for ((i = 0; i < 200; i++)); do
+        curl -sf -o /dev/null -m 1 -H "Authorization: Bearer $KEY" "$1/v1/models" && return 0
+        sleep 0.1
+    done
+    mg_die "meshgate at $1 did not become ready"
+}
+
+TARGETS=()
+if [[ " $MODES " == *" standalone "* ]]; then
+    cat >"$RUN_DIR/standalone.toml" <<'TOML'
+[standalone]
+edge = "127.0.0.1:8090"
+grpc_ports = [51051, 51052, 51053, 51054, 51055, 51056]
+admin_ports = [9111, 9112, 9113, 9114, 9115, 9116]
+TOML
+    env -u DATABASE_URL -u REDIS_URL nice -n "$NICE" "$BIN/meshgate" --config "$RUN_DIR/standalone.toml" up \
+        >"$RUN_DIR/standalone.log" 2>&1 &
+    pid=$!
+    mg_defer kill "$pid"
+    wait_ready http://127.0.0.1:8090
+    TARGETS+=(--target meshgate http://127.0.0.1:8090 --key "$KEY" --pids "$pid")
+fi
+
+if [[ " $MODES " == *" six "* ]]; then
+    export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/meshgate_bench}
+    export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
+    psql "${DATABASE_URL%/*}/postgres" -qtc "SELECT 1 FROM pg_database WHERE datname = '${DATABASE_URL##*/}'" | grep -q 1 ||
+        psql "${DATABASE_URL%/*}/postgres" -qc "CREATE DATABASE ${DATABASE_URL##*/}"
+    "$BIN/meshgate" migrate
+    pids=()
+    port=52051
+    declare -A GRPC
+    for svc in inference router quota analytics sync gateway; do
+        GRPC[$svc]=$port
+        port=$((port + 1))
+    done
+    for svc in inference router quota analytics sync gateway; do
+        admin=$((GRPC[$svc] - 52051 + 9121))
+        http=()
+        [[ $svc == gateway ]] && http=(MESHGATE_LISTEN__HTTP=127.0.0.1:8091)
+        env MESHGATE_LISTEN__GRPC="127.0.0.1:${GRPC[$svc]}" MESHGATE_LISTEN__ADMIN="127.0.0.1:$admin" "${http[@]}" \
+            MESHGATE_ROUTER__INFERENCE_ENDPOINT="http://127.0.0.1:${GRPC[inference]}" \
+            MESHGATE_GATEWAY__QUOTA_ENDPOINT="http://127.0.0.1:${GRPC[quota]}" \
+            MESHGATE_GATEWAY__ROUTER_ENDPOINT="http://127.0.0.1:${GRPC[router]}" \
+            MESHGATE_GATEWAY__SYNC_ENDPOINT="http://127.0.0.1:${GRPC[sync]}" \
+            MESHGATE_GATEWAY__INFERENCE_ENDPOINT="http://127.0.0.1:${GRPC[inference]}" \
+            MESHGATE_GATEWAY__ANALYTICS_ENDPOINT="http://127.0.0.1:${GRPC[analytics]}" \
+            nice -n "$NICE" "$BIN/meshgate-$svc" >"$RUN_DIR/six-$svc.log" 2>&1 &
+        pids+=("$!")
+        mg_defer kill "$!"
+    done
+    wait_ready http://127.0.0.1:8091
+    TARGETS+=(--target meshgate-6p http://127.0.0.1:8091 --key "$KEY" --pids "$(IFS=,; echo "${pids[*]}")")
+fi
+
+args=(--nice "$NICE" --quiet-wait 60)
+if [[ ${MESHGATE_BENCH_PEERS:-1} == 1 ]]; then
+    args+=(--preset peers)
+else
+    args+=(--target mock http://127.0.0.1:18000 --pids "$("$PEERS/peers.sh" pids mock)")
+fi
+"$PEERS/bench.sh" "${args[@]}" "${TARGETS[@]}" "$@"
