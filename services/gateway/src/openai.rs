@@ -351,7 +351,7 @@ mod tests {
             assert_eq!(err.code, ErrorCode::InvalidRequest, "{body}");
             assert!(err.message.contains(needle), "{body}: {}", err.message);
         }
-        let many = format!(r#"{{"model":"m","messages":[{}]}}"#, vec![r#"{"role":"user","content":"x"}"#; 9].join(","));
+        let many = format!(r#"{{"model":"m","messages":[{}]}}"#, [r#"{"role":"user","content":"x"}"#; 9].join(","));
         assert!(parse(&many).unwrap_err().message.contains("at most 8"));
     }
 
