@@ -4,12 +4,15 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use meshgate_mock_provider::StreamFault;
 use meshgate_mock_provider::reply;
 use meshgate_proto::analytics::v1::GetTraceRequest;
 use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
 use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::gateway::v1::ChatRequest;
 use meshgate_proto::gateway::v1::gateway_client::GatewayClient;
+use meshgate_proto::quota::v1::quota_client::QuotaClient;
+use meshgate_proto::quota::v1::{ScopeKind, ScopeStatus, StatusRequest};
 use meshgate_tests::{ADMIN_KEY, CLOUD_MODEL, MeshOptions, TestMesh, chat_body, sse_events};
 use serde_json::{Value, json};
 
@@ -33,6 +36,8 @@ async fn chat_json_crosses_the_whole_mesh_and_leaves_a_trace() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-request-id"], "req-json-1");
+    let request_id = response.headers()["x-meshgate-request-id"].to_str().unwrap().to_owned();
+    assert_ne!(request_id, "req-json-1", "the gateway keys the request by its own id");
     assert_eq!(response.headers()["x-meshgate-target"], "alpha/mock-gpt");
     let trace_id = response.headers()["x-meshgate-trace-id"].to_str().unwrap().to_owned();
     assert_eq!(trace_id.len(), 32);
@@ -42,13 +47,13 @@ async fn chat_json_crosses_the_whole_mesh_and_leaves_a_trace() {
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     let prompt = reply::prompt_tokens(["hello mesh world"]) as i64;
     assert_eq!(body["usage"]["prompt_tokens"], prompt);
-    assert_eq!(mesh.alpha.count_for_request_id("req-json-1"), 1);
+    assert_eq!(mesh.alpha.count_for_request_id(&request_id), 1);
     assert_eq!(mesh.beta.stats().requests_total, 0);
 
     let mut analytics = AnalyticsClient::new(mesh.channel("analytics"));
     let mut trace = None;
     for _ in 0..100 {
-        let request = GetTraceRequest { request_id: "req-json-1".into(), org_id: "default".into() };
+        let request = GetTraceRequest { request_id: request_id.clone(), org_id: "default".into() };
         if let Ok(found) = analytics.get_trace(request).await {
             trace = Some(found.into_inner());
             break;
@@ -84,7 +89,8 @@ async fn chat_streams_openai_chunks_with_usage() {
         .filter_map(|c| c["choices"].get(0).and_then(|choice| choice["delta"]["content"].as_str()))
         .collect();
     assert_eq!(content, reply::reply_text("stream these words please", 0, Some(64)));
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c.get("usage").is_some()));
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()), "usage is null until the last chunk");
     let finish = &chunks[chunks.len() - 2];
     assert_eq!(finish["choices"][0]["finish_reason"], "stop");
     let usage = &chunks[chunks.len() - 1];
@@ -361,4 +367,103 @@ async fn a_down_quota_service_is_a_503_and_recovery_needs_no_restart() {
     }
     assert!(recovered, "the gateway uses quota once it is back, without a restart");
     shutdown.trigger();
+}
+
+/// The admin key's quota scope as the quota service reports it.
+async fn key_scope(mesh: &TestMesh) -> ScopeStatus {
+    let mut quota = QuotaClient::new(mesh.channel("quota"));
+    let principal = meshgate_proto::common::v1::Principal {
+        org_id: "default".into(),
+        project_id: "default".into(),
+        user_id: "admin".into(),
+        key_id: "admin".into(),
+        role: meshgate_proto::common::v1::Role::Owner as i32,
+    };
+    let status = quota.status(StatusRequest { principal: Some(principal) }).await.unwrap().into_inner();
+    status
+        .scopes
+        .into_iter()
+        .find(|s| s.scope.as_ref().is_some_and(|scope| scope.kind == ScopeKind::Key as i32))
+        .unwrap()
+}
+
+/// Polls until `check` holds for the key scope (settlement runs after the reply).
+async fn eventually_key_scope(mesh: &TestMesh, check: impl Fn(&ScopeStatus) -> bool) -> ScopeStatus {
+    for _ in 0..100 {
+        let scope = key_scope(mesh).await;
+        if check(&scope) {
+            return scope;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    key_scope(mesh).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_client_request_id_is_charged_and_traced_every_time() {
+    let mesh = TestMesh::start().await;
+    let mut charged = 0;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let response = mesh
+            .http
+            .post(format!("{}/v1/chat/completions", mesh.edge))
+            .bearer_auth(ADMIN_KEY)
+            .header("x-request-id", "same-id")
+            .json(&chat_body(CLOUD_MODEL, "charge me twice"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-request-id"], "same-id");
+        ids.push(response.headers()["x-meshgate-request-id"].to_str().unwrap().to_owned());
+        let body: Value = response.json().await.unwrap();
+        charged += body["usage"]["total_tokens"].as_i64().unwrap();
+    }
+    assert_ne!(ids[0], ids[1]);
+    let scope = eventually_key_scope(&mesh, |s| s.used_tokens == charged).await;
+    assert_eq!(scope.used_tokens, charged, "both requests are charged");
+    assert_eq!(scope.reserved_tokens, 0);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_failing_after_its_first_bytes_ends_with_an_error_event_and_no_fallback() {
+    let mesh = TestMesh::start().await;
+    mesh.alpha.update(|b| {
+        b.fail_after_chunks = Some(2);
+        b.stream_fault = StreamFault::ErrorEvent;
+    });
+    let mut body = chat_body(CLOUD_MODEL, "one two three four five six");
+    body["stream"] = json!(true);
+    let response = mesh.chat(body).await;
+    assert_eq!(response.status(), 200, "the status was sent with the first bytes");
+    let text = response.text().await.unwrap();
+    let events = sse_events(&text);
+    assert!(!events.contains(&"[DONE]".to_owned()), "{text}");
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_error_shape(&last, "upstream_error");
+    let content: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!content.is_empty(), "the first pieces reached the client");
+    assert_eq!(mesh.beta.stats().requests_total, 0, "no fallback once bytes reached the client");
+    let scope = eventually_key_scope(&mesh, |s| s.reserved_tokens == 0 && s.used_tokens > 0).await;
+    assert!(scope.used_tokens > 0, "what was produced is charged");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_no_target_serves_releases_its_reservation() {
+    let mesh = TestMesh::start().await;
+    mesh.alpha.set_failures(1.0, 500);
+    mesh.beta.set_failures(1.0, 500);
+    let response = mesh.chat(chat_body(CLOUD_MODEL, "nobody answers")).await;
+    assert_eq!(response.status(), 502);
+    assert_error_shape(&response.json().await.unwrap(), "upstream_error");
+    let scope = eventually_key_scope(&mesh, |s| s.reserved_tokens == 0).await;
+    assert_eq!((scope.reserved_tokens, scope.used_tokens), (0, 0));
+    mesh.stop().await;
 }

@@ -25,16 +25,6 @@ pub struct GatewayService {
     pub limits: ChatLimits,
 }
 
-fn request_id<T>(request: &Request<T>) -> String {
-    request
-        .metadata()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| (1..=128).contains(&v.len()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
-}
-
 impl GatewayService {
     fn authenticate<T>(&self, request: &Request<T>) -> Result<meshgate_proto::common::v1::Principal, Status> {
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
@@ -51,17 +41,18 @@ impl Gateway for GatewayService {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         let started = Instant::now();
         let principal = self.authenticate(&request)?;
-        let request_id = request_id(&request);
+        // The gateway's own id keys quota and traces, as on the HTTP edge.
+        let request_id = uuid::Uuid::now_v7().to_string();
         let trace_id = meshgate_runtime::telemetry::trace_id(&tracing::Span::current());
         let body = request.into_inner();
-        let chat = ValidChat {
+        let mut chat = ValidChat {
             model: body.model.trim().to_owned(),
             messages: body.messages,
             sampling: body.sampling.unwrap_or_default(),
             stream: true,
             include_usage: true,
         };
-        check_chat(&chat, self.limits).map_err(|err| err.to_status())?;
+        check_chat(&mut chat, self.limits).map_err(|err| err.to_status())?;
         let model = chat.model.clone();
         let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started };
         let reply = self.orchestrator.chat(call).await.map_err(|err| err.to_status())?;

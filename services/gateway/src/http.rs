@@ -19,11 +19,15 @@ use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::metrics::GatewayMetrics;
-use crate::openai::{self, ChatLimits, ValidChat};
+use crate::openai::{self, ChatLimits};
 use crate::orchestrator::{ChatCall, ChatReply, Orchestrator, Piece};
 
-/// Header carrying the request id, accepted from clients and always returned.
+/// Header carrying the client's request id, echoed back (or the gateway's id when the client
+/// sent none). It is for the client's logs only: quota, traces and upstream calls use the
+/// gateway's own id, so a reused id can neither skip a budget check nor hide a trace.
 pub const REQUEST_ID: &str = "x-request-id";
+/// Header carrying the gateway's own request id, the key of the request's trace.
+pub const MESHGATE_REQUEST_ID: &str = "x-meshgate-request-id";
 /// Header naming the target that served a reply.
 pub const TARGET: &str = "x-meshgate-target";
 /// Header carrying the W3C trace id of the request.
@@ -56,27 +60,24 @@ pub fn router(edge: Edge, max_concurrency: usize) -> axum::Router {
             error_response(&err, "")
         }))
         .load_shed()
-        .concurrency_limit(max_concurrency);
+        // One semaphore for the whole edge: Router::layer clones layers per route.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_concurrency));
     axum::Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(edge.clone(), observe))
         .layer(shed)
+        .layer(axum::middleware::from_fn_with_state(edge.clone(), observe))
         .with_state(edge)
 }
 
 /// Assigns the request id, joins the caller's trace, and records metrics.
 async fn observe(State(edge): State<Edge>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let request_id = request
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| valid_request_id(v))
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let request_id = uuid::Uuid::now_v7().to_string();
+    let client_request_id =
+        request.headers().get(REQUEST_ID).filter(|v| v.to_str().is_ok_and(valid_request_id)).cloned();
     let route =
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let span = tracing::info_span!("http.request", otel.name = %format!("{} {route}", request.method()), otel.kind = "server", request_id = %request_id);
@@ -90,7 +91,8 @@ async fn observe(State(edge): State<Edge>, mut request: Request, next: Next) -> 
     let mut response = next.run(request).instrument(span.clone()).await;
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&request_id) {
-        headers.insert(REQUEST_ID, value);
+        headers.insert(REQUEST_ID, client_request_id.unwrap_or_else(|| value.clone()));
+        headers.insert(MESHGATE_REQUEST_ID, value);
     }
     if let Ok(value) = HeaderValue::from_str(&trace_id) {
         headers.insert(TRACE_ID, value);
@@ -105,8 +107,8 @@ async fn observe(State(edge): State<Edge>, mut request: Request, next: Next) -> 
     response
 }
 
-/// Client-chosen request ids are kept when they are short and plain.
-fn valid_request_id(id: &str) -> bool {
+/// Client-chosen request ids are echoed when they are short and plain.
+pub fn valid_request_id(id: &str) -> bool {
     (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
@@ -181,19 +183,21 @@ async fn run_chat(
     let principal = edge.auth.authenticate(authorization(headers))?;
     let body = read_body(body, headers, edge.max_body_bytes).await?;
     let chat = openai::parse_chat(&body, edge.limits)?;
+    let shape = ReplyShape { model: chat.model.clone(), include_usage: chat.include_usage };
+    let stream = chat.stream;
     let call = ChatCall {
         request_id: context.request_id.clone(),
         trace_id: context.trace_id.clone(),
         principal,
-        chat: chat.clone(),
+        chat,
         started: context.started,
     };
     let reply = edge.orchestrator.chat(call).await?;
     let completion_id = format!("chatcmpl-{}", context.request_id);
-    if chat.stream {
-        Ok(stream_response(reply, &chat, completion_id, context.request_id.clone()))
+    if stream {
+        Ok(stream_response(reply, shape, completion_id, context.request_id.clone()))
     } else {
-        json_response(reply, &chat, &completion_id).await
+        json_response(reply, &shape, &completion_id).await
     }
 }
 
@@ -203,7 +207,13 @@ fn target_header(response: &mut Response, reply: &ChatReply) {
     }
 }
 
-async fn json_response(mut reply: ChatReply, chat: &ValidChat, completion_id: &str) -> Result<Response, ApiError> {
+/// What the reply's wire format needs from the request.
+struct ReplyShape {
+    model: String,
+    include_usage: bool,
+}
+
+async fn json_response(mut reply: ChatReply, chat: &ReplyShape, completion_id: &str) -> Result<Response, ApiError> {
     let mut content = String::new();
     let mut last = Piece::default();
     while let Some(piece) = reply.pieces.next().await {
@@ -233,8 +243,8 @@ async fn json_response(mut reply: ChatReply, chat: &ValidChat, completion_id: &s
 /// Server-sent events in the OpenAI chunk format: the first chunk carries the role, each piece
 /// its text, the last its finish reason, then (when asked) a usage chunk, then `[DONE]`. An
 /// error after the first byte ends the stream with an `error` event instead of `[DONE]`.
-fn stream_response(reply: ChatReply, chat: &ValidChat, completion_id: String, request_id: String) -> Response {
-    let model = chat.model.clone();
+fn stream_response(reply: ChatReply, chat: ReplyShape, completion_id: String, request_id: String) -> Response {
+    let model = chat.model;
     let include_usage = chat.include_usage;
     let created = unix_now();
     let mut response_target = Response::new(Body::empty());

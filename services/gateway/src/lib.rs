@@ -131,7 +131,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     };
     let host = ServiceHost::new("gateway");
     let metrics = metrics::GatewayMetrics::register(host.metrics());
-    let traces = traces::TraceSink::start(
+    let (traces, uploader) = traces::TraceSink::start(
         AnalyticsClient::new(connect(&config.analytics_endpoint)?),
         traces::TraceSinkConfig {
             capacity: config.trace_buffer,
@@ -139,7 +139,6 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
             flush_interval: Duration::from_millis(config.trace_flush_ms.max(1)),
         },
         metrics.traces.clone(),
-        shutdown.clone(),
     );
     let path = orchestrator::PathConfig {
         default_max_tokens: config.default_max_tokens,
@@ -160,16 +159,27 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     let app = http::router(edge, config.max_concurrent_requests.max(1));
     tracing::info!(http = ?http_listener.local_addr().ok(), "edge listening");
     let http_shutdown = shutdown.clone();
+    let drain = host.drain_deadline();
     let http_server = async move {
-        axum::serve(http_listener, app)
-            .with_graceful_shutdown(http_shutdown.cancelled_owned())
-            .await
-            .map_err(Error::Http)
+        let serving = axum::serve(meshgate_runtime::server::nodelay(http_listener), app)
+            .with_graceful_shutdown(http_shutdown.cancelled_owned());
+        tokio::select! {
+            result = serving => result.map_err(Error::Http),
+            _ = async { http_shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
+                tracing::warn!(?drain, "edge drain deadline passed; dropping open streams");
+                Ok(())
+            }
+        }
     };
     let grpc = GatewayServer::new(grpc::GatewayService { orchestrator, auth, limits });
     let probe = readiness_probe(quota, router);
     let grpc_server = async move { host.run(grpc, listeners, probe, shutdown).await.map_err(Error::from) };
     tokio::try_join!(http_server, grpc_server)?;
+    // The servers are down and dropped their handles; the last settlements finish, then the
+    // uploader sends the remaining traces and ends.
+    if tokio::time::timeout(drain, uploader).await.is_err() {
+        tracing::warn!("traces still buffered at the drain deadline were not delivered");
+    }
     Ok(())
 }
 

@@ -135,8 +135,7 @@ pub fn validate_chat(request: ChatCompletionRequest, limits: ChatLimits) -> Resu
             }
         };
         messages.push(ChatMessage {
-            // `developer` is the newer name of `system`; providers downstream all know `system`.
-            role: if message.role == "developer" { "system".into() } else { message.role },
+            role: message.role,
             content,
             name: message.name.unwrap_or_default(),
             tool_call_id: message.tool_call_id.unwrap_or_default(),
@@ -148,7 +147,7 @@ pub fn validate_chat(request: ChatCompletionRequest, limits: ChatLimits) -> Resu
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(list)) => list,
     };
-    let chat = ValidChat {
+    let mut chat = ValidChat {
         model: request.model.trim().to_owned(),
         messages,
         sampling: SamplingParams {
@@ -162,14 +161,21 @@ pub fn validate_chat(request: ChatCompletionRequest, limits: ChatLimits) -> Resu
         stream: request.stream.unwrap_or(false),
         include_usage: request.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
     };
-    check_chat(&chat, limits)?;
+    check_chat(&mut chat, limits)?;
     Ok(chat)
 }
 
-/// Checks a chat request however it arrived (HTTP/JSON or gRPC).
-pub fn check_chat(chat: &ValidChat, limits: ChatLimits) -> Result<(), ApiError> {
+/// Longest model id accepted (trace and quota records bound their fields too).
+pub const MAX_MODEL_ID_BYTES: usize = 256;
+
+/// Checks a chat request however it arrived (HTTP/JSON or gRPC), normalising what has two
+/// spellings (`developer` is the newer name of `system`, which every provider knows).
+pub fn check_chat(chat: &mut ValidChat, limits: ChatLimits) -> Result<(), ApiError> {
     if chat.model.is_empty() {
         return Err(invalid("`model` must not be empty"));
+    }
+    if chat.model.len() > MAX_MODEL_ID_BYTES || chat.model.chars().any(char::is_control) {
+        return Err(invalid(format!("`model` must be at most {MAX_MODEL_ID_BYTES} bytes without control characters")));
     }
     if chat.messages.is_empty() {
         return Err(invalid("`messages` must contain at least one message"));
@@ -181,7 +187,10 @@ pub fn check_chat(chat: &ValidChat, limits: ChatLimits) -> Result<(), ApiError> 
             limits.max_messages
         )));
     }
-    for (index, message) in chat.messages.iter().enumerate() {
+    for (index, message) in chat.messages.iter_mut().enumerate() {
+        if message.role == "developer" {
+            message.role = "system".into();
+        }
         if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "tool") {
             return Err(invalid(format!(
                 "`messages[{index}].role` is {:?}; expected system, developer, user, assistant or tool",
@@ -350,6 +359,10 @@ mod tests {
             let err = parse(body).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidRequest, "{body}");
             assert!(err.message.contains(needle), "{body}: {}", err.message);
+        }
+        for model in ["m\u{7}x".to_owned(), "m".repeat(MAX_MODEL_ID_BYTES + 1)] {
+            let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "x"}]}).to_string();
+            assert!(parse(&body).unwrap_err().message.contains("`model` must be at most"), "{model:?}");
         }
         let many = format!(r#"{{"model":"m","messages":[{}]}}"#, [r#"{"role":"user","content":"x"}"#; 9].join(","));
         assert!(parse(&many).unwrap_err().message.contains("at most 8"));

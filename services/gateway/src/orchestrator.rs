@@ -10,15 +10,16 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use meshgate_proto::analytics::v1::{ModelCall, Trace};
 use meshgate_proto::common::v1::{ChatMessage, ErrorDetail, Principal, Target, TargetKind, Usage};
-use meshgate_proto::inference::v1::GenerateRequest;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
+use meshgate_proto::inference::v1::{GenerateChunk, GenerateRequest};
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::quota::v1::{CommitRequest, ReleaseRequest, ReserveRequest};
 use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::router::v1::{ListTargetsRequest, Outcome, RouteRequest};
-use meshgate_proto::sync::v1::CompleteRequest;
 use meshgate_proto::sync::v1::sync_client::SyncClient;
+use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use meshgate_runtime::{ApiError, ErrorCode, MeshChannel};
+use tracing::Instrument;
 
 use crate::metrics::GatewayMetrics;
 use crate::openai::ValidChat;
@@ -123,18 +124,14 @@ impl Orchestrator {
         Ok(models)
     }
 
-    /// Reserves, routes and starts the first target that answers.
+    /// Routes, reserves and starts the first target that answers.
     pub async fn chat(self: &Arc<Self>, call: ChatCall) -> Result<ChatReply, ApiError> {
         let prompt_estimate = estimate_prompt_tokens(&call.chat.messages);
         let max_tokens = call.chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
         let mut settlement = Settlement::new(self.clone(), &call, prompt_estimate);
 
-        let reserve = ReserveRequest {
-            request_id: call.request_id.clone(),
-            principal: Some(call.principal.clone()),
-            estimated_tokens: prompt_estimate + max_tokens,
-            estimated_cost_micros: 0,
-        };
+        // Route before reserving: the reservation must hold the cost of the priciest target the
+        // plan may fall back to, or concurrent requests could overspend a cost budget.
         let route = RouteRequest {
             request_id: call.request_id.clone(),
             principal: Some(call.principal.clone()),
@@ -144,13 +141,30 @@ impl Orchestrator {
             stream: call.chat.stream,
             task: "chat".into(),
         };
-        let mut quota = self.peers.quota.clone();
         let mut router = self.peers.router.clone();
-        let (reserved, routed) = tokio::join!(
-            peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)),
-            peer_call("router", self.config.peer_timeout, router.route(route)),
-        );
-        let reservation = match reserved {
+        let plan = match peer_call("router", self.config.peer_timeout, router.route(route)).await {
+            Ok(plan) => plan,
+            Err(err) => {
+                settlement.fail(err.clone());
+                return Err(err);
+            }
+        };
+        settlement.routing_reason = plan.explanation.clone();
+        let estimated_cost = plan
+            .targets
+            .iter()
+            .filter_map(|p| p.target.as_ref())
+            .map(|t| cost_micros(t, prompt_estimate, max_tokens))
+            .max()
+            .unwrap_or(0);
+        let reserve = ReserveRequest {
+            request_id: call.request_id.clone(),
+            principal: Some(call.principal.clone()),
+            estimated_tokens: prompt_estimate.saturating_add(max_tokens),
+            estimated_cost_micros: estimated_cost,
+        };
+        let mut quota = self.peers.quota.clone();
+        let reservation = match peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await {
             Ok(response) if response.admitted => response.reservation_id,
             Ok(response) => {
                 self.metrics.quota_rejections.inc();
@@ -175,18 +189,11 @@ impl Orchestrator {
             }
         };
         settlement.reservation = Some(reservation);
-        let plan = match routed {
-            Ok(plan) => plan,
-            Err(err) => {
-                settlement.fail(err.clone());
-                return Err(err);
-            }
-        };
-        settlement.routing_reason = plan.explanation.clone();
 
-        let attempts = plan.targets.len();
+        let mut attempts = 0;
         let mut last_error = None;
         for target in plan.targets.into_iter().filter_map(|p| p.target) {
+            attempts += 1;
             let attempt_start = Instant::now();
             match self.open(&target, &call).await {
                 Ok((first, rest)) => {
@@ -198,7 +205,8 @@ impl Orchestrator {
                     tracing::warn!(request_id = %call.request_id, target = %target.id, error = %err, "target failed before its first piece");
                     self.metrics.fallbacks.with_label_values(&[&target.id]).inc();
                     settlement.failed_call(&target, attempt_start, &err);
-                    let stop = err.code == ErrorCode::InvalidRequest;
+                    // The request itself is wrong: another target would refuse it too.
+                    let stop = err.code.is_client_caused();
                     last_error = Some(err);
                     if stop {
                         break;
@@ -218,7 +226,10 @@ impl Orchestrator {
 
     /// Calls one target and waits for its first piece.
     async fn open(&self, target: &Target, call: &ChatCall) -> Result<(Piece, PieceStream), ApiError> {
-        let mut pieces: PieceStream = if target.kind == TargetKind::Local as i32 {
+        // One deadline covers the call and its first piece.
+        let deadline = tokio::time::Instant::now() + self.config.first_piece_timeout;
+        let timed_out = || first_piece_timeout(target, self.config.first_piece_timeout);
+        let mut pieces = if target.kind == TargetKind::Local as i32 {
             let request = GenerateRequest {
                 model: target.model.clone(),
                 messages: call.chat.messages.clone(),
@@ -226,17 +237,9 @@ impl Orchestrator {
                 request_id: call.request_id.clone(),
             };
             let mut client = self.peers.inference.clone();
-            let stream = tokio::time::timeout(self.config.first_piece_timeout, client.generate(request))
-                .await
-                .map_err(|_| first_piece_timeout(target, self.config.first_piece_timeout))?
-                .map_err(|status| ApiError::from_status(&status))?
-                .into_inner();
-            stream
-                .map(|item| {
-                    item.map(|c| Piece { delta: c.delta, finish_reason: c.finish_reason, usage: c.usage })
-                        .map_err(|status| ApiError::from_status(&status))
-                })
-                .boxed()
+            let response =
+                tokio::time::timeout_at(deadline, client.generate(request)).await.map_err(|_| timed_out())?;
+            into_pieces(response)?
         } else {
             let request = CompleteRequest {
                 request_id: call.request_id.clone(),
@@ -247,20 +250,12 @@ impl Orchestrator {
                 timeout_ms: 0,
             };
             let mut client = self.peers.sync.clone();
-            let stream = tokio::time::timeout(self.config.first_piece_timeout, client.complete(request))
-                .await
-                .map_err(|_| first_piece_timeout(target, self.config.first_piece_timeout))?
-                .map_err(|status| ApiError::from_status(&status))?
-                .into_inner();
-            stream
-                .map(|item| {
-                    item.map(|c| Piece { delta: c.delta, finish_reason: c.finish_reason, usage: c.usage })
-                        .map_err(|status| ApiError::from_status(&status))
-                })
-                .boxed()
+            let response =
+                tokio::time::timeout_at(deadline, client.complete(request)).await.map_err(|_| timed_out())?;
+            into_pieces(response)?
         };
-        match tokio::time::timeout(self.config.first_piece_timeout, pieces.next()).await {
-            Err(_) => Err(first_piece_timeout(target, self.config.first_piece_timeout)),
+        match tokio::time::timeout_at(deadline, pieces.next()).await {
+            Err(_) => Err(timed_out()),
             Ok(None) => {
                 Err(ApiError::new(ErrorCode::UpstreamError, format!("{} ended its reply without any data", target.id)))
             }
@@ -318,6 +313,26 @@ impl Orchestrator {
     }
 }
 
+impl From<GenerateChunk> for Piece {
+    fn from(chunk: GenerateChunk) -> Self {
+        Piece { delta: chunk.delta, finish_reason: chunk.finish_reason, usage: chunk.usage }
+    }
+}
+
+impl From<CompleteChunk> for Piece {
+    fn from(chunk: CompleteChunk) -> Self {
+        Piece { delta: chunk.delta, finish_reason: chunk.finish_reason, usage: chunk.usage }
+    }
+}
+
+/// The pieces of a target's streamed reply, or the error that refused the call.
+fn into_pieces<T: Into<Piece> + Send + 'static>(
+    response: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
+) -> Result<PieceStream, ApiError> {
+    let stream = response.map_err(|status| ApiError::from_status(&status))?.into_inner();
+    Ok(stream.map(|item| item.map(Into::into).map_err(|status| ApiError::from_status(&status))).boxed())
+}
+
 fn first_piece_timeout(target: &Target, after: Duration) -> ApiError {
     ApiError::new(ErrorCode::Timeout, format!("{} sent nothing within {} ms", target.id, after.as_millis()))
 }
@@ -367,9 +382,11 @@ struct Settlement {
     reservation: Option<String>,
     routing_reason: String,
     serving: Option<(Target, Instant)>,
-    completion_chars: usize,
+    completion_bytes: usize,
     usage: Option<Usage>,
     settled: bool,
+    /// The request's span: settling joins the request's distributed trace.
+    span: tracing::Span,
 }
 
 impl Settlement {
@@ -392,9 +409,10 @@ impl Settlement {
             reservation: None,
             routing_reason: String::new(),
             serving: None,
-            completion_chars: 0,
+            completion_bytes: 0,
             usage: None,
             settled: false,
+            span: tracing::Span::current(),
         }
     }
 
@@ -417,9 +435,14 @@ impl Settlement {
     }
 
     fn observe(&mut self, piece: &Piece) {
-        self.completion_chars += piece.delta.len();
-        if piece.usage.is_some() {
-            self.usage = piece.usage;
+        self.completion_bytes += piece.delta.len();
+        if let Some(usage) = piece.usage {
+            // Provider-reported numbers are untrusted input: never negative, never overflowing.
+            self.usage = Some(Usage {
+                prompt_tokens: usage.prompt_tokens.max(0),
+                completion_tokens: usage.completion_tokens.max(0),
+                ..Usage::default()
+            });
         }
     }
 
@@ -428,7 +451,7 @@ impl Settlement {
     fn charged_usage(&self) -> Usage {
         let mut usage = self.usage.unwrap_or(Usage {
             prompt_tokens: self.prompt_estimate,
-            completion_tokens: (self.completion_chars as u64).div_ceil(4) as i64,
+            completion_tokens: (self.completion_bytes as u64).div_ceil(4) as i64,
             ..Default::default()
         });
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
@@ -483,32 +506,20 @@ impl Settlement {
         trace.error = err.as_ref().map(|e| error_detail(e, &trace.request_id));
         let reservation = self.reservation.take();
         let served = !trace.served_target.is_empty();
-        let peer_timeout = orchestrator.config.peer_timeout;
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        handle.spawn(async move {
-            if let Some(reservation_id) = reservation {
-                let mut quota = orchestrator.peers.quota.clone();
-                let result = if served {
-                    peer_call(
-                        "quota",
-                        peer_timeout,
-                        quota.commit(CommitRequest { reservation_id, usage: Some(charged) }),
-                    )
-                    .await
-                    .map(drop)
-                } else {
-                    peer_call("quota", peer_timeout, quota.release(ReleaseRequest { reservation_id })).await.map(drop)
-                };
-                if let Err(err) = result {
-                    // The reservation's TTL reclaims it; the ledger misses nothing it had not
-                    // already held.
-                    tracing::warn!(%err, request_id = %trace.request_id, "settling the quota reservation failed");
+        let span = self.span.clone();
+        handle.spawn(
+            async move {
+                if let Some(reservation_id) = reservation {
+                    settle_reservation(&orchestrator, reservation_id, served.then_some(charged), &trace.request_id)
+                        .await;
                 }
+                orchestrator.traces.record(trace);
             }
-            orchestrator.traces.record(trace);
-        });
+            .instrument(span),
+        );
     }
 
     fn report_outcome(&self, target_id: &str, ok: bool, latency: Duration, completion_tokens: i64, error_code: &str) {
@@ -522,11 +533,14 @@ impl Settlement {
         let mut router = self.orchestrator.peers.router.clone();
         let deadline = self.orchestrator.config.peer_timeout;
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(err) = peer_call("router", deadline, router.report_outcome(outcome)).await {
-                    tracing::debug!(%err, "outcome not reported");
+            handle.spawn(
+                async move {
+                    if let Err(err) = peer_call("router", deadline, router.report_outcome(outcome)).await {
+                        tracing::debug!(%err, "outcome not reported");
+                    }
                 }
-            });
+                .instrument(self.span.clone()),
+            );
         }
     }
 }
@@ -535,9 +549,49 @@ impl Drop for Settlement {
     fn drop(&mut self) {
         if !self.settled {
             self.settle(Some(ApiError::new(
-                ErrorCode::InvalidRequest,
+                ErrorCode::ClientClosed,
                 "client closed the connection before the reply ended",
             )));
+        }
+    }
+}
+
+/// Commits `usage` (or releases, when nothing was served). Commit and release are idempotent,
+/// so failures are retried while the reservation still lives: a lost commit would be usage
+/// nobody pays for.
+async fn settle_reservation(
+    orchestrator: &Orchestrator,
+    reservation_id: String,
+    usage: Option<Usage>,
+    request_id: &str,
+) {
+    const BACKOFF: [Duration; 3] = [Duration::from_millis(100), Duration::from_millis(500), Duration::from_secs(2)];
+    let peer_timeout = orchestrator.config.peer_timeout;
+    let mut attempt = 0;
+    loop {
+        let mut quota = orchestrator.peers.quota.clone();
+        let result = match usage {
+            Some(usage) => {
+                let request = CommitRequest { reservation_id: reservation_id.clone(), usage: Some(usage) };
+                peer_call("quota", peer_timeout, quota.commit(request)).await.map(drop)
+            }
+            None => {
+                let request = ReleaseRequest { reservation_id: reservation_id.clone() };
+                peer_call("quota", peer_timeout, quota.release(request)).await.map(drop)
+            }
+        };
+        let retryable = matches!(&result, Err(err) if matches!(err.code, ErrorCode::Unavailable | ErrorCode::Timeout));
+        match result {
+            Ok(()) => return,
+            Err(err) if retryable && attempt < BACKOFF.len() => {
+                tracing::debug!(%err, request_id, attempt, "settling the reservation failed; retrying");
+                tokio::time::sleep(BACKOFF[attempt]).await;
+                attempt += 1;
+            }
+            Err(err) => {
+                tracing::warn!(%err, request_id, "settling the reservation failed; its TTL releases the hold");
+                return;
+            }
         }
     }
 }

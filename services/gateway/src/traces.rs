@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
 use meshgate_proto::analytics::v1::{RecordBatch, Trace};
-use meshgate_runtime::{MeshChannel, Shutdown};
+use meshgate_runtime::MeshChannel;
 use prometheus::IntCounter;
 use tokio::sync::mpsc;
 
@@ -37,16 +37,16 @@ pub struct TraceSink {
 }
 
 impl TraceSink {
-    /// Starts the uploader; it drains what is buffered when `shutdown` fires.
+    /// Starts the uploader. It runs until every handle is dropped (the servers have stopped and
+    /// their requests settled), then sends what is left and ends: await the returned task.
     pub fn start(
         client: AnalyticsClient<MeshChannel>,
         config: TraceSinkConfig,
         metrics: TraceSinkMetrics,
-        shutdown: Shutdown,
-    ) -> Self {
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, receiver) = mpsc::channel(config.capacity.max(1));
-        tokio::spawn(upload(client, receiver, config, metrics.clone(), shutdown));
-        Self { sender, metrics }
+        let uploader = tokio::spawn(upload(client, receiver, config, metrics.clone()));
+        (Self { sender, metrics }, uploader)
     }
 
     /// Queues a trace without waiting.
@@ -62,7 +62,6 @@ async fn upload(
     mut receiver: mpsc::Receiver<Trace>,
     config: TraceSinkConfig,
     metrics: TraceSinkMetrics,
-    shutdown: Shutdown,
 ) {
     let mut batch = Vec::with_capacity(config.batch_size);
     let mut failing = false;
@@ -79,10 +78,6 @@ async fn upload(
                     None => break true,
                 },
                 _ = &mut deadline => break false,
-                _ = shutdown.cancelled() => {
-                    while let Ok(trace) = receiver.try_recv() { batch.push(trace); }
-                    break true;
-                }
             }
         };
         while !batch.is_empty() {

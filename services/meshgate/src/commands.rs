@@ -9,7 +9,7 @@ use crate::{MeshConfig, MeshListeners};
 /// `meshgate up`.
 pub async fn up(file: Option<&Path>) -> Result<(), String> {
     let config = MeshConfig::load(file).map_err(|err| err.to_string())?;
-    if let Some(url) = &config.quota.database_url {
+    if let Some(url) = config.quota.database_url.as_ref().or(config.analytics.database_url.as_ref()) {
         migrate_all(url).await?;
     }
     let listeners = MeshListeners::bind(&config.standalone).await.map_err(|err| err.to_string())?;

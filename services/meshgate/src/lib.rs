@@ -175,42 +175,61 @@ pub struct MeshError {
     pub message: String,
 }
 
-/// Runs one service as a task; its failure triggers `shutdown` so the whole mesh stops with it.
+/// Runs one service as a task; its failure (or panic) triggers `failure` so the whole mesh
+/// stops with it.
 fn spawn_service<F, E>(
     service: &'static str,
     serving: F,
-    shutdown: Shutdown,
+    failure: Shutdown,
 ) -> tokio::task::JoinHandle<Result<(), MeshError>>
 where
     F: std::future::Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
+    E: std::fmt::Display + Send + 'static,
 {
     tokio::spawn(async move {
-        let result = serving.await.map_err(|err| MeshError { service, message: err.to_string() });
+        let result = match tokio::spawn(serving).await {
+            Ok(result) => result.map_err(|err| MeshError { service, message: err.to_string() }),
+            Err(err) => Err(MeshError { service, message: format!("the service task failed: {err}") }),
+        };
         if result.is_err() {
-            shutdown.trigger();
+            failure.trigger();
         }
         result
     })
 }
 
-/// Runs the six services until `shutdown`; the first one to fail stops the others.
+/// Runs the six services until `shutdown`; the first one to fail stops the others. The
+/// gateway stops first and its peers only once it has drained, so the requests it finishes
+/// while draining can still commit their quota and record their traces.
 pub async fn run(mut config: MeshConfig, listeners: MeshListeners, shutdown: Shutdown) -> Result<(), MeshError> {
     config.wire(&listeners);
     let MeshListeners { gateway, inference, router, quota, analytics, sync } = listeners;
+    let edge = Shutdown::new();
+    let core = Shutdown::new();
+    let stop_edge = {
+        let (shutdown, edge) = (shutdown.clone(), edge.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            edge.trigger();
+        })
+    };
     let s = &shutdown;
-    let tasks = [
-        spawn_service("gateway", meshgate_gateway::serve(config.gateway, gateway, s.clone()), s.clone()),
-        spawn_service("inference", meshgate_inference::serve(config.inference, inference, s.clone()), s.clone()),
-        spawn_service("router", meshgate_router::serve(config.router, router, s.clone()), s.clone()),
-        spawn_service("quota", meshgate_quota::serve(config.quota, quota, s.clone()), s.clone()),
-        spawn_service("analytics", meshgate_analytics::serve(config.analytics, analytics, s.clone()), s.clone()),
-        spawn_service("sync", meshgate_sync::serve(config.sync, sync, s.clone()), s.clone()),
+    let gateway = spawn_service("gateway", meshgate_gateway::serve(config.gateway, gateway, edge), s.clone());
+    let peers = [
+        spawn_service("inference", meshgate_inference::serve(config.inference, inference, core.clone()), s.clone()),
+        spawn_service("router", meshgate_router::serve(config.router, router, core.clone()), s.clone()),
+        spawn_service("quota", meshgate_quota::serve(config.quota, quota, core.clone()), s.clone()),
+        spawn_service("analytics", meshgate_analytics::serve(config.analytics, analytics, core.clone()), s.clone()),
+        spawn_service("sync", meshgate_sync::serve(config.sync, sync, core.clone()), s.clone()),
     ];
+    let mut results = vec![gateway.await];
+    core.trigger();
+    results.extend(futures::future::join_all(peers).await);
+    stop_edge.abort();
     let mut first_error = None;
-    for result in futures::future::join_all(tasks).await {
+    for result in results {
         let result = result
-            .map_err(|err| MeshError { service: "mesh", message: format!("a service task panicked: {err}") })
+            .map_err(|err| MeshError { service: "mesh", message: format!("a supervisor task failed: {err}") })
             .and_then(|r| r);
         if let Err(err) = result {
             tracing::error!(%err, "service stopped");

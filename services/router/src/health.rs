@@ -31,11 +31,13 @@ pub struct TargetHealth {
     pub consecutive_failures: u32,
     /// Set while the circuit is open.
     pub open_until: Option<Instant>,
+    /// When the one probe of a half-open circuit was let through (until its outcome arrives).
+    pub probing_since: Option<Instant>,
 }
 
 impl TargetHealth {
-    /// Open circuits are skipped until `open_until`; after it the target is half-open and gets
-    /// tried again, and one more failure re-opens it at once.
+    /// Open circuits are skipped until `open_until`; after it the target is half-open: one probe
+    /// request is let through, and one more failure re-opens it at once.
     pub fn is_open(&self, now: Instant) -> bool {
         self.open_until.is_some_and(|until| now < until)
     }
@@ -60,10 +62,37 @@ impl HealthBook {
         self.targets.lock().get(target_id).copied().unwrap_or_default()
     }
 
+    /// Whether a request may go to the target now. A half-open target admits one probe at a
+    /// time (a probe whose outcome never arrives is replaced after `open_ms`).
+    pub fn admit(&self, target_id: &str, now: Instant) -> bool {
+        let mut targets = self.targets.lock();
+        let Some(health) = targets.get_mut(target_id) else {
+            return true;
+        };
+        match health.open_until {
+            None => true,
+            Some(until) if now < until => false,
+            Some(_) => {
+                let probe_lapsed =
+                    health.probing_since.is_none_or(|since| now >= since + Duration::from_millis(self.config.open_ms));
+                if probe_lapsed {
+                    health.probing_since = Some(now);
+                }
+                probe_lapsed
+            }
+        }
+    }
+
     /// Records one call's outcome at time `now`.
     pub fn record(&self, target_id: &str, ok: bool, latency: Duration, now: Instant) {
         let mut targets = self.targets.lock();
-        let health = targets.entry(target_id.to_owned()).or_default();
+        if !targets.contains_key(target_id) {
+            targets.insert(target_id.to_owned(), TargetHealth::default());
+        }
+        let Some(health) = targets.get_mut(target_id) else {
+            return;
+        };
+        health.probing_since = None;
         let sample = latency.as_secs_f64() * 1e6;
         health.ewma_latency_us = if health.successes + health.failures == 0 {
             sample
@@ -101,6 +130,8 @@ mod tests {
         assert!(book.get("p/m").is_open(t0 + Duration::from_millis(999)));
         let half_open = t0 + Duration::from_millis(1000);
         assert!(!book.get("p/m").is_open(half_open));
+        assert!(book.admit("p/m", half_open), "the first request after the open period probes");
+        assert!(!book.admit("p/m", half_open), "one probe at a time");
         book.record("p/m", false, Duration::from_millis(1), half_open);
         assert!(book.get("p/m").is_open(half_open + Duration::from_millis(500)), "a failed probe re-opens");
         let later = half_open + Duration::from_millis(1000);

@@ -139,7 +139,7 @@ impl RouterCore {
         }
         // Healthy targets keep their preference order; open circuits go last, as a last resort.
         let (healthy, open): (Vec<&Target>, Vec<&Target>) =
-            fits.into_iter().partition(|t| !self.health.get(&t.id).is_open(now));
+            fits.into_iter().partition(|t| self.health.admit(&t.id, now));
         let mut targets = Vec::with_capacity(healthy.len() + open.len());
         for (position, target) in healthy.iter().enumerate() {
             let reason = if position == 0 { "preferred: first healthy target" } else { "fallback" };
@@ -157,7 +157,12 @@ impl RouterCore {
         Ok(RoutePlan { targets, task: task.into(), explanation })
     }
 
+    /// Records an outcome. Failures the request or its client caused (a bad request, a client
+    /// that went away) say nothing about the target and are not counted.
     pub fn report(&self, outcome: &Outcome, now: Instant) {
+        if !outcome.ok && ErrorCode::parse(&outcome.error_code).is_some_and(ErrorCode::is_client_caused) {
+            return;
+        }
         let latency = Duration::from_micros(outcome.latency_us.max(0) as u64);
         self.health.record(&outcome.target_id, outcome.ok, latency, now);
     }
@@ -343,6 +348,18 @@ mod tests {
         let later = now + Duration::from_secs(61);
         core.report(&Outcome { target_id: "a/gpt".into(), ok: true, latency_us: 10, ..Default::default() }, later);
         assert_eq!(ids(&core.plan(&request("gpt"), later).unwrap()), ["a/gpt", "b/gpt"]);
+    }
+
+    #[test]
+    fn client_caused_failures_do_not_open_the_circuit() {
+        let core = core();
+        let now = Instant::now();
+        for code in ["client_closed", "invalid_request", "client_closed"] {
+            let outcome =
+                Outcome { target_id: "a/gpt".into(), ok: false, error_code: code.into(), ..Default::default() };
+            core.report(&outcome, now);
+        }
+        assert_eq!(ids(&core.plan(&request("gpt"), now).unwrap()), ["a/gpt", "b/gpt"]);
     }
 
     #[test]

@@ -7,11 +7,17 @@ use serde::Serialize;
 
 /// Metadata key carrying the [`ErrorCode`] of a failed gRPC call.
 pub const ERROR_CODE_METADATA: &str = "x-meshgate-error-code";
+/// 499: the client closed the connection before the reply ended (nginx's convention).
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 /// Metadata key carrying a retry delay in seconds (quota and upstream rate limits).
 pub const RETRY_AFTER_METADATA: &str = "x-meshgate-retry-after";
 
 macro_rules! error_codes {
-    ($($variant:ident => $name:literal, $grpc:ident, $http:ident, $kind:literal;)*) => {
+    ($($variant:ident => $name:literal, $grpc:ident, $http:expr, $kind:literal;)*) => {
         /// Stable error codes, shared by every service.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum ErrorCode { $($variant,)* }
@@ -32,7 +38,7 @@ macro_rules! error_codes {
 
             /// The HTTP status of the edge's answer.
             pub fn http_status(self) -> StatusCode {
-                match self { $(ErrorCode::$variant => StatusCode::$http,)* }
+                match self { $(ErrorCode::$variant => $http,)* }
             }
 
             /// The OpenAI-compatible `error.type`.
@@ -49,23 +55,24 @@ macro_rules! error_codes {
 }
 
 error_codes! {
-    InvalidRequest      => "invalid_request",       InvalidArgument,    BAD_REQUEST,            "invalid_request_error";
-    Unauthenticated     => "invalid_api_key",       Unauthenticated,    UNAUTHORIZED,           "authentication_error";
-    PermissionDenied    => "permission_denied",     PermissionDenied,   FORBIDDEN,              "permission_error";
-    NotFound            => "not_found",             NotFound,           NOT_FOUND,              "not_found_error";
-    ModelNotFound       => "model_not_found",       NotFound,           NOT_FOUND,              "invalid_request_error";
-    Conflict            => "conflict",              AlreadyExists,      CONFLICT,               "invalid_request_error";
-    PayloadTooLarge     => "payload_too_large",     InvalidArgument,    PAYLOAD_TOO_LARGE,      "invalid_request_error";
-    UnsupportedMediaType=> "unsupported_media_type",InvalidArgument,    UNSUPPORTED_MEDIA_TYPE, "invalid_request_error";
-    PolicyViolation     => "policy_violation",      FailedPrecondition, UNPROCESSABLE_ENTITY,   "invalid_request_error";
-    QuotaExceeded       => "quota_exceeded",        ResourceExhausted,  TOO_MANY_REQUESTS,      "rate_limit_error";
-    RateLimited         => "rate_limited",          ResourceExhausted,  TOO_MANY_REQUESTS,      "rate_limit_error";
-    Overloaded          => "overloaded",            ResourceExhausted,  SERVICE_UNAVAILABLE,    "api_error";
-    Unavailable         => "service_unavailable",   Unavailable,        SERVICE_UNAVAILABLE,    "api_error";
-    Timeout             => "timeout",               DeadlineExceeded,   GATEWAY_TIMEOUT,        "api_error";
-    UpstreamError       => "upstream_error",        Unavailable,        BAD_GATEWAY,            "api_error";
-    NotImplemented      => "not_implemented",       Unimplemented,      NOT_IMPLEMENTED,        "api_error";
-    Internal            => "internal_error",        Internal,           INTERNAL_SERVER_ERROR,  "api_error";
+    InvalidRequest      => "invalid_request", InvalidArgument, StatusCode::BAD_REQUEST, "invalid_request_error";
+    Unauthenticated     => "invalid_api_key", Unauthenticated, StatusCode::UNAUTHORIZED, "authentication_error";
+    PermissionDenied    => "permission_denied", PermissionDenied, StatusCode::FORBIDDEN, "permission_error";
+    NotFound            => "not_found", NotFound, StatusCode::NOT_FOUND, "not_found_error";
+    ModelNotFound       => "model_not_found", NotFound, StatusCode::NOT_FOUND, "invalid_request_error";
+    Conflict            => "conflict", AlreadyExists, StatusCode::CONFLICT, "invalid_request_error";
+    PayloadTooLarge     => "payload_too_large", InvalidArgument, StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error";
+    UnsupportedMediaType=> "unsupported_media_type", InvalidArgument, StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error";
+    PolicyViolation     => "policy_violation", FailedPrecondition, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error";
+    QuotaExceeded       => "quota_exceeded", ResourceExhausted, StatusCode::TOO_MANY_REQUESTS, "rate_limit_error";
+    RateLimited         => "rate_limited", ResourceExhausted, StatusCode::TOO_MANY_REQUESTS, "rate_limit_error";
+    Overloaded          => "overloaded", ResourceExhausted, StatusCode::SERVICE_UNAVAILABLE, "api_error";
+    Unavailable         => "service_unavailable", Unavailable, StatusCode::SERVICE_UNAVAILABLE, "api_error";
+    Timeout             => "timeout", DeadlineExceeded, StatusCode::GATEWAY_TIMEOUT, "api_error";
+    UpstreamError       => "upstream_error", Unavailable, StatusCode::BAD_GATEWAY, "api_error";
+    NotImplemented      => "not_implemented", Unimplemented, StatusCode::NOT_IMPLEMENTED, "api_error";
+    Internal            => "internal_error", Internal, StatusCode::INTERNAL_SERVER_ERROR, "api_error";
+    ClientClosed        => "client_closed", Cancelled, CLIENT_CLOSED_REQUEST, "invalid_request_error";
 }
 
 impl ErrorCode {
@@ -87,11 +94,27 @@ impl ErrorCode {
             C::AlreadyExists | C::Aborted => ErrorCode::Conflict,
             C::FailedPrecondition => ErrorCode::PolicyViolation,
             C::ResourceExhausted => ErrorCode::RateLimited,
-            C::DeadlineExceeded | C::Cancelled => ErrorCode::Timeout,
+            C::DeadlineExceeded => ErrorCode::Timeout,
+            C::Cancelled => ErrorCode::ClientClosed,
             C::Unavailable => ErrorCode::Unavailable,
             C::Unimplemented => ErrorCode::NotImplemented,
             C::Ok | C::Unknown | C::Internal | C::DataLoss => ErrorCode::Internal,
         }
+    }
+}
+
+impl ErrorCode {
+    /// Whether the error says something about the request or its client rather than about the
+    /// target that answered it: such outcomes must not count against a target's health.
+    pub fn is_client_caused(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::InvalidRequest
+                | ErrorCode::PayloadTooLarge
+                | ErrorCode::UnsupportedMediaType
+                | ErrorCode::PolicyViolation
+                | ErrorCode::ClientClosed
+        )
     }
 }
 
