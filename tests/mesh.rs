@@ -13,6 +13,8 @@ use meshgate_proto::gateway::v1::ChatRequest;
 use meshgate_proto::gateway::v1::gateway_client::GatewayClient;
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::quota::v1::{ScopeKind, ScopeStatus, StatusRequest};
+use meshgate_proto::router::v1::router_client::RouterClient;
+use meshgate_proto::router::v1::{ListTargetsRequest, TargetState};
 use meshgate_tests::{ADMIN_KEY, CLOUD_MODEL, MeshOptions, TestMesh, chat_body, sse_events};
 use serde_json::{Value, json};
 
@@ -108,6 +110,21 @@ async fn falls_back_to_the_second_provider_on_500_and_on_timeout() {
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-meshgate-target"], "beta/mock-gpt");
     assert!(mesh.alpha.stats().requests_total >= 1);
+    // Outcomes reach the router in the background: alpha's failure and beta's success.
+    let mut router = RouterClient::new(mesh.channel("router"));
+    let mut seen = (0, 0);
+    for _ in 0..100 {
+        let targets = router.list_targets(ListTargetsRequest {}).await.unwrap().into_inner().targets;
+        let count = |id: &str, pick: fn(&TargetState) -> i64| {
+            targets.iter().find(|t| t.target.as_ref().is_some_and(|t| t.id == id)).map_or(0, pick)
+        };
+        seen = (count("alpha/mock-gpt", |t| t.failures), count("beta/mock-gpt", |t| t.successes));
+        if seen.0 >= 1 && seen.1 >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen.0 >= 1 && seen.1 >= 1, "the router learned both outcomes: {seen:?}");
 
     mesh.alpha.set_failures(0.0, 500);
     mesh.alpha.set_hang(true);

@@ -7,6 +7,7 @@ pub mod http;
 pub mod metrics;
 pub mod openai;
 pub mod orchestrator;
+pub mod outcomes;
 pub mod traces;
 
 use std::time::Duration;
@@ -148,7 +149,9 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     };
     let auth = Authenticator::new(admin_key.as_deref());
     let limits = openai::ChatLimits { max_messages: config.max_messages, max_tokens_cap: config.max_tokens_cap };
-    let orchestrator = orchestrator::Orchestrator::new(peers, path, traces, metrics.clone());
+    let (outcomes, outcome_sender) =
+        outcomes::OutcomeReporter::start(RouterClient::new(router.clone()), path.peer_timeout);
+    let orchestrator = orchestrator::Orchestrator::new(peers, path, traces, outcomes, metrics.clone());
     let edge = http::Edge {
         orchestrator: orchestrator.clone(),
         auth: auth.clone(),
@@ -177,8 +180,9 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     tokio::try_join!(http_server, grpc_server)?;
     // The servers are down and dropped their handles; the last settlements finish, then the
     // uploader sends the remaining traces and ends.
-    if tokio::time::timeout(drain, uploader).await.is_err() {
-        tracing::warn!("traces still buffered at the drain deadline were not delivered");
+    let flushed = tokio::time::timeout(drain, async { tokio::join!(uploader, outcome_sender) }).await;
+    if flushed.is_err() {
+        tracing::warn!("traces or outcomes still buffered at the drain deadline were not delivered");
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::metrics::GatewayMetrics;
 use crate::openai::ValidChat;
+use crate::outcomes::OutcomeReporter;
 use crate::traces::TraceSink;
 
 /// Clients of the services the gateway orchestrates.
@@ -79,6 +80,7 @@ pub struct Orchestrator {
     peers: Peers,
     config: PathConfig,
     traces: TraceSink,
+    outcomes: OutcomeReporter,
     metrics: GatewayMetrics,
 }
 
@@ -99,8 +101,14 @@ pub fn cost_micros(target: &Target, prompt_tokens: i64, completion_tokens: i64) 
 }
 
 impl Orchestrator {
-    pub fn new(peers: Peers, config: PathConfig, traces: TraceSink, metrics: GatewayMetrics) -> Arc<Self> {
-        Arc::new(Self { peers, config, traces, metrics })
+    pub fn new(
+        peers: Peers,
+        config: PathConfig,
+        traces: TraceSink,
+        outcomes: OutcomeReporter,
+        metrics: GatewayMetrics,
+    ) -> Arc<Self> {
+        Arc::new(Self { peers, config, traces, outcomes, metrics })
     }
 
     pub fn peers(&self) -> &Peers {
@@ -523,25 +531,13 @@ impl Settlement {
     }
 
     fn report_outcome(&self, target_id: &str, ok: bool, latency: Duration, completion_tokens: i64, error_code: &str) {
-        let outcome = Outcome {
+        self.orchestrator.outcomes.report(Outcome {
             target_id: target_id.to_owned(),
             ok,
             latency_us: latency.as_micros() as i64,
             completion_tokens,
             error_code: error_code.to_owned(),
-        };
-        let mut router = self.orchestrator.peers.router.clone();
-        let deadline = self.orchestrator.config.peer_timeout;
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(
-                async move {
-                    if let Err(err) = peer_call("router", deadline, router.report_outcome(outcome)).await {
-                        tracing::debug!(%err, "outcome not reported");
-                    }
-                }
-                .instrument(self.span.clone()),
-            );
-        }
+        });
     }
 }
 

@@ -13,8 +13,8 @@ use meshgate_proto::common::v1::Target;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::router::v1::router_server::{Router, RouterServer};
 use meshgate_proto::router::v1::{
-    ListTargetsRequest, ListTargetsResponse, Outcome, PlannedTarget, ReportOutcomeResponse, RoutePlan, RouteRequest,
-    TargetState,
+    ListTargetsRequest, ListTargetsResponse, Outcome, OutcomeBatch, PlannedTarget, ReportOutcomeResponse, RoutePlan,
+    RouteRequest, TargetState,
 };
 use meshgate_runtime::{ErrorCode, Listeners, ServiceHost, Shutdown};
 use meshgate_sync::providers::{ProviderSpec, resolve_providers};
@@ -210,6 +210,18 @@ impl Router for RouterService {
             return Err(ErrorCode::InvalidRequest.status("target_id must not be empty"));
         }
         self.core.report(&outcome, Instant::now());
+        Ok(Response::new(ReportOutcomeResponse {}))
+    }
+
+    async fn report_outcomes(&self, request: Request<OutcomeBatch>) -> Result<Response<ReportOutcomeResponse>, Status> {
+        let batch = request.into_inner();
+        if batch.outcomes.iter().any(|o| o.target_id.is_empty()) {
+            return Err(ErrorCode::InvalidRequest.status("every outcome needs a target_id"));
+        }
+        let now = Instant::now();
+        for outcome in &batch.outcomes {
+            self.core.report(outcome, now);
+        }
         Ok(Response::new(ReportOutcomeResponse {}))
     }
 
