@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meshgate::{MeshConfig, MeshListeners};
 use meshgate_mock_provider::MockProvider;
@@ -94,23 +94,18 @@ impl TestMesh {
 
     /// gRPC health of one service.
     pub async fn health(&self, service: &str) -> Option<i32> {
-        let mut client = tonic_health::pb::health_client::HealthClient::new(self.channel(service));
-        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-        client.check(request).await.ok().map(|r| r.into_inner().status)
+        meshgate_runtime::client::health_status(self.channel(service), "", Duration::from_secs(1))
+            .await
+            .ok()
+            .map(|s| s as i32)
     }
 
     async fn wait_until_serving(&self, limit: Duration) {
-        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-        let deadline = Instant::now() + limit;
         for (name, _, _) in self.addresses {
-            loop {
-                if self.health(name).await == Some(serving) {
-                    break;
-                }
-                assert!(!self.task.is_finished(), "the mesh stopped while starting");
-                assert!(Instant::now() < deadline, "{name} did not become SERVING within {limit:?}");
-                tokio::time::sleep(Duration::from_millis(25)).await;
+            if let Err(reason) = meshgate_runtime::client::wait_serving(&self.channel(name), "", limit).await {
+                panic!("{name}: {reason}");
             }
+            assert!(!self.task.is_finished(), "the mesh stopped while starting");
         }
     }
 

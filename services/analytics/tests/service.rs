@@ -15,8 +15,6 @@ use meshgate_runtime::{Listeners, Shutdown};
 use meshgate_storage::{migrate, postgres_client, postgres_pool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 struct Running {
     channel: Channel,
@@ -31,19 +29,12 @@ async fn start(config: Config) -> Running {
     let admin = listeners.admin_addr();
     let shutdown = Shutdown::new();
     let task = tokio::spawn(serve(config, listeners, shutdown.clone()));
+    let health = meshgate_runtime::channel(&url, Duration::from_secs(1)).unwrap();
+    meshgate_runtime::client::wait_serving(&health, "meshgate.analytics.v1.Analytics", Duration::from_secs(10))
+        .await
+        .unwrap();
     let channel = Endpoint::from_shared(url).unwrap().connect_lazy();
-    let running = Running { channel, admin, shutdown, task };
-    let mut health = HealthClient::new(running.channel.clone());
-    for _ in 0..200 {
-        let request = tonic_health::pb::HealthCheckRequest { service: "meshgate.analytics.v1.Analytics".into() };
-        if let Ok(response) = health.check(request).await
-            && response.into_inner().status == ServingStatus::Serving as i32
-        {
-            return running;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("analytics never became SERVING");
+    Running { channel, admin, shutdown, task }
 }
 
 impl Running {

@@ -196,18 +196,10 @@ fn readiness_probe(
         let peers = [("quota", quota.clone()), ("router", router.clone())];
         Box::pin(async move {
             for (name, channel) in peers {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                let response = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }),
-                )
-                .await
-                .map_err(|_| format!("{name} did not answer its health check"))?
-                .map_err(|status| format!("{name}: {}", status.message()))?;
-                if response.into_inner().status
-                    != tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                {
-                    return Err(format!("{name} is not serving"));
+                match meshgate_runtime::client::health_status(channel, "", Duration::from_secs(1)).await {
+                    Ok(tonic_health::pb::health_check_response::ServingStatus::Serving) => {}
+                    Ok(status) => return Err(format!("{name} is {status:?}")),
+                    Err(reason) => return Err(format!("{name}: {reason}")),
                 }
             }
             Ok(())

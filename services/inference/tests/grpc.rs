@@ -10,9 +10,6 @@ use meshgate_proto::inference::v1 as pb;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_runtime::{ApiError, ErrorCode, Listeners, Shutdown};
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 struct Server {
     client: InferenceClient<Channel>,
@@ -26,18 +23,10 @@ async fn start(config: Config) -> Server {
     let shutdown = Shutdown::new();
     let task = tokio::spawn(meshgate_inference::serve(config, listeners, shutdown.clone()));
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
-    let mut health = HealthClient::new(channel.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let request = HealthCheckRequest { service: "meshgate.inference.v1.Inference".into() };
-        if let Ok(response) = health.check(request).await
-            && response.into_inner().status == ServingStatus::Serving as i32
-        {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "inference never turned SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let health = meshgate_runtime::channel(&format!("http://{addr}"), Duration::from_secs(1)).unwrap();
+    meshgate_runtime::client::wait_serving(&health, "meshgate.inference.v1.Inference", Duration::from_secs(30))
+        .await
+        .unwrap();
     Server { client: InferenceClient::new(channel), shutdown, task }
 }
 

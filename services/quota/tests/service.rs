@@ -16,8 +16,6 @@ use meshgate_runtime::{ErrorCode, Listeners, Shutdown};
 use meshgate_storage::{RedisConfig, migrate, postgres_client, redis_connection, system_clock};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 struct Running {
     grpc: String,
@@ -41,21 +39,10 @@ impl Running {
     }
 
     async fn wait_serving(&self) {
-        let channel = tonic::transport::Endpoint::from_shared(self.grpc.clone()).unwrap().connect().await.unwrap();
-        let mut health = HealthClient::new(channel);
-        for _ in 0..100 {
-            let status = health
-                .check(tonic_health::pb::HealthCheckRequest { service: "meshgate.quota.v1.Quota".into() })
-                .await
-                .unwrap()
-                .into_inner()
-                .status;
-            if status == ServingStatus::Serving as i32 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("quota never became SERVING");
+        let health = meshgate_runtime::channel(&self.grpc, Duration::from_secs(1)).unwrap();
+        meshgate_runtime::client::wait_serving(&health, "meshgate.quota.v1.Quota", Duration::from_secs(5))
+            .await
+            .unwrap();
     }
 
     async fn admin_get(&self, path: &str) -> String {

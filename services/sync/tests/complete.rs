@@ -36,7 +36,10 @@ impl Sync {
         let task = tokio::spawn(meshgate_sync::serve(config, listeners, shutdown.clone()));
         let channel =
             tonic::transport::Endpoint::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
-        wait_serving(channel.clone()).await;
+        let health = meshgate_runtime::channel(&format!("http://{grpc}"), Duration::from_secs(1)).unwrap();
+        meshgate_runtime::client::wait_serving(&health, "meshgate.sync.v1.Sync", Duration::from_secs(10))
+            .await
+            .unwrap();
         Self { client: SyncClient::new(channel), admin, shutdown, task }
     }
 
@@ -64,24 +67,6 @@ impl Sync {
 
     async fn metrics(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap()
-    }
-}
-
-async fn wait_serving(channel: Channel) {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let mut health = HealthClient::new(channel);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = health
-            .check(HealthCheckRequest { service: "meshgate.sync.v1.Sync".into() })
-            .await
-            .map(|r| r.into_inner().status);
-        if matches!(status, Ok(s) if s == ServingStatus::Serving as i32) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "sync never became SERVING: {status:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -5,6 +5,9 @@ use std::time::Duration;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// A channel to another meshgate service; every request carries W3C `traceparent`.
 pub type MeshChannel = InterceptedService<Channel, PropagateContext>;
@@ -41,4 +44,31 @@ pub fn channel(endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel,
         .keep_alive_while_idle(true)
         .connect_lazy();
     Ok(InterceptedService::new(channel, PropagateContext))
+}
+
+/// The gRPC health of `service` (`""` for the whole server) behind `channel`, or why there is
+/// none within `timeout`.
+pub async fn health_status(channel: MeshChannel, service: &str, timeout: Duration) -> Result<ServingStatus, String> {
+    let mut health = HealthClient::new(channel);
+    let request = HealthCheckRequest { service: service.to_owned() };
+    let response = tokio::time::timeout(timeout, health.check(request))
+        .await
+        .map_err(|_| format!("no health answer within {} ms", timeout.as_millis()))?
+        .map_err(|status| status.message().to_owned())?;
+    Ok(ServingStatus::try_from(response.into_inner().status).unwrap_or(ServingStatus::Unknown))
+}
+
+/// Waits until `service` behind `channel` reports SERVING, polling every 20 ms for at most `limit`.
+pub async fn wait_serving(channel: &MeshChannel, service: &str, limit: Duration) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let status = health_status(channel.clone(), service, Duration::from_secs(1)).await;
+        if status == Ok(ServingStatus::Serving) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("{service:?} not SERVING within {limit:?}: {status:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
