@@ -7,40 +7,7 @@ use std::path::{Path, PathBuf};
 use meshgate_inference::Config;
 use serde::Deserialize;
 
-/// `MESHGATE_TEST_MODELS_DIR`, else `<workspace>/target/test-models`.
-pub fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("MESHGATE_TEST_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/test-models"));
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "no test models in {}: run `scripts/setup-python.sh && .venv/bin/python scripts/make-test-models.py target/test-models`",
-        dir.display()
-    );
-    dir
-}
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `ORT_DYLIB_PATH`, else the library of the onnxruntime wheel in `<workspace>/.venv`.
-pub fn ort_dylib() -> PathBuf {
-    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
-    }
-    let lib = workspace().join(".venv/lib");
-    std::fs::read_dir(&lib)
-        .ok()
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|python| python.path().join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("set ORT_DYLIB_PATH or run scripts/setup-python.sh (nothing under {})", lib.display())
-        })
-}
+pub use meshgate_inference::test_env::{models_dir, ort_dylib};
 
 /// A configuration over `dir`, one intra-op thread (the machine is shared).
 pub fn config(dir: &Path) -> Config {
