@@ -18,8 +18,8 @@ use crate::Error;
 use crate::limits::{DefaultLimits, LimitsCache, LimitsRepo};
 use crate::metrics::QuotaMetrics;
 use crate::model::{
-    CounterState, Limits, MAX_COST_MICROS, MAX_TOKENS, Scope, retry_after_seconds, validate_id, window_day,
-    window_reset_at,
+    CounterState, Limits, MAX_COST_MICROS, MAX_TOKENS, Scope, check_amount, retry_after_seconds, validate_id,
+    window_day, window_reset_at,
 };
 use crate::store::{CounterSpec, QuotaStore, ReserveInput, ReserveOutcome, SettleOutcome};
 
@@ -74,16 +74,6 @@ pub fn reservation_id(principal: &Principal, request_id: &str) -> String {
     hasher.update(request_id.as_bytes());
     let digest = hasher.finalize();
     format!("rsv_{}", hex::encode(&digest[..16]))
-}
-
-fn check_amount(name: &str, value: i64, max: i64) -> Result<(), Error> {
-    if value < 0 {
-        Err(Error::InvalidArgument(format!("{name} must not be negative (got {value})")))
-    } else if value > max {
-        Err(Error::InvalidArgument(format!("{name} must be at most {max} (got {value})")))
-    } else {
-        Ok(())
-    }
 }
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {

@@ -149,19 +149,10 @@ pub struct Limits {
 impl Limits {
     /// Rejects negative, absurd and (for now) per-minute limits.
     pub fn validate(&self) -> Result<(), Error> {
-        let check = |name: &str, value: i64, max: i64| {
-            if value < 0 {
-                Err(Error::InvalidArgument(format!("{name} must not be negative (got {value})")))
-            } else if value > max {
-                Err(Error::InvalidArgument(format!("{name} must be at most {max} (got {value})")))
-            } else {
-                Ok(())
-            }
-        };
-        check("tokens_per_day", self.tokens_per_day, MAX_TOKENS)?;
-        check("cost_micros_per_day", self.cost_micros_per_day, MAX_COST_MICROS)?;
-        check("requests_per_minute", self.requests_per_minute, MAX_PER_MINUTE)?;
-        check("tokens_per_minute", self.tokens_per_minute, MAX_PER_MINUTE)?;
+        check_amount("tokens_per_day", self.tokens_per_day, MAX_TOKENS)?;
+        check_amount("cost_micros_per_day", self.cost_micros_per_day, MAX_COST_MICROS)?;
+        check_amount("requests_per_minute", self.requests_per_minute, MAX_PER_MINUTE)?;
+        check_amount("tokens_per_minute", self.tokens_per_minute, MAX_PER_MINUTE)?;
         if self.requests_per_minute != 0 || self.tokens_per_minute != 0 {
             return Err(Error::NotSupported(
                 "per-minute limits (requests_per_minute, tokens_per_minute) are not enforced by this \
@@ -242,6 +233,17 @@ impl CounterState {
     /// Tokens left under `limit` (0 = unlimited gives `None`), floored at 0.
     pub fn remaining_tokens(&self, limit: i64) -> Option<i64> {
         (limit > 0).then(|| (limit - self.used_tokens - self.reserved_tokens).max(0))
+    }
+}
+
+/// Refuses a negative amount or one above `max`, naming the field.
+pub(crate) fn check_amount(name: &str, value: i64, max: i64) -> Result<(), Error> {
+    if value < 0 {
+        Err(Error::InvalidArgument(format!("{name} must not be negative (got {value})")))
+    } else if value > max {
+        Err(Error::InvalidArgument(format!("{name} must be at most {max} (got {value})")))
+    } else {
+        Ok(())
     }
 }
 
