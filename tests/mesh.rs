@@ -484,3 +484,35 @@ async fn a_request_no_target_serves_releases_its_reservation() {
     assert_eq!((scope.reserved_tokens, scope.used_tokens), (0, 0));
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_stream_is_charged_for_what_was_produced_and_no_target_is_blamed() {
+    let mesh = TestMesh::start().await;
+    mesh.alpha.update(|b| {
+        b.stream_chunks = 50;
+        b.chunk_delay = Duration::from_millis(50);
+    });
+    let mut body = chat_body(CLOUD_MODEL, "a long answer please");
+    body["stream"] = json!(true);
+    body["max_tokens"] = json!(100);
+    let response = mesh.chat(body).await;
+    assert_eq!(response.status(), 200);
+    let mut bytes = response.bytes_stream();
+    let first = bytes.next().await.expect("first bytes").unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(bytes);
+
+    let scope = eventually_key_scope(&mesh, |s| s.reserved_tokens == 0 && s.used_tokens > 0).await;
+    assert_eq!(scope.reserved_tokens, 0, "the reservation is settled, not left to its TTL");
+    assert!(scope.used_tokens > 0, "the tokens produced before the client left are charged");
+    // The whole answer would be 50 completion tokens plus the prompt: the charge is only the
+    // part produced before the client left (the provider's work stops with it).
+    assert!(scope.used_tokens < 40, "charged {} tokens", scope.used_tokens);
+
+    let mut router = RouterClient::new(mesh.channel("router"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let targets = router.list_targets(ListTargetsRequest {}).await.unwrap().into_inner().targets;
+    let alpha = targets.iter().find(|t| t.target.as_ref().is_some_and(|t| t.id == "alpha/mock-gpt")).unwrap();
+    assert_eq!(alpha.failures, 0, "a client that leaves says nothing about the provider");
+    mesh.stop().await;
+}
