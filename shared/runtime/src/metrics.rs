@@ -13,7 +13,7 @@ pub const LATENCY_BUCKETS: &[f64] =
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    grpc_requests: IntCounterVec,
+    pub(crate) grpc_requests: IntCounterVec,
     grpc_duration: HistogramVec,
 }
 
@@ -29,7 +29,7 @@ impl Metrics {
         let grpc_duration = HistogramVec::new(
             HistogramOpts::new(
                 "meshgate_grpc_server_request_duration_seconds",
-                "Time until the response headers of a gRPC request, by method",
+                "Time until a gRPC call's response ended (streams included), by method",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["method"],

@@ -355,8 +355,9 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     B: Send + 'static,
+    R: http_body::Body + Unpin,
 {
-    type Response = S::Response;
+    type Response = http::Response<ObservedBody<R>>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -375,24 +376,134 @@ where
         let metrics = self.metrics.clone();
         Box::pin(
             async move {
-                let result = future.await;
-                let code = match &result {
-                    Ok(response) => {
-                        response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_owned()
-                    }
-                    Err(_) => "transport".to_owned(),
-                };
-                metrics.observe_grpc(method, &code, start.elapsed().as_secs_f64());
-                result
+                let response = future.await?;
+                // A trailers-only answer (every unary error) carries its status in the headers;
+                // otherwise the status comes in the trailers at the end of the body.
+                let header_code =
+                    response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                let finish = Finish { metrics, method, start, header_code };
+                Ok(response.map(|inner| ObservedBody { inner, finish: Some(finish) }))
             }
             .instrument(span),
         )
     }
 }
 
+/// Records a gRPC call's metrics once its response ends, with its final status.
+struct Finish {
+    metrics: Metrics,
+    method: &'static str,
+    start: Instant,
+    header_code: Option<String>,
+}
+
+impl Finish {
+    fn record(self, trailer_code: Option<&str>) {
+        let code = trailer_code.or(self.header_code.as_deref()).unwrap_or("0");
+        self.metrics.observe_grpc(self.method, code, self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// A response body that reports the call's status and duration when it ends (streams included).
+pub struct ObservedBody<B> {
+    inner: B,
+    finish: Option<Finish>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(finish) = this.finish.take()
+                {
+                    finish.record(trailers.get("grpc-status").and_then(|v| v.to_str().ok()));
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(finish) = this.finish.take() {
+                    finish.record(Some("transport"));
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(finish) = this.finish.take() {
+                    finish.record(None);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for ObservedBody<B> {
+    fn drop(&mut self) {
+        // The body went away before it ended: the client cancelled the call.
+        if let Some(finish) = self.finish.take() {
+            let cancelled = if finish.header_code.is_some() { None } else { Some("1") };
+            finish.record(cancelled);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Frames = Vec<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>>;
+    type FrameBody = http_body_util::StreamBody<futures::stream::Iter<<Frames as IntoIterator>::IntoIter>>;
+
+    fn frames(frames: Vec<http_body::Frame<bytes::Bytes>>) -> FrameBody {
+        http_body_util::StreamBody::new(futures::stream::iter(frames.into_iter().map(Ok).collect::<Frames>()))
+    }
+
+    fn observed<B>(inner: B, metrics: &Metrics, header_code: Option<&str>) -> ObservedBody<B> {
+        let finish = Finish {
+            metrics: metrics.clone(),
+            method: "/meshgate.sync.v1.Sync/Complete",
+            start: Instant::now(),
+            header_code: header_code.map(str::to_owned),
+        };
+        ObservedBody { inner, finish: Some(finish) }
+    }
+
+    fn count(metrics: &Metrics, code: &str) -> u64 {
+        metrics.grpc_requests.with_label_values(&["/meshgate.sync.v1.Sync/Complete", code]).get()
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_counted_once_with_the_status_of_its_trailers() {
+        use http_body_util::BodyExt;
+        let metrics = Metrics::new("test");
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
+        let body =
+            frames(vec![http_body::Frame::data(bytes::Bytes::from_static(b"x")), http_body::Frame::trailers(trailers)]);
+        observed(body, &metrics, None).collect().await.unwrap();
+        assert_eq!((count(&metrics, "14"), count(&metrics, "0")), (1, 0));
+
+        observed(frames(vec![]), &metrics, Some("5")).collect().await.unwrap();
+        assert_eq!(count(&metrics, "5"), 1, "a trailers-only answer keeps its header status");
+
+        drop(observed(frames(vec![]), &metrics, None));
+        assert_eq!(count(&metrics, "1"), 1, "a body dropped before its end is a cancelled call");
+    }
 
     #[test]
     fn known_methods_cover_every_contract_and_nothing_else() {
