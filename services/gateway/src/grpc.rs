@@ -53,15 +53,15 @@ impl Gateway for GatewayService {
             include_usage: true,
         };
         check_chat(&mut chat, self.limits).map_err(|err| err.to_status())?;
-        let model = chat.model.clone();
+        let requested = chat.model.clone();
         let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started };
         let reply = self.orchestrator.chat(call).await.map_err(|err| err.to_status())?;
-        let served = reply.target.model.clone();
+        let model = if reply.target.model.is_empty() { requested } else { reply.target.model.clone() };
         let chunks = reply.pieces.map(move |piece| {
             piece
                 .map(|piece| ChatChunk {
                     request_id: request_id.clone(),
-                    model: if served.is_empty() { model.clone() } else { served.clone() },
+                    model: model.clone(),
                     delta: piece.delta,
                     finish_reason: piece.finish_reason,
                     usage: piece.usage,

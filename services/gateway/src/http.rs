@@ -201,8 +201,8 @@ async fn run_chat(
     }
 }
 
-fn target_header(response: &mut Response, reply: &ChatReply) {
-    if let Ok(value) = HeaderValue::from_str(&reply.target.id) {
+fn target_header(response: &mut Response, target_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(target_id) {
         response.headers_mut().insert(TARGET, value);
     }
 }
@@ -236,7 +236,7 @@ async fn json_response(mut reply: ChatReply, chat: &ReplyShape, completion_id: &
         usage: openai::WireUsage::from(&usage),
     };
     let mut response = axum::Json(body).into_response();
-    target_header(&mut response, &reply);
+    target_header(&mut response, &reply.target.id);
     Ok(response)
 }
 
@@ -247,9 +247,7 @@ fn stream_response(reply: ChatReply, chat: ReplyShape, completion_id: String, re
     let model = chat.model;
     let include_usage = chat.include_usage;
     let created = unix_now();
-    let mut response_target = Response::new(Body::empty());
-    target_header(&mut response_target, &reply);
-    let mut pieces = reply.pieces;
+    let ChatReply { target, mut pieces } = reply;
     let events = async_stream::stream! {
         let usage_field = include_usage.then_some(None);
         let mut first = true;
@@ -309,9 +307,7 @@ fn stream_response(reply: ChatReply, chat: ReplyShape, completion_id: String, re
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    if let Some(target) = response_target.headers().get(TARGET) {
-        headers.insert(TARGET, target.clone());
-    }
+    target_header(&mut response, &target.id);
     response
 }
 
