@@ -51,7 +51,7 @@ impl Default for Config {
             settled_retention_secs: 600,
             limits_cache_ttl_ms: 30_000,
             fail_open: false,
-            ledger_flush_interval_ms: 5_000,
+            ledger_flush_interval_ms: 1_000,
             ledger_batch_size: 500,
             migrate_on_start: true,
         }
@@ -105,11 +105,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_limit_keys_to_a_million_tokens_a_day() {
+    fn defaults_are_valid_and_limit_users_per_day_and_minute() {
         let config = Config::default();
         config.validate().unwrap();
-        assert_eq!(config.defaults.key.tokens_per_day, 1_000_000);
+        let user = config.defaults.user;
+        assert_eq!(
+            (user.tokens_per_day, user.cost_micros_per_day, user.requests_per_minute),
+            (1_000_000, 10_000_000, 100)
+        );
         assert_eq!(config.defaults.org.tokens_per_day, 0);
+        assert_eq!(config.defaults.key.tokens_per_day, 0);
     }
 
     #[test]
@@ -123,7 +128,12 @@ mod tests {
             serde_json::from_str(r#"{"redis_url": "redis://r:6379/0", "defaults": {"user": {"tokens_per_day": 5}}}"#)
                 .unwrap();
         assert_eq!(parsed.redis_url.as_deref(), Some("redis://r:6379/0"));
-        assert_eq!((parsed.defaults.user.tokens_per_day, parsed.defaults.key.tokens_per_day), (5, 1_000_000));
+        assert_eq!((parsed.defaults.user.tokens_per_day, parsed.defaults.user.requests_per_minute), (5, 0));
+        let zoned: Config = serde_json::from_str(r#"{"defaults": {"org": {"time_zone": "Asia/Tokyo"}}}"#).unwrap();
+        zoned.validate().unwrap();
+        assert_eq!(zoned.defaults.org.zone().name(), "Asia/Tokyo");
+        let misplaced: Config = serde_json::from_str(r#"{"defaults": {"user": {"time_zone": "Asia/Tokyo"}}}"#).unwrap();
+        assert!(misplaced.validate().unwrap_err().to_string().contains("defaults.user"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use meshgate_proto::common::v1::Principal;
 use meshgate_proto::quota::v1 as pb;
 use meshgate_storage::SharedClock;
@@ -15,18 +15,20 @@ use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 
 use crate::Error;
+use crate::ledger::Ledger;
 use crate::limits::{DefaultLimits, LimitsCache, LimitsRepo};
 use crate::metrics::QuotaMetrics;
 use crate::model::{
-    CounterState, Limits, MAX_COST_MICROS, MAX_TOKENS, Scope, check_amount, retry_after_seconds, validate_id,
-    window_day, window_reset_at,
+    CounterState, Limits, MAX_COST_MICROS, MAX_TOKENS, MinuteState, Scope, check_amount, retry_after_seconds_ms,
+    validate_id, window_day, window_reset_at,
 };
-use crate::store::{CounterSpec, QuotaStore, ReserveInput, ReserveOutcome, SettleOutcome};
+use crate::store::{ChargeOutcome, CounterSpec, QuotaStore, ReserveInput, ReserveOutcome, SeedRow, SettleOutcome};
 
 /// Reservation ids handed out while failing open; they are not in any store.
 const FAIL_OPEN_PREFIX: &str = "open_";
-/// Limits changing under a reservation more often than this in a row is treated as an error.
-const STALE_RETRIES: usize = 3;
+/// Store round trips one operation may take: limits changing under it or counters needing a
+/// seed from the ledger more often than this in a row is treated as an error.
+const ATTEMPTS: usize = 4;
 
 /// Behaviour knobs of the engine.
 #[derive(Debug, Clone)]
@@ -55,6 +57,8 @@ impl Default for EngineSettings {
 pub struct QuotaEngine {
     store: Arc<dyn QuotaStore>,
     limits: Arc<dyn LimitsRepo>,
+    /// Where unseeded counters are rebuilt from; without one they start at zero.
+    ledger: Option<Ledger>,
     cache: Mutex<LimitsCache>,
     clock: SharedClock,
     settings: EngineSettings,
@@ -80,9 +84,25 @@ fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: t.timestamp(), nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0) }
 }
 
-/// Remaining daily tokens of the tightest scope, or -1 when no scope has a token limit.
-fn tightest_remaining(limits: &[Limits], counters: &[CounterState]) -> i64 {
-    limits.iter().zip(counters).filter_map(|(l, c)| c.remaining_tokens(l.tokens_per_day)).min().unwrap_or(-1)
+/// The smallest of the scopes' remaining amounts, or -1 when no scope limits it.
+fn tightest<T>(items: impl Iterator<Item = T>, remaining: impl Fn(T) -> Option<i64>) -> i64 {
+    items.filter_map(remaining).min().unwrap_or(-1)
+}
+
+/// Remaining daily tokens and cost of the tightest scopes.
+fn tightest_daily(limits: &[Limits], counters: &[CounterState]) -> (i64, i64) {
+    (
+        tightest(limits.iter().zip(counters), |(l, c)| c.remaining_tokens(l.tokens_per_day)),
+        tightest(limits.iter().zip(counters), |(l, c)| c.remaining_cost_micros(l.cost_micros_per_day)),
+    )
+}
+
+/// The counters of `scopes` in the daily window containing `now`, which is the day in the org's
+/// time zone (the org scope comes first and its limits carry the zone).
+fn window(scopes: &[Scope], limits: &[Limits], now: DateTime<Utc>) -> (Vec<(Scope, NaiveDate)>, DateTime<Utc>) {
+    let zone = limits.first().map(Limits::zone).unwrap_or(chrono_tz::Tz::UTC);
+    let day = window_day(now, zone);
+    (scopes.iter().map(|s| (s.clone(), day)).collect(), window_reset_at(now, zone))
 }
 
 impl QuotaEngine {
@@ -96,12 +116,19 @@ impl QuotaEngine {
         Self {
             store,
             limits,
+            ledger: None,
             cache: Mutex::new(LimitsCache::default()),
             clock,
             settings,
             metrics,
             incident: AtomicBool::new(false),
         }
+    }
+
+    /// Rebuild counters the store lacks from this ledger (else they start at zero).
+    pub fn with_ledger(mut self, ledger: Ledger) -> Self {
+        self.ledger = Some(ledger);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn QuotaStore> {
@@ -156,21 +183,23 @@ impl QuotaEngine {
         req: &pb::ReserveRequest,
     ) -> Result<pb::ReserveResponse, Error> {
         let now = self.clock.now();
-        let day = window_day(now);
         let ttl = TimeDelta::from_std(self.settings.reservation_ttl).unwrap_or(TimeDelta::MAX);
         let expires_at = now.checked_add_signed(ttl).unwrap_or(DateTime::<Utc>::MAX_UTC);
-        for _ in 0..STALE_RETRIES {
+        for _ in 0..ATTEMPTS {
             let (limits, generation) = self.resolve_limits(scopes).await?;
+            let (keys, window_reset) = window(scopes, &limits, now);
             let input = ReserveInput {
                 reservation_id: reservation_id.clone(),
-                counters: scopes
+                counters: keys
                     .iter()
                     .zip(&limits)
-                    .map(|(scope, l)| CounterSpec {
+                    .map(|((scope, day), l)| CounterSpec {
                         scope: scope.clone(),
-                        day,
+                        day: *day,
                         tokens_limit: l.tokens_per_day,
                         cost_limit_micros: l.cost_micros_per_day,
+                        requests_per_minute: l.requests_per_minute,
+                        tokens_per_minute: l.tokens_per_minute,
                     })
                     .collect(),
                 tokens: req.estimated_tokens,
@@ -181,29 +210,60 @@ impl QuotaEngine {
             };
             match self.store.reserve(&input).await? {
                 ReserveOutcome::StaleLimits => self.cache.lock().invalidate(),
-                ReserveOutcome::Admitted { counters, .. } => {
+                ReserveOutcome::Unseeded(positions) => {
+                    self.seed(positions.into_iter().map(|i| keys[i].clone()).collect()).await?;
+                }
+                ReserveOutcome::Admitted { counters, minute, .. } => {
+                    let (remaining_tokens, remaining_cost_micros) = tightest_daily(&limits, &counters);
                     return Ok(pb::ReserveResponse {
                         admitted: true,
                         reservation_id,
-                        remaining_tokens: tightest_remaining(&limits, &counters),
+                        reset_at: Some(timestamp(window_reset)),
+                        remaining_tokens,
+                        remaining_cost_micros,
+                        remaining_requests_this_minute: tightest(limits.iter().zip(&minute), |(l, m)| {
+                            m.remaining_requests(l.requests_per_minute)
+                        }),
                         ..Default::default()
                     });
                 }
-                ReserveOutcome::Rejected { counter, limit, counters } => {
-                    let reset_at = window_reset_at(now);
+                ReserveOutcome::Rejected { counter, limit, retry_after_ms, counters } => {
+                    let retry_after_ms = retry_after_ms.unwrap_or_else(|| (window_reset - now).num_milliseconds());
+                    let reset_at = now + TimeDelta::milliseconds(retry_after_ms);
+                    let (remaining_tokens, remaining_cost_micros) = tightest_daily(&limits, &counters);
                     return Ok(pb::ReserveResponse {
                         admitted: false,
                         reservation_id: String::new(),
                         rejected_scope: scopes.get(counter).map(Scope::to_proto),
                         rejected_limit: limit.as_str().to_owned(),
                         reset_at: Some(timestamp(reset_at)),
-                        retry_after_seconds: retry_after_seconds(now, reset_at),
-                        remaining_tokens: tightest_remaining(&limits, &counters),
+                        retry_after_seconds: retry_after_seconds_ms(retry_after_ms),
+                        retry_after_ms,
+                        remaining_tokens,
+                        remaining_cost_micros,
+                        remaining_requests_this_minute: -1,
                     });
                 }
             }
         }
-        Err(Error::StoreReply("limits changed during every attempt of this reservation; retry".into()))
+        Err(Error::StoreReply("limits changed or counters vanished during every attempt of this reservation".into()))
+    }
+
+    /// Seeds counters the store lacks with their usage in the ledger (zero without one).
+    async fn seed(&self, keys: Vec<(Scope, NaiveDate)>) -> Result<(), Error> {
+        let usage = match &self.ledger {
+            Some(ledger) => ledger.read(&keys).await?,
+            None => vec![CounterState::default(); keys.len()],
+        };
+        let rows: Vec<SeedRow> =
+            keys.into_iter().zip(usage).map(|((scope, day), usage)| SeedRow { scope, day, usage }).collect();
+        self.store.seed(&rows).await?;
+        let recovered = rows.iter().filter(|r| r.usage != CounterState::default()).count();
+        if recovered > 0 {
+            warn!(counters = recovered, "quota counters rebuilt from the usage ledger (the store had lost them)");
+        }
+        self.metrics.counters_seeded.inc_by(u64::try_from(rows.len()).unwrap_or(0));
+        Ok(())
     }
 
     /// Charges the actual usage of a reservation (once; replays answer the same).
@@ -218,21 +278,67 @@ impl QuotaEngine {
             if usage.total_tokens > 0 { usage.total_tokens } else { usage.prompt_tokens + usage.completion_tokens };
         if req.reservation_id.starts_with(FAIL_OPEN_PREFIX) {
             self.metrics.commits.with_label_values(&["fail_open"]).inc();
-            return Ok(pb::CommitResponse { remaining_tokens: -1 });
+            return Ok(pb::CommitResponse { remaining_tokens: -1, remaining_cost_micros: -1 });
         }
-        let outcome = match self.store.commit(&req.reservation_id, tokens, usage.cost_micros).await {
+        let now = self.clock.now();
+        let outcome = match self.store.commit(&req.reservation_id, tokens, usage.cost_micros, now).await {
             Ok(outcome) => {
                 self.store_ok();
                 outcome
             }
             Err(err) => return Err(self.fail("commit", err)),
         };
-        let (counters, replay) = self.settled(&req.reservation_id, outcome)?;
+        let (counters, replay) = match (outcome, req.principal.as_ref()) {
+            (SettleOutcome::NotFound, Some(principal)) => {
+                let scopes = Scope::of_principal(Some(principal))?;
+                match self.charge_lost(&req.reservation_id, &scopes, tokens, usage.cost_micros, now).await {
+                    Ok(charged) => {
+                        self.store_ok();
+                        charged
+                    }
+                    Err(err) => return Err(self.fail("commit", err)),
+                }
+            }
+            (outcome, _) => self.settled(&req.reservation_id, outcome)?,
+        };
         self.metrics.commits.with_label_values(&[if replay { "replay" } else { "committed" }]).inc();
         if !replay {
             self.metrics.committed_tokens.inc_by(u64::try_from(tokens).unwrap_or(0));
         }
-        Ok(pb::CommitResponse { remaining_tokens: self.remaining_after(counters).await? })
+        let (remaining_tokens, remaining_cost_micros) = self.remaining_after(counters).await?;
+        Ok(pb::CommitResponse { remaining_tokens, remaining_cost_micros })
+    }
+
+    /// Charges usage whose reservation the store lost (it restarted without its data) straight to
+    /// the principal's counters of the current window, once per reservation id.
+    async fn charge_lost(
+        &self,
+        reservation_id: &str,
+        scopes: &[Scope],
+        tokens: i64,
+        cost_micros: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<(Scope, CounterState)>, bool), Error> {
+        let (limits, _) = self.resolve_limits(scopes).await?;
+        let (keys, _) = window(scopes, &limits, now);
+        for _ in 0..ATTEMPTS {
+            match self.store.charge(reservation_id, &keys, tokens, cost_micros).await? {
+                ChargeOutcome::Charged(states) => {
+                    warn!(reservation_id, tokens, "committed usage of a reservation the quota store had lost");
+                    self.metrics.commits.with_label_values(&["lost_reservation"]).inc();
+                    return Ok((scopes.iter().cloned().zip(states).collect(), false));
+                }
+                // Charged before under this id: answer like a replayed commit.
+                ChargeOutcome::Exists => {
+                    let outcome = self.store.commit(reservation_id, tokens, cost_micros, now).await?;
+                    return self.settled(reservation_id, outcome);
+                }
+                ChargeOutcome::Unseeded(positions) => {
+                    self.seed(positions.into_iter().map(|i| keys[i].clone()).collect()).await?;
+                }
+            }
+        }
+        Err(Error::StoreReply("counters vanished during every attempt of this commit".into()))
     }
 
     /// Frees a reservation without charging it.
@@ -241,7 +347,7 @@ impl QuotaEngine {
         if req.reservation_id.starts_with(FAIL_OPEN_PREFIX) {
             return Ok(pb::ReleaseResponse {});
         }
-        let outcome = match self.store.release(&req.reservation_id).await {
+        let outcome = match self.store.release(&req.reservation_id, self.clock.now()).await {
             Ok(outcome) => {
                 self.store_ok();
                 outcome
@@ -267,44 +373,61 @@ impl QuotaEngine {
         }
     }
 
-    async fn remaining_after(&self, counters: Vec<(Scope, CounterState)>) -> Result<i64, Error> {
+    async fn remaining_after(&self, counters: Vec<(Scope, CounterState)>) -> Result<(i64, i64), Error> {
         let (scopes, states): (Vec<Scope>, Vec<CounterState>) = counters.into_iter().unzip();
         let (limits, _) = self.resolve_limits(&scopes).await?;
-        Ok(tightest_remaining(&limits, &states))
+        Ok(tightest_daily(&limits, &states))
     }
 
     /// Limits, usage and remaining budget of the principal's scopes in the current window.
     pub async fn status(&self, req: &pb::StatusRequest) -> Result<pb::StatusResponse, Error> {
         let scopes = Scope::of_principal(req.principal.as_ref())?;
         let now = self.clock.now();
-        let day = window_day(now);
-        let reset_at = timestamp(window_reset_at(now));
         let result = async {
             let (limits, _) = self.resolve_limits(&scopes).await?;
-            let keys: Vec<_> = scopes.iter().map(|s| (s.clone(), day)).collect();
-            let counters = self.store.status(&keys, now).await?;
-            Ok::<_, Error>((limits, counters))
+            let (keys, window_reset) = window(&scopes, &limits, now);
+            let mut views = self.store.status(&keys, now).await?;
+            let unseeded: Vec<(Scope, NaiveDate)> =
+                keys.iter().zip(&views).filter(|(_, v)| !v.seeded).map(|(k, _)| k.clone()).collect();
+            if !unseeded.is_empty() {
+                self.seed(unseeded).await?;
+                views = self.store.status(&keys, now).await?;
+            }
+            Ok::<_, Error>((limits, views, window_reset))
         }
         .await;
-        let (limits, counters) = match result {
+        let (limits, views, window_reset) = match result {
             Ok(found) => {
                 self.store_ok();
                 found
             }
             Err(err) => return Err(self.fail("status", err)),
         };
+        let reset_at = timestamp(window_reset);
+        let zone = limits.first().map(Limits::zone).unwrap_or(chrono_tz::Tz::UTC);
         let scopes = scopes
             .iter()
-            .zip(limits.iter().zip(&counters))
-            .map(|(scope, (l, c))| pb::ScopeStatus {
-                scope: Some(scope.to_proto()),
-                tokens_per_day: l.tokens_per_day,
-                used_tokens: c.used_tokens,
-                reserved_tokens: c.reserved_tokens,
-                remaining_tokens: c.remaining_tokens(l.tokens_per_day).unwrap_or(-1),
-                reset_at: Some(reset_at),
-                cost_micros_per_day: l.cost_micros_per_day,
-                used_cost_micros: c.used_cost_micros,
+            .zip(limits.iter().zip(&views))
+            .map(|(scope, (l, v))| {
+                let (c, m): (&CounterState, &MinuteState) = (&v.state, &v.minute);
+                pb::ScopeStatus {
+                    scope: Some(scope.to_proto()),
+                    tokens_per_day: l.tokens_per_day,
+                    used_tokens: c.used_tokens,
+                    reserved_tokens: c.reserved_tokens,
+                    remaining_tokens: c.remaining_tokens(l.tokens_per_day).unwrap_or(-1),
+                    reset_at: Some(reset_at),
+                    cost_micros_per_day: l.cost_micros_per_day,
+                    used_cost_micros: c.used_cost_micros,
+                    reserved_cost_micros: c.reserved_cost_micros,
+                    remaining_cost_micros: c.remaining_cost_micros(l.cost_micros_per_day).unwrap_or(-1),
+                    requests_today: c.requests,
+                    requests_per_minute: l.requests_per_minute,
+                    tokens_per_minute: l.tokens_per_minute,
+                    remaining_requests_this_minute: m.remaining_requests(l.requests_per_minute).unwrap_or(-1),
+                    remaining_tokens_this_minute: m.remaining_tokens(l.tokens_per_minute).unwrap_or(-1),
+                    time_zone: zone.name().to_owned(),
+                }
             })
             .collect();
         Ok(pb::StatusResponse { scopes })
@@ -314,7 +437,7 @@ impl QuotaEngine {
     /// reaches every replica's next reservation through the limits generation.
     pub async fn set_limits(&self, req: &pb::SetLimitsRequest) -> Result<pb::SetLimitsResponse, Error> {
         let scope = Scope::from_proto(req.scope.as_ref())?;
-        let limits = Limits::from_proto(req.limits.as_ref())?;
+        let limits = Limits::from_proto(req.limits.as_ref(), scope.kind)?;
         if let Err(err) = self.limits.set(&scope, &limits).await {
             return Err(self.fail("set_limits", err));
         }
@@ -393,10 +516,7 @@ impl QuotaEngine {
     /// Records a failed operation and turns unreachability into the fail-closed error.
     fn fail(&self, op: &'static str, err: Error) -> Error {
         match err {
-            Error::InvalidArgument(_)
-            | Error::NotSupported(_)
-            | Error::ReservationNotFound(_)
-            | Error::ReservationSettled { .. } => err,
+            Error::InvalidArgument(_) | Error::ReservationNotFound(_) | Error::ReservationSettled { .. } => err,
             err => {
                 self.store_failed(op, &err);
                 if err.is_unavailable() { Error::Unavailable(err.to_string()) } else { err }

@@ -5,8 +5,6 @@ use meshgate_runtime::ErrorCode;
 pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("{0}")]
-    NotSupported(String),
     #[error("reservation {0} is unknown or expired")]
     ReservationNotFound(String),
     #[error("reservation {id} was already {state}")]
@@ -29,7 +27,6 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::InvalidArgument(_) => ErrorCode::InvalidRequest,
-            Error::NotSupported(_) => ErrorCode::NotImplemented,
             Error::ReservationNotFound(_) => ErrorCode::NotFound,
             Error::ReservationSettled { .. } => ErrorCode::Conflict,
             Error::Unavailable(_) => ErrorCode::Unavailable,

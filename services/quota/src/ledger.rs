@@ -1,8 +1,9 @@
 //! The usage ledger: committed usage per scope per day in Postgres, the system of record behind
 //! the hot counters. Commits mark counters dirty in the store; a flusher writes their absolute
-//! values in batches every few seconds and once more on shutdown. Rows only grow (`GREATEST`),
-//! so rewriting a row, two replicas flushing at once, or a store that lost its counters never
-//! lowers recorded usage.
+//! values in batches every second and once more on shutdown. Rows only grow (`GREATEST`), so
+//! rewriting a row, two replicas flushing at once, or a store that lost its counters never lowers
+//! recorded usage. A counter the store lacks is seeded from its row, so losing Redis loses at most
+//! the commits of the last flush interval, never the day.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,20 +12,25 @@ use meshgate_runtime::Shutdown;
 use meshgate_storage::{PgPool, postgres_client};
 use tracing::{debug, warn};
 
+use std::collections::HashMap;
+
+use chrono::NaiveDate;
+
 use crate::Error;
 use crate::metrics::QuotaMetrics;
+use crate::model::{CounterState, Scope};
 use crate::store::{DirtyUsage, QuotaStore};
 
 /// Batches per flush at most, so one tick cannot run forever under a stream of commits.
 const MAX_BATCHES_PER_FLUSH: usize = 20;
 
-/// Writes usage rows to `usage_ledger`.
+/// The `usage_ledger` table.
 #[derive(Clone)]
-pub struct LedgerWriter {
+pub struct Ledger {
     pool: PgPool,
 }
 
-impl LedgerWriter {
+impl Ledger {
     pub fn new(pool: PgPool) -> Self {
         Self { pool }
     }
@@ -57,12 +63,45 @@ impl LedgerWriter {
             .await?;
         Ok(written)
     }
+
+    /// Recorded usage of `(scope, day)` counters, in order (zero where there is no row).
+    pub async fn read(&self, keys: &[(Scope, NaiveDate)]) -> Result<Vec<CounterState>, Error> {
+        let kinds: Vec<&str> = keys.iter().map(|(s, _)| s.kind.as_str()).collect();
+        let ids: Vec<&str> = keys.iter().map(|(s, _)| s.id.as_str()).collect();
+        let days: Vec<NaiveDate> = keys.iter().map(|(_, d)| *d).collect();
+        let client = postgres_client(&self.pool).await?;
+        let rows = client
+            .query(
+                "SELECT l.scope_kind, l.scope_id, l.day, l.tokens, l.cost_micros, l.requests \
+                 FROM usage_ledger l \
+                 JOIN unnest($1::text[], $2::text[], $3::date[]) AS w(kind, id, day) \
+                   ON l.scope_kind = w.kind AND l.scope_id = w.id AND l.day = w.day",
+                &[&kinds, &ids, &days],
+            )
+            .await?;
+        let found: HashMap<(String, String, NaiveDate), CounterState> = rows
+            .into_iter()
+            .map(|row| {
+                let usage = CounterState {
+                    used_tokens: row.get(3),
+                    used_cost_micros: row.get(4),
+                    requests: row.get(5),
+                    ..CounterState::default()
+                };
+                ((row.get(0), row.get(1), row.get(2)), usage)
+            })
+            .collect();
+        Ok(keys
+            .iter()
+            .map(|(s, d)| found.get(&(s.kind.as_str().to_owned(), s.id.clone(), *d)).copied().unwrap_or_default())
+            .collect())
+    }
 }
 
 /// Moves dirty usage from the store to the ledger.
 pub struct LedgerFlusher {
     store: Arc<dyn QuotaStore>,
-    writer: LedgerWriter,
+    writer: Ledger,
     batch_size: usize,
     interval: Duration,
     metrics: QuotaMetrics,
@@ -71,7 +110,7 @@ pub struct LedgerFlusher {
 impl LedgerFlusher {
     pub fn new(
         store: Arc<dyn QuotaStore>,
-        writer: LedgerWriter,
+        writer: Ledger,
         batch_size: usize,
         interval: Duration,
         metrics: QuotaMetrics,

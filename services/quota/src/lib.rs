@@ -1,5 +1,6 @@
-//! meshgate quota service: daily token and cost budgets per organization, project, user and key,
-//! enforced with reserve → commit/release so concurrent requests never overspend.
+//! meshgate quota service: daily token and cost budgets and per-minute rate limits per
+//! organization, project, user and key, enforced with reserve → commit/release so concurrent
+//! requests never overspend.
 //!
 //! Hot counters live in Redis (atomic Lua scripts, shared by replicas) or in memory (standalone);
 //! limit overrides and the per-day usage ledger live in Postgres when it is configured.
@@ -25,7 +26,7 @@ use tracing::{info, warn};
 pub use config::Config;
 pub use engine::{EngineSettings, QuotaEngine, reservation_id};
 pub use error::Error;
-pub use ledger::{LedgerFlusher, LedgerWriter};
+pub use ledger::{Ledger, LedgerFlusher};
 pub use limits::{DefaultLimits, LimitsRepo, MemoryLimits, PostgresLimits};
 pub use metrics::QuotaMetrics;
 pub use service::QuotaService;
@@ -34,11 +35,18 @@ pub use store::{MemoryStore, QuotaStore, RedisStore, RedisStoreSettings};
 /// Component name of this service's migrations in `schema_migrations`.
 pub const COMPONENT: &str = "quota";
 
-static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "quota_limits_and_usage_ledger",
-    sql: include_str!("../migrations/0001_quota_limits_and_usage_ledger.sql"),
-}];
+static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "quota_limits_and_usage_ledger",
+        sql: include_str!("../migrations/0001_quota_limits_and_usage_ledger.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "quota_limits_time_zone",
+        sql: include_str!("../migrations/0002_quota_limits_time_zone.sql"),
+    },
+];
 
 /// The schema migrations of the quota service's tables (`quota_limits`, `usage_ledger`).
 pub fn migrations() -> &'static [Migration] {
@@ -81,7 +89,7 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
     };
     info!(store = store.kind(), postgres = pg.is_some(), fail_open = config.fail_open, "quota store selected");
 
-    let engine = Arc::new(QuotaEngine::new(
+    let mut engine = QuotaEngine::new(
         store.clone(),
         limits,
         clock,
@@ -92,14 +100,18 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
             fail_open: config.fail_open,
         },
         metrics.clone(),
-    ));
+    );
+    if let Some(pool) = &pg {
+        engine = engine.with_ledger(Ledger::new(pool.clone()));
+    }
+    let engine = Arc::new(engine);
 
     // Stopped only after the server drained, so commits made while draining reach the ledger.
     let stop_flusher = Shutdown::new();
     let flusher = pg.clone().map(|pool| {
         let flusher = LedgerFlusher::new(
             store.clone(),
-            LedgerWriter::new(pool),
+            Ledger::new(pool),
             config.ledger_batch_size,
             Duration::from_millis(config.ledger_flush_interval_ms),
             metrics,

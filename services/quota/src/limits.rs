@@ -15,7 +15,7 @@ use meshgate_storage::{PgPool, postgres_client};
 use parking_lot::Mutex;
 
 use crate::Error;
-use crate::model::{Limits, Scope, ScopeKind};
+use crate::model::{Limits, Scope, ScopeKind, parse_time_zone};
 
 /// Storage of per-scope limit overrides.
 #[async_trait]
@@ -65,7 +65,7 @@ impl LimitsRepo for PostgresLimits {
         let rows = client
             .query(
                 "SELECT l.scope_kind, l.scope_id, l.tokens_per_day, l.cost_micros_per_day, \
-                        l.requests_per_minute, l.tokens_per_minute \
+                        l.requests_per_minute, l.tokens_per_minute, l.time_zone \
                  FROM quota_limits l \
                  JOIN unnest($1::text[], $2::text[]) AS w(kind, id) \
                    ON l.scope_kind = w.kind AND l.scope_id = w.id",
@@ -77,6 +77,9 @@ impl LimitsRepo for PostgresLimits {
             let kind: String = row.get(0);
             let kind = ScopeKind::parse(&kind)
                 .ok_or_else(|| Error::StoreReply(format!("quota_limits has unknown scope kind {kind:?}")))?;
+            let zone: Option<String> = row.get(6);
+            let time_zone = parse_time_zone(zone.as_deref().unwrap_or(""))
+                .map_err(|e| Error::StoreReply(format!("quota_limits row of {kind:?}: {e}")))?;
             out.insert(
                 Scope { kind, id: row.get(1) },
                 Limits {
@@ -84,6 +87,7 @@ impl LimitsRepo for PostgresLimits {
                     cost_micros_per_day: row.get(3),
                     requests_per_minute: row.get(4),
                     tokens_per_minute: row.get(5),
+                    time_zone,
                 },
             );
         }
@@ -95,13 +99,14 @@ impl LimitsRepo for PostgresLimits {
         client
             .execute(
                 "INSERT INTO quota_limits (scope_kind, scope_id, tokens_per_day, cost_micros_per_day, \
-                                           requests_per_minute, tokens_per_minute, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, now()) \
+                                           requests_per_minute, tokens_per_minute, time_zone, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, now()) \
                  ON CONFLICT (scope_kind, scope_id) DO UPDATE SET \
                    tokens_per_day = EXCLUDED.tokens_per_day, \
                    cost_micros_per_day = EXCLUDED.cost_micros_per_day, \
                    requests_per_minute = EXCLUDED.requests_per_minute, \
                    tokens_per_minute = EXCLUDED.tokens_per_minute, \
+                   time_zone = EXCLUDED.time_zone, \
                    updated_at = now()",
                 &[
                     &scope.kind.as_str(),
@@ -110,6 +115,7 @@ impl LimitsRepo for PostgresLimits {
                     &limits.cost_micros_per_day,
                     &limits.requests_per_minute,
                     &limits.tokens_per_minute,
+                    &limits.time_zone.map(|tz| tz.name()),
                 ],
             )
             .await?;
@@ -128,12 +134,19 @@ pub struct DefaultLimits {
 }
 
 impl Default for DefaultLimits {
+    /// A user gets 1,000,000 tokens and $10.00 a day and 100 requests a minute; other scopes are
+    /// unlimited unless configured.
     fn default() -> Self {
         Self {
             org: Limits::default(),
             project: Limits::default(),
-            user: Limits::default(),
-            key: Limits { tokens_per_day: 1_000_000, ..Limits::default() },
+            user: Limits {
+                tokens_per_day: 1_000_000,
+                cost_micros_per_day: 10_000_000,
+                requests_per_minute: 100,
+                ..Limits::default()
+            },
+            key: Limits::default(),
         }
     }
 }
@@ -150,7 +163,9 @@ impl DefaultLimits {
 
     pub fn validate(&self) -> Result<(), Error> {
         for kind in ScopeKind::ALL {
-            self.for_kind(kind).validate().map_err(|e| Error::Config(format!("defaults.{}: {e}", kind.as_str())))?;
+            self.for_kind(kind)
+                .validate_for(kind)
+                .map_err(|e| Error::Config(format!("defaults.{}: {e}", kind.as_str())))?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ pub struct QuotaMetrics {
     /// By `result` (admitted, rejected, fail_open) and `limit` (the limit that refused, or "none").
     pub reservations: IntCounterVec,
     pub reserve_duration: Histogram,
-    /// By `result` (committed, replay).
+    /// By `result` (committed, replay, lost_reservation, fail_open).
     pub commits: IntCounterVec,
     pub committed_tokens: IntCounter,
     pub releases: IntCounter,
@@ -16,6 +16,8 @@ pub struct QuotaMetrics {
     pub store_errors: IntCounterVec,
     pub ledger_rows: IntCounter,
     pub ledger_flush_errors: IntCounter,
+    /// Counters created from the usage ledger (first use in a window, or after the store lost them).
+    pub counters_seeded: IntCounter,
 }
 
 impl QuotaMetrics {
@@ -55,6 +57,10 @@ impl QuotaMetrics {
             ledger_flush_errors: counter(
                 "meshgate_quota_ledger_flush_errors_total",
                 "Usage ledger flushes that failed (retried on the next tick)",
+            ),
+            counters_seeded: counter(
+                "meshgate_quota_counters_seeded_total",
+                "Counters seeded from the usage ledger (first use in a window, or after the store lost them)",
             ),
         }
     }

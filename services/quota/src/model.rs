@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Days, NaiveDate, Utc};
+use chrono::{DateTime, Days, NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
 use meshgate_proto::common::v1::Principal;
 use meshgate_proto::quota::v1 as pb;
 use serde::{Deserialize, Serialize};
@@ -140,38 +141,47 @@ pub fn validate_id(what: &str, id: &str) -> Result<(), Error> {
 pub struct Limits {
     pub tokens_per_day: i64,
     pub cost_micros_per_day: i64,
-    /// Stored and validated; enforcement of per-minute windows is not implemented yet, so a
-    /// non-zero value is refused rather than silently ignored.
     pub requests_per_minute: i64,
     pub tokens_per_minute: i64,
+    /// IANA time zone whose midnight starts the daily window of an organization and everything
+    /// in it (default UTC). Only an org scope may carry one.
+    pub time_zone: Option<Tz>,
 }
 
 impl Limits {
-    /// Rejects negative, absurd and (for now) per-minute limits.
+    /// Rejects negative and absurd limits.
     pub fn validate(&self) -> Result<(), Error> {
         check_amount("tokens_per_day", self.tokens_per_day, MAX_TOKENS)?;
         check_amount("cost_micros_per_day", self.cost_micros_per_day, MAX_COST_MICROS)?;
         check_amount("requests_per_minute", self.requests_per_minute, MAX_PER_MINUTE)?;
         check_amount("tokens_per_minute", self.tokens_per_minute, MAX_PER_MINUTE)?;
-        if self.requests_per_minute != 0 || self.tokens_per_minute != 0 {
-            return Err(Error::NotSupported(
-                "per-minute limits (requests_per_minute, tokens_per_minute) are not enforced by this \
-                 version; set them to 0"
-                    .into(),
-            ));
+        Ok(())
+    }
+
+    /// [`Limits::validate`], plus: a time zone only on an org scope.
+    pub fn validate_for(&self, kind: ScopeKind) -> Result<(), Error> {
+        self.validate()?;
+        if self.time_zone.is_some() && kind != ScopeKind::Org {
+            return Err(Error::InvalidArgument(format!(
+                "time_zone applies to org scopes only (the org's zone governs its projects, users and keys), \
+                 not to a {} scope",
+                kind.as_str()
+            )));
         }
         Ok(())
     }
 
-    pub fn from_proto(limits: Option<&pb::Limits>) -> Result<Self, Error> {
+    /// Parses limits for a scope of `kind` from the wire; an empty time zone means UTC.
+    pub fn from_proto(limits: Option<&pb::Limits>, kind: ScopeKind) -> Result<Self, Error> {
         let l = limits.ok_or_else(|| Error::InvalidArgument("limits are required".into()))?;
         let limits = Self {
             tokens_per_day: l.tokens_per_day,
             cost_micros_per_day: l.cost_micros_per_day,
             requests_per_minute: l.requests_per_minute,
             tokens_per_minute: l.tokens_per_minute,
+            time_zone: parse_time_zone(&l.time_zone)?,
         };
-        limits.validate()?;
+        limits.validate_for(kind)?;
         Ok(limits)
     }
 
@@ -181,8 +191,24 @@ impl Limits {
             cost_micros_per_day: self.cost_micros_per_day,
             requests_per_minute: self.requests_per_minute,
             tokens_per_minute: self.tokens_per_minute,
+            time_zone: self.time_zone.map(|tz| tz.name().to_owned()).unwrap_or_default(),
         }
     }
+
+    /// The zone of the daily window (UTC unless set).
+    pub fn zone(&self) -> Tz {
+        self.time_zone.unwrap_or(Tz::UTC)
+    }
+}
+
+/// An IANA zone name such as `Europe/Paris`; empty is none.
+pub fn parse_time_zone(name: &str) -> Result<Option<Tz>, Error> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    name.parse::<Tz>()
+        .map(Some)
+        .map_err(|_| Error::InvalidArgument(format!("time_zone {name:?} is not an IANA time zone name")))
 }
 
 /// A limit a reservation can hit.
@@ -190,6 +216,8 @@ impl Limits {
 pub enum LimitName {
     TokensPerDay,
     CostMicrosPerDay,
+    RequestsPerMinute,
+    TokensPerMinute,
 }
 
 impl LimitName {
@@ -197,25 +225,66 @@ impl LimitName {
         match self {
             LimitName::TokensPerDay => "tokens_per_day",
             LimitName::CostMicrosPerDay => "cost_micros_per_day",
+            LimitName::RequestsPerMinute => "requests_per_minute",
+            LimitName::TokensPerMinute => "tokens_per_minute",
+        }
+    }
+
+    /// The code the stores' scripts use for it.
+    pub(crate) fn from_code(code: i64) -> Option<Self> {
+        match code {
+            0 => Some(LimitName::TokensPerDay),
+            1 => Some(LimitName::CostMicrosPerDay),
+            2 => Some(LimitName::RequestsPerMinute),
+            3 => Some(LimitName::TokensPerMinute),
+            _ => None,
         }
     }
 }
 
-/// The daily window containing `now`: the UTC calendar day.
-pub fn window_day(now: DateTime<Utc>) -> NaiveDate {
-    now.date_naive()
+/// The daily window containing `now`: the calendar day in `zone`.
+pub fn window_day(now: DateTime<Utc>, zone: Tz) -> NaiveDate {
+    now.with_timezone(&zone).date_naive()
 }
 
-/// Start of the window after the one containing `now` (next 00:00 UTC).
-pub fn window_reset_at(now: DateTime<Utc>) -> DateTime<Utc> {
-    let next = window_day(now).checked_add_days(Days::new(1)).unwrap_or(NaiveDate::MAX);
-    next.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc()
+/// Start of the window after the one containing `now`: the next midnight in `zone`. Where a
+/// daylight-saving jump skips midnight, the window starts at the first instant of the new day.
+pub fn window_reset_at(now: DateTime<Utc>, zone: Tz) -> DateTime<Utc> {
+    let next = window_day(now, zone).checked_add_days(Days::new(1)).unwrap_or(NaiveDate::MAX);
+    (0..=3)
+        .find_map(|hour| zone.from_local_datetime(&next.and_hms_opt(hour, 0, 0)?).earliest())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Whole seconds from `now` until `reset_at`, rounded up, at least 1.
 pub fn retry_after_seconds(now: DateTime<Utc>, reset_at: DateTime<Utc>) -> i64 {
-    let ms = (reset_at - now).num_milliseconds().max(0);
-    ((ms + 999) / 1000).max(1)
+    retry_after_seconds_ms((reset_at - now).num_milliseconds())
+}
+
+/// Whole seconds covering `ms` milliseconds, rounded up, at least 1.
+pub fn retry_after_seconds_ms(ms: i64) -> i64 {
+    ((ms.max(0) + 999) / 1000).max(1)
+}
+
+/// Per-minute usage of one scope: the levels of its two leaky buckets (GCRA in its
+/// continuous-state form), in requests and tokens, rounded up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MinuteState {
+    pub requests: i64,
+    pub tokens: i64,
+}
+
+impl MinuteState {
+    /// Requests that may still start now under `limit` (0 = unlimited gives `None`).
+    pub fn remaining_requests(&self, limit: i64) -> Option<i64> {
+        (limit > 0).then(|| (limit - self.requests).max(0))
+    }
+
+    /// Tokens that may still be reserved now under `limit` (0 = unlimited gives `None`).
+    pub fn remaining_tokens(&self, limit: i64) -> Option<i64> {
+        (limit > 0).then(|| (limit - self.tokens).max(0))
+    }
 }
 
 /// Counters of one scope in one window.
@@ -233,6 +302,11 @@ impl CounterState {
     /// Tokens left under `limit` (0 = unlimited gives `None`), floored at 0.
     pub fn remaining_tokens(&self, limit: i64) -> Option<i64> {
         (limit > 0).then(|| (limit - self.used_tokens - self.reserved_tokens).max(0))
+    }
+
+    /// Cost left under `limit` (0 = unlimited gives `None`), floored at 0.
+    pub fn remaining_cost_micros(&self, limit: i64) -> Option<i64> {
+        (limit > 0).then(|| (limit - self.used_cost_micros - self.reserved_cost_micros).max(0))
     }
 }
 
@@ -258,19 +332,40 @@ mod tests {
     #[test]
     fn windows_reset_at_utc_midnight_with_exact_retry_after() {
         let now = t("2031-03-04T23:59:58.250Z");
-        assert_eq!(window_day(now).to_string(), "2031-03-04");
-        assert_eq!(window_reset_at(now), t("2031-03-05T00:00:00Z"));
-        assert_eq!(retry_after_seconds(now, window_reset_at(now)), 2);
+        assert_eq!(window_day(now, Tz::UTC).to_string(), "2031-03-04");
+        assert_eq!(window_reset_at(now, Tz::UTC), t("2031-03-05T00:00:00Z"));
+        assert_eq!(retry_after_seconds(now, window_reset_at(now, Tz::UTC)), 2);
         let midnight = t("2031-03-05T00:00:00Z");
-        assert_eq!(window_reset_at(midnight), t("2031-03-06T00:00:00Z"));
-        assert_eq!(retry_after_seconds(midnight, window_reset_at(midnight)), 86_400);
+        assert_eq!(window_reset_at(midnight, Tz::UTC), t("2031-03-06T00:00:00Z"));
+        assert_eq!(retry_after_seconds(midnight, window_reset_at(midnight, Tz::UTC)), 86_400);
         assert_eq!(retry_after_seconds(midnight, midnight), 1);
+        assert_eq!(retry_after_seconds_ms(600), 1);
+        assert_eq!(retry_after_seconds_ms(1_001), 2);
+    }
+
+    #[test]
+    fn windows_follow_an_org_time_zone_across_daylight_saving() {
+        let tokyo: Tz = "Asia/Tokyo".parse().unwrap();
+        // 15:30 UTC is 00:30 the next day in Tokyo (UTC+9).
+        let now = t("2031-03-04T15:30:00Z");
+        assert_eq!(window_day(now, tokyo).to_string(), "2031-03-05");
+        assert_eq!(window_reset_at(now, tokyo), t("2031-03-05T15:00:00Z"));
+        let new_york: Tz = "America/New_York".parse().unwrap();
+        // The day after the spring-forward night is 23 hours long in local terms of UTC offsets.
+        assert_eq!(window_reset_at(t("2031-03-09T12:00:00Z"), new_york), t("2031-03-10T04:00:00Z"));
+        assert_eq!(window_reset_at(t("2031-03-08T12:00:00Z"), new_york), t("2031-03-09T05:00:00Z"));
+        // Havana skipped midnight on 2031-03-09 (DST starts at 00:00): the window starts at 01:00.
+        let havana: Tz = "America/Havana".parse().unwrap();
+        let reset = window_reset_at(t("2031-03-08T12:00:00Z"), havana);
+        assert_eq!(window_day(reset, havana).to_string(), "2031-03-09");
+        assert!(reset > t("2031-03-08T12:00:00Z"));
     }
 
     #[test]
     fn limits_validation() {
         assert!(Limits { tokens_per_day: 5, ..Default::default() }.validate().is_ok());
         assert!(Limits::default().validate().is_ok());
+        assert!(Limits { requests_per_minute: 100, tokens_per_minute: 9, ..Default::default() }.validate().is_ok());
         assert!(matches!(
             Limits { tokens_per_day: -1, ..Default::default() }.validate(),
             Err(Error::InvalidArgument(_))
@@ -280,9 +375,14 @@ mod tests {
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
-            Limits { requests_per_minute: 100, ..Default::default() }.validate(),
-            Err(Error::NotSupported(_))
+            Limits { requests_per_minute: MAX_PER_MINUTE + 1, ..Default::default() }.validate(),
+            Err(Error::InvalidArgument(_))
         ));
+        let zoned = pb::Limits { time_zone: "Europe/Paris".into(), ..Default::default() };
+        assert_eq!(Limits::from_proto(Some(&zoned), ScopeKind::Org).unwrap().zone().name(), "Europe/Paris");
+        assert!(matches!(Limits::from_proto(Some(&zoned), ScopeKind::User), Err(Error::InvalidArgument(_))));
+        let bad = pb::Limits { time_zone: "Mars/Olympus".into(), ..Default::default() };
+        assert!(matches!(Limits::from_proto(Some(&bad), ScopeKind::Org), Err(Error::InvalidArgument(_))));
     }
 
     #[test]

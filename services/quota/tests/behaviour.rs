@@ -9,7 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::{Backend, commit, principal, reserve, scope, set_limits, status_of};
 use meshgate_proto::quota::v1 as pb;
-use meshgate_quota::{EngineSettings, LedgerFlusher, LedgerWriter, QuotaMetrics};
+use meshgate_quota::model::Limits;
+use meshgate_quota::{DefaultLimits, EngineSettings, Ledger, LedgerFlusher, QuotaMetrics};
 use meshgate_runtime::ErrorCode;
 use meshgate_storage::{ManualClock, SharedClock, postgres_client, system_clock};
 
@@ -17,8 +18,15 @@ fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().to_utc()
 }
 
+/// Default limits, but no per-minute limit on users: tests that hammer one principal would hit
+/// the default 100 requests a minute.
 fn settings() -> EngineSettings {
-    EngineSettings { limits_cache_ttl: Duration::from_secs(3600), ..EngineSettings::default() }
+    let defaults = DefaultLimits::default();
+    EngineSettings {
+        limits_cache_ttl: Duration::from_secs(3600),
+        defaults: DefaultLimits { user: Limits { requests_per_minute: 0, ..defaults.user }, ..defaults },
+        ..EngineSettings::default()
+    }
 }
 
 async fn concurrent_reserves_never_exceed_the_limit(backend: Backend) {
@@ -187,7 +195,12 @@ async fn reserve_is_idempotent_by_request_id(backend: Backend) {
     assert_eq!(first.reservation_id, meshgate_quota::reservation_id(&p, "same"));
     let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
     assert_eq!(key.reserved_tokens, 250);
-    assert_eq!(key.tokens_per_day, 1_000_000, "the configured default applies without an override");
+    let user = status_of(&engine, &p, pb::ScopeKind::User).await;
+    assert_eq!(
+        (user.tokens_per_day, user.cost_micros_per_day),
+        (1_000_000, 10_000_000),
+        "the configured default applies without an override"
+    );
 
     // The same request id from another key is another reservation.
     let other = principal();
@@ -275,13 +288,23 @@ async fn invalid_input_is_refused_and_writes_nothing(backend: Backend) {
     invalid(ErrorCode::InvalidRequest, engine.set_limits(&set_limits(unspecified, 1, 0)).await.unwrap_err());
     let no_limits = pb::SetLimitsRequest { scope: Some(key.clone()), limits: None };
     invalid(ErrorCode::InvalidRequest, engine.set_limits(&no_limits).await.unwrap_err());
-    let per_minute = pb::SetLimitsRequest {
+    let zoned_key = pb::SetLimitsRequest {
         scope: Some(key.clone()),
-        limits: Some(pb::Limits { tokens_per_day: 5, requests_per_minute: 100, ..Default::default() }),
+        limits: Some(pb::Limits { tokens_per_day: 5, time_zone: "Europe/Paris".into(), ..Default::default() }),
     };
-    invalid(ErrorCode::NotImplemented, engine.set_limits(&per_minute).await.unwrap_err());
+    invalid(ErrorCode::InvalidRequest, engine.set_limits(&zoned_key).await.unwrap_err());
+    let unknown_zone = pb::SetLimitsRequest {
+        scope: Some(scope(pb::ScopeKind::Org, &p.org_id)),
+        limits: Some(pb::Limits { time_zone: "Europe/Atlantis".into(), ..Default::default() }),
+    };
+    invalid(ErrorCode::InvalidRequest, engine.set_limits(&unknown_zone).await.unwrap_err());
+    let absurd_rate = pb::SetLimitsRequest {
+        scope: Some(key.clone()),
+        limits: Some(pb::Limits { requests_per_minute: i64::MAX, ..Default::default() }),
+    };
+    invalid(ErrorCode::InvalidRequest, engine.set_limits(&absurd_rate).await.unwrap_err());
 
-    let no_usage = pb::CommitRequest { reservation_id: "rsv_x".into(), usage: None };
+    let no_usage = pb::CommitRequest { reservation_id: "rsv_x".into(), usage: None, principal: None };
     invalid(ErrorCode::InvalidRequest, engine.commit(&no_usage).await.unwrap_err());
     invalid(ErrorCode::InvalidRequest, engine.commit(&commit("rsv_x", -3, 0)).await.unwrap_err());
     invalid(ErrorCode::InvalidRequest, engine.release(&pb::ReleaseRequest::default()).await.unwrap_err());
@@ -297,7 +320,7 @@ async fn the_ledger_receives_committed_usage(backend: Backend) {
     let pool = harness.pool().await;
     let flusher = LedgerFlusher::new(
         engine.store().clone(),
-        LedgerWriter::new(pool.clone()),
+        Ledger::new(pool.clone()),
         2,
         Duration::from_secs(60),
         QuotaMetrics::new(&meshgate_runtime::Metrics::new("quota")),
@@ -352,8 +375,169 @@ async fn the_ledger_receives_committed_usage(backend: Backend) {
         },
         version: 0,
     };
-    LedgerWriter::new(pool.clone()).write(&[stale]).await.unwrap();
+    Ledger::new(pool.clone()).write(&[stale]).await.unwrap();
     assert_eq!(ledger("key", p.key_id.clone()).await, Some((205, 3_007, 3)));
+}
+
+fn per_minute(scope: pb::Scope, requests_per_minute: i64, tokens_per_minute: i64) -> pb::SetLimitsRequest {
+    pb::SetLimitsRequest {
+        scope: Some(scope),
+        limits: Some(pb::Limits { requests_per_minute, tokens_per_minute, ..Default::default() }),
+    }
+}
+
+async fn per_minute_limits_refuse_the_101st_request_with_an_exact_retry_after(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at("2031-05-06T10:00:00Z")));
+    let harness = backend.harness(clock.clone() as SharedClock, Duration::from_secs(300)).await;
+    // The shipped defaults: 100 requests a minute per user.
+    let engine = harness.engine(EngineSettings::default());
+    let p = principal();
+
+    for i in 0..100 {
+        let r = engine.reserve(&reserve(&p, &format!("q{i}"), 10, 0)).await.unwrap();
+        assert!(r.admitted, "request {i} refused: {r:?}");
+        assert_eq!(r.remaining_requests_this_minute, 99 - i64::from(i));
+    }
+    let refused = engine.reserve(&reserve(&p, "q100", 10, 0)).await.unwrap();
+    assert!(!refused.admitted);
+    assert_eq!(refused.rejected_limit, "requests_per_minute");
+    assert_eq!(refused.rejected_scope, Some(scope(pb::ScopeKind::User, &p.user_id)));
+    // The bucket drains one request every 600 ms.
+    assert_eq!((refused.retry_after_ms, refused.retry_after_seconds), (600, 1));
+    let reset = refused.reset_at.unwrap();
+    assert_eq!(DateTime::from_timestamp(reset.seconds, reset.nanos as u32).unwrap(), at("2031-05-06T10:00:00.600Z"));
+    // A refusal holds nothing: the daily counters only carry the 100 admitted.
+    assert_eq!(status_of(&engine, &p, pb::ScopeKind::User).await.reserved_tokens, 1_000);
+
+    clock.advance(Duration::from_millis(599));
+    let early = engine.reserve(&reserve(&p, "q101", 10, 0)).await.unwrap();
+    assert!(!early.admitted);
+    assert_eq!(early.retry_after_ms, 1);
+    clock.advance(Duration::from_millis(1));
+    assert!(engine.reserve(&reserve(&p, "q102", 10, 0)).await.unwrap().admitted, "retry at the exact time");
+    assert!(!engine.reserve(&reserve(&p, "q103", 10, 0)).await.unwrap().admitted);
+    // Commits and releases do not give requests back; a full minute refills the bucket.
+    clock.advance(Duration::from_secs(60));
+    let status = status_of(&engine, &p, pb::ScopeKind::User).await;
+    assert_eq!((status.requests_per_minute, status.remaining_requests_this_minute), (100, 100));
+    assert_eq!(status.remaining_tokens_this_minute, -1, "no token rate limit is set");
+}
+
+async fn tokens_per_minute_count_the_estimate_then_the_actual_usage(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at("2031-05-06T10:00:00Z")));
+    let harness = backend.harness(clock.clone() as SharedClock, Duration::from_secs(300)).await;
+    let engine = harness.engine(settings());
+    let p = principal();
+    let key = scope(pb::ScopeKind::Key, &p.key_id);
+    engine.set_limits(&per_minute(key.clone(), 0, 6_000)).await.unwrap();
+
+    let big = engine.reserve(&reserve(&p, "big", 5_000, 0)).await.unwrap();
+    assert!(big.admitted);
+    let refused = engine.reserve(&reserve(&p, "more", 2_000, 0)).await.unwrap();
+    assert_eq!(refused.rejected_limit, "tokens_per_minute");
+    // 1,000 tokens over the limit drain in 10 s at 6,000 a minute.
+    assert_eq!(refused.retry_after_ms, 10_000);
+    // The reply used 500 tokens, not the 5,000 estimated: the bucket is corrected on commit.
+    engine.commit(&commit(&big.reservation_id, 500, 0)).await.unwrap();
+    assert_eq!(status_of(&engine, &p, pb::ScopeKind::Key).await.remaining_tokens_this_minute, 5_500);
+    assert!(engine.reserve(&reserve(&p, "more", 2_000, 0)).await.unwrap().admitted);
+    // A release gives the whole estimate back.
+    let released = engine.reserve(&reserve(&p, "rel", 3_000, 0)).await.unwrap();
+    assert!(released.admitted);
+    engine.release(&pb::ReleaseRequest { reservation_id: released.reservation_id }).await.unwrap();
+    assert_eq!(status_of(&engine, &p, pb::ScopeKind::Key).await.remaining_tokens_this_minute, 3_500);
+    // An estimate above the limit never fits: a whole window to wait.
+    let never = engine.reserve(&reserve(&p, "never", 6_001, 0)).await.unwrap();
+    assert_eq!((never.rejected_limit.as_str(), never.retry_after_ms), ("tokens_per_minute", 60_000));
+}
+
+async fn an_org_time_zone_moves_the_daily_window(backend: Backend) {
+    // 14:59:59 UTC is 23:59:59 in Tokyo.
+    let clock = Arc::new(ManualClock::new(at("2031-05-06T14:59:59Z")));
+    let harness = backend.harness(clock.clone() as SharedClock, Duration::from_secs(300)).await;
+    let engine = harness.engine(settings());
+    let p = principal();
+    let org = pb::SetLimitsRequest {
+        scope: Some(scope(pb::ScopeKind::Org, &p.org_id)),
+        limits: Some(pb::Limits { tokens_per_day: 100, time_zone: "Asia/Tokyo".into(), ..Default::default() }),
+    };
+    let set = engine.set_limits(&org).await.unwrap();
+    assert_eq!(set.limits.unwrap().time_zone, "Asia/Tokyo");
+
+    let r = engine.reserve(&reserve(&p, "late", 100, 0)).await.unwrap();
+    assert!(r.admitted);
+    engine.commit(&commit(&r.reservation_id, 100, 0)).await.unwrap();
+    let refused = engine.reserve(&reserve(&p, "refused", 1, 0)).await.unwrap();
+    assert_eq!(refused.rejected_limit, "tokens_per_day");
+    assert_eq!(refused.retry_after_seconds, 1);
+    let reset = refused.reset_at.unwrap();
+    assert_eq!(DateTime::from_timestamp(reset.seconds, 0).unwrap(), at("2031-05-06T15:00:00Z"));
+
+    // Midnight in Tokyo, mid-afternoon in UTC: a new window for the org and all its scopes.
+    clock.advance(Duration::from_secs(1));
+    let next = engine.reserve(&reserve(&p, "next", 60, 0)).await.unwrap();
+    assert!(next.admitted, "{next:?}");
+    let org_status = status_of(&engine, &p, pb::ScopeKind::Org).await;
+    assert_eq!((org_status.used_tokens, org_status.reserved_tokens), (0, 60));
+    assert_eq!(org_status.time_zone, "Asia/Tokyo");
+    let key_status = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    let reset = key_status.reset_at.unwrap();
+    assert_eq!(DateTime::from_timestamp(reset.seconds, 0).unwrap(), at("2031-05-07T15:00:00Z"));
+}
+
+async fn lost_counters_come_back_from_the_ledger(backend: Backend) {
+    let ttl = Duration::from_secs(300);
+    let mut harness = backend.harness(system_clock(), ttl).await;
+    let engine = harness.engine_with_ledger(settings()).await;
+    let flusher = |engine: &meshgate_quota::QuotaEngine, pool| {
+        LedgerFlusher::new(
+            engine.store().clone(),
+            Ledger::new(pool),
+            100,
+            Duration::from_secs(60),
+            QuotaMetrics::new(&meshgate_runtime::Metrics::new("quota")),
+        )
+    };
+    let pool = harness.pool().await;
+    let p = principal();
+    engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 1_000, 0)).await.unwrap();
+    let done = engine.reserve(&reserve(&p, "done", 700, 0)).await.unwrap();
+    engine.commit(&commit(&done.reservation_id, 600, 42)).await.unwrap();
+    flusher(&engine, pool.clone()).flush().await.unwrap();
+    // Reserved before the loss, committed after it.
+    let in_flight = engine.reserve(&reserve(&p, "in-flight", 300, 0)).await.unwrap();
+    assert!(in_flight.admitted);
+
+    harness.lose_counters(ttl);
+    let engine = harness.engine_with_ledger(settings()).await;
+
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.used_cost_micros, key.requests_today), (600, 42, 1), "not back to zero");
+    let refused = engine.reserve(&reserve(&p, "too-much", 500, 0)).await.unwrap();
+    assert!(!refused.admitted, "the rebuilt counter must still enforce the day's usage");
+
+    // The gateway's commit names the principal, so usage of a lost reservation is charged, once.
+    let mut late = commit(&in_flight.reservation_id, 250, 8);
+    late.principal = Some(p.clone());
+    let charged = engine.commit(&late).await.unwrap();
+    assert_eq!(charged.remaining_tokens, 150);
+    engine.commit(&late).await.unwrap();
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.used_cost_micros, key.requests_today), (850, 50, 2));
+    // Without a principal a lost reservation stays an error.
+    let err = engine.commit(&commit(&meshgate_quota::reservation_id(&p, "gone"), 1, 0)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotFound);
+
+    flusher(&engine, pool.clone()).flush().await.unwrap();
+    let client = postgres_client(&pool).await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT tokens, requests FROM usage_ledger WHERE scope_kind = 'key' AND scope_id = $1 AND day = $2",
+            &[&p.key_id, &Utc::now().date_naive()],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (850, 2));
 }
 
 backend_tests!(
@@ -366,4 +550,8 @@ backend_tests!(
     every_scope_must_admit_and_a_refusal_changes_nothing,
     invalid_input_is_refused_and_writes_nothing,
     the_ledger_receives_committed_usage,
+    per_minute_limits_refuse_the_101st_request_with_an_exact_retry_after,
+    tokens_per_minute_count_the_estimate_then_the_actual_usage,
+    an_org_time_zone_moves_the_daily_window,
+    lost_counters_come_back_from_the_ledger,
 );

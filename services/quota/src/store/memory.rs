@@ -10,9 +10,12 @@ use chrono::{DateTime, Days, NaiveDate, TimeDelta, Utc};
 use meshgate_storage::SharedClock;
 use parking_lot::Mutex;
 
-use super::{DirtyUsage, QuotaStore, ReservationState, ReserveInput, ReserveOutcome, SettleOutcome};
+use super::{
+    ChargeOutcome, CounterView, DirtyUsage, QuotaStore, ReservationState, ReserveInput, ReserveOutcome, SeedRow,
+    SettleOutcome,
+};
 use crate::Error;
-use crate::model::{CounterState, LimitName, Scope};
+use crate::model::{CounterState, LimitName, MinuteState, Scope};
 
 /// Counters of days older than this (relative to the clock) are dropped once flushed.
 const KEEP_DAYS: u64 = 2;
@@ -28,6 +31,8 @@ struct Counter {
     reserved_tokens: i64,
     reserved_cost_micros: i64,
     holds: HashMap<String, Hold>,
+    /// Seeded from the ledger (see the store semantics in `store`).
+    seeded: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -61,10 +66,45 @@ impl Counter {
     }
 }
 
+/// Per-minute leaky buckets of one scope, as in the Redis store's bucket hash.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    requests: f64,
+    tokens: f64,
+    requests_limit: i64,
+    tokens_limit: i64,
+    updated_at: DateTime<Utc>,
+}
+
+impl Bucket {
+    /// The levels drained to `now`.
+    fn drained(&self, now: DateTime<Utc>) -> (f64, f64) {
+        let elapsed = (now - self.updated_at).num_milliseconds().max(0) as f64;
+        let drain = |level: f64, limit: i64| {
+            if limit > 0 { (level - elapsed * limit as f64 / 60_000.0).max(0.0) } else { 0.0 }
+        };
+        (drain(self.requests, self.requests_limit), drain(self.tokens, self.tokens_limit))
+    }
+}
+
+fn minute_state(bucket: Option<&Bucket>, now: DateTime<Utc>) -> MinuteState {
+    let (requests, tokens) = bucket.map(|b| b.drained(now)).unwrap_or_default();
+    MinuteState { requests: requests.ceil() as i64, tokens: tokens.ceil() as i64 }
+}
+
+/// Milliseconds until `level + amount` fits under `limit`, draining at `limit` per minute.
+fn wait_ms(level: f64, amount: i64, limit: i64) -> i64 {
+    if amount > limit {
+        return 60_000;
+    }
+    ((level + amount as f64 - limit as f64) * 60_000.0 / limit as f64).ceil() as i64
+}
+
 #[derive(Debug)]
 struct Record {
     state: ReservationState,
     counters: Vec<CounterKey>,
+    estimate_tokens: i64,
     retain_until: DateTime<Utc>,
 }
 
@@ -72,6 +112,7 @@ struct Record {
 struct State {
     generation: Option<String>,
     counters: HashMap<CounterKey, Counter>,
+    buckets: HashMap<Scope, Bucket>,
     records: HashMap<String, Record>,
     dirty: BTreeMap<CounterKey, i64>,
     next_sweep: Option<DateTime<Utc>>,
@@ -92,6 +133,11 @@ impl State {
         let oldest = now.date_naive().checked_sub_days(Days::new(KEEP_DAYS)).unwrap_or(NaiveDate::MIN);
         let dirty = &self.dirty;
         self.counters.retain(|key, _| key.1 >= oldest || dirty.contains_key(key));
+        self.buckets.retain(|_, b| b.drained(now) != (0.0, 0.0));
+    }
+
+    fn unseeded(&self, keys: &[CounterKey]) -> Vec<usize> {
+        (0..keys.len()).filter(|&i| !self.counters.get(&keys[i]).is_some_and(|c| c.seeded)).collect()
     }
 }
 
@@ -116,8 +162,7 @@ impl MemoryStore {
         TimeDelta::from_std(self.settled_retention).unwrap_or(TimeDelta::MAX)
     }
 
-    fn settle(&self, reservation_id: &str, commit: Option<(i64, i64)>) -> SettleOutcome {
-        let now = self.clock.now();
+    fn settle(&self, reservation_id: &str, commit: Option<(i64, i64)>, now: DateTime<Utc>) -> SettleOutcome {
         let wanted = if commit.is_some() { ReservationState::Committed } else { ReservationState::Released };
         let mut guard = self.state.lock();
         let state = &mut *guard;
@@ -134,7 +179,12 @@ impl MemoryStore {
         }
         record.state = wanted;
         record.retain_until = now.checked_add_signed(self.retention()).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let correction = (commit.map_or(0, |(tokens, _)| tokens) - record.estimate_tokens) as f64;
         for key in &keys {
+            if let Some(bucket) = state.buckets.get_mut(&key.0).filter(|b| b.tokens_limit > 0) {
+                let (requests, tokens) = bucket.drained(now);
+                *bucket = Bucket { requests, tokens: (tokens + correction).max(0.0), updated_at: now, ..*bucket };
+            }
             let counter = state.counters.entry(key.clone()).or_default();
             if let Some(hold) = counter.holds.remove(reservation_id) {
                 counter.reserved_tokens -= hold.tokens;
@@ -186,47 +236,158 @@ impl QuotaStore for MemoryStore {
             }
         }
         if state.records.get(&input.reservation_id).is_some_and(|r| r.retain_until > input.now) {
-            return Ok(ReserveOutcome::Admitted { existing: true, counters: state.states(&keys) });
+            let minute = input.counters.iter().map(|c| minute_state(state.buckets.get(&c.scope), input.now)).collect();
+            return Ok(ReserveOutcome::Admitted { existing: true, counters: state.states(&keys), minute });
+        }
+        let unseeded = state.unseeded(&keys);
+        if !unseeded.is_empty() {
+            return Ok(ReserveOutcome::Unseeded(unseeded));
         }
         let current = state.states(&keys);
+        let levels: Vec<(f64, f64)> = input
+            .counters
+            .iter()
+            .map(|c| state.buckets.get(&c.scope).map(|b| b.drained(input.now)).unwrap_or_default())
+            .collect();
         for (i, (spec, s)) in input.counters.iter().zip(&current).enumerate() {
             if let Some(limit) = refuses(s, spec.tokens_limit, spec.cost_limit_micros, input.tokens, input.cost_micros)
             {
-                return Ok(ReserveOutcome::Rejected { counter: i, limit, counters: current });
+                return Ok(ReserveOutcome::Rejected { counter: i, limit, retry_after_ms: None, counters: current });
+            }
+            let (requests, tokens) = levels[i];
+            let refused = if spec.requests_per_minute > 0 && requests + 1.0 > spec.requests_per_minute as f64 {
+                Some((LimitName::RequestsPerMinute, wait_ms(requests, 1, spec.requests_per_minute)))
+            } else if spec.tokens_per_minute > 0 && tokens + input.tokens as f64 > spec.tokens_per_minute as f64 {
+                Some((LimitName::TokensPerMinute, wait_ms(tokens, input.tokens, spec.tokens_per_minute)))
+            } else {
+                None
+            };
+            if let Some((limit, wait)) = refused {
+                return Ok(ReserveOutcome::Rejected {
+                    counter: i,
+                    limit,
+                    retry_after_ms: Some(wait),
+                    counters: current,
+                });
             }
         }
         let hold = Hold { tokens: input.tokens, cost_micros: input.cost_micros, expires_at: input.expires_at };
-        for key in &keys {
-            let counter = state.counters.entry(key.clone()).or_default();
+        for (spec, (requests, tokens)) in input.counters.iter().zip(levels) {
+            let counter = state.counters.entry((spec.scope.clone(), spec.day)).or_default();
             counter.reserved_tokens += hold.tokens;
             counter.reserved_cost_micros += hold.cost_micros;
             counter.holds.insert(input.reservation_id.clone(), hold);
+            if spec.requests_per_minute > 0 || spec.tokens_per_minute > 0 {
+                let bucket = Bucket {
+                    requests: if spec.requests_per_minute > 0 { requests + 1.0 } else { 0.0 },
+                    tokens: if spec.tokens_per_minute > 0 { tokens + input.tokens as f64 } else { 0.0 },
+                    requests_limit: spec.requests_per_minute,
+                    tokens_limit: spec.tokens_per_minute,
+                    updated_at: input.now,
+                };
+                state.buckets.insert(spec.scope.clone(), bucket);
+            }
         }
         let keep = TimeDelta::from_std(self.reservation_ttl).unwrap_or(TimeDelta::MAX) + self.retention();
         let retain_until = input.now.checked_add_signed(keep).unwrap_or(DateTime::<Utc>::MAX_UTC);
         state.records.insert(
             input.reservation_id.clone(),
-            Record { state: ReservationState::Reserved, counters: keys.clone(), retain_until },
+            Record {
+                state: ReservationState::Reserved,
+                counters: keys.clone(),
+                estimate_tokens: input.tokens,
+                retain_until,
+            },
         );
-        Ok(ReserveOutcome::Admitted { existing: false, counters: state.states(&keys) })
+        let minute = input.counters.iter().map(|c| minute_state(state.buckets.get(&c.scope), input.now)).collect();
+        Ok(ReserveOutcome::Admitted { existing: false, counters: state.states(&keys), minute })
     }
 
-    async fn commit(&self, reservation_id: &str, tokens: i64, cost_micros: i64) -> Result<SettleOutcome, Error> {
-        Ok(self.settle(reservation_id, Some((tokens, cost_micros))))
+    async fn commit(
+        &self,
+        reservation_id: &str,
+        tokens: i64,
+        cost_micros: i64,
+        now: DateTime<Utc>,
+    ) -> Result<SettleOutcome, Error> {
+        Ok(self.settle(reservation_id, Some((tokens, cost_micros)), now))
     }
 
-    async fn release(&self, reservation_id: &str) -> Result<SettleOutcome, Error> {
-        Ok(self.settle(reservation_id, None))
+    async fn release(&self, reservation_id: &str, now: DateTime<Utc>) -> Result<SettleOutcome, Error> {
+        Ok(self.settle(reservation_id, None, now))
     }
 
-    async fn status(&self, counters: &[(Scope, NaiveDate)], now: DateTime<Utc>) -> Result<Vec<CounterState>, Error> {
+    async fn charge(
+        &self,
+        reservation_id: &str,
+        counters: &[(Scope, NaiveDate)],
+        tokens: i64,
+        cost_micros: i64,
+    ) -> Result<ChargeOutcome, Error> {
+        let now = self.clock.now();
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        if state.records.get(reservation_id).is_some_and(|r| r.retain_until > now) {
+            return Ok(ChargeOutcome::Exists);
+        }
+        let unseeded = state.unseeded(counters);
+        if !unseeded.is_empty() {
+            return Ok(ChargeOutcome::Unseeded(unseeded));
+        }
+        for key in counters {
+            let counter = state.counters.entry(key.clone()).or_default();
+            counter.used_tokens += tokens;
+            counter.used_cost_micros += cost_micros;
+            counter.requests += 1;
+            if self.track_dirty {
+                *state.dirty.entry(key.clone()).or_default() += 1;
+            }
+        }
+        let retain_until = now.checked_add_signed(self.retention()).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        state.records.insert(
+            reservation_id.to_owned(),
+            Record {
+                state: ReservationState::Committed,
+                counters: counters.to_vec(),
+                estimate_tokens: 0,
+                retain_until,
+            },
+        );
+        Ok(ChargeOutcome::Charged(state.states(counters)))
+    }
+
+    async fn seed(&self, rows: &[SeedRow]) -> Result<(), Error> {
+        let mut state = self.state.lock();
+        for row in rows {
+            let counter = state.counters.entry((row.scope.clone(), row.day)).or_default();
+            if !counter.seeded {
+                counter.used_tokens += row.usage.used_tokens;
+                counter.used_cost_micros += row.usage.used_cost_micros;
+                counter.requests += row.usage.requests;
+                counter.seeded = true;
+            }
+        }
+        Ok(())
+    }
+
+    async fn status(&self, counters: &[(Scope, NaiveDate)], now: DateTime<Utc>) -> Result<Vec<CounterView>, Error> {
         let mut state = self.state.lock();
         for key in counters {
             if let Some(counter) = state.counters.get_mut(key) {
                 counter.prune(now);
             }
         }
-        Ok(state.states(counters))
+        Ok(counters
+            .iter()
+            .map(|key| {
+                let counter = state.counters.get(key);
+                CounterView {
+                    state: counter.map(Counter::state).unwrap_or_default(),
+                    seeded: counter.is_some_and(|c| c.seeded),
+                    minute: minute_state(state.buckets.get(&key.0), now),
+                }
+            })
+            .collect())
     }
 
     async fn limits_generation(&self) -> Result<Option<String>, Error> {

@@ -10,7 +10,13 @@
 //!   counters are touched, so a gateway that dies mid-request leaks nothing past the TTL.
 //! - Commit moves the reservation out of `reserved` (if it has not expired yet) and charges the
 //!   actual usage to `used` of the reservation's window, once. Release only frees it.
-//! - Counters are per scope per window (UTC day); a new day starts from zero.
+//! - Counters are per scope per window (the day in the org's time zone). A counter the store does
+//!   not have (a new day, or lost data) must be seeded from the usage ledger before anything is
+//!   reserved against it: reserve and status say which counters are unseeded, and
+//!   [`QuotaStore::seed`] fills them once, whoever gets there first.
+//! - Per-minute limits are leaky buckets per scope (GCRA in its continuous-state form): a
+//!   reservation adds 1 request and its estimated tokens; commit corrects the tokens to the actual
+//!   usage, release takes them back; both drain continuously at the limit per minute.
 
 mod memory;
 mod redis;
@@ -21,7 +27,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisStore, RedisStoreSettings};
 use crate::Error;
-use crate::model::{CounterState, LimitName, Scope};
+use crate::model::{CounterState, LimitName, MinuteState, Scope};
 
 /// One counter a reservation is checked against: a scope's window with its daily limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +38,9 @@ pub struct CounterSpec {
     pub tokens_limit: i64,
     /// Daily cost limit, micro-dollars (0 = unlimited).
     pub cost_limit_micros: i64,
+    /// Per-minute limits of the scope (0 = unlimited).
+    pub requests_per_minute: i64,
+    pub tokens_per_minute: i64,
 }
 
 /// A reservation to make.
@@ -55,14 +64,47 @@ pub enum ReserveOutcome {
     Admitted {
         existing: bool,
         counters: Vec<CounterState>,
+        minute: Vec<MinuteState>,
     },
     Rejected {
         counter: usize,
         limit: LimitName,
+        /// For per-minute limits: exactly when the same request would fit.
+        retry_after_ms: Option<i64>,
         counters: Vec<CounterState>,
     },
     /// Limits changed since they were read: re-read them and try again.
     StaleLimits,
+    /// These counters (indexes) must be seeded from the ledger first.
+    Unseeded(Vec<usize>),
+}
+
+/// Result of [`QuotaStore::charge`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    /// Charged now; counters after it.
+    Charged(Vec<CounterState>),
+    /// The store has a record under this reservation id (the reservation, or an earlier charge).
+    Exists,
+    /// These counters (indexes) must be seeded from the ledger first.
+    Unseeded(Vec<usize>),
+}
+
+/// What [`QuotaStore::status`] reports of one counter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterView {
+    pub state: CounterState,
+    pub minute: MinuteState,
+    /// Whether the counter was seeded from the ledger (else its usage may be incomplete).
+    pub seeded: bool,
+}
+
+/// Ledger usage to seed one counter with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedRow {
+    pub scope: Scope,
+    pub day: NaiveDate,
+    pub usage: CounterState,
 }
 
 /// Lifecycle of a reservation.
@@ -111,12 +153,32 @@ pub trait QuotaStore: Send + Sync {
     async fn reserve(&self, input: &ReserveInput) -> Result<ReserveOutcome, Error>;
 
     /// Charges `tokens` / `cost_micros` for the reservation instead of its estimate.
-    async fn commit(&self, reservation_id: &str, tokens: i64, cost_micros: i64) -> Result<SettleOutcome, Error>;
+    async fn commit(
+        &self,
+        reservation_id: &str,
+        tokens: i64,
+        cost_micros: i64,
+        now: DateTime<Utc>,
+    ) -> Result<SettleOutcome, Error>;
 
-    async fn release(&self, reservation_id: &str) -> Result<SettleOutcome, Error>;
+    async fn release(&self, reservation_id: &str, now: DateTime<Utc>) -> Result<SettleOutcome, Error>;
 
-    /// Current counters of `(scope, day)` pairs, expired reservations dropped.
-    async fn status(&self, counters: &[(Scope, NaiveDate)], now: DateTime<Utc>) -> Result<Vec<CounterState>, Error>;
+    /// Charges usage straight to `counters` under `reservation_id` when the store has no record
+    /// of it (it lost the reservation), once.
+    async fn charge(
+        &self,
+        reservation_id: &str,
+        counters: &[(Scope, NaiveDate)],
+        tokens: i64,
+        cost_micros: i64,
+    ) -> Result<ChargeOutcome, Error>;
+
+    /// Seeds counters that are not seeded yet with usage from the ledger.
+    async fn seed(&self, rows: &[SeedRow]) -> Result<(), Error>;
+
+    /// Current counters of `(scope, day)` pairs, expired reservations dropped, with the scopes'
+    /// per-minute levels at `now`.
+    async fn status(&self, counters: &[(Scope, NaiveDate)], now: DateTime<Utc>) -> Result<Vec<CounterView>, Error>;
 
     /// The current limits generation (changes whenever any limit changes).
     async fn limits_generation(&self) -> Result<Option<String>, Error>;

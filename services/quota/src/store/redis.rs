@@ -6,7 +6,11 @@
 //! | `P c:<YYYYMMDD>:<kind>:<id>` | hash | `ut`/`uc` used tokens/cost, `rt`/`rc` reserved, `n` commits; TTL 3 days after last touch |
 //! | `P z:<YYYYMMDD>:<kind>:<id>` | zset | open reservations `<rid>\|<tokens>\|<cost>` scored by expiry (ms) |
 //! | `P r:<rid>` | hash | reservation record: `st` (r/c/x), `t`, `c`, `m` (zset member), `s` (counter suffixes) |
+//! | `P m:<kind>:<id>` | hash | per-minute leaky buckets: levels `r`/`k`, limits `rl`/`kl`, last update `t` (ms) |
 //! | `P dirty` | hash | counter suffix -> change version, for the ledger flusher |
+//!
+//! A counter hash carries `s` once it was seeded from the usage ledger; one without it (a new
+//! day, or Redis lost its data) is seeded before anything is reserved against it.
 //!
 //! A reservation's hold lives in its counters' zsets, with the amounts in the member itself, so
 //! an expired hold is released by whichever script next touches the counter — no key expiry
@@ -20,11 +24,11 @@ use meshgate_storage::{RedisConnection, ping_redis};
 use redis::{Script, Value};
 
 use super::{
-    CounterSpec, DirtyUsage, QuotaStore, ReservationState, ReserveInput, ReserveOutcome, SettleOutcome, day_key,
-    parse_day_key,
+    ChargeOutcome, CounterSpec, CounterView, DirtyUsage, QuotaStore, ReservationState, ReserveInput, ReserveOutcome,
+    SeedRow, SettleOutcome, day_key, parse_day_key,
 };
 use crate::Error;
-use crate::model::{CounterState, LimitName, Scope, ScopeKind};
+use crate::model::{CounterState, LimitName, MinuteState, Scope, ScopeKind};
 
 /// Counters outlive their day by long enough for late commits and the ledger flusher.
 const COUNTER_TTL: Duration = Duration::from_secs(3 * 86_400);
@@ -32,6 +36,8 @@ const COUNTER_TTL: Duration = Duration::from_secs(3 * 86_400);
 const RESERVE: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/reserve.lua"));
 const SETTLE: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/settle.lua"));
 const STATUS: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/status.lua"));
+const CHARGE: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/charge.lua"));
+const SEED: &str = include_str!("lua/seed.lua");
 const CLEAR_DIRTY: &str = include_str!("lua/clear_dirty.lua");
 
 /// Settings of a [`RedisStore`].
@@ -55,6 +61,8 @@ pub struct RedisStore {
     reserve: Script,
     settle: Script,
     status: Script,
+    charge: Script,
+    seed: Script,
     clear_dirty: Script,
 }
 
@@ -66,6 +74,8 @@ impl RedisStore {
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
             status: Script::new(STATUS),
+            charge: Script::new(CHARGE),
+            seed: Script::new(SEED),
             clear_dirty: Script::new(CLEAR_DIRTY),
         }
     }
@@ -79,11 +89,22 @@ impl RedisStore {
         (self.key(&format!("c:{suffix}")), self.key(&format!("z:{suffix}")))
     }
 
+    fn bucket_key(&self, scope: &Scope) -> String {
+        self.key(&format!("m:{}:{}", scope.kind.as_str(), scope.id))
+    }
+
     fn record_key(&self, reservation_id: &str) -> String {
         self.key(&format!("r:{reservation_id}"))
     }
 
-    async fn settle(&self, reservation_id: &str, mode: &str, tokens: i64, cost: i64) -> Result<SettleOutcome, Error> {
+    async fn settle(
+        &self,
+        reservation_id: &str,
+        mode: &str,
+        tokens: i64,
+        cost: i64,
+        now: DateTime<Utc>,
+    ) -> Result<SettleOutcome, Error> {
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = self
             .settle
@@ -96,6 +117,7 @@ impl RedisStore {
             .arg(ms(self.settings.settled_retention))
             .arg(ms(COUNTER_TTL))
             .arg(if self.settings.track_dirty { "1" } else { "0" })
+            .arg(epoch_ms(now))
             .invoke_async(&mut conn)
             .await?;
         let status = reply.first().map(text).transpose()?.unwrap_or_default();
@@ -170,20 +192,39 @@ fn integers(values: &[Value]) -> Result<Vec<i64>, Error> {
         .collect()
 }
 
-fn counter_states(values: &[i64], n: usize) -> Result<Vec<CounterState>, Error> {
-    if values.len() != n * 5 {
-        return Err(Error::StoreReply(format!("expected {} counter values, got {}", n * 5, values.len())));
+/// Splits `n` counters of `width` integers each, after checking the reply's length.
+fn chunks(values: &[i64], n: usize, width: usize) -> Result<std::slice::ChunksExact<'_, i64>, Error> {
+    if values.len() != n * width {
+        return Err(Error::StoreReply(format!("expected {} counter values, got {}", n * width, values.len())));
     }
-    Ok(values
-        .chunks_exact(5)
-        .map(|c| CounterState {
-            used_tokens: c[0],
-            reserved_tokens: c[1],
-            used_cost_micros: c[2],
-            reserved_cost_micros: c[3],
-            requests: c[4],
+    Ok(values.chunks_exact(width))
+}
+
+fn counter_state(c: &[i64]) -> CounterState {
+    CounterState {
+        used_tokens: c[0],
+        reserved_tokens: c[1],
+        used_cost_micros: c[2],
+        reserved_cost_micros: c[3],
+        requests: c[4],
+    }
+}
+
+fn counter_states(values: &[i64], n: usize) -> Result<Vec<CounterState>, Error> {
+    Ok(chunks(values, n, 5)?.map(counter_state).collect())
+}
+
+/// Counter indexes (1-based in scripts) turned into positions, each checked against `n`.
+fn unseeded_positions(values: &[i64], n: usize) -> Result<Vec<usize>, Error> {
+    values
+        .iter()
+        .map(|&i| {
+            usize::try_from(i - 1)
+                .ok()
+                .filter(|i| *i < n)
+                .ok_or_else(|| Error::StoreReply(format!("script named unknown counter {i}")))
         })
-        .collect())
+        .collect()
 }
 
 #[async_trait]
@@ -196,7 +237,7 @@ impl QuotaStore for RedisStore {
         invocation.key(self.record_key(&input.reservation_id));
         for CounterSpec { scope, day, .. } in &input.counters {
             let (counter, zset) = self.counter_keys(scope, *day);
-            invocation.key(counter).key(zset);
+            invocation.key(counter).key(zset).key(self.bucket_key(scope));
         }
         invocation
             .arg(input.limits_generation.as_deref().unwrap_or(""))
@@ -209,49 +250,113 @@ impl QuotaStore for RedisStore {
             .arg(ms(COUNTER_TTL))
             .arg(suffixes.join("\n"));
         for c in &input.counters {
-            invocation.arg(c.tokens_limit).arg(c.cost_limit_micros);
+            invocation.arg(c.tokens_limit).arg(c.cost_limit_micros).arg(c.requests_per_minute).arg(c.tokens_per_minute);
         }
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
         let values = integers(&reply)?;
         match values.first() {
             Some(2) => Ok(ReserveOutcome::StaleLimits),
+            Some(3) => Ok(ReserveOutcome::Unseeded(unseeded_positions(&values[1..], n)?)),
             Some(0) if values.len() >= 2 => {
-                Ok(ReserveOutcome::Admitted { existing: values[1] == 1, counters: counter_states(&values[2..], n)? })
+                let (counters, minute) = chunks(&values[2..], n, 7)?
+                    .map(|c| (counter_state(c), MinuteState { requests: c[5], tokens: c[6] }))
+                    .unzip();
+                Ok(ReserveOutcome::Admitted { existing: values[1] == 1, counters, minute })
             }
-            Some(1) if values.len() >= 3 => {
-                let counter = usize::try_from(values[1] - 1)
-                    .ok()
-                    .filter(|i| *i < n)
-                    .ok_or_else(|| Error::StoreReply(format!("reserve refused by unknown counter {}", values[1])))?;
-                let limit = if values[2] == 0 { LimitName::TokensPerDay } else { LimitName::CostMicrosPerDay };
-                Ok(ReserveOutcome::Rejected { counter, limit, counters: counter_states(&values[3..], n)? })
+            Some(1) if values.len() >= 4 => {
+                let counter = unseeded_positions(&values[1..2], n)?[0];
+                let limit = LimitName::from_code(values[2])
+                    .ok_or_else(|| Error::StoreReply(format!("reserve refused by unknown limit {}", values[2])))?;
+                let retry_after_ms =
+                    matches!(limit, LimitName::RequestsPerMinute | LimitName::TokensPerMinute).then_some(values[3]);
+                let counters = chunks(&values[4..], n, 7)?.map(counter_state).collect();
+                Ok(ReserveOutcome::Rejected { counter, limit, retry_after_ms, counters })
             }
             _ => Err(Error::StoreReply(format!("reserve script answered {values:?}"))),
         }
     }
 
-    async fn commit(&self, reservation_id: &str, tokens: i64, cost_micros: i64) -> Result<SettleOutcome, Error> {
-        self.settle(reservation_id, "c", tokens, cost_micros).await
+    async fn commit(
+        &self,
+        reservation_id: &str,
+        tokens: i64,
+        cost_micros: i64,
+        now: DateTime<Utc>,
+    ) -> Result<SettleOutcome, Error> {
+        self.settle(reservation_id, "c", tokens, cost_micros, now).await
     }
 
-    async fn release(&self, reservation_id: &str) -> Result<SettleOutcome, Error> {
-        self.settle(reservation_id, "x", 0, 0).await
+    async fn release(&self, reservation_id: &str, now: DateTime<Utc>) -> Result<SettleOutcome, Error> {
+        self.settle(reservation_id, "x", 0, 0, now).await
     }
 
-    async fn status(&self, counters: &[(Scope, NaiveDate)], now: DateTime<Utc>) -> Result<Vec<CounterState>, Error> {
+    async fn charge(
+        &self,
+        reservation_id: &str,
+        counters: &[(Scope, NaiveDate)],
+        tokens: i64,
+        cost_micros: i64,
+    ) -> Result<ChargeOutcome, Error> {
+        let suffixes: Vec<String> = counters.iter().map(|(scope, day)| suffix(scope, *day)).collect();
+        let mut invocation = self.charge.key(self.record_key(reservation_id));
+        invocation.key(self.key("dirty"));
+        for (scope, day) in counters {
+            invocation.key(self.counter_keys(scope, *day).0);
+        }
+        invocation
+            .arg(tokens)
+            .arg(cost_micros)
+            .arg(ms(self.settings.settled_retention))
+            .arg(ms(COUNTER_TTL))
+            .arg(if self.settings.track_dirty { "1" } else { "0" })
+            .arg(suffixes.join("\n"));
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let status = reply.first().map(text).transpose()?.unwrap_or_default();
+        let rest = integers(&reply[1.min(reply.len())..])?;
+        match status.as_str() {
+            "exists" => Ok(ChargeOutcome::Exists),
+            "seed" => Ok(ChargeOutcome::Unseeded(unseeded_positions(&rest, counters.len())?)),
+            "ok" => Ok(ChargeOutcome::Charged(counter_states(&rest, counters.len())?)),
+            other => Err(Error::StoreReply(format!("charge script answered {other:?}"))),
+        }
+    }
+
+    async fn seed(&self, rows: &[SeedRow]) -> Result<(), Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.seed.prepare_invoke();
+        invocation.arg(ms(COUNTER_TTL));
+        for row in rows {
+            invocation.key(self.counter_keys(&row.scope, row.day).0);
+            invocation.arg(row.usage.used_tokens).arg(row.usage.used_cost_micros).arg(row.usage.requests);
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn status(&self, counters: &[(Scope, NaiveDate)], now: DateTime<Utc>) -> Result<Vec<CounterView>, Error> {
         if counters.is_empty() {
             return Ok(Vec::new());
         }
         let mut invocation = self.status.prepare_invoke();
         for (scope, day) in counters {
             let (counter, zset) = self.counter_keys(scope, *day);
-            invocation.key(counter).key(zset);
+            invocation.key(counter).key(zset).key(self.bucket_key(scope));
         }
         invocation.arg(epoch_ms(now));
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
-        counter_states(&integers(&reply)?, counters.len())
+        Ok(chunks(&integers(&reply)?, counters.len(), 8)?
+            .map(|c| CounterView {
+                state: counter_state(c),
+                seeded: c[5] == 1,
+                minute: MinuteState { requests: c[6], tokens: c[7] },
+            })
+            .collect())
     }
 
     async fn limits_generation(&self) -> Result<Option<String>, Error> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use meshgate_proto::common::v1::Principal;
 use meshgate_proto::quota::v1 as pb;
 use meshgate_quota::{
-    EngineSettings, LimitsRepo, MemoryLimits, MemoryStore, PostgresLimits, QuotaEngine, QuotaMetrics, QuotaStore,
-    RedisStore, RedisStoreSettings, migrations,
+    EngineSettings, Ledger, LimitsRepo, MemoryLimits, MemoryStore, PostgresLimits, QuotaEngine, QuotaMetrics,
+    QuotaStore, RedisStore, RedisStoreSettings, migrations,
 };
 use meshgate_storage::{PgPool, PostgresConfig, RedisConfig, SharedClock, migrate, postgres_pool, redis_connection};
 
@@ -62,6 +62,7 @@ pub fn commit(reservation_id: &str, tokens: i64, cost: i64) -> pb::CommitRequest
             total_tokens: tokens,
             cost_micros: cost,
         }),
+        principal: None,
     }
 }
 
@@ -142,9 +143,32 @@ impl Harness {
 
     /// An engine over this backend with its own connections and limits cache.
     pub fn engine(&self, settings: EngineSettings) -> Arc<QuotaEngine> {
+        Arc::new(self.bare_engine(settings))
+    }
+
+    /// An engine that seeds counters from the usage ledger in the test database.
+    pub async fn engine_with_ledger(&self, settings: EngineSettings) -> Arc<QuotaEngine> {
+        Arc::new(self.bare_engine(settings).with_ledger(Ledger::new(self.pool().await)))
+    }
+
+    fn bare_engine(&self, settings: EngineSettings) -> QuotaEngine {
         let (store, limits) = self.parts(settings.reservation_ttl);
         let metrics = QuotaMetrics::new(&meshgate_runtime::Metrics::new("quota"));
-        Arc::new(QuotaEngine::new(store, limits, self.clock.clone(), settings, metrics))
+        QuotaEngine::new(store, limits, self.clock.clone(), settings, metrics)
+    }
+
+    /// The counter store loses everything, as Redis restarted without persistence (or the
+    /// standalone process restarted); limits survive. Engines made before keep the old memory
+    /// store: make new ones.
+    pub fn lose_counters(&mut self, reservation_ttl: Duration) {
+        match self.backend {
+            Backend::Memory => {
+                let limits = self.memory.as_ref().unwrap().1.clone();
+                let store = MemoryStore::new(self.clock.clone(), reservation_ttl, Duration::from_secs(600), true);
+                self.memory = Some((store, limits));
+            }
+            Backend::Redis => delete_prefix(&self.prefix),
+        }
     }
 
     /// The Postgres pool behind the Redis backend's limits, or a fresh one for the memory backend.

@@ -30,3 +30,38 @@ local function read(counter)
   return {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0, tonumber(v[5]) or 0}
 end
 
+
+-- Per-minute limits are leaky buckets, the continuous-state form of GCRA. A scope's bucket hash
+-- holds the levels r (requests) and k (tokens), the limits rl / kl they drain by (that many per
+-- 60000 ms) and t, the time of the last update (ms). Returns the levels drained to `now` and the
+-- stored limits.
+local function bucket_read(key, now)
+  local v = redis.call('HMGET', key, 'r', 'k', 'rl', 'kl', 't')
+  local r, k = tonumber(v[1]) or 0, tonumber(v[2]) or 0
+  local rl, kl = tonumber(v[3]) or 0, tonumber(v[4]) or 0
+  local elapsed = math.max(0, now - (tonumber(v[5]) or now))
+  r = rl > 0 and math.max(0, r - elapsed * rl / 60000) or 0
+  k = kl > 0 and math.max(0, k - elapsed * kl / 60000) or 0
+  return r, k, rl, kl
+end
+
+-- Stores levels drained to `now`; the key expires once both buckets would be empty.
+local function bucket_write(key, r, k, rl, kl, now)
+  if r <= 0 and k <= 0 then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'r', tostring(r), 'k', tostring(k), 'rl', rl, 'kl', kl, 't', now)
+  local minutes = 0
+  if rl > 0 then minutes = math.max(minutes, r / rl) end
+  if kl > 0 then minutes = math.max(minutes, k / kl) end
+  redis.call('PEXPIRE', key, math.ceil(minutes * 60000) + 1000)
+end
+
+local function split_lines(s)
+  local out = {}
+  for line in string.gmatch(s, '[^\n]+') do
+    out[#out + 1] = line
+  end
+  return out
+end

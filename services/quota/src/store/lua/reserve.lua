@@ -1,26 +1,31 @@
 -- Reserve an amount against every counter: all admit it or nothing changes.
--- KEYS[1] limits generation, KEYS[2] reservation record,
--- KEYS[2i+1] / KEYS[2i+2] counter hash / reservation zset of counter i (i = 1..n).
+-- KEYS[1] limits generation, KEYS[2] reservation record, and per counter i (i = 1..n):
+-- KEYS[3i] counter hash, KEYS[3i+1] reservation zset, KEYS[3i+2] per-minute bucket.
 -- ARGV[1] expected limits generation ('' = none), ARGV[2] now (ms), ARGV[3] expiry (ms),
 -- ARGV[4] tokens, ARGV[5] cost, ARGV[6] zset member, ARGV[7] record TTL (ms),
 -- ARGV[8] counter TTL (ms), ARGV[9] newline-separated counter key suffixes (kept for settling),
--- ARGV[2i+8] / ARGV[2i+9] token / cost limit of counter i (0 = unlimited).
--- Returns {2} when limits changed; {0, existing, counters...} when admitted;
--- {1, i, limit (0 tokens, 1 cost), counters...} when counter i refuses. Five integers per counter.
+-- ARGV[4i+6] .. ARGV[4i+9] tokens/day, cost/day, requests/minute, tokens/minute limits of
+-- counter i (0 = unlimited).
+-- Returns {2} when limits changed; {3, i...} when counters i were never seeded from the ledger;
+-- {0, existing, counters...} when admitted; {1, i, limit, retry ms, counters...} when counter i
+-- refuses (limit: 0 tokens/day, 1 cost/day, 2 requests/minute, 3 tokens/minute; retry ms only for
+-- per-minute limits). Seven integers per counter: five daily values and two bucket levels.
 local generation = redis.call('GET', KEYS[1]) or ''
 if generation ~= ARGV[1] then
   return {2}
 end
 
-local now = ARGV[2]
-local n = (#KEYS - 2) / 2
+local now = tonumber(ARGV[2])
+local n = (#KEYS - 2) / 3
 local tokens = tonumber(ARGV[4])
 local cost = tonumber(ARGV[5])
 
-local states = {}
+local states, levels = {}, {}
 for i = 1, n do
-  prune(KEYS[2 * i + 1], KEYS[2 * i + 2], now)
-  states[i] = read(KEYS[2 * i + 1])
+  prune(KEYS[3 * i], KEYS[3 * i + 1], ARGV[2])
+  states[i] = read(KEYS[3 * i])
+  local r, k = bucket_read(KEYS[3 * i + 2], now)
+  levels[i] = {r, k}
 end
 
 local function reply(head)
@@ -28,6 +33,8 @@ local function reply(head)
     for j = 1, 5 do
       head[#head + 1] = states[i][j]
     end
+    head[#head + 1] = math.ceil(levels[i][1])
+    head[#head + 1] = math.ceil(levels[i][2])
   end
   return head
 end
@@ -36,20 +43,43 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   return reply({0, 1})
 end
 
+local unseeded = {3}
+for i = 1, n do
+  if redis.call('HEXISTS', KEYS[3 * i], 's') == 0 then
+    unseeded[#unseeded + 1] = i
+  end
+end
+if #unseeded > 1 then
+  return unseeded
+end
+
+local function limit(i, j)
+  return tonumber(ARGV[4 * i + 5 + j])
+end
+
 for i = 1, n do
   local s = states[i]
-  local token_limit = tonumber(ARGV[2 * i + 8])
-  local cost_limit = tonumber(ARGV[2 * i + 9])
+  local token_limit, cost_limit = limit(i, 1), limit(i, 2)
   if token_limit > 0 and (s[1] + s[2] >= token_limit or s[1] + s[2] + tokens > token_limit) then
-    return reply({1, i, 0})
+    return reply({1, i, 0, 0})
   end
   if cost_limit > 0 and (s[3] + s[4] >= cost_limit or s[3] + s[4] + cost > cost_limit) then
-    return reply({1, i, 1})
+    return reply({1, i, 1, 0})
+  end
+  local rpm, tpm = limit(i, 3), limit(i, 4)
+  local r, k = levels[i][1], levels[i][2]
+  if rpm > 0 and r + 1 > rpm then
+    return reply({1, i, 2, math.ceil((r + 1 - rpm) * 60000 / rpm)})
+  end
+  if tpm > 0 and k + tokens > tpm then
+    -- An estimate above the limit never fits: it is refused with a whole window to wait.
+    local wait = tokens > tpm and 60000 or math.ceil((k + tokens - tpm) * 60000 / tpm)
+    return reply({1, i, 3, wait})
   end
 end
 
 for i = 1, n do
-  local counter, zset = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local counter, zset = KEYS[3 * i], KEYS[3 * i + 1]
   redis.call('HINCRBY', counter, 'rt', ARGV[4])
   redis.call('HINCRBY', counter, 'rc', ARGV[5])
   redis.call('ZADD', zset, ARGV[3], ARGV[6])
@@ -57,6 +87,13 @@ for i = 1, n do
   redis.call('PEXPIRE', zset, ARGV[8])
   states[i][2] = states[i][2] + tokens
   states[i][4] = states[i][4] + cost
+  local rpm, tpm = limit(i, 3), limit(i, 4)
+  if rpm > 0 or tpm > 0 then
+    local r = rpm > 0 and levels[i][1] + 1 or 0
+    local k = tpm > 0 and levels[i][2] + tokens or 0
+    bucket_write(KEYS[3 * i + 2], r, k, rpm, tpm, now)
+    levels[i] = {r, k}
+  end
 end
 redis.call('HSET', KEYS[2], 'st', 'r', 't', ARGV[4], 'c', ARGV[5], 'm', ARGV[6], 's', ARGV[9])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])

@@ -1,7 +1,7 @@
 -- Commit ('c': charge the actual usage) or release ('x') a reservation, once.
 -- KEYS[1] reservation record, KEYS[2] dirty-usage hash.
 -- ARGV[1] key prefix, ARGV[2] mode, ARGV[3] tokens, ARGV[4] cost, ARGV[5] settled record TTL (ms),
--- ARGV[6] counter TTL (ms), ARGV[7] '1' to mark charged counters dirty for the ledger.
+-- ARGV[6] counter TTL (ms), ARGV[7] '1' to mark charged counters dirty for the ledger, ARGV[8] now (ms).
 -- Returns {'missing'}, {'conflict', state}, or {'ok' | 'replay', suffixes, counters...}.
 -- The counter keys come from the record, so this script only runs on standalone/Sentinel Redis.
 local rec = redis.call('HMGET', KEYS[1], 'st', 't', 'c', 'm', 's')
@@ -12,10 +12,8 @@ end
 
 local mode = ARGV[2]
 local prefix = ARGV[1]
-local suffixes = {}
-for s in string.gmatch(rec[5], '[^\n]+') do
-  suffixes[#suffixes + 1] = s
-end
+local now = tonumber(ARGV[8])
+local suffixes = split_lines(rec[5])
 
 local function reply(status)
   local out = {status, rec[5]}
@@ -35,11 +33,15 @@ if state ~= 'r' then
   return {'conflict', state}
 end
 
+local estimate = tonumber(rec[2])
+-- Tokens-per-minute buckets were charged the estimate: correct them to the actual tokens (none
+-- for a release).
+local correction = (mode == 'c' and tonumber(ARGV[3]) or 0) - estimate
 for _, s in ipairs(suffixes) do
   local counter, zset = prefix .. 'c:' .. s, prefix .. 'z:' .. s
   -- Only whoever removes the member releases its hold; an expired, pruned one holds nothing.
   if redis.call('ZREM', zset, rec[4]) == 1 then
-    redis.call('HINCRBY', counter, 'rt', int(-tonumber(rec[2])))
+    redis.call('HINCRBY', counter, 'rt', int(-estimate))
     redis.call('HINCRBY', counter, 'rc', int(-tonumber(rec[3])))
   end
   if mode == 'c' then
@@ -49,6 +51,14 @@ for _, s in ipairs(suffixes) do
     redis.call('PEXPIRE', counter, ARGV[6])
     if ARGV[7] == '1' then
       redis.call('HINCRBY', KEYS[2], s, 1)
+    end
+  end
+  -- Suffix '<day>:<kind>:<id>' -> bucket 'm:<kind>:<id>'.
+  local bucket = prefix .. 'm:' .. string.match(s, '^[^:]+:(.*)$')
+  if correction ~= 0 and redis.call('EXISTS', bucket) == 1 then
+    local r, k, rl, kl = bucket_read(bucket, now)
+    if kl > 0 then
+      bucket_write(bucket, r, math.max(0, k + correction), rl, kl, now)
     end
   end
 end
