@@ -66,6 +66,13 @@ impl TestMesh {
         let alpha = MockProvider::start().await.expect("mock provider alpha");
         let beta = MockProvider::start().await.expect("mock provider beta");
         let mut config = base_config(&[("alpha", &alpha), ("beta", &beta)], options.stores);
+        if options.stores {
+            // Tests run at once and name the same tenants (the admin key's org, user and key):
+            // each mesh gets a schema of its own, so limits and traces never cross tests.
+            let url = isolated_database_url().await;
+            config.quota.database_url = Some(url.clone());
+            config.analytics.database_url = Some(url);
+        }
         (options.tune)(&mut config);
         let listeners = MeshListeners::ephemeral().await.expect("ephemeral listeners");
         let addresses = listeners.addresses();
@@ -127,6 +134,17 @@ impl TestMesh {
         let stopped = result.expect("the mesh stops within 15 s").expect("mesh task joins");
         stopped.expect("every service stops cleanly");
     }
+}
+
+/// A URL of the test database whose connections use a fresh schema of their own.
+pub async fn isolated_database_url() -> String {
+    let schema = format!("mgtest_{}", uuid::Uuid::new_v4().simple());
+    let pool = meshgate_storage::postgres_pool(&database_url(), &meshgate_storage::PostgresConfig::default())
+        .expect("valid test database URL");
+    let client = meshgate_storage::postgres_client(&pool).await.expect("test database answers");
+    client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.expect("schema created");
+    let separator = if database_url().contains('?') { '&' } else { '?' };
+    format!("{}{separator}options=-c%20search_path%3D{schema}", database_url())
 }
 
 /// The configuration every test mesh starts from: the admin key, short timeouts, the mock

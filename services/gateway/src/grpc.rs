@@ -1,5 +1,6 @@
 //! The gRPC facade of the edge (`meshgate.gateway.v1.Gateway`): the same request path as the
-//! HTTP edge, authenticated by `authorization: Bearer <key>` metadata.
+//! HTTP edge, authenticated by `authorization: Bearer <key>` metadata. Chat responses carry the
+//! caller's budget in the same `x-meshgate-quota-*` initial metadata as the HTTP headers.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -57,6 +58,7 @@ impl Gateway for GatewayService {
         let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started };
         let reply = self.orchestrator.chat(call).await.map_err(|err| err.to_status())?;
         let model = if reply.target.model.is_empty() { requested } else { reply.target.model.clone() };
+        let quota = reply.quota;
         let chunks = reply.pieces.map(move |piece| {
             piece
                 .map(|piece| ChatChunk {
@@ -69,7 +71,13 @@ impl Gateway for GatewayService {
                 })
                 .map_err(|err: ApiError| err.to_status())
         });
-        Ok(Response::new(Box::pin(chunks)))
+        let mut response = Response::new(Box::pin(chunks) as Self::ChatStream);
+        for (name, value) in quota.headers() {
+            if let Ok(value) = value.parse() {
+                response.metadata_mut().insert(name, value);
+            }
+        }
+        Ok(response)
     }
 
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {

@@ -11,7 +11,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use futures::StreamExt;
 use meshgate_runtime::{ApiError, ErrorCode};
 use tower::ServiceBuilder;
@@ -21,6 +21,7 @@ use crate::auth::Authenticator;
 use crate::metrics::GatewayMetrics;
 use crate::openai::{self, ChatLimits};
 use crate::orchestrator::{ChatCall, ChatReply, Orchestrator, Piece};
+use crate::quota::{self, QuotaSnapshot};
 
 /// Header carrying the client's request id, echoed back (or the gateway's id when the client
 /// sent none). It is for the client's logs only: quota, traces and upstream calls use the
@@ -65,6 +66,8 @@ pub fn router(edge: Edge, max_concurrency: usize) -> axum::Router {
     axum::Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/quota/status", get(quota::status))
+        .route("/v1/quota/limits", put(quota::set_limits))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(shed)
@@ -112,11 +115,16 @@ pub fn valid_request_id(id: &str) -> bool {
     (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
-/// The JSON error shape, with `Retry-After` when the error carries one.
+/// The JSON error shape, with `Retry-After` and the error's own headers.
 pub fn error_response(err: &ApiError, request_id: &str) -> Response {
     let mut response = (err.code.http_status(), axum::Json(err.body(request_id))).into_response();
     if let Some(seconds) = err.retry_after {
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    for (name, value) in &err.headers {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            response.headers_mut().insert(*name, value);
+        }
     }
     response
 }
@@ -140,12 +148,12 @@ async fn method_not_allowed(request: Request) -> Response {
     response
 }
 
-fn request_id_of(request: &Request) -> String {
+pub(crate) fn request_id_of(request: &Request) -> String {
     request.extensions().get::<RequestContext>().map(|c| c.request_id.clone()).unwrap_or_default()
 }
 
 /// Reads the body up to the limit; a larger body is a 413 without reading the rest.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, format!("request body exceeds {limit} bytes"));
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
@@ -155,7 +163,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     axum::body::to_bytes(body, limit).await.map_err(|_| too_large())
 }
 
-fn authorization(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
 }
 
@@ -201,9 +209,16 @@ async fn run_chat(
     }
 }
 
-fn target_header(response: &mut Response, target_id: &str) {
+/// The headers every chat reply carries: the target that served it and the caller's budget.
+fn reply_headers(response: &mut Response, target_id: &str, quota: &QuotaSnapshot) {
+    let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(target_id) {
-        response.headers_mut().insert(TARGET, value);
+        headers.insert(TARGET, value);
+    }
+    for (name, value) in quota.headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
     }
 }
 
@@ -236,7 +251,7 @@ async fn json_response(mut reply: ChatReply, chat: &ReplyShape, completion_id: &
         usage: openai::WireUsage::from(&usage),
     };
     let mut response = axum::Json(body).into_response();
-    target_header(&mut response, &reply.target.id);
+    reply_headers(&mut response, &reply.target.id, &reply.quota);
     Ok(response)
 }
 
@@ -247,7 +262,7 @@ fn stream_response(reply: ChatReply, chat: ReplyShape, completion_id: String, re
     let model = chat.model;
     let include_usage = chat.include_usage;
     let created = unix_now();
-    let ChatReply { target, mut pieces } = reply;
+    let ChatReply { target, mut pieces, quota } = reply;
     let events = async_stream::stream! {
         let usage_field = include_usage.then_some(None);
         let mut first = true;
@@ -307,7 +322,7 @@ fn stream_response(reply: ChatReply, chat: ReplyShape, completion_id: String, re
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    target_header(&mut response, &target.id);
+    reply_headers(&mut response, &target.id, &quota);
     response
 }
 

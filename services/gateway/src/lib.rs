@@ -8,6 +8,8 @@ pub mod metrics;
 pub mod openai;
 pub mod orchestrator;
 pub mod outcomes;
+pub mod quota;
+pub mod tokens;
 pub mod traces;
 
 use std::time::Duration;
@@ -120,6 +122,8 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
             "max_body_bytes, max_messages, max_tokens_cap and default_max_tokens must be positive".into(),
         ));
     }
+    // Off the request path: the first request naming an OpenAI model would otherwise pay for it.
+    tokio::task::spawn_blocking(tokens::warm_up);
     let http_listener =
         listeners.http.take().ok_or_else(|| Error::Config("the gateway needs an HTTP listener".into()))?;
     let quota = connect(&config.quota_endpoint)?;

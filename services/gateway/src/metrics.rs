@@ -14,7 +14,8 @@ pub struct GatewayMetrics {
     pub tokens: IntCounterVec,
     pub cost_micros: IntCounterVec,
     pub fallbacks: IntCounterVec,
-    pub quota_rejections: IntCounter,
+    /// By the limit that refused the request.
+    pub quota_rejections: IntCounterVec,
     pub traces: TraceSinkMetrics,
 }
 
@@ -54,7 +55,11 @@ impl GatewayMetrics {
                 "Targets that failed before their first piece (and were fallen back from), by target",
                 &["target"],
             ),
-            quota_rejections: counter("meshgate_quota_rejections_total", "Requests refused by quota"),
+            quota_rejections: counter_vec(
+                "meshgate_quota_rejections_total",
+                "Requests refused by quota, by the limit that refused them",
+                &["limit"],
+            ),
             traces: TraceSinkMetrics {
                 dropped: counter("meshgate_traces_dropped_total", "Trace records dropped because the buffer was full"),
                 sent: counter("meshgate_traces_sent_total", "Trace records delivered to analytics"),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use meshgate_proto::analytics::v1::{ModelCall, Trace};
-use meshgate_proto::common::v1::{ChatMessage, ErrorDetail, Principal, Target, TargetKind, Usage};
+use meshgate_proto::common::v1::{ErrorDetail, Principal, Target, TargetKind, Usage};
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::inference::v1::{GenerateChunk, GenerateRequest};
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::metrics::GatewayMetrics;
 use crate::openai::ValidChat;
 use crate::outcomes::OutcomeReporter;
+use crate::quota::{self, QuotaSnapshot};
 use crate::traces::TraceSink;
 
 /// Clients of the services the gateway orchestrates.
@@ -71,6 +72,8 @@ pub struct ChatCall {
 pub struct ChatReply {
     pub target: Target,
     pub pieces: BoxStream<'static, Result<Piece, ApiError>>,
+    /// The caller's budget with this request's reservation held.
+    pub quota: QuotaSnapshot,
 }
 
 type PieceStream = BoxStream<'static, Result<Piece, ApiError>>;
@@ -82,14 +85,6 @@ pub struct Orchestrator {
     traces: TraceSink,
     outcomes: OutcomeReporter,
     metrics: GatewayMetrics,
-}
-
-/// Prompt tokens estimated without a tokenizer: about four characters per token plus a few
-/// tokens of per-message framing (the OpenAI chat format spends 3–4). Providers report exact
-/// counts afterwards, and commits use those.
-pub fn estimate_prompt_tokens(messages: &[ChatMessage]) -> i64 {
-    let chars: usize = messages.iter().map(|m| m.content.chars().count() + m.role.len() + m.name.len()).sum();
-    (chars as u64).div_ceil(4) as i64 + 4 * messages.len() as i64 + 3
 }
 
 /// Cost in micro-dollars, rounded up so the gateway never undercharges.
@@ -134,7 +129,7 @@ impl Orchestrator {
 
     /// Routes, reserves and starts the first target that answers.
     pub async fn chat(self: &Arc<Self>, call: ChatCall) -> Result<ChatReply, ApiError> {
-        let prompt_estimate = estimate_prompt_tokens(&call.chat.messages);
+        let prompt_estimate = crate::tokens::prompt_tokens(&call.chat.model, &call.chat.messages);
         let max_tokens = call.chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
         let mut settlement = Settlement::new(self.clone(), &call, prompt_estimate);
 
@@ -172,22 +167,14 @@ impl Orchestrator {
             estimated_cost_micros: estimated_cost,
         };
         let mut quota = self.peers.quota.clone();
-        let reservation = match peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await {
-            Ok(response) if response.admitted => response.reservation_id,
+        let (reservation, budget) = match peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await {
+            Ok(response) if response.admitted => {
+                let budget = QuotaSnapshot::from_reserve(&response);
+                (response.reservation_id, budget)
+            }
             Ok(response) => {
-                self.metrics.quota_rejections.inc();
-                let scope = response
-                    .rejected_scope
-                    .map(|s| format!(" of {} {:?}", scope_name(s.kind), s.id))
-                    .unwrap_or_default();
-                let err = ApiError::new(
-                    ErrorCode::QuotaExceeded,
-                    format!(
-                        "quota exceeded: {}{scope}; retry after {} s",
-                        response.rejected_limit, response.retry_after_seconds
-                    ),
-                )
-                .with_retry_after(response.retry_after_seconds.max(1) as u64);
+                self.metrics.quota_rejections.with_label_values(&[&response.rejected_limit]).inc();
+                let err = quota::rejection(&response);
                 settlement.fail(err.clone());
                 return Err(err);
             }
@@ -207,7 +194,7 @@ impl Orchestrator {
                 Ok((first, rest)) => {
                     settlement.serving(target.clone(), attempt_start);
                     let pieces = self.stream_reply(first, rest, settlement);
-                    return Ok(ChatReply { target, pieces });
+                    return Ok(ChatReply { target, pieces, quota: budget });
                 }
                 Err(err) => {
                     tracing::warn!(request_id = %call.request_id, target = %target.id, error = %err, "target failed before its first piece");
@@ -345,19 +332,8 @@ fn first_piece_timeout(target: &Target, after: Duration) -> ApiError {
     ApiError::new(ErrorCode::Timeout, format!("{} sent nothing within {} ms", target.id, after.as_millis()))
 }
 
-fn scope_name(kind: i32) -> &'static str {
-    use meshgate_proto::quota::v1::ScopeKind;
-    match ScopeKind::try_from(kind).unwrap_or(ScopeKind::Unspecified) {
-        ScopeKind::Org => "organization",
-        ScopeKind::Project => "project",
-        ScopeKind::User => "user",
-        ScopeKind::Key => "key",
-        ScopeKind::Unspecified => "scope",
-    }
-}
-
 /// Calls a peer service with a deadline; failures become the errors the edge reports.
-async fn peer_call<T>(
+pub(crate) async fn peer_call<T>(
     peer: &'static str,
     deadline: Duration,
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -521,8 +497,15 @@ impl Settlement {
         handle.spawn(
             async move {
                 if let Some(reservation_id) = reservation {
-                    settle_reservation(&orchestrator, reservation_id, served.then_some(charged), &trace.request_id)
-                        .await;
+                    let usage = served.then_some(charged);
+                    settle_reservation(
+                        &orchestrator,
+                        reservation_id,
+                        usage,
+                        trace.principal.clone(),
+                        &trace.request_id,
+                    )
+                    .await;
                 }
                 orchestrator.traces.record(trace);
             }
@@ -559,6 +542,7 @@ async fn settle_reservation(
     orchestrator: &Orchestrator,
     reservation_id: String,
     usage: Option<Usage>,
+    principal: Option<Principal>,
     request_id: &str,
 ) {
     const BACKOFF: [Duration; 3] = [Duration::from_millis(100), Duration::from_millis(500), Duration::from_secs(2)];
@@ -568,7 +552,12 @@ async fn settle_reservation(
         let mut quota = orchestrator.peers.quota.clone();
         let result = match usage {
             Some(usage) => {
-                let request = CommitRequest { reservation_id: reservation_id.clone(), usage: Some(usage) };
+                // The principal lets quota charge the usage even if its store lost the reservation.
+                let request = CommitRequest {
+                    reservation_id: reservation_id.clone(),
+                    usage: Some(usage),
+                    principal: principal.clone(),
+                };
                 peer_call("quota", peer_timeout, quota.commit(request)).await.map(drop)
             }
             None => {
@@ -613,13 +602,5 @@ mod tests {
         assert_eq!(cost_micros(&target, 10, 20), 14);
         let pricey = Target { input_price_micros_per_mtok: i64::MAX, ..Default::default() };
         assert_eq!(cost_micros(&pricey, i64::MAX, 0), i64::MAX);
-    }
-
-    #[test]
-    fn prompt_estimate_grows_with_text_and_messages() {
-        let one = [ChatMessage { role: "user".into(), content: "x".repeat(400), ..Default::default() }];
-        let two = [one[0].clone(), one[0].clone()];
-        assert_eq!(estimate_prompt_tokens(&one), 101 + 4 + 3);
-        assert!(estimate_prompt_tokens(&two) > estimate_prompt_tokens(&one));
     }
 }

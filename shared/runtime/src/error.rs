@@ -132,15 +132,23 @@ pub struct ApiError {
     pub message: String,
     /// Seconds after which a retry may succeed (`Retry-After`).
     pub retry_after: Option<u64>,
+    /// More response headers (HTTP) or metadata (gRPC) explaining the error, e.g. which quota
+    /// limit refused a request. Names are lowercase ASCII.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), retry_after: None }
+        Self { code, message: message.into(), retry_after: None, headers: Vec::new() }
     }
 
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
+        self
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
         self
     }
 
@@ -153,7 +161,7 @@ impl ApiError {
             .and_then(ErrorCode::parse)
             .unwrap_or_else(|| ErrorCode::from_grpc(status.code()));
         let retry_after = metadata.get(RETRY_AFTER_METADATA).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-        Self { code, message: status.message().to_owned(), retry_after }
+        Self { code, message: status.message().to_owned(), retry_after, headers: Vec::new() }
     }
 
     /// The gRPC status for this error, code and retry delay in metadata.
@@ -161,6 +169,11 @@ impl ApiError {
         let mut status = self.code.status(self.message.clone());
         if let Some(seconds) = self.retry_after {
             status.metadata_mut().insert(RETRY_AFTER_METADATA, tonic::metadata::MetadataValue::from(seconds));
+        }
+        for (name, value) in &self.headers {
+            if let Ok(value) = value.parse() {
+                status.metadata_mut().insert(*name, value);
+            }
         }
         status
     }

@@ -1,0 +1,370 @@
+//! Quota at the edge: the headers that tell a caller its remaining budget, the 429 of a refused
+//! reservation, and `GET /v1/quota/status` / `PUT /v1/quota/limits` over the quota service.
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, SecondsFormat, Utc};
+use meshgate_proto::common::v1::{Principal, Role};
+use meshgate_proto::quota::v1::{self as pb, ReserveResponse};
+use meshgate_runtime::{ApiError, ErrorCode};
+use serde::{Deserialize, Serialize};
+
+use crate::http::{Edge, authorization, error_response, read_body, request_id_of};
+use crate::orchestrator::peer_call;
+
+/// Daily tokens left in the tightest scope, with this request's estimate held.
+pub const REMAINING_TOKENS: &str = "x-meshgate-quota-remaining-tokens";
+/// Daily cost left in the tightest scope, micro-dollars, with this request's estimate held.
+pub const REMAINING_COST: &str = "x-meshgate-quota-remaining-cost-micros";
+/// Requests that may still start this minute in the tightest scope.
+pub const REMAINING_REQUESTS: &str = "x-meshgate-quota-remaining-requests";
+/// RFC 3339 time when the daily window resets (on a 429: when a retry can succeed).
+pub const RESET: &str = "x-meshgate-quota-reset";
+/// On a 429: the scope whose limit refused the request, `<kind>:<id>`.
+pub const SCOPE: &str = "x-meshgate-quota-scope";
+/// On a 429: the limit that refused it (`tokens_per_day`, `requests_per_minute`, ...).
+pub const LIMIT: &str = "x-meshgate-quota-limit";
+/// On a 429: the exact wait in milliseconds (`Retry-After` is rounded up to whole seconds). The
+/// OpenAI SDKs honour it.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// The caller's budget as its reservation left it, reported on every usage response.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuotaSnapshot {
+    /// -1 when no scope limits it, like the other two.
+    pub remaining_tokens: i64,
+    pub remaining_cost_micros: i64,
+    pub remaining_requests: i64,
+    pub reset_at: Option<DateTime<Utc>>,
+}
+
+impl QuotaSnapshot {
+    pub fn from_reserve(response: &ReserveResponse) -> Self {
+        Self {
+            remaining_tokens: response.remaining_tokens,
+            remaining_cost_micros: response.remaining_cost_micros,
+            remaining_requests: response.remaining_requests_this_minute,
+            reset_at: response.reset_at.as_ref().and_then(datetime),
+        }
+    }
+
+    /// The `x-meshgate-quota-*` headers; unlimited amounts are left out.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::with_capacity(4);
+        for (name, value) in [
+            (REMAINING_TOKENS, self.remaining_tokens),
+            (REMAINING_COST, self.remaining_cost_micros),
+            (REMAINING_REQUESTS, self.remaining_requests),
+        ] {
+            if value >= 0 {
+                headers.push((name, value.to_string()));
+            }
+        }
+        if let Some(reset) = self.reset_at {
+            headers.push((RESET, rfc3339(reset)));
+        }
+        headers
+    }
+}
+
+/// The 429 of a refused reservation: which scope and limit, when to retry (exactly).
+pub fn rejection(response: &ReserveResponse) -> ApiError {
+    let scope = response.rejected_scope.as_ref().map(|s| format!("{}:{}", scope_kind(s.kind), s.id));
+    let reset = response.reset_at.as_ref().and_then(datetime);
+    let mut message = format!("quota exceeded: {}", response.rejected_limit);
+    if let Some(scope) = &scope {
+        message.push_str(&format!(" of {scope}"));
+    }
+    if let Some(reset) = reset {
+        message.push_str(&format!("; resets at {}", rfc3339(reset)));
+    }
+    message.push_str(&format!("; retry after {} s", response.retry_after_seconds.max(1)));
+    let mut err = ApiError::new(ErrorCode::QuotaExceeded, message)
+        .with_retry_after(u64::try_from(response.retry_after_seconds.max(1)).unwrap_or(1))
+        .with_header(LIMIT, response.rejected_limit.clone())
+        .with_header(RETRY_AFTER_MS, response.retry_after_ms.max(0).to_string());
+    if let Some(scope) = scope {
+        err = err.with_header(SCOPE, scope);
+    }
+    if let Some(reset) = reset {
+        err = err.with_header(RESET, rfc3339(reset));
+    }
+    err
+}
+
+fn datetime(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn scope_kind(kind: i32) -> &'static str {
+    match pb::ScopeKind::try_from(kind) {
+        Ok(pb::ScopeKind::Org) => "org",
+        Ok(pb::ScopeKind::Project) => "project",
+        Ok(pb::ScopeKind::User) => "user",
+        Ok(pb::ScopeKind::Key) => "key",
+        _ => "unknown",
+    }
+}
+
+fn parse_scope_kind(kind: &str) -> Option<pb::ScopeKind> {
+    match kind {
+        "org" => Some(pb::ScopeKind::Org),
+        "project" => Some(pb::ScopeKind::Project),
+        "user" => Some(pb::ScopeKind::User),
+        "key" => Some(pb::ScopeKind::Key),
+        _ => None,
+    }
+}
+
+/// A scope on the wire: `{"kind": "user", "id": "u_1"}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeJson {
+    pub kind: String,
+    pub id: String,
+}
+
+/// The limits of a scope on the wire; an absent field is 0 (unlimited).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsJson {
+    pub tokens_per_day: i64,
+    pub cost_micros_per_day: i64,
+    pub requests_per_minute: i64,
+    pub tokens_per_minute: i64,
+    /// IANA zone of an org's daily window; org scopes only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+}
+
+impl From<pb::Limits> for LimitsJson {
+    fn from(l: pb::Limits) -> Self {
+        Self {
+            tokens_per_day: l.tokens_per_day,
+            cost_micros_per_day: l.cost_micros_per_day,
+            requests_per_minute: l.requests_per_minute,
+            tokens_per_minute: l.tokens_per_minute,
+            time_zone: (!l.time_zone.is_empty()).then_some(l.time_zone),
+        }
+    }
+}
+
+/// Body of `PUT /v1/quota/limits`: the scope's limits are replaced as a whole.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetLimitsJson {
+    pub scope: ScopeJson,
+    pub limits: LimitsJson,
+}
+
+#[derive(Debug, Serialize)]
+struct Amounts {
+    tokens: i64,
+    cost_micros: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    requests: Option<i64>,
+}
+
+/// Remaining amounts; `null` where no limit applies.
+#[derive(Debug, Serialize)]
+struct Remaining {
+    tokens: Option<i64>,
+    cost_micros: Option<i64>,
+    requests_this_minute: Option<i64>,
+    tokens_this_minute: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct ScopeStatusJson {
+    scope: ScopeJson,
+    limits: LimitsJson,
+    used: Amounts,
+    reserved: Amounts,
+    remaining: Remaining,
+    time_zone: String,
+    reset_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct StatusJson {
+    object: &'static str,
+    scopes: Vec<ScopeStatusJson>,
+}
+
+fn limited(value: i64) -> Option<i64> {
+    (value >= 0).then_some(value)
+}
+
+fn status_json(status: pb::StatusResponse) -> StatusJson {
+    let scopes = status
+        .scopes
+        .into_iter()
+        .map(|s| ScopeStatusJson {
+            scope: s
+                .scope
+                .map(|scope| ScopeJson { kind: scope_kind(scope.kind).into(), id: scope.id })
+                .unwrap_or_else(|| ScopeJson { kind: "unknown".into(), id: String::new() }),
+            limits: LimitsJson {
+                tokens_per_day: s.tokens_per_day,
+                cost_micros_per_day: s.cost_micros_per_day,
+                requests_per_minute: s.requests_per_minute,
+                tokens_per_minute: s.tokens_per_minute,
+                time_zone: None,
+            },
+            used: Amounts { tokens: s.used_tokens, cost_micros: s.used_cost_micros, requests: Some(s.requests_today) },
+            reserved: Amounts { tokens: s.reserved_tokens, cost_micros: s.reserved_cost_micros, requests: None },
+            remaining: Remaining {
+                tokens: limited(s.remaining_tokens),
+                cost_micros: limited(s.remaining_cost_micros),
+                requests_this_minute: limited(s.remaining_requests_this_minute),
+                tokens_this_minute: limited(s.remaining_tokens_this_minute),
+            },
+            time_zone: s.time_zone,
+            reset_at: s.reset_at.as_ref().and_then(datetime).map(rfc3339),
+        })
+        .collect();
+    StatusJson { object: "quota.status", scopes }
+}
+
+/// `GET /v1/quota/status`: limits, usage and what remains of every scope the caller is charged to.
+pub async fn status(State(edge): State<Edge>, request: Request) -> Response {
+    let id = request_id_of(&request);
+    let principal = edge.auth.authenticate(authorization(request.headers()));
+    let result = async {
+        let principal = principal?;
+        let mut quota = edge.orchestrator.peers().quota.clone();
+        let timeout = edge.orchestrator.peer_timeout();
+        peer_call("quota", timeout, quota.status(pb::StatusRequest { principal: Some(principal) })).await
+    }
+    .await;
+    match result {
+        Ok(status) => axum::Json(status_json(status)).into_response(),
+        Err(err) => error_response(&err, &id),
+    }
+}
+
+/// `PUT /v1/quota/limits`: sets a scope's limits; admins and owners only.
+pub async fn set_limits(State(edge): State<Edge>, request: Request) -> Response {
+    let id = request_id_of(&request);
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let principal = edge.auth.authenticate(authorization(&parts.headers))?;
+        let body = read_body(body, &parts.headers, edge.max_body_bytes).await?;
+        let wanted: SetLimitsJson = serde_json::from_slice(&body).map_err(crate::openai::json_error)?;
+        let scope = authorize_limits(&principal, &wanted.scope)?;
+        let limits = pb::Limits {
+            tokens_per_day: wanted.limits.tokens_per_day,
+            cost_micros_per_day: wanted.limits.cost_micros_per_day,
+            requests_per_minute: wanted.limits.requests_per_minute,
+            tokens_per_minute: wanted.limits.tokens_per_minute,
+            time_zone: wanted.limits.time_zone.clone().unwrap_or_default(),
+        };
+        let mut quota = edge.orchestrator.peers().quota.clone();
+        let timeout = edge.orchestrator.peer_timeout();
+        let set = peer_call(
+            "quota",
+            timeout,
+            quota.set_limits(pb::SetLimitsRequest { scope: Some(scope), limits: Some(limits) }),
+        )
+        .await?;
+        Ok::<_, ApiError>(SetLimitsJson { scope: wanted.scope, limits: set.limits.unwrap_or_default().into() })
+    }
+    .await;
+    match result {
+        Ok(set) => axum::Json(set).into_response(),
+        Err(err) => error_response(&err, &id),
+    }
+}
+
+/// Only admins and owners set limits, and only inside their own organization. Until tenancy
+/// (#4) records which projects, users and keys belong to which organization, an org scope must
+/// be the caller's own; other scopes are taken to be the caller's organization's.
+fn authorize_limits(principal: &Principal, scope: &ScopeJson) -> Result<pb::Scope, ApiError> {
+    let role = Role::try_from(principal.role).unwrap_or(Role::Unspecified);
+    if !matches!(role, Role::Admin | Role::Owner) {
+        return Err(ApiError::new(ErrorCode::PermissionDenied, "setting quota limits needs the admin or owner role"));
+    }
+    let kind = parse_scope_kind(&scope.kind).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("scope.kind {:?} is not one of org, project, user, key", scope.kind),
+        )
+    })?;
+    if scope.id.is_empty() {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "scope.id is empty"));
+    }
+    if kind == pb::ScopeKind::Org && scope.id != principal.org_id {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("organization {:?} not found", scope.id)));
+    }
+    Ok(pb::Scope { kind: kind as i32, id: scope.id.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(role: Role) -> Principal {
+        Principal {
+            org_id: "acme".into(),
+            project_id: "p".into(),
+            user_id: "u".into(),
+            key_id: "k".into(),
+            role: role as i32,
+        }
+    }
+
+    fn scope(kind: &str, id: &str) -> ScopeJson {
+        ScopeJson { kind: kind.into(), id: id.into() }
+    }
+
+    #[test]
+    fn only_admins_and_owners_set_limits_in_their_own_org() {
+        for role in [Role::Viewer, Role::Developer, Role::Unspecified] {
+            let err = authorize_limits(&principal(role), &scope("user", "u")).unwrap_err();
+            assert_eq!(err.code, ErrorCode::PermissionDenied, "{role:?}");
+        }
+        for role in [Role::Admin, Role::Owner] {
+            let scope = authorize_limits(&principal(role), &scope("org", "acme")).unwrap();
+            assert_eq!(scope.kind, pb::ScopeKind::Org as i32);
+        }
+        let other_org = authorize_limits(&principal(Role::Owner), &scope("org", "globex")).unwrap_err();
+        assert_eq!(other_org.code, ErrorCode::NotFound);
+        let unknown = authorize_limits(&principal(Role::Owner), &scope("team", "x")).unwrap_err();
+        assert_eq!(unknown.code, ErrorCode::InvalidRequest);
+        let empty = authorize_limits(&principal(Role::Owner), &scope("key", "")).unwrap_err();
+        assert_eq!(empty.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn rejections_name_the_scope_the_limit_and_the_exact_wait() {
+        let response = ReserveResponse {
+            admitted: false,
+            rejected_scope: Some(pb::Scope { kind: pb::ScopeKind::User as i32, id: "u_1".into() }),
+            rejected_limit: "requests_per_minute".into(),
+            reset_at: Some(prost_types::Timestamp { seconds: 1_900_000_000, nanos: 600_000_000 }),
+            retry_after_seconds: 1,
+            retry_after_ms: 600,
+            ..Default::default()
+        };
+        let err = rejection(&response);
+        assert_eq!((err.code, err.retry_after), (ErrorCode::QuotaExceeded, Some(1)));
+        assert!(err.message.contains("requests_per_minute of user:u_1"), "{}", err.message);
+        let header = |name: &str| err.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
+        assert_eq!(header(RETRY_AFTER_MS), Some("600"));
+        assert_eq!(header(SCOPE), Some("user:u_1"));
+        assert_eq!(header(LIMIT), Some("requests_per_minute"));
+        assert_eq!(header(RESET), Some("2030-03-17T17:46:40.600Z"));
+    }
+
+    #[test]
+    fn unlimited_amounts_are_left_out_of_the_headers() {
+        let snapshot =
+            QuotaSnapshot { remaining_tokens: 10, remaining_cost_micros: -1, remaining_requests: 0, reset_at: None };
+        let headers = snapshot.headers();
+        assert_eq!(headers, vec![(REMAINING_TOKENS, "10".to_owned()), (REMAINING_REQUESTS, "0".to_owned())]);
+    }
+}
