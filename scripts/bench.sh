@@ -47,9 +47,13 @@ fi
 export MESHGATE_PROVIDER_MOCK_BASE_URL=http://127.0.0.1:18000/v1
 export MESHGATE_PROVIDER_MOCK_MODELS=mock-gpt
 export MESHGATE_ADMIN_KEY=$KEY
-# The benchmark sends far more than a day's default budget; 0 = unlimited (still reserved and
-# committed on every request).
-export MESHGATE_QUOTA__DEFAULTS__KEY__TOKENS_PER_DAY=0
+# The benchmark sends far more than a user's default budget (and 100 requests a minute): limits
+# far above the load keep every check running (daily counters and per-minute buckets) without
+# refusing anything.
+export MESHGATE_QUOTA__DEFAULTS__USER__TOKENS_PER_DAY=1000000000000
+export MESHGATE_QUOTA__DEFAULTS__USER__COST_MICROS_PER_DAY=1000000000000
+export MESHGATE_QUOTA__DEFAULTS__USER__REQUESTS_PER_MINUTE=1000000000
+export MESHGATE_QUOTA__DEFAULTS__USER__TOKENS_PER_MINUTE=1000000000
 export MESHGATE_INFERENCE__MODELS_DIR=$RUN_DIR/no-models
 export RUST_LOG=${RUST_LOG:-warn}
 

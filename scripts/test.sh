@@ -31,6 +31,9 @@ source scripts/lib/redis.sh
 source scripts/lib/python.sh
 cd "$MG_ROOT"
 mg_cleanup_init
+# The concurrency tests open about a thousand loopback connections; a fresh machine's soft limit
+# of 1024 descriptors would not do.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # --- setup -------------------------------------------------------------------------------------
 mg_pg_ensure
@@ -64,6 +67,7 @@ if (($#)); then
 fi
 
 # --- checks ------------------------------------------------------------------------------------
+
 PASSED=()
 FAILED=()
 SKIPPED=()

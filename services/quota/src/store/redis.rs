@@ -5,7 +5,7 @@
 //! | `P gen` | string | limits generation, replaced on every limit change |
 //! | `P c:<YYYYMMDD>:<kind>:<id>` | hash | `ut`/`uc` used tokens/cost, `rt`/`rc` reserved, `n` commits; TTL 3 days after last touch |
 //! | `P z:<YYYYMMDD>:<kind>:<id>` | zset | open reservations `<rid>\|<tokens>\|<cost>` scored by expiry (ms) |
-//! | `P r:<rid>` | hash | reservation record: `st` (r/c/x), `t`, `c`, `m` (zset member), `s` (counter suffixes) |
+//! | `P r:<rid>` | hash | reservation record: `st` (r/c/x), `t`, `c`, `m` (zset member), `s` (counter suffixes), `b` (token buckets charged) |
 //! | `P m:<kind>:<id>` | hash | per-minute leaky buckets: levels `r`/`k`, limits `rl`/`kl`, last update `t` (ms) |
 //! | `P dirty` | hash | counter suffix -> change version, for the ledger flusher |
 //!

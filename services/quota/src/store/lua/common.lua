@@ -30,6 +30,14 @@ local function read(counter)
   return {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0, tonumber(v[5]) or 0}
 end
 
+-- read(), and whether the counter was seeded from the ledger, in one call.
+local function read_seeded(counter)
+  local v = redis.call('HMGET', counter, 'ut', 'rt', 'uc', 'rc', 'n', 's')
+  local values = {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0,
+    tonumber(v[5]) or 0}
+  return values, v[6] ~= false
+end
+
 
 -- Per-minute limits are leaky buckets, the continuous-state form of GCRA. A scope's bucket hash
 -- holds the levels r (requests) and k (tokens), the limits rl / kl they drain by (that many per

@@ -20,12 +20,21 @@ local n = (#KEYS - 2) / 3
 local tokens = tonumber(ARGV[4])
 local cost = tonumber(ARGV[5])
 
-local states, levels = {}, {}
+local function limit(i, j)
+  return tonumber(ARGV[4 * i + 5 + j])
+end
+
+-- Seeded-ness is read with the counter: field 6 of read_seeded.
+local states, levels, seeded = {}, {}, {}
 for i = 1, n do
   prune(KEYS[3 * i], KEYS[3 * i + 1], ARGV[2])
-  states[i] = read(KEYS[3 * i])
-  local r, k = bucket_read(KEYS[3 * i + 2], now)
-  levels[i] = {r, k}
+  states[i], seeded[i] = read_seeded(KEYS[3 * i])
+  if limit(i, 3) > 0 or limit(i, 4) > 0 then
+    local r, k = bucket_read(KEYS[3 * i + 2], now)
+    levels[i] = {r, k}
+  else
+    levels[i] = {0, 0}
+  end
 end
 
 local function reply(head)
@@ -45,16 +54,12 @@ end
 
 local unseeded = {3}
 for i = 1, n do
-  if redis.call('HEXISTS', KEYS[3 * i], 's') == 0 then
+  if not seeded[i] then
     unseeded[#unseeded + 1] = i
   end
 end
 if #unseeded > 1 then
   return unseeded
-end
-
-local function limit(i, j)
-  return tonumber(ARGV[4 * i + 5 + j])
 end
 
 for i = 1, n do
@@ -78,12 +83,13 @@ for i = 1, n do
   end
 end
 
+local token_buckets = {}
 for i = 1, n do
   local counter, zset = KEYS[3 * i], KEYS[3 * i + 1]
+  -- The counter's TTL was set when it was seeded and is renewed by commits.
   redis.call('HINCRBY', counter, 'rt', ARGV[4])
   redis.call('HINCRBY', counter, 'rc', ARGV[5])
   redis.call('ZADD', zset, ARGV[3], ARGV[6])
-  redis.call('PEXPIRE', counter, ARGV[8])
   redis.call('PEXPIRE', zset, ARGV[8])
   states[i][2] = states[i][2] + tokens
   states[i][4] = states[i][4] + cost
@@ -94,7 +100,12 @@ for i = 1, n do
     bucket_write(KEYS[3 * i + 2], r, k, rpm, tpm, now)
     levels[i] = {r, k}
   end
+  if tpm > 0 then
+    token_buckets[#token_buckets + 1] = KEYS[3 * i + 2]
+  end
 end
-redis.call('HSET', KEYS[2], 'st', 'r', 't', ARGV[4], 'c', ARGV[5], 'm', ARGV[6], 's', ARGV[9])
+-- 'b': the token buckets charged the estimate, which settling corrects.
+redis.call('HSET', KEYS[2], 'st', 'r', 't', ARGV[4], 'c', ARGV[5], 'm', ARGV[6], 's', ARGV[9],
+  'b', table.concat(token_buckets, '\n'))
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 return reply({0, 0})

@@ -4,7 +4,7 @@
 -- ARGV[6] counter TTL (ms), ARGV[7] '1' to mark charged counters dirty for the ledger, ARGV[8] now (ms).
 -- Returns {'missing'}, {'conflict', state}, or {'ok' | 'replay', suffixes, counters...}.
 -- The counter keys come from the record, so this script only runs on standalone/Sentinel Redis.
-local rec = redis.call('HMGET', KEYS[1], 'st', 't', 'c', 'm', 's')
+local rec = redis.call('HMGET', KEYS[1], 'st', 't', 'c', 'm', 's', 'b')
 local state = rec[1]
 if not state then
   return {'missing'}
@@ -53,9 +53,9 @@ for _, s in ipairs(suffixes) do
       redis.call('HINCRBY', KEYS[2], s, 1)
     end
   end
-  -- Suffix '<day>:<kind>:<id>' -> bucket 'm:<kind>:<id>'.
-  local bucket = prefix .. 'm:' .. string.match(s, '^[^:]+:(.*)$')
-  if correction ~= 0 and redis.call('EXISTS', bucket) == 1 then
+end
+if correction ~= 0 then
+  for _, bucket in ipairs(split_lines(rec[6] or '')) do
     local r, k, rl, kl = bucket_read(bucket, now)
     if kl > 0 then
       bucket_write(bucket, r, math.max(0, k + correction), rl, kl, now)
