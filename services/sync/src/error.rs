@@ -15,7 +15,12 @@
 //! | upstream 5xx and any other status | `UpstreamFailed` | `upstream_error` | UNAVAILABLE | 502 |
 //! | garbage, wrong content type, error event, stream closed before `[DONE]` | `Protocol` | `upstream_error` | UNAVAILABLE | 502 |
 //! | connection broken mid-stream | `StreamBroken` | `service_unavailable` | UNAVAILABLE | 503 |
-//! | Enqueue / GetJob / ListJobs (issue 7) | `NotImplemented` | `not_implemented` | UNIMPLEMENTED | 501 |
+//! | a queue RPC without a configured queue | `NotImplemented` | `not_implemented` | UNIMPLEMENTED | 501 |
+//! | bad `EnqueueRequest` (no principal, malformed idempotency key, bad request) | `InvalidRequest` | `invalid_request` | INVALID_ARGUMENT | 400 |
+//! | unknown job id (or one of another project) | `JobNotFound` | `not_found` | NOT_FOUND | 404 |
+//! | idempotency key reused with another request; retrying a job that is not dead | `Conflict` | `conflict` | ALREADY_EXISTS | 409 |
+//! | the queue's store is down | `Queue` | `service_unavailable` | UNAVAILABLE | 503 |
+//! | the queue's store holds undecodable data | `Queue` | `internal_error` | INTERNAL | 500 |
 //!
 //! Statuses carry the code in `x-meshgate-error-code`, the retry delay in
 //! `x-meshgate-retry-after` (seconds) and, when the provider answered, its HTTP status in
@@ -64,6 +69,24 @@ pub enum Error {
     StreamBroken { provider: String, message: String },
     #[error("{0}")]
     NotImplemented(&'static str),
+    #[error("job '{0}' not found")]
+    JobNotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Queue(crate::queue::QueueError),
+    #[error(transparent)]
+    Storage(#[from] meshgate_storage::Error),
+}
+
+impl From<crate::queue::QueueError> for Error {
+    fn from(err: crate::queue::QueueError) -> Self {
+        use crate::queue::QueueError;
+        match err {
+            QueueError::IdempotencyConflict { .. } | QueueError::NotDead { .. } => Error::Conflict(err.to_string()),
+            other => Error::Queue(other),
+        }
+    }
 }
 
 impl Error {
@@ -84,6 +107,10 @@ impl Error {
             Error::UpstreamPayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             Error::UpstreamRateLimited { .. } => ErrorCode::RateLimited,
             Error::NotImplemented(_) => ErrorCode::NotImplemented,
+            Error::JobNotFound(_) => ErrorCode::NotFound,
+            Error::Conflict(_) => ErrorCode::Conflict,
+            Error::Queue(crate::queue::QueueError::Corrupt(_)) => ErrorCode::Internal,
+            Error::Queue(_) | Error::Storage(_) => ErrorCode::Unavailable,
         }
     }
 
@@ -98,6 +125,17 @@ impl Error {
             | Error::UpstreamFailed { status, .. } => Some(*status),
             Error::Timeout { upstream_status, .. } => *upstream_status,
             _ => None,
+        }
+    }
+
+    /// Whether another attempt of the same call may succeed: rate limits, server errors, refused
+    /// or reset connections. Timeouts are not retried (the time is spent); garbage, rejections
+    /// and auth failures would fail the same way again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::StreamBroken { .. } | Error::UpstreamRateLimited { .. } => true,
+            Error::UpstreamFailed { status, .. } => *status >= 500,
+            _ => false,
         }
     }
 

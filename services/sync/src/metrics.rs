@@ -10,12 +10,14 @@ const UPSTREAM_BUCKETS: &[f64] =
 ///
 /// Labels: `provider`; `model` (the requested model when the provider lists it, else `other`, so
 /// callers cannot grow the cardinality); `status` (the provider's HTTP status, `none` when it never
-/// answered); `outcome` (`ok`, `cancelled` when the caller went away, or the error code).
+/// answered); `outcome` (`ok`, `cancelled` when the caller went away, or the error code). A call
+/// counts once, however many attempts it took; retries are counted apart.
 #[derive(Clone)]
 pub struct UpstreamMetrics {
     pub(crate) requests: IntCounterVec,
     pub(crate) duration: HistogramVec,
     pub(crate) first_chunk: HistogramVec,
+    pub(crate) retries: IntCounterVec,
 }
 
 impl Default for UpstreamMetrics {
@@ -49,7 +51,15 @@ impl UpstreamMetrics {
             &["provider", "model"],
         )
         .expect("static metric options are valid");
-        Self { requests, duration, first_chunk }
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "meshgate_sync_upstream_retries_total",
+                "Upstream calls retried before their first chunk, by the error that caused the retry",
+            ),
+            &["provider", "model", "error"],
+        )
+        .expect("static metric options are valid");
+        Self { requests, duration, first_chunk, retries }
     }
 
     /// Registers the metrics in a service's registry.
@@ -57,5 +67,6 @@ impl UpstreamMetrics {
         metrics.register(Box::new(self.requests.clone()));
         metrics.register(Box::new(self.duration.clone()));
         metrics.register(Box::new(self.first_chunk.clone()));
+        metrics.register(Box::new(self.retries.clone()));
     }
 }

@@ -1,4 +1,5 @@
-//! Upstream providers: which OpenAI-compatible endpoints exist and which models each serves.
+//! Upstream providers: which endpoints exist, which wire format each speaks (the OpenAI chat
+//! completions API or the Anthropic Messages API) and which models each serves.
 //!
 //! Shared by the sync service (which calls them), the router (which plans over them) and the
 //! gateway (which lists their models), so all three agree. Providers come from a config file list,
@@ -6,12 +7,15 @@
 //!
 //! | variable | meaning |
 //! |---|---|
-//! | `MESHGATE_PROVIDER_<NAME>_BASE_URL` | base URL **including the version path**, OpenAI SDK style: `https://api.openai.com/v1`, `http://127.0.0.1:18000/v1`; meshgate appends `/chat/completions` |
-//! | `MESHGATE_PROVIDER_<NAME>_API_KEY` | optional bearer key |
+//! | `MESHGATE_PROVIDER_<NAME>_BASE_URL` | base URL **including the version path**, SDK style: `https://api.openai.com/v1`, `https://api.anthropic.com/v1`, `http://127.0.0.1:18000/v1`; meshgate appends `/chat/completions` (OpenAI) or `/messages` (Anthropic) |
+//! | `MESHGATE_PROVIDER_<NAME>_KIND` | optional wire format: `openai` (default) or `anthropic` |
+//! | `MESHGATE_PROVIDER_<NAME>_API_KEY` | optional key: `Authorization: Bearer` (OpenAI) or `x-api-key` (Anthropic) |
 //! | `MESHGATE_PROVIDER_<NAME>_MODELS` | comma-separated model ids the provider serves |
 //! | `MESHGATE_PROVIDER_<NAME>_PRIORITY` | optional integer, lower is tried first (default [`DEFAULT_PRIORITY`]) |
 //! | `MESHGATE_PROVIDER_<NAME>_TIMEOUT_MS` | optional total timeout of one call |
 //! | `MESHGATE_PROVIDER_<NAME>_FIRST_BYTE_TIMEOUT_MS` | optional timeout until the first byte of the answer |
+//! | `MESHGATE_PROVIDER_<NAME>_CONNECT_TIMEOUT_MS` | optional TCP + TLS connect timeout |
+//! | `MESHGATE_PROVIDER_<NAME>_MAX_RETRIES` | optional retries of a call that failed before its first byte reached the caller (429, 5xx, connection errors) |
 //!
 //! `<NAME>` is the provider's name in upper case (`[A-Z0-9_]`); meshgate uses it in lower case.
 //! Suffixes are matched longest first, so `X_FIRST_BYTE_TIMEOUT_MS` belongs to provider `x`.
@@ -35,12 +39,36 @@ pub const DEFAULT_PRIORITY: i32 = 100;
 /// Provider name reserved for local (ONNX) targets.
 pub const RESERVED_NAME: &str = "local";
 
-/// One upstream provider speaking the OpenAI chat completions API.
+/// The wire format a provider speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// The OpenAI chat completions API (`POST <base>/chat/completions`), also spoken by vLLM,
+    /// Ollama, Together, Groq and most gateways.
+    #[default]
+    Openai,
+    /// The Anthropic Messages API (`POST <base>/messages`, `x-api-key`, `anthropic-version`).
+    Anthropic,
+}
+
+impl ProviderKind {
+    fn parse(value: &str) -> Option<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "openai" => Some(Self::Openai),
+            "anthropic" => Some(Self::Anthropic),
+            _ => None,
+        }
+    }
+}
+
+/// One upstream provider.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderSpec {
     /// Lower-case name (`[a-z0-9_-]`, starting with a letter or digit).
     pub name: String,
+    /// The wire format (OpenAI unless said otherwise).
+    pub kind: ProviderKind,
     /// Base URL including the version path (`http://host:port/v1`), without a trailing slash
     /// once validated.
     pub base_url: String,
@@ -54,18 +82,26 @@ pub struct ProviderSpec {
     pub timeout_ms: Option<u64>,
     /// Timeout until the first byte of the answer in milliseconds (`None` = the service default).
     pub first_byte_timeout_ms: Option<u64>,
+    /// TCP + TLS connect timeout in milliseconds (`None` = the service default).
+    pub connect_timeout_ms: Option<u64>,
+    /// Retries of a call that failed before anything reached the caller (`None` = the service
+    /// default).
+    pub max_retries: Option<u32>,
 }
 
 impl fmt::Debug for ProviderSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProviderSpec")
             .field("name", &self.name)
+            .field("kind", &self.kind)
             .field("base_url", &self.base_url)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("models", &self.models)
             .field("priority", &self.priority)
             .field("timeout_ms", &self.timeout_ms)
             .field("first_byte_timeout_ms", &self.first_byte_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("max_retries", &self.max_retries)
             .finish()
     }
 }
@@ -84,6 +120,14 @@ impl ProviderSpec {
     /// The chat completions endpoint: `<base_url>/chat/completions`.
     pub fn chat_completions_url(&self) -> String {
         format!("{}/chat/completions", self.base_url)
+    }
+
+    /// The endpoint a chat is sent to in this provider's wire format.
+    pub fn chat_url(&self) -> String {
+        match self.kind {
+            ProviderKind::Openai => self.chat_completions_url(),
+            ProviderKind::Anthropic => format!("{}/messages", self.base_url),
+        }
     }
 
     /// Checks and normalises the entry: lower-case name, base URL without trailing slash, models
@@ -119,7 +163,11 @@ impl ProviderSpec {
             }
         }
         self.models = models;
-        for (field, value) in [("timeout_ms", self.timeout_ms), ("first_byte_timeout_ms", self.first_byte_timeout_ms)] {
+        for (field, value) in [
+            ("timeout_ms", self.timeout_ms),
+            ("first_byte_timeout_ms", self.first_byte_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+        ] {
             if value == Some(0) {
                 return Err(ProviderConfigError::InvalidValue {
                     provider: name.clone(),
@@ -147,7 +195,7 @@ pub enum ProviderConfigError {
     #[error("provider '{provider}': invalid {field} {value:?}: {reason}")]
     InvalidValue { provider: String, field: &'static str, value: String, reason: String },
     #[error(
-        "unknown provider variable {variable}: expected {ENV_PREFIX}<NAME>_ followed by BASE_URL, API_KEY, MODELS, PRIORITY, TIMEOUT_MS or FIRST_BYTE_TIMEOUT_MS"
+        "unknown provider variable {variable}: expected {ENV_PREFIX}<NAME>_ followed by BASE_URL, KIND, API_KEY, MODELS, PRIORITY, TIMEOUT_MS, FIRST_BYTE_TIMEOUT_MS, CONNECT_TIMEOUT_MS or MAX_RETRIES"
     )]
     UnknownVariable { variable: String },
     #[error("provider '{name}' is defined twice in the config file")]
@@ -162,35 +210,45 @@ fn validate_name(raw: &str) -> Result<String, ProviderConfigError> {
     if valid { Ok(name) } else { Err(ProviderConfigError::InvalidName { name: raw.to_owned() }) }
 }
 
-/// Environment suffixes, longest first so that `_FIRST_BYTE_TIMEOUT_MS` wins over `_TIMEOUT_MS`.
-const SUFFIXES: [(&str, Field); 6] = [
+/// Environment suffixes, longest first so that `_FIRST_BYTE_TIMEOUT_MS` and `_CONNECT_TIMEOUT_MS`
+/// win over `_TIMEOUT_MS`.
+const SUFFIXES: [(&str, Field); 9] = [
     ("_FIRST_BYTE_TIMEOUT_MS", Field::FirstByteTimeout),
+    ("_CONNECT_TIMEOUT_MS", Field::ConnectTimeout),
+    ("_MAX_RETRIES", Field::MaxRetries),
     ("_TIMEOUT_MS", Field::Timeout),
     ("_BASE_URL", Field::BaseUrl),
     ("_PRIORITY", Field::Priority),
     ("_API_KEY", Field::ApiKey),
     ("_MODELS", Field::Models),
+    ("_KIND", Field::Kind),
 ];
 
 #[derive(Clone, Copy)]
 enum Field {
     BaseUrl,
+    Kind,
     ApiKey,
     Models,
     Priority,
     Timeout,
     FirstByteTimeout,
+    ConnectTimeout,
+    MaxRetries,
 }
 
 /// Provider fields found in the environment for one name.
 #[derive(Default)]
 struct Partial {
     base_url: Option<String>,
+    kind: Option<ProviderKind>,
     api_key: Option<String>,
     models: Option<Vec<String>>,
     priority: Option<i32>,
     timeout_ms: Option<u64>,
     first_byte_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    max_retries: Option<u32>,
 }
 
 impl Partial {
@@ -212,6 +270,15 @@ impl Partial {
         }
         if let Some(v) = self.first_byte_timeout_ms {
             spec.first_byte_timeout_ms = Some(v);
+        }
+        if let Some(v) = self.connect_timeout_ms {
+            spec.connect_timeout_ms = Some(v);
+        }
+        if let Some(v) = self.max_retries {
+            spec.max_retries = Some(v);
+        }
+        if let Some(v) = self.kind {
+            spec.kind = v;
         }
     }
 }
@@ -246,6 +313,12 @@ where
         let partial = partials.entry(name.clone()).or_default();
         match field {
             Field::BaseUrl => partial.base_url = Some(value.to_owned()),
+            Field::Kind => {
+                partial.kind = Some(
+                    ProviderKind::parse(value)
+                        .ok_or_else(|| number_error("kind", "expected openai or anthropic".into()))?,
+                )
+            }
             Field::ApiKey => partial.api_key = Some(value.to_owned()),
             Field::Models => partial.models = Some(value.split(',').map(str::to_owned).collect()),
             Field::Priority => {
@@ -270,6 +343,22 @@ where
                         .trim()
                         .parse()
                         .map_err(|e: std::num::ParseIntError| number_error("first_byte_timeout_ms", e.to_string()))?,
+                )
+            }
+            Field::ConnectTimeout => {
+                partial.connect_timeout_ms = Some(
+                    value
+                        .trim()
+                        .parse()
+                        .map_err(|e: std::num::ParseIntError| number_error("connect_timeout_ms", e.to_string()))?,
+                )
+            }
+            Field::MaxRetries => {
+                partial.max_retries = Some(
+                    value
+                        .trim()
+                        .parse()
+                        .map_err(|e: std::num::ParseIntError| number_error("max_retries", e.to_string()))?,
                 )
             }
         }
@@ -427,6 +516,34 @@ mod tests {
         .unwrap();
         let names: Vec<&str> = specs.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["b", "a", "c"]);
+    }
+
+    #[test]
+    fn kind_connect_timeout_and_retries_come_from_the_environment() {
+        let specs = providers_from_env(env(&[
+            ("MESHGATE_PROVIDER_CLAUDE_BASE_URL", "https://api.anthropic.com/v1"),
+            ("MESHGATE_PROVIDER_CLAUDE_KIND", "Anthropic"),
+            ("MESHGATE_PROVIDER_CLAUDE_CONNECT_TIMEOUT_MS", "1500"),
+            ("MESHGATE_PROVIDER_CLAUDE_MAX_RETRIES", "4"),
+            ("MESHGATE_PROVIDER_CLAUDE_TIMEOUT_MS", "9000"),
+        ]))
+        .unwrap();
+        assert_eq!(specs[0].name, "claude");
+        assert_eq!(specs[0].kind, ProviderKind::Anthropic);
+        assert_eq!(specs[0].chat_url(), "https://api.anthropic.com/v1/messages");
+        assert_eq!(
+            (specs[0].connect_timeout_ms, specs[0].max_retries, specs[0].timeout_ms),
+            (Some(1500), Some(4), Some(9000))
+        );
+        let err = providers_from_env(env(&[
+            ("MESHGATE_PROVIDER_X_BASE_URL", "http://h/v1"),
+            ("MESHGATE_PROVIDER_X_KIND", "gemini"),
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, ProviderConfigError::InvalidValue { field: "kind", .. }), "{err}");
+        let spec: ProviderSpec =
+            serde_json::from_str(r#"{"name": "c", "base_url": "http://c/v1", "kind": "anthropic"}"#).unwrap();
+        assert_eq!(spec.kind, ProviderKind::Anthropic);
     }
 
     #[test]

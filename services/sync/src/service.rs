@@ -1,29 +1,158 @@
 //! The `meshgate.sync.v1.Sync` gRPC service.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use meshgate_proto::sync::v1::sync_server::Sync as SyncApi;
 use meshgate_proto::sync::v1::{
-    CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, Job, ListJobsRequest, ListJobsResponse,
+    CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobStatus, ListJobsRequest, ListJobsResponse,
+    RetryJobRequest,
 };
+use meshgate_storage::SharedClock;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
+use crate::queue::{Dispatcher, JobRecord, JobStore, QueueMetrics, micros, request_hash, validate_idempotency_key};
 use crate::upstream::Upstream;
 
-/// Message of the queue RPCs until the durable queue exists.
-const QUEUE_NOT_BUILT: &str = "the durable sync queue (Enqueue, GetJob, ListJobs) is not built yet: it is issue 7";
+/// Metadata set on an `Enqueue` answer that returns the job an earlier submission with the same
+/// idempotency key created.
+pub const IDEMPOTENT_REPLAY_METADATA: &str = "x-meshgate-idempotent-replay";
 
-/// Serves `Complete` over an [`Upstream`]; the queue RPCs answer UNIMPLEMENTED (issue 7).
+/// `ListJobs` returns this many jobs unless asked otherwise.
+const DEFAULT_LIST_LIMIT: usize = 50;
+/// The most jobs one `ListJobs` returns.
+const MAX_LIST_LIMIT: usize = 1000;
+
+/// Message of the queue RPCs when no store is configured.
+const NO_QUEUE: &str = "the durable sync queue is not configured: set [sync.queue] database_url or path";
+
+/// The durable queue behind the queue RPCs: its store, its workers, the clock they read.
+#[derive(Clone)]
+pub struct Queue {
+    store: Arc<dyn JobStore>,
+    dispatcher: Dispatcher,
+    clock: SharedClock,
+    max_attempts: i32,
+    metrics: QueueMetrics,
+}
+
+impl Queue {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        dispatcher: Dispatcher,
+        clock: SharedClock,
+        max_attempts: i32,
+        metrics: QueueMetrics,
+    ) -> Self {
+        Self { store, dispatcher, clock, max_attempts, metrics }
+    }
+
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.store
+    }
+
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+
+    /// Validates and stores a submission; `true` when it created the job (false: the job an
+    /// earlier submission with the same key created).
+    pub async fn enqueue(&self, upstream: &Upstream, request: EnqueueRequest) -> Result<(JobRecord, bool), Error> {
+        let principal = request.principal.unwrap_or_default();
+        if principal.org_id.trim().is_empty() || principal.project_id.trim().is_empty() {
+            return Err(Error::InvalidRequest("principal.org_id and principal.project_id are required".into()));
+        }
+        if !request.idempotency_key.is_empty() {
+            validate_idempotency_key(&request.idempotency_key).map_err(Error::InvalidRequest)?;
+        }
+        let completion = request.request.ok_or_else(|| Error::InvalidRequest("request is required".into()))?;
+        check_deliverable(upstream, &completion)?;
+        let now = micros(self.clock.now());
+        let job = JobRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            org_id: principal.org_id,
+            project_id: principal.project_id,
+            user_id: principal.user_id,
+            key_id: principal.key_id,
+            idempotency_key: request.idempotency_key,
+            request_hash: request_hash(&completion),
+            request: Some(completion),
+            status: JobStatus::Queued as i32,
+            attempts: 0,
+            max_attempts: self.max_attempts,
+            created_at_us: now,
+            updated_at_us: now,
+            next_attempt_at_us: now,
+            ..JobRecord::default()
+        };
+        let (job, created) = self.store.enqueue(job).await?;
+        if created {
+            self.metrics.event("enqueued");
+            self.dispatcher.wake();
+        } else {
+            self.metrics.event("deduplicated");
+        }
+        Ok((job, created))
+    }
+
+    pub async fn get(&self, id: &str, project_id: &str) -> Result<JobRecord, Error> {
+        self.store.get(id, project_id).await?.ok_or_else(|| Error::JobNotFound(id.to_owned()))
+    }
+
+    pub async fn list(&self, request: ListJobsRequest) -> Result<Vec<JobRecord>, Error> {
+        let limit = match request.limit {
+            0 => DEFAULT_LIST_LIMIT,
+            n if n < 0 => return Err(Error::InvalidRequest(format!("limit must not be negative (got {n})"))),
+            n => (n as usize).min(MAX_LIST_LIMIT),
+        };
+        let status = JobStatus::try_from(request.status)
+            .map_err(|_| Error::InvalidRequest(format!("unknown job status {}", request.status)))?;
+        Ok(self.store.list(&request.project_id, status, limit).await?)
+    }
+
+    pub async fn retry(&self, id: &str, project_id: &str) -> Result<JobRecord, Error> {
+        let job = self
+            .store
+            .retry_dead(id, project_id, self.clock.now())
+            .await?
+            .ok_or_else(|| Error::JobNotFound(id.to_owned()))?;
+        self.metrics.event("revived");
+        self.dispatcher.wake();
+        Ok(job)
+    }
+}
+
+/// Refuses at once what no attempt could deliver: an invalid request, an unknown provider, a
+/// model no provider serves.
+fn check_deliverable(upstream: &Upstream, request: &CompleteRequest) -> Result<(), Error> {
+    crate::upstream::validate(request)?;
+    let provider = request.provider.trim().to_ascii_lowercase();
+    if provider.is_empty() {
+        if upstream.serving(&request.model).is_empty() {
+            return Err(Error::UnknownProvider(format!("(no provider serves model '{}')", request.model)));
+        }
+    } else if !upstream.providers().any(|p| p.name == provider) {
+        return Err(Error::UnknownProvider(request.provider.clone()));
+    }
+    Ok(())
+}
+
+/// Serves `Complete` over an [`Upstream`] and the queue RPCs over an optional [`Queue`].
 #[derive(Clone)]
 pub struct SyncService {
     upstream: Upstream,
+    queue: Option<Queue>,
 }
 
 impl SyncService {
-    pub fn new(upstream: Upstream) -> Self {
-        Self { upstream }
+    pub fn new(upstream: Upstream, queue: Option<Queue>) -> Self {
+        Self { upstream, queue }
+    }
+
+    fn queue(&self) -> Result<&Queue, Error> {
+        self.queue.as_ref().ok_or(Error::NotImplemented(NO_QUEUE))
     }
 }
 
@@ -44,15 +173,31 @@ impl SyncApi for SyncService {
         Ok(Response::new(Box::pin(stream.map(|item| item.map_err(Status::from)))))
     }
 
-    async fn enqueue(&self, _request: Request<EnqueueRequest>) -> Result<Response<Job>, Status> {
-        Err(Error::NotImplemented(QUEUE_NOT_BUILT).into())
+    async fn enqueue(&self, request: Request<EnqueueRequest>) -> Result<Response<Job>, Status> {
+        let (job, created) = self.queue()?.enqueue(&self.upstream, request.into_inner()).await?;
+        let mut response = Response::new(job.to_proto());
+        if !created {
+            response
+                .metadata_mut()
+                .insert(IDEMPOTENT_REPLAY_METADATA, tonic::metadata::MetadataValue::from_static("true"));
+        }
+        Ok(response)
     }
 
-    async fn get_job(&self, _request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Err(Error::NotImplemented(QUEUE_NOT_BUILT).into())
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let request = request.into_inner();
+        let job = self.queue()?.get(&request.id, &request.project_id).await?;
+        Ok(Response::new(job.to_proto()))
     }
 
-    async fn list_jobs(&self, _request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
-        Err(Error::NotImplemented(QUEUE_NOT_BUILT).into())
+    async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let jobs = self.queue()?.list(request.into_inner()).await?;
+        Ok(Response::new(ListJobsResponse { jobs: jobs.iter().map(JobRecord::to_proto).collect() }))
+    }
+
+    async fn retry_job(&self, request: Request<RetryJobRequest>) -> Result<Response<Job>, Status> {
+        let request = request.into_inner();
+        let job = self.queue()?.retry(&request.id, &request.project_id).await?;
+        Ok(Response::new(job.to_proto()))
     }
 }

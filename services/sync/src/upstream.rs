@@ -1,5 +1,7 @@
-//! Calls to OpenAI-compatible providers: one pooled HTTP client, always streaming upstream, the
-//! SSE answer parsed incrementally into [`CompleteChunk`]s.
+//! Calls to providers: one pooled HTTP client per provider (so each has its own connect
+//! timeout), always streaming upstream, the SSE answer parsed incrementally into
+//! [`CompleteChunk`]s — in the OpenAI chat completions format or the Anthropic Messages format
+//! (see [`crate::anthropic`] for that mapping).
 //!
 //! A call's stream yields, in order: zero or more chunks with a non-empty `delta` (the first one
 //! also carries `model`), then one final chunk with an empty `delta`, `finish_reason`, `usage` and
@@ -8,8 +10,14 @@
 //! first item is either real content, the final chunk, or an error: until a content chunk has
 //! arrived, nothing reached the caller and it may fall back to another target.
 //!
-//! No retries happen here: a failed call fails once, and the gateway falls back across targets
-//! (retries with backoff belong to the durable queue of issue 7).
+//! **Retries.** A call that fails *before its first item* with a retryable error (429, 5xx, a
+//! refused or reset connection, a stream broken before any content) is retried up to the
+//! provider's `max_retries`, after a jittered exponential backoff (`retry_base_delay_ms · 2ⁿ`,
+//! capped at `retry_max_delay_ms`, half fixed and half random so that many callers do not retry
+//! in step) or the provider's `Retry-After` when that is longer. A wait that would pass the call's
+//! total timeout, or a `Retry-After` longer than `retry_max_delay_ms`, ends the retries: the caller
+//! gets the error at once and can fall back elsewhere. Once an item has been yielded, nothing is
+//! retried — the caller may already hold streamed bytes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -18,16 +26,19 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use meshgate_proto::common::v1::{ChatMessage, ToolCall, Usage};
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
+use rand::Rng;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 use crate::Config;
+use crate::anthropic;
 use crate::error::Error;
 use crate::metrics::UpstreamMetrics;
-use crate::providers::ProviderSpec;
+use crate::providers::{ProviderKind, ProviderSpec};
 use crate::sse::{SseDecoder, SseEvent};
 
 /// The chunks of one upstream call.
@@ -42,6 +53,17 @@ const MAX_ERROR_BODY: usize = 16 * 1024;
 /// Error messages and garbage previews are cut to this many characters.
 const MAX_MESSAGE_CHARS: usize = 512;
 
+/// Options of one call beyond the request itself.
+#[derive(Clone, Debug, Default)]
+pub struct CallOptions {
+    /// Sent as the `Idempotency-Key` header, so a provider (or a proxy) that honours it answers a
+    /// repeated delivery of the same job without doing the work twice.
+    pub idempotency_key: Option<String>,
+    /// Overrides the provider's `max_retries` (the durable queue passes 0: its own schedule
+    /// retries).
+    pub max_retries: Option<u32>,
+}
+
 /// The client side of every provider: cheap to clone, shared by all calls.
 #[derive(Clone)]
 pub struct Upstream {
@@ -49,57 +71,83 @@ pub struct Upstream {
 }
 
 struct Inner {
-    client: reqwest::Client,
     providers: HashMap<String, Arc<Provider>>,
     metrics: UpstreamMetrics,
     max_event_bytes: usize,
+    retry_base_delay: Duration,
+    retry_max_delay: Duration,
+    anthropic_max_tokens: i64,
 }
 
 struct Provider {
     spec: ProviderSpec,
+    client: reqwest::Client,
     url: String,
-    auth: Option<HeaderValue>,
+    /// `Authorization: Bearer …` (OpenAI) or `x-api-key: …` (Anthropic).
+    auth: Option<(HeaderName, HeaderValue)>,
     first_byte_timeout: Duration,
     timeout: Duration,
+    max_retries: u32,
 }
 
 impl Upstream {
-    /// Builds the pooled HTTP client for `providers` (already validated, see
+    /// Builds one pooled HTTP client per provider of `providers` (already validated, see
     /// [`crate::providers::resolve_providers`]).
     pub fn new(config: &Config, providers: &[ProviderSpec], metrics: UpstreamMetrics) -> Result<Self, Error> {
         config.validate()?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_millis(config.pool_idle_timeout_ms))
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .tcp_nodelay(true)
-            .tcp_keepalive(Duration::from_secs(60))
-            .user_agent(concat!("meshgate-sync/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|err| Error::HttpClient(error_chain(&err)))?;
         let mut map = HashMap::with_capacity(providers.len());
         for spec in providers {
+            let connect_timeout = Duration::from_millis(spec.connect_timeout_ms.unwrap_or(config.connect_timeout_ms));
+            let client = reqwest::Client::builder()
+                .connect_timeout(connect_timeout)
+                .pool_idle_timeout(Duration::from_millis(config.pool_idle_timeout_ms))
+                .pool_max_idle_per_host(config.pool_max_idle_per_host)
+                .tcp_nodelay(true)
+                .tcp_keepalive(Duration::from_secs(60))
+                .user_agent(concat!("meshgate-sync/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|err| Error::HttpClient(error_chain(&err)))?;
             let auth = match &spec.api_key {
                 Some(key) => {
-                    let mut value = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
+                    let (name, value) = match spec.kind {
+                        ProviderKind::Openai => (AUTHORIZATION, format!("Bearer {key}")),
+                        ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key.clone()),
+                    };
+                    let mut value = HeaderValue::try_from(value).map_err(|_| {
                         Error::Config(format!(
                             "provider '{}': the API key contains invalid header characters",
                             spec.name
                         ))
                     })?;
                     value.set_sensitive(true);
-                    Some(value)
+                    Some((name, value))
                 }
                 None => None,
             };
             let timeout = Duration::from_millis(spec.timeout_ms.unwrap_or(config.timeout_ms));
             let first_byte_timeout =
                 Duration::from_millis(spec.first_byte_timeout_ms.unwrap_or(config.first_byte_timeout_ms));
-            let provider =
-                Provider { url: spec.chat_completions_url(), auth, first_byte_timeout, timeout, spec: spec.clone() };
+            let provider = Provider {
+                url: spec.chat_url(),
+                client,
+                auth,
+                first_byte_timeout,
+                timeout,
+                max_retries: spec.max_retries.unwrap_or(config.max_retries),
+                spec: spec.clone(),
+            };
             map.insert(spec.name.clone(), Arc::new(provider));
         }
-        Ok(Self { inner: Arc::new(Inner { client, providers: map, metrics, max_event_bytes: config.max_event_bytes }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                providers: map,
+                metrics,
+                max_event_bytes: config.max_event_bytes,
+                retry_base_delay: Duration::from_millis(config.retry_base_delay_ms),
+                retry_max_delay: Duration::from_millis(config.retry_max_delay_ms),
+                anthropic_max_tokens: config.anthropic_max_tokens,
+            }),
+        })
     }
 
     /// The configured providers (in no particular order).
@@ -107,9 +155,21 @@ impl Upstream {
         self.inner.providers.values().map(|p| &p.spec)
     }
 
+    /// The configured providers serving `model`, in fallback order.
+    pub fn serving(&self, model: &str) -> Vec<String> {
+        let mut specs: Vec<&ProviderSpec> = self.providers().filter(|p| p.serves(model)).collect();
+        specs.sort_by(|a, b| a.rank().cmp(&b.rank()));
+        specs.into_iter().map(|p| p.name.clone()).collect()
+    }
+
     /// Starts a completion. Request errors (unknown provider, invalid fields) are returned at
     /// once; everything the provider does wrong arrives as an error item of the stream.
     pub fn complete(&self, request: CompleteRequest) -> Result<ChunkStream, Error> {
+        self.complete_with(request, CallOptions::default())
+    }
+
+    /// [`Upstream::complete`] with [`CallOptions`].
+    pub fn complete_with(&self, request: CompleteRequest, options: CallOptions) -> Result<ChunkStream, Error> {
         let name = request.provider.trim().to_ascii_lowercase();
         if name.is_empty() {
             return Err(Error::InvalidRequest("provider is required".into()));
@@ -117,6 +177,13 @@ impl Upstream {
         let provider =
             self.inner.providers.get(&name).cloned().ok_or_else(|| Error::UnknownProvider(request.provider.clone()))?;
         validate(&request)?;
+        let idempotency_key = match options.idempotency_key {
+            Some(key) => Some(
+                HeaderValue::try_from(key)
+                    .map_err(|_| Error::InvalidRequest("the idempotency key is not a valid header value".into()))?,
+            ),
+            None => None,
+        };
         let timeout = match request.timeout_ms {
             0 => provider.timeout,
             ms => Duration::from_millis(ms.unsigned_abs()),
@@ -124,21 +191,29 @@ impl Upstream {
         let first_byte_timeout = provider.first_byte_timeout.min(timeout);
         let request_id =
             if request.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { request.request_id.clone() };
-        let body = serde_json::to_vec(&WireRequest::new(&request))
-            .map_err(|err| Error::InvalidRequest(format!("cannot encode the request: {err}")))?;
+        let body = match provider.spec.kind {
+            ProviderKind::Openai => serde_json::to_vec(&WireRequest::new(&request)),
+            ProviderKind::Anthropic => {
+                serde_json::to_vec(&anthropic::request_body(&request, self.inner.anthropic_max_tokens)?)
+            }
+        }
+        .map_err(|err| Error::InvalidRequest(format!("cannot encode the request: {err}")))?;
         let model_label = if provider.spec.serves(&request.model) { request.model.clone() } else { "other".to_owned() };
         let status = Arc::new(AtomicU16::new(0));
         let call = Call {
             inner: self.inner.clone(),
+            max_retries: options.max_retries.unwrap_or(provider.max_retries),
             provider: provider.clone(),
             request_id,
+            idempotency_key,
             model: request.model,
+            model_label: model_label.clone(),
             timeout,
             first_byte_timeout,
             status: status.clone(),
         };
         let observed = Observed {
-            stream: Box::pin(call.run(body)),
+            stream: Box::pin(call.run(Bytes::from(body))),
             metrics: self.inner.metrics.clone(),
             provider: provider.spec.name.clone(),
             model: model_label,
@@ -151,7 +226,8 @@ impl Upstream {
     }
 }
 
-fn validate(request: &CompleteRequest) -> Result<(), Error> {
+/// Checks the fields of a completion request (the provider aside).
+pub(crate) fn validate(request: &CompleteRequest) -> Result<(), Error> {
     let invalid = |message: String| Err(Error::InvalidRequest(message));
     if request.model.trim().is_empty() {
         return invalid("model is required".into());
@@ -285,14 +361,54 @@ impl<'a> WireMessage<'a> {
     }
 }
 
-/// One call in flight.
+/// The answer's events decoded in the provider's format.
+enum Decoder {
+    Openai(Assembler),
+    Anthropic(anthropic::Assembler),
+}
+
+impl Decoder {
+    fn new(kind: ProviderKind, provider: &str, model: &str) -> Self {
+        match kind {
+            ProviderKind::Openai => Self::Openai(Assembler::new(provider, model)),
+            ProviderKind::Anthropic => Self::Anthropic(anthropic::Assembler::new(provider, model)),
+        }
+    }
+
+    fn on_event(&mut self, event: SseEvent) -> Result<Option<CompleteChunk>, Error> {
+        match self {
+            Self::Openai(a) => a.on_event(event),
+            Self::Anthropic(a) => a.on_event(event),
+        }
+    }
+
+    fn done(&self) -> bool {
+        match self {
+            Self::Openai(a) => a.done,
+            Self::Anthropic(a) => a.done,
+        }
+    }
+
+    /// The event that ends a complete answer, for error messages.
+    fn end_marker(&self) -> &'static str {
+        match self {
+            Self::Openai(_) => "[DONE]",
+            Self::Anthropic(_) => "message_stop",
+        }
+    }
+}
+
+/// One call in flight (all its attempts).
 struct Call {
     inner: Arc<Inner>,
     provider: Arc<Provider>,
     request_id: String,
+    idempotency_key: Option<HeaderValue>,
     model: String,
+    model_label: String,
     timeout: Duration,
     first_byte_timeout: Duration,
+    max_retries: u32,
     /// The provider's HTTP status once it answered, for the metrics.
     status: Arc<AtomicU16>,
 }
@@ -330,20 +446,26 @@ impl Call {
     /// Sends the request and checks the answer's head: a success status and an event stream.
     async fn open(
         &self,
-        body: Vec<u8>,
+        body: Bytes,
         first_byte_deadline: tokio::time::Instant,
         deadline: tokio::time::Instant,
     ) -> Result<reqwest::Response, Error> {
         let mut builder = self
-            .inner
+            .provider
             .client
             .post(&self.provider.url)
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "text/event-stream")
             .header("x-request-id", &self.request_id)
             .body(body);
-        if let Some(auth) = &self.provider.auth {
-            builder = builder.header(AUTHORIZATION, auth.clone());
+        if self.provider.spec.kind == ProviderKind::Anthropic {
+            builder = builder.header("anthropic-version", anthropic::API_VERSION);
+        }
+        if let Some((name, value)) = &self.provider.auth {
+            builder = builder.header(name, value.clone());
+        }
+        if let Some(key) = &self.idempotency_key {
+            builder = builder.header("idempotency-key", key.clone());
         }
         let response = tokio::time::timeout_at(first_byte_deadline, builder.send())
             .await
@@ -365,16 +487,79 @@ impl Call {
         Ok(response)
     }
 
-    fn run(self, body: Vec<u8>) -> impl Stream<Item = Result<CompleteChunk, Error>> + Send {
+    /// Every attempt of the call; see the module docs for when it retries.
+    fn run(self, body: Bytes) -> impl Stream<Item = Result<CompleteChunk, Error>> + Send {
+        async_stream::stream! {
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            let mut retries = 0;
+            loop {
+                let attempt = self.attempt(body.clone(), deadline);
+                futures::pin_mut!(attempt);
+                match attempt.next().await {
+                    Some(Ok(chunk)) => {
+                        yield Ok(chunk);
+                        while let Some(item) = attempt.next().await {
+                            yield item;
+                        }
+                        break;
+                    }
+                    Some(Err(err)) => match self.retry_delay(&err, retries, deadline) {
+                        Some(wait) => {
+                            tracing::debug!(provider = %self.name(), error = %err, ?wait, retry = retries + 1, "retrying upstream call");
+                            self.inner
+                                .metrics
+                                .retries
+                                .with_label_values(&[self.name(), &self.model_label, err.code().as_str()])
+                                .inc();
+                            tokio::time::sleep(wait).await;
+                            retries += 1;
+                        }
+                        None => {
+                            yield Err(err);
+                            break;
+                        }
+                    },
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// How long to wait before retrying after `err`, or `None` to give up.
+    fn retry_delay(&self, err: &Error, retries: u32, deadline: tokio::time::Instant) -> Option<Duration> {
+        if retries >= self.max_retries || !err.is_retryable() {
+            return None;
+        }
+        let max = self.inner.retry_max_delay;
+        let backoff = self.inner.retry_base_delay.saturating_mul(1 << retries.min(20)).min(max);
+        let half = backoff / 2;
+        let jittered = half + rand::rng().random_range(Duration::ZERO..=half);
+        let wait = match err.retry_after() {
+            Some(seconds) => {
+                let asked = Duration::from_secs(seconds);
+                if asked > max {
+                    return None;
+                }
+                asked.max(jittered)
+            }
+            None => jittered,
+        };
+        (tokio::time::Instant::now() + wait < deadline).then_some(wait)
+    }
+
+    /// One attempt: a fresh request, its answer decoded.
+    fn attempt(
+        &self,
+        body: Bytes,
+        deadline: tokio::time::Instant,
+    ) -> impl Stream<Item = Result<CompleteChunk, Error>> + Send + '_ {
         async_stream::try_stream! {
-            let started = tokio::time::Instant::now();
-            let deadline = started + self.timeout;
-            let first_byte_deadline = started + self.first_byte_timeout;
+            let first_byte_deadline = (tokio::time::Instant::now() + self.first_byte_timeout).min(deadline);
             let response = self.open(body, first_byte_deadline, deadline).await?;
 
             let mut body = response.bytes_stream();
             let mut decoder = SseDecoder::new(self.inner.max_event_bytes);
-            let mut assembler = Assembler::new(self.name(), &self.model);
+            let mut assembler = Decoder::new(self.provider.spec.kind, self.name(), &self.model);
             let mut got_bytes = false;
             loop {
                 let limit = if got_bytes { deadline } else { first_byte_deadline };
@@ -393,8 +578,8 @@ impl Call {
                         if let Some(chunk) = chunk {
                             yield chunk;
                         }
-                        if !assembler.done {
-                            Err::<(), _>(self.protocol("the stream ended before [DONE]"))?;
+                        if !assembler.done() {
+                            Err::<(), _>(self.protocol(format!("the stream ended before {}", assembler.end_marker())))?;
                         }
                         break;
                     }
@@ -405,11 +590,11 @@ impl Call {
                     if let Some(chunk) = assembler.on_event(event)? {
                         yield chunk;
                     }
-                    if assembler.done {
+                    if assembler.done() {
                         break;
                     }
                 }
-                if assembler.done {
+                if assembler.done() {
                     break;
                 }
             }
@@ -465,7 +650,7 @@ fn extract_message(body: &[u8]) -> Option<String> {
     (!text.is_empty()).then(|| truncate(text))
 }
 
-fn truncate(text: &str) -> String {
+pub(crate) fn truncate(text: &str) -> String {
     match text.char_indices().nth(MAX_MESSAGE_CHARS) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_owned(),

@@ -7,7 +7,9 @@ use meshgate_mock_provider::reply::{prompt_tokens, reply_text};
 use meshgate_mock_provider::{Behavior, MockProvider, MockToolCall, StreamFault};
 use meshgate_proto::common::v1::{ChatMessage, SamplingParams, Usage};
 use meshgate_proto::sync::v1::sync_client::SyncClient;
-use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, ListJobsRequest};
+use meshgate_proto::sync::v1::{
+    CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, ListJobsRequest, RetryJobRequest,
+};
 use meshgate_runtime::error::{ERROR_CODE_METADATA, RETRY_AFTER_METADATA};
 use meshgate_runtime::{Listeners, Shutdown};
 use meshgate_sync::error::UPSTREAM_STATUS_METADATA;
@@ -23,8 +25,15 @@ struct Sync {
 }
 
 impl Sync {
+    /// Retries wait 10 ms (then 20 ms) and a `Retry-After` above 2 s is not waited for.
     async fn start(providers: Vec<ProviderSpec>) -> Self {
-        let config = Config { providers, providers_from_env: false, ..Config::default() };
+        let config = Config {
+            providers,
+            providers_from_env: false,
+            retry_base_delay_ms: 10,
+            retry_max_delay_ms: 2_000,
+            ..Config::default()
+        };
         Self::start_with(config).await
     }
 
@@ -172,7 +181,7 @@ async fn deltas_arrive_in_order_as_the_provider_streams_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provider_500_is_unavailable_as_the_first_stream_item() {
+async fn provider_500_is_retried_then_unavailable_as_the_first_stream_item() {
     let mock = MockProvider::start().await.unwrap();
     mock.set_failures(1.0, 500);
     let sync = Sync::start(vec![provider("mock", &mock)]).await;
@@ -190,7 +199,66 @@ async fn provider_500_is_unavailable_as_the_first_stream_item() {
         "{}",
         status.message()
     );
-    assert_eq!(mock.requests_total(), 1, "no retries inside Complete");
+    assert_eq!(mock.requests_total(), 3, "the call and its two retries");
+    assert_eq!(mock.count_for_request_id("req-123"), 3, "every attempt carries the request id");
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_before_the_first_chunk_is_retried_and_the_caller_sees_only_the_answer() {
+    let mock = MockProvider::start_with(Behavior { retry_after_secs: Some(1), ..Behavior::default() }).await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    for status in [503, 429, 500] {
+        mock.reset_counters();
+        mock.set_failures(0.0, status);
+        mock.fail_next(1);
+        let (chunks, error) = sync.complete(request("mock")).await;
+        assert!(error.is_none(), "{status}: {error:?}");
+        assert_eq!(text(&chunks), "echo: tell me about the mesh gateway");
+        assert_eq!(mock.requests_total(), 2, "{status}: one failure, one retry");
+    }
+    // Three failures spend the two retries.
+    mock.reset_counters();
+    mock.fail_next(3);
+    let (chunks, error) = sync.complete(request("mock")).await;
+    assert!(chunks.is_empty());
+    assert_eq!(error.unwrap().code(), Code::Unavailable);
+    assert_eq!(mock.requests_total(), 3);
+
+    // A per-provider retry count.
+    let once = ProviderSpec { max_retries: Some(0), ..provider("once", &mock) };
+    let sync_once = Sync::start(vec![once]).await;
+    mock.reset_counters();
+    mock.fail_next(1);
+    let (_, error) = sync_once.complete(request("once")).await;
+    assert_eq!(error.unwrap().code(), Code::Unavailable);
+    assert_eq!(mock.requests_total(), 1);
+    sync_once.stop().await;
+    let text = sync.metrics().await;
+    assert!(
+        text.contains(r#"meshgate_sync_upstream_retries_total{error="rate_limited",model="gpt-test",provider="mock",service="sync"} 1"#),
+        "{text}"
+    );
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_retried_once_content_reached_the_caller_nor_a_client_error() {
+    let behavior = Behavior { fail_after_chunks: Some(2), ..Behavior::default() };
+    let mock = MockProvider::start_with(behavior).await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let (chunks, error) = sync.complete(request("mock")).await;
+    assert_eq!(text(&chunks), "echo: tell");
+    assert_eq!(error.unwrap().code(), Code::Unavailable);
+    assert_eq!(mock.requests_total(), 1, "the caller holds streamed bytes: no retry");
+
+    mock.update(|b| b.fail_after_chunks = None);
+    mock.reset_counters();
+    mock.set_failures(0.0, 400);
+    mock.fail_next(1);
+    let (_, error) = sync.complete(request("mock")).await;
+    assert_eq!(error.unwrap().code(), Code::InvalidArgument);
+    assert_eq!(mock.requests_total(), 1, "a rejected request fails the same way again");
     sync.stop().await;
 }
 
@@ -206,6 +274,7 @@ async fn provider_429_is_resource_exhausted_with_retry_after() {
     assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("rate_limited"));
     assert_eq!(metadata(&status, RETRY_AFTER_METADATA), Some("7"));
     assert_eq!(metadata(&status, UPSTREAM_STATUS_METADATA), Some("429"));
+    assert_eq!(mock.requests_total(), 1, "a Retry-After beyond retry_max_delay_ms is not waited for");
     sync.stop().await;
 }
 
@@ -447,17 +516,18 @@ async fn bad_requests_and_unknown_targets_fail_with_matching_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_rpcs_are_unimplemented_until_issue_7() {
+async fn queue_rpcs_are_unimplemented_without_a_configured_queue() {
     let sync = Sync::start(Vec::new()).await;
     let mut client = sync.client.clone();
     let statuses = [
         client.enqueue(EnqueueRequest::default()).await.unwrap_err(),
         client.get_job(GetJobRequest::default()).await.unwrap_err(),
         client.list_jobs(ListJobsRequest::default()).await.unwrap_err(),
+        client.retry_job(RetryJobRequest::default()).await.unwrap_err(),
     ];
     for status in statuses {
         assert_eq!(status.code(), Code::Unimplemented);
-        assert!(status.message().contains("issue 7"), "{}", status.message());
+        assert!(status.message().contains("not configured"), "{}", status.message());
     }
     sync.stop().await;
 }
@@ -469,6 +539,7 @@ async fn upstream_calls_are_counted_in_metrics() {
     let sync = Sync::start(vec![provider("mock", &mock)]).await;
     let (_, status) = sync.complete(request("mock")).await;
     assert!(status.is_none());
+    mock.set_failures(0.0, 400);
     mock.fail_next(1);
     let (_, status) = sync.complete(CompleteRequest { model: "unlisted-model".into(), ..request("mock") }).await;
     assert!(status.is_some());
@@ -481,7 +552,7 @@ async fn upstream_calls_are_counted_in_metrics() {
 
     let wanted = [
         r#"meshgate_sync_upstream_requests_total{model="gpt-test",outcome="ok",provider="mock",status="200",service="sync"} 1"#,
-        r#"meshgate_sync_upstream_requests_total{model="other",outcome="upstream_error",provider="mock",status="500",service="sync"} 1"#,
+        r#"meshgate_sync_upstream_requests_total{model="other",outcome="invalid_request",provider="mock",status="400",service="sync"} 1"#,
         r#"meshgate_sync_upstream_requests_total{model="gpt-test",outcome="cancelled",provider="mock",status="200",service="sync"} 1"#,
     ];
     let deadline = Instant::now() + Duration::from_secs(5);

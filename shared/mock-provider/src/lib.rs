@@ -10,10 +10,22 @@
 //! `stream_options.include_usage`), `POST /v1/embeddings` (float or base64), `GET /v1/models`,
 //! `GET /v1/models/{id}`, `GET /health`. Errors use OpenAI's `{"error": {...}}` shape.
 //!
+//! `POST /v1/messages` speaks the Anthropic Messages API instead (`x-api-key`, a required
+//! `anthropic-version` header, `system` beside the messages, content blocks, `tool_use` /
+//! `tool_result`, the named SSE events `message_start` … `message_stop`, and Anthropic's
+//! `{"type": "error", "error": {...}}` shape), with the same behaviour knobs and the same replies.
+//!
+//! **Idempotency.** Requests carrying an `Idempotency-Key` header are counted per key. A reply
+//! fully produced for a key is a *completion* ([`MockProvider::completions_for_idempotency_key`]);
+//! with [`Behavior::honour_idempotency_keys`], a later request with a completed key is answered as a
+//! replay (same content, `idempotent-replayed: true`) and is not a new completion, the way an
+//! idempotent API treats a client's retry.
+//!
 //! Replies are deterministic (see [`reply`]): the text is `"echo:"` followed by the first words of
 //! the last user message, one completion token per piece, and prompt tokens are counted from the
 //! input words; [`reply::reply_text`] and [`reply::prompt_tokens`] compute what to expect.
 
+mod anthropic;
 pub mod reply;
 mod server;
 mod wire;
@@ -102,6 +114,9 @@ pub struct Behavior {
     /// Count requests per idempotency key / request id and keep the last [`RECENT_CAPACITY`]
     /// requests. Costs a lock and an allocation per request; benchmarks turn it off.
     pub track_requests: bool,
+    /// Answer a request whose `Idempotency-Key` already completed as a replay instead of doing
+    /// the work again (needs [`Self::track_requests`]).
+    pub honour_idempotency_keys: bool,
 }
 
 impl Default for Behavior {
@@ -125,6 +140,7 @@ impl Default for Behavior {
             embedding_dim: 16,
             tool_call: None,
             track_requests: true,
+            honour_idempotency_keys: false,
         }
     }
 }
@@ -136,6 +152,8 @@ pub struct Stats {
     pub requests_total: u64,
     /// Chat completion requests.
     pub chat_requests: u64,
+    /// Anthropic Messages API requests.
+    pub messages_requests: u64,
     /// Embedding requests.
     pub embedding_requests: u64,
     /// Requests answered with an injected failure (rate, [`MockProvider::fail_next`]).
@@ -144,6 +162,11 @@ pub struct Stats {
     pub unauthorized: u64,
     /// Requests answered successfully (a stream counts when its head is sent).
     pub succeeded: u64,
+    /// Chat and messages replies produced in full (a stream counts once its last event is made),
+    /// replays excluded.
+    pub completions: u64,
+    /// Requests answered as replays of a completed idempotency key.
+    pub idempotent_replays: u64,
 }
 
 /// One request as the mock received it (kept when [`Behavior::track_requests`] is on).
@@ -173,10 +196,13 @@ pub(crate) struct Shared {
     pub(crate) behavior: ArcSwap<Behavior>,
     pub(crate) requests_total: AtomicU64,
     pub(crate) chat_requests: AtomicU64,
+    pub(crate) messages_requests: AtomicU64,
     pub(crate) embedding_requests: AtomicU64,
     pub(crate) injected_failures: AtomicU64,
     pub(crate) unauthorized: AtomicU64,
     pub(crate) succeeded: AtomicU64,
+    pub(crate) completions: AtomicU64,
+    pub(crate) idempotent_replays: AtomicU64,
     /// Index of the next seeded failure decision.
     pub(crate) decisions: AtomicU64,
     /// Requests still to fail regardless of the rate.
@@ -185,6 +211,8 @@ pub(crate) struct Shared {
     pub(crate) ids: AtomicU64,
     pub(crate) by_idempotency_key: Mutex<HashMap<String, u64>>,
     pub(crate) by_request_id: Mutex<HashMap<String, u64>>,
+    /// Completions per idempotency key.
+    pub(crate) completed_keys: Mutex<HashMap<String, u64>>,
     pub(crate) recent: Mutex<VecDeque<RecordedRequest>>,
     /// Turns true when the mock shuts down; releases hanging requests.
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -225,15 +253,19 @@ impl MockProvider {
             behavior: ArcSwap::from_pointee(behavior),
             requests_total: AtomicU64::new(0),
             chat_requests: AtomicU64::new(0),
+            messages_requests: AtomicU64::new(0),
             embedding_requests: AtomicU64::new(0),
             injected_failures: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
             succeeded: AtomicU64::new(0),
+            completions: AtomicU64::new(0),
+            idempotent_replays: AtomicU64::new(0),
             decisions: AtomicU64::new(0),
             fail_next: AtomicU64::new(0),
             ids: AtomicU64::new(0),
             by_idempotency_key: Mutex::new(HashMap::new()),
             by_request_id: Mutex::new(HashMap::new()),
+            completed_keys: Mutex::new(HashMap::new()),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_CAPACITY)),
             shutdown: shutdown_rx.clone(),
         });
@@ -261,7 +293,8 @@ impl MockProvider {
         self.addr
     }
 
-    /// Base URL including the version path: `http://127.0.0.1:<port>/v1`.
+    /// Base URL including the version path: `http://127.0.0.1:<port>/v1` (the OpenAI routes
+    /// below it, and the Anthropic `POST /v1/messages`).
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
@@ -312,10 +345,13 @@ impl MockProvider {
         Stats {
             requests_total: s.requests_total.load(Ordering::Relaxed),
             chat_requests: s.chat_requests.load(Ordering::Relaxed),
+            messages_requests: s.messages_requests.load(Ordering::Relaxed),
             embedding_requests: s.embedding_requests.load(Ordering::Relaxed),
             injected_failures: s.injected_failures.load(Ordering::Relaxed),
             unauthorized: s.unauthorized.load(Ordering::Relaxed),
             succeeded: s.succeeded.load(Ordering::Relaxed),
+            completions: s.completions.load(Ordering::Relaxed),
+            idempotent_replays: s.idempotent_replays.load(Ordering::Relaxed),
         }
     }
 
@@ -327,6 +363,16 @@ impl MockProvider {
     /// API requests received with this `Idempotency-Key` header.
     pub fn count_for_idempotency_key(&self, key: &str) -> u64 {
         self.shared.by_idempotency_key.lock().get(key).copied().unwrap_or(0)
+    }
+
+    /// Replies produced in full for this `Idempotency-Key` (replays excluded).
+    pub fn completions_for_idempotency_key(&self, key: &str) -> u64 {
+        self.shared.completed_keys.lock().get(key).copied().unwrap_or(0)
+    }
+
+    /// Every idempotency key with a completed reply and its number of completions.
+    pub fn completed_idempotency_keys(&self) -> HashMap<String, u64> {
+        self.shared.completed_keys.lock().clone()
     }
 
     /// API requests received with this `x-request-id` header.
@@ -350,15 +396,19 @@ impl MockProvider {
         for counter in [
             &s.requests_total,
             &s.chat_requests,
+            &s.messages_requests,
             &s.embedding_requests,
             &s.injected_failures,
             &s.unauthorized,
             &s.succeeded,
+            &s.completions,
+            &s.idempotent_replays,
         ] {
             counter.store(0, Ordering::Relaxed);
         }
         s.by_idempotency_key.lock().clear();
         s.by_request_id.lock().clear();
+        s.completed_keys.lock().clear();
         s.recent.lock().clear();
     }
 

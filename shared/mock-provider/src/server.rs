@@ -24,13 +24,14 @@ const BODY_LIMIT: usize = 32 * 1024 * 1024;
 /// Largest embedding dimension a request may ask for.
 const MAX_EMBEDDING_DIM: usize = 8192;
 /// Pause before an injected transport abort.
-const ABORT_FLUSH_PAUSE: Duration = Duration::from_millis(20);
+pub(crate) const ABORT_FLUSH_PAUSE: Duration = Duration::from_millis(20);
 const FINGERPRINT: &str = "fp_meshgate_mock";
 const OWNER: &str = "meshgate-mock";
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/messages", post(crate::anthropic::messages))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
@@ -41,8 +42,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 }
 
 #[derive(Clone, Copy)]
-enum Endpoint {
+pub(crate) enum Endpoint {
     Chat,
+    Messages,
     Embeddings,
 }
 
@@ -50,24 +52,67 @@ impl Endpoint {
     fn path(self) -> &'static str {
         match self {
             Self::Chat => "/v1/chat/completions",
+            Self::Messages => "/v1/messages",
             Self::Embeddings => "/v1/embeddings",
         }
     }
 }
 
-fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+/// One answer being produced, for completion accounting per idempotency key.
+#[derive(Clone)]
+pub(crate) struct Delivery {
+    shared: Arc<Shared>,
+    key: Option<String>,
+    /// The key completed before and the behaviour honours keys: answer without new work.
+    pub(crate) replay: bool,
+}
+
+impl Delivery {
+    /// Records that the reply was produced in full (nothing for a replay).
+    pub(crate) fn completed(&self) {
+        if self.replay {
+            return;
+        }
+        self.shared.completions.fetch_add(1, Ordering::Relaxed);
+        if let Some(key) = &self.key {
+            *self.shared.completed_keys.lock().entry(key.clone()).or_insert(0) += 1;
+        }
+    }
+
+    /// Marks a replayed answer's response.
+    pub(crate) fn mark(&self, mut response: Response) -> Response {
+        if self.replay {
+            response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        }
+        response
+    }
+}
+
+pub(crate) fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Shared {
-    fn count(&self, endpoint: Endpoint, headers: &HeaderMap, body: &Bytes, behavior: &Behavior) {
+    /// Starts the accounting of an answer: is it a replay of a completed idempotency key?
+    pub(crate) fn delivery(self: &Arc<Self>, headers: &HeaderMap, behavior: &Behavior) -> Delivery {
+        let key = header_str(headers, "idempotency-key").filter(|_| behavior.track_requests).map(str::to_owned);
+        let replay = behavior.honour_idempotency_keys
+            && key.as_ref().is_some_and(|key| self.completed_keys.lock().get(key).is_some_and(|n| *n > 0));
+        if replay {
+            self.idempotent_replays.fetch_add(1, Ordering::Relaxed);
+        }
+        Delivery { shared: self.clone(), key, replay }
+    }
+
+    pub(crate) fn count(&self, endpoint: Endpoint, headers: &HeaderMap, body: &Bytes, behavior: &Behavior) {
         self.requests_total.fetch_add(1, Ordering::Relaxed);
         match endpoint {
             Endpoint::Chat => self.chat_requests.fetch_add(1, Ordering::Relaxed),
+            Endpoint::Messages => self.messages_requests.fetch_add(1, Ordering::Relaxed),
             Endpoint::Embeddings => self.embedding_requests.fetch_add(1, Ordering::Relaxed),
         };
         if !behavior.track_requests {
@@ -100,14 +145,23 @@ impl Shared {
         recent.push_back(record);
     }
 
-    /// Latency, hang and authentication, common to every API request. `Some` is the answer.
-    async fn preamble(&self, behavior: &Behavior, headers: &HeaderMap) -> Option<Response> {
+    /// Latency and hang, common to every API request: `true` when a hanging request was
+    /// released by the shutdown (answer 503).
+    pub(crate) async fn delay_or_hang(&self, behavior: &Behavior) -> bool {
         if !behavior.latency.is_zero() {
             tokio::time::sleep(behavior.latency).await;
         }
         if behavior.hang {
             // An error means the mock is being dropped: answer as for a shutdown.
             let _ = self.shutdown.clone().wait_for(|stop| *stop).await;
+            return true;
+        }
+        false
+    }
+
+    /// Latency, hang and authentication of the OpenAI routes. `Some` is the answer.
+    async fn preamble(&self, behavior: &Behavior, headers: &HeaderMap) -> Option<Response> {
+        if self.delay_or_hang(behavior).await {
             return Some(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "The mock provider is shutting down.",
@@ -138,14 +192,19 @@ impl Shared {
         None
     }
 
-    /// The injected failure for this request, if it draws one.
-    fn injected_failure(&self, behavior: &Behavior) -> Option<Response> {
+    /// The status of the injected failure for this request, if it draws one.
+    pub(crate) fn injected_status(&self, behavior: &Behavior) -> Option<StatusCode> {
         let forced = self.fail_next.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
         if !forced && !self.draw_failure(behavior) {
             return None;
         }
         self.injected_failures.fetch_add(1, Ordering::Relaxed);
-        let status = StatusCode::from_u16(behavior.failure_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        Some(StatusCode::from_u16(behavior.failure_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+    }
+
+    /// The injected failure for this request in OpenAI's shape, if it draws one.
+    fn injected_failure(&self, behavior: &Behavior) -> Option<Response> {
+        let status = self.injected_status(behavior)?;
         let (message, kind, code) = match status.as_u16() {
             429 => (
                 "Rate limit reached for requests (injected by the mock provider).",
@@ -186,7 +245,7 @@ impl Shared {
         draw < behavior.failure_rate
     }
 
-    fn next_id(&self, prefix: &str) -> String {
+    pub(crate) fn next_id(&self, prefix: &str) -> String {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}{:016x}", splitmix64(n))
     }
@@ -197,7 +256,7 @@ fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> R
     json_response(status, &body)
 }
 
-fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub(crate) fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(bytes) => {
             (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
@@ -233,6 +292,7 @@ const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "f
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let behavior = shared.behavior.load_full();
     shared.count(Endpoint::Chat, &headers, &body, &behavior);
+    let delivery = shared.delivery(&headers, &behavior);
     if let Some(answer) = shared.preamble(&behavior, &headers).await {
         return answer;
     }
@@ -253,7 +313,9 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     if behavior.strict_models && !behavior.models.contains(&request.model) {
         return model_not_found(&request.model);
     }
-    if let Some(answer) = shared.injected_failure(&behavior) {
+    if !delivery.replay
+        && let Some(answer) = shared.injected_failure(&behavior)
+    {
         return answer;
     }
     let stream = request.stream.unwrap_or(false) && !behavior.ignore_stream;
@@ -277,9 +339,10 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     shared.succeeded.fetch_add(1, Ordering::Relaxed);
     if stream {
         let include_usage = request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        stream_reply(reply, &behavior, include_usage)
+        delivery.mark(stream_reply(reply, &behavior, include_usage, delivery.clone()))
     } else {
-        json_reply(&reply, &behavior)
+        delivery.completed();
+        delivery.mark(json_reply(&reply, &behavior))
     }
 }
 
@@ -368,7 +431,7 @@ fn json_reply(reply: &Reply, behavior: &Behavior) -> Response {
     json_response(StatusCode::OK, &body)
 }
 
-fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool) -> Response {
+fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool, delivery: Delivery) -> Response {
     let chunk_delay = behavior.chunk_delay;
     let fail_after = behavior.fail_after_chunks.map(|n| n as usize);
     let fault = behavior.stream_fault;
@@ -436,6 +499,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool) -> Respo
             }
             return;
         }
+        delivery.completed();
         yield chunk_frame(&reply, usage, &[choice(wire::EmptyDelta {}, Some(finish))])?;
         if include_usage {
             yield chunk_frame::<wire::EmptyDelta>(&reply, Some(Some(reply.usage(count as u64))), &[])?;
@@ -454,7 +518,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool) -> Respo
 }
 
 /// Pins the stream's error type to `io::Error` (an error aborts the HTTP body).
-fn io_body(stream: impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
+pub(crate) fn io_body(stream: impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
     Body::from_stream(stream)
 }
 

@@ -426,3 +426,124 @@ async fn chunk_delay_spreads_the_stream() {
     assert!(arrivals.last().unwrap().0 >= Duration::from_millis(200));
     assert!(arrivals.len() >= 5, "{arrivals:?}");
 }
+
+fn anthropic(mock: &MockProvider, body: &Value) -> reqwest::RequestBuilder {
+    client()
+        .post(format!("{}/messages", mock.base_url()))
+        .header("anthropic-version", "2023-06-01")
+        .header("x-api-key", "sk-ant")
+        .json(body)
+}
+
+fn messages_body(stream: bool) -> Value {
+    json!({
+        "model": "claude-test",
+        "max_tokens": 64,
+        "system": "you are terse",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there big world"}]}],
+        "stream": stream
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_messages_json_and_stream_have_anthropic_shapes() {
+    let mock =
+        MockProvider::start_with(Behavior { api_key: Some("sk-ant".into()), ..Behavior::default() }).await.unwrap();
+    let response = anthropic(&mock, &messages_body(false)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["type"], "message");
+    assert!(body["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(body["content"], json!([{"type": "text", "text": "echo: hello there big world"}]));
+    assert_eq!(body["stop_reason"], "end_turn");
+    let prompt = prompt_tokens(["you are terse", "hello there big world"]);
+    assert_eq!(body["usage"], json!({"input_tokens": prompt, "output_tokens": 5}));
+
+    let text = anthropic(&mock, &messages_body(true)).send().await.unwrap().text().await.unwrap();
+    let events: Vec<(&str, Value)> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (name, data) = e.split_once('\n').unwrap();
+            (name.strip_prefix("event: ").unwrap(), serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names[..3], ["message_start", "content_block_start", "ping"]);
+    assert_eq!(names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"]);
+    assert!(events.iter().all(|(name, data)| data["type"] == *name), "the type field repeats the event name");
+    let streamed: String = events.iter().filter_map(|(_, d)| d["delta"]["text"].as_str().map(str::to_owned)).collect();
+    assert_eq!(streamed, "echo: hello there big world");
+    assert_eq!(events[0].1["message"]["usage"]["input_tokens"], prompt);
+    assert_eq!(events[events.len() - 2].1["usage"]["output_tokens"], 5);
+    assert_eq!(mock.stats().messages_requests, 2);
+    assert_eq!(mock.stats().completions, 2);
+
+    let no_key = client()
+        .post(format!("{}/messages", mock.base_url()))
+        .header("anthropic-version", "2023-06-01")
+        .json(&messages_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_key.status(), 401);
+    let body: Value = no_key.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "authentication_error");
+
+    let no_version = client()
+        .post(format!("{}/messages", mock.base_url()))
+        .header("x-api-key", "sk-ant")
+        .json(&messages_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_version.status(), 400);
+    let mut no_max = messages_body(false);
+    no_max.as_object_mut().unwrap().remove("max_tokens");
+    let response = anthropic(&mock, &no_max).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("max_tokens"), "{body}");
+    let mut system_role = messages_body(false);
+    system_role["messages"] = json!([{"role": "system", "content": "x"}]);
+    assert_eq!(anthropic(&mock, &system_role).send().await.unwrap().status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_idempotency_keys_are_replayed_when_honoured() {
+    let mock =
+        MockProvider::start_with(Behavior { honour_idempotency_keys: true, ..Behavior::default() }).await.unwrap();
+    let send = |key: &'static str| {
+        client()
+            .post(format!("{}/chat/completions", mock.base_url()))
+            .header("idempotency-key", key)
+            .json(&chat_body(true, true))
+            .send()
+    };
+    let first = send("job-1").await.unwrap();
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first = first.text().await.unwrap();
+    let again = send("job-1").await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(sse_data(&again.text().await.unwrap()).len(), sse_data(&first).len());
+    send("job-2").await.unwrap().text().await.unwrap();
+    assert_eq!(mock.count_for_idempotency_key("job-1"), 2, "both requests arrived");
+    assert_eq!(mock.completions_for_idempotency_key("job-1"), 1, "the work was done once");
+    assert_eq!(mock.completions_for_idempotency_key("job-2"), 1);
+    let stats = mock.stats();
+    assert_eq!((stats.completions, stats.idempotent_replays), (2, 1));
+
+    // A stream cut before its end is not a completion: the retry does the work.
+    mock.update(|b| b.fail_after_chunks = Some(2));
+    let _ = send("job-3").await.unwrap().text().await;
+    assert_eq!(mock.completions_for_idempotency_key("job-3"), 0);
+    mock.update(|b| b.fail_after_chunks = None);
+    send("job-3").await.unwrap().text().await.unwrap();
+    assert_eq!(mock.completions_for_idempotency_key("job-3"), 1);
+
+    // Without the behaviour every request is new work.
+    mock.update(|b| b.honour_idempotency_keys = false);
+    send("job-1").await.unwrap().text().await.unwrap();
+    assert_eq!(mock.completions_for_idempotency_key("job-1"), 2);
+}

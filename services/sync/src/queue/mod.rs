@@ -1,0 +1,384 @@
+//! The durable outbound queue: chat completions delivered later, retried until they succeed or
+//! become dead letters, never lost across crashes.
+//!
+//! Two stores keep the same semantics behind [`JobStore`]: [`PgJobStore`] (the mesh: a
+//! `sync_jobs` table, workers claim with `FOR UPDATE SKIP LOCKED` so any number of sync replicas
+//! share it) and [`FileJobStore`] (standalone: an append-only log, fsync'd before any answer).
+//!
+//! **Life of a job.** `queued` → claimed by a worker (`running`, `attempts + 1`, leased to that
+//! worker until `lease_until`) → `succeeded`, or back to `queued` with `next_attempt_at = now +
+//! 1 s·2ⁿ` (capped at 30 s; n = attempts − 1), or `dead` once `max_attempts` are spent or when the
+//! failure cannot change on retry (the provider rejected the request). A worker that dies
+//! mid-delivery leaves its job `running`; once the lease expires, the job is claimed again (or
+//! becomes dead when that was its last attempt). Dead letters are listed with
+//! `status = dead` and put back with [`JobStore::retry_dead`] (a fresh attempt budget).
+//!
+//! **Exactly once.** Delivery is at least once: a worker killed after the provider answered but
+//! before the outcome was stored delivers again. Every attempt of a job carries the same
+//! `Idempotency-Key` (the job id), so a provider that honours it does the work once.
+
+mod dispatcher;
+mod file;
+mod postgres;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use meshgate_proto::common::v1::{ToolCall, Usage};
+use meshgate_proto::sync::v1::{CompleteRequest, Job, JobStatus};
+use prost::Message as _;
+use sha2::{Digest, Sha256};
+
+pub use dispatcher::{Dispatcher, DispatcherConfig, QueueMetrics};
+pub use file::FileJobStore;
+pub use postgres::PgJobStore;
+
+/// Longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// One job as stored (protobuf-encoded in the on-disk log). Times are microseconds since the Unix
+/// epoch, 0 when unset.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JobRecord {
+    /// A UUID (v7, so ids sort by creation).
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub org_id: String,
+    #[prost(string, tag = "3")]
+    pub project_id: String,
+    #[prost(string, tag = "4")]
+    pub user_id: String,
+    #[prost(string, tag = "5")]
+    pub key_id: String,
+    /// The caller's key, `""` when none.
+    #[prost(string, tag = "6")]
+    pub idempotency_key: String,
+    /// See [`request_hash`].
+    #[prost(string, tag = "7")]
+    pub request_hash: String,
+    #[prost(message, optional, tag = "8")]
+    pub request: Option<CompleteRequest>,
+    /// A [`JobStatus`] value.
+    #[prost(int32, tag = "9")]
+    pub status: i32,
+    #[prost(int32, tag = "10")]
+    pub attempts: i32,
+    #[prost(int32, tag = "11")]
+    pub max_attempts: i32,
+    #[prost(string, tag = "12")]
+    pub last_error: String,
+    #[prost(string, tag = "13")]
+    pub last_error_code: String,
+    #[prost(message, optional, tag = "14")]
+    pub outcome: Option<JobOutcome>,
+    #[prost(int64, tag = "15")]
+    pub created_at_us: i64,
+    #[prost(int64, tag = "16")]
+    pub updated_at_us: i64,
+    #[prost(int64, tag = "17")]
+    pub next_attempt_at_us: i64,
+    #[prost(int64, tag = "18")]
+    pub lease_until_us: i64,
+    #[prost(string, tag = "19")]
+    pub lease_token: String,
+    #[prost(int64, tag = "20")]
+    pub finished_at_us: i64,
+}
+
+/// What a successful delivery produced.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JobOutcome {
+    #[prost(string, tag = "1")]
+    pub text: String,
+    #[prost(string, tag = "2")]
+    pub finish_reason: String,
+    #[prost(message, optional, tag = "3")]
+    pub usage: Option<Usage>,
+    #[prost(message, repeated, tag = "4")]
+    pub tool_calls: Vec<ToolCall>,
+    #[prost(string, tag = "5")]
+    pub model: String,
+    #[prost(string, tag = "6")]
+    pub provider: String,
+}
+
+/// Microseconds since the epoch.
+pub fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+/// The time of `us` microseconds since the epoch (out-of-range values saturate).
+pub fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or(if us < 0 {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
+}
+
+fn timestamp(us: i64) -> Option<prost_types::Timestamp> {
+    (us != 0).then(|| prost_types::Timestamp {
+        seconds: us.div_euclid(1_000_000),
+        nanos: (us.rem_euclid(1_000_000) * 1000) as i32,
+    })
+}
+
+impl JobRecord {
+    /// The status as the enum (unknown values read as unspecified).
+    pub fn job_status(&self) -> JobStatus {
+        JobStatus::try_from(self.status).unwrap_or(JobStatus::Unspecified)
+    }
+
+    /// The API view of the job.
+    pub fn to_proto(&self) -> Job {
+        let status = self.job_status();
+        let outcome = self.outcome.clone().unwrap_or_default();
+        Job {
+            id: self.id.clone(),
+            status: status as i32,
+            attempts: self.attempts,
+            last_error: self.last_error.clone(),
+            result: outcome.text,
+            usage: outcome.usage,
+            created_at: timestamp(self.created_at_us),
+            next_attempt_at: if status == JobStatus::Queued { timestamp(self.next_attempt_at_us) } else { None },
+            idempotency_key: self.idempotency_key.clone(),
+            org_id: self.org_id.clone(),
+            project_id: self.project_id.clone(),
+            max_attempts: self.max_attempts,
+            last_error_code: self.last_error_code.clone(),
+            finish_reason: outcome.finish_reason,
+            tool_calls: outcome.tool_calls,
+            model: outcome.model,
+            provider: outcome.provider,
+            updated_at: timestamp(self.updated_at_us),
+            finished_at: timestamp(self.finished_at_us),
+        }
+    }
+}
+
+/// How an attempt ended, as the store records it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Finish {
+    Succeeded(JobOutcome),
+    /// Back to `queued` until `next_attempt_at_us`.
+    Retry {
+        error: String,
+        code: String,
+        next_attempt_at_us: i64,
+    },
+    /// A dead letter.
+    Dead {
+        error: String,
+        code: String,
+    },
+}
+
+/// Backoff and attempt budget of the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts before a job becomes a dead letter.
+    pub max_attempts: i32,
+    /// The first retry's wait; doubles per attempt.
+    pub base: std::time::Duration,
+    /// The longest wait.
+    pub cap: std::time::Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 8, base: std::time::Duration::from_secs(1), cap: std::time::Duration::from_secs(30) }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after the `attempts`-th failed attempt: `base · 2^(attempts − 1)`, capped.
+    pub fn backoff(&self, attempts: i32) -> std::time::Duration {
+        let exponent = attempts.saturating_sub(1).clamp(0, 30) as u32;
+        self.base.saturating_mul(1u32 << exponent).min(self.cap)
+    }
+
+    /// What a failed attempt leads to: a retry after the backoff, or a dead letter when the
+    /// budget is spent or the failure is `permanent`.
+    pub fn after_failure(
+        &self,
+        attempts: i32,
+        max_attempts: i32,
+        permanent: bool,
+        now: DateTime<Utc>,
+        error: String,
+        code: String,
+    ) -> Finish {
+        if permanent || attempts >= max_attempts {
+            return Finish::Dead { error, code };
+        }
+        let wait = TimeDelta::from_std(self.backoff(attempts)).unwrap_or(TimeDelta::MAX);
+        let at = now.checked_add_signed(wait).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        Finish::Retry { error, code, next_attempt_at_us: micros(at) }
+    }
+}
+
+/// Failures of a store.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the queue store is corrupt: {0}")]
+    Corrupt(String),
+    #[error("idempotency key {key:?} was already used in this project with a different request (job {job_id})")]
+    IdempotencyConflict { key: String, job_id: String },
+    #[error("job {id} is {status}, not a dead letter: only dead letters can be retried")]
+    NotDead { id: String, status: &'static str },
+}
+
+impl From<meshgate_storage::Error> for QueueError {
+    fn from(err: meshgate_storage::Error) -> Self {
+        QueueError::Unavailable(err.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for QueueError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        QueueError::Unavailable(meshgate_storage::Error::from(err).to_string())
+    }
+}
+
+/// A status's lower-case name, for messages.
+pub fn status_name(status: JobStatus) -> &'static str {
+    match status {
+        JobStatus::Unspecified => "unspecified",
+        JobStatus::Queued => "queued",
+        JobStatus::Running => "running",
+        JobStatus::Succeeded => "succeeded",
+        JobStatus::Dead => "dead",
+    }
+}
+
+/// Where jobs live. Implementations keep every change durable before returning.
+#[async_trait::async_trait]
+pub trait JobStore: Send + Sync {
+    /// `"postgres"` or `"file"`, for logs.
+    fn kind(&self) -> &'static str;
+
+    /// Whether the store answers (readiness).
+    async fn ping(&self) -> Result<(), QueueError>;
+
+    /// Stores a new `queued` job, or returns the job already stored under the same project and
+    /// idempotency key (`false`); a reused key with another [`JobRecord::request_hash`] is
+    /// [`QueueError::IdempotencyConflict`].
+    async fn enqueue(&self, job: JobRecord) -> Result<(JobRecord, bool), QueueError>;
+
+    /// The job `id`, of `project_id` unless that is empty.
+    async fn get(&self, id: &str, project_id: &str) -> Result<Option<JobRecord>, QueueError>;
+
+    /// Jobs newest first, of `project_id` unless empty, of `status` unless unspecified.
+    async fn list(&self, project_id: &str, status: JobStatus, limit: usize) -> Result<Vec<JobRecord>, QueueError>;
+
+    /// Claims up to `limit` jobs that are due at `now` (queued with `next_attempt_at <= now`, or
+    /// running with an expired lease): each becomes `running` with `attempts + 1`, leased until
+    /// `lease_until` under a fresh token. A job whose lease expired on its last attempt becomes a
+    /// dead letter instead.
+    async fn claim(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, QueueError>;
+
+    /// Records how the attempt holding `lease_token` ended; `false` when the lease was lost (the
+    /// job was claimed again after the lease expired) and nothing was written.
+    async fn finish(&self, id: &str, lease_token: &str, finish: Finish, now: DateTime<Utc>)
+    -> Result<bool, QueueError>;
+
+    /// Puts the dead letter `id` back in the queue, due at `now`, with its attempts reset.
+    /// `None` when there is no such job (in `project_id` unless empty).
+    async fn retry_dead(&self, id: &str, project_id: &str, now: DateTime<Utc>)
+    -> Result<Option<JobRecord>, QueueError>;
+
+    /// Deletes succeeded jobs finished before `before`; returns how many.
+    async fn purge(&self, before: DateTime<Utc>) -> Result<u64, QueueError>;
+}
+
+/// Checks a caller's idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_LEN`] visible ASCII characters
+/// (it travels in HTTP headers). `Err` says why not.
+pub fn validate_idempotency_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("the idempotency key is empty".into());
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(format!("the idempotency key is longer than {MAX_IDEMPOTENCY_KEY_LEN} characters"));
+    }
+    if let Some(bad) = key.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!("the idempotency key contains {bad:?}: only visible ASCII characters are allowed"));
+    }
+    Ok(())
+}
+
+/// The SHA-256 (hex) of a request without its request id and timeout: what a resubmission with the
+/// same idempotency key must match.
+pub fn request_hash(request: &CompleteRequest) -> String {
+    let normalized = CompleteRequest { request_id: String::new(), timeout_ms: 0, ..request.clone() };
+    hex::encode(Sha256::digest(normalized.encode_to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_and_caps_at_thirty() {
+        let policy = RetryPolicy::default();
+        let waits: Vec<u64> = (1..=8).map(|n| policy.backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(policy.backoff(i32::MAX), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn failures_retry_until_the_budget_then_die() {
+        let policy = RetryPolicy { max_attempts: 3, ..RetryPolicy::default() };
+        let now = DateTime::parse_from_rfc3339("2031-01-01T00:00:00Z").unwrap().to_utc();
+        let retry = policy.after_failure(2, 3, false, now, "e".into(), "c".into());
+        assert_eq!(
+            retry,
+            Finish::Retry { error: "e".into(), code: "c".into(), next_attempt_at_us: micros(now) + 2_000_000 }
+        );
+        assert!(matches!(policy.after_failure(3, 3, false, now, "e".into(), "c".into()), Finish::Dead { .. }));
+        assert!(matches!(policy.after_failure(1, 3, true, now, "e".into(), "c".into()), Finish::Dead { .. }));
+    }
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii_of_bounded_length() {
+        assert!(validate_idempotency_key("order-42:retry_1").is_ok());
+        assert!(validate_idempotency_key(&"k".repeat(255)).is_ok());
+        for bad in ["", " lead", "tab\there", "new\nline", "é", &"k".repeat(256)] {
+            assert!(validate_idempotency_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_hash_ignores_request_id_and_timeout() {
+        let a = CompleteRequest { model: "m".into(), request_id: "r1".into(), ..CompleteRequest::default() };
+        let b = CompleteRequest { request_id: "r2".into(), timeout_ms: 5, ..a.clone() };
+        let c = CompleteRequest { model: "other".into(), ..a.clone() };
+        assert_eq!(request_hash(&a), request_hash(&b));
+        assert_ne!(request_hash(&a), request_hash(&c));
+    }
+
+    #[test]
+    fn records_map_to_the_api_view() {
+        let record = JobRecord {
+            id: "j".into(),
+            status: JobStatus::Queued as i32,
+            created_at_us: 1_500_000,
+            next_attempt_at_us: 2_000_001,
+            ..JobRecord::default()
+        };
+        let job = record.to_proto();
+        assert_eq!(job.created_at, Some(prost_types::Timestamp { seconds: 1, nanos: 500_000_000 }));
+        assert_eq!(job.next_attempt_at, Some(prost_types::Timestamp { seconds: 2, nanos: 1000 }));
+        assert_eq!(job.finished_at, None);
+        let done = JobRecord { status: JobStatus::Succeeded as i32, ..record };
+        assert_eq!(done.to_proto().next_attempt_at, None);
+    }
+}

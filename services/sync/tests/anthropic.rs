@@ -1,0 +1,269 @@
+//! `Sync.Complete` to an Anthropic Messages API provider (the mock's `/v1/messages`) over real
+//! gRPC and HTTP: the same conversation answers the same as through the OpenAI format.
+
+use std::time::Duration;
+
+use meshgate_mock_provider::reply::{prompt_tokens, reply_text};
+use meshgate_mock_provider::{Behavior, MockProvider, MockToolCall, StreamFault};
+use meshgate_proto::common::v1::{ChatMessage, SamplingParams, ToolCall, Usage};
+use meshgate_proto::sync::v1::sync_client::SyncClient;
+use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
+use meshgate_runtime::MeshChannel;
+use meshgate_runtime::error::{ERROR_CODE_METADATA, RETRY_AFTER_METADATA};
+use meshgate_runtime::{Listeners, Shutdown};
+use meshgate_sync::{Config, ProviderKind, ProviderSpec};
+use tonic::{Code, Status};
+
+const KEY: &str = "sk-ant-test";
+
+struct Sync {
+    client: SyncClient<MeshChannel>,
+    shutdown: Shutdown,
+}
+
+impl Sync {
+    async fn start(providers: Vec<ProviderSpec>) -> Self {
+        let config = Config {
+            providers,
+            providers_from_env: false,
+            retry_base_delay_ms: 10,
+            retry_max_delay_ms: 2_000,
+            ..Config::default()
+        };
+        let listeners = Listeners::ephemeral().await.unwrap();
+        let grpc = listeners.grpc_addr();
+        let shutdown = Shutdown::new();
+        tokio::spawn(meshgate_sync::serve(config, listeners, shutdown.clone()));
+        let health = meshgate_runtime::channel(&format!("http://{grpc}"), Duration::from_secs(1)).unwrap();
+        meshgate_runtime::client::wait_serving(&health, "meshgate.sync.v1.Sync", Duration::from_secs(10))
+            .await
+            .unwrap();
+        Self { client: SyncClient::new(health), shutdown }
+    }
+
+    async fn complete(&self, request: CompleteRequest) -> (Vec<CompleteChunk>, Option<Status>) {
+        let mut client = self.client.clone();
+        let mut stream = match client.complete(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return (Vec::new(), Some(status)),
+        };
+        let mut chunks = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => chunks.push(chunk),
+                Ok(None) => return (chunks, None),
+                Err(status) => return (chunks, Some(status)),
+            }
+        }
+    }
+}
+
+impl Drop for Sync {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+fn providers(mock: &MockProvider) -> Vec<ProviderSpec> {
+    let spec = |name: &str, kind| ProviderSpec {
+        name: name.into(),
+        kind,
+        base_url: mock.base_url(),
+        api_key: Some(KEY.into()),
+        models: vec!["claude-test".into()],
+        ..ProviderSpec::default()
+    };
+    vec![spec("claude", ProviderKind::Anthropic), spec("openai", ProviderKind::Openai)]
+}
+
+async fn mock(behavior: Behavior) -> MockProvider {
+    MockProvider::start_with(Behavior { api_key: Some(KEY.into()), ..behavior }).await.unwrap()
+}
+
+fn message(role: &str, content: &str) -> ChatMessage {
+    ChatMessage { role: role.into(), content: content.into(), ..ChatMessage::default() }
+}
+
+fn request(provider: &str) -> CompleteRequest {
+    CompleteRequest {
+        request_id: "req-ant".into(),
+        provider: provider.into(),
+        model: "claude-test".into(),
+        messages: vec![message("system", "you are terse"), message("user", "tell me about the mesh gateway")],
+        ..CompleteRequest::default()
+    }
+}
+
+fn text(chunks: &[CompleteChunk]) -> String {
+    chunks.iter().map(|c| c.delta.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_conversation_answers_the_same_in_both_formats() {
+    let mock = mock(Behavior::default()).await;
+    let sync = Sync::start(providers(&mock)).await;
+
+    let (anthropic, error) = sync.complete(request("claude")).await;
+    assert!(error.is_none(), "{error:?}");
+    let sent = mock.last_request().unwrap();
+    assert_eq!(sent.path, "/v1/messages");
+    assert_eq!(sent.request_id.as_deref(), Some("req-ant"));
+    assert_eq!(
+        sent.json().unwrap(),
+        serde_json::json!({
+            "model": "claude-test",
+            "max_tokens": 4096,
+            "stream": true,
+            "system": "you are terse",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "tell me about the mesh gateway"}]}]
+        })
+    );
+    let (openai, error) = sync.complete(request("openai")).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(mock.last_request().unwrap().path, "/v1/chat/completions");
+
+    assert_eq!(text(&anthropic), "echo: tell me about the mesh gateway");
+    assert_eq!(text(&anthropic), text(&openai));
+    let deltas = |chunks: &[CompleteChunk]| chunks.iter().map(|c| c.delta.clone()).collect::<Vec<_>>();
+    assert_eq!(deltas(&anthropic), deltas(&openai), "one chunk per streamed piece in both formats");
+    let (last, openai_last) = (anthropic.last().unwrap(), openai.last().unwrap());
+    assert_eq!(last.finish_reason, "stop");
+    assert_eq!(last.finish_reason, openai_last.finish_reason);
+    let prompt = prompt_tokens(["you are terse", "tell me about the mesh gateway"]) as i64;
+    assert_eq!(
+        last.usage,
+        Some(Usage { prompt_tokens: prompt, completion_tokens: 7, total_tokens: prompt + 7, cost_micros: 0 })
+    );
+    assert_eq!(last.usage, openai_last.usage);
+    assert_eq!(anthropic[0].model, "claude-test");
+    assert!(anthropic[1..].iter().all(|c| c.model.is_empty()));
+    assert_eq!(mock.stats().messages_requests, 1);
+
+    // max_tokens caps the answer: Anthropic's max_tokens stop reason is OpenAI's length.
+    let sampling =
+        SamplingParams { max_tokens: Some(3), top_k: Some(4), stop: vec!["END".into()], ..SamplingParams::default() };
+    let (chunks, error) = sync.complete(CompleteRequest { sampling: Some(sampling), ..request("claude") }).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(text(&chunks), reply_text("tell me about the mesh gateway", 0, Some(3)));
+    assert_eq!(chunks.last().unwrap().finish_reason, "length");
+    let body = mock.last_request().unwrap().json().unwrap();
+    assert_eq!((body["max_tokens"].as_i64(), body["top_k"].as_i64()), (Some(3), Some(4)));
+    assert_eq!(body["stop_sequences"], serde_json::json!(["END"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_round_trip_through_the_anthropic_format() {
+    let call = MockToolCall { name: "get_weather".into(), arguments: r#"{"city":"Paris","unit":"celsius"}"#.into() };
+    let mock = mock(Behavior { tool_call: Some(call), ..Behavior::default() }).await;
+    let sync = Sync::start(providers(&mock)).await;
+    let (chunks, error) = sync.complete(request("claude")).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(chunks.len(), 1, "no text, only the final chunk");
+    let last = &chunks[0];
+    assert_eq!(last.finish_reason, "tool_calls");
+    assert_eq!(last.tool_calls.len(), 1);
+    let tool = &last.tool_calls[0];
+    assert!(tool.id.starts_with("toolu_"), "{}", tool.id);
+    assert_eq!((tool.r#type.as_str(), tool.function_name.as_str()), ("function", "get_weather"));
+    assert_eq!(tool.arguments_json, r#"{"city":"Paris","unit":"celsius"}"#);
+
+    // The call and its result go back as tool_use and tool_result blocks.
+    let follow_up = CompleteRequest {
+        messages: vec![
+            message("user", "weather in Paris?"),
+            ChatMessage { role: "assistant".into(), tool_calls: vec![tool.clone()], ..ChatMessage::default() },
+            ChatMessage {
+                role: "tool".into(),
+                content: "21C".into(),
+                tool_call_id: tool.id.clone(),
+                ..ChatMessage::default()
+            },
+        ],
+        ..request("claude")
+    };
+    mock.update(|b| b.tool_call = None);
+    let (chunks, error) = sync.complete(follow_up).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(text(&chunks), "echo: 21C", "the mock echoes the last user turn: the tool result");
+    let body = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(body["messages"][1]["content"][0]["type"], "tool_use");
+    assert_eq!(body["messages"][1]["content"][0]["input"], serde_json::json!({"city": "Paris", "unit": "celsius"}));
+    assert_eq!(
+        body["messages"][2]["content"][0],
+        serde_json::json!({"type": "tool_result", "tool_use_id": tool.id, "content": "21C"})
+    );
+
+    let bad = CompleteRequest {
+        messages: vec![ChatMessage {
+            role: "assistant".into(),
+            tool_calls: vec![ToolCall { arguments_json: "not json".into(), ..ToolCall::default() }],
+            ..ChatMessage::default()
+        }],
+        ..request("claude")
+    };
+    let mut client = sync.client.clone();
+    let status = client.complete(bad).await.expect_err("refused before any call");
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_errors_map_like_openai_ones_and_overload_is_retried() {
+    let mock = mock(Behavior { retry_after_secs: Some(30), ..Behavior::default() }).await;
+    let mut specs = providers(&mock);
+    specs.push(ProviderSpec { name: "wrong-key".into(), api_key: Some("sk-wrong".into()), ..specs[0].clone() });
+    let sync = Sync::start(specs).await;
+
+    mock.set_failures(0.0, 529);
+    mock.fail_next(1);
+    let (chunks, error) = sync.complete(request("claude")).await;
+    assert!(error.is_none(), "{error:?}");
+    assert!(!chunks.is_empty());
+    assert_eq!(mock.stats().messages_requests, 2, "529 overloaded, then the retry");
+
+    mock.set_failures(1.0, 429);
+    let (_, status) = sync.complete(request("claude")).await;
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(status.metadata().get(RETRY_AFTER_METADATA).unwrap(), "30");
+    assert!(status.message().contains("Injected failure"), "{}", status.message());
+    mock.set_failures(0.0, 500);
+
+    let (_, status) = sync.complete(request("wrong-key")).await;
+    let status = status.unwrap();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("invalid x-api-key"), "{}", status.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_broken_anthropic_streams_end_with_clear_errors() {
+    let mock = mock(Behavior { garbage: true, ..Behavior::default() }).await;
+    let sync = Sync::start(providers(&mock)).await;
+    let (chunks, status) = sync.complete(request("claude")).await;
+    let status = status.unwrap();
+    assert!(chunks.is_empty());
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.metadata().get(ERROR_CODE_METADATA).unwrap(), "upstream_error");
+    assert!(status.message().contains("malformed event"), "{}", status.message());
+
+    let cases = [
+        (StreamFault::Abort, "mid-stream", "service_unavailable"),
+        (StreamFault::ErrorEvent, "Overloaded", "upstream_error"),
+        (StreamFault::Close, "before message_stop", "upstream_error"),
+    ];
+    for (fault, message, code) in cases {
+        mock.update(|b| {
+            b.garbage = false;
+            b.fail_after_chunks = Some(3);
+            b.stream_fault = fault;
+        });
+        mock.reset_counters();
+        let (chunks, status) = sync.complete(request("claude")).await;
+        let status = status.unwrap_or_else(|| panic!("{fault:?} must end with an error"));
+        assert_eq!(text(&chunks), "echo: tell me", "{fault:?}");
+        assert!(chunks.iter().all(|c| c.finish_reason.is_empty() && c.usage.is_none()));
+        assert_eq!(status.code(), Code::Unavailable, "{fault:?}");
+        assert_eq!(status.metadata().get(ERROR_CODE_METADATA).unwrap(), code, "{fault:?}");
+        assert!(status.message().contains(message), "{fault:?}: {}", status.message());
+        assert_eq!(mock.stats().messages_requests, 1, "{fault:?}: content reached the caller, no retry");
+    }
+}

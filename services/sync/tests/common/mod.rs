@@ -1,0 +1,109 @@
+//! Shared by the queue tests: the test Postgres (one schema per test, so the workers of tests
+//! running at once never claim each other's jobs), queues over either store, and gRPC clients.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshgate_mock_provider::MockProvider;
+use meshgate_proto::common::v1::{ChatMessage, Principal};
+use meshgate_proto::sync::v1::sync_client::SyncClient;
+use meshgate_proto::sync::v1::{CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobStatus};
+use meshgate_runtime::MeshChannel;
+use meshgate_storage::{PostgresConfig, SharedClock, migrate, postgres_client, postgres_pool};
+use meshgate_sync::metrics::UpstreamMetrics;
+use meshgate_sync::{
+    Config, Dispatcher, FileJobStore, JobStore, PgJobStore, ProviderSpec, Queue, QueueMetrics, Upstream, migrations,
+};
+
+pub const MODEL: &str = "gpt-test";
+pub const ORG: &str = "org-1";
+pub const PROJECT: &str = "proj-1";
+
+pub fn database_url() -> String {
+    std::env::var("MESHGATE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A URL on the test database whose `search_path` is a fresh schema.
+pub async fn isolated_database_url() -> String {
+    let schema = format!("synctest_{}", uuid::Uuid::new_v4().simple());
+    let pool = postgres_pool(&database_url(), &PostgresConfig::default()).unwrap();
+    postgres_client(&pool).await.unwrap().batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+    let separator = if database_url().contains('?') { '&' } else { '?' };
+    format!("{}{separator}options=-c%20search_path%3D{schema}", database_url())
+}
+
+/// Which store a test runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum StoreKind {
+    Postgres,
+    File,
+}
+
+/// A store of `kind`, migrated; the temp dir (for the file store) lives as long as the guard.
+pub async fn store(kind: StoreKind) -> (Arc<dyn JobStore>, Option<tempfile::TempDir>) {
+    match kind {
+        StoreKind::Postgres => {
+            let pool = postgres_pool(&isolated_database_url().await, &PostgresConfig::default()).unwrap();
+            migrate(&pool, meshgate_sync::COMPONENT, migrations()).await.unwrap();
+            (Arc::new(PgJobStore::new(pool)), None)
+        }
+        StoreKind::File => {
+            let dir = tempfile::tempdir().unwrap();
+            (Arc::new(FileJobStore::open(dir.path().join("queue")).unwrap()), Some(dir))
+        }
+    }
+}
+
+pub fn provider(name: &str, mock: &MockProvider) -> ProviderSpec {
+    ProviderSpec { name: name.into(), base_url: mock.base_url(), models: vec![MODEL.into()], ..ProviderSpec::default() }
+}
+
+/// A queue over `store` delivering to `providers`, driven by hand (`dispatcher().run_once()`).
+pub fn queue(store: Arc<dyn JobStore>, providers: &[ProviderSpec], clock: SharedClock, config: &Config) -> Queue {
+    let upstream = Upstream::new(config, providers, UpstreamMetrics::new()).unwrap();
+    let metrics = QueueMetrics::new();
+    let dispatcher =
+        Dispatcher::new(store.clone(), upstream, clock.clone(), config.queue.dispatcher(), metrics.clone());
+    Queue::new(store, dispatcher, clock, config.queue.max_attempts as i32, metrics)
+}
+
+pub fn principal() -> Principal {
+    Principal { org_id: ORG.into(), project_id: PROJECT.into(), user_id: "u".into(), key_id: "k".into(), role: 0 }
+}
+
+pub fn completion(provider: &str, text: &str) -> CompleteRequest {
+    CompleteRequest {
+        provider: provider.into(),
+        model: MODEL.into(),
+        messages: vec![ChatMessage { role: "user".into(), content: text.into(), ..ChatMessage::default() }],
+        ..CompleteRequest::default()
+    }
+}
+
+pub fn enqueue_request(key: &str, provider: &str, text: &str) -> EnqueueRequest {
+    EnqueueRequest {
+        principal: Some(principal()),
+        idempotency_key: key.into(),
+        request: Some(completion(provider, text)),
+    }
+}
+
+/// Polls `GetJob` until the job reaches `status` (or panics after `limit`).
+pub async fn wait_for_status(client: &SyncClient<MeshChannel>, id: &str, status: JobStatus, limit: Duration) -> Job {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let job = client
+            .clone()
+            .get_job(GetJobRequest { id: id.into(), project_id: PROJECT.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.status == status as i32 {
+            return job;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "job {id} never became {status:?}: {job:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

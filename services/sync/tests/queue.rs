@@ -1,0 +1,351 @@
+//! The durable queue on both stores: the retry schedule and dead letters under an injected clock,
+//! bad provider answers, exclusive claims, and the gRPC API over a running service.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::*;
+use meshgate_mock_provider::{Behavior, MockProvider, StreamFault};
+use meshgate_proto::sync::v1::sync_client::SyncClient;
+use meshgate_proto::sync::v1::{EnqueueRequest, GetJobRequest, JobStatus, ListJobsRequest, RetryJobRequest};
+use meshgate_runtime::error::ERROR_CODE_METADATA;
+use meshgate_runtime::{Listeners, Shutdown};
+use meshgate_storage::{Clock, ManualClock};
+use meshgate_sync::queue::{JobRecord, from_micros};
+use meshgate_sync::service::IDEMPOTENT_REPLAY_METADATA;
+use meshgate_sync::{Config, ProviderSpec};
+use tonic::Code;
+
+fn start() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2031-05-01T12:00:00Z").unwrap().to_utc()
+}
+
+fn config(max_attempts: u32) -> Config {
+    let mut config = Config { providers_from_env: false, ..Config::default() };
+    config.queue.max_attempts = max_attempts;
+    config
+}
+
+async fn job(queue: &meshgate_sync::Queue, id: &str) -> JobRecord {
+    queue.store().get(id, PROJECT).await.unwrap().unwrap()
+}
+
+async fn retry_schedule_and_dead_letters(kind: StoreKind) {
+    let mock = MockProvider::start().await.unwrap();
+    mock.set_failures(1.0, 500);
+    let (store, _dir) = store(kind).await;
+    let clock = Arc::new(ManualClock::new(start()));
+    let queue = queue(store, &[provider("mock", &mock)], clock.clone(), &config(8));
+    let dispatcher = queue.dispatcher().clone();
+
+    let upstream = meshgate_sync::Upstream::new(&config(8), &[provider("mock", &mock)], Default::default()).unwrap();
+    let (created, fresh) = queue.enqueue(&upstream, enqueue_request("order-1", "mock", "hello queue")).await.unwrap();
+    assert!(fresh);
+    assert_eq!(created.job_status(), JobStatus::Queued);
+    assert_eq!(from_micros(created.next_attempt_at_us), start());
+
+    // Eight attempts, 1 s·2ⁿ apart and capped at 30 s, then a dead letter.
+    let mut waits = Vec::new();
+    for attempt in 1..=8 {
+        assert_eq!(dispatcher.run_once().await.unwrap(), 1, "attempt {attempt} is due");
+        let current = job(&queue, &created.id).await;
+        assert_eq!(current.attempts, attempt);
+        assert!(current.last_error.contains("500"), "{}", current.last_error);
+        assert_eq!(current.last_error_code, "upstream_error");
+        if attempt == 8 {
+            assert_eq!(current.job_status(), JobStatus::Dead);
+            break;
+        }
+        assert_eq!(current.job_status(), JobStatus::Queued);
+        let wait = from_micros(current.next_attempt_at_us) - clock.now();
+        waits.push(wait.num_milliseconds());
+        // Not due a millisecond early.
+        clock.advance(Duration::from_millis(wait.num_milliseconds() as u64 - 1));
+        assert_eq!(dispatcher.run_once().await.unwrap(), 0);
+        clock.advance(Duration::from_millis(1));
+    }
+    assert_eq!(waits, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]);
+    assert_eq!(mock.requests_total(), 8);
+    assert_eq!(mock.count_for_idempotency_key(&created.id), 8, "every attempt carries the job id as its key");
+
+    // The dead letter is listed, stays put, and comes back with a fresh budget when retried.
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!(dispatcher.run_once().await.unwrap(), 0);
+    let dead = queue
+        .list(ListJobsRequest { project_id: PROJECT.into(), status: JobStatus::Dead as i32, limit: 0 })
+        .await
+        .unwrap();
+    assert_eq!(dead.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [created.id.as_str()]);
+    let queued = queue
+        .list(ListJobsRequest { project_id: PROJECT.into(), status: JobStatus::Queued as i32, limit: 0 })
+        .await
+        .unwrap();
+    assert!(queued.is_empty());
+
+    mock.set_failures(0.0, 500);
+    let revived = queue.retry(&created.id, PROJECT).await.unwrap();
+    assert_eq!((revived.job_status(), revived.attempts), (JobStatus::Queued, 0));
+    assert_eq!(dispatcher.run_once().await.unwrap(), 1);
+    let done = job(&queue, &created.id).await;
+    assert_eq!(done.job_status(), JobStatus::Succeeded);
+    assert_eq!(done.attempts, 1);
+    assert_eq!(done.last_error, "");
+    let view = done.to_proto();
+    assert_eq!(view.result, "echo: hello queue");
+    assert_eq!(view.finish_reason, "stop");
+    assert_eq!(view.provider, "mock");
+    assert_eq!(view.usage.unwrap().completion_tokens, 3);
+    assert_eq!(from_micros(done.finished_at_us), clock.now());
+
+    let err = queue.retry(&created.id, PROJECT).await.unwrap_err();
+    assert_eq!(err.code(), meshgate_runtime::ErrorCode::Conflict, "{err}");
+    let err = queue.retry("0190f0e1-0000-7000-8000-000000000000", PROJECT).await.unwrap_err();
+    assert_eq!(err.code(), meshgate_runtime::ErrorCode::NotFound, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_schedule_and_dead_letters_on_postgres() {
+    retry_schedule_and_dead_letters(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_schedule_and_dead_letters_on_disk() {
+    retry_schedule_and_dead_letters(StoreKind::File).await;
+}
+
+/// A change of the mock's behaviour.
+type Edit = dyn Fn(&mut Behavior);
+
+async fn bad_answers_leave_a_clear_error_and_lose_nothing(kind: StoreKind) {
+    let mock = MockProvider::start_with(Behavior { garbage: true, ..Behavior::default() }).await.unwrap();
+    let (store, _dir) = store(kind).await;
+    let clock = Arc::new(ManualClock::new(start()));
+    let cfg = config(8);
+    let queue = queue(store, &[provider("mock", &mock)], clock.clone(), &cfg);
+    let upstream = meshgate_sync::Upstream::new(&cfg, &[provider("mock", &mock)], Default::default()).unwrap();
+    let (created, _) = queue.enqueue(&upstream, enqueue_request("", "mock", "one two three four")).await.unwrap();
+
+    let cases: [(&Edit, &str); 4] = [
+        (&|_| {}, "malformed chunk"),
+        (
+            &|b| {
+                b.garbage = false;
+                b.fail_after_chunks = Some(2);
+                b.stream_fault = StreamFault::Close;
+            },
+            "before [DONE]",
+        ),
+        (&|b| b.stream_fault = StreamFault::Abort, "mid-stream"),
+        (&|b| b.stream_fault = StreamFault::ErrorEvent, "mid-stream failure injected"),
+    ];
+    for (attempt, (edit, expected)) in cases.into_iter().enumerate() {
+        mock.update(edit);
+        assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+        let current = job(&queue, &created.id).await;
+        assert_eq!(current.job_status(), JobStatus::Queued, "{expected}: back in the queue");
+        assert_eq!(current.attempts, attempt as i32 + 1);
+        assert!(current.last_error.contains(expected), "{expected}: {}", current.last_error);
+        clock.advance(Duration::from_secs(60));
+    }
+    mock.update(|b| b.fail_after_chunks = None);
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let done = job(&queue, &created.id).await;
+    assert_eq!(done.job_status(), JobStatus::Succeeded);
+    assert_eq!(done.to_proto().result, "echo: one two three four");
+
+    // A request the provider rejects cannot succeed later: a dead letter at once.
+    mock.set_failures(0.0, 400);
+    mock.fail_next(1);
+    let (rejected, _) = queue.enqueue(&upstream, enqueue_request("", "mock", "rejected")).await.unwrap();
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let rejected = job(&queue, &rejected.id).await;
+    assert_eq!((rejected.job_status(), rejected.attempts), (JobStatus::Dead, 1));
+    assert_eq!(rejected.last_error_code, "invalid_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_answers_leave_a_clear_error_and_lose_nothing_on_postgres() {
+    bad_answers_leave_a_clear_error_and_lose_nothing(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_answers_leave_a_clear_error_and_lose_nothing_on_disk() {
+    bad_answers_leave_a_clear_error_and_lose_nothing(StoreKind::File).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_on_postgres_never_share_a_job_and_expired_leases_come_back() {
+    let mock = MockProvider::start().await.unwrap();
+    let (store, _) = store(StoreKind::Postgres).await;
+    let cfg = config(2);
+    let clock = Arc::new(ManualClock::new(start()));
+    let queue = queue(store.clone(), &[provider("mock", &mock)], clock.clone(), &cfg);
+    let upstream = meshgate_sync::Upstream::new(&cfg, &[provider("mock", &mock)], Default::default()).unwrap();
+    for i in 0..200 {
+        queue.enqueue(&upstream, enqueue_request(&format!("k{i}"), "mock", "x")).await.unwrap();
+    }
+    let lease = start() + chrono::TimeDelta::seconds(10);
+    let claims = (0..8).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim(start(), lease, 40).await.unwrap() })
+    });
+    let mut seen = HashSet::new();
+    for claim in futures::future::join_all(claims).await {
+        for job in claim.unwrap() {
+            assert!(seen.insert(job.id.clone()), "job {} claimed twice", job.id);
+            assert_eq!(job.attempts, 1);
+        }
+    }
+    assert_eq!(seen.len(), 200);
+    assert!(store.claim(start(), lease, 10).await.unwrap().is_empty(), "all leased");
+
+    // The workers "died": past the lease, the jobs are claimed again (second and last attempt)...
+    let again = store.claim(lease, lease + chrono::TimeDelta::seconds(10), 500).await.unwrap();
+    assert_eq!(again.len(), 200);
+    assert!(again.iter().all(|j| j.attempts == 2));
+    // ...and a stale worker cannot record over the new attempt.
+    let stale_token = "00000000-0000-4000-8000-000000000000";
+    let finish = meshgate_sync::queue::Finish::Dead { error: "stale".into(), code: "x".into() };
+    assert!(!store.finish(&again[0].id, stale_token, finish, lease).await.unwrap());
+    // Dying on the last attempt makes a dead letter, not a third attempt.
+    let later = lease + chrono::TimeDelta::seconds(20);
+    assert!(store.claim(later, later, 500).await.unwrap().is_empty());
+    let dead = store.list(PROJECT, JobStatus::Dead, 1000).await.unwrap();
+    assert_eq!(dead.len(), 200);
+    assert!(dead[0].last_error.contains("interrupted"), "{}", dead[0].last_error);
+}
+
+/// The service over real gRPC with its workers running against the system clock.
+struct Service {
+    client: SyncClient<meshgate_runtime::MeshChannel>,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), meshgate_sync::Error>>,
+}
+
+impl Service {
+    async fn start(config: Config) -> Self {
+        let listeners = Listeners::ephemeral().await.unwrap();
+        let grpc = listeners.grpc_addr();
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(meshgate_sync::serve(config, listeners, shutdown.clone()));
+        let channel = meshgate_runtime::channel(&format!("http://{grpc}"), Duration::from_secs(1)).unwrap();
+        meshgate_runtime::client::wait_serving(&channel, "meshgate.sync.v1.Sync", Duration::from_secs(20))
+            .await
+            .unwrap();
+        Self { client: SyncClient::new(channel), shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.trigger();
+        tokio::time::timeout(Duration::from_secs(15), self.task).await.unwrap().unwrap().unwrap();
+    }
+}
+
+async fn grpc_api(kind: StoreKind) {
+    let up = MockProvider::start().await.unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let down = ProviderSpec { base_url: format!("http://{closed}/v1"), priority: Some(1), ..provider("down", &up) };
+    let mut cfg = config(8);
+    cfg.providers = vec![down, provider("up", &up)];
+    cfg.queue.poll_interval_ms = 50;
+    let dir = tempfile::tempdir().unwrap();
+    match kind {
+        StoreKind::Postgres => cfg.queue.database_url = Some(isolated_database_url().await),
+        StoreKind::File => cfg.queue.path = Some(dir.path().join("queue")),
+    }
+    let service = Service::start(cfg).await;
+    let mut client = service.client.clone();
+
+    // No provider named: the model's providers in fallback order; "down" refuses, "up" answers.
+    let response = client.enqueue(enqueue_request("order-7", "", "deliver me later")).await.unwrap();
+    assert!(response.metadata().get(IDEMPOTENT_REPLAY_METADATA).is_none());
+    let job = response.into_inner();
+    assert_eq!(job.status, JobStatus::Queued as i32);
+    assert_eq!((job.org_id.as_str(), job.project_id.as_str(), job.idempotency_key.as_str()), (ORG, PROJECT, "order-7"));
+    assert_eq!(job.max_attempts, 8);
+    let done = wait_for_status(&client, &job.id, JobStatus::Succeeded, Duration::from_secs(20)).await;
+    assert_eq!(done.result, "echo: deliver me later");
+    assert_eq!(done.provider, "up");
+    assert_eq!(done.attempts, 1);
+    assert_eq!(up.count_for_idempotency_key(&job.id), 1);
+
+    // The same key and request: the same job, flagged as a replay; another request: a conflict.
+    let again = client.enqueue(enqueue_request("order-7", "", "deliver me later")).await.unwrap();
+    assert_eq!(again.metadata().get(IDEMPOTENT_REPLAY_METADATA).unwrap(), "true");
+    assert_eq!(again.into_inner().id, job.id);
+    let conflict = client.enqueue(enqueue_request("order-7", "", "something else")).await.unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+    assert_eq!(conflict.metadata().get(ERROR_CODE_METADATA).unwrap(), "conflict");
+    // The same key in another project is another job.
+    let mut elsewhere = enqueue_request("order-7", "", "deliver me later");
+    elsewhere.principal.as_mut().unwrap().project_id = "proj-2".into();
+    let other = client.enqueue(elsewhere).await.unwrap().into_inner();
+    assert_ne!(other.id, job.id);
+
+    // Bad input.
+    let too_long = "k".repeat(256);
+    for (bad, code) in [
+        (enqueue_request("has space", "up", "x"), Code::InvalidArgument),
+        (enqueue_request("tab\tkey", "up", "x"), Code::InvalidArgument),
+        (enqueue_request(&too_long, "up", "x"), Code::InvalidArgument),
+        (EnqueueRequest { principal: None, ..enqueue_request("", "up", "x") }, Code::InvalidArgument),
+        (EnqueueRequest { request: None, ..enqueue_request("", "up", "x") }, Code::InvalidArgument),
+        (enqueue_request("", "nope", "x"), Code::NotFound),
+        (
+            EnqueueRequest {
+                request: Some(meshgate_proto::sync::v1::CompleteRequest {
+                    model: "unknown-model".into(),
+                    ..completion("", "x")
+                }),
+                ..enqueue_request("", "", "x")
+            },
+            Code::NotFound,
+        ),
+        (
+            EnqueueRequest {
+                request: Some(meshgate_proto::sync::v1::CompleteRequest { messages: vec![], ..completion("up", "x") }),
+                ..enqueue_request("", "", "x")
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        let status = client.enqueue(bad).await.unwrap_err();
+        assert_eq!(status.code(), code, "{}", status.message());
+    }
+    for id in [String::new(), "not-a-uuid".into(), uuid::Uuid::now_v7().to_string(), other.id.clone()] {
+        let status = client.get_job(GetJobRequest { id: id.clone(), project_id: PROJECT.into() }).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{id:?}");
+        let status =
+            client.retry_job(RetryJobRequest { id: id.clone(), project_id: PROJECT.into() }).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{id:?}");
+    }
+    let status =
+        client.retry_job(RetryJobRequest { id: job.id.clone(), project_id: PROJECT.into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "only dead letters are retried");
+    let status =
+        client.list_jobs(ListJobsRequest { project_id: PROJECT.into(), status: 9, limit: 0 }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let listed = client
+        .list_jobs(ListJobsRequest { project_id: PROJECT.into(), status: 0, limit: 10 })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [job.id.as_str()], "tenancy: one project");
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_enqueue_get_list_retry_on_postgres() {
+    grpc_api(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_enqueue_get_list_retry_on_disk() {
+    grpc_api(StoreKind::File).await;
+}
