@@ -71,7 +71,9 @@ impl TestMesh {
             // each mesh gets a schema of its own, so limits and traces never cross tests.
             let url = isolated_database_url().await;
             config.quota.database_url = Some(url.clone());
-            config.analytics.database_url = Some(url);
+            config.analytics.database_url = Some(url.clone());
+            config.gateway.database_url = Some(url.clone());
+            config.sync.queue.database_url = Some(url);
         }
         (options.tune)(&mut config);
         let listeners = MeshListeners::ephemeral().await.expect("ephemeral listeners");

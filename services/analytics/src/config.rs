@@ -48,7 +48,7 @@ impl Config {
     /// Fills `database_url` from `DATABASE_URL` when not configured.
     pub fn with_env_urls(mut self) -> Self {
         if self.database_url.is_none() {
-            self.database_url = std::env::var("DATABASE_URL").ok().filter(|v| !v.trim().is_empty());
+            self.database_url = meshgate_storage::url_from_env("DATABASE_URL");
         }
         self
     }

@@ -1,27 +1,146 @@
-//! API-key authentication. Keys are compared by SHA-256 digest in constant time, so neither the
-//! secret nor timing reveals anything. This issue knows one key, the bootstrap owner key from
-//! `MESHGATE_ADMIN_KEY`; stored, scoped keys arrive with the tenancy issue.
+//! API-key authentication. Keys are looked up by the SHA-256 of the secret (compared in constant
+//! time for the bootstrap key), so neither storage nor timing reveals a secret. Lookups are cached
+//! per replica; a revocation is published on Redis and every replica drops the key from its cache
+//! within moments. While a replica is not subscribed (Redis down or not configured with several
+//! replicas) it does not trust its cache for longer than the local invalidations it made itself.
+//! Repeated failures from one client address are throttled.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
 use meshgate_proto::common::v1::{Principal, Role};
-use meshgate_runtime::{ApiError, ErrorCode};
+use meshgate_runtime::{ApiError, ErrorCode, Shutdown};
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
+
+use crate::tenancy::{DEFAULT_TENANT, EndpointScope, KeyScopes, TenancyStore};
 
 /// Identifier (not secret) of the bootstrap owner key, used in quota scopes and traces.
 pub const ADMIN_KEY_ID: &str = "admin";
+/// Redis channel carrying the ids of revoked keys.
+pub const INVALIDATION_CHANNEL: &str = "meshgate:keys:invalidate";
 
-/// Resolves bearer tokens to principals.
+/// Who is calling, as their key says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caller {
+    pub principal: Principal,
+    pub scopes: KeyScopes,
+    /// The bootstrap key (`MESHGATE_ADMIN_KEY`): may manage every organization.
+    pub platform_admin: bool,
+}
+
+impl Caller {
+    pub fn role(&self) -> Role {
+        Role::try_from(self.principal.role).unwrap_or(Role::Unspecified)
+    }
+
+    /// Refuses a key whose scopes do not include `endpoint` (403).
+    pub fn require(&self, endpoint: EndpointScope) -> Result<(), ApiError> {
+        if self.scopes.allows_endpoint(endpoint) {
+            Ok(())
+        } else {
+            Err(ApiError::new(ErrorCode::PermissionDenied, format!("this API key is not allowed to use {endpoint:?}")))
+        }
+    }
+
+    /// Refuses a key that may not use `model` (403).
+    pub fn require_model(&self, model: &str) -> Result<(), ApiError> {
+        if self.scopes.allows_model(model) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::PermissionDenied,
+                format!("this API key is not allowed to use model {model:?}"),
+            ))
+        }
+    }
+}
+
+/// Settings of the [`Authenticator`].
+#[derive(Debug, Clone, Copy)]
+pub struct AuthSettings {
+    /// How long a looked-up key is trusted without asking the store (while invalidations arrive).
+    pub cache_ttl: Duration,
+    /// Failed authentications from one address per `failure_window` before it is refused (429).
+    pub max_failures: u32,
+    pub failure_window: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self { cache_ttl: Duration::from_secs(60), max_failures: 20, failure_window: Duration::from_secs(60) }
+    }
+}
+
+struct Cached {
+    caller: Result<Caller, ApiError>,
+    key_id: String,
+    fetched_at: Instant,
+}
+
+struct Failures {
+    count: u32,
+    since: Instant,
+}
+
+struct Inner {
+    admin_digest: Option<[u8; 32]>,
+    store: Arc<dyn TenancyStore>,
+    settings: AuthSettings,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+    /// Whether invalidations from other replicas can reach this one (Redis subscription live, or
+    /// no other replica to hear from).
+    invalidations_live: AtomicBool,
+}
+
+/// Resolves bearer tokens to callers.
 #[derive(Clone)]
 pub struct Authenticator {
-    admin_digest: Option<[u8; 32]>,
+    inner: Arc<Inner>,
 }
 
 impl Authenticator {
-    pub fn new(admin_key: Option<&str>) -> Self {
-        Self { admin_digest: admin_key.filter(|k| !k.is_empty()).map(digest) }
+    /// `shared`: other replicas may revoke keys (invalidations must then arrive over Redis before
+    /// the cache is trusted).
+    pub fn new(admin_key: Option<&str>, store: Arc<dyn TenancyStore>, settings: AuthSettings, shared: bool) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                admin_digest: admin_key.filter(|k| !k.is_empty()).map(digest),
+                store,
+                settings,
+                cache: Mutex::new(HashMap::new()),
+                failures: Mutex::new(HashMap::new()),
+                invalidations_live: AtomicBool::new(!shared),
+            }),
+        }
     }
 
-    /// The principal for the `Authorization` header value, or a 401.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, ApiError> {
+    pub fn store(&self) -> &Arc<dyn TenancyStore> {
+        &self.inner.store
+    }
+
+    /// The caller for the `Authorization` header value, or a 401 (403 for a key whose user lost
+    /// every role, 429 for an address that failed too often).
+    pub async fn authenticate(&self, authorization: Option<&str>, client: Option<IpAddr>) -> Result<Caller, ApiError> {
+        if let Some(ip) = client {
+            self.check_throttle(ip)?;
+        }
+        let result = self.resolve(authorization).await;
+        if let (Err(err), Some(ip)) = (&result, client)
+            && err.code == ErrorCode::Unauthenticated
+        {
+            self.record_failure(ip);
+        }
+        result
+    }
+
+    async fn resolve(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
         let Some(value) = authorization else {
             return Err(ApiError::new(
                 ErrorCode::Unauthenticated,
@@ -37,20 +156,161 @@ impl Authenticator {
                 ApiError::new(ErrorCode::Unauthenticated, "malformed Authorization header: expected `Bearer <key>`")
             })?;
         let presented = digest(token);
-        match &self.admin_digest {
-            Some(admin) if constant_time_eq(admin, &presented) => Ok(Principal {
-                org_id: "default".into(),
-                project_id: "default".into(),
-                user_id: "admin".into(),
-                key_id: ADMIN_KEY_ID.into(),
-                role: Role::Owner as i32,
-            }),
-            _ => Err(ApiError::new(ErrorCode::Unauthenticated, "invalid API key")),
+        if let Some(admin) = &self.inner.admin_digest
+            && constant_time_eq(admin, &presented)
+        {
+            return Ok(bootstrap_caller());
+        }
+        if self.inner.invalidations_live.load(Ordering::Acquire)
+            && let Some(cached) = self.inner.cache.lock().get(&presented)
+            && cached.fetched_at.elapsed() < self.inner.settings.cache_ttl
+        {
+            return cached.caller.clone();
+        }
+        let lookup = self.inner.store.key_by_hash(&presented).await.map_err(ApiError::from)?;
+        let Some(lookup) = lookup else {
+            return Err(ApiError::new(ErrorCode::Unauthenticated, "invalid API key"));
+        };
+        let key = lookup.key;
+        let caller = if !key.is_active(Utc::now()) {
+            let why = if key.revoked_at.is_some() { "revoked" } else { "expired" };
+            Err(ApiError::new(ErrorCode::Unauthenticated, format!("this API key was {why}")))
+        } else {
+            // A user's key acts with at most the user's current role in the project.
+            let role = match (&key.user_id, lookup.user_role) {
+                (None, _) => Some(key.role),
+                (Some(_), Some(user_role)) => Some(key.role.min(user_role)),
+                (Some(_), None) => None,
+            };
+            match role {
+                None => Err(ApiError::new(
+                    ErrorCode::PermissionDenied,
+                    "the user of this API key no longer has a role in its project",
+                )),
+                Some(role) => Ok(Caller {
+                    principal: Principal {
+                        org_id: key.org_id.clone(),
+                        project_id: key.project_id.clone(),
+                        user_id: key.user_id.clone().unwrap_or_default(),
+                        key_id: key.id.clone(),
+                        role: role as i32,
+                    },
+                    scopes: key.scopes.clone(),
+                    platform_admin: false,
+                }),
+            }
+        };
+        // Expiry is checked again on every cache hit's refresh; an expiring key is cached at most
+        // until its expiry time passes plus the cache TTL, so keep the TTL short.
+        self.inner
+            .cache
+            .lock()
+            .insert(presented, Cached { caller: caller.clone(), key_id: key.id.clone(), fetched_at: Instant::now() });
+        caller
+    }
+
+    /// Drops a key from this replica's cache.
+    pub fn invalidate(&self, key_id: &str) {
+        self.inner.cache.lock().retain(|_, cached| cached.key_id != key_id);
+    }
+
+    fn check_throttle(&self, ip: IpAddr) -> Result<(), ApiError> {
+        let settings = self.inner.settings;
+        let mut failures = self.inner.failures.lock();
+        let Some(entry) = failures.get(&ip) else { return Ok(()) };
+        let elapsed = entry.since.elapsed();
+        if elapsed >= settings.failure_window {
+            failures.remove(&ip);
+            return Ok(());
+        }
+        if entry.count >= settings.max_failures {
+            let wait = (settings.failure_window - elapsed).as_secs().max(1);
+            return Err(ApiError::new(
+                ErrorCode::RateLimited,
+                format!("too many failed authentications from this address; retry in {wait} s"),
+            )
+            .with_retry_after(wait));
+        }
+        Ok(())
+    }
+
+    fn record_failure(&self, ip: IpAddr) {
+        let window = self.inner.settings.failure_window;
+        let mut failures = self.inner.failures.lock();
+        // Bounded: addresses whose window passed are forgotten once the map grows.
+        if failures.len() > 100_000 {
+            failures.retain(|_, f| f.since.elapsed() < window);
+        }
+        let entry = failures.entry(ip).or_insert(Failures { count: 0, since: Instant::now() });
+        if entry.since.elapsed() >= window {
+            *entry = Failures { count: 0, since: Instant::now() };
+        }
+        entry.count += 1;
+    }
+
+    /// Listens for revocations published by any replica until `stop`, reconnecting with backoff.
+    /// The cache is trusted only while subscribed, and emptied on every (re)subscription because
+    /// messages sent meanwhile are lost.
+    pub async fn listen_for_invalidations(self, client: redis::Client, stop: Shutdown) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let subscribed = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(INVALIDATION_CHANNEL).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let pubsub = tokio::select! {
+                _ = stop.cancelled() => return,
+                result = subscribed => result,
+            };
+            match pubsub {
+                Ok(mut pubsub) => {
+                    self.inner.cache.lock().clear();
+                    self.inner.invalidations_live.store(true, Ordering::Release);
+                    backoff = Duration::from_millis(100);
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            message = messages.next() => match message {
+                                Some(message) => match message.get_payload::<String>() {
+                                    Ok(key_id) => self.invalidate(&key_id),
+                                    Err(err) => tracing::warn!(%err, "unreadable key invalidation"),
+                                },
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!("key invalidation subscription ended; reconnecting");
+                }
+                Err(err) => tracing::warn!(%err, "cannot subscribe to key invalidations; retrying"),
+            }
+            self.inner.invalidations_live.store(false, Ordering::Release);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }
 
-fn digest(key: &str) -> [u8; 32] {
+/// The bootstrap owner key's caller: owner of the default tenant and platform administrator.
+fn bootstrap_caller() -> Caller {
+    Caller {
+        principal: Principal {
+            org_id: DEFAULT_TENANT.into(),
+            project_id: DEFAULT_TENANT.into(),
+            user_id: "admin".into(),
+            key_id: ADMIN_KEY_ID.into(),
+            role: Role::Owner as i32,
+        },
+        scopes: KeyScopes::default(),
+        platform_admin: true,
+    }
+}
+
+pub(crate) fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
@@ -61,23 +321,80 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tenancy::{ApiKey, MemoryTenancy};
 
-    #[test]
-    fn admin_key_authenticates_as_owner() {
-        let auth = Authenticator::new(Some("sk-admin"));
-        let principal = auth.authenticate(Some("Bearer sk-admin")).unwrap();
-        assert_eq!(principal.role, Role::Owner as i32);
-        assert_eq!(principal.key_id, ADMIN_KEY_ID);
+    fn authenticator(settings: AuthSettings) -> Authenticator {
+        Authenticator::new(Some("sk-admin"), Arc::new(MemoryTenancy::default()), settings, false)
     }
 
-    #[test]
-    fn missing_malformed_and_wrong_keys_are_401() {
-        let auth = Authenticator::new(Some("sk-admin"));
+    #[tokio::test]
+    async fn admin_key_authenticates_as_platform_owner() {
+        let auth = authenticator(AuthSettings::default());
+        let caller = auth.authenticate(Some("Bearer sk-admin"), None).await.unwrap();
+        assert_eq!(caller.role(), Role::Owner);
+        assert!(caller.platform_admin);
+        assert_eq!(caller.principal.key_id, ADMIN_KEY_ID);
+    }
+
+    #[tokio::test]
+    async fn missing_malformed_and_wrong_keys_are_401() {
+        let auth = authenticator(AuthSettings::default());
         for header in [None, Some("sk-admin"), Some("Bearer "), Some("Bearer sk-admin2"), Some("Basic x")] {
-            assert_eq!(auth.authenticate(header).unwrap_err().code, ErrorCode::Unauthenticated, "{header:?}");
+            assert_eq!(
+                auth.authenticate(header, None).await.unwrap_err().code,
+                ErrorCode::Unauthenticated,
+                "{header:?}"
+            );
         }
-        let no_key = Authenticator::new(None);
-        assert!(no_key.authenticate(Some("Bearer anything")).is_err());
-        assert!(Authenticator::new(Some("")).authenticate(Some("Bearer ")).is_err());
+        let no_key = Authenticator::new(None, Arc::new(MemoryTenancy::default()), AuthSettings::default(), false);
+        assert!(no_key.authenticate(Some("Bearer anything"), None).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_address_failing_too_often_is_throttled_and_others_are_not() {
+        let settings = AuthSettings { max_failures: 3, ..AuthSettings::default() };
+        let auth = authenticator(settings);
+        let attacker: IpAddr = "10.0.0.66".parse().unwrap();
+        for _ in 0..3 {
+            let err = auth.authenticate(Some("Bearer guess"), Some(attacker)).await.unwrap_err();
+            assert_eq!(err.code, ErrorCode::Unauthenticated);
+        }
+        let throttled = auth.authenticate(Some("Bearer sk-admin"), Some(attacker)).await.unwrap_err();
+        assert_eq!(throttled.code, ErrorCode::RateLimited);
+        assert!(throttled.retry_after.is_some_and(|s| (1..=60).contains(&s)));
+        let neighbour: IpAddr = "10.0.0.67".parse().unwrap();
+        assert!(auth.authenticate(Some("Bearer sk-admin"), Some(neighbour)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_users_key_acts_with_at_most_the_users_current_role() {
+        let store = Arc::new(MemoryTenancy::default());
+        let auth = Authenticator::new(None, store.clone(), AuthSettings::default(), false);
+        let user = store.create_user("usr_1", DEFAULT_TENANT, "a@example.com", "A").await.unwrap();
+        store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Developer)).await.unwrap();
+        let key = ApiKey {
+            id: "key_1".into(),
+            prefix: "mgk_test".into(),
+            org_id: DEFAULT_TENANT.into(),
+            project_id: DEFAULT_TENANT.into(),
+            user_id: Some(user.id.clone()),
+            name: "laptop".into(),
+            role: Role::Admin,
+            scopes: KeyScopes::default(),
+            expires_at: None,
+            revoked_at: None,
+            created_at: Utc::now(),
+        };
+        store.insert_key(&key, &digest("mgk_secret")).await.unwrap();
+        let caller = auth.authenticate(Some("Bearer mgk_secret"), None).await.unwrap();
+        assert_eq!(caller.role(), Role::Developer, "capped by the user's role");
+        assert!(!caller.platform_admin);
+
+        // Revoked: the cache is dropped locally, the next request is refused.
+        store.revoke_key("key_1", Utc::now()).await.unwrap();
+        auth.invalidate("key_1");
+        let err = auth.authenticate(Some("Bearer mgk_secret"), None).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthenticated);
+        assert!(err.message.contains("revoked"));
     }
 }

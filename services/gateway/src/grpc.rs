@@ -14,9 +14,10 @@ use meshgate_proto::gateway::v1::{
 use meshgate_runtime::{ApiError, ErrorCode};
 use tonic::{Request, Response, Status};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Caller};
 use crate::openai::{ChatLimits, ValidChat, check_chat};
 use crate::orchestrator::{ChatCall, Orchestrator};
+use crate::tenancy::EndpointScope;
 
 /// The gRPC gateway service.
 #[derive(Clone)]
@@ -27,9 +28,12 @@ pub struct GatewayService {
 }
 
 impl GatewayService {
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<meshgate_proto::common::v1::Principal, Status> {
+    async fn authenticate<T>(&self, request: &Request<T>, endpoint: EndpointScope) -> Result<Caller, Status> {
         let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        self.auth.authenticate(header).map_err(|err| err.to_status())
+        let client = request.remote_addr().map(|a| a.ip());
+        let caller = self.auth.authenticate(header, client).await.map_err(|err| err.to_status())?;
+        caller.require(endpoint).map_err(|err| err.to_status())?;
+        Ok(caller)
     }
 }
 
@@ -41,7 +45,7 @@ impl Gateway for GatewayService {
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         let started = Instant::now();
-        let principal = self.authenticate(&request)?;
+        let caller = self.authenticate(&request, EndpointScope::Chat).await?;
         // The gateway's own id keys quota and traces, as on the HTTP edge.
         let request_id = uuid::Uuid::now_v7().to_string();
         let trace_id = meshgate_runtime::telemetry::trace_id(&tracing::Span::current());
@@ -54,6 +58,8 @@ impl Gateway for GatewayService {
             include_usage: true,
         };
         check_chat(&mut chat, self.limits).map_err(|err| err.to_status())?;
+        caller.require_model(&chat.model).map_err(|err| err.to_status())?;
+        let principal = caller.principal;
         let requested = chat.model.clone();
         let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started };
         let reply = self.orchestrator.chat(call).await.map_err(|err| err.to_status())?;
@@ -81,12 +87,12 @@ impl Gateway for GatewayService {
     }
 
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        self.authenticate(&request)?;
+        self.authenticate(&request, EndpointScope::Embeddings).await?;
         Err(ErrorCode::NotImplemented.status("embeddings at the edge arrive with the local inference issue (#5)"))
     }
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        self.authenticate(&request)?;
+        self.authenticate(&request, EndpointScope::Models).await?;
         let targets = self.orchestrator.models().await.map_err(|err| err.to_status())?;
         let models = targets
             .into_iter()

@@ -3,11 +3,12 @@
 //! Authentication and body limits run in the handlers so that every failure gets the JSON
 //! error shape and the request id.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -17,11 +18,14 @@ use meshgate_runtime::{ApiError, ErrorCode};
 use tower::ServiceBuilder;
 use tracing::Instrument;
 
-use crate::auth::Authenticator;
+use crate::admin::{self, Invalidator};
+use crate::auth::{Authenticator, Caller};
+use crate::jobs;
 use crate::metrics::GatewayMetrics;
 use crate::openai::{self, ChatLimits};
 use crate::orchestrator::{ChatCall, ChatReply, Orchestrator, Piece};
 use crate::quota::{self, QuotaSnapshot};
+use crate::tenancy::EndpointScope;
 
 /// Header carrying the client's request id, echoed back (or the gateway's id when the client
 /// sent none). It is for the client's logs only: quota, traces and upstream calls use the
@@ -42,14 +46,17 @@ pub struct Edge {
     pub limits: ChatLimits,
     pub max_body_bytes: usize,
     pub metrics: GatewayMetrics,
+    pub invalidator: Invalidator,
 }
 
 /// Per-request facts the middleware hands to handlers.
 #[derive(Clone)]
-struct RequestContext {
-    request_id: String,
-    trace_id: String,
-    started: Instant,
+pub(crate) struct RequestContext {
+    pub(crate) request_id: String,
+    pub(crate) trace_id: String,
+    pub(crate) started: Instant,
+    /// The peer address, for throttling failed authentications.
+    pub(crate) client: Option<IpAddr>,
 }
 
 /// Builds the edge's router.
@@ -68,6 +75,16 @@ pub fn router(edge: Edge, max_concurrency: usize) -> axum::Router {
         .route("/v1/models", get(list_models))
         .route("/v1/quota/status", get(quota::status))
         .route("/v1/quota/limits", put(quota::set_limits))
+        .route("/v1/orgs", post(admin::create_org).get(admin::list_orgs))
+        .route("/v1/projects", post(admin::create_project).get(admin::list_projects))
+        .route("/v1/projects/{project}/members/{user}", put(admin::set_member))
+        .route("/v1/users", post(admin::create_user).get(admin::list_users))
+        .route("/v1/keys", post(admin::create_key).get(admin::list_keys))
+        .route("/v1/keys/{id}", get(admin::get_key).delete(admin::revoke_key))
+        .route("/v1/keys/{id}/rotate", post(admin::rotate_key))
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(shed)
@@ -86,10 +103,12 @@ async fn observe(State(edge): State<Edge>, mut request: Request, next: Next) -> 
     let span = tracing::info_span!("http.request", otel.name = %format!("{} {route}", request.method()), otel.kind = "server", request_id = %request_id);
     meshgate_runtime::telemetry::set_parent_from_headers(&span, request.headers());
     let trace_id = meshgate_runtime::telemetry::trace_id(&span);
+    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     request.extensions_mut().insert(RequestContext {
         request_id: request_id.clone(),
         trace_id: trace_id.clone(),
         started,
+        client,
     });
     let mut response = next.run(request).instrument(span.clone()).await;
     let headers = response.headers_mut();
@@ -148,6 +167,17 @@ async fn method_not_allowed(request: Request) -> Response {
     response
 }
 
+/// Authenticates the request's key, throttling failures per client address. Takes the parts it
+/// needs, not the request, so handler futures stay `Send`.
+pub(crate) async fn authenticate(edge: &Edge, headers: &HeaderMap, client: Option<IpAddr>) -> Result<Caller, ApiError> {
+    edge.auth.authenticate(authorization(headers), client).await
+}
+
+/// The client address the middleware recorded.
+pub(crate) fn client_of(request: &Request) -> Option<IpAddr> {
+    request.extensions().get::<RequestContext>().and_then(|c| c.client)
+}
+
 pub(crate) fn request_id_of(request: &Request) -> String {
     request.extensions().get::<RequestContext>().map(|c| c.request_id.clone()).unwrap_or_default()
 }
@@ -188,19 +218,31 @@ async fn run_chat(
     body: Body,
     context: &RequestContext,
 ) -> Result<Response, ApiError> {
-    let principal = edge.auth.authenticate(authorization(headers))?;
+    let caller = edge.auth.authenticate(authorization(headers), context.client).await?;
+    caller.require(EndpointScope::Chat)?;
     let body = read_body(body, headers, edge.max_body_bytes).await?;
     let chat = openai::parse_chat(&body, edge.limits)?;
+    caller.require_model(&chat.model)?;
     let shape = ReplyShape { model: chat.model.clone(), include_usage: chat.include_usage };
     let stream = chat.stream;
+    // Kept only when the caller allows the offline fallback.
+    let queueable_copy = jobs::allows_queue(headers).then(|| chat.clone());
     let call = ChatCall {
         request_id: context.request_id.clone(),
         trace_id: context.trace_id.clone(),
-        principal,
+        principal: caller.principal.clone(),
         chat,
         started: context.started,
     };
-    let reply = edge.orchestrator.chat(call).await?;
+    let reply = match (edge.orchestrator.chat(call).await, queueable_copy) {
+        (Ok(reply), _) => reply,
+        (Err(err), Some(chat)) if jobs::queueable(&err) && caller.require(EndpointScope::Jobs).is_ok() => {
+            tracing::info!(request_id = %context.request_id, error = %err, "no cloud target answered; queueing the request");
+            let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            return jobs::enqueue(edge, &caller, chat, &context.request_id, key).await;
+        }
+        (Err(err), _) => return Err(err),
+    };
     let completion_id = format!("chatcmpl-{}", context.request_id);
     if stream {
         Ok(stream_response(reply, shape, completion_id, context.request_id.clone()))
@@ -339,7 +381,11 @@ fn sse<T: serde::Serialize>(value: &T) -> Bytes {
 
 async fn list_models(State(edge): State<Edge>, request: Request) -> Response {
     let id = request_id_of(&request);
-    if let Err(err) = edge.auth.authenticate(authorization(request.headers())) {
+    let caller = authenticate(&edge, request.headers(), client_of(&request)).await.and_then(|caller| {
+        caller.require(EndpointScope::Models)?;
+        Ok(caller)
+    });
+    if let Err(err) = caller {
         return error_response(&err, &id);
     }
     let data = match edge.orchestrator.models().await {

@@ -1,14 +1,17 @@
 //! The edge: OpenAI-compatible HTTP/JSON and a gRPC facade in front of the mesh. It
 //! authenticates, validates, and orchestrates quota, routing, the targets and tracing.
 
+pub mod admin;
 pub mod auth;
 pub mod grpc;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
 pub mod openai;
 pub mod orchestrator;
 pub mod outcomes;
 pub mod quota;
+pub mod tenancy;
 pub mod tokens;
 pub mod traces;
 
@@ -52,6 +55,19 @@ pub struct Config {
     pub peer_timeout_ms: u64,
     /// Requests handled at once by the HTTP edge; more are shed with 503.
     pub max_concurrent_requests: usize,
+    /// Postgres holding organizations, projects, users, roles and API keys; without it they
+    /// live in this process's memory (a standalone gateway) and are lost on restart.
+    pub database_url: Option<String>,
+    /// Redis carrying key revocations between replicas.
+    pub redis_url: Option<String>,
+    pub postgres: meshgate_storage::PostgresConfig,
+    pub redis: meshgate_storage::RedisConfig,
+    /// How long a looked-up API key is trusted before the store is asked again.
+    pub key_cache_ttl_ms: u64,
+    /// Failed authentications from one address per minute before it gets 429s.
+    pub max_auth_failures_per_minute: u32,
+    /// Apply the tenancy migrations once Postgres answers.
+    pub migrate_on_start: bool,
     /// Trace records buffered for analytics at most.
     pub trace_buffer: usize,
     pub trace_batch_size: usize,
@@ -75,10 +91,30 @@ impl Default for Config {
             idle_timeout_ms: 120_000,
             peer_timeout_ms: 2_000,
             max_concurrent_requests: 4096,
+            database_url: None,
+            redis_url: None,
+            postgres: meshgate_storage::PostgresConfig::default(),
+            redis: meshgate_storage::RedisConfig::default(),
+            key_cache_ttl_ms: 60_000,
+            max_auth_failures_per_minute: 20,
+            migrate_on_start: true,
             trace_buffer: 16_384,
             trace_batch_size: 256,
             trace_flush_ms: 200,
         }
+    }
+}
+
+impl Config {
+    /// Fills `database_url` / `redis_url` from `DATABASE_URL` / `REDIS_URL` when not configured.
+    pub fn with_env_urls(mut self) -> Self {
+        if self.database_url.is_none() {
+            self.database_url = meshgate_storage::url_from_env("DATABASE_URL");
+        }
+        if self.redis_url.is_none() {
+            self.redis_url = meshgate_storage::url_from_env("REDIS_URL");
+        }
+        self
     }
 }
 
@@ -91,6 +127,8 @@ pub enum Error {
     Http(std::io::Error),
     #[error(transparent)]
     Serve(#[from] meshgate_runtime::ServeError),
+    #[error(transparent)]
+    Storage(#[from] meshgate_storage::Error),
 }
 
 impl Error {
@@ -98,8 +136,20 @@ impl Error {
         match self {
             Error::Config(_) => ErrorCode::InvalidRequest,
             Error::Http(_) | Error::Serve(_) => ErrorCode::Internal,
+            Error::Storage(e) => e.code(),
         }
     }
+}
+
+/// Component name of the gateway's migrations in `schema_migrations`.
+pub const COMPONENT: &str = "gateway";
+
+static MIGRATIONS: &[meshgate_storage::Migration] =
+    &[meshgate_storage::Migration { version: 1, name: "tenancy", sql: include_str!("../migrations/0001_tenancy.sql") }];
+
+/// The gateway's schema migrations (tenancy and API keys).
+pub fn migrations() -> &'static [meshgate_storage::Migration] {
+    MIGRATIONS
 }
 
 fn connect(endpoint: &str) -> Result<meshgate_runtime::MeshChannel, Error> {
@@ -151,7 +201,35 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         idle_timeout: Duration::from_millis(config.idle_timeout_ms.max(1)),
         peer_timeout: Duration::from_millis(config.peer_timeout_ms.max(1)),
     };
-    let auth = Authenticator::new(admin_key.as_deref());
+    let pg =
+        config.database_url.as_deref().map(|url| meshgate_storage::postgres_pool(url, &config.postgres)).transpose()?;
+    let tenancy: std::sync::Arc<dyn tenancy::TenancyStore> = match &pg {
+        Some(pool) => std::sync::Arc::new(tenancy::PostgresTenancy::new(pool.clone())),
+        None => {
+            tracing::warn!("no database_url: organizations, users and API keys live in memory and are lost on restart");
+            std::sync::Arc::new(tenancy::MemoryTenancy::default())
+        }
+    };
+    let redis_client = config
+        .redis_url
+        .as_deref()
+        .map(|url| redis::Client::open(url).map_err(|err| Error::Config(format!("invalid redis_url: {err}"))))
+        .transpose()?;
+    let redis =
+        config.redis_url.as_deref().map(|url| meshgate_storage::redis_connection(url, &config.redis)).transpose()?;
+    let auth = Authenticator::new(
+        admin_key.as_deref(),
+        tenancy,
+        auth::AuthSettings {
+            cache_ttl: Duration::from_millis(config.key_cache_ttl_ms),
+            max_failures: config.max_auth_failures_per_minute.max(1),
+            failure_window: Duration::from_secs(60),
+        },
+        redis_client.is_some(),
+    );
+    let stop_listener = Shutdown::new();
+    let listener =
+        redis_client.map(|client| tokio::spawn(auth.clone().listen_for_invalidations(client, stop_listener.clone())));
     let limits = openai::ChatLimits { max_messages: config.max_messages, max_tokens_cap: config.max_tokens_cap };
     let (outcomes, outcome_sender) =
         outcomes::OutcomeReporter::start(RouterClient::new(router.clone()), path.peer_timeout);
@@ -162,14 +240,18 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         limits,
         max_body_bytes: config.max_body_bytes,
         metrics,
+        invalidator: admin::Invalidator::new(redis),
     };
     let app = http::router(edge, config.max_concurrent_requests.max(1));
     tracing::info!(http = ?http_listener.local_addr().ok(), "edge listening");
     let http_shutdown = shutdown.clone();
     let drain = host.drain_deadline();
     let http_server = async move {
-        let serving = axum::serve(meshgate_runtime::server::nodelay(http_listener), app)
-            .with_graceful_shutdown(http_shutdown.cancelled_owned());
+        let serving = axum::serve(
+            meshgate_runtime::server::nodelay(http_listener),
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(http_shutdown.cancelled_owned());
         tokio::select! {
             result = serving => result.map_err(Error::Http),
             _ = async { http_shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
@@ -179,9 +261,14 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         }
     };
     let grpc = GatewayServer::new(grpc::GatewayService { orchestrator, auth, limits });
-    let probe = readiness_probe(quota, router);
+    let probe = readiness_probe(quota, router, pg, config.migrate_on_start);
     let grpc_server = async move { host.run(grpc, listeners, probe, shutdown).await.map_err(Error::from) };
-    tokio::try_join!(http_server, grpc_server)?;
+    let served = tokio::try_join!(http_server, grpc_server);
+    stop_listener.trigger();
+    if let Some(listener) = listener {
+        let _ = listener.await;
+    }
+    served?;
     // The servers are down and dropped their handles; the last settlements finish, then the
     // uploader sends the remaining traces and ends.
     let flushed = tokio::time::timeout(drain, async { tokio::join!(uploader, outcome_sender) }).await;
@@ -191,14 +278,26 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     Ok(())
 }
 
-/// The edge is ready when the services every request needs (quota and router) are SERVING.
+/// The edge is ready when the services every request needs (quota and router) are SERVING and
+/// the tenancy database (when configured) answers with its migrations applied.
 fn readiness_probe(
     quota: meshgate_runtime::MeshChannel,
     router: meshgate_runtime::MeshChannel,
+    pg: Option<meshgate_storage::PgPool>,
+    migrate_on_start: bool,
 ) -> impl Fn() -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync + 'static {
+    let migrated = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(!migrate_on_start));
     move || {
         let peers = [("quota", quota.clone()), ("router", router.clone())];
+        let (pg, migrated) = (pg.clone(), migrated.clone());
         Box::pin(async move {
+            if let Some(pool) = pg {
+                meshgate_storage::ping_postgres(&pool, Duration::from_secs(2)).await.map_err(|e| e.to_string())?;
+                if !migrated.load(std::sync::atomic::Ordering::Acquire) {
+                    meshgate_storage::migrate(&pool, COMPONENT, migrations()).await.map_err(|e| e.to_string())?;
+                    migrated.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
             for (name, channel) in peers {
                 match meshgate_runtime::client::health_status(channel, "", Duration::from_secs(1)).await {
                     Ok(tonic_health::pb::health_check_response::ServingStatus::Serving) => {}

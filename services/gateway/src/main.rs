@@ -2,6 +2,8 @@ fn main() -> std::process::ExitCode {
     meshgate_runtime::run_main(
         "gateway",
         meshgate_runtime::process::default_listen(50051, 9101, Some(8080)),
-        meshgate_gateway::serve,
+        |config: meshgate_gateway::Config, listeners, shutdown| {
+            meshgate_gateway::serve(config.with_env_urls(), listeners, shutdown)
+        },
     )
 }

@@ -4,13 +4,15 @@
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
-use meshgate_proto::common::v1::{Principal, Role};
+use meshgate_proto::common::v1::Role;
 use meshgate_proto::quota::v1::{self as pb, ReserveResponse};
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
 
-use crate::http::{Edge, authorization, error_response, read_body, request_id_of};
+use crate::auth::Caller;
+use crate::http::{Edge, authenticate, client_of, error_response, read_body, request_id_of};
 use crate::orchestrator::peer_call;
+use crate::tenancy::{EndpointScope, TenancyStore};
 
 /// Daily tokens left in the tightest scope, with this request's estimate held.
 pub const REMAINING_TOKENS: &str = "x-meshgate-quota-remaining-tokens";
@@ -233,9 +235,11 @@ fn status_json(status: pb::StatusResponse) -> StatusJson {
 /// `GET /v1/quota/status`: limits, usage and what remains of every scope the caller is charged to.
 pub async fn status(State(edge): State<Edge>, request: Request) -> Response {
     let id = request_id_of(&request);
-    let principal = edge.auth.authenticate(authorization(request.headers()));
+    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
     let result = async {
-        let principal = principal?;
+        let caller = caller?;
+        caller.require(EndpointScope::Quota)?;
+        let principal = caller.principal;
         let mut quota = edge.orchestrator.peers().quota.clone();
         let timeout = edge.orchestrator.peer_timeout();
         peer_call("quota", timeout, quota.status(pb::StatusRequest { principal: Some(principal) })).await
@@ -250,12 +254,14 @@ pub async fn status(State(edge): State<Edge>, request: Request) -> Response {
 /// `PUT /v1/quota/limits`: sets a scope's limits; admins and owners only.
 pub async fn set_limits(State(edge): State<Edge>, request: Request) -> Response {
     let id = request_id_of(&request);
+    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
     let (parts, body) = request.into_parts();
     let result = async {
-        let principal = edge.auth.authenticate(authorization(&parts.headers))?;
+        let caller = caller?;
+        caller.require(EndpointScope::Quota)?;
         let body = read_body(body, &parts.headers, edge.max_body_bytes).await?;
         let wanted: SetLimitsJson = serde_json::from_slice(&body).map_err(crate::openai::json_error)?;
-        let scope = authorize_limits(&principal, &wanted.scope)?;
+        let scope = authorize_limits(&caller, edge.auth.store().as_ref(), &wanted.scope).await?;
         let limits = pb::Limits {
             tokens_per_day: wanted.limits.tokens_per_day,
             cost_micros_per_day: wanted.limits.cost_micros_per_day,
@@ -280,14 +286,11 @@ pub async fn set_limits(State(edge): State<Edge>, request: Request) -> Response 
     }
 }
 
-/// Only admins and owners set limits, and only inside their own organization. Until tenancy
-/// (#4) records which projects, users and keys belong to which organization, an org scope must
-/// be the caller's own; other scopes are taken to be the caller's organization's.
-fn authorize_limits(principal: &Principal, scope: &ScopeJson) -> Result<pb::Scope, ApiError> {
-    let role = Role::try_from(principal.role).unwrap_or(Role::Unspecified);
-    if !matches!(role, Role::Admin | Role::Owner) {
-        return Err(ApiError::new(ErrorCode::PermissionDenied, "setting quota limits needs the admin or owner role"));
-    }
+/// Who may set which limits: the bootstrap key any; otherwise admins and owners, inside their
+/// organization only — an org's limits by its owners, a project's (and its keys') by the
+/// project's admins or the org's owners, a user's by either. Anything outside the caller's reach
+/// answers 404.
+async fn authorize_limits(caller: &Caller, store: &dyn TenancyStore, scope: &ScopeJson) -> Result<pb::Scope, ApiError> {
     let kind = parse_scope_kind(&scope.kind).ok_or_else(|| {
         ApiError::new(
             ErrorCode::InvalidRequest,
@@ -297,23 +300,69 @@ fn authorize_limits(principal: &Principal, scope: &ScopeJson) -> Result<pb::Scop
     if scope.id.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "scope.id is empty"));
     }
-    if kind == pb::ScopeKind::Org && scope.id != principal.org_id {
-        return Err(ApiError::new(ErrorCode::NotFound, format!("organization {:?} not found", scope.id)));
+    let wanted = pb::Scope { kind: kind as i32, id: scope.id.clone() };
+    let missing = || ApiError::new(ErrorCode::NotFound, format!("{} {:?} not found", scope.kind, scope.id));
+    if caller.platform_admin {
+        // Any scope that exists, and the bootstrap key's own user and key (which have no rows).
+        let own = match kind {
+            pb::ScopeKind::User => scope.id == caller.principal.user_id,
+            pb::ScopeKind::Key => scope.id == caller.principal.key_id,
+            _ => false,
+        };
+        let exists = own
+            || match kind {
+                pb::ScopeKind::Org => store.get_org(&scope.id).await?.is_some(),
+                pb::ScopeKind::Project => store.get_project(&scope.id).await?.is_some(),
+                pb::ScopeKind::User => store.get_user(&scope.id).await?.is_some(),
+                pb::ScopeKind::Key => store.get_key(&scope.id).await?.is_some(),
+                pb::ScopeKind::Unspecified => false,
+            };
+        return if exists { Ok(wanted) } else { Err(missing()) };
     }
-    Ok(pb::Scope { kind: kind as i32, id: scope.id.clone() })
+    // Reachability first: what the caller cannot see is a 404 whatever its role.
+    let role = caller.role();
+    let (org, project) = (&caller.principal.org_id, &caller.principal.project_id);
+    let owner = role == Role::Owner;
+    let reachable = match kind {
+        pb::ScopeKind::Org => &scope.id == org,
+        pb::ScopeKind::Project => {
+            store.get_project(&scope.id).await?.is_some_and(|p| &p.org_id == org && (owner || &p.id == project))
+        }
+        pb::ScopeKind::User => store.get_user(&scope.id).await?.is_some_and(|u| &u.org_id == org),
+        pb::ScopeKind::Key => {
+            store.get_key(&scope.id).await?.is_some_and(|k| &k.org_id == org && (owner || &k.project_id == project))
+        }
+        pb::ScopeKind::Unspecified => false,
+    };
+    if !reachable {
+        return Err(missing());
+    }
+    if !matches!(role, Role::Admin | Role::Owner) {
+        return Err(ApiError::new(ErrorCode::PermissionDenied, "setting quota limits needs the admin or owner role"));
+    }
+    if kind == pb::ScopeKind::Org && !owner {
+        return Err(ApiError::new(ErrorCode::PermissionDenied, "an organization's limits are set by its owners"));
+    }
+    Ok(wanted)
 }
 
 #[cfg(test)]
 mod tests {
+    use meshgate_proto::common::v1::Principal;
+
     use super::*;
 
-    fn principal(role: Role) -> Principal {
-        Principal {
-            org_id: "acme".into(),
-            project_id: "p".into(),
-            user_id: "u".into(),
-            key_id: "k".into(),
-            role: role as i32,
+    fn caller(role: Role, project: &str) -> Caller {
+        Caller {
+            principal: Principal {
+                org_id: "acme".into(),
+                project_id: project.into(),
+                user_id: "u".into(),
+                key_id: "k".into(),
+                role: role as i32,
+            },
+            scopes: crate::tenancy::KeyScopes::default(),
+            platform_admin: false,
         }
     }
 
@@ -321,22 +370,34 @@ mod tests {
         ScopeJson { kind: kind.into(), id: id.into() }
     }
 
-    #[test]
-    fn only_admins_and_owners_set_limits_in_their_own_org() {
+    #[tokio::test]
+    async fn only_admins_and_owners_set_limits_within_their_reach() {
+        let store = crate::tenancy::MemoryTenancy::default();
+        store.create_org("acme", "Acme").await.unwrap();
+        store.create_org("globex", "Globex").await.unwrap();
+        let mine = store.create_project("p1", "acme", "one").await.unwrap();
+        let sibling = store.create_project("p2", "acme", "two").await.unwrap();
+        let theirs = store.create_project("p3", "globex", "three").await.unwrap();
+        let code = |r: Result<pb::Scope, ApiError>| r.err().map(|e| e.code);
         for role in [Role::Viewer, Role::Developer, Role::Unspecified] {
-            let err = authorize_limits(&principal(role), &scope("user", "u")).unwrap_err();
-            assert_eq!(err.code, ErrorCode::PermissionDenied, "{role:?}");
+            let result = authorize_limits(&caller(role, &mine.id), &store, &scope("project", &mine.id)).await;
+            assert_eq!(code(result), Some(ErrorCode::PermissionDenied), "{role:?}");
         }
-        for role in [Role::Admin, Role::Owner] {
-            let scope = authorize_limits(&principal(role), &scope("org", "acme")).unwrap();
-            assert_eq!(scope.kind, pb::ScopeKind::Org as i32);
-        }
-        let other_org = authorize_limits(&principal(Role::Owner), &scope("org", "globex")).unwrap_err();
-        assert_eq!(other_org.code, ErrorCode::NotFound);
-        let unknown = authorize_limits(&principal(Role::Owner), &scope("team", "x")).unwrap_err();
-        assert_eq!(unknown.code, ErrorCode::InvalidRequest);
-        let empty = authorize_limits(&principal(Role::Owner), &scope("key", "")).unwrap_err();
-        assert_eq!(empty.code, ErrorCode::InvalidRequest);
+        let admin = caller(Role::Admin, &mine.id);
+        let owner = caller(Role::Owner, &mine.id);
+        let denied = Some(ErrorCode::PermissionDenied);
+        let missing = Some(ErrorCode::NotFound);
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("project", &mine.id)).await), None);
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("project", &sibling.id)).await), missing);
+        assert_eq!(code(authorize_limits(&owner, &store, &scope("project", &sibling.id)).await), None);
+        assert_eq!(code(authorize_limits(&owner, &store, &scope("project", &theirs.id)).await), missing);
+        assert_eq!(code(authorize_limits(&owner, &store, &scope("org", "acme")).await), None);
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("org", "acme")).await), denied);
+        assert_eq!(code(authorize_limits(&owner, &store, &scope("org", "globex")).await), missing);
+        assert_eq!(code(authorize_limits(&owner, &store, &scope("user", "nobody")).await), missing);
+        let invalid = Some(ErrorCode::InvalidRequest);
+        assert_eq!(code(authorize_limits(&owner, &store, &scope("team", "x")).await), invalid);
+        assert_eq!(code(authorize_limits(&owner, &store, &scope("key", "")).await), invalid);
     }
 
     #[test]

@@ -9,7 +9,13 @@ use crate::{MeshConfig, MeshListeners};
 /// `meshgate up`.
 pub async fn up(file: Option<&Path>) -> Result<(), String> {
     let config = MeshConfig::load(file).map_err(|err| err.to_string())?;
-    if let Some(url) = config.quota.database_url.as_ref().or(config.analytics.database_url.as_ref()) {
+    if let Some(url) = config
+        .gateway
+        .database_url
+        .as_ref()
+        .or(config.quota.database_url.as_ref())
+        .or(config.analytics.database_url.as_ref())
+    {
         migrate_all(url).await?;
     }
     let listeners = MeshListeners::bind(&config.standalone).await.map_err(|err| err.to_string())?;
@@ -34,9 +40,12 @@ pub async fn migrate() -> Result<(), String> {
 pub async fn migrate_all(url: &str) -> Result<(), String> {
     let pool = meshgate_storage::postgres_pool(url, &meshgate_storage::PostgresConfig::default())
         .map_err(|err| err.to_string())?;
-    for (component, migrations) in
-        [("quota", meshgate_quota::migrations()), ("analytics", meshgate_analytics::migrations())]
-    {
+    for (component, migrations) in [
+        (meshgate_gateway::COMPONENT, meshgate_gateway::migrations()),
+        ("quota", meshgate_quota::migrations()),
+        ("analytics", meshgate_analytics::migrations()),
+        ("sync", meshgate_sync::migrations()),
+    ] {
         let report = meshgate_storage::migrate(&pool, component, migrations)
             .await
             .map_err(|err| format!("migrating {component}: {err}"))?;

@@ -26,6 +26,8 @@ pub struct StandaloneConfig {
     pub grpc_ports: [u16; 6],
     /// Admin ports in the same order.
     pub admin_ports: [u16; 6],
+    /// Where state without a database lives (the on-disk sync queue).
+    pub data_dir: std::path::PathBuf,
 }
 
 impl Default for StandaloneConfig {
@@ -35,6 +37,7 @@ impl Default for StandaloneConfig {
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             grpc_ports: [50051, 50052, 50053, 50054, 50055, 50056],
             admin_ports: [9101, 9102, 9103, 9104, 9105, 9106],
+            data_dir: "meshgate-data".into(),
         }
     }
 }
@@ -69,6 +72,9 @@ impl MeshConfig {
             sync: config::load("sync", file)?,
         };
         mesh.use_stores(std::env::var("DATABASE_URL").ok(), std::env::var("REDIS_URL").ok());
+        if mesh.sync.queue.database_url.is_none() && mesh.sync.queue.path.is_none() {
+            mesh.sync.queue.path = Some(mesh.standalone.data_dir.join("sync-queue"));
+        }
         Ok(mesh)
     }
 
@@ -83,7 +89,16 @@ impl MeshConfig {
             self.quota.redis_url = redis_url;
         }
         if self.analytics.database_url.is_none() {
-            self.analytics.database_url = database_url;
+            self.analytics.database_url = database_url.clone();
+        }
+        if self.gateway.database_url.is_none() {
+            self.gateway.database_url = database_url.clone();
+        }
+        if self.sync.queue.database_url.is_none() && self.sync.queue.path.is_none() {
+            self.sync.queue.database_url = database_url;
+        }
+        if self.gateway.redis_url.is_none() {
+            self.gateway.redis_url = self.quota.redis_url.clone();
         }
     }
 

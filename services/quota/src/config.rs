@@ -61,12 +61,11 @@ impl Default for Config {
 impl Config {
     /// Fills `database_url` / `redis_url` from `DATABASE_URL` / `REDIS_URL` when not configured.
     pub fn with_env_urls(mut self) -> Self {
-        let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         if self.database_url.is_none() {
-            self.database_url = from_env("DATABASE_URL");
+            self.database_url = meshgate_storage::url_from_env("DATABASE_URL");
         }
         if self.redis_url.is_none() {
-            self.redis_url = from_env("REDIS_URL");
+            self.redis_url = meshgate_storage::url_from_env("REDIS_URL");
         }
         self
     }

@@ -65,6 +65,8 @@ pub struct QuotaEngine {
     metrics: QuotaMetrics,
     /// Whether the store is currently failing, so an outage is logged once, not per request.
     incident: AtomicBool,
+    /// Serializes seeding from the ledger (see [`QuotaEngine::seed`]).
+    seeding: tokio::sync::Mutex<()>,
 }
 
 /// The reservation id of a request: derived from the principal and the request id, so reserving
@@ -122,6 +124,7 @@ impl QuotaEngine {
             settings,
             metrics,
             incident: AtomicBool::new(false),
+            seeding: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -251,6 +254,15 @@ impl QuotaEngine {
 
     /// Seeds counters the store lacks with their usage in the ledger (zero without one).
     async fn seed(&self, keys: Vec<(Scope, NaiveDate)>) -> Result<(), Error> {
+        // One seeding at a time per replica: a burst of first requests of the day must not all
+        // read the ledger for the same counters. Whoever waited re-checks what is still unseeded.
+        let _seeding = self.seeding.lock().await;
+        let views = self.store.status(&keys, self.clock.now()).await?;
+        let keys: Vec<(Scope, NaiveDate)> =
+            keys.into_iter().zip(views).filter(|(_, view)| !view.seeded).map(|(key, _)| key).collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
         let usage = match &self.ledger {
             Some(ledger) => ledger.read(&keys).await?,
             None => vec![CounterState::default(); keys.len()],

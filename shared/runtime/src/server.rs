@@ -300,13 +300,14 @@ async fn serve_admin(
 
 /// An HTTP listener whose accepted connections have Nagle's algorithm off: replies written in
 /// several pieces (headers, body, SSE events) must not wait for the peer's delayed ACK.
-pub fn nodelay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+pub fn nodelay(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut tokio::net::TcpStream)> {
     use axum::serve::ListenerExt;
-    listener.tap_io(|tcp| {
+    fn set_nodelay(tcp: &mut tokio::net::TcpStream) {
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
-    })
+    }
+    listener.tap_io(set_nodelay as fn(&mut tokio::net::TcpStream))
 }
 
 /// `/package.Service/Method` of every RPC served: meshgate's contracts, health and reflection.

@@ -1,0 +1,552 @@
+//! Tenancy management at the edge: organizations, projects, users, roles and API keys.
+//!
+//! Who may do what: the bootstrap key administers every organization. Otherwise a key acts inside
+//! its organization with the role it carries in its project: an owner manages the whole
+//! organization (projects, users, roles, keys of every project); an admin manages its project's
+//! members and keys; a developer sees and manages its own user's keys; a viewer none. Anything in
+//! another organization, or a project the caller cannot see, answers 404 — never its data.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Duration as TimeDelta, Utc};
+use meshgate_proto::common::v1::Role;
+use meshgate_runtime::{ApiError, ErrorCode};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Authenticator, Caller, digest};
+use crate::http::{Edge, RequestContext, error_response, read_body};
+use crate::tenancy::{
+    ApiKey, EndpointScope, KeyScopes, Org, Project, TenancyError, TenancyStore, User, check_field, new_id, parse_role,
+    role_name,
+};
+
+/// Longest key lifetime accepted at creation, days.
+const MAX_KEY_DAYS: i64 = 3_650;
+
+/// Generates a key secret: `mgk_` and 64 hex digits from the OS random source.
+pub fn new_secret() -> String {
+    format!("mgk_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+/// The part of a secret shown in listings.
+pub fn secret_prefix(secret: &str) -> String {
+    secret.chars().take(12).collect()
+}
+
+fn not_found(what: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("{what} not found"))
+}
+
+fn forbidden(why: &str) -> ApiError {
+    ApiError::new(ErrorCode::PermissionDenied, why.to_owned())
+}
+
+/// What the caller may do with a project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Everything: the bootstrap key, the org's owners, the project's admins.
+    Manage,
+    /// Its own user's keys only (a developer in the project).
+    OwnKeys,
+    /// Visible but nothing may be changed (a viewer in the project).
+    Read,
+}
+
+/// The caller's access to `project`, or 404 when the caller may not know it exists.
+fn project_access(caller: &Caller, project: &Project) -> Result<Access, ApiError> {
+    if caller.platform_admin {
+        return Ok(Access::Manage);
+    }
+    if project.org_id != caller.principal.org_id {
+        return Err(not_found(&format!("project {}", project.id)));
+    }
+    let own = project.id == caller.principal.project_id;
+    match caller.role() {
+        Role::Owner => Ok(Access::Manage),
+        Role::Admin if own => Ok(Access::Manage),
+        Role::Developer if own => Ok(Access::OwnKeys),
+        Role::Viewer if own => Ok(Access::Read),
+        _ => Err(not_found(&format!("project {}", project.id))),
+    }
+}
+
+/// Owners (and the bootstrap key) manage their organization as a whole.
+fn require_org_owner(caller: &Caller, org_id: &str) -> Result<(), ApiError> {
+    if caller.platform_admin {
+        return Ok(());
+    }
+    if org_id != caller.principal.org_id {
+        return Err(not_found(&format!("organization {org_id}")));
+    }
+    if caller.role() == Role::Owner { Ok(()) } else { Err(forbidden("managing the organization needs the owner role")) }
+}
+
+async fn load_project(store: &dyn TenancyStore, caller: &Caller, id: &str) -> Result<(Project, Access), ApiError> {
+    let project = store.get_project(id).await?.ok_or_else(|| not_found(&format!("project {id}")))?;
+    let access = project_access(caller, &project)?;
+    Ok((project, access))
+}
+
+/// A key the caller may see (and how), or 404.
+async fn load_key(store: &dyn TenancyStore, caller: &Caller, id: &str) -> Result<(ApiKey, Access), ApiError> {
+    let key = store.get_key(id).await?.ok_or_else(|| not_found(&format!("API key {id}")))?;
+    let (_, access) =
+        load_project(store, caller, &key.project_id).await.map_err(|_| not_found(&format!("API key {id}")))?;
+    let visible = match access {
+        Access::Manage => true,
+        Access::OwnKeys => key.user_id.as_deref() == Some(caller.principal.user_id.as_str()),
+        Access::Read => false,
+    };
+    if !visible {
+        return Err(not_found(&format!("API key {id}")));
+    }
+    Ok((key, access))
+}
+
+/// Runs a management handler: authenticates (the `admin` endpoint scope), then `f`.
+async fn managed<F, Fut, T>(edge: Edge, request: Request, f: F) -> Response
+where
+    F: FnOnce(Arc<dyn TenancyStore>, Authenticator, Caller, Request) -> Fut,
+    Fut: std::future::Future<Output = Result<(StatusCode, T), ApiError>>,
+    T: Serialize,
+{
+    let context = request.extensions().get::<RequestContext>().cloned();
+    let id = context.as_ref().map(|c| c.request_id.clone()).unwrap_or_default();
+    let auth = edge.auth.clone();
+    let caller = crate::http::authenticate(&edge, request.headers(), context.and_then(|c| c.client)).await;
+    let result = async {
+        let caller = caller?;
+        caller.require(EndpointScope::Admin)?;
+        f(auth.store().clone(), auth.clone(), caller, request).await
+    }
+    .await;
+    match result {
+        Ok((status, body)) => (status, axum::Json(body)).into_response(),
+        Err(err) => error_response(&err, &id),
+    }
+}
+
+async fn json_body<T: serde::de::DeserializeOwned>(request: Request, limit: usize) -> Result<T, ApiError> {
+    let (parts, body) = request.into_parts();
+    let bytes = read_body(body, &parts.headers, limit).await?;
+    serde_json::from_slice(&bytes).map_err(crate::openai::json_error)
+}
+
+#[derive(Debug, Serialize)]
+struct List<T> {
+    object: &'static str,
+    data: Vec<T>,
+}
+
+fn list<T>(data: Vec<T>) -> (StatusCode, List<T>) {
+    (StatusCode::OK, List { object: "list", data })
+}
+
+// --- organizations ------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateOrg {
+    name: String,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// `POST /v1/orgs` (bootstrap key only).
+pub async fn create_org(State(edge): State<Edge>, request: Request) -> Response {
+    let limit = edge.max_body_bytes;
+    managed(edge, request, |store, _, caller, request| async move {
+        if !caller.platform_admin {
+            return Err(forbidden("creating organizations needs the bootstrap administrator key"));
+        }
+        let body: CreateOrg = json_body(request, limit).await?;
+        check_field("name", &body.name)?;
+        let id = body.id.unwrap_or_else(|| new_id("org"));
+        check_field("id", &id)?;
+        Ok((StatusCode::CREATED, store.create_org(&id, body.name.trim()).await?))
+    })
+    .await
+}
+
+/// `GET /v1/orgs`: every organization for the bootstrap key, else the caller's own.
+pub async fn list_orgs(State(edge): State<Edge>, request: Request) -> Response {
+    managed(edge, request, |store, _, caller, _| async move {
+        let orgs: Vec<Org> = if caller.platform_admin {
+            store.list_orgs().await?
+        } else {
+            store.get_org(&caller.principal.org_id).await?.into_iter().collect()
+        };
+        Ok(list(orgs))
+    })
+    .await
+}
+
+// --- projects -----------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateProject {
+    name: String,
+    /// Defaults to the caller's organization.
+    #[serde(default)]
+    org_id: Option<String>,
+}
+
+/// `POST /v1/projects` (owners).
+pub async fn create_project(State(edge): State<Edge>, request: Request) -> Response {
+    let limit = edge.max_body_bytes;
+    managed(edge, request, |store, _, caller, request| async move {
+        let body: CreateProject = json_body(request, limit).await?;
+        let org_id = body.org_id.unwrap_or_else(|| caller.principal.org_id.clone());
+        check_field("name", &body.name)?;
+        require_org_owner(&caller, &org_id)?;
+        Ok((StatusCode::CREATED, store.create_project(&new_id("prj"), &org_id, body.name.trim()).await?))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgFilter {
+    org_id: Option<String>,
+}
+
+/// `GET /v1/projects`: the projects of the caller's organization it may see.
+pub async fn list_projects(State(edge): State<Edge>, query: Query<OrgFilter>, request: Request) -> Response {
+    managed(edge, request, |store, _, caller, _| async move {
+        let org_id = query.0.org_id.unwrap_or_else(|| caller.principal.org_id.clone());
+        if !caller.platform_admin && org_id != caller.principal.org_id {
+            return Err(not_found(&format!("organization {org_id}")));
+        }
+        let projects = store.list_projects(&org_id).await?;
+        Ok(list(projects.into_iter().filter(|p| project_access(&caller, p).is_ok()).collect()))
+    })
+    .await
+}
+
+// --- users and roles ----------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUser {
+    email: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    org_id: Option<String>,
+}
+
+/// `POST /v1/users` (owners).
+pub async fn create_user(State(edge): State<Edge>, request: Request) -> Response {
+    let limit = edge.max_body_bytes;
+    managed(edge, request, |store, _, caller, request| async move {
+        let body: CreateUser = json_body(request, limit).await?;
+        let org_id = body.org_id.unwrap_or_else(|| caller.principal.org_id.clone());
+        check_field("email", &body.email)?;
+        if !body.email.contains('@') {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "email must contain '@'"));
+        }
+        if body.name.len() > crate::tenancy::MAX_FIELD_LEN {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "name is too long"));
+        }
+        require_org_owner(&caller, &org_id)?;
+        let user = store.create_user(&new_id("usr"), &org_id, body.email.trim(), body.name.trim()).await?;
+        Ok((StatusCode::CREATED, user))
+    })
+    .await
+}
+
+/// `GET /v1/users`: the users of the caller's organization (owners and admins).
+pub async fn list_users(State(edge): State<Edge>, query: Query<OrgFilter>, request: Request) -> Response {
+    managed(edge, request, |store, _, caller, _| async move {
+        let org_id = query.0.org_id.unwrap_or_else(|| caller.principal.org_id.clone());
+        if !caller.platform_admin && org_id != caller.principal.org_id {
+            return Err(not_found(&format!("organization {org_id}")));
+        }
+        if !caller.platform_admin && caller.role() < Role::Admin {
+            return Err(forbidden("listing users needs the admin or owner role"));
+        }
+        let users: Vec<User> = store.list_users(&org_id).await?;
+        Ok(list(users))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetRole {
+    /// `viewer`, `developer`, `admin`, `owner`, or null to remove the user from the project.
+    role: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Membership {
+    user_id: String,
+    project_id: String,
+    role: Option<&'static str>,
+}
+
+/// `PUT /v1/projects/{project}/members/{user}`: grants a role (admins up to admin, owners any).
+pub async fn set_member(
+    State(edge): State<Edge>,
+    Path((project_id, user_id)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    let limit = edge.max_body_bytes;
+    managed(edge, request, |store, _, caller, request| async move {
+        let body: SetRole = json_body(request, limit).await?;
+        let role = body.role.as_deref().map(parse_role).transpose()?;
+        let (project, access) = load_project(store.as_ref(), &caller, &project_id).await?;
+        if access != Access::Manage {
+            return Err(forbidden("managing members needs the admin or owner role"));
+        }
+        if !caller.platform_admin && role.is_some_and(|r| r > caller.role()) {
+            return Err(forbidden("a role above your own cannot be granted"));
+        }
+        let user = store.get_user(&user_id).await?.filter(|u| u.org_id == project.org_id);
+        let user = user.ok_or_else(|| not_found(&format!("user {user_id}")))?;
+        store.set_role(&user.id, &project.id, role).await?;
+        let role = role.map(role_name);
+        Ok((StatusCode::OK, Membership { user_id: user.id, project_id: project.id, role }))
+    })
+    .await
+}
+
+// --- API keys -----------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    #[serde(default)]
+    name: String,
+    /// Defaults to the caller's project.
+    #[serde(default)]
+    project_id: Option<String>,
+    /// The user the key acts for (defaults to the caller's user; `null` with `service: true`).
+    #[serde(default)]
+    user_id: Option<String>,
+    /// A service key belongs to no user.
+    #[serde(default)]
+    service: bool,
+    /// Defaults to the caller's role; never above it.
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    scopes: KeyScopes,
+    #[serde(default)]
+    expires_in_days: Option<i64>,
+}
+
+/// A new key: shown once.
+#[derive(Debug, Serialize)]
+struct CreatedKey {
+    #[serde(flatten)]
+    key: ApiKey,
+    /// The secret. It is not stored and cannot be shown again.
+    secret: String,
+}
+
+/// `POST /v1/keys`.
+pub async fn create_key(State(edge): State<Edge>, request: Request) -> Response {
+    let limit = edge.max_body_bytes;
+    managed(edge, request, |store, _, caller, request| async move {
+        let body: CreateKey = json_body(request, limit).await?;
+        let project_id = body.project_id.clone().unwrap_or_else(|| caller.principal.project_id.clone());
+        let (project, access) = load_project(store.as_ref(), &caller, &project_id).await?;
+        let role = match &body.role {
+            Some(role) => parse_role(role)?,
+            None => caller.role(),
+        };
+        if !caller.platform_admin && role > caller.role() {
+            return Err(forbidden("a key cannot carry a role above your own"));
+        }
+        let user_id = match (body.service, body.user_id.clone()) {
+            (true, Some(_)) => {
+                return Err(ApiError::new(ErrorCode::InvalidRequest, "a service key has no user_id"));
+            }
+            (true, None) => None,
+            (false, Some(user)) => Some(user),
+            // The bootstrap key has no user row: its keys are service keys unless a user is named.
+            (false, None) if caller.platform_admin => None,
+            (false, None) => Some(caller.principal.user_id.clone()).filter(|u| !u.is_empty()),
+        };
+        let own_user = user_id.as_deref() == Some(caller.principal.user_id.as_str());
+        match access {
+            Access::Manage => {}
+            Access::OwnKeys if own_user => {}
+            _ => return Err(forbidden("creating this key needs the admin role in the project")),
+        }
+        if let Some(user) = &user_id
+            && !own_user
+        {
+            let found = store.get_user(user).await?.filter(|u| u.org_id == project.org_id);
+            found.ok_or_else(|| not_found(&format!("user {user}")))?;
+        }
+        check_optional("name", &body.name)?;
+        body.scopes.validate()?;
+        let expires_at = match body.expires_in_days {
+            Some(days) if !(1..=MAX_KEY_DAYS).contains(&days) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("expires_in_days must be between 1 and {MAX_KEY_DAYS}"),
+                ));
+            }
+            Some(days) => Some(Utc::now() + TimeDelta::days(days)),
+            None => None,
+        };
+        let (key, secret) = issue_key(
+            store.as_ref(),
+            NewKey {
+                org_id: project.org_id,
+                project_id: project.id,
+                user_id,
+                name: body.name.trim().to_owned(),
+                role,
+                scopes: body.scopes,
+                expires_at,
+            },
+        )
+        .await?;
+        Ok((StatusCode::CREATED, CreatedKey { key, secret }))
+    })
+    .await
+}
+
+fn check_optional(name: &str, value: &str) -> Result<(), TenancyError> {
+    if value.is_empty() { Ok(()) } else { check_field(name, value) }
+}
+
+/// Everything a key is created with but its id and secret.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub org_id: String,
+    pub project_id: String,
+    pub user_id: Option<String>,
+    pub name: String,
+    pub role: Role,
+    pub scopes: KeyScopes,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Stores a new key and returns it with its secret (the only time the secret exists).
+pub async fn issue_key(store: &dyn TenancyStore, new: NewKey) -> Result<(ApiKey, String), TenancyError> {
+    let secret = new_secret();
+    let key = ApiKey {
+        id: new_id("key"),
+        prefix: secret_prefix(&secret),
+        org_id: new.org_id,
+        project_id: new.project_id,
+        user_id: new.user_id,
+        name: new.name,
+        role: new.role,
+        scopes: new.scopes,
+        expires_at: new.expires_at,
+        revoked_at: None,
+        created_at: Utc::now(),
+    };
+    store.insert_key(&key, &digest(&secret)).await?;
+    Ok((key, secret))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFilter {
+    project_id: Option<String>,
+}
+
+/// `GET /v1/keys`: the keys of a project the caller may see (prefixes only, never secrets).
+pub async fn list_keys(State(edge): State<Edge>, query: Query<KeyFilter>, request: Request) -> Response {
+    managed(edge, request, |store, _, caller, _| async move {
+        let project_id = query.0.project_id.unwrap_or_else(|| caller.principal.project_id.clone());
+        let (_, access) = load_project(store.as_ref(), &caller, &project_id).await?;
+        let keys = store.list_keys(&project_id).await?;
+        let keys = match access {
+            Access::Manage => keys,
+            Access::OwnKeys => {
+                keys.into_iter().filter(|k| k.user_id.as_deref() == Some(caller.principal.user_id.as_str())).collect()
+            }
+            Access::Read => return Err(forbidden("listing keys needs the developer role or above")),
+        };
+        Ok(list(keys))
+    })
+    .await
+}
+
+/// `GET /v1/keys/{id}`.
+pub async fn get_key(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+    managed(edge, request, |store, _, caller, _| async move {
+        let (key, _) = load_key(store.as_ref(), &caller, &id).await?;
+        Ok((StatusCode::OK, key))
+    })
+    .await
+}
+
+/// `DELETE /v1/keys/{id}`: revokes the key on every replica.
+pub async fn revoke_key(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+    let invalidator = edge.invalidator.clone();
+    managed(edge, request, |store, auth, caller, _| async move {
+        let (key, _) = load_key(store.as_ref(), &caller, &id).await?;
+        let revoked =
+            store.revoke_key(&key.id, Utc::now()).await?.ok_or_else(|| not_found(&format!("API key {id}")))?;
+        auth.invalidate(&key.id);
+        invalidator.publish(&key.id).await;
+        Ok((StatusCode::OK, revoked))
+    })
+    .await
+}
+
+/// `POST /v1/keys/{id}/rotate`: a new secret with the same attributes; the old key is revoked.
+pub async fn rotate_key(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+    let invalidator = edge.invalidator.clone();
+    managed(edge, request, |store, auth, caller, _| async move {
+        let (old, _) = load_key(store.as_ref(), &caller, &id).await?;
+        if !old.is_active(Utc::now()) {
+            return Err(ApiError::new(ErrorCode::Conflict, format!("API key {id} is revoked or expired")));
+        }
+        let (key, secret) = issue_key(
+            store.as_ref(),
+            NewKey {
+                org_id: old.org_id.clone(),
+                project_id: old.project_id.clone(),
+                user_id: old.user_id.clone(),
+                name: old.name.clone(),
+                role: old.role,
+                scopes: old.scopes.clone(),
+                expires_at: old.expires_at,
+            },
+        )
+        .await?;
+        store.revoke_key(&old.id, Utc::now()).await?;
+        auth.invalidate(&old.id);
+        invalidator.publish(&old.id).await;
+        Ok((StatusCode::CREATED, CreatedKey { key, secret }))
+    })
+    .await
+}
+
+/// Publishes revocations to every replica (Redis), when there are replicas to tell.
+#[derive(Clone, Default)]
+pub struct Invalidator {
+    redis: Option<meshgate_storage::RedisConnection>,
+}
+
+impl Invalidator {
+    pub fn new(redis: Option<meshgate_storage::RedisConnection>) -> Self {
+        Self { redis }
+    }
+
+    /// Best effort with a log: the revocation itself is durable, and replicas that miss the
+    /// message stop trusting their caches while their subscription is down.
+    pub async fn publish(&self, key_id: &str) {
+        let Some(redis) = &self.redis else { return };
+        let mut conn = redis.clone();
+        let published: Result<i64, _> =
+            redis::cmd("PUBLISH").arg(crate::auth::INVALIDATION_CHANNEL).arg(key_id).query_async(&mut conn).await;
+        if let Err(err) = published {
+            tracing::warn!(%err, key_id, "could not publish a key revocation; other replicas see it when their cache entry expires");
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Async jobs at the edge over the sync service's durable queue: `POST /v1/jobs` (a chat
+//! completion delivered later, `Idempotency-Key` honoured), `GET /v1/jobs/{id}`, `GET /v1/jobs`
+//! and `POST /v1/jobs/{id}/retry`, plus the offline fallback that queues a chat request whose
+//! cloud targets were all unreachable when the caller allows it (`x-meshgate-allow-queue: true`).
+//! Jobs are scoped to the caller's project: another project's job answers 404.
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, SecondsFormat, Utc};
+use meshgate_proto::common::v1::Usage;
+use meshgate_proto::sync::v1::{self as pb, CompleteRequest, EnqueueRequest, JobStatus};
+use meshgate_runtime::{ApiError, ErrorCode};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Caller;
+use crate::http::{Edge, authenticate, client_of, error_response, read_body, request_id_of};
+use crate::openai::{self, ValidChat};
+use crate::tenancy::EndpointScope;
+
+/// Request header that lets a chat request be queued when no cloud target answers.
+pub const ALLOW_QUEUE: &str = "x-meshgate-allow-queue";
+/// Response header of a submission answered from an earlier one with the same key.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// Whether the request opted into the offline fallback.
+pub fn allows_queue(headers: &HeaderMap) -> bool {
+    headers.get(ALLOW_QUEUE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// Errors after which a queued retry may succeed: the cloud was unreachable, not the request wrong.
+pub fn queueable(err: &ApiError) -> bool {
+    matches!(err.code, ErrorCode::Unavailable | ErrorCode::UpstreamError | ErrorCode::Timeout)
+}
+
+#[derive(Debug, Serialize)]
+struct JobResult {
+    content: String,
+    finish_reason: String,
+    usage: Option<UsageJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct UsageJson {
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    total_tokens: i64,
+}
+
+impl From<Usage> for UsageJson {
+    fn from(u: Usage) -> Self {
+        Self { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens }
+    }
+}
+
+/// A job on the wire.
+#[derive(Debug, Serialize)]
+struct JobJson {
+    id: String,
+    object: &'static str,
+    status: &'static str,
+    attempts: i32,
+    max_attempts: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<LastError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<JobResult>,
+    model: String,
+    provider: String,
+    created_at: Option<String>,
+    next_attempt_at: Option<String>,
+    finished_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct LastError {
+    code: String,
+    message: String,
+}
+
+fn time(ts: Option<&prost_types::Timestamp>) -> Option<String> {
+    let ts = ts?;
+    let t: DateTime<Utc> = DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)?;
+    Some(t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+fn status_name(status: i32) -> &'static str {
+    match JobStatus::try_from(status).unwrap_or(JobStatus::Unspecified) {
+        JobStatus::Queued => "queued",
+        JobStatus::Running => "running",
+        JobStatus::Succeeded => "succeeded",
+        JobStatus::Dead => "dead",
+        JobStatus::Unspecified => "unknown",
+    }
+}
+
+fn job_json(job: pb::Job) -> JobJson {
+    let succeeded = job.status == JobStatus::Succeeded as i32;
+    JobJson {
+        status: status_name(job.status),
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        idempotency_key: (!job.idempotency_key.is_empty()).then_some(job.idempotency_key),
+        last_error: (!job.last_error.is_empty())
+            .then(|| LastError { code: job.last_error_code, message: job.last_error }),
+        result: succeeded.then(|| JobResult {
+            content: job.result,
+            finish_reason: job.finish_reason,
+            usage: job.usage.map(UsageJson::from),
+        }),
+        model: job.model,
+        provider: job.provider,
+        created_at: time(job.created_at.as_ref()),
+        next_attempt_at: time(job.next_attempt_at.as_ref()),
+        finished_at: time(job.finished_at.as_ref()),
+        id: job.id,
+        object: "job",
+    }
+}
+
+/// The project a caller's job lookups are limited to (the bootstrap key sees every project).
+fn project_scope(caller: &Caller) -> String {
+    if caller.platform_admin { String::new() } else { caller.principal.project_id.clone() }
+}
+
+/// Queues `chat` for the caller; answers 202 with the job (200 when the key was seen before).
+pub async fn enqueue(
+    edge: &Edge,
+    caller: &Caller,
+    chat: ValidChat,
+    request_id: &str,
+    idempotency_key: String,
+) -> Result<Response, ApiError> {
+    let request = EnqueueRequest {
+        principal: Some(caller.principal.clone()),
+        idempotency_key,
+        request: Some(CompleteRequest {
+            request_id: request_id.to_owned(),
+            provider: String::new(),
+            model: chat.model,
+            messages: chat.messages,
+            sampling: Some(chat.sampling),
+            timeout_ms: 0,
+        }),
+    };
+    let mut sync = edge.orchestrator.peers().sync.clone();
+    let response = tokio::time::timeout(edge.orchestrator.peer_timeout(), sync.enqueue(request))
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Timeout, "the job queue did not answer in time"))?
+        .map_err(|status| ApiError::from_status(&status))?;
+    let replayed = response.metadata().get("x-meshgate-idempotent-replay").is_some_and(|v| v == "true");
+    let job = job_json(response.into_inner());
+    let status = if replayed { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let mut response = (status, axum::Json(job)).into_response();
+    if replayed {
+        response.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// `POST /v1/jobs`: an OpenAI chat completion body, delivered durably.
+pub async fn submit(State(edge): State<Edge>, request: Request) -> Response {
+    let id = request_id_of(&request);
+    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let caller = caller?;
+        caller.require(EndpointScope::Jobs)?;
+        let key = match parts.headers.get("idempotency-key") {
+            None => String::new(),
+            Some(value) => value
+                .to_str()
+                .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key must be visible ASCII"))?
+                .to_owned(),
+        };
+        let body = read_body(body, &parts.headers, edge.max_body_bytes).await?;
+        let chat = openai::parse_chat(&body, edge.limits)?;
+        if chat.stream {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "a job cannot stream: set stream to false"));
+        }
+        caller.require_model(&chat.model)?;
+        enqueue(&edge, &caller, chat, &id, key).await
+    }
+    .await;
+    result.unwrap_or_else(|err| error_response(&err, &id))
+}
+
+/// Runs `f` against the sync service for an authenticated caller allowed to use jobs.
+async fn with_sync<T, F, Fut>(edge: Edge, request: Request, f: F) -> Response
+where
+    F: FnOnce(meshgate_proto::sync::v1::sync_client::SyncClient<meshgate_runtime::MeshChannel>, Caller) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    T: Send,
+    JobsBody: From<T>,
+{
+    let id = request_id_of(&request);
+    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let result = async {
+        let caller = caller?;
+        caller.require(EndpointScope::Jobs)?;
+        let sync = edge.orchestrator.peers().sync.clone();
+        let response = tokio::time::timeout(edge.orchestrator.peer_timeout(), f(sync, caller))
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::Timeout, "the job queue did not answer in time"))?
+            .map_err(|status| ApiError::from_status(&status))?;
+        Ok::<_, ApiError>(JobsBody::from(response.into_inner()))
+    }
+    .await;
+    match result {
+        Ok(body) => body.into_response(),
+        Err(err) => error_response(&err, &id),
+    }
+}
+
+/// What a job endpoint answers.
+pub enum JobsBody {
+    One(pb::Job),
+    Many(Vec<pb::Job>),
+}
+
+impl From<pb::Job> for JobsBody {
+    fn from(job: pb::Job) -> Self {
+        JobsBody::One(job)
+    }
+}
+
+impl From<pb::ListJobsResponse> for JobsBody {
+    fn from(list: pb::ListJobsResponse) -> Self {
+        JobsBody::Many(list.jobs)
+    }
+}
+
+impl IntoResponse for JobsBody {
+    fn into_response(self) -> Response {
+        match self {
+            JobsBody::One(job) => axum::Json(job_json(job)).into_response(),
+            JobsBody::Many(jobs) => {
+                let data: Vec<JobJson> = jobs.into_iter().map(job_json).collect();
+                axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+            }
+        }
+    }
+}
+
+/// `GET /v1/jobs/{id}`.
+pub async fn get(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+    with_sync(edge, request, |mut sync, caller| async move {
+        sync.get_job(pb::GetJobRequest { id, project_id: project_scope(&caller) }).await
+    })
+    .await
+}
+
+/// Query of `GET /v1/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFilter {
+    status: Option<String>,
+    limit: Option<i32>,
+}
+
+/// `GET /v1/jobs?status=dead`: the caller's project's jobs, newest first.
+pub async fn list(State(edge): State<Edge>, Query(filter): Query<JobFilter>, request: Request) -> Response {
+    let status = match filter.status.as_deref() {
+        None => Ok(JobStatus::Unspecified),
+        Some("queued") => Ok(JobStatus::Queued),
+        Some("running") => Ok(JobStatus::Running),
+        Some("succeeded") => Ok(JobStatus::Succeeded),
+        Some("dead") => Ok(JobStatus::Dead),
+        Some(other) => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("status {other:?} is not one of queued, running, succeeded, dead"),
+        )),
+    };
+    let status = match status {
+        Ok(status) => status,
+        Err(err) => return error_response(&err, &request_id_of(&request)),
+    };
+    let limit = filter.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        let err = ApiError::new(ErrorCode::InvalidRequest, "limit must be between 1 and 1000");
+        return error_response(&err, &request_id_of(&request));
+    }
+    with_sync(edge, request, move |mut sync, caller| async move {
+        // Even the bootstrap key lists one project at a time here: its own.
+        let project_id = caller.principal.project_id.clone();
+        sync.list_jobs(pb::ListJobsRequest { project_id, status: status as i32, limit }).await
+    })
+    .await
+}
+
+/// `POST /v1/jobs/{id}/retry`: a dead letter back in the queue (409 when it is not dead).
+pub async fn retry(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+    with_sync(edge, request, |mut sync, caller| async move {
+        sync.retry_job(pb::RetryJobRequest { id, project_id: project_scope(&caller) }).await
+    })
+    .await
+}

@@ -1,0 +1,228 @@
+//! Tenancy: organizations own projects and users, users hold a role per project, and API keys
+//! belong to a project (usually on behalf of a user). Postgres in the mesh; process memory in a
+//! standalone gateway without a database (nothing survives a restart there, which `meshgate up`
+//! says when it starts).
+
+mod memory;
+mod postgres;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use meshgate_proto::common::v1::Role;
+use meshgate_runtime::{ApiError, ErrorCode};
+use serde::{Deserialize, Serialize};
+
+pub use self::memory::MemoryTenancy;
+pub use self::postgres::PostgresTenancy;
+
+/// Organization and project of the bootstrap owner key; created by the first migration.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Longest id, name or email accepted.
+pub const MAX_FIELD_LEN: usize = 256;
+
+/// Errors of the tenancy store.
+#[derive(Debug, thiserror::Error)]
+pub enum TenancyError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Storage(#[from] meshgate_storage::Error),
+}
+
+impl TenancyError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            TenancyError::Invalid(_) => ErrorCode::InvalidRequest,
+            TenancyError::NotFound(_) => ErrorCode::NotFound,
+            TenancyError::Conflict(_) => ErrorCode::Conflict,
+            TenancyError::Storage(e) => e.code(),
+        }
+    }
+}
+
+impl From<TenancyError> for ApiError {
+    fn from(e: TenancyError) -> Self {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for TenancyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+            return TenancyError::Conflict("an object with that name already exists".into());
+        }
+        TenancyError::Storage(e.into())
+    }
+}
+
+/// The name of a role in the database and on the wire.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Viewer => "viewer",
+        Role::Developer => "developer",
+        Role::Admin => "admin",
+        Role::Owner => "owner",
+        Role::Unspecified => "unspecified",
+    }
+}
+
+pub fn parse_role(name: &str) -> Result<Role, TenancyError> {
+    match name {
+        "viewer" => Ok(Role::Viewer),
+        "developer" => Ok(Role::Developer),
+        "admin" => Ok(Role::Admin),
+        "owner" => Ok(Role::Owner),
+        other => Err(TenancyError::Invalid(format!("role {other:?} is not one of viewer, developer, admin, owner"))),
+    }
+}
+
+/// Endpoint groups a key may be limited to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointScope {
+    /// Chat completions (HTTP and gRPC).
+    Chat,
+    Embeddings,
+    Models,
+    Jobs,
+    Quota,
+    Analytics,
+    /// Tenancy and key management.
+    Admin,
+}
+
+/// What a key may be used for; an empty list allows everything of its kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyScopes {
+    pub endpoints: Vec<EndpointScope>,
+    pub models: Vec<String>,
+}
+
+impl KeyScopes {
+    pub fn allows_endpoint(&self, endpoint: EndpointScope) -> bool {
+        self.endpoints.is_empty() || self.endpoints.contains(&endpoint)
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+
+    pub fn validate(&self) -> Result<(), TenancyError> {
+        if self.models.len() > 256 {
+            return Err(TenancyError::Invalid("scopes.models lists more than 256 models".into()));
+        }
+        for model in &self.models {
+            check_field("scopes.models[]", model)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Org {
+    pub id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Project {
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct User {
+    pub id: String,
+    pub org_id: String,
+    pub email: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An API key as stored: everything but its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiKey {
+    pub id: String,
+    /// The first characters of the secret.
+    pub prefix: String,
+    pub org_id: String,
+    pub project_id: String,
+    pub user_id: Option<String>,
+    pub name: String,
+    #[serde(serialize_with = "serialize_role")]
+    pub role: Role,
+    pub scopes: KeyScopes,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+fn serialize_role<S: serde::Serializer>(role: &Role, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(role_name(*role))
+}
+
+impl ApiKey {
+    /// Whether the key authenticates at `now`.
+    pub fn is_active(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|at| at > now)
+    }
+}
+
+/// A key found by its secret, with the current role of its user in the key's project.
+#[derive(Debug, Clone)]
+pub struct KeyLookup {
+    pub key: ApiKey,
+    /// `None` for a service key (no user) or a user who lost every role in the project.
+    pub user_role: Option<Role>,
+}
+
+/// Storage of organizations, projects, users, roles and keys.
+#[async_trait]
+pub trait TenancyStore: Send + Sync {
+    async fn create_org(&self, id: &str, name: &str) -> Result<Org, TenancyError>;
+    async fn list_orgs(&self) -> Result<Vec<Org>, TenancyError>;
+    async fn get_org(&self, id: &str) -> Result<Option<Org>, TenancyError>;
+    async fn create_project(&self, id: &str, org_id: &str, name: &str) -> Result<Project, TenancyError>;
+    async fn list_projects(&self, org_id: &str) -> Result<Vec<Project>, TenancyError>;
+    async fn get_project(&self, id: &str) -> Result<Option<Project>, TenancyError>;
+    async fn create_user(&self, id: &str, org_id: &str, email: &str, name: &str) -> Result<User, TenancyError>;
+    async fn list_users(&self, org_id: &str) -> Result<Vec<User>, TenancyError>;
+    async fn get_user(&self, id: &str) -> Result<Option<User>, TenancyError>;
+    /// Grants `role` to the user in the project, or removes the user's role with `None`.
+    async fn set_role(&self, user_id: &str, project_id: &str, role: Option<Role>) -> Result<(), TenancyError>;
+    async fn insert_key(&self, key: &ApiKey, secret_hash: &[u8; 32]) -> Result<(), TenancyError>;
+    async fn key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyLookup>, TenancyError>;
+    async fn get_key(&self, id: &str) -> Result<Option<ApiKey>, TenancyError>;
+    /// Keys of a project, newest first.
+    async fn list_keys(&self, project_id: &str) -> Result<Vec<ApiKey>, TenancyError>;
+    /// Marks the key revoked at `at` (once; a second revoke keeps the first time).
+    async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<Option<ApiKey>, TenancyError>;
+}
+
+/// Refuses empty, over-long or control-character values, naming the field.
+pub fn check_field(name: &str, value: &str) -> Result<(), TenancyError> {
+    if value.trim().is_empty() {
+        return Err(TenancyError::Invalid(format!("{name} is empty")));
+    }
+    if value.len() > MAX_FIELD_LEN {
+        return Err(TenancyError::Invalid(format!("{name} is longer than {MAX_FIELD_LEN} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(TenancyError::Invalid(format!("{name} contains control characters")));
+    }
+    Ok(())
+}
+
+/// A fresh id with a readable kind prefix, e.g. `prj_0190…`.
+pub fn new_id(kind: &str) -> String {
+    format!("{kind}_{}", uuid::Uuid::now_v7().simple())
+}

@@ -1,0 +1,161 @@
+//! Async jobs through the edge on the sync service's Postgres queue: submission with idempotency
+//! keys, completion, tenancy, bad input, and the offline fallback that queues a chat request whose
+//! cloud targets are all down.
+
+use std::time::Duration;
+
+use meshgate_tests::{ADMIN_KEY, CLOUD_MODEL, MeshOptions, TestMesh, chat_body};
+use serde_json::{Value, json};
+
+async fn submit(mesh: &TestMesh, key: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut request = mesh.http.post(format!("{}/v1/jobs", mesh.edge)).bearer_auth(ADMIN_KEY).json(body);
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.unwrap()
+}
+
+async fn get_job(mesh: &TestMesh, bearer: &str, id: &str) -> (u16, Value) {
+    let response = mesh.http.get(format!("{}/v1/jobs/{id}", mesh.edge)).bearer_auth(bearer).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// Polls until the job reaches `status` (the queue's workers deliver in the background).
+async fn wait_for(mesh: &TestMesh, id: &str, status: &str) -> Value {
+    for _ in 0..200 {
+        let (code, job) = get_job(mesh, ADMIN_KEY, id).await;
+        assert_eq!(code, 200, "{job}");
+        if job["status"] == status {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} never became {status}: {}", get_job(mesh, ADMIN_KEY, id).await.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_delivered_once_per_idempotency_key_and_scoped_to_its_project() {
+    let mesh = TestMesh::start().await;
+    let body = chat_body(CLOUD_MODEL, "summarise this later");
+    let first = submit(&mesh, Some("report-2031-05-06"), &body).await;
+    assert_eq!(first.status(), 202);
+    let job: Value = first.json().await.unwrap();
+    assert_eq!((job["object"].as_str(), job["idempotency_key"].as_str()), (Some("job"), Some("report-2031-05-06")));
+    let id = job["id"].as_str().unwrap().to_owned();
+
+    let replay = submit(&mesh, Some("report-2031-05-06"), &body).await;
+    assert_eq!(replay.status(), 200);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.json::<Value>().await.unwrap()["id"], id.as_str());
+    let conflict = submit(&mesh, Some("report-2031-05-06"), &chat_body(CLOUD_MODEL, "something else")).await;
+    assert_eq!(conflict.status(), 409);
+
+    let done = wait_for(&mesh, &id, "succeeded").await;
+    assert!(!done["result"]["content"].as_str().unwrap().is_empty(), "{done}");
+    assert!(done["result"]["usage"]["total_tokens"].as_i64().unwrap() > 0);
+    // Delivered once, under the job's id as the upstream Idempotency-Key.
+    let completions = mesh.alpha.completions_for_idempotency_key(&id) + mesh.beta.completions_for_idempotency_key(&id);
+    assert_eq!(completions, 1);
+
+    // Another project's key cannot see it.
+    let (_, project) = {
+        let r = mesh
+            .http
+            .post(format!("{}/v1/projects", mesh.edge))
+            .bearer_auth(ADMIN_KEY)
+            .json(&json!({"name": "elsewhere"}))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    let key: Value = mesh
+        .http
+        .post(format!("{}/v1/keys", mesh.edge))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"project_id": project["id"], "service": true, "role": "developer"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let outsider = key["secret"].as_str().unwrap();
+    assert_eq!(get_job(&mesh, outsider, &id).await.0, 404);
+    let listed: Value = mesh
+        .http
+        .get(format!("{}/v1/jobs", mesh.edge))
+        .bearer_auth(outsider)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_job_requests_are_4xx() {
+    let mesh = TestMesh::start().await;
+    let long_key = "k".repeat(300);
+    let mut streaming = chat_body(CLOUD_MODEL, "x");
+    streaming["stream"] = json!(true);
+    let cases = [
+        (Some(long_key.as_str()), chat_body(CLOUD_MODEL, "x"), 400),
+        (None, streaming, 400),
+        (None, json!({"model": CLOUD_MODEL}), 400),
+        (None, json!("nope"), 400),
+    ];
+    for (key, body, expected) in cases {
+        let response = submit(&mesh, key, &body).await;
+        assert_eq!(response.status().as_u16(), expected, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert!(error["error"]["message"].is_string(), "{error}");
+    }
+    assert_eq!(get_job(&mesh, ADMIN_KEY, "job_does_not_exist").await.0, 404);
+    assert_eq!(get_job(&mesh, ADMIN_KEY, "not a job id").await.0, 404);
+    let bad_filter =
+        mesh.http.get(format!("{}/v1/jobs?status=sleeping", mesh.edge)).bearer_auth(ADMIN_KEY).send().await.unwrap();
+    assert_eq!(bad_filter.status(), 400);
+    mesh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_cloud_target_down_an_allowed_request_is_queued_and_later_served() {
+    let mesh = TestMesh::start_with(MeshOptions {
+        tune: Box::new(|config| {
+            config.sync.max_retries = 0;
+            config.sync.queue.backoff_base_ms = 100;
+            config.sync.queue.backoff_cap_ms = 200;
+        }),
+        ..MeshOptions::default()
+    })
+    .await;
+    mesh.alpha.set_failures(1.0, 503);
+    mesh.beta.set_failures(1.0, 503);
+
+    let refused = mesh.chat(chat_body(CLOUD_MODEL, "the cloud is away")).await;
+    assert!(refused.status().is_server_error(), "{}", refused.status());
+
+    let queued = mesh
+        .http
+        .post(format!("{}/v1/chat/completions", mesh.edge))
+        .bearer_auth(ADMIN_KEY)
+        .header("x-meshgate-allow-queue", "true")
+        .json(&chat_body(CLOUD_MODEL, "the cloud is away"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queued.status(), 202);
+    let job: Value = queued.json().await.unwrap();
+    assert_eq!(job["status"], "queued");
+    let id = job["id"].as_str().unwrap().to_owned();
+
+    mesh.alpha.set_failures(0.0, 503);
+    mesh.beta.set_failures(0.0, 503);
+    let done = wait_for(&mesh, &id, "succeeded").await;
+    assert!(done["attempts"].as_i64().unwrap() >= 1, "{done}");
+    mesh.stop().await;
+}
