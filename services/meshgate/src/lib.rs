@@ -3,6 +3,7 @@
 //! defaults (in-memory quota and traces) unless `DATABASE_URL` / `REDIS_URL` point at stores.
 
 pub mod commands;
+pub mod tenancy;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;

@@ -23,6 +23,18 @@ enum Command {
     Migrate,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Organizations (needs `DATABASE_URL`).
+    #[command(subcommand)]
+    Orgs(meshgate::tenancy::OrgCommand),
+    /// Projects (needs `DATABASE_URL`).
+    #[command(subcommand)]
+    Projects(meshgate::tenancy::ProjectCommand),
+    /// Users and their roles (needs `DATABASE_URL`).
+    #[command(subcommand)]
+    Users(meshgate::tenancy::UserCommand),
+    /// API keys (needs `DATABASE_URL`; revocations reach the gateways through `REDIS_URL`).
+    #[command(subcommand)]
+    Keys(meshgate::tenancy::KeyCommand),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +49,10 @@ fn main() -> ExitCode {
             Command::Up => meshgate::commands::up(cli.config.as_deref()).await,
             Command::Migrate => meshgate::commands::migrate().await,
             Command::CheckConfig => meshgate::commands::check_config(cli.config.as_deref()),
+            Command::Orgs(command) => meshgate::tenancy::orgs(command).await,
+            Command::Projects(command) => meshgate::tenancy::projects(command).await,
+            Command::Users(command) => meshgate::tenancy::users(command).await,
+            Command::Keys(command) => meshgate::tenancy::keys(command).await,
         }
     });
     meshgate_runtime::telemetry::shutdown();

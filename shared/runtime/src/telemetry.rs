@@ -17,7 +17,8 @@ static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 
 /// Installs the global subscriber once per process (later calls are no-ops, which is what tests
 /// and the standalone binary, six services in one process, need). `RUST_LOG` filters logs;
-/// `MESHGATE_LOG_FORMAT=json` switches to JSON lines.
+/// Logs go to stderr (stdout stays for command output); `MESHGATE_LOG_FORMAT=json` switches to
+/// JSON lines.
 pub fn init(service_name: &str) {
     PROVIDER.get_or_init(|| {
         let provider = build_provider(service_name);
@@ -25,9 +26,9 @@ pub fn init(service_name: &str) {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let json = std::env::var("MESHGATE_LOG_FORMAT").is_ok_and(|v| v == "json");
         let fmt = if json {
-            tracing_subscriber::fmt::layer().json().with_target(true).boxed()
+            tracing_subscriber::fmt::layer().json().with_target(true).with_writer(std::io::stderr).boxed()
         } else {
-            tracing_subscriber::fmt::layer().compact().with_target(true).boxed()
+            tracing_subscriber::fmt::layer().compact().with_target(true).with_writer(std::io::stderr).boxed()
         };
         // try_init: a test harness may already have installed a subscriber.
         let _ = tracing_subscriber::registry()
