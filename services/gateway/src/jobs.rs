@@ -104,7 +104,7 @@ fn job_json(job: pb::Job) -> JobJson {
         max_attempts: job.max_attempts,
         idempotency_key: (!job.idempotency_key.is_empty()).then_some(job.idempotency_key),
         last_error: (!job.last_error.is_empty())
-            .then(|| LastError { code: job.last_error_code, message: job.last_error }),
+            .then_some(LastError { code: job.last_error_code, message: job.last_error }),
         result: succeeded.then(|| JobResult {
             content: job.result,
             finish_reason: job.finish_reason,
@@ -216,13 +216,13 @@ where
 
 /// What a job endpoint answers.
 pub enum JobsBody {
-    One(pb::Job),
+    One(Box<pb::Job>),
     Many(Vec<pb::Job>),
 }
 
 impl From<pb::Job> for JobsBody {
     fn from(job: pb::Job) -> Self {
-        JobsBody::One(job)
+        JobsBody::One(Box::new(job))
     }
 }
 
@@ -235,7 +235,7 @@ impl From<pb::ListJobsResponse> for JobsBody {
 impl IntoResponse for JobsBody {
     fn into_response(self) -> Response {
         match self {
-            JobsBody::One(job) => axum::Json(job_json(job)).into_response(),
+            JobsBody::One(job) => axum::Json(job_json(*job)).into_response(),
             JobsBody::Many(jobs) => {
                 let data: Vec<JobJson> = jobs.into_iter().map(job_json).collect();
                 axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
