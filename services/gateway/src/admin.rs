@@ -84,6 +84,16 @@ fn require_org_owner(caller: &Caller, org_id: &str) -> Result<(), ApiError> {
     if caller.role() == Role::Owner { Ok(()) } else { Err(forbidden("managing the organization needs the owner role")) }
 }
 
+/// The organization a listing is about: the caller's own unless the bootstrap key names another;
+/// any other answers 404.
+fn visible_org(caller: &Caller, wanted: Option<String>) -> Result<String, ApiError> {
+    let org_id = wanted.unwrap_or_else(|| caller.principal.org_id.clone());
+    if !caller.platform_admin && org_id != caller.principal.org_id {
+        return Err(not_found(&format!("organization {org_id}")));
+    }
+    Ok(org_id)
+}
+
 async fn load_project(store: &dyn TenancyStore, caller: &Caller, id: &str) -> Result<(Project, Access), ApiError> {
     let project = store.get_project(id).await?.ok_or_else(|| not_found(&format!("project {id}")))?;
     let access = project_access(caller, &project)?;
@@ -217,10 +227,7 @@ pub struct OrgFilter {
 /// `GET /v1/projects`: the projects of the caller's organization it may see.
 pub async fn list_projects(State(edge): State<Edge>, query: Query<OrgFilter>, request: Request) -> Response {
     managed(edge, request, |store, _, caller, _| async move {
-        let org_id = query.0.org_id.unwrap_or_else(|| caller.principal.org_id.clone());
-        if !caller.platform_admin && org_id != caller.principal.org_id {
-            return Err(not_found(&format!("organization {org_id}")));
-        }
+        let org_id = visible_org(&caller, query.0.org_id)?;
         let projects = store.list_projects(&org_id).await?;
         Ok(list(projects.into_iter().filter(|p| project_access(&caller, p).is_ok()).collect()))
     })
@@ -262,10 +269,7 @@ pub async fn create_user(State(edge): State<Edge>, request: Request) -> Response
 /// `GET /v1/users`: the users of the caller's organization (owners and admins).
 pub async fn list_users(State(edge): State<Edge>, query: Query<OrgFilter>, request: Request) -> Response {
     managed(edge, request, |store, _, caller, _| async move {
-        let org_id = query.0.org_id.unwrap_or_else(|| caller.principal.org_id.clone());
-        if !caller.platform_admin && org_id != caller.principal.org_id {
-            return Err(not_found(&format!("organization {org_id}")));
-        }
+        let org_id = visible_org(&caller, query.0.org_id)?;
         if !caller.platform_admin && caller.role() < Role::Admin {
             return Err(forbidden("listing users needs the admin or owner role"));
         }
@@ -431,6 +435,21 @@ pub struct NewKey {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+impl NewKey {
+    /// The attributes of `key`, for its replacement when it is rotated.
+    pub fn like(key: &ApiKey) -> Self {
+        Self {
+            org_id: key.org_id.clone(),
+            project_id: key.project_id.clone(),
+            user_id: key.user_id.clone(),
+            name: key.name.clone(),
+            role: key.role,
+            scopes: key.scopes.clone(),
+            expires_at: key.expires_at,
+        }
+    }
+}
+
 /// Stores a new key and returns it with its secret (the only time the secret exists).
 pub async fn issue_key(store: &dyn TenancyStore, new: NewKey) -> Result<(ApiKey, String), TenancyError> {
     let secret = new_secret();
@@ -506,19 +525,7 @@ pub async fn rotate_key(State(edge): State<Edge>, Path(id): Path<String>, reques
         if !old.is_active(Utc::now()) {
             return Err(ApiError::new(ErrorCode::Conflict, format!("API key {id} is revoked or expired")));
         }
-        let (key, secret) = issue_key(
-            store.as_ref(),
-            NewKey {
-                org_id: old.org_id.clone(),
-                project_id: old.project_id.clone(),
-                user_id: old.user_id.clone(),
-                name: old.name.clone(),
-                role: old.role,
-                scopes: old.scopes.clone(),
-                expires_at: old.expires_at,
-            },
-        )
-        .await?;
+        let (key, secret) = issue_key(store.as_ref(), NewKey::like(&old)).await?;
         store.revoke_key(&old.id, Utc::now()).await?;
         auth.invalidate(&old.id);
         invalidator.publish(&old.id).await;

@@ -195,16 +195,7 @@ pub async fn keys(command: KeyCommand) -> Result<(), String> {
             if !old.is_active(Utc::now()) {
                 return Err(format!("API key {id} is revoked or expired"));
             }
-            let new = NewKey {
-                org_id: old.org_id,
-                project_id: old.project_id,
-                user_id: old.user_id,
-                name: old.name,
-                role: old.role,
-                scopes: old.scopes,
-                expires_at: old.expires_at,
-            };
-            let (key, secret) = issue_key(store.tenancy.as_ref(), new).await.map_err(text)?;
+            let (key, secret) = issue_key(store.tenancy.as_ref(), NewKey::like(&old)).await.map_err(text)?;
             store.tenancy.revoke_key(&id, Utc::now()).await.map_err(text)?;
             store.invalidator.publish(&id).await;
             print(&serde_json::json!({"key": key, "secret": secret}))
