@@ -37,13 +37,13 @@ import tempfile
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-OPSET = 17
-# ONNX Runtime 1.17 (the oldest the Rust side accepts) reads IR version 9.
-IR_VERSION = 9
-NEG_INF = -1e9
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
+# The decoder graph and the greedy reference loop are the ones the real SmolLM2 conversion uses.
+import llama_onnx  # noqa: E402
+from llama_onnx import NEG_INF, Graph  # noqa: E402
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_CORPUS = [
@@ -104,62 +104,9 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-class Graph:
-    """A small helper to write ONNX graphs op by op with generated value names."""
-
-    def __init__(self, name):
-        self.name = name
-        self.nodes = []
-        self.initializers = []
-        self.inputs = []
-        self.outputs = []
-        self._n = 0
-
-    def _fresh(self, hint):
-        self._n += 1
-        return f"{hint}_{self._n}"
-
-    def const(self, array, hint="const"):
-        name = self._fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def i64(self, values, hint="i64"):
-        return self.const(np.asarray(values, dtype=np.int64), hint)
-
-    def f32(self, values, hint="f32"):
-        return self.const(np.asarray(values, dtype=np.float32), hint)
-
-    def op(self, op_type, inputs, n_out=1, out=None, **attrs):
-        outs = out if out is not None else [self._fresh(op_type.lower()) for _ in range(n_out)]
-        if isinstance(outs, str):
-            outs = [outs]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-    def input(self, name, elem, shape):
-        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
-        return name
-
-    def output(self, name, elem, shape):
-        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
-
-    def dim(self, tensor, axis):
-        """A 1-element int64 tensor with tensor.shape[axis]."""
-        shape = self.op("Shape", [tensor])
-        return self.op("Gather", [shape, self.i64([axis])], axis=0)
-
-    def model(self, doc):
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        m = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-            producer_name="meshgate-make-test-models",
-            doc_string=doc,
-        )
-        m.ir_version = IR_VERSION
-        onnx.checker.check_model(m, full_check=True)
-        return m
+def checked(model):
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -251,7 +198,7 @@ def build_embed_model(vocab_size, hidden, heads, layers, ffn, context_length, se
     g.op("Identity", [x], out="last_hidden_state")
     g.output("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])
     if labels is None:
-        return g.model("tiny BERT-style encoder with the all-MiniLM-L6-v2 interface, random weights")
+        return checked(g.model("tiny BERT-style encoder with the all-MiniLM-L6-v2 interface, random weights"))
 
     # Mean pooling over the attention mask, then a linear head and softmax.
     mask_f = g.op("Cast", [g.op("Unsqueeze", [mask, g.i64([2])])], to=TensorProto.FLOAT)
@@ -260,7 +207,7 @@ def build_embed_model(vocab_size, hidden, heads, layers, ffn, context_length, se
     logits = g.op("Add", [g.op("MatMul", [g.op("Div", [summed, count]), g.f32(w(hidden, len(labels), scale=1.0))]), g.f32(w(len(labels), scale=0.5))])
     g.op("Softmax", [logits], axis=-1, out="probabilities")
     g.output("probabilities", TensorProto.FLOAT, ["batch", len(labels)])
-    return g.model("tiny encoder with a classifier head (mean pooling, linear, softmax), random weights")
+    return checked(g.model("tiny encoder with a classifier head (mean pooling, linear, softmax), random weights"))
 
 
 # ---------------------------------------------------------------- tiny-chat
@@ -270,143 +217,34 @@ def build_chat_model(vocab_size, hidden, heads, kv_heads, layers, ffn, context_l
     rng = np.random.default_rng(seed)
     head_dim = hidden // heads
     w = lambda *shape, scale: (rng.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
-
-    g = Graph("tiny-chat")
-    ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
-    mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
-    pos = g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])
-    pasts = []
-    for i in range(layers):
-        pk = g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, ["batch", kv_heads, "past_sequence", head_dim])
-        pv = g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, ["batch", kv_heads, "past_sequence", head_dim])
-        pasts.append((pk, pv))
-
-    # Rotary tables indexed by position id: [batch, 1, seq, head_dim].
-    inv_freq = 1.0 / (10000.0 ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = np.outer(np.arange(context_length, dtype=np.float64), inv_freq)
-    angles = np.concatenate([angles, angles], axis=-1)
-    cos = g.op("Unsqueeze", [g.op("Gather", [g.f32(np.cos(angles)), pos]), g.i64([1])])
-    sin = g.op("Unsqueeze", [g.op("Gather", [g.f32(np.sin(angles)), pos]), g.i64([1])])
-    half = head_dim // 2
-
-    def rope(v):
-        first = g.op("Slice", [v, g.i64([0]), g.i64([half]), g.i64([3])])
-        second = g.op("Slice", [v, g.i64([half]), g.i64([head_dim]), g.i64([3])])
-        rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=3)
-        return g.op("Add", [g.op("Mul", [v, cos]), g.op("Mul", [rotated, sin])])
-
-    # Causal mask over absolute indices (past + new) combined with the padding mask.
-    seq = g.op("Squeeze", [g.dim(ids, 1), g.i64([0])])
-    total = g.op("Squeeze", [g.dim(mask, 1), g.i64([0])])
-    key_idx = g.op("Range", [g.i64(0), total, g.i64(1)])
-    query_idx = g.op("Range", [g.op("Sub", [total, seq]), total, g.i64(1)])
-    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [key_idx, g.i64([0])]), g.op("Unsqueeze", [query_idx, g.i64([1])])])
-    key_ok = g.op("Cast", [g.op("Unsqueeze", [mask, g.i64([1, 2])])], to=TensorProto.BOOL)
-    allowed = g.op("And", [g.op("Unsqueeze", [causal, g.i64([0, 1])]), key_ok])
-
-    def rms_norm(v):
-        var = g.op("ReduceMean", [g.op("Mul", [v, v])], axes=[-1], keepdims=1)
-        normed = g.op("Div", [v, g.op("Sqrt", [g.op("Add", [var, g.f32(1e-5)])])])
-        return g.op("Mul", [normed, g.f32(1.0 + w(hidden, scale=0.1))])
-
-    x = g.op("Gather", [g.const(w(vocab_size, hidden, scale=1.0), "embed_tokens"), ids])
     scale = 1.0 / np.sqrt(hidden)
-    for i, (past_k, past_v) in enumerate(pasts):
-        h = rms_norm(x)
-
-        def project(n_heads, v=h):
-            out = g.op("MatMul", [v, g.f32(w(hidden, n_heads * head_dim, scale=scale))])
-            return g.op("Transpose", [g.op("Reshape", [out, g.i64([0, 0, n_heads, head_dim])])], perm=[0, 2, 1, 3])
-
-        q = rope(project(heads))
-        k = rope(project(kv_heads))
-        v = project(kv_heads)
-        present_k = g.op("Concat", [past_k, k], axis=2, out=f"present.{i}.key")
-        present_v = g.op("Concat", [past_v, v], axis=2, out=f"present.{i}.value")
-
-        def repeat_kv(t):
-            t = g.op("Expand", [g.op("Unsqueeze", [t, g.i64([2])]), g.i64([1, 1, heads // kv_heads, 1, 1])])
-            return g.op("Reshape", [t, g.i64([0, heads, -1, head_dim])])
-
-        scores = g.op("MatMul", [q, g.op("Transpose", [repeat_kv(present_k)], perm=[0, 1, 3, 2])])
-        scores = g.op("Where", [allowed, g.op("Div", [scores, g.f32(np.sqrt(head_dim))]), g.f32(NEG_INF)])
-        ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), repeat_kv(present_v)])
-        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.i64([0, 0, heads * head_dim])])
-        x = g.op("Add", [x, g.op("MatMul", [ctx, g.f32(w(heads * head_dim, hidden, scale=scale))])])
-
-        h = rms_norm(x)
-        gate = g.op("MatMul", [h, g.f32(w(hidden, ffn, scale=scale))])
-        up = g.op("MatMul", [h, g.f32(w(hidden, ffn, scale=scale))])
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        x = g.op("Add", [x, g.op("MatMul", [act, g.f32(w(ffn, hidden, scale=1.0 / np.sqrt(ffn)))])])
-
-        g.output(f"present.{i}.key", TensorProto.FLOAT, ["batch", kv_heads, "total_sequence", head_dim])
-        g.output(f"present.{i}.value", TensorProto.FLOAT, ["batch", kv_heads, "total_sequence", head_dim])
-
-    lm_head = w(hidden, vocab_size, scale=3.0 / np.sqrt(hidden))
+    weights = {"embed": w(vocab_size, hidden, scale=1.0)}
+    for i in range(layers):
+        weights[f"attn_norm.{i}"] = 1.0 + w(hidden, scale=0.1)
+        weights[f"q.{i}"] = w(hidden, heads * head_dim, scale=scale)
+        weights[f"k.{i}"] = w(hidden, kv_heads * head_dim, scale=scale)
+        weights[f"v.{i}"] = w(hidden, kv_heads * head_dim, scale=scale)
+        weights[f"o.{i}"] = w(heads * head_dim, hidden, scale=scale)
+        weights[f"ffn_norm.{i}"] = 1.0 + w(hidden, scale=0.1)
+        weights[f"gate.{i}"] = w(hidden, ffn, scale=scale)
+        weights[f"up.{i}"] = w(hidden, ffn, scale=scale)
+        weights[f"down.{i}"] = w(ffn, hidden, scale=1.0 / np.sqrt(ffn))
+    weights["norm"] = 1.0 + w(hidden, scale=0.1)
+    weights["lm_head"] = w(hidden, vocab_size, scale=3.0 / np.sqrt(hidden))
     # Random weights would almost never pick the end token; a fixed bias makes it a real competitor so
     # some reference prompts end with it and others run to max_tokens.
     bias = np.zeros(vocab_size, dtype=np.float32)
     bias[eos_id] = eos_bias
-    g.op("Add", [g.op("MatMul", [rms_norm(x), g.f32(lm_head)]), g.f32(bias)], out="logits")
-    g.output("logits", TensorProto.FLOAT, ["batch", "sequence", vocab_size])
-    return g.model("tiny Llama-style decoder with the SmolLM2/optimum KV-cache interface, random weights")
+    weights["lm_bias"] = bias
+    cfg = {"vocab": vocab_size, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+           "layers": layers, "context_length": context_length, "rope_theta": 10000.0, "rms_eps": 1e-5}
+    model = llama_onnx.build(cfg, weights, "tiny-chat",
+                             "tiny Llama-style decoder with the SmolLM2/optimum KV-cache interface, random weights")
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
-def render_chatml(messages):
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + "<|im_start|>assistant\n"
-
-
-class ChatRunner:
-    """Greedy decoding with onnxruntime: the reference the Rust implementation must reproduce."""
-
-    def __init__(self, path, layers, kv_heads, head_dim):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
-
-    def forward(self, ids, past, past_len):
-        n = len(ids)
-        feed = {
-            "input_ids": np.array([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, past_len + n), dtype=np.int64),
-            "position_ids": np.arange(past_len, past_len + n, dtype=np.int64)[None, :],
-        }
-        for i in range(self.layers):
-            feed[f"past_key_values.{i}.key"] = past[2 * i]
-            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value")]
-        out = self.sess.run(names, feed)
-        return out[0][0], out[1:]
-
-    def empty_past(self):
-        return [np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)] * (2 * self.layers)
-
-    def greedy_cached(self, prompt, max_tokens, eos_ids):
-        logits, past = self.forward(prompt, self.empty_past(), 0)
-        out, step_logits = [], [logits[-1]]
-        while True:
-            token = int(np.argmax(step_logits[-1]))
-            if token in eos_ids:
-                return out, "stop", step_logits
-            out.append(token)
-            if len(out) == max_tokens:
-                return out, "length", step_logits
-            logits, past = self.forward([token], past, len(prompt) + len(out) - 1)
-            step_logits.append(logits[-1])
-
-    def check_cache_matches_recompute(self, prompt, tokens, step_logits):
-        """Each cached step's logits must equal a from-scratch run over the whole sequence."""
-        seq = list(prompt)
-        for step, logits in enumerate(step_logits):
-            full, _ = self.forward(seq, self.empty_past(), 0)
-            diff = float(np.max(np.abs(full[-1] - logits)))
-            if diff > 1e-3 or int(np.argmax(full[-1])) != int(np.argmax(logits)):
-                raise SystemExit(f"tiny-chat: KV-cache step {step} differs from a full recompute (max |diff| {diff})")
-            if step < len(tokens):
-                seq.append(tokens[step])
+render_chatml = llama_onnx.render_chatml
 
 
 def build_chat(outdir):
@@ -431,12 +269,12 @@ def build_chat(outdir):
         with tempfile.TemporaryDirectory() as tmp:
             tmp_model = os.path.join(tmp, "model.onnx")
             onnx.save(model, tmp_model)
-            runner = ChatRunner(tmp_model, layers, kv_heads, head_dim)
-            runs = [runner.greedy_cached(p, CHAT_REFERENCE_MAX_TOKENS, eos_ids) for p in prompts]
+            runner = llama_onnx.GreedyRunner(tmp_model, layers, kv_heads, head_dim)
+            runs = [runner.greedy(p, CHAT_REFERENCE_MAX_TOKENS, eos_ids) for p in prompts]
             reasons = {r[1] for r in runs}
             if reasons == {"stop", "length"} and all(len(r[0]) >= 3 for r in runs):
                 for p, (tokens, _, step_logits) in zip(prompts, runs):
-                    runner.check_cache_matches_recompute(p, tokens, step_logits)
+                    runner.check_cache_matches_recompute("tiny-chat", p, tokens, step_logits)
                 break
     else:
         raise SystemExit("tiny-chat: no end-token bias gives both a 'stop' and a 'length' reference")
@@ -560,7 +398,9 @@ def main():
     parser.add_argument("outdir")
     args = parser.parse_args()
     outdir = os.path.abspath(args.outdir)
-    generator = "make-test-models.py sha256:" + sha256_file(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = [os.path.abspath(__file__), os.path.join(here, "models", "llama_onnx.py")]
+    generator = "make-test-models.py sha256:" + ",".join(sha256_file(p) for p in sources)
     if up_to_date(outdir, generator):
         print(f"test models in {outdir} are up to date")
         return

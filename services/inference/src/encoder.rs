@@ -9,6 +9,7 @@ use ort::value::Tensor;
 use parking_lot::Mutex;
 use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use crate::batcher::BatchModel;
 use crate::error::Error;
 use crate::manifest::{ModelEntry, Pooling};
 use crate::onnx;
@@ -34,8 +35,13 @@ struct Batch {
     batch: usize,
     seq: usize,
     mask: Vec<i64>,
-    /// Tokens read (special tokens included, padding excluded).
-    tokens: u64,
+}
+
+impl Batch {
+    /// Tokens read per input (special tokens included, padding excluded).
+    fn tokens(&self) -> Vec<u64> {
+        self.mask.chunks_exact(self.seq.max(1)).map(|row| row.iter().map(|&m| m as u64).sum()).collect()
+    }
 }
 
 impl TextEncoder {
@@ -87,13 +93,20 @@ impl TextEncoder {
     /// Tokenizes `texts` (truncated to the context) and runs the graph; `read` gets the outputs.
     fn run<R>(
         &self,
-        texts: &[String],
+        texts: &[impl AsRef<str>],
         read: impl FnOnce(&SessionOutputs<'_>, &Batch) -> Result<R, Error>,
     ) -> Result<R, Error> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.iter().map(String::as_str).collect::<Vec<_>>(), true)
+        // One text at a time on this thread: `encode_batch` would hand a few short texts to
+        // rayon's pool, whose threads then compete with ONNX Runtime's for the same cores.
+        let mut encodings = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t.as_ref(), true))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        if let Some(padding) = self.tokenizer.get_padding() {
+            tokenizers::utils::padding::pad_encodings(&mut encodings, padding)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        }
         let batch = encodings.len();
         let seq = encodings.first().map_or(0, |e| e.len());
         let mut ids = Vec::with_capacity(batch * seq);
@@ -104,7 +117,6 @@ impl TextEncoder {
             mask.extend(enc.get_attention_mask().iter().map(|&v| i64::from(v)));
             types.extend(enc.get_type_ids().iter().map(|&v| i64::from(v)));
         }
-        let tokens = mask.iter().map(|&m| m as u64).sum();
         let shape = [batch, seq];
         let mut inputs = vec![
             ("input_ids", Tensor::from_array((shape, ids))?.into_dyn()),
@@ -115,7 +127,7 @@ impl TextEncoder {
         }
         let mut session = self.session.lock();
         let outputs = session.run(inputs)?;
-        read(&outputs, &Batch { batch, seq, mask, tokens })
+        read(&outputs, &Batch { batch, seq, mask })
     }
 }
 
@@ -133,8 +145,8 @@ pub struct EmbedModel {
 pub struct Embeddings {
     /// One vector per input, in input order.
     pub vectors: Vec<Vec<f32>>,
-    /// Tokens the model read (special tokens included, padding excluded).
-    pub prompt_tokens: u64,
+    /// Tokens the model read per input (special tokens included, padding excluded).
+    pub tokens: Vec<u64>,
 }
 
 impl EmbedModel {
@@ -164,7 +176,7 @@ impl EmbedModel {
 
     /// Embeds `texts` in one batch (blocking: call from a blocking thread). Inputs longer than
     /// the context are truncated.
-    pub fn embed(&self, texts: &[String]) -> Result<Embeddings, Error> {
+    pub fn embed(&self, texts: &[impl AsRef<str>]) -> Result<Embeddings, Error> {
         self.encoder.run(texts, |outputs, b| {
             let (shape, hidden) = outputs[self.output.as_str()].try_extract_tensor::<f32>()?;
             if **shape != [b.batch as i64, b.seq as i64, self.dims as i64] {
@@ -183,7 +195,7 @@ impl EmbedModel {
                     v
                 })
                 .collect();
-            Ok(Embeddings { vectors, prompt_tokens: b.tokens })
+            Ok(Embeddings { vectors, tokens: b.tokens() })
         })
     }
 }
@@ -202,8 +214,8 @@ pub struct ClassifyModel {
 pub struct Classifications {
     /// Per input, every label with its probability, most likely first.
     pub results: Vec<Vec<(String, f32)>>,
-    /// Tokens the model read.
-    pub prompt_tokens: u64,
+    /// Tokens the model read per input.
+    pub tokens: Vec<u64>,
 }
 
 impl ClassifyModel {
@@ -224,7 +236,7 @@ impl ClassifyModel {
     }
 
     /// Scores `texts` in one batch (blocking). Inputs longer than the context are truncated.
-    pub fn classify(&self, texts: &[String]) -> Result<Classifications, Error> {
+    pub fn classify(&self, texts: &[impl AsRef<str>]) -> Result<Classifications, Error> {
         let n = self.labels.len();
         self.encoder.run(texts, |outputs, b| {
             let (shape, scores) = outputs[self.output.as_str()].try_extract_tensor::<f32>()?;
@@ -243,8 +255,28 @@ impl ClassifyModel {
                     scored
                 })
                 .collect();
-            Ok(Classifications { results, prompt_tokens: b.tokens })
+            Ok(Classifications { results, tokens: b.tokens() })
         })
+    }
+}
+
+impl BatchModel for EmbedModel {
+    /// The vector of one text and the tokens it took.
+    type Item = (Vec<f32>, u64);
+
+    fn run_batch(&self, texts: &[&str]) -> Result<Vec<Self::Item>, Error> {
+        let out = self.embed(texts)?;
+        Ok(out.vectors.into_iter().zip(out.tokens).collect())
+    }
+}
+
+impl BatchModel for ClassifyModel {
+    /// The label scores of one text and the tokens it took.
+    type Item = (Vec<(String, f32)>, u64);
+
+    fn run_batch(&self, texts: &[&str]) -> Result<Vec<Self::Item>, Error> {
+        let out = self.classify(texts)?;
+        Ok(out.results.into_iter().zip(out.tokens).collect())
     }
 }
 

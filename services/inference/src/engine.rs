@@ -12,6 +12,7 @@ use parking_lot::RwLock;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::batcher::Batcher;
 use crate::chat::{ChatModel, ChatTurn, Completion, FinishReason, GenerationParams, GenerationSink};
 use crate::config::Config;
 use crate::encoder::{ClassifyModel, EmbedModel};
@@ -28,8 +29,19 @@ pub const MAX_STOP_SEQUENCES: usize = 8;
 #[derive(Clone)]
 pub enum LoadedModel {
     Chat(Arc<ChatModel>),
-    Embed(Arc<EmbedModel>),
-    Classify(Arc<ClassifyModel>),
+    Embed(Arc<Batcher<EmbedModel>>),
+    Classify(Arc<Batcher<ClassifyModel>>),
+}
+
+impl LoadedModel {
+    /// Requests waiting in the model's batching queue and its capacity (encoder models).
+    fn queue(&self) -> Option<(usize, usize)> {
+        match self {
+            LoadedModel::Chat(_) => None,
+            LoadedModel::Embed(b) => Some((b.queue_depth(), b.queue_capacity())),
+            LoadedModel::Classify(b) => Some((b.queue_depth(), b.queue_capacity())),
+        }
+    }
 }
 
 enum SlotState {
@@ -59,6 +71,10 @@ pub struct ModelStatus {
     /// Embedding dimensions (embedding models).
     pub dims: Option<u32>,
     pub context_length: u32,
+    /// Requests waiting in the model's batching queue (loaded encoder models; 0 otherwise).
+    pub queue_depth: usize,
+    /// How many requests that queue holds before refusing (0 for models without one).
+    pub queue_capacity: usize,
 }
 
 /// Vectors of one `Embed` call.
@@ -118,6 +134,7 @@ impl Engine {
     /// Reads the manifest of `config.models_dir` without loading any model. A missing manifest
     /// gives an empty registry (models not fetched yet); an invalid one is an error.
     pub fn new(config: Config, metrics: InferenceMetrics) -> Result<Self, Error> {
+        config.batching.validate().map_err(Error::Config)?;
         let manifest_path = config.models_dir.join("manifest.json");
         let entries = if manifest_path.exists() {
             Manifest::load(&manifest_path)?.models
@@ -186,6 +203,11 @@ impl Engine {
         self.inner.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Requests waiting in the batching queues of all models.
+    pub fn queued(&self) -> usize {
+        self.inner.slots.values().filter_map(|slot| loaded(slot).and_then(|m| m.queue())).map(|(depth, _)| depth).sum()
+    }
+
     /// Every model of the registry, by name.
     pub fn models(&self) -> Vec<ModelStatus> {
         self.inner.slots.values().map(status).collect()
@@ -215,8 +237,9 @@ impl Engine {
         *slot.state.write() = SlotState::Loading;
         let entry = slot.entry.clone();
         let config = self.inner.config.clone();
+        let metrics = self.inner.metrics.clone();
         let started = Instant::now();
-        let loaded = tokio::task::spawn_blocking(move || load_model(&entry, &config)).await;
+        let loaded = tokio::task::spawn_blocking(move || load_model(&entry, &config, &metrics)).await;
         let state = match loaded {
             Ok(Ok(model)) => {
                 tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "loaded");
@@ -269,59 +292,50 @@ impl Engine {
         self.inner.metrics.requests.with_label_values(&[model, task.as_str(), outcome]).inc();
     }
 
-    /// Embeds `inputs` with the embedding model `model`.
+    /// Embeds `inputs` with the embedding model `model`, batched with other requests for it.
     pub async fn embed(&self, model: &str, inputs: Vec<String>) -> Result<EmbedOutput, Error> {
-        let LoadedModel::Embed(embedder) = self.model(model, Task::Embeddings)? else {
+        let LoadedModel::Embed(batcher) = self.model(model, Task::Embeddings)? else {
             return Err(Error::Internal(format!(
                 "model `{model}` is registered as embeddings but loaded as another task"
             )));
         };
         check_inputs(&inputs, self.inner.config.max_batch_inputs)?;
-        let guard = self.enter()?;
+        let _guard = self.enter().inspect_err(|err| self.count(model, Task::Embeddings, outcome(err)))?;
         let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            embedder.embed(&inputs).map(|e| (e, embedder.dims()))
-        })
-        .await
-        .map_err(|join| Error::Internal(format!("embedding stopped abnormally: {join}")))?;
-        match result {
-            Ok((embeddings, dims)) => {
+        match batcher.submit(inputs).await {
+            Ok(items) => {
                 self.inner.metrics.embed_duration.with_label_values(&[model]).observe(started.elapsed().as_secs_f64());
-                self.inner.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(embeddings.prompt_tokens);
+                let prompt_tokens = items.iter().map(|(_, tokens)| tokens).sum();
+                self.inner.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(prompt_tokens);
                 self.count(model, Task::Embeddings, "ok");
-                Ok(EmbedOutput { vectors: embeddings.vectors, dims, prompt_tokens: embeddings.prompt_tokens })
+                let dims = batcher.model().dims();
+                Ok(EmbedOutput { vectors: items.into_iter().map(|(v, _)| v).collect(), dims, prompt_tokens })
             }
             Err(err) => {
-                self.count(model, Task::Embeddings, "error");
+                self.count(model, Task::Embeddings, outcome(&err));
                 Err(err)
             }
         }
     }
 
-    /// Scores `inputs` with the classifier `model`.
+    /// Scores `inputs` with the classifier `model`, batched with other requests for it.
     pub async fn classify(&self, model: &str, inputs: Vec<String>) -> Result<ClassifyOutput, Error> {
-        let LoadedModel::Classify(classifier) = self.model(model, Task::Classification)? else {
+        let LoadedModel::Classify(batcher) = self.model(model, Task::Classification)? else {
             return Err(Error::Internal(format!(
                 "model `{model}` is registered as classification but loaded as another task"
             )));
         };
         check_inputs(&inputs, self.inner.config.max_batch_inputs)?;
-        let guard = self.enter()?;
-        let result = tokio::task::spawn_blocking(move || {
-            let _guard = guard;
-            classifier.classify(&inputs)
-        })
-        .await
-        .map_err(|join| Error::Internal(format!("classification stopped abnormally: {join}")))?;
-        match result {
-            Ok(out) => {
-                self.inner.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(out.prompt_tokens);
+        let _guard = self.enter().inspect_err(|err| self.count(model, Task::Classification, outcome(err)))?;
+        match batcher.submit(inputs).await {
+            Ok(items) => {
+                let prompt_tokens = items.iter().map(|(_, tokens)| tokens).sum();
+                self.inner.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(prompt_tokens);
                 self.count(model, Task::Classification, "ok");
-                Ok(ClassifyOutput { results: out.results, prompt_tokens: out.prompt_tokens })
+                Ok(ClassifyOutput { results: items.into_iter().map(|(r, _)| r).collect(), prompt_tokens })
             }
             Err(err) => {
-                self.count(model, Task::Classification, "error");
+                self.count(model, Task::Classification, outcome(&err));
                 Err(err)
             }
         }
@@ -412,14 +426,28 @@ impl GenerationSink for ChannelSink {
     }
 }
 
+/// The loaded model of `slot`, if any.
+fn loaded(slot: &Slot) -> Option<LoadedModel> {
+    match &*slot.state.read() {
+        SlotState::Loaded(model) => Some(model.clone()),
+        _ => None,
+    }
+}
+
 fn status(slot: &Slot) -> ModelStatus {
     let entry = &slot.entry;
-    let (loaded, error, dims) = match &*slot.state.read() {
-        SlotState::Loaded(LoadedModel::Embed(m)) => (true, None, Some(m.dims() as u32)),
-        SlotState::Loaded(LoadedModel::Chat(_) | LoadedModel::Classify(_)) => (true, None, None),
-        SlotState::Loading => (false, Some("loading".to_owned()), entry.dims),
-        SlotState::Unloaded(reason) | SlotState::Failed(reason) => (false, Some(reason.clone()), entry.dims),
+    let (loaded, error, dims, queue) = match &*slot.state.read() {
+        SlotState::Loaded(model) => {
+            let dims = match model {
+                LoadedModel::Embed(b) => Some(b.model().dims() as u32),
+                LoadedModel::Chat(_) | LoadedModel::Classify(_) => None,
+            };
+            (true, None, dims, model.queue())
+        }
+        SlotState::Loading => (false, Some("loading".to_owned()), entry.dims, None),
+        SlotState::Unloaded(reason) | SlotState::Failed(reason) => (false, Some(reason.clone()), entry.dims, None),
     };
+    let (queue_depth, queue_capacity) = queue.unwrap_or((0, 0));
     ModelStatus {
         name: entry.name.clone(),
         task: entry.task,
@@ -427,11 +455,21 @@ fn status(slot: &Slot) -> ModelStatus {
         error,
         dims,
         context_length: entry.context_length,
+        queue_depth,
+        queue_capacity,
+    }
+}
+
+/// The `outcome` label of a failed request: refusals for load apart from errors.
+fn outcome(err: &Error) -> &'static str {
+    match err {
+        Error::QueueFull { .. } | Error::Overloaded(_) => "rejected",
+        _ => "error",
     }
 }
 
 /// Loads one model (blocking).
-fn load_model(entry: &ModelEntry, config: &Config) -> Result<LoadedModel, Error> {
+fn load_model(entry: &ModelEntry, config: &Config, metrics: &InferenceMetrics) -> Result<LoadedModel, Error> {
     let dir: &Path = &config.models_dir;
     let file: PathBuf = dir.join(&entry.file);
     let tokenizer = dir.join(&entry.tokenizer);
@@ -439,12 +477,20 @@ fn load_model(entry: &ModelEntry, config: &Config) -> Result<LoadedModel, Error>
     onnx::verify_file(&tokenizer, entry.tokenizer_sha256.as_deref(), config.verify_sha256)?;
     let open = || {
         let env = onnx::environment(config.ort_dylib_path.as_deref())?;
-        onnx::open_session(env, &file, config.intra_op_threads)
+        onnx::open_session(env, &file, config.intra_op_threads, config.intra_op_spinning)
     };
     match entry.task {
         Task::Chat => Ok(LoadedModel::Chat(Arc::new(ChatModel::load(entry, open()?, &tokenizer)?))),
-        Task::Embeddings => Ok(LoadedModel::Embed(Arc::new(EmbedModel::load(entry, open()?, &tokenizer)?))),
-        Task::Classification => Ok(LoadedModel::Classify(Arc::new(ClassifyModel::load(entry, open()?, &tokenizer)?))),
+        Task::Embeddings => {
+            let model = Arc::new(EmbedModel::load(entry, open()?, &tokenizer)?);
+            let batcher = Batcher::start(&entry.name, model, &config.batching, metrics.batch(&entry.name))?;
+            Ok(LoadedModel::Embed(Arc::new(batcher)))
+        }
+        Task::Classification => {
+            let model = Arc::new(ClassifyModel::load(entry, open()?, &tokenizer)?);
+            let batcher = Batcher::start(&entry.name, model, &config.batching, metrics.batch(&entry.name))?;
+            Ok(LoadedModel::Classify(Arc::new(batcher)))
+        }
     }
 }
 

@@ -17,9 +17,15 @@ pub enum Error {
     /// The model is in the registry but not serving (not loaded, loading, or failed to load).
     #[error("model `{model}` is not available: {reason}")]
     ModelUnavailable { model: String, reason: String },
+    /// The batching queue of a model is full.
+    #[error("model `{model}` has {capacity} requests queued already; retry later")]
+    QueueFull { model: String, capacity: usize },
     /// Too many requests are already executing.
     #[error("inference is overloaded: {0} requests in flight")]
     Overloaded(usize),
+    /// The service configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
     /// The manifest could not be read or is invalid.
     #[error("model manifest {path}: {message}")]
     Manifest { path: String, message: String },
@@ -47,8 +53,9 @@ impl Error {
             Error::InvalidRequest(_) | Error::WrongTask { .. } => ErrorCode::InvalidRequest,
             Error::ModelNotFound(_) => ErrorCode::ModelNotFound,
             Error::ModelUnavailable { .. } => ErrorCode::Unavailable,
-            Error::Overloaded(_) => ErrorCode::Overloaded,
-            Error::Manifest { .. }
+            Error::Overloaded(_) | Error::QueueFull { .. } => ErrorCode::Overloaded,
+            Error::Config(_)
+            | Error::Manifest { .. }
             | Error::Load(_)
             | Error::Runtime(_)
             | Error::Tokenizer(_)

@@ -6,6 +6,7 @@
 //! cannot be loaded does not take the service down: it is reported with its reason and requests
 //! for it fail with `service_unavailable`.
 
+pub mod batcher;
 pub mod chat;
 pub mod config;
 pub mod encoder;

@@ -2,6 +2,11 @@
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
+use crate::batcher::BatchMetrics;
+
+/// Buckets of batch sizes (texts or requests per session call).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// The inference service's own metrics (the runtime adds the gRPC ones).
 #[derive(Clone)]
 pub struct InferenceMetrics {
@@ -17,6 +22,12 @@ pub struct InferenceMetrics {
     pub embed_duration: HistogramVec,
     /// 1 while a model is loaded and serving.
     pub model_loaded: IntGaugeVec,
+    /// Requests waiting in a model's batching queue.
+    pub queue_depth: IntGaugeVec,
+    /// Texts per session call of an encoder model (dynamic batching).
+    pub batch_size: HistogramVec,
+    /// Requests merged into one session call of an encoder model.
+    pub batch_requests: HistogramVec,
 }
 
 impl InferenceMetrics {
@@ -61,6 +72,35 @@ impl InferenceMetrics {
                 &["model"],
             )
             .expect("static metric options are valid"),
+            queue_depth: IntGaugeVec::new(
+                Opts::new("meshgate_inference_queue_depth", "Requests waiting in a model's batching queue"),
+                &["model"],
+            )
+            .expect("static metric options are valid"),
+            batch_size: HistogramVec::new(
+                HistogramOpts::new("meshgate_inference_batch_size", "Texts per session call of an encoder model")
+                    .buckets(BATCH_BUCKETS.to_vec()),
+                &["model"],
+            )
+            .expect("static metric options are valid"),
+            batch_requests: HistogramVec::new(
+                HistogramOpts::new(
+                    "meshgate_inference_batch_requests",
+                    "Requests merged into one session call of an encoder model",
+                )
+                .buckets(BATCH_BUCKETS.to_vec()),
+                &["model"],
+            )
+            .expect("static metric options are valid"),
+        }
+    }
+
+    /// The batching metrics of model `name`.
+    pub fn batch(&self, name: &str) -> BatchMetrics {
+        BatchMetrics {
+            queue_depth: self.queue_depth.with_label_values(&[name]),
+            batch_size: self.batch_size.with_label_values(&[name]),
+            batch_requests: self.batch_requests.with_label_values(&[name]),
         }
     }
 
@@ -72,6 +112,9 @@ impl InferenceMetrics {
         metrics.register(Box::new(self.time_to_first_token.clone()));
         metrics.register(Box::new(self.embed_duration.clone()));
         metrics.register(Box::new(self.model_loaded.clone()));
+        metrics.register(Box::new(self.queue_depth.clone()));
+        metrics.register(Box::new(self.batch_size.clone()));
+        metrics.register(Box::new(self.batch_requests.clone()));
     }
 }
 

@@ -42,13 +42,15 @@ pub fn environment(dylib: Option<&Path>) -> Result<&'static Environment, Error> 
         .map_err(|reason| Error::Load(reason.clone()))
 }
 
-/// Opens `path` as a session with `intra_op_threads` (0: ONNX Runtime's default).
-pub fn open_session(env: &Environment, path: &Path, intra_op_threads: usize) -> Result<Session, Error> {
+/// Opens `path` as a session with `intra_op_threads` (0: ONNX Runtime's default); `spinning`
+/// lets idle intra-op threads busy-wait for the next operator instead of sleeping.
+pub fn open_session(env: &Environment, path: &Path, intra_op_threads: usize, spinning: bool) -> Result<Session, Error> {
     let load_err = |err: String| Error::Load(format!("cannot load {}: {err}", path.display()));
     let mut builder = Session::builder(env).map_err(|e| load_err(e.to_string()))?;
     if intra_op_threads > 0 {
         builder = builder.with_intra_threads(intra_op_threads).map_err(|e| load_err(e.to_string()))?;
     }
+    builder = builder.with_intra_op_spinning(spinning).map_err(|e| load_err(e.to_string()))?;
     builder.commit_from_file(path).map_err(|e| load_err(e.to_string()))
 }
 

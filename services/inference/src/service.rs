@@ -31,6 +31,8 @@ fn local_model(status: ModelStatus) -> pb::LocalModel {
         error: status.error.unwrap_or_default(),
         dims: status.dims.map_or(0, |d| d as i32),
         context_length: i64::from(status.context_length),
+        queue_depth: status.queue_depth as i64,
+        queue_capacity: status.queue_capacity as i64,
     }
 }
 
@@ -99,6 +101,8 @@ impl Inference for InferenceService {
         Ok(Response::new(pb::ListModelsResponse {
             models: self.engine.models().into_iter().map(local_model).collect(),
             in_flight: self.engine.in_flight() as i64,
+            max_in_flight: self.engine.config().max_in_flight as i64,
+            queued: self.engine.queued() as i64,
         }))
     }
 

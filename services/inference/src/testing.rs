@@ -29,7 +29,7 @@ pub fn chat_model() -> (Arc<ChatModel>, ChatReference) {
             let manifest = Manifest::load(&dir.join("manifest.json")).unwrap();
             let entry = manifest.models.iter().find(|m| m.task == Task::Chat).unwrap();
             let env = crate::onnx::environment(Some(&ort_dylib())).unwrap();
-            let session = crate::onnx::open_session(env, &dir.join(&entry.file), 1).unwrap();
+            let session = crate::onnx::open_session(env, &dir.join(&entry.file), 1, false).unwrap();
             let model = ChatModel::load(entry, session, &dir.join(&entry.tokenizer)).unwrap();
             let reference_path = dir.join(entry.reference.as_ref().unwrap());
             let reference = serde_json::from_str(&std::fs::read_to_string(reference_path).unwrap()).unwrap();

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use futures::StreamExt;
+use meshgate_inference::batcher::BatchingConfig;
 use meshgate_inference::chat::{ChatTurn, Completion, FinishReason};
 use meshgate_inference::engine::{GenerateEvent, GenerateStream};
 use meshgate_inference::{Config, Engine, Error, InferenceMetrics};
@@ -88,6 +89,62 @@ async fn a_batch_gives_the_vectors_of_single_calls_whatever_the_padding() {
     }
     // Different texts give different vectors: the model really reads its input.
     assert!(common::cosine(&batch.vectors[0], &batch.vectors[2]) < 0.99);
+}
+
+#[tokio::test]
+async fn concurrent_requests_are_batched_and_each_gets_its_own_results() {
+    let batching = BatchingConfig { max_batch_size: 8, max_wait_us: 2000, queue_capacity: 256 };
+    let (engine, metrics) = engine_with(Config { batching, ..common::config(&common::models_dir()) }).await;
+    let (reference, _) = common::reference("tiny-embed");
+    let cases = &reference.embeddings;
+    // 40 requests of one or two reference sentences, all at once.
+    let requests: Vec<Vec<usize>> = (0..40)
+        .map(|i| if i % 3 == 0 { vec![i % cases.len(), (i + 1) % cases.len()] } else { vec![i % cases.len()] })
+        .collect();
+    let outs = futures::future::join_all(
+        requests.iter().map(|r| engine.embed("tiny-embed", r.iter().map(|&c| cases[c].text.clone()).collect())),
+    )
+    .await;
+    for (request, out) in requests.iter().zip(outs) {
+        let out = out.unwrap();
+        assert_eq!(out.vectors.len(), request.len());
+        for (&c, vector) in request.iter().zip(&out.vectors) {
+            let cos = common::cosine(vector, &cases[c].vector);
+            assert!(cos >= 0.9999, "{}: cosine {cos}", cases[c].text);
+        }
+        let tokens: usize = request.iter().map(|&c| cases[c].input_ids.len()).sum();
+        assert_eq!(out.prompt_tokens, tokens as u64);
+    }
+    let texts: usize = requests.iter().map(Vec::len).sum();
+    let merged = metrics.batch_requests.with_label_values(&["tiny-embed"]);
+    let sizes = metrics.batch_size.with_label_values(&["tiny-embed"]);
+    // Every request ran exactly once, and every text, in calls of at most 8 texts.
+    assert_eq!(merged.get_sample_sum() as usize, requests.len());
+    assert_eq!(sizes.get_sample_sum() as usize, texts);
+    let families = prometheus::core::Collector::collect(&sizes);
+    let buckets = families[0].get_metric()[0].get_histogram().get_bucket().to_vec();
+    let within_8 = buckets.iter().find(|b| b.upper_bound() == 8.0).unwrap();
+    assert_eq!(within_8.cumulative_count(), sizes.get_sample_count());
+    assert_eq!(metrics.queue_depth.with_label_values(&["tiny-embed"]).get(), 0);
+    assert_eq!(engine.queued(), 0);
+    assert_eq!(engine.in_flight(), 0);
+
+    let labels =
+        futures::future::join_all(cases.iter().map(|c| engine.classify("tiny-classify", vec![c.text.clone()]))).await;
+    let batch = engine.classify("tiny-classify", cases.iter().map(|c| c.text.clone()).collect()).await.unwrap();
+    for (single, batched) in labels.into_iter().zip(&batch.results) {
+        let single = &single.unwrap().results[0];
+        assert_eq!(single[0].0, batched[0].0);
+        assert!((single[0].1 - batched[0].1).abs() < 1e-5);
+    }
+}
+
+#[tokio::test]
+async fn invalid_batching_settings_are_refused_at_start() {
+    let batching = BatchingConfig { max_batch_size: 0, ..BatchingConfig::default() };
+    let config = Config { batching, ..common::config(&common::models_dir()) };
+    let err = Engine::new(config, InferenceMetrics::new()).err().unwrap();
+    assert!(matches!(&err, Error::Config(msg) if msg.contains("max_batch_size")), "{err:?}");
 }
 
 #[tokio::test]

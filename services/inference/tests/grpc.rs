@@ -107,7 +107,14 @@ async fn embed_classify_and_list_models_over_grpc() {
     assert!(listed.models.iter().all(|m| m.loaded && m.error.is_empty()));
     let embed = listed.models.iter().find(|m| m.name == "tiny-embed").unwrap();
     assert_eq!((embed.task.as_str(), embed.dims, embed.context_length), ("embeddings", 32, 64));
+    // Load for routing: queues of the encoder models, none for chat, and the admission limit.
+    let capacity = Config::default().batching.queue_capacity as i64;
+    assert_eq!((embed.queue_depth, embed.queue_capacity), (0, capacity));
+    let chat = listed.models.iter().find(|m| m.name == "tiny-chat").unwrap();
+    assert_eq!((chat.queue_depth, chat.queue_capacity), (0, 0));
     assert_eq!(listed.in_flight, 0);
+    assert_eq!(listed.queued, 0);
+    assert_eq!(listed.max_in_flight, Config::default().max_in_flight as i64);
     server.stop().await;
 }
 

