@@ -10,6 +10,8 @@
 #   MESHGATE_TEST_REDIS_URL     redis://127.0.0.1:<port>/0
 #   ORT_DYLIB_PATH              libonnxruntime.so from the onnxruntime wheel in the project venv
 #   MESHGATE_TEST_MODELS_DIR    tiny ONNX models built by scripts/make-test-models.py
+#   MESHGATE_TEST_REAL_MODELS_DIR  the real encoder models (MiniLM, the two classifiers) fetched
+#                               and trained by scripts/fetch-models.sh into models/
 # Postgres and Redis already answering on 127.0.0.1 are used; otherwise throwaway servers are
 # started (installed with apt-get when missing, as root) and removed at exit, even on failure.
 #
@@ -52,9 +54,15 @@ mg_log "Models: building test models into $MESHGATE_TEST_MODELS_DIR"
 mg_lock test-models "$MG_VENV/bin/python" scripts/make-test-models.py "$MESHGATE_TEST_MODELS_DIR" >&2 ||
     mg_die "scripts/make-test-models.py failed"
 
+export MESHGATE_TEST_REAL_MODELS_DIR="$MG_ROOT/models"
+mg_log "Models: fetching the real encoder models into $MESHGATE_TEST_REAL_MODELS_DIR (scripts/fetch-models.sh)"
+# The script locks and skips what is already built and verified.
+bash scripts/fetch-models.sh --dir "$MESHGATE_TEST_REAL_MODELS_DIR" >&2 || mg_die "scripts/fetch-models.sh failed"
+
 if [[ ${MESHGATE_TEST_SETUP_ONLY:-0} == 1 ]]; then
     mg_log "MESHGATE_TEST_SETUP_ONLY=1: setup done; exported:"
-    for var in MESHGATE_TEST_DATABASE_URL MESHGATE_TEST_REDIS_URL ORT_DYLIB_PATH MESHGATE_TEST_MODELS_DIR; do
+    for var in MESHGATE_TEST_DATABASE_URL MESHGATE_TEST_REDIS_URL ORT_DYLIB_PATH MESHGATE_TEST_MODELS_DIR \
+        MESHGATE_TEST_REAL_MODELS_DIR; do
         printf 'export %s=%q\n' "$var" "${!var}"
     done
     exit 0

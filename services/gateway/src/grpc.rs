@@ -87,8 +87,39 @@ impl Gateway for GatewayService {
     }
 
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        self.authenticate(&request, EndpointScope::Embeddings).await?;
-        Err(ErrorCode::NotImplemented.status("embeddings at the edge arrive with the local inference issue (#5)"))
+        let caller = self.authenticate(&request, EndpointScope::Embeddings).await?;
+        let body = request.into_inner();
+        let model = body.model.trim().to_owned();
+        let invalid = |m: String| ApiError::new(ErrorCode::InvalidRequest, m).to_status();
+        if model.is_empty() {
+            return Err(invalid("model is required".into()));
+        }
+        caller.require_model(&model).map_err(|err| err.to_status())?;
+        if body.inputs.is_empty() || body.inputs.len() > crate::embeddings::MAX_INPUTS {
+            return Err(invalid(format!("inputs must hold 1 to {} texts", crate::embeddings::MAX_INPUTS)));
+        }
+        if let Some(i) = body.inputs.iter().position(String::is_empty) {
+            return Err(invalid(format!("inputs[{i}] is an empty string")));
+        }
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let (embedded, budget) = self
+            .orchestrator
+            .embed(&request_id, &caller.principal, &model, body.inputs)
+            .await
+            .map_err(|err| err.to_status())?;
+        let data = embedded
+            .embeddings
+            .into_iter()
+            .zip(0..)
+            .map(|(e, index)| meshgate_proto::gateway::v1::Embedding { index, values: e.values })
+            .collect();
+        let mut response = Response::new(EmbedResponse { model, data, usage: embedded.usage });
+        for (name, value) in budget.headers() {
+            if let Ok(value) = value.parse() {
+                response.metadata_mut().insert(name, value);
+            }
+        }
+        Ok(response)
     }
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
@@ -96,7 +127,7 @@ impl Gateway for GatewayService {
         let targets = self.orchestrator.models().await.map_err(|err| err.to_status())?;
         let models = targets
             .into_iter()
-            .map(|t| ModelInfo { id: t.model, owned_by: t.provider, tasks: vec!["chat".into()] })
+            .map(|(t, tasks)| ModelInfo { id: t.model, owned_by: t.provider, tasks })
             .collect();
         Ok(Response::new(ListModelsResponse { models }))
     }

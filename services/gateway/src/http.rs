@@ -73,6 +73,7 @@ pub fn router(edge: Edge, max_concurrency: usize) -> axum::Router {
     axum::Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/embeddings", post(crate::embeddings::embeddings))
         .route("/v1/quota/status", get(quota::status))
         .route("/v1/quota/limits", put(quota::set_limits))
         .route("/v1/orgs", post(admin::create_org).get(admin::list_orgs))
@@ -391,7 +392,13 @@ async fn list_models(State(edge): State<Edge>, request: Request) -> Response {
     let data = match edge.orchestrator.models().await {
         Ok(targets) => targets
             .into_iter()
-            .map(|t| openai::ModelEntry { id: t.model, object: "model", created: 0, owned_by: t.provider })
+            .map(|(t, tasks)| openai::ModelEntry {
+                id: t.model,
+                object: "model",
+                created: 0,
+                owned_by: t.provider,
+                tasks,
+            })
             .collect(),
         Err(err) => return error_response(&err, &id),
     };

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod embeddings;
 pub mod grpc;
 pub mod http;
 pub mod jobs;

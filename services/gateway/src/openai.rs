@@ -307,6 +307,9 @@ pub struct ModelEntry {
     pub object: &'static str,
     pub created: i64,
     pub owned_by: String,
+    /// What the model does here: `chat`, `embeddings`, `classification` (a meshgate extension
+    /// the OpenAI SDKs ignore).
+    pub tasks: Vec<String>,
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use futures::stream::BoxStream;
 use meshgate_proto::analytics::v1::{ModelCall, Trace};
 use meshgate_proto::common::v1::{ErrorDetail, Principal, Target, TargetKind, Usage};
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
-use meshgate_proto::inference::v1::{GenerateChunk, GenerateRequest};
+use meshgate_proto::inference::v1::{
+    EmbedRequest, EmbedResponse, GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels,
+};
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::quota::v1::{CommitRequest, ReleaseRequest, ReserveRequest};
 use meshgate_proto::router::v1::router_client::RouterClient;
@@ -114,17 +116,78 @@ impl Orchestrator {
         self.config.peer_timeout
     }
 
-    /// One target per model id the mesh can serve (the preferred one), for model listings.
-    pub async fn models(&self) -> Result<Vec<Target>, ApiError> {
+    /// Every model the mesh can serve with what it does: the router's chat targets (the
+    /// preferred one per model id) and the inference service's other local models. When
+    /// inference does not answer, its embedding and classification models are left out.
+    pub async fn models(&self) -> Result<Vec<(Target, Vec<String>)>, ApiError> {
         let mut router = self.peers.router.clone();
         let states = peer_call("router", self.config.peer_timeout, router.list_targets(ListTargetsRequest {})).await?;
-        let mut models: Vec<Target> = Vec::new();
+        let mut models: Vec<(Target, Vec<String>)> = Vec::new();
         for target in states.targets.into_iter().filter_map(|t| t.target) {
-            if !models.iter().any(|m| m.model == target.model) {
-                models.push(target);
+            if !models.iter().any(|(m, _)| m.model == target.model) {
+                models.push((target, vec!["chat".to_owned()]));
             }
         }
+        let mut inference = self.peers.inference.clone();
+        let local = peer_call("inference", self.config.peer_timeout, inference.list_models(InferenceListModels {})).await;
+        match local {
+            Ok(local) => {
+                for model in local.models.into_iter().filter(|m| m.task != "chat") {
+                    let tasks = vec![model.task.clone()];
+                    let target = Target {
+                        id: format!("local/{}", model.name),
+                        model: model.name,
+                        provider: "local".into(),
+                        kind: TargetKind::Local as i32,
+                        ..Default::default()
+                    };
+                    models.push((target, tasks));
+                }
+            }
+            Err(err) => tracing::debug!(%err, "inference did not list its models"),
+        }
         Ok(models)
+    }
+
+    /// Embeds `inputs` with a local embedding model: reserves the inputs' estimated tokens,
+    /// calls the inference service, then commits the tokens it counted (or releases).
+    pub async fn embed(
+        self: &Arc<Self>,
+        request_id: &str,
+        principal: &Principal,
+        model: &str,
+        inputs: Vec<String>,
+    ) -> Result<(EmbedResponse, QuotaSnapshot), ApiError> {
+        let estimate: i64 = inputs.iter().map(|t| (t.chars().count() as u64).div_ceil(4) as i64 + 2).sum();
+        let reserve = ReserveRequest {
+            request_id: request_id.to_owned(),
+            principal: Some(principal.clone()),
+            estimated_tokens: estimate,
+            estimated_cost_micros: 0,
+        };
+        let mut quota = self.peers.quota.clone();
+        let reserved = peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await?;
+        if !reserved.admitted {
+            self.metrics.quota_rejections.with_label_values(&[&reserved.rejected_limit]).inc();
+            return Err(quota::rejection(&reserved));
+        }
+        let budget = QuotaSnapshot::from_reserve(&reserved);
+        let mut inference = self.peers.inference.clone();
+        let request = EmbedRequest { model: model.to_owned(), inputs };
+        let result = peer_call("inference", self.config.first_piece_timeout, inference.embed(request)).await;
+        let usage = result.as_ref().ok().map(|r| {
+            let prompt_tokens = r.usage.map_or(estimate, |u| u.prompt_tokens.max(0));
+            Usage { prompt_tokens, total_tokens: prompt_tokens, ..Usage::default() }
+        });
+        let orchestrator = self.clone();
+        let (request_id, principal) = (request_id.to_owned(), principal.clone());
+        tokio::spawn(async move {
+            settle_reservation(&orchestrator, reserved.reservation_id, usage, Some(principal), &request_id).await;
+        });
+        if let Some(usage) = &usage {
+            self.metrics.record_usage(model, usage);
+        }
+        Ok((result?, budget))
     }
 
     /// Routes, reserves and starts the first target that answers.

@@ -1,0 +1,174 @@
+//! `POST /v1/embeddings` (OpenAI format, `float` or `base64`) served by the local embedding
+//! models of the inference service, with quota reserved and committed like a chat request.
+
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use meshgate_runtime::{ApiError, ErrorCode};
+use serde::{Deserialize, Serialize};
+
+use crate::http::{Edge, RequestContext, authenticate, error_response, read_body};
+use crate::openai::json_error;
+use crate::tenancy::EndpointScope;
+
+/// Most inputs in one request (OpenAI's limit).
+pub const MAX_INPUTS: usize = 2048;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Unknown fields (`user`, ...) are accepted as the OpenAI API does; the key identifies the user.
+#[derive(Debug, Deserialize)]
+struct EmbeddingsRequest {
+    model: String,
+    input: serde_json::Value,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Vector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Debug, Serialize)]
+struct Datum {
+    object: &'static str,
+    index: usize,
+    embedding: Vector,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: i64,
+    total_tokens: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingsResponse {
+    object: &'static str,
+    data: Vec<Datum>,
+    model: String,
+    usage: EmbeddingUsage,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest, message)
+}
+
+/// The inputs of a request: a string or an array of non-empty strings (token arrays are refused:
+/// local models tokenize themselves).
+fn inputs(value: serde_json::Value) -> Result<Vec<String>, ApiError> {
+    let input: Input = serde_json::from_value(value)
+        .map_err(|_| invalid("input must be a string or an array of strings (token arrays are not supported)"))?;
+    let inputs = match input {
+        Input::One(text) => vec![text],
+        Input::Many(texts) => texts,
+    };
+    if inputs.is_empty() {
+        return Err(invalid("input must not be empty"));
+    }
+    if inputs.len() > MAX_INPUTS {
+        return Err(invalid(format!("input has more than {MAX_INPUTS} items")));
+    }
+    if let Some(i) = inputs.iter().position(String::is_empty) {
+        return Err(invalid(format!("input[{i}] is an empty string")));
+    }
+    Ok(inputs)
+}
+
+/// Little-endian f32 bytes in base64, as the OpenAI SDKs decode `encoding_format: "base64"`.
+fn base64_vector(values: &[f32]) -> String {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `POST /v1/embeddings`.
+pub async fn embeddings(State(edge): State<Edge>, request: Request) -> Response {
+    let context = request.extensions().get::<RequestContext>().cloned();
+    let id = context.as_ref().map(|c| c.request_id.clone()).unwrap_or_default();
+    let caller = authenticate(&edge, request.headers(), context.as_ref().and_then(|c| c.client)).await;
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let caller = caller?;
+        caller.require(EndpointScope::Embeddings)?;
+        let body = read_body(body, &parts.headers, edge.max_body_bytes).await?;
+        let request: EmbeddingsRequest = serde_json::from_slice(&body).map_err(json_error)?;
+        let model = request.model.trim().to_owned();
+        if model.is_empty() {
+            return Err(invalid("model is required"));
+        }
+        caller.require_model(&model)?;
+        let base64 = match request.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => return Err(invalid(format!("encoding_format {other:?} is not float or base64"))),
+        };
+        let inputs = inputs(request.input)?;
+        let (embedded, budget) = edge.orchestrator.embed(&id, &caller.principal, &model, inputs).await?;
+        if let Some(dimensions) = request.dimensions
+            && dimensions != i64::from(embedded.dims)
+        {
+            return Err(invalid(format!("dimensions must be {} for {model} (got {dimensions})", embedded.dims)));
+        }
+        let prompt_tokens = embedded.usage.map_or(0, |u| u.prompt_tokens);
+        let data = embedded
+            .embeddings
+            .into_iter()
+            .enumerate()
+            .map(|(index, e)| Datum {
+                object: "embedding",
+                index,
+                embedding: if base64 { Vector::Base64(base64_vector(&e.values)) } else { Vector::Float(e.values) },
+            })
+            .collect();
+        let body = EmbeddingsResponse {
+            object: "list",
+            data,
+            model,
+            usage: EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens },
+        };
+        let mut response = axum::Json(body).into_response();
+        for (name, value) in budget.headers() {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
+        Ok(response)
+    }
+    .await;
+    result.unwrap_or_else(|err| error_response(&err, &id))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn inputs_are_a_string_or_strings_never_tokens_or_empties() {
+        assert_eq!(inputs(json!("hi")).unwrap(), ["hi"]);
+        assert_eq!(inputs(json!(["a", "b"])).unwrap(), ["a", "b"]);
+        for bad in [json!([]), json!([1, 2]), json!([[1]]), json!(""), json!(["a", ""]), json!(null), json!(5)] {
+            assert_eq!(inputs(bad.clone()).unwrap_err().code, ErrorCode::InvalidRequest, "{bad}");
+        }
+        assert!(inputs(json!(vec!["x"; MAX_INPUTS + 1])).is_err());
+    }
+
+    #[test]
+    fn base64_is_little_endian_f32() {
+        let encoded = base64_vector(&[1.0, -2.5]);
+        let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
+        assert_eq!(bytes, [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat());
+    }
+}
