@@ -125,10 +125,8 @@ impl Gateway for GatewayService {
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         self.authenticate(&request, EndpointScope::Models).await?;
         let targets = self.orchestrator.models().await.map_err(|err| err.to_status())?;
-        let models = targets
-            .into_iter()
-            .map(|(t, tasks)| ModelInfo { id: t.model, owned_by: t.provider, tasks })
-            .collect();
+        let models =
+            targets.into_iter().map(|(t, tasks)| ModelInfo { id: t.model, owned_by: t.provider, tasks }).collect();
         Ok(Response::new(ListModelsResponse { models }))
     }
 }

@@ -129,11 +129,14 @@ impl Orchestrator {
             }
         }
         let mut inference = self.peers.inference.clone();
-        let local = peer_call("inference", self.config.peer_timeout, inference.list_models(InferenceListModels {})).await;
+        let local =
+            peer_call("inference", self.config.peer_timeout, inference.list_models(InferenceListModels {})).await;
         match local {
             Ok(local) => {
                 for model in local.models.into_iter().filter(|m| m.task != "chat") {
                     let tasks = vec![model.task.clone()];
+                    // What inference says a model does wins over a router entry for it.
+                    models.retain(|(t, _)| t.model != model.name);
                     let target = Target {
                         id: format!("local/{}", model.name),
                         model: model.name,

@@ -56,19 +56,20 @@ impl SyncProcess {
             .env("MESHGATE_SYNC__QUEUE__POLL_INTERVAL_MS", "50")
             .env("MESHGATE_SYNC__QUEUE__CONCURRENCY", "32")
             .env("MESHGATE_SYNC__QUEUE__BATCH_SIZE", "16")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::inherit())
+            // Logs go to stderr.
+            .stderr(Stdio::piped());
         for (key, value) in queue_env {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("meshgate-sync starts");
-        let stdout = child.stdout.take().unwrap();
+        let logs = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         // Reads the log until the gRPC address shows, then keeps draining so the child never
         // blocks on a full pipe.
         std::thread::spawn(move || {
             let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
+            for line in BufReader::new(logs).lines() {
                 let Ok(line) = line else { break };
                 if let Some(sender) = &tx
                     && let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
