@@ -89,8 +89,14 @@ step "promtool test rules" promtool test rules deploy/prometheus/tests/*.test.ym
 work=$(mktemp -d)
 mg_defer rm -rf "$work"
 
-free_port() {
-    "$MG_VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# free_ports N : N distinct free ports (all held open until printed, so none repeats).
+free_ports() {
+    "$MG_VENV/bin/python" -c '
+import socket, sys
+held = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))' "$1"
 }
 # stop PID : SIGTERM, and wait up to 10 s for the process to end (it may have ended already).
 stop() {
@@ -121,13 +127,12 @@ wait_http() {
 live() {
     local steady flaky edge prom key i
     local grpc=() admin=()
-    steady=$(free_port)
-    flaky=$(free_port)
-    edge=$(free_port)
-    prom=$(free_port)
+    local ports
+    read -r -a ports <<<"$(free_ports 16)"
+    steady=${ports[0]} flaky=${ports[1]} edge=${ports[2]} prom=${ports[3]}
     for ((i = 0; i < 6; i++)); do
-        grpc+=("$(free_port)")
-        admin+=("$(free_port)")
+        grpc+=("${ports[4 + i]}")
+        admin+=("${ports[10 + i]}")
     done
     key="mg-deploy-check-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 
