@@ -1,45 +1,135 @@
-//! Live state per target: latency EWMA, counts and a consecutive-failure circuit breaker.
+//! Live state per target: latency EWMA, a sliding window of recent outcomes, planned calls in
+//! flight, and a circuit breaker that opens on consecutive failures or on an error ratio.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-/// When a target is taken out of rotation and for how long.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+/// When a target is taken out of rotation, for how long, and what brings it back.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
     /// Consecutive failures that open the circuit.
     pub failure_threshold: u32,
-    /// How long an open circuit stays open before one probe request is let through.
+    /// Share of failures in the recent window (0..1] that opens the circuit.
+    pub error_ratio: f64,
+    /// Outcomes the error ratio is computed over (the most recent ones).
+    pub window: u32,
+    /// Outcomes the window must hold before the ratio may open the circuit, so that one early
+    /// failure is not a 100 % error rate.
+    pub min_calls: u32,
+    /// How long an open circuit stays open before probes are let through (half-open).
     pub open_ms: u64,
+    /// Successful probes, one at a time, that close a half-open circuit.
+    pub probes_to_close: u32,
+    /// A planned call whose outcome never comes back stops counting as in flight after this.
+    pub in_flight_ttl_ms: u64,
 }
 
 impl Default for BreakerConfig {
     fn default() -> Self {
-        Self { failure_threshold: 5, open_ms: 30_000 }
+        Self {
+            failure_threshold: 5,
+            error_ratio: 0.5,
+            window: 20,
+            min_calls: 10,
+            open_ms: 30_000,
+            probes_to_close: 1,
+            in_flight_ttl_ms: 120_000,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Rejects settings that would make the breaker never open or never close.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.failure_threshold == 0 {
+            return Err("breaker.failure_threshold must be at least 1".into());
+        }
+        if !(self.error_ratio > 0.0 && self.error_ratio <= 1.0) {
+            return Err(format!("breaker.error_ratio must be in (0, 1], not {}", self.error_ratio));
+        }
+        if self.window == 0 || self.min_calls > self.window {
+            return Err("breaker.window must be at least 1 and at least breaker.min_calls".into());
+        }
+        if self.probes_to_close == 0 {
+            return Err("breaker.probes_to_close must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The breaker's state as reported by `ListTargets`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    /// The open period is over: probes decide whether it closes or opens again.
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
     }
 }
 
 /// What the router knows about one target.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct TargetHealth {
+    /// 0 until the first outcome (`samples` says whether it is known).
     pub ewma_latency_us: f64,
     pub successes: u64,
     pub failures: u64,
     pub consecutive_failures: u32,
-    /// Set while the circuit is open.
-    pub open_until: Option<Instant>,
-    /// When the one probe of a half-open circuit was let through (until its outcome arrives).
-    pub probing_since: Option<Instant>,
+    /// Most recent outcomes, newest last (true = failure), at most `window` long.
+    recent: VecDeque<bool>,
+    /// Set while the circuit is open or half-open: open before it, half-open after it.
+    open_until: Option<Instant>,
+    /// When the probe of a half-open circuit was let through (until its outcome arrives).
+    probing_since: Option<Instant>,
+    /// Successful probes since the circuit became half-open.
+    probe_successes: u32,
+    /// Deadlines of planned calls without an outcome yet, oldest first.
+    in_flight: VecDeque<Instant>,
 }
 
 impl TargetHealth {
-    /// Open circuits are skipped until `open_until`; after it the target is half-open: one probe
-    /// request is let through, and one more failure re-opens it at once.
+    pub fn state(&self, now: Instant) -> BreakerState {
+        match self.open_until {
+            None => BreakerState::Closed,
+            Some(until) if now < until => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Whether the circuit is open now (half-open does not count: it admits probes).
     pub fn is_open(&self, now: Instant) -> bool {
-        self.open_until.is_some_and(|until| now < until)
+        self.state(now) == BreakerState::Open
+    }
+
+    /// Failures among the recent outcomes, 0..1 (0 without outcomes).
+    pub fn error_rate(&self) -> f64 {
+        if self.recent.is_empty() {
+            return 0.0;
+        }
+        self.recent.iter().filter(|failed| **failed).count() as f64 / self.recent.len() as f64
+    }
+
+    /// Whether any latency sample arrived.
+    pub fn has_latency(&self) -> bool {
+        self.successes + self.failures > 0
+    }
+
+    /// Planned calls still waiting for their outcome at `now`.
+    pub fn in_flight(&self, now: Instant) -> usize {
+        self.in_flight.iter().filter(|deadline| **deadline > now).count()
     }
 }
 
@@ -58,8 +148,12 @@ impl HealthBook {
         Self { config, targets: Mutex::default() }
     }
 
+    pub fn config(&self) -> &BreakerConfig {
+        &self.config
+    }
+
     pub fn get(&self, target_id: &str) -> TargetHealth {
-        self.targets.lock().get(target_id).copied().unwrap_or_default()
+        self.targets.lock().get(target_id).cloned().unwrap_or_default()
     }
 
     /// Whether a request may go to the target now. A half-open target admits one probe at a
@@ -69,10 +163,10 @@ impl HealthBook {
         let Some(health) = targets.get_mut(target_id) else {
             return true;
         };
-        match health.open_until {
-            None => true,
-            Some(until) if now < until => false,
-            Some(_) => {
+        match health.state(now) {
+            BreakerState::Closed => true,
+            BreakerState::Open => false,
+            BreakerState::HalfOpen => {
                 let probe_lapsed =
                     health.probing_since.is_none_or(|since| now >= since + Duration::from_millis(self.config.open_ms));
                 if probe_lapsed {
@@ -83,33 +177,68 @@ impl HealthBook {
         }
     }
 
+    /// Counts a planned call to the target as in flight until its outcome (or the TTL).
+    pub fn start(&self, target_id: &str, now: Instant) {
+        let mut targets = self.targets.lock();
+        let health = targets.entry(target_id.to_owned()).or_default();
+        health.in_flight.retain(|deadline| *deadline > now);
+        health.in_flight.push_back(now + Duration::from_millis(self.config.in_flight_ttl_ms));
+    }
+
+    /// Ends the oldest in-flight call of the target without judging it (a call cancelled by the
+    /// client or lost to a faster racer).
+    pub fn finish(&self, target_id: &str) {
+        if let Some(health) = self.targets.lock().get_mut(target_id) {
+            health.in_flight.pop_front();
+        }
+    }
+
     /// Records one call's outcome at time `now`.
     pub fn record(&self, target_id: &str, ok: bool, latency: Duration, now: Instant) {
+        let config = self.config;
         let mut targets = self.targets.lock();
-        if !targets.contains_key(target_id) {
-            targets.insert(target_id.to_owned(), TargetHealth::default());
-        }
-        let Some(health) = targets.get_mut(target_id) else {
-            return;
-        };
+        let health = targets.entry(target_id.to_owned()).or_default();
+        health.in_flight.pop_front();
         health.probing_since = None;
         let sample = latency.as_secs_f64() * 1e6;
-        health.ewma_latency_us = if health.successes + health.failures == 0 {
-            sample
-        } else {
+        health.ewma_latency_us = if health.has_latency() {
             EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * health.ewma_latency_us
+        } else {
+            sample
         };
+        health.recent.push_back(!ok);
+        while health.recent.len() > config.window as usize {
+            health.recent.pop_front();
+        }
+        let state = health.state(now);
         if ok {
             health.successes += 1;
             health.consecutive_failures = 0;
-            health.open_until = None;
-        } else {
-            health.failures += 1;
-            health.consecutive_failures = health.consecutive_failures.saturating_add(1);
-            let half_open = health.open_until.is_some_and(|until| now >= until);
-            if half_open || health.consecutive_failures >= self.config.failure_threshold {
-                health.open_until = Some(now + Duration::from_millis(self.config.open_ms));
+            if state == BreakerState::HalfOpen {
+                health.probe_successes += 1;
+                if health.probe_successes >= config.probes_to_close {
+                    // Closed again: the failures that opened it must not re-open it by ratio.
+                    health.open_until = None;
+                    health.probe_successes = 0;
+                    health.recent.clear();
+                }
             }
+            return;
+        }
+        health.failures += 1;
+        health.consecutive_failures = health.consecutive_failures.saturating_add(1);
+        let ratio_trips =
+            health.recent.len() >= config.min_calls.max(1) as usize && health.error_rate() >= config.error_ratio;
+        let trips = match state {
+            // A failed probe re-opens at once.
+            BreakerState::HalfOpen => true,
+            // Calls already under way when it opened do not extend the open period.
+            BreakerState::Open => false,
+            BreakerState::Closed => health.consecutive_failures >= config.failure_threshold || ratio_trips,
+        };
+        if trips {
+            health.open_until = Some(now + Duration::from_millis(config.open_ms));
+            health.probe_successes = 0;
         }
     }
 }
@@ -118,27 +247,117 @@ impl HealthBook {
 mod tests {
     use super::*;
 
+    const MS: Duration = Duration::from_millis(1);
+
+    fn config() -> BreakerConfig {
+        BreakerConfig {
+            failure_threshold: 3,
+            error_ratio: 0.5,
+            window: 10,
+            min_calls: 4,
+            open_ms: 1000,
+            probes_to_close: 1,
+            in_flight_ttl_ms: 500,
+        }
+    }
+
     #[test]
-    fn opens_after_threshold_probes_after_timeout_and_closes_on_success() {
-        let book = HealthBook::new(BreakerConfig { failure_threshold: 3, open_ms: 1000 });
+    fn opens_after_consecutive_failures_probes_after_timeout_and_closes_on_success() {
+        let book = HealthBook::new(config());
         let t0 = Instant::now();
         for _ in 0..2 {
-            book.record("p/m", false, Duration::from_millis(1), t0);
+            book.record("p/m", false, MS, t0);
         }
-        assert!(!book.get("p/m").is_open(t0), "two failures stay closed");
-        book.record("p/m", false, Duration::from_millis(1), t0);
-        assert!(book.get("p/m").is_open(t0 + Duration::from_millis(999)));
-        let half_open = t0 + Duration::from_millis(1000);
-        assert!(!book.get("p/m").is_open(half_open));
+        assert_eq!(book.get("p/m").state(t0), BreakerState::Closed, "two failures stay closed");
+        book.record("p/m", false, MS, t0);
+        assert_eq!(book.get("p/m").state(t0 + 999 * MS), BreakerState::Open);
+        assert!(!book.admit("p/m", t0 + 999 * MS), "an open circuit admits nothing");
+        let half_open = t0 + 1000 * MS;
+        assert_eq!(book.get("p/m").state(half_open), BreakerState::HalfOpen);
         assert!(book.admit("p/m", half_open), "the first request after the open period probes");
         assert!(!book.admit("p/m", half_open), "one probe at a time");
-        book.record("p/m", false, Duration::from_millis(1), half_open);
-        assert!(book.get("p/m").is_open(half_open + Duration::from_millis(500)), "a failed probe re-opens");
-        let later = half_open + Duration::from_millis(1000);
-        book.record("p/m", true, Duration::from_millis(1), later);
+        book.record("p/m", false, MS, half_open);
+        assert_eq!(book.get("p/m").state(half_open + 500 * MS), BreakerState::Open, "a failed probe re-opens");
+        let later = half_open + 1000 * MS;
+        assert!(book.admit("p/m", later));
+        book.record("p/m", true, MS, later);
         let health = book.get("p/m");
-        assert!(!health.is_open(later));
+        assert_eq!(health.state(later), BreakerState::Closed);
         assert_eq!((health.successes, health.failures, health.consecutive_failures), (1, 4, 0));
+        assert_eq!(health.error_rate(), 0.0, "closing forgets the window that opened it");
+    }
+
+    #[test]
+    fn error_ratio_opens_without_consecutive_failures() {
+        let book = HealthBook::new(config());
+        let now = Instant::now();
+        // Alternating outcomes never reach three failures in a row, but half of them fail.
+        for ok in [true, false, true] {
+            book.record("t", ok, MS, now);
+        }
+        assert_eq!(book.get("t").state(now), BreakerState::Closed, "three calls are under min_calls");
+        book.record("t", false, MS, now);
+        let health = book.get("t");
+        assert_eq!(health.consecutive_failures, 1);
+        assert_eq!(health.error_rate(), 0.5);
+        assert_eq!(health.state(now), BreakerState::Open);
+    }
+
+    #[test]
+    fn ratio_is_over_the_recent_window_only() {
+        let book = HealthBook::new(BreakerConfig { window: 4, min_calls: 4, ..config() });
+        let now = Instant::now();
+        for ok in [false, false, true, true, true, true] {
+            book.record("t", ok, MS, now);
+        }
+        assert_eq!(book.get("t").error_rate(), 0.0, "the two early failures left the window");
+        book.record("t", false, MS, now);
+        assert_eq!(book.get("t").error_rate(), 0.25);
+        assert_eq!(book.get("t").state(now), BreakerState::Closed);
+    }
+
+    #[test]
+    fn several_probes_may_be_needed_to_close() {
+        let book = HealthBook::new(BreakerConfig { probes_to_close: 2, ..config() });
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            book.record("t", false, MS, t0);
+        }
+        let half_open = t0 + 1000 * MS;
+        assert!(book.admit("t", half_open));
+        book.record("t", true, MS, half_open);
+        assert_eq!(book.get("t").state(half_open), BreakerState::HalfOpen, "one good probe is not enough");
+        assert!(book.admit("t", half_open), "the next probe is let through once the first answered");
+        book.record("t", true, MS, half_open);
+        assert_eq!(book.get("t").state(half_open), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_lost_probe_is_replaced_after_the_open_period() {
+        let book = HealthBook::new(config());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            book.record("t", false, MS, t0);
+        }
+        let half_open = t0 + 1000 * MS;
+        assert!(book.admit("t", half_open));
+        assert!(!book.admit("t", half_open + 999 * MS));
+        assert!(book.admit("t", half_open + 1000 * MS), "the probe never reported: another may go");
+    }
+
+    #[test]
+    fn in_flight_counts_until_outcome_or_ttl() {
+        let book = HealthBook::new(config());
+        let now = Instant::now();
+        book.start("t", now);
+        book.start("t", now);
+        assert_eq!(book.get("t").in_flight(now), 2);
+        book.record("t", true, MS, now);
+        assert_eq!(book.get("t").in_flight(now), 1);
+        book.finish("t");
+        assert_eq!(book.get("t").in_flight(now), 0);
+        book.start("t", now);
+        assert_eq!(book.get("t").in_flight(now + 500 * MS), 0, "an outcome that never came expires");
     }
 
     #[test]
@@ -149,5 +368,14 @@ mod tests {
         assert_eq!(book.get("t").ewma_latency_us, 1000.0);
         book.record("t", true, Duration::from_micros(2000), now);
         assert!((book.get("t").ewma_latency_us - 1200.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn invalid_settings_are_refused() {
+        assert!(BreakerConfig::default().validate().is_ok());
+        assert!(BreakerConfig { failure_threshold: 0, ..config() }.validate().is_err());
+        assert!(BreakerConfig { error_ratio: 0.0, ..config() }.validate().is_err());
+        assert!(BreakerConfig { min_calls: 11, ..config() }.validate().is_err());
+        assert!(BreakerConfig { probes_to_close: 0, ..config() }.validate().is_err());
     }
 }

@@ -1,44 +1,83 @@
-//! The router: turns a request's model and features into an ordered plan of targets, and keeps
-//! per-target health from reported outcomes so failing targets move to the back of the plan.
+//! The router: turns a request's features (task, sizes, streaming) and its project's policy
+//! into an ordered, explained plan of targets, and learns per-target health from reported
+//! outcomes so failing or slow targets move back.
 
 pub mod catalog;
+pub mod decide;
+pub mod discovery;
+pub mod features;
 pub mod health;
+pub mod policy;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use meshgate_proto::common::v1::Target;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::router::v1::router_server::{Router, RouterServer};
 use meshgate_proto::router::v1::{
-    ListTargetsRequest, ListTargetsResponse, Outcome, OutcomeBatch, PlannedTarget, ReportOutcomeResponse, RoutePlan,
-    RouteRequest, TargetState,
+    DecideRequest, ListTargetsRequest, ListTargetsResponse, Outcome, OutcomeBatch, ReportOutcomeResponse, RoutePlan,
+    RouteRequest, StepRole, TargetState,
 };
 use meshgate_runtime::{ErrorCode, Listeners, ServiceHost, Shutdown};
 use meshgate_sync::providers::{ProviderSpec, resolve_providers};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-pub use catalog::{Catalog, CloudProvider, LocalModel, ModelFacts};
+pub use catalog::{Catalog, CloudProvider, Entry, LocalModel, ModelFacts};
+pub use decide::Features;
+pub use features::{Task, TaskClassifier, TaskGuess};
 pub use health::{BreakerConfig, HealthBook};
+pub use policy::{PolicyFile, PolicyStore, RoutePolicy};
 
 /// Router configuration (`[router]`, `MESHGATE_ROUTER__*`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Inference service whose local models become L0 targets; unset means cloud only.
+    /// Inference service whose local models become L0 targets and whose task classifier
+    /// classifies prompts; unset means cloud only, with the heuristic classifier.
     pub inference_endpoint: Option<String>,
     /// How often local models are re-read from the inference service.
     pub local_refresh_ms: u64,
+    /// Inference model that classifies tasks; unset means the first loaded model the inference
+    /// service lists with task "task-classification".
+    pub classifier_model: Option<String>,
+    /// Longest wait for the classifier before the heuristic decides instead.
+    pub classifier_timeout_ms: u64,
     /// Circuit breaker settings.
     pub breaker: BreakerConfig,
-    /// Declared layer, prices and context window per model id.
+    /// Declared layer, prices, context window and tasks per model id.
     pub models: BTreeMap<String, ModelFacts>,
     /// Cloud providers; `MESHGATE_PROVIDER_<NAME>_*` add to and override these (see
     /// `meshgate_sync::providers`, shared with the sync service so both agree).
     pub providers: Vec<ProviderSpec>,
+    /// The base routing policy of every project (the policy file and `ModelRoute`s lay theirs
+    /// over it).
+    pub policy: RoutePolicy,
+    /// Policy file (TOML: `[default]` and `[projects.<id>]`), re-read when it changes.
+    pub policy_file: Option<PathBuf>,
+    /// How often the policy file is checked for changes.
+    pub policy_poll_ms: u64,
+    /// Kubernetes discovery.
+    pub kubernetes: KubeConfig,
+}
+
+/// What the router watches in Kubernetes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubeConfig {
+    /// Watch `ModelRoute`s (and the inference EndpointSlices when `inference_service` is set),
+    /// with the in-cluster service account or the local kubeconfig.
+    pub enabled: bool,
+    /// Namespace watched (default: the client's, i.e. the pod's own namespace).
+    pub namespace: Option<String>,
+    /// Service of the inference replicas, whose EndpointSlices are watched; with none ready,
+    /// local targets leave the plans until one is.
+    pub inference_service: Option<String>,
+    /// Watch `ModelRoute`s in every namespace instead of `namespace` only.
+    pub all_namespaces: bool,
 }
 
 impl Default for Config {
@@ -46,9 +85,15 @@ impl Default for Config {
         Self {
             inference_endpoint: None,
             local_refresh_ms: 5_000,
+            classifier_model: None,
+            classifier_timeout_ms: 200,
             breaker: BreakerConfig::default(),
             models: BTreeMap::new(),
             providers: Vec::new(),
+            policy: RoutePolicy::default(),
+            policy_file: None,
+            policy_poll_ms: 1_000,
+            kubernetes: KubeConfig::default(),
         }
     }
 }
@@ -58,10 +103,19 @@ impl Default for Config {
 pub enum Error {
     #[error("no provider or local model serves model {0:?}")]
     UnknownModel(String),
+    #[error("no target may serve this request: {detail}")]
+    NoEligibleTarget {
+        detail: String,
+        /// Whether the project's policy (layer, cost, task, weight) ruled targets out, rather
+        /// than the request's size alone.
+        by_policy: bool,
+    },
     #[error("{0}")]
     InvalidRequest(String),
     #[error("invalid router configuration: {0}")]
     Config(String),
+    #[error("cannot reach Kubernetes: {0}")]
+    Kube(String),
     #[error(transparent)]
     Serve(#[from] meshgate_runtime::ServeError),
 }
@@ -70,7 +124,11 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::UnknownModel(_) => ErrorCode::ModelNotFound,
-            Error::InvalidRequest(_) | Error::Config(_) => ErrorCode::InvalidRequest,
+            Error::NoEligibleTarget { by_policy: true, .. } => ErrorCode::PolicyViolation,
+            Error::NoEligibleTarget { by_policy: false, .. } | Error::InvalidRequest(_) | Error::Config(_) => {
+                ErrorCode::InvalidRequest
+            }
+            Error::Kube(_) => ErrorCode::Unavailable,
             Error::Serve(_) => ErrorCode::Internal,
         }
     }
@@ -82,17 +140,26 @@ impl From<Error> for Status {
     }
 }
 
-/// The routing state shared by the gRPC handlers and the local-model refresher.
+/// The routing state shared by the gRPC handlers and the background refreshers and watchers.
 pub struct RouterCore {
     cloud: Vec<CloudProvider>,
     facts: BTreeMap<String, ModelFacts>,
     catalog: ArcSwap<Catalog>,
     local: parking_lot::Mutex<Vec<LocalModel>>,
     health: HealthBook,
+    policies: Arc<PolicyStore>,
+    classifier: TaskClassifier,
+    replicas: Arc<discovery::Replicas>,
 }
 
 impl RouterCore {
-    pub fn new(cloud: Vec<CloudProvider>, facts: BTreeMap<String, ModelFacts>, breaker: BreakerConfig) -> Self {
+    pub fn new(
+        cloud: Vec<CloudProvider>,
+        facts: BTreeMap<String, ModelFacts>,
+        breaker: BreakerConfig,
+        policies: Arc<PolicyStore>,
+        classifier: TaskClassifier,
+    ) -> Self {
         let catalog = Catalog::build(&cloud, &[], &facts);
         Self {
             cloud,
@@ -100,11 +167,21 @@ impl RouterCore {
             catalog: ArcSwap::from_pointee(catalog),
             local: parking_lot::Mutex::default(),
             health: HealthBook::new(breaker),
+            policies,
+            classifier,
+            replicas: Arc::default(),
         }
     }
 
-    /// Replaces the local models; rebuilds the catalog only when they changed.
+    pub fn policies(&self) -> &Arc<PolicyStore> {
+        &self.policies
+    }
+
+    /// Replaces the local models; rebuilds the catalog only when they changed. A loaded task
+    /// classifier among them becomes the classifier the router calls.
     pub fn set_local_models(&self, models: Vec<LocalModel>) {
+        let classifier = models.iter().find(|m| m.task == features::CLASSIFIER_TASK).map(|m| m.name.clone());
+        self.classifier.set_discovered(classifier);
         let mut local = self.local.lock();
         if *local != models {
             tracing::info!(models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "local models changed");
@@ -113,54 +190,87 @@ impl RouterCore {
         }
     }
 
-    /// The ordered plan for one request at time `now`.
-    pub fn plan(&self, request: &RouteRequest, now: Instant) -> Result<RoutePlan, Error> {
+    /// The features of a request: validated sizes, and for chat its task from the hint, the
+    /// classifier or the heuristic (`messages` empty: no text, so "chat" from the request).
+    pub async fn features(
+        &self,
+        request: &RouteRequest,
+        messages: &[meshgate_proto::common::v1::ChatMessage],
+        hint: &str,
+    ) -> Result<Features, Error> {
         let model = request.model.trim();
         if model.is_empty() {
             return Err(Error::InvalidRequest("model must not be empty".into()));
         }
-        let task = match request.task.as_str() {
+        let kind = match request.task.as_str() {
             "" | "chat" => "chat",
             "embeddings" => "embeddings",
             other => return Err(Error::InvalidRequest(format!("unknown task {other:?}; expected chat or embeddings"))),
         };
+        if request.prompt_tokens < 0 || request.max_tokens < 0 {
+            return Err(Error::InvalidRequest("prompt_tokens and max_tokens must not be negative".into()));
+        }
+        let prompt_tokens =
+            if request.prompt_tokens == 0 { features::estimate_tokens(messages) } else { request.prompt_tokens };
+        let task = if kind == "embeddings" {
+            None
+        } else if !hint.is_empty() {
+            let task = Task::parse(hint).ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "unknown task hint {hint:?}; expected code, math, creative, reasoning or chat"
+                ))
+            })?;
+            Some(TaskGuess { task, confidence: 1.0, source: "hint".into(), note: None })
+        } else if messages.is_empty() {
+            Some(TaskGuess {
+                task: Task::Chat,
+                confidence: 1.0,
+                source: "request".into(),
+                note: Some("no prompt text".into()),
+            })
+        } else {
+            Some(self.classifier.classify(&features::classified_text(messages)).await)
+        };
+        Ok(Features {
+            kind,
+            model: model.to_owned(),
+            project: request.principal.as_ref().map(|p| p.project_id.clone()).unwrap_or_default(),
+            task,
+            prompt_tokens,
+            max_tokens: request.max_tokens,
+            stream: request.stream,
+        })
+    }
+
+    /// The plan for `features` at time `now`; the primary (both racers with `race`) counts as
+    /// in flight until its outcome is reported.
+    pub fn plan(&self, features: &Features, now: Instant, rng: &mut impl rand::Rng) -> Result<RoutePlan, Error> {
         let catalog = self.catalog.load();
-        let candidates = catalog.targets_for(task, model);
-        if candidates.is_empty() {
-            return Err(Error::UnknownModel(model.to_owned()));
+        let policy = self.policies.load().resolve(&features.project);
+        let inputs = decide::Inputs {
+            catalog: &catalog,
+            policy: &policy,
+            features,
+            health: &self.health,
+            local_replicas: self.replicas.get(),
+            now,
+        };
+        let plan = decide::decide(&inputs, rng)?;
+        let racers = if plan.race { 2 } else { 1 };
+        for step in plan.targets.iter().take(racers).filter(|s| s.role == StepRole::Primary as i32) {
+            if let Some(target) = &step.target {
+                self.health.start(&target.id, now);
+            }
         }
-        let needed = request.prompt_tokens.saturating_add(request.max_tokens.max(0));
-        let fits: Vec<&Target> =
-            candidates.iter().filter(|t| t.context_window == 0 || needed <= t.context_window).collect();
-        if fits.is_empty() {
-            return Err(Error::InvalidRequest(format!(
-                "the request needs about {needed} tokens of context; no target of {model:?} has that much"
-            )));
-        }
-        // Healthy targets keep their preference order; open circuits go last, as a last resort.
-        let (healthy, open): (Vec<&Target>, Vec<&Target>) =
-            fits.into_iter().partition(|t| self.health.admit(&t.id, now));
-        let mut targets = Vec::with_capacity(healthy.len() + open.len());
-        for (position, target) in healthy.iter().enumerate() {
-            let reason = if position == 0 { "preferred: first healthy target" } else { "fallback" };
-            targets.push(PlannedTarget { target: Some((*target).clone()), reason: reason.into() });
-        }
-        for target in &open {
-            targets.push(PlannedTarget { target: Some((*target).clone()), reason: "circuit open: last resort".into() });
-        }
-        let explanation = format!(
-            "{} target(s) for {task} model {model:?}: {} healthy, {} with open circuit",
-            targets.len(),
-            healthy.len(),
-            open.len()
-        );
-        Ok(RoutePlan { targets, task: task.into(), explanation })
+        Ok(plan)
     }
 
     /// Records an outcome. Failures the request or its client caused (a bad request, a client
-    /// that went away) say nothing about the target and are not counted.
+    /// that went away, a racer cancelled because the other won) say nothing about the target:
+    /// they only end its call in flight.
     pub fn report(&self, outcome: &Outcome, now: Instant) {
         if !outcome.ok && ErrorCode::parse(&outcome.error_code).is_some_and(ErrorCode::is_client_caused) {
+            self.health.finish(&outcome.target_id);
             return;
         }
         let latency = Duration::from_micros(outcome.latency_us.max(0) as u64);
@@ -171,15 +281,19 @@ impl RouterCore {
         self.catalog
             .load()
             .all()
-            .map(|target| {
-                let health = self.health.get(&target.id);
+            .map(|entry| {
+                let health = self.health.get(&entry.target.id);
                 TargetState {
-                    target: Some(target.clone()),
+                    target: Some(entry.target.clone()),
                     ewma_latency_us: health.ewma_latency_us as i64,
                     successes: health.successes as i64,
                     failures: health.failures as i64,
                     consecutive_failures: i64::from(health.consecutive_failures),
                     circuit_open: health.is_open(now),
+                    error_rate: health.error_rate(),
+                    in_flight: health.in_flight(now) as i64,
+                    breaker: health.state(now).as_str().into(),
+                    tasks: entry.tasks.clone(),
                 }
             })
             .collect()
@@ -196,12 +310,39 @@ impl RouterService {
     pub fn new(core: Arc<RouterCore>) -> Self {
         Self { core }
     }
+
+    async fn decide(
+        &self,
+        request: &RouteRequest,
+        messages: &[meshgate_proto::common::v1::ChatMessage],
+        hint: &str,
+    ) -> Result<RoutePlan, Error> {
+        let features = self.core.features(request, messages, hint).await?;
+        let plan = self.core.plan(&features, Instant::now(), &mut rand::rng())?;
+        tracing::debug!(
+            request_id = %request.request_id,
+            task = %plan.task,
+            policy = %plan.policy,
+            reasons = ?plan.reasons,
+            "{}",
+            plan.explanation
+        );
+        Ok(plan)
+    }
 }
 
 #[tonic::async_trait]
 impl Router for RouterService {
     async fn route(&self, request: Request<RouteRequest>) -> Result<Response<RoutePlan>, Status> {
-        Ok(Response::new(self.core.plan(request.get_ref(), Instant::now())?))
+        Ok(Response::new(self.decide(request.get_ref(), &[], "").await?))
+    }
+
+    async fn decide(&self, request: Request<DecideRequest>) -> Result<Response<RoutePlan>, Status> {
+        let request = request.into_inner();
+        let Some(route) = &request.request else {
+            return Err(ErrorCode::InvalidRequest.status("request must be set"));
+        };
+        Ok(Response::new(RouterService::decide(self, route, &request.messages, request.task_hint.trim()).await?))
     }
 
     async fn report_outcome(&self, request: Request<Outcome>) -> Result<Response<ReportOutcomeResponse>, Status> {
@@ -230,7 +371,8 @@ impl Router for RouterService {
     }
 }
 
-/// Cloud providers of the configuration merged with the environment `vars`, validated.
+/// Cloud providers of the configuration merged with the environment `vars`, validated along
+/// with the rest of the configuration.
 pub fn cloud_providers<I, K, V>(config: &Config, vars: I) -> Result<Vec<CloudProvider>, Error>
 where
     I: IntoIterator<Item = (K, V)>,
@@ -246,33 +388,90 @@ where
             priority: i64::from(spec.rank().0),
         })
         .collect();
-    for facts in config.models.values() {
+    for (model, facts) in &config.models {
         if let Some(layer) = &facts.layer
             && catalog::parse_layer(layer).is_none()
         {
             return Err(Error::Config(format!("unknown layer {layer:?}; expected l0, l1, l2 or l3")));
         }
+        if let Some(task) = facts.tasks.iter().find(|t| Task::parse(t).is_none()) {
+            return Err(Error::Config(format!(
+                "models.{model}.tasks: unknown task {task:?}; expected code, math, creative, reasoning or chat"
+            )));
+        }
     }
+    config.breaker.validate().map_err(Error::Config)?;
+    config.policy.validate().map_err(|err| Error::Config(format!("policy: {err}")))?;
     Ok(providers)
 }
 
 /// Runs the router until `shutdown`, with providers from `config` and the environment.
 pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
     let providers = cloud_providers(&config, std::env::vars())?;
-    let core = Arc::new(RouterCore::new(providers, config.models.clone(), config.breaker));
-    if let Some(endpoint) = &config.inference_endpoint {
-        let channel = meshgate_runtime::channel(endpoint, Duration::from_secs(2))
-            .map_err(|err| Error::Config(err.to_string()))?;
+    let policies = Arc::new(PolicyStore::new(config.policy.clone()));
+    if let Some(path) = &config.policy_file {
+        let (text, file) = policy::read_policy_file(path).map_err(Error::Config)?;
+        policies.update(|set| set.file = Some(file));
+        tokio::spawn(policy::watch_policy_file(
+            policies.clone(),
+            path.clone(),
+            text,
+            Duration::from_millis(config.policy_poll_ms.max(50)),
+            shutdown.clone(),
+        ));
+    }
+    let inference = match &config.inference_endpoint {
+        Some(endpoint) => Some(InferenceClient::new(
+            meshgate_runtime::channel(endpoint, Duration::from_secs(2))
+                .map_err(|err| Error::Config(err.to_string()))?,
+        )),
+        None => None,
+    };
+    let classifier = TaskClassifier::new(
+        inference.clone(),
+        config.classifier_model.clone(),
+        Duration::from_millis(config.classifier_timeout_ms.max(1)),
+    );
+    let core =
+        Arc::new(RouterCore::new(providers, config.models.clone(), config.breaker, policies.clone(), classifier));
+    if let Some(client) = inference {
         tokio::spawn(refresh_local_models(
             core.clone(),
-            InferenceClient::new(channel),
+            client,
             Duration::from_millis(config.local_refresh_ms.max(100)),
             shutdown.clone(),
         ));
     }
+    if config.kubernetes.enabled {
+        start_kube_watches(&config.kubernetes, &core, shutdown.clone()).await?;
+    }
     let host = ServiceHost::new("router");
     // Routing needs nothing but its own state: cloud plans work while inference is down.
     host.run(RouterServer::new(RouterService::new(core)), listeners, || async { Ok(()) }, shutdown).await?;
+    Ok(())
+}
+
+async fn start_kube_watches(config: &KubeConfig, core: &Arc<RouterCore>, shutdown: Shutdown) -> Result<(), Error> {
+    let client = kube::Client::try_default().await.map_err(|err| Error::Kube(err.to_string()))?;
+    let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+    let routes_namespace = (!config.all_namespaces).then(|| namespace.clone());
+    tracing::info!(namespace = %namespace, all_namespaces = config.all_namespaces, "watching ModelRoutes");
+    tokio::spawn(discovery::watch_model_routes(
+        client.clone(),
+        routes_namespace,
+        core.policies.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(service) = &config.inference_service {
+        tracing::info!(namespace = %namespace, service = %service, "watching inference EndpointSlices");
+        tokio::spawn(discovery::watch_inference_endpoints(
+            client,
+            namespace,
+            service.clone(),
+            core.replicas.clone(),
+            shutdown,
+        ));
+    }
     Ok(())
 }
 
@@ -317,6 +516,9 @@ async fn refresh_local_models(
 
 #[cfg(test)]
 mod tests {
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
     use super::*;
 
     fn core() -> RouterCore {
@@ -324,46 +526,20 @@ mod tests {
             CloudProvider { name: "b".into(), models: vec!["gpt".into()], priority: 0 },
             CloudProvider { name: "a".into(), models: vec!["gpt".into()], priority: 0 },
         ];
-        RouterCore::new(cloud, BTreeMap::new(), BreakerConfig { failure_threshold: 2, open_ms: 60_000 })
+        let breaker = BreakerConfig { failure_threshold: 2, open_ms: 60_000, ..Default::default() };
+        let policies = Arc::new(PolicyStore::new(RoutePolicy::default()));
+        RouterCore::new(cloud, BTreeMap::new(), breaker, policies, TaskClassifier::heuristic_only())
     }
 
-    fn request(model: &str) -> RouteRequest {
-        RouteRequest { model: model.into(), ..Default::default() }
-    }
-
-    fn ids(plan: &RoutePlan) -> Vec<String> {
+    async fn ids(core: &RouterCore, model: &str, now: Instant) -> Vec<String> {
+        let request = RouteRequest { model: model.into(), ..Default::default() };
+        let features = core.features(&request, &[], "").await.unwrap();
+        let plan = core.plan(&features, now, &mut StdRng::seed_from_u64(1)).unwrap();
         plan.targets.iter().map(|t| t.target.as_ref().unwrap().id.clone()).collect()
     }
 
-    #[test]
-    fn plans_in_name_order_and_rejects_unknown_models() {
-        let core = core();
-        let plan = core.plan(&request("gpt"), Instant::now()).unwrap();
-        assert_eq!(ids(&plan), ["a/gpt", "b/gpt"]);
-        assert!(matches!(core.plan(&request("nope"), Instant::now()), Err(Error::UnknownModel(_))));
-        assert!(matches!(core.plan(&request(" "), Instant::now()), Err(Error::InvalidRequest(_))));
-        let bad_task = RouteRequest { task: "dance".into(), ..request("gpt") };
-        assert!(matches!(core.plan(&bad_task, Instant::now()), Err(Error::InvalidRequest(_))));
-    }
-
-    #[test]
-    fn failing_target_moves_last_until_it_recovers() {
-        let core = core();
-        let now = Instant::now();
-        for _ in 0..2 {
-            core.report(&Outcome { target_id: "a/gpt".into(), ok: false, latency_us: 10, ..Default::default() }, now);
-        }
-        assert_eq!(ids(&core.plan(&request("gpt"), now).unwrap()), ["b/gpt", "a/gpt"]);
-        let state = core.states(now).into_iter().find(|s| s.target.as_ref().unwrap().id == "a/gpt").unwrap();
-        assert!(state.circuit_open);
-        assert_eq!(state.failures, 2);
-        let later = now + Duration::from_secs(61);
-        core.report(&Outcome { target_id: "a/gpt".into(), ok: true, latency_us: 10, ..Default::default() }, later);
-        assert_eq!(ids(&core.plan(&request("gpt"), later).unwrap()), ["a/gpt", "b/gpt"]);
-    }
-
-    #[test]
-    fn client_caused_failures_do_not_open_the_circuit() {
+    #[tokio::test]
+    async fn client_caused_failures_do_not_open_the_circuit() {
         let core = core();
         let now = Instant::now();
         for code in ["client_closed", "invalid_request", "client_closed"] {
@@ -371,26 +547,21 @@ mod tests {
                 Outcome { target_id: "a/gpt".into(), ok: false, error_code: code.into(), ..Default::default() };
             core.report(&outcome, now);
         }
-        assert_eq!(ids(&core.plan(&request("gpt"), now).unwrap()), ["a/gpt", "b/gpt"]);
+        assert_eq!(ids(&core, "gpt", now).await, ["a/gpt", "b/gpt"]);
+        let state = core.states(now).into_iter().find(|s| s.target.as_ref().unwrap().id == "a/gpt").unwrap();
+        assert_eq!((state.failures, state.breaker.as_str()), (0, "closed"));
     }
 
-    #[test]
-    fn local_models_lead_the_plan_once_reported() {
+    #[tokio::test]
+    async fn local_models_lead_and_a_listed_task_classifier_is_used() {
         let core = core();
-        core.set_local_models(vec![LocalModel { name: "gpt".into(), task: "chat".into(), context_length: 0 }]);
-        assert_eq!(ids(&core.plan(&request("gpt"), Instant::now()).unwrap()), ["local/gpt", "a/gpt", "b/gpt"]);
-    }
-
-    #[test]
-    fn context_window_excludes_too_small_targets() {
-        let mut facts = BTreeMap::new();
-        facts.insert("gpt".to_owned(), ModelFacts { context_window: 100, ..Default::default() });
-        let cloud = vec![CloudProvider { name: "a".into(), models: vec!["gpt".into()], priority: 0 }];
-        let core = RouterCore::new(cloud, facts, BreakerConfig::default());
-        let big = RouteRequest { prompt_tokens: 90, max_tokens: 20, ..request("gpt") };
-        assert!(matches!(core.plan(&big, Instant::now()), Err(Error::InvalidRequest(_))));
-        let small = RouteRequest { prompt_tokens: 50, max_tokens: 20, ..request("gpt") };
-        assert_eq!(ids(&core.plan(&small, Instant::now()).unwrap()), ["a/gpt"]);
+        core.set_local_models(vec![
+            LocalModel { name: "gpt".into(), task: "chat".into(), context_length: 0 },
+            LocalModel { name: "tasks".into(), task: features::CLASSIFIER_TASK.into(), context_length: 0 },
+        ]);
+        assert_eq!(ids(&core, "gpt", Instant::now()).await, ["local/gpt", "a/gpt", "b/gpt"]);
+        assert_eq!(core.classifier.model().as_deref().map(String::as_str), Some("tasks"));
+        assert!(core.catalog.load().targets_for("chat", "tasks").is_empty(), "a classifier serves no chat");
     }
 
     const NO_ENV: [(&str, &str); 0] = [];
@@ -412,12 +583,19 @@ mod tests {
     }
 
     #[test]
-    fn config_rejects_bad_providers_and_layers() {
+    fn config_rejects_bad_providers_layers_tasks_breakers_and_policies() {
         let bad =
             Config { providers: vec![ProviderSpec { name: "x".into(), ..Default::default() }], ..Default::default() };
         assert!(cloud_providers(&bad, NO_ENV).is_err(), "a provider without a base URL");
-        let mut models = BTreeMap::new();
-        models.insert("m".to_owned(), ModelFacts { layer: Some("l9".into()), ..Default::default() });
-        assert!(cloud_providers(&Config { models, ..Default::default() }, NO_ENV).is_err());
+        let with_facts = |facts: ModelFacts| Config { models: [("m".to_owned(), facts)].into(), ..Default::default() };
+        let layer = with_facts(ModelFacts { layer: Some("l9".into()), ..Default::default() });
+        assert!(cloud_providers(&layer, NO_ENV).unwrap_err().to_string().contains("unknown layer"));
+        let task = with_facts(ModelFacts { tasks: vec!["dance".into()], ..Default::default() });
+        assert!(cloud_providers(&task, NO_ENV).unwrap_err().to_string().contains("models.m.tasks"));
+        let breaker = Config { breaker: BreakerConfig { window: 0, ..Default::default() }, ..Default::default() };
+        assert!(cloud_providers(&breaker, NO_ENV).unwrap_err().to_string().contains("breaker.window"));
+        let policy =
+            Config { policy: RoutePolicy { max_cost_micros: Some(-5), ..Default::default() }, ..Default::default() };
+        assert!(cloud_providers(&policy, NO_ENV).unwrap_err().to_string().contains("policy: max_cost_micros"));
     }
 }

@@ -1,0 +1,778 @@
+//! The decision: from a request's features, the project's policy, the catalog and the live
+//! state to an ordered, explained plan. Pure but for the half-open probe it may hand out.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use meshgate_proto::common::v1::{Layer, TargetKind};
+use meshgate_proto::router::v1::{PlannedTarget, Rejected, RoutePlan, StepRole};
+use rand::Rng;
+
+use crate::Error;
+use crate::catalog::{Catalog, Entry};
+use crate::features::TaskGuess;
+use crate::health::{HealthBook, TargetHealth};
+use crate::policy::{Resolved, layer_name};
+
+/// What the router knows about one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Features {
+    /// "chat" or "embeddings".
+    pub kind: &'static str,
+    /// Model id asked for.
+    pub model: String,
+    pub project: String,
+    /// The task of a chat request; `None` for embeddings.
+    pub task: Option<TaskGuess>,
+    pub prompt_tokens: i64,
+    pub max_tokens: i64,
+    pub stream: bool,
+}
+
+impl Features {
+    /// Context a target must have: the prompt plus the longest answer allowed (embeddings
+    /// answer no tokens).
+    pub fn required_context(&self) -> i64 {
+        if self.task.is_none() { self.prompt_tokens } else { self.prompt_tokens.saturating_add(self.max_tokens) }
+    }
+
+    pub fn task_name(&self) -> &'static str {
+        self.task.as_ref().map_or("embeddings", |t| t.task.as_str())
+    }
+}
+
+/// Everything one decision reads.
+pub struct Inputs<'a> {
+    pub catalog: &'a Catalog,
+    pub policy: &'a Resolved,
+    pub features: &'a Features,
+    pub health: &'a HealthBook,
+    /// Ready inference replicas when Kubernetes tells (`None`: unknown, assume serving).
+    pub local_replicas: Option<u32>,
+    pub now: Instant,
+}
+
+/// Estimated cost of a request at a target's prices, micro-dollars, rounded up.
+pub fn estimated_cost_micros(entry: &Entry, prompt_tokens: i64, max_tokens: i64) -> i64 {
+    let target = &entry.target;
+    let micro_tokens = i128::from(prompt_tokens.max(0)) * i128::from(target.input_price_micros_per_mtok)
+        + i128::from(max_tokens.max(0)) * i128::from(target.output_price_micros_per_mtok);
+    i64::try_from((micro_tokens + 999_999) / 1_000_000).unwrap_or(i64::MAX)
+}
+
+struct Step<'a> {
+    entry: &'a Entry,
+    role: StepRole,
+    reason: String,
+}
+
+struct Planner<'a, 'i, R> {
+    inputs: &'i Inputs<'a>,
+    rng: &'i mut R,
+    steps: Vec<Step<'a>>,
+    used: HashSet<&'a str>,
+    rejected: Vec<Rejected>,
+    reasons: Vec<String>,
+}
+
+impl<'a, R: Rng> Planner<'a, '_, R> {
+    /// Why `entry` may not serve this request, if it may not. `chosen` says the router (not the
+    /// caller) picked the model, so the target must be declared for the task.
+    fn ineligible(&self, entry: &Entry, chosen: bool) -> Option<String> {
+        let features = self.inputs.features;
+        let policy = &self.inputs.policy.policy;
+        let required = features.required_context();
+        let target = &entry.target;
+        if target.context_window > 0 && required > target.context_window {
+            return Some(format!("context window {} < {required} tokens needed", target.context_window));
+        }
+        if entry.layer() > policy.max_layer() {
+            return Some(format!(
+                "layer {} above the policy's maximum {}",
+                layer_name(entry.layer()),
+                layer_name(policy.max_layer())
+            ));
+        }
+        if let Some(cap) = policy.max_cost_micros {
+            let cost = estimated_cost_micros(entry, features.prompt_tokens, features.max_tokens);
+            if cost > cap {
+                return Some(format!("estimated cost {cost} µ$ above the cap of {cap} µ$"));
+            }
+        }
+        if chosen && !entry.serves_task(features.task_name()) {
+            return Some(format!(
+                "not declared for task {} (declared: {})",
+                features.task_name(),
+                entry.tasks.join(", ")
+            ));
+        }
+        if target.kind == TargetKind::Local as i32 && self.inputs.local_replicas == Some(0) {
+            return Some("no ready inference replica".into());
+        }
+        if policy.weight(&target.id) == 0 {
+            return Some("weight 0 in the policy".into());
+        }
+        None
+    }
+
+    fn reject(&mut self, entry: &Entry, reason: String) {
+        if !self.rejected.iter().any(|r| r.target_id == entry.target.id) {
+            self.rejected.push(Rejected { target_id: entry.target.id.clone(), reason });
+        }
+    }
+
+    /// The eligible entries of `pool`, recording why the others are left out.
+    fn eligible(&mut self, pool: impl IntoIterator<Item = &'a Entry>, chosen: bool) -> Vec<&'a Entry> {
+        let mut out = Vec::new();
+        for entry in pool {
+            match self.ineligible(entry, chosen) {
+                None => out.push(entry),
+                Some(reason) => self.reject(entry, reason),
+            }
+        }
+        out
+    }
+
+    fn push(&mut self, entry: &'a Entry, role: StepRole, reason: String) {
+        if self.used.insert(entry.target.id.as_str()) {
+            self.steps.push(Step { entry, role, reason });
+        }
+    }
+
+    /// Adds `group` ordered by declared rank, with power-of-two-choices inside each set of
+    /// equivalent targets (same layer and rank).
+    fn push_balanced(&mut self, mut group: Vec<&'a Entry>, role: StepRole, why: &str) {
+        group.retain(|e| !self.used.contains(e.target.id.as_str()));
+        group.sort_by_key(|e| (e.layer(), e.rank));
+        let mut start = 0;
+        while start < group.len() {
+            let key = (group[start].layer(), group[start].rank);
+            let end = start + group[start..].iter().take_while(|e| (e.layer(), e.rank) == key).count();
+            let class = group[start..end].to_vec();
+            let size = class.len();
+            for (entry, how) in self.two_choices(class) {
+                let reason = if size > 1 { format!("{why}; {how}") } else { why.to_owned() };
+                self.push(entry, role, reason);
+            }
+            start = end;
+        }
+    }
+
+    /// Orders equivalent targets: repeatedly draw two (by weight), keep the less loaded one
+    /// first. Ties keep the first drawn; a pair is not drawn but taken in declared order, so
+    /// two unweighted, equally loaded targets keep their configured preference.
+    fn two_choices(&mut self, mut class: Vec<&'a Entry>) -> Vec<(&'a Entry, String)> {
+        let policy = &self.inputs.policy.policy;
+        let health = |e: &Entry| self.inputs.health.get(&e.target.id);
+        let mut out = Vec::with_capacity(class.len());
+        while class.len() > 1 {
+            let weights: Vec<u64> = class.iter().map(|e| u64::from(policy.weight(&e.target.id))).collect();
+            let weighted = weights.iter().any(|w| *w != 1);
+            let (first, second) = if weighted {
+                let first = draw(self.rng, &weights, None);
+                (first, draw(self.rng, &weights, Some(first)))
+            } else if class.len() == 2 {
+                (0, 1)
+            } else {
+                let a = self.rng.random_range(0..class.len());
+                let b = (a + self.rng.random_range(1..class.len())) % class.len();
+                (a, b)
+            };
+            let (h1, h2) = (health(class[first]), health(class[second]));
+            let (l1, l2) = loads(&h1, &h2, self.inputs, class[first], class[second]);
+            let winner = if l2 < l1 { second } else { first };
+            let loser = if winner == first { second } else { first };
+            let how = format!(
+                "least loaded of {} and {} (load {:.0} vs {:.0})",
+                class[winner].target.id,
+                class[loser].target.id,
+                l1.min(l2),
+                l1.max(l2)
+            );
+            out.push((class.remove(winner), how));
+        }
+        out.extend(class.into_iter().map(|e| (e, "last of its equivalents".to_owned())));
+        out
+    }
+}
+
+/// Draws an index with probability proportional to its weight, skipping `except`.
+fn draw<R: Rng>(rng: &mut R, weights: &[u64], except: Option<usize>) -> usize {
+    let total: u64 = weights.iter().enumerate().filter(|(i, _)| Some(*i) != except).map(|(_, w)| w).sum();
+    let fallback = (0..weights.len()).find(|i| Some(*i) != except).unwrap_or(0);
+    if total == 0 {
+        return fallback;
+    }
+    let mut pick = rng.random_range(0..total);
+    for (i, w) in weights.iter().enumerate().filter(|(i, _)| Some(*i) != except) {
+        if pick < *w {
+            return i;
+        }
+        pick -= w;
+    }
+    fallback
+}
+
+/// Load of two targets for comparison: calls in flight (per ready replica for local targets)
+/// times the latency, inflated by the recent error rate. Latency counts only when both have
+/// samples, so an unmeasured target is neither favoured nor shunned for it.
+fn loads(h1: &TargetHealth, h2: &TargetHealth, inputs: &Inputs<'_>, e1: &Entry, e2: &Entry) -> (f64, f64) {
+    let both_measured = h1.has_latency() && h2.has_latency();
+    let load = |h: &TargetHealth, e: &Entry| {
+        let replicas = match (e.target.kind == TargetKind::Local as i32, inputs.local_replicas) {
+            (true, Some(n)) if n > 0 => f64::from(n),
+            _ => 1.0,
+        };
+        let latency = if both_measured { h.ewma_latency_us.max(1.0) } else { 1.0 };
+        (h.in_flight(inputs.now) as f64 / replicas + 1.0) * latency * (1.0 + 4.0 * h.error_rate())
+    };
+    (load(h1, e1), load(h2, e2))
+}
+
+/// Decides the plan. `rng` drives the power-of-two-choices draws.
+pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Error> {
+    let features = inputs.features;
+    let policy = &inputs.policy.policy;
+    let kind = features.kind;
+    let task = features.task_name();
+    let mut planner =
+        Planner { inputs, rng, steps: Vec::new(), used: HashSet::new(), rejected: Vec::new(), reasons: Vec::new() };
+    match &features.task {
+        Some(guess) => {
+            let mut reason = format!("task {task} from {} (confidence {:.2})", guess.source, guess.confidence);
+            if let Some(note) = &guess.note {
+                reason.push_str(&format!("; {note}"));
+            }
+            planner.reasons.push(reason);
+        }
+        None => planner.reasons.push("embeddings request".into()),
+    }
+    planner.reasons.push(format!("policy {}", inputs.policy.label));
+    let rule = policy.tasks.get(task).cloned().unwrap_or_default();
+    let chosen = kind == "chat" && policy.chooses(&features.model);
+
+    if chosen {
+        planner.reasons.push(format!("the router chooses the model (requested {:?})", features.model));
+        let pool: Vec<&Entry> = inputs.catalog.of_kind("chat").collect();
+        if pool.is_empty() {
+            return Err(Error::UnknownModel(features.model.clone()));
+        }
+        let eligible = planner.eligible(pool, true);
+        for id in &rule.prefer {
+            match eligible.iter().find(|e| &e.target.id == id) {
+                Some(entry) => planner.push(entry, StepRole::Fallback, format!("preferred for task {task} by policy")),
+                None => {
+                    let why = planner.rejected.iter().find(|r| &r.target_id == id).map(|r| r.reason.clone());
+                    let why = why.unwrap_or_else(|| "not a known chat target".into());
+                    planner.reasons.push(format!("preferred target {id} skipped: {why}"));
+                }
+            }
+        }
+        let (start, from) = match (rule.layer, policy.default_layer) {
+            (Some(layer), _) => (Some(layer.layer()), format!("task {task}'s layer")),
+            (None, Some(layer)) => (Some(layer.layer()), "the default layer".to_owned()),
+            (None, None) => (None, "the cheapest fitting layer".to_owned()),
+        };
+        let layers: Vec<Layer> = {
+            let mut layers: Vec<Layer> = eligible.iter().map(|e| e.layer()).collect();
+            layers.sort();
+            layers.dedup();
+            layers
+        };
+        let layer = match start {
+            None => layers.first().copied(),
+            Some(start) => {
+                layers.iter().find(|l| **l >= start).or_else(|| layers.iter().rev().find(|l| **l < start)).copied()
+            }
+        };
+        if let Some(layer) = layer {
+            let mut why = format!("layer {} ({from})", layer_name(layer));
+            if let Some(start) = start.filter(|s| *s != layer) {
+                why = format!("layer {} (no eligible target in {}, {from})", layer_name(layer), layer_name(start));
+            }
+            let group = eligible.iter().copied().filter(|e| e.layer() == layer).collect();
+            planner.push_balanced(group, StepRole::Fallback, &why);
+        }
+    } else {
+        let pool = inputs.catalog.targets_for(kind, &features.model);
+        if pool.is_empty() {
+            return Err(Error::UnknownModel(features.model.clone()));
+        }
+        let eligible = planner.eligible(pool, false);
+        planner.push_balanced(eligible, StepRole::Fallback, &format!("serves the requested model {}", features.model));
+    }
+
+    // The fallback chain: the operator's consent to serve this task with these targets.
+    let chain = rule.fallback.iter().filter_map(|id| inputs.catalog.find(id)).collect::<Vec<_>>();
+    for entry in planner.eligible(chain, false) {
+        planner.push(entry, StepRole::Fallback, format!("fallback chain of task {task}"));
+    }
+    for id in rule.fallback.iter().filter(|id| inputs.catalog.find(id).is_none()) {
+        planner.reasons.push(format!("fallback target {id} skipped: not a known target"));
+    }
+
+    if planner.steps.is_empty() {
+        let by_policy = !planner.rejected.iter().all(|r| r.reason.starts_with("context window"));
+        let detail = planner.rejected.iter().map(|r| format!("{}: {}", r.target_id, r.reason)).collect::<Vec<_>>();
+        return Err(Error::NoEligibleTarget { detail: detail.join("; "), by_policy });
+    }
+
+    // Escalation: the next layer up, for when every lower step fails or its answer is unusable.
+    let primary_layer = planner.steps[0].entry.layer();
+    if kind == "chat" && policy.escalation() {
+        let candidates: Vec<&Entry> = inputs.catalog.of_kind("chat").filter(|e| e.layer() > primary_layer).collect();
+        let candidates = planner.eligible(candidates, true);
+        let next = candidates.iter().map(|e| e.layer()).min();
+        match next {
+            Some(next) => {
+                let group = candidates.into_iter().filter(|e| e.layer() == next).collect();
+                let why = format!("escalation: one layer up from {}", layer_name(primary_layer));
+                planner.push_balanced(group, StepRole::Escalation, &why);
+            }
+            None => {
+                planner.reasons.push(format!("no escalation: no eligible target above {}", layer_name(primary_layer)))
+            }
+        }
+    }
+
+    // Open circuits go last, as a last resort; a half-open target in the plan takes its probe.
+    let steps = std::mem::take(&mut planner.steps);
+    let (mut admitted, open): (Vec<Step<'_>>, Vec<Step<'_>>) =
+        steps.into_iter().partition(|s| inputs.health.admit(&s.entry.target.id, inputs.now));
+    let healthy = admitted.len();
+    for mut step in open {
+        step.role = StepRole::LastResort;
+        step.reason = format!("circuit open: last resort (was: {})", step.reason);
+        admitted.push(step);
+    }
+    let mut steps = admitted;
+    steps[0].role = StepRole::Primary;
+    let race = policy.race() && healthy >= 2;
+    if race {
+        steps[1].role = StepRole::Primary;
+        planner
+            .reasons
+            .push(format!("fastest-first: racing {} and {}", steps[0].entry.target.id, steps[1].entry.target.id));
+    } else if policy.race() {
+        planner.reasons.push("fastest-first wanted but fewer than two healthy targets".into());
+    }
+
+    let count = |role: StepRole| steps.iter().filter(|s| s.role == role).count();
+    let explanation = format!(
+        "task {task}; {} ({}) first; {} fallback(s), {} escalation(s), {} last resort(s){}",
+        steps[0].entry.target.id,
+        layer_name(steps[0].entry.layer()),
+        count(StepRole::Fallback),
+        count(StepRole::Escalation),
+        count(StepRole::LastResort),
+        if race { "; racing the first two" } else { "" }
+    );
+    let layer = steps[0].entry.layer();
+    let (task_source, task_confidence) =
+        features.task.as_ref().map_or(("request".to_owned(), 1.0), |t| (t.source.clone(), t.confidence));
+    let targets = steps
+        .into_iter()
+        .map(|step| PlannedTarget {
+            estimated_cost_micros: estimated_cost_micros(step.entry, features.prompt_tokens, features.max_tokens),
+            target: Some(step.entry.target.clone()),
+            reason: step.reason,
+            role: step.role as i32,
+        })
+        .collect();
+    Ok(RoutePlan {
+        targets,
+        task: task.to_owned(),
+        explanation,
+        race,
+        task_source,
+        task_confidence,
+        policy: inputs.policy.label.clone(),
+        layer: layer as i32,
+        reasons: planner.reasons,
+        rejected: planner.rejected,
+        required_context: features.required_context(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    use super::*;
+    use crate::catalog::{CloudProvider, LocalModel, ModelFacts};
+    use crate::features::Task;
+    use crate::health::BreakerConfig;
+    use crate::policy::{PolicyFile, PolicySet};
+
+    fn facts(layer: &str, input: i64, output: i64, context: i64, tasks: &[&str]) -> ModelFacts {
+        ModelFacts {
+            layer: Some(layer.into()),
+            input_price_micros_per_mtok: input,
+            output_price_micros_per_mtok: output,
+            context_window: context,
+            tasks: tasks.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    /// L0 tiny (chat only, 2k context), L1 mini and coder (code only), L2 gpt on three
+    /// providers (alt2 and std equivalent, alt behind them), L3 opus (not for chat).
+    fn catalog() -> Catalog {
+        let provider = |name: &str, priority: i64, models: &[&str]| CloudProvider {
+            name: name.into(),
+            priority,
+            models: models.iter().map(|m| m.to_string()).collect(),
+        };
+        let cloud = [
+            provider("cheap", 0, &["mini", "coder"]),
+            provider("std", 0, &["gpt"]),
+            provider("alt2", 0, &["gpt"]),
+            provider("alt", 1, &["gpt"]),
+            provider("prem", 0, &["opus"]),
+        ];
+        let local = [
+            LocalModel { name: "tiny".into(), task: "chat".into(), context_length: 2048 },
+            LocalModel { name: "e".into(), task: "embeddings".into(), context_length: 512 },
+        ];
+        let facts = BTreeMap::from([
+            ("tiny".to_owned(), facts("l0", 0, 0, 2048, &["chat"])),
+            ("mini".to_owned(), facts("l1", 150_000, 600_000, 128_000, &[])),
+            ("coder".to_owned(), facts("l1", 200_000, 800_000, 128_000, &["code"])),
+            ("gpt".to_owned(), facts("l2", 2_500_000, 10_000_000, 128_000, &[])),
+            (
+                "opus".to_owned(),
+                facts("l3", 15_000_000, 75_000_000, 200_000, &["code", "math", "reasoning", "creative"]),
+            ),
+        ]);
+        Catalog::build(&cloud, &local, &facts)
+    }
+
+    fn features(model: &str, task: Option<Task>, prompt_tokens: i64) -> Features {
+        Features {
+            kind: if task.is_some() { "chat" } else { "embeddings" },
+            model: model.into(),
+            project: "p".into(),
+            task: task.map(|task| TaskGuess { task, confidence: 0.9, source: "hint".into(), note: None }),
+            prompt_tokens,
+            max_tokens: 1000,
+            stream: false,
+        }
+    }
+
+    struct World {
+        catalog: Catalog,
+        health: HealthBook,
+        replicas: Option<u32>,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self { catalog: catalog(), health: HealthBook::new(BreakerConfig::default()), replicas: None }
+        }
+
+        fn fail(&self, target: &str, times: usize) {
+            for _ in 0..times {
+                self.health.record(target, false, Duration::from_millis(1), Instant::now());
+            }
+        }
+
+        fn plan(&self, policy: &str, features: &Features, seed: u64) -> Result<RoutePlan, Error> {
+            let file = PolicyFile::parse(&format!("[projects.p]\n{policy}")).unwrap();
+            let policy = PolicySet { file: Some(file), ..Default::default() }.resolve("p");
+            let inputs = Inputs {
+                catalog: &self.catalog,
+                policy: &policy,
+                features,
+                health: &self.health,
+                local_replicas: self.replicas,
+                now: Instant::now(),
+            };
+            decide(&inputs, &mut StdRng::seed_from_u64(seed))
+        }
+    }
+
+    fn ids(plan: &RoutePlan) -> Vec<&str> {
+        plan.targets.iter().map(|t| t.target.as_ref().unwrap().id.as_str()).collect()
+    }
+
+    fn roles(plan: &RoutePlan) -> String {
+        plan.targets
+            .iter()
+            .map(|t| match StepRole::try_from(t.role).unwrap() {
+                StepRole::Primary => 'P',
+                StepRole::Fallback => 'F',
+                StepRole::Escalation => 'E',
+                StepRole::LastResort => 'L',
+                StepRole::Unspecified => '?',
+            })
+            .collect()
+    }
+
+    #[test]
+    fn decision_table() {
+        use Task::*;
+        struct Case {
+            name: &'static str,
+            policy: &'static str,
+            features: Features,
+            broken: &'static [&'static str],
+            expect: &'static [&'static str],
+            roles: &'static str,
+        }
+        let long = |mut f: Features| {
+            f.prompt_tokens = 3000;
+            f
+        };
+        let cases = [
+            Case {
+                name: "requested model: its targets by rank, equivalents in declared order, no chat target above",
+                policy: "",
+                features: features("gpt", Some(Chat), 10),
+                broken: &[],
+                expect: &["alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PFF",
+            },
+            Case {
+                name: "requested model for code: escalation to the premium layer",
+                policy: "",
+                features: features("gpt", Some(Code), 10),
+                broken: &[],
+                expect: &["alt2/gpt", "std/gpt", "alt/gpt", "prem/opus"],
+                roles: "PFFE",
+            },
+            Case {
+                name: "auto: the cheapest fitting layer, then one layer up",
+                policy: "",
+                features: features("auto", Some(Chat), 10),
+                broken: &[],
+                expect: &["local/tiny", "cheap/mini"],
+                roles: "PE",
+            },
+            Case {
+                name: "auto: a prompt too long for the local model starts at l1",
+                policy: "",
+                features: long(features("auto", Some(Chat), 0)),
+                broken: &[],
+                expect: &["cheap/mini", "alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PEEE",
+            },
+            Case {
+                name: "auto for code: task-only targets join, chat-only ones leave",
+                policy: "",
+                features: features("auto", Some(Code), 10),
+                broken: &[],
+                expect: &["cheap/coder", "cheap/mini", "alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PFEEE",
+            },
+            Case {
+                name: "preferred targets of the task lead",
+                policy: "[projects.p.tasks.code]\nprefer = [\"prem/opus\", \"nope/x\"]",
+                features: features("auto", Some(Code), 10),
+                broken: &[],
+                expect: &["prem/opus", "cheap/coder", "cheap/mini"],
+                roles: "PFF",
+            },
+            Case {
+                name: "choose_model serves a named model from the cheapest layer",
+                policy: "choose_model = true\nescalation = false",
+                features: features("gpt", Some(Chat), 10),
+                broken: &[],
+                expect: &["local/tiny"],
+                roles: "P",
+            },
+            Case {
+                name: "default layer",
+                policy: "default_layer = \"l2\"\nescalation = false",
+                features: features("auto", Some(Chat), 10),
+                broken: &[],
+                expect: &["alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PFF",
+            },
+            Case {
+                name: "a task layer without a fitting target falls to the highest below",
+                policy: "[projects.p.tasks.chat]\nlayer = \"l3\"",
+                features: features("auto", Some(Chat), 10),
+                broken: &[],
+                expect: &["alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PFF",
+            },
+            Case {
+                name: "the maximum layer bounds escalation",
+                policy: "max_layer = \"l1\"",
+                features: long(features("auto", Some(Chat), 0)),
+                broken: &[],
+                expect: &["cheap/mini"],
+                roles: "P",
+            },
+            Case {
+                name: "the cost cap leaves dear targets out",
+                policy: "max_cost_micros = 2000",
+                features: long(features("auto", Some(Chat), 0)),
+                broken: &[],
+                expect: &["cheap/mini"],
+                roles: "P",
+            },
+            Case {
+                name: "fallback chain after the requested model",
+                policy: "escalation = false\n[projects.p.tasks.chat]\nfallback = [\"std/gpt\", \"gone/x\"]",
+                features: features("mini", Some(Chat), 10),
+                broken: &[],
+                expect: &["cheap/mini", "std/gpt"],
+                roles: "PF",
+            },
+            Case {
+                name: "open circuits go last",
+                policy: "",
+                features: features("gpt", Some(Chat), 10),
+                broken: &["alt2/gpt"],
+                expect: &["std/gpt", "alt/gpt", "alt2/gpt"],
+                roles: "PFL",
+            },
+            Case {
+                name: "an open requested model makes way for the escalation",
+                policy: "",
+                features: features("mini", Some(Chat), 10),
+                broken: &["cheap/mini"],
+                expect: &["alt2/gpt", "std/gpt", "alt/gpt", "cheap/mini"],
+                roles: "PEEL",
+            },
+            Case {
+                name: "race: the first two are both primaries",
+                policy: "race = true",
+                features: features("gpt", Some(Chat), 10),
+                broken: &[],
+                expect: &["alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PPF",
+            },
+            Case {
+                name: "weight 0 takes a target out",
+                policy: "weights = { \"alt2/gpt\" = 0 }",
+                features: features("gpt", Some(Chat), 10),
+                broken: &[],
+                expect: &["std/gpt", "alt/gpt"],
+                roles: "PF",
+            },
+            Case {
+                name: "embeddings have no task and no escalation",
+                policy: "",
+                features: features("e", None, 10),
+                broken: &[],
+                expect: &["local/e"],
+                roles: "P",
+            },
+        ];
+        for case in cases {
+            let world = World::new();
+            for target in case.broken {
+                world.fail(target, 5);
+            }
+            let plan = world.plan(case.policy, &case.features, 7).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            assert_eq!(ids(&plan), case.expect, "{}: {:?}", case.name, plan.reasons);
+            assert_eq!(roles(&plan), case.roles, "{}", case.name);
+            assert!(plan.targets.iter().all(|t| !t.reason.is_empty()), "{}: every step says why", case.name);
+            assert_eq!(plan.task, case.features.task_name(), "{}", case.name);
+            assert_eq!(plan.layer, plan.targets[0].target.as_ref().unwrap().layer, "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let world = World::new();
+        let unknown = world.plan("", &features("nope", Some(Task::Chat), 10), 1);
+        assert!(matches!(unknown, Err(Error::UnknownModel(_))));
+        let too_long = world.plan("", &features("tiny", Some(Task::Chat), 5000), 1).unwrap_err();
+        assert_eq!(too_long.code(), meshgate_runtime::ErrorCode::InvalidRequest);
+        assert!(too_long.to_string().contains("local/tiny: context window 2048 < 6000 tokens needed"), "{too_long}");
+        let capped = world.plan("max_layer = \"l1\"", &features("gpt", Some(Task::Chat), 10), 1).unwrap_err();
+        assert_eq!(capped.code(), meshgate_runtime::ErrorCode::PolicyViolation);
+        assert!(capped.to_string().contains("layer l2 above the policy's maximum l1"), "{capped}");
+    }
+
+    #[test]
+    fn reasons_and_rejections_explain_the_plan() {
+        let world = World::new();
+        let policy = "max_cost_micros = 2000\n[projects.p.tasks.chat]\nprefer = [\"std/gpt\"]";
+        let plan = world.plan(policy, &features("auto", Some(Task::Chat), 3000), 1).unwrap();
+        assert_eq!(plan.task_source, "hint");
+        assert_eq!(plan.policy, "default(config) + project:p(file)");
+        assert_eq!(plan.required_context, 4000);
+        assert!(plan.reasons[0].starts_with("task chat from hint"), "{:?}", plan.reasons);
+        assert!(
+            plan.reasons.iter().any(|r| r.starts_with("preferred target std/gpt skipped: estimated cost 17500 µ$"))
+        );
+        let rejected: BTreeMap<&str, &str> =
+            plan.rejected.iter().map(|r| (r.target_id.as_str(), r.reason.as_str())).collect();
+        assert_eq!(rejected["local/tiny"], "context window 2048 < 4000 tokens needed");
+        assert_eq!(rejected["cheap/coder"], "not declared for task chat (declared: code)");
+        assert_eq!(plan.targets[0].estimated_cost_micros, 1050, "3000 × 0.15 + 1000 × 0.60");
+        assert!(plan.explanation.starts_with("task chat; cheap/mini (l1) first"), "{}", plan.explanation);
+    }
+
+    #[test]
+    fn no_ready_replica_takes_local_targets_out() {
+        let mut world = World::new();
+        world.replicas = Some(0);
+        let plan = world.plan("", &features("auto", Some(Task::Chat), 10), 1).unwrap();
+        assert_eq!(ids(&plan)[0], "cheap/mini");
+        let tiny = plan.rejected.iter().find(|r| r.target_id == "local/tiny").unwrap();
+        assert_eq!(tiny.reason, "no ready inference replica");
+    }
+
+    #[test]
+    fn two_choices_prefer_fewer_calls_in_flight_then_lower_latency() {
+        let world = World::new();
+        let now = Instant::now();
+        world.health.start("alt2/gpt", now);
+        let plan = world.plan("", &features("gpt", Some(Task::Chat), 10), 1).unwrap();
+        assert_eq!(ids(&plan)[..2], ["std/gpt", "alt2/gpt"]);
+        assert!(plan.targets[0].reason.contains("least loaded of std/gpt and alt2/gpt"), "{}", plan.targets[0].reason);
+
+        let world = World::new();
+        world.health.record("alt2/gpt", true, Duration::from_millis(900), now);
+        world.health.record("std/gpt", true, Duration::from_millis(100), now);
+        assert_eq!(ids(&world.plan("", &features("gpt", Some(Task::Chat), 10), 1).unwrap())[0], "std/gpt");
+    }
+
+    #[test]
+    fn weights_share_the_primary_among_equivalents() {
+        let world = World::new();
+        let features = features("gpt", Some(Task::Chat), 10);
+        let policy = "weights = { \"alt2/gpt\" = 3, \"std/gpt\" = 1 }";
+        let mut rng = StdRng::seed_from_u64(42);
+        let file = PolicyFile::parse(&format!("[projects.p]\n{policy}")).unwrap();
+        let resolved = PolicySet { file: Some(file), ..Default::default() }.resolve("p");
+        let inputs = Inputs {
+            catalog: &world.catalog,
+            policy: &resolved,
+            features: &features,
+            health: &world.health,
+            local_replicas: None,
+            now: Instant::now(),
+        };
+        let draws = 4000;
+        let alt2 = (0..draws)
+            .filter(|_| decide(&inputs, &mut rng).unwrap().targets[0].target.as_ref().unwrap().id == "alt2/gpt")
+            .count();
+        let share = alt2 as f64 / draws as f64;
+        assert!((0.70..0.80).contains(&share), "alt2 led {share:.3} of plans; weight 3:1 means 0.75");
+    }
+
+    #[test]
+    fn more_than_two_equivalents_all_get_traffic() {
+        let mut world = World::new();
+        let provider = |name: &str| CloudProvider { name: name.into(), priority: 0, models: vec!["m".into()] };
+        world.catalog = Catalog::build(&[provider("a"), provider("b"), provider("c")], &[], &BTreeMap::new());
+        let features = features("m", Some(Task::Chat), 10);
+        let mut leaders = BTreeMap::new();
+        for seed in 0..300 {
+            let plan = world.plan("", &features, seed).unwrap();
+            assert_eq!(plan.targets.len(), 3);
+            *leaders.entry(ids(&plan)[0].to_owned()).or_insert(0) += 1;
+        }
+        assert_eq!(leaders.len(), 3, "{leaders:?}");
+        assert!(leaders.values().all(|n| *n >= 50), "{leaders:?}");
+    }
+}

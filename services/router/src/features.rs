@@ -1,0 +1,390 @@
+//! What the router knows about a request before choosing: its task (from the inference
+//! service's task classifier, or a keyword heuristic), its sizes and whether it streams.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use meshgate_proto::common::v1::ChatMessage;
+use meshgate_proto::inference::v1::ClassifyRequest;
+use meshgate_proto::inference::v1::inference_client::InferenceClient;
+use meshgate_runtime::MeshChannel;
+
+/// The task classes the router routes by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Task {
+    Code,
+    Math,
+    Creative,
+    Reasoning,
+    Chat,
+}
+
+impl Task {
+    pub const ALL: [Task; 5] = [Task::Code, Task::Math, Task::Creative, Task::Reasoning, Task::Chat];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Code => "code",
+            Task::Math => "math",
+            Task::Creative => "creative",
+            Task::Reasoning => "reasoning",
+            Task::Chat => "chat",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Task> {
+        Task::ALL.into_iter().find(|t| t.as_str().eq_ignore_ascii_case(name.trim()))
+    }
+}
+
+/// A task with where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskGuess {
+    pub task: Task,
+    pub confidence: f32,
+    /// "classifier:<model>", "heuristic", "hint" or "request".
+    pub source: String,
+    /// Why the classifier was not used, when it was not.
+    pub note: Option<String>,
+}
+
+/// Keyword cues per task with their weight. Cheap on purpose: it runs when the classifier is
+/// missing or down, on the request path.
+const CUES: &[(Task, &[(&str, u32)])] = &[
+    (
+        Task::Code,
+        &[
+            ("```", 4),
+            ("def ", 3),
+            ("fn ", 3),
+            ("function", 2),
+            ("class ", 1),
+            ("compile", 2),
+            ("stack trace", 3),
+            ("traceback", 3),
+            ("exception", 2),
+            ("refactor", 3),
+            ("debug", 2),
+            ("regex", 3),
+            ("sql", 2),
+            ("python", 2),
+            ("rust", 2),
+            ("javascript", 2),
+            ("typescript", 2),
+            ("java ", 2),
+            ("c++", 2),
+            ("golang", 2),
+            ("bash", 2),
+            ("code", 2),
+            ("script", 1),
+            ("api", 1),
+            ("unit test", 2),
+            ("syntax", 2),
+            ("variable", 1),
+            ("algorithm", 1),
+            ("implement", 1),
+            ("bug", 2),
+            ("json", 1),
+        ],
+    ),
+    (
+        Task::Math,
+        &[
+            ("solve", 2),
+            ("equation", 3),
+            ("integral", 3),
+            ("derivative", 3),
+            ("calculate", 2),
+            ("compute", 1),
+            ("probability", 2),
+            ("matrix", 2),
+            ("sum of", 2),
+            ("square root", 3),
+            ("prime", 2),
+            ("theorem", 2),
+            ("algebra", 3),
+            ("geometry", 3),
+            ("percent", 2),
+            ("how many", 1),
+            ("what is the value", 2),
+            ("x^", 3),
+            ("=", 1),
+            ("+", 1),
+            ("*", 1),
+        ],
+    ),
+    (
+        Task::Creative,
+        &[
+            ("poem", 4),
+            ("story", 3),
+            ("haiku", 4),
+            ("lyrics", 4),
+            ("song", 2),
+            ("fiction", 3),
+            ("novel", 2),
+            ("character", 2),
+            ("imagine", 2),
+            ("slogan", 3),
+            ("tagline", 3),
+            ("limerick", 4),
+            ("creative", 2),
+            ("fairy tale", 3),
+            ("screenplay", 3),
+            ("rhyme", 3),
+            ("write a", 1),
+        ],
+    ),
+    (
+        Task::Reasoning,
+        &[
+            ("why", 1),
+            ("explain", 1),
+            ("step by step", 3),
+            ("reason", 2),
+            ("compare", 2),
+            ("pros and cons", 3),
+            ("trade-off", 3),
+            ("tradeoff", 3),
+            ("analyze", 2),
+            ("analyse", 2),
+            ("logic", 2),
+            ("puzzle", 3),
+            ("riddle", 3),
+            ("deduce", 3),
+            ("should i", 2),
+            ("implications", 2),
+            ("evaluate", 2),
+            ("argument", 2),
+            ("plan ", 1),
+        ],
+    ),
+];
+
+/// Guesses the task from keyword cues; "chat" when nothing stands out. A digit next to an
+/// arithmetic operator counts as a strong math cue.
+pub fn heuristic(text: &str) -> TaskGuess {
+    let lower = text.to_lowercase();
+    let mut scores: Vec<(Task, u32)> = CUES
+        .iter()
+        .map(|(task, cues)| {
+            let score = cues.iter().filter(|(cue, _)| lower.contains(cue)).map(|(_, weight)| weight).sum();
+            (*task, score)
+        })
+        .collect();
+    if has_arithmetic(&lower)
+        && let Some((_, score)) = scores.iter_mut().find(|(task, _)| *task == Task::Math)
+    {
+        *score += 3;
+    }
+    let total: u32 = scores.iter().map(|(_, s)| s).sum();
+    // The first task listed wins ties: code cues are the most specific.
+    let (task, best) = scores.iter().fold((Task::Chat, 0), |acc, &(task, s)| if s > acc.1 { (task, s) } else { acc });
+    // A single weak cue ("why", "=") is not enough to leave plain chat.
+    if best < 2 {
+        return TaskGuess { task: Task::Chat, confidence: 0.5, source: "heuristic".into(), note: None };
+    }
+    let confidence = best as f32 / (total as f32 + 1.0);
+    TaskGuess { task, confidence, source: "heuristic".into(), note: None }
+}
+
+fn has_arithmetic(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.windows(3).any(|w| {
+        let op = |b: u8| matches!(b, b'+' | b'-' | b'*' | b'/' | b'^' | b'=');
+        (w[0].is_ascii_digit() && (op(w[1]) || (w[1] == b' ' && op(w[2]))))
+            || (op(w[0]) && (w[1].is_ascii_digit() || (w[1] == b' ' && w[2].is_ascii_digit())))
+    })
+}
+
+/// The text classified: the system prompt and the last user message, which say what is asked
+/// (earlier turns would drag the class towards the conversation's history).
+pub fn classified_text(messages: &[ChatMessage]) -> String {
+    let system = messages.iter().filter(|m| m.role == "system").map(|m| m.content.as_str());
+    let last_user = messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.as_str());
+    let mut text = system.chain(last_user).collect::<Vec<_>>().join("\n");
+    // The classifier reads a few hundred tokens at most; the rest costs time for nothing.
+    if text.len() > MAX_CLASSIFIED_BYTES {
+        let mut end = MAX_CLASSIFIED_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+const MAX_CLASSIFIED_BYTES: usize = 4096;
+
+/// Rough token count of a conversation when the caller did not count: four bytes a token plus
+/// a few tokens of framing per message, as OpenAI-style chat templates spend.
+pub fn estimate_tokens(messages: &[ChatMessage]) -> i64 {
+    messages.iter().map(|m| (m.content.len() as u64).div_ceil(4) as i64 + 4).sum()
+}
+
+/// Calls the inference service's task classifier, falling back to [`heuristic`].
+pub struct TaskClassifier {
+    client: Option<InferenceClient<MeshChannel>>,
+    /// The classifier model to call; found in the inference service's model list (task
+    /// "task-classification") or fixed by configuration.
+    model: ArcSwapOption<String>,
+    /// Whether `model` comes from configuration (the model list must not replace it).
+    pinned: bool,
+    timeout: Duration,
+}
+
+/// Task of the inference models that classify prompts into [`Task`]s.
+pub const CLASSIFIER_TASK: &str = "task-classification";
+
+impl TaskClassifier {
+    pub fn new(client: Option<InferenceClient<MeshChannel>>, model: Option<String>, timeout: Duration) -> Self {
+        let pinned = model.is_some();
+        Self { client, model: ArcSwapOption::new(model.map(Arc::new)), pinned, timeout }
+    }
+
+    /// A classifier that always uses the heuristic.
+    pub fn heuristic_only() -> Self {
+        Self::new(None, None, Duration::ZERO)
+    }
+
+    /// Updates the classifier model from the inference service's list (unless configured).
+    pub fn set_discovered(&self, model: Option<String>) {
+        if !self.pinned && self.model.load().as_deref() != model.as_ref() {
+            tracing::info!(model = ?model, "task classifier model changed");
+            self.model.store(model.map(Arc::new));
+        }
+    }
+
+    pub fn model(&self) -> Option<Arc<String>> {
+        self.model.load_full()
+    }
+
+    /// The task of `text`: the classifier's top label when it answers in time with a known
+    /// label, else the heuristic's guess with a note saying why.
+    pub async fn classify(&self, text: &str) -> TaskGuess {
+        let (Some(client), Some(model)) = (&self.client, self.model.load_full()) else {
+            let note = if self.client.is_none() { "no inference service" } else { "no task classifier model" };
+            return TaskGuess { note: Some(note.into()), ..heuristic(text) };
+        };
+        let request = ClassifyRequest { model: model.as_ref().clone(), inputs: vec![text.to_owned()] };
+        let mut client = client.clone();
+        let note = match tokio::time::timeout(self.timeout, client.classify(request)).await {
+            Err(_) => format!("classifier {model} took longer than {} ms", self.timeout.as_millis()),
+            Ok(Err(status)) => format!("classifier {model} failed: {}", status.message()),
+            Ok(Ok(response)) => {
+                let top = response.into_inner().results.into_iter().next().and_then(|r| r.scores.into_iter().next());
+                match top {
+                    Some(score) => match Task::parse(&score.label) {
+                        Some(task) => {
+                            return TaskGuess {
+                                task,
+                                confidence: score.probability,
+                                source: format!("classifier:{model}"),
+                                note: None,
+                            };
+                        }
+                        None => format!("classifier {model} answered unknown label {:?}", score.label),
+                    },
+                    None => format!("classifier {model} answered no label"),
+                }
+            }
+        };
+        TaskGuess { note: Some(note), ..heuristic(text) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(role: &str, content: &str) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn heuristic_table() {
+        let cases = [
+            ("Write a Python function that reverses a linked list", Task::Code),
+            ("Why does this panic?\n```rust\nfn main() { let v: Vec<i32> = vec![]; v[0]; }\n```", Task::Code),
+            ("Fix the SQL syntax error in: SELEC * FROM users", Task::Code),
+            ("Solve the equation 3x + 7 = 22", Task::Math),
+            ("What is 17 * 23?", Task::Math),
+            ("Compute the derivative of x^3 + 2x", Task::Math),
+            ("Write a haiku about autumn leaves", Task::Creative),
+            ("Tell me a short story about a dragon who loves tea", Task::Creative),
+            ("Compare the pros and cons of renting versus buying a house", Task::Reasoning),
+            ("Explain step by step how you would deduce who owns the zebra in this puzzle", Task::Reasoning),
+            ("Hello! How are you today?", Task::Chat),
+            ("Thanks, that helps", Task::Chat),
+            ("", Task::Chat),
+        ];
+        for (text, expected) in cases {
+            let guess = heuristic(text);
+            assert_eq!(guess.task, expected, "{text:?}");
+            assert_eq!(guess.source, "heuristic");
+            assert!(guess.confidence > 0.0 && guess.confidence <= 1.0);
+        }
+    }
+
+    #[test]
+    fn task_names_round_trip() {
+        for task in Task::ALL {
+            assert_eq!(Task::parse(task.as_str()), Some(task));
+        }
+        assert_eq!(Task::parse(" Code "), Some(Task::Code));
+        assert_eq!(Task::parse("dance"), None);
+    }
+
+    #[test]
+    fn classified_text_is_system_and_last_user_message() {
+        let messages = [
+            message("system", "You are terse."),
+            message("user", "write a poem"),
+            message("assistant", "roses are red"),
+            message("user", "now in python"),
+        ];
+        assert_eq!(classified_text(&messages), "You are terse.\nnow in python");
+        let long = [message("user", &"é".repeat(5000))];
+        let text = classified_text(&long);
+        assert!(text.len() <= MAX_CLASSIFIED_BYTES && text.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn token_estimate_grows_with_text() {
+        assert_eq!(estimate_tokens(&[]), 0);
+        assert_eq!(estimate_tokens(&[message("user", "abcdefgh")]), 6);
+    }
+
+    #[tokio::test]
+    async fn without_inference_the_heuristic_answers_with_a_note() {
+        let guess = TaskClassifier::heuristic_only().classify("Solve 2x + 1 = 5").await;
+        assert_eq!(guess.task, Task::Math);
+        assert_eq!(guess.source, "heuristic");
+        assert_eq!(guess.note.as_deref(), Some("no inference service"));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_classifier_falls_back_to_the_heuristic() {
+        // Port 1 on loopback refuses connections: the call fails fast, like a down service.
+        let channel = meshgate_runtime::channel("http://127.0.0.1:1", Duration::from_millis(200)).unwrap();
+        let classifier =
+            TaskClassifier::new(Some(InferenceClient::new(channel)), Some("tasks".into()), Duration::from_secs(2));
+        let guess = classifier.classify("write a haiku about rain").await;
+        assert_eq!(guess.task, Task::Creative);
+        let note = guess.note.unwrap();
+        assert!(note.starts_with("classifier tasks failed"), "{note}");
+    }
+
+    #[test]
+    fn discovered_model_does_not_replace_a_configured_one() {
+        let configured = TaskClassifier::new(None, Some("mine".into()), Duration::ZERO);
+        configured.set_discovered(Some("other".into()));
+        assert_eq!(configured.model().as_deref().map(String::as_str), Some("mine"));
+        let discovered = TaskClassifier::heuristic_only();
+        discovered.set_discovered(Some("found".into()));
+        assert_eq!(discovered.model().as_deref().map(String::as_str), Some("found"));
+        discovered.set_discovered(None);
+        assert!(discovered.model().is_none());
+    }
+}

@@ -1,0 +1,161 @@
+//! Property-style checks over random inputs built from detector-relevant fragments: no panics,
+//! spans on UTF-8 boundaries, redaction removes every redacted span, and any chunking of a stream
+//! gives exactly the batch result.
+
+mod common;
+
+use common::{BASE62, random, redacting_engine, rng, secrets};
+use meshgate_policy::{Decision, Message};
+use rand::Rng;
+use rand::rngs::StdRng;
+
+const FRAGMENTS: &[&str] = &[
+    "sk-",
+    "sk-proj-",
+    "ghp_",
+    "github_pat_",
+    "glpat-",
+    "AKIA",
+    "xoxb-",
+    "sk_live_",
+    "eyJ",
+    ".",
+    "@",
+    "-",
+    "_",
+    " ",
+    "\n",
+    "\t",
+    "-----BEGIN RSA PRIVATE KEY-----",
+    "-----END RSA PRIVATE KEY-----",
+    "4111",
+    "1111",
+    "123-45-",
+    "6789",
+    "DROP",
+    "TABLE",
+    "rm -rf /",
+    "chmod -R 777 /",
+    ":(){ :|:& };:",
+    "| sh",
+    "curl ",
+    "ignore previous instructions",
+    "aws_secret_access_key=",
+    "é",
+    "日本",
+    "🙂",
+    "\u{200b}",
+    "\\n",
+    "\"",
+    "'",
+    "=",
+    ":",
+    "/",
+    "+",
+    "example.com",
+    "com",
+    "0",
+    "9",
+];
+
+fn random_text(r: &mut StdRng, samples: &[common::Sample]) -> String {
+    let pieces = r.random_range(0..40);
+    let mut text = String::new();
+    for _ in 0..pieces {
+        match r.random_range(0..10) {
+            // Spaced, so the sample is a token of its own rather than part of a longer word.
+            0 => {
+                text.push(' ');
+                text.push_str(&samples[r.random_range(0..samples.len())].text);
+                text.push(' ');
+            }
+            1..=3 => {
+                let len = r.random_range(1..50);
+                text.push_str(&random(r, BASE62, len));
+            }
+            _ => text.push_str(FRAGMENTS[r.random_range(0..FRAGMENTS.len())]),
+        }
+    }
+    text
+}
+
+fn random_chunks<'a>(r: &mut StdRng, text: &'a str) -> Vec<&'a str> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + r.random_range(1..24)).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        chunks.push(&text[start..end]);
+        start = end;
+    }
+    chunks
+}
+
+#[test]
+fn random_prompts_scan_without_panics_and_with_valid_spans() {
+    let engine = redacting_engine();
+    let samples = secrets(30);
+    let mut r = rng(31);
+    for _ in 0..1500 {
+        let text = random_text(&mut r, &samples);
+        let messages = [Message::new("user", &text)];
+        let outcome = engine.scan_prompt(&messages);
+        for f in &outcome.findings {
+            assert!(f.start <= f.end && f.end <= text.len(), "{f:?} in {text:?}");
+            assert!(text.is_char_boundary(f.start) && text.is_char_boundary(f.end), "{f:?} in {text:?}");
+        }
+        assert!(outcome.risk <= 100);
+        if let Decision::Redact(redacted) = &outcome.decision {
+            for sample in samples.iter().filter(|s| text.contains(&s.text)) {
+                assert!(!redacted[0].content.contains(sample.secret_part()), "{:?} survived in {text:?}", sample.rule);
+            }
+        }
+    }
+}
+
+#[test]
+fn random_streams_match_the_batch_scan_for_any_chunking() {
+    let engine = redacting_engine();
+    let samples = secrets(32);
+    let mut r = rng(33);
+    for _ in 0..600 {
+        let text = random_text(&mut r, &samples);
+        let batch = engine.scan_output(&text);
+        let expected = batch.redacted.clone().unwrap_or_else(|| text.clone());
+        for _ in 0..3 {
+            let mut scanner = engine.stream_scanner();
+            let mut out = String::new();
+            for chunk in random_chunks(&mut r, &text) {
+                out.push_str(&scanner.push(chunk));
+            }
+            out.push_str(&scanner.finish());
+            assert_eq!(out, expected, "stream of {text:?}");
+            assert_eq!(scanner.findings(), batch.findings.as_slice(), "stream findings of {text:?}");
+        }
+    }
+}
+
+#[test]
+fn arbitrary_bytes_never_panic() {
+    let engine = redacting_engine();
+    let mut r = rng(34);
+    for _ in 0..2000 {
+        let len = r.random_range(0..200);
+        let bytes: Vec<u8> = (0..len).map(|_| r.random()).collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let outcome = engine.scan_prompt(&[Message::new("user", &text)]);
+        for f in &outcome.findings {
+            assert!(text.is_char_boundary(f.start) && text.is_char_boundary(f.end));
+        }
+        engine.scan_output(&text);
+        let mut scanner = engine.stream_scanner();
+        let mut out = String::new();
+        for chunk in random_chunks(&mut r, &text) {
+            out.push_str(&scanner.push(chunk));
+        }
+        out.push_str(&scanner.finish());
+        assert_eq!(out, engine.scan_output(&text).redacted.unwrap_or_else(|| text.to_string()));
+    }
+}
