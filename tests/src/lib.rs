@@ -129,6 +129,13 @@ impl TestMesh {
             .expect("edge answers")
     }
 
+    /// `GET path` on the edge with `key`, parsed as JSON (for reads whose status is not the point).
+    pub async fn get_json(&self, path: &str, key: &str) -> serde_json::Value {
+        let response =
+            self.http.get(format!("{}{path}", self.edge)).bearer_auth(key).send().await.expect("edge answers");
+        response.json().await.expect("a JSON body")
+    }
+
     /// Stops the mesh and waits for every service to drain.
     pub async fn stop(self) {
         self.shutdown.trigger();

@@ -40,16 +40,7 @@ async fn embeddings_come_back_as_floats_or_base64_and_are_charged() {
     // Quota was charged the tokens the model counted.
     let mut charged = 0;
     for _ in 0..100 {
-        let status: Value = mesh
-            .http
-            .get(format!("{}/v1/quota/status", mesh.edge))
-            .bearer_auth(ADMIN_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status: Value = mesh.get_json("/v1/quota/status", ADMIN_KEY).await;
         let key = status["scopes"].as_array().unwrap().iter().find(|s| s["scope"]["kind"] == "key").unwrap().clone();
         charged = key["used"]["tokens"].as_i64().unwrap();
         if key["used"]["requests"] == 2 {
@@ -59,16 +50,7 @@ async fn embeddings_come_back_as_floats_or_base64_and_are_charged() {
     }
     assert!(charged >= tokens, "{charged} < {tokens}");
 
-    let models: Value = mesh
-        .http
-        .get(format!("{}/v1/models", mesh.edge))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = mesh.get_json("/v1/models", ADMIN_KEY).await;
     let tiny = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "tiny-embed").cloned().unwrap();
     assert_eq!(tiny["tasks"], json!(["embeddings"]));
 

@@ -82,16 +82,7 @@ async fn a_job_is_delivered_once_per_idempotency_key_and_scoped_to_its_project()
         .unwrap();
     let outsider = key["secret"].as_str().unwrap();
     assert_eq!(get_job(&mesh, outsider, &id).await.0, 404);
-    let listed: Value = mesh
-        .http
-        .get(format!("{}/v1/jobs", mesh.edge))
-        .bearer_auth(outsider)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = mesh.get_json("/v1/jobs", outsider).await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
     mesh.stop().await;
 }

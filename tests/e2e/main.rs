@@ -1,0 +1,9 @@
+//! meshgate end to end: the whole mesh booted on ephemeral ports against real Postgres, Redis,
+//! ONNX Runtime and the mock providers. One test binary for every area, so the stack is linked
+//! once rather than once per file.
+
+mod embeddings;
+mod jobs;
+mod mesh;
+mod quota;
+mod tenancy;
