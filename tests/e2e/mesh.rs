@@ -55,7 +55,8 @@ async fn chat_json_crosses_the_whole_mesh_and_leaves_a_trace() {
     let mut analytics = AnalyticsClient::new(mesh.channel("analytics"));
     let mut trace = None;
     for _ in 0..100 {
-        let request = GetTraceRequest { request_id: request_id.clone(), org_id: "default".into(), ..Default::default() };
+        let request =
+            GetTraceRequest { request_id: request_id.clone(), org_id: "default".into(), ..Default::default() };
         if let Ok(found) = analytics.get_trace(request).await {
             trace = Some(found.into_inner());
             break;

@@ -1,4 +1,5 @@
-//! Tenancy management at the edge: organizations, projects, users, roles and API keys.
+//! Tenancy management at the edge: organizations, projects, users, roles, API keys, and each
+//! project's security policy and request limits (members read them; admins and owners change them).
 //!
 //! Who may do what: the bootstrap key administers every organization. Otherwise a key acts inside
 //! its organization with the role it carries in its project: an owner manages the whole
@@ -12,15 +13,17 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Duration as TimeDelta, Utc};
+use meshgate_policy::{PolicyConfig, PolicyEngine};
 use meshgate_proto::common::v1::Role;
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Authenticator, Caller, digest};
 use crate::http::{Edge, RequestContext, error_response, read_body};
+use crate::settings::RequestLimits;
 use crate::tenancy::{
-    ApiKey, EndpointScope, KeyScopes, Org, Project, TenancyError, TenancyStore, User, check_field, new_id, parse_role,
-    role_name,
+    ApiKey, EndpointScope, KeyScopes, Org, Project, ProjectSettingsDoc, SettingsKind, TenancyError, TenancyStore, User,
+    check_field, new_id, parse_role, role_name,
 };
 
 /// Longest key lifetime accepted at creation, days.
@@ -319,6 +322,95 @@ pub async fn set_member(
     .await
 }
 
+// --- project security policy and request limits -------------------------------------------------
+
+/// A project's stored settings; members of the project may read them.
+async fn project_settings(
+    store: &dyn TenancyStore,
+    caller: &Caller,
+    project_id: &str,
+) -> Result<(Project, Access, ProjectSettingsDoc), ApiError> {
+    let (project, access) = load_project(store, caller, project_id).await?;
+    let doc = store.project_settings(&project.id).await?.ok_or_else(|| not_found(&format!("project {project_id}")))?;
+    Ok((project, access, doc))
+}
+
+/// Replaces one settings document of a project the caller manages, then makes every replica
+/// drop its cached copy.
+async fn store_settings(
+    edge: &Edge,
+    store: &dyn TenancyStore,
+    project: &Project,
+    kind: SettingsKind,
+    document: &serde_json::Value,
+) -> Result<(), ApiError> {
+    store.set_project_settings(&project.id, kind, document).await?;
+    edge.settings.invalidate(&project.id);
+    edge.invalidator.publish_project(&project.id).await;
+    Ok(())
+}
+
+fn require_manage(access: Access, what: &str) -> Result<(), ApiError> {
+    if access == Access::Manage {
+        Ok(())
+    } else {
+        Err(forbidden(&format!("changing {what} needs the admin or owner role")))
+    }
+}
+
+/// `GET /v1/projects/{project}/policy`: the project's security policy with every default filled in.
+pub async fn get_policy(State(edge): State<Edge>, Path(project_id): Path<String>, request: Request) -> Response {
+    managed(edge, request, |store, _, caller, _| async move {
+        let (_, _, doc) = project_settings(store.as_ref(), &caller, &project_id).await?;
+        Ok((StatusCode::OK, PolicyConfig::from_json(&doc.security_policy)?))
+    })
+    .await
+}
+
+/// `PUT /v1/projects/{project}/policy` (admins and owners): replaces the security policy. It is
+/// validated and compiled before it is stored; every replica applies it to its next request.
+pub async fn set_policy(State(edge): State<Edge>, Path(project_id): Path<String>, request: Request) -> Response {
+    let limit = edge.max_body_bytes;
+    let shared = edge.clone();
+    managed(edge, request, |store, _, caller, request| async move {
+        let (project, access) = load_project(store.as_ref(), &caller, &project_id).await?;
+        require_manage(access, "the security policy")?;
+        let body: serde_json::Value = json_body(request, limit).await?;
+        let engine = PolicyEngine::from_json(&body)?;
+        let stored = serde_json::to_value(engine.config())
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the policy cannot be stored: {e}")))?;
+        store_settings(&shared, store.as_ref(), &project, SettingsKind::SecurityPolicy, &stored).await?;
+        Ok((StatusCode::OK, engine.config().clone()))
+    })
+    .await
+}
+
+/// `GET /v1/projects/{project}/limits`: the project's request limits (`null`: the gateway's).
+pub async fn get_limits(State(edge): State<Edge>, Path(project_id): Path<String>, request: Request) -> Response {
+    managed(edge, request, |store, _, caller, _| async move {
+        let (_, _, doc) = project_settings(store.as_ref(), &caller, &project_id).await?;
+        Ok((StatusCode::OK, RequestLimits::from_json(&doc.request_limits)?))
+    })
+    .await
+}
+
+/// `PUT /v1/projects/{project}/limits` (admins and owners): replaces the request limits.
+pub async fn set_limits(State(edge): State<Edge>, Path(project_id): Path<String>, request: Request) -> Response {
+    let limit = edge.max_body_bytes;
+    let shared = edge.clone();
+    managed(edge, request, |store, _, caller, request| async move {
+        let (project, access) = load_project(store.as_ref(), &caller, &project_id).await?;
+        require_manage(access, "the request limits")?;
+        let body: serde_json::Value = json_body(request, limit).await?;
+        let limits = RequestLimits::from_json(&body)?;
+        let stored = serde_json::to_value(&limits)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, format!("the limits cannot be stored: {e}")))?;
+        store_settings(&shared, store.as_ref(), &project, SettingsKind::RequestLimits, &stored).await?;
+        Ok((StatusCode::OK, limits))
+    })
+    .await
+}
+
 // --- API keys -----------------------------------------------------------------------------------
 
 #[derive(Debug, Deserialize)]
@@ -554,6 +646,20 @@ impl Invalidator {
             redis::cmd("PUBLISH").arg(crate::auth::INVALIDATION_CHANNEL).arg(key_id).query_async(&mut conn).await;
         if let Err(err) = published {
             tracing::warn!(%err, key_id, "could not publish a key revocation; other replicas see it when their cache entry expires");
+        }
+    }
+
+    /// Tells every replica that a project's settings changed (best effort, as for keys).
+    pub async fn publish_project(&self, project_id: &str) {
+        let Some(redis) = &self.redis else { return };
+        let mut conn = redis.clone();
+        let published: Result<i64, _> = redis::cmd("PUBLISH")
+            .arg(crate::settings::INVALIDATION_CHANNEL)
+            .arg(project_id)
+            .query_async(&mut conn)
+            .await;
+        if let Err(err) = published {
+            tracing::warn!(%err, project_id, "could not publish a project settings change; other replicas see it when their cache entry expires");
         }
     }
 }

@@ -18,6 +18,7 @@ use meshgate_runtime::{ApiError, ErrorCode, Shutdown};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
+use crate::settings::SettingsCache;
 use crate::tenancy::{DEFAULT_TENANT, EndpointScope, KeyScopes, TenancyStore};
 
 /// Identifier (not secret) of the bootstrap owner key, used in quota scopes and traces.
@@ -123,6 +124,11 @@ impl Authenticator {
 
     pub fn store(&self) -> &Arc<dyn TenancyStore> {
         &self.inner.store
+    }
+
+    /// Whether changes made on other replicas reach this one as they happen.
+    pub fn invalidations_live(&self) -> bool {
+        self.inner.invalidations_live.load(Ordering::Acquire)
     }
 
     /// The caller for the `Authorization` header value, or a 401 (403 for a key whose user lost
@@ -248,15 +254,15 @@ impl Authenticator {
         entry.count += 1;
     }
 
-    /// Listens for revocations published by any replica until `stop`, reconnecting with backoff.
-    /// The cache is trusted only while subscribed, and emptied on every (re)subscription because
-    /// messages sent meanwhile are lost.
-    pub async fn listen_for_invalidations(self, client: redis::Client, stop: Shutdown) {
+    /// Listens for key revocations and project settings changes published by any replica until
+    /// `stop`, reconnecting with backoff. The caches are trusted only while subscribed, and emptied
+    /// on every (re)subscription because messages sent meanwhile are lost.
+    pub async fn listen_for_invalidations(self, client: redis::Client, settings: SettingsCache, stop: Shutdown) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let subscribed = async {
                 let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(INVALIDATION_CHANNEL).await?;
+                pubsub.subscribe(&[INVALIDATION_CHANNEL, crate::settings::INVALIDATION_CHANNEL]).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let pubsub = tokio::select! {
@@ -266,6 +272,7 @@ impl Authenticator {
             match pubsub {
                 Ok(mut pubsub) => {
                     self.inner.cache.lock().clear();
+                    settings.clear();
                     self.inner.invalidations_live.store(true, Ordering::Release);
                     backoff = Duration::from_millis(100);
                     let mut messages = pubsub.on_message();
@@ -274,8 +281,9 @@ impl Authenticator {
                             _ = stop.cancelled() => return,
                             message = messages.next() => match message {
                                 Some(message) => match message.get_payload::<String>() {
-                                    Ok(key_id) => self.invalidate(&key_id),
-                                    Err(err) => tracing::warn!(%err, "unreadable key invalidation"),
+                                    Ok(id) if message.get_channel_name() == INVALIDATION_CHANNEL => self.invalidate(&id),
+                                    Ok(project_id) => settings.invalidate(&project_id),
+                                    Err(err) => tracing::warn!(%err, "unreadable invalidation"),
                                 },
                                 None => break,
                             },

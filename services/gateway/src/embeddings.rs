@@ -1,5 +1,6 @@
 //! `POST /v1/embeddings` (OpenAI format, `float` or `base64`) served by the local embedding
-//! models of the inference service, with quota reserved and committed like a chat request.
+//! models of the inference service, with quota reserved and committed like a chat request, and the
+//! inputs scanned by the project's security policy first.
 
 use axum::extract::{Request, State};
 use axum::http::HeaderValue;
@@ -8,6 +9,7 @@ use base64::Engine;
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
 
+use crate::guard::RISK_SCORE;
 use crate::http::{Edge, RequestContext, authenticate, error_response, read_body};
 use crate::openai::json_error;
 use crate::tenancy::EndpointScope;
@@ -101,19 +103,27 @@ pub async fn embeddings(State(edge): State<Edge>, request: Request) -> Response 
     let result = async {
         let caller = caller?;
         caller.require(EndpointScope::Embeddings)?;
-        let body = read_body(body, &parts.headers, edge.max_body_bytes).await?;
+        let settings = edge.settings.get(&caller.principal.project_id).await?;
+        let body = read_body(body, &parts.headers, settings.max_body_bytes(edge.max_body_bytes)).await?;
         let request: EmbeddingsRequest = serde_json::from_slice(&body).map_err(json_error)?;
         let model = request.model.trim().to_owned();
         if model.is_empty() {
             return Err(invalid("model is required"));
         }
         caller.require_model(&model)?;
+        settings.check_model(&model)?;
         let base64 = match request.encoding_format.as_deref() {
             None | Some("float") => false,
             Some("base64") => true,
             Some(other) => return Err(invalid(format!("encoding_format {other:?} is not float or base64"))),
         };
-        let inputs = inputs(request.input)?;
+        let mut inputs = inputs(request.input)?;
+        // The encoder receives the redacted inputs; a blocking rule refuses the request.
+        let screened = edge.guard.screen_inputs(&settings.policy, &mut inputs);
+        if let Some(err) = screened.blocked {
+            return Err(err);
+        }
+        let risk = screened.outcome.risk;
         let (embedded, budget) = edge.orchestrator.embed(&id, &caller.principal, &model, inputs).await?;
         if let Some(dimensions) = request.dimensions
             && dimensions != i64::from(embedded.dims)
@@ -138,6 +148,7 @@ pub async fn embeddings(State(edge): State<Edge>, request: Request) -> Response 
             usage: EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens },
         };
         let mut response = axum::Json(body).into_response();
+        response.headers_mut().insert(RISK_SCORE, HeaderValue::from(u16::from(risk)));
         for (name, value) in budget.headers() {
             if let Ok(value) = HeaderValue::from_str(&value) {
                 response.headers_mut().insert(name, value);

@@ -15,8 +15,10 @@ use meshgate_runtime::{ApiError, ErrorCode};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, Caller};
+use crate::guard::{Guard, RISK_SCORE, Security};
 use crate::openai::{ChatLimits, ValidChat, check_chat};
 use crate::orchestrator::{ChatCall, Orchestrator};
+use crate::settings::{ProjectSettings, SettingsCache};
 use crate::tenancy::EndpointScope;
 
 /// The gRPC gateway service.
@@ -25,6 +27,10 @@ pub struct GatewayService {
     pub orchestrator: Arc<Orchestrator>,
     pub auth: Authenticator,
     pub limits: ChatLimits,
+    /// The gateway's body limit, applied to gRPC requests by their encoded size.
+    pub max_body_bytes: usize,
+    pub settings: SettingsCache,
+    pub guard: Guard,
 }
 
 impl GatewayService {
@@ -37,6 +43,15 @@ impl GatewayService {
     }
 }
 
+/// Applies the project's body limit to a gRPC request by its encoded size.
+fn check_size<M: prost::Message>(settings: &ProjectSettings, message: &M, gateway: usize) -> Result<(), ApiError> {
+    let limit = settings.max_body_bytes(gateway);
+    if message.encoded_len() > limit {
+        return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("request exceeds {limit} bytes")));
+    }
+    Ok(())
+}
+
 type ChatStream = Pin<Box<dyn Stream<Item = Result<ChatChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -46,9 +61,12 @@ impl Gateway for GatewayService {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         let started = Instant::now();
         let caller = self.authenticate(&request, EndpointScope::Chat).await?;
+        let settings = self.settings.get(&caller.principal.project_id).await.map_err(|err| err.to_status())?;
+        check_size(&settings, request.get_ref(), self.max_body_bytes).map_err(|err| err.to_status())?;
         // The gateway's own id keys quota and traces, as on the HTTP edge.
         let request_id = uuid::Uuid::now_v7().to_string();
         let trace_id = meshgate_runtime::telemetry::trace_id(&tracing::Span::current());
+        let headers = meshgate_policy::sanitize_headers(&request.metadata().clone().into_headers());
         let body = request.into_inner();
         let mut chat = ValidChat {
             model: body.model.trim().to_owned(),
@@ -56,12 +74,27 @@ impl Gateway for GatewayService {
             sampling: body.sampling.unwrap_or_default(),
             stream: true,
             include_usage: true,
+            tools: Vec::new(),
         };
-        check_chat(&mut chat, self.limits).map_err(|err| err.to_status())?;
+        check_chat(&mut chat, settings.chat_limits(self.limits)).map_err(|err| err.to_status())?;
         caller.require_model(&chat.model).map_err(|err| err.to_status())?;
+        settings.check_model(&chat.model).map_err(|err| err.to_status())?;
+        let screened = self.guard.screen_chat(&settings.policy, &mut chat.messages).await;
+        let risk = screened.outcome.risk;
+        let security = Security {
+            engine: Some(settings.policy.clone()),
+            prompt: screened.outcome.findings,
+            risk,
+            headers,
+            tools_offered: Vec::new(),
+        };
         let principal = caller.principal;
         let requested = chat.model.clone();
-        let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started };
+        let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started, security };
+        if let Some(err) = screened.blocked {
+            self.orchestrator.refuse(&call, err.clone());
+            return Err(err.to_status());
+        }
         let reply = self.orchestrator.chat(call).await.map_err(|err| err.to_status())?;
         let model = if reply.target.model.is_empty() { requested } else { reply.target.model.clone() };
         let quota = reply.quota;
@@ -73,11 +106,13 @@ impl Gateway for GatewayService {
                     delta: piece.delta,
                     finish_reason: piece.finish_reason,
                     usage: piece.usage,
-                    tool_calls: Vec::new(),
+                    tool_calls: piece.tool_calls,
                 })
                 .map_err(|err: ApiError| err.to_status())
         });
         let mut response = Response::new(Box::pin(chunks) as Self::ChatStream);
+        // The prompt's risk: metadata leaves before the reply is scanned.
+        response.metadata_mut().insert(RISK_SCORE, u16::from(risk).into());
         for (name, value) in quota.headers() {
             if let Ok(value) = value.parse() {
                 response.metadata_mut().insert(name, value);
@@ -88,19 +123,27 @@ impl Gateway for GatewayService {
 
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
         let caller = self.authenticate(&request, EndpointScope::Embeddings).await?;
-        let body = request.into_inner();
+        let settings = self.settings.get(&caller.principal.project_id).await.map_err(|err| err.to_status())?;
+        check_size(&settings, request.get_ref(), self.max_body_bytes).map_err(|err| err.to_status())?;
+        let mut body = request.into_inner();
         let model = body.model.trim().to_owned();
         let invalid = |m: String| ApiError::new(ErrorCode::InvalidRequest, m).to_status();
         if model.is_empty() {
             return Err(invalid("model is required".into()));
         }
         caller.require_model(&model).map_err(|err| err.to_status())?;
+        settings.check_model(&model).map_err(|err| err.to_status())?;
         if body.inputs.is_empty() || body.inputs.len() > crate::embeddings::MAX_INPUTS {
             return Err(invalid(format!("inputs must hold 1 to {} texts", crate::embeddings::MAX_INPUTS)));
         }
         if let Some(i) = body.inputs.iter().position(String::is_empty) {
             return Err(invalid(format!("inputs[{i}] is an empty string")));
         }
+        let screened = self.guard.screen_inputs(&settings.policy, &mut body.inputs);
+        if let Some(err) = screened.blocked {
+            return Err(err.to_status());
+        }
+        let risk = screened.outcome.risk;
         let request_id = uuid::Uuid::now_v7().to_string();
         let (embedded, budget) = self
             .orchestrator
@@ -114,6 +157,7 @@ impl Gateway for GatewayService {
             .map(|(e, index)| meshgate_proto::gateway::v1::Embedding { index, values: e.values })
             .collect();
         let mut response = Response::new(EmbedResponse { model, data, usage: embedded.usage });
+        response.metadata_mut().insert(RISK_SCORE, u16::from(risk).into());
         for (name, value) in budget.headers() {
             if let Ok(value) = value.parse() {
                 response.metadata_mut().insert(name, value);

@@ -20,11 +20,13 @@ use tracing::Instrument;
 
 use crate::admin::{self, Invalidator};
 use crate::auth::{Authenticator, Caller};
+use crate::guard::{Guard, RISK_SCORE, Security};
 use crate::jobs;
 use crate::metrics::GatewayMetrics;
 use crate::openai::{self, ChatLimits};
 use crate::orchestrator::{ChatCall, ChatReply, Orchestrator, Piece};
 use crate::quota::{self, QuotaSnapshot};
+use crate::settings::SettingsCache;
 use crate::tenancy::EndpointScope;
 
 /// Header carrying the client's request id, echoed back (or the gateway's id when the client
@@ -47,6 +49,9 @@ pub struct Edge {
     pub max_body_bytes: usize,
     pub metrics: GatewayMetrics,
     pub invalidator: Invalidator,
+    /// Per-project security policy and request limits.
+    pub settings: SettingsCache,
+    pub guard: Guard,
 }
 
 /// Per-request facts the middleware hands to handlers.
@@ -79,6 +84,8 @@ pub fn router(edge: Edge, max_concurrency: usize) -> axum::Router {
         .route("/v1/orgs", post(admin::create_org).get(admin::list_orgs))
         .route("/v1/projects", post(admin::create_project).get(admin::list_projects))
         .route("/v1/projects/{project}/members/{user}", put(admin::set_member))
+        .route("/v1/projects/{project}/policy", get(admin::get_policy).put(admin::set_policy))
+        .route("/v1/projects/{project}/limits", get(admin::get_limits).put(admin::set_limits))
         .route("/v1/users", post(admin::create_user).get(admin::list_users))
         .route("/v1/keys", post(admin::create_key).get(admin::list_keys))
         .route("/v1/keys/{id}", get(admin::get_key).delete(admin::revoke_key))
@@ -221,9 +228,21 @@ async fn run_chat(
 ) -> Result<Response, ApiError> {
     let caller = edge.auth.authenticate(authorization(headers), context.client).await?;
     caller.require(EndpointScope::Chat)?;
-    let body = read_body(body, headers, edge.max_body_bytes).await?;
-    let chat = openai::parse_chat(&body, edge.limits)?;
+    let settings = edge.settings.get(&caller.principal.project_id).await?;
+    let body = read_body(body, headers, settings.max_body_bytes(edge.max_body_bytes)).await?;
+    let mut chat = openai::parse_chat(&body, settings.chat_limits(edge.limits))?;
     caller.require_model(&chat.model)?;
+    settings.check_model(&chat.model)?;
+    // From here on `chat` holds what may leave the gateway: redacted where the policy says so.
+    let screened = edge.guard.screen_chat(&settings.policy, &mut chat.messages).await;
+    let security = Security {
+        engine: Some(settings.policy.clone()),
+        prompt: screened.outcome.findings,
+        risk: screened.outcome.risk,
+        headers: meshgate_policy::sanitize_headers(headers),
+        tools_offered: chat.tools.clone(),
+    };
+    let risk = security.risk;
     let shape = ReplyShape { model: chat.model.clone(), include_usage: chat.include_usage };
     let stream = chat.stream;
     // Kept only when the caller allows the offline fallback.
@@ -234,7 +253,12 @@ async fn run_chat(
         principal: caller.principal.clone(),
         chat,
         started: context.started,
+        security,
     };
+    if let Some(err) = screened.blocked {
+        edge.orchestrator.refuse(&call, err.clone());
+        return Err(err);
+    }
     let reply = match (edge.orchestrator.chat(call).await, queueable_copy) {
         (Ok(reply), _) => reply,
         (Err(err), Some(chat)) if jobs::queueable(&err) && caller.require(EndpointScope::Jobs).is_ok() => {
@@ -246,15 +270,17 @@ async fn run_chat(
     };
     let completion_id = format!("chatcmpl-{}", context.request_id);
     if stream {
-        Ok(stream_response(reply, shape, completion_id, context.request_id.clone()))
+        Ok(stream_response(reply, shape, completion_id, context.request_id.clone(), risk))
     } else {
-        json_response(reply, &shape, &completion_id).await
+        json_response(reply, &shape, &completion_id, risk).await
     }
 }
 
-/// The headers every chat reply carries: the target that served it and the caller's budget.
-fn reply_headers(response: &mut Response, target_id: &str, quota: &QuotaSnapshot) {
+/// The headers every chat reply carries: the target that served it, the caller's budget and the
+/// request's risk score.
+fn reply_headers(response: &mut Response, target_id: &str, quota: &QuotaSnapshot, risk: u8) {
     let headers = response.headers_mut();
+    headers.insert(RISK_SCORE, HeaderValue::from(u16::from(risk)));
     if let Ok(value) = HeaderValue::from_str(target_id) {
         headers.insert(TARGET, value);
     }
@@ -271,7 +297,13 @@ struct ReplyShape {
     include_usage: bool,
 }
 
-async fn json_response(mut reply: ChatReply, chat: &ReplyShape, completion_id: &str) -> Result<Response, ApiError> {
+/// `risk` is the prompt's; the reply's findings raise it once the whole reply was scanned.
+async fn json_response(
+    mut reply: ChatReply,
+    chat: &ReplyShape,
+    completion_id: &str,
+    risk: u8,
+) -> Result<Response, ApiError> {
     let mut content = String::new();
     let mut last = Piece::default();
     while let Some(piece) = reply.pieces.next().await {
@@ -294,14 +326,21 @@ async fn json_response(mut reply: ChatReply, chat: &ReplyShape, completion_id: &
         usage: openai::WireUsage::from(&usage),
     };
     let mut response = axum::Json(body).into_response();
-    reply_headers(&mut response, &reply.target.id, &reply.quota);
+    reply_headers(&mut response, &reply.target.id, &reply.quota, last.risk.unwrap_or(risk));
     Ok(response)
 }
 
 /// Server-sent events in the OpenAI chunk format: the first chunk carries the role, each piece
 /// its text, the last its finish reason, then (when asked) a usage chunk, then `[DONE]`. An
-/// error after the first byte ends the stream with an `error` event instead of `[DONE]`.
-fn stream_response(reply: ChatReply, chat: ReplyShape, completion_id: String, request_id: String) -> Response {
+/// error after the first byte ends the stream with an `error` event instead of `[DONE]`. The risk
+/// header is the prompt's: headers leave before the reply is scanned (the trace has both).
+fn stream_response(
+    reply: ChatReply,
+    chat: ReplyShape,
+    completion_id: String,
+    request_id: String,
+    risk: u8,
+) -> Response {
     let model = chat.model;
     let include_usage = chat.include_usage;
     let created = unix_now();
@@ -365,7 +404,7 @@ fn stream_response(reply: ChatReply, chat: ReplyShape, completion_id: String, re
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    reply_headers(&mut response, &target.id, &quota);
+    reply_headers(&mut response, &target.id, &quota, risk);
     response
 }
 

@@ -175,12 +175,20 @@ pub async fn submit(State(edge): State<Edge>, request: Request) -> Response {
                 .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key must be visible ASCII"))?
                 .to_owned(),
         };
-        let body = read_body(body, &parts.headers, edge.max_body_bytes).await?;
-        let chat = openai::parse_chat(&body, edge.limits)?;
+        let settings = edge.settings.get(&caller.principal.project_id).await?;
+        let body = read_body(body, &parts.headers, settings.max_body_bytes(edge.max_body_bytes)).await?;
+        let mut chat = openai::parse_chat(&body, settings.chat_limits(edge.limits))?;
         if chat.stream {
             return Err(ApiError::new(ErrorCode::InvalidRequest, "a job cannot stream: set stream to false"));
         }
         caller.require_model(&chat.model)?;
+        settings.check_model(&chat.model)?;
+        // A job leaves for the provider later: it is screened now, and queued redacted.
+        let screened = edge.guard.screen_chat(&settings.policy, &mut chat.messages).await;
+        edge.guard.observe_risk(screened.outcome.risk);
+        if let Some(err) = screened.blocked {
+            return Err(err);
+        }
         enqueue(&edge, &caller, chat, &id, key).await
     }
     .await;

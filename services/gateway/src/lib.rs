@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod embeddings;
 pub mod grpc;
+pub mod guard;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
@@ -12,6 +13,7 @@ pub mod openai;
 pub mod orchestrator;
 pub mod outcomes;
 pub mod quota;
+pub mod settings;
 pub mod tenancy;
 pub mod tokens;
 pub mod traces;
@@ -40,11 +42,11 @@ pub struct Config {
     pub sync_endpoint: String,
     pub inference_endpoint: String,
     pub analytics_endpoint: String,
-    /// Largest accepted request body.
+    /// Largest accepted request body (a project's limits may only lower it).
     pub max_body_bytes: usize,
-    /// Most messages in one chat request.
+    /// Most messages in one chat request (a project's limits may only lower it).
     pub max_messages: usize,
-    /// Largest `max_tokens` a request may ask for.
+    /// Largest `max_tokens` a request may ask for (a project's limits may only lower it).
     pub max_tokens_cap: i64,
     /// Completion tokens reserved when a request sets no `max_tokens`.
     pub default_max_tokens: i64,
@@ -67,6 +69,11 @@ pub struct Config {
     pub key_cache_ttl_ms: u64,
     /// Failed authentications from one address per minute before it gets 429s.
     pub max_auth_failures_per_minute: u32,
+    /// The inference classifier scoring prompt injection; without it (or while it is not loaded)
+    /// the policy's heuristic scores it.
+    pub injection_model: String,
+    /// Deadline of one injection classification; past it the heuristic decides.
+    pub injection_timeout_ms: u64,
     /// Apply the tenancy migrations once Postgres answers.
     pub migrate_on_start: bool,
     /// Trace records buffered for analytics at most.
@@ -98,6 +105,8 @@ impl Default for Config {
             redis: meshgate_storage::RedisConfig::default(),
             key_cache_ttl_ms: 60_000,
             max_auth_failures_per_minute: 20,
+            injection_model: "prompt-injection".into(),
+            injection_timeout_ms: 250,
             migrate_on_start: true,
             trace_buffer: 16_384,
             trace_batch_size: 256,
@@ -145,10 +154,16 @@ impl Error {
 /// Component name of the gateway's migrations in `schema_migrations`.
 pub const COMPONENT: &str = "gateway";
 
-static MIGRATIONS: &[meshgate_storage::Migration] =
-    &[meshgate_storage::Migration { version: 1, name: "tenancy", sql: include_str!("../migrations/0001_tenancy.sql") }];
+static MIGRATIONS: &[meshgate_storage::Migration] = &[
+    meshgate_storage::Migration { version: 1, name: "tenancy", sql: include_str!("../migrations/0001_tenancy.sql") },
+    meshgate_storage::Migration {
+        version: 2,
+        name: "project_settings",
+        sql: include_str!("../migrations/0002_project_settings.sql"),
+    },
+];
 
-/// The gateway's schema migrations (tenancy and API keys).
+/// The gateway's schema migrations (tenancy, API keys, project security policy and limits).
 pub fn migrations() -> &'static [meshgate_storage::Migration] {
     MIGRATIONS
 }
@@ -228,9 +243,22 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         },
         redis_client.is_some(),
     );
+    let settings = settings::SettingsCache::new(
+        auth.store().clone(),
+        auth.clone(),
+        Duration::from_millis(config.key_cache_ttl_ms),
+    );
     let stop_listener = Shutdown::new();
-    let listener =
-        redis_client.map(|client| tokio::spawn(auth.clone().listen_for_invalidations(client, stop_listener.clone())));
+    let listener = redis_client.map(|client| {
+        tokio::spawn(auth.clone().listen_for_invalidations(client, settings.clone(), stop_listener.clone()))
+    });
+    let injection = std::sync::Arc::new(guard::InferenceInjection::new(
+        peers.inference.clone(),
+        config.injection_model.clone(),
+        Duration::from_millis(config.injection_timeout_ms.max(1)),
+    ));
+    let injection_watch = tokio::spawn(injection.clone().watch(stop_listener.clone()));
+    let guard = guard::Guard::new(Some(injection), metrics.clone());
     let limits = openai::ChatLimits { max_messages: config.max_messages, max_tokens_cap: config.max_tokens_cap };
     let (outcomes, outcome_sender) =
         outcomes::OutcomeReporter::start(RouterClient::new(router.clone()), path.peer_timeout);
@@ -242,6 +270,8 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         max_body_bytes: config.max_body_bytes,
         metrics,
         invalidator: admin::Invalidator::new(redis),
+        settings: settings.clone(),
+        guard: guard.clone(),
     };
     let app = http::router(edge, config.max_concurrent_requests.max(1));
     tracing::info!(http = ?http_listener.local_addr().ok(), "edge listening");
@@ -261,7 +291,14 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
             }
         }
     };
-    let grpc = GatewayServer::new(grpc::GatewayService { orchestrator, auth, limits });
+    let grpc = GatewayServer::new(grpc::GatewayService {
+        orchestrator,
+        auth,
+        limits,
+        max_body_bytes: config.max_body_bytes,
+        settings,
+        guard,
+    });
     let probe = readiness_probe(quota, router, pg, config.migrate_on_start);
     let grpc_server = async move { host.run(grpc, listeners, probe, shutdown).await.map_err(Error::from) };
     let served = tokio::try_join!(http_server, grpc_server);
@@ -269,6 +306,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     if let Some(listener) = listener {
         let _ = listener.await;
     }
+    let _ = injection_watch.await;
     served?;
     // The servers are down and dropped their handles; the last settlements finish, then the
     // uploader sends the remaining traces and ends.

@@ -3,7 +3,7 @@
 use meshgate_proto::common::v1::Usage;
 use meshgate_runtime::Metrics;
 use meshgate_runtime::metrics::LATENCY_BUCKETS;
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
 
 use crate::traces::TraceSinkMetrics;
 
@@ -17,6 +17,13 @@ pub struct GatewayMetrics {
     /// By the limit that refused the request.
     pub quota_rejections: IntCounterVec,
     pub traces: TraceSinkMetrics,
+    /// Policy findings, by rule (`policy`) and action.
+    pub policy_findings: IntCounterVec,
+    /// Risk score (0–100) of every scanned request.
+    pub risk_score: Histogram,
+    /// Prompts scored for injection, by what scored them (`classifier`, `heuristic`,
+    /// `heuristic_fallback` when the classifier failed or timed out).
+    pub injection_scans: IntCounterVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -60,6 +67,21 @@ impl GatewayMetrics {
                 "Requests refused by quota, by the limit that refused them",
                 &["limit"],
             ),
+            policy_findings: counter_vec(
+                "meshgate_policy_findings_total",
+                "Security policy findings on prompts and replies, by rule and action",
+                &["policy", "action"],
+            ),
+            risk_score: Histogram::with_opts(
+                HistogramOpts::new("meshgate_request_risk_score", "Risk score (0-100) of scanned requests")
+                    .buckets(vec![0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]),
+            )
+            .expect("static metric options are valid"),
+            injection_scans: counter_vec(
+                "meshgate_policy_injection_scans_total",
+                "Prompts scored for prompt injection, by source (classifier, heuristic, heuristic_fallback)",
+                &["source"],
+            ),
             traces: TraceSinkMetrics {
                 dropped: counter("meshgate_traces_dropped_total", "Trace records dropped because the buffer was full"),
                 sent: counter("meshgate_traces_sent_total", "Trace records delivered to analytics"),
@@ -75,6 +97,9 @@ impl GatewayMetrics {
         metrics.register(Box::new(this.cost_micros.clone()));
         metrics.register(Box::new(this.fallbacks.clone()));
         metrics.register(Box::new(this.quota_rejections.clone()));
+        metrics.register(Box::new(this.policy_findings.clone()));
+        metrics.register(Box::new(this.risk_score.clone()));
+        metrics.register(Box::new(this.injection_scans.clone()));
         metrics.register(Box::new(this.traces.dropped.clone()));
         metrics.register(Box::new(this.traces.sent.clone()));
         metrics.register(Box::new(this.traces.failed.clone()));

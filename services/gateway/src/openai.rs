@@ -36,6 +36,21 @@ pub struct ChatCompletionRequest {
     pub stop: Option<Stop>,
     #[serde(default)]
     pub n: Option<u32>,
+    /// Tools offered to the model; only their names are used (recorded in the trace).
+    #[serde(default)]
+    pub tools: Option<Vec<ToolSpec>>,
+}
+
+/// One entry of `tools`: `{"type": "function", "function": {"name": ...}}`.
+#[derive(Debug, Deserialize)]
+pub struct ToolSpec {
+    #[serde(default)]
+    pub function: Option<FunctionSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FunctionSpec {
+    pub name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +102,8 @@ pub struct ValidChat {
     pub sampling: SamplingParams,
     pub stream: bool,
     pub include_usage: bool,
+    /// Names of the tools the request offered.
+    pub tools: Vec<String>,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -160,6 +177,7 @@ pub fn validate_chat(request: ChatCompletionRequest, limits: ChatLimits) -> Resu
         },
         stream: request.stream.unwrap_or(false),
         include_usage: request.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        tools: request.tools.unwrap_or_default().into_iter().filter_map(|t| t.function.map(|f| f.name)).collect(),
     };
     check_chat(&mut chat, limits)?;
     Ok(chat)

@@ -1,15 +1,18 @@
 //! The request path of DESIGN §2: reserve quota and route (concurrently), try the plan's targets
 //! in order until one produces its first piece, stream the rest, then settle: commit (or release)
 //! the reservation, report the outcome to the router and record the trace — all off the reply's
-//! critical path.
+//! critical path. Replies pass through the project's output scanner on their way out (flagged
+//! or masked), and the trace carries the request's policy findings, risk score, tools and
+//! sanitized headers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use meshgate_proto::analytics::v1::{ModelCall, Trace};
-use meshgate_proto::common::v1::{ErrorDetail, Principal, Target, TargetKind, Usage};
+use meshgate_policy::{Finding, StreamScanner};
+use meshgate_proto::analytics::v1::{ModelCall, ToolCall as TracedTool, Trace};
+use meshgate_proto::common::v1::{ErrorDetail, Principal, Target, TargetKind, ToolCall, Usage};
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::inference::v1::{
     EmbedRequest, EmbedResponse, GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels,
@@ -23,6 +26,7 @@ use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use meshgate_runtime::{ApiError, ErrorCode, MeshChannel};
 use tracing::Instrument;
 
+use crate::guard::{Security, count_findings, trace_finding};
 use crate::metrics::GatewayMetrics;
 use crate::openai::ValidChat;
 use crate::outcomes::OutcomeReporter;
@@ -59,6 +63,10 @@ pub struct Piece {
     pub finish_reason: String,
     /// Exact usage, when the target reports it (last piece).
     pub usage: Option<Usage>,
+    /// Tool calls the model made (last piece).
+    pub tool_calls: Vec<ToolCall>,
+    /// The request's risk score over prompt and reply, 0–100 (last piece).
+    pub risk: Option<u8>,
 }
 
 /// A chat request ready to run.
@@ -68,6 +76,8 @@ pub struct ChatCall {
     pub principal: Principal,
     pub chat: ValidChat,
     pub started: Instant,
+    /// The prompt's policy findings, and the engine that scans the reply.
+    pub security: Security,
 }
 
 /// A reply that has started: the target that serves it and its pieces, the first included.
@@ -114,6 +124,12 @@ impl Orchestrator {
 
     pub fn peer_timeout(&self) -> Duration {
         self.config.peer_timeout
+    }
+
+    /// Records the trace of a request refused before it reached quota or a target (a policy
+    /// block): its findings and risk are security events analytics must see.
+    pub fn refuse(self: &Arc<Self>, call: &ChatCall, err: ApiError) {
+        Settlement::new(self.clone(), call, 0).fail(err);
     }
 
     /// Every model the mesh can serve with what it does: the router's chat targets (the
@@ -256,6 +272,8 @@ impl Orchestrator {
         for target in plan.targets.into_iter().filter_map(|p| p.target) {
             attempts += 1;
             let attempt_start = Instant::now();
+            // The router counts the plan's first step in flight until its outcome comes back.
+            settlement.primary = attempts == 1;
             match self.open(&target, &call).await {
                 Ok((first, rest)) => {
                     settlement.serving(target.clone(), attempt_start);
@@ -345,12 +363,19 @@ impl Orchestrator {
                 match item {
                     Some(Ok(mut piece)) => {
                         settlement.observe(&piece);
+                        let had_text = !piece.delta.is_empty();
+                        piece.delta = settlement.scan_output(&piece.delta);
                         if piece.finish_reason.is_empty() {
-                            yield Ok(piece);
+                            // A piece whose text the scanner holds back has nothing to send yet.
+                            if !(had_text && piece.delta.is_empty()) {
+                                yield Ok(piece);
+                            }
                             continue;
                         }
+                        piece.delta.push_str(&settlement.finish_output());
                         // The last piece always carries the usage that is charged, cost included.
                         piece.usage = Some(settlement.charged_usage());
+                        piece.risk = Some(settlement.risk());
                         settlement.finish(None);
                         yield Ok(piece);
                         return;
@@ -362,7 +387,13 @@ impl Orchestrator {
                     }
                     None => {
                         // A target that ends without a finish reason still produced a reply.
-                        let piece = Piece { finish_reason: "stop".into(), usage: Some(settlement.charged_usage()), ..Piece::default() };
+                        let piece = Piece {
+                            delta: settlement.finish_output(),
+                            finish_reason: "stop".into(),
+                            usage: Some(settlement.charged_usage()),
+                            risk: Some(settlement.risk()),
+                            ..Piece::default()
+                        };
                         settlement.finish(None);
                         yield Ok(piece);
                         return;
@@ -376,13 +407,19 @@ impl Orchestrator {
 
 impl From<GenerateChunk> for Piece {
     fn from(chunk: GenerateChunk) -> Self {
-        Piece { delta: chunk.delta, finish_reason: chunk.finish_reason, usage: chunk.usage }
+        Piece { delta: chunk.delta, finish_reason: chunk.finish_reason, usage: chunk.usage, ..Piece::default() }
     }
 }
 
 impl From<CompleteChunk> for Piece {
     fn from(chunk: CompleteChunk) -> Self {
-        Piece { delta: chunk.delta, finish_reason: chunk.finish_reason, usage: chunk.usage }
+        Piece {
+            delta: chunk.delta,
+            finish_reason: chunk.finish_reason,
+            usage: chunk.usage,
+            tool_calls: chunk.tool_calls,
+            risk: None,
+        }
     }
 }
 
@@ -435,6 +472,14 @@ struct Settlement {
     completion_bytes: usize,
     usage: Option<Usage>,
     settled: bool,
+    /// Whether the call being made is the plan's first step.
+    primary: bool,
+    security: Security,
+    /// Scans the reply when the project's policy scans output.
+    scanner: Option<StreamScanner>,
+    /// Findings of a scanner that finished.
+    output: Vec<Finding>,
+    tools_called: Vec<String>,
     /// The request's span: settling joins the request's distributed trace.
     span: tracing::Span,
 }
@@ -462,8 +507,39 @@ impl Settlement {
             completion_bytes: 0,
             usage: None,
             settled: false,
+            primary: true,
+            scanner: call.security.engine.as_ref().map(|engine| engine.stream_scanner()),
+            security: call.security.clone(),
+            output: Vec::new(),
+            tools_called: Vec::new(),
             span: tracing::Span::current(),
         }
+    }
+
+    /// Passes reply text through the output scanner: what may be forwarded now (masked when the
+    /// policy redacts output).
+    fn scan_output(&mut self, delta: &str) -> String {
+        match &mut self.scanner {
+            Some(scanner) => scanner.push(delta),
+            None => delta.to_owned(),
+        }
+    }
+
+    /// Ends output scanning: the held tail, and the findings kept for the trace.
+    fn finish_output(&mut self) -> String {
+        let Some(mut scanner) = self.scanner.take() else { return String::new() };
+        let tail = scanner.finish();
+        self.output = scanner.findings().to_vec();
+        tail
+    }
+
+    /// The request's risk over the prompt's and the reply's findings.
+    fn risk(&self) -> u8 {
+        if self.output.is_empty() {
+            return self.security.risk;
+        }
+        let all: Vec<Finding> = self.security.prompt.iter().chain(&self.output).cloned().collect();
+        meshgate_policy::risk_score(&all)
     }
 
     fn serving(&mut self, target: Target, since: Instant) {
@@ -486,6 +562,7 @@ impl Settlement {
 
     fn observe(&mut self, piece: &Piece) {
         self.completion_bytes += piece.delta.len();
+        self.tools_called.extend(piece.tool_calls.iter().map(|call| call.function_name.clone()));
         if let Some(usage) = piece.usage {
             // Provider-reported numbers are untrusted input: never negative, never overflowing.
             self.usage = Some(Usage {
@@ -554,6 +631,7 @@ impl Settlement {
         trace.latency_us = self.started.elapsed().as_micros() as i64;
         trace.status_code = err.as_ref().map(|e| i32::from(e.code.http_status().as_u16())).unwrap_or(200);
         trace.error = err.as_ref().map(|e| error_detail(e, &trace.request_id));
+        self.record_security(&mut trace);
         let reservation = self.reservation.take();
         let served = !trace.served_target.is_empty();
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -579,6 +657,47 @@ impl Settlement {
         );
     }
 
+    /// Findings, risk, tools and sanitized headers into the trace; findings and risk into metrics.
+    /// A reply cut before its end was never fully scanned: what the scanner saw so far counts.
+    fn record_security(&mut self, trace: &mut Trace) {
+        if let Some(scanner) = self.scanner.take() {
+            self.output = scanner.findings().to_vec();
+        }
+        let metrics = &self.orchestrator.metrics;
+        count_findings(metrics, &self.output);
+        let risk = self.risk();
+        if self.security.engine.is_some() {
+            metrics.risk_score.observe(f64::from(risk));
+        }
+        trace.risk_score = u32::from(risk);
+        // Analytics refuses a trace with longer lists; past the bound the most severe findings stay.
+        let mut findings: Vec<(&str, &Finding)> = self
+            .security
+            .prompt
+            .iter()
+            .map(|f| ("prompt", f))
+            .chain(self.output.iter().map(|f| ("output", f)))
+            .collect();
+        if findings.len() > MAX_TRACE_LIST {
+            findings.sort_by_key(|(_, f)| std::cmp::Reverse(f.severity));
+            findings.truncate(MAX_TRACE_LIST);
+        }
+        trace.findings = findings.into_iter().map(|(direction, f)| trace_finding(direction, f)).collect();
+        let offered = self.security.tools_offered.iter().map(|name| (name, "offered"));
+        let called = self.tools_called.iter().map(|name| (name, "called"));
+        trace.tool_calls = offered
+            .chain(called)
+            .take(MAX_TRACE_LIST)
+            .map(|(name, kind)| TracedTool { name: truncated(name, MAX_TRACE_NAME), kind: kind.into() })
+            .collect();
+        trace.headers = std::mem::take(&mut self.security.headers)
+            .0
+            .into_iter()
+            .filter(|(name, _)| name.len() <= MAX_TRACE_NAME)
+            .take(MAX_TRACE_LIST)
+            .collect();
+    }
+
     fn report_outcome(&self, target_id: &str, ok: bool, latency: Duration, completion_tokens: i64, error_code: &str) {
         self.orchestrator.outcomes.report(Outcome {
             target_id: target_id.to_owned(),
@@ -586,6 +705,7 @@ impl Settlement {
             latency_us: latency.as_micros() as i64,
             completion_tokens,
             error_code: error_code.to_owned(),
+            primary: self.primary,
         });
     }
 }
@@ -647,6 +767,20 @@ async fn settle_reservation(
     }
 }
 
+/// Most findings, tool calls and headers one trace carries (the analytics service's bound).
+const MAX_TRACE_LIST: usize = 256;
+/// Longest header or tool name recorded, bytes.
+const MAX_TRACE_NAME: usize = 256;
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn truncated(text: &str, max: usize) -> String {
+    let mut cut = text.len().min(max);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].to_owned()
+}
+
 fn error_detail(err: &ApiError, request_id: &str) -> ErrorDetail {
     ErrorDetail { code: err.code.as_str().into(), message: err.message.clone(), request_id: request_id.into() }
 }
@@ -668,5 +802,12 @@ mod tests {
         assert_eq!(cost_micros(&target, 10, 20), 14);
         let pricey = Target { input_price_micros_per_mtok: i64::MAX, ..Default::default() };
         assert_eq!(cost_micros(&pricey, i64::MAX, 0), i64::MAX);
+    }
+
+    #[test]
+    fn recorded_names_are_cut_on_character_boundaries() {
+        assert_eq!(truncated("héllo", 2), "h");
+        assert_eq!(truncated("héllo", 3), "hé");
+        assert_eq!(truncated("abc", 10), "abc");
     }
 }

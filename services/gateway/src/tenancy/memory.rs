@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use meshgate_proto::common::v1::Role;
 use parking_lot::Mutex;
 
-use super::{ApiKey, DEFAULT_TENANT, KeyLookup, Org, Project, TenancyError, TenancyStore, User};
+use super::{
+    ApiKey, DEFAULT_TENANT, KeyLookup, Org, Project, ProjectSettingsDoc, SettingsKind, TenancyError, TenancyStore, User,
+};
 
 #[derive(Default)]
 struct State {
@@ -18,6 +20,8 @@ struct State {
     roles: HashMap<(String, String), Role>,
     keys: HashMap<String, ApiKey>,
     key_ids_by_hash: HashMap<[u8; 32], String>,
+    /// Settings of projects that changed theirs; the others have the defaults.
+    settings: HashMap<String, ProjectSettingsDoc>,
 }
 
 /// The in-memory tenancy store, holding the default tenant from the start.
@@ -181,5 +185,31 @@ impl TenancyStore for MemoryTenancy {
             key.revoked_at.get_or_insert(at);
             key.clone()
         }))
+    }
+
+    async fn project_settings(&self, project_id: &str) -> Result<Option<ProjectSettingsDoc>, TenancyError> {
+        let state = self.0.lock();
+        if !state.projects.contains_key(project_id) {
+            return Ok(None);
+        }
+        Ok(Some(state.settings.get(project_id).cloned().unwrap_or_else(ProjectSettingsDoc::empty)))
+    }
+
+    async fn set_project_settings(
+        &self,
+        project_id: &str,
+        kind: SettingsKind,
+        document: &serde_json::Value,
+    ) -> Result<(), TenancyError> {
+        let mut state = self.0.lock();
+        if !state.projects.contains_key(project_id) {
+            return Err(TenancyError::NotFound(format!("project {project_id}")));
+        }
+        let settings = state.settings.entry(project_id.to_owned()).or_insert_with(ProjectSettingsDoc::empty);
+        match kind {
+            SettingsKind::SecurityPolicy => settings.security_policy = document.clone(),
+            SettingsKind::RequestLimits => settings.request_limits = document.clone(),
+        }
+        Ok(())
     }
 }

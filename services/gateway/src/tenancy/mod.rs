@@ -185,6 +185,30 @@ pub struct KeyLookup {
     pub user_role: Option<Role>,
 }
 
+/// A project's stored settings documents (JSON objects; `{}` means every default). They are
+/// validated by the gateway before they are stored, and again when they are read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProjectSettingsDoc {
+    /// The security policy (`meshgate_policy::PolicyConfig`).
+    pub security_policy: serde_json::Value,
+    /// The request limits (`crate::settings::RequestLimits`).
+    pub request_limits: serde_json::Value,
+}
+
+impl ProjectSettingsDoc {
+    /// The defaults: two empty objects.
+    pub fn empty() -> Self {
+        Self { security_policy: serde_json::json!({}), request_limits: serde_json::json!({}) }
+    }
+}
+
+/// Which settings document to replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingsKind {
+    SecurityPolicy,
+    RequestLimits,
+}
+
 /// Storage of organizations, projects, users, roles and keys.
 #[async_trait]
 pub trait TenancyStore: Send + Sync {
@@ -206,6 +230,15 @@ pub trait TenancyStore: Send + Sync {
     async fn list_keys(&self, project_id: &str) -> Result<Vec<ApiKey>, TenancyError>;
     /// Marks the key revoked at `at` (once; a second revoke keeps the first time).
     async fn revoke_key(&self, id: &str, at: DateTime<Utc>) -> Result<Option<ApiKey>, TenancyError>;
+    /// A project's security policy and request limits; `None` when the project does not exist.
+    async fn project_settings(&self, project_id: &str) -> Result<Option<ProjectSettingsDoc>, TenancyError>;
+    /// Replaces one of a project's settings documents (NotFound when the project does not exist).
+    async fn set_project_settings(
+        &self,
+        project_id: &str,
+        kind: SettingsKind,
+        document: &serde_json::Value,
+    ) -> Result<(), TenancyError>;
 }
 
 /// Refuses empty, over-long or control-character values, naming the field.

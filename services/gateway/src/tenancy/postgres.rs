@@ -6,7 +6,10 @@ use meshgate_proto::common::v1::Role;
 use meshgate_storage::{PgPool, postgres_client};
 use tokio_postgres::Row;
 
-use super::{ApiKey, KeyLookup, Org, Project, TenancyError, TenancyStore, User, parse_role, role_name};
+use super::{
+    ApiKey, KeyLookup, Org, Project, ProjectSettingsDoc, SettingsKind, TenancyError, TenancyStore, User, parse_role,
+    role_name,
+};
 
 /// The tenancy tables.
 pub struct PostgresTenancy {
@@ -274,5 +277,52 @@ impl TenancyStore for PostgresTenancy {
             )
             .await?;
         row.as_ref().map(key).transpose()
+    }
+
+    async fn project_settings(&self, project_id: &str) -> Result<Option<ProjectSettingsDoc>, TenancyError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT security_policy, request_limits FROM projects WHERE id = $1", &[&project_id])
+            .await;
+        match row {
+            Ok(row) => {
+                Ok(row.map(|row| ProjectSettingsDoc { security_policy: row.get(0), request_limits: row.get(1) }))
+            }
+            // Requests can arrive before this replica has applied its migrations (it does so once
+            // Postgres answers): until the columns exist no project can have changed its settings,
+            // so the defaults are exactly what is stored.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(
+                        &tokio_postgres::error::SqlState::UNDEFINED_COLUMN
+                            | &tokio_postgres::error::SqlState::UNDEFINED_TABLE
+                    )
+                ) =>
+            {
+                Ok(Some(ProjectSettingsDoc::empty()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn set_project_settings(
+        &self,
+        project_id: &str,
+        kind: SettingsKind,
+        document: &serde_json::Value,
+    ) -> Result<(), TenancyError> {
+        // The column name comes from this match, never from input.
+        let column = match kind {
+            SettingsKind::SecurityPolicy => "security_policy",
+            SettingsKind::RequestLimits => "request_limits",
+        };
+        let updated = self
+            .client()
+            .await?
+            .execute(&format!("UPDATE projects SET {column} = $2 WHERE id = $1"), &[&project_id, document])
+            .await?;
+        if updated == 1 { Ok(()) } else { Err(TenancyError::NotFound(format!("project {project_id}"))) }
     }
 }
