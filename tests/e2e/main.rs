@@ -6,4 +6,5 @@ mod embeddings;
 mod jobs;
 mod mesh;
 mod quota;
+mod routing;
 mod tenancy;

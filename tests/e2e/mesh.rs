@@ -6,8 +6,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use meshgate_mock_provider::StreamFault;
 use meshgate_mock_provider::reply;
-use meshgate_proto::analytics::v1::GetTraceRequest;
-use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
 use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::gateway::v1::ChatRequest;
 use meshgate_proto::gateway::v1::gateway_client::GatewayClient;
@@ -52,18 +50,7 @@ async fn chat_json_crosses_the_whole_mesh_and_leaves_a_trace() {
     assert_eq!(mesh.alpha.count_for_request_id(&request_id), 1);
     assert_eq!(mesh.beta.stats().requests_total, 0);
 
-    let mut analytics = AnalyticsClient::new(mesh.channel("analytics"));
-    let mut trace = None;
-    for _ in 0..100 {
-        let request =
-            GetTraceRequest { request_id: request_id.clone(), org_id: "default".into(), ..Default::default() };
-        if let Ok(found) = analytics.get_trace(request).await {
-            trace = Some(found.into_inner());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let trace = trace.expect("the request's trace is stored");
+    let trace = mesh.trace(&request_id).await;
     assert_eq!(trace.served_target, "alpha/mock-gpt");
     assert_eq!(trace.requested_model, CLOUD_MODEL);
     assert_eq!(trace.status_code, 200);

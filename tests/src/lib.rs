@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use meshgate::{MeshConfig, MeshListeners};
 use meshgate_mock_provider::MockProvider;
+use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
+use meshgate_proto::analytics::v1::{GetTraceRequest, Trace};
 use meshgate_runtime::Shutdown;
 use meshgate_sync::providers::ProviderSpec;
 
@@ -134,6 +136,20 @@ impl TestMesh {
         let response =
             self.http.get(format!("{}{path}", self.edge)).bearer_auth(key).send().await.expect("edge answers");
         response.json().await.expect("a JSON body")
+    }
+
+    /// The trace analytics stored for `request_id` (traces are flushed in the background).
+    pub async fn trace(&self, request_id: &str) -> Trace {
+        let mut analytics = AnalyticsClient::new(self.channel("analytics"));
+        for _ in 0..200 {
+            let request =
+                GetTraceRequest { request_id: request_id.to_owned(), org_id: "default".into(), ..Default::default() };
+            if let Ok(found) = analytics.get_trace(request).await {
+                return found.into_inner();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("no trace stored for {request_id}");
     }
 
     /// Stops the mesh and waits for every service to drain.

@@ -5,14 +5,16 @@
 //! or masked), and the trace carries the request's policy findings, risk score, tools and
 //! sanitized headers.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
+use futures::future::{self, Either};
 use futures::stream::BoxStream;
 use meshgate_policy::{Finding, StreamScanner};
 use meshgate_proto::analytics::v1::{ModelCall, ToolCall as TracedTool, Trace};
-use meshgate_proto::common::v1::{ErrorDetail, Principal, Target, TargetKind, ToolCall, Usage};
+use meshgate_proto::common::v1::{ErrorDetail, Layer, Principal, Target, TargetKind, ToolCall, Usage};
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::inference::v1::{
     EmbedRequest, EmbedResponse, GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels,
@@ -20,7 +22,7 @@ use meshgate_proto::inference::v1::{
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::quota::v1::{CommitRequest, ReleaseRequest, ReserveRequest};
 use meshgate_proto::router::v1::router_client::RouterClient;
-use meshgate_proto::router::v1::{ListTargetsRequest, Outcome, RouteRequest};
+use meshgate_proto::router::v1::{DecideRequest, ListTargetsRequest, Outcome, RouteRequest, StepRole};
 use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use meshgate_runtime::{ApiError, ErrorCode, MeshChannel};
@@ -83,12 +85,30 @@ pub struct ChatCall {
 /// A reply that has started: the target that serves it and its pieces, the first included.
 pub struct ChatReply {
     pub target: Target,
+    /// Task the router decided the request is ("code", "math", "creative", "reasoning", "chat").
+    pub task: String,
     pub pieces: BoxStream<'static, Result<Piece, ApiError>>,
     /// The caller's budget with this request's reservation held.
     pub quota: QuotaSnapshot,
 }
 
+impl ChatReply {
+    /// `x-meshgate-target`, `x-meshgate-layer` and `x-meshgate-task`: what served the request,
+    /// at which cost layer, for which task.
+    pub fn routing_headers(&self) -> [(&'static str, &str); 3] {
+        let layer = Layer::try_from(self.target.layer).unwrap_or(Layer::Unspecified).short_name();
+        [(TARGET_HEADER, self.target.id.as_str()), (LAYER_HEADER, layer), (TASK_HEADER, self.task.as_str())]
+    }
+}
+
+pub const TARGET_HEADER: &str = "x-meshgate-target";
+pub const LAYER_HEADER: &str = "x-meshgate-layer";
+pub const TASK_HEADER: &str = "x-meshgate-task";
+
 type PieceStream = BoxStream<'static, Result<Piece, ApiError>>;
+
+/// A target that answered: it, when it was called, its first piece and the rest.
+type Opened = (Target, Instant, Piece, PieceStream);
 
 /// Runs the request path.
 pub struct Orchestrator {
@@ -226,8 +246,11 @@ impl Orchestrator {
             stream: call.chat.stream,
             task: "chat".into(),
         };
+        // The router classifies the conversation as the provider will see it (redacted).
+        let decide =
+            DecideRequest { request: Some(route), messages: call.chat.messages.clone(), task_hint: String::new() };
         let mut router = self.peers.router.clone();
-        let plan = match peer_call("router", self.config.peer_timeout, router.route(route)).await {
+        let plan = match peer_call("router", self.config.peer_timeout, router.decide(decide)).await {
             Ok(plan) => plan,
             Err(err) => {
                 settlement.fail(err.clone());
@@ -235,6 +258,8 @@ impl Orchestrator {
             }
         };
         settlement.routing_reason = plan.explanation.clone();
+        settlement.trace.task = plan.task.clone();
+        settlement.trace.routing_reasons = plan.reasons.clone();
         let estimated_cost = plan
             .targets
             .iter()
@@ -267,31 +292,67 @@ impl Orchestrator {
         };
         settlement.reservation = Some(reservation);
 
+        let race = plan.race && plan.targets.len() >= 2;
+        let task = plan.task;
+        let mut steps: VecDeque<(Target, StepRole)> = plan
+            .targets
+            .into_iter()
+            .filter_map(|step| {
+                let role = step.role();
+                step.target.map(|target| (target, role))
+            })
+            .collect();
         let mut attempts = 0;
         let mut last_error = None;
-        for target in plan.targets.into_iter().filter_map(|p| p.target) {
-            attempts += 1;
-            let attempt_start = Instant::now();
-            // The router counts the plan's first step in flight until its outcome comes back.
-            settlement.primary = attempts == 1;
-            match self.open(&target, &call).await {
-                Ok((first, rest)) => {
-                    settlement.serving(target.clone(), attempt_start);
-                    let pieces = self.stream_reply(first, rest, settlement);
-                    return Ok(ChatReply { target, pieces, quota: budget });
-                }
+        let mut racers = if race { steps.pop_front().zip(steps.pop_front()) } else { None };
+        loop {
+            let (opened, role) = if let Some(((first, _), (second, _))) = racers.take() {
+                attempts += 2;
+                // Both racers count in flight at the router until their outcomes come back.
+                settlement.primary = true;
+                (self.race(first, second, &call, &mut settlement).await, StepRole::Primary)
+            } else {
+                let Some((target, role)) = steps.pop_front() else { break };
+                attempts += 1;
+                settlement.primary = attempts == 1;
+                (self.attempt(target, &call, &mut settlement).await, role)
+            };
+            let (target, since, first, rest) = match opened {
+                Ok(opened) => opened,
                 Err(err) => {
-                    tracing::warn!(request_id = %call.request_id, target = %target.id, error = %err, "target failed before its first piece");
-                    self.metrics.fallbacks.with_label_values(&[&target.id]).inc();
-                    settlement.failed_call(&target, attempt_start, &err);
                     // The request itself is wrong: another target would refuse it too.
                     let stop = err.code.is_client_caused();
                     last_error = Some(err);
                     if stop {
                         break;
                     }
+                    continue;
                 }
-            }
+            };
+            let escalation_left =
+                role != StepRole::Escalation && steps.iter().any(|(_, role)| *role == StepRole::Escalation);
+            let (first, rest) = if call.chat.stream || !escalation_left {
+                (first, rest)
+            } else {
+                // Nothing reaches the client before the whole answer is here, so an unusable
+                // one can still go one layer up.
+                match self.collect(&target, first, rest).await.and_then(|pieces| usable(&target, pieces)) {
+                    Ok(pieces) => pieces,
+                    Err(err) => {
+                        settlement.failed_call(&target, since, &err);
+                        if err.code == ErrorCode::UpstreamError {
+                            while steps.front().is_some_and(|(_, role)| *role != StepRole::Escalation) {
+                                steps.pop_front();
+                            }
+                        }
+                        last_error = Some(err);
+                        continue;
+                    }
+                }
+            };
+            settlement.serving(target.clone(), since);
+            let pieces = self.stream_reply(first, rest, settlement);
+            return Ok(ChatReply { target, task, pieces, quota: budget });
         }
         let last = last_error.unwrap_or_else(|| ApiError::new(ErrorCode::ModelNotFound, "the routing plan was empty"));
         let err = if attempts > 1 {
@@ -301,6 +362,74 @@ impl Orchestrator {
         };
         settlement.fail(err.clone());
         Err(err)
+    }
+
+    /// Calls one step of the plan; a failure is recorded before it is returned.
+    async fn attempt(&self, target: Target, call: &ChatCall, settlement: &mut Settlement) -> Result<Opened, ApiError> {
+        let since = Instant::now();
+        match self.open(&target, call).await {
+            Ok((first, rest)) => Ok((target, since, first, rest)),
+            Err(err) => {
+                tracing::warn!(request_id = %call.request_id, target = %target.id, error = %err, "target failed before its first piece");
+                self.metrics.fallbacks.with_label_values(&[&target.id]).inc();
+                settlement.failed_call(&target, since, &err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Fastest-first: calls both targets at once and keeps the first whose first piece arrives.
+    /// The other call is dropped, which cancels it upstream; only the winner is ever charged.
+    async fn race(
+        &self,
+        first: Target,
+        second: Target,
+        call: &ChatCall,
+        settlement: &mut Settlement,
+    ) -> Result<Opened, ApiError> {
+        let since = Instant::now();
+        let racing = future::select(Box::pin(self.open(&first, call)), Box::pin(self.open(&second, call)));
+        let (winner, loser, outcome, rest) = match racing.await {
+            Either::Left((outcome, rest)) => (&first, &second, outcome, rest),
+            Either::Right((outcome, rest)) => (&second, &first, outcome, rest),
+        };
+        match outcome {
+            Ok((piece, pieces)) => {
+                drop(rest);
+                settlement.cancelled_call(loser, since);
+                Ok((winner.clone(), since, piece, pieces))
+            }
+            Err(err) => {
+                self.metrics.fallbacks.with_label_values(&[&winner.id]).inc();
+                settlement.failed_call(winner, since, &err);
+                match rest.await {
+                    Ok((piece, pieces)) => Ok((loser.clone(), since, piece, pieces)),
+                    Err(err) => {
+                        self.metrics.fallbacks.with_label_values(&[&loser.id]).inc();
+                        settlement.failed_call(loser, since, &err);
+                        Err(err)
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole reply of a target (a non-streamed request), under the same idle timeout as a
+    /// stream's pieces.
+    async fn collect(&self, target: &Target, first: Piece, mut rest: PieceStream) -> Result<Vec<Piece>, ApiError> {
+        let idle = self.config.idle_timeout;
+        let mut pieces = vec![first];
+        while pieces.last().is_some_and(|piece| piece.finish_reason.is_empty()) {
+            match tokio::time::timeout(idle, rest.next()).await {
+                Err(_) => {
+                    let message = format!("{} stalled for more than {} ms", target.id, idle.as_millis());
+                    return Err(ApiError::new(ErrorCode::Timeout, message));
+                }
+                Ok(None) => break,
+                Ok(Some(piece)) => pieces.push(piece?),
+            }
+        }
+        Ok(pieces)
     }
 
     /// Calls one target and waits for its first piece.
@@ -421,6 +550,17 @@ impl From<CompleteChunk> for Piece {
             risk: None,
         }
     }
+}
+
+/// A collected answer as a reply again, or an upstream error when it has no content (empty, or
+/// cut by the length limit before any text): the answer a layer up may give.
+fn usable(target: &Target, pieces: Vec<Piece>) -> Result<(Piece, PieceStream), ApiError> {
+    if !pieces.iter().any(|piece| !piece.delta.trim().is_empty() || !piece.tool_calls.is_empty()) {
+        return Err(ApiError::new(ErrorCode::UpstreamError, format!("{} answered without any content", target.id)));
+    }
+    let mut pieces = pieces.into_iter();
+    let first = pieces.next().unwrap_or_default();
+    Ok((first, futures::stream::iter(pieces.map(Ok)).boxed()))
 }
 
 /// The pieces of a target's streamed reply, or the error that refused the call.
@@ -558,6 +698,21 @@ impl Settlement {
             error: Some(error_detail(err, &self.trace.request_id)),
         });
         self.report_outcome(&target.id, false, latency, 0, err.code.as_str());
+    }
+
+    /// A racer that lost: not a failure of its target, and never charged.
+    fn cancelled_call(&mut self, target: &Target, since: Instant) {
+        let latency = since.elapsed();
+        self.trace.calls.push(ModelCall {
+            target_id: target.id.clone(),
+            provider: target.provider.clone(),
+            model: target.model.clone(),
+            latency_us: latency.as_micros() as i64,
+            usage: None,
+            status: "cancelled".into(),
+            error: None,
+        });
+        self.report_outcome(&target.id, false, latency, 0, ErrorCode::ClientClosed.as_str());
     }
 
     fn observe(&mut self, piece: &Piece) {

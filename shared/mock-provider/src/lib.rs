@@ -95,6 +95,9 @@ pub struct Behavior {
     /// Answer with a JSON completion even when the request asks for a stream, as providers
     /// without streaming support do.
     pub ignore_stream: bool,
+    /// Answer chat requests with no content and finish reason `"length"`, as a model that spends
+    /// its whole budget on hidden reasoning does.
+    pub empty_replies: bool,
     /// Break streams after this many completion pieces (or before the finish chunk when the
     /// reply is shorter). Non-streaming requests are not affected.
     pub fail_after_chunks: Option<u32>,
@@ -132,6 +135,7 @@ impl Default for Behavior {
             hang: false,
             garbage: false,
             ignore_stream: false,
+            empty_replies: false,
             fail_after_chunks: None,
             stream_fault: StreamFault::Abort,
             api_key: None,

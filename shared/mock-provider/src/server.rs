@@ -331,7 +331,8 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         id: shared.next_id("chatcmpl-mock"),
         created: now_secs(),
         prompt_tokens,
-        max_tokens,
+        // A zero budget is the mock's empty reply: no pieces, finish reason "length".
+        max_tokens: if behavior.empty_replies { Some(0) } else { max_tokens },
         echo: Echo::new(last_user),
         tool: tool.map(|(name, arguments)| ToolReply { id: shared.next_id("call_mock"), name, arguments }),
         model: request.model,

@@ -4,6 +4,20 @@
 pub mod common {
     pub mod v1 {
         tonic::include_proto!("meshgate.common.v1");
+
+        impl Layer {
+            /// Short name used in headers, metrics labels, reasons and analytics ("l0".."l3";
+            /// empty when unspecified).
+            pub fn short_name(self) -> &'static str {
+                match self {
+                    Layer::L0Local => "l0",
+                    Layer::L1Cheap => "l1",
+                    Layer::L2Standard => "l2",
+                    Layer::L3Premium => "l3",
+                    Layer::Unspecified => "",
+                }
+            }
+        }
     }
 }
 
