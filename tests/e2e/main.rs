@@ -5,6 +5,7 @@
 mod embeddings;
 mod jobs;
 mod mesh;
+mod otel;
 mod quota;
 mod routing;
 mod tenancy;

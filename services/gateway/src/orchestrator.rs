@@ -107,8 +107,31 @@ pub const TASK_HEADER: &str = "x-meshgate-task";
 
 type PieceStream = BoxStream<'static, Result<Piece, ApiError>>;
 
-/// A target that answered: it, when it was called, its first piece and the rest.
-type Opened = (Target, Instant, Piece, PieceStream);
+/// A target that answered: it, when it was called, its first piece, the rest, and the span of
+/// the model call (open until the request settles).
+type Opened = (Target, Instant, Piece, PieceStream, tracing::Span);
+
+/// A model call's span with the OpenTelemetry GenAI semantic conventions; usage and the error
+/// type are recorded when the call ends.
+fn model_call_span(operation: &str, requested: &str, provider: &str, model: &str, target: &str) -> tracing::Span {
+    tracing::info_span!(
+        "gen_ai.client",
+        otel.name = %format!("{operation} {model}"),
+        otel.kind = "client",
+        gen_ai.operation.name = operation,
+        gen_ai.provider.name = provider,
+        gen_ai.request.model = requested,
+        gen_ai.response.model = model,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        meshgate.target = target,
+        error.type = tracing::field::Empty,
+    )
+}
+
+fn chat_span(target: &Target, call: &ChatCall) -> tracing::Span {
+    model_call_span("chat", &call.chat.model, &target.provider, &target.model, &target.id)
+}
 
 /// Runs the request path.
 pub struct Orchestrator {
@@ -213,7 +236,18 @@ impl Orchestrator {
         let budget = QuotaSnapshot::from_reserve(&reserved);
         let mut inference = self.peers.inference.clone();
         let request = EmbedRequest { model: model.to_owned(), inputs };
-        let result = peer_call("inference", self.config.first_piece_timeout, inference.embed(request)).await;
+        let span = model_call_span("embeddings", model, "local", model, "");
+        let call = peer_call("inference", self.config.first_piece_timeout, inference.embed(request));
+        let result = call.instrument(span.clone()).await;
+        match &result {
+            Ok(response) => {
+                let input_tokens = response.usage.map_or(estimate, |u| u.prompt_tokens);
+                span.record("gen_ai.usage.input_tokens", input_tokens);
+            }
+            Err(err) => {
+                span.record("error.type", err.code.as_str());
+            }
+        }
         let usage = result.as_ref().ok().map(|r| {
             let prompt_tokens = r.usage.map_or(estimate, |u| u.prompt_tokens.max(0));
             Usage { prompt_tokens, total_tokens: prompt_tokens, ..Usage::default() }
@@ -317,7 +351,7 @@ impl Orchestrator {
                 settlement.primary = attempts == 1;
                 (self.attempt(target, &call, &mut settlement).await, role)
             };
-            let (target, since, first, rest) = match opened {
+            let (target, since, first, rest, span) = match opened {
                 Ok(opened) => opened,
                 Err(err) => {
                     // The request itself is wrong: another target would refuse it too.
@@ -339,6 +373,7 @@ impl Orchestrator {
                 match self.collect(&target, first, rest).await.and_then(|pieces| usable(&target, pieces)) {
                     Ok(pieces) => pieces,
                     Err(err) => {
+                        span.record("error.type", err.code.as_str());
                         settlement.failed_call(&target, since, &err);
                         if err.code == ErrorCode::UpstreamError {
                             while steps.front().is_some_and(|(_, role)| *role != StepRole::Escalation) {
@@ -350,7 +385,7 @@ impl Orchestrator {
                     }
                 }
             };
-            settlement.serving(target.clone(), since);
+            settlement.serving(target.clone(), since, span);
             let pieces = self.stream_reply(first, rest, settlement);
             return Ok(ChatReply { target, task, pieces, quota: budget });
         }
@@ -367,9 +402,11 @@ impl Orchestrator {
     /// Calls one step of the plan; a failure is recorded before it is returned.
     async fn attempt(&self, target: Target, call: &ChatCall, settlement: &mut Settlement) -> Result<Opened, ApiError> {
         let since = Instant::now();
-        match self.open(&target, call).await {
-            Ok((first, rest)) => Ok((target, since, first, rest)),
+        let span = chat_span(&target, call);
+        match self.open(&target, call).instrument(span.clone()).await {
+            Ok((first, rest)) => Ok((target, since, first, rest, span)),
             Err(err) => {
+                span.record("error.type", err.code.as_str());
                 tracing::warn!(request_id = %call.request_id, target = %target.id, error = %err, "target failed before its first piece");
                 self.metrics.fallbacks.with_label_values(&[&target.id]).inc();
                 settlement.failed_call(&target, since, &err);
@@ -388,23 +425,31 @@ impl Orchestrator {
         settlement: &mut Settlement,
     ) -> Result<Opened, ApiError> {
         let since = Instant::now();
-        let racing = future::select(Box::pin(self.open(&first, call)), Box::pin(self.open(&second, call)));
+        let (first_span, second_span) = (chat_span(&first, call), chat_span(&second, call));
+        let racing = future::select(
+            Box::pin(self.open(&first, call).instrument(first_span.clone())),
+            Box::pin(self.open(&second, call).instrument(second_span.clone())),
+        );
         let (winner, loser, outcome, rest) = match racing.await {
-            Either::Left((outcome, rest)) => (&first, &second, outcome, rest),
-            Either::Right((outcome, rest)) => (&second, &first, outcome, rest),
+            Either::Left((outcome, rest)) => ((&first, first_span), (&second, second_span), outcome, rest),
+            Either::Right((outcome, rest)) => ((&second, second_span), (&first, first_span), outcome, rest),
         };
         match outcome {
             Ok((piece, pieces)) => {
                 drop(rest);
-                settlement.cancelled_call(loser, since);
-                Ok((winner.clone(), since, piece, pieces))
+                loser.1.record("error.type", "cancelled");
+                settlement.cancelled_call(loser.0, since);
+                Ok((winner.0.clone(), since, piece, pieces, winner.1))
             }
             Err(err) => {
-                self.metrics.fallbacks.with_label_values(&[&winner.id]).inc();
-                settlement.failed_call(winner, since, &err);
+                winner.1.record("error.type", err.code.as_str());
+                self.metrics.fallbacks.with_label_values(&[&winner.0.id]).inc();
+                settlement.failed_call(winner.0, since, &err);
+                let (loser, loser_span) = loser;
                 match rest.await {
-                    Ok((piece, pieces)) => Ok((loser.clone(), since, piece, pieces)),
+                    Ok((piece, pieces)) => Ok((loser.clone(), since, piece, pieces, loser_span)),
                     Err(err) => {
+                        loser_span.record("error.type", err.code.as_str());
                         self.metrics.fallbacks.with_label_values(&[&loser.id]).inc();
                         settlement.failed_call(loser, since, &err);
                         Err(err)
@@ -622,6 +667,8 @@ struct Settlement {
     tools_called: Vec<String>,
     /// The request's span: settling joins the request's distributed trace.
     span: tracing::Span,
+    /// The serving model call's span, ended with its usage when the request settles.
+    call_span: Option<tracing::Span>,
 }
 
 impl Settlement {
@@ -653,6 +700,7 @@ impl Settlement {
             output: Vec::new(),
             tools_called: Vec::new(),
             span: tracing::Span::current(),
+            call_span: None,
         }
     }
 
@@ -682,8 +730,9 @@ impl Settlement {
         meshgate_policy::risk_score(&all)
     }
 
-    fn serving(&mut self, target: Target, since: Instant) {
+    fn serving(&mut self, target: Target, since: Instant, span: tracing::Span) {
         self.serving = Some((target, since));
+        self.call_span = Some(span);
     }
 
     fn failed_call(&mut self, target: &Target, since: Instant, err: &ApiError) {
@@ -779,6 +828,13 @@ impl Settlement {
             trace.served_target = target.id.clone();
             trace.layer = target.layer;
             let code = err.as_ref().map(|e| e.code.as_str()).unwrap_or("");
+            if let Some(span) = self.call_span.take() {
+                span.record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+                span.record("gen_ai.usage.output_tokens", usage.completion_tokens);
+                if !ok {
+                    span.record("error.type", code);
+                }
+            }
             self.report_outcome(&target.id, ok, latency, usage.completion_tokens, code);
             orchestrator.metrics.record_usage(&target.model, &usage);
         }

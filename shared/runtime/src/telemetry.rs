@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -20,8 +21,14 @@ static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 /// Logs go to stderr (stdout stays for command output); `MESHGATE_LOG_FORMAT=json` switches to
 /// JSON lines.
 pub fn init(service_name: &str) {
+    init_exporting_to(service_name, std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|v| !v.is_empty()));
+}
+
+/// [`init`] with the OTLP endpoint given rather than read from the environment (`None`: no
+/// export), for tests that run their own receiver.
+pub fn init_exporting_to(service_name: &str, otlp_endpoint: Option<String>) {
     PROVIDER.get_or_init(|| {
-        let provider = build_provider(service_name);
+        let provider = build_provider(service_name, otlp_endpoint);
         let tracer = provider.tracer("meshgate");
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let json = std::env::var("MESHGATE_LOG_FORMAT").is_ok_and(|v| v == "json");
@@ -42,17 +49,16 @@ pub fn init(service_name: &str) {
     });
 }
 
-fn build_provider(service_name: &str) -> SdkTracerProvider {
+fn build_provider(service_name: &str, endpoint: Option<String>) -> SdkTracerProvider {
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name.to_owned()).build();
     let builder = SdkTracerProvider::builder().with_resource(resource);
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|v| !v.is_empty());
     let Some(endpoint) = endpoint else {
         // Nothing to export to: spans stay unsampled, but ids are still made and propagated.
         return builder.with_sampler(Sampler::AlwaysOff).build();
     };
     let ratio = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
     let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)));
-    match opentelemetry_otlp::SpanExporter::builder().with_tonic().build() {
+    match opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint.clone()).build() {
         Ok(exporter) => builder.with_sampler(sampler).with_batch_exporter(exporter).build(),
         Err(err) => {
             eprintln!("meshgate: OTLP exporter for {endpoint} could not be built ({err}); traces are not exported");
