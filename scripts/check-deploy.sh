@@ -188,7 +188,20 @@ live() {
     wait_http "http://127.0.0.1:$prom/-/ready" prometheus || return 1
 
     "$MG_VENV/bin/python" deploy/tools/check_deploy.py live --prometheus "http://127.0.0.1:$prom" \
-        --edge "http://127.0.0.1:$edge" --key "$key" "${local_model[@]}"
+        --edge "http://127.0.0.1:$edge" --key "$key" "${local_model[@]}" || return 1
+
+    # Every admin port's exposition, after traffic, passes Prometheus' own metrics linter.
+    local port lint_failed=0
+    for port in "${admin[@]}"; do
+        "$MG_VENV/bin/python" -c 'import sys, urllib.request
+sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
+            "http://127.0.0.1:$port/metrics" >"$work/metrics-$port.txt" || return 1
+        if ! promtool check metrics <"$work/metrics-$port.txt" >&2; then
+            mg_warn "promtool check metrics: the metrics on admin port $port fail the lint"
+            lint_failed=1
+        fi
+    done
+    return "$lint_failed"
 }
 step live live
 

@@ -94,6 +94,16 @@ async fn fastest_first_keeps_the_first_answer_cancels_the_other_and_charges_only
     assert_eq!(mesh.beta.count_for_request_id(&id), 1);
     assert_eq!(mesh.alpha.stats().completions, 0, "the cancelled call produced no completion");
 
+    let metrics = mesh.http.get(format!("{}/metrics", mesh.admin_url("gateway"))).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    for outcome in ["ok", "cancelled"] {
+        let series = format!(
+            "meshgate_model_call_duration_seconds_count{{layer=\"l2\",model=\"{CLOUD_MODEL}\",outcome=\"{outcome}\",service=\"gateway\"}} 1"
+        );
+        assert!(metrics.contains(&series), "no {series} in the gateway's metrics");
+    }
+    assert!(metrics.contains("meshgate_cost_micros_total{model=\"mock-gpt\",project=\"default\",service=\"gateway\"}"));
+
     // When the faster racer fails, the slower one still serves.
     mesh.beta.set_failures(1.0, 500);
     let response = mesh.chat(chat_body(CLOUD_MODEL, "race again")).await;

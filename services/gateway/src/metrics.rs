@@ -1,6 +1,6 @@
 //! The edge's own metrics, registered in the gateway's service registry.
 
-use meshgate_proto::common::v1::Usage;
+use meshgate_proto::common::v1::{Layer, Target, Usage};
 use meshgate_runtime::Metrics;
 use meshgate_runtime::metrics::LATENCY_BUCKETS;
 use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
@@ -14,6 +14,9 @@ pub struct GatewayMetrics {
     pub tokens: IntCounterVec,
     pub cost_micros: IntCounterVec,
     pub fallbacks: IntCounterVec,
+    /// Every model call (fallbacks and race losers included), by model, layer and outcome
+    /// (`ok`, `error`, `cancelled`).
+    pub model_calls: HistogramVec,
     /// By the limit that refused the request.
     pub quota_rejections: IntCounterVec,
     pub traces: TraceSinkMetrics,
@@ -54,9 +57,18 @@ impl GatewayMetrics {
             tokens: counter_vec("meshgate_tokens_total", "Tokens charged, by model and kind", &["model", "kind"]),
             cost_micros: counter_vec(
                 "meshgate_cost_micros_total",
-                "Cost charged in micro-dollars, by model",
-                &["model"],
+                "Cost charged in micro-dollars, by model and project",
+                &["model", "project"],
             ),
+            model_calls: HistogramVec::new(
+                HistogramOpts::new(
+                    "meshgate_model_call_duration_seconds",
+                    "Model and provider calls from start to end, by model, layer and outcome",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["model", "layer", "outcome"],
+            )
+            .expect("static metric options are valid"),
             fallbacks: counter_vec(
                 "meshgate_target_failures_total",
                 "Targets that failed before their first piece (and were fallen back from), by target",
@@ -96,6 +108,7 @@ impl GatewayMetrics {
         metrics.register(Box::new(this.tokens.clone()));
         metrics.register(Box::new(this.cost_micros.clone()));
         metrics.register(Box::new(this.fallbacks.clone()));
+        metrics.register(Box::new(this.model_calls.clone()));
         metrics.register(Box::new(this.quota_rejections.clone()));
         metrics.register(Box::new(this.policy_findings.clone()));
         metrics.register(Box::new(this.risk_score.clone()));
@@ -106,9 +119,16 @@ impl GatewayMetrics {
         this
     }
 
-    pub fn record_usage(&self, model: &str, usage: &Usage) {
+    /// Project ids are bounded by the tenancy (projects are created by owners), so they are a
+    /// safe label; request-scoped values never are.
+    pub fn record_usage(&self, model: &str, project: &str, usage: &Usage) {
         self.tokens.with_label_values(&[model, "prompt"]).inc_by(usage.prompt_tokens.max(0) as u64);
         self.tokens.with_label_values(&[model, "completion"]).inc_by(usage.completion_tokens.max(0) as u64);
-        self.cost_micros.with_label_values(&[model]).inc_by(usage.cost_micros.max(0) as u64);
+        self.cost_micros.with_label_values(&[model, project]).inc_by(usage.cost_micros.max(0) as u64);
+    }
+
+    pub fn record_model_call(&self, target: &Target, outcome: &str, latency: std::time::Duration) {
+        let layer = Layer::try_from(target.layer).unwrap_or(Layer::Unspecified).short_name();
+        self.model_calls.with_label_values(&[&target.model, layer, outcome]).observe(latency.as_secs_f64());
     }
 }

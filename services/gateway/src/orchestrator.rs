@@ -252,14 +252,14 @@ impl Orchestrator {
             let prompt_tokens = r.usage.map_or(estimate, |u| u.prompt_tokens.max(0));
             Usage { prompt_tokens, total_tokens: prompt_tokens, ..Usage::default() }
         });
+        if let Some(usage) = &usage {
+            self.metrics.record_usage(model, &principal.project_id, usage);
+        }
         let orchestrator = self.clone();
         let (request_id, principal) = (request_id.to_owned(), principal.clone());
         tokio::spawn(async move {
             settle_reservation(&orchestrator, reserved.reservation_id, usage, Some(principal), &request_id).await;
         });
-        if let Some(usage) = &usage {
-            self.metrics.record_usage(model, usage);
-        }
         Ok((result?, budget))
     }
 
@@ -736,32 +736,30 @@ impl Settlement {
     }
 
     fn failed_call(&mut self, target: &Target, since: Instant, err: &ApiError) {
-        let latency = since.elapsed();
-        self.trace.calls.push(ModelCall {
-            target_id: target.id.clone(),
-            provider: target.provider.clone(),
-            model: target.model.clone(),
-            latency_us: latency.as_micros() as i64,
-            usage: None,
-            status: "error".into(),
-            error: Some(error_detail(err, &self.trace.request_id)),
-        });
-        self.report_outcome(&target.id, false, latency, 0, err.code.as_str());
+        self.unserved_call(target, since, Some(err));
     }
 
     /// A racer that lost: not a failure of its target, and never charged.
     fn cancelled_call(&mut self, target: &Target, since: Instant) {
+        self.unserved_call(target, since, None);
+    }
+
+    /// A call that will not serve the reply: failed (`err`) or cancelled.
+    fn unserved_call(&mut self, target: &Target, since: Instant, err: Option<&ApiError>) {
         let latency = since.elapsed();
+        let status = if err.is_some() { "error" } else { "cancelled" };
         self.trace.calls.push(ModelCall {
             target_id: target.id.clone(),
             provider: target.provider.clone(),
             model: target.model.clone(),
             latency_us: latency.as_micros() as i64,
             usage: None,
-            status: "cancelled".into(),
-            error: None,
+            status: status.into(),
+            error: err.map(|err| error_detail(err, &self.trace.request_id)),
         });
-        self.report_outcome(&target.id, false, latency, 0, ErrorCode::ClientClosed.as_str());
+        self.orchestrator.metrics.record_model_call(target, status, latency);
+        let code = err.map_or(ErrorCode::ClientClosed, |err| err.code);
+        self.report_outcome(&target.id, false, latency, 0, code.as_str());
     }
 
     fn observe(&mut self, piece: &Piece) {
@@ -836,7 +834,9 @@ impl Settlement {
                 }
             }
             self.report_outcome(&target.id, ok, latency, usage.completion_tokens, code);
-            orchestrator.metrics.record_usage(&target.model, &usage);
+            let project = trace.principal.as_ref().map_or("", |p| p.project_id.as_str());
+            orchestrator.metrics.record_usage(&target.model, project, &usage);
+            orchestrator.metrics.record_model_call(&target, if ok { "ok" } else { "error" }, latency);
         }
         trace.usage = Some(charged);
         trace.latency_us = self.started.elapsed().as_micros() as i64;
