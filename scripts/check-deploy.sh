@@ -23,6 +23,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MG_LOG_TAG=check-deploy
 source scripts/lib/common.sh
 source scripts/lib/python.sh
+source scripts/lib/live.sh
 cd "$MG_ROOT"
 mg_cleanup_init
 
@@ -35,15 +36,7 @@ mg_need_cmd promtool prometheus
 mg_need_cmd prometheus prometheus
 
 mg_python_setup
-requirements=deploy/tools/requirements.txt
-stamp="$MG_VENV/.meshgate-deploy-requirements.sha256"
-want=$(sha256sum "$requirements" | cut -d' ' -f1)
-if [[ ! -f $stamp || $(<"$stamp") != "$want" ]]; then
-    mg_log "installing $requirements into $MG_VENV"
-    mg_lock python "$MG_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-        -r "$requirements" >&2 || mg_die "pip install -r $requirements failed"
-    echo "$want" >"$stamp"
-fi
+mg_pip_requirements deploy/tools/requirements.txt
 
 compose_schema="$TOOLS_DIR/${COMPOSE_SCHEMA_PKG//@/-}/package/lib/compose-spec/schema/compose-spec.json"
 if [[ ! -f $compose_schema ]]; then
@@ -57,15 +50,7 @@ if [[ ! -f $compose_schema ]]; then
     [[ -f $compose_schema ]] || mg_die "$COMPOSE_SCHEMA_PKG has no schema at $compose_schema"
 fi
 
-if [[ -n ${MESHGATE_DEPLOY_CHECK_BIN:-} ]]; then
-    bin=$MESHGATE_DEPLOY_CHECK_BIN
-    mg_log "using the binaries in $bin (MESHGATE_DEPLOY_CHECK_BIN)"
-else
-    mg_log "building meshgate and the mock provider (debug)"
-    cargo build --quiet -p meshgate -p meshgate-mock-provider >&2 || mg_die "cargo build failed"
-    bin="${CARGO_TARGET_DIR:-$MG_ROOT/target}/debug"
-fi
-[[ -x $bin/meshgate && -x $bin/meshgate-mock-provider ]] || mg_die "no meshgate binaries in $bin"
+bin=$(mg_meshgate_bins MESHGATE_DEPLOY_CHECK_BIN)
 
 # --- static checks -----------------------------------------------------------------------------
 failed=()
@@ -86,49 +71,14 @@ step "promtool check config" promtool check config --syntax-only deploy/promethe
 step "promtool test rules" promtool test rules deploy/prometheus/tests/*.test.yml
 
 # --- live: Prometheus scraping a running mesh ----------------------------------------------------
-work=$(mktemp -d)
-mg_defer rm -rf "$work"
-
-# free_ports N : N distinct free ports (all held open until printed, so none repeats).
-free_ports() {
-    "$MG_VENV/bin/python" -c '
-import socket, sys
-held = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in held:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in held))' "$1"
-}
-# stop PID : SIGTERM, and wait up to 10 s for the process to end (it may have ended already).
-stop() {
-    kill "$1" 2>/dev/null || return 0
-    timeout 10 tail --pid="$1" -f /dev/null || kill -KILL "$1" 2>/dev/null || true
-}
-# start NAME CMD... : runs CMD in the background (log in $work/NAME.log) and stops it at exit.
-start() {
-    local name=$1
-    shift
-    "$@" >"$work/$name.log" 2>&1 &
-    mg_defer stop "$!"
-}
-wait_http() {
-    local url=$1 what=$2 i
-    for ((i = 0; i < 100; i++)); do
-        if "$MG_VENV/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
-            "$url" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.2
-    done
-    mg_warn "$what did not answer at $url; its log:"
-    tail -n 30 "$work/$what.log" >&2 || true
-    return 1
-}
+MG_LIVE_DIR=$(mktemp -d)
+mg_defer rm -rf "$MG_LIVE_DIR"
 
 live() {
     local steady flaky edge prom key i
     local grpc=() admin=()
     local ports
-    read -r -a ports <<<"$(free_ports 16)"
+    read -r -a ports <<<"$(mg_free_ports 16)"
     steady=${ports[0]} flaky=${ports[1]} edge=${ports[2]} prom=${ports[3]}
     for ((i = 0; i < 6; i++)); do
         grpc+=("${ports[4 + i]}")
@@ -136,20 +86,19 @@ live() {
     done
     key="mg-deploy-check-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 
-    start mock-steady "$bin/meshgate-mock-provider" --port "$steady"
+    mg_start mock-steady "$bin/meshgate-mock-provider" --port "$steady"
     # Half of its answers fail: the gateway falls back to "steady" (fallback metrics, errors).
-    start mock-flaky "$bin/meshgate-mock-provider" --port "$flaky" --failure-rate 0.5
+    mg_start mock-flaky "$bin/meshgate-mock-provider" --port "$flaky" --failure-rate 0.5
 
     local local_model=()
     {
-        printf '[standalone]\nedge = "127.0.0.1:%s"\n' "$edge"
-        printf 'grpc_ports = [%s]\nadmin_ports = [%s]\n' "$(IFS=,; echo "${grpc[*]}")" "$(IFS=,; echo "${admin[*]}")"
+        mg_standalone_listen "$edge" "$(IFS=,; echo "${grpc[*]}")" "$(IFS=,; echo "${admin[*]}")"
         # A low per-minute limit so the traffic also meets quota rejections.
         printf '\n[quota]\nkey_prefix = "%s:"\n\n[quota.defaults.key]\nrequests_per_minute = 20\n' "$key"
         if [[ -n ${MESHGATE_TEST_MODELS_DIR:-} && -n ${ORT_DYLIB_PATH:-} ]]; then
             printf '\n[inference]\nmodels_dir = "%s"\n' "$MESHGATE_TEST_MODELS_DIR"
         fi
-    } >"$work/meshgate.toml"
+    } >"$MG_LIVE_DIR/meshgate.toml"
     if [[ -n ${MESHGATE_TEST_MODELS_DIR:-} && -n ${ORT_DYLIB_PATH:-} ]]; then
         local_model=(--local-model tiny-chat)
     fi
@@ -157,35 +106,35 @@ live() {
     local stores=()
     if [[ -n ${MESHGATE_TEST_DATABASE_URL:-} && -n ${MESHGATE_TEST_REDIS_URL:-} ]]; then
         stores=(DATABASE_URL="$MESHGATE_TEST_DATABASE_URL" REDIS_URL="$MESHGATE_TEST_REDIS_URL")
-        env "${stores[@]}" "$bin/meshgate" migrate >"$work/migrate.log" 2>&1 ||
-            { tail -n 20 "$work/migrate.log" >&2; return 1; }
+        env "${stores[@]}" "$bin/meshgate" migrate >"$MG_LIVE_DIR/migrate.log" 2>&1 ||
+            { tail -n 20 "$MG_LIVE_DIR/migrate.log" >&2; return 1; }
     fi
-    start meshgate env "${stores[@]}" MESHGATE_ADMIN_KEY="$key" \
+    mg_start meshgate env "${stores[@]}" MESHGATE_ADMIN_KEY="$key" \
         MESHGATE_PROVIDER_FLAKY_BASE_URL="http://127.0.0.1:$flaky/v1" MESHGATE_PROVIDER_FLAKY_MODELS=mock-gpt \
         MESHGATE_PROVIDER_FLAKY_PRIORITY=10 \
         MESHGATE_PROVIDER_STEADY_BASE_URL="http://127.0.0.1:$steady/v1" MESHGATE_PROVIDER_STEADY_MODELS=mock-gpt \
         MESHGATE_PROVIDER_STEADY_PRIORITY=20 \
-        "$bin/meshgate" --config "$work/meshgate.toml" up
+        "$bin/meshgate" --config "$MG_LIVE_DIR/meshgate.toml" up
 
     # The rules with a 1 s evaluation interval, so recording rules exist seconds after traffic.
-    mkdir -p "$work/rules" "$work/tsdb"
-    sed -E 's/^(    interval: )30s$/\11s/' deploy/prometheus/rules/meshgate.rules.yml >"$work/rules/meshgate.rules.yml"
+    mkdir -p "$MG_LIVE_DIR/rules" "$MG_LIVE_DIR/tsdb"
+    sed -E 's/^(    interval: )30s$/\11s/' deploy/prometheus/rules/meshgate.rules.yml >"$MG_LIVE_DIR/rules/meshgate.rules.yml"
     {
         printf 'global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n'
-        printf 'rule_files: ["%s/rules/*.yml"]\n' "$work"
+        printf 'rule_files: ["%s/rules/*.yml"]\n' "$MG_LIVE_DIR"
         printf 'scrape_configs:\n  - job_name: meshgate\n    static_configs:\n      - targets: ['
         local sep=""
         for i in "${admin[@]}"; do printf '%s"127.0.0.1:%s"' "$sep" "$i"; sep=", "; done
         printf ']\n'
-    } >"$work/prometheus.yml"
-    start prometheus prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/tsdb" \
+    } >"$MG_LIVE_DIR/prometheus.yml"
+    mg_start prometheus prometheus --config.file="$MG_LIVE_DIR/prometheus.yml" --storage.tsdb.path="$MG_LIVE_DIR/tsdb" \
         --web.listen-address="127.0.0.1:$prom" --log.level=warn
 
-    wait_http "http://127.0.0.1:$steady/health" mock-steady || return 1
-    wait_http "http://127.0.0.1:$flaky/health" mock-flaky || return 1
-    wait_http "http://127.0.0.1:${admin[0]}/readyz" meshgate || return 1
-    for i in "${admin[@]}"; do wait_http "http://127.0.0.1:$i/readyz" meshgate || return 1; done
-    wait_http "http://127.0.0.1:$prom/-/ready" prometheus || return 1
+    mg_wait_http "http://127.0.0.1:$steady/health" mock-steady || return 1
+    mg_wait_http "http://127.0.0.1:$flaky/health" mock-flaky || return 1
+    mg_wait_http "http://127.0.0.1:${admin[0]}/readyz" meshgate || return 1
+    for i in "${admin[@]}"; do mg_wait_http "http://127.0.0.1:$i/readyz" meshgate || return 1; done
+    mg_wait_http "http://127.0.0.1:$prom/-/ready" prometheus || return 1
 
     "$MG_VENV/bin/python" deploy/tools/check_deploy.py live --prometheus "http://127.0.0.1:$prom" \
         --edge "http://127.0.0.1:$edge" --key "$key" "${local_model[@]}" || return 1
@@ -195,8 +144,8 @@ live() {
     for port in "${admin[@]}"; do
         "$MG_VENV/bin/python" -c 'import sys, urllib.request
 sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' \
-            "http://127.0.0.1:$port/metrics" >"$work/metrics-$port.txt" || return 1
-        if ! promtool check metrics <"$work/metrics-$port.txt" >&2; then
+            "http://127.0.0.1:$port/metrics" >"$MG_LIVE_DIR/metrics-$port.txt" || return 1
+        if ! promtool check metrics <"$MG_LIVE_DIR/metrics-$port.txt" >&2; then
             mg_warn "promtool check metrics: the metrics on admin port $port fail the lint"
             lint_failed=1
         fi
