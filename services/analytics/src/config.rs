@@ -16,8 +16,11 @@ pub struct Config {
     pub memory_max_traces: usize,
     /// Day partitions kept ready on each side of today.
     pub partitions_ahead_days: u32,
-    /// Traces that started longer ago than this are refused.
+    /// Traces that started longer ago than this are refused (at most `retention_days`).
     pub max_trace_age_days: u32,
+    /// Day partitions (traces, model calls, findings, hourly rollups) older than this many days
+    /// are dropped; the daily rollups are kept.
+    pub retention_days: u32,
     /// Traces that start further than this in the future are refused (clock skew allowance).
     pub max_future_skew_secs: u64,
     /// Traces per RecordBatch at most.
@@ -36,6 +39,7 @@ impl Default for Config {
             memory_max_traces: 100_000,
             partitions_ahead_days: 3,
             max_trace_age_days: 90,
+            retention_days: 90,
             max_future_skew_secs: 86_400,
             max_batch_traces: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
@@ -60,6 +64,10 @@ impl Config {
         }
         if self.max_trace_age_days == 0 {
             return invalid("max_trace_age_days must be at least 1");
+        }
+        if self.retention_days < self.max_trace_age_days {
+            // Otherwise a late trace would recreate a partition retention has just dropped.
+            return invalid("retention_days must be at least max_trace_age_days");
         }
         if self.partitions_ahead_days > 366 {
             return invalid("partitions_ahead_days must be at most 366");
@@ -94,5 +102,7 @@ mod tests {
         assert_eq!(config, Config::default());
         let parsed: Result<Config, _> = serde_json::from_str(r#"{"memory_max_trace": 5}"#);
         assert!(parsed.unwrap_err().to_string().contains("memory_max_trace"));
+        let short = Config { retention_days: 30, max_trace_age_days: 31, ..Config::default() };
+        assert!(short.validate().unwrap_err().to_string().contains("retention_days"));
     }
 }

@@ -34,8 +34,19 @@ pub struct TraceRow {
     pub status_code: i32,
     pub error_code: String,
     pub stream: bool,
+    pub task: String,
+    pub risk_score: i32,
+    /// The trace as stored (sensitive headers removed).
     pub trace: pb::Trace,
 }
+
+/// Headers never stored even when a client of Record forgets to strip them.
+const SECRET_HEADERS: [&str; 7] =
+    ["authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "openai-api-key"];
+/// Most headers, model calls, findings, tool calls and routing reasons one trace may carry.
+pub const MAX_LIST_LEN: usize = 256;
+/// Longest header value or routing reason stored, bytes.
+pub const MAX_TEXT_LEN: usize = 8 * 1024;
 
 fn check_id(what: &str, id: &str, required: bool) -> Result<(), Error> {
     if required && id.is_empty() {
@@ -80,7 +91,7 @@ pub fn layer_name(layer: i32) -> &'static str {
 
 impl TraceRow {
     /// Validates a received trace and extracts its columns.
-    pub fn from_trace(trace: pb::Trace) -> Result<Self, Error> {
+    pub fn from_trace(mut trace: pb::Trace) -> Result<Self, Error> {
         check_id("trace.request_id", &trace.request_id, true)?;
         let rid = trace.request_id.clone();
         let principal = trace.principal.clone().unwrap_or_default();
@@ -93,9 +104,43 @@ impl TraceRow {
             ("trace.requested_model", &trace.requested_model),
             ("trace.served_model", &trace.served_model),
             ("trace.served_target", &trace.served_target),
+            ("trace.task", &trace.task),
         ] {
             check_id(what, id, false)?;
         }
+        for (what, len) in [
+            ("calls", trace.calls.len()),
+            ("findings", trace.findings.len()),
+            ("tool_calls", trace.tool_calls.len()),
+            ("routing_reasons", trace.routing_reasons.len()),
+            ("headers", trace.headers.len()),
+        ] {
+            if len > MAX_LIST_LEN {
+                return Err(Error::InvalidArgument(format!("trace {rid}: more than {MAX_LIST_LEN} {what}")));
+            }
+        }
+        let texts =
+            trace.routing_reasons.iter().chain(std::iter::once(&trace.routing_reason)).chain(trace.headers.values());
+        if texts.chain(trace.headers.keys()).any(|t| t.len() > MAX_TEXT_LEN) {
+            return Err(Error::InvalidArgument(format!(
+                "trace {rid}: a routing reason or header is longer than {MAX_TEXT_LEN} bytes"
+            )));
+        }
+        for call in &trace.calls {
+            let usage = call.usage.unwrap_or_default();
+            for (what, value) in [
+                ("calls.latency_us", call.latency_us),
+                ("calls.usage.prompt_tokens", usage.prompt_tokens),
+                ("calls.usage.completion_tokens", usage.completion_tokens),
+                ("calls.usage.cost_micros", usage.cost_micros),
+            ] {
+                check_non_negative(what, value, &rid)?;
+            }
+        }
+        if trace.risk_score > 100 {
+            return Err(Error::InvalidArgument(format!("trace {rid}: risk_score must be at most 100")));
+        }
+        trace.headers.retain(|name, _| !SECRET_HEADERS.contains(&name.to_ascii_lowercase().as_str()));
         let started_at = trace
             .started_at
             .as_ref()
@@ -146,6 +191,8 @@ impl TraceRow {
             status_code: trace.status_code,
             error_code: trace.error.as_ref().map(|e| e.code.clone()).unwrap_or_default(),
             stream: trace.stream,
+            task: trace.task.clone(),
+            risk_score: i32::try_from(trace.risk_score).unwrap_or(100),
             trace,
         })
     }
@@ -247,92 +294,105 @@ impl GroupBy {
     }
 }
 
-/// An aggregation over one organization's traces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TraceQuery {
+/// Longest list of project ids a scope may carry.
+pub const MAX_SCOPE_PROJECTS: usize = 1_000;
+
+/// The caller's tenancy: one organization and, unless empty, only these projects of it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scope {
     pub org_id: String,
+    /// Empty: the whole organization.
+    pub project_ids: Vec<String>,
+}
+
+impl Scope {
+    pub fn from_proto(org_id: &str, project_ids: &[String]) -> Result<Self, Error> {
+        check_id("org_id", org_id, true)?;
+        if project_ids.len() > MAX_SCOPE_PROJECTS {
+            return Err(Error::InvalidArgument(format!("project_ids holds at most {MAX_SCOPE_PROJECTS} ids")));
+        }
+        for id in project_ids {
+            check_id("project_ids", id, true)?;
+        }
+        Ok(Self { org_id: org_id.to_owned(), project_ids: project_ids.to_vec() })
+    }
+
+    /// The whole organization.
+    pub fn org(org_id: &str) -> Self {
+        Self { org_id: org_id.to_owned(), project_ids: Vec::new() }
+    }
+
+    pub fn allows(&self, org_id: &str, project_id: &str) -> bool {
+        self.org_id == org_id && (self.project_ids.is_empty() || self.project_ids.iter().any(|p| p == project_id))
+    }
+}
+
+/// Optional exact-match filters of an aggregation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Filters {
     pub project_id: Option<String>,
     pub user_id: Option<String>,
     pub model: Option<String>,
+    /// "l0".."l3".
+    pub layer: Option<String>,
+}
+
+impl Filters {
+    pub fn from_proto(project_id: &str, user_id: &str, model: &str, layer: &str) -> Result<Self, Error> {
+        let optional = |what: &str, v: &str| -> Result<Option<String>, Error> {
+            check_id(what, v, false)?;
+            Ok((!v.is_empty()).then(|| v.to_owned()))
+        };
+        if !["", "l0", "l1", "l2", "l3"].contains(&layer) {
+            return Err(Error::InvalidArgument(format!("layer {layer:?} is not one of l0, l1, l2, l3")));
+        }
+        Ok(Self {
+            project_id: optional("project_id", project_id)?,
+            user_id: optional("user_id", user_id)?,
+            model: optional("model", model)?,
+            layer: optional("layer", layer)?,
+        })
+    }
+}
+
+/// An aggregation over the traces a scope may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceQuery {
+    pub scope: Scope,
+    pub filters: Filters,
     pub window: TimeWindow,
     pub group_by: GroupBy,
 }
 
 impl TraceQuery {
     pub fn from_proto(req: &pb::QueryRequest) -> Result<Self, Error> {
-        check_id("org_id", &req.org_id, true)?;
-        let optional = |what: &str, v: &str| -> Result<Option<String>, Error> {
-            check_id(what, v, false)?;
-            Ok((!v.is_empty()).then(|| v.to_owned()))
-        };
         Ok(Self {
-            org_id: req.org_id.clone(),
-            project_id: optional("project_id", &req.project_id)?,
-            user_id: optional("user_id", &req.user_id)?,
-            model: optional("model", &req.model)?,
+            scope: Scope::from_proto(&req.org_id, &req.project_ids)?,
+            filters: Filters::from_proto(&req.project_id, &req.user_id, &req.model, &req.layer)?,
             window: TimeWindow::from_proto(req.range.as_ref())?,
             group_by: GroupBy::parse(&req.group_by)?,
         })
     }
 
+    /// Totals of everything `scope` may see in `window`.
+    pub fn total(scope: Scope, window: TimeWindow) -> Self {
+        Self { scope, filters: Filters::default(), window, group_by: GroupBy::Total }
+    }
+
     pub fn matches(&self, row: &TraceRow) -> bool {
-        row.org_id == self.org_id
-            && self.project_id.as_ref().is_none_or(|p| *p == row.project_id)
-            && self.user_id.as_ref().is_none_or(|u| *u == row.user_id)
-            && self.model.as_ref().is_none_or(|m| m == row.model())
+        let f = &self.filters;
+        self.scope.allows(&row.org_id, &row.project_id)
+            && f.project_id.as_ref().is_none_or(|p| *p == row.project_id)
+            && f.user_id.as_ref().is_none_or(|u| *u == row.user_id)
+            && f.model.as_ref().is_none_or(|m| m == row.model())
+            && f.layer.as_ref().is_none_or(|l| l == row.layer)
             && self.window.contains(row.started_at)
-    }
-}
-
-/// Validates the org of a tenancy-scoped request.
-pub fn require_org(org_id: &str) -> Result<(), Error> {
-    check_id("org_id", org_id, true)
-}
-
-/// Postgres' `percentile_cont(p) WITHIN GROUP (ORDER BY x)::bigint` over sorted values:
-/// linear interpolation, then round half to even. 0 for no values.
-pub fn percentile_cont(sorted: &[i64], p: f64) -> i64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let position = p * (sorted.len() - 1) as f64;
-    let (lo, hi) = (position.floor(), position.ceil());
-    let (low, high) = (sorted[lo as usize] as f64, sorted[hi as usize] as f64);
-    (low + (position - lo) * (high - low)).round_ties_even() as i64
-}
-
-/// One aggregate row over `rows`.
-pub fn aggregate(key: String, rows: &[&TraceRow]) -> pb::AggregateRow {
-    let mut latencies: Vec<i64> = rows.iter().map(|r| r.latency_us).collect();
-    latencies.sort_unstable();
-    pb::AggregateRow {
-        key,
-        requests: rows.len() as i64,
-        errors: rows.iter().filter(|r| r.is_error()).count() as i64,
-        prompt_tokens: rows.iter().map(|r| r.prompt_tokens).sum(),
-        completion_tokens: rows.iter().map(|r| r.completion_tokens).sum(),
-        cost_micros: rows.iter().map(|r| r.cost_micros).sum(),
-        p50_latency_us: percentile_cont(&latencies, 0.5),
-        p95_latency_us: percentile_cont(&latencies, 0.95),
-        p99_latency_us: percentile_cont(&latencies, 0.99),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_interpolate_like_postgres() {
-        assert_eq!(percentile_cont(&[], 0.5), 0);
-        assert_eq!(percentile_cont(&[7], 0.99), 7);
-        assert_eq!(percentile_cont(&[100, 200, 300, 400], 0.5), 250);
-        assert_eq!(percentile_cont(&[100, 200, 300, 400], 0.95), 385);
-        assert_eq!(percentile_cont(&[100, 200, 300, 400], 0.99), 397);
-        // Ties round to even, as float8 -> int8 does.
-        assert_eq!(percentile_cont(&[1, 2], 0.5), 2);
-        assert_eq!(percentile_cont(&[2, 3], 0.5), 2);
-    }
 
     #[test]
     fn group_keys() {
@@ -356,6 +416,22 @@ mod tests {
     }
 
     #[test]
+    fn secret_headers_are_never_stored() {
+        let trace = pb::Trace {
+            request_id: "r".into(),
+            principal: Some(meshgate_proto::common::v1::Principal { org_id: "o".into(), ..Default::default() }),
+            started_at: Some(prost_types::Timestamp { seconds: 1_900_000_000, nanos: 0 }),
+            headers: [("Authorization", "Bearer mgk_x"), ("cookie", "s=1"), ("X-Api-Key", "k"), ("user-agent", "ua")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ..Default::default()
+        };
+        let row = TraceRow::from_trace(trace).unwrap();
+        assert_eq!(row.trace.headers.keys().collect::<Vec<_>>(), ["user-agent"]);
+    }
+
+    #[test]
     fn invalid_traces_are_refused() {
         let ok = pb::Trace {
             request_id: "r".into(),
@@ -371,6 +447,9 @@ mod tests {
             pb::Trace { started_at: Some(prost_types::Timestamp { seconds: 0, nanos: -1 }), ..ok.clone() },
             pb::Trace { latency_us: -1, ..ok.clone() },
             pb::Trace { status_code: 1000, ..ok.clone() },
+            pb::Trace { risk_score: 101, ..ok.clone() },
+            pb::Trace { task: "x".repeat(MAX_ID_LEN + 1), ..ok.clone() },
+            pb::Trace { routing_reasons: vec!["r".into(); MAX_LIST_LEN + 1], ..ok.clone() },
             pb::Trace { request_id: "a\0b".into(), ..ok },
         ];
         for trace in cases {

@@ -11,8 +11,8 @@ use tracing::warn;
 
 use crate::Error;
 use crate::metrics::AnalyticsMetrics;
-use crate::model::{TimeWindow, TraceQuery, TraceRow, require_org};
-use crate::store::TraceStore;
+use crate::model::{Filters, GroupBy, Scope, TimeWindow, TraceQuery, TraceRow};
+use crate::store::{self, TraceStore, error_rate};
 
 /// TopExpensive's default and largest page.
 const TOP_DEFAULT: usize = 10;
@@ -110,6 +110,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         while let Some(batch) = stream.message().await? {
             let received = batch.traces.len() as u64;
             self.metrics.traces_received.inc_by(received);
+            self.metrics.batch_traces.observe(received as f64);
             let rows = self.rows(batch).inspect_err(|_| self.metrics.traces_rejected.inc_by(received))?;
             let started = Instant::now();
             let stored = self.store.insert(rows).await.map_err(|e| self.store_failed("record", e))?;
@@ -123,7 +124,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
 
     async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
         let query = TraceQuery::from_proto(request.get_ref())?;
-        let rows = self.store.query(&query).await.map_err(|e| self.store_failed("query", e))?;
+        let rows = store::query(self.store.as_ref(), &query).await.map_err(|e| self.store_failed("query", e))?;
         Ok(Response::new(pb::QueryResponse { rows }))
     }
 
@@ -132,7 +133,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         request: Request<pb::TopExpensiveRequest>,
     ) -> Result<Response<pb::TopExpensiveResponse>, Status> {
         let req = request.get_ref();
-        require_org(&req.org_id)?;
+        let scope = Scope::from_proto(&req.org_id, &req.project_ids)?;
         let window = TimeWindow::from_proto(req.range.as_ref())?;
         let limit = match usize::try_from(req.limit) {
             Ok(0) => TOP_DEFAULT,
@@ -141,7 +142,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         };
         let traces = self
             .store
-            .top_expensive(&req.org_id, &window, limit)
+            .top_expensive(&scope, &window, limit)
             .await
             .map_err(|e| self.store_failed("top_expensive", e))?;
         Ok(Response::new(pb::TopExpensiveResponse { traces }))
@@ -152,22 +153,51 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         request: Request<pb::ErrorRatesRequest>,
     ) -> Result<Response<pb::ErrorRatesResponse>, Status> {
         let req = request.get_ref();
-        require_org(&req.org_id)?;
-        let window = TimeWindow::from_proto(req.range.as_ref())?;
-        let models =
-            self.store.error_rates(&req.org_id, &window).await.map_err(|e| self.store_failed("error_rates", e))?;
+        let query = TraceQuery {
+            group_by: GroupBy::Model,
+            ..TraceQuery::total(
+                Scope::from_proto(&req.org_id, &req.project_ids)?,
+                TimeWindow::from_proto(req.range.as_ref())?,
+            )
+        };
+        let groups = self.store.aggregate(&query).await.map_err(|e| self.store_failed("error_rates", e))?;
+        let models = groups.into_iter().map(|(model, acc)| error_rate(model, acc.requests, acc.errors)).collect();
         Ok(Response::new(pb::ErrorRatesResponse { models }))
+    }
+
+    async fn latency(&self, request: Request<pb::LatencyRequest>) -> Result<Response<pb::LatencyResponse>, Status> {
+        let req = request.get_ref();
+        let query = TraceQuery {
+            scope: Scope::from_proto(&req.org_id, &req.project_ids)?,
+            filters: Filters::from_proto(&req.project_id, &req.user_id, &req.model, &req.layer)?,
+            window: TimeWindow::from_proto(req.range.as_ref())?,
+            group_by: GroupBy::Model,
+        };
+        let groups = self.store.aggregate(&query).await.map_err(|e| self.store_failed("latency", e))?;
+        let models = groups
+            .into_iter()
+            .map(|(model, acc)| pb::ModelLatency {
+                model,
+                requests: acc.requests,
+                p50_latency_us: acc.percentile(0.5),
+                p95_latency_us: acc.percentile(0.95),
+                p99_latency_us: acc.percentile(0.99),
+                avg_latency_us: acc.avg_latency_us(),
+                max_latency_us: acc.latency_max_us,
+            })
+            .collect();
+        Ok(Response::new(pb::LatencyResponse { models }))
     }
 
     async fn get_trace(&self, request: Request<pb::GetTraceRequest>) -> Result<Response<pb::Trace>, Status> {
         let req = request.get_ref();
-        require_org(&req.org_id)?;
+        let scope = Scope::from_proto(&req.org_id, &req.project_ids)?;
         if req.request_id.is_empty() {
             return Err(Error::InvalidArgument("request_id is required".into()).into());
         }
-        match self.store.get(&req.org_id, &req.request_id).await {
+        match self.store.get(&scope, &req.request_id).await {
             Ok(Some(trace)) => Ok(Response::new(trace)),
-            // Another organization's trace answers exactly like an unknown one.
+            // Another organization's or project's trace answers exactly like an unknown one.
             Ok(None) => Err(Error::NotFound(req.request_id.clone()).into()),
             Err(e) => Err(self.store_failed("get_trace", e)),
         }

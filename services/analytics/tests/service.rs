@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use common::{T, database_url, trace, unique};
+use common::{T, isolated_database_url, trace, unique};
 use meshgate_analytics::model::to_timestamp;
 use meshgate_analytics::{Config, migrations, partition_name, serve};
 use meshgate_proto::analytics::v1 as pb;
@@ -75,30 +75,34 @@ async fn round_trip(running: &Running) {
     let mut client = running.client();
     let (org, other) = (unique("org"), unique("org"));
 
+    let a = recent(&org, "a", 5, 300);
+    // A re-sent copy (same request id and start); its other numbers must not count.
+    let mut a_again = a.clone();
+    a_again.usage.as_mut().unwrap().cost_micros = 999;
     let accepted = record(
         &mut client,
-        vec![
-            batch(vec![recent(&org, "a", 5, 300), recent(&org, "b", 4, 100)]),
-            batch(vec![recent(&org, "a", 3, 999), recent(&org, "c", 2, 200)]),
-            batch(vec![]),
-        ],
+        vec![batch(vec![a, recent(&org, "b", 4, 100)]), batch(vec![a_again, recent(&org, "c", 2, 200)]), batch(vec![])],
     )
     .await
     .unwrap();
     assert_eq!(accepted, 3, "the duplicate of a is ignored");
 
     let got = client
-        .get_trace(pb::GetTraceRequest { request_id: "a".into(), org_id: org.clone() })
+        .get_trace(pb::GetTraceRequest { request_id: "a".into(), org_id: org.clone(), project_ids: vec!["p1".into()] })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got.usage.unwrap().cost_micros, 300, "the first copy wins");
-    let err =
-        client.get_trace(pb::GetTraceRequest { request_id: "a".into(), org_id: other.clone() }).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::NotFound);
-    assert_eq!(err.metadata().get(ERROR_CODE_METADATA).unwrap(), "not_found");
-    let err =
-        client.get_trace(pb::GetTraceRequest { request_id: "a".into(), org_id: String::new() }).await.unwrap_err();
+    for (org_id, project_ids) in [(other.clone(), vec![]), (org.clone(), vec!["p2".to_owned()])] {
+        let err =
+            client.get_trace(pb::GetTraceRequest { request_id: "a".into(), org_id, project_ids }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "outside the caller's tenancy");
+        assert_eq!(err.metadata().get(ERROR_CODE_METADATA).unwrap(), "not_found");
+    }
+    let err = client
+        .get_trace(pb::GetTraceRequest { request_id: "a".into(), org_id: String::new(), project_ids: vec![] })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     let rows = client
@@ -111,6 +115,36 @@ async fn round_trip(running: &Running) {
     assert_eq!((rows[0].key.as_str(), rows[0].requests, rows[0].cost_micros), ("m", 3, 600));
     let err = client
         .query(pb::QueryRequest { org_id: org.clone(), group_by: "hour".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let scoped = client
+        .query(pb::QueryRequest { org_id: org.clone(), project_ids: vec!["p2".into()], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(scoped[0].requests, 0, "p1's traces are outside a p2 scope");
+    for bad in [
+        pb::QueryRequest { org_id: org.clone(), layer: "l9".into(), ..Default::default() },
+        pb::QueryRequest { org_id: org.clone(), project_ids: vec![String::new()], ..Default::default() },
+        pb::QueryRequest { org_id: String::new(), ..Default::default() },
+    ] {
+        assert_eq!(client.query(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+    let latency = client
+        .latency(pb::LatencyRequest { org_id: org.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    assert_eq!(latency.len(), 1);
+    assert_eq!(
+        (latency[0].model.as_str(), latency[0].requests, latency[0].p50_latency_us, latency[0].p99_latency_us),
+        ("m", 3, 100, 100)
+    );
+    let err = client
+        .latency(pb::LatencyRequest { org_id: org.clone(), layer: "premium".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -128,13 +162,26 @@ async fn round_trip(running: &Running) {
         .unwrap()
         .into_inner();
     assert_eq!(top.traces.iter().map(|t| t.request_id.as_str()).collect::<Vec<_>>(), ["a", "c", "b"]);
+    let top = client
+        .top_expensive(pb::TopExpensiveRequest {
+            org_id: org.clone(),
+            project_ids: vec!["p2".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(top.traces.is_empty());
     let err = client
         .top_expensive(pb::TopExpensiveRequest { org_id: org.clone(), limit: -1, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let rates =
-        client.error_rates(pb::ErrorRatesRequest { org_id: org.clone(), range: None }).await.unwrap().into_inner();
+    let rates = client
+        .error_rates(pb::ErrorRatesRequest { org_id: org.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(rates.models.len(), 1);
     assert_eq!((rates.models[0].requests, rates.models[0].errors), (3, 0));
 
@@ -143,20 +190,27 @@ async fn round_trip(running: &Running) {
     let future = recent(&org, "future", -3 * 24 * 60, 0);
     let mut orphan = recent(&org, "orphan", 1, 0);
     orphan.principal = None;
-    for bad in [old, future, orphan] {
+    let mut risky = recent(&org, "risky", 1, 0);
+    risky.risk_score = 101;
+    let mut negative_call = recent(&org, "negative", 1, 0);
+    negative_call.calls[0].latency_us = -5;
+    for bad in [old, future, orphan, risky, negative_call] {
         let err = record(&mut client, vec![batch(vec![recent(&org, "fine", 1, 0), bad])]).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     }
     let too_many: Vec<pb::Trace> = (0..6).map(|_| recent(&org, "x", 1, 0)).collect();
     let err = record(&mut client, vec![batch(too_many)]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let err =
-        client.get_trace(pb::GetTraceRequest { request_id: "fine".into(), org_id: org.clone() }).await.unwrap_err();
+    let err = client
+        .get_trace(pb::GetTraceRequest { request_id: "fine".into(), org_id: org.clone(), project_ids: vec![] })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 
     let metrics = running.metrics().await;
     assert!(metrics.contains("meshgate_analytics_traces_duplicate_total"), "{metrics}");
     assert!(metrics.contains("meshgate_analytics_insert_duration_seconds_count"), "{metrics}");
+    assert!(metrics.contains("meshgate_analytics_batch_traces_count"), "{metrics}");
 }
 
 fn config() -> Config {
@@ -165,11 +219,12 @@ fn config() -> Config {
 
 #[tokio::test]
 async fn serves_over_grpc_with_postgres_and_keeps_partitions_ahead() {
-    let running = start(Config { database_url: Some(database_url()), ..config() }).await;
+    let url = isolated_database_url().await;
+    let running = start(Config { database_url: Some(url.clone()), ..config() }).await;
     round_trip(&running).await;
 
-    let pool = common::pg().await;
-    let ahead = partition_name(Utc::now().date_naive() + TimeDelta::days(3));
+    let pool = postgres_pool(&url, &Default::default()).unwrap();
+    let ahead = partition_name("request_traces", Utc::now().date_naive() + TimeDelta::days(3));
     let mut exists = false;
     for _ in 0..100 {
         let client = postgres_client(&pool).await.unwrap();
@@ -180,6 +235,14 @@ async fn serves_over_grpc_with_postgres_and_keeps_partitions_ahead() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(exists, "{ahead} was not created ahead of time");
+    let metrics = running.metrics().await;
+    for family in [
+        "meshgate_db_pool_connections{state=\"in_use\"",
+        "meshgate_db_pool_connections{state=\"idle\"",
+        "meshgate_analytics_partitions{table=\"model_calls\"",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from {metrics}");
+    }
     running.stop().await;
 }
 
@@ -198,11 +261,64 @@ async fn invalid_configuration_is_refused() {
     assert!(err.to_string().contains("memory_max_traces"), "{err}");
 }
 
+/// Traces stored under migration 0001 are counted into the rollups by 0002, and the new
+/// columns get defaults.
+#[tokio::test]
+async fn migration_0002_backfills_rollups_from_existing_traces() {
+    let url = isolated_database_url().await;
+    let pool = postgres_pool(&url, &Default::default()).unwrap();
+    migrate(&pool, "analytics", &migrations()[..1]).await.unwrap();
+    let client = postgres_client(&pool).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE request_traces_p20310310 PARTITION OF request_traces \
+                 FOR VALUES FROM ('2031-03-10 00:00:00+00') TO ('2031-03-11 00:00:00+00');
+             INSERT INTO request_traces (started_at, org_id, request_id, project_id, served_model, layer,
+                 prompt_tokens, completion_tokens, cost_micros, latency_us, status_code, trace)
+             VALUES ('2031-03-10 10:00+00', 'o', 'a', 'p', 'm', 'l2', 3, 4, 50, 150, 200, ''),
+                    ('2031-03-10 10:30+00', 'o', 'b', 'p', 'm', 'l2', 1, 1, 7, 100000, 502, ''),
+                    ('2031-03-10 12:00+00', 'o', 'c', 'p', 'm', 'l2', 1, 1, 1, 99, 200, '');",
+        )
+        .await
+        .unwrap();
+    drop(client);
+    migrate(&pool, "analytics", migrations()).await.unwrap();
+    let client = postgres_client(&pool).await.unwrap();
+    let daily = client
+        .query_one(
+            "SELECT requests, errors, prompt_tokens, completion_tokens, cost_micros, latency_sum_us, latency_min_us, \
+                    latency_max_us, latency_hist FROM trace_rollups_daily",
+            &[],
+        )
+        .await
+        .unwrap();
+    let sums: Vec<i64> = (0..8).map(|i| daily.get(i)).collect();
+    assert_eq!(sums, [3, 1, 5, 6, 58, 100_249, 99, 100_000]);
+    let hist: Vec<i64> = daily.get(8);
+    let mut want = vec![0i64; meshgate_analytics::hist::BUCKETS];
+    for latency in [150, 100_000, 99] {
+        want[meshgate_analytics::hist::bucket(latency)] += 1;
+    }
+    assert_eq!(hist, want);
+    let hours: Vec<i64> = client
+        .query("SELECT requests FROM trace_rollups_hourly ORDER BY bucket_start", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(hours, [2, 1]);
+    let task: String = client.query_one("SELECT task FROM request_traces LIMIT 1", &[]).await.unwrap().get(0);
+    assert_eq!(task, "");
+}
+
 #[tokio::test]
 async fn analytics_migrations_apply_concurrently_and_repeatedly() {
+    let url = isolated_database_url().await;
     let runs = (0..4).map(|_| {
-        tokio::spawn(async {
-            let pool = postgres_pool(&database_url(), &Default::default()).unwrap();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let pool = postgres_pool(&url, &Default::default()).unwrap();
             migrate(&pool, "analytics", migrations()).await.unwrap()
         })
     });
@@ -210,7 +326,7 @@ async fn analytics_migrations_apply_concurrently_and_repeatedly() {
         let report = report.unwrap();
         assert_eq!(report.applied.len() + report.already_applied.len(), migrations().len());
     }
-    let pool = common::pg().await;
+    let pool = postgres_pool(&url, &Default::default()).unwrap();
     let client = postgres_client(&pool).await.unwrap();
     let partitioned: bool = client
         .query_one(

@@ -1,17 +1,22 @@
-//! What only one of the stores does: Postgres partitions, the memory store's bound.
+//! What only one of the stores does: Postgres partitions, retention and the latency bucket
+//! function; the memory store's bound.
 
 mod common;
 
-use chrono::{Days, NaiveDate, Utc};
+use chrono::{Days, NaiveDate};
 use common::{T, pg, rows, unique};
-use meshgate_analytics::model::TraceRow;
-use meshgate_analytics::{MemoryTraceStore, PostgresTraceStore, TraceStore, partition_name};
+use meshgate_analytics::hist::{THRESHOLDS, bucket};
+use meshgate_analytics::model::{Scope, TraceRow};
+use meshgate_analytics::{
+    AnalyticsMetrics, Maintenance, MemoryTraceStore, PARTITIONED_TABLES, PostgresTraceStore, TraceStore, maintain_once,
+    partition_name,
+};
 use meshgate_storage::{PgPool, postgres_client};
 use prometheus::IntCounter;
 
-async fn partition_exists(pool: &PgPool, day: NaiveDate) -> bool {
+async fn partition_exists(pool: &PgPool, table: &str, day: NaiveDate) -> bool {
     let client = postgres_client(pool).await.unwrap();
-    client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&partition_name(day)]).await.unwrap().get(0)
+    client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&partition_name(table, day)]).await.unwrap().get(0)
 }
 
 /// The partition a stored trace landed in.
@@ -35,21 +40,8 @@ fn at_day(org: &str, rid: &'static str, day: NaiveDate) -> TraceRow {
     TraceRow::from_trace(row.trace).unwrap()
 }
 
-/// A random day in `base_year ..= base_year + 399` whose partition (and its neighbours') does
-/// not exist yet. Each test draws from its own 400 years, so tests never share partitions.
-async fn fresh_day(pool: &PgPool, base_year: i32) -> NaiveDate {
-    loop {
-        let n = uuid::Uuid::new_v4().as_u128();
-        let day = NaiveDate::from_ymd_opt(base_year + (n % 400) as i32, 1, 1).unwrap()
-            + Days::new((n >> 64) as u64 % 360 + 3);
-        let mut free = true;
-        for offset in -3i64..=3 {
-            free &= !partition_exists(pool, day + chrono::TimeDelta::days(offset)).await;
-        }
-        if free {
-            return day;
-        }
-    }
+fn day(s: &str) -> NaiveDate {
+    NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()
 }
 
 #[tokio::test]
@@ -58,36 +50,99 @@ async fn partitions_are_created_on_demand_for_past_and_future_days() {
     let created = IntCounter::new("created", "test").unwrap();
     let store = PostgresTraceStore::new(pool.clone(), created.clone());
     let org = unique("org");
-    let past = fresh_day(&pool, 1000).await;
-    let future = fresh_day(&pool, 2500).await;
+    let (past, future) = (day("1999-02-03"), day("2099-11-12"));
 
     let batch = vec![at_day(&org, "past", past), at_day(&org, "future", future)];
     assert_eq!(store.insert(batch).await.unwrap(), 2);
-    assert!(partition_exists(&pool, past).await && partition_exists(&pool, future).await);
-    assert_eq!(created.get(), 2);
-    assert_eq!(partition_of(&pool, &org, "past").await, partition_name(past));
-    assert_eq!(partition_of(&pool, &org, "future").await, partition_name(future));
-    assert_eq!(store.get(&org, "future").await.unwrap().unwrap().request_id, "future");
+    for table in PARTITIONED_TABLES {
+        assert!(partition_exists(&pool, table, past).await && partition_exists(&pool, table, future).await);
+    }
+    assert_eq!(created.get(), 8, "one partition per partitioned table and day");
+    assert_eq!(partition_of(&pool, &org, "past").await, partition_name("request_traces", past));
+    assert_eq!(partition_of(&pool, &org, "future").await, partition_name("request_traces", future));
+    assert_eq!(store.get(&Scope::org(&org), "future").await.unwrap().unwrap().request_id, "future");
+
+    // The model calls and findings went to their own day partitions; rollups were maintained.
+    let client = postgres_client(&pool).await.unwrap();
+    let calls: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {}", partition_name("model_calls", past)), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let findings: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {}", partition_name("policy_findings", future)), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let rollups: i64 =
+        client.query_one("SELECT sum(requests)::int8 FROM trace_rollups_daily", &[]).await.unwrap().get(0);
+    let stored: (String, i32, serde_json::Value, serde_json::Value) = client
+        .query_one(
+            "SELECT task, risk_score, routing_reasons, headers FROM request_traces WHERE request_id = 'past'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .unwrap();
+    assert_eq!((calls, findings, rollups), (1, 1, 2));
+    assert_eq!(
+        stored,
+        (
+            "chat".into(),
+            40,
+            serde_json::json!(["task=chat", "cheapest healthy target"]),
+            serde_json::json!({"user-agent": "test/1"})
+        )
+    );
 
     // Known partitions are not created again, by this store or another replica's.
     store.insert(vec![at_day(&org, "again", past)]).await.unwrap();
     let replica = PostgresTraceStore::new(pool.clone(), created.clone());
     replica.insert(vec![at_day(&org, "replica", future)]).await.unwrap();
-    assert_eq!(created.get(), 2);
+    assert_eq!(created.get(), 8);
 }
 
 #[tokio::test]
-async fn partitions_ahead_cover_today_plus_minus_n() {
+async fn maintenance_creates_partitions_ahead_and_retention_drops_old_ones() {
     let pool = pg().await;
     let store = PostgresTraceStore::new(pool.clone(), IntCounter::new("created", "test").unwrap());
-    let today = Utc::now().date_naive();
-    store.ensure_partitions_around(today, 2).await.unwrap();
+    let metrics = AnalyticsMetrics::new(&meshgate_runtime::Metrics::new("analytics-test"));
+    let org = unique("org");
+    let today = day("2040-06-15");
+    let maintenance = Maintenance { ahead_days: 2, retention_days: 10 };
+    let old = today - Days::new(11);
+    store.insert(vec![at_day(&org, "old", old), at_day(&org, "kept", today - Days::new(10))]).await.unwrap();
+
+    let (created, dropped) = maintain_once(&store, today, maintenance, &metrics).await.unwrap();
+    assert_eq!((created, dropped), (5 * 4, 4), "today ± 2 created; the old day's 4 partitions dropped");
     for offset in -2i64..=2 {
-        let day = today + chrono::TimeDelta::days(offset);
-        assert!(partition_exists(&pool, day).await, "{day}");
+        let d = today + chrono::TimeDelta::days(offset);
+        for table in PARTITIONED_TABLES {
+            assert!(partition_exists(&pool, table, d).await, "{table} {d}");
+        }
     }
-    // Concurrent replicas ensuring the same days do not collide.
-    let far = fresh_day(&pool, 1500).await;
+    for table in PARTITIONED_TABLES {
+        assert!(!partition_exists(&pool, table, old).await, "{table} {old} survived retention");
+        assert!(partition_exists(&pool, table, today - Days::new(10)).await);
+    }
+    assert_eq!(store.get(&Scope::org(&org), "old").await.unwrap(), None);
+    assert!(store.get(&Scope::org(&org), "kept").await.unwrap().is_some());
+    assert_eq!(metrics.partitions.with_label_values(&["request_traces"]).get(), 6);
+    assert_eq!(metrics.partitions_dropped.get(), 4);
+    // The daily rollup outlives raw retention.
+    let client = postgres_client(&pool).await.unwrap();
+    let days: i64 = client.query_one("SELECT count(*) FROM trace_rollups_daily", &[]).await.unwrap().get(0);
+    assert_eq!(days, 2);
+
+    // A second pass a day later drops one more day and creates one more ahead.
+    let (created, dropped) = maintain_once(&store, today + Days::new(1), maintenance, &metrics).await.unwrap();
+    assert_eq!((created, dropped), (4, 4));
+}
+
+#[tokio::test]
+async fn concurrent_replicas_create_partitions_once() {
+    let pool = pg().await;
+    let far = day("2077-07-07");
     let runs = (0..4).map(|_| {
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -98,7 +153,7 @@ async fn partitions_ahead_cover_today_plus_minus_n() {
         })
     });
     let created: usize = futures::future::join_all(runs).await.into_iter().map(Result::unwrap).sum();
-    assert_eq!(created, 7);
+    assert_eq!(created, 7 * PARTITIONED_TABLES.len());
 }
 
 #[tokio::test]
@@ -106,14 +161,57 @@ async fn a_partition_dropped_behind_the_stores_back_is_recreated() {
     let pool = pg().await;
     let store = PostgresTraceStore::new(pool.clone(), IntCounter::new("created", "test").unwrap());
     let org = unique("org");
-    let day = fresh_day(&pool, 3000).await;
-    store.insert(vec![at_day(&org, "before", day)]).await.unwrap();
+    let d = day("2050-01-01");
+    store.insert(vec![at_day(&org, "before", d)]).await.unwrap();
     let client = postgres_client(&pool).await.unwrap();
-    client.batch_execute(&format!("DROP TABLE {}", partition_name(day))).await.unwrap();
-    client.execute("DELETE FROM trace_ids WHERE org_id = $1", &[&org]).await.unwrap();
+    client.batch_execute(&format!("DROP TABLE {}", partition_name("request_traces", d))).await.unwrap();
 
-    assert_eq!(store.insert(vec![at_day(&org, "after", day)]).await.unwrap(), 1);
-    assert_eq!(partition_of(&pool, &org, "after").await, partition_name(day));
+    assert_eq!(store.insert(vec![at_day(&org, "after", d)]).await.unwrap(), 1);
+    assert_eq!(partition_of(&pool, &org, "after").await, partition_name("request_traces", d));
+}
+
+#[tokio::test]
+async fn concurrent_batches_with_shared_ids_count_each_trace_once() {
+    let pool = pg().await;
+    let store = std::sync::Arc::new(PostgresTraceStore::new(pool.clone(), IntCounter::new("c", "t").unwrap()));
+    let org = unique("org");
+    let names: Vec<&'static str> = (0..200).map(|i| &*format!("r{i}").leak()).collect();
+    let all: Vec<T> =
+        names.iter().map(|rid| T { rid, cost: 7, user: ["u1", "u2"][rid.len() % 2], ..T::default() }).collect();
+    let runs = (0..4).map(|k| {
+        let (store, mut batch) = (store.clone(), rows(&org, &all));
+        batch.rotate_left(k * 50);
+        tokio::spawn(async move { store.insert(batch).await.unwrap() })
+    });
+    let inserted: u64 = futures::future::join_all(runs).await.into_iter().map(Result::unwrap).sum();
+    assert_eq!(inserted, 200);
+    let client = postgres_client(&pool).await.unwrap();
+    let (requests, cost): (i64, i64) = client
+        .query_one(
+            "SELECT sum(requests)::int8, sum(cost_micros)::int8 FROM trace_rollups_hourly WHERE org_id = $1",
+            &[&org],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!((requests, cost), (200, 1_400));
+}
+
+#[tokio::test]
+async fn the_sql_latency_bucket_matches_the_services() {
+    let pool = pg().await;
+    let client = postgres_client(&pool).await.unwrap();
+    let mut values: Vec<i64> = vec![0, 1, 99, i64::MAX];
+    for t in THRESHOLDS {
+        values.extend([t - 1, t, t + 1]);
+    }
+    let buckets: Vec<i32> = client
+        .query_one("SELECT array_agg(analytics_latency_bucket(v) ORDER BY i) FROM unnest($1::int8[]) WITH ORDINALITY AS u(v, i)", &[&values])
+        .await
+        .unwrap()
+        .get(0);
+    let expected: Vec<i32> = values.iter().map(|v| bucket(*v) as i32).collect();
+    assert_eq!(buckets, expected);
 }
 
 #[tokio::test]
@@ -127,6 +225,6 @@ async fn the_memory_store_drops_the_oldest_past_its_bound() {
     assert_eq!(store.len(), 3);
     assert_eq!(evicted.get(), 2);
     for (rid, kept) in [("a", false), ("b", false), ("c", true), ("d", true), ("e", true)] {
-        assert_eq!(store.get(&org, rid).await.unwrap().is_some(), kept, "{rid}");
+        assert_eq!(store.get(&Scope::org(&org), rid).await.unwrap().is_some(), kept, "{rid}");
     }
 }

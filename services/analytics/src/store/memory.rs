@@ -8,9 +8,10 @@ use meshgate_proto::analytics::v1 as pb;
 use parking_lot::RwLock;
 use prometheus::IntCounter;
 
-use super::{TraceStore, dedupe, error_rate};
+use super::{TraceStore, dedupe};
 use crate::Error;
-use crate::model::{GroupBy, TimeWindow, TraceQuery, TraceRow, aggregate};
+use crate::hist::Acc;
+use crate::model::{Scope, TimeWindow, TraceQuery, TraceRow};
 
 type Id = (String, String);
 
@@ -41,10 +42,6 @@ impl MemoryTraceStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    fn matching<'a>(state: &'a State, org_id: &str, window: &TimeWindow) -> Vec<&'a TraceRow> {
-        state.rows.values().filter(|r| r.org_id == org_id && window.contains(r.started_at)).collect()
-    }
 }
 
 #[async_trait]
@@ -69,27 +66,34 @@ impl TraceStore for MemoryTraceStore {
         Ok(inserted)
     }
 
-    async fn get(&self, org_id: &str, request_id: &str) -> Result<Option<pb::Trace>, Error> {
+    async fn get(&self, scope: &Scope, request_id: &str) -> Result<Option<pb::Trace>, Error> {
         let state = self.state.read();
-        Ok(state.rows.get(&(org_id.to_owned(), request_id.to_owned())).map(|r| r.trace.clone()))
+        let row = state.rows.get(&(scope.org_id.clone(), request_id.to_owned()));
+        Ok(row.filter(|r| scope.allows(&r.org_id, &r.project_id)).map(|r| r.trace.clone()))
     }
 
-    async fn query(&self, query: &TraceQuery) -> Result<Vec<pb::AggregateRow>, Error> {
+    async fn aggregate(&self, query: &TraceQuery) -> Result<BTreeMap<String, Acc>, Error> {
         let state = self.state.read();
-        let rows: Vec<&TraceRow> = state.rows.values().filter(|r| query.matches(r)).collect();
-        if query.group_by == GroupBy::Total {
-            return Ok(vec![aggregate(String::new(), &rows)]);
+        let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
+        for row in state.rows.values().filter(|r| query.matches(r)) {
+            groups.entry(query.group_by.key(row)).or_default().add(
+                row.is_error(),
+                row.prompt_tokens,
+                row.completion_tokens,
+                row.cost_micros,
+                row.latency_us,
+            );
         }
-        let mut groups: BTreeMap<String, Vec<&TraceRow>> = BTreeMap::new();
-        for row in rows {
-            groups.entry(query.group_by.key(row)).or_default().push(row);
-        }
-        Ok(groups.into_iter().map(|(key, rows)| aggregate(key, &rows)).collect())
+        Ok(groups)
     }
 
-    async fn top_expensive(&self, org_id: &str, window: &TimeWindow, limit: usize) -> Result<Vec<pb::Trace>, Error> {
+    async fn top_expensive(&self, scope: &Scope, window: &TimeWindow, limit: usize) -> Result<Vec<pb::Trace>, Error> {
         let state = self.state.read();
-        let mut rows = Self::matching(&state, org_id, window);
+        let mut rows: Vec<&TraceRow> = state
+            .rows
+            .values()
+            .filter(|r| scope.allows(&r.org_id, &r.project_id) && window.contains(r.started_at))
+            .collect();
         rows.sort_by(|a, b| {
             b.cost_micros
                 .cmp(&a.cost_micros)
@@ -97,17 +101,6 @@ impl TraceStore for MemoryTraceStore {
                 .then(a.request_id.cmp(&b.request_id))
         });
         Ok(rows.into_iter().take(limit).map(|r| r.trace.clone()).collect())
-    }
-
-    async fn error_rates(&self, org_id: &str, window: &TimeWindow) -> Result<Vec<pb::ModelErrorRate>, Error> {
-        let state = self.state.read();
-        let mut by_model: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
-        for row in Self::matching(&state, org_id, window) {
-            let entry = by_model.entry(row.model()).or_default();
-            entry.0 += 1;
-            entry.1 += i64::from(row.is_error());
-        }
-        Ok(by_model.into_iter().map(|(m, (req, err))| error_rate(m.to_owned(), req, err)).collect())
     }
 
     async fn ping(&self) -> Result<(), Error> {

@@ -1,40 +1,51 @@
-//! Where traces live: Postgres (day-partitioned) or memory (standalone, bounded). Both give the
-//! same answers for the same rows.
+//! Where traces live: Postgres (day-partitioned, with rollups) or memory (standalone, bounded).
+//! Both give the same answers for the same rows: aggregates are built from the same
+//! [`Acc`](crate::hist::Acc) sums and histograms.
 
 mod memory;
 mod postgres;
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use meshgate_proto::analytics::v1 as pb;
 
 pub use self::memory::MemoryTraceStore;
-pub use self::postgres::{PostgresTraceStore, partition_name};
+pub use self::postgres::{PARTITIONED_TABLES, PostgresTraceStore, partition_name};
 use crate::Error;
-use crate::model::{TimeWindow, TraceQuery, TraceRow};
+use crate::hist::Acc;
+use crate::model::{GroupBy, Scope, TimeWindow, TraceQuery, TraceRow};
 
 #[async_trait]
 pub trait TraceStore: Send + Sync {
-    /// Stores validated rows, ignoring any whose (org, request id) is already stored or repeated
-    /// earlier in `rows`; returns how many were new.
+    /// Stores validated rows, ignoring any already stored (same org, request id and start time)
+    /// or repeated earlier in `rows` (same org and request id); returns how many were new.
     async fn insert(&self, rows: Vec<TraceRow>) -> Result<u64, Error>;
 
-    /// One trace of `org_id`; `None` for unknown ids and other organizations' traces.
-    async fn get(&self, org_id: &str, request_id: &str) -> Result<Option<pb::Trace>, Error>;
+    /// One trace `scope` may see (the earliest, should a request id have been stored with two
+    /// start times); `None` for unknown ids and traces outside the scope.
+    async fn get(&self, scope: &Scope, request_id: &str) -> Result<Option<pb::Trace>, Error>;
 
-    /// Totals, grouped per the query, ordered by key.
-    async fn query(&self, query: &TraceQuery) -> Result<Vec<pb::AggregateRow>, Error>;
+    /// Sums per group key (one group with an empty key for totals), ordered by key.
+    async fn aggregate(&self, query: &TraceQuery) -> Result<BTreeMap<String, Acc>, Error>;
 
     /// The `limit` most expensive traces, most expensive first (then newest, then by id).
-    async fn top_expensive(&self, org_id: &str, window: &TimeWindow, limit: usize) -> Result<Vec<pb::Trace>, Error>;
-
-    /// Requests and errors per model, ordered by model.
-    async fn error_rates(&self, org_id: &str, window: &TimeWindow) -> Result<Vec<pb::ModelErrorRate>, Error>;
+    async fn top_expensive(&self, scope: &Scope, window: &TimeWindow, limit: usize) -> Result<Vec<pb::Trace>, Error>;
 
     /// Readiness: the store answers.
     async fn ping(&self) -> Result<(), Error>;
 
     /// "postgres" or "memory", for logs.
     fn kind(&self) -> &'static str;
+}
+
+/// The rows of Query: totals always have one row, even when nothing matched.
+pub async fn query(store: &dyn TraceStore, query: &TraceQuery) -> Result<Vec<pb::AggregateRow>, Error> {
+    let groups = store.aggregate(query).await?;
+    if query.group_by == GroupBy::Total {
+        return Ok(vec![groups.get("").cloned().unwrap_or_default().row(String::new())]);
+    }
+    Ok(groups.into_iter().map(|(key, acc)| acc.row(key)).collect())
 }
 
 /// Keeps the first of rows sharing an (org, request id).

@@ -1,17 +1,20 @@
-//! Traces in Postgres: `request_traces` partitioned by day on `started_at`, plus the `trace_ids`
-//! lookup keyed by (org, request id).
+//! Traces in Postgres. `request_traces`, `model_calls`, `policy_findings` and
+//! `trace_rollups_hourly` are partitioned by UTC day (partitions made ahead of time by the
+//! service and on demand for any day a batch brings); `trace_rollups_daily` is one small table.
 //!
-//! Why `trace_ids`: on a partitioned table a unique key must include the partition key, so
-//! `(started_at, org_id, request_id)` alone would store a retried request twice if its copies
-//! carried different start times. Claiming the id in `trace_ids` in the same statement as the
-//! insert makes ingestion idempotent across partitions, and gives GetTrace the partition to read.
-//! Retention (dropping old partitions) must delete the matching `trace_ids` rows by `started_at`.
+//! A batch is one transaction: the traces are inserted with `ON CONFLICT DO NOTHING RETURNING`,
+//! and only the rows that came back (new ones) get their model calls, findings and rollup sums
+//! written, so a re-sent trace is counted exactly once. Retention drops whole partitions.
+//!
+//! Aggregations read the daily rollup for whole days, the hourly rollup for whole hours at the
+//! edges of a range, and raw `request_traces` only for the sub-hour slivers of a range whose
+//! bounds are not on the hour. TopExpensive and GetTrace read raw rows (by index).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Days, NaiveDate, Utc};
+use chrono::{DateTime, Days, NaiveDate, TimeDelta, Utc};
 use meshgate_proto::analytics::v1 as pb;
 use meshgate_storage::{PgPool, ping_postgres, postgres_client};
 use parking_lot::Mutex;
@@ -19,92 +22,263 @@ use prometheus::IntCounter;
 use prost::Message;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::{TraceStore, dedupe, error_rate};
+use super::{TraceStore, dedupe};
 use crate::Error;
-use crate::model::{GroupBy, TimeWindow, TraceQuery, TraceRow};
+use crate::hist::{Acc, BUCKETS};
+use crate::model::{GroupBy, Scope, TimeWindow, TraceQuery, TraceRow};
 
-/// Rows per INSERT statement (arrays bound as parameters, so the statement text never changes).
-const INSERT_CHUNK: usize = 1_000;
-/// Serialises partition creation across replicas. ASCII "mg-parts".
+/// The day-partitioned tables; each day has one partition of each.
+pub const PARTITIONED_TABLES: [&str; 4] = ["request_traces", "model_calls", "policy_findings", "trace_rollups_hourly"];
+/// Serialises partition creation and retention across replicas. ASCII "mg-parts".
 const PARTITION_LOCK_KEY: i64 = 0x6d67_2d70_6172_7473;
+/// Attempts at one batch when it deadlocks with a concurrent one or finds a partition gone.
+const INSERT_ATTEMPTS: usize = 3;
 
-const INSERT: &str = "
-WITH input AS (
-    SELECT * FROM unnest(
-        $1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-        $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::int8[], $14::int8[],
-        $15::int8[], $16::int8[], $17::int4[], $18::text[], $19::bool[], $20::bytea[]
-    ) AS t(started_at, org_id, request_id, trace_id, project_id, user_id, key_id, requested_model,
-           served_model, served_target, layer, prompt_tokens, completion_tokens, total_tokens,
-           cost_micros, latency_us, status_code, error_code, stream, trace)
-), claimed AS (
-    INSERT INTO trace_ids (org_id, request_id, started_at)
-    SELECT org_id, request_id, started_at FROM input
-    ON CONFLICT DO NOTHING
-    RETURNING org_id, request_id
-)
+const INSERT_TRACES: &str = "
 INSERT INTO request_traces (started_at, org_id, request_id, trace_id, project_id, user_id, key_id,
     requested_model, served_model, served_target, layer, prompt_tokens, completion_tokens,
-    total_tokens, cost_micros, latency_us, status_code, error_code, stream, trace)
-SELECT i.started_at, i.org_id, i.request_id, i.trace_id, i.project_id, i.user_id, i.key_id,
-    i.requested_model, i.served_model, i.served_target, i.layer, i.prompt_tokens,
-    i.completion_tokens, i.total_tokens, i.cost_micros, i.latency_us, i.status_code, i.error_code,
-    i.stream, i.trace
-FROM input i JOIN claimed c ON c.org_id = i.org_id AND c.request_id = i.request_id
-ON CONFLICT DO NOTHING";
+    total_tokens, cost_micros, latency_us, status_code, error_code, stream, trace, task, risk_score,
+    routing_reason, routing_reasons, tool_calls, headers)
+SELECT t.started_at, t.org_id, t.request_id, t.trace_id, t.project_id, t.user_id, t.key_id,
+    t.requested_model, t.served_model, t.served_target, t.layer, t.prompt_tokens,
+    t.completion_tokens, t.total_tokens, t.cost_micros, t.latency_us, t.status_code, t.error_code,
+    t.stream, t.trace, t.task, t.risk_score, t.routing_reason, t.routing_reasons::jsonb,
+    t.tool_calls::jsonb, t.headers::jsonb
+FROM unnest(
+    $1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+    $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::int8[], $14::int8[],
+    $15::int8[], $16::int8[], $17::int4[], $18::text[], $19::bool[], $20::bytea[], $21::text[],
+    $22::int4[], $23::text[], $24::text[], $25::text[], $26::text[]
+) AS t(started_at, org_id, request_id, trace_id, project_id, user_id, key_id, requested_model,
+       served_model, served_target, layer, prompt_tokens, completion_tokens, total_tokens,
+       cost_micros, latency_us, status_code, error_code, stream, trace, task, risk_score,
+       routing_reason, routing_reasons, tool_calls, headers)
+ON CONFLICT DO NOTHING
+RETURNING org_id, request_id";
 
-/// Name of the partition holding `day`.
-pub fn partition_name(day: NaiveDate) -> String {
-    format!("request_traces_p{}", day.format("%Y%m%d"))
+const INSERT_CALLS: &str = "
+INSERT INTO model_calls (started_at, org_id, request_id, seq, project_id, target_id, provider, model,
+    latency_us, prompt_tokens, completion_tokens, cost_micros, status, error_code)
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[],
+    $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[])";
+
+const INSERT_FINDINGS: &str = "
+INSERT INTO policy_findings (started_at, org_id, request_id, seq, project_id, direction, rule, category,
+    severity, action, score)
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::int4[], $5::text[], $6::text[],
+    $7::text[], $8::text[], $9::text[], $10::text[], $11::float4[])";
+
+/// Upsert of rollup deltas into `table`.
+fn upsert_rollups(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} AS r (org_id, bucket_start, project_id, user_id, model, layer, requests, errors,
+             prompt_tokens, completion_tokens, cost_micros, latency_sum_us, latency_min_us, latency_max_us,
+             latency_hist)
+         SELECT t.org_id, t.bucket_start, t.project_id, t.user_id, t.model, t.layer, t.requests, t.errors,
+             t.prompt_tokens, t.completion_tokens, t.cost_micros, t.latency_sum_us, t.latency_min_us,
+             t.latency_max_us, t.latency_hist::int8[]
+         FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[],
+             $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[],
+             $14::int8[], $15::text[])
+             AS t(org_id, bucket_start, project_id, user_id, model, layer, requests, errors, prompt_tokens,
+                  completion_tokens, cost_micros, latency_sum_us, latency_min_us, latency_max_us, latency_hist)
+         ON CONFLICT (org_id, bucket_start, project_id, user_id, model, layer) DO UPDATE SET
+             requests = r.requests + excluded.requests,
+             errors = r.errors + excluded.errors,
+             prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
+             completion_tokens = r.completion_tokens + excluded.completion_tokens,
+             cost_micros = r.cost_micros + excluded.cost_micros,
+             latency_sum_us = r.latency_sum_us + excluded.latency_sum_us,
+             latency_min_us = least(r.latency_min_us, excluded.latency_min_us),
+             latency_max_us = greatest(r.latency_max_us, excluded.latency_max_us),
+             latency_hist = analytics_hist_add(r.latency_hist, excluded.latency_hist)"
+    )
 }
 
-/// The Postgres trace store.
-pub struct PostgresTraceStore {
-    pool: PgPool,
-    /// Days whose partition is known to exist, to skip the catalog on the hot path.
-    known: Mutex<HashSet<NaiveDate>>,
-    partitions_created: IntCounter,
+/// Name of `table`'s partition holding `day`.
+pub fn partition_name(table: &str, day: NaiveDate) -> String {
+    format!("{table}_p{}", day.format("%Y%m%d"))
+}
+
+/// The day of a partition of `table`, from its name.
+fn partition_day(table: &str, name: &str) -> Option<NaiveDate> {
+    let suffix = name.strip_prefix(table)?.strip_prefix("_p")?;
+    NaiveDate::parse_from_str(suffix, "%Y%m%d").ok().filter(|_| suffix.len() == 8)
+}
+
+/// Where one segment of an aggregation's time range is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Daily,
+    Hourly,
+    Raw,
+}
+
+fn floor_to(t: DateTime<Utc>, unit: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp().div_euclid(unit) * unit, 0).unwrap_or(t)
+}
+
+fn ceil_to(t: DateTime<Utc>, unit: i64) -> DateTime<Utc> {
+    let floor = floor_to(t, unit);
+    if floor == t { t } else { floor + TimeDelta::seconds(unit) }
+}
+
+const HOUR: i64 = 3_600;
+const DAY: i64 = 86_400;
+
+/// Splits a range into whole days (daily rollup), whole hours at its edges (hourly rollup) and
+/// sub-hour slivers (raw rows).
+pub fn plan(window: &TimeWindow) -> Vec<(Source, TimeWindow)> {
+    let seg = |source, from, to| (source, TimeWindow { from, to });
+    let edge = |a: DateTime<Utc>, b: DateTime<Utc>, out: &mut Vec<(Source, TimeWindow)>| {
+        let (h1, h2) = (ceil_to(a, HOUR), floor_to(b, HOUR));
+        if h1 < h2 {
+            if a < h1 {
+                out.push(seg(Source::Raw, Some(a), Some(h1)));
+            }
+            out.push(seg(Source::Hourly, Some(h1), Some(h2)));
+            if h2 < b {
+                out.push(seg(Source::Raw, Some(h2), Some(b)));
+            }
+        } else {
+            out.push(seg(Source::Raw, Some(a), Some(b)));
+        }
+    };
+    let mut out = Vec::new();
+    let (d1, d2) = (window.from.map(|f| ceil_to(f, DAY)), window.to.map(|t| floor_to(t, DAY)));
+    let days_exist = match (d1, d2) {
+        (Some(d1), Some(d2)) => d1 < d2,
+        _ => true,
+    };
+    if days_exist {
+        if let (Some(from), Some(d1)) = (window.from, d1)
+            && from < d1
+        {
+            edge(from, d1, &mut out);
+        }
+        out.push(seg(Source::Daily, d1, d2));
+        if let (Some(to), Some(d2)) = (window.to, d2)
+            && d2 < to
+        {
+            edge(d2, to, &mut out);
+        }
+    } else if let (Some(from), Some(to)) = (window.from, window.to) {
+        edge(from, to, &mut out);
+    }
+    out
 }
 
 type Params = Vec<Box<dyn ToSql + Sync + Send>>;
-
-/// ` AND ...` conditions for an org and time window, numbering parameters after `params`.
-fn scope_filter(org_id: &str, window: &TimeWindow, params: &mut Params) -> String {
-    params.push(Box::new(org_id.to_owned()));
-    let mut sql = format!("org_id = ${}", params.len());
-    if let Some(from) = window.from {
-        params.push(Box::new(from));
-        sql.push_str(&format!(" AND started_at >= ${}", params.len()));
-    }
-    if let Some(to) = window.to {
-        params.push(Box::new(to));
-        sql.push_str(&format!(" AND started_at < ${}", params.len()));
-    }
-    sql
-}
 
 fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
     params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()
 }
 
-/// The SQL of a group key; `COLLATE "C"` so keys order bytewise, as in the memory store.
-fn key_sql(group_by: GroupBy) -> &'static str {
+/// `WHERE` conditions for a scope, filters and window on `time` (a column).
+fn conditions(
+    scope: &Scope,
+    query: Option<&TraceQuery>,
+    time: &str,
+    window: &TimeWindow,
+    params: &mut Params,
+) -> String {
+    params.push(Box::new(scope.org_id.clone()));
+    let mut sql = format!("org_id = ${}", params.len());
+    if !scope.project_ids.is_empty() {
+        params.push(Box::new(scope.project_ids.clone()));
+        sql.push_str(&format!(" AND project_id = ANY(${}::text[])", params.len()));
+    }
+    if let Some(query) = query {
+        let f = &query.filters;
+        for (column, value) in
+            [("project_id", &f.project_id), ("user_id", &f.user_id), ("model", &f.model), ("layer", &f.layer)]
+        {
+            if let Some(value) = value {
+                params.push(Box::new(value.clone()));
+                sql.push_str(&format!(" AND {column} = ${}", params.len()));
+            }
+        }
+    }
+    if let Some(from) = window.from {
+        params.push(Box::new(from));
+        sql.push_str(&format!(" AND {time} >= ${}", params.len()));
+    }
+    if let Some(to) = window.to {
+        params.push(Box::new(to));
+        sql.push_str(&format!(" AND {time} < ${}", params.len()));
+    }
+    sql
+}
+
+/// The SQL of a group key over a time column `time`; keys are compared bytewise in Rust.
+fn key_sql(group_by: GroupBy, time: &str) -> String {
     match group_by {
-        GroupBy::Total => "''",
-        GroupBy::Day => "to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') COLLATE \"C\"",
-        GroupBy::Week => "to_char(date_trunc('week', started_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD') COLLATE \"C\"",
-        GroupBy::Month => "to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM') COLLATE \"C\"",
-        GroupBy::Model => "model COLLATE \"C\"",
-        GroupBy::Layer => "layer COLLATE \"C\"",
-        GroupBy::User => "user_id COLLATE \"C\"",
-        GroupBy::Project => "project_id COLLATE \"C\"",
+        GroupBy::Total => "''".into(),
+        GroupBy::Day => format!("to_char({time} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
+        GroupBy::Week => format!("to_char(date_trunc('week', {time} AT TIME ZONE 'UTC'), 'YYYY-MM-DD')"),
+        GroupBy::Month => format!("to_char({time} AT TIME ZONE 'UTC', 'YYYY-MM')"),
+        GroupBy::Model => "model".into(),
+        GroupBy::Layer => "layer".into(),
+        GroupBy::User => "user_id".into(),
+        GroupBy::Project => "project_id".into(),
     }
 }
 
 fn decode(request_id: &str, bytes: &[u8]) -> Result<pb::Trace, Error> {
     pb::Trace::decode(bytes).map_err(|source| Error::Corrupt { request_id: request_id.to_owned(), source })
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+/// Rollup deltas of rows, per (org, bucket start, project, user, model, layer), in key order so
+/// concurrent batches lock shared rollup rows in the same order.
+type RollupKey = (String, DateTime<Utc>, String, String, String, &'static str);
+
+fn rollup_deltas(rows: &[&TraceRow], unit: i64) -> BTreeMap<RollupKey, Acc> {
+    let mut deltas: BTreeMap<RollupKey, Acc> = BTreeMap::new();
+    for r in rows {
+        let key = (
+            r.org_id.clone(),
+            floor_to(r.started_at, unit),
+            r.project_id.clone(),
+            r.user_id.clone(),
+            r.model().to_owned(),
+            r.layer,
+        );
+        deltas.entry(key).or_default().add(
+            r.is_error(),
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.cost_micros,
+            r.latency_us,
+        );
+    }
+    deltas
+}
+
+/// Whether a batch failed in a way a fresh attempt can fix: a deadlock with a concurrent batch, or
+/// a row whose day has no partition (dropped behind our back).
+fn retryable(err: &Error) -> Option<&'static str> {
+    let Error::Storage(meshgate_storage::Error::Postgres(e)) = err else { return None };
+    match e.code() {
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE => {
+            Some("deadlock")
+        }
+        Some(c) if *c == SqlState::CHECK_VIOLATION => Some("missing_partition"),
+        _ => None,
+    }
+}
+
+/// The Postgres trace store.
+pub struct PostgresTraceStore {
+    pool: PgPool,
+    /// Days whose partitions are known to exist, to skip the catalog on the hot path.
+    known: Mutex<HashSet<NaiveDate>>,
+    partitions_created: IntCounter,
 }
 
 impl PostgresTraceStore {
@@ -113,7 +287,12 @@ impl PostgresTraceStore {
         Self { pool, known: Mutex::default(), partitions_created }
     }
 
-    /// Creates the partitions of `days` that do not exist yet; returns how many it created.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates the partitions (of every partitioned table) of `days` that do not exist yet;
+    /// returns how many it created.
     pub async fn ensure_partitions(&self, days: impl IntoIterator<Item = NaiveDate>) -> Result<usize, Error> {
         let missing: Vec<NaiveDate> = {
             let known = self.known.lock();
@@ -128,29 +307,42 @@ impl PostgresTraceStore {
         let mut client = postgres_client(&self.pool).await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK_KEY]).await?;
+        let mut wanted = Vec::new();
+        for day in &missing {
+            for table in PARTITIONED_TABLES {
+                wanted.push(partition_name(table, *day));
+            }
+        }
+        let absent: HashSet<String> = tx
+            .query("SELECT n FROM unnest($1::text[]) AS n WHERE to_regclass(n) IS NULL", &[&wanted])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         let mut created = 0;
         for day in &missing {
-            let name = partition_name(*day);
-            let exists: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name]).await?.get(0);
-            if exists {
-                continue;
-            }
             let next = day.checked_add_days(Days::new(1)).ok_or_else(|| {
                 Error::InvalidArgument(format!("no partition can hold {day}: the day after is out of range"))
             })?;
-            // Names and bounds come from dates, never from input text.
-            tx.batch_execute(&format!(
-                "CREATE TABLE {name} PARTITION OF request_traces \
-                 FOR VALUES FROM ('{day} 00:00:00+00') TO ('{next} 00:00:00+00')"
-            ))
-            .await?;
-            created += 1;
+            for table in PARTITIONED_TABLES {
+                let name = partition_name(table, *day);
+                if !absent.contains(&name) {
+                    continue;
+                }
+                // Names and bounds come from dates, never from input text.
+                tx.batch_execute(&format!(
+                    "CREATE TABLE {name} PARTITION OF {table} \
+                     FOR VALUES FROM ('{day} 00:00:00+00') TO ('{next} 00:00:00+00')"
+                ))
+                .await?;
+                created += 1;
+            }
         }
         tx.commit().await?;
         self.known.lock().extend(missing);
         if created > 0 {
             self.partitions_created.inc_by(created as u64);
-            info!(created, "created request_traces partitions");
+            info!(created, "created day partitions");
         }
         Ok(created)
     }
@@ -163,17 +355,78 @@ impl PostgresTraceStore {
         self.ensure_partitions(first.iter_days().take_while(|d| *d <= last)).await
     }
 
-    async fn insert_chunk(&self, rows: &[TraceRow]) -> Result<u64, Error> {
+    /// The days that have partitions, per partitioned table.
+    pub async fn partitions(&self) -> Result<BTreeMap<&'static str, Vec<NaiveDate>>, Error> {
+        let client = postgres_client(&self.pool).await?;
+        let mut out = BTreeMap::new();
+        for table in PARTITIONED_TABLES {
+            let rows = client
+                .query(
+                    "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                     WHERE i.inhparent = to_regclass($1)",
+                    &[&table],
+                )
+                .await?;
+            let mut days: Vec<NaiveDate> = rows.iter().filter_map(|r| partition_day(table, r.get(0))).collect();
+            days.sort_unstable();
+            out.insert(table, days);
+        }
+        Ok(out)
+    }
+
+    /// Retention: drops every partition of a day before `cutoff` (whole tables, no DELETE);
+    /// returns the names dropped. The daily rollup is kept.
+    pub async fn drop_partitions_before(&self, cutoff: NaiveDate) -> Result<Vec<String>, Error> {
+        let old: Vec<(&str, NaiveDate)> = self
+            .partitions()
+            .await?
+            .into_iter()
+            .flat_map(|(table, days)| days.into_iter().filter(|d| *d < cutoff).map(move |d| (table, d)))
+            .collect();
+        if old.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut client = postgres_client(&self.pool).await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK_KEY]).await?;
+        let mut dropped = Vec::new();
+        for (table, day) in &old {
+            let name = partition_name(table, *day);
+            // The name was rebuilt from a parsed date, so it is safe to splice.
+            tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}")).await?;
+            dropped.push(name);
+        }
+        tx.commit().await?;
+        self.known.lock().retain(|d| *d >= cutoff);
+        info!(dropped = dropped.len(), %cutoff, "retention dropped day partitions");
+        Ok(dropped)
+    }
+
+    /// One attempt at storing a batch, in one transaction; returns how many traces were new.
+    async fn insert_once(&self, rows: &[TraceRow]) -> Result<u64, Error> {
         let started_at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.started_at).collect();
         let text = |f: fn(&TraceRow) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
         let int = |f: fn(&TraceRow) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
         let status: Vec<i32> = rows.iter().map(|r| r.status_code).collect();
+        let risk: Vec<i32> = rows.iter().map(|r| r.risk_score).collect();
         let stream: Vec<bool> = rows.iter().map(|r| r.stream).collect();
         let traces: Vec<Vec<u8>> = rows.iter().map(|r| r.trace.encode_to_vec()).collect();
-        let client = postgres_client(&self.pool).await?;
-        let inserted = client
-            .execute(
-                INSERT,
+        let reasons: Vec<String> = rows.iter().map(|r| json(&r.trace.routing_reasons)).collect();
+        let tools: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let tools: Vec<serde_json::Value> =
+                    r.trace.tool_calls.iter().map(|t| serde_json::json!({"name": t.name, "kind": t.kind})).collect();
+                json(&tools)
+            })
+            .collect();
+        let headers: Vec<String> = rows.iter().map(|r| json(&r.trace.headers)).collect();
+
+        let mut client = postgres_client(&self.pool).await?;
+        let tx = client.transaction().await?;
+        let new: HashSet<(String, String)> = tx
+            .query(
+                INSERT_TRACES,
                 &[
                     &started_at,
                     &text(|r| &r.org_id),
@@ -195,94 +448,347 @@ impl PostgresTraceStore {
                     &text(|r| &r.error_code),
                     &stream,
                     &traces,
+                    &text(|r| &r.task),
+                    &risk,
+                    &text(|r| &r.trace.routing_reason),
+                    &reasons,
+                    &tools,
+                    &headers,
                 ],
             )
-            .await?;
-        Ok(inserted)
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let fresh: Vec<&TraceRow> =
+            rows.iter().filter(|r| new.contains(&(r.org_id.clone(), r.request_id.clone()))).collect();
+        if fresh.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+
+        let calls = CallColumns::of(&fresh);
+        let findings = FindingColumns::of(&fresh);
+        let hourly = RollupColumns::of(rollup_deltas(&fresh, HOUR));
+        let daily = RollupColumns::of(rollup_deltas(&fresh, DAY));
+        // Statements on one connection are pipelined; hourly before daily everywhere, so
+        // concurrent batches take rollup row locks in one order.
+        let (hourly_sql, daily_sql) = (upsert_rollups("trace_rollups_hourly"), upsert_rollups("trace_rollups_daily"));
+        let (hourly_params, daily_params) = (hourly.params(), daily.params());
+        tokio::try_join!(
+            async {
+                if calls.seq.is_empty() {
+                    return Ok(0);
+                }
+                tx.execute(INSERT_CALLS, &calls.params()).await
+            },
+            async {
+                if findings.seq.is_empty() {
+                    return Ok(0);
+                }
+                tx.execute(INSERT_FINDINGS, &findings.params()).await
+            },
+            tx.execute(hourly_sql.as_str(), &hourly_params),
+            tx.execute(daily_sql.as_str(), &daily_params),
+        )?;
+        tx.commit().await?;
+        Ok(fresh.len() as u64)
     }
 }
 
-/// Whether an insert failed because a row's day has no partition (dropped behind our back).
-fn missing_partition(err: &Error) -> bool {
-    matches!(err, Error::Storage(meshgate_storage::Error::Postgres(e)) if e.code() == Some(&SqlState::CHECK_VIOLATION))
+/// Column arrays of the model calls of new traces.
+#[derive(Default)]
+struct CallColumns<'a> {
+    started_at: Vec<DateTime<Utc>>,
+    org_id: Vec<&'a str>,
+    request_id: Vec<&'a str>,
+    seq: Vec<i32>,
+    project_id: Vec<&'a str>,
+    target_id: Vec<&'a str>,
+    provider: Vec<&'a str>,
+    model: Vec<&'a str>,
+    latency_us: Vec<i64>,
+    prompt_tokens: Vec<i64>,
+    completion_tokens: Vec<i64>,
+    cost_micros: Vec<i64>,
+    status: Vec<&'a str>,
+    error_code: Vec<&'a str>,
+}
+
+impl<'a> CallColumns<'a> {
+    fn of(rows: &[&'a TraceRow]) -> Self {
+        let mut c = Self::default();
+        for r in rows {
+            for (seq, call) in r.trace.calls.iter().enumerate() {
+                let usage = call.usage.unwrap_or_default();
+                c.started_at.push(r.started_at);
+                c.org_id.push(&r.org_id);
+                c.request_id.push(&r.request_id);
+                c.seq.push(i32::try_from(seq).unwrap_or(i32::MAX));
+                c.project_id.push(&r.project_id);
+                c.target_id.push(&call.target_id);
+                c.provider.push(&call.provider);
+                c.model.push(&call.model);
+                c.latency_us.push(call.latency_us);
+                c.prompt_tokens.push(usage.prompt_tokens);
+                c.completion_tokens.push(usage.completion_tokens);
+                c.cost_micros.push(usage.cost_micros);
+                c.status.push(&call.status);
+                c.error_code.push(call.error.as_ref().map_or("", |e| e.code.as_str()));
+            }
+        }
+        c
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.started_at,
+            &self.org_id,
+            &self.request_id,
+            &self.seq,
+            &self.project_id,
+            &self.target_id,
+            &self.provider,
+            &self.model,
+            &self.latency_us,
+            &self.prompt_tokens,
+            &self.completion_tokens,
+            &self.cost_micros,
+            &self.status,
+            &self.error_code,
+        ]
+    }
+}
+
+/// Column arrays of the policy findings of new traces.
+#[derive(Default)]
+struct FindingColumns<'a> {
+    started_at: Vec<DateTime<Utc>>,
+    org_id: Vec<&'a str>,
+    request_id: Vec<&'a str>,
+    seq: Vec<i32>,
+    project_id: Vec<&'a str>,
+    direction: Vec<&'a str>,
+    rule: Vec<&'a str>,
+    category: Vec<&'a str>,
+    severity: Vec<&'a str>,
+    action: Vec<&'a str>,
+    score: Vec<Option<f32>>,
+}
+
+impl<'a> FindingColumns<'a> {
+    fn of(rows: &[&'a TraceRow]) -> Self {
+        let mut c = Self::default();
+        for r in rows {
+            for (seq, f) in r.trace.findings.iter().enumerate() {
+                c.started_at.push(r.started_at);
+                c.org_id.push(&r.org_id);
+                c.request_id.push(&r.request_id);
+                c.seq.push(i32::try_from(seq).unwrap_or(i32::MAX));
+                c.project_id.push(&r.project_id);
+                c.direction.push(&f.direction);
+                c.rule.push(&f.rule);
+                c.category.push(&f.category);
+                c.severity.push(&f.severity);
+                c.action.push(&f.action);
+                c.score.push(f.score);
+            }
+        }
+        c
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.started_at,
+            &self.org_id,
+            &self.request_id,
+            &self.seq,
+            &self.project_id,
+            &self.direction,
+            &self.rule,
+            &self.category,
+            &self.severity,
+            &self.action,
+            &self.score,
+        ]
+    }
+}
+
+/// Column arrays of rollup deltas.
+#[derive(Default)]
+struct RollupColumns {
+    org_id: Vec<String>,
+    bucket_start: Vec<DateTime<Utc>>,
+    project_id: Vec<String>,
+    user_id: Vec<String>,
+    model: Vec<String>,
+    layer: Vec<&'static str>,
+    requests: Vec<i64>,
+    errors: Vec<i64>,
+    prompt_tokens: Vec<i64>,
+    completion_tokens: Vec<i64>,
+    cost_micros: Vec<i64>,
+    latency_sum_us: Vec<i64>,
+    latency_min_us: Vec<i64>,
+    latency_max_us: Vec<i64>,
+    /// Array literals (`{1,0,…}`): one array per row, which unnest cannot carry as int8[][].
+    hist: Vec<String>,
+}
+
+impl RollupColumns {
+    fn of(deltas: BTreeMap<RollupKey, Acc>) -> Self {
+        let mut c = Self::default();
+        for ((org, start, project, user, model, layer), acc) in deltas {
+            c.org_id.push(org);
+            c.bucket_start.push(start);
+            c.project_id.push(project);
+            c.user_id.push(user);
+            c.model.push(model);
+            c.layer.push(layer);
+            c.requests.push(acc.requests);
+            c.errors.push(acc.errors);
+            c.prompt_tokens.push(acc.prompt_tokens);
+            c.completion_tokens.push(acc.completion_tokens);
+            c.cost_micros.push(acc.cost_micros);
+            c.latency_sum_us.push(acc.latency_sum_us);
+            c.latency_min_us.push(acc.latency_min_us);
+            c.latency_max_us.push(acc.latency_max_us);
+            let mut literal = String::with_capacity(BUCKETS * 2 + 2);
+            literal.push('{');
+            for (i, count) in acc.hist.iter().enumerate() {
+                if i > 0 {
+                    literal.push(',');
+                }
+                literal.push_str(&count.to_string());
+            }
+            literal.push('}');
+            c.hist.push(literal);
+        }
+        c
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        vec![
+            &self.org_id,
+            &self.bucket_start,
+            &self.project_id,
+            &self.user_id,
+            &self.model,
+            &self.layer,
+            &self.requests,
+            &self.errors,
+            &self.prompt_tokens,
+            &self.completion_tokens,
+            &self.cost_micros,
+            &self.latency_sum_us,
+            &self.latency_min_us,
+            &self.latency_max_us,
+            &self.hist,
+        ]
+    }
 }
 
 #[async_trait]
 impl TraceStore for PostgresTraceStore {
     async fn insert(&self, rows: Vec<TraceRow>) -> Result<u64, Error> {
-        let rows = dedupe(rows);
-        let mut inserted = 0;
-        for chunk in rows.chunks(INSERT_CHUNK) {
-            let days: HashSet<NaiveDate> = chunk.iter().map(|r| r.started_at.date_naive()).collect();
-            self.ensure_partitions(days.iter().copied()).await?;
-            inserted += match self.insert_chunk(chunk).await {
-                Err(err) if missing_partition(&err) => {
-                    self.known.lock().retain(|d| !days.contains(d));
-                    self.ensure_partitions(days.iter().copied()).await?;
-                    self.insert_chunk(chunk).await?
-                }
-                result => result?,
-            };
+        let mut rows = dedupe(rows);
+        if rows.is_empty() {
+            return Ok(0);
         }
-        Ok(inserted)
+        // One order for every batch, so concurrent batches lock conflicting keys alike.
+        rows.sort_by(|a, b| (&a.org_id, &a.request_id).cmp(&(&b.org_id, &b.request_id)));
+        let days: HashSet<NaiveDate> = rows.iter().map(|r| r.started_at.date_naive()).collect();
+        let mut attempt = 1;
+        loop {
+            self.ensure_partitions(days.iter().copied()).await?;
+            match self.insert_once(&rows).await {
+                Err(err) if attempt < INSERT_ATTEMPTS && retryable(&err).is_some() => {
+                    warn!(attempt, reason = retryable(&err), error = %err, "retrying a trace batch");
+                    if retryable(&err) == Some("missing_partition") {
+                        self.known.lock().retain(|d| !days.contains(d));
+                    }
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
-    async fn get(&self, org_id: &str, request_id: &str) -> Result<Option<pb::Trace>, Error> {
+    async fn get(&self, scope: &Scope, request_id: &str) -> Result<Option<pb::Trace>, Error> {
+        let mut params: Params = vec![Box::new(request_id.to_owned())];
+        let filter = conditions(scope, None, "started_at", &TimeWindow::default(), &mut params);
+        let sql =
+            format!("SELECT trace FROM request_traces WHERE request_id = $1 AND {filter} ORDER BY started_at LIMIT 1");
         let client = postgres_client(&self.pool).await?;
-        let row = client
-            .query_opt(
-                "SELECT t.trace FROM trace_ids i \
-                 JOIN request_traces t \
-                   ON t.started_at = i.started_at AND t.org_id = i.org_id AND t.request_id = i.request_id \
-                 WHERE i.org_id = $1 AND i.request_id = $2",
-                &[&org_id, &request_id],
-            )
-            .await?;
+        let row = client.query_opt(&sql, &refs(&params)).await?;
         row.map(|r| decode(request_id, r.get(0))).transpose()
     }
 
-    async fn query(&self, query: &TraceQuery) -> Result<Vec<pb::AggregateRow>, Error> {
-        let mut params: Params = Vec::new();
-        let mut filter = scope_filter(&query.org_id, &query.window, &mut params);
-        for (column, value) in [("project_id", &query.project_id), ("user_id", &query.user_id), ("model", &query.model)]
-        {
-            if let Some(value) = value {
-                params.push(Box::new(value.clone()));
-                filter.push_str(&format!(" AND {column} = ${}", params.len()));
+    async fn aggregate(&self, query: &TraceQuery) -> Result<BTreeMap<String, Acc>, Error> {
+        let client = postgres_client(&self.pool).await?;
+        let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
+        for (source, window) in plan(&query.window) {
+            let mut params: Params = Vec::new();
+            if source == Source::Raw {
+                let filter = conditions(&query.scope, Some(query), "started_at", &window, &mut params);
+                let sql = format!(
+                    "SELECT {key}, analytics_latency_bucket(latency_us), count(*), count(*) FILTER (WHERE is_error), \
+                            sum(prompt_tokens)::int8, sum(completion_tokens)::int8, sum(cost_micros)::int8, \
+                            sum(latency_us)::int8, min(latency_us), max(latency_us) \
+                     FROM request_traces WHERE {filter} GROUP BY 1, 2",
+                    key = key_sql(query.group_by, "started_at"),
+                );
+                for r in client.query(&sql, &refs(&params)).await? {
+                    let mut acc = Acc {
+                        requests: r.get(2),
+                        errors: r.get(3),
+                        prompt_tokens: r.get(4),
+                        completion_tokens: r.get(5),
+                        cost_micros: r.get(6),
+                        latency_sum_us: r.get(7),
+                        latency_min_us: r.get(8),
+                        latency_max_us: r.get(9),
+                        ..Acc::default()
+                    };
+                    let bucket = usize::try_from(r.get::<_, i32>(1)).unwrap_or(0).min(BUCKETS - 1);
+                    acc.hist[bucket] = acc.requests;
+                    groups.entry(r.get(0)).or_default().merge(&acc);
+                }
+                continue;
+            }
+            let table = if source == Source::Daily { "trace_rollups_daily" } else { "trace_rollups_hourly" };
+            let filter = conditions(&query.scope, Some(query), "bucket_start", &window, &mut params);
+            let sql = format!(
+                "SELECT {key}, requests, errors, prompt_tokens, completion_tokens, cost_micros, latency_sum_us, \
+                        latency_min_us, latency_max_us, latency_hist \
+                 FROM {table} WHERE {filter}",
+                key = key_sql(query.group_by, "bucket_start"),
+            );
+            for r in client.query(&sql, &refs(&params)).await? {
+                let stored: Vec<i64> = r.get(9);
+                let mut acc = Acc {
+                    requests: r.get(1),
+                    errors: r.get(2),
+                    prompt_tokens: r.get(3),
+                    completion_tokens: r.get(4),
+                    cost_micros: r.get(5),
+                    latency_sum_us: r.get(6),
+                    latency_min_us: r.get(7),
+                    latency_max_us: r.get(8),
+                    ..Acc::default()
+                };
+                for (slot, count) in acc.hist.iter_mut().zip(stored) {
+                    *slot = count;
+                }
+                groups.entry(r.get(0)).or_default().merge(&acc);
             }
         }
-        let grouping = if query.group_by == GroupBy::Total { "" } else { " GROUP BY 1 ORDER BY 1" };
-        let sql = format!(
-            "SELECT {key} AS key, count(*), count(*) FILTER (WHERE is_error), \
-                    COALESCE(sum(prompt_tokens), 0)::bigint, COALESCE(sum(completion_tokens), 0)::bigint, \
-                    COALESCE(sum(cost_micros), 0)::bigint, \
-                    COALESCE(percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_us), 0)::bigint, \
-                    COALESCE(percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_us), 0)::bigint, \
-                    COALESCE(percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_us), 0)::bigint \
-             FROM request_traces WHERE {filter}{grouping}",
-            key = key_sql(query.group_by),
-        );
-        let client = postgres_client(&self.pool).await?;
-        let rows = client.query(&sql, &refs(&params)).await?;
-        Ok(rows
-            .iter()
-            .map(|r| pb::AggregateRow {
-                key: r.get(0),
-                requests: r.get(1),
-                errors: r.get(2),
-                prompt_tokens: r.get(3),
-                completion_tokens: r.get(4),
-                cost_micros: r.get(5),
-                p50_latency_us: r.get(6),
-                p95_latency_us: r.get(7),
-                p99_latency_us: r.get(8),
-            })
-            .collect())
+        Ok(groups)
     }
 
-    async fn top_expensive(&self, org_id: &str, window: &TimeWindow, limit: usize) -> Result<Vec<pb::Trace>, Error> {
+    async fn top_expensive(&self, scope: &Scope, window: &TimeWindow, limit: usize) -> Result<Vec<pb::Trace>, Error> {
         let mut params: Params = Vec::new();
-        let filter = scope_filter(org_id, window, &mut params);
+        let filter = conditions(scope, None, "started_at", window, &mut params);
         params.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
         let sql = format!(
             "SELECT request_id, trace FROM request_traces WHERE {filter} \
@@ -294,23 +800,63 @@ impl TraceStore for PostgresTraceStore {
         rows.iter().map(|r| decode(r.get(0), r.get(1))).collect()
     }
 
-    async fn error_rates(&self, org_id: &str, window: &TimeWindow) -> Result<Vec<pb::ModelErrorRate>, Error> {
-        let mut params: Params = Vec::new();
-        let filter = scope_filter(org_id, window, &mut params);
-        let sql = format!(
-            "SELECT model COLLATE \"C\", count(*), count(*) FILTER (WHERE is_error) \
-             FROM request_traces WHERE {filter} GROUP BY 1 ORDER BY 1"
-        );
-        let client = postgres_client(&self.pool).await?;
-        let rows = client.query(&sql, &refs(&params)).await?;
-        Ok(rows.iter().map(|r| error_rate(r.get(0), r.get(1), r.get(2))).collect())
-    }
-
     async fn ping(&self) -> Result<(), Error> {
         Ok(ping_postgres(&self.pool, Duration::from_secs(2)).await?)
     }
 
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().to_utc()
+    }
+
+    fn w(from: Option<&str>, to: Option<&str>) -> TimeWindow {
+        TimeWindow { from: from.map(at), to: to.map(at) }
+    }
+
+    #[test]
+    fn plans_read_days_from_daily_hours_from_hourly_and_slivers_raw() {
+        assert_eq!(plan(&TimeWindow::default()), vec![(Source::Daily, TimeWindow::default())]);
+        assert_eq!(
+            plan(&w(Some("2031-03-10T00:00:00Z"), Some("2031-03-12T00:00:00Z"))),
+            vec![(Source::Daily, w(Some("2031-03-10T00:00:00Z"), Some("2031-03-12T00:00:00Z")))]
+        );
+        assert_eq!(
+            plan(&w(Some("2031-03-10T10:30:00Z"), Some("2031-03-12T05:00:00Z"))),
+            vec![
+                (Source::Raw, w(Some("2031-03-10T10:30:00Z"), Some("2031-03-10T11:00:00Z"))),
+                (Source::Hourly, w(Some("2031-03-10T11:00:00Z"), Some("2031-03-11T00:00:00Z"))),
+                (Source::Daily, w(Some("2031-03-11T00:00:00Z"), Some("2031-03-12T00:00:00Z"))),
+                (Source::Hourly, w(Some("2031-03-12T00:00:00Z"), Some("2031-03-12T05:00:00Z"))),
+            ]
+        );
+        assert_eq!(
+            plan(&w(Some("2031-03-10T10:30:00Z"), Some("2031-03-10T10:45:00Z"))),
+            vec![(Source::Raw, w(Some("2031-03-10T10:30:00Z"), Some("2031-03-10T10:45:00Z")))]
+        );
+        assert_eq!(
+            plan(&w(None, Some("2031-03-10T10:45:00Z"))),
+            vec![
+                (Source::Daily, w(None, Some("2031-03-10T00:00:00Z"))),
+                (Source::Hourly, w(Some("2031-03-10T00:00:00Z"), Some("2031-03-10T10:00:00Z"))),
+                (Source::Raw, w(Some("2031-03-10T10:00:00Z"), Some("2031-03-10T10:45:00Z"))),
+            ]
+        );
+    }
+
+    #[test]
+    fn partition_names_round_trip() {
+        let day = NaiveDate::from_ymd_opt(2031, 3, 10).unwrap();
+        assert_eq!(partition_name("model_calls", day), "model_calls_p20310310");
+        assert_eq!(partition_day("model_calls", "model_calls_p20310310"), Some(day));
+        assert_eq!(partition_day("request_traces", "model_calls_p20310310"), None);
+        assert_eq!(partition_day("model_calls", "model_calls_p2031031"), None);
     }
 }

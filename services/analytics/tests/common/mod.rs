@@ -1,5 +1,5 @@
-//! Test harness: the real Postgres of the test environment (isolated by unique org ids) and the
-//! in-memory store behind the same trait.
+//! Test harness: the real Postgres of the test environment (each pool on a fresh schema of its
+//! own) and the in-memory store behind the same trait.
 
 #![allow(dead_code)]
 
@@ -10,7 +10,7 @@ use meshgate_analytics::model::{TraceRow, to_timestamp};
 use meshgate_analytics::{MemoryTraceStore, PostgresTraceStore, TraceStore, migrations};
 use meshgate_proto::analytics::v1 as pb;
 use meshgate_proto::common::v1::{ErrorDetail, Layer, Principal, Usage};
-use meshgate_storage::{PgPool, PostgresConfig, migrate, postgres_pool};
+use meshgate_storage::{PgPool, PostgresConfig, migrate, postgres_client, postgres_pool};
 use prometheus::IntCounter;
 
 pub fn database_url() -> String {
@@ -25,9 +25,18 @@ pub fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().to_utc()
 }
 
-/// A pool on the test database with the analytics tables migrated (concurrent callers are safe).
-pub async fn pg() -> PgPool {
+/// A URL of the test database whose connections use a fresh schema of their own.
+pub async fn isolated_database_url() -> String {
+    let schema = format!("analyticstest_{}", uuid::Uuid::new_v4().simple());
     let pool = postgres_pool(&database_url(), &PostgresConfig::default()).unwrap();
+    postgres_client(&pool).await.unwrap().batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+    let separator = if database_url().contains('?') { '&' } else { '?' };
+    format!("{}{separator}options=-c%20search_path%3D{schema}", database_url())
+}
+
+/// A pool on a fresh schema of the test database with the analytics tables migrated.
+pub async fn pg() -> PgPool {
+    let pool = postgres_pool(&isolated_database_url().await, &PostgresConfig::default()).unwrap();
     migrate(&pool, "analytics", migrations()).await.unwrap();
     pool
 }
@@ -115,6 +124,22 @@ pub fn trace(org: &str, t: &T) -> pb::Trace {
         }),
         stream: t.latency % 2 == 0,
         layer: t.layer as i32,
+        task: "chat".into(),
+        routing_reasons: vec!["task=chat".into(), "cheapest healthy target".into()],
+        findings: vec![pb::PolicyFinding {
+            direction: "prompt".into(),
+            rule: "pii.email".into(),
+            category: "pii".into(),
+            severity: "medium".into(),
+            action: "redact".into(),
+            message: 0,
+            start: 3,
+            end: 20,
+            score: Some(0.5),
+        }],
+        risk_score: 40,
+        tool_calls: vec![pb::ToolCall { name: "search".into(), kind: "offered".into() }],
+        headers: [("user-agent".to_owned(), "test/1".to_owned())].into(),
     }
 }
 
