@@ -107,6 +107,7 @@ async fn main() {
                 target_id: target,
                 ok: !i.is_multiple_of(50),
                 latency_us: 1000 + (i as i64 % 700),
+                primary: true,
                 ..Default::default()
             },
             Instant::now(),

@@ -11,7 +11,7 @@ use rand::Rng;
 use crate::Error;
 use crate::catalog::{Catalog, Entry};
 use crate::features::TaskGuess;
-use crate::health::{HealthBook, TargetHealth};
+use crate::health::{HealthBook, Load};
 use crate::policy::{Resolved, layer_name};
 
 /// What the router knows about one request.
@@ -163,7 +163,7 @@ impl<'a, R: Rng> Planner<'a, '_, R> {
     /// two unweighted, equally loaded targets keep their configured preference.
     fn two_choices(&mut self, mut class: Vec<&'a Entry>) -> Vec<(&'a Entry, String)> {
         let policy = &self.inputs.policy.policy;
-        let health = |e: &Entry| self.inputs.health.get(&e.target.id);
+        let health = |e: &Entry| self.inputs.health.load(&e.target.id, self.inputs.now);
         let mut out = Vec::with_capacity(class.len());
         while class.len() > 1 {
             let weights: Vec<u64> = class.iter().map(|e| u64::from(policy.weight(&e.target.id))).collect();
@@ -216,15 +216,15 @@ fn draw<R: Rng>(rng: &mut R, weights: &[u64], except: Option<usize>) -> usize {
 /// Load of two targets for comparison: calls in flight (per ready replica for local targets)
 /// times the latency, inflated by the recent error rate. Latency counts only when both have
 /// samples, so an unmeasured target is neither favoured nor shunned for it.
-fn loads(h1: &TargetHealth, h2: &TargetHealth, inputs: &Inputs<'_>, e1: &Entry, e2: &Entry) -> (f64, f64) {
-    let both_measured = h1.has_latency() && h2.has_latency();
-    let load = |h: &TargetHealth, e: &Entry| {
+fn loads(h1: &Load, h2: &Load, inputs: &Inputs<'_>, e1: &Entry, e2: &Entry) -> (f64, f64) {
+    let both_measured = h1.measured && h2.measured;
+    let load = |h: &Load, e: &Entry| {
         let replicas = match (e.target.kind == TargetKind::Local as i32, inputs.local_replicas) {
             (true, Some(n)) if n > 0 => f64::from(n),
             _ => 1.0,
         };
         let latency = if both_measured { h.ewma_latency_us.max(1.0) } else { 1.0 };
-        (h.in_flight(inputs.now) as f64 / replicas + 1.0) * latency * (1.0 + 4.0 * h.error_rate())
+        (h.in_flight as f64 / replicas + 1.0) * latency * (1.0 + 4.0 * h.error_rate)
     };
     (load(h1, e1), load(h2, e2))
 }
@@ -355,6 +355,10 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
             .push(format!("fastest-first: racing {} and {}", steps[0].entry.target.id, steps[1].entry.target.id));
     } else if policy.race() {
         planner.reasons.push("fastest-first wanted but fewer than two healthy targets".into());
+    }
+
+    if features.stream && steps.len() > 1 {
+        planner.reasons.push("streamed: a later step takes over only before the first byte reaches the client".into());
     }
 
     let count = |role: StepRole| steps.iter().filter(|s| s.role == role).count();
@@ -526,6 +530,10 @@ mod tests {
             f.prompt_tokens = 3000;
             f
         };
+        let streamed = |mut f: Features| {
+            f.stream = true;
+            f
+        };
         let cases = [
             Case {
                 name: "requested model: its targets by rank, equivalents in declared order, no chat target above",
@@ -656,6 +664,22 @@ mod tests {
                 roles: "PF",
             },
             Case {
+                name: "a streamed request gets the same steps (the gateway switches only before the first byte)",
+                policy: "",
+                features: streamed(features("auto", Some(Chat), 10)),
+                broken: &[],
+                expect: &["local/tiny", "cheap/mini"],
+                roles: "PE",
+            },
+            Case {
+                name: "a long streamed request for math: no local model, escalation only to the next layer",
+                policy: "",
+                features: streamed(long(features("auto", Some(Math), 0))),
+                broken: &[],
+                expect: &["cheap/mini", "alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PEEE",
+            },
+            Case {
                 name: "embeddings have no task and no escalation",
                 policy: "",
                 features: features("e", None, 10),
@@ -676,6 +700,17 @@ mod tests {
             assert_eq!(plan.task, case.features.task_name(), "{}", case.name);
             assert_eq!(plan.layer, plan.targets[0].target.as_ref().unwrap().layer, "{}", case.name);
         }
+    }
+
+    #[test]
+    fn streamed_plans_say_when_a_later_step_may_take_over() {
+        let world = World::new();
+        let mut request = features("auto", Some(Task::Chat), 10);
+        let said = |plan: &RoutePlan| plan.reasons.iter().any(|r| r.starts_with("streamed: a later step takes over"));
+        assert!(!said(&world.plan("", &request, 1).unwrap()));
+        request.stream = true;
+        assert!(said(&world.plan("", &request, 1).unwrap()));
+        assert!(!said(&world.plan("escalation = false", &request, 1).unwrap()), "a single step has nothing to say");
     }
 
     #[test]

@@ -198,12 +198,14 @@ fn has_arithmetic(text: &str) -> bool {
     })
 }
 
-/// The text classified: the system prompt and the last user message, which say what is asked
-/// (earlier turns would drag the class towards the conversation's history).
+/// The text classified: the last user message, which says what is asked. The system prompt is
+/// an application's standing instructions, the same for every request whatever its task, and
+/// drags the class towards itself (measured on `eval/tasks.jsonl` with a typical one: 90 % right
+/// without it, 58 % with it); it is classified only when no user message exists.
 pub fn classified_text(messages: &[ChatMessage]) -> String {
-    let system = messages.iter().filter(|m| m.role == "system").map(|m| m.content.as_str());
     let last_user = messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.as_str());
-    let mut text = system.chain(last_user).collect::<Vec<_>>().join("\n");
+    let system = || messages.iter().filter(|m| m.role == "system").map(|m| m.content.as_str()).collect::<Vec<_>>();
+    let mut text = last_user.map_or_else(|| system().join("\n"), str::to_owned);
     // The classifier reads a few hundred tokens at most; the rest costs time for nothing.
     if text.len() > MAX_CLASSIFIED_BYTES {
         let mut end = MAX_CLASSIFIED_BYTES;
@@ -226,16 +228,25 @@ pub fn estimate_tokens(messages: &[ChatMessage]) -> i64 {
 /// Calls the inference service's task classifier, falling back to [`heuristic`].
 pub struct TaskClassifier {
     client: Option<InferenceClient<MeshChannel>>,
-    /// The classifier model to call; found in the inference service's model list (task
-    /// "task-classification") or fixed by configuration.
+    /// The classifier model to call; found among the inference service's classification models
+    /// by its labels, or fixed by configuration.
     model: ArcSwapOption<String>,
     /// Whether `model` comes from configuration (the model list must not replace it).
     pinned: bool,
     timeout: Duration,
 }
 
-/// Task of the inference models that classify prompts into [`Task`]s.
+/// A dedicated task of inference models that classify prompts into [`Task`]s; models of the
+/// generic "classification" task qualify too when their labels are the tasks.
 pub const CLASSIFIER_TASK: &str = "task-classification";
+
+/// Whether a classifier's labels are exactly the router's tasks (each once, in any order).
+pub fn labels_are_tasks(labels: &[String]) -> bool {
+    let mut tasks: Vec<Task> = labels.iter().filter_map(|l| Task::parse(l)).collect();
+    tasks.sort();
+    tasks.dedup();
+    labels.len() == Task::ALL.len() && tasks.len() == Task::ALL.len()
+}
 
 impl TaskClassifier {
     pub fn new(client: Option<InferenceClient<MeshChannel>>, model: Option<String>, timeout: Duration) -> Self {
@@ -254,6 +265,11 @@ impl TaskClassifier {
             tracing::info!(model = ?model, "task classifier model changed");
             self.model.store(model.map(Arc::new));
         }
+    }
+
+    /// Whether the model comes from configuration rather than discovery.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
     }
 
     pub fn model(&self) -> Option<Arc<String>> {
@@ -328,6 +344,16 @@ mod tests {
     }
 
     #[test]
+    fn a_task_classifier_has_exactly_the_five_tasks_as_labels() {
+        let labels = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert!(labels_are_tasks(&labels(&["chat", "code", "math", "creative", "reasoning"])));
+        assert!(!labels_are_tasks(&labels(&["benign", "injection"])));
+        assert!(!labels_are_tasks(&labels(&["chat", "code", "math", "creative"])));
+        assert!(!labels_are_tasks(&labels(&["chat", "code", "math", "creative", "creative"])));
+        assert!(!labels_are_tasks(&labels(&["chat", "code", "math", "creative", "reasoning", "other"])));
+    }
+
+    #[test]
     fn task_names_round_trip() {
         for task in Task::ALL {
             assert_eq!(Task::parse(task.as_str()), Some(task));
@@ -337,14 +363,15 @@ mod tests {
     }
 
     #[test]
-    fn classified_text_is_system_and_last_user_message() {
+    fn classified_text_is_the_last_user_message() {
         let messages = [
             message("system", "You are terse."),
             message("user", "write a poem"),
             message("assistant", "roses are red"),
             message("user", "now in python"),
         ];
-        assert_eq!(classified_text(&messages), "You are terse.\nnow in python");
+        assert_eq!(classified_text(&messages), "now in python");
+        assert_eq!(classified_text(&messages[..1]), "You are terse.", "without a user message, the system prompt");
         let long = [message("user", &"é".repeat(5000))];
         let text = classified_text(&long);
         assert!(text.len() <= MAX_CLASSIFIED_BYTES && text.chars().all(|c| c == 'é'));

@@ -127,10 +127,31 @@ impl TargetHealth {
         self.successes + self.failures > 0
     }
 
-    /// Planned calls still waiting for their outcome at `now`.
+    /// Planned calls still waiting for their outcome at `now`. Deadlines are pushed in time
+    /// order, so the expired ones are a prefix.
     pub fn in_flight(&self, now: Instant) -> usize {
-        self.in_flight.iter().filter(|deadline| **deadline > now).count()
+        self.in_flight.len() - self.in_flight.partition_point(|deadline| *deadline <= now)
     }
+
+    /// What the power-of-two-choices comparison reads.
+    pub fn load(&self, now: Instant) -> Load {
+        Load {
+            in_flight: self.in_flight(now),
+            ewma_latency_us: self.ewma_latency_us,
+            measured: self.has_latency(),
+            error_rate: self.error_rate(),
+        }
+    }
+}
+
+/// A target's load at one moment, read without copying its history.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Load {
+    pub in_flight: usize,
+    pub ewma_latency_us: f64,
+    /// Whether any latency sample arrived.
+    pub measured: bool,
+    pub error_rate: f64,
 }
 
 /// Weight of the newest latency sample in the moving average.
@@ -154,6 +175,11 @@ impl HealthBook {
 
     pub fn get(&self, target_id: &str) -> TargetHealth {
         self.targets.lock().get(target_id).cloned().unwrap_or_default()
+    }
+
+    /// The target's load at `now` (zero for a target never seen).
+    pub fn load(&self, target_id: &str, now: Instant) -> Load {
+        self.targets.lock().get(target_id).map(|h| h.load(now)).unwrap_or_default()
     }
 
     /// Whether a request may go to the target now. A half-open target admits one probe at a
@@ -181,12 +207,13 @@ impl HealthBook {
     pub fn start(&self, target_id: &str, now: Instant) {
         let mut targets = self.targets.lock();
         let health = targets.entry(target_id.to_owned()).or_default();
-        health.in_flight.retain(|deadline| *deadline > now);
+        while health.in_flight.front().is_some_and(|deadline| *deadline <= now) {
+            health.in_flight.pop_front();
+        }
         health.in_flight.push_back(now + Duration::from_millis(self.config.in_flight_ttl_ms));
     }
 
-    /// Ends the oldest in-flight call of the target without judging it (a call cancelled by the
-    /// client or lost to a faster racer).
+    /// Ends the oldest in-flight call of the target (judging it is [`HealthBook::record`]'s).
     pub fn finish(&self, target_id: &str) {
         if let Some(health) = self.targets.lock().get_mut(target_id) {
             health.in_flight.pop_front();
@@ -198,7 +225,6 @@ impl HealthBook {
         let config = self.config;
         let mut targets = self.targets.lock();
         let health = targets.entry(target_id.to_owned()).or_default();
-        health.in_flight.pop_front();
         health.probing_since = None;
         let sample = latency.as_secs_f64() * 1e6;
         health.ewma_latency_us = if health.has_latency() {
@@ -353,6 +379,8 @@ mod tests {
         book.start("t", now);
         assert_eq!(book.get("t").in_flight(now), 2);
         book.record("t", true, MS, now);
+        assert_eq!(book.get("t").in_flight(now), 2, "an outcome alone does not say which call it ends");
+        book.finish("t");
         assert_eq!(book.get("t").in_flight(now), 1);
         book.finish("t");
         assert_eq!(book.get("t").in_flight(now), 0);

@@ -7,15 +7,18 @@ pub mod decide;
 pub mod discovery;
 pub mod features;
 pub mod health;
+pub mod metrics;
 pub mod policy;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use meshgate_proto::common::v1::Layer;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
+use meshgate_proto::inference::v1::{ClassifyRequest, ListModelsRequest};
 use meshgate_proto::router::v1::router_server::{Router, RouterServer};
 use meshgate_proto::router::v1::{
     DecideRequest, ListTargetsRequest, ListTargetsResponse, Outcome, OutcomeBatch, ReportOutcomeResponse, RoutePlan,
@@ -41,8 +44,8 @@ pub struct Config {
     pub inference_endpoint: Option<String>,
     /// How often local models are re-read from the inference service.
     pub local_refresh_ms: u64,
-    /// Inference model that classifies tasks; unset means the first loaded model the inference
-    /// service lists with task "task-classification".
+    /// Inference model that classifies tasks; unset means the first loaded classification model
+    /// of the inference service whose labels are the five tasks (asked once per model).
     pub classifier_model: Option<String>,
     /// Longest wait for the classifier before the heuristic decides instead.
     pub classifier_timeout_ms: u64,
@@ -150,6 +153,7 @@ pub struct RouterCore {
     policies: Arc<PolicyStore>,
     classifier: TaskClassifier,
     replicas: Arc<discovery::Replicas>,
+    decisions: prometheus::IntCounterVec,
 }
 
 impl RouterCore {
@@ -170,18 +174,22 @@ impl RouterCore {
             policies,
             classifier,
             replicas: Arc::default(),
+            decisions: metrics::decisions(),
         }
+    }
+
+    /// Registers the router's metrics (decisions, breaker states) in the service's registry.
+    pub fn register_metrics(self: &Arc<Self>, registry: &meshgate_runtime::Metrics) {
+        registry.register(Box::new(self.decisions.clone()));
+        registry.register(Box::new(metrics::BreakerGauge::new(self.clone())));
     }
 
     pub fn policies(&self) -> &Arc<PolicyStore> {
         &self.policies
     }
 
-    /// Replaces the local models; rebuilds the catalog only when they changed. A loaded task
-    /// classifier among them becomes the classifier the router calls.
+    /// Replaces the local models; rebuilds the catalog only when they changed.
     pub fn set_local_models(&self, models: Vec<LocalModel>) {
-        let classifier = models.iter().find(|m| m.task == features::CLASSIFIER_TASK).map(|m| m.name.clone());
-        self.classifier.set_discovered(classifier);
         let mut local = self.local.lock();
         if *local != models {
             tracing::info!(models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "local models changed");
@@ -256,6 +264,10 @@ impl RouterCore {
             now,
         };
         let plan = decide::decide(&inputs, rng)?;
+        if let Some(first) = plan.targets.first().and_then(|s| s.target.as_ref()) {
+            let layer = Layer::try_from(first.layer).unwrap_or(Layer::L2Standard);
+            self.decisions.with_label_values(&[first.id.as_str(), policy::layer_name(layer)]).inc();
+        }
         let racers = if plan.race { 2 } else { 1 };
         for step in plan.targets.iter().take(racers).filter(|s| s.role == StepRole::Primary as i32) {
             if let Some(target) = &step.target {
@@ -265,12 +277,14 @@ impl RouterCore {
         Ok(plan)
     }
 
-    /// Records an outcome. Failures the request or its client caused (a bad request, a client
-    /// that went away, a racer cancelled because the other won) say nothing about the target:
-    /// they only end its call in flight.
+    /// Records an outcome. A primary's outcome ends the call the plan counted in flight.
+    /// Failures the request or its client caused (a bad request, a client that went away, a
+    /// racer cancelled because the other won) say nothing about the target's health.
     pub fn report(&self, outcome: &Outcome, now: Instant) {
-        if !outcome.ok && ErrorCode::parse(&outcome.error_code).is_some_and(ErrorCode::is_client_caused) {
+        if outcome.primary {
             self.health.finish(&outcome.target_id);
+        }
+        if !outcome.ok && ErrorCode::parse(&outcome.error_code).is_some_and(ErrorCode::is_client_caused) {
             return;
         }
         let latency = Duration::from_micros(outcome.latency_us.max(0) as u64);
@@ -446,6 +460,7 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
         start_kube_watches(&config.kubernetes, &core, shutdown.clone()).await?;
     }
     let host = ServiceHost::new("router");
+    core.register_metrics(host.metrics());
     // Routing needs nothing but its own state: cloud plans work while inference is down.
     host.run(RouterServer::new(RouterService::new(core)), listeners, || async { Ok(()) }, shutdown).await?;
     Ok(())
@@ -453,26 +468,34 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
 
 async fn start_kube_watches(config: &KubeConfig, core: &Arc<RouterCore>, shutdown: Shutdown) -> Result<(), Error> {
     let client = kube::Client::try_default().await.map_err(|err| Error::Kube(err.to_string()))?;
-    let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
-    let routes_namespace = (!config.all_namespaces).then(|| namespace.clone());
-    tracing::info!(namespace = %namespace, all_namespaces = config.all_namespaces, "watching ModelRoutes");
-    tokio::spawn(discovery::watch_model_routes(
-        client.clone(),
-        routes_namespace,
-        core.policies.clone(),
-        shutdown.clone(),
-    ));
-    if let Some(service) = &config.inference_service {
-        tracing::info!(namespace = %namespace, service = %service, "watching inference EndpointSlices");
-        tokio::spawn(discovery::watch_inference_endpoints(
-            client,
-            namespace,
-            service.clone(),
-            core.replicas.clone(),
-            shutdown,
-        ));
-    }
+    core.spawn_kube_watches(client, config, shutdown);
     Ok(())
+}
+
+impl RouterCore {
+    /// Starts watching, with `client`, the `ModelRoute`s (into the policies) and, when
+    /// `config.inference_service` is set, its EndpointSlices (into the ready local replicas).
+    pub fn spawn_kube_watches(self: &Arc<Self>, client: kube::Client, config: &KubeConfig, shutdown: Shutdown) {
+        let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+        let routes_namespace = (!config.all_namespaces).then(|| namespace.clone());
+        tracing::info!(namespace = %namespace, all_namespaces = config.all_namespaces, "watching ModelRoutes");
+        tokio::spawn(discovery::watch_model_routes(
+            client.clone(),
+            routes_namespace,
+            self.policies.clone(),
+            shutdown.clone(),
+        ));
+        if let Some(service) = &config.inference_service {
+            tracing::info!(namespace = %namespace, service = %service, "watching inference EndpointSlices");
+            tokio::spawn(discovery::watch_inference_endpoints(
+                client,
+                namespace,
+                service.clone(),
+                self.replicas.clone(),
+                shutdown,
+            ));
+        }
+    }
 }
 
 async fn refresh_local_models(
@@ -482,16 +505,21 @@ async fn refresh_local_models(
     shutdown: Shutdown,
 ) {
     let mut reachable = true;
+    let mut verdicts = HashMap::new();
     loop {
-        match client.list_models(meshgate_proto::inference::v1::ListModelsRequest {}).await {
+        match client.list_models(ListModelsRequest {}).await {
             Ok(response) => {
-                let models = response
+                let models: Vec<LocalModel> = response
                     .into_inner()
                     .models
                     .into_iter()
                     .filter(|m| m.loaded)
                     .map(|m| LocalModel { name: m.name, task: m.task, context_length: m.context_length })
                     .collect();
+                if !core.classifier.is_pinned() {
+                    let found = find_task_classifier(&mut client, &models, &mut verdicts).await;
+                    core.classifier.set_discovered(found);
+                }
                 core.set_local_models(models);
                 if !reachable {
                     tracing::info!("inference service reachable again");
@@ -512,6 +540,41 @@ async fn refresh_local_models(
             _ = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// The first loaded classification model whose labels are the router's tasks. The registry
+/// has no "task classifier" kind and a model's name is no contract, so each classification
+/// model is asked once and judged by the labels it answers with; a model that cannot answer
+/// now is asked again on the next refresh.
+async fn find_task_classifier(
+    client: &mut InferenceClient<meshgate_runtime::MeshChannel>,
+    models: &[LocalModel],
+    verdicts: &mut HashMap<String, bool>,
+) -> Option<String> {
+    for model in models.iter().filter(|m| m.task == "classification" || m.task == features::CLASSIFIER_TASK) {
+        let fits = match verdicts.get(&model.name) {
+            Some(fits) => *fits,
+            None => {
+                let request = ClassifyRequest { model: model.name.clone(), inputs: vec!["hello".into()] };
+                let Ok(response) = client.classify(request).await else { continue };
+                let labels: Vec<String> = response
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .next()
+                    .map(|r| r.scores.into_iter().map(|s| s.label).collect())
+                    .unwrap_or_default();
+                let fits = features::labels_are_tasks(&labels);
+                tracing::info!(model = %model.name, ?labels, task_classifier = fits, "classification model probed");
+                verdicts.insert(model.name.clone(), fits);
+                fits
+            }
+        };
+        if fits {
+            return Some(model.name.clone());
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -553,15 +616,87 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn local_models_lead_and_a_listed_task_classifier_is_used() {
+    async fn local_models_lead_and_classifiers_serve_no_chat() {
         let core = core();
         core.set_local_models(vec![
             LocalModel { name: "gpt".into(), task: "chat".into(), context_length: 0 },
-            LocalModel { name: "tasks".into(), task: features::CLASSIFIER_TASK.into(), context_length: 0 },
+            LocalModel { name: "tasks".into(), task: "classification".into(), context_length: 0 },
         ]);
         assert_eq!(ids(&core, "gpt", Instant::now()).await, ["local/gpt", "a/gpt", "b/gpt"]);
-        assert_eq!(core.classifier.model().as_deref().map(String::as_str), Some("tasks"));
-        assert!(core.catalog.load().targets_for("chat", "tasks").is_empty(), "a classifier serves no chat");
+        assert!(core.catalog.load().targets_for("chat", "tasks").is_empty());
+    }
+
+    #[tokio::test]
+    async fn decisions_and_open_breakers_are_exported_under_the_dashboard_names() {
+        let core = Arc::new(core());
+        let registry = meshgate_runtime::Metrics::new("router");
+        core.register_metrics(&registry);
+        let now = Instant::now();
+        for _ in 0..2 {
+            assert_eq!(ids(&core, "gpt", now).await[0], "a/gpt");
+            core.report(&Outcome { target_id: "a/gpt".into(), ok: true, primary: true, ..Default::default() }, now);
+        }
+        for _ in 0..2 {
+            core.report(
+                &Outcome { target_id: "b/gpt".into(), error_code: "upstream_error".into(), ..Default::default() },
+                now,
+            );
+        }
+        let text = registry.render();
+        let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).map(str::to_owned);
+        let decisions = line("meshgate_router_decisions_total{").unwrap();
+        assert!(decisions.contains("target=\"a/gpt\"") && decisions.contains("layer=\"l2\""), "{decisions}");
+        assert!(decisions.ends_with(" 2"), "{decisions}");
+        let open = |target: &str| {
+            text.lines()
+                .find(|l| l.starts_with("meshgate_router_breaker_open{") && l.contains(&format!("target=\"{target}\"")))
+                .unwrap_or_else(|| panic!("no breaker series for {target} in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!((open("a/gpt").as_str(), open("b/gpt").as_str()), ("0", "1"));
+    }
+
+    #[tokio::test]
+    async fn reported_latency_steers_two_choices_among_equivalent_targets() {
+        let provider = |name: &str| CloudProvider { name: name.into(), models: vec!["m".into()], priority: 0 };
+        let policies = Arc::new(PolicyStore::new(RoutePolicy::default()));
+        let core = RouterCore::new(
+            vec![provider("a"), provider("b"), provider("slow")],
+            BTreeMap::new(),
+            BreakerConfig::default(),
+            policies,
+            TaskClassifier::heuristic_only(),
+        );
+        let latency = |id: &str| if id == "slow/m" { 2_000_000 } else { 100_000 };
+        let outcome = |id: &str| Outcome {
+            target_id: id.into(),
+            ok: true,
+            primary: true,
+            latency_us: latency(id),
+            ..Default::default()
+        };
+        let now = Instant::now();
+        for id in ["a/m", "b/m", "slow/m"] {
+            core.report(&outcome(id), now);
+        }
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut leaders = BTreeMap::<String, usize>::new();
+        let request = RouteRequest { model: "m".into(), ..Default::default() };
+        let features = core.features(&request, &[], "").await.unwrap();
+        for _ in 0..300 {
+            let plan = core.plan(&features, now, &mut rng).unwrap();
+            let first = plan.targets[0].target.as_ref().unwrap().id.clone();
+            // The call ends as reported, so calls in flight do not pile up on one target.
+            core.report(&outcome(&first), now);
+            *leaders.entry(first).or_default() += 1;
+        }
+        assert_eq!(leaders.get("slow/m"), None, "the slow target loses every comparison: {leaders:?}");
+        assert!(leaders["a/m"] >= 100 && leaders["b/m"] >= 100, "equal targets share the traffic: {leaders:?}");
+        let slow = core.states(now).into_iter().find(|s| s.target.as_ref().unwrap().id == "slow/m").unwrap();
+        assert_eq!((slow.in_flight, slow.ewma_latency_us), (0, 2_000_000));
     }
 
     const NO_ENV: [(&str, &str); 0] = [];

@@ -107,20 +107,21 @@ async fn decisions_are_explained_and_outcomes_move_failing_targets_back() {
     // Both racers count as in flight; the loser's cancellation only ends its call.
     assert_eq!(router.state("cheap/mini").await.in_flight, 1);
     assert_eq!(router.state("alt/gpt").await.in_flight, 1);
-    let outcome = |target: &str, ok: bool, code: &str| Outcome {
+    let outcome = |target: &str, ok: bool, code: &str, primary: bool| Outcome {
         target_id: target.into(),
         ok,
         latency_us: 1000,
         completion_tokens: 5,
         error_code: code.into(),
+        primary,
     };
-    let batch = vec![outcome("cheap/mini", true, ""), outcome("alt/gpt", false, "client_closed")];
+    let batch = vec![outcome("cheap/mini", true, "", true), outcome("alt/gpt", false, "client_closed", true)];
     router.client.clone().report_outcomes(OutcomeBatch { outcomes: batch }).await.unwrap();
     let alt = router.state("alt/gpt").await;
     assert_eq!((alt.in_flight, alt.failures, alt.breaker.as_str()), (0, 0, "closed"));
 
     // Three upstream failures open mini's breaker: it becomes the last resort.
-    let failures = (0..3).map(|_| outcome("cheap/mini", false, "upstream_error")).collect();
+    let failures = (0..3).map(|_| outcome("cheap/mini", false, "upstream_error", false)).collect();
     router.client.clone().report_outcomes(OutcomeBatch { outcomes: failures }).await.unwrap();
     let mini = router.state("cheap/mini").await;
     assert_eq!(mini.breaker, "open");

@@ -1,0 +1,3 @@
+//! Helpers shared by the integration tests and benchmarks.
+
+pub mod eval;
