@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Duration as TimeDelta, Utc};
@@ -17,9 +17,10 @@ use meshgate_policy::{PolicyConfig, PolicyEngine};
 use meshgate_proto::common::v1::Role;
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Authenticator, Caller, digest};
-use crate::http::{Edge, RequestContext, error_response, read_body};
+use crate::http::{ApiPath, ApiQuery, Edge, RequestContext, error_response, read_body};
 use crate::settings::RequestLimits;
 use crate::tenancy::{
     ApiKey, EndpointScope, KeyScopes, Org, Project, ProjectSettingsDoc, SettingsKind, TenancyError, TenancyStore, User,
@@ -148,8 +149,8 @@ async fn json_body<T: serde::de::DeserializeOwned>(request: Request, limit: usiz
     serde_json::from_slice(&bytes).map_err(crate::openai::json_error)
 }
 
-#[derive(Debug, Serialize)]
-struct List<T> {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct List<T> {
     object: &'static str,
     data: Vec<T>,
 }
@@ -160,15 +161,28 @@ fn list<T>(data: Vec<T>) -> (StatusCode, List<T>) {
 
 // --- organizations ------------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateOrg {
+pub(crate) struct CreateOrg {
+    #[schema(min_length = 1, max_length = 256)]
     name: String,
+    /// Generated when absent.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
     id: Option<String>,
 }
 
 /// `POST /v1/orgs` (bootstrap key only).
+#[utoipa::path(
+    post,
+    path = "/v1/orgs",
+    operation_id = "createOrganization",
+    tag = "tenancy",
+    summary = "Create an organization",
+    description = "The bootstrap key only.",
+    request_body = CreateOrg,
+    responses((status = 201, description = "The organization", body = Org))
+)]
 pub async fn create_org(State(edge): State<Edge>, request: Request) -> Response {
     let limit = edge.max_body_bytes;
     managed(edge, request, |store, _, caller, request| async move {
@@ -185,6 +199,15 @@ pub async fn create_org(State(edge): State<Edge>, request: Request) -> Response 
 }
 
 /// `GET /v1/orgs`: every organization for the bootstrap key, else the caller's own.
+#[utoipa::path(
+    get,
+    path = "/v1/orgs",
+    operation_id = "listOrganizations",
+    tag = "tenancy",
+    summary = "List organizations",
+    description = "Every organization for the bootstrap key, else the caller's own.",
+    responses((status = 200, description = "The organizations", body = List<Org>))
+)]
 pub async fn list_orgs(State(edge): State<Edge>, request: Request) -> Response {
     managed(edge, request, |store, _, caller, _| async move {
         let orgs: Vec<Org> = if caller.platform_admin {
@@ -199,9 +222,10 @@ pub async fn list_orgs(State(edge): State<Edge>, request: Request) -> Response {
 
 // --- projects -----------------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateProject {
+pub(crate) struct CreateProject {
+    #[schema(min_length = 1, max_length = 256)]
     name: String,
     /// Defaults to the caller's organization.
     #[serde(default)]
@@ -209,6 +233,16 @@ struct CreateProject {
 }
 
 /// `POST /v1/projects` (owners).
+#[utoipa::path(
+    post,
+    path = "/v1/projects",
+    operation_id = "createProject",
+    tag = "tenancy",
+    summary = "Create a project",
+    description = "Owners of the organization (default: the caller's).",
+    request_body = CreateProject,
+    responses((status = 201, description = "The project", body = Project))
+)]
 pub async fn create_project(State(edge): State<Edge>, request: Request) -> Response {
     let limit = edge.max_body_bytes;
     managed(edge, request, |store, _, caller, request| async move {
@@ -221,14 +255,26 @@ pub async fn create_project(State(edge): State<Edge>, request: Request) -> Respo
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct OrgFilter {
+    /// The organization (default: the caller's; others only for the bootstrap key).
     org_id: Option<String>,
 }
 
 /// `GET /v1/projects`: the projects of the caller's organization it may see.
-pub async fn list_projects(State(edge): State<Edge>, query: Query<OrgFilter>, request: Request) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/projects",
+    operation_id = "listProjects",
+    tag = "tenancy",
+    summary = "List projects",
+    description = "The projects of the organization the caller may see.",
+    params(OrgFilter),
+    responses((status = 200, description = "The projects", body = List<Project>))
+)]
+pub async fn list_projects(State(edge): State<Edge>, query: ApiQuery<OrgFilter>, request: Request) -> Response {
     managed(edge, request, |store, _, caller, _| async move {
         let org_id = visible_org(&caller, query.0.org_id)?;
         let projects = store.list_projects(&org_id).await?;
@@ -239,17 +285,30 @@ pub async fn list_projects(State(edge): State<Edge>, query: Query<OrgFilter>, re
 
 // --- users and roles ----------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateUser {
+pub(crate) struct CreateUser {
+    /// Must contain `@`.
+    #[schema(min_length = 3, max_length = 256, pattern = "@", example = "ada@example.com")]
     email: String,
     #[serde(default)]
+    #[schema(max_length = 256)]
     name: String,
     #[serde(default)]
     org_id: Option<String>,
 }
 
 /// `POST /v1/users` (owners).
+#[utoipa::path(
+    post,
+    path = "/v1/users",
+    operation_id = "createUser",
+    tag = "tenancy",
+    summary = "Create a user",
+    description = "Owners of the organization (default: the caller's).",
+    request_body = CreateUser,
+    responses((status = 201, description = "The user", body = User))
+)]
 pub async fn create_user(State(edge): State<Edge>, request: Request) -> Response {
     let limit = edge.max_body_bytes;
     managed(edge, request, |store, _, caller, request| async move {
@@ -259,9 +318,7 @@ pub async fn create_user(State(edge): State<Edge>, request: Request) -> Response
         if !body.email.contains('@') {
             return Err(ApiError::new(ErrorCode::InvalidRequest, "email must contain '@'"));
         }
-        if body.name.len() > crate::tenancy::MAX_FIELD_LEN {
-            return Err(ApiError::new(ErrorCode::InvalidRequest, "name is too long"));
-        }
+        check_optional("name", &body.name)?;
         require_org_owner(&caller, &org_id)?;
         let user = store.create_user(&new_id("usr"), &org_id, body.email.trim(), body.name.trim()).await?;
         Ok((StatusCode::CREATED, user))
@@ -270,7 +327,17 @@ pub async fn create_user(State(edge): State<Edge>, request: Request) -> Response
 }
 
 /// `GET /v1/users`: the users of the caller's organization (owners and admins).
-pub async fn list_users(State(edge): State<Edge>, query: Query<OrgFilter>, request: Request) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/users",
+    operation_id = "listUsers",
+    tag = "tenancy",
+    summary = "List users",
+    description = "Admins and owners.",
+    params(OrgFilter),
+    responses((status = 200, description = "The users", body = List<User>))
+)]
+pub async fn list_users(State(edge): State<Edge>, query: ApiQuery<OrgFilter>, request: Request) -> Response {
     managed(edge, request, |store, _, caller, _| async move {
         let org_id = visible_org(&caller, query.0.org_id)?;
         if !caller.platform_admin && caller.role() < Role::Admin {
@@ -282,24 +349,37 @@ pub async fn list_users(State(edge): State<Edge>, query: Query<OrgFilter>, reque
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SetRole {
+pub(crate) struct SetRole {
     /// `viewer`, `developer`, `admin`, `owner`, or null to remove the user from the project.
+    #[schema(value_type = Option<crate::tenancy::RoleName>)]
     role: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct Membership {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Membership {
     user_id: String,
     project_id: String,
+    #[schema(value_type = Option<crate::tenancy::RoleName>)]
     role: Option<&'static str>,
 }
 
 /// `PUT /v1/projects/{project}/members/{user}`: grants a role (admins up to admin, owners any).
+#[utoipa::path(
+    put,
+    path = "/v1/projects/{project}/members/{user}",
+    operation_id = "setProjectMember",
+    tag = "tenancy",
+    summary = "Grant or remove a user's role in a project",
+    description = "Admins (up to admin) and owners (any role); `role: null` removes the user from the project.",
+    params(("project" = String, Path, description = "Project id", example = "default"), ("user" = String, Path, description = "User id")),
+    request_body = SetRole,
+    responses((status = 200, description = "The membership", body = Membership))
+)]
 pub async fn set_member(
     State(edge): State<Edge>,
-    Path((project_id, user_id)): Path<(String, String)>,
+    ApiPath((project_id, user_id)): ApiPath<(String, String)>,
     request: Request,
 ) -> Response {
     let limit = edge.max_body_bytes;
@@ -359,7 +439,17 @@ fn require_manage(access: Access, what: &str) -> Result<(), ApiError> {
 }
 
 /// `GET /v1/projects/{project}/policy`: the project's security policy with every default filled in.
-pub async fn get_policy(State(edge): State<Edge>, Path(project_id): Path<String>, request: Request) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project}/policy",
+    operation_id = "getSecurityPolicy",
+    tag = "projects",
+    summary = "A project's security policy",
+    description = "Members of the project; every default filled in.",
+    params(("project" = String, Path, description = "Project id", example = "default")),
+    responses((status = 200, description = "The policy", body = inline(Object), content_type = "application/json"))
+)]
+pub async fn get_policy(State(edge): State<Edge>, ApiPath(project_id): ApiPath<String>, request: Request) -> Response {
     managed(edge, request, |store, _, caller, _| async move {
         let (_, _, doc) = project_settings(store.as_ref(), &caller, &project_id).await?;
         Ok((StatusCode::OK, PolicyConfig::from_json(&doc.security_policy)?))
@@ -369,7 +459,18 @@ pub async fn get_policy(State(edge): State<Edge>, Path(project_id): Path<String>
 
 /// `PUT /v1/projects/{project}/policy` (admins and owners): replaces the security policy. It is
 /// validated and compiled before it is stored; every replica applies it to its next request.
-pub async fn set_policy(State(edge): State<Edge>, Path(project_id): Path<String>, request: Request) -> Response {
+#[utoipa::path(
+    put,
+    path = "/v1/projects/{project}/policy",
+    operation_id = "setSecurityPolicy",
+    tag = "projects",
+    summary = "Replace a project's security policy",
+    description = "Admins and owners. Validated and compiled before it is stored; every replica applies it to its next request.",
+    params(("project" = String, Path, description = "Project id", example = "default")),
+    request_body = inline(Object),
+    responses((status = 200, description = "The policy as stored, defaults filled in", body = inline(Object)))
+)]
+pub async fn set_policy(State(edge): State<Edge>, ApiPath(project_id): ApiPath<String>, request: Request) -> Response {
     let limit = edge.max_body_bytes;
     let shared = edge.clone();
     managed(edge, request, |store, _, caller, request| async move {
@@ -386,7 +487,17 @@ pub async fn set_policy(State(edge): State<Edge>, Path(project_id): Path<String>
 }
 
 /// `GET /v1/projects/{project}/limits`: the project's request limits (`null`: the gateway's).
-pub async fn get_limits(State(edge): State<Edge>, Path(project_id): Path<String>, request: Request) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/projects/{project}/limits",
+    operation_id = "getRequestLimits",
+    tag = "projects",
+    summary = "A project's request limits",
+    description = "Members of the project. `null`: the gateway's limit.",
+    params(("project" = String, Path, description = "Project id", example = "default")),
+    responses((status = 200, description = "The limits", body = RequestLimits))
+)]
+pub async fn get_limits(State(edge): State<Edge>, ApiPath(project_id): ApiPath<String>, request: Request) -> Response {
     managed(edge, request, |store, _, caller, _| async move {
         let (_, _, doc) = project_settings(store.as_ref(), &caller, &project_id).await?;
         Ok((StatusCode::OK, RequestLimits::from_json(&doc.request_limits)?))
@@ -395,7 +506,18 @@ pub async fn get_limits(State(edge): State<Edge>, Path(project_id): Path<String>
 }
 
 /// `PUT /v1/projects/{project}/limits` (admins and owners): replaces the request limits.
-pub async fn set_limits(State(edge): State<Edge>, Path(project_id): Path<String>, request: Request) -> Response {
+#[utoipa::path(
+    put,
+    path = "/v1/projects/{project}/limits",
+    operation_id = "setRequestLimits",
+    tag = "projects",
+    summary = "Replace a project's request limits",
+    description = "Admins and owners. A project can tighten the gateway's limits, never loosen them.",
+    params(("project" = String, Path, description = "Project id", example = "default")),
+    request_body = RequestLimits,
+    responses((status = 200, description = "The limits as stored", body = RequestLimits))
+)]
+pub async fn set_limits(State(edge): State<Edge>, ApiPath(project_id): ApiPath<String>, request: Request) -> Response {
     let limit = edge.max_body_bytes;
     let shared = edge.clone();
     managed(edge, request, |store, _, caller, request| async move {
@@ -413,9 +535,9 @@ pub async fn set_limits(State(edge): State<Edge>, Path(project_id): Path<String>
 
 // --- API keys -----------------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateKey {
+pub(crate) struct CreateKey {
     #[serde(default)]
     name: String,
     /// Defaults to the caller's project.
@@ -429,16 +551,18 @@ struct CreateKey {
     service: bool,
     /// Defaults to the caller's role; never above it.
     #[serde(default)]
+    #[schema(value_type = Option<crate::tenancy::RoleName>)]
     role: Option<String>,
     #[serde(default)]
     scopes: KeyScopes,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 3650)]
     expires_in_days: Option<i64>,
 }
 
 /// A new key: shown once.
-#[derive(Debug, Serialize)]
-struct CreatedKey {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CreatedKey {
     #[serde(flatten)]
     key: ApiKey,
     /// The secret. It is not stored and cannot be shown again.
@@ -446,6 +570,16 @@ struct CreatedKey {
 }
 
 /// `POST /v1/keys`.
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    operation_id = "createKey",
+    tag = "keys",
+    summary = "Create an API key",
+    description = "The secret is in this answer only. Admins for any member of the project, developers for themselves; never a role above the caller's.",
+    request_body = CreateKey,
+    responses((status = 201, description = "The key and its secret", body = CreatedKey))
+)]
 pub async fn create_key(State(edge): State<Edge>, request: Request) -> Response {
     let limit = edge.max_body_bytes;
     managed(edge, request, |store, _, caller, request| async move {
@@ -562,14 +696,26 @@ pub async fn issue_key(store: &dyn TenancyStore, new: NewKey) -> Result<(ApiKey,
     Ok((key, secret))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct KeyFilter {
+    /// The project (default: the caller's).
     project_id: Option<String>,
 }
 
 /// `GET /v1/keys`: the keys of a project the caller may see (prefixes only, never secrets).
-pub async fn list_keys(State(edge): State<Edge>, query: Query<KeyFilter>, request: Request) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    operation_id = "listKeys",
+    tag = "keys",
+    summary = "List a project's API keys",
+    description = "Prefixes only, never secrets. Developers see their own keys.",
+    params(KeyFilter),
+    responses((status = 200, description = "The keys", body = List<ApiKey>))
+)]
+pub async fn list_keys(State(edge): State<Edge>, query: ApiQuery<KeyFilter>, request: Request) -> Response {
     managed(edge, request, |store, _, caller, _| async move {
         let project_id = query.0.project_id.unwrap_or_else(|| caller.principal.project_id.clone());
         let (_, access) = load_project(store.as_ref(), &caller, &project_id).await?;
@@ -587,7 +733,16 @@ pub async fn list_keys(State(edge): State<Edge>, query: Query<KeyFilter>, reques
 }
 
 /// `GET /v1/keys/{id}`.
-pub async fn get_key(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/keys/{id}",
+    operation_id = "getKey",
+    tag = "keys",
+    summary = "An API key",
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 200, description = "The key (without its secret)", body = ApiKey))
+)]
+pub async fn get_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
     managed(edge, request, |store, _, caller, _| async move {
         let (key, _) = load_key(store.as_ref(), &caller, &id).await?;
         Ok((StatusCode::OK, key))
@@ -596,7 +751,17 @@ pub async fn get_key(State(edge): State<Edge>, Path(id): Path<String>, request: 
 }
 
 /// `DELETE /v1/keys/{id}`: revokes the key on every replica.
-pub async fn revoke_key(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{id}",
+    operation_id = "revokeKey",
+    tag = "keys",
+    summary = "Revoke an API key",
+    description = "Takes effect on every replica within a second.",
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 200, description = "The revoked key", body = ApiKey))
+)]
+pub async fn revoke_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
     let invalidator = edge.invalidator.clone();
     managed(edge, request, |store, auth, caller, _| async move {
         let (key, _) = load_key(store.as_ref(), &caller, &id).await?;
@@ -610,7 +775,17 @@ pub async fn revoke_key(State(edge): State<Edge>, Path(id): Path<String>, reques
 }
 
 /// `POST /v1/keys/{id}/rotate`: a new secret with the same attributes; the old key is revoked.
-pub async fn rotate_key(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+#[utoipa::path(
+    post,
+    path = "/v1/keys/{id}/rotate",
+    operation_id = "rotateKey",
+    tag = "keys",
+    summary = "Rotate an API key",
+    description = "A new secret with the same attributes; the old key is revoked (409 when it already is, or expired).",
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 201, description = "The new key and its secret", body = CreatedKey))
+)]
+pub async fn rotate_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
     let invalidator = edge.invalidator.clone();
     managed(edge, request, |store, auth, caller, _| async move {
         let (old, _) = load_key(store.as_ref(), &caller, &id).await?;

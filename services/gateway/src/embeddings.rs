@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::guard::RISK_SCORE;
 use crate::http::{Edge, RequestContext, authenticate, error_response, read_body};
@@ -17,46 +18,57 @@ use crate::tenancy::EndpointScope;
 /// Most inputs in one request (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
-enum Input {
+#[schema(as = EmbeddingInput)]
+pub(crate) enum Input {
     One(String),
     Many(Vec<String>),
 }
 
 /// Unknown fields (`user`, ...) are accepted as the OpenAI API does; the key identifies the user.
-#[derive(Debug, Deserialize)]
-struct EmbeddingsRequest {
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"model": "all-minilm-l6-v2", "input": ["Hello", "world"]}))]
+pub(crate) struct EmbeddingsRequest {
+    /// A local embedding model from `GET /v1/models` (task `embeddings`).
+    #[schema(min_length = 1)]
     model: String,
+    /// A non-empty string, or an array of 1 to 2048 non-empty strings.
+    #[schema(value_type = Input)]
     input: serde_json::Value,
+    /// `float` (the default) or `base64` (little-endian f32).
     #[serde(default)]
+    #[schema(value_type = Option<EncodingFormat>)]
     encoding_format: Option<String>,
+    /// When set, must equal the model's dimensions.
     #[serde(default)]
     dimensions: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(untagged)]
-enum Vector {
+#[schema(as = EmbeddingVector)]
+pub(crate) enum Vector {
     Float(Vec<f32>),
     Base64(String),
 }
 
-#[derive(Debug, Serialize)]
-struct Datum {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Embedding)]
+pub(crate) struct Datum {
     object: &'static str,
     index: usize,
     embedding: Vector,
 }
 
-#[derive(Debug, Serialize)]
-struct EmbeddingUsage {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EmbeddingUsage {
     prompt_tokens: i64,
     total_tokens: i64,
 }
 
-#[derive(Debug, Serialize)]
-struct EmbeddingsResponse {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EmbeddingsResponse {
     object: &'static str,
     data: Vec<Datum>,
     model: String,
@@ -88,6 +100,15 @@ fn inputs(value: serde_json::Value) -> Result<Vec<String>, ApiError> {
     Ok(inputs)
 }
 
+/// `encoding_format` values.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // a schema only: the handler reads the field as a string to name a bad value
+pub(crate) enum EncodingFormat {
+    Float,
+    Base64,
+}
+
 /// Little-endian f32 bytes in base64, as the OpenAI SDKs decode `encoding_format: "base64"`.
 fn base64_vector(values: &[f32]) -> String {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -95,6 +116,17 @@ fn base64_vector(values: &[f32]) -> String {
 }
 
 /// `POST /v1/embeddings`.
+#[utoipa::path(
+    post,
+    path = "/v1/embeddings",
+    operation_id = "createEmbedding",
+    tag = "openai",
+    summary = "Embed text with a local embedding model",
+    description = "OpenAI-compatible (`float` or `base64`). Inputs are scanned by the project's security policy \
+(every rule but prompt injection) and quota is reserved and settled like a chat request.",
+    request_body = EmbeddingsRequest,
+    responses((status = 200, description = "The embeddings, in input order", body = EmbeddingsResponse))
+)]
 pub async fn embeddings(State(edge): State<Edge>, request: Request) -> Response {
     let context = request.extensions().get::<RequestContext>().cloned();
     let id = context.as_ref().map(|c| c.request_id.clone()).unwrap_or_default();

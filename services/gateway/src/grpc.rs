@@ -97,6 +97,8 @@ impl Gateway for GatewayService {
         }
         let reply = self.orchestrator.chat(call).await.map_err(|err| err.to_status())?;
         let model = if reply.target.model.is_empty() { requested } else { reply.target.model.clone() };
+        let routing: Vec<(&'static str, String)> =
+            reply.routing_headers().into_iter().map(|(name, value)| (name, value.to_owned())).collect();
         let quota = reply.quota;
         let chunks = reply.pieces.map(move |piece| {
             piece
@@ -113,7 +115,7 @@ impl Gateway for GatewayService {
         let mut response = Response::new(Box::pin(chunks) as Self::ChatStream);
         // The prompt's risk: metadata leaves before the reply is scanned.
         response.metadata_mut().insert(RISK_SCORE, u16::from(risk).into());
-        for (name, value) in quota.headers() {
+        for (name, value) in quota.headers().into_iter().chain(routing) {
             if let Ok(value) = value.parse() {
                 response.metadata_mut().insert(name, value);
             }

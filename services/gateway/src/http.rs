@@ -12,20 +12,19 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use futures::StreamExt;
 use meshgate_runtime::{ApiError, ErrorCode};
 use tower::ServiceBuilder;
 use tracing::Instrument;
 
-use crate::admin::{self, Invalidator};
+use crate::admin::Invalidator;
 use crate::auth::{Authenticator, Caller};
 use crate::guard::{Guard, RISK_SCORE, Security};
 use crate::jobs;
 use crate::metrics::GatewayMetrics;
 use crate::openai::{self, ChatLimits};
 use crate::orchestrator::{ChatCall, ChatReply, Orchestrator, Piece};
-use crate::quota::{self, QuotaSnapshot};
+use crate::quota::QuotaSnapshot;
 use crate::settings::SettingsCache;
 use crate::tenancy::EndpointScope;
 
@@ -35,8 +34,6 @@ use crate::tenancy::EndpointScope;
 pub const REQUEST_ID: &str = "x-request-id";
 /// Header carrying the gateway's own request id, the key of the request's trace.
 pub const MESHGATE_REQUEST_ID: &str = "x-meshgate-request-id";
-/// Header naming the target that served a reply.
-pub const TARGET: &str = "x-meshgate-target";
 /// Header carrying the W3C trace id of the request.
 pub const TRACE_ID: &str = "x-meshgate-trace-id";
 
@@ -75,24 +72,9 @@ pub fn router(edge: Edge, max_concurrency: usize) -> axum::Router {
         .load_shed()
         // One semaphore for the whole edge: Router::layer clones layers per route.
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_concurrency));
-    axum::Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(list_models))
-        .route("/v1/embeddings", post(crate::embeddings::embeddings))
-        .route("/v1/quota/status", get(quota::status))
-        .route("/v1/quota/limits", put(quota::set_limits))
-        .route("/v1/orgs", post(admin::create_org).get(admin::list_orgs))
-        .route("/v1/projects", post(admin::create_project).get(admin::list_projects))
-        .route("/v1/projects/{project}/members/{user}", put(admin::set_member))
-        .route("/v1/projects/{project}/policy", get(admin::get_policy).put(admin::set_policy))
-        .route("/v1/projects/{project}/limits", get(admin::get_limits).put(admin::set_limits))
-        .route("/v1/users", post(admin::create_user).get(admin::list_users))
-        .route("/v1/keys", post(admin::create_key).get(admin::list_keys))
-        .route("/v1/keys/{id}", get(admin::get_key).delete(admin::revoke_key))
-        .route("/v1/keys/{id}/rotate", post(admin::rotate_key))
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/jobs/{id}", get(jobs::get))
-        .route("/v1/jobs/{id}/retry", post(jobs::retry))
+    // Every route comes from the OpenAPI document's operations, so none is served undocumented.
+    let (routes, _) = crate::openapi::api_routes().split_for_parts();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(shed)
@@ -175,6 +157,41 @@ async fn method_not_allowed(request: Request) -> Response {
     response
 }
 
+/// A path parameter extractor whose rejection (say, a percent-encoding that is not UTF-8) is the
+/// JSON error shape, not axum's plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, state: &S) -> Result<Self, Response> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|path| ApiPath(path.0))
+            .map_err(|rejection| rejected(parts, format!("invalid path: {}", rejection.body_text())))
+    }
+}
+
+/// A query string extractor whose rejection (an unknown or mistyped parameter) is the JSON error
+/// shape.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, state: &S) -> Result<Self, Response> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|query| ApiQuery(query.0))
+            .map_err(|rejection| rejected(parts, format!("invalid query string: {}", rejection.body_text())))
+    }
+}
+
+fn rejected(parts: &http::request::Parts, message: String) -> Response {
+    let id = parts.extensions.get::<RequestContext>().map(|c| c.request_id.clone()).unwrap_or_default();
+    error_response(&ApiError::new(ErrorCode::InvalidRequest, message), &id)
+}
+
 /// Authenticates the request's key, throttling failures per client address. Takes the parts it
 /// needs, not the request, so handler futures stay `Send`.
 pub(crate) async fn authenticate(edge: &Edge, headers: &HeaderMap, client: Option<IpAddr>) -> Result<Caller, ApiError> {
@@ -209,7 +226,35 @@ fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-async fn chat_completions(State(edge): State<Edge>, request: Request) -> Response {
+/// `POST /v1/chat/completions`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    operation_id = "createChatCompletion",
+    tag = "openai",
+    summary = "Create a chat completion",
+    description = "OpenAI-compatible. The prompt is scanned by the project's security policy (a blocking rule \
+answers 422 naming the rule; redaction masks the text before it leaves), quota is reserved (429 with `Retry-After` when \
+out), and the routing plan's targets are tried in order. With `stream: true` the reply is server-sent events in the \
+OpenAI chunk format (`ChatChunk`), ending with `data: [DONE]`; an error after the first byte ends the stream with an \
+`Error` event instead. With `x-meshgate-allow-queue: true`, a request no cloud target could serve is queued: 202 and \
+the job.",
+    params(
+        ("x-meshgate-allow-queue" = Option<bool>, Header, description = "`true`: queue the request (202) when no cloud target answers."),
+        ("idempotency-key" = Option<String>, Header, description = "With `x-meshgate-allow-queue`: the key of the queued job."),
+        ("x-request-id" = Option<String>, Header, description = "A client request id echoed in `x-request-id` (1–128 of `A-Za-z0-9-_.:`)."),
+    ),
+    request_body = crate::openai::ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion; server-sent events of `ChatChunk` when `stream` is true; \
+the existing `Job` when a queued request's idempotency key was seen before", content(
+            (crate::openai::ChatCompletion<'static> = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        (status = 202, description = "No cloud target answered and the request allowed queueing: the job", body = crate::jobs::JobJson),
+    )
+)]
+pub(crate) async fn chat_completions(State(edge): State<Edge>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let Some(context) = parts.extensions.get::<RequestContext>().cloned() else {
         return error_response(&ApiError::new(ErrorCode::Internal, "request context missing"), "");
@@ -278,11 +323,13 @@ async fn run_chat(
 
 /// The headers every chat reply carries: the target that served it, the caller's budget and the
 /// request's risk score.
-fn reply_headers(response: &mut Response, target_id: &str, quota: &QuotaSnapshot, risk: u8) {
+fn reply_headers(response: &mut Response, routing: [(&'static str, &str); 3], quota: &QuotaSnapshot, risk: u8) {
     let headers = response.headers_mut();
     headers.insert(RISK_SCORE, HeaderValue::from(u16::from(risk)));
-    if let Ok(value) = HeaderValue::from_str(target_id) {
-        headers.insert(TARGET, value);
+    for (name, value) in routing {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
     }
     for (name, value) in quota.headers() {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -326,7 +373,7 @@ async fn json_response(
         usage: openai::WireUsage::from(&usage),
     };
     let mut response = axum::Json(body).into_response();
-    reply_headers(&mut response, &reply.target.id, &reply.quota, last.risk.unwrap_or(risk));
+    reply_headers(&mut response, reply.routing_headers(), &reply.quota, last.risk.unwrap_or(risk));
     Ok(response)
 }
 
@@ -344,7 +391,9 @@ fn stream_response(
     let model = chat.model;
     let include_usage = chat.include_usage;
     let created = unix_now();
-    let ChatReply { target, mut pieces, quota } = reply;
+    let mut response = Response::new(Body::empty());
+    reply_headers(&mut response, reply.routing_headers(), &reply.quota, risk);
+    let ChatReply { mut pieces, .. } = reply;
     let events = async_stream::stream! {
         let usage_field = include_usage.then_some(None);
         let mut first = true;
@@ -400,11 +449,10 @@ fn stream_response(
         }
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
     };
-    let mut response = Response::new(Body::from_stream(events));
+    *response.body_mut() = Body::from_stream(events);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    reply_headers(&mut response, &target.id, &quota, risk);
     response
 }
 
@@ -419,7 +467,17 @@ fn sse<T: serde::Serialize>(value: &T) -> Bytes {
     Bytes::from(out)
 }
 
-async fn list_models(State(edge): State<Edge>, request: Request) -> Response {
+/// `GET /v1/models`.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    operation_id = "listModels",
+    tag = "openai",
+    summary = "List the models the mesh can serve",
+    description = "OpenAI-compatible, with `tasks` (`chat`, `embeddings`, `classification`) as a meshgate extension.",
+    responses((status = 200, description = "The models", body = crate::openai::ModelList))
+)]
+pub(crate) async fn list_models(State(edge): State<Edge>, request: Request) -> Response {
     let id = request_id_of(&request);
     let caller = authenticate(&edge, request.headers(), client_of(&request)).await.and_then(|caller| {
         caller.require(EndpointScope::Models)?;

@@ -4,7 +4,7 @@
 //! cloud targets were all unreachable when the caller allows it (`x-meshgate-allow-queue: true`).
 //! Jobs are scoped to the caller's project: another project's job answers 404.
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -12,9 +12,10 @@ use meshgate_proto::common::v1::Usage;
 use meshgate_proto::sync::v1::{self as pb, CompleteRequest, EnqueueRequest, JobStatus};
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::http::{Edge, authenticate, client_of, error_response, read_body, request_id_of};
+use crate::http::{ApiPath, ApiQuery, Edge, authenticate, client_of, error_response, read_body, request_id_of};
 use crate::openai::{self, ValidChat};
 use crate::tenancy::EndpointScope;
 
@@ -33,15 +34,16 @@ pub fn queueable(err: &ApiError) -> bool {
     matches!(err.code, ErrorCode::Unavailable | ErrorCode::UpstreamError | ErrorCode::Timeout)
 }
 
-#[derive(Debug, Serialize)]
-struct JobResult {
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct JobResult {
     content: String,
     finish_reason: String,
     usage: Option<UsageJson>,
 }
 
-#[derive(Debug, Serialize)]
-struct UsageJson {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobUsage)]
+pub(crate) struct UsageJson {
     prompt_tokens: i64,
     completion_tokens: i64,
     total_tokens: i64,
@@ -54,10 +56,12 @@ impl From<Usage> for UsageJson {
 }
 
 /// A job on the wire.
-#[derive(Debug, Serialize)]
-struct JobJson {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Job)]
+pub(crate) struct JobJson {
     id: String,
     object: &'static str,
+    #[schema(value_type = JobState)]
     status: &'static str,
     attempts: i32,
     max_attempts: i32,
@@ -69,15 +73,38 @@ struct JobJson {
     result: Option<JobResult>,
     model: String,
     provider: String,
+    #[schema(format = DateTime)]
     created_at: Option<String>,
+    #[schema(format = DateTime)]
     next_attempt_at: Option<String>,
+    #[schema(format = DateTime)]
     finished_at: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct LastError {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobError)]
+pub(crate) struct LastError {
     code: String,
     message: String,
+}
+
+/// A job's state; `unknown` only if the queue reports a state this gateway does not know.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // a schema only: states travel as strings
+pub(crate) enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Dead,
+    Unknown,
+}
+
+/// `GET /v1/jobs`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct JobList {
+    object: &'static str,
+    data: Vec<JobJson>,
 }
 
 fn time(ts: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -161,6 +188,21 @@ pub async fn enqueue(
 }
 
 /// `POST /v1/jobs`: an OpenAI chat completion body, delivered durably.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    operation_id = "submitJob",
+    tag = "jobs",
+    summary = "Queue a chat completion",
+    description = "An OpenAI chat completion body (`stream` must be false), screened by the security policy now and \
+delivered durably later. The same `Idempotency-Key` answers the first job (200, `idempotent-replayed: true`).",
+    params(("idempotency-key" = Option<String>, Header, description = "Makes the submission idempotent.")),
+    request_body = crate::openai::ChatCompletionRequest,
+    responses(
+        (status = 202, description = "The queued job", body = JobJson),
+        (status = 200, description = "The job first submitted with this idempotency key", body = JobJson),
+    )
+)]
 pub async fn submit(State(edge): State<Edge>, request: Request) -> Response {
     let id = request_id_of(&request);
     let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
@@ -245,31 +287,64 @@ impl IntoResponse for JobsBody {
         match self {
             JobsBody::One(job) => axum::Json(job_json(*job)).into_response(),
             JobsBody::Many(jobs) => {
-                let data: Vec<JobJson> = jobs.into_iter().map(job_json).collect();
-                axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+                axum::Json(JobList { object: "list", data: jobs.into_iter().map(job_json).collect() }).into_response()
             }
         }
     }
 }
 
+/// Job ids are the queue's UUIDs: anything else (say, a NUL its store cannot hold) names no job
+/// and never reaches the queue.
+fn plausible_job_id(id: &str) -> Result<(), tonic::Status> {
+    if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+        return Err(ErrorCode::NotFound.status(format!("job {id:?} not found")));
+    }
+    Ok(())
+}
+
 /// `GET /v1/jobs/{id}`.
-pub async fn get(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    operation_id = "getJob",
+    tag = "jobs",
+    summary = "A job",
+    description = "Another project's job answers 404.",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "The job, with its result once it succeeded", body = JobJson))
+)]
+pub async fn get(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
     with_sync(edge, request, |mut sync, caller| async move {
+        plausible_job_id(&id)?;
         sync.get_job(pb::GetJobRequest { id, project_id: project_scope(&caller) }).await
     })
     .await
 }
 
 /// Query of `GET /v1/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct JobFilter {
+    /// Only jobs in this state: `queued`, `running`, `succeeded` or `dead`.
+    #[param(pattern = "^(queued|running|succeeded|dead)$")]
     status: Option<String>,
+    /// Most jobs returned, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i32>,
 }
 
 /// `GET /v1/jobs?status=dead`: the caller's project's jobs, newest first.
-pub async fn list(State(edge): State<Edge>, Query(filter): Query<JobFilter>, request: Request) -> Response {
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    operation_id = "listJobs",
+    tag = "jobs",
+    summary = "The caller's project's jobs, newest first",
+    params(JobFilter),
+    responses((status = 200, description = "The jobs", body = JobList))
+)]
+pub async fn list(State(edge): State<Edge>, ApiQuery(filter): ApiQuery<JobFilter>, request: Request) -> Response {
     let status = match filter.status.as_deref() {
         None => Ok(JobStatus::Unspecified),
         Some("queued") => Ok(JobStatus::Queued),
@@ -299,8 +374,19 @@ pub async fn list(State(edge): State<Edge>, Query(filter): Query<JobFilter>, req
 }
 
 /// `POST /v1/jobs/{id}/retry`: a dead letter back in the queue (409 when it is not dead).
-pub async fn retry(State(edge): State<Edge>, Path(id): Path<String>, request: Request) -> Response {
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/retry",
+    operation_id = "retryJob",
+    tag = "jobs",
+    summary = "Put a dead letter back in the queue",
+    description = "409 when the job is not dead.",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "The job, queued again", body = JobJson))
+)]
+pub async fn retry(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
     with_sync(edge, request, |mut sync, caller| async move {
+        plausible_job_id(&id)?;
         sync.retry_job(pb::RetryJobRequest { id, project_id: project_scope(&caller) }).await
     })
     .await

@@ -2,6 +2,7 @@
 //! authenticates, validates, and orchestrates quota, routing, the targets and tracing.
 
 pub mod admin;
+pub mod analytics;
 pub mod auth;
 pub mod embeddings;
 pub mod grpc;
@@ -10,6 +11,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod openai;
+pub mod openapi;
 pub mod orchestrator;
 pub mod outcomes;
 pub mod quota;
@@ -109,7 +111,7 @@ impl Default for Config {
             injection_timeout_ms: 250,
             migrate_on_start: true,
             trace_buffer: 16_384,
-            trace_batch_size: 256,
+            trace_batch_size: 1024,
             trace_flush_ms: 200,
         }
     }
@@ -194,7 +196,9 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         listeners.http.take().ok_or_else(|| Error::Config("the gateway needs an HTTP listener".into()))?;
     let quota = connect(&config.quota_endpoint)?;
     let router = connect(&config.router_endpoint)?;
+    let analytics = AnalyticsClient::new(connect(&config.analytics_endpoint)?);
     let peers = orchestrator::Peers {
+        analytics: analytics.clone(),
         quota: QuotaClient::new(quota.clone()),
         router: RouterClient::new(router.clone()),
         sync: SyncClient::new(connect(&config.sync_endpoint)?),
@@ -203,7 +207,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     let host = ServiceHost::new("gateway");
     let metrics = metrics::GatewayMetrics::register(host.metrics());
     let (traces, uploader) = traces::TraceSink::start(
-        AnalyticsClient::new(connect(&config.analytics_endpoint)?),
+        analytics,
         traces::TraceSinkConfig {
             capacity: config.trace_buffer,
             batch_size: config.trace_batch_size.max(1),

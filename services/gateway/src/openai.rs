@@ -4,6 +4,7 @@
 use meshgate_proto::common::v1::{ChatMessage, SamplingParams, Usage};
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Limits applied while validating a chat request.
 #[derive(Debug, Clone, Copy)]
@@ -14,27 +15,40 @@ pub struct ChatLimits {
 
 /// `POST /v1/chat/completions` body. Fields the gateway does not act on yet (tools,
 /// response_format, penalties, ...) are accepted and ignored, as OpenAI-compatible servers do.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(example = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 16}))]
 pub struct ChatCompletionRequest {
+    /// A model id from `GET /v1/models`.
+    #[schema(min_length = 1, max_length = 256)]
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<RequestMessage>,
+    /// Answer with server-sent events (`text/event-stream`) instead of one JSON object.
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// At most `[gateway] max_tokens_cap` (or the project's `max_tokens` limit); larger is a 400.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
+    /// The newer name of `max_tokens`; it wins when both are set.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
     #[serde(default)]
     pub seed: Option<u64>,
     #[serde(default)]
     pub stop: Option<Stop>,
+    /// Only 1 is supported.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
     /// Tools offered to the model; only their names are used (recorded in the trace).
     #[serde(default)]
@@ -42,33 +56,35 @@ pub struct ChatCompletionRequest {
 }
 
 /// One entry of `tools`: `{"type": "function", "function": {"name": ...}}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ToolSpec {
     #[serde(default)]
     pub function: Option<FunctionSpec>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct FunctionSpec {
     pub name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
 }
 
 /// `stop` is a string or a list of up to four strings.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct RequestMessage {
+    /// `developer` is sent on as `system`.
+    #[schema(value_type = MessageRole)]
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
@@ -78,16 +94,29 @@ pub struct RequestMessage {
     pub tool_call_id: Option<String>,
 }
 
+/// The roles a message may have.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // a schema only: roles are read as strings so that a bad one gets a clear 400
+pub enum MessageRole {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
 /// Message content: a string or a list of typed parts.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ContentPart {
+    /// Only `text` parts are supported; others are a 400.
     #[serde(rename = "type")]
     pub kind: String,
     #[serde(default)]
@@ -244,7 +273,8 @@ pub fn check_chat(chat: &mut ValidChat, limits: ChatLimits) -> Result<(), ApiErr
 }
 
 /// `usage` object of responses and the last stream chunk.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[schema(as = Usage)]
 pub struct WireUsage {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
@@ -261,31 +291,34 @@ impl From<&Usage> for WireUsage {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatCompletion<'a> {
     pub id: &'a str,
     pub object: &'static str,
     pub created: i64,
     pub model: &'a str,
+    #[schema(value_type = Vec<Choice<'static>>, min_items = 1, max_items = 1)]
     pub choices: [Choice<'a>; 1],
     pub usage: WireUsage,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Choice<'a> {
     pub index: u32,
     pub message: AssistantMessage<'a>,
     pub finish_reason: &'a str,
+    /// Always null.
+    #[schema(value_type = Option<Object>)]
     pub logprobs: Option<()>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AssistantMessage<'a> {
     pub role: &'static str,
     pub content: &'a str,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatChunk<'a> {
     pub id: &'a str,
     pub object: &'static str,
@@ -294,18 +327,21 @@ pub struct ChatChunk<'a> {
     pub choices: Vec<ChunkChoice<'a>>,
     /// Present (as null) on every chunk when the client asked for usage, set on the last one.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<WireUsage>)]
     pub usage: Option<Option<WireUsage>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChunkChoice<'a> {
     pub index: u32,
     pub delta: Delta<'a>,
     pub finish_reason: Option<&'a str>,
+    /// Always null.
+    #[schema(value_type = Option<Object>)]
     pub logprobs: Option<()>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
@@ -313,13 +349,13 @@ pub struct Delta<'a> {
     pub content: Option<&'a str>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<ModelEntry>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelEntry {
     pub id: String,
     pub object: &'static str,

@@ -13,6 +13,7 @@ use futures::StreamExt;
 use futures::future::{self, Either};
 use futures::stream::BoxStream;
 use meshgate_policy::{Finding, StreamScanner};
+use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
 use meshgate_proto::analytics::v1::{ModelCall, ToolCall as TracedTool, Trace};
 use meshgate_proto::common::v1::{ErrorDetail, Layer, Principal, Target, TargetKind, ToolCall, Usage};
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
@@ -38,6 +39,7 @@ use crate::traces::TraceSink;
 /// Clients of the services the gateway orchestrates.
 #[derive(Clone)]
 pub struct Peers {
+    pub analytics: AnalyticsClient<MeshChannel>,
     pub quota: QuotaClient<MeshChannel>,
     pub router: RouterClient<MeshChannel>,
     pub sync: SyncClient<MeshChannel>,

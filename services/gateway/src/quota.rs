@@ -8,6 +8,7 @@ use meshgate_proto::common::v1::Role;
 use meshgate_proto::quota::v1::{self as pb, ReserveResponse};
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::auth::Caller;
 use crate::http::{Edge, authenticate, client_of, error_response, read_body, request_id_of};
@@ -123,16 +124,31 @@ fn parse_scope_kind(kind: &str) -> Option<pb::ScopeKind> {
 }
 
 /// A scope on the wire: `{"kind": "user", "id": "u_1"}`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = QuotaScope)]
 pub struct ScopeJson {
+    /// `org`, `project`, `user` or `key`.
+    #[schema(value_type = QuotaScopeKind)]
     pub kind: String,
     pub id: String,
 }
 
+/// The kinds of quota scope.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // a schema only: kinds travel as strings so that a bad one gets a clear 400
+pub(crate) enum QuotaScopeKind {
+    Org,
+    Project,
+    User,
+    Key,
+}
+
 /// The limits of a scope on the wire; an absent field is 0 (unlimited).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields, default)]
+#[schema(as = QuotaLimits)]
 pub struct LimitsJson {
     pub tokens_per_day: i64,
     pub cost_micros_per_day: i64,
@@ -156,15 +172,17 @@ impl From<pb::Limits> for LimitsJson {
 }
 
 /// Body of `PUT /v1/quota/limits`: the scope's limits are replaced as a whole.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = SetQuotaLimits, example = json!({"scope": {"kind": "project", "id": "default"}, "limits": {"tokens_per_day": 5000000, "requests_per_minute": 600}}))]
 pub struct SetLimitsJson {
     pub scope: ScopeJson,
     pub limits: LimitsJson,
 }
 
-#[derive(Debug, Serialize)]
-struct Amounts {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = QuotaAmounts)]
+pub(crate) struct Amounts {
     tokens: i64,
     cost_micros: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -172,27 +190,31 @@ struct Amounts {
 }
 
 /// Remaining amounts; `null` where no limit applies.
-#[derive(Debug, Serialize)]
-struct Remaining {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = QuotaRemaining)]
+pub(crate) struct Remaining {
     tokens: Option<i64>,
     cost_micros: Option<i64>,
     requests_this_minute: Option<i64>,
     tokens_this_minute: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
-struct ScopeStatusJson {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = QuotaScopeStatus)]
+pub(crate) struct ScopeStatusJson {
     scope: ScopeJson,
     limits: LimitsJson,
     used: Amounts,
     reserved: Amounts,
     remaining: Remaining,
     time_zone: String,
+    #[schema(format = DateTime)]
     reset_at: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct StatusJson {
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = QuotaStatus)]
+pub(crate) struct StatusJson {
     object: &'static str,
     scopes: Vec<ScopeStatusJson>,
 }
@@ -233,6 +255,16 @@ fn status_json(status: pb::StatusResponse) -> StatusJson {
 }
 
 /// `GET /v1/quota/status`: limits, usage and what remains of every scope the caller is charged to.
+#[utoipa::path(
+    get,
+    path = "/v1/quota/status",
+    operation_id = "getQuotaStatus",
+    tag = "quota",
+    summary = "The caller's budgets",
+    description = "Limits, usage and what remains today and this minute for each scope the caller is charged to \
+(organization, project, user, key).",
+    responses((status = 200, description = "Every scope of the caller", body = StatusJson))
+)]
 pub async fn status(State(edge): State<Edge>, request: Request) -> Response {
     let id = request_id_of(&request);
     let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
@@ -252,6 +284,17 @@ pub async fn status(State(edge): State<Edge>, request: Request) -> Response {
 }
 
 /// `PUT /v1/quota/limits`: sets a scope's limits; admins and owners only.
+#[utoipa::path(
+    put,
+    path = "/v1/quota/limits",
+    operation_id = "setQuotaLimits",
+    tag = "quota",
+    summary = "Replace a scope's limits",
+    description = "Admins and owners, inside their organization (an organization's limits: its owners). 0 or an \
+absent field is unlimited. Applies on the next request on every replica.",
+    request_body = SetLimitsJson,
+    responses((status = 200, description = "The scope's limits as stored", body = SetLimitsJson))
+)]
 pub async fn set_limits(State(edge): State<Edge>, request: Request) -> Response {
     let id = request_id_of(&request);
     let caller = authenticate(&edge, request.headers(), client_of(&request)).await;

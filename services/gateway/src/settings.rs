@@ -15,6 +15,7 @@ use meshgate_policy::{PolicyConfig, PolicyEngine};
 use meshgate_runtime::{ApiError, ErrorCode};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::auth::Authenticator;
 use crate::openai::ChatLimits;
@@ -36,7 +37,7 @@ pub const MAX_ALLOWED_MODELS: usize = 256;
 ///
 /// A `max_tokens` above the cap is refused (400), not clamped: a silently shortened reply looks
 /// like a model that stopped early, while the error tells the client what to change.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RequestLimits {
     /// Largest request body in bytes (larger: 413).

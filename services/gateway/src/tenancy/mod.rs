@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use meshgate_proto::common::v1::Role;
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 pub use self::memory::MemoryTenancy;
 pub use self::postgres::PostgresTenancy;
@@ -53,8 +54,15 @@ impl From<TenancyError> for ApiError {
 
 impl From<tokio_postgres::Error> for TenancyError {
     fn from(e: tokio_postgres::Error) -> Self {
-        if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+        use tokio_postgres::error::SqlState;
+        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
             return TenancyError::Conflict("an object with that name already exists".into());
+        }
+        // Text (22021) and JSONB (22P05) cannot hold a NUL character: the client sent one.
+        if e.code() == Some(&SqlState::CHARACTER_NOT_IN_REPERTOIRE)
+            || e.code() == Some(&SqlState::UNTRANSLATABLE_CHARACTER)
+        {
+            return TenancyError::Invalid("text must not contain the NUL character (\\u0000)".into());
         }
         TenancyError::Storage(e.into())
     }
@@ -82,7 +90,7 @@ pub fn parse_role(name: &str) -> Result<Role, TenancyError> {
 }
 
 /// Endpoint groups a key may be limited to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EndpointScope {
     /// Chat completions (HTTP and gRPC).
@@ -97,7 +105,7 @@ pub enum EndpointScope {
 }
 
 /// What a key may be used for; an empty list allows everything of its kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeyScopes {
     pub endpoints: Vec<EndpointScope>,
@@ -124,14 +132,14 @@ impl KeyScopes {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Org {
     pub id: String,
     pub name: String,
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Project {
     pub id: String,
     pub org_id: String,
@@ -139,7 +147,7 @@ pub struct Project {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct User {
     pub id: String,
     pub org_id: String,
@@ -149,7 +157,7 @@ pub struct User {
 }
 
 /// An API key as stored: everything but its secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct ApiKey {
     pub id: String,
     /// The first characters of the secret.
@@ -159,11 +167,23 @@ pub struct ApiKey {
     pub user_id: Option<String>,
     pub name: String,
     #[serde(serialize_with = "serialize_role")]
+    #[schema(value_type = RoleName)]
     pub role: Role,
     pub scopes: KeyScopes,
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+}
+
+/// A role in a project, lowest first.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // a schema only: roles travel as strings (see `role_name`, `parse_role`)
+pub enum RoleName {
+    Viewer,
+    Developer,
+    Admin,
+    Owner,
 }
 
 fn serialize_role<S: serde::Serializer>(role: &Role, s: S) -> Result<S::Ok, S::Error> {
