@@ -12,7 +12,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 /// One HTTP call with a bearer key; returns the status and the JSON body (Null when empty).
-async fn call(
+pub(crate) async fn call(
     http: &reqwest::Client,
     edge: &str,
     key: &str,
@@ -32,9 +32,9 @@ async fn call(
 
 /// A tenant made through the bootstrap key: an organization, two projects, a user per role in
 /// the first project (with a key each), and a service key in the second project.
-struct Tenant {
-    org: String,
-    project: String,
+pub(crate) struct Tenant {
+    pub(crate) org: String,
+    pub(crate) project: String,
     users: Vec<(String, String)>,
     keys: Vec<(String, String, String)>,
     service_key_id: String,
@@ -43,7 +43,7 @@ struct Tenant {
 const ROLES: [&str; 4] = ["viewer", "developer", "admin", "owner"];
 
 impl Tenant {
-    async fn create(http: &reqwest::Client, edge: &str, name: &str) -> Self {
+    pub(crate) async fn create(http: &reqwest::Client, edge: &str, name: &str) -> Self {
         let admin = |method, path: &str, body| call(http, edge, ADMIN_KEY, method, path.to_owned(), body);
         let (status, org) = admin(Method::POST, "/v1/orgs", Some(json!({"name": name}))).await;
         assert_eq!(status, 201, "{org}");
@@ -87,7 +87,7 @@ impl Tenant {
         }
     }
 
-    fn secret(&self, role: &str) -> &str {
+    pub(crate) fn secret(&self, role: &str) -> &str {
         &self.keys.iter().find(|(r, _, _)| r == role).unwrap().2
     }
 
