@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshgate_runtime::{Listeners, Shutdown};
 use meshgate_tests::{ADMIN_KEY, CLOUD_MODEL, MeshOptions, TestMesh, chat_body};
 use parking_lot::Mutex;
 use reqwest::Method;
@@ -231,27 +230,15 @@ async fn a_revocation_reaches_another_gateway_replica_within_a_second() {
         ..MeshOptions::default()
     })
     .await;
-    let mut config = configs.lock().take().unwrap();
-    for (service, endpoint) in [
-        ("quota", &mut config.quota_endpoint),
-        ("router", &mut config.router_endpoint),
-        ("sync", &mut config.sync_endpoint),
-        ("inference", &mut config.inference_endpoint),
-        ("analytics", &mut config.analytics_endpoint),
-    ] {
-        *endpoint = mesh.grpc_url(service);
-    }
-    let shutdown = Shutdown::new();
-    let listeners = Listeners::ephemeral().await.unwrap();
-    let replica = format!("http://{}", listeners.http_addr().unwrap());
-    let task = tokio::spawn(meshgate_gateway::serve(config, listeners, shutdown.clone()));
+    let config = configs.lock().take().unwrap();
+    let replica = mesh.gateway_replica(config).await;
 
     let tenant = Tenant::create(&mesh.http, &mesh.edge, "umbrella").await;
     let secret = tenant.secret("developer");
     // The replica caches the key once it has seen it.
     let mut ready = false;
     for _ in 0..100 {
-        if call(&mesh.http, &replica, secret, Method::GET, "/v1/quota/status", None).await.0 == 200 {
+        if call(&mesh.http, &replica.edge, secret, Method::GET, "/v1/quota/status", None).await.0 == 200 {
             ready = true;
             break;
         }
@@ -264,15 +251,14 @@ async fn a_revocation_reaches_another_gateway_replica_within_a_second() {
     let revoked_at = Instant::now();
     let mut refused_after = None;
     while revoked_at.elapsed() < Duration::from_secs(1) {
-        if call(&mesh.http, &replica, secret, Method::GET, "/v1/quota/status", None).await.0 == 401 {
+        if call(&mesh.http, &replica.edge, secret, Method::GET, "/v1/quota/status", None).await.0 == 401 {
             refused_after = Some(revoked_at.elapsed());
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(refused_after.is_some(), "the other replica still accepted a revoked key after a second");
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    replica.stop().await;
     mesh.stop().await;
 }
 

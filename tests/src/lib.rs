@@ -10,7 +10,7 @@ use meshgate::{MeshConfig, MeshListeners};
 use meshgate_mock_provider::MockProvider;
 use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
 use meshgate_proto::analytics::v1::{GetTraceRequest, Trace};
-use meshgate_runtime::Shutdown;
+use meshgate_runtime::{Listeners, Shutdown};
 use meshgate_sync::providers::ProviderSpec;
 
 /// The bootstrap key every test mesh accepts.
@@ -42,6 +42,21 @@ pub struct TestMesh {
     pub shutdown: Shutdown,
     pub http: reqwest::Client,
     task: tokio::task::JoinHandle<Result<(), meshgate::MeshError>>,
+}
+
+/// A second gateway in front of a mesh's services ([`TestMesh::gateway_replica`]).
+pub struct GatewayReplica {
+    /// Its HTTP edge, e.g. `http://127.0.0.1:40001`.
+    pub edge: String,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), meshgate_gateway::Error>>,
+}
+
+impl GatewayReplica {
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        self.task.await.expect("the replica's task").expect("the replica stops cleanly");
+    }
 }
 
 /// How to build a test mesh.
@@ -150,6 +165,25 @@ impl TestMesh {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("no trace stored for {request_id}");
+    }
+
+    /// Another gateway replica on this mesh's services, with `config`: the mesh's own gateway
+    /// configuration kept through [`MeshOptions::tune`], so it shares the mesh's database and Redis.
+    pub async fn gateway_replica(&self, mut config: meshgate_gateway::Config) -> GatewayReplica {
+        for (service, endpoint) in [
+            ("quota", &mut config.quota_endpoint),
+            ("router", &mut config.router_endpoint),
+            ("sync", &mut config.sync_endpoint),
+            ("inference", &mut config.inference_endpoint),
+            ("analytics", &mut config.analytics_endpoint),
+        ] {
+            *endpoint = self.grpc_url(service);
+        }
+        let listeners = Listeners::ephemeral().await.expect("ephemeral listeners");
+        let edge = format!("http://{}", listeners.http_addr().expect("an edge listener"));
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(meshgate_gateway::serve(config, listeners, shutdown.clone()));
+        GatewayReplica { edge, shutdown, task }
     }
 
     /// Stops the mesh and waits for every service to drain.

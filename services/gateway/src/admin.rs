@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Authenticator, Caller, digest};
-use crate::http::{ApiPath, ApiQuery, Edge, RequestContext, error_response, read_body};
+use crate::http::{ApiPath, ApiQuery, Edge, List, RequestContext, error_response, read_body};
 use crate::settings::RequestLimits;
 use crate::tenancy::{
     ApiKey, EndpointScope, KeyScopes, Org, Project, ProjectSettingsDoc, SettingsKind, TenancyError, TenancyStore, User,
@@ -149,14 +149,8 @@ async fn json_body<T: serde::de::DeserializeOwned>(request: Request, limit: usiz
     serde_json::from_slice(&bytes).map_err(crate::openai::json_error)
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct List<T> {
-    object: &'static str,
-    data: Vec<T>,
-}
-
 fn list<T>(data: Vec<T>) -> (StatusCode, List<T>) {
-    (StatusCode::OK, List { object: "list", data })
+    (StatusCode::OK, List::of(data))
 }
 
 // --- organizations ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::http::{ApiPath, ApiQuery, Edge, authenticate, client_of, error_response, request_id_of};
+use crate::http::{ApiPath, ApiQuery, Edge, List, authenticate, client_of, error_response, request_id_of};
 use crate::orchestrator::peer_call;
 use crate::tenancy::EndpointScope;
 
@@ -216,13 +216,6 @@ pub struct TopFilter {
     limit: Option<i32>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TraceList {
-    /// Always `list`.
-    object: &'static str,
-    data: Vec<TraceJson>,
-}
-
 /// `GET /v1/analytics/top-expensive`: the dearest requests.
 #[utoipa::path(
     get,
@@ -231,7 +224,7 @@ pub struct TraceList {
     tag = "analytics",
     summary = "The most expensive requests, dearest first",
     params(TopFilter),
-    responses((status = 200, description = "Their traces", body = TraceList))
+    responses((status = 200, description = "Their traces", body = List<TraceJson>))
 )]
 pub async fn top_expensive(
     State(edge): State<Edge>,
@@ -246,7 +239,7 @@ pub async fn top_expensive(
         let range = time_range(filter.from.as_deref(), filter.to.as_deref())?;
         let query = pb::TopExpensiveRequest { org_id: scope.org_id, project_ids: scope.project_ids, range, limit };
         let traces = peer_call("analytics", timeout, client.top_expensive(query)).await?.traces;
-        Ok(TraceList { object: "list", data: traces.into_iter().map(TraceJson::from).collect() })
+        Ok(List::of(traces.into_iter().map(TraceJson::from).collect()))
     })
     .await
 }
@@ -260,13 +253,6 @@ pub struct ModelErrorRate {
     rate: f64,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorRateList {
-    /// Always `list`.
-    object: &'static str,
-    data: Vec<ModelErrorRate>,
-}
-
 /// `GET /v1/analytics/error-rate`: errors per model.
 #[utoipa::path(
     get,
@@ -275,7 +261,7 @@ pub struct ErrorRateList {
     tag = "analytics",
     summary = "Error rate by model",
     params(RangeFilter),
-    responses((status = 200, description = "One entry per model", body = ErrorRateList))
+    responses((status = 200, description = "One entry per model", body = List<ModelErrorRate>))
 )]
 pub async fn error_rate(
     State(edge): State<Edge>,
@@ -290,7 +276,7 @@ pub async fn error_rate(
             .into_iter()
             .map(|m| ModelErrorRate { model: m.model, requests: m.requests, errors: m.errors, rate: m.rate })
             .collect();
-        Ok(ErrorRateList { object: "list", data })
+        Ok(List::of(data))
     })
     .await
 }
@@ -330,13 +316,6 @@ pub struct ModelLatency {
     max_latency_us: i64,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct LatencyList {
-    /// Always `list`.
-    object: &'static str,
-    data: Vec<ModelLatency>,
-}
-
 /// `GET /v1/analytics/latency`: latency percentiles by model.
 #[utoipa::path(
     get,
@@ -345,7 +324,7 @@ pub struct LatencyList {
     tag = "analytics",
     summary = "Latency p50, p95 and p99 by model",
     params(LatencyFilter),
-    responses((status = 200, description = "One entry per model", body = LatencyList))
+    responses((status = 200, description = "One entry per model", body = List<ModelLatency>))
 )]
 pub async fn latency(
     State(edge): State<Edge>,
@@ -375,7 +354,7 @@ pub async fn latency(
                 max_latency_us: m.max_latency_us,
             })
             .collect();
-        Ok(LatencyList { object: "list", data })
+        Ok(List::of(data))
     })
     .await
 }

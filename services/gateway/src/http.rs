@@ -125,6 +125,20 @@ pub fn valid_request_id(id: &str) -> bool {
 }
 
 /// The JSON error shape, with `Retry-After` and the error's own headers.
+/// `{"object": "list", "data": [...]}`: the OpenAI list shape every listing answers with.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct List<T> {
+    /// Always `list`.
+    object: &'static str,
+    data: Vec<T>,
+}
+
+impl<T> List<T> {
+    pub fn of(data: Vec<T>) -> Self {
+        Self { object: "list", data }
+    }
+}
+
 pub fn error_response(err: &ApiError, request_id: &str) -> Response {
     let mut response = (err.code.http_status(), axum::Json(err.body(request_id))).into_response();
     if let Some(seconds) = err.retry_after {

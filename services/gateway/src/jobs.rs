@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::http::{ApiPath, ApiQuery, Edge, authenticate, client_of, error_response, read_body, request_id_of};
+use crate::http::{ApiPath, ApiQuery, Edge, List, authenticate, client_of, error_response, read_body, request_id_of};
 use crate::openai::{self, ValidChat};
 use crate::tenancy::EndpointScope;
 
@@ -98,13 +98,6 @@ pub(crate) enum JobState {
     Succeeded,
     Dead,
     Unknown,
-}
-
-/// `GET /v1/jobs`.
-#[derive(Debug, Serialize, ToSchema)]
-pub(crate) struct JobList {
-    object: &'static str,
-    data: Vec<JobJson>,
 }
 
 fn time(ts: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -286,9 +279,7 @@ impl IntoResponse for JobsBody {
     fn into_response(self) -> Response {
         match self {
             JobsBody::One(job) => axum::Json(job_json(*job)).into_response(),
-            JobsBody::Many(jobs) => {
-                axum::Json(JobList { object: "list", data: jobs.into_iter().map(job_json).collect() }).into_response()
-            }
+            JobsBody::Many(jobs) => axum::Json(List::of(jobs.into_iter().map(job_json).collect())).into_response(),
         }
     }
 }
@@ -342,7 +333,7 @@ pub struct JobFilter {
     tag = "jobs",
     summary = "The caller's project's jobs, newest first",
     params(JobFilter),
-    responses((status = 200, description = "The jobs", body = JobList))
+    responses((status = 200, description = "The jobs", body = List<JobJson>))
 )]
 pub async fn list(State(edge): State<Edge>, ApiQuery(filter): ApiQuery<JobFilter>, request: Request) -> Response {
     let status = match filter.status.as_deref() {

@@ -8,12 +8,9 @@ use std::io::Write;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
-use meshgate_proto::analytics::v1::{GetTraceRequest, Trace};
 use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::gateway::v1::ChatRequest;
 use meshgate_proto::gateway::v1::gateway_client::GatewayClient;
-use meshgate_runtime::{Listeners, Shutdown};
 use meshgate_tests::{ADMIN_KEY, CLOUD_MODEL, MeshOptions, TestMesh, sse_events};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -86,20 +83,6 @@ fn chat(text: &str) -> Value {
     json!({"model": CLOUD_MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 64})
 }
 
-/// The trace analytics stored for a request.
-async fn trace_of(mesh: &TestMesh, request_id: &str) -> Trace {
-    let mut analytics = AnalyticsClient::new(mesh.channel("analytics"));
-    for _ in 0..200 {
-        let request =
-            GetTraceRequest { request_id: request_id.to_owned(), org_id: "default".into(), ..Default::default() };
-        if let Ok(found) = analytics.get_trace(request).await {
-            return found.into_inner();
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no trace for {request_id}");
-}
-
 /// Rows of the analytics tables whose text contains `needle`.
 async fn stored_rows_containing(config: &meshgate_gateway::Config, needle: &str) -> i64 {
     let url = config.database_url.as_deref().expect("stores configured");
@@ -145,7 +128,7 @@ async fn prompts_are_blocked_redacted_or_flagged_and_the_secret_goes_nowhere() {
     let received = mesh.alpha.recorded().into_iter().find(|r| r.request_id.as_deref() == Some(&redacted_id)).unwrap();
     let sent = received.json().unwrap()["messages"][0]["content"].as_str().unwrap().to_owned();
     assert_eq!(sent, "my token is ghp_…[REDACTED:github_token] please check it");
-    let trace = trace_of(&mesh, &redacted_id).await;
+    let trace = mesh.trace(&redacted_id).await;
     assert_eq!(trace.status_code, 200);
     assert!(trace.risk_score >= 70);
     let finding = trace.findings.iter().find(|f| f.direction == "prompt").expect("a prompt finding");
@@ -166,7 +149,7 @@ async fn prompts_are_blocked_redacted_or_flagged_and_the_secret_goes_nowhere() {
     assert_eq!(risk(&response), 28, "an e-mail address in the prompt (15) and in the echoed reply (15)");
     let received = mesh.alpha.recorded().into_iter().find(|r| r.request_id.as_deref() == Some(&flagged_id)).unwrap();
     assert!(received.json().unwrap()["messages"][0]["content"].as_str().unwrap().contains(&email));
-    let trace = trace_of(&mesh, &flagged_id).await;
+    let trace = mesh.trace(&flagged_id).await;
     assert!(trace.findings.iter().any(|f| f.rule == "email" && f.action == "flag" && f.direction == "prompt"));
 
     // Block: 422 naming the rule, nothing reaches the provider, the trace records the event.
@@ -181,7 +164,7 @@ async fn prompts_are_blocked_redacted_or_flagged_and_the_secret_goes_nowhere() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("blocked_keyword") && !message.contains("DROP TABLE"), "{message}");
     assert_eq!(mesh.alpha.stats().chat_requests, before, "a blocked prompt never leaves");
-    let trace = trace_of(&mesh, &blocked_id).await;
+    let trace = mesh.trace(&blocked_id).await;
     assert_eq!(trace.status_code, 422);
     assert!(trace.findings.iter().any(|f| f.rule == "blocked_keyword" && f.action == "block"));
 
@@ -234,7 +217,7 @@ async fn replies_are_scanned_and_redacted_in_json_and_in_streams() {
     assert!(!content.contains(&email) && content.contains("[REDACTED:email]"), "{content}");
     let received = mesh.alpha.recorded().into_iter().find(|r| r.request_id.as_deref() == Some(&id)).unwrap();
     assert!(String::from_utf8_lossy(&received.body).contains(&email), "flagged prompts pass unchanged");
-    let trace = trace_of(&mesh, &id).await;
+    let trace = mesh.trace(&id).await;
     assert!(trace.findings.iter().any(|f| f.direction == "output" && f.rule == "email" && f.action == "redact"));
 
     // Streamed in one piece per word: the address is held until it is complete, then masked.
@@ -254,7 +237,7 @@ async fn replies_are_scanned_and_redacted_in_json_and_in_streams() {
         .collect();
     assert!(!text.contains(&email), "{text}");
     assert!(streamed.contains("[REDACTED:email]"), "{streamed}");
-    let trace = trace_of(&mesh, &id).await;
+    let trace = mesh.trace(&id).await;
     assert!(trace.stream);
     assert!(trace.findings.iter().any(|f| f.direction == "output" && f.rule == "email"));
 
@@ -359,23 +342,11 @@ async fn project_request_limits_refuse_with_the_right_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_reaches_another_replica_without_a_restart() {
-    let (mesh, mut config) = start().await;
-    for (service, endpoint) in [
-        ("quota", &mut config.quota_endpoint),
-        ("router", &mut config.router_endpoint),
-        ("sync", &mut config.sync_endpoint),
-        ("inference", &mut config.inference_endpoint),
-        ("analytics", &mut config.analytics_endpoint),
-    ] {
-        *endpoint = mesh.grpc_url(service);
-    }
-    let shutdown = Shutdown::new();
-    let listeners = Listeners::ephemeral().await.unwrap();
-    let replica = format!("http://{}", listeners.http_addr().unwrap());
-    let task = tokio::spawn(meshgate_gateway::serve(config, listeners, shutdown.clone()));
+    let (mesh, config) = start().await;
+    let replica = mesh.gateway_replica(config).await;
     let ask_replica = || {
         mesh.http
-            .post(format!("{replica}/v1/chat/completions"))
+            .post(format!("{}/v1/chat/completions", replica.edge))
             .bearer_auth(ADMIN_KEY)
             .json(&chat("please rm -rf / now"))
             .send()
@@ -415,8 +386,7 @@ async fn a_policy_change_reaches_another_replica_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(blocked, "re-enabling the policy did not reach the replica");
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    replica.stop().await;
     mesh.stop().await;
 }
 
@@ -456,7 +426,7 @@ async fn prompt_injection_is_scored_by_the_inference_classifier_with_the_project
     assert_eq!(response.status(), 422);
     assert_eq!(response.headers()["x-meshgate-policy-rule"], "prompt_injection");
     let id = request_id(&response);
-    let trace = trace_of(&mesh, &id).await;
+    let trace = mesh.trace(&id).await;
     let finding = trace.findings.iter().find(|f| f.rule == "prompt_injection").expect("an injection finding");
     assert!(finding.score.is_some_and(|s| s >= 0.8), "{finding:?}");
 
