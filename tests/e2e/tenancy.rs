@@ -37,6 +37,8 @@ pub(crate) struct Tenant {
     users: Vec<(String, String)>,
     keys: Vec<(String, String, String)>,
     service_key_id: String,
+    /// A chat request the owner made, whose trace the tenant may read.
+    request_id: String,
 }
 
 const ROLES: [&str; 4] = ["viewer", "developer", "admin", "owner"];
@@ -74,6 +76,16 @@ impl Tenant {
             ));
             users.push((role.to_owned(), user_id));
         }
+        let owner = &keys.iter().find(|(role, _, _)| role == "owner").unwrap().2;
+        let response = http
+            .post(format!("{edge}/v1/chat/completions"))
+            .bearer_auth(owner)
+            .json(&chat_body(CLOUD_MODEL, name))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let request_id = response.headers()["x-meshgate-request-id"].to_str().unwrap().to_owned();
         let service = json!({"project_id": projects[1], "service": true, "role": "developer", "name": "ci"});
         let (status, service) = admin(Method::POST, "/v1/keys", Some(service)).await;
         assert_eq!(status, 201, "{service}");
@@ -83,6 +95,7 @@ impl Tenant {
             users,
             keys,
             service_key_id: service["id"].as_str().unwrap().to_owned(),
+            request_id,
         }
     }
 
@@ -285,6 +298,7 @@ fn expected_own(endpoint: &str, role: &str) -> u16 {
         ("get_security_policy" | "get_request_limits", _) => 200,
         ("set_security_policy" | "set_request_limits", 0 | 1) => 403,
         ("set_security_policy" | "set_request_limits", _) => 200,
+        ("get_trace" | "analytics_summary", _) => 200,
         ("other_project_keys", 3) => 200,
         ("other_project_keys", _) => 404,
         ("create_org", _) => 403,
@@ -298,6 +312,19 @@ async fn every_endpoint_and_role_sees_only_its_own_tenant() {
     let (http, edge) = (&mesh.http, mesh.edge.as_str());
     let a = Tenant::create(http, edge, "tenant-a").await;
     let b = Tenant::create(http, edge, "tenant-b").await;
+    // Traces reach analytics in the background.
+    for tenant in [&a, &b] {
+        let path = format!("/v1/traces/{}", tenant.request_id);
+        let mut stored = false;
+        for _ in 0..200 {
+            if call(http, edge, tenant.secret("owner"), Method::GET, &path, None).await.0 == 200 {
+                stored = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(stored, "{path} never stored");
+    }
 
     for role in ROLES {
         let key = a.secret(role);
@@ -357,6 +384,8 @@ async fn every_endpoint_and_role_sees_only_its_own_tenant() {
                 ("get_request_limits", Method::GET, format!("/v1/projects/{}/limits", tenant.project), None),
                 ("set_request_limits", Method::PUT, format!("/v1/projects/{}/limits", tenant.project), Some(json!({}))),
                 ("other_project_keys", Method::GET, format!("/v1/keys/{}", tenant.service_key_id), None),
+                ("get_trace", Method::GET, format!("/v1/traces/{}", tenant.request_id), None),
+                ("analytics_summary", Method::GET, format!("/v1/analytics?project={}", tenant.project), None),
                 ("create_org", Method::POST, "/v1/orgs".into(), Some(json!({"name": format!("{role}-{target}-org")}))),
             ];
             for (endpoint, method, path, body) in cases {
@@ -367,9 +396,15 @@ async fn every_endpoint_and_role_sees_only_its_own_tenant() {
                     // Another tenant's objects do not exist for this caller (creating an org is
                     // refused before any object is looked at).
                     _ if endpoint == "create_org" => 403,
+                    // An aggregate over another tenant's project is empty rather than missing.
+                    _ if endpoint == "analytics_summary" => 200,
                     _ => 404,
                 };
                 assert_eq!(status, expected, "{role} key, {target} tenant, {endpoint} ({method} {path}): {answer}");
+                if endpoint == "analytics_summary" {
+                    let requests = if target == "own" { 1 } else { 0 };
+                    assert_eq!(answer["data"][0]["requests"], requests, "{role} key, {target} tenant: {answer}");
+                }
                 if target == "other" {
                     // Nothing of the other tenant comes back but what the caller itself named.
                     let text = answer.to_string();
