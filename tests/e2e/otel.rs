@@ -78,7 +78,8 @@ async fn one_request_is_one_trace_across_the_services_with_genai_attributes() {
         let names: Vec<&str> = ours.iter().map(|s| s.name.as_str()).collect();
         let model_call_done =
             ours.iter().any(|s| s.name.starts_with("chat ") && attribute(s, "gen_ai.usage.output_tokens").is_some());
-        if wanted.iter().all(|w| names.iter().any(|n| n.ends_with(w))) && model_call_done {
+        let edge_done = names.iter().any(|n| n.starts_with("POST /v1/chat/completions"));
+        if wanted.iter().all(|w| names.iter().any(|n| n.ends_with(w))) && model_call_done && edge_done {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

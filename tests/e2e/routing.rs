@@ -88,9 +88,9 @@ async fn fastest_first_keeps_the_first_answer_cancels_the_other_and_charges_only
     assert_eq!(trace.usage.unwrap().total_tokens, charged, "the trace charges the winner's usage alone");
     assert_eq!(trace.served_target, "beta/mock-gpt");
 
-    // Both were called; the loser's answer never completed because its call was dropped.
+    // The loser's call was dropped: it may not even have reached alpha, and it never completed.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(mesh.alpha.count_for_request_id(&id), 1);
+    assert!(mesh.alpha.count_for_request_id(&id) <= 1);
     assert_eq!(mesh.beta.count_for_request_id(&id), 1);
     assert_eq!(mesh.alpha.stats().completions, 0, "the cancelled call produced no completion");
 
