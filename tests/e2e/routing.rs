@@ -65,12 +65,16 @@ async fn replies_name_their_target_layer_and_task_and_the_trace_keeps_the_reason
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fastest_first_keeps_the_first_answer_cancels_the_other_and_charges_only_the_winner() {
     let mesh = TestMesh::start_with(MeshOptions {
-        tune: Box::new(|config| config.router.policy.race = Some(true)),
+        tune: Box::new(|config| {
+            config.router.policy.race = Some(true);
+            // Room for the slow racer to answer alone when the fast one fails, even on a busy machine.
+            config.gateway.target_timeout_ms = 5_000;
+        }),
         ..Default::default()
     })
     .await;
     // alpha is the router's first choice but answers late.
-    mesh.alpha.set_latency(Duration::from_millis(400));
+    mesh.alpha.set_latency(Duration::from_millis(1_000));
 
     let response = mesh.chat(chat_body(CLOUD_MODEL, "race me")).await;
     assert_eq!(response.status(), 200);
@@ -89,7 +93,7 @@ async fn fastest_first_keeps_the_first_answer_cancels_the_other_and_charges_only
     assert_eq!(trace.served_target, "beta/mock-gpt");
 
     // The loser's call was dropped: it may not even have reached alpha, and it never completed.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
     assert!(mesh.alpha.count_for_request_id(&id) <= 1);
     assert_eq!(mesh.beta.count_for_request_id(&id), 1);
     assert_eq!(mesh.alpha.stats().completions, 0, "the cancelled call produced no completion");
