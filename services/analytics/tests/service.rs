@@ -235,12 +235,21 @@ async fn serves_over_grpc_with_postgres_and_keeps_partitions_ahead() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(exists, "{ahead} was not created ahead of time");
-    let metrics = running.metrics().await;
-    for family in [
+    // The partition gauges are set once the maintenance pass that made the partitions ends.
+    let families = [
         "meshgate_db_pool_connections{state=\"in_use\"",
         "meshgate_db_pool_connections{state=\"idle\"",
         "meshgate_analytics_partitions{table=\"model_calls\"",
-    ] {
+    ];
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = running.metrics().await;
+        if families.iter().all(|family| metrics.contains(family)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for family in families {
         assert!(metrics.contains(family), "{family} missing from {metrics}");
     }
     running.stop().await;
