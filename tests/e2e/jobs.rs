@@ -150,3 +150,30 @@ async fn with_every_cloud_target_down_an_allowed_request_is_queued_and_later_ser
     assert!(done["attempts"].as_i64().unwrap() >= 1, "{done}");
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_does_not_fit_the_budget_is_refused_like_a_request() {
+    let mesh = TestMesh::start().await;
+    let limits = json!({"scope": {"kind": "key", "id": "admin"}, "limits": {"tokens_per_day": 10}});
+    let set = mesh.http.put(format!("{}/v1/quota/limits", mesh.edge)).bearer_auth(ADMIN_KEY).json(&limits);
+    assert_eq!(set.send().await.unwrap().status(), 200);
+
+    // 64 completion tokens alone are over the key's 10 a day.
+    let refused = submit(&mesh, Some("over-budget"), &chat_body(CLOUD_MODEL, "too big")).await;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(refused.headers()["x-meshgate-quota-scope"], "key:admin");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
+    let listed = mesh.get_json("/v1/jobs", ADMIN_KEY).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 0, "nothing was queued: {listed}");
+
+    // The admission check holds nothing back: a job that fits is queued and the budget is intact.
+    let mut small = chat_body(CLOUD_MODEL, "ok");
+    small["max_tokens"] = json!(1);
+    assert_eq!(submit(&mesh, None, &small).await.status(), 202);
+    let status = mesh.get_json("/v1/quota/status", ADMIN_KEY).await;
+    let key = status["scopes"].as_array().unwrap().iter().find(|s| s["scope"]["kind"] == "key").unwrap();
+    assert_eq!(key["reserved"]["tokens"], 0, "{key}");
+    mesh.stop().await;
+}

@@ -224,6 +224,7 @@ pub async fn submit(State(edge): State<Edge>, request: Request) -> Response {
         if let Some(err) = screened.blocked {
             return Err(err);
         }
+        edge.orchestrator.admit(&id, &caller.principal, &chat).await?;
         enqueue(&edge, &caller, chat, &id, key).await
     }
     .await;

@@ -265,6 +265,29 @@ impl Orchestrator {
         Ok((result?, budget))
     }
 
+    /// Whether a chat request would fit the caller's budgets and rate limits now, without charging
+    /// it: a job is admitted like a request (a spent budget or a full minute refuses it with the
+    /// same 429), and its usage is settled when it is delivered.
+    pub async fn admit(&self, request_id: &str, principal: &Principal, chat: &ValidChat) -> Result<(), ApiError> {
+        let prompt = crate::tokens::prompt_tokens(&chat.model, &chat.messages);
+        let max_tokens = chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
+        let reserve = ReserveRequest {
+            request_id: format!("{request_id}:admission"),
+            principal: Some(principal.clone()),
+            estimated_tokens: prompt.saturating_add(max_tokens),
+            estimated_cost_micros: 0,
+        };
+        let mut quota = self.peers.quota.clone();
+        let reserved = peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await?;
+        if !reserved.admitted {
+            self.metrics.quota_rejections.with_label_values(&[&reserved.rejected_limit]).inc();
+            return Err(quota::rejection(&reserved));
+        }
+        let release = ReleaseRequest { reservation_id: reserved.reservation_id };
+        peer_call("quota", self.config.peer_timeout, quota.release(release)).await?;
+        Ok(())
+    }
+
     /// Routes, reserves and starts the first target that answers.
     pub async fn chat(self: &Arc<Self>, call: ChatCall) -> Result<ChatReply, ApiError> {
         let prompt_estimate = crate::tokens::prompt_tokens(&call.chat.model, &call.chat.messages);
