@@ -21,7 +21,7 @@ use meshgate_proto::inference::v1::{
     EmbedRequest, EmbedResponse, GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels,
 };
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
-use meshgate_proto::quota::v1::{CommitRequest, ReleaseRequest, ReserveRequest};
+use meshgate_proto::quota::v1::{CommitRequest, ReleaseRequest, ReserveRequest, ReserveResponse};
 use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::router::v1::{DecideRequest, ListTargetsRequest, Outcome, RouteRequest, StepRole};
 use meshgate_proto::sync::v1::sync_client::SyncClient;
@@ -223,18 +223,7 @@ impl Orchestrator {
         inputs: Vec<String>,
     ) -> Result<(EmbedResponse, QuotaSnapshot), ApiError> {
         let estimate: i64 = inputs.iter().map(|t| (t.chars().count() as u64).div_ceil(4) as i64 + 2).sum();
-        let reserve = ReserveRequest {
-            request_id: request_id.to_owned(),
-            principal: Some(principal.clone()),
-            estimated_tokens: estimate,
-            estimated_cost_micros: 0,
-        };
-        let mut quota = self.peers.quota.clone();
-        let reserved = peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await?;
-        if !reserved.admitted {
-            self.metrics.quota_rejections.with_label_values(&[&reserved.rejected_limit]).inc();
-            return Err(quota::rejection(&reserved));
-        }
+        let reserved = self.reserve(request_id.to_owned(), principal, estimate, 0).await?;
         let budget = QuotaSnapshot::from_reserve(&reserved);
         let mut inference = self.peers.inference.clone();
         let request = EmbedRequest { model: model.to_owned(), inputs };
@@ -271,11 +260,28 @@ impl Orchestrator {
     pub async fn admit(&self, request_id: &str, principal: &Principal, chat: &ValidChat) -> Result<(), ApiError> {
         let prompt = crate::tokens::prompt_tokens(&chat.model, &chat.messages);
         let max_tokens = chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
+        let tokens = prompt.saturating_add(max_tokens);
+        let reserved = self.reserve(format!("{request_id}:admission"), principal, tokens, 0).await?;
+        let release = ReleaseRequest { reservation_id: reserved.reservation_id };
+        let mut quota = self.peers.quota.clone();
+        peer_call("quota", self.config.peer_timeout, quota.release(release)).await?;
+        Ok(())
+    }
+
+    /// Holds `tokens` and `cost_micros` in every scope of `principal`, or the 429 (counted) of the
+    /// scope that refused.
+    async fn reserve(
+        &self,
+        request_id: String,
+        principal: &Principal,
+        tokens: i64,
+        cost_micros: i64,
+    ) -> Result<ReserveResponse, ApiError> {
         let reserve = ReserveRequest {
-            request_id: format!("{request_id}:admission"),
+            request_id,
             principal: Some(principal.clone()),
-            estimated_tokens: prompt.saturating_add(max_tokens),
-            estimated_cost_micros: 0,
+            estimated_tokens: tokens,
+            estimated_cost_micros: cost_micros,
         };
         let mut quota = self.peers.quota.clone();
         let reserved = peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await?;
@@ -283,9 +289,7 @@ impl Orchestrator {
             self.metrics.quota_rejections.with_label_values(&[&reserved.rejected_limit]).inc();
             return Err(quota::rejection(&reserved));
         }
-        let release = ReleaseRequest { reservation_id: reserved.reservation_id };
-        peer_call("quota", self.config.peer_timeout, quota.release(release)).await?;
-        Ok(())
+        Ok(reserved)
     }
 
     /// Routes, reserves and starts the first target that answers.
@@ -326,30 +330,16 @@ impl Orchestrator {
             .map(|t| cost_micros(t, prompt_estimate, max_tokens))
             .max()
             .unwrap_or(0);
-        let reserve = ReserveRequest {
-            request_id: call.request_id.clone(),
-            principal: Some(call.principal.clone()),
-            estimated_tokens: prompt_estimate.saturating_add(max_tokens),
-            estimated_cost_micros: estimated_cost,
-        };
-        let mut quota = self.peers.quota.clone();
-        let (reservation, budget) = match peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await {
-            Ok(response) if response.admitted => {
-                let budget = QuotaSnapshot::from_reserve(&response);
-                (response.reservation_id, budget)
-            }
-            Ok(response) => {
-                self.metrics.quota_rejections.with_label_values(&[&response.rejected_limit]).inc();
-                let err = quota::rejection(&response);
-                settlement.fail(err.clone());
-                return Err(err);
-            }
+        let tokens = prompt_estimate.saturating_add(max_tokens);
+        let reserved = match self.reserve(call.request_id.clone(), &call.principal, tokens, estimated_cost).await {
+            Ok(reserved) => reserved,
             Err(err) => {
                 settlement.fail(err.clone());
                 return Err(err);
             }
         };
-        settlement.reservation = Some(reservation);
+        let budget = QuotaSnapshot::from_reserve(&reserved);
+        settlement.reservation = Some(reserved.reservation_id);
 
         let race = plan.race && plan.targets.len() >= 2;
         let task = plan.task;
