@@ -80,13 +80,7 @@ pub fn to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
 
 /// Short name of a cost layer in rows and group keys.
 pub fn layer_name(layer: i32) -> &'static str {
-    match Layer::try_from(layer) {
-        Ok(Layer::L0Local) => "l0",
-        Ok(Layer::L1Cheap) => "l1",
-        Ok(Layer::L2Standard) => "l2",
-        Ok(Layer::L3Premium) => "l3",
-        Ok(Layer::Unspecified) | Err(_) => "",
-    }
+    Layer::short_name_of(layer)
 }
 
 impl TraceRow {

@@ -497,7 +497,7 @@ impl From<pb::Trace> for TraceJson {
             requested_model: trace.requested_model,
             served_model: trace.served_model,
             served_target: trace.served_target,
-            layer: Layer::try_from(trace.layer).unwrap_or(Layer::Unspecified).short_name().to_owned(),
+            layer: Layer::short_name_of(trace.layer).to_owned(),
             task: trace.task,
             routing_reason: trace.routing_reason,
             routing_reasons: trace.routing_reasons,

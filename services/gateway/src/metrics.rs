@@ -128,7 +128,7 @@ impl GatewayMetrics {
     }
 
     pub fn record_model_call(&self, target: &Target, outcome: &str, latency: std::time::Duration) {
-        let layer = Layer::try_from(target.layer).unwrap_or(Layer::Unspecified).short_name();
+        let layer = Layer::short_name_of(target.layer);
         self.model_calls.with_label_values(&[&target.model, layer, outcome]).observe(latency.as_secs_f64());
     }
 }

@@ -98,7 +98,7 @@ impl ChatReply {
     /// `x-meshgate-target`, `x-meshgate-layer` and `x-meshgate-task`: what served the request,
     /// at which cost layer, for which task.
     pub fn routing_headers(&self) -> [(&'static str, &str); 3] {
-        let layer = Layer::try_from(self.target.layer).unwrap_or(Layer::Unspecified).short_name();
+        let layer = Layer::short_name_of(self.target.layer);
         [(TARGET_HEADER, self.target.id.as_str()), (LAYER_HEADER, layer), (TASK_HEADER, self.task.as_str())]
     }
 }

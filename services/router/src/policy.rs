@@ -39,12 +39,8 @@ impl LayerName {
 
 /// Short name of a layer for reasons and headers ("l0".."l3").
 pub fn layer_name(layer: Layer) -> &'static str {
-    match layer {
-        Layer::L0Local => "l0",
-        Layer::L1Cheap => "l1",
-        Layer::L2Standard | Layer::Unspecified => "l2",
-        Layer::L3Premium => "l3",
-    }
+    // An undeclared cloud layer is the standard one.
+    if layer == Layer::Unspecified { Layer::L2Standard.short_name() } else { layer.short_name() }
 }
 
 /// What a project wants for one task.

@@ -17,6 +17,11 @@ pub mod common {
                     Layer::Unspecified => "",
                 }
             }
+
+            /// [`Layer::short_name`] of a raw enum value (empty when it names no layer).
+            pub fn short_name_of(value: i32) -> &'static str {
+                Layer::try_from(value).unwrap_or(Layer::Unspecified).short_name()
+            }
         }
     }
 }
