@@ -3,6 +3,7 @@
 //! once rather than once per file.
 
 mod analytics;
+mod cloud;
 mod embeddings;
 mod jobs;
 mod mesh;

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod analytics;
 pub mod auth;
+pub mod edge_sync;
 pub mod embeddings;
 pub mod grpc;
 pub mod guard;
@@ -82,6 +83,9 @@ pub struct Config {
     pub trace_buffer: usize,
     pub trace_batch_size: usize,
     pub trace_flush_ms: u64,
+    /// Hand every trace batch to the sync service for upload to a cloud meshgate (an edge; the
+    /// standalone process sets it when `[sync.cloud] url` is set).
+    pub cloud_uplink: bool,
 }
 
 impl Default for Config {
@@ -113,6 +117,7 @@ impl Default for Config {
             trace_buffer: 16_384,
             trace_batch_size: 1024,
             trace_flush_ms: 200,
+            cloud_uplink: false,
         }
     }
 }
@@ -163,9 +168,15 @@ static MIGRATIONS: &[meshgate_storage::Migration] = &[
         name: "project_settings",
         sql: include_str!("../migrations/0002_project_settings.sql"),
     },
+    meshgate_storage::Migration {
+        version: 3,
+        name: "edge_batches",
+        sql: include_str!("../migrations/0003_edge_batches.sql"),
+    },
 ];
 
-/// The gateway's schema migrations (tenancy, API keys, project security policy and limits).
+/// The gateway's schema migrations (tenancy, API keys, project security policy and limits, the
+/// edge batches applied).
 pub fn migrations() -> &'static [meshgate_storage::Migration] {
     MIGRATIONS
 }
@@ -208,6 +219,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     let metrics = metrics::GatewayMetrics::register(host.metrics());
     let (traces, uploader) = traces::TraceSink::start(
         analytics,
+        config.cloud_uplink.then(|| peers.sync.clone()),
         traces::TraceSinkConfig {
             capacity: config.trace_buffer,
             batch_size: config.trace_batch_size.max(1),

@@ -27,6 +27,8 @@ pub struct GatewayMetrics {
     /// Prompts scored for injection, by what scored them (`classifier`, `heuristic`,
     /// `heuristic_fallback` when the classifier failed or timed out).
     pub injection_scans: IntCounterVec,
+    /// Edge batches received (`POST /v1/sync/batches`), by outcome (`applied`, `duplicate`).
+    pub edge_batches: IntCounterVec,
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -94,12 +96,25 @@ impl GatewayMetrics {
                 "Prompts scored for prompt injection, by source (classifier, heuristic, heuristic_fallback)",
                 &["source"],
             ),
+            edge_batches: counter_vec(
+                "meshgate_edge_batches_total",
+                "Batches of edge traffic received, by outcome: applied, or duplicate (applied before)",
+                &["outcome"],
+            ),
             traces: TraceSinkMetrics {
                 dropped: counter("meshgate_traces_dropped_total", "Trace records dropped because the buffer was full"),
                 sent: counter("meshgate_traces_sent_total", "Trace records delivered to analytics"),
                 failed: counter(
                     "meshgate_traces_failed_total",
                     "Trace records lost because analytics did not accept them",
+                ),
+                uplinked: counter(
+                    "meshgate_traces_uplinked_total",
+                    "Trace records staged by the sync service for upload to the cloud meshgate",
+                ),
+                uplink_failed: counter(
+                    "meshgate_traces_uplink_failed_total",
+                    "Trace records the sync service did not stage for the cloud (outbox full or sync down)",
                 ),
             },
         };
@@ -113,9 +128,12 @@ impl GatewayMetrics {
         metrics.register(Box::new(this.policy_findings.clone()));
         metrics.register(Box::new(this.risk_score.clone()));
         metrics.register(Box::new(this.injection_scans.clone()));
+        metrics.register(Box::new(this.edge_batches.clone()));
         metrics.register(Box::new(this.traces.dropped.clone()));
         metrics.register(Box::new(this.traces.sent.clone()));
         metrics.register(Box::new(this.traces.failed.clone()));
+        metrics.register(Box::new(this.traces.uplinked.clone()));
+        metrics.register(Box::new(this.traces.uplink_failed.clone()));
         this
     }
 

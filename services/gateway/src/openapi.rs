@@ -21,12 +21,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::http::Edge;
-use crate::{admin, analytics, embeddings, http, jobs, orchestrator, quota};
+use crate::{admin, analytics, edge_sync, embeddings, http, jobs, orchestrator, quota};
 
 /// Tags, in the order the docs page shows them.
 pub const TAGS: &[(&str, &str)] = &[
     ("openai", "OpenAI-compatible inference: chat completions (JSON and server-sent events), embeddings, models."),
     ("jobs", "Chat completions delivered later through the durable queue."),
+    ("sync", "Edge → cloud: an edge meshgate's traffic uploaded to this one, applied once."),
     ("quota", "Budgets and rate limits of the caller's organization, project, user and key."),
     ("analytics", "Spend, errors, latency and traces, scoped to the caller's organization or project."),
     ("tenancy", "Organizations, projects, users and their roles."),
@@ -72,6 +73,7 @@ pub fn api_routes() -> OpenApiRouter<Edge> {
         .routes(routes!(jobs::submit, jobs::list))
         .routes(routes!(jobs::get))
         .routes(routes!(jobs::retry))
+        .routes(routes!(edge_sync::upload_batch))
         .routes(routes!(analytics::summary))
         .routes(routes!(analytics::top_expensive))
         .routes(routes!(analytics::error_rate))
@@ -146,6 +148,7 @@ fn operation_errors(operation_id: &str) -> Option<&'static [ErrorCode]> {
         "getTrace" => &[NotFound, Timeout],
         "getJob" => &[NotFound, Timeout],
         "retryJob" => &[NotFound, Conflict, Timeout],
+        "uploadEdgeBatch" => &[PayloadTooLarge, UnsupportedMediaType, Timeout],
         _ => return None,
     })
 }

@@ -27,7 +27,7 @@ pub struct StandaloneConfig {
     pub grpc_ports: [u16; 6],
     /// Admin ports in the same order.
     pub admin_ports: [u16; 6],
-    /// Where state without a database lives (the on-disk sync queue).
+    /// Where state without a database lives (the on-disk sync queue, the cloud outbox).
     pub data_dir: std::path::PathBuf,
 }
 
@@ -76,6 +76,10 @@ impl MeshConfig {
         if mesh.sync.queue.database_url.is_none() && mesh.sync.queue.path.is_none() {
             mesh.sync.queue.path = Some(mesh.standalone.data_dir.join("sync-queue"));
         }
+        mesh.sync.cloud = std::mem::take(&mut mesh.sync.cloud).with_env();
+        if mesh.sync.cloud.outbox.is_none() {
+            mesh.sync.cloud.outbox = Some(mesh.standalone.data_dir.join("cloud-outbox"));
+        }
         Ok(mesh)
     }
 
@@ -115,6 +119,8 @@ impl MeshConfig {
         if self.router.providers.is_empty() {
             self.router.providers = self.sync.providers.clone();
         }
+        // An edge uploading to a cloud meshgate: the gateway hands its traces to sync's outbox.
+        self.gateway.cloud_uplink |= self.sync.cloud.enabled();
     }
 }
 

@@ -26,6 +26,8 @@ pub struct Config {
     pub reservation_ttl_secs: u64,
     /// How long a settled or expired reservation is remembered for idempotent replays.
     pub settled_retention_secs: u64,
+    /// How long a Charge id is remembered: a replay within it changes nothing.
+    pub charge_retention_secs: u64,
     /// Safety-net lifetime of cached limits; changes normally apply on the next request.
     pub limits_cache_ttl_ms: u64,
     /// Admit reservations unchecked while the store is unreachable (default: refuse, 503).
@@ -49,6 +51,7 @@ impl Default for Config {
             defaults: DefaultLimits::default(),
             reservation_ttl_secs: 300,
             settled_retention_secs: 600,
+            charge_retention_secs: 7 * 86_400,
             limits_cache_ttl_ms: 30_000,
             fail_open: false,
             ledger_flush_interval_ms: 1_000,
@@ -81,6 +84,9 @@ impl Config {
         if self.settled_retention_secs == 0 {
             return invalid("settled_retention_secs must be at least 1");
         }
+        if self.charge_retention_secs == 0 {
+            return invalid("charge_retention_secs must be at least 1");
+        }
         if self.ledger_batch_size == 0 {
             return invalid("ledger_batch_size must be at least 1");
         }
@@ -96,6 +102,10 @@ impl Config {
 
     pub fn settled_retention(&self) -> Duration {
         Duration::from_secs(self.settled_retention_secs)
+    }
+
+    pub fn charge_retention(&self) -> Duration {
+        Duration::from_secs(self.charge_retention_secs)
     }
 }
 
@@ -114,6 +124,7 @@ mod tests {
         );
         assert_eq!(config.defaults.org.tokens_per_day, 0);
         assert_eq!(config.defaults.key.tokens_per_day, 0);
+        assert_eq!(config.charge_retention(), Duration::from_secs(604_800));
     }
 
     #[test]
@@ -139,6 +150,8 @@ mod tests {
     fn invalid_settings_are_refused() {
         let bad = Config { reservation_ttl_secs: 0, ..Config::default() };
         assert!(bad.validate().is_err());
+        let bad = Config { charge_retention_secs: 0, ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("charge_retention_secs"));
         let mut bad = Config::default();
         bad.defaults.key.tokens_per_day = -5;
         assert!(bad.validate().unwrap_err().to_string().contains("defaults.key"));

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
-use meshgate_proto::common::v1::Principal;
+use meshgate_proto::common::v1::{Principal, Usage};
 use meshgate_proto::quota::v1 as pb;
 use meshgate_storage::SharedClock;
 use parking_lot::Mutex;
@@ -22,13 +22,17 @@ use crate::model::{
     CounterState, Limits, MAX_COST_MICROS, MAX_TOKENS, MinuteState, Scope, check_amount, retry_after_seconds_ms,
     validate_id, window_day, window_reset_at,
 };
-use crate::store::{ChargeOutcome, CounterSpec, QuotaStore, ReserveInput, ReserveOutcome, SeedRow, SettleOutcome};
+use crate::store::{
+    ChargeAmounts, ChargeOutcome, CounterSpec, QuotaStore, ReserveInput, ReserveOutcome, SeedRow, SettleOutcome,
+};
 
 /// Reservation ids handed out while failing open; they are not in any store.
 const FAIL_OPEN_PREFIX: &str = "open_";
 /// Store round trips one operation may take: limits changing under it or counters needing a
 /// seed from the ledger more often than this in a row is treated as an error.
 const ATTEMPTS: usize = 4;
+/// Most requests one Charge may add.
+const MAX_CHARGE_REQUESTS: i64 = 1_000_000;
 
 /// Behaviour knobs of the engine.
 #[derive(Debug, Clone)]
@@ -36,6 +40,10 @@ pub struct EngineSettings {
     pub defaults: DefaultLimits,
     /// How long a reservation holds budget without a commit or release.
     pub reservation_ttl: Duration,
+    /// How long the record of a lost reservation's charge is kept (the store's settled retention).
+    pub settled_retention: Duration,
+    /// How long a Charge id is remembered: a replay within it changes nothing.
+    pub charge_retention: Duration,
     /// Safety-net lifetime of cached limits (changes normally propagate immediately).
     pub limits_cache_ttl: Duration,
     /// Admit reservations unchecked while the store is unreachable (default: refuse).
@@ -47,6 +55,8 @@ impl Default for EngineSettings {
         Self {
             defaults: DefaultLimits::default(),
             reservation_ttl: Duration::from_secs(300),
+            settled_retention: Duration::from_secs(600),
+            charge_retention: Duration::from_secs(7 * 86_400),
             limits_cache_ttl: Duration::from_secs(30),
             fail_open: false,
         }
@@ -72,14 +82,37 @@ pub struct QuotaEngine {
 /// The reservation id of a request: derived from the principal and the request id, so reserving
 /// twice yields the same reservation and two tenants' equal request ids never collide.
 pub fn reservation_id(principal: &Principal, request_id: &str) -> String {
+    principal_scoped_id("rsv_", principal, request_id)
+}
+
+/// The store record of a Charge: its own prefix keeps it apart from reservations (a charge id can
+/// never settle a reservation), and the principal keeps tenants' equal charge ids apart.
+fn charge_record_id(principal: &Principal, charge_id: &str) -> String {
+    principal_scoped_id("chg_", principal, charge_id)
+}
+
+fn principal_scoped_id(prefix: &str, principal: &Principal, id: &str) -> String {
     let mut hasher = Sha256::new();
     for part in [&principal.org_id, &principal.project_id, &principal.user_id, &principal.key_id] {
         hasher.update(part.as_bytes());
         hasher.update([0x1f]);
     }
-    hasher.update(request_id.as_bytes());
+    hasher.update(id.as_bytes());
     let digest = hasher.finalize();
-    format!("rsv_{}", hex::encode(&digest[..16]))
+    format!("{prefix}{}", hex::encode(&digest[..16]))
+}
+
+/// The tokens and cost of a reported usage, validated; tokens are the total, else prompt plus
+/// completion.
+fn usage_amounts(usage: Option<&Usage>) -> Result<(i64, i64), Error> {
+    let usage = usage.ok_or_else(|| Error::InvalidArgument("usage is required".into()))?;
+    check_amount("usage.prompt_tokens", usage.prompt_tokens, MAX_TOKENS)?;
+    check_amount("usage.completion_tokens", usage.completion_tokens, MAX_TOKENS)?;
+    check_amount("usage.total_tokens", usage.total_tokens, MAX_TOKENS)?;
+    check_amount("usage.cost_micros", usage.cost_micros, MAX_COST_MICROS)?;
+    let tokens =
+        if usage.total_tokens > 0 { usage.total_tokens } else { usage.prompt_tokens + usage.completion_tokens };
+    Ok((tokens, usage.cost_micros))
 }
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -281,19 +314,13 @@ impl QuotaEngine {
     /// Charges the actual usage of a reservation (once; replays answer the same).
     pub async fn commit(&self, req: &pb::CommitRequest) -> Result<pb::CommitResponse, Error> {
         validate_id("reservation_id", &req.reservation_id)?;
-        let usage = req.usage.as_ref().ok_or_else(|| Error::InvalidArgument("usage is required".into()))?;
-        check_amount("usage.prompt_tokens", usage.prompt_tokens, MAX_TOKENS)?;
-        check_amount("usage.completion_tokens", usage.completion_tokens, MAX_TOKENS)?;
-        check_amount("usage.total_tokens", usage.total_tokens, MAX_TOKENS)?;
-        check_amount("usage.cost_micros", usage.cost_micros, MAX_COST_MICROS)?;
-        let tokens =
-            if usage.total_tokens > 0 { usage.total_tokens } else { usage.prompt_tokens + usage.completion_tokens };
+        let (tokens, cost_micros) = usage_amounts(req.usage.as_ref())?;
         if req.reservation_id.starts_with(FAIL_OPEN_PREFIX) {
             self.metrics.commits.with_label_values(&["fail_open"]).inc();
             return Ok(pb::CommitResponse { remaining_tokens: -1, remaining_cost_micros: -1 });
         }
         let now = self.clock.now();
-        let outcome = match self.store.commit(&req.reservation_id, tokens, usage.cost_micros, now).await {
+        let outcome = match self.store.commit(&req.reservation_id, tokens, cost_micros, now).await {
             Ok(outcome) => {
                 self.store_ok();
                 outcome
@@ -302,10 +329,21 @@ impl QuotaEngine {
         };
         let (counters, replay) = match (outcome, req.principal.as_ref()) {
             (SettleOutcome::NotFound, Some(principal)) => {
+                // The store lost the reservation (it restarted without its data): charge the usage
+                // straight to the principal's counters of the current window, once.
                 let scopes = Scope::of_principal(Some(principal))?;
-                match self.charge_lost(&req.reservation_id, &scopes, tokens, usage.cost_micros, now).await {
+                let amounts = ChargeAmounts { tokens, cost_micros, requests: 1 };
+                let retention = self.settings.settled_retention;
+                match self.charge_once(&req.reservation_id, &scopes, amounts, retention, now).await {
                     Ok(charged) => {
                         self.store_ok();
+                        if !charged.1 {
+                            warn!(
+                                reservation_id = req.reservation_id,
+                                tokens, "committed usage of a reservation the quota store had lost"
+                            );
+                            self.metrics.commits.with_label_values(&["lost_reservation"]).inc();
+                        }
                         charged
                     }
                     Err(err) => return Err(self.fail("commit", err)),
@@ -321,36 +359,63 @@ impl QuotaEngine {
         Ok(pb::CommitResponse { remaining_tokens, remaining_cost_micros })
     }
 
-    /// Charges usage whose reservation the store lost (it restarted without its data) straight to
-    /// the principal's counters of the current window, once per reservation id.
-    async fn charge_lost(
+    /// Charges usage made without a reservation (an edge's traffic uploaded later, a delivered
+    /// async job) to the principal's counters of the current window, once per charge id within
+    /// `charge_retention`. Limits are not checked: the usage already happened, so a charge over
+    /// the budget is recorded and the next reservation is refused.
+    pub async fn charge(&self, req: &pb::ChargeRequest) -> Result<pb::ChargeResponse, Error> {
+        validate_id("charge_id", &req.charge_id)?;
+        let scopes = Scope::of_principal(req.principal.as_ref())?;
+        let (tokens, cost_micros) = usage_amounts(req.usage.as_ref())?;
+        check_amount("requests", req.requests, MAX_CHARGE_REQUESTS)?;
+        let amounts = ChargeAmounts { tokens, cost_micros, requests: req.requests.max(1) };
+        let principal = req.principal.clone().unwrap_or_default();
+        let record_id = charge_record_id(&principal, &req.charge_id);
+        let retention = self.settings.charge_retention;
+        let (counters, replay) = match self.charge_once(&record_id, &scopes, amounts, retention, self.clock.now()).await
+        {
+            Ok(charged) => {
+                self.store_ok();
+                charged
+            }
+            // Refused even when failing open: fail-open only admits new reservations unchecked. A
+            // charge that did not reach the store is not done, and the caller must retry it.
+            Err(err) => return Err(self.fail("charge", err)),
+        };
+        self.metrics.charges.with_label_values(&[if replay { "replay" } else { "charged" }]).inc();
+        let (remaining_tokens, remaining_cost_micros) = self.remaining_after(counters).await?;
+        Ok(pb::ChargeResponse { replay, remaining_tokens, remaining_cost_micros })
+    }
+
+    /// Charges usage straight to the counters of `scopes` in the window containing `now` under
+    /// `record_id`, once: the record is kept for `retention`, and an id already recorded answers
+    /// like a replayed commit (`true`) without changing anything.
+    async fn charge_once(
         &self,
-        reservation_id: &str,
+        record_id: &str,
         scopes: &[Scope],
-        tokens: i64,
-        cost_micros: i64,
+        amounts: ChargeAmounts,
+        retention: Duration,
         now: DateTime<Utc>,
     ) -> Result<(Vec<(Scope, CounterState)>, bool), Error> {
         let (limits, _) = self.resolve_limits(scopes).await?;
         let (keys, _) = window(scopes, &limits, now);
         for _ in 0..ATTEMPTS {
-            match self.store.charge(reservation_id, &keys, tokens, cost_micros).await? {
-                ChargeOutcome::Charged(states) => {
-                    warn!(reservation_id, tokens, "committed usage of a reservation the quota store had lost");
-                    self.metrics.commits.with_label_values(&["lost_reservation"]).inc();
-                    return Ok((scopes.iter().cloned().zip(states).collect(), false));
-                }
-                // Charged before under this id: answer like a replayed commit.
+            match self.store.charge(record_id, &keys, amounts, retention).await? {
+                ChargeOutcome::Charged(states) => return Ok((scopes.iter().cloned().zip(states).collect(), false)),
                 ChargeOutcome::Exists => {
-                    let outcome = self.store.commit(reservation_id, tokens, cost_micros, now).await?;
-                    return self.settled(reservation_id, outcome);
+                    match self.store.commit(record_id, amounts.tokens, amounts.cost_micros, now).await? {
+                        // The record expired in between: charge again.
+                        SettleOutcome::NotFound => {}
+                        outcome => return self.settled(record_id, outcome),
+                    }
                 }
                 ChargeOutcome::Unseeded(positions) => {
                     self.seed(positions.into_iter().map(|i| keys[i].clone()).collect()).await?;
                 }
             }
         }
-        Err(Error::StoreReply("counters vanished during every attempt of this commit".into()))
+        Err(Error::StoreReply("counters vanished during every attempt of this charge".into()))
     }
 
     /// Frees a reservation without charging it.

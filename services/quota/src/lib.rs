@@ -1,6 +1,7 @@
 //! meshgate quota service: daily token and cost budgets and per-minute rate limits per
 //! organization, project, user and key, enforced with reserve → commit/release so concurrent
-//! requests never overspend.
+//! requests never overspend. Usage made without a reservation (an edge's traffic uploaded later,
+//! a delivered async job) is added with Charge, once per charge id.
 //!
 //! Hot counters live in Redis (atomic Lua scripts, shared by replicas) or in memory (standalone);
 //! limit overrides and the per-day usage ledger live in Postgres when it is configured.
@@ -96,6 +97,8 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
         EngineSettings {
             defaults: config.defaults,
             reservation_ttl: config.reservation_ttl(),
+            settled_retention: config.settled_retention(),
+            charge_retention: config.charge_retention(),
             limits_cache_ttl: Duration::from_millis(config.limits_cache_ttl_ms),
             fail_open: config.fail_open,
         },

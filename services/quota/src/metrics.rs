@@ -11,8 +11,10 @@ pub struct QuotaMetrics {
     /// By `result` (committed, replay, lost_reservation, fail_open).
     pub commits: IntCounterVec,
     pub committed_tokens: IntCounter,
+    /// Charge calls, by `outcome` (charged, replay).
+    pub charges: IntCounterVec,
     pub releases: IntCounter,
-    /// By `op` (reserve, commit, release, status, set_limits, limits, ledger).
+    /// By `op` (reserve, commit, charge, release, status, set_limits, limits, ledger).
     pub store_errors: IntCounterVec,
     pub ledger_rows: IntCounter,
     pub ledger_flush_errors: IntCounter,
@@ -47,6 +49,11 @@ impl QuotaMetrics {
             reserve_duration,
             commits: counter_vec("meshgate_quota_commits_total", "Reservations committed", &["result"]),
             committed_tokens: counter("meshgate_quota_committed_tokens_total", "Tokens charged by commits"),
+            charges: counter_vec(
+                "meshgate_quota_charges_total",
+                "Usage charged without a reservation (Charge), by outcome",
+                &["outcome"],
+            ),
             releases: counter("meshgate_quota_releases_total", "Reservations released without charge"),
             store_errors: counter_vec(
                 "meshgate_quota_store_errors_total",

@@ -34,6 +34,10 @@ impl pb::quota_server::Quota for QuotaService {
         Ok(Response::new(self.engine.commit(request.get_ref()).await?))
     }
 
+    async fn charge(&self, request: Request<pb::ChargeRequest>) -> Result<Response<pb::ChargeResponse>, Status> {
+        Ok(Response::new(self.engine.charge(request.get_ref()).await?))
+    }
+
     async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
         Ok(Response::new(self.engine.release(request.get_ref()).await?))
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::{Backend, commit, principal, reserve, scope, set_limits, status_of};
+use common::{Backend, charge, commit, principal, reserve, scope, set_limits, status_of};
 use meshgate_proto::quota::v1 as pb;
 use meshgate_quota::model::Limits;
 use meshgate_quota::{DefaultLimits, EngineSettings, Ledger, LedgerFlusher, QuotaMetrics};
@@ -363,6 +363,12 @@ async fn the_ledger_receives_committed_usage(backend: Backend) {
     flusher.flush().await.unwrap();
     assert_eq!(ledger("key", p.key_id.clone()).await, Some((205, 3_007, 3)));
 
+    // Charged usage is usage too, with all its requests.
+    engine.charge(&charge(&p, "uploaded", 95, 993, 4)).await.unwrap();
+    flusher.flush().await.unwrap();
+    assert_eq!(ledger("key", p.key_id.clone()).await, Some((300, 4_000, 7)));
+    assert_eq!(ledger("org", p.org_id.clone()).await, Some((300, 4_000, 7)));
+
     // Rows never go backwards: a stale lower write keeps the recorded values.
     let stale = meshgate_quota::store::DirtyUsage {
         scope: meshgate_quota::model::Scope::new(meshgate_quota::model::ScopeKind::Key, p.key_id.clone()).unwrap(),
@@ -376,7 +382,7 @@ async fn the_ledger_receives_committed_usage(backend: Backend) {
         version: 0,
     };
     Ledger::new(pool.clone()).write(&[stale]).await.unwrap();
-    assert_eq!(ledger("key", p.key_id.clone()).await, Some((205, 3_007, 3)));
+    assert_eq!(ledger("key", p.key_id.clone()).await, Some((300, 4_000, 7)));
 }
 
 fn per_minute(scope: pb::Scope, requests_per_minute: i64, tokens_per_minute: i64) -> pb::SetLimitsRequest {
@@ -540,6 +546,121 @@ async fn lost_counters_come_back_from_the_ledger(backend: Backend) {
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (850, 2));
 }
 
+async fn charge_adds_usage_to_every_scope_once_per_charge_id(backend: Backend) {
+    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let engine = harness.engine(settings());
+    let p = principal();
+    engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 1_000, 50_000)).await.unwrap();
+
+    let charged = engine.charge(&charge(&p, "edge-upload-1", 301, 7_000, 3)).await.unwrap();
+    assert!(!charged.replay);
+    assert_eq!((charged.remaining_tokens, charged.remaining_cost_micros), (699, 43_000));
+    for kind in [pb::ScopeKind::Org, pb::ScopeKind::Project, pb::ScopeKind::User, pb::ScopeKind::Key] {
+        let s = status_of(&engine, &p, kind).await;
+        assert_eq!(
+            (s.used_tokens, s.used_cost_micros, s.requests_today, s.reserved_tokens),
+            (301, 7_000, 3, 0),
+            "{kind:?}"
+        );
+    }
+
+    // A replay changes nothing and says so, with the same remaining figures.
+    let replay = engine.charge(&charge(&p, "edge-upload-1", 301, 7_000, 3)).await.unwrap();
+    assert!(replay.replay);
+    assert_eq!((replay.remaining_tokens, replay.remaining_cost_micros), (699, 43_000));
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.used_cost_micros, key.requests_today), (301, 7_000, 3));
+
+    // 0 requests counts as one; total_tokens wins over prompt + completion.
+    let mut job = charge(&p, "async-job-9", 0, 0, 0);
+    job.usage = Some(meshgate_proto::common::v1::Usage {
+        prompt_tokens: 5,
+        completion_tokens: 5,
+        total_tokens: 40,
+        cost_micros: 1,
+    });
+    assert!(!engine.charge(&job).await.unwrap().replay);
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.used_cost_micros, key.requests_today), (341, 7_001, 4));
+
+    // Charge ids are the principal's own: another tenant's equal id is charged, and a charge id
+    // equal to a reservation id leaves that reservation alone.
+    let other = principal();
+    assert!(!engine.charge(&charge(&other, "edge-upload-1", 10, 0, 1)).await.unwrap().replay);
+    assert_eq!(status_of(&engine, &other, pb::ScopeKind::Key).await.used_tokens, 10);
+    let held = engine.reserve(&reserve(&p, "held", 100, 0)).await.unwrap();
+    assert!(!engine.charge(&charge(&p, &held.reservation_id, 9, 0, 1)).await.unwrap().replay);
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.reserved_tokens), (350, 100));
+    engine.commit(&commit(&held.reservation_id, 50, 0)).await.unwrap();
+    assert_eq!(status_of(&engine, &p, pb::ScopeKind::Key).await.used_tokens, 400);
+}
+
+async fn a_charge_over_the_budget_is_recorded_and_refuses_the_next_reserve(backend: Backend) {
+    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let engine = harness.engine(settings());
+    let p = principal();
+    engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 1_000, 0)).await.unwrap();
+
+    // The usage already happened: it is charged even past the limit.
+    let charged = engine.charge(&charge(&p, "offline-day", 1_500, 0, 20)).await.unwrap();
+    assert!(!charged.replay);
+    assert_eq!(charged.remaining_tokens, 0);
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.requests_today, key.remaining_tokens), (1_500, 20, 0));
+    let refused = engine.reserve(&reserve(&p, "next", 1, 0)).await.unwrap();
+    assert!(!refused.admitted);
+    assert_eq!(refused.rejected_limit, "tokens_per_day");
+    assert_eq!(refused.rejected_scope, Some(scope(pb::ScopeKind::Key, &p.key_id)));
+}
+
+async fn charge_ids_are_forgotten_after_the_charge_retention(backend: Backend) {
+    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let retention = Duration::from_millis(300);
+    let engine = harness.engine(EngineSettings { charge_retention: retention, ..settings() });
+    let p = principal();
+
+    assert!(!engine.charge(&charge(&p, "c-1", 10, 1, 1)).await.unwrap().replay);
+    assert!(engine.charge(&charge(&p, "c-1", 10, 1, 1)).await.unwrap().replay);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(!engine.charge(&charge(&p, "c-1", 10, 1, 1)).await.unwrap().replay, "the charge id was not forgotten");
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.used_cost_micros, key.requests_today), (20, 2, 2));
+}
+
+async fn invalid_charges_are_refused_and_write_nothing(backend: Backend) {
+    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let engine = harness.engine(settings());
+    let p = principal();
+
+    let invalid = |req: pb::ChargeRequest| {
+        let engine = engine.clone();
+        async move {
+            let err = engine.charge(&req).await.unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidRequest, "{err}");
+        }
+    };
+    invalid(charge(&p, "", 1, 0, 1)).await;
+    invalid(charge(&p, &"x".repeat(300), 1, 0, 1)).await;
+    invalid(charge(&p, "bad\nid", 1, 0, 1)).await;
+    invalid(pb::ChargeRequest { principal: None, ..charge(&p, "c", 1, 0, 1) }).await;
+    let mut no_org = p.clone();
+    no_org.org_id.clear();
+    invalid(charge(&no_org, "c", 1, 0, 1)).await;
+    invalid(pb::ChargeRequest { usage: None, ..charge(&p, "c", 1, 0, 1) }).await;
+    invalid(charge(&p, "c", -2, 0, 1)).await;
+    invalid(charge(&p, "c", 1, -1, 1)).await;
+    invalid(charge(&p, "c", i64::MAX, 0, 1)).await;
+    invalid(charge(&p, "c", 1, 0, -1)).await;
+    invalid(charge(&p, "c", 1, 0, 1_000_001)).await;
+
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.used_cost_micros, key.requests_today), (0, 0, 0));
+    // Nothing was recorded under the refused ids either.
+    assert!(!engine.charge(&charge(&p, "c", 1, 0, 1_000_000)).await.unwrap().replay);
+    assert_eq!(status_of(&engine, &p, pb::ScopeKind::Key).await.requests_today, 1_000_000);
+}
+
 backend_tests!(
     concurrent_reserves_never_exceed_the_limit,
     commit_and_release_arithmetic,
@@ -554,4 +675,8 @@ backend_tests!(
     tokens_per_minute_count_the_estimate_then_the_actual_usage,
     an_org_time_zone_moves_the_daily_window,
     lost_counters_come_back_from_the_ledger,
+    charge_adds_usage_to_every_scope_once_per_charge_id,
+    a_charge_over_the_budget_is_recorded_and_refuses_the_next_reserve,
+    charge_ids_are_forgotten_after_the_charge_retention,
+    invalid_charges_are_refused_and_write_nothing,
 );

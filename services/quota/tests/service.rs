@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{commit, database_url, delete_prefix, principal, redis_url, reserve, scope, set_limits, unique};
+use common::{charge, commit, database_url, delete_prefix, principal, redis_url, reserve, scope, set_limits, unique};
 use meshgate_proto::quota::v1 as pb;
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_quota::{
@@ -92,6 +92,35 @@ async fn round_trip(running: &Running) {
     let err = client.release(pb::ReleaseRequest { reservation_id: "rsv_nope".into() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 
+    // Charge: usage without a reservation, once per charge id, even over the budget.
+    let charged = client.charge(charge(&p, "edge-1", 500, 3, 2)).await.unwrap().into_inner();
+    assert_eq!((charged.replay, charged.remaining_tokens, charged.remaining_cost_micros), (false, 200, 9_999_985));
+    let replay = client.charge(charge(&p, "edge-1", 500, 3, 2)).await.unwrap().into_inner();
+    assert_eq!((replay.replay, replay.remaining_tokens), (true, 200));
+    let over = client.charge(charge(&p, "edge-2", 400, 0, 1)).await.unwrap().into_inner();
+    assert_eq!((over.replay, over.remaining_tokens), (false, 0));
+    let status = client.status(pb::StatusRequest { principal: Some(p.clone()) }).await.unwrap().into_inner();
+    for s in &status.scopes {
+        assert_eq!((s.used_tokens, s.used_cost_micros, s.requests_today), (1_200, 15, 4), "{:?}", s.scope);
+    }
+    assert!(!client.reserve(reserve(&p, "grpc-4", 1, 0)).await.unwrap().into_inner().admitted);
+    let no_principal = pb::ChargeRequest { principal: None, ..charge(&p, "edge-3", 1, 0, 1) };
+    let no_usage = pb::ChargeRequest { usage: None, ..charge(&p, "edge-3", 1, 0, 1) };
+    for bad in [
+        charge(&p, "", 1, 0, 1),
+        charge(&p, &"x".repeat(300), 1, 0, 1),
+        no_principal,
+        no_usage,
+        charge(&p, "edge-3", -1, 0, 1),
+        charge(&p, "edge-3", 1, -1, 1),
+        charge(&p, "edge-3", 1, 0, -1),
+        charge(&p, "edge-3", 1, 0, 1_000_001),
+    ] {
+        let err = client.charge(bad.clone()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}: {err}");
+        assert_eq!(err.metadata().get(ERROR_CODE_METADATA).unwrap(), "invalid_request");
+    }
+
     assert!(running.admin_get("/readyz").await.starts_with("HTTP/1.1 200"));
     let metrics = running.admin_get("/metrics").await;
     assert!(
@@ -99,6 +128,7 @@ async fn round_trip(running: &Running) {
         "{metrics}"
     );
     assert!(metrics.contains("meshgate_quota_reserve_duration_seconds_count"), "{metrics}");
+    assert!(metrics.contains("meshgate_quota_charges_total{outcome=\"replay\""), "{metrics}");
 }
 
 #[tokio::test]
@@ -193,8 +223,10 @@ async fn unreachable_redis_fails_closed_by_default() {
     }
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
     assert_eq!(metrics.store_errors.with_label_values(&["reserve"]).get(), 3);
-    let err = engine.status(&pb::StatusRequest { principal: Some(p) }).await.unwrap_err();
+    let err = engine.status(&pb::StatusRequest { principal: Some(p.clone()) }).await.unwrap_err();
     assert_eq!(err.code(), ErrorCode::Unavailable);
+    let err = engine.charge(&charge(&p, "down", 10, 0, 1)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
 }
 
 #[tokio::test]
@@ -209,6 +241,11 @@ async fn unreachable_redis_fails_open_when_configured() {
     engine.release(&pb::ReleaseRequest { reservation_id: r.reservation_id }).await.unwrap();
     assert_eq!(metrics.reservations.with_label_values(&["fail_open", "none"]).get(), 1);
     assert_eq!(metrics.store_errors.with_label_values(&["reserve"]).get(), 1);
+    // A charge is never reported done unless the store took it: the caller must retry.
+    let err = engine.charge(&charge(&p, "open", 8, 0, 1)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
+    assert_eq!(metrics.store_errors.with_label_values(&["charge"]).get(), 1);
+    assert_eq!(metrics.charges.with_label_values(&["charged"]).get(), 0);
 }
 
 #[tokio::test]

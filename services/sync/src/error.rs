@@ -21,6 +21,9 @@
 //! | idempotency key reused with another request; retrying a job that is not dead | `Conflict` | `conflict` | ALREADY_EXISTS | 409 |
 //! | the queue's store is down | `Queue` | `service_unavailable` | UNAVAILABLE | 503 |
 //! | the queue's store holds undecodable data | `Queue` | `internal_error` | INTERNAL | 500 |
+//! | `Uplink` without `[sync.cloud] url` | `NotImplemented` | `not_implemented` | UNIMPLEMENTED | 501 |
+//! | the cloud outbox is full (the cloud unreachable for long) | `Outbox` | `overloaded` | RESOURCE_EXHAUSTED | 503 |
+//! | the cloud outbox cannot be written | `Outbox` | `service_unavailable` | UNAVAILABLE | 503 |
 //!
 //! Statuses carry the code in `x-meshgate-error-code`, the retry delay in
 //! `x-meshgate-retry-after` (seconds) and, when the provider answered, its HTTP status in
@@ -77,6 +80,8 @@ pub enum Error {
     Queue(crate::queue::QueueError),
     #[error(transparent)]
     Storage(#[from] meshgate_storage::Error),
+    #[error(transparent)]
+    Outbox(#[from] crate::cloud::OutboxError),
 }
 
 impl From<crate::queue::QueueError> for Error {
@@ -111,6 +116,8 @@ impl Error {
             Error::Conflict(_) => ErrorCode::Conflict,
             Error::Queue(crate::queue::QueueError::Corrupt(_)) => ErrorCode::Internal,
             Error::Queue(_) | Error::Storage(_) => ErrorCode::Unavailable,
+            Error::Outbox(crate::cloud::OutboxError::Full { .. }) => ErrorCode::Overloaded,
+            Error::Outbox(_) => ErrorCode::Unavailable,
         }
     }
 

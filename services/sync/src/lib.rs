@@ -7,12 +7,16 @@
 //!   (see [`queue`]), in Postgres (`[sync.queue] database_url`, or `DATABASE_URL` for the
 //!   `meshgate-sync` binary) or in an on-disk log (`[sync.queue] path`). Without either, the queue
 //!   RPCs answer UNIMPLEMENTED.
+//! - `Uplink`: edge → cloud. With `[sync.cloud] url` and `key` (`MESHGATE_CLOUD_URL`,
+//!   `MESHGATE_CLOUD_KEY`) the traces the gateway hands over are staged in an fsync'd outbox and
+//!   uploaded to the cloud meshgate in idempotent batches (see [`cloud`]).
 //!
 //! Providers are configured in the `[sync]` section (`[[sync.providers]]`) and/or by
 //! `MESHGATE_PROVIDER_<NAME>_*` variables; [`providers`] documents both and is shared with the
 //! router and the gateway.
 
 pub mod anthropic;
+pub mod cloud;
 pub mod error;
 pub mod metrics;
 pub mod providers;
@@ -89,6 +93,8 @@ pub struct Config {
     pub anthropic_max_tokens: i64,
     /// The durable queue (`[sync.queue]`).
     pub queue: QueueConfig,
+    /// Upload of traces to a cloud meshgate (`[sync.cloud]`).
+    pub cloud: cloud::CloudConfig,
 }
 
 /// The durable queue's store and workers (`[sync.queue]`, `MESHGATE_SYNC__QUEUE__*`).
@@ -196,6 +202,7 @@ impl Default for Config {
             retry_max_delay_ms: 10_000,
             anthropic_max_tokens: 4096,
             queue: QueueConfig::default(),
+            cloud: cloud::CloudConfig::default(),
         }
     }
 }
@@ -216,15 +223,18 @@ impl Config {
                 return Err(Error::Config(format!("{field} must be at least 1")));
             }
         }
-        self.queue.validate()
+        self.queue.validate()?;
+        self.cloud.validate()
     }
 
     /// Fills `queue.database_url` from `DATABASE_URL` when neither a database nor a queue
-    /// directory is configured (what the `meshgate-sync` binary does).
+    /// directory is configured, and the cloud's URL and key from `MESHGATE_CLOUD_URL` and
+    /// `MESHGATE_CLOUD_KEY` when unset (what the `meshgate-sync` binary does).
     pub fn with_env_urls(mut self) -> Self {
         if self.queue.database_url.is_none() && self.queue.path.is_none() {
             self.queue.database_url = std::env::var("DATABASE_URL").ok().filter(|v| !v.trim().is_empty());
         }
+        self.cloud = self.cloud.with_env();
         self
     }
 
@@ -288,7 +298,10 @@ pub async fn serve_with_clock(
     if let Some(queue) = &queue {
         tokio::spawn(run_queue(queue.clone(), ready.clone(), queue_config.clone(), clock, shutdown.clone()));
     }
-    let service = SyncServer::new(SyncService::new(upstream, queue.clone()));
+    let cloud_metrics = cloud::CloudMetrics::new();
+    cloud_metrics.register(host.metrics());
+    let uplink = cloud::start(&config.cloud, cloud_metrics, shutdown.clone())?;
+    let service = SyncServer::new(SyncService::new(upstream, queue.clone(), uplink));
     let probe = readiness_probe(store, pool, queue_config.migrate_on_start, ready);
     host.run(service, listeners, probe, shutdown).await?;
     Ok(())

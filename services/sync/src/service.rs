@@ -7,11 +7,12 @@ use futures::{Stream, StreamExt};
 use meshgate_proto::sync::v1::sync_server::Sync as SyncApi;
 use meshgate_proto::sync::v1::{
     CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobStatus, ListJobsRequest, ListJobsResponse,
-    RetryJobRequest,
+    RetryJobRequest, UplinkRequest, UplinkResponse,
 };
 use meshgate_storage::SharedClock;
 use tonic::{Request, Response, Status};
 
+use crate::cloud::Uplink;
 use crate::error::Error;
 use crate::queue::{Dispatcher, JobRecord, JobStore, QueueMetrics, micros, request_hash, validate_idempotency_key};
 use crate::upstream::Upstream;
@@ -139,16 +140,22 @@ fn check_deliverable(upstream: &Upstream, request: &CompleteRequest) -> Result<(
     Ok(())
 }
 
-/// Serves `Complete` over an [`Upstream`] and the queue RPCs over an optional [`Queue`].
+/// Message of `Uplink` when no cloud is configured.
+const NO_CLOUD: &str =
+    "no cloud meshgate is configured: set [sync.cloud] url and key (MESHGATE_CLOUD_URL, MESHGATE_CLOUD_KEY)";
+
+/// Serves `Complete` over an [`Upstream`], the queue RPCs over an optional [`Queue`] and
+/// `Uplink` over an optional cloud [`Uplink`].
 #[derive(Clone)]
 pub struct SyncService {
     upstream: Upstream,
     queue: Option<Queue>,
+    uplink: Option<Uplink>,
 }
 
 impl SyncService {
-    pub fn new(upstream: Upstream, queue: Option<Queue>) -> Self {
-        Self { upstream, queue }
+    pub fn new(upstream: Upstream, queue: Option<Queue>, uplink: Option<Uplink>) -> Self {
+        Self { upstream, queue, uplink }
     }
 
     fn queue(&self) -> Result<&Queue, Error> {
@@ -199,5 +206,11 @@ impl SyncApi for SyncService {
         let request = request.into_inner();
         let job = self.queue()?.retry(&request.id, &request.project_id).await?;
         Ok(Response::new(job.to_proto()))
+    }
+
+    async fn uplink(&self, request: Request<UplinkRequest>) -> Result<Response<UplinkResponse>, Status> {
+        let uplink = self.uplink.as_ref().ok_or(Error::NotImplemented(NO_CLOUD))?;
+        let batch_id = uplink.stage(request.into_inner().traces).await?;
+        Ok(Response::new(UplinkResponse { batch_id }))
     }
 }

@@ -603,7 +603,7 @@ impl Call {
 }
 
 /// `Retry-After` (seconds or an HTTP date) or `retry-after-ms`, in whole seconds rounded up.
-fn retry_after(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<u64> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     if let Some(value) = header("retry-after") {
         if let Ok(seconds) = value.parse::<u64>() {

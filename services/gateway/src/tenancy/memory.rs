@@ -22,6 +22,8 @@ struct State {
     key_ids_by_hash: HashMap<[u8; 32], String>,
     /// Settings of projects that changed theirs; the others have the defaults.
     settings: HashMap<String, ProjectSettingsDoc>,
+    /// (project, batch id) of the edge batches applied.
+    edge_batches: std::collections::HashSet<(String, String)>,
 }
 
 /// The in-memory tenancy store, holding the default tenant from the start.
@@ -210,6 +212,21 @@ impl TenancyStore for MemoryTenancy {
             SettingsKind::SecurityPolicy => settings.security_policy = document.clone(),
             SettingsKind::RequestLimits => settings.request_limits = document.clone(),
         }
+        Ok(())
+    }
+
+    async fn edge_batch_applied(&self, project_id: &str, batch_id: &str) -> Result<bool, TenancyError> {
+        Ok(self.0.lock().edge_batches.contains(&(project_id.to_owned(), batch_id.to_owned())))
+    }
+
+    async fn record_edge_batch(
+        &self,
+        project_id: &str,
+        batch_id: &str,
+        _traces: i64,
+        _at: DateTime<Utc>,
+    ) -> Result<(), TenancyError> {
+        self.0.lock().edge_batches.insert((project_id.to_owned(), batch_id.to_owned()));
         Ok(())
     }
 }

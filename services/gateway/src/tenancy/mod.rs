@@ -98,6 +98,8 @@ pub enum EndpointScope {
     Embeddings,
     Models,
     Jobs,
+    /// Uploads of an edge meshgate's traffic (`POST /v1/sync/batches`).
+    EdgeSync,
     Quota,
     Analytics,
     /// Tenancy and key management.
@@ -258,6 +260,17 @@ pub trait TenancyStore: Send + Sync {
         project_id: &str,
         kind: SettingsKind,
         document: &serde_json::Value,
+    ) -> Result<(), TenancyError>;
+    /// Whether an edge's batch `batch_id` has been applied to the project
+    /// (`POST /v1/sync/batches`).
+    async fn edge_batch_applied(&self, project_id: &str, batch_id: &str) -> Result<bool, TenancyError>;
+    /// Records an edge's batch as applied (a second record of the same id changes nothing).
+    async fn record_edge_batch(
+        &self,
+        project_id: &str,
+        batch_id: &str,
+        traces: i64,
+        at: DateTime<Utc>,
     ) -> Result<(), TenancyError>;
 }
 

@@ -325,4 +325,31 @@ impl TenancyStore for PostgresTenancy {
             .await?;
         if updated == 1 { Ok(()) } else { Err(TenancyError::NotFound(format!("project {project_id}"))) }
     }
+
+    async fn edge_batch_applied(&self, project_id: &str, batch_id: &str) -> Result<bool, TenancyError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT 1 FROM edge_batches WHERE project_id = $1 AND batch_id = $2", &[&project_id, &batch_id])
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn record_edge_batch(
+        &self,
+        project_id: &str,
+        batch_id: &str,
+        traces: i64,
+        at: DateTime<Utc>,
+    ) -> Result<(), TenancyError> {
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO edge_batches (project_id, batch_id, traces, applied_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (project_id, batch_id) DO NOTHING",
+                &[&project_id, &batch_id, &traces, &at],
+            )
+            .await?;
+        Ok(())
+    }
 }

@@ -11,8 +11,8 @@ use meshgate_storage::SharedClock;
 use parking_lot::Mutex;
 
 use super::{
-    ChargeOutcome, CounterView, DirtyUsage, QuotaStore, ReservationState, ReserveInput, ReserveOutcome, SeedRow,
-    SettleOutcome,
+    ChargeAmounts, ChargeOutcome, CounterView, DirtyUsage, QuotaStore, ReservationState, ReserveInput, ReserveOutcome,
+    SeedRow, SettleOutcome,
 };
 use crate::Error;
 use crate::model::{CounterState, LimitName, MinuteState, Scope};
@@ -319,15 +319,15 @@ impl QuotaStore for MemoryStore {
 
     async fn charge(
         &self,
-        reservation_id: &str,
+        record_id: &str,
         counters: &[(Scope, NaiveDate)],
-        tokens: i64,
-        cost_micros: i64,
+        amounts: ChargeAmounts,
+        retention: Duration,
     ) -> Result<ChargeOutcome, Error> {
         let now = self.clock.now();
         let mut guard = self.state.lock();
         let state = &mut *guard;
-        if state.records.get(reservation_id).is_some_and(|r| r.retain_until > now) {
+        if state.records.get(record_id).is_some_and(|r| r.retain_until > now) {
             return Ok(ChargeOutcome::Exists);
         }
         let unseeded = state.unseeded(counters);
@@ -336,16 +336,17 @@ impl QuotaStore for MemoryStore {
         }
         for key in counters {
             let counter = state.counters.entry(key.clone()).or_default();
-            counter.used_tokens += tokens;
-            counter.used_cost_micros += cost_micros;
-            counter.requests += 1;
+            counter.used_tokens += amounts.tokens;
+            counter.used_cost_micros += amounts.cost_micros;
+            counter.requests += amounts.requests;
             if self.track_dirty {
                 *state.dirty.entry(key.clone()).or_default() += 1;
             }
         }
-        let retain_until = now.checked_add_signed(self.retention()).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let retention = TimeDelta::from_std(retention).unwrap_or(TimeDelta::MAX);
+        let retain_until = now.checked_add_signed(retention).unwrap_or(DateTime::<Utc>::MAX_UTC);
         state.records.insert(
-            reservation_id.to_owned(),
+            record_id.to_owned(),
             Record {
                 state: ReservationState::Committed,
                 counters: counters.to_vec(),

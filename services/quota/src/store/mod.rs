@@ -21,6 +21,8 @@
 mod memory;
 mod redis;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 
@@ -79,12 +81,21 @@ pub enum ReserveOutcome {
     Unseeded(Vec<usize>),
 }
 
+/// Usage [`QuotaStore::charge`] adds to every counter it names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChargeAmounts {
+    pub tokens: i64,
+    pub cost_micros: i64,
+    /// Requests to add to the counters' daily request count.
+    pub requests: i64,
+}
+
 /// Result of [`QuotaStore::charge`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeOutcome {
     /// Charged now; counters after it.
     Charged(Vec<CounterState>),
-    /// The store has a record under this reservation id (the reservation, or an earlier charge).
+    /// The store has a record under this id (the reservation, or an earlier charge).
     Exists,
     /// These counters (indexes) must be seeded from the ledger first.
     Unseeded(Vec<usize>),
@@ -163,14 +174,15 @@ pub trait QuotaStore: Send + Sync {
 
     async fn release(&self, reservation_id: &str, now: DateTime<Utc>) -> Result<SettleOutcome, Error>;
 
-    /// Charges usage straight to `counters` under `reservation_id` when the store has no record
-    /// of it (it lost the reservation), once.
+    /// Charges usage straight to `counters` under `record_id` when the store has no record of it
+    /// (a lost reservation, or a charge made without one), once: the settled record written then
+    /// is kept for `retention`, during which the same id answers [`ChargeOutcome::Exists`].
     async fn charge(
         &self,
-        reservation_id: &str,
+        record_id: &str,
         counters: &[(Scope, NaiveDate)],
-        tokens: i64,
-        cost_micros: i64,
+        amounts: ChargeAmounts,
+        retention: Duration,
     ) -> Result<ChargeOutcome, Error>;
 
     /// Seeds counters that are not seeded yet with usage from the ledger.

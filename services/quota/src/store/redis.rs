@@ -5,7 +5,7 @@
 //! | `P gen` | string | limits generation, replaced on every limit change |
 //! | `P c:<YYYYMMDD>:<kind>:<id>` | hash | `ut`/`uc` used tokens/cost, `rt`/`rc` reserved, `n` commits; TTL 3 days after last touch |
 //! | `P z:<YYYYMMDD>:<kind>:<id>` | zset | open reservations `<rid>\|<tokens>\|<cost>` scored by expiry (ms) |
-//! | `P r:<rid>` | hash | reservation record: `st` (r/c/x), `t`, `c`, `m` (zset member), `s` (counter suffixes), `b` (token buckets charged) |
+//! | `P r:<rid>` | hash | reservation (or charge, `chg_…`) record: `st` (r/c/x), `t`, `c`, `m` (zset member), `s` (counter suffixes), `b` (token buckets charged) |
 //! | `P m:<kind>:<id>` | hash | per-minute leaky buckets: levels `r`/`k`, limits `rl`/`kl`, last update `t` (ms) |
 //! | `P dirty` | hash | counter suffix -> change version, for the ledger flusher |
 //!
@@ -24,8 +24,8 @@ use meshgate_storage::{RedisConnection, ping_redis};
 use redis::{Script, Value};
 
 use super::{
-    ChargeOutcome, CounterSpec, CounterView, DirtyUsage, QuotaStore, ReservationState, ReserveInput, ReserveOutcome,
-    SeedRow, SettleOutcome, day_key, parse_day_key,
+    ChargeAmounts, ChargeOutcome, CounterSpec, CounterView, DirtyUsage, QuotaStore, ReservationState, ReserveInput,
+    ReserveOutcome, SeedRow, SettleOutcome, day_key, parse_day_key,
 };
 use crate::Error;
 use crate::model::{CounterState, LimitName, MinuteState, Scope, ScopeKind};
@@ -293,21 +293,22 @@ impl QuotaStore for RedisStore {
 
     async fn charge(
         &self,
-        reservation_id: &str,
+        record_id: &str,
         counters: &[(Scope, NaiveDate)],
-        tokens: i64,
-        cost_micros: i64,
+        amounts: ChargeAmounts,
+        retention: Duration,
     ) -> Result<ChargeOutcome, Error> {
         let suffixes: Vec<String> = counters.iter().map(|(scope, day)| suffix(scope, *day)).collect();
-        let mut invocation = self.charge.key(self.record_key(reservation_id));
+        let mut invocation = self.charge.key(self.record_key(record_id));
         invocation.key(self.key("dirty"));
         for (scope, day) in counters {
             invocation.key(self.counter_keys(scope, *day).0);
         }
         invocation
-            .arg(tokens)
-            .arg(cost_micros)
-            .arg(ms(self.settings.settled_retention))
+            .arg(amounts.tokens)
+            .arg(amounts.cost_micros)
+            .arg(amounts.requests)
+            .arg(ms(retention))
             .arg(ms(COUNTER_TTL))
             .arg(if self.settings.track_dirty { "1" } else { "0" })
             .arg(suffixes.join("\n"));

@@ -66,6 +66,21 @@ pub fn commit(reservation_id: &str, tokens: i64, cost: i64) -> pb::CommitRequest
     }
 }
 
+/// A Charge of `tokens` (split into prompt and completion, no total) and `cost` for `requests`.
+pub fn charge(p: &Principal, charge_id: &str, tokens: i64, cost: i64, requests: i64) -> pb::ChargeRequest {
+    pb::ChargeRequest {
+        charge_id: charge_id.into(),
+        principal: Some(p.clone()),
+        usage: Some(meshgate_proto::common::v1::Usage {
+            prompt_tokens: tokens / 2,
+            completion_tokens: tokens - tokens / 2,
+            total_tokens: 0,
+            cost_micros: cost,
+        }),
+        requests,
+    }
+}
+
 pub fn scope(kind: pb::ScopeKind, id: &str) -> pb::Scope {
     pb::Scope { kind: kind as i32, id: id.into() }
 }

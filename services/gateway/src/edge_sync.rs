@@ -1,0 +1,312 @@
+//! `POST /v1/sync/batches`: the cloud side of edge → cloud. An edge meshgate's sync service
+//! uploads the traces its gateway recorded, in batches (protobuf `EdgeBatch`, usually gzip), with
+//! the uploading key of a cloud project. The traces are attributed to that key's organization,
+//! project, user and key (the edge's own tenant ids are kept in the trace's headers as
+//! `x-meshgate-edge-project`), recorded in analytics, and their usage and cost charged to the
+//! key's budgets, so the cloud sees the edge's traffic exactly once:
+//!
+//! 1. a batch id the project has applied before answers 200 with `duplicate: true`;
+//! 2. the traces are recorded (analytics ignores a trace it already holds);
+//! 3. the batch's usage is charged once under a charge id derived from project and batch id
+//!    (quota answers a replay without charging);
+//! 4. the batch id is recorded as applied.
+//!
+//! A failure or crash between the steps makes the edge send the batch again, and each step
+//! applies it at most once. Usage lands on the day the batch arrives: budgets are enforced on
+//! what the cloud learns when it learns it.
+
+use std::io::Read as _;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use meshgate_proto::analytics::v1::{RecordBatch, Trace};
+use meshgate_proto::common::v1::{Role, Usage};
+use meshgate_proto::quota::v1::ChargeRequest;
+use meshgate_proto::sync::v1::EdgeBatch;
+use meshgate_runtime::{ApiError, ErrorCode};
+use prost::Message as _;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::http::{Edge, authenticate, client_of, error_response, read_body, request_id_of};
+use crate::jobs::IDEMPOTENT_REPLAYED;
+use crate::tenancy::EndpointScope;
+
+/// Content type of an edge batch.
+pub const BATCH_CONTENT_TYPE: &str = "application/x-protobuf";
+/// Largest batch accepted, compressed or not.
+pub const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+/// Traces one batch may carry at most.
+pub const MAX_BATCH_TRACES: usize = 10_000;
+/// Longest batch id.
+const MAX_BATCH_ID_LEN: usize = 128;
+/// Trace header naming the edge project a trace was recorded in.
+pub const EDGE_PROJECT_HEADER: &str = "x-meshgate-edge-project";
+/// Trace header naming the edge batch a trace arrived in.
+pub const EDGE_BATCH_HEADER: &str = "x-meshgate-edge-batch";
+
+/// What the cloud did with a batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EdgeBatchReceipt {
+    batch_id: String,
+    /// Traces in the batch.
+    traces: usize,
+    /// Traces analytics stored now (a trace it already held is not stored again).
+    recorded: i64,
+    /// The batch had been applied before: nothing was recorded or charged now.
+    duplicate: bool,
+}
+
+/// `POST /v1/sync/batches`.
+#[utoipa::path(
+    post,
+    path = "/v1/sync/batches",
+    operation_id = "uploadEdgeBatch",
+    tag = "sync",
+    summary = "Apply a batch of an edge meshgate's traffic",
+    description = "The body is a protobuf `meshgate.sync.v1.EdgeBatch` (`Content-Type: application/x-protobuf`, \
+`Content-Encoding: gzip` or none) whose `batch_id` equals the `Idempotency-Key` header. Its traces are recorded under \
+the key's organization and project and their usage charged to the key's budgets, once: a batch id applied before \
+answers 200 with `duplicate: true` and changes nothing. Needs a key allowed `edge_sync` and a role above viewer.",
+    params(
+        ("idempotency-key" = String, Header, description = "The batch id: 1–128 of `A-Za-z0-9-_.:`."),
+        ("content-encoding" = Option<String>, Header, description = "`gzip`, or none."),
+    ),
+    request_body(content = Vec<u8>, content_type = "application/x-protobuf", description = "A `meshgate.sync.v1.EdgeBatch`."),
+    responses((status = 200, description = "The batch is applied (now, or before: `duplicate`)", body = EdgeBatchReceipt))
+)]
+pub async fn upload_batch(State(edge): State<Edge>, request: Request) -> Response {
+    let id = request_id_of(&request);
+    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let (parts, body) = request.into_parts();
+    let result = async {
+        let caller = caller?;
+        caller.require(EndpointScope::EdgeSync)?;
+        if !caller.platform_admin && caller.role() <= Role::Viewer {
+            return Err(ApiError::new(ErrorCode::PermissionDenied, "a viewer may not upload usage"));
+        }
+        let batch_key = idempotency_key(&parts.headers)?;
+        check_content_type(&parts.headers)?;
+        let raw = read_body(body, &parts.headers, MAX_BATCH_BYTES).await?;
+        let batch = decode_batch(&parts.headers, &raw)?;
+        if batch.batch_id != batch_key {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key must equal the body's batch_id"));
+        }
+        apply(&edge, &caller, batch).await
+    }
+    .await;
+    match result {
+        Ok((receipt, duplicate)) => {
+            let mut response = (StatusCode::OK, axum::Json(receipt)).into_response();
+            if duplicate {
+                response.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+            }
+            response
+        }
+        Err(err) => error_response(&err, &id),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest, message)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let key = headers
+        .get("idempotency-key")
+        .ok_or_else(|| invalid("Idempotency-Key (the batch id) is required"))?
+        .to_str()
+        .map_err(|_| invalid("Idempotency-Key must be visible ASCII"))?;
+    valid_batch_id(key)?;
+    Ok(key.to_owned())
+}
+
+fn valid_batch_id(id: &str) -> Result<(), ApiError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
+    if id.is_empty() || id.len() > MAX_BATCH_ID_LEN || !id.chars().all(allowed) {
+        return Err(invalid(format!("a batch id is 1 to {MAX_BATCH_ID_LEN} of A-Za-z0-9-_.: (got {id:?})")));
+    }
+    Ok(())
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let media = content_type.split(';').next().unwrap_or_default().trim();
+    if media.eq_ignore_ascii_case(BATCH_CONTENT_TYPE) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            format!("an edge batch is {BATCH_CONTENT_TYPE} (got {content_type:?})"),
+        ))
+    }
+}
+
+/// The batch in `raw`, decompressed as `Content-Encoding` says, within [`MAX_BATCH_BYTES`].
+fn decode_batch(headers: &HeaderMap, raw: &[u8]) -> Result<EdgeBatch, ApiError> {
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("identity").trim();
+    let inflated;
+    let bytes = match encoding.to_ascii_lowercase().as_str() {
+        "identity" | "" => raw,
+        "gzip" => {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(raw)
+                .take(MAX_BATCH_BYTES as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|err| invalid(format!("the body is not valid gzip: {err}")))?;
+            if out.len() > MAX_BATCH_BYTES {
+                return Err(ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("the batch exceeds {MAX_BATCH_BYTES} bytes uncompressed"),
+                ));
+            }
+            inflated = out;
+            &inflated
+        }
+        other => {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                format!("Content-Encoding {other:?} is not supported (gzip or none)"),
+            ));
+        }
+    };
+    let batch = EdgeBatch::decode(bytes).map_err(|err| invalid(format!("the body is not an EdgeBatch: {err}")))?;
+    valid_batch_id(&batch.batch_id)?;
+    if batch.traces.is_empty() || batch.traces.len() > MAX_BATCH_TRACES {
+        return Err(invalid(format!("a batch carries 1 to {MAX_BATCH_TRACES} traces (got {})", batch.traces.len())));
+    }
+    Ok(batch)
+}
+
+/// The batch's total usage; refuses negative or overflowing figures.
+fn batch_usage(traces: &[Trace]) -> Result<Usage, ApiError> {
+    let mut total = Usage::default();
+    for trace in traces {
+        let usage = trace.usage.unwrap_or_default();
+        let tokens =
+            if usage.total_tokens > 0 { usage.total_tokens } else { usage.prompt_tokens + usage.completion_tokens };
+        for (field, value) in [
+            ("prompt_tokens", usage.prompt_tokens),
+            ("completion_tokens", usage.completion_tokens),
+            ("total_tokens", usage.total_tokens),
+            ("cost_micros", usage.cost_micros),
+        ] {
+            if value < 0 {
+                return Err(invalid(format!("trace {}: usage.{field} is negative", trace.request_id)));
+            }
+        }
+        let add = |a: i64, b: i64| a.checked_add(b).ok_or_else(|| invalid("the batch's usage overflows"));
+        total.prompt_tokens = add(total.prompt_tokens, usage.prompt_tokens)?;
+        total.completion_tokens = add(total.completion_tokens, usage.completion_tokens)?;
+        total.total_tokens = add(total.total_tokens, tokens)?;
+        total.cost_micros = add(total.cost_micros, usage.cost_micros)?;
+    }
+    Ok(total)
+}
+
+/// The quota charge id of a project's batch: bounded, and distinct per project so one project
+/// cannot spend another's batch id.
+fn charge_id(project_id: &str, batch_id: &str) -> String {
+    let digest = Sha256::new().chain_update(project_id).chain_update([0]).chain_update(batch_id).finalize();
+    format!("edge:{}", hex::encode(&digest[..16]))
+}
+
+async fn apply(edge: &Edge, caller: &Caller, batch: EdgeBatch) -> Result<(EdgeBatchReceipt, bool), ApiError> {
+    let project_id = caller.principal.project_id.clone();
+    let store = edge.auth.store();
+    let count = batch.traces.len();
+    if store.edge_batch_applied(&project_id, &batch.batch_id).await? {
+        edge.metrics.edge_batches.with_label_values(&["duplicate"]).inc();
+        let receipt = EdgeBatchReceipt { batch_id: batch.batch_id, traces: count, recorded: 0, duplicate: true };
+        return Ok((receipt, true));
+    }
+    let usage = batch_usage(&batch.traces)?;
+    let traces: Vec<Trace> = batch
+        .traces
+        .into_iter()
+        .map(|mut trace| {
+            let edge_project = trace.principal.take().map(|p| p.project_id).unwrap_or_default();
+            trace.principal = Some(caller.principal.clone());
+            trace.headers.insert(EDGE_PROJECT_HEADER.into(), edge_project);
+            trace.headers.insert(EDGE_BATCH_HEADER.into(), batch.batch_id.clone());
+            trace
+        })
+        .collect();
+    let peers = edge.orchestrator.peers();
+    let deadline = edge.orchestrator.peer_timeout().max(std::time::Duration::from_secs(10));
+    let timed_out = |what: &str| ApiError::new(ErrorCode::Timeout, format!("{what} did not answer in time"));
+    let recorded =
+        tokio::time::timeout(deadline, peers.analytics.clone().record(futures::stream::iter([RecordBatch { traces }])))
+            .await
+            .map_err(|_| timed_out("analytics"))?
+            .map_err(|status| ApiError::from_status(&status))?
+            .into_inner()
+            .accepted;
+    let charge = ChargeRequest {
+        charge_id: charge_id(&project_id, &batch.batch_id),
+        principal: Some(caller.principal.clone()),
+        usage: Some(usage),
+        requests: count as i64,
+    };
+    tokio::time::timeout(deadline, peers.quota.clone().charge(charge))
+        .await
+        .map_err(|_| timed_out("quota"))?
+        .map_err(|status| ApiError::from_status(&status))?;
+    store.record_edge_batch(&project_id, &batch.batch_id, count as i64, Utc::now()).await?;
+    edge.metrics.edge_batches.with_label_values(&["applied"]).inc();
+    Ok((EdgeBatchReceipt { batch_id: batch.batch_id, traces: count, recorded, duplicate: false }, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charge_ids_are_bounded_and_per_project() {
+        let a = charge_id("p1", "edge-1");
+        assert_eq!(a, charge_id("p1", "edge-1"));
+        assert_ne!(a, charge_id("p2", "edge-1"));
+        assert_ne!(charge_id("p1", "x"), charge_id("p1x", ""), "the separator keeps fields apart");
+        assert_eq!(a.len(), "edge:".len() + 32);
+    }
+
+    #[test]
+    fn bodies_are_checked_before_anything_is_applied() {
+        let batch =
+            EdgeBatch { batch_id: "e-1".into(), traces: vec![Trace { request_id: "r1".into(), ..Default::default() }] };
+        let mut headers = HeaderMap::new();
+        assert_eq!(decode_batch(&headers, &batch.encode_to_vec()).unwrap(), batch);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &batch.encode_to_vec()).unwrap();
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert_eq!(decode_batch(&headers, &gz.finish().unwrap()).unwrap(), batch);
+        assert_eq!(decode_batch(&headers, b"not gzip").unwrap_err().code, ErrorCode::InvalidRequest);
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("br"));
+        assert_eq!(decode_batch(&headers, b"x").unwrap_err().code, ErrorCode::UnsupportedMediaType);
+        headers.remove(header::CONTENT_ENCODING);
+        assert_eq!(decode_batch(&headers, b"\xff\xff\xff").unwrap_err().code, ErrorCode::InvalidRequest);
+        let empty = EdgeBatch { batch_id: "e-2".into(), traces: vec![] };
+        assert_eq!(decode_batch(&headers, &empty.encode_to_vec()).unwrap_err().code, ErrorCode::InvalidRequest);
+        let bad_id = EdgeBatch { batch_id: "a b".into(), ..batch };
+        assert_eq!(decode_batch(&headers, &bad_id.encode_to_vec()).unwrap_err().code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn usage_adds_up_and_refuses_negative_figures() {
+        let trace = |tokens: i64, cost: i64| Trace {
+            usage: Some(Usage { prompt_tokens: tokens, completion_tokens: 1, total_tokens: 0, cost_micros: cost }),
+            ..Default::default()
+        };
+        let total = batch_usage(&[trace(10, 5), trace(2, 7)]).unwrap();
+        assert_eq!(
+            (total.prompt_tokens, total.completion_tokens, total.total_tokens, total.cost_micros),
+            (12, 2, 14, 12)
+        );
+        assert!(batch_usage(&[trace(-1, 0)]).is_err());
+        assert!(batch_usage(&[trace(0, i64::MAX), trace(0, 1)]).is_err());
+    }
+}

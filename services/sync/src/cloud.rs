@@ -1,0 +1,678 @@
+//! Edge → cloud: a meshgate pointed at a cloud meshgate (`[sync.cloud] url` and `key`, or
+//! `MESHGATE_CLOUD_URL` and `MESHGATE_CLOUD_KEY`) uploads the traces its gateway records — with
+//! their usage and cost — so the cloud's analytics and budgets see the edge's traffic once.
+//!
+//! The gateway hands each batch of traces to `Sync.Uplink`, which stages it in the [`Outbox`]: one
+//! file per batch, written to a temporary name, fsync'd, renamed, the directory fsync'd, before
+//! the RPC answers. The [`Uploader`] sends the oldest staged batch to the cloud's
+//! `POST /v1/sync/batches` (protobuf [`EdgeBatch`], gzip) with `Idempotency-Key: <batch id>` and
+//! deletes the file only after a 2xx. A batch id is `<outbox id>-<sequence>`: the outbox id is
+//! drawn once and kept in the directory, so a batch keeps its id across retries and restarts
+//! and the cloud applies it once. Failures are retried with backoff 1 s·2ⁿ capped at 30 s
+//! (`Retry-After` honoured); a batch the cloud refuses as malformed (400, 413, 422) is moved to
+//! `<outbox>/rejected/` and kept for inspection rather than retried forever or deleted.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshgate_proto::analytics::v1::Trace;
+use meshgate_proto::sync::v1::EdgeBatch;
+use meshgate_runtime::Shutdown;
+use parking_lot::Mutex;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::Error;
+use crate::queue::RetryPolicy;
+
+/// Path of the cloud's batch endpoint, appended to `[sync.cloud] url`.
+pub const BATCHES_PATH: &str = "/v1/sync/batches";
+/// Content type of an [`EdgeBatch`] body.
+pub const BATCH_CONTENT_TYPE: &str = "application/x-protobuf";
+/// Traces one `Uplink` call may stage at most.
+pub const MAX_UPLINK_TRACES: usize = 10_000;
+
+const ID_FILE: &str = "outbox.id";
+const LOCK_FILE: &str = "outbox.lock";
+const REJECTED_DIR: &str = "rejected";
+const BATCH_PREFIX: &str = "batch-";
+const BATCH_SUFFIX: &str = ".pb";
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Upload of this meshgate's traces to a cloud meshgate (`[sync.cloud]`, `MESHGATE_SYNC__CLOUD__*`).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// Base URL of the cloud meshgate's edge, e.g. `https://gateway.example.com`
+    /// (`MESHGATE_CLOUD_URL`). Without it nothing is uploaded.
+    pub url: Option<String>,
+    /// API key of the cloud project the edge's traffic is charged to (`MESHGATE_CLOUD_KEY`).
+    pub key: Option<String>,
+    /// Directory of the outbox (standalone: `<data_dir>/cloud-outbox`).
+    pub outbox: Option<PathBuf>,
+    /// Staged bytes at most; past it `Uplink` answers RESOURCE_EXHAUSTED and the gateway counts
+    /// the traces as dropped.
+    pub max_outbox_bytes: u64,
+    /// Time allowed for one upload, connect to answer.
+    pub timeout_ms: u64,
+    /// Wait after the first failed upload; doubles per failure.
+    pub backoff_base_ms: u64,
+    /// Longest wait between uploads of a failing batch, `Retry-After` included.
+    pub backoff_cap_ms: u64,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key: None,
+            outbox: None,
+            max_outbox_bytes: 1 << 30,
+            timeout_ms: 30_000,
+            backoff_base_ms: 1_000,
+            backoff_cap_ms: 30_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for CloudConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudConfig")
+            .field("url", &self.url)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("outbox", &self.outbox)
+            .field("max_outbox_bytes", &self.max_outbox_bytes)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("backoff_base_ms", &self.backoff_base_ms)
+            .field("backoff_cap_ms", &self.backoff_cap_ms)
+            .finish()
+    }
+}
+
+impl CloudConfig {
+    /// Whether uploads are configured.
+    pub fn enabled(&self) -> bool {
+        self.url.is_some()
+    }
+
+    /// Fills `url` and `key` from `MESHGATE_CLOUD_URL` and `MESHGATE_CLOUD_KEY` when unset.
+    pub fn with_env(mut self) -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        if self.url.is_none() {
+            self.url = var("MESHGATE_CLOUD_URL");
+        }
+        if self.key.is_none() {
+            self.key = var("MESHGATE_CLOUD_KEY");
+        }
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let invalid = |m: &str| Err(Error::Config(format!("cloud.{m}")));
+        let Some(url) = &self.url else { return Ok(()) };
+        match reqwest::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => {}
+            _ => return invalid(&format!("url must be an http(s) URL (got {url:?})")),
+        }
+        if self.key.as_deref().is_none_or(|k| k.trim().is_empty()) {
+            return invalid("key is required with cloud.url (MESHGATE_CLOUD_KEY)");
+        }
+        if self.outbox.is_none() {
+            return invalid("outbox (a directory) is required with cloud.url");
+        }
+        for (field, value) in [
+            ("max_outbox_bytes", self.max_outbox_bytes),
+            ("timeout_ms", self.timeout_ms),
+            ("backoff_base_ms", self.backoff_base_ms),
+            ("backoff_cap_ms", self.backoff_cap_ms),
+        ] {
+            if value == 0 {
+                return invalid(&format!("{field} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    fn endpoint(&self) -> String {
+        format!("{}{BATCHES_PATH}", self.url.as_deref().unwrap_or_default().trim_end_matches('/'))
+    }
+}
+
+/// Failures of the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("{context} {path}: {source}")]
+    Io { context: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("another process is using the cloud outbox in {0} (it holds {LOCK_FILE})")]
+    Locked(PathBuf),
+    #[error("the cloud outbox is full ({bytes} of {max} bytes staged): the cloud has been unreachable for long")]
+    Full { bytes: u64, max: u64 },
+}
+
+fn io(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OutboxError {
+    let path = path.to_path_buf();
+    move |source| OutboxError::Io { context, path, source }
+}
+
+/// A staged batch waiting for upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedBatch {
+    pub sequence: u64,
+    pub batch_id: String,
+    /// The encoded [`EdgeBatch`].
+    pub body: Vec<u8>,
+}
+
+/// The fsync'd directory of batches waiting for upload; see the module documentation.
+pub struct Outbox {
+    dir: PathBuf,
+    id: String,
+    max_bytes: u64,
+    state: Mutex<OutboxState>,
+    staged: Notify,
+    /// Kept open: the exclusive lock lives as long as the file handle.
+    _lock: File,
+}
+
+struct OutboxState {
+    next_sequence: u64,
+    /// Sequence → file size of every staged batch.
+    pending: BTreeMap<u64, u64>,
+    bytes: u64,
+}
+
+impl Outbox {
+    /// Opens (creating it if needed) the outbox in `dir`. Fails when another process holds it.
+    pub fn open(dir: impl AsRef<Path>, max_bytes: u64) -> Result<Self, OutboxError> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(dir.join(REJECTED_DIR)).map_err(io("cannot create", &dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("cannot open", &lock_path))?;
+        lock.try_lock().map_err(|err| match err {
+            std::fs::TryLockError::WouldBlock => OutboxError::Locked(dir.clone()),
+            std::fs::TryLockError::Error(e) => io("cannot lock", &lock_path)(e),
+        })?;
+        let id = outbox_id(&dir)?;
+        let mut pending = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).map_err(io("cannot list", &dir))? {
+            let entry = entry.map_err(io("cannot list", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TMP_PREFIX) {
+                // A batch whose staging never finished was never acknowledged to the gateway.
+                std::fs::remove_file(entry.path()).map_err(io("cannot remove", &entry.path()))?;
+            } else if let Some(sequence) = parse_batch_name(&name) {
+                let size = entry.metadata().map_err(io("cannot stat", &entry.path()))?.len();
+                pending.insert(sequence, size);
+            }
+        }
+        let next_sequence = pending.keys().next_back().map_or(1, |last| last + 1);
+        let bytes = pending.values().sum();
+        tracing::info!(dir = %dir.display(), batches = pending.len(), bytes, "cloud outbox opened");
+        Ok(Self {
+            dir,
+            id,
+            max_bytes,
+            state: Mutex::new(OutboxState { next_sequence, pending, bytes }),
+            staged: Notify::new(),
+            _lock: lock,
+        })
+    }
+
+    /// The id every batch id of this outbox starts with.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Staged batches and their bytes.
+    pub fn pending(&self) -> (usize, u64) {
+        let state = self.state.lock();
+        (state.pending.len(), state.bytes)
+    }
+
+    /// Writes `traces` as one batch, durably, and returns its id. Blocking (it fsyncs).
+    pub fn stage(&self, traces: Vec<Trace>) -> Result<String, OutboxError> {
+        let mut state = self.state.lock();
+        let sequence = state.next_sequence;
+        let batch_id = self.batch_id(sequence);
+        let body = EdgeBatch { batch_id: batch_id.clone(), traces }.encode_to_vec();
+        let size = body.len() as u64;
+        if state.bytes + size > self.max_bytes {
+            return Err(OutboxError::Full { bytes: state.bytes, max: self.max_bytes });
+        }
+        let tmp = self.dir.join(format!("{TMP_PREFIX}{sequence}"));
+        let mut file = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+        file.write_all(&body).map_err(io("cannot write", &tmp))?;
+        file.sync_all().map_err(io("cannot fsync", &tmp))?;
+        let path = self.batch_path(sequence);
+        std::fs::rename(&tmp, &path).map_err(io("cannot rename", &tmp))?;
+        sync_dir(&self.dir)?;
+        state.next_sequence += 1;
+        state.pending.insert(sequence, size);
+        state.bytes += size;
+        drop(state);
+        self.staged.notify_one();
+        Ok(batch_id)
+    }
+
+    /// The oldest staged batch. Blocking (it reads the file).
+    pub fn oldest(&self) -> Result<Option<StagedBatch>, OutboxError> {
+        let Some(sequence) = self.state.lock().pending.keys().next().copied() else { return Ok(None) };
+        let path = self.batch_path(sequence);
+        let body = std::fs::read(&path).map_err(io("cannot read", &path))?;
+        Ok(Some(StagedBatch { sequence, batch_id: self.batch_id(sequence), body }))
+    }
+
+    /// Deletes a delivered batch. Blocking.
+    pub fn delivered(&self, sequence: u64) -> Result<(), OutboxError> {
+        let path = self.batch_path(sequence);
+        std::fs::remove_file(&path).map_err(io("cannot remove", &path))?;
+        sync_dir(&self.dir)?;
+        self.forget(sequence);
+        Ok(())
+    }
+
+    /// Moves a batch the cloud refused as malformed to `rejected/`. Blocking.
+    pub fn reject(&self, sequence: u64) -> Result<(), OutboxError> {
+        let path = self.batch_path(sequence);
+        let rejected = self.dir.join(REJECTED_DIR);
+        let target = rejected.join(path.file_name().unwrap_or_default());
+        std::fs::rename(&path, &target).map_err(io("cannot move", &path))?;
+        sync_dir(&rejected)?;
+        sync_dir(&self.dir)?;
+        self.forget(sequence);
+        Ok(())
+    }
+
+    fn forget(&self, sequence: u64) {
+        let mut state = self.state.lock();
+        if let Some(size) = state.pending.remove(&sequence) {
+            state.bytes -= size;
+        }
+    }
+
+    fn batch_id(&self, sequence: u64) -> String {
+        format!("{}-{sequence}", self.id)
+    }
+
+    fn batch_path(&self, sequence: u64) -> PathBuf {
+        self.dir.join(format!("{BATCH_PREFIX}{sequence:020}{BATCH_SUFFIX}"))
+    }
+}
+
+fn parse_batch_name(name: &str) -> Option<u64> {
+    name.strip_prefix(BATCH_PREFIX)?.strip_suffix(BATCH_SUFFIX)?.parse().ok()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), OutboxError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io("cannot fsync", dir))
+}
+
+/// The outbox's id, drawn and stored durably the first time.
+fn outbox_id(dir: &Path) -> Result<String, OutboxError> {
+    let path = dir.join(ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(io("cannot read", &path)(err)),
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let tmp = dir.join(format!("{TMP_PREFIX}{ID_FILE}"));
+    let mut file = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+    file.write_all(id.as_bytes()).and_then(|()| file.sync_all()).map_err(io("cannot write", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("cannot rename", &tmp))?;
+    sync_dir(dir)?;
+    Ok(id)
+}
+
+/// Counters of the uplink, registered in the sync service's registry.
+#[derive(Clone)]
+pub struct CloudMetrics {
+    staged_traces: IntCounter,
+    uploads: IntCounterVec,
+    outbox_batches: IntGauge,
+    outbox_bytes: IntGauge,
+}
+
+impl Default for CloudMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CloudMetrics {
+    pub fn new() -> Self {
+        let staged_traces =
+            IntCounter::new("meshgate_sync_cloud_staged_traces_total", "Traces staged in the cloud outbox")
+                .expect("static metric options are valid");
+        let uploads = IntCounterVec::new(
+            Opts::new(
+                "meshgate_sync_cloud_uploads_total",
+                "Batch uploads to the cloud by outcome: delivered, retried, rejected (moved aside)",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric options are valid");
+        let outbox_batches = IntGauge::new("meshgate_sync_cloud_outbox_batches", "Batches waiting for upload")
+            .expect("static metric options are valid");
+        let outbox_bytes = IntGauge::new("meshgate_sync_cloud_outbox_bytes", "Bytes waiting for upload")
+            .expect("static metric options are valid");
+        Self { staged_traces, uploads, outbox_batches, outbox_bytes }
+    }
+
+    pub fn register(&self, metrics: &meshgate_runtime::Metrics) {
+        metrics.register(Box::new(self.staged_traces.clone()));
+        metrics.register(Box::new(self.uploads.clone()));
+        metrics.register(Box::new(self.outbox_batches.clone()));
+        metrics.register(Box::new(self.outbox_bytes.clone()));
+    }
+
+    fn observe(&self, outbox: &Outbox) {
+        let (batches, bytes) = outbox.pending();
+        self.outbox_batches.set(batches as i64);
+        self.outbox_bytes.set(bytes as i64);
+    }
+}
+
+/// The staging side, used by the `Uplink` RPC.
+#[derive(Clone)]
+pub struct Uplink {
+    outbox: Arc<Outbox>,
+    metrics: CloudMetrics,
+}
+
+impl Uplink {
+    pub fn new(outbox: Arc<Outbox>, metrics: CloudMetrics) -> Self {
+        metrics.observe(&outbox);
+        Self { outbox, metrics }
+    }
+
+    /// Stages `traces` durably; the batch id once they are on disk.
+    pub async fn stage(&self, traces: Vec<Trace>) -> Result<String, Error> {
+        if traces.is_empty() {
+            return Err(Error::InvalidRequest("traces must not be empty".into()));
+        }
+        if traces.len() > MAX_UPLINK_TRACES {
+            return Err(Error::InvalidRequest(format!(
+                "at most {MAX_UPLINK_TRACES} traces per call (got {})",
+                traces.len()
+            )));
+        }
+        if let Some(trace) = traces.iter().find(|t| t.request_id.trim().is_empty()) {
+            return Err(Error::InvalidRequest(format!("a trace has no request_id (trace_id {:?})", trace.trace_id)));
+        }
+        let count = traces.len() as u64;
+        let outbox = self.outbox.clone();
+        let staged = tokio::task::spawn_blocking(move || outbox.stage(traces)).await.map_err(|e| {
+            Error::Outbox(OutboxError::Io { context: "staging task", path: PathBuf::new(), source: e.into() })
+        })?;
+        self.metrics.observe(&self.outbox);
+        let batch_id = staged?;
+        self.metrics.staged_traces.inc_by(count);
+        Ok(batch_id)
+    }
+}
+
+/// What one upload attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// 2xx: the cloud has applied the batch (now or before).
+    Delivered,
+    /// The cloud refused the batch as malformed: retrying cannot help.
+    Rejected(String),
+    /// Unreachable, overloaded, or refusing the key: try again after the wait (or the backoff).
+    Retry { reason: String, after: Option<Duration> },
+}
+
+/// Sends staged batches to the cloud, oldest first, one at a time.
+pub struct Uploader {
+    outbox: Arc<Outbox>,
+    http: reqwest::Client,
+    endpoint: String,
+    key: String,
+    policy: RetryPolicy,
+    metrics: CloudMetrics,
+}
+
+impl Uploader {
+    pub fn new(outbox: Arc<Outbox>, config: &CloudConfig, metrics: CloudMetrics) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_millis(config.timeout_ms.min(10_000)))
+            .build()
+            .map_err(|e| Error::HttpClient(e.to_string()))?;
+        Ok(Self {
+            outbox,
+            http,
+            endpoint: config.endpoint(),
+            key: config.key.clone().unwrap_or_default(),
+            policy: RetryPolicy {
+                max_attempts: i32::MAX,
+                base: Duration::from_millis(config.backoff_base_ms),
+                cap: Duration::from_millis(config.backoff_cap_ms),
+            },
+            metrics,
+        })
+    }
+
+    /// Uploads until `shutdown`; a batch interrupted by it is sent again on the next start.
+    pub async fn run(self, shutdown: Shutdown) {
+        let mut failures: i32 = 0;
+        let mut failing_since_logged = false;
+        loop {
+            let outbox = self.outbox.clone();
+            let next = match tokio::task::spawn_blocking(move || outbox.oldest()).await {
+                Ok(next) => next,
+                Err(err) => Err(OutboxError::Io { context: "reading task", path: PathBuf::new(), source: err.into() }),
+            };
+            let wait = match next {
+                Ok(None) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = self.outbox.staged.notified() => continue,
+                    }
+                }
+                Ok(Some(batch)) => match self.upload(&batch).await {
+                    UploadOutcome::Delivered => {
+                        self.metrics.uploads.with_label_values(&["delivered"]).inc();
+                        if failing_since_logged {
+                            tracing::info!(batch_id = batch.batch_id, "cloud reachable again; uploads flowing");
+                            failing_since_logged = false;
+                        }
+                        failures = 0;
+                        self.settle(batch.sequence, Outbox::delivered).await
+                    }
+                    UploadOutcome::Rejected(reason) => {
+                        self.metrics.uploads.with_label_values(&["rejected"]).inc();
+                        tracing::error!(
+                            batch_id = batch.batch_id,
+                            reason,
+                            "the cloud refused a batch; moved to rejected/"
+                        );
+                        self.settle(batch.sequence, Outbox::reject).await
+                    }
+                    UploadOutcome::Retry { reason, after } => {
+                        self.metrics.uploads.with_label_values(&["retried"]).inc();
+                        failures = failures.saturating_add(1);
+                        let backoff = self.policy.backoff(failures);
+                        let wait = after.map_or(backoff, |after| after.min(self.policy.cap));
+                        if !failing_since_logged {
+                            tracing::warn!(
+                                batch_id = batch.batch_id,
+                                reason,
+                                ?wait,
+                                "cannot upload to the cloud; retrying"
+                            );
+                            failing_since_logged = true;
+                        }
+                        Some(wait)
+                    }
+                },
+                Err(err) => {
+                    tracing::error!(error = %err, "cloud outbox unreadable; retrying");
+                    failures = failures.saturating_add(1);
+                    Some(self.policy.backoff(failures))
+                }
+            };
+            self.metrics.observe(&self.outbox);
+            if let Some(wait) = wait {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+
+    /// Applies a settled batch to the outbox; a failure to is retried after a pause.
+    async fn settle(&self, sequence: u64, apply: fn(&Outbox, u64) -> Result<(), OutboxError>) -> Option<Duration> {
+        let outbox = self.outbox.clone();
+        match tokio::task::spawn_blocking(move || apply(&outbox, sequence)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "cloud outbox: cannot settle a batch");
+                Some(self.policy.cap)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cloud outbox: the settling task failed");
+                Some(self.policy.cap)
+            }
+        }
+    }
+
+    /// One upload attempt of `batch`.
+    pub async fn upload(&self, batch: &StagedBatch) -> UploadOutcome {
+        let body = match gzip(&batch.body) {
+            Ok(body) => body,
+            Err(err) => return UploadOutcome::Retry { reason: format!("cannot compress: {err}"), after: None },
+        };
+        let sent = self
+            .http
+            .post(&self.endpoint)
+            .bearer_auth(&self.key)
+            .header("idempotency-key", &batch.batch_id)
+            .header(reqwest::header::CONTENT_TYPE, BATCH_CONTENT_TYPE)
+            .header(reqwest::header::CONTENT_ENCODING, "gzip")
+            .body(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(err) => return UploadOutcome::Retry { reason: format!("unreachable: {err}"), after: None },
+        };
+        let status = response.status();
+        if status.is_success() {
+            return UploadOutcome::Delivered;
+        }
+        let after = crate::upstream::retry_after(response.headers()).map(Duration::from_secs);
+        let text = response.text().await.unwrap_or_default();
+        let reason = format!("{status}: {}", text.chars().take(500).collect::<String>());
+        match status.as_u16() {
+            400 | 413 | 422 => UploadOutcome::Rejected(reason),
+            _ => UploadOutcome::Retry { reason, after },
+        }
+    }
+}
+
+fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
+    encoder.write_all(body)?;
+    encoder.finish()
+}
+
+/// The outbox, the staging side and the uploader of `config`, or `None` when no cloud is set.
+pub fn start(config: &CloudConfig, metrics: CloudMetrics, shutdown: Shutdown) -> Result<Option<Uplink>, Error> {
+    if !config.enabled() {
+        return Ok(None);
+    }
+    let dir = config.outbox.as_ref().ok_or_else(|| Error::Config("cloud.outbox is required".into()))?;
+    let outbox = Arc::new(Outbox::open(dir, config.max_outbox_bytes)?);
+    let uploader = Uploader::new(outbox.clone(), config, metrics.clone())?;
+    tracing::info!(endpoint = uploader.endpoint, outbox = outbox.id(), "sync: uploading traces to the cloud");
+    tokio::spawn(uploader.run(shutdown));
+    Ok(Some(Uplink::new(outbox, metrics)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(id: &str) -> Trace {
+        Trace { request_id: id.into(), ..Default::default() }
+    }
+
+    fn decode(batch: &StagedBatch) -> EdgeBatch {
+        EdgeBatch::decode(batch.body.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn batches_survive_a_reopen_in_order_with_stable_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let first = outbox.stage(vec![trace("a"), trace("b")]).unwrap();
+        let second = outbox.stage(vec![trace("c")]).unwrap();
+        assert_ne!(first, second);
+        assert!(first.starts_with(outbox.id()));
+        let id = outbox.id().to_owned();
+        drop(outbox);
+
+        // A torn staging (a crash before the rename) was never acknowledged: it is discarded.
+        std::fs::write(dir.path().join(format!("{TMP_PREFIX}99")), b"partial").unwrap();
+        let outbox = Outbox::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(outbox.id(), id, "the outbox keeps its id");
+        assert_eq!(outbox.pending().0, 2);
+        let oldest = outbox.oldest().unwrap().unwrap();
+        assert_eq!(oldest.batch_id, first);
+        let ids: Vec<String> = decode(&oldest).traces.into_iter().map(|t| t.request_id).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!(decode(&oldest).batch_id, first, "the body names its batch");
+        outbox.delivered(oldest.sequence).unwrap();
+        assert_eq!(outbox.oldest().unwrap().unwrap().batch_id, second);
+
+        let third = outbox.stage(vec![trace("d")]).unwrap();
+        assert!(!dir.path().join(format!("{TMP_PREFIX}99")).exists());
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let next = outbox.oldest().unwrap().unwrap();
+        assert_eq!(next.batch_id, second);
+        outbox.reject(next.sequence).unwrap();
+        assert_eq!(outbox.oldest().unwrap().unwrap().batch_id, third, "sequences never go back");
+        assert_eq!(std::fs::read_dir(dir.path().join(REJECTED_DIR)).unwrap().count(), 1, "a rejected batch is kept");
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_and_one_process_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), 64).unwrap();
+        let big = Trace { request_id: "x".repeat(100), ..Default::default() };
+        assert!(matches!(outbox.stage(vec![big]), Err(OutboxError::Full { .. })));
+        assert_eq!(outbox.pending(), (0, 0));
+        assert!(outbox.stage(vec![trace("small")]).is_ok());
+        assert!(matches!(Outbox::open(dir.path(), 64), Err(OutboxError::Locked(_))));
+    }
+
+    #[test]
+    fn the_config_needs_a_key_and_an_outbox_with_a_url() {
+        let mut config = CloudConfig { url: Some("https://cloud.example.com".into()), ..Default::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("key"));
+        config.key = Some("sk-edge".into());
+        assert!(config.validate().unwrap_err().to_string().contains("outbox"));
+        config.outbox = Some("/tmp/outbox".into());
+        config.validate().unwrap();
+        assert_eq!(config.endpoint(), "https://cloud.example.com/v1/sync/batches");
+        assert!(!format!("{config:?}").contains("sk-edge"), "the key is not printed");
+        config.url = Some("ftp://cloud".into());
+        assert!(config.validate().is_err());
+    }
+}
