@@ -106,6 +106,7 @@ if [[ " $MODES " == *" six "* ]]; then
             MESHGATE_GATEWAY__SYNC_ENDPOINT="http://127.0.0.1:${GRPC[sync]}" \
             MESHGATE_GATEWAY__INFERENCE_ENDPOINT="http://127.0.0.1:${GRPC[inference]}" \
             MESHGATE_GATEWAY__ANALYTICS_ENDPOINT="http://127.0.0.1:${GRPC[analytics]}" \
+            MESHGATE_SYNC__QUOTA_ENDPOINT="http://127.0.0.1:${GRPC[quota]}" \
             nice -n "$NICE" "$BIN/meshgate-$svc" >"$RUN_DIR/six-$svc.log" 2>&1 &
         pids+=("$!")
         mg_defer kill "$!"

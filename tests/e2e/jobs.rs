@@ -177,3 +177,20 @@ async fn a_job_that_does_not_fit_the_budget_is_refused_like_a_request() {
     assert_eq!(key["reserved"]["tokens"], 0, "{key}");
     mesh.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_job_is_charged_to_its_caller_once() {
+    let mesh = TestMesh::start().await;
+    let queued = submit(&mesh, Some("charged-job"), &chat_body(CLOUD_MODEL, "charge this job")).await;
+    assert_eq!(queued.status(), 202);
+    let job: Value = queued.json().await.unwrap();
+    let done = wait_for(&mesh, job["id"].as_str().unwrap(), "succeeded").await;
+    let tokens = done["result"]["usage"]["total_tokens"].as_i64().unwrap();
+    assert!(tokens > 0, "{done}");
+
+    let status = mesh.get_json("/v1/quota/status", ADMIN_KEY).await;
+    let key = status["scopes"].as_array().unwrap().iter().find(|s| s["scope"]["kind"] == "key").unwrap();
+    assert_eq!((key["used"]["tokens"].as_i64(), key["used"]["requests"].as_i64()), (Some(tokens), Some(1)), "{key}");
+    assert_eq!(key["reserved"]["tokens"], 0, "{key}");
+    mesh.stop().await;
+}

@@ -8,7 +8,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
-use meshgate_proto::common::v1::Usage;
+use meshgate_proto::common::v1::{Target, TargetKind, Usage};
+use meshgate_proto::router::v1::ListTargetsRequest;
 use meshgate_proto::sync::v1::{self as pb, CompleteRequest, EnqueueRequest, JobStatus};
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
@@ -153,9 +154,11 @@ pub async fn enqueue(
     request_id: &str,
     idempotency_key: String,
 ) -> Result<Response, ApiError> {
+    let prices = cloud_prices(edge, &chat.model).await?;
     let request = EnqueueRequest {
         principal: Some(caller.principal.clone()),
         idempotency_key,
+        prices,
         request: Some(CompleteRequest {
             request_id: request_id.to_owned(),
             provider: String::new(),
@@ -178,6 +181,23 @@ pub async fn enqueue(
         response.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// The cloud targets of `model` as the router knows them, with their prices: the sync service
+/// charges the delivered job at the price of the provider that serves it.
+async fn cloud_prices(edge: &Edge, model: &str) -> Result<Vec<Target>, ApiError> {
+    let mut router = edge.orchestrator.peers().router.clone();
+    let targets = tokio::time::timeout(edge.orchestrator.peer_timeout(), router.list_targets(ListTargetsRequest {}))
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Timeout, "the router did not answer in time"))?
+        .map_err(|status| ApiError::from_status(&status))?
+        .into_inner()
+        .targets;
+    Ok(targets
+        .into_iter()
+        .filter_map(|state| state.target)
+        .filter(|t| t.kind == TargetKind::Cloud as i32 && t.model == model)
+        .collect())
 }
 
 /// `POST /v1/jobs`: an OpenAI chat completion body, delivered durably.

@@ -144,14 +144,6 @@ pub struct Orchestrator {
     metrics: GatewayMetrics,
 }
 
-/// Cost in micro-dollars, rounded up so the gateway never undercharges.
-pub fn cost_micros(target: &Target, prompt_tokens: i64, completion_tokens: i64) -> i64 {
-    let micro_per_mtok = i128::from(prompt_tokens.max(0)) * i128::from(target.input_price_micros_per_mtok)
-        + i128::from(completion_tokens.max(0)) * i128::from(target.output_price_micros_per_mtok);
-    let cost = (micro_per_mtok + 999_999) / 1_000_000;
-    i64::try_from(cost).unwrap_or(i64::MAX)
-}
-
 impl Orchestrator {
     pub fn new(
         peers: Peers,
@@ -327,7 +319,7 @@ impl Orchestrator {
             .targets
             .iter()
             .filter_map(|p| p.target.as_ref())
-            .map(|t| cost_micros(t, prompt_estimate, max_tokens))
+            .map(|t| t.cost_micros(prompt_estimate, max_tokens))
             .max()
             .unwrap_or(0);
         let tokens = prompt_estimate.saturating_add(max_tokens);
@@ -802,7 +794,7 @@ impl Settlement {
         usage.cost_micros = self
             .serving
             .as_ref()
-            .map_or(0, |(target, _)| cost_micros(target, usage.prompt_tokens, usage.completion_tokens));
+            .map_or(0, |(target, _)| target.cost_micros(usage.prompt_tokens, usage.completion_tokens));
         usage
     }
 
@@ -1014,21 +1006,6 @@ fn error_detail(err: &ApiError, request_id: &str) -> ErrorDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cost_rounds_up_and_never_overflows() {
-        let target = Target {
-            input_price_micros_per_mtok: 150_000,
-            output_price_micros_per_mtok: 600_000,
-            ..Default::default()
-        };
-        assert_eq!(cost_micros(&target, 1_000_000, 0), 150_000);
-        assert_eq!(cost_micros(&target, 1, 0), 1, "a fraction of a micro-dollar is charged as one");
-        assert_eq!(cost_micros(&target, 0, 0), 0);
-        assert_eq!(cost_micros(&target, 10, 20), 14);
-        let pricey = Target { input_price_micros_per_mtok: i64::MAX, ..Default::default() };
-        assert_eq!(cost_micros(&pricey, i64::MAX, 0), i64::MAX);
-    }
 
     #[test]
     fn recorded_names_are_cut_on_character_boundaries() {

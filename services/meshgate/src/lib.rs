@@ -116,6 +116,7 @@ impl MeshConfig {
         self.gateway.inference_endpoint = url(&listeners.inference);
         self.gateway.analytics_endpoint = url(&listeners.analytics);
         self.router.inference_endpoint = Some(url(&listeners.inference));
+        self.sync.quota_endpoint = Some(url(&listeners.quota));
         if self.router.providers.is_empty() {
             self.router.providers = self.sync.providers.clone();
         }

@@ -72,6 +72,7 @@ async fn run(name: &str, mut config: Config, mock: &MockProvider, jobs: usize) {
                         }],
                         ..CompleteRequest::default()
                     }),
+                    prices: Vec::new(),
                 };
                 client.enqueue(request).await.expect("enqueued");
             }

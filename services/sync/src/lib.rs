@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::sync::v1::sync_server::SyncServer;
 use meshgate_runtime::{ListenConfig, Listeners, ServiceHost, Shutdown};
 use meshgate_storage::{Migration, PgPool, PostgresConfig, SharedClock, migrate, postgres_pool, system_clock};
@@ -38,15 +39,17 @@ use serde::{Deserialize, Serialize};
 pub use error::Error;
 pub use metrics::UpstreamMetrics;
 pub use providers::{ProviderCatalog, ProviderKind, ProviderSpec};
-pub use queue::{Dispatcher, DispatcherConfig, FileJobStore, JobStore, PgJobStore, QueueMetrics, RetryPolicy};
+pub use queue::{Charger, Dispatcher, DispatcherConfig, FileJobStore, JobStore, PgJobStore, QueueMetrics, RetryPolicy};
 pub use service::{Queue, SyncService};
 pub use upstream::{CallOptions, ChunkStream, Upstream};
 
 /// Component name of this service's migrations in `schema_migrations`.
 pub const COMPONENT: &str = "sync";
 
-static MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "sync_jobs", sql: include_str!("../migrations/0001_sync_jobs.sql") }];
+static MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "sync_jobs", sql: include_str!("../migrations/0001_sync_jobs.sql") },
+    Migration { version: 2, name: "job_prices", sql: include_str!("../migrations/0002_job_prices.sql") },
+];
 
 /// The schema migrations of the sync tables (`sync_jobs`).
 pub fn migrations() -> &'static [Migration] {
@@ -95,6 +98,9 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Upload of traces to a cloud meshgate (`[sync.cloud]`).
     pub cloud: cloud::CloudConfig,
+    /// The quota service charged for delivered jobs (`http://host:port`); without it delivered
+    /// jobs are not charged (the gateway still admits them against the budgets).
+    pub quota_endpoint: Option<String>,
 }
 
 /// The durable queue's store and workers (`[sync.queue]`, `MESHGATE_SYNC__QUEUE__*`).
@@ -203,6 +209,7 @@ impl Default for Config {
             anthropic_max_tokens: 4096,
             queue: QueueConfig::default(),
             cloud: cloud::CloudConfig::default(),
+            quota_endpoint: None,
         }
     }
 }
@@ -279,6 +286,17 @@ pub async fn serve_with_clock(
     };
     let queue_metrics = QueueMetrics::new();
     queue_metrics.register(host.metrics());
+    let charger = match &config.quota_endpoint {
+        Some(endpoint) => {
+            let channel = meshgate_runtime::channel(endpoint, Duration::from_secs(2))
+                .map_err(|err| Error::Config(format!("quota_endpoint: {err}")))?;
+            Some(Charger::new(QuotaClient::new(channel), Duration::from_secs(5)))
+        }
+        None => {
+            tracing::info!("sync: no quota_endpoint: delivered jobs are not charged");
+            None
+        }
+    };
     let queue = store.clone().map(|store| {
         tracing::info!(store = store.kind(), "sync: durable queue");
         let dispatcher = Dispatcher::new(
@@ -288,6 +306,10 @@ pub async fn serve_with_clock(
             queue_config.dispatcher(),
             queue_metrics.clone(),
         );
+        let dispatcher = match &charger {
+            Some(charger) => dispatcher.charging(charger.clone()),
+            None => dispatcher,
+        };
         Queue::new(store, dispatcher, clock.clone(), queue_config.max_attempts as i32, queue_metrics)
     });
     if queue.is_none() {

@@ -70,6 +70,7 @@ impl Queue {
         }
         let completion = request.request.ok_or_else(|| Error::InvalidRequest("request is required".into()))?;
         check_deliverable(upstream, &completion)?;
+        check_prices(&request.prices)?;
         let now = micros(self.clock.now());
         let job = JobRecord {
             id: uuid::Uuid::now_v7().to_string(),
@@ -86,6 +87,7 @@ impl Queue {
             created_at_us: now,
             updated_at_us: now,
             next_attempt_at_us: now,
+            prices: request.prices,
             ..JobRecord::default()
         };
         let (job, created) = self.store.enqueue(job).await?;
@@ -123,6 +125,22 @@ impl Queue {
         self.dispatcher.wake();
         Ok(job)
     }
+}
+
+/// Most prices one job may carry.
+const MAX_PRICES: usize = 64;
+
+/// Refuses a price list no charge could use: too long, or with negative prices.
+fn check_prices(prices: &[meshgate_proto::common::v1::Target]) -> Result<(), Error> {
+    if prices.len() > MAX_PRICES {
+        return Err(Error::InvalidRequest(format!("at most {MAX_PRICES} prices per job (got {})", prices.len())));
+    }
+    if let Some(target) =
+        prices.iter().find(|t| t.input_price_micros_per_mtok < 0 || t.output_price_micros_per_mtok < 0)
+    {
+        return Err(Error::InvalidRequest(format!("the price of target '{}' is negative", target.id)));
+    }
+    Ok(())
 }
 
 /// Refuses at once what no attempt could deliver: an invalid request, an unknown provider, a

@@ -1,8 +1,8 @@
 //! Nothing lost, nothing done twice: 1,000 jobs enqueued while the provider is down, the real
 //! `meshgate-sync` process killed with SIGKILL once in the middle of a batch of submissions and
 //! once in the middle of deliveries, restarted, the provider brought up — and every job completes
-//! exactly once as the mock provider counts completions per idempotency key. On Postgres and on
-//! the on-disk queue.
+//! exactly once as the mock provider counts completions per idempotency key, and is charged once
+//! to its principal's budgets by a real quota service. On Postgres and on the on-disk queue.
 
 mod common;
 
@@ -34,12 +34,13 @@ struct SyncProcess {
 }
 
 impl SyncProcess {
-    /// Starts the binary with the queue in `queue_env` and the provider at `provider`, and waits
-    /// until it serves.
-    async fn start(queue_env: &[(&str, String)], provider: SocketAddr) -> Self {
+    /// Starts the binary with the queue in `queue_env`, the provider at `provider` and the quota
+    /// service at `quota`, and waits until it serves.
+    async fn start(queue_env: &[(&str, String)], provider: SocketAddr, quota: &str) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_meshgate-sync"));
         command
             .env_remove("DATABASE_URL")
+            .env("MESHGATE_SYNC__QUOTA_ENDPOINT", quota)
             .env("MESHGATE_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             .env("MESHGATE_LISTEN__GRPC", "127.0.0.1:0")
@@ -160,12 +161,13 @@ async fn every_job(client: &SyncClient<MeshChannel>) -> Vec<meshgate_proto::sync
 }
 
 async fn nothing_lost_nothing_twice(queue_env: Vec<(&'static str, String)>) {
+    let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
     let provider = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     // The provider is down: nothing listens at its address.
     let keys: Vec<String> = (0..JOBS).map(|i| format!("crash-{i:04}")).collect();
 
     // 1. Killed in the middle of a batch of 1,000 submissions.
-    let first = SyncProcess::start(&queue_env, provider).await;
+    let first = SyncProcess::start(&queue_env, provider, &quota).await;
     let pid = first.child.id();
     let acked_before_kill = submit(
         &first.client,
@@ -187,7 +189,7 @@ async fn nothing_lost_nothing_twice(queue_env: Vec<(&'static str, String)>) {
 
     // 2. Restarted: every acknowledged job survived; the client resubmits everything under the
     // same keys and gets the same jobs back, plus the ones it never got an answer for.
-    let second = SyncProcess::start(&queue_env, provider).await;
+    let second = SyncProcess::start(&queue_env, provider, &quota).await;
     let survived: HashMap<String, String> =
         every_job(&second.client).await.into_iter().map(|j| (j.idempotency_key, j.id)).collect();
     for (key, id) in &acked_before_kill {
@@ -225,7 +227,7 @@ async fn nothing_lost_nothing_twice(queue_env: Vec<(&'static str, String)>) {
     let at_kill = mock.stats();
 
     // 4. Restarted once more: the leases of the killed deliveries expire and they run again.
-    let third = SyncProcess::start(&queue_env, provider).await;
+    let third = SyncProcess::start(&queue_env, provider, &quota).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let jobs = loop {
         let jobs = every_job(&third.client).await;
@@ -257,6 +259,26 @@ async fn nothing_lost_nothing_twice(queue_env: Vec<(&'static str, String)>) {
         stats.chat_requests > JOBS as u64,
         "the kill interrupted deliveries that were made again: {stats:?} (at the kill: {at_kill:?})"
     );
+    // Charged once per job, at the provider's price, however many times it was delivered.
+    let tokens: i64 = jobs.iter().map(|j| j.usage.unwrap().total_tokens).sum();
+    let cost: i64 = jobs.iter().map(|j| j.usage.unwrap().cost_micros).sum();
+    let expected_cost: i64 = jobs
+        .iter()
+        .map(|j| {
+            let usage = j.usage.unwrap();
+            usage.prompt_tokens + 2 * usage.completion_tokens
+        })
+        .sum();
+    assert_eq!(cost, expected_cost, "each job's cost is its usage at the mock's price");
+    for scope in &quota_status(&quota).await.scopes {
+        assert_eq!(
+            (scope.requests_today, scope.used_tokens, scope.used_cost_micros),
+            (JOBS as i64, tokens, cost),
+            "scope {:?} is charged once per job",
+            scope.scope
+        );
+    }
+    quota_shutdown.trigger();
     eprintln!(
         "crash test: {} submissions acknowledged before the first kill; at the second kill {} completions and {} \
          deliveries in flight; {} provider requests in all, {} answered as idempotent replays",

@@ -177,6 +177,60 @@ async fn bad_answers_leave_a_clear_error_and_lose_nothing_on_disk() {
     bad_answers_leave_a_clear_error_and_lose_nothing(StoreKind::File).await;
 }
 
+/// A delivered job is charged once; while the quota service cannot be reached, the attempt fails
+/// (the job goes back to the queue) rather than succeeding uncharged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_job_is_charged_once_and_never_succeeds_uncharged() {
+    let mock =
+        MockProvider::start_with(Behavior { honour_idempotency_keys: true, ..Behavior::default() }).await.unwrap();
+    let (store, _dir) = store(StoreKind::Postgres).await;
+    let clock = Arc::new(ManualClock::new(start()));
+    let cfg = config(8);
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let channel = meshgate_runtime::channel(&format!("http://{free}"), Duration::from_secs(1)).unwrap();
+    let charger = meshgate_sync::Charger::new(
+        meshgate_proto::quota::v1::quota_client::QuotaClient::new(channel),
+        Duration::from_secs(1),
+    );
+    let upstream = meshgate_sync::Upstream::new(&cfg, &[provider("mock", &mock)], Default::default()).unwrap();
+    let metrics = meshgate_sync::QueueMetrics::new();
+    let dispatcher = meshgate_sync::Dispatcher::new(
+        store.clone(),
+        upstream.clone(),
+        clock.clone(),
+        cfg.queue.dispatcher(),
+        metrics.clone(),
+    )
+    .charging(charger);
+    let queue = meshgate_sync::Queue::new(store, dispatcher, clock.clone(), 8, metrics);
+    let (created, _) = queue.enqueue(&upstream, enqueue_request("charged", "mock", "charge me once")).await.unwrap();
+
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let failed = job(&queue, &created.id).await;
+    assert_eq!((failed.job_status(), failed.attempts), (JobStatus::Queued, 1));
+    assert!(failed.last_error.contains("cannot charge"), "{}", failed.last_error);
+    assert_eq!(failed.last_error_code, "service_unavailable");
+
+    let (quota, quota_shutdown) = quota_service(free).await;
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let done = job(&queue, &created.id).await.to_proto();
+    assert_eq!(done.status, JobStatus::Succeeded as i32);
+    let usage = done.usage.unwrap();
+    assert_eq!(usage.cost_micros, usage.prompt_tokens + 2 * usage.completion_tokens, "{usage:?}");
+    let status = quota_status(&quota).await;
+    assert!(!status.scopes.is_empty());
+    for scope in &status.scopes {
+        assert_eq!(
+            (scope.requests_today, scope.used_tokens, scope.used_cost_micros),
+            (1, usage.total_tokens, usage.cost_micros)
+        );
+    }
+    let stats = mock.stats();
+    assert_eq!((stats.completions, stats.idempotent_replays), (1, 1), "delivered twice, done once: {stats:?}");
+    quota_shutdown.trigger();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_on_postgres_never_share_a_job_and_expired_leases_come_back() {
     let mock = MockProvider::start().await.unwrap();
@@ -312,6 +366,14 @@ async fn grpc_api(kind: StoreKind) {
             },
             Code::InvalidArgument,
         ),
+        (
+            EnqueueRequest {
+                prices: vec![meshgate_proto::common::v1::Target { input_price_micros_per_mtok: -1, ..mock_price() }],
+                ..enqueue_request("", "up", "x")
+            },
+            Code::InvalidArgument,
+        ),
+        (EnqueueRequest { prices: vec![mock_price(); 65], ..enqueue_request("", "up", "x") }, Code::InvalidArgument),
     ] {
         let status = client.enqueue(bad).await.unwrap_err();
         assert_eq!(status.code(), code, "{}", status.message());

@@ -23,6 +23,37 @@ pub mod common {
                 Layer::try_from(value).unwrap_or(Layer::Unspecified).short_name()
             }
         }
+
+        impl Target {
+            /// Cost of a call in micro-dollars at this target's prices, rounded up so meshgate
+            /// never undercharges (and saturating rather than overflowing).
+            pub fn cost_micros(&self, prompt_tokens: i64, completion_tokens: i64) -> i64 {
+                let micro_per_mtok = i128::from(prompt_tokens.max(0)) * i128::from(self.input_price_micros_per_mtok)
+                    + i128::from(completion_tokens.max(0)) * i128::from(self.output_price_micros_per_mtok);
+                let cost = (micro_per_mtok + 999_999) / 1_000_000;
+                i64::try_from(cost).unwrap_or(i64::MAX)
+            }
+        }
+
+        #[cfg(test)]
+        mod tests {
+            use super::Target;
+
+            #[test]
+            fn cost_rounds_up_and_never_overflows() {
+                let target = Target {
+                    input_price_micros_per_mtok: 150_000,
+                    output_price_micros_per_mtok: 600_000,
+                    ..Default::default()
+                };
+                assert_eq!(target.cost_micros(1_000_000, 0), 150_000);
+                assert_eq!(target.cost_micros(1, 0), 1, "a fraction of a micro-dollar is charged as one");
+                assert_eq!(target.cost_micros(0, 0), 0);
+                assert_eq!(target.cost_micros(10, 20), 14);
+                let pricey = Target { input_price_micros_per_mtok: i64::MAX, ..Default::default() };
+                assert_eq!(pricey.cost_micros(i64::MAX, 0), i64::MAX);
+            }
+        }
     }
 }
 

@@ -5,9 +5,12 @@ use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
 use futures::StreamExt;
+use meshgate_proto::common::v1::{Principal, Usage};
+use meshgate_proto::quota::v1::ChargeRequest;
+use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::sync::v1::CompleteRequest;
-use meshgate_runtime::Shutdown;
 use meshgate_runtime::error::ErrorCode;
+use meshgate_runtime::{MeshChannel, Shutdown};
 use meshgate_storage::SharedClock;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use tokio::sync::{Notify, Semaphore};
@@ -68,6 +71,61 @@ pub struct DispatcherConfig {
     pub poll_interval: Duration,
 }
 
+/// Charges a delivered job's usage to its principal's budgets through `Quota.Charge`, once per
+/// job (`job:<id>`), at the price of the provider that served it.
+#[derive(Clone)]
+pub struct Charger {
+    quota: QuotaClient<MeshChannel>,
+    timeout: Duration,
+}
+
+impl Charger {
+    pub fn new(quota: QuotaClient<MeshChannel>, timeout: Duration) -> Self {
+        Self { quota, timeout }
+    }
+
+    /// The job's usage with its cost: the served provider's price for the model, else the dearest
+    /// listed (never undercharge), else none.
+    pub fn priced_usage(job: &JobRecord, outcome: &JobOutcome) -> Usage {
+        let usage = outcome.usage.unwrap_or_default();
+        let (prompt, completion) = (usage.prompt_tokens, usage.completion_tokens);
+        let model = job.request.as_ref().map_or("", |r| r.model.as_str());
+        let served = job.prices.iter().find(|t| t.provider == outcome.provider && t.model == model);
+        let cost = served
+            .map(|t| t.cost_micros(prompt, completion))
+            .or_else(|| job.prices.iter().map(|t| t.cost_micros(prompt, completion)).max())
+            .unwrap_or(0);
+        let total_tokens = if usage.total_tokens > 0 { usage.total_tokens } else { prompt + completion };
+        Usage { total_tokens, cost_micros: cost, ..usage }
+    }
+
+    /// Charges the job, retrying briefly; the error fails the attempt.
+    async fn charge(&self, job: &JobRecord, usage: Usage) -> Result<(), Error> {
+        let request = ChargeRequest {
+            charge_id: format!("job:{}", job.id),
+            principal: Some(Principal {
+                org_id: job.org_id.clone(),
+                project_id: job.project_id.clone(),
+                user_id: job.user_id.clone(),
+                key_id: job.key_id.clone(),
+                ..Principal::default()
+            }),
+            usage: Some(usage),
+            requests: 1,
+        };
+        let mut last = String::new();
+        for delay in [0u64, 100, 500] {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            match tokio::time::timeout(self.timeout, self.quota.clone().charge(request.clone())).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(status)) => last = format!("{}: {}", status.code(), status.message()),
+                Err(_) => last = "no answer in time".into(),
+            }
+        }
+        Err(Error::Charge(last))
+    }
+}
+
 /// Delivers the jobs of a [`JobStore`].
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -77,6 +135,7 @@ pub struct Dispatcher {
     config: DispatcherConfig,
     metrics: QueueMetrics,
     wake: Arc<Notify>,
+    charger: Option<Charger>,
 }
 
 impl Dispatcher {
@@ -87,7 +146,12 @@ impl Dispatcher {
         config: DispatcherConfig,
         metrics: QueueMetrics,
     ) -> Self {
-        Self { store, upstream, clock, config, metrics, wake: Arc::new(Notify::new()) }
+        Self { store, upstream, clock, config, metrics, wake: Arc::new(Notify::new()), charger: None }
+    }
+
+    /// Charges delivered jobs through `charger` before marking them succeeded.
+    pub fn charging(self, charger: Charger) -> Self {
+        Self { charger: Some(charger), ..self }
     }
 
     /// Wakes idle workers (a job was enqueued or put back).
@@ -156,7 +220,7 @@ impl Dispatcher {
     /// outcome is lost only if the store stays down, and then the lease brings the job back).
     async fn process(&self, job: JobRecord) {
         let started = Instant::now();
-        let finish = match self.deliver(&job).await {
+        let finish = match self.deliver_and_charge(&job).await {
             Ok(outcome) => Finish::Succeeded(outcome),
             Err(err) => {
                 let permanent = is_permanent(&err);
@@ -194,6 +258,18 @@ impl Dispatcher {
                 Err(err) => tracing::warn!(job = %job.id, error = %err, "sync queue: storing the outcome failed"),
             }
         }
+    }
+
+    /// One attempt, and the charge of its usage when it succeeded (the outcome's usage then
+    /// carries the cost charged).
+    async fn deliver_and_charge(&self, job: &JobRecord) -> Result<JobOutcome, Error> {
+        let mut outcome = self.deliver(job).await?;
+        let usage = Charger::priced_usage(job, &outcome);
+        if let Some(charger) = &self.charger {
+            charger.charge(job, usage).await?;
+        }
+        outcome.usage = Some(usage);
+        Ok(outcome)
     }
 
     /// One attempt: the job's provider, or each provider serving its model in fallback order

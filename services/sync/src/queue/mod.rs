@@ -16,18 +16,23 @@
 //! **Exactly once.** Delivery is at least once: a worker killed after the provider answered but
 //! before the outcome was stored delivers again. Every attempt of a job carries the same
 //! `Idempotency-Key` (the job id), so a provider that honours it does the work once.
+//!
+//! **Charging.** With a quota service (`[sync] quota_endpoint`), a delivered job's usage is
+//! charged to its principal's budgets through `Quota.Charge` under the id `job:<id>` before the
+//! job is marked succeeded: a worker killed in between delivers again and the charge is replayed,
+//! not doubled. A charge that cannot be made fails the attempt (retried like any other).
 
 mod dispatcher;
 mod file;
 mod postgres;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use meshgate_proto::common::v1::{ToolCall, Usage};
+use meshgate_proto::common::v1::{Target, ToolCall, Usage};
 use meshgate_proto::sync::v1::{CompleteRequest, Job, JobStatus};
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 
-pub use dispatcher::{Dispatcher, DispatcherConfig, QueueMetrics};
+pub use dispatcher::{Charger, Dispatcher, DispatcherConfig, QueueMetrics};
 pub use file::FileJobStore;
 pub use postgres::PgJobStore;
 
@@ -82,6 +87,16 @@ pub struct JobRecord {
     pub lease_token: String,
     #[prost(int64, tag = "20")]
     pub finished_at_us: i64,
+    /// The cloud targets that may serve the job, with their prices (see `EnqueueRequest.prices`).
+    #[prost(message, repeated, tag = "21")]
+    pub prices: Vec<Target>,
+}
+
+/// [`JobRecord::prices`] as stored in Postgres (`sync_jobs.prices`, protobuf).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PriceList {
+    #[prost(message, repeated, tag = "1")]
+    pub targets: Vec<Target>,
 }
 
 /// What a successful delivery produced.

@@ -8,11 +8,11 @@ use prost::Message as _;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{Finish, JobOutcome, JobRecord, JobStore, QueueError, from_micros, micros, status_name};
+use super::{Finish, JobOutcome, JobRecord, JobStore, PriceList, QueueError, from_micros, micros, status_name};
 
 const COLUMNS: &str = "id, org_id, project_id, user_id, key_id, idempotency_key, request_hash, request, status, \
     attempts, max_attempts, last_error, last_error_code, outcome, created_at, updated_at, next_attempt_at, \
-    lease_until, lease_token, finished_at";
+    lease_until, lease_token, finished_at, prices";
 
 /// [`JobStore`] over a Postgres pool (migrated with [`crate::migrations`]).
 #[derive(Clone)]
@@ -61,6 +61,9 @@ fn record(row: &Row) -> Result<JobRecord, QueueError> {
         lease_until_us: at("lease_until"),
         lease_token: row.get::<_, Option<Uuid>>("lease_token").map(|t| t.to_string()).unwrap_or_default(),
         finished_at_us: at("finished_at"),
+        prices: PriceList::decode(row.get::<_, &[u8]>("prices"))
+            .map_err(|e| corrupt(&format!("prices of job {id}"), e))?
+            .targets,
     })
 }
 
@@ -90,8 +93,8 @@ impl JobStore for PgJobStore {
             .query_opt(
                 &format!(
                     "INSERT INTO sync_jobs (id, org_id, project_id, user_id, key_id, idempotency_key, request_hash, \
-                     request, status, attempts, max_attempts, created_at, updated_at, next_attempt_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $12) \
+                     request, status, attempts, max_attempts, created_at, updated_at, next_attempt_at, prices) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $12, $13) \
                      ON CONFLICT (project_id, idempotency_key) WHERE idempotency_key <> '' DO NOTHING \
                      RETURNING {COLUMNS}"
                 ),
@@ -108,6 +111,7 @@ impl JobStore for PgJobStore {
                     &job.max_attempts,
                     &created,
                     &from_micros(job.next_attempt_at_us),
+                    &PriceList { targets: job.prices.clone() }.encode_to_vec(),
                 ],
             )
             .await?;

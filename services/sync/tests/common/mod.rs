@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshgate_mock_provider::MockProvider;
-use meshgate_proto::common::v1::{ChatMessage, Principal};
+use meshgate_proto::common::v1::{ChatMessage, Principal, Target, TargetKind};
+use meshgate_proto::quota::v1::quota_client::QuotaClient;
+use meshgate_proto::quota::v1::{StatusRequest, StatusResponse};
 use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_proto::sync::v1::{CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobStatus};
-use meshgate_runtime::MeshChannel;
+use meshgate_runtime::{ListenConfig, Listeners, MeshChannel, Shutdown};
 use meshgate_storage::{PostgresConfig, SharedClock, migrate, postgres_client, postgres_pool};
 use meshgate_sync::metrics::UpstreamMetrics;
 use meshgate_sync::{
@@ -82,12 +84,46 @@ pub fn completion(provider: &str, text: &str) -> CompleteRequest {
     }
 }
 
+/// What [`enqueue_request`] says the provider `mock` charges for [`MODEL`]: 1 µ$ per prompt token,
+/// 2 µ$ per completion token.
+pub fn mock_price() -> Target {
+    Target {
+        id: format!("mock/{MODEL}"),
+        kind: TargetKind::Cloud as i32,
+        provider: "mock".into(),
+        model: MODEL.into(),
+        input_price_micros_per_mtok: 1_000_000,
+        output_price_micros_per_mtok: 2_000_000,
+        ..Target::default()
+    }
+}
+
 pub fn enqueue_request(key: &str, provider: &str, text: &str) -> EnqueueRequest {
     EnqueueRequest {
         principal: Some(principal()),
         idempotency_key: key.into(),
         request: Some(completion(provider, text)),
+        prices: vec![mock_price()],
     }
+}
+
+/// A quota service in this process on `grpc` (port 0: any), with its in-memory store: the
+/// budgets deliveries are charged to. Its URL, and the shutdown that stops it.
+pub async fn quota_service(grpc: std::net::SocketAddr) -> (String, Shutdown) {
+    let addrs = ListenConfig { grpc, admin: "127.0.0.1:0".parse().unwrap(), http: None };
+    let listeners = Listeners::bind(&addrs).await.unwrap();
+    let url = format!("http://{}", listeners.grpc_addr());
+    let shutdown = Shutdown::new();
+    tokio::spawn(meshgate_quota::serve(meshgate_quota::Config::default(), listeners, shutdown.clone()));
+    let channel = meshgate_runtime::channel(&url, Duration::from_secs(1)).unwrap();
+    meshgate_runtime::client::wait_serving(&channel, "", Duration::from_secs(30)).await.expect("quota serves");
+    (url, shutdown)
+}
+
+/// What the quota service at `url` holds for [`principal`].
+pub async fn quota_status(url: &str) -> StatusResponse {
+    let channel = meshgate_runtime::channel(url, Duration::from_secs(1)).unwrap();
+    QuotaClient::new(channel).status(StatusRequest { principal: Some(principal()) }).await.unwrap().into_inner()
 }
 
 /// Polls `GetJob` until the job reaches `status` (or panics after `limit`).
