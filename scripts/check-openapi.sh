@@ -95,7 +95,8 @@ if [[ -n ${MESHGATE_OPENAPI_SEED:-} ]]; then seed=(--seed "$MESHGATE_OPENAPI_SEE
 mg_log "schemathesis: $EXAMPLES examples per operation and phase, checks $CHECKS"
 status=0
 # From the scratch directory: schemathesis keeps a cache (.schemathesis/) in its working directory.
-(cd "$MG_LIVE_DIR" && "$MG_VENV/bin/schemathesis" run "http://127.0.0.1:$edge/openapi.json" \
+# scripts/openapi_hooks.py: request bodies schemathesis cannot generate itself (protobuf).
+(cd "$MG_LIVE_DIR" && PYTHONPATH="$MG_ROOT/scripts" SCHEMATHESIS_HOOKS=openapi_hooks "$MG_VENV/bin/schemathesis" run "http://127.0.0.1:$edge/openapi.json" \
     --header "Authorization: Bearer $key" \
     --checks "$CHECKS" \
     --phases examples,coverage,fuzzing,stateful \

@@ -49,6 +49,12 @@ pub const EDGE_PROJECT_HEADER: &str = "x-meshgate-edge-project";
 /// Trace header naming the edge batch a trace arrived in.
 pub const EDGE_BATCH_HEADER: &str = "x-meshgate-edge-batch";
 
+/// The raw bytes of an encoded `meshgate.sync.v1.EdgeBatch`.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // a schema only: the handler reads the body itself
+pub(crate) struct EdgeBatchBody(Vec<u8>);
+
 /// What the cloud did with a batch.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct EdgeBatchReceipt {
@@ -76,7 +82,7 @@ answers 200 with `duplicate: true` and changes nothing. Needs a key allowed `edg
         ("idempotency-key" = String, Header, description = "The batch id: 1–128 of `A-Za-z0-9-_.:`."),
         ("content-encoding" = Option<String>, Header, description = "`gzip`, or none."),
     ),
-    request_body(content = Vec<u8>, content_type = "application/x-protobuf", description = "A `meshgate.sync.v1.EdgeBatch`."),
+    request_body(content = EdgeBatchBody, content_type = "application/x-protobuf", description = "A `meshgate.sync.v1.EdgeBatch`."),
     responses((status = 200, description = "The batch is applied (now, or before: `duplicate`)", body = EdgeBatchReceipt))
 )]
 pub async fn upload_batch(State(edge): State<Edge>, request: Request) -> Response {
