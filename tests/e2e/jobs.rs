@@ -144,10 +144,19 @@ async fn with_every_cloud_target_down_an_allowed_request_is_queued_and_later_ser
     assert_eq!(job["status"], "queued");
     let id = job["id"].as_str().unwrap().to_owned();
 
+    // The project may allow it for every request.
+    let limits = json!({"queue_when_unreachable": true});
+    let set = mesh.http.put(format!("{}/v1/projects/default/limits", mesh.edge)).bearer_auth(ADMIN_KEY).json(&limits);
+    assert_eq!(set.send().await.unwrap().status(), 200);
+    let by_policy = mesh.chat(chat_body(CLOUD_MODEL, "queued by the project's limits")).await;
+    assert_eq!(by_policy.status(), 202);
+    let by_policy: Value = by_policy.json().await.unwrap();
+
     mesh.alpha.set_failures(0.0, 503);
     mesh.beta.set_failures(0.0, 503);
     let done = wait_for(&mesh, &id, "succeeded").await;
     assert!(done["attempts"].as_i64().unwrap() >= 1, "{done}");
+    wait_for(&mesh, by_policy["id"].as_str().unwrap(), "succeeded").await;
     mesh.stop().await;
 }
 

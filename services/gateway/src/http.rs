@@ -304,8 +304,8 @@ async fn run_chat(
     let risk = security.risk;
     let shape = ReplyShape { model: chat.model.clone(), include_usage: chat.include_usage };
     let stream = chat.stream;
-    // Kept only when the caller allows the offline fallback.
-    let queueable_copy = jobs::allows_queue(headers).then(|| chat.clone());
+    // Kept only when the caller or the project allows the offline fallback.
+    let queueable_copy = (jobs::allows_queue(headers) || settings.limits.queue_when_unreachable).then(|| chat.clone());
     let call = ChatCall {
         request_id: context.request_id.clone(),
         trace_id: context.trace_id.clone(),

@@ -48,6 +48,9 @@ pub struct RequestLimits {
     pub max_tokens: Option<i64>,
     /// Models the project may use (others: 403); empty allows all.
     pub allowed_models: Vec<String>,
+    /// A chat request whose cloud targets are all unreachable is queued (202 and the job), as if
+    /// it carried `x-meshgate-allow-queue: true`, when its key may use jobs.
+    pub queue_when_unreachable: bool,
 }
 
 impl RequestLimits {

@@ -281,13 +281,16 @@ async fn project_request_limits_refuse_with_the_right_status() {
     let (mesh, _config) = start().await;
     let (status, limits) = call(&mesh, reqwest::Method::GET, "/v1/projects/default/limits", None).await;
     assert_eq!(status, 200);
-    assert_eq!(limits, json!({"max_body_bytes": null, "max_messages": null, "max_tokens": null, "allowed_models": []}));
+    let defaults = json!({"max_body_bytes": null, "max_messages": null, "max_tokens": null, "allowed_models": [],
+                          "queue_when_unreachable": false});
+    assert_eq!(limits, defaults);
     for bad in [json!({"max_messages": 0}), json!({"max_tokens_cap": 5}), json!([1])] {
         let (status, body) = call(&mesh, reqwest::Method::PUT, "/v1/projects/default/limits", Some(bad)).await;
         assert_eq!(status, 400, "{body}");
         assert_eq!(body["error"]["code"], "invalid_request");
     }
-    let set = json!({"max_body_bytes": 2000, "max_messages": 2, "max_tokens": 50, "allowed_models": [CLOUD_MODEL]});
+    let set = json!({"max_body_bytes": 2000, "max_messages": 2, "max_tokens": 50, "allowed_models": [CLOUD_MODEL],
+                     "queue_when_unreachable": false});
     let (status, body) = call(&mesh, reqwest::Method::PUT, "/v1/projects/default/limits", Some(set.clone())).await;
     assert_eq!((status, body), (200, set.clone()));
 
