@@ -23,8 +23,24 @@ fn assert_error_shape(body: &Value, code: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chat_json_crosses_the_whole_mesh_and_leaves_a_trace() {
-    let mesh = TestMesh::start().await;
+async fn chat_json_crosses_the_whole_mesh_in_process_and_leaves_a_trace() {
+    chat_json_crosses_the_whole_mesh(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_json_crosses_the_whole_mesh_over_loopback_and_leaves_a_trace() {
+    chat_json_crosses_the_whole_mesh(false).await;
+}
+
+async fn chat_json_crosses_the_whole_mesh(in_process: bool) {
+    let mesh = TestMesh::start_with(MeshOptions {
+        tune: Box::new(move |config| config.standalone.in_process_calls = in_process),
+        ..MeshOptions::default()
+    })
+    .await;
+    for (service, grpc, _) in mesh.addresses {
+        assert_eq!(meshgate_runtime::local::registered(grpc), in_process, "{service}");
+    }
     let response = mesh
         .http
         .post(format!("{}/v1/chat/completions", mesh.edge))
@@ -57,7 +73,11 @@ async fn chat_json_crosses_the_whole_mesh_and_leaves_a_trace() {
     assert_eq!(trace.trace_id, trace_id);
     assert_eq!(trace.usage.unwrap().prompt_tokens, prompt);
     assert_eq!(trace.calls.len(), 1);
+    let addresses = mesh.addresses;
     mesh.stop().await;
+    for (service, grpc, _) in addresses {
+        assert!(!meshgate_runtime::local::registered(grpc), "{service} left the registry when it stopped");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

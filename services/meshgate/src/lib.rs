@@ -1,6 +1,8 @@
-//! The standalone meshgate: all six services in one process, each on its own loopback port and
-//! talking to the others over real gRPC — the same code path as the mesh — with embedded
-//! defaults (in-memory quota and traces) unless `DATABASE_URL` / `REDIS_URL` point at stores.
+//! The standalone meshgate: all six services in one process, each on its own loopback port, with
+//! embedded defaults (in-memory quota and traces) unless `DATABASE_URL` / `REDIS_URL` point at
+//! stores. They call each other through the same gRPC clients and servers as the mesh: in
+//! process by default (`[standalone] in_process_calls`, see `meshgate_runtime::local`), or over
+//! their loopback listeners.
 
 pub mod commands;
 pub mod tenancy;
@@ -29,6 +31,10 @@ pub struct StandaloneConfig {
     pub admin_ports: [u16; 6],
     /// Where state without a database lives (the on-disk sync queue, the cloud outbox).
     pub data_dir: std::path::PathBuf,
+    /// The services call each other in process (the same gRPC clients, servers and encoding,
+    /// without HTTP/2 over loopback); off: every call goes through its service's listener, as
+    /// between processes.
+    pub in_process_calls: bool,
 }
 
 impl Default for StandaloneConfig {
@@ -39,6 +45,7 @@ impl Default for StandaloneConfig {
             grpc_ports: [50051, 50052, 50053, 50054, 50055, 50056],
             admin_ports: [9101, 9102, 9103, 9104, 9105, 9106],
             data_dir: "meshgate-data".into(),
+            in_process_calls: true,
         }
     }
 }
@@ -226,6 +233,9 @@ where
 /// while draining can still commit their quota and record their traces.
 pub async fn run(mut config: MeshConfig, listeners: MeshListeners, shutdown: Shutdown) -> Result<(), MeshError> {
     config.wire(&listeners);
+    if config.standalone.in_process_calls {
+        meshgate_runtime::local::enable();
+    }
     let MeshListeners { gateway, inference, router, quota, analytics, sync } = listeners;
     let edge = Shutdown::new();
     let core = Shutdown::new();

@@ -1,27 +1,43 @@
 //! gRPC clients between services: lazy channels whose requests carry the caller's trace context.
 
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
+use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tower::ServiceExt as _;
 
-/// A channel to another meshgate service; every request carries W3C `traceparent`.
-pub type MeshChannel = InterceptedService<Channel, PropagateContext>;
+/// A channel to another meshgate service; every request carries W3C `traceparent`. A service
+/// running in this process with in-process calls on is called directly (see [`crate::local`]).
+#[derive(Clone)]
+pub struct MeshChannel {
+    network: Channel,
+    /// The endpoint's address when it names one (`http://127.0.0.1:50054`), to find the service
+    /// in this process.
+    local: Option<SocketAddr>,
+}
 
-/// Copies the current tracing span's context into outgoing gRPC metadata.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PropagateContext;
+impl tower::Service<http::Request<tonic::body::Body>> for MeshChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = crate::local::BoxError;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
-impl Interceptor for PropagateContext {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let mut headers = std::mem::take(request.metadata_mut()).into_headers();
-        crate::telemetry::inject_span_context(&tracing::Span::current(), &mut headers);
-        *request.metadata_mut() = tonic::metadata::MetadataMap::from_headers(headers);
-        Ok(request)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is awaited per call below, on the path the call takes.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        crate::telemetry::inject_span_context(&tracing::Span::current(), request.headers_mut());
+        if let Some(service) = self.local.and_then(crate::local::lookup) {
+            return service(request);
+        }
+        let network = self.network.clone();
+        Box::pin(async move { network.oneshot(request).await.map_err(Into::into) })
     }
 }
 
@@ -43,7 +59,8 @@ pub fn channel(endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel,
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .connect_lazy();
-    Ok(InterceptedService::new(channel, PropagateContext))
+    let local = endpoint.strip_prefix("http://").and_then(|rest| rest.trim_end_matches('/').parse::<SocketAddr>().ok());
+    Ok(MeshChannel { network: channel, local })
 }
 
 /// The gRPC health of `service` (`""` for the whole server) behind `channel`, or why there is

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod local;
 pub mod metrics;
 pub mod process;
 pub mod server;

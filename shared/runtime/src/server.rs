@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
+use tower::{Layer as _, ServiceExt as _};
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
@@ -190,6 +191,26 @@ impl ServiceHost {
         let admin =
             tokio::spawn(serve_admin(listeners.admin, self.metrics.clone(), self.readiness.clone(), shutdown.clone()));
 
+        let registration = crate::local::enabled().then(|| {
+            let routes = tonic::service::Routes::new(health_service.clone())
+                .add_service(reflection.clone())
+                .add_service(service.clone());
+            let observed = ObserveLayer { metrics: self.metrics.clone() }.layer(routes);
+            let call: crate::local::LocalService = Arc::new(move |request| {
+                let observed = observed.clone();
+                Box::pin(async move {
+                    let response = observed.oneshot(request).await.map_err(|never| match never {})?;
+                    Ok(response.map(tonic::body::Body::new))
+                })
+            });
+            crate::local::register(local_addr(&listeners.grpc), call)
+        });
+        // Callers in this process meet the closing listener from the start of the shutdown on.
+        let unregister = shutdown.clone();
+        tokio::spawn(async move {
+            unregister.cancelled().await;
+            drop(registration);
+        });
         tracing::info!(service = self.name, grpc = %local_addr(&listeners.grpc), "serving");
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
