@@ -9,7 +9,8 @@
 #   quota, routing and tracing on. Everything is stopped at exit. Results land in
 #   ../shared/bench/peers/results/<timestamp>/ (oha JSON, results.csv, results.txt).
 # Knobs: MESHGATE_BENCH_PEERS=0 skips LiteLLM and Portkey; MESHGATE_BENCH_MODES="standalone six"
-# picks the meshgate shapes; MESHGATE_PEERS_DIR points at the harness.
+# picks the meshgate shapes (add `loopback`: the standalone with its services calling each other
+# over loopback gRPC instead of in process); MESHGATE_PEERS_DIR points at the harness.
 # shellcheck source-path=SCRIPTDIR/..
 set -euo pipefail
 
@@ -80,6 +81,23 @@ TOML
     mg_defer kill "$pid"
     wait_ready http://127.0.0.1:8090
     TARGETS+=(--target meshgate http://127.0.0.1:8090 --key "$KEY" --pids "$pid")
+fi
+
+if [[ " $MODES " == *" loopback "* ]]; then
+    cat >"$RUN_DIR/loopback.toml" <<TOML
+[standalone]
+edge = "127.0.0.1:8092"
+grpc_ports = [53051, 53052, 53053, 53054, 53055, 53056]
+admin_ports = [9131, 9132, 9133, 9134, 9135, 9136]
+data_dir = "$RUN_DIR/loopback-data"
+in_process_calls = false
+TOML
+    env -u DATABASE_URL -u REDIS_URL nice -n "$NICE" "$BIN/meshgate" --config "$RUN_DIR/loopback.toml" up \
+        >"$RUN_DIR/loopback.log" 2>&1 &
+    pid=$!
+    mg_defer kill "$pid"
+    wait_ready http://127.0.0.1:8092
+    TARGETS+=(--target meshgate-loopback http://127.0.0.1:8092 --key "$KEY" --pids "$pid")
 fi
 
 if [[ " $MODES " == *" six "* ]]; then

@@ -54,9 +54,13 @@ pub async fn migrate_all(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `meshgate check-config`.
+/// `meshgate check-config`: the file and environment parse, and the values the services check
+/// before they start are valid.
 pub fn check_config(file: Option<&Path>) -> Result<(), String> {
-    MeshConfig::load(file).map_err(|err| err.to_string())?;
+    let mesh = MeshConfig::load(file).map_err(|err| err.to_string())?;
+    mesh.quota.validate().map_err(|err| err.to_string())?;
+    mesh.analytics.validate().map_err(|err| err.to_string())?;
+    mesh.sync.validate().map_err(|err| err.to_string())?;
     println!("configuration OK{}", file.map(|f| format!(": {}", f.display())).unwrap_or_default());
     Ok(())
 }
