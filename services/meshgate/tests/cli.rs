@@ -30,7 +30,11 @@ fn check_config_accepts_a_valid_file_and_names_the_bad_key_of_another() {
     let output = meshgate().arg("check-config").env("MESHGATE_ROUTER__BREAKER__OPEN_MS", "soon").output().unwrap();
     assert!(!output.status.success(), "a mistyped environment override is refused");
 
-    let edge = || meshgate().arg("check-config").env("MESHGATE_CLOUD_URL", "https://cloud.example.com");
+    let edge = || {
+        let mut command = meshgate();
+        command.arg("check-config").env("MESHGATE_CLOUD_URL", "https://cloud.example.com");
+        command
+    };
     let output = edge().env_remove("MESHGATE_CLOUD_KEY").output().unwrap();
     assert!(!output.status.success(), "a cloud without a key is refused");
     assert!(String::from_utf8_lossy(&output.stderr).contains("MESHGATE_CLOUD_KEY"));
