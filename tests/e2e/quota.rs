@@ -94,6 +94,8 @@ async fn a_thousand_concurrent_requests_never_spend_past_a_10000_token_daily_lim
         tune: Box::new(|config| {
             config.quota.redis.response_timeout_ms = 10_000;
             config.gateway.peer_timeout_ms = 20_000;
+            // The mock's first piece too: a thousand at once can take over the 1 s test default.
+            config.gateway.target_timeout_ms = 20_000;
         }),
         ..MeshOptions::default()
     })
