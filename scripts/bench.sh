@@ -67,38 +67,29 @@ wait_ready() { # url
     mg_die "meshgate at $1 did not become ready"
 }
 
-TARGETS=()
-if [[ " $MODES " == *" standalone "* ]]; then
-    cat >"$RUN_DIR/standalone.toml" <<'TOML'
+# One standalone meshgate named NAME (the harness's target name) with its edge on port EDGE and
+# its services on the six ports from BASE (gRPC) and ADMIN_BASE; IN_PROCESS sets in_process_calls.
+start_standalone() { # NAME EDGE BASE ADMIN_BASE IN_PROCESS
+    local name=$1 edge=$2 base=$3 admin=$4 in_process=$5 pid
+    cat >"$RUN_DIR/$name.toml" <<TOML
 [standalone]
-edge = "127.0.0.1:8090"
-grpc_ports = [51051, 51052, 51053, 51054, 51055, 51056]
-admin_ports = [9111, 9112, 9113, 9114, 9115, 9116]
+edge = "127.0.0.1:$edge"
+grpc_ports = [$base, $((base + 1)), $((base + 2)), $((base + 3)), $((base + 4)), $((base + 5))]
+admin_ports = [$admin, $((admin + 1)), $((admin + 2)), $((admin + 3)), $((admin + 4)), $((admin + 5))]
+data_dir = "$RUN_DIR/$name-data"
+in_process_calls = $in_process
 TOML
-    env -u DATABASE_URL -u REDIS_URL nice -n "$NICE" "$BIN/meshgate" --config "$RUN_DIR/standalone.toml" up \
-        >"$RUN_DIR/standalone.log" 2>&1 &
+    env -u DATABASE_URL -u REDIS_URL nice -n "$NICE" "$BIN/meshgate" --config "$RUN_DIR/$name.toml" up \
+        >"$RUN_DIR/$name.log" 2>&1 &
     pid=$!
     mg_defer kill "$pid"
-    wait_ready http://127.0.0.1:8090
-    TARGETS+=(--target meshgate http://127.0.0.1:8090 --key "$KEY" --pids "$pid")
-fi
+    wait_ready "http://127.0.0.1:$edge"
+    TARGETS+=(--target "$name" "http://127.0.0.1:$edge" --key "$KEY" --pids "$pid")
+}
 
-if [[ " $MODES " == *" loopback "* ]]; then
-    cat >"$RUN_DIR/loopback.toml" <<TOML
-[standalone]
-edge = "127.0.0.1:8092"
-grpc_ports = [53051, 53052, 53053, 53054, 53055, 53056]
-admin_ports = [9131, 9132, 9133, 9134, 9135, 9136]
-data_dir = "$RUN_DIR/loopback-data"
-in_process_calls = false
-TOML
-    env -u DATABASE_URL -u REDIS_URL nice -n "$NICE" "$BIN/meshgate" --config "$RUN_DIR/loopback.toml" up \
-        >"$RUN_DIR/loopback.log" 2>&1 &
-    pid=$!
-    mg_defer kill "$pid"
-    wait_ready http://127.0.0.1:8092
-    TARGETS+=(--target meshgate-loopback http://127.0.0.1:8092 --key "$KEY" --pids "$pid")
-fi
+TARGETS=()
+if [[ " $MODES " == *" standalone "* ]]; then start_standalone meshgate 8090 51051 9111 true; fi
+if [[ " $MODES " == *" loopback "* ]]; then start_standalone meshgate-loopback 8092 53051 9131 false; fi
 
 if [[ " $MODES " == *" six "* ]]; then
     export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/meshgate_bench}
