@@ -160,11 +160,7 @@ impl TraceRow {
                 trace.status_code
             )));
         }
-        let total_tokens = if usage.total_tokens > 0 {
-            usage.total_tokens
-        } else {
-            usage.prompt_tokens.saturating_add(usage.completion_tokens)
-        };
+        let total_tokens = usage.tokens();
         Ok(Self {
             started_at,
             org_id: principal.org_id,

@@ -193,8 +193,7 @@ fn batch_usage(traces: &[Trace]) -> Result<Usage, ApiError> {
     let mut total = Usage::default();
     for trace in traces {
         let usage = trace.usage.unwrap_or_default();
-        let tokens =
-            if usage.total_tokens > 0 { usage.total_tokens } else { usage.prompt_tokens + usage.completion_tokens };
+        let tokens = usage.tokens();
         for (field, value) in [
             ("prompt_tokens", usage.prompt_tokens),
             ("completion_tokens", usage.completion_tokens),

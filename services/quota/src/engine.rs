@@ -110,9 +110,7 @@ fn usage_amounts(usage: Option<&Usage>) -> Result<(i64, i64), Error> {
     check_amount("usage.completion_tokens", usage.completion_tokens, MAX_TOKENS)?;
     check_amount("usage.total_tokens", usage.total_tokens, MAX_TOKENS)?;
     check_amount("usage.cost_micros", usage.cost_micros, MAX_COST_MICROS)?;
-    let tokens =
-        if usage.total_tokens > 0 { usage.total_tokens } else { usage.prompt_tokens + usage.completion_tokens };
-    Ok((tokens, usage.cost_micros))
+    Ok((usage.tokens(), usage.cost_micros))
 }
 
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {

@@ -24,6 +24,18 @@ pub mod common {
             }
         }
 
+        impl Usage {
+            /// Total tokens: `total_tokens` when the reporter set it, else prompt plus completion
+            /// (saturating: the figures may come from outside).
+            pub fn tokens(&self) -> i64 {
+                if self.total_tokens > 0 {
+                    self.total_tokens
+                } else {
+                    self.prompt_tokens.saturating_add(self.completion_tokens)
+                }
+            }
+        }
+
         impl Target {
             /// Cost of a call in micro-dollars at this target's prices, rounded up so meshgate
             /// never undercharges (and saturating rather than overflowing).
@@ -37,7 +49,15 @@ pub mod common {
 
         #[cfg(test)]
         mod tests {
-            use super::Target;
+            use super::{Target, Usage};
+
+            #[test]
+            fn tokens_prefer_the_reported_total_and_never_overflow() {
+                let usage = |p, c, t| Usage { prompt_tokens: p, completion_tokens: c, total_tokens: t, cost_micros: 0 };
+                assert_eq!(usage(3, 4, 10).tokens(), 10);
+                assert_eq!(usage(3, 4, 0).tokens(), 7);
+                assert_eq!(usage(i64::MAX, 1, 0).tokens(), i64::MAX);
+            }
 
             #[test]
             fn cost_rounds_up_and_never_overflows() {

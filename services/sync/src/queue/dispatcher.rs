@@ -95,8 +95,7 @@ impl Charger {
             .map(|t| t.cost_micros(prompt, completion))
             .or_else(|| job.prices.iter().map(|t| t.cost_micros(prompt, completion)).max())
             .unwrap_or(0);
-        let total_tokens = if usage.total_tokens > 0 { usage.total_tokens } else { prompt + completion };
-        Usage { total_tokens, cost_micros: cost, ..usage }
+        Usage { total_tokens: usage.tokens(), cost_micros: cost, ..usage }
     }
 
     /// Charges the job, retrying briefly; the error fails the attempt.
