@@ -36,16 +36,24 @@ K8S = ROOT / "k8s"
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 RULES = ROOT / "deploy" / "prometheus" / "rules" / "meshgate.rules.yml"
 SERVICES = ["gateway", "inference", "router", "quota", "analytics", "sync"]
-# Who calls whom (derived from the code: the gateway's peers, the router's inference refresh).
-CALLERS = {"inference": {"gateway", "router"}, "router": {"gateway"}, "quota": {"gateway"},
-           "analytics": {"gateway"}, "sync": {"gateway"}}
+# Which pods need which store, from the code (`MeshConfig::use_stores` and each binary's
+# `with_env_urls`): without them a replica keeps its own state in memory.
+STORE_USERS = {"DATABASE_URL": {"gateway", "quota", "analytics", "sync"}, "REDIS_URL": {"gateway", "quota"}}
+# Ports a NetworkPolicy may open to sources outside the release (an ingress, Prometheus).
+OPEN_PORTS = {("gateway", "http"), ("gateway", "grpc")} | {(svc, "admin") for svc in SERVICES}
+# The services' [mesh] tls_dir unless MESHGATE_MESH__TLS_DIR says otherwise.
+TLS_DIR = "/etc/meshgate/tls"
 # Kubernetes versions validated against: the chart's minimum and the newest schemas available.
 KUBE_VERSIONS = ["1.27.0", "1.37.0"]
 # Custom resources kubernetes-validate has no schema for, and how they are checked instead.
-CUSTOM_KINDS = {"ModelRoute", "ServiceMonitor", "PrometheusRule"}
+CUSTOM_KINDS = {"ModelRoute", "ServiceMonitor", "PrometheusRule", "Certificate"}
 # Images Compose may name besides the one the Dockerfile builds: official or vendor images.
 PUBLIC_IMAGES = {"postgres", "redis", "prom/prometheus", "grafana/grafana", "otel/opentelemetry-collector",
                  "otel/opentelemetry-collector-contrib", "jaegertracing/all-in-one"}
+# What every install adds to the default values: the stores (with several gateway pods the chart
+# refuses to render without them).
+STORES = {"database": {"url": "postgres://meshgate@postgres.example:5432/meshgate"},
+          "redis": {"url": "redis://redis.example:6379/0"}}
 # Rendered into "default": kustomize's namespace transformer then moves RoleBinding subjects too.
 RELEASE, NAMESPACE = "meshgate", "default"
 
@@ -233,18 +241,195 @@ def check_policies(objects: list[dict], where: str, failures: Failures) -> None:
     failures.check(any(not p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
                        and "Ingress" in p["spec"].get("policyTypes", []) and not p["spec"].get("ingress")
                        for p in policies), where, "no default-deny ingress NetworkPolicy")
-    for svc, callers in CALLERS.items():
-        mine = [p for p in policies if p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component") == svc]
-        if not mine:
-            failures.add(where, f"no NetworkPolicy for {svc}")
+    if policies:
+        check_network_edges(objects, where, failures)
+    check_stores(objects, where, failures)
+    check_mesh_tls(objects, where, failures)
+
+
+# --- who talks to whom -------------------------------------------------------------------------
+
+def secret_values(objects: list[dict]) -> dict[tuple[str, str], str]:
+    """(Secret name, key) -> value of every Secret among `objects` (stringData or base64 data)."""
+    import base64
+
+    out = {}
+    for obj in objects:
+        if obj.get("kind") == "Secret":
+            name = obj["metadata"]["name"]
+            for key, value in (obj.get("data") or {}).items():
+                out[(name, key)] = base64.b64decode(value).decode()
+            for key, value in (obj.get("stringData") or {}).items():
+                out[(name, key)] = value
+    return out
+
+
+def env_value(entry: dict, secrets: dict) -> str | None:
+    """An env entry's value: literal, or from a Secret rendered with it (None: an outside Secret)."""
+    if "value" in entry:
+        return entry["value"]
+    ref = entry.get("valueFrom", {}).get("secretKeyRef")
+    return secrets.get((ref["name"], ref["key"])) if ref else None
+
+
+def service_targets(objects: list[dict]) -> dict[str, tuple[str, dict[int, str]]]:
+    """Each Service's name (and namespace forms) -> (component it selects, port -> target port name)."""
+    out = {}
+    for svc in (o for o in objects if o.get("kind") == "Service"):
+        name, ns = svc["metadata"]["name"], svc["metadata"].get("namespace") or NAMESPACE
+        target = (svc["spec"]["selector"].get("app.kubernetes.io/component"),
+                  {p["port"]: p.get("targetPort", p["port"]) for p in svc["spec"]["ports"]})
+        for host in (name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"):
+            out[host] = target
+    return out
+
+
+def configured_edges(objects: list[dict], where: str, failures: Failures) -> set[tuple[str, str, str]]:
+    """(caller, callee, port name) of every call the pods are configured to make: the gRPC peers
+    of `MESHGATE_*_ENDPOINT` and the store URLs, resolved through the release's Services. Stores
+    outside the release (managed Postgres, an outside Secret) are not release edges."""
+    secrets = secret_values(objects)
+    services = service_targets(objects)
+    edges = set()
+    for obj, pod in pod_specs(objects):
+        caller = component(obj)
+        for container in pod["containers"]:
+            for entry in container.get("env", []):
+                name = entry["name"]
+                if not (re.fullmatch(r"MESHGATE_\w+_ENDPOINT", name) or name in STORE_USERS):
+                    continue
+                value = env_value(entry, secrets)
+                if not value:
+                    continue
+                url = urllib.parse.urlsplit(value)
+                target = services.get(url.hostname or "")
+                if target is None:
+                    failures.check(name in STORE_USERS, f"{where} {kn(obj)}",
+                                   f"{name}={value} names no Service of the release")
+                    continue
+                callee, ports = target
+                port = ports.get(url.port)
+                if port is None:
+                    failures.add(f"{where} {kn(obj)}", f"{name}={value}: Service port {url.port} does not exist")
+                    continue
+                edges.add((caller, callee, port))
+    return edges
+
+
+def allowed_edges(objects: list[dict]) -> set[tuple[str, str, str]]:
+    """(source, destination, port name) the NetworkPolicies admit; source "*" = anything outside
+    the release's pods (another namespace, an address block, or no `from` at all)."""
+    port_names = {}
+    for obj, pod in pod_specs(objects):
+        for container in pod["containers"]:
+            for port in container.get("ports", []):
+                port_names[(component(obj), port["containerPort"])] = port["name"]
+    edges = set()
+    for policy in (o for o in objects if o.get("kind") == "NetworkPolicy"):
+        dest = policy["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
+        for rule in policy["spec"].get("ingress", []):
+            ports = [port_names.get((dest, p["port"]), p["port"]) for p in rule.get("ports", [])] or ["*"]
+            sources = set()
+            for peer in rule.get("from") or [{}]:
+                selected = peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+                sources.add(selected if selected and not peer.get("namespaceSelector") else "*")
+            edges |= {(source, dest, port) for source in sources for port in ports}
+    return edges
+
+
+def check_network_edges(objects: list[dict], where: str, failures: Failures) -> None:
+    """The NetworkPolicies admit every call the pods are configured to make, and nothing more:
+    no other pod of the release on any port, and outside sources only on the edge and admin ports."""
+    configured = configured_edges(objects, where, failures)
+    allowed = allowed_edges(objects)
+    for caller, callee, port in sorted(configured):
+        failures.check((caller, callee, port) in allowed or ("*", callee, port) in allowed,
+                       f"{where} NetworkPolicy {callee}", f"does not admit {caller} on its {port} port, which it calls")
+    for source, dest, port in sorted(allowed):
+        if source == "*":
+            failures.check((dest, port) in OPEN_PORTS, f"{where} NetworkPolicy {dest}",
+                           f"admits sources outside the release on its {port} port")
+        else:
+            failures.check((source, dest, port) in configured, f"{where} NetworkPolicy {dest}",
+                           f"admits {source} on its {port} port, which {source} is not configured to call")
+    log(f"{where}: {len(configured)} configured calls checked against the NetworkPolicies")
+
+
+def check_stores(objects: list[dict], where: str, failures: Failures) -> None:
+    """With a store configured, every service that keeps state there gets its URL."""
+    given: dict[str, set[str]] = {name: set() for name in STORE_USERS}
+    for obj, pod in pod_specs(objects):
+        if obj["kind"] != "Deployment":
             continue
-        for rule in mine[0]["spec"].get("ingress", []):
-            ports = {p["port"] for p in rule.get("ports", [])}
-            if "grpc" in ports:
-                got = {peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
-                       for peer in rule.get("from", [])}
-                failures.check(got == callers, f"{where} NetworkPolicy {svc}",
-                               f"gRPC admits {sorted(map(str, got))}, expected its callers {sorted(callers)}")
+        for container in pod["containers"]:
+            for entry in container.get("env", []):
+                if entry["name"] in given:
+                    given[entry["name"]].add(component(obj))
+    for name, users in STORE_USERS.items():
+        if given[name]:
+            failures.check(given[name] == users, where,
+                           f"{name} reaches {sorted(map(str, given[name]))}, expected {sorted(users)}")
+
+
+def check_mesh_tls(objects: list[dict], where: str, failures: Failures) -> None:
+    """Each service's pods mount its own certificate, key and the mesh CA where [mesh] tls_dir
+    reads them, as a directory (no subPath, so rotation reaches the pod); each cert-manager
+    Certificate names the service's identity and every name its peers dial."""
+    services = service_targets(objects)
+    dialed: dict[str, set[str]] = {}
+    for obj, pod in pod_specs(objects):
+        for container in pod["containers"]:
+            for entry in container.get("env", []):
+                if re.fullmatch(r"MESHGATE_\w+_ENDPOINT", entry["name"]) and "value" in entry:
+                    host = urllib.parse.urlsplit(entry["value"]).hostname or ""
+                    if host in services:
+                        dialed.setdefault(services[host][0], set()).add(host)
+    mounted: dict[str, str] = {}
+    for obj in (o for o in objects if o.get("kind") == "Deployment"):
+        svc, pod = component(obj), obj["spec"]["template"]["spec"]
+        name = f"{where} {kn(obj)}"
+        container = pod["containers"][0]
+        tls_dir = next((e["value"] for e in container.get("env", []) if e["name"] == "MESHGATE_MESH__TLS_DIR"), TLS_DIR)
+        for mount in container.get("volumeMounts", []):
+            failures.check("subPath" not in mount and "subPathExpr" not in mount, name,
+                           f"mounts {mount['mountPath']} with subPath: rotated files would never reach the pod")
+        files = {}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            volume = volumes.get(mount["name"], {})
+            for secret in ([volume["secret"]] if "secret" in volume else []) + [
+                    s["secret"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s]:
+                name_of = secret.get("secretName") or secret.get("name")
+                for item in secret.get("items") or []:
+                    files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = (name_of, item["key"])
+        want = {f"{tls_dir}/ca.crt": "ca.crt", f"{tls_dir}/{svc}.crt": "tls.crt", f"{tls_dir}/{svc}.key": "tls.key"}
+        secrets_used = set()
+        for path, key in want.items():
+            got = files.get(path)
+            if got is None or got[1] != key:
+                failures.add(name, f"{path} is not mounted from the key {key} of a Secret")
+            else:
+                secrets_used.add(got[0])
+        failures.check(len(secrets_used) <= 1, name, f"the mesh files come from several Secrets {sorted(secrets_used)}")
+        others = [p for p in files if p.endswith(".key") and p != f"{tls_dir}/{svc}.key"]
+        failures.check(not others, name, f"also mounts other identities' keys {others}")
+        if secrets_used:
+            mounted[svc] = secrets_used.pop()
+    for cert in (o for o in objects if o.get("kind") == "Certificate"):
+        spec, name = cert["spec"], f"{where} {kn(cert)}"
+        svc = component(cert)
+        failures.check(spec.get("secretName") == mounted.get(svc), name,
+                       f"writes Secret {spec.get('secretName')}, but the {svc} pods mount {mounted.get(svc)}")
+        failures.check(spec.get("uris") == [f"spiffe://meshgate/{svc}"] and spec.get("commonName") == svc, name,
+                       f"identity is {spec.get('uris')} / CN {spec.get('commonName')}, expected spiffe://meshgate/{svc}")
+        missing = dialed.get(svc, set()) - set(spec.get("dnsNames", []))
+        failures.check(not missing, name, f"no DNS SAN for {sorted(missing)}, which its peers dial")
+        failures.check({"server auth", "client auth"} <= set(spec.get("usages", [])), name,
+                       "needs both server auth and client auth usages")
+        failures.check(spec.get("issuerRef", {}).get("name"), name, "no issuerRef.name")
+    if any(o.get("kind") == "Certificate" for o in objects):
+        failures.check({component(c) for c in objects if c.get("kind") == "Certificate"} == set(SERVICES), where,
+                       "cert-manager Certificates do not cover the six services")
 
 
 def check_configs(objects: list[dict], where: str, failures: Failures, meshgate: str | None) -> None:
@@ -401,6 +586,12 @@ def check_compose(args, failures: Failures) -> None:
             source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
             if source.startswith("."):
                 failures.check((ROOT / source).exists(), where, f"mounts {source}, which does not exist")
+    # The same stores as in the chart: without them each container keeps its own state.
+    for var, users in STORE_USERS.items():
+        for svc in sorted(users):
+            environment = compose["services"].get(svc, {}).get("environment") or {}
+            names = environment if isinstance(environment, dict) else [e.split("=", 1)[0] for e in environment]
+            failures.check(var in names, f"docker-compose.yml services.{svc}", f"no {var}")
     log(f"docker-compose.yml: {len(compose['services'])} services checked")
 
 
@@ -425,10 +616,10 @@ def cmd_static(args) -> int:
     import helm_python as helm
 
     failures = Failures()
-    value_sets = {"default values": None, "values-production.yaml": CHART / "values-production.yaml"}
+    value_sets = {"default values and stores": STORES, "values-production.yaml": CHART / "values-production.yaml"}
     value_sets.update({f"ci/{p.name}": p for p in sorted((CHART / "ci").glob("*.yaml"))})
-    for where, path in value_sets.items():
-        values = load_values(path)
+    for where, source in value_sets.items():
+        values = source if isinstance(source, dict) else load_values(source)
         report = helm_lint(values, strict=True, namespace=NAMESPACE, kube_version="v1.27.0")
         for message in report["messages"]:
             # Severity 1 is informational ("icon is recommended").
@@ -447,12 +638,23 @@ def cmd_static(args) -> int:
         report = helm_lint(bad, namespace=NAMESPACE)
         failures.check(any(m["severity"] == 3 for m in report["messages"]), "values.schema.json",
                        f"accepts invalid values {bad}")
-    # Stores set twice are refused with a message.
-    try:
-        render_chart({"database": {"url": "postgres://x"}, "bundled": {"postgres": {"enabled": True}}})
-        failures.add("chart", "renders with both database.url and bundled.postgres.enabled")
-    except helm.HelmError as err:
-        failures.check("set only one of database.url" in str(err), "chart", f"unexpected error: {err}")
+    # What the schema cannot say is refused with a message.
+    refused = [
+        ({"database": {"url": "postgres://x"}, "bundled": {"postgres": {"enabled": True}}},
+         "set only one of database.url"),
+        # Two gateway pods with their tenancy in memory: a key would work on half the requests.
+        (None, "services.gateway runs more than one pod, which needs database"),
+        ({"database": STORES["database"]}, "services.gateway runs more than one pod, which needs redis"),
+        (STORES | {"services": {"analytics": {"autoscaling": {"enabled": True}}}, "database": {}},
+         "services.analytics runs more than one pod, which needs database"),
+        (STORES | {"mesh": {"tls": {"certManager": {"enabled": True}}}}, "mesh.tls.certManager.enabled needs"),
+    ]
+    for values, message in refused:
+        try:
+            render_chart(values)
+            failures.add("chart", f"renders {values}, which it should refuse with {message!r}")
+        except helm.HelmError as err:
+            failures.check(message in str(err), "chart", f"refuses {values} with {err}, expected {message!r}")
 
     # kustomize overlays (and the generated files they include).
     if cmd_render_k8s(argparse.Namespace(check=True)) != 0:

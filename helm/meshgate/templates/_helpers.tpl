@@ -3,6 +3,39 @@
 gateway inference router quota analytics sync
 {{- end -}}
 
+{{/*
+Who calls whom, from the code: each caller's gRPC peers. A caller gets
+MESHGATE_<CALLER>__<PEER>_ENDPOINT per peer, and each peer's NetworkPolicy admits exactly its
+callers (scripts/check-deploy.sh derives both from the rendered chart and compares them).
+*/}}
+{{- define "meshgate.peers" -}}
+gateway: [quota, router, sync, inference, analytics]
+router: [inference]
+sync: [quota]
+{{- end -}}
+
+{{/* Services given DATABASE_URL: tenancy and settings (gateway), limits and ledger (quota),
+traces (analytics), the job queue (sync). The migration job uses it too. */}}
+{{- define "meshgate.databaseUsers" -}}
+gateway quota analytics sync
+{{- end -}}
+
+{{/* Services given REDIS_URL: revocation and settings invalidation (gateway), counters (quota). */}}
+{{- define "meshgate.redisUsers" -}}
+gateway quota
+{{- end -}}
+
+{{/* The callers of a component: (dict "root" $ "component" "quota") -> "gateway sync". */}}
+{{- define "meshgate.callers" -}}
+{{- $callers := list -}}
+{{- range $caller, $peers := include "meshgate.peers" .root | fromYaml -}}
+{{- if has $.component $peers -}}
+{{- $callers = append $callers $caller -}}
+{{- end -}}
+{{- end -}}
+{{- join " " $callers -}}
+{{- end -}}
+
 {{- define "meshgate.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -61,6 +94,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "meshgate.grpcEndpoint" -}}
 {{- $svc := index .root.Values.services .component -}}
 {{- printf "http://%s-%s:%v" (include "meshgate.fullname" .root) .component $svc.ports.grpc -}}
+{{- end -}}
+
+{{/* The Secret holding a service's mesh certificate (cert-manager's layout: tls.crt, tls.key,
+ca.crt): (dict "root" $ "component" "quota"). */}}
+{{- define "meshgate.meshTlsSecretName" -}}
+{{- $given := index .root.Values.mesh.tls.secrets .component -}}
+{{- default (printf "%s-%s-mesh-tls" (include "meshgate.fullname" .root) .component) $given -}}
+{{- end -}}
+
+{{/* The names peers dial a service by: the Service's short name and its namespace forms. */}}
+{{- define "meshgate.serviceDnsNames" -}}
+{{- $name := printf "%s-%s" (include "meshgate.fullname" .root) .component -}}
+{{- $ns := .root.Release.Namespace -}}
+- {{ $name }}
+- {{ $name }}.{{ $ns }}
+- {{ $name }}.{{ $ns }}.svc
+- {{ $name }}.{{ $ns }}.svc.{{ .root.Values.mesh.tls.clusterDomain }}
 {{- end -}}
 
 {{- define "meshgate.secretName" -}}
