@@ -1,6 +1,8 @@
-//! gRPC clients between services: lazy channels whose requests carry the caller's trace context.
+//! gRPC clients between services: lazy channels whose requests carry the caller's trace context
+//! and, from a [`crate::mesh::ServiceIdentity`], the caller's identity.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +21,8 @@ pub struct MeshChannel {
     /// The endpoint's address when it names one (`http://127.0.0.1:50054`), to find the service
     /// in this process.
     local: Option<SocketAddr>,
+    /// The calling identity, handed to a service in this process with each request.
+    caller: Option<Arc<str>>,
 }
 
 impl tower::Service<http::Request<tonic::body::Body>> for MeshChannel {
@@ -34,6 +38,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for MeshChannel {
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         crate::telemetry::inject_span_context(&tracing::Span::current(), request.headers_mut());
         if let Some(service) = self.local.and_then(crate::local::lookup) {
+            if let Some(caller) = &self.caller {
+                request.extensions_mut().insert(crate::mesh::LocalCaller(caller.clone()));
+            }
             return service(request);
         }
         let network = self.network.clone();
@@ -49,18 +56,38 @@ pub struct EndpointError {
     pub message: String,
 }
 
-/// A lazily connecting channel to `endpoint` (e.g. `http://127.0.0.1:50054`): creating it never
-/// fails on a peer that is down; calls fail with UNAVAILABLE until it is back, then recover.
+/// A lazily connecting plaintext channel to `endpoint` (e.g. `http://127.0.0.1:50054`) without
+/// an identity: for services running without a mesh configuration (library use, tests).
+/// Creating it never fails on a peer that is down; calls fail with UNAVAILABLE until it is back,
+/// then recover. Services call their peers through
+/// [`ServiceIdentity::channel`](crate::mesh::ServiceIdentity::channel) (or
+/// [`crate::Listeners::channel`]).
 pub fn channel(endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel, EndpointError> {
-    let channel = Endpoint::from_shared(endpoint.to_owned())
+    build_channel(endpoint, connect_timeout, None, None)
+}
+
+/// A channel calling as `caller`, over mTLS when `tls` is given.
+pub(crate) fn build_channel(
+    endpoint: &str,
+    connect_timeout: Duration,
+    caller: Option<Arc<str>>,
+    tls: Option<Arc<crate::mesh::IdentityTls>>,
+) -> Result<MeshChannel, EndpointError> {
+    let endpoint_config = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|err| EndpointError { endpoint: endpoint.to_owned(), message: err.to_string() })?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
-    let local = endpoint.strip_prefix("http://").and_then(|rest| rest.trim_end_matches('/').parse::<SocketAddr>().ok());
-    Ok(MeshChannel { network: channel, local })
+        .keep_alive_while_idle(true);
+    let network = match tls {
+        Some(tls) => endpoint_config.connect_with_connector_lazy(crate::mesh::TlsConnector::new(tls)),
+        None => endpoint_config.connect_lazy(),
+    };
+    let local = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .and_then(|rest| rest.trim_end_matches('/').parse::<SocketAddr>().ok());
+    Ok(MeshChannel { network, local, caller })
 }
 
 /// The gRPC health of `service` (`""` for the whole server) behind `channel`, or why there is

@@ -62,6 +62,7 @@ error_codes! {
     ModelNotFound       => "model_not_found", NotFound, StatusCode::NOT_FOUND, "invalid_request_error";
     Conflict            => "conflict", AlreadyExists, StatusCode::CONFLICT, "invalid_request_error";
     PayloadTooLarge     => "payload_too_large", InvalidArgument, StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error";
+    MessageTooLarge     => "message_too_large", OutOfRange, StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error";
     UnsupportedMediaType=> "unsupported_media_type", InvalidArgument, StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error";
     PolicyViolation     => "policy_violation", FailedPrecondition, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error";
     QuotaExceeded       => "quota_exceeded", ResourceExhausted, StatusCode::TOO_MANY_REQUESTS, "rate_limit_error";
@@ -111,6 +112,7 @@ impl ErrorCode {
             self,
             ErrorCode::InvalidRequest
                 | ErrorCode::PayloadTooLarge
+                | ErrorCode::MessageTooLarge
                 | ErrorCode::UnsupportedMediaType
                 | ErrorCode::PolicyViolation
                 | ErrorCode::ClientClosed

@@ -1,10 +1,12 @@
 //! The runtime every meshgate service shares: configuration, telemetry, metrics, the gRPC and
-//! admin servers, inter-service clients, shutdown, and the one error-code table.
+//! admin servers, inter-service clients, service identity (mTLS and the allow-list), shutdown,
+//! and the one error-code table.
 
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod local;
+pub mod mesh;
 pub mod metrics;
 pub mod process;
 pub mod server;

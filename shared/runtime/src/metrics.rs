@@ -15,6 +15,7 @@ pub struct Metrics {
     registry: Registry,
     pub(crate) grpc_requests: IntCounterVec,
     grpc_duration: HistogramVec,
+    pub(crate) grpc_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -35,9 +36,19 @@ impl Metrics {
             &["method"],
         )
         .expect("static metric options are valid");
-        let metrics = Self { registry, grpc_requests, grpc_duration };
+        let grpc_refused = IntCounterVec::new(
+            Opts::new(
+                "meshgate_grpc_server_refused_total",
+                "gRPC calls refused before the service saw them, by method, calling identity and reason \
+                 (unauthenticated, permission_denied, message_too_large)",
+            ),
+            &["method", "caller", "reason"],
+        )
+        .expect("static metric options are valid");
+        let metrics = Self { registry, grpc_requests, grpc_duration, grpc_refused };
         metrics.register(Box::new(metrics.grpc_requests.clone()));
         metrics.register(Box::new(metrics.grpc_duration.clone()));
+        metrics.register(Box::new(metrics.grpc_refused.clone()));
         metrics
     }
 

@@ -19,8 +19,10 @@ pub fn default_listen(grpc_port: u16, admin_port: u16, http_port: Option<u16>) -
 }
 
 /// Runs one service as a process: reads `--config FILE` (or `MESHGATE_CONFIG`), section `section`
-/// plus `MESHGATE_<SECTION>__*`, listens per `MESHGATE_LISTEN__*` over `listen`, serves until
-/// SIGTERM, and exits non-zero with a clear message when startup or serving fails.
+/// plus `MESHGATE_<SECTION>__*`, takes the identity `section` in the mesh per `[mesh]`
+/// (`MESHGATE_MESH__*`; mTLS with certificates from [`crate::mesh::DEFAULT_TLS_DIR`] unless
+/// configured otherwise), listens per `MESHGATE_LISTEN__*` over `listen`, serves until SIGTERM,
+/// and exits non-zero with a clear message when startup or serving fails.
 pub fn run_main<C, F, Fut, E>(section: &'static str, listen: ListenConfig, serve: F) -> ExitCode
 where
     C: DeserializeOwned + Serialize + Default,
@@ -43,8 +45,15 @@ where
             Ok(listen) => listen,
             Err(err) => return fail(section, &err.to_string()),
         };
+        let identity = match identity(section, file.as_deref()) {
+            Ok(identity) => identity,
+            Err(message) => return fail(section, &message),
+        };
+        if let Err(err) = identity.check_listener(listen.grpc) {
+            return fail(section, &err.to_string());
+        }
         let listeners = match Listeners::bind(&listen).await {
-            Ok(listeners) => listeners,
+            Ok(listeners) => listeners.with_identity(identity),
             Err(err) => return fail(section, &err.to_string()),
         };
         let shutdown = Shutdown::new();
@@ -56,6 +65,16 @@ where
             Err(err) => fail(section, &err.to_string()),
         }
     })
+}
+
+/// This process's identity `name` per `[mesh]` in `file` and the environment.
+fn identity(name: &str, file: Option<&std::path::Path>) -> Result<crate::mesh::ServiceIdentity, String> {
+    let mut config: crate::mesh::Config = crate::config::load("mesh", file).map_err(|err| err.to_string())?;
+    if config.tls_dir.is_none() {
+        config.tls_dir = Some(crate::mesh::DEFAULT_TLS_DIR.into());
+    }
+    let mesh = crate::mesh::Mesh::new(&config).map_err(|err| err.to_string())?;
+    mesh.identity(name).map_err(|err| err.to_string())
 }
 
 /// `--config FILE` / `--config=FILE` from the command line, else `MESHGATE_CONFIG`.

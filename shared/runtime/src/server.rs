@@ -18,19 +18,25 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic_health::ServingStatus;
-use tower::{Layer as _, ServiceExt as _};
+use tower::ServiceExt as _;
 use tracing::Instrument;
 
+use crate::client::{EndpointError, MeshChannel};
+use crate::mesh::{GuardLayer, SecurityError, ServiceIdentity, TlsIncoming};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
-/// Sockets a service serves on. Tests bind `127.0.0.1:0` and pass the listeners in.
+/// Sockets a service serves on, and who it is in the mesh. Tests bind `127.0.0.1:0` and pass
+/// the listeners in.
 #[derive(Debug)]
 pub struct Listeners {
     pub grpc: TcpListener,
     pub admin: TcpListener,
     /// The edge's HTTP listener (gateway only).
     pub http: Option<TcpListener>,
+    /// The service's identity: its gRPC listener and its channels use it. `None` (library use
+    /// without a mesh configuration): plaintext, and callers are not checked.
+    pub identity: Option<ServiceIdentity>,
 }
 
 impl Listeners {
@@ -42,7 +48,23 @@ impl Listeners {
                 Some(addr) => Some(bind(addr).await?),
                 None => None,
             },
+            identity: None,
         })
+    }
+
+    /// These listeners, serving as `identity`.
+    pub fn with_identity(mut self, identity: ServiceIdentity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// A channel from this service to `endpoint`, presenting its identity (plaintext and
+    /// anonymous without one).
+    pub fn channel(&self, endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel, EndpointError> {
+        match &self.identity {
+            Some(identity) => identity.channel(endpoint, connect_timeout),
+            None => crate::client::channel(endpoint, connect_timeout),
+        }
     }
 
     /// gRPC, admin and HTTP listeners on ephemeral loopback ports.
@@ -107,6 +129,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("admin listener failed: {0}")]
     Admin(std::io::Error),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
 }
 
 /// Hosts one gRPC service with everything DESIGN §1 requires around it.
@@ -172,13 +196,30 @@ impl ServiceHost {
         P: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
+        let identity = listeners.identity.clone();
+        let grpc_addr = local_addr(&listeners.grpc);
+        if let Some(identity) = &identity {
+            identity.check_listener(grpc_addr)?;
+        }
         let (reporter, health_service) = tonic_health::server::health_reporter();
         reporter.set_service_status("", ServingStatus::NotServing).await;
         reporter.set_not_serving::<S>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(meshgate_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        let reflection = match identity.as_ref().is_some_and(ServiceIdentity::reflection) {
+            true => Some(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(meshgate_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .build_v1()?,
+            ),
+            false => None,
+        };
+        let refusals = self.metrics.grpc_refused.clone();
+        let guard = GuardLayer(Arc::new(match &identity {
+            Some(identity) => identity.guard(refusals),
+            None => crate::mesh::unchecked_guard(refusals),
+        }));
+        let layers =
+            tower::ServiceBuilder::new().layer(ObserveLayer { metrics: self.metrics.clone() }).layer(guard.clone());
 
         let watcher = tokio::spawn(watch_readiness(
             self.name,
@@ -192,18 +233,19 @@ impl ServiceHost {
             tokio::spawn(serve_admin(listeners.admin, self.metrics.clone(), self.readiness.clone(), shutdown.clone()));
 
         let registration = crate::local::enabled().then(|| {
-            let routes = tonic::service::Routes::new(health_service.clone())
-                .add_service(reflection.clone())
-                .add_service(service.clone());
-            let observed = ObserveLayer { metrics: self.metrics.clone() }.layer(routes);
+            let mut routes = tonic::service::Routes::new(health_service.clone()).add_service(service.clone());
+            if let Some(reflection) = &reflection {
+                routes = routes.add_service(reflection.clone());
+            }
+            let guarded = layers.clone().service(routes);
             let call: crate::local::LocalService = Arc::new(move |request| {
-                let observed = observed.clone();
+                let guarded = guarded.clone();
                 Box::pin(async move {
-                    let response = observed.oneshot(request).await.map_err(|never| match never {})?;
+                    let response = guarded.oneshot(request).await.map_err(|never| match never {})?;
                     Ok(response.map(tonic::body::Body::new))
                 })
             });
-            crate::local::register(local_addr(&listeners.grpc), call)
+            crate::local::register(grpc_addr, call)
         });
         // Callers in this process meet the closing listener from the start of the shutdown on.
         let unregister = shutdown.clone();
@@ -211,20 +253,31 @@ impl ServiceHost {
             unregister.cancelled().await;
             drop(registration);
         });
-        tracing::info!(service = self.name, grpc = %local_addr(&listeners.grpc), "serving");
-        let server = tonic::transport::Server::builder()
+        let tls = identity.as_ref().and_then(|identity| identity.tls().cloned());
+        tracing::info!(
+            service = self.name,
+            grpc = %grpc_addr,
+            identity = identity.as_ref().map(ServiceIdentity::name),
+            mtls = tls.is_some(),
+            "serving"
+        );
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .layer(ObserveLayer { metrics: self.metrics.clone() })
+            .layer(layers)
             .add_service(health_service)
-            .add_service(reflection)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                // The builder's tcp_nodelay only applies to listeners tonic binds itself; without
-                // it, streamed replies wait on Nagle + delayed ACK (~40 ms per request).
+            .add_optional_service(reflection)
+            .add_service(service);
+        let stopped = shutdown.cancelled_owned();
+        let server: BoxFuture<'static, Result<(), tonic::transport::Error>> = match tls {
+            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(TlsIncoming::new(listeners.grpc, tls), stopped)),
+            // The builder's tcp_nodelay only applies to listeners tonic binds itself; without
+            // it, streamed replies wait on Nagle + delayed ACK (~40 ms per request).
+            None => Box::pin(router.serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-                shutdown.cancelled_owned(),
-            );
+                stopped,
+            )),
+        };
         let deadline = self.drain_deadline;
         let drained = tokio::select! {
             result = server => { result?; true }
@@ -332,6 +385,10 @@ pub fn nodelay(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut
 }
 
 /// `/package.Service/Method` of every RPC served: meshgate's contracts, health and reflection.
+pub(crate) fn known_methods() -> &'static HashSet<&'static str> {
+    &KNOWN_METHODS
+}
+
 static KNOWN_METHODS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
     let mut methods = HashSet::from(["/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"]);
     for encoded in [meshgate_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
