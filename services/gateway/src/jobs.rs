@@ -3,27 +3,39 @@
 //! and `POST /v1/jobs/{id}/retry`, plus the offline fallback that queues a chat request whose
 //! cloud targets were all unreachable when the caller allows it (`x-meshgate-allow-queue: true`).
 //! Jobs are scoped to the caller's project: another project's job answers 404.
+//!
+//! A job is admitted like a request and holds a quota reservation of its estimate for as long as
+//! it may wait (see [`enqueue`]); a dead letter put back is admitted again (see [`retry`]).
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use meshgate_proto::common::v1::{Target, TargetKind, Usage};
+use meshgate_proto::quota::v1::ReleaseRequest;
 use meshgate_proto::router::v1::ListTargetsRequest;
-use meshgate_proto::sync::v1::{self as pb, CompleteRequest, EnqueueRequest, JobStatus};
-use meshgate_runtime::{ApiError, ErrorCode};
+use meshgate_proto::sync::v1::sync_client::SyncClient;
+use meshgate_proto::sync::v1::{self as pb, CompleteRequest, EnqueueRequest, JobReservation, JobStatus};
+use meshgate_runtime::{ApiError, ErrorCode, MeshChannel};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
 use crate::http::{ApiPath, ApiQuery, Edge, List, authenticate, client_of, error_response, read_body, request_id_of};
 use crate::openai::{self, ValidChat};
+use crate::orchestrator::peer_call;
 use crate::tenancy::EndpointScope;
 
 /// Request header that lets a chat request be queued when no cloud target answers.
 pub const ALLOW_QUEUE: &str = "x-meshgate-allow-queue";
 /// Response header of a submission answered from an earlier one with the same key.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// How long a job's admission holds its estimate, seconds: longer than the queue's whole retry
+/// schedule (by default 8 attempts, each cut within its 6-minute lease and at most 30 s apart:
+/// under an hour), with room for a backlog. The quota service caps it; a job delivered after its
+/// hold ended is still charged, once.
+const JOB_RESERVATION_TTL_SECONDS: i64 = 86_400;
 
 /// Whether the request opted into the offline fallback.
 pub fn allows_queue(headers: &HeaderMap) -> bool {
@@ -141,12 +153,48 @@ fn job_json(job: pb::Job) -> JobJson {
     }
 }
 
-/// The project a caller's job lookups are limited to (the bootstrap key sees every project).
-fn project_scope(caller: &Caller) -> String {
-    if caller.platform_admin { String::new() } else { caller.principal.project_id.clone() }
+/// Calls the sync service with the peer deadline.
+async fn sync_call<T, F, Fut>(edge: &Edge, call: F) -> Result<tonic::Response<T>, ApiError>
+where
+    F: FnOnce(SyncClient<MeshChannel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let sync = edge.orchestrator.peers().sync.clone();
+    tokio::time::timeout(edge.orchestrator.peer_timeout(), call(sync))
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::Timeout, "the job queue did not answer in time"))?
+        .map_err(|status| ApiError::from_status(&status))
 }
 
-/// Queues `chat` for the caller; answers 202 with the job (200 when the key was seen before).
+/// Holds `estimate` against the caller's budgets for a job, or the 429 that refuses it. Each
+/// admission gets an id of its own: a client's reused request id must never answer with the
+/// reservation of an earlier job.
+async fn admit(
+    edge: &Edge,
+    caller: &Caller,
+    request_id: &str,
+    estimate: (i64, i64),
+) -> Result<JobReservation, ApiError> {
+    let admission = format!("{request_id}:job:{}", uuid::Uuid::new_v4().simple());
+    let reservation_id =
+        edge.orchestrator.admit(admission, &caller.principal, estimate, JOB_RESERVATION_TTL_SECONDS).await?;
+    Ok(JobReservation { reservation_id, estimated_tokens: estimate.0, estimated_cost_micros: estimate.1 })
+}
+
+/// Frees an admission no job holds: the queue refused the job, or answered with an earlier one.
+/// A failure leaves the hold to expire. Not called when the queue did not answer in time: the job
+/// may hold the reservation, and freeing it would let the budget be spent twice.
+async fn release_admission(edge: &Edge, reservation: JobReservation) {
+    let mut quota = edge.orchestrator.peers().quota.clone();
+    let release = ReleaseRequest { reservation_id: reservation.reservation_id };
+    if let Err(err) = peer_call("quota", edge.orchestrator.peer_timeout(), quota.release(release)).await {
+        tracing::warn!(error = %err, "cannot release a job admission no job holds; it expires on its own");
+    }
+}
+
+/// Admits `chat` against the caller's budgets and queues it with its reservation; answers 202
+/// with the job (200 when the idempotency key was seen before: that job's own reservation stands
+/// and this one is freed). The submission endpoint and the offline fallback both come here.
 pub async fn enqueue(
     edge: &Edge,
     caller: &Caller,
@@ -155,6 +203,7 @@ pub async fn enqueue(
     idempotency_key: String,
 ) -> Result<Response, ApiError> {
     let prices = cloud_prices(edge, &chat.model).await?;
+    let reservation = admit(edge, caller, request_id, edge.orchestrator.job_estimate(&chat, &prices)).await?;
     let request = EnqueueRequest {
         principal: Some(caller.principal.clone()),
         idempotency_key,
@@ -167,13 +216,21 @@ pub async fn enqueue(
             sampling: Some(chat.sampling),
             timeout_ms: 0,
         }),
+        reservation: Some(reservation.clone()),
     };
-    let mut sync = edge.orchestrator.peers().sync.clone();
-    let response = tokio::time::timeout(edge.orchestrator.peer_timeout(), sync.enqueue(request))
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Timeout, "the job queue did not answer in time"))?
-        .map_err(|status| ApiError::from_status(&status))?;
+    let response = match sync_call(edge, |mut sync| async move { sync.enqueue(request).await }).await {
+        Ok(response) => response,
+        Err(err) => {
+            if err.code != ErrorCode::Timeout {
+                release_admission(edge, reservation).await;
+            }
+            return Err(err);
+        }
+    };
     let replayed = response.metadata().get("x-meshgate-idempotent-replay").is_some_and(|v| v == "true");
+    if replayed {
+        release_admission(edge, reservation).await;
+    }
     let job = job_json(response.into_inner());
     let status = if replayed { StatusCode::OK } else { StatusCode::ACCEPTED };
     let mut response = (status, axum::Json(job)).into_response();
@@ -244,7 +301,6 @@ pub async fn submit(State(edge): State<Edge>, request: Request) -> Response {
         if let Some(err) = screened.blocked {
             return Err(err);
         }
-        edge.orchestrator.admit(&id, &caller.principal, &chat).await?;
         enqueue(&edge, &caller, chat, &id, key).await
     }
     .await;
@@ -264,11 +320,7 @@ where
     let result = async {
         let caller = caller?;
         caller.require(EndpointScope::Jobs)?;
-        let sync = edge.orchestrator.peers().sync.clone();
-        let response = tokio::time::timeout(edge.orchestrator.peer_timeout(), f(sync, caller))
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::Timeout, "the job queue did not answer in time"))?
-            .map_err(|status| ApiError::from_status(&status))?;
+        let response = sync_call(&edge, |sync| f(sync, caller)).await?;
         Ok::<_, ApiError>(JobsBody::from(response.into_inner()))
     }
     .await;
@@ -328,7 +380,7 @@ fn plausible_job_id(id: &str) -> Result<(), tonic::Status> {
 pub async fn get(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
     with_sync(edge, request, |mut sync, caller| async move {
         plausible_job_id(&id)?;
-        sync.get_job(pb::GetJobRequest { id, project_id: project_scope(&caller) }).await
+        sync.get_job(pb::GetJobRequest { id, project_id: caller.principal.project_id }).await
     })
     .await
 }
@@ -378,28 +430,64 @@ pub async fn list(State(edge): State<Edge>, ApiQuery(filter): ApiQuery<JobFilter
         return error_response(&err, &request_id_of(&request));
     }
     with_sync(edge, request, move |mut sync, caller| async move {
-        // Even the bootstrap key lists one project at a time here: its own.
-        let project_id = caller.principal.project_id.clone();
+        let project_id = caller.principal.project_id;
         sync.list_jobs(pb::ListJobsRequest { project_id, status: status as i32, limit }).await
     })
     .await
 }
 
-/// `POST /v1/jobs/{id}/retry`: a dead letter back in the queue (409 when it is not dead).
+/// `POST /v1/jobs/{id}/retry`: a dead letter back in the queue (409 when it is not dead),
+/// admitted again like a new submission: its estimate is held against the caller's budgets, or the
+/// retry is refused with 429.
 #[utoipa::path(
     post,
     path = "/v1/jobs/{id}/retry",
     operation_id = "retryJob",
     tag = "jobs",
     summary = "Put a dead letter back in the queue",
-    description = "409 when the job is not dead.",
+    description = "409 when the job is not dead. The job is admitted again like a submission: 429 when its \
+estimate does not fit the caller's budgets.",
     params(("id" = String, Path, description = "Job id")),
     responses((status = 200, description = "The job, queued again", body = JobJson))
 )]
 pub async fn retry(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
-    with_sync(edge, request, |mut sync, caller| async move {
-        plausible_job_id(&id)?;
-        sync.retry_job(pb::RetryJobRequest { id, project_id: project_scope(&caller) }).await
-    })
-    .await
+    let request_id = request_id_of(&request);
+    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let result = async {
+        let caller = caller?;
+        caller.require(EndpointScope::Jobs)?;
+        plausible_job_id(&id).map_err(|status| ApiError::from_status(&status))?;
+        readmit(&edge, &caller, id, &request_id).await
+    }
+    .await;
+    match result {
+        Ok(job) => axum::Json(job_json(job)).into_response(),
+        Err(err) => error_response(&err, &request_id),
+    }
+}
+
+/// Puts the dead letter `id` back in the queue under a new admission by `caller`. A job that is
+/// not dead is left to the queue to refuse (409), and nothing is held for it.
+async fn readmit(edge: &Edge, caller: &Caller, id: String, request_id: &str) -> Result<pb::Job, ApiError> {
+    let project_id = caller.principal.project_id.clone();
+    let lookup = pb::GetJobRequest { id: id.clone(), project_id: project_id.clone() };
+    let job = sync_call(edge, |mut sync| async move { sync.get_job(lookup).await }).await?.into_inner();
+    let retry = pb::RetryJobRequest { id, project_id, principal: Some(caller.principal.clone()), reservation: None };
+    if job.status != JobStatus::Dead as i32 {
+        return Ok(sync_call(edge, |mut sync| async move { sync.retry_job(retry).await }).await?.into_inner());
+    }
+    // Jobs queued before admissions were kept carry no estimate: they are held for nothing, but a
+    // spent budget or a full minute still refuses them.
+    let estimate = job.reservation.map_or((0, 0), |r| (r.estimated_tokens, r.estimated_cost_micros));
+    let reservation = admit(edge, caller, request_id, estimate).await?;
+    let retry = pb::RetryJobRequest { reservation: Some(reservation.clone()), ..retry };
+    match sync_call(edge, |mut sync| async move { sync.retry_job(retry).await }).await {
+        Ok(response) => Ok(response.into_inner()),
+        Err(err) => {
+            if err.code != ErrorCode::Timeout {
+                release_admission(edge, reservation).await;
+            }
+            Err(err)
+        }
+    }
 }

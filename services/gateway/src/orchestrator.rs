@@ -246,18 +246,27 @@ impl Orchestrator {
         Ok((result?, budget))
     }
 
-    /// Whether a chat request would fit the caller's budgets and rate limits now, without charging
-    /// it: a job is admitted like a request (a spent budget or a full minute refuses it with the
-    /// same 429), and its usage is settled when it is delivered.
-    pub async fn admit(&self, request_id: &str, principal: &Principal, chat: &ValidChat) -> Result<(), ApiError> {
+    /// What a job for `chat` is admitted for: its prompt plus its max tokens, and their cost at the
+    /// dearest of the cloud `targets` that may deliver it (none: tokens only).
+    pub fn job_estimate(&self, chat: &ValidChat, targets: &[Target]) -> (i64, i64) {
         let prompt = crate::tokens::prompt_tokens(&chat.model, &chat.messages);
         let max_tokens = chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
-        let tokens = prompt.saturating_add(max_tokens);
-        let reserved = self.reserve(format!("{request_id}:admission"), principal, tokens, 0).await?;
-        let release = ReleaseRequest { reservation_id: reserved.reservation_id };
-        let mut quota = self.peers.quota.clone();
-        peer_call("quota", self.config.peer_timeout, quota.release(release)).await?;
-        Ok(())
+        let cost = targets.iter().map(|t| t.cost_micros(prompt, max_tokens)).max().unwrap_or(0);
+        (prompt.saturating_add(max_tokens), cost)
+    }
+
+    /// Admits a job like a request (a spent budget or a full minute refuses it with the same 429)
+    /// and holds its estimate for `ttl_seconds`, the whole time it may wait in the queue: the
+    /// reservation (its id is returned) travels with the job, delivery commits it and a dead
+    /// letter releases it, so queued jobs can never spend more than the budget.
+    pub async fn admit(
+        &self,
+        request_id: String,
+        principal: &Principal,
+        (tokens, cost_micros): (i64, i64),
+        ttl_seconds: i64,
+    ) -> Result<String, ApiError> {
+        Ok(self.reserve_for(request_id, principal, tokens, cost_micros, ttl_seconds).await?.reservation_id)
     }
 
     /// Holds `tokens` and `cost_micros` in every scope of `principal`, or the 429 (counted) of the
@@ -289,12 +298,25 @@ impl Orchestrator {
         let prompt_estimate = crate::tokens::prompt_tokens(&call.chat.model, &call.chat.messages);
         let max_tokens = call.chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
         let mut settlement = Settlement::new(self.clone(), &call, prompt_estimate);
+    ) -> Result<ReserveResponse, ApiError> {
+        self.reserve_for(request_id, principal, tokens, cost_micros, 0).await
+    }
+
+    /// [`Orchestrator::reserve`], held for `ttl_seconds` (0: the quota service's default).
+    async fn reserve_for(
+        &self,
+        request_id: String,
+        principal: &Principal,
+        tokens: i64,
+        cost_micros: i64,
+        ttl_seconds: i64,
 
         // Route before reserving: the reservation must hold the cost of the priciest target the
         // plan may fall back to, or concurrent requests could overspend a cost budget.
         let route = RouteRequest {
             request_id: call.request_id.clone(),
             principal: Some(call.principal.clone()),
+            ttl_seconds,
             model: call.chat.model.clone(),
             prompt_tokens: prompt_estimate,
             max_tokens,

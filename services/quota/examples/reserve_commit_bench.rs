@@ -62,6 +62,7 @@ async fn pair(client: &mut QuotaClient<MeshChannel>, n: u64) {
         principal: Some(principal.clone()),
         estimated_tokens: 300,
         estimated_cost_micros: 50,
+        ttl_seconds: 0,
     };
     let reserved = client.reserve(reserve).await.expect("reserve").into_inner();
     assert!(reserved.admitted, "the benchmark's limits never refuse: {reserved:?}");

@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 use crate::limits::DefaultLimits;
 
+/// The longest reservation lifetime configurable: counters outlive their day by three days, and a
+/// hold must end before its counter does.
+pub const MAX_RESERVATION_TTL_SECS: u64 = 2 * 86_400;
+
 /// Configuration of the quota service (`[quota]`, `MESHGATE_QUOTA__*`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,8 +26,12 @@ pub struct Config {
     pub key_prefix: String,
     /// Limits of scopes without an override.
     pub defaults: DefaultLimits,
-    /// How long a reservation holds budget without a commit or release.
+    /// How long a reservation holds budget without a commit or release, unless its request asks
+    /// for another lifetime (`ttl_seconds`).
     pub reservation_ttl_secs: u64,
+    /// The longest lifetime a request may ask for (a queued job's reservation); longer requests
+    /// are capped here. At most two days, so a hold never outlives its day's counters.
+    pub max_reservation_ttl_secs: u64,
     /// How long a settled or expired reservation is remembered for idempotent replays.
     pub settled_retention_secs: u64,
     /// How long a Charge id is remembered: a replay within it changes nothing.
@@ -50,6 +58,7 @@ impl Default for Config {
             key_prefix: "meshgate:quota:".into(),
             defaults: DefaultLimits::default(),
             reservation_ttl_secs: 300,
+            max_reservation_ttl_secs: 86_400,
             settled_retention_secs: 600,
             charge_retention_secs: 7 * 86_400,
             limits_cache_ttl_ms: 30_000,
@@ -81,6 +90,11 @@ impl Config {
         if !(1..=86_400).contains(&self.reservation_ttl_secs) {
             return invalid("reservation_ttl_secs must be between 1 and 86400");
         }
+        if !(self.reservation_ttl_secs..=MAX_RESERVATION_TTL_SECS).contains(&self.max_reservation_ttl_secs) {
+            return invalid(&format!(
+                "max_reservation_ttl_secs must be between reservation_ttl_secs and {MAX_RESERVATION_TTL_SECS}"
+            ));
+        }
         if self.settled_retention_secs == 0 {
             return invalid("settled_retention_secs must be at least 1");
         }
@@ -98,6 +112,10 @@ impl Config {
 
     pub fn reservation_ttl(&self) -> Duration {
         Duration::from_secs(self.reservation_ttl_secs)
+    }
+
+    pub fn max_reservation_ttl(&self) -> Duration {
+        Duration::from_secs(self.max_reservation_ttl_secs)
     }
 
     pub fn settled_retention(&self) -> Duration {
@@ -150,6 +168,10 @@ mod tests {
     fn invalid_settings_are_refused() {
         let bad = Config { reservation_ttl_secs: 0, ..Config::default() };
         assert!(bad.validate().is_err());
+        let bad = Config { max_reservation_ttl_secs: 60, ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("max_reservation_ttl_secs"), "below the default ttl");
+        let bad = Config { max_reservation_ttl_secs: MAX_RESERVATION_TTL_SECS + 1, ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("max_reservation_ttl_secs"));
         let bad = Config { charge_retention_secs: 0, ..Config::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("charge_retention_secs"));
         let mut bad = Config::default();

@@ -38,8 +38,10 @@ const MAX_CHARGE_REQUESTS: i64 = 1_000_000;
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     pub defaults: DefaultLimits,
-    /// How long a reservation holds budget without a commit or release.
+    /// How long a reservation holds budget without a commit or release, unless it asks otherwise.
     pub reservation_ttl: Duration,
+    /// The longest lifetime a reservation may ask for.
+    pub max_reservation_ttl: Duration,
     /// How long the record of a lost reservation's charge is kept (the store's settled retention).
     pub settled_retention: Duration,
     /// How long a Charge id is remembered: a replay within it changes nothing.
@@ -55,6 +57,7 @@ impl Default for EngineSettings {
         Self {
             defaults: DefaultLimits::default(),
             reservation_ttl: Duration::from_secs(300),
+            max_reservation_ttl: Duration::from_secs(86_400),
             settled_retention: Duration::from_secs(600),
             charge_retention: Duration::from_secs(7 * 86_400),
             limits_cache_ttl: Duration::from_secs(30),
@@ -178,12 +181,13 @@ impl QuotaEngine {
         validate_id("request_id", &req.request_id)?;
         check_amount("estimated_tokens", req.estimated_tokens, MAX_TOKENS)?;
         check_amount("estimated_cost_micros", req.estimated_cost_micros, MAX_COST_MICROS)?;
+        let ttl = self.reservation_lifetime(req.ttl_seconds)?;
         let scopes = Scope::of_principal(req.principal.as_ref())?;
         let principal = req.principal.clone().unwrap_or_default();
         let id = reservation_id(&principal, &req.request_id);
 
         let started = Instant::now();
-        let result = self.try_reserve(&scopes, id, req).await;
+        let result = self.try_reserve(&scopes, id, req, ttl).await;
         self.metrics.reserve_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(response) => {
@@ -210,14 +214,24 @@ impl QuotaEngine {
         }
     }
 
+    /// The lifetime a reservation asked for (`0`: the default), capped at the longest allowed.
+    fn reservation_lifetime(&self, ttl_seconds: i64) -> Result<Duration, Error> {
+        match u64::try_from(ttl_seconds) {
+            Ok(0) => Ok(self.settings.reservation_ttl),
+            Ok(secs) => Ok(Duration::from_secs(secs).min(self.settings.max_reservation_ttl)),
+            Err(_) => Err(Error::InvalidArgument(format!("ttl_seconds must not be negative (got {ttl_seconds})"))),
+        }
+    }
+
     async fn try_reserve(
         &self,
         scopes: &[Scope],
         reservation_id: String,
         req: &pb::ReserveRequest,
+        ttl: Duration,
     ) -> Result<pb::ReserveResponse, Error> {
         let now = self.clock.now();
-        let ttl = TimeDelta::from_std(self.settings.reservation_ttl).unwrap_or(TimeDelta::MAX);
+        let ttl = TimeDelta::from_std(ttl).unwrap_or(TimeDelta::MAX);
         let expires_at = now.checked_add_signed(ttl).unwrap_or(DateTime::<Utc>::MAX_UTC);
         for _ in 0..ATTEMPTS {
             let (limits, generation) = self.resolve_limits(scopes).await?;

@@ -71,13 +71,10 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
             RedisStoreSettings {
                 key_prefix: config.key_prefix.clone(),
                 settled_retention: config.settled_retention(),
-                reservation_ttl: config.reservation_ttl(),
                 track_dirty,
             },
         )),
-        None => {
-            Arc::new(MemoryStore::new(clock.clone(), config.reservation_ttl(), config.settled_retention(), track_dirty))
-        }
+        None => Arc::new(MemoryStore::new(clock.clone(), config.settled_retention(), track_dirty)),
     };
     let limits: Arc<dyn LimitsRepo> = match &pg {
         Some(pool) => Arc::new(PostgresLimits::new(pool.clone())),
@@ -97,6 +94,7 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
         EngineSettings {
             defaults: config.defaults,
             reservation_ttl: config.reservation_ttl(),
+            max_reservation_ttl: config.max_reservation_ttl(),
             settled_retention: config.settled_retention(),
             charge_retention: config.charge_retention(),
             limits_cache_ttl: Duration::from_millis(config.limits_cache_ttl_ms),

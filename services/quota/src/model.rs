@@ -99,20 +99,22 @@ impl Scope {
         pb::Scope { kind: self.kind.to_proto() as i32, id: self.id.clone() }
     }
 
-    /// Every scope a request of `principal` is charged to, broadest first. Organization and key
-    /// are required; project and user are charged when present.
+    /// Every scope a request of `principal` is charged to, broadest first. Organization, project
+    /// and key are required (an empty one would leave its budget out); the user is charged when
+    /// present (service keys have none).
     pub fn of_principal(principal: Option<&Principal>) -> Result<Vec<Self>, Error> {
         let p = principal.ok_or_else(|| Error::InvalidArgument("principal is required".into()))?;
         if p.org_id.is_empty() {
             return Err(Error::InvalidArgument("principal.org_id is required".into()));
         }
+        if p.project_id.is_empty() {
+            return Err(Error::InvalidArgument("principal.project_id is required".into()));
+        }
         if p.key_id.is_empty() {
             return Err(Error::InvalidArgument("principal.key_id is required".into()));
         }
-        let mut scopes = vec![Scope::new(ScopeKind::Org, p.org_id.clone())?];
-        if !p.project_id.is_empty() {
-            scopes.push(Scope::new(ScopeKind::Project, p.project_id.clone())?);
-        }
+        let mut scopes =
+            vec![Scope::new(ScopeKind::Org, p.org_id.clone())?, Scope::new(ScopeKind::Project, p.project_id.clone())?];
         if !p.user_id.is_empty() {
             scopes.push(Scope::new(ScopeKind::User, p.user_id.clone())?);
         }
@@ -399,6 +401,7 @@ mod tests {
         assert_eq!(names, ["org:o", "project:p", "key:k"]);
         assert!(Scope::of_principal(None).is_err());
         assert!(Scope::of_principal(Some(&Principal { key_id: String::new(), ..p.clone() })).is_err());
+        assert!(Scope::of_principal(Some(&Principal { project_id: String::new(), ..p.clone() })).is_err());
         assert!(Scope::of_principal(Some(&Principal { org_id: "a\nb".into(), ..p })).is_err());
     }
 

@@ -30,7 +30,7 @@ fn settings() -> EngineSettings {
 }
 
 async fn concurrent_reserves_never_exceed_the_limit(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(settings());
     let p = principal();
     engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 10_000, 0)).await.unwrap();
@@ -76,7 +76,7 @@ async fn concurrent_reserves_never_exceed_the_limit(backend: Backend) {
 }
 
 async fn commit_and_release_arithmetic(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(settings());
     let p = principal();
     engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 1_000, 50_000)).await.unwrap();
@@ -130,7 +130,7 @@ async fn commit_and_release_arithmetic(backend: Backend) {
 
 async fn expired_reservations_are_reclaimed(backend: Backend) {
     let ttl = Duration::from_millis(300);
-    let harness = backend.harness(system_clock(), ttl).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(EngineSettings { reservation_ttl: ttl, ..settings() });
     let p = principal();
     engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 1_000, 0)).await.unwrap();
@@ -155,7 +155,7 @@ async fn expired_reservations_are_reclaimed(backend: Backend) {
 
 async fn the_window_resets_at_utc_midnight(backend: Backend) {
     let clock = Arc::new(ManualClock::new(at("2031-05-06T23:59:58.400Z")));
-    let harness = backend.harness(clock.clone() as SharedClock, Duration::from_secs(300)).await;
+    let harness = backend.harness(clock.clone() as SharedClock).await;
     let engine = harness.engine(settings());
     let p = principal();
     engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 100, 0)).await.unwrap();
@@ -184,7 +184,7 @@ async fn the_window_resets_at_utc_midnight(backend: Backend) {
 }
 
 async fn reserve_is_idempotent_by_request_id(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(settings());
     let p = principal();
 
@@ -216,7 +216,7 @@ async fn reserve_is_idempotent_by_request_id(backend: Backend) {
 }
 
 async fn set_limits_applies_to_the_next_reserve_on_another_replica(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     // Both caches would keep limits for an hour: only the generation can make B notice.
     let a = harness.engine(settings());
     let b = harness.engine(settings());
@@ -236,7 +236,7 @@ async fn set_limits_applies_to_the_next_reserve_on_another_replica(backend: Back
 }
 
 async fn every_scope_must_admit_and_a_refusal_changes_nothing(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(settings());
     let p = principal();
     engine.set_limits(&set_limits(scope(pb::ScopeKind::Org, &p.org_id), 500, 0)).await.unwrap();
@@ -265,7 +265,7 @@ async fn every_scope_must_admit_and_a_refusal_changes_nothing(backend: Backend) 
 }
 
 async fn invalid_input_is_refused_and_writes_nothing(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(settings());
     let p = principal();
     let key = scope(pb::ScopeKind::Key, &p.key_id);
@@ -315,7 +315,7 @@ async fn invalid_input_is_refused_and_writes_nothing(backend: Backend) {
 }
 
 async fn the_ledger_receives_committed_usage(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(settings());
     let pool = harness.pool().await;
     let flusher = LedgerFlusher::new(
@@ -394,7 +394,7 @@ fn per_minute(scope: pb::Scope, requests_per_minute: i64, tokens_per_minute: i64
 
 async fn per_minute_limits_refuse_the_101st_request_with_an_exact_retry_after(backend: Backend) {
     let clock = Arc::new(ManualClock::new(at("2031-05-06T10:00:00Z")));
-    let harness = backend.harness(clock.clone() as SharedClock, Duration::from_secs(300)).await;
+    let harness = backend.harness(clock.clone() as SharedClock).await;
     // The shipped defaults: 100 requests a minute per user.
     let engine = harness.engine(EngineSettings::default());
     let p = principal();
@@ -431,7 +431,7 @@ async fn per_minute_limits_refuse_the_101st_request_with_an_exact_retry_after(ba
 
 async fn tokens_per_minute_count_the_estimate_then_the_actual_usage(backend: Backend) {
     let clock = Arc::new(ManualClock::new(at("2031-05-06T10:00:00Z")));
-    let harness = backend.harness(clock.clone() as SharedClock, Duration::from_secs(300)).await;
+    let harness = backend.harness(clock.clone() as SharedClock).await;
     let engine = harness.engine(settings());
     let p = principal();
     let key = scope(pb::ScopeKind::Key, &p.key_id);
@@ -460,7 +460,7 @@ async fn tokens_per_minute_count_the_estimate_then_the_actual_usage(backend: Bac
 async fn an_org_time_zone_moves_the_daily_window(backend: Backend) {
     // 14:59:59 UTC is 23:59:59 in Tokyo.
     let clock = Arc::new(ManualClock::new(at("2031-05-06T14:59:59Z")));
-    let harness = backend.harness(clock.clone() as SharedClock, Duration::from_secs(300)).await;
+    let harness = backend.harness(clock.clone() as SharedClock).await;
     let engine = harness.engine(settings());
     let p = principal();
     let org = pb::SetLimitsRequest {
@@ -492,8 +492,7 @@ async fn an_org_time_zone_moves_the_daily_window(backend: Backend) {
 }
 
 async fn lost_counters_come_back_from_the_ledger(backend: Backend) {
-    let ttl = Duration::from_secs(300);
-    let mut harness = backend.harness(system_clock(), ttl).await;
+    let mut harness = backend.harness(system_clock()).await;
     let engine = harness.engine_with_ledger(settings()).await;
     let flusher = |engine: &meshgate_quota::QuotaEngine, pool| {
         LedgerFlusher::new(
@@ -514,7 +513,7 @@ async fn lost_counters_come_back_from_the_ledger(backend: Backend) {
     let in_flight = engine.reserve(&reserve(&p, "in-flight", 300, 0)).await.unwrap();
     assert!(in_flight.admitted);
 
-    harness.lose_counters(ttl);
+    harness.lose_counters();
     let engine = harness.engine_with_ledger(settings()).await;
 
     let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
@@ -547,7 +546,7 @@ async fn lost_counters_come_back_from_the_ledger(backend: Backend) {
 }
 
 async fn charge_adds_usage_to_every_scope_once_per_charge_id(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(settings());
     let p = principal();
     engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 1_000, 50_000)).await.unwrap();
@@ -597,7 +596,7 @@ async fn charge_adds_usage_to_every_scope_once_per_charge_id(backend: Backend) {
 }
 
 async fn a_charge_over_the_budget_is_recorded_and_refuses_the_next_reserve(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(settings());
     let p = principal();
     engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 1_000, 0)).await.unwrap();
@@ -615,7 +614,7 @@ async fn a_charge_over_the_budget_is_recorded_and_refuses_the_next_reserve(backe
 }
 
 async fn charge_ids_are_forgotten_after_the_charge_retention(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let retention = Duration::from_millis(300);
     let engine = harness.engine(EngineSettings { charge_retention: retention, ..settings() });
     let p = principal();
@@ -629,7 +628,7 @@ async fn charge_ids_are_forgotten_after_the_charge_retention(backend: Backend) {
 }
 
 async fn invalid_charges_are_refused_and_write_nothing(backend: Backend) {
-    let harness = backend.harness(system_clock(), Duration::from_secs(300)).await;
+    let harness = backend.harness(system_clock()).await;
     let engine = harness.engine(settings());
     let p = principal();
 
@@ -661,6 +660,79 @@ async fn invalid_charges_are_refused_and_write_nothing(backend: Backend) {
     assert_eq!(status_of(&engine, &p, pb::ScopeKind::Key).await.requests_today, 1_000_000);
 }
 
+/// A queued job's reservation asks for a lifetime longer than a request's: it holds that long,
+/// and never longer than the service's cap.
+async fn a_reservation_holds_for_the_lifetime_it_asks_for_up_to_the_cap(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at("2031-05-06T08:00:00Z")));
+    let harness = backend.harness(clock.clone() as SharedClock).await;
+    let engine = harness.engine(EngineSettings {
+        reservation_ttl: Duration::from_secs(300),
+        max_reservation_ttl: Duration::from_secs(3_600),
+        ..settings()
+    });
+    let p = principal();
+    let request = engine.reserve(&reserve(&p, "request", 1, 0)).await.unwrap();
+    let job = engine.reserve(&pb::ReserveRequest { ttl_seconds: 1_800, ..reserve(&p, "job", 100, 7) }).await.unwrap();
+    let greedy =
+        engine.reserve(&pb::ReserveRequest { ttl_seconds: 30 * 86_400, ..reserve(&p, "greedy", 10, 0) }).await.unwrap();
+    assert!(request.admitted && job.admitted && greedy.admitted);
+    let held = |kind| {
+        let engine = engine.clone();
+        let p = p.clone();
+        async move {
+            let s = status_of(&engine, &p, kind).await;
+            (s.reserved_tokens, s.reserved_cost_micros)
+        }
+    };
+    assert_eq!(held(pb::ScopeKind::Project).await, (111, 7));
+
+    clock.advance(Duration::from_secs(301));
+    assert_eq!(held(pb::ScopeKind::Project).await, (110, 7), "the request's hold ends after the default ttl");
+    clock.advance(Duration::from_secs(1_500));
+    assert_eq!(held(pb::ScopeKind::Key).await, (10, 0), "the job's after the 30 minutes it asked for");
+    clock.advance(Duration::from_secs(1_800));
+    assert_eq!(held(pb::ScopeKind::Org).await, (0, 0), "and the greedy one at the one-hour cap");
+
+    // Committed (with its principal) after its hold ended, the job is still charged, once.
+    let late = pb::CommitRequest { principal: Some(p.clone()), ..commit(&job.reservation_id, 40, 3) };
+    engine.commit(&late).await.unwrap();
+    engine.commit(&late).await.unwrap();
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.used_cost_micros, key.reserved_tokens), (40, 3, 0));
+
+    let negative = engine.reserve(&pb::ReserveRequest { ttl_seconds: -1, ..reserve(&p, "neg", 1, 0) }).await;
+    assert_eq!(negative.unwrap_err().code(), ErrorCode::InvalidRequest);
+}
+
+/// An empty org, project or key never stands for "every tenant" nor leaves a budget out: every
+/// operation that names a scope refuses it, and nothing is written.
+async fn an_empty_tenant_id_is_refused_by_every_operation(backend: Backend) {
+    let harness = backend.harness(system_clock()).await;
+    let engine = harness.engine(settings());
+    let p = principal();
+    let invalid = |err: meshgate_quota::Error| assert_eq!(err.code(), ErrorCode::InvalidRequest, "{err}");
+    for field in ["org", "project", "key"] {
+        let mut partial = p.clone();
+        match field {
+            "org" => partial.org_id.clear(),
+            "project" => partial.project_id.clear(),
+            _ => partial.key_id.clear(),
+        }
+        invalid(engine.reserve(&reserve(&partial, "r", 1, 0)).await.unwrap_err());
+        invalid(engine.charge(&charge(&partial, "c", 1, 0, 1)).await.unwrap_err());
+        invalid(engine.status(&pb::StatusRequest { principal: Some(partial.clone()) }).await.unwrap_err());
+        let lost = pb::CommitRequest { principal: Some(partial), ..commit("rsv_lost", 1, 0) };
+        invalid(engine.commit(&lost).await.unwrap_err());
+    }
+    for kind in [pb::ScopeKind::Org, pb::ScopeKind::Project, pb::ScopeKind::User, pb::ScopeKind::Key] {
+        invalid(engine.set_limits(&set_limits(scope(kind, ""), 1, 0)).await.unwrap_err());
+    }
+    for kind in [pb::ScopeKind::Org, pb::ScopeKind::Project, pb::ScopeKind::Key] {
+        let s = status_of(&engine, &p, kind).await;
+        assert_eq!((s.used_tokens, s.reserved_tokens, s.requests_today), (0, 0, 0), "{kind:?}");
+    }
+}
+
 backend_tests!(
     concurrent_reserves_never_exceed_the_limit,
     commit_and_release_arithmetic,
@@ -679,4 +751,6 @@ backend_tests!(
     a_charge_over_the_budget_is_recorded_and_refuses_the_next_reserve,
     charge_ids_are_forgotten_after_the_charge_retention,
     invalid_charges_are_refused_and_write_nothing,
+    a_reservation_holds_for_the_lifetime_it_asks_for_up_to_the_cap,
+    an_empty_tenant_id_is_refused_by_every_operation,
 );

@@ -194,7 +194,6 @@ fn unreachable_engine(fail_open: bool) -> (QuotaEngine, QuotaMetrics) {
         RedisStoreSettings {
             key_prefix: "unused:".into(),
             settled_retention: Duration::from_secs(60),
-            reservation_ttl: Duration::from_secs(60),
             track_dirty: false,
         },
     );

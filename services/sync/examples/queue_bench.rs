@@ -73,6 +73,7 @@ async fn run(name: &str, mut config: Config, mock: &MockProvider, jobs: usize) {
                         ..CompleteRequest::default()
                     }),
                     prices: Vec::new(),
+                    reservation: None,
                 };
                 client.enqueue(request).await.expect("enqueued");
             }

@@ -24,7 +24,9 @@
 //! | `Uplink` without `[sync.cloud] url` | `NotImplemented` | `not_implemented` | UNIMPLEMENTED | 501 |
 //! | the cloud outbox is full (the cloud unreachable for long) | `Outbox` | `overloaded` | RESOURCE_EXHAUSTED | 503 |
 //! | the cloud outbox cannot be written | `Outbox` | `service_unavailable` | UNAVAILABLE | 503 |
-//! | a delivered job cannot be charged (quota down): the attempt fails and is retried | `Charge` | `service_unavailable` | UNAVAILABLE | 503 |
+//! | a delivered job cannot be charged (quota down): only the charge is retried | `Charge` | `service_unavailable` | UNAVAILABLE | 503 |
+//! | a retried dead letter's old reservation cannot be released (quota down) | `Release` | `service_unavailable` | UNAVAILABLE | 503 |
+//! | `GetJob`, `ListJobs` or `RetryJob` without a project | `InvalidRequest` | `invalid_request` | INVALID_ARGUMENT | 400 |
 //!
 //! Statuses carry the code in `x-meshgate-error-code`, the retry delay in
 //! `x-meshgate-retry-after` (seconds) and, when the provider answered, its HTTP status in
@@ -85,6 +87,8 @@ pub enum Error {
     Outbox(#[from] crate::cloud::OutboxError),
     #[error("cannot charge the delivered job to its budgets: {0}")]
     Charge(String),
+    #[error("cannot release the job's quota reservation: {0}")]
+    Release(String),
 }
 
 impl From<crate::queue::QueueError> for Error {
@@ -120,7 +124,7 @@ impl Error {
             Error::Queue(crate::queue::QueueError::Corrupt(_)) => ErrorCode::Internal,
             Error::Queue(_) | Error::Storage(_) => ErrorCode::Unavailable,
             Error::Outbox(crate::cloud::OutboxError::Full { .. }) => ErrorCode::Overloaded,
-            Error::Outbox(_) | Error::Charge(_) => ErrorCode::Unavailable,
+            Error::Outbox(_) | Error::Charge(_) | Error::Release(_) => ErrorCode::Unavailable,
         }
     }
 

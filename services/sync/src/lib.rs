@@ -49,6 +49,7 @@ pub const COMPONENT: &str = "sync";
 static MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "sync_jobs", sql: include_str!("../migrations/0001_sync_jobs.sql") },
     Migration { version: 2, name: "job_prices", sql: include_str!("../migrations/0002_job_prices.sql") },
+    Migration { version: 3, name: "job_reservations", sql: include_str!("../migrations/0003_job_reservations.sql") },
 ];
 
 /// The schema migrations of the sync tables (`sync_jobs`).

@@ -6,15 +6,17 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use meshgate_proto::sync::v1::sync_server::Sync as SyncApi;
 use meshgate_proto::sync::v1::{
-    CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobStatus, ListJobsRequest, ListJobsResponse,
-    RetryJobRequest, UplinkRequest, UplinkResponse,
+    CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobReservation, JobStatus, ListJobsRequest,
+    ListJobsResponse, RetryJobRequest, UplinkRequest, UplinkResponse,
 };
 use meshgate_storage::SharedClock;
 use tonic::{Request, Response, Status};
 
 use crate::cloud::Uplink;
 use crate::error::Error;
-use crate::queue::{Dispatcher, JobRecord, JobStore, QueueMetrics, micros, request_hash, validate_idempotency_key};
+use crate::queue::{
+    Dispatcher, JobRecord, JobStore, QueueMetrics, Readmission, micros, request_hash, validate_idempotency_key,
+};
 use crate::upstream::Upstream;
 
 /// Metadata set on an `Enqueue` answer that returns the job an earlier submission with the same
@@ -71,6 +73,7 @@ impl Queue {
         let completion = request.request.ok_or_else(|| Error::InvalidRequest("request is required".into()))?;
         check_deliverable(upstream, &completion)?;
         check_prices(&request.prices)?;
+        let reservation = request.reservation.map(check_reservation).transpose()?.unwrap_or_default();
         let now = micros(self.clock.now());
         let job = JobRecord {
             id: uuid::Uuid::now_v7().to_string(),
@@ -88,6 +91,10 @@ impl Queue {
             updated_at_us: now,
             next_attempt_at_us: now,
             prices: request.prices,
+            reservation_open: !reservation.reservation_id.is_empty(),
+            reservation_id: reservation.reservation_id,
+            reserved_tokens: reservation.estimated_tokens,
+            reserved_cost_micros: reservation.estimated_cost_micros,
             ..JobRecord::default()
         };
         let (job, created) = self.store.enqueue(job).await?;
@@ -101,10 +108,12 @@ impl Queue {
     }
 
     pub async fn get(&self, id: &str, project_id: &str) -> Result<JobRecord, Error> {
+        require_project(project_id)?;
         self.store.get(id, project_id).await?.ok_or_else(|| Error::JobNotFound(id.to_owned()))
     }
 
     pub async fn list(&self, request: ListJobsRequest) -> Result<Vec<JobRecord>, Error> {
+        require_project(&request.project_id)?;
         let limit = match request.limit {
             0 => DEFAULT_LIST_LIMIT,
             n if n < 0 => return Err(Error::InvalidRequest(format!("limit must not be negative (got {n})"))),
@@ -115,10 +124,30 @@ impl Queue {
         Ok(self.store.list(&request.project_id, status, limit).await?)
     }
 
-    pub async fn retry(&self, id: &str, project_id: &str) -> Result<JobRecord, Error> {
+    /// Puts a dead letter back in the queue under the new admission the request carries (if any),
+    /// after releasing what its last reservation still holds.
+    pub async fn retry(&self, request: RetryJobRequest) -> Result<JobRecord, Error> {
+        let (id, project_id) = (request.id.as_str(), request.project_id.as_str());
+        let current = self.get(id, project_id).await?;
+        let readmission = match request.reservation {
+            None => None,
+            Some(reservation) => {
+                let principal = request.principal.unwrap_or_default();
+                if principal.org_id != current.org_id || principal.project_id != current.project_id {
+                    return Err(Error::InvalidRequest(
+                        "principal must be of the job's organization and project".into(),
+                    ));
+                }
+                let reservation = check_reservation(reservation)?;
+                Some(Readmission { user_id: principal.user_id, key_id: principal.key_id, reservation })
+            }
+        };
+        if current.job_status() == JobStatus::Dead {
+            self.dispatcher.release_before_retry(&current).await?;
+        }
         let job = self
             .store
-            .retry_dead(id, project_id, self.clock.now())
+            .retry_dead(id, project_id, self.clock.now(), readmission)
             .await?
             .ok_or_else(|| Error::JobNotFound(id.to_owned()))?;
         self.metrics.event("revived");
@@ -129,6 +158,31 @@ impl Queue {
 
 /// Most prices one job may carry.
 const MAX_PRICES: usize = 64;
+/// Longest quota reservation id accepted (the quota service's own bound).
+const MAX_RESERVATION_ID_LEN: usize = 256;
+
+/// Refuses a tenancy filter that would match every project.
+fn require_project(project_id: &str) -> Result<(), Error> {
+    if project_id.trim().is_empty() {
+        return Err(Error::InvalidRequest("project_id is required: jobs are read one project at a time".into()));
+    }
+    Ok(())
+}
+
+/// Checks a job's admission: a reservation id the quota service could have made, and amounts it
+/// could hold.
+fn check_reservation(reservation: JobReservation) -> Result<JobReservation, Error> {
+    let id = &reservation.reservation_id;
+    if id.is_empty() || id.len() > MAX_RESERVATION_ID_LEN || id.chars().any(char::is_control) {
+        return Err(Error::InvalidRequest(format!(
+            "reservation.reservation_id must be 1 to {MAX_RESERVATION_ID_LEN} bytes without control characters"
+        )));
+    }
+    if reservation.estimated_tokens < 0 || reservation.estimated_cost_micros < 0 {
+        return Err(Error::InvalidRequest("the reservation's estimates must not be negative".into()));
+    }
+    Ok(reservation)
+}
 
 /// Refuses a price list no charge could use: too long, or with negative prices.
 fn check_prices(prices: &[meshgate_proto::common::v1::Target]) -> Result<(), Error> {
@@ -221,8 +275,7 @@ impl SyncApi for SyncService {
     }
 
     async fn retry_job(&self, request: Request<RetryJobRequest>) -> Result<Response<Job>, Status> {
-        let request = request.into_inner();
-        let job = self.queue()?.retry(&request.id, &request.project_id).await?;
+        let job = self.queue()?.retry(request.into_inner()).await?;
         Ok(Response::new(job.to_proto()))
     }
 

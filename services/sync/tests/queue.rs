@@ -87,7 +87,7 @@ async fn retry_schedule_and_dead_letters(kind: StoreKind) {
     assert!(queued.is_empty());
 
     mock.set_failures(0.0, 500);
-    let revived = queue.retry(&created.id, PROJECT).await.unwrap();
+    let revived = queue.retry(retry_request(&created.id)).await.unwrap();
     assert_eq!((revived.job_status(), revived.attempts), (JobStatus::Queued, 0));
     assert_eq!(dispatcher.run_once().await.unwrap(), 1);
     let done = job(&queue, &created.id).await;
@@ -101,9 +101,9 @@ async fn retry_schedule_and_dead_letters(kind: StoreKind) {
     assert_eq!(view.usage.unwrap().completion_tokens, 3);
     assert_eq!(from_micros(done.finished_at_us), clock.now());
 
-    let err = queue.retry(&created.id, PROJECT).await.unwrap_err();
+    let err = queue.retry(retry_request(&created.id)).await.unwrap_err();
     assert_eq!(err.code(), meshgate_runtime::ErrorCode::Conflict, "{err}");
-    let err = queue.retry("0190f0e1-0000-7000-8000-000000000000", PROJECT).await.unwrap_err();
+    let err = queue.retry(retry_request("0190f0e1-0000-7000-8000-000000000000")).await.unwrap_err();
     assert_eq!(err.code(), meshgate_runtime::ErrorCode::NotFound, "{err}");
 }
 
@@ -177,58 +177,203 @@ async fn bad_answers_leave_a_clear_error_and_lose_nothing_on_disk() {
     bad_answers_leave_a_clear_error_and_lose_nothing(StoreKind::File).await;
 }
 
-/// A delivered job is charged once; while the quota service cannot be reached, the attempt fails
-/// (the job goes back to the queue) rather than succeeding uncharged.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivered_job_is_charged_once_and_never_succeeds_uncharged() {
-    let mock =
-        MockProvider::start_with(Behavior { honour_idempotency_keys: true, ..Behavior::default() }).await.unwrap();
-    let (store, _dir) = store(StoreKind::Postgres).await;
-    let clock = Arc::new(ManualClock::new(start()));
-    let cfg = config(8);
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let channel = meshgate_runtime::channel(&format!("http://{free}"), Duration::from_secs(1)).unwrap();
+/// A queue over `store` delivering to the `mock` provider and settling jobs with the quota service
+/// at `quota` (which need not be up yet).
+fn charging_queue(
+    store: Arc<dyn meshgate_sync::JobStore>,
+    mock: &MockProvider,
+    clock: Arc<ManualClock>,
+    cfg: &Config,
+    quota: &str,
+) -> meshgate_sync::Queue {
+    let channel = meshgate_runtime::channel(quota, Duration::from_secs(1)).unwrap();
     let charger = meshgate_sync::Charger::new(
         meshgate_proto::quota::v1::quota_client::QuotaClient::new(channel),
         Duration::from_secs(1),
     );
-    let upstream = meshgate_sync::Upstream::new(&cfg, &[provider("mock", &mock)], Default::default()).unwrap();
+    let upstream = meshgate_sync::Upstream::new(cfg, &[provider("mock", mock)], Default::default()).unwrap();
     let metrics = meshgate_sync::QueueMetrics::new();
-    let dispatcher = meshgate_sync::Dispatcher::new(
-        store.clone(),
-        upstream.clone(),
-        clock.clone(),
-        cfg.queue.dispatcher(),
-        metrics.clone(),
-    )
-    .charging(charger);
-    let queue = meshgate_sync::Queue::new(store, dispatcher, clock.clone(), 8, metrics);
-    let (created, _) = queue.enqueue(&upstream, enqueue_request("charged", "mock", "charge me once")).await.unwrap();
+    let dispatcher =
+        meshgate_sync::Dispatcher::new(store.clone(), upstream, clock.clone(), cfg.queue.dispatcher(), metrics.clone())
+            .charging(charger);
+    meshgate_sync::Queue::new(store, dispatcher, clock, cfg.queue.max_attempts as i32, metrics)
+}
 
+/// A delivered job whose charge fails is never delivered again: the outcome is kept ("charge
+/// pending", spending no attempt even on its last one) and only the charge is retried until it
+/// lands — here on a quota service that restarted without the job's reservation, which commits
+/// it with the job's principal, once.
+async fn a_failed_charge_is_retried_without_a_second_delivery(kind: StoreKind) {
+    let mock = MockProvider::start().await.unwrap();
+    let (store, _dir) = store(kind).await;
+    let clock = Arc::new(ManualClock::new(start()));
+    let cfg = config(1);
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let queue = charging_queue(store, &mock, clock.clone(), &cfg, &format!("http://{free}"));
+    let upstream = meshgate_sync::Upstream::new(&cfg, &[provider("mock", &mock)], Default::default()).unwrap();
+    let (gone, gone_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
+    let reservation = admit(&gone, &principal(), "job-1", 1_000, 5_000).await;
+    gone_shutdown.trigger();
+    let request = EnqueueRequest { reservation: Some(reservation.clone()), ..enqueue_request("", "mock", "charge me") };
+    let (created, _) = queue.enqueue(&upstream, request).await.unwrap();
+    assert_eq!(
+        (created.reservation_id.as_str(), created.reservation_open),
+        (reservation.reservation_id.as_str(), true)
+    );
+
+    // Delivered on its one and only attempt; the quota service is not there.
     assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
-    let failed = job(&queue, &created.id).await;
-    assert_eq!((failed.job_status(), failed.attempts), (JobStatus::Queued, 1));
-    assert!(failed.last_error.contains("cannot charge"), "{}", failed.last_error);
-    assert_eq!(failed.last_error_code, "service_unavailable");
+    let pending = job(&queue, &created.id).await;
+    assert_eq!((pending.job_status(), pending.attempts), (JobStatus::Queued, 1));
+    assert!(pending.to_proto().charge_pending, "{pending:?}");
+    assert!(pending.last_error.starts_with("delivered; cannot charge"), "{}", pending.last_error);
+    assert_eq!(pending.last_error_code, "service_unavailable");
+    assert_eq!(pending.to_proto().result, "echo: charge me", "the delivery's outcome is kept");
+    assert_eq!(mock.requests_total(), 1);
+
+    // Not due before the longest backoff; a lease lost while charging is no attempt either.
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 0);
+    clock.advance(Duration::from_secs(30));
+    let claimed = queue.store().claim(clock.now(), clock.now(), 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|j| j.attempts).collect::<Vec<_>>(), [1]);
+    clock.advance(Duration::from_secs(1));
 
     let (quota, quota_shutdown) = quota_service(free).await;
-    clock.advance(Duration::from_secs(60));
     assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
-    let done = job(&queue, &created.id).await.to_proto();
-    assert_eq!(done.status, JobStatus::Succeeded as i32);
-    let usage = done.usage.unwrap();
+    let done = job(&queue, &created.id).await;
+    assert_eq!((done.job_status(), done.attempts, done.reservation_open), (JobStatus::Succeeded, 1, false));
+    let usage = done.to_proto().usage.unwrap();
     assert_eq!(usage.cost_micros, usage.prompt_tokens + 2 * usage.completion_tokens, "{usage:?}");
-    let status = quota_status(&quota).await;
-    assert!(!status.scopes.is_empty());
-    for scope in &status.scopes {
+    for scope in quota_status(&quota).await.scopes {
         assert_eq!(
-            (scope.requests_today, scope.used_tokens, scope.used_cost_micros),
-            (1, usage.total_tokens, usage.cost_micros)
+            (scope.requests_today, scope.used_tokens, scope.used_cost_micros, scope.reserved_tokens),
+            (1, usage.total_tokens, usage.cost_micros, 0),
+            "{scope:?}"
         );
     }
-    let stats = mock.stats();
-    assert_eq!((stats.completions, stats.idempotent_replays), (1, 1), "delivered twice, done once: {stats:?}");
+    assert_eq!(mock.requests_total(), 1, "delivered once");
     quota_shutdown.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_charge_is_retried_without_a_second_delivery_on_postgres() {
+    a_failed_charge_is_retried_without_a_second_delivery(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_charge_is_retried_without_a_second_delivery_on_disk() {
+    a_failed_charge_is_retried_without_a_second_delivery(StoreKind::File).await;
+}
+
+/// A job holds its admission while queued; a dead letter frees it; a dead letter put back holds
+/// its new admission, which delivery commits with the actual usage.
+async fn a_dead_letter_frees_its_reservation(kind: StoreKind) {
+    let mock = MockProvider::start().await.unwrap();
+    let (store, _dir) = store(kind).await;
+    let clock = Arc::new(ManualClock::new(start()));
+    let cfg = config(8);
+    let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
+    let queue = charging_queue(store, &mock, clock.clone(), &cfg, &quota);
+    let upstream = meshgate_sync::Upstream::new(&cfg, &[provider("mock", &mock)], Default::default()).unwrap();
+    // What the project holds (both keys below are of it).
+    let held = |reserved: (i64, i64)| {
+        let quota = quota.clone();
+        async move {
+            let status = quota_status(&quota).await;
+            let project = status.scopes.iter().find(|s| s.scope.as_ref().unwrap().id == PROJECT).unwrap();
+            assert_eq!((project.reserved_tokens, project.reserved_cost_micros), reserved, "{project:?}");
+        }
+    };
+
+    let first = admit(&quota, &principal(), "job-1", 1_000, 5_000).await;
+    let request = EnqueueRequest { reservation: Some(first), ..enqueue_request("", "mock", "refused") };
+    let (created, _) = queue.enqueue(&upstream, request).await.unwrap();
+    held((1_000, 5_000)).await;
+
+    // The provider refuses the request: a dead letter at once, and its hold is freed.
+    mock.set_failures(0.0, 400);
+    mock.fail_next(1);
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let dead = job(&queue, &created.id).await;
+    assert_eq!((dead.job_status(), dead.reservation_open), (JobStatus::Dead, false));
+    held((0, 0)).await;
+
+    // Put back under a new admission of another key of the project: it holds the new estimate,
+    // and the delivery is charged to that key.
+    let mut retrier = principal();
+    retrier.key_id = "k2".into();
+    let second = admit(&quota, &retrier, "job-1-retry", 600, 3_000).await;
+    let retry = RetryJobRequest {
+        principal: Some(retrier.clone()),
+        reservation: Some(second.clone()),
+        ..retry_request(&created.id)
+    };
+    let outsider = RetryJobRequest {
+        principal: Some(meshgate_proto::common::v1::Principal { project_id: "proj-2".into(), ..retrier }),
+        ..retry.clone()
+    };
+    let err = queue.retry(outsider).await.unwrap_err();
+    assert_eq!(err.code(), meshgate_runtime::ErrorCode::InvalidRequest, "{err}");
+    let revived = queue.retry(retry).await.unwrap();
+    assert_eq!((revived.reservation_id.as_str(), revived.reservation_open), (second.reservation_id.as_str(), true));
+    assert_eq!((revived.key_id.as_str(), revived.reserved_tokens), ("k2", 600));
+    held((600, 3_000)).await;
+
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let done = job(&queue, &created.id).await;
+    assert_eq!((done.job_status(), done.reservation_open), (JobStatus::Succeeded, false));
+    let usage = done.to_proto().usage.unwrap();
+    let status = quota_status(&quota).await;
+    let key = status.scopes.iter().find(|s| s.scope.as_ref().unwrap().id == "k").unwrap();
+    assert_eq!((key.used_tokens, key.reserved_tokens), (0, 0), "the first key was not charged");
+    held((0, 0)).await;
+    let channel = meshgate_runtime::channel(&quota, Duration::from_secs(1)).unwrap();
+    let second_key = meshgate_proto::common::v1::Principal { key_id: "k2".into(), ..principal() };
+    let status = meshgate_proto::quota::v1::quota_client::QuotaClient::new(channel)
+        .status(meshgate_proto::quota::v1::StatusRequest { principal: Some(second_key) })
+        .await
+        .unwrap()
+        .into_inner();
+    let key = status.scopes.iter().find(|s| s.scope.as_ref().unwrap().id == "k2").unwrap();
+    assert_eq!((key.used_tokens, key.used_cost_micros, key.requests_today), (usage.total_tokens, usage.cost_micros, 1));
+    quota_shutdown.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_frees_its_reservation_on_postgres() {
+    a_dead_letter_frees_its_reservation(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_frees_its_reservation_on_disk() {
+    a_dead_letter_frees_its_reservation(StoreKind::File).await;
+}
+
+/// A job stored before the table kept reservations loads after the migration, without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_queued_before_reservations_still_load_on_postgres() {
+    use meshgate_storage::{PostgresConfig, migrate, postgres_client, postgres_pool};
+    use meshgate_sync::JobStore as _;
+    use prost::Message as _;
+    let pool = postgres_pool(&isolated_database_url().await, &PostgresConfig::default()).unwrap();
+    migrate(&pool, meshgate_sync::COMPONENT, &meshgate_sync::migrations()[..2]).await.unwrap();
+    let id = uuid::Uuid::now_v7();
+    postgres_client(&pool)
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO sync_jobs (id, org_id, project_id, request_hash, request, status, max_attempts, created_at, \
+             updated_at, next_attempt_at) VALUES ($1, $2, $3, 'h', $4, 1, 8, now(), now(), now())",
+            &[&id, &ORG, &PROJECT, &completion("mock", "old").encode_to_vec()],
+        )
+        .await
+        .unwrap();
+    migrate(&pool, meshgate_sync::COMPONENT, meshgate_sync::migrations()).await.unwrap();
+    let store = meshgate_sync::PgJobStore::new(pool);
+    let old = store.get(&id.to_string(), PROJECT).await.unwrap().unwrap();
+    assert_eq!(old.job_status(), JobStatus::Queued);
+    assert_eq!((old.reservation_id.as_str(), old.reservation_open, old.reserved_tokens), ("", false, 0));
+    assert_eq!(old.to_proto().reservation, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,6 +493,23 @@ async fn grpc_api(kind: StoreKind) {
         (enqueue_request(&too_long, "up", "x"), Code::InvalidArgument),
         (EnqueueRequest { principal: None, ..enqueue_request("", "up", "x") }, Code::InvalidArgument),
         (EnqueueRequest { request: None, ..enqueue_request("", "up", "x") }, Code::InvalidArgument),
+        (
+            EnqueueRequest {
+                principal: Some(meshgate_proto::common::v1::Principal { project_id: String::new(), ..principal() }),
+                ..enqueue_request("", "up", "x")
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            EnqueueRequest {
+                reservation: Some(meshgate_proto::sync::v1::JobReservation {
+                    reservation_id: "rsv\n".into(),
+                    ..Default::default()
+                }),
+                ..enqueue_request("", "up", "x")
+            },
+            Code::InvalidArgument,
+        ),
         (enqueue_request("", "nope", "x"), Code::NotFound),
         (
             EnqueueRequest {
@@ -381,13 +543,18 @@ async fn grpc_api(kind: StoreKind) {
     for id in [String::new(), "not-a-uuid".into(), uuid::Uuid::now_v7().to_string(), other.id.clone()] {
         let status = client.get_job(GetJobRequest { id: id.clone(), project_id: PROJECT.into() }).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{id:?}");
-        let status =
-            client.retry_job(RetryJobRequest { id: id.clone(), project_id: PROJECT.into() }).await.unwrap_err();
+        let status = client.retry_job(retry_request(&id)).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{id:?}");
     }
-    let status =
-        client.retry_job(RetryJobRequest { id: job.id.clone(), project_id: PROJECT.into() }).await.unwrap_err();
+    let status = client.retry_job(retry_request(&job.id)).await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists, "only dead letters are retried");
+    // No project is not "every project": refused, never read across tenants.
+    let status = client.get_job(GetJobRequest { id: job.id.clone(), project_id: String::new() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    let status = client.list_jobs(ListJobsRequest { project_id: " ".into(), status: 0, limit: 10 }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    let status = client.retry_job(RetryJobRequest { project_id: String::new(), ..retry_request(&job.id) }).await;
+    assert_eq!(status.unwrap_err().code(), Code::InvalidArgument);
     let status =
         client.list_jobs(ListJobsRequest { project_id: PROJECT.into(), status: 9, limit: 0 }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);

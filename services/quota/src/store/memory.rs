@@ -146,16 +146,15 @@ impl State {
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
     clock: SharedClock,
-    reservation_ttl: Duration,
     settled_retention: Duration,
     track_dirty: bool,
 }
 
 impl MemoryStore {
-    /// `reservation_ttl` and `settled_retention` size how long reservation records are kept;
-    /// `track_dirty` makes commits visible to the ledger flusher.
-    pub fn new(clock: SharedClock, reservation_ttl: Duration, settled_retention: Duration, track_dirty: bool) -> Self {
-        Self { state: Arc::default(), clock, reservation_ttl, settled_retention, track_dirty }
+    /// A reservation's record is kept `settled_retention` past its expiry; `track_dirty` makes
+    /// commits visible to the ledger flusher.
+    pub fn new(clock: SharedClock, settled_retention: Duration, track_dirty: bool) -> Self {
+        Self { state: Arc::default(), clock, settled_retention, track_dirty }
     }
 
     fn retention(&self) -> TimeDelta {
@@ -288,8 +287,7 @@ impl QuotaStore for MemoryStore {
                 state.buckets.insert(spec.scope.clone(), bucket);
             }
         }
-        let keep = TimeDelta::from_std(self.reservation_ttl).unwrap_or(TimeDelta::MAX) + self.retention();
-        let retain_until = input.now.checked_add_signed(keep).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let retain_until = input.expires_at.checked_add_signed(self.retention()).unwrap_or(DateTime::<Utc>::MAX_UTC);
         state.records.insert(
             input.reservation_id.clone(),
             Record {

@@ -48,8 +48,6 @@ pub struct RedisStoreSettings {
     /// How long a reservation record outlives its reservation's expiry or settlement, so replays
     /// of Reserve/Commit/Release are answered consistently.
     pub settled_retention: Duration,
-    /// Lifetime of a reservation, needed to size its record's TTL.
-    pub reservation_ttl: Duration,
     /// Whether commits mark counters dirty for the ledger (only when a ledger is written).
     pub track_dirty: bool,
 }
@@ -246,7 +244,7 @@ impl QuotaStore for RedisStore {
             .arg(input.tokens)
             .arg(input.cost_micros)
             .arg(member)
-            .arg(ms(self.settings.reservation_ttl + self.settings.settled_retention))
+            .arg(ms((input.expires_at - input.now).to_std().unwrap_or_default() + self.settings.settled_retention))
             .arg(ms(COUNTER_TTL))
             .arg(suffixes.join("\n"));
         for c in &input.counters {

@@ -50,6 +50,7 @@ pub fn reserve(p: &Principal, request_id: &str, tokens: i64, cost: i64) -> pb::R
         principal: Some(p.clone()),
         estimated_tokens: tokens,
         estimated_cost_micros: cost,
+        ttl_seconds: 0,
     }
 }
 
@@ -118,11 +119,11 @@ pub struct Harness {
 }
 
 impl Backend {
-    pub async fn harness(self, clock: SharedClock, reservation_ttl: Duration) -> Harness {
+    pub async fn harness(self, clock: SharedClock) -> Harness {
         let (memory, pool) = match self {
             Backend::Memory => (
                 Some((
-                    MemoryStore::new(clock.clone(), reservation_ttl, Duration::from_secs(600), true),
+                    MemoryStore::new(clock.clone(), Duration::from_secs(600), true),
                     Arc::new(MemoryLimits::default()),
                 )),
                 None,
@@ -134,7 +135,7 @@ impl Backend {
 }
 
 impl Harness {
-    fn parts(&self, reservation_ttl: Duration) -> (Arc<dyn QuotaStore>, Arc<dyn LimitsRepo>) {
+    fn parts(&self) -> (Arc<dyn QuotaStore>, Arc<dyn LimitsRepo>) {
         match self.backend {
             Backend::Memory => {
                 let (store, limits) = self.memory.clone().unwrap();
@@ -147,7 +148,6 @@ impl Harness {
                     RedisStoreSettings {
                         key_prefix: self.prefix.clone(),
                         settled_retention: Duration::from_secs(600),
-                        reservation_ttl,
                         track_dirty: true,
                     },
                 );
@@ -167,7 +167,7 @@ impl Harness {
     }
 
     fn bare_engine(&self, settings: EngineSettings) -> QuotaEngine {
-        let (store, limits) = self.parts(settings.reservation_ttl);
+        let (store, limits) = self.parts();
         let metrics = QuotaMetrics::new(&meshgate_runtime::Metrics::new("quota"));
         QuotaEngine::new(store, limits, self.clock.clone(), settings, metrics)
     }
@@ -175,11 +175,11 @@ impl Harness {
     /// The counter store loses everything, as Redis restarted without persistence (or the
     /// standalone process restarted); limits survive. Engines made before keep the old memory
     /// store: make new ones.
-    pub fn lose_counters(&mut self, reservation_ttl: Duration) {
+    pub fn lose_counters(&mut self) {
         match self.backend {
             Backend::Memory => {
                 let limits = self.memory.as_ref().unwrap().1.clone();
-                let store = MemoryStore::new(self.clock.clone(), reservation_ttl, Duration::from_secs(600), true);
+                let store = MemoryStore::new(self.clock.clone(), Duration::from_secs(600), true);
                 self.memory = Some((store, limits));
             }
             Backend::Redis => delete_prefix(&self.prefix),

@@ -1,13 +1,15 @@
-//! Workers: claim due jobs, deliver each through [`Upstream`], record how it ended.
+//! Workers: claim due jobs, deliver each through [`Upstream`], charge it, record how it ended;
+//! and release the reservations of dead letters.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
 use futures::StreamExt;
 use meshgate_proto::common::v1::{Principal, Usage};
-use meshgate_proto::quota::v1::ChargeRequest;
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
+use meshgate_proto::quota::v1::{ChargeRequest, CommitRequest, ReleaseRequest};
 use meshgate_proto::sync::v1::CompleteRequest;
 use meshgate_runtime::error::ErrorCode;
 use meshgate_runtime::{MeshChannel, Shutdown};
@@ -20,7 +22,9 @@ use crate::error::Error;
 use crate::upstream::{CallOptions, Upstream};
 
 /// Counters of the queue: `event` is `enqueued`, `deduplicated`, `succeeded`, `retried`, `dead`,
-/// `lost_lease` or `revived` (a dead letter put back).
+/// `lost_lease`, `revived` (a dead letter put back), `charge_pending` (delivered, the charge to be
+/// retried), `charge_refused` (the quota service refused the usage as invalid: delivered
+/// uncharged) or `released` (a dead letter's reservation freed).
 #[derive(Clone)]
 pub struct QueueMetrics {
     pub(crate) jobs: IntCounterVec,
@@ -71,12 +75,22 @@ pub struct DispatcherConfig {
     pub poll_interval: Duration,
 }
 
-/// Charges a delivered job's usage to its principal's budgets through `Quota.Charge`, once per
-/// job (`job:<id>`), at the price of the provider that served it.
+/// Settles jobs with the quota service: a delivered job's usage is charged to its principal's
+/// budgets once, at the price of the provider that served it, by committing the reservation it
+/// was admitted with (`Quota.Commit`) or, for a job queued without one, through `Quota.Charge`
+/// under `job:<id>`; a dead letter's reservation is released.
 #[derive(Clone)]
 pub struct Charger {
     quota: QuotaClient<MeshChannel>,
     timeout: Duration,
+}
+
+/// Why a charge did not land.
+enum ChargeFailure {
+    /// The quota service could not be reached or failed: try again later.
+    Retry(Error),
+    /// The quota service refused the usage itself (INVALID_ARGUMENT): no retry can land it.
+    Refused(String),
 }
 
 impl Charger {
@@ -98,30 +112,104 @@ impl Charger {
         Usage { total_tokens: usage.tokens(), cost_micros: cost, ..usage }
     }
 
-    /// Charges the job, retrying briefly; the error fails the attempt.
-    async fn charge(&self, job: &JobRecord, usage: Usage) -> Result<(), Error> {
-        let request = ChargeRequest {
+    fn principal(job: &JobRecord) -> Principal {
+        Principal {
+            org_id: job.org_id.clone(),
+            project_id: job.project_id.clone(),
+            user_id: job.user_id.clone(),
+            key_id: job.key_id.clone(),
+            ..Principal::default()
+        }
+    }
+
+    /// Calls the quota service, retrying briefly; the last failure's status otherwise.
+    async fn call<T, F, Fut>(&self, call: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(QuotaClient<MeshChannel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last = tonic::Status::unavailable("not tried");
+        for delay in [0u64, 100, 500] {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            match tokio::time::timeout(self.timeout, call(self.quota.clone())).await {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                // The quota service judged the request itself: asking again changes nothing.
+                Ok(Err(status))
+                    if matches!(
+                        status.code(),
+                        tonic::Code::InvalidArgument | tonic::Code::AlreadyExists | tonic::Code::NotFound
+                    ) =>
+                {
+                    return Err(status);
+                }
+                Ok(Err(status)) => last = status,
+                Err(_) => last = tonic::Status::deadline_exceeded("no answer in time"),
+            }
+        }
+        Err(last)
+    }
+
+    /// Charges the delivered job's `usage` once: commits its open reservation (with its principal,
+    /// so a reservation the quota store lost is still charged), else charges `job:<id>`.
+    async fn charge(&self, job: &JobRecord, usage: Usage) -> Result<(), ChargeFailure> {
+        let principal = Self::principal(job);
+        let failed = |status: tonic::Status| {
+            let reason = format!("{}: {}", status.code(), status.message());
+            if status.code() == tonic::Code::InvalidArgument {
+                ChargeFailure::Refused(reason)
+            } else {
+                ChargeFailure::Retry(Error::Charge(reason))
+            }
+        };
+        if job.reservation_open {
+            let commit = CommitRequest {
+                reservation_id: job.reservation_id.clone(),
+                usage: Some(usage),
+                principal: Some(principal.clone()),
+            };
+            match self
+                .call(|mut quota| {
+                    let commit = commit.clone();
+                    async move { quota.commit(commit).await }
+                })
+                .await
+            {
+                Ok(_) => return Ok(()),
+                // Released behind the job's back (a stale worker's dead letter): charge it directly.
+                Err(status) if status.code() == tonic::Code::AlreadyExists => {}
+                Err(status) => return Err(failed(status)),
+            }
+        }
+        let charge = ChargeRequest {
             charge_id: format!("job:{}", job.id),
-            principal: Some(Principal {
-                org_id: job.org_id.clone(),
-                project_id: job.project_id.clone(),
-                user_id: job.user_id.clone(),
-                key_id: job.key_id.clone(),
-                ..Principal::default()
-            }),
+            principal: Some(principal),
             usage: Some(usage),
             requests: 1,
         };
-        let mut last = String::new();
-        for delay in [0u64, 100, 500] {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-            match tokio::time::timeout(self.timeout, self.quota.clone().charge(request.clone())).await {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(status)) => last = format!("{}: {}", status.code(), status.message()),
-                Err(_) => last = "no answer in time".into(),
-            }
+        self.call(|mut quota| {
+            let charge = charge.clone();
+            async move { quota.charge(charge).await }
+        })
+        .await
+        .map(drop)
+        .map_err(failed)
+    }
+
+    /// Frees the reservation of a job that will not be delivered. One the quota service no longer
+    /// knows (expired and forgotten) or already settled holds nothing: that counts as done.
+    async fn release(&self, job: &JobRecord) -> Result<(), Error> {
+        let release = ReleaseRequest { reservation_id: job.reservation_id.clone() };
+        match self
+            .call(|mut quota| {
+                let release = release.clone();
+                async move { quota.release(release).await }
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(status) if matches!(status.code(), tonic::Code::NotFound | tonic::Code::AlreadyExists) => Ok(()),
+            Err(status) => Err(Error::Release(format!("{}: {}", status.code(), status.message()))),
         }
-        Err(Error::Charge(last))
     }
 }
 
@@ -135,6 +223,8 @@ pub struct Dispatcher {
     metrics: QueueMetrics,
     wake: Arc<Notify>,
     charger: Option<Charger>,
+    /// A job became a dead letter since the last sweep of dead letters' reservations.
+    died: Arc<AtomicBool>,
 }
 
 impl Dispatcher {
@@ -145,10 +235,20 @@ impl Dispatcher {
         config: DispatcherConfig,
         metrics: QueueMetrics,
     ) -> Self {
-        Self { store, upstream, clock, config, metrics, wake: Arc::new(Notify::new()), charger: None }
+        Self {
+            store,
+            upstream,
+            clock,
+            config,
+            metrics,
+            wake: Arc::new(Notify::new()),
+            charger: None,
+            died: Arc::new(AtomicBool::new(false)),
+        }
     }
 
-    /// Charges delivered jobs through `charger` before marking them succeeded.
+    /// Charges delivered jobs through `charger` before marking them succeeded, and releases the
+    /// reservations of dead letters.
     pub fn charging(self, charger: Charger) -> Self {
         Self { charger: Some(charger), ..self }
     }
@@ -159,12 +259,55 @@ impl Dispatcher {
     }
 
     /// One round, for tests and tools: claims up to a batch of due jobs, delivers them all
-    /// concurrently and records their outcomes. Returns how many were claimed.
+    /// concurrently, records their outcomes and releases the reservations of dead letters.
+    /// Returns how many were claimed.
     pub async fn run_once(&self) -> Result<usize, QueueError> {
         let jobs = self.claim(self.config.batch_size).await?;
         let claimed = jobs.len();
         futures::future::join_all(jobs.into_iter().map(|job| self.process(job))).await;
+        self.release_dead_reservations().await;
         Ok(claimed)
+    }
+
+    /// Releases the reservations dead letters still hold: those of jobs that just died, of jobs
+    /// that died with their lease, and of earlier releases that failed. Returns how many.
+    pub async fn release_dead_reservations(&self) -> usize {
+        let Some(charger) = &self.charger else { return 0 };
+        self.died.store(false, Ordering::Relaxed);
+        let dead = match self.store.open_dead_reservations(self.config.batch_size).await {
+            Ok(dead) => dead,
+            Err(err) => {
+                tracing::warn!(error = %err, "sync queue: cannot list dead letters' reservations");
+                return 0;
+            }
+        };
+        let mut released = 0;
+        for job in dead {
+            if let Err(err) = charger.release(&job).await {
+                tracing::warn!(job = %job.id, error = %err, "sync queue: a dead letter's reservation stays held for now");
+                continue;
+            }
+            match self.store.close_reservation(&job.id, &job.reservation_id).await {
+                Ok(()) => {
+                    released += 1;
+                    self.metrics.event("released");
+                }
+                Err(err) => tracing::warn!(job = %job.id, error = %err, "sync queue: cannot record a release"),
+            }
+        }
+        released
+    }
+
+    /// Frees the open reservation of the dead letter `job` before it is put back under a new one.
+    pub async fn release_before_retry(&self, job: &JobRecord) -> Result<(), Error> {
+        let Some(charger) = &self.charger else { return Ok(()) };
+        if !job.reservation_open {
+            return Ok(());
+        }
+        charger.release(job).await?;
+        self.store.close_reservation(&job.id, &job.reservation_id).await?;
+        self.metrics.event("released");
+        Ok(())
     }
 
     /// Runs the workers until `shutdown`: claims whenever a delivery slot is free and jobs are due,
@@ -173,8 +316,15 @@ impl Dispatcher {
     pub async fn run(self, shutdown: Shutdown) {
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
+        // Dead letters' reservations: swept when a job dies here, and now and then for the jobs
+        // that died with their lease or whose release failed.
+        let mut next_sweep = Instant::now();
         loop {
             while tasks.try_join_next().is_some() {}
+            if self.died.load(Ordering::Relaxed) || Instant::now() >= next_sweep {
+                self.release_dead_reservations().await;
+                next_sweep = Instant::now() + RELEASE_SWEEP_INTERVAL;
+            }
             let free = slots.available_permits().min(self.config.batch_size);
             let claimed = if free == 0 {
                 Vec::new()
@@ -215,38 +365,52 @@ impl Dispatcher {
         self.store.claim(now, now.checked_add_signed(lease).unwrap_or(now), limit).await
     }
 
-    /// Delivers one claimed job and records the outcome (retrying the write a few times: the
-    /// outcome is lost only if the store stays down, and then the lease brings the job back).
+    /// Delivers one claimed job (or, when it was delivered already, only charges it) and records
+    /// the outcome (retrying the write a few times: the outcome is lost only if the store stays
+    /// down, and then the lease brings the job back).
     async fn process(&self, job: JobRecord) {
         let started = Instant::now();
-        let finish = match self.deliver_and_charge(&job).await {
-            Ok(outcome) => Finish::Succeeded(outcome),
-            Err(err) => {
-                let permanent = is_permanent(&err);
-                self.config.policy.after_failure(
-                    job.attempts,
-                    job.max_attempts,
-                    permanent,
-                    self.clock.now(),
-                    err.to_string(),
-                    err.code().as_str().to_owned(),
-                )
-            }
+        let finish = match job.outcome.clone() {
+            Some(delivered) => self.charge(&job, delivered).await,
+            None => match self.deliver(&job).await {
+                Ok(delivered) => self.charge(&job, delivered).await,
+                Err(err) => {
+                    let permanent = is_permanent(&err);
+                    self.config.policy.after_failure(
+                        job.attempts,
+                        job.max_attempts,
+                        permanent,
+                        self.clock.now(),
+                        err.to_string(),
+                        err.code().as_str().to_owned(),
+                    )
+                }
+            },
         };
         let outcome = match &finish {
             Finish::Succeeded(_) => "succeeded",
+            Finish::ChargePending { .. } => "charge_pending",
             Finish::Retry { .. } => "retried",
             Finish::Dead { .. } => "dead",
         };
         self.metrics.delivery.with_label_values(&[outcome]).observe(started.elapsed().as_secs_f64());
-        if let Finish::Retry { error, .. } | Finish::Dead { error, .. } = &finish {
-            tracing::info!(job = %job.id, attempts = job.attempts, outcome, %error, "sync queue: delivery failed");
+        match &finish {
+            Finish::Retry { error, .. } | Finish::Dead { error, .. } => {
+                tracing::info!(job = %job.id, attempts = job.attempts, outcome, %error, "sync queue: delivery failed");
+            }
+            Finish::ChargePending { error, .. } => {
+                tracing::warn!(job = %job.id, %error, "sync queue: delivered; the charge is retried later");
+            }
+            Finish::Succeeded(_) => {}
         }
         for delay in [0u64, 100, 500, 2_000] {
             tokio::time::sleep(Duration::from_millis(delay)).await;
             match self.store.finish(&job.id, &job.lease_token, finish.clone(), self.clock.now()).await {
                 Ok(true) => {
                     self.metrics.event(outcome);
+                    if outcome == "dead" {
+                        self.died.store(true, Ordering::Relaxed);
+                    }
                     return;
                 }
                 Ok(false) => {
@@ -259,16 +423,42 @@ impl Dispatcher {
         }
     }
 
-    /// One attempt, and the charge of its usage when it succeeded (the outcome's usage then
-    /// carries the cost charged).
-    async fn deliver_and_charge(&self, job: &JobRecord) -> Result<JobOutcome, Error> {
-        let mut outcome = self.deliver(job).await?;
-        let usage = Charger::priced_usage(job, &outcome);
-        if let Some(charger) = &self.charger {
-            charger.charge(job, usage).await?;
-        }
+    /// Charges a delivered job: `Succeeded` once the charge landed (the outcome's usage then
+    /// carries the cost charged), `ChargePending` (kept, retried after the longest backoff) when
+    /// the quota service could not take it. Usage the quota service refuses as invalid is never
+    /// charged: the job succeeds uncharged (counted and logged) and its reservation is released.
+    async fn charge(&self, job: &JobRecord, mut outcome: JobOutcome) -> Finish {
+        // A pending charge was priced when it was delivered: its stored usage is final.
+        let usage = if job.outcome.is_some() {
+            outcome.usage.unwrap_or_default()
+        } else {
+            Charger::priced_usage(job, &outcome)
+        };
         outcome.usage = Some(usage);
-        Ok(outcome)
+        let Some(charger) = &self.charger else { return Finish::Succeeded(outcome) };
+        match charger.charge(job, usage).await {
+            Ok(()) => Finish::Succeeded(outcome),
+            Err(ChargeFailure::Refused(reason)) => {
+                tracing::error!(job = %job.id, reason, "sync queue: the quota service refused a delivered job's usage");
+                self.metrics.event("charge_refused");
+                if job.reservation_open
+                    && let Err(err) = charger.release(job).await
+                {
+                    tracing::warn!(job = %job.id, error = %err, "sync queue: the reservation expires on its own");
+                }
+                Finish::Succeeded(outcome)
+            }
+            Err(ChargeFailure::Retry(err)) => {
+                let wait = TimeDelta::from_std(self.config.policy.cap).unwrap_or(TimeDelta::MAX);
+                let now = self.clock.now();
+                Finish::ChargePending {
+                    outcome,
+                    error: format!("delivered; {err}"),
+                    code: err.code().as_str().to_owned(),
+                    next_attempt_at_us: super::micros(now.checked_add_signed(wait).unwrap_or(now)),
+                }
+            }
+        }
     }
 
     /// One attempt: the job's provider, or each provider serving its model in fallback order
@@ -310,6 +500,9 @@ impl Dispatcher {
         Err(last.expect("at least one provider was tried"))
     }
 }
+
+/// How often the workers look for dead letters whose reservation is still held.
+const RELEASE_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Failures that another attempt cannot fix: the request itself is refused.
 fn is_permanent(err: &Error) -> bool {

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 
-use super::{Finish, JobRecord, JobStore, QueueError, micros, status_name};
+use super::{Finish, JobRecord, JobStore, QueueError, Readmission, micros, status_name};
 
 const LOG: &str = "queue.log";
 const LOCK: &str = "queue.lock";
@@ -231,7 +231,7 @@ impl State {
     }
 
     fn visible(&self, id: &str, project_id: &str) -> Option<&JobRecord> {
-        self.jobs.get(id).filter(|job| project_id.is_empty() || job.project_id == project_id)
+        self.jobs.get(id).filter(|job| job.project_id == project_id)
     }
 }
 
@@ -274,7 +274,7 @@ impl JobStore for FileJobStore {
         let mut jobs: Vec<&JobRecord> = state
             .jobs
             .values()
-            .filter(|j| project_id.is_empty() || j.project_id == project_id)
+            .filter(|j| j.project_id == project_id)
             .filter(|j| status == JobStatus::Unspecified || j.job_status() == status)
             .collect();
         jobs.sort_by(|a, b| (b.created_at_us, &b.id).cmp(&(a.created_at_us, &a.id)));
@@ -303,7 +303,8 @@ impl JobStore for FileJobStore {
                 let Some(job) = state.jobs.get(&id) else { continue };
                 let mut job = job.clone();
                 job.updated_at_us = now;
-                if job.job_status() == JobStatus::Running && job.attempts >= job.max_attempts {
+                let charging = job.outcome.is_some();
+                if job.job_status() == JobStatus::Running && job.attempts >= job.max_attempts && !charging {
                     job.status = JobStatus::Dead as i32;
                     job.lease_until_us = 0;
                     job.lease_token.clear();
@@ -315,7 +316,9 @@ impl JobStore for FileJobStore {
                     continue;
                 }
                 job.status = JobStatus::Running as i32;
-                job.attempts += 1;
+                if !charging {
+                    job.attempts += 1;
+                }
                 job.lease_until_us = lease_until;
                 job.lease_token = token.clone();
                 claimed.push(job.clone());
@@ -351,6 +354,14 @@ impl JobStore for FileJobStore {
                     job.last_error.clear();
                     job.last_error_code.clear();
                     job.finished_at_us = now;
+                    job.reservation_open = false;
+                }
+                Finish::ChargePending { outcome, error, code, next_attempt_at_us } => {
+                    job.status = JobStatus::Queued as i32;
+                    job.outcome = Some(outcome);
+                    job.last_error = error;
+                    job.last_error_code = code;
+                    job.next_attempt_at_us = next_attempt_at_us;
                 }
                 Finish::Retry { error, code, next_attempt_at_us } => {
                     job.status = JobStatus::Queued as i32;
@@ -376,6 +387,7 @@ impl JobStore for FileJobStore {
         id: &str,
         project_id: &str,
         now: DateTime<Utc>,
+        readmission: Option<Readmission>,
     ) -> Result<Option<JobRecord>, QueueError> {
         let (id, project_id, now) = (id.to_owned(), project_id.to_owned(), micros(now));
         self.with(move |state| {
@@ -390,8 +402,41 @@ impl JobStore for FileJobStore {
             job.next_attempt_at_us = now;
             job.updated_at_us = now;
             job.finished_at_us = 0;
+            let reservation = match readmission {
+                Some(r) => {
+                    job.user_id = r.user_id;
+                    job.key_id = r.key_id;
+                    r.reservation
+                }
+                None => Default::default(),
+            };
+            job.reservation_open = !reservation.reservation_id.is_empty();
+            job.reservation_id = reservation.reservation_id;
+            job.reserved_tokens = reservation.estimated_tokens;
+            job.reserved_cost_micros = reservation.estimated_cost_micros;
             state.commit(vec![job.clone()])?;
             Ok(Some(job))
+        })
+        .await
+    }
+
+    async fn open_dead_reservations(&self, limit: usize) -> Result<Vec<JobRecord>, QueueError> {
+        let state = self.inner.lock();
+        let mut open: Vec<&JobRecord> =
+            state.jobs.values().filter(|j| j.reservation_open && j.job_status() == JobStatus::Dead).collect();
+        open.sort_by_key(|j| (j.updated_at_us, j.id.clone()));
+        Ok(open.into_iter().take(limit).cloned().collect())
+    }
+
+    async fn close_reservation(&self, id: &str, reservation_id: &str) -> Result<(), QueueError> {
+        let (id, reservation_id) = (id.to_owned(), reservation_id.to_owned());
+        self.with(move |state| {
+            let Some(job) = state.jobs.get(&id).filter(|j| j.reservation_open && j.reservation_id == reservation_id)
+            else {
+                return Ok(());
+            };
+            let closed = JobRecord { reservation_open: false, ..job.clone() };
+            state.commit(vec![closed])
         })
         .await
     }
@@ -445,12 +490,47 @@ mod tests {
         drop(log);
         let store = FileJobStore::open(dir.path()).unwrap();
         let ids: Vec<String> =
-            store.list("", JobStatus::Unspecified, 10).await.unwrap().into_iter().map(|j| j.id).collect();
+            store.list("p", JobStatus::Unspecified, 10).await.unwrap().into_iter().map(|j| j.id).collect();
         assert_eq!(ids.len(), 2);
         store.enqueue(job("c")).await.unwrap();
         drop(store);
         let store = FileJobStore::open(dir.path()).unwrap();
         assert!(store.get("c", "p").await.unwrap().is_some(), "appends after the cut replay");
+    }
+
+    /// A record as logs held it before jobs kept reservations (tags 1 to 21).
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct LegacyRecord {
+        #[prost(string, tag = "1")]
+        id: String,
+        #[prost(string, tag = "3")]
+        project_id: String,
+        #[prost(int32, tag = "9")]
+        status: i32,
+        #[prost(int32, tag = "11")]
+        max_attempts: i32,
+    }
+
+    #[tokio::test]
+    async fn a_log_written_before_reservations_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let legacy = LegacyRecord {
+            id: "old".into(),
+            project_id: "p".into(),
+            status: JobStatus::Queued as i32,
+            max_attempts: 3,
+        };
+        let payload = legacy.encode_to_vec();
+        let mut log = Vec::new();
+        log.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        log.extend_from_slice(&check(&payload).to_le_bytes());
+        log.extend_from_slice(&payload);
+        std::fs::write(dir.path().join(LOG), log).unwrap();
+        let store = FileJobStore::open(dir.path()).unwrap();
+        let old = store.get("old", "p").await.unwrap().unwrap();
+        assert_eq!((old.job_status(), old.max_attempts), (JobStatus::Queued, 3));
+        assert_eq!((old.reservation_id.as_str(), old.reservation_open), ("", false));
     }
 
     #[tokio::test]
@@ -478,6 +558,6 @@ mod tests {
         }
         drop(store);
         let store = FileJobStore::open(dir.path()).unwrap();
-        assert_eq!(store.get("keep", "").await.unwrap().unwrap().job_status(), JobStatus::Queued);
+        assert_eq!(store.get("keep", "p").await.unwrap().unwrap().job_status(), JobStatus::Queued);
     }
 }

@@ -17,10 +17,17 @@
 //! before the outcome was stored delivers again. Every attempt of a job carries the same
 //! `Idempotency-Key` (the job id), so a provider that honours it does the work once.
 //!
-//! **Charging.** With a quota service (`[sync] quota_endpoint`), a delivered job's usage is
-//! charged to its principal's budgets through `Quota.Charge` under the id `job:<id>` before the
-//! job is marked succeeded: a worker killed in between delivers again and the charge is replayed,
-//! not doubled. A charge that cannot be made fails the attempt (retried like any other).
+//! **Charging.** The gateway admits a job like a request and hands over the quota reservation
+//! that holds its estimate for as long as it may wait ([`JobRecord::reservation_id`]). With a
+//! quota service (`[sync] quota_endpoint`), a delivered job commits that reservation with its
+//! actual usage (`Quota.Commit` with the principal: a reservation the quota store lost is still
+//! charged, once); a job without one is charged through `Quota.Charge` under the id `job:<id>`.
+//! Either is idempotent, so a worker killed between the charge and storing the outcome delivers
+//! again without charging twice. A charge that cannot be made does not fail the delivery: the
+//! outcome is stored with the job back in `queued` ("delivered, charge pending"), and the next
+//! claims retry only the charge, without spending attempts, until it lands. A dead letter's
+//! reservation is released (by the workers, which also sweep dead letters whose release failed or
+//! that died with their lease); a dead letter put back carries a new admission.
 
 mod dispatcher;
 mod file;
@@ -28,7 +35,7 @@ mod postgres;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use meshgate_proto::common::v1::{Target, ToolCall, Usage};
-use meshgate_proto::sync::v1::{CompleteRequest, Job, JobStatus};
+use meshgate_proto::sync::v1::{CompleteRequest, Job, JobReservation, JobStatus};
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 
@@ -90,6 +97,26 @@ pub struct JobRecord {
     /// The cloud targets that may serve the job, with their prices (see `EnqueueRequest.prices`).
     #[prost(message, repeated, tag = "21")]
     pub prices: Vec<Target>,
+    /// The quota reservation holding the job's estimate, `""` when it was queued without one
+    /// (then the delivered job is charged through `Quota.Charge`).
+    #[prost(string, tag = "22")]
+    pub reservation_id: String,
+    /// What the reservation holds: tokens, and cost in micro-dollars.
+    #[prost(int64, tag = "23")]
+    pub reserved_tokens: i64,
+    #[prost(int64, tag = "24")]
+    pub reserved_cost_micros: i64,
+    /// The reservation still holds budget: delivery commits it, a dead letter releases it.
+    #[prost(bool, tag = "25")]
+    pub reservation_open: bool,
+}
+
+/// A dead letter's new admission (`RetryJob`): who made it and the reservation it holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Readmission {
+    pub user_id: String,
+    pub key_id: String,
+    pub reservation: JobReservation,
 }
 
 /// [`JobRecord::prices`] as stored in Postgres (`sync_jobs.prices`, protobuf).
@@ -143,6 +170,11 @@ impl JobRecord {
         JobStatus::try_from(self.status).unwrap_or(JobStatus::Unspecified)
     }
 
+    /// Delivered, but not charged yet: only the charge is left to do.
+    pub fn charge_pending(&self) -> bool {
+        self.outcome.is_some() && matches!(self.job_status(), JobStatus::Queued | JobStatus::Running)
+    }
+
     /// The API view of the job.
     pub fn to_proto(&self) -> Job {
         let status = self.job_status();
@@ -167,6 +199,12 @@ impl JobRecord {
             provider: outcome.provider,
             updated_at: timestamp(self.updated_at_us),
             finished_at: timestamp(self.finished_at_us),
+            reservation: (!self.reservation_id.is_empty()).then(|| JobReservation {
+                reservation_id: self.reservation_id.clone(),
+                estimated_tokens: self.reserved_tokens,
+                estimated_cost_micros: self.reserved_cost_micros,
+            }),
+            charge_pending: self.charge_pending(),
         }
     }
 }
@@ -174,18 +212,15 @@ impl JobRecord {
 /// How an attempt ended, as the store records it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Finish {
+    /// Delivered and charged: its reservation (if any) is settled.
     Succeeded(JobOutcome),
+    /// Delivered, but the charge failed: the outcome is kept and the job is `queued` again until
+    /// `next_attempt_at_us`, when only the charge is tried again (no attempt is spent).
+    ChargePending { outcome: JobOutcome, error: String, code: String, next_attempt_at_us: i64 },
     /// Back to `queued` until `next_attempt_at_us`.
-    Retry {
-        error: String,
-        code: String,
-        next_attempt_at_us: i64,
-    },
+    Retry { error: String, code: String, next_attempt_at_us: i64 },
     /// A dead letter.
-    Dead {
-        error: String,
-        code: String,
-    },
+    Dead { error: String, code: String },
 }
 
 /// Backoff and attempt budget of the queue.
@@ -282,16 +317,17 @@ pub trait JobStore: Send + Sync {
     /// [`QueueError::IdempotencyConflict`].
     async fn enqueue(&self, job: JobRecord) -> Result<(JobRecord, bool), QueueError>;
 
-    /// The job `id`, of `project_id` unless that is empty.
+    /// The job `id` of `project_id` (`None` for another project's).
     async fn get(&self, id: &str, project_id: &str) -> Result<Option<JobRecord>, QueueError>;
 
-    /// Jobs newest first, of `project_id` unless empty, of `status` unless unspecified.
+    /// The jobs of `project_id`, newest first, of `status` unless unspecified.
     async fn list(&self, project_id: &str, status: JobStatus, limit: usize) -> Result<Vec<JobRecord>, QueueError>;
 
     /// Claims up to `limit` jobs that are due at `now` (queued with `next_attempt_at <= now`, or
-    /// running with an expired lease): each becomes `running` with `attempts + 1`, leased until
-    /// `lease_until` under a fresh token. A job whose lease expired on its last attempt becomes a
-    /// dead letter instead.
+    /// running with an expired lease): each becomes `running` with `attempts + 1` (a job whose
+    /// charge is pending spends no attempt), leased until `lease_until` under a fresh token. A
+    /// job whose lease expired on its last attempt becomes a dead letter instead (never one
+    /// already delivered).
     async fn claim(
         &self,
         now: DateTime<Utc>,
@@ -304,10 +340,23 @@ pub trait JobStore: Send + Sync {
     async fn finish(&self, id: &str, lease_token: &str, finish: Finish, now: DateTime<Utc>)
     -> Result<bool, QueueError>;
 
-    /// Puts the dead letter `id` back in the queue, due at `now`, with its attempts reset.
-    /// `None` when there is no such job (in `project_id` unless empty).
-    async fn retry_dead(&self, id: &str, project_id: &str, now: DateTime<Utc>)
-    -> Result<Option<JobRecord>, QueueError>;
+    /// Puts the dead letter `id` back in the queue, due at `now`, with its attempts reset and the
+    /// reservation of `readmission` (none: no reservation, charged on delivery). `None` when
+    /// `project_id` has no such job.
+    async fn retry_dead(
+        &self,
+        id: &str,
+        project_id: &str,
+        now: DateTime<Utc>,
+        readmission: Option<Readmission>,
+    ) -> Result<Option<JobRecord>, QueueError>;
+
+    /// Up to `limit` dead letters whose reservation still holds budget, oldest first.
+    async fn open_dead_reservations(&self, limit: usize) -> Result<Vec<JobRecord>, QueueError>;
+
+    /// Records that the reservation `reservation_id` of job `id` no longer holds budget (it was
+    /// released); nothing changes when the job holds another one by now.
+    async fn close_reservation(&self, id: &str, reservation_id: &str) -> Result<(), QueueError>;
 
     /// Deletes succeeded jobs finished before `before`; returns how many.
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64, QueueError>;

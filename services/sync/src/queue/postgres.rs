@@ -8,11 +8,14 @@ use prost::Message as _;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::{Finish, JobOutcome, JobRecord, JobStore, PriceList, QueueError, from_micros, micros, status_name};
+use super::{
+    Finish, JobOutcome, JobRecord, JobStore, PriceList, QueueError, Readmission, from_micros, micros, status_name,
+};
 
 const COLUMNS: &str = "id, org_id, project_id, user_id, key_id, idempotency_key, request_hash, request, status, \
     attempts, max_attempts, last_error, last_error_code, outcome, created_at, updated_at, next_attempt_at, \
-    lease_until, lease_token, finished_at, prices";
+    lease_until, lease_token, finished_at, prices, reservation_id, reserved_tokens, reserved_cost_micros, \
+    reservation_open";
 
 /// [`JobStore`] over a Postgres pool (migrated with [`crate::migrations`]).
 #[derive(Clone)]
@@ -64,6 +67,10 @@ fn record(row: &Row) -> Result<JobRecord, QueueError> {
         prices: PriceList::decode(row.get::<_, &[u8]>("prices"))
             .map_err(|e| corrupt(&format!("prices of job {id}"), e))?
             .targets,
+        reservation_id: row.get("reservation_id"),
+        reserved_tokens: row.get("reserved_tokens"),
+        reserved_cost_micros: row.get("reserved_cost_micros"),
+        reservation_open: row.get("reservation_open"),
     })
 }
 
@@ -93,8 +100,9 @@ impl JobStore for PgJobStore {
             .query_opt(
                 &format!(
                     "INSERT INTO sync_jobs (id, org_id, project_id, user_id, key_id, idempotency_key, request_hash, \
-                     request, status, attempts, max_attempts, created_at, updated_at, next_attempt_at, prices) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $12, $13) \
+                     request, status, attempts, max_attempts, created_at, updated_at, next_attempt_at, prices, \
+                     reservation_id, reserved_tokens, reserved_cost_micros, reservation_open) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $12, $13, $14, $15, $16, $17) \
                      ON CONFLICT (project_id, idempotency_key) WHERE idempotency_key <> '' DO NOTHING \
                      RETURNING {COLUMNS}"
                 ),
@@ -112,6 +120,10 @@ impl JobStore for PgJobStore {
                     &created,
                     &from_micros(job.next_attempt_at_us),
                     &PriceList { targets: job.prices.clone() }.encode_to_vec(),
+                    &job.reservation_id,
+                    &job.reserved_tokens,
+                    &job.reserved_cost_micros,
+                    &job.reservation_open,
                 ],
             )
             .await?;
@@ -137,7 +149,7 @@ impl JobStore for PgJobStore {
         let client = postgres_client(&self.pool).await?;
         let row = client
             .query_opt(
-                &format!("SELECT {COLUMNS} FROM sync_jobs WHERE id = $1 AND ($2 = '' OR project_id = $2)"),
+                &format!("SELECT {COLUMNS} FROM sync_jobs WHERE id = $1 AND project_id = $2"),
                 &[&id, &project_id],
             )
             .await?;
@@ -151,7 +163,7 @@ impl JobStore for PgJobStore {
         let rows = client
             .query(
                 &format!(
-                    "SELECT {COLUMNS} FROM sync_jobs WHERE ($1 = '' OR project_id = $1) AND ($2::smallint = 0 OR status = $2::smallint) \
+                    "SELECT {COLUMNS} FROM sync_jobs WHERE project_id = $1 AND ($2::smallint = 0 OR status = $2::smallint) \
                      ORDER BY created_at DESC, id DESC LIMIT $3"
                 ),
                 &[&project_id, &status, &limit],
@@ -167,13 +179,14 @@ impl JobStore for PgJobStore {
         limit: usize,
     ) -> Result<Vec<JobRecord>, QueueError> {
         let client = postgres_client(&self.pool).await?;
-        // A worker died during the last attempt: nothing is left to try.
+        // A worker died during the last attempt: nothing is left to try. (One that died charging a
+        // delivered job spent no attempt: its charge is claimed again below.)
         client
             .execute(
                 "UPDATE sync_jobs SET status = 4, lease_until = NULL, lease_token = NULL, updated_at = $1, \
                  finished_at = $1, last_error = 'the last attempt was interrupted (its worker stopped before \
                  finishing)', last_error_code = 'service_unavailable' \
-                 WHERE status = 2 AND lease_until <= $1 AND attempts >= max_attempts",
+                 WHERE status = 2 AND lease_until <= $1 AND attempts >= max_attempts AND outcome IS NULL",
                 &[&now],
             )
             .await?;
@@ -188,7 +201,8 @@ impl JobStore for PgJobStore {
                        SELECT id FROM sync_jobs \
                        WHERE (status = 1 AND next_attempt_at <= $1) OR (status = 2 AND lease_until <= $1) \
                        ORDER BY next_attempt_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                     UPDATE sync_jobs j SET status = 2, attempts = j.attempts + 1, lease_until = $3, \
+                     UPDATE sync_jobs j SET status = 2, lease_until = $3, \
+                       attempts = j.attempts + CASE WHEN j.outcome IS NULL THEN 1 ELSE 0 END, \
                        lease_token = $4, updated_at = $1 \
                      FROM due WHERE j.id = due.id RETURNING {}",
                     COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ")
@@ -208,37 +222,49 @@ impl JobStore for PgJobStore {
     ) -> Result<bool, QueueError> {
         let (Some(id), Some(token)) = (parse_id(id), parse_id(lease_token)) else { return Ok(false) };
         let client = postgres_client(&self.pool).await?;
-        let updated =
-            match finish {
-                Finish::Succeeded(outcome) => {
-                    client
-                        .execute(
-                            "UPDATE sync_jobs SET status = 3, outcome = $3, last_error = '', last_error_code = '', \
-                         lease_until = NULL, lease_token = NULL, updated_at = $4, finished_at = $4 \
+        let updated = match finish {
+            Finish::Succeeded(outcome) => {
+                client
+                    .execute(
+                        "UPDATE sync_jobs SET status = 3, outcome = $3, last_error = '', last_error_code = '', \
+                         lease_until = NULL, lease_token = NULL, updated_at = $4, finished_at = $4, \
+                         reservation_open = false \
                          WHERE id = $1 AND lease_token = $2 AND status = 2",
-                            &[&id, &token, &outcome.encode_to_vec(), &now],
-                        )
-                        .await?
-                }
-                Finish::Retry { error, code, next_attempt_at_us } => client
+                        &[&id, &token, &outcome.encode_to_vec(), &now],
+                    )
+                    .await?
+            }
+            Finish::ChargePending { outcome, error, code, next_attempt_at_us } => {
+                client
+                    .execute(
+                        "UPDATE sync_jobs SET status = 1, outcome = $3, last_error = $4, last_error_code = $5, \
+                         next_attempt_at = $6, lease_until = NULL, lease_token = NULL, updated_at = $7 \
+                         WHERE id = $1 AND lease_token = $2 AND status = 2",
+                        &[&id, &token, &outcome.encode_to_vec(), &error, &code, &from_micros(next_attempt_at_us), &now],
+                    )
+                    .await?
+            }
+            Finish::Retry { error, code, next_attempt_at_us } => {
+                client
                     .execute(
                         "UPDATE sync_jobs SET status = 1, last_error = $3, last_error_code = $4, next_attempt_at = $5, \
                          lease_until = NULL, lease_token = NULL, updated_at = $6 \
                          WHERE id = $1 AND lease_token = $2 AND status = 2",
                         &[&id, &token, &error, &code, &from_micros(next_attempt_at_us), &now],
                     )
-                    .await?,
-                Finish::Dead { error, code } => {
-                    client
-                        .execute(
-                            "UPDATE sync_jobs SET status = 4, last_error = $3, last_error_code = $4, \
+                    .await?
+            }
+            Finish::Dead { error, code } => {
+                client
+                    .execute(
+                        "UPDATE sync_jobs SET status = 4, last_error = $3, last_error_code = $4, \
                          lease_until = NULL, lease_token = NULL, updated_at = $5, finished_at = $5 \
                          WHERE id = $1 AND lease_token = $2 AND status = 2",
-                            &[&id, &token, &error, &code, &now],
-                        )
-                        .await?
-                }
-            };
+                        &[&id, &token, &error, &code, &now],
+                    )
+                    .await?
+            }
+        };
         Ok(updated == 1)
     }
 
@@ -247,6 +273,7 @@ impl JobStore for PgJobStore {
         id: &str,
         project_id: &str,
         now: DateTime<Utc>,
+        readmission: Option<Readmission>,
     ) -> Result<Option<JobRecord>, QueueError> {
         let Some(job) = self.get(id, project_id).await? else { return Ok(None) };
         let status = job.job_status();
@@ -254,13 +281,27 @@ impl JobStore for PgJobStore {
             return Err(QueueError::NotDead { id: job.id, status: status_name(status) });
         }
         let client = postgres_client(&self.pool).await?;
+        let (user_id, key_id, reservation) = match readmission {
+            Some(r) => (r.user_id, r.key_id, r.reservation),
+            None => (job.user_id, job.key_id, Default::default()),
+        };
         let row = client
             .query_opt(
                 &format!(
                     "UPDATE sync_jobs SET status = 1, attempts = 0, next_attempt_at = $2, updated_at = $2, \
-                     finished_at = NULL WHERE id = $1 AND status = 4 RETURNING {COLUMNS}"
+                     finished_at = NULL, user_id = $3, key_id = $4, reservation_id = $5, reserved_tokens = $6, \
+                     reserved_cost_micros = $7, reservation_open = $5 <> '' \
+                     WHERE id = $1 AND status = 4 RETURNING {COLUMNS}"
                 ),
-                &[&parse_id(&job.id), &now],
+                &[
+                    &parse_id(&job.id),
+                    &now,
+                    &user_id,
+                    &key_id,
+                    &reservation.reservation_id,
+                    &reservation.estimated_tokens,
+                    &reservation.estimated_cost_micros,
+                ],
             )
             .await?;
         match row {
@@ -272,6 +313,32 @@ impl JobStore for PgJobStore {
                 Err(QueueError::NotDead { id: id.to_owned(), status: status_name(status) })
             }
         }
+    }
+
+    async fn open_dead_reservations(&self, limit: usize) -> Result<Vec<JobRecord>, QueueError> {
+        let client = postgres_client(&self.pool).await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM sync_jobs WHERE status = 4 AND reservation_open \
+                     ORDER BY updated_at LIMIT $1"
+                ),
+                &[&(limit as i64)],
+            )
+            .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn close_reservation(&self, id: &str, reservation_id: &str) -> Result<(), QueueError> {
+        let Some(id) = parse_id(id) else { return Ok(()) };
+        let client = postgres_client(&self.pool).await?;
+        client
+            .execute(
+                "UPDATE sync_jobs SET reservation_open = false WHERE id = $1 AND reservation_id = $2",
+                &[&id, &reservation_id],
+            )
+            .await?;
+        Ok(())
     }
 
     async fn purge(&self, before: DateTime<Utc>) -> Result<u64, QueueError> {

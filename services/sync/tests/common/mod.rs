@@ -9,9 +9,11 @@ use std::time::Duration;
 use meshgate_mock_provider::MockProvider;
 use meshgate_proto::common::v1::{ChatMessage, Principal, Target, TargetKind};
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
-use meshgate_proto::quota::v1::{StatusRequest, StatusResponse};
+use meshgate_proto::quota::v1::{ReserveRequest, StatusRequest, StatusResponse};
 use meshgate_proto::sync::v1::sync_client::SyncClient;
-use meshgate_proto::sync::v1::{CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobStatus};
+use meshgate_proto::sync::v1::{
+    CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobReservation, JobStatus, RetryJobRequest,
+};
 use meshgate_runtime::{ListenConfig, Listeners, MeshChannel, Shutdown};
 use meshgate_storage::{PostgresConfig, SharedClock, migrate, postgres_client, postgres_pool};
 use meshgate_sync::metrics::UpstreamMetrics;
@@ -104,7 +106,29 @@ pub fn enqueue_request(key: &str, provider: &str, text: &str) -> EnqueueRequest 
         idempotency_key: key.into(),
         request: Some(completion(provider, text)),
         prices: vec![mock_price()],
+        reservation: None,
     }
+}
+
+/// `RetryJob` of [`PROJECT`]'s job `id` without a new admission.
+pub fn retry_request(id: &str) -> RetryJobRequest {
+    RetryJobRequest { id: id.into(), project_id: PROJECT.into(), principal: None, reservation: None }
+}
+
+/// Admits a job of `principal` at the quota service at `url` as the gateway does: `tokens` and
+/// `cost` held for an hour. The reservation to enqueue it with.
+pub async fn admit(url: &str, principal: &Principal, request_id: &str, tokens: i64, cost: i64) -> JobReservation {
+    let channel = meshgate_runtime::channel(url, Duration::from_secs(1)).unwrap();
+    let reserve = ReserveRequest {
+        request_id: request_id.into(),
+        principal: Some(principal.clone()),
+        estimated_tokens: tokens,
+        estimated_cost_micros: cost,
+        ttl_seconds: 3_600,
+    };
+    let reserved = QuotaClient::new(channel).reserve(reserve).await.unwrap().into_inner();
+    assert!(reserved.admitted, "{reserved:?}");
+    JobReservation { reservation_id: reserved.reservation_id, estimated_tokens: tokens, estimated_cost_micros: cost }
 }
 
 /// A quota service in this process on `grpc` (port 0: any), with its in-memory store: the
