@@ -157,8 +157,12 @@ impl TestMesh {
     pub async fn trace(&self, request_id: &str) -> Trace {
         let mut analytics = AnalyticsClient::new(self.channel("analytics"));
         for _ in 0..200 {
-            let request =
-                GetTraceRequest { request_id: request_id.to_owned(), org_id: "default".into(), ..Default::default() };
+            let request = GetTraceRequest {
+                request_id: request_id.to_owned(),
+                org_id: "default".into(),
+                all_projects: true,
+                ..Default::default()
+            };
             if let Ok(found) = analytics.get_trace(request).await {
                 return found.into_inner();
             }

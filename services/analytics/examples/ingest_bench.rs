@@ -250,6 +250,7 @@ async fn main() {
         org_id: ORG.into(),
         group_by: group_by.into(),
         range,
+        all_projects: project_ids.is_empty(),
         project_ids,
         ..Default::default()
     };
@@ -279,7 +280,7 @@ async fn main() {
     let (median, max, n) = timed(repeat, || {
         let mut api = api.clone();
         async move {
-            api.error_rates(pb::ErrorRatesRequest { org_id: ORG.into(), ..Default::default() })
+            api.error_rates(pb::ErrorRatesRequest { org_id: ORG.into(), all_projects: true, ..Default::default() })
                 .await
                 .unwrap()
                 .into_inner()
@@ -292,7 +293,7 @@ async fn main() {
     let (median, max, n) = timed(repeat, || {
         let mut api = api.clone();
         async move {
-            api.latency(pb::LatencyRequest { org_id: ORG.into(), ..Default::default() })
+            api.latency(pb::LatencyRequest { org_id: ORG.into(), all_projects: true, ..Default::default() })
                 .await
                 .unwrap()
                 .into_inner()
@@ -312,12 +313,9 @@ async fn main() {
     let (median, max, n) = timed(repeat, || {
         let mut api = api.clone();
         async move {
-            api.top_expensive(pb::TopExpensiveRequest { org_id: ORG.into(), limit: 10, ..Default::default() })
-                .await
-                .unwrap()
-                .into_inner()
-                .traces
-                .len()
+            let all =
+                pb::TopExpensiveRequest { org_id: ORG.into(), limit: 10, all_projects: true, ..Default::default() };
+            api.top_expensive(all).await.unwrap().into_inner().traces.len()
         }
     })
     .await;
@@ -330,6 +328,7 @@ async fn main() {
                 limit: 10,
                 range: last_day,
                 project_ids: vec!["proj-3".into()],
+                all_projects: false,
             })
             .await
             .unwrap()
@@ -347,6 +346,7 @@ async fn main() {
                 request_id: format!("req-{:012}", args.traces / 2),
                 org_id: ORG.into(),
                 project_ids: vec![],
+                all_projects: true,
             })
             .await
             .unwrap()

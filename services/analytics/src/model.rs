@@ -61,6 +61,57 @@ fn check_id(what: &str, id: &str, required: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// Removes NUL from `text`.
+fn strip(text: &mut String) {
+    if text.contains('\0') {
+        text.retain(|c| c != '\0');
+    }
+}
+
+/// Removes NUL from every free-text field of a trace (identifiers are checked, not changed).
+fn strip_nul(trace: &mut pb::Trace) {
+    strip(&mut trace.routing_reason);
+    trace.routing_reasons.iter_mut().for_each(strip);
+    for tool in &mut trace.tool_calls {
+        strip(&mut tool.name);
+        strip(&mut tool.kind);
+    }
+    if trace.headers.iter().any(|(name, value)| name.contains('\0') || value.contains('\0')) {
+        trace.headers = std::mem::take(&mut trace.headers)
+            .into_iter()
+            .map(|(mut name, mut value)| {
+                strip(&mut name);
+                strip(&mut value);
+                (name, value)
+            })
+            .collect();
+    }
+    for call in &mut trace.calls {
+        for text in [&mut call.target_id, &mut call.provider, &mut call.model, &mut call.status] {
+            strip(text);
+        }
+        if let Some(error) = &mut call.error {
+            strip(&mut error.code);
+            strip(&mut error.message);
+        }
+    }
+    for finding in &mut trace.findings {
+        for text in [
+            &mut finding.direction,
+            &mut finding.rule,
+            &mut finding.category,
+            &mut finding.severity,
+            &mut finding.action,
+        ] {
+            strip(text);
+        }
+    }
+    if let Some(error) = &mut trace.error {
+        strip(&mut error.code);
+        strip(&mut error.message);
+    }
+}
+
 fn check_non_negative(what: &str, value: i64, request_id: &str) -> Result<(), Error> {
     if value < 0 {
         return Err(Error::InvalidArgument(format!("trace {request_id}: {what} must not be negative")));
@@ -84,8 +135,11 @@ pub fn layer_name(layer: i32) -> &'static str {
 }
 
 impl TraceRow {
-    /// Validates a received trace and extracts its columns.
+    /// Validates a received trace and extracts its columns. NUL, which no Postgres text or jsonb
+    /// value can hold, is removed from the free text (tool names, headers, routing reasons, model
+    /// calls, findings, the error); identifiers with control characters refuse the trace.
     pub fn from_trace(mut trace: pb::Trace) -> Result<Self, Error> {
+        strip_nul(&mut trace);
         check_id("trace.request_id", &trace.request_id, true)?;
         let rid = trace.request_id.clone();
         let principal = trace.principal.clone().unwrap_or_default();
@@ -296,8 +350,22 @@ pub struct Scope {
 }
 
 impl Scope {
-    pub fn from_proto(org_id: &str, project_ids: &[String]) -> Result<Self, Error> {
+    /// The scope of a read: an organization and either its projects `project_ids` or, asked for
+    /// explicitly with `all_projects`, all of them. Neither (or both) is refused: an empty list
+    /// never stands for "everything".
+    pub fn from_proto(org_id: &str, project_ids: &[String], all_projects: bool) -> Result<Self, Error> {
         check_id("org_id", org_id, true)?;
+        match (project_ids.is_empty(), all_projects) {
+            (true, false) => {
+                return Err(Error::InvalidArgument(
+                    "project_ids is required (or all_projects, for the whole organization)".into(),
+                ));
+            }
+            (false, true) => {
+                return Err(Error::InvalidArgument("project_ids and all_projects exclude each other".into()));
+            }
+            _ => {}
+        }
         if project_ids.len() > MAX_SCOPE_PROJECTS {
             return Err(Error::InvalidArgument(format!("project_ids holds at most {MAX_SCOPE_PROJECTS} ids")));
         }
@@ -357,7 +425,7 @@ pub struct TraceQuery {
 impl TraceQuery {
     pub fn from_proto(req: &pb::QueryRequest) -> Result<Self, Error> {
         Ok(Self {
-            scope: Scope::from_proto(&req.org_id, &req.project_ids)?,
+            scope: Scope::from_proto(&req.org_id, &req.project_ids, req.all_projects)?,
             filters: Filters::from_proto(&req.project_id, &req.user_id, &req.model, &req.layer)?,
             window: TimeWindow::from_proto(req.range.as_ref())?,
             group_by: GroupBy::parse(&req.group_by)?,
@@ -419,6 +487,35 @@ mod tests {
         };
         let row = TraceRow::from_trace(trace).unwrap();
         assert_eq!(row.trace.headers.keys().collect::<Vec<_>>(), ["user-agent"]);
+    }
+
+    #[test]
+    fn nul_is_stripped_from_free_text_and_refuses_identifiers() {
+        let trace = pb::Trace {
+            request_id: "r".into(),
+            principal: Some(meshgate_proto::common::v1::Principal { org_id: "o".into(), ..Default::default() }),
+            started_at: Some(prost_types::Timestamp { seconds: 1_900_000_000, nanos: 0 }),
+            tool_calls: vec![pb::ToolCall { name: "get\0weather".into(), kind: "offered".into() }],
+            headers: [("x-n\0".to_owned(), "a\0b".to_owned())].into_iter().collect(),
+            routing_reasons: vec!["why\0".into()],
+            ..Default::default()
+        };
+        let row = TraceRow::from_trace(trace.clone()).unwrap();
+        assert_eq!(row.trace.tool_calls[0].name, "getweather");
+        assert_eq!(row.trace.headers.get("x-n").map(String::as_str), Some("ab"));
+        assert_eq!(row.trace.routing_reasons, ["why"]);
+        let bad_model = pb::Trace { served_model: "m\0".into(), ..trace };
+        assert!(matches!(TraceRow::from_trace(bad_model), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn a_scope_names_its_projects_or_asks_for_all_of_them() {
+        assert_eq!(Scope::from_proto("o", &["p".into()], false).unwrap().project_ids, ["p"]);
+        assert!(Scope::from_proto("o", &[], true).unwrap().project_ids.is_empty());
+        for (projects, all) in [(vec![], false), (vec!["p".to_owned()], true), (vec![String::new()], false)] {
+            assert!(matches!(Scope::from_proto("o", &projects, all), Err(Error::InvalidArgument(_))), "{projects:?}");
+        }
+        assert!(matches!(Scope::from_proto("", &[], true), Err(Error::InvalidArgument(_))));
     }
 
     #[test]

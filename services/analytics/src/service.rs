@@ -45,8 +45,10 @@ impl AnalyticsService {
         Self { store, clock, limits, metrics }
     }
 
-    /// Validates a whole batch before anything of it is stored.
-    fn rows(&self, batch: pb::RecordBatch) -> Result<Vec<TraceRow>, Error> {
+    /// The valid traces of a batch as rows, and why each invalid one was refused: one trace's bad
+    /// input never costs the others of its batch (another tenant's, often). Only a batch over the
+    /// size limit is refused whole.
+    fn rows(&self, batch: pb::RecordBatch) -> Result<(Vec<TraceRow>, Vec<String>), Error> {
         if batch.traces.len() > self.limits.max_batch_traces {
             return Err(Error::InvalidArgument(format!(
                 "a batch holds at most {} traces (got {})",
@@ -58,29 +60,33 @@ impl AnalyticsService {
         let delta = |d: Duration| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
         let oldest = now.checked_sub_signed(delta(self.limits.max_trace_age)).unwrap_or(now);
         let newest = now.checked_add_signed(delta(self.limits.max_future_skew)).unwrap_or(now);
-        batch
-            .traces
-            .into_iter()
-            .map(|trace| {
-                let row = TraceRow::from_trace(trace)?;
-                if row.started_at < oldest {
-                    return Err(Error::InvalidArgument(format!(
-                        "trace {}: started_at {} is older than the accepted {} days",
-                        row.request_id,
-                        row.started_at.to_rfc3339(),
-                        self.limits.max_trace_age.as_secs() / 86_400
-                    )));
-                }
-                if row.started_at > newest {
-                    return Err(Error::InvalidArgument(format!(
-                        "trace {}: started_at {} is in the future",
-                        row.request_id,
-                        row.started_at.to_rfc3339()
-                    )));
-                }
-                Ok(row)
-            })
-            .collect()
+        let (mut rows, mut refused) = (Vec::with_capacity(batch.traces.len()), Vec::new());
+        let checked = batch.traces.into_iter().map(|trace| {
+            let row = TraceRow::from_trace(trace)?;
+            if row.started_at < oldest {
+                return Err(Error::InvalidArgument(format!(
+                    "trace {}: started_at {} is older than the accepted {} days",
+                    row.request_id,
+                    row.started_at.to_rfc3339(),
+                    self.limits.max_trace_age.as_secs() / 86_400
+                )));
+            }
+            if row.started_at > newest {
+                return Err(Error::InvalidArgument(format!(
+                    "trace {}: started_at {} is in the future",
+                    row.request_id,
+                    row.started_at.to_rfc3339()
+                )));
+            }
+            Ok(row)
+        });
+        for result in checked {
+            match result {
+                Ok(row) => rows.push(row),
+                Err(err) => refused.push(err.to_string()),
+            }
+        }
+        Ok((rows, refused))
     }
 
     fn store_failed(&self, op: &str, err: Error) -> Status {
@@ -104,22 +110,34 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         request: Request<Streaming<pb::RecordBatch>>,
     ) -> Result<Response<pb::RecordSummary>, Status> {
         let mut stream = request.into_inner();
-        let mut accepted = 0;
-        // Each batch is stored as it arrives; a refused batch ends the stream, and the ones before
-        // it stay stored (retrying them is harmless: request ids are idempotent).
+        let mut summary = pb::RecordSummary::default();
+        // Each batch is stored as it arrives; a batch refused whole (over the size limit) or a
+        // store failure ends the stream, and the ones before it stay stored (retrying them is
+        // harmless: request ids are idempotent).
         while let Some(batch) = stream.message().await? {
             let received = batch.traces.len() as u64;
             self.metrics.traces_received.inc_by(received);
             self.metrics.batch_traces.observe(received as f64);
-            let rows = self.rows(batch).inspect_err(|_| self.metrics.traces_rejected.inc_by(received))?;
+            let (rows, mut refused) =
+                self.rows(batch).inspect_err(|_| self.metrics.traces_rejected.inc_by(received))?;
             let started = Instant::now();
-            let stored = self.store.insert(rows).await.map_err(|e| self.store_failed("record", e))?;
+            let inserted = self.store.insert(rows).await.map_err(|e| self.store_failed("record", e))?;
             self.metrics.insert_duration.observe(started.elapsed().as_secs_f64());
-            self.metrics.traces_stored.inc_by(stored);
-            self.metrics.traces_duplicate.inc_by(received.saturating_sub(stored));
-            accepted += stored;
+            refused.extend(inserted.refused.into_iter().map(|(id, why)| format!("trace {id}: {why}")));
+            let rejected = refused.len() as u64;
+            if rejected > 0 {
+                warn!(rejected, first = refused[0], "traces refused; the rest of their batch is stored");
+                if summary.first_rejection.is_empty() {
+                    summary.first_rejection = refused.swap_remove(0);
+                }
+            }
+            self.metrics.traces_stored.inc_by(inserted.stored);
+            self.metrics.traces_rejected.inc_by(rejected);
+            self.metrics.traces_duplicate.inc_by(received.saturating_sub(inserted.stored + rejected));
+            summary.accepted = summary.accepted.saturating_add(i64::try_from(inserted.stored).unwrap_or(i64::MAX));
+            summary.rejected = summary.rejected.saturating_add(i64::try_from(rejected).unwrap_or(i64::MAX));
         }
-        Ok(Response::new(pb::RecordSummary { accepted: i64::try_from(accepted).unwrap_or(i64::MAX) }))
+        Ok(Response::new(summary))
     }
 
     async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
@@ -133,7 +151,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         request: Request<pb::TopExpensiveRequest>,
     ) -> Result<Response<pb::TopExpensiveResponse>, Status> {
         let req = request.get_ref();
-        let scope = Scope::from_proto(&req.org_id, &req.project_ids)?;
+        let scope = Scope::from_proto(&req.org_id, &req.project_ids, req.all_projects)?;
         let window = TimeWindow::from_proto(req.range.as_ref())?;
         let limit = match usize::try_from(req.limit) {
             Ok(0) => TOP_DEFAULT,
@@ -156,7 +174,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
         let query = TraceQuery {
             group_by: GroupBy::Model,
             ..TraceQuery::total(
-                Scope::from_proto(&req.org_id, &req.project_ids)?,
+                Scope::from_proto(&req.org_id, &req.project_ids, req.all_projects)?,
                 TimeWindow::from_proto(req.range.as_ref())?,
             )
         };
@@ -168,7 +186,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
     async fn latency(&self, request: Request<pb::LatencyRequest>) -> Result<Response<pb::LatencyResponse>, Status> {
         let req = request.get_ref();
         let query = TraceQuery {
-            scope: Scope::from_proto(&req.org_id, &req.project_ids)?,
+            scope: Scope::from_proto(&req.org_id, &req.project_ids, req.all_projects)?,
             filters: Filters::from_proto(&req.project_id, &req.user_id, &req.model, &req.layer)?,
             window: TimeWindow::from_proto(req.range.as_ref())?,
             group_by: GroupBy::Model,
@@ -191,7 +209,7 @@ impl pb::analytics_server::Analytics for AnalyticsService {
 
     async fn get_trace(&self, request: Request<pb::GetTraceRequest>) -> Result<Response<pb::Trace>, Status> {
         let req = request.get_ref();
-        let scope = Scope::from_proto(&req.org_id, &req.project_ids)?;
+        let scope = Scope::from_proto(&req.org_id, &req.project_ids, req.all_projects)?;
         if req.request_id.is_empty() {
             return Err(Error::InvalidArgument("request_id is required".into()).into());
         }

@@ -13,7 +13,7 @@ async fn traces_round_trip_and_stay_in_their_org(backend: Backend) {
     let store = backend.store().await;
     let (org, other) = (unique("org"), unique("org"));
     let t = T { rid: "round-trip", latency: 1234, cost: 99, error: "upstream_error", status: 502, ..T::default() };
-    assert_eq!(store.insert(rows(&org, std::slice::from_ref(&t))).await.unwrap(), 1);
+    assert_eq!(store.insert(rows(&org, std::slice::from_ref(&t))).await.unwrap().stored, 1);
 
     let got = store.get(&Scope::org(&org), "round-trip").await.unwrap().unwrap();
     assert_eq!(got, trace(&org, &t), "the stored trace must come back field for field");
@@ -32,11 +32,11 @@ async fn duplicate_request_ids_are_ignored(backend: Backend) {
 
     let in_batch =
         rows(&org, &[first.clone(), T { rid: "dup", cost: 5, ..T::default() }, T { rid: "solo", ..T::default() }]);
-    assert_eq!(store.insert(in_batch).await.unwrap(), 2);
+    assert_eq!(store.insert(in_batch).await.unwrap().stored, 2);
     // The gateway re-sends a batch whose reply it lost: the same traces again.
-    assert_eq!(store.insert(rows(&org, &[first.clone(), T { rid: "solo", ..T::default() }])).await.unwrap(), 0);
+    assert_eq!(store.insert(rows(&org, &[first.clone(), T { rid: "solo", ..T::default() }])).await.unwrap().stored, 0);
     // The same request id in another organization is another request.
-    assert_eq!(store.insert(rows(&other, std::slice::from_ref(&first))).await.unwrap(), 1);
+    assert_eq!(store.insert(rows(&other, std::slice::from_ref(&first))).await.unwrap().stored, 1);
 
     assert_eq!(store.get(&Scope::org(&org), "dup").await.unwrap().unwrap(), trace(&org, &first));
     let total = &query(store.as_ref(), &TraceQuery::total(Scope::org(&org), TimeWindow::default())).await.unwrap()[0];
@@ -164,7 +164,7 @@ fn check(row: &pb::AggregateRow, key: &str, counts: [i64; 5], latencies: &[i64])
 async fn aggregates_are_exact_for_a_known_set(backend: Backend) {
     let store = backend.store().await;
     let (org, noise) = (unique("org"), unique("org"));
-    assert_eq!(store.insert(rows(&org, &known_set())).await.unwrap(), 6);
+    assert_eq!(store.insert(rows(&org, &known_set())).await.unwrap().stored, 6);
     store.insert(rows(&noise, &[T { rid: "t1", cost: 1_000_000, ..T::default() }])).await.unwrap();
     let store = store.as_ref();
 

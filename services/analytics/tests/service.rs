@@ -68,7 +68,14 @@ fn batch(traces: Vec<pb::Trace>) -> pb::RecordBatch {
 }
 
 async fn record(client: &mut AnalyticsClient<Channel>, batches: Vec<pb::RecordBatch>) -> Result<i64, tonic::Status> {
-    Ok(client.record(tokio_stream::iter(batches)).await?.into_inner().accepted)
+    Ok(summary(client, batches).await?.accepted)
+}
+
+async fn summary(
+    client: &mut AnalyticsClient<Channel>,
+    batches: Vec<pb::RecordBatch>,
+) -> Result<pb::RecordSummary, tonic::Status> {
+    Ok(client.record(tokio_stream::iter(batches)).await?.into_inner())
 }
 
 async fn round_trip(running: &Running) {
@@ -88,25 +95,41 @@ async fn round_trip(running: &Running) {
     assert_eq!(accepted, 3, "the duplicate of a is ignored");
 
     let got = client
-        .get_trace(pb::GetTraceRequest { request_id: "a".into(), org_id: org.clone(), project_ids: vec!["p1".into()] })
+        .get_trace(pb::GetTraceRequest {
+            request_id: "a".into(),
+            org_id: org.clone(),
+            project_ids: vec!["p1".into()],
+            all_projects: false,
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got.usage.unwrap().cost_micros, 300, "the first copy wins");
     for (org_id, project_ids) in [(other.clone(), vec![]), (org.clone(), vec!["p2".to_owned()])] {
-        let err =
-            client.get_trace(pb::GetTraceRequest { request_id: "a".into(), org_id, project_ids }).await.unwrap_err();
+        let all_projects = project_ids.is_empty();
+        let lookup = pb::GetTraceRequest { request_id: "a".into(), org_id, project_ids, all_projects };
+        let err = client.get_trace(lookup).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound, "outside the caller's tenancy");
         assert_eq!(err.metadata().get(ERROR_CODE_METADATA).unwrap(), "not_found");
     }
     let err = client
-        .get_trace(pb::GetTraceRequest { request_id: "a".into(), org_id: String::new(), project_ids: vec![] })
+        .get_trace(pb::GetTraceRequest {
+            request_id: "a".into(),
+            org_id: String::new(),
+            project_ids: vec![],
+            all_projects: true,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     let rows = client
-        .query(pb::QueryRequest { org_id: org.clone(), group_by: "model".into(), ..Default::default() })
+        .query(pb::QueryRequest {
+            org_id: org.clone(),
+            group_by: "model".into(),
+            all_projects: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -114,7 +137,12 @@ async fn round_trip(running: &Running) {
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].key.as_str(), rows[0].requests, rows[0].cost_micros), ("m", 3, 600));
     let err = client
-        .query(pb::QueryRequest { org_id: org.clone(), group_by: "hour".into(), ..Default::default() })
+        .query(pb::QueryRequest {
+            org_id: org.clone(),
+            group_by: "hour".into(),
+            all_projects: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -126,14 +154,14 @@ async fn round_trip(running: &Running) {
         .rows;
     assert_eq!(scoped[0].requests, 0, "p1's traces are outside a p2 scope");
     for bad in [
-        pb::QueryRequest { org_id: org.clone(), layer: "l9".into(), ..Default::default() },
+        pb::QueryRequest { org_id: org.clone(), layer: "l9".into(), all_projects: true, ..Default::default() },
         pb::QueryRequest { org_id: org.clone(), project_ids: vec![String::new()], ..Default::default() },
-        pb::QueryRequest { org_id: String::new(), ..Default::default() },
+        pb::QueryRequest { org_id: String::new(), all_projects: true, ..Default::default() },
     ] {
         assert_eq!(client.query(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     }
     let latency = client
-        .latency(pb::LatencyRequest { org_id: org.clone(), ..Default::default() })
+        .latency(pb::LatencyRequest { org_id: org.clone(), all_projects: true, ..Default::default() })
         .await
         .unwrap()
         .into_inner()
@@ -144,20 +172,35 @@ async fn round_trip(running: &Running) {
         ("m", 3, 100, 100)
     );
     let err = client
-        .latency(pb::LatencyRequest { org_id: org.clone(), layer: "premium".into(), ..Default::default() })
+        .latency(pb::LatencyRequest {
+            org_id: org.clone(),
+            layer: "premium".into(),
+            all_projects: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let now = to_timestamp(Utc::now());
     let backwards = pb::TimeRange { from: Some(now), to: Some(to_timestamp(Utc::now() - TimeDelta::hours(1))) };
     let err = client
-        .query(pb::QueryRequest { org_id: org.clone(), range: Some(backwards), ..Default::default() })
+        .query(pb::QueryRequest {
+            org_id: org.clone(),
+            range: Some(backwards),
+            all_projects: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     let top = client
-        .top_expensive(pb::TopExpensiveRequest { org_id: org.clone(), limit: 0, ..Default::default() })
+        .top_expensive(pb::TopExpensiveRequest {
+            org_id: org.clone(),
+            limit: 0,
+            all_projects: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -173,19 +216,24 @@ async fn round_trip(running: &Running) {
         .into_inner();
     assert!(top.traces.is_empty());
     let err = client
-        .top_expensive(pb::TopExpensiveRequest { org_id: org.clone(), limit: -1, ..Default::default() })
+        .top_expensive(pb::TopExpensiveRequest {
+            org_id: org.clone(),
+            limit: -1,
+            all_projects: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let rates = client
-        .error_rates(pb::ErrorRatesRequest { org_id: org.clone(), ..Default::default() })
+        .error_rates(pb::ErrorRatesRequest { org_id: org.clone(), all_projects: true, ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(rates.models.len(), 1);
     assert_eq!((rates.models[0].requests, rates.models[0].errors), (3, 0));
 
-    // Invalid batches are refused whole, with INVALID_ARGUMENT, and store nothing.
+    // An invalid trace is refused alone, counted and explained: the rest of its batch is stored.
     let old = recent(&org, "old", 100 * 24 * 60, 0);
     let future = recent(&org, "future", -3 * 24 * 60, 0);
     let mut orphan = recent(&org, "orphan", 1, 0);
@@ -194,23 +242,114 @@ async fn round_trip(running: &Running) {
     risky.risk_score = 101;
     let mut negative_call = recent(&org, "negative", 1, 0);
     negative_call.calls[0].latency_us = -5;
-    for bad in [old, future, orphan, risky, negative_call] {
-        let err = record(&mut client, vec![batch(vec![recent(&org, "fine", 1, 0), bad])]).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let fine = ["fine-1", "fine-2", "fine-3", "fine-4", "fine-5"];
+    for (bad, fine) in [old, future, orphan, risky, negative_call].into_iter().zip(fine) {
+        let id = bad.request_id.clone();
+        let answer = summary(&mut client, vec![batch(vec![recent(&org, fine, 1, 0), bad])]).await.unwrap();
+        assert_eq!((answer.accepted, answer.rejected), (1, 1), "{id}");
+        assert!(!answer.first_rejection.is_empty(), "{id}");
     }
+    // A batch over the size limit is still refused whole.
     let too_many: Vec<pb::Trace> = (0..6).map(|_| recent(&org, "x", 1, 0)).collect();
     let err = record(&mut client, vec![batch(too_many)]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let err = client
-        .get_trace(pb::GetTraceRequest { request_id: "fine".into(), org_id: org.clone(), project_ids: vec![] })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::NotFound);
+    let whole_org = |request_id: &str| pb::GetTraceRequest {
+        request_id: request_id.into(),
+        org_id: org.clone(),
+        project_ids: vec![],
+        all_projects: true,
+    };
+    for id in fine {
+        client.get_trace(whole_org(id)).await.unwrap();
+    }
+    for id in ["old", "future", "risky", "negative", "x"] {
+        assert_eq!(client.get_trace(whole_org(id)).await.unwrap_err().code(), tonic::Code::NotFound, "{id}");
+    }
 
     let metrics = running.metrics().await;
+    assert!(metrics.contains("meshgate_analytics_traces_rejected_total{service=\"analytics\"} 11"), "{metrics}");
     assert!(metrics.contains("meshgate_analytics_traces_duplicate_total"), "{metrics}");
     assert!(metrics.contains("meshgate_analytics_insert_duration_seconds_count"), "{metrics}");
     assert!(metrics.contains("meshgate_analytics_batch_traces_count"), "{metrics}");
+}
+
+/// No read takes an empty list of projects for "every project": the whole organization is asked
+/// for explicitly, or the read is refused.
+async fn no_read_scopes_to_every_project_by_default(running: &Running) {
+    let mut client = running.client();
+    let org = unique("org");
+    record(&mut client, vec![batch(vec![recent(&org, "secret", 1, 500)])]).await.unwrap();
+    fn invalid<T>(result: Result<tonic::Response<T>, tonic::Status>) {
+        assert_eq!(result.map(drop).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+    let o = || org.clone();
+    invalid(client.query(pb::QueryRequest { org_id: o(), ..Default::default() }).await);
+    invalid(client.top_expensive(pb::TopExpensiveRequest { org_id: o(), ..Default::default() }).await);
+    invalid(client.error_rates(pb::ErrorRatesRequest { org_id: o(), ..Default::default() }).await);
+    invalid(client.latency(pb::LatencyRequest { org_id: o(), ..Default::default() }).await);
+    let lookup = pb::GetTraceRequest { request_id: "secret".into(), org_id: o(), ..Default::default() };
+    invalid(client.get_trace(lookup).await);
+    // Projects and "all of them" at once is refused too; an empty org with either is refused.
+    let both =
+        pb::QueryRequest { org_id: o(), project_ids: vec!["p1".into()], all_projects: true, ..Default::default() };
+    invalid(client.query(both).await);
+    invalid(client.query(pb::QueryRequest { all_projects: true, ..Default::default() }).await);
+    invalid(client.query(pb::QueryRequest { project_ids: vec!["p1".into()], ..Default::default() }).await);
+    let all = client.query(pb::QueryRequest { org_id: o(), all_projects: true, ..Default::default() }).await;
+    assert_eq!(all.unwrap().into_inner().rows[0].cost_micros, 500);
+}
+
+/// A trace whose tool name (or header, or routing reason) holds a NUL, among good traces of two
+/// tenants: every trace is stored, the NUL stripped from the one that carried it.
+async fn a_nul_in_one_trace_loses_no_trace(running: &Running) {
+    let mut client = running.client();
+    let (tenant_a, tenant_b) = (unique("org"), unique("org"));
+    let mut poisoned = recent(&tenant_a, "poisoned", 1, 7);
+    poisoned.tool_calls = vec![pb::ToolCall { name: "get_\0weather".into(), kind: "offered".into() }];
+    poisoned.headers.insert("x-note".into(), "a\0b".into());
+    poisoned.routing_reasons.push("because\0".into());
+    poisoned.calls[0].model = "m\0".into();
+    let traces = vec![
+        recent(&tenant_a, "a-1", 2, 1),
+        recent(&tenant_b, "b-1", 2, 2),
+        poisoned,
+        recent(&tenant_b, "b-2", 1, 3),
+        recent(&tenant_a, "a-2", 1, 4),
+    ];
+    let answer = summary(&mut client, vec![batch(traces)]).await.unwrap();
+    assert_eq!((answer.accepted, answer.rejected), (5, 0), "{answer:?}");
+    for (org, ids) in [(&tenant_a, &["a-1", "a-2", "poisoned"][..]), (&tenant_b, &["b-1", "b-2"][..])] {
+        for id in ids {
+            let lookup = pb::GetTraceRequest {
+                request_id: (*id).into(),
+                org_id: org.clone(),
+                project_ids: vec![],
+                all_projects: true,
+            };
+            let trace = client.get_trace(lookup).await.unwrap().into_inner();
+            if *id == "poisoned" {
+                assert_eq!(trace.tool_calls[0].name, "get_weather");
+                assert_eq!(trace.headers["x-note"], "ab");
+                assert_eq!(trace.calls[0].model, "m");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn reads_need_a_scope_and_a_nul_loses_no_trace_on_postgres() {
+    let running = start(Config { database_url: Some(isolated_database_url().await), ..config() }).await;
+    no_read_scopes_to_every_project_by_default(&running).await;
+    a_nul_in_one_trace_loses_no_trace(&running).await;
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn reads_need_a_scope_and_a_nul_loses_no_trace_in_memory() {
+    let running = start(config()).await;
+    no_read_scopes_to_every_project_by_default(&running).await;
+    a_nul_in_one_trace_loses_no_trace(&running).await;
+    running.stop().await;
 }
 
 fn config() -> Config {

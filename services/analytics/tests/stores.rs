@@ -53,7 +53,7 @@ async fn partitions_are_created_on_demand_for_past_and_future_days() {
     let (past, future) = (day("1999-02-03"), day("2099-11-12"));
 
     let batch = vec![at_day(&org, "past", past), at_day(&org, "future", future)];
-    assert_eq!(store.insert(batch).await.unwrap(), 2);
+    assert_eq!(store.insert(batch).await.unwrap().stored, 2);
     for table in PARTITIONED_TABLES {
         assert!(partition_exists(&pool, table, past).await && partition_exists(&pool, table, future).await);
     }
@@ -166,7 +166,7 @@ async fn a_partition_dropped_behind_the_stores_back_is_recreated() {
     let client = postgres_client(&pool).await.unwrap();
     client.batch_execute(&format!("DROP TABLE {}", partition_name("request_traces", d))).await.unwrap();
 
-    assert_eq!(store.insert(vec![at_day(&org, "after", d)]).await.unwrap(), 1);
+    assert_eq!(store.insert(vec![at_day(&org, "after", d)]).await.unwrap().stored, 1);
     assert_eq!(partition_of(&pool, &org, "after").await, partition_name("request_traces", d));
 }
 
@@ -181,7 +181,7 @@ async fn concurrent_batches_with_shared_ids_count_each_trace_once() {
     let runs = (0..4).map(|k| {
         let (store, mut batch) = (store.clone(), rows(&org, &all));
         batch.rotate_left(k * 50);
-        tokio::spawn(async move { store.insert(batch).await.unwrap() })
+        tokio::spawn(async move { store.insert(batch).await.unwrap().stored })
     });
     let inserted: u64 = futures::future::join_all(runs).await.into_iter().map(Result::unwrap).sum();
     assert_eq!(inserted, 200);
@@ -195,6 +195,41 @@ async fn concurrent_batches_with_shared_ids_count_each_trace_once() {
         .map(|r| (r.get(0), r.get(1)))
         .unwrap();
     assert_eq!((requests, cost), (200, 1_400));
+}
+
+/// Rows Postgres refuses for what they hold (here a NUL that slipped into a tool name and a
+/// finding, which no jsonb or text value can hold) are isolated by splitting the batch: they are
+/// refused and named, every other row of the batch — of either tenant — is stored, and the
+/// rollups count exactly the stored ones.
+#[tokio::test]
+async fn rows_postgres_refuses_are_isolated_and_the_rest_is_stored() {
+    let store = PostgresTraceStore::new(pg().await, IntCounter::new("created", "test").unwrap());
+    let (a, b) = (unique("org"), unique("org"));
+    let ids = ["r1", "r2", "r3", "r4", "r5", "r6", "r7"];
+    let mut batch: Vec<TraceRow> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, rid)| rows(if i % 2 == 0 { &a } else { &b }, &[T { rid, ..T::default() }]).remove(0))
+        .collect();
+    batch[2].trace.tool_calls =
+        vec![meshgate_proto::analytics::v1::ToolCall { name: "x\0y".into(), kind: "called".into() }];
+    batch[5].trace.routing_reasons = vec!["nul\0".into()];
+    let inserted = store.insert(batch).await.unwrap();
+    assert_eq!(inserted.stored, 5);
+    let mut refused: Vec<&str> = inserted.refused.iter().map(|(id, _)| id.as_str()).collect();
+    refused.sort_unstable();
+    assert_eq!(refused, ["r3", "r6"], "{inserted:?}");
+    for (i, rid) in ids.iter().enumerate() {
+        let org = if i % 2 == 0 { &a } else { &b };
+        let stored = store.get(&Scope::org(org), rid).await.unwrap().is_some();
+        assert_eq!(stored, !refused.contains(rid), "{rid}");
+    }
+    for (org, requests) in [(&a, 3), (&b, 2)] {
+        let window = meshgate_analytics::model::TimeWindow::default();
+        let query = meshgate_analytics::model::TraceQuery::total(Scope::org(org), window);
+        let total = meshgate_analytics::store::query(&store, &query).await.unwrap();
+        assert_eq!(total[0].requests, requests, "the rollups count the stored traces");
+    }
 }
 
 #[tokio::test]
@@ -220,8 +255,8 @@ async fn the_memory_store_drops_the_oldest_past_its_bound() {
     let store = MemoryTraceStore::new(3, evicted.clone());
     let org = unique("org");
     let ts: Vec<T> = ["a", "b", "c", "d", "e"].into_iter().map(|rid| T { rid, ..T::default() }).collect();
-    assert_eq!(store.insert(rows(&org, &ts[..3])).await.unwrap(), 3);
-    assert_eq!(store.insert(rows(&org, &ts[3..])).await.unwrap(), 2);
+    assert_eq!(store.insert(rows(&org, &ts[..3])).await.unwrap().stored, 3);
+    assert_eq!(store.insert(rows(&org, &ts[3..])).await.unwrap().stored, 2);
     assert_eq!(store.len(), 3);
     assert_eq!(evicted.get(), 2);
     for (rid, kept) in [("a", false), ("b", false), ("c", true), ("d", true), ("e", true)] {

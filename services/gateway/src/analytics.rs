@@ -20,19 +20,20 @@ use crate::http::{ApiPath, ApiQuery, Edge, List, authenticate, client_of, error_
 use crate::orchestrator::peer_call;
 use crate::tenancy::EndpointScope;
 
-/// Whose traces a caller may read: an organization, and within it every project (empty) or these.
+/// Whose traces a caller may read: an organization, and within it every project or these.
 struct Scope {
     org_id: String,
     project_ids: Vec<String>,
+    all_projects: bool,
 }
 
 impl Scope {
     fn of(caller: &Caller) -> Self {
         let org_id = caller.principal.org_id.clone();
         if caller.platform_admin || caller.role() == Role::Owner {
-            Self { org_id, project_ids: Vec::new() }
+            Self { org_id, project_ids: Vec::new(), all_projects: true }
         } else {
-            Self { org_id, project_ids: vec![caller.principal.project_id.clone()] }
+            Self { org_id, project_ids: vec![caller.principal.project_id.clone()], all_projects: false }
         }
     }
 }
@@ -163,6 +164,7 @@ pub async fn summary(
         let query = pb::QueryRequest {
             org_id: scope.org_id,
             project_ids: scope.project_ids,
+            all_projects: scope.all_projects,
             project_id: filter.project.unwrap_or_default(),
             user_id: filter.user.unwrap_or_default(),
             model: filter.model.unwrap_or_default(),
@@ -237,7 +239,13 @@ pub async fn top_expensive(
             return Err(invalid("limit must be between 1 and 100".into()));
         }
         let range = time_range(filter.from.as_deref(), filter.to.as_deref())?;
-        let query = pb::TopExpensiveRequest { org_id: scope.org_id, project_ids: scope.project_ids, range, limit };
+        let query = pb::TopExpensiveRequest {
+            org_id: scope.org_id,
+            project_ids: scope.project_ids,
+            all_projects: scope.all_projects,
+            range,
+            limit,
+        };
         let traces = peer_call("analytics", timeout, client.top_expensive(query)).await?.traces;
         Ok(List::of(traces.into_iter().map(TraceJson::from).collect()))
     })
@@ -270,7 +278,12 @@ pub async fn error_rate(
 ) -> Response {
     with_analytics(edge, request, |mut client, scope, timeout| async move {
         let range = time_range(filter.from.as_deref(), filter.to.as_deref())?;
-        let query = pb::ErrorRatesRequest { org_id: scope.org_id, project_ids: scope.project_ids, range };
+        let query = pb::ErrorRatesRequest {
+            org_id: scope.org_id,
+            project_ids: scope.project_ids,
+            all_projects: scope.all_projects,
+            range,
+        };
         let models = peer_call("analytics", timeout, client.error_rates(query)).await?.models;
         let data = models
             .into_iter()
@@ -335,6 +348,7 @@ pub async fn latency(
         let query = pb::LatencyRequest {
             org_id: scope.org_id,
             project_ids: scope.project_ids,
+            all_projects: scope.all_projects,
             range: time_range(filter.from.as_deref(), filter.to.as_deref())?,
             project_id: filter.project.unwrap_or_default(),
             user_id: filter.user.unwrap_or_default(),
@@ -373,7 +387,12 @@ sanitized headers. Another tenant's trace answers 404.",
 )]
 pub async fn trace(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
     with_analytics(edge, request, |mut client, scope, timeout| async move {
-        let query = pb::GetTraceRequest { request_id: id, org_id: scope.org_id, project_ids: scope.project_ids };
+        let query = pb::GetTraceRequest {
+            request_id: id,
+            org_id: scope.org_id,
+            project_ids: scope.project_ids,
+            all_projects: scope.all_projects,
+        };
         let trace = peer_call("analytics", timeout, client.get_trace(query)).await?;
         Ok(TraceJson::from(trace))
     })

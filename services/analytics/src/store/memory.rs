@@ -8,7 +8,7 @@ use meshgate_proto::analytics::v1 as pb;
 use parking_lot::RwLock;
 use prometheus::IntCounter;
 
-use super::{TraceStore, dedupe};
+use super::{Inserted, TraceStore, dedupe};
 use crate::Error;
 use crate::hist::Acc;
 use crate::model::{Scope, TimeWindow, TraceQuery, TraceRow};
@@ -46,7 +46,7 @@ impl MemoryTraceStore {
 
 #[async_trait]
 impl TraceStore for MemoryTraceStore {
-    async fn insert(&self, rows: Vec<TraceRow>) -> Result<u64, Error> {
+    async fn insert(&self, rows: Vec<TraceRow>) -> Result<Inserted, Error> {
         let mut state = self.state.write();
         let mut inserted = 0;
         for row in dedupe(rows) {
@@ -63,7 +63,7 @@ impl TraceStore for MemoryTraceStore {
                 self.evicted.inc();
             }
         }
-        Ok(inserted)
+        Ok(Inserted { stored: inserted, refused: Vec::new() })
     }
 
     async fn get(&self, scope: &Scope, request_id: &str) -> Result<Option<pb::Trace>, Error> {

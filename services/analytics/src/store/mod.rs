@@ -16,11 +16,21 @@ use crate::Error;
 use crate::hist::Acc;
 use crate::model::{GroupBy, Scope, TimeWindow, TraceQuery, TraceRow};
 
+/// What [`TraceStore::insert`] did with a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inserted {
+    /// Traces new to the store, now stored.
+    pub stored: u64,
+    /// Traces the store could not hold, left out of their batch: request id, and why.
+    pub refused: Vec<(String, String)>,
+}
+
 #[async_trait]
 pub trait TraceStore: Send + Sync {
     /// Stores validated rows, ignoring any already stored (same org, request id and start time)
-    /// or repeated earlier in `rows` (same org and request id); returns how many were new.
-    async fn insert(&self, rows: Vec<TraceRow>) -> Result<u64, Error>;
+    /// or repeated earlier in `rows` (same org and request id). A row the store cannot hold is
+    /// refused alone: every other row of the batch is stored.
+    async fn insert(&self, rows: Vec<TraceRow>) -> Result<Inserted, Error>;
 
     /// One trace `scope` may see (the earliest, should a request id have been stored with two
     /// start times); `None` for unknown ids and traces outside the scope.

@@ -4,7 +4,9 @@
 //!
 //! A batch is one transaction: the traces are inserted with `ON CONFLICT DO NOTHING RETURNING`,
 //! and only the rows that came back (new ones) get their model calls, findings and rollup sums
-//! written, so a re-sent trace is counted exactly once. Retention drops whole partitions.
+//! written, so a re-sent trace is counted exactly once. A batch Postgres refuses for its data (a
+//! value no column can hold) is split in halves until the refusing rows stand alone: they are
+//! refused, every other trace is stored. Retention drops whole partitions.
 //!
 //! Aggregations read the daily rollup for whole days, the hourly rollup for whole hours at the
 //! edges of a range, and raw `request_traces` only for the sub-hour slivers of a range whose
@@ -24,7 +26,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tracing::{info, warn};
 
-use super::{TraceStore, dedupe};
+use super::{Inserted, TraceStore, dedupe};
 use crate::Error;
 use crate::hist::{Acc, BUCKETS};
 use crate::model::{GroupBy, Scope, TimeWindow, TraceQuery, TraceRow};
@@ -273,6 +275,18 @@ fn retryable(err: &Error) -> Option<&'static str> {
     }
 }
 
+/// Whether a batch was refused for what its rows hold (a data exception, a constraint, a value
+/// beyond a limit, a day no partition can hold), so the rows without the culprit would be stored.
+fn refused_for_data(err: &Error) -> bool {
+    match err {
+        Error::InvalidArgument(_) => true,
+        Error::Storage(meshgate_storage::Error::Postgres(e)) => {
+            e.code().is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.code().starts_with(class)))
+        }
+        _ => false,
+    }
+}
+
 /// The Postgres trace store.
 pub struct PostgresTraceStore {
     pool: PgPool,
@@ -400,6 +414,26 @@ impl PostgresTraceStore {
         self.known.lock().retain(|d| *d >= cutoff);
         info!(dropped = dropped.len(), %cutoff, "retention dropped day partitions");
         Ok(dropped)
+    }
+
+    /// Stores sorted, deduplicated `rows` in one transaction (retried when it deadlocks or finds
+    /// a partition gone); returns how many traces were new.
+    async fn insert_batch(&self, rows: &[TraceRow]) -> Result<u64, Error> {
+        let days: HashSet<NaiveDate> = rows.iter().map(|r| r.started_at.date_naive()).collect();
+        let mut attempt = 1;
+        loop {
+            self.ensure_partitions(days.iter().copied()).await?;
+            match self.insert_once(rows).await {
+                Err(err) if attempt < INSERT_ATTEMPTS && retryable(&err).is_some() => {
+                    warn!(attempt, reason = retryable(&err), error = %err, "retrying a trace batch");
+                    if retryable(&err) == Some("missing_partition") {
+                        self.known.lock().retain(|d| !days.contains(d));
+                    }
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// One attempt at storing a batch, in one transaction; returns how many traces were new.
@@ -690,28 +724,31 @@ impl RollupColumns {
 
 #[async_trait]
 impl TraceStore for PostgresTraceStore {
-    async fn insert(&self, rows: Vec<TraceRow>) -> Result<u64, Error> {
+    async fn insert(&self, rows: Vec<TraceRow>) -> Result<Inserted, Error> {
         let mut rows = dedupe(rows);
-        if rows.is_empty() {
-            return Ok(0);
-        }
         // One order for every batch, so concurrent batches lock conflicting keys alike.
         rows.sort_by(|a, b| (&a.org_id, &a.request_id).cmp(&(&b.org_id, &b.request_id)));
-        let days: HashSet<NaiveDate> = rows.iter().map(|r| r.started_at.date_naive()).collect();
-        let mut attempt = 1;
-        loop {
-            self.ensure_partitions(days.iter().copied()).await?;
-            match self.insert_once(&rows).await {
-                Err(err) if attempt < INSERT_ATTEMPTS && retryable(&err).is_some() => {
-                    warn!(attempt, reason = retryable(&err), error = %err, "retrying a trace batch");
-                    if retryable(&err) == Some("missing_partition") {
-                        self.known.lock().retain(|d| !days.contains(d));
+        let mut inserted = Inserted::default();
+        let mut parts: Vec<&[TraceRow]> = vec![&rows];
+        while let Some(part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            match self.insert_batch(part).await {
+                Ok(stored) => inserted.stored += stored,
+                Err(err) if refused_for_data(&err) => {
+                    if let [row] = part {
+                        warn!(request_id = row.request_id, error = %err, "a trace refused by the store; its batch is stored without it");
+                        inserted.refused.push((row.request_id.clone(), err.to_string()));
+                    } else {
+                        let (first, second) = part.split_at(part.len() / 2);
+                        parts.extend([second, first]);
                     }
-                    attempt += 1;
                 }
-                result => return result,
+                Err(err) => return Err(err),
             }
         }
+        Ok(inserted)
     }
 
     async fn get(&self, scope: &Scope, request_id: &str) -> Result<Option<pb::Trace>, Error> {
