@@ -2,7 +2,9 @@
 #   meshgate up | meshgate migrate | meshgate-gateway | meshgate-inference | meshgate-router |
 #   meshgate-quota | meshgate-analytics | meshgate-sync | meshgate-mock-provider
 # Used by docker-compose.yml and the Helm chart (helm/meshgate). Runs as uid 10001 and writes
-# nothing outside /tmp, so it works with a read-only root filesystem.
+# nothing outside /tmp, so it works with a read-only root filesystem. /etc/meshgate/tls (the
+# services' [mesh] tls_dir) belongs to that user, so that a volume mounted there (Compose's
+# mesh-tls, filled by `meshgate certs`) is writable by it.
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -25,8 +27,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 meshgate \
     && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin meshgate \
-    && mkdir -p /models /etc/meshgate \
-    && chown 10001:10001 /models
+    && mkdir -p /models /etc/meshgate/tls \
+    && chown 10001:10001 /models /etc/meshgate/tls
 COPY --from=onnxruntime /usr/local/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 /usr/lib/meshgate/
 COPY --from=build /out/ /usr/local/bin/
 ENV ORT_DYLIB_PATH=/usr/lib/meshgate/libonnxruntime.so.1.31.1 \

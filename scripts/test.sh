@@ -124,6 +124,7 @@ fi
 # ===== extra checks (begin) ====================================================================
 # Checks added by later work (helm lint, promtool, ...) go here, one `run_step NAME CMD...` each.
 run_step deploy scripts/check-deploy.sh
+run_step topology scripts/check-topology.sh
 run_step openapi scripts/check-openapi.sh
 # ===== extra checks (end) ======================================================================
 

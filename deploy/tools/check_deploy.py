@@ -586,6 +586,16 @@ def check_compose(args, failures: Failures) -> None:
             source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
             if source.startswith("."):
                 failures.check((ROOT / source).exists(), where, f"mounts {source}, which does not exist")
+    # mTLS as in the chart: every service reads its mesh certificates at [mesh] tls_dir, made by
+    # a `meshgate certs` step it waits for.
+    certs_steps = {name for name, svc in compose["services"].items() if (svc.get("command") or [])[:2] == ["meshgate", "certs"]}
+    failures.check(len(certs_steps) == 1, "docker-compose.yml", f"expected one `meshgate certs` step, found {sorted(certs_steps)}")
+    for svc in SERVICES:
+        spec = compose["services"].get(svc, {})
+        targets = [(v.split(":")[1] if isinstance(v, str) else v.get("target")) for v in spec.get("volumes", [])]
+        failures.check(TLS_DIR in targets, f"docker-compose.yml services.{svc}", f"mounts nothing at {TLS_DIR}")
+        failures.check(bool(certs_steps & set(spec.get("depends_on") or [])), f"docker-compose.yml services.{svc}",
+                       "does not wait for the `meshgate certs` step")
     # The same stores as in the chart: without them each container keeps its own state.
     for var, users in STORE_USERS.items():
         for svc in sorted(users):

@@ -19,6 +19,7 @@ mg_have() { command -v "$1" >/dev/null 2>&1; }
 # reason (success, failure, Ctrl-C, SIGTERM). Register a cleanup *before* creating the resource,
 # so a half-made one is removed too.
 MG_CLEANUP=()
+MG_CLEANUP_FIRST=()
 
 mg_defer() {
     local cmd
@@ -26,10 +27,21 @@ mg_defer() {
     MG_CLEANUP+=("$cmd")
 }
 
+# mg_defer_first CMD... : like mg_defer, but runs before every mg_defer command, whenever either
+# was registered (e.g. stopping a watchdog, which must not interrupt the cleanup).
+mg_defer_first() {
+    local cmd
+    printf -v cmd '%q ' "$@"
+    MG_CLEANUP_FIRST+=("$cmd")
+}
+
 mg__run_cleanup() {
     local status=$? i
     set +e
     trap - EXIT INT TERM
+    for ((i = ${#MG_CLEANUP_FIRST[@]} - 1; i >= 0; i--)); do
+        eval "${MG_CLEANUP_FIRST[i]}"
+    done
     for ((i = ${#MG_CLEANUP[@]} - 1; i >= 0; i--)); do
         eval "${MG_CLEANUP[i]}"
     done
