@@ -3,8 +3,10 @@
 //! once rather than once per file.
 
 mod analytics;
+mod attacks;
 mod cloud;
 mod embeddings;
+mod identity;
 mod jobs;
 mod mesh;
 mod otel;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use meshgate_proto::common::v1::{Principal, Role};
 use meshgate_proto::quota::v1::ReserveRequest;
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
-use meshgate_runtime::{Listeners, Shutdown};
+use meshgate_runtime::Shutdown;
 use meshgate_tests::{ADMIN_KEY, CLOUD_MODEL, MeshOptions, TestMesh, chat_body};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
@@ -131,7 +131,7 @@ async fn two_gateways_on_two_quota_replicas_enforce_one_limit() {
     // A second quota replica on the same Redis key space and database, and a second gateway
     // that reserves through it and shares the rest of the mesh.
     let shutdown = Shutdown::new();
-    let quota_listeners = Listeners::ephemeral().await.unwrap();
+    let quota_listeners = mesh.listeners("quota").await;
     let quota_url = format!("http://{}", quota_listeners.grpc_addr());
     let quota = tokio::spawn(meshgate_quota::serve(quota_config, quota_listeners, shutdown.clone()));
     gateway_config.quota_endpoint = quota_url;
@@ -139,11 +139,11 @@ async fn two_gateways_on_two_quota_replicas_enforce_one_limit() {
     gateway_config.sync_endpoint = mesh.grpc_url("sync");
     gateway_config.inference_endpoint = mesh.grpc_url("inference");
     gateway_config.analytics_endpoint = mesh.grpc_url("analytics");
-    let gateway_listeners = Listeners::ephemeral().await.unwrap();
+    let gateway_listeners = mesh.listeners("gateway").await;
     let second_edge = format!("http://{}", gateway_listeners.http_addr().unwrap());
     let second_grpc = format!("http://{}", gateway_listeners.grpc_addr());
     let gateway = tokio::spawn(meshgate_gateway::serve(gateway_config, gateway_listeners, shutdown.clone()));
-    let channel = meshgate_runtime::channel(&second_grpc, Duration::from_secs(1)).unwrap();
+    let channel = mesh.identity("gateway").channel(&second_grpc, Duration::from_secs(1)).unwrap();
     meshgate_runtime::client::wait_serving(&channel, "", Duration::from_secs(30)).await.unwrap();
 
     // Limits set through the first gateway bind the second one on its next request.
@@ -304,6 +304,7 @@ async fn a_dead_gateways_reservation_is_reclaimed_after_its_ttl() {
         principal: Some(admin_principal()),
         estimated_tokens: 990,
         estimated_cost_micros: 0,
+        ttl_seconds: 0,
     };
     assert!(quota.reserve(orphan).await.unwrap().into_inner().admitted);
     let held = scope_of(&quota_status(&mesh).await, "key").clone();

@@ -103,11 +103,11 @@ impl Tenant {
         &self.keys.iter().find(|(r, _, _)| r == role).unwrap().2
     }
 
-    fn key_id(&self, role: &str) -> &str {
+    pub(crate) fn key_id(&self, role: &str) -> &str {
         &self.keys.iter().find(|(r, _, _)| r == role).unwrap().1
     }
 
-    fn user(&self, role: &str) -> &str {
+    pub(crate) fn user(&self, role: &str) -> &str {
         &self.users.iter().find(|(r, _)| r == role).unwrap().1
     }
 
@@ -293,7 +293,8 @@ fn expected_own(endpoint: &str, role: &str) -> u16 {
         ("list_users", _) => 200,
         ("set_member", 0 | 1) => 403,
         ("set_member", _) => 200,
-        ("set_project_limits", 0 | 1) => 403,
+        // A project's limits bind its admins: only the organization's owners set them.
+        ("set_project_limits", 0..=2) => 403,
         ("set_project_limits", _) => 200,
         ("get_security_policy" | "get_request_limits", _) => 200,
         ("set_security_policy" | "set_request_limits", 0 | 1) => 403,

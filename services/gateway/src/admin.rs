@@ -77,6 +77,42 @@ fn project_access(caller: &Caller, project: &Project) -> Result<Access, ApiError
     }
 }
 
+/// Nobody acts on a key or a member whose role is above their own: an admin can neither rotate
+/// an owner's key (and receive an owner's secret), nor revoke it, nor demote an owner.
+fn require_rank(caller: &Caller, role: Role, what: &str) -> Result<(), ApiError> {
+    if caller.platform_admin || role <= caller.role() {
+        Ok(())
+    } else {
+        Err(forbidden(&format!("{what} has a role above your own")))
+    }
+}
+
+/// The expiry of a key created (or rotated) by `caller`: never later than the caller's own key.
+/// `wanted` is the expiry asked for; an explicit one past the caller's is refused.
+fn expiry_within(
+    caller: &Caller,
+    wanted: Option<DateTime<Utc>>,
+    explicit: bool,
+) -> Result<Option<DateTime<Utc>>, ApiError> {
+    match (caller.expires_at, wanted) {
+        (None, wanted) => Ok(wanted),
+        (Some(limit), Some(at)) if at <= limit => Ok(Some(at)),
+        (Some(limit), Some(_)) if explicit => Err(forbidden(&format!(
+            "a key created with yours cannot outlive it (yours expires at {})",
+            limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ))),
+        (Some(limit), _) => Ok(Some(limit)),
+    }
+}
+
+/// The scopes of a key created (or rotated) by `caller`, within the caller's own.
+fn scopes_within(caller: &Caller, scopes: KeyScopes) -> Result<KeyScopes, ApiError> {
+    if caller.platform_admin {
+        return Ok(scopes);
+    }
+    scopes.within(&caller.scopes).map_err(|why| forbidden(&why))
+}
+
 /// Owners (and the bootstrap key) manage their organization as a whole.
 fn require_org_owner(caller: &Caller, org_id: &str) -> Result<(), ApiError> {
     if caller.platform_admin {
@@ -377,7 +413,8 @@ pub async fn set_member(
     request: Request,
 ) -> Response {
     let limit = edge.max_body_bytes;
-    managed(edge, request, |store, _, caller, request| async move {
+    let invalidator = edge.invalidator.clone();
+    managed(edge, request, |store, auth, caller, request| async move {
         let body: SetRole = json_body(request, limit).await?;
         let role = body.role.as_deref().map(parse_role).transpose()?;
         let (project, access) = load_project(store.as_ref(), &caller, &project_id).await?;
@@ -389,7 +426,14 @@ pub async fn set_member(
         }
         let user = store.get_user(&user_id).await?.filter(|u| u.org_id == project.org_id);
         let user = user.ok_or_else(|| not_found(&format!("user {user_id}")))?;
+        let current = store.user_roles(&user.id).await?.into_iter().find(|(p, _)| *p == project.id).map(|(_, r)| r);
+        if let Some(current) = current {
+            require_rank(&caller, current, "this member")?;
+        }
         store.set_role(&user.id, &project.id, role).await?;
+        // The user's keys act with the new role (or none) from their next request, everywhere.
+        auth.invalidate_user(&user.id);
+        invalidator.publish_user(&user.id).await;
         let role = role.map(role_name);
         Ok((StatusCode::OK, Membership { user_id: user.id, project_id: project.id, role }))
     })
@@ -611,6 +655,7 @@ pub async fn create_key(State(edge): State<Edge>, request: Request) -> Response 
         }
         check_optional("name", &body.name)?;
         body.scopes.validate()?;
+        let scopes = scopes_within(&caller, body.scopes)?;
         let expires_at = match body.expires_in_days {
             Some(days) if !(1..=MAX_KEY_DAYS).contains(&days) => {
                 return Err(ApiError::new(
@@ -621,6 +666,7 @@ pub async fn create_key(State(edge): State<Edge>, request: Request) -> Response 
             Some(days) => Some(Utc::now() + TimeDelta::days(days)),
             None => None,
         };
+        let expires_at = expiry_within(&caller, expires_at, body.expires_in_days.is_some())?;
         let (key, secret) = issue_key(
             store.as_ref(),
             NewKey {
@@ -629,7 +675,7 @@ pub async fn create_key(State(edge): State<Edge>, request: Request) -> Response 
                 user_id,
                 name: body.name.trim().to_owned(),
                 role,
-                scopes: body.scopes,
+                scopes,
                 expires_at,
             },
         )
@@ -759,6 +805,7 @@ pub async fn revoke_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, 
     let invalidator = edge.invalidator.clone();
     managed(edge, request, |store, auth, caller, _| async move {
         let (key, _) = load_key(store.as_ref(), &caller, &id).await?;
+        require_rank(&caller, key.role, "this key")?;
         let revoked =
             store.revoke_key(&key.id, Utc::now()).await?.ok_or_else(|| not_found(&format!("API key {id}")))?;
         auth.invalidate(&key.id);
@@ -783,10 +830,14 @@ pub async fn rotate_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, 
     let invalidator = edge.invalidator.clone();
     managed(edge, request, |store, auth, caller, _| async move {
         let (old, _) = load_key(store.as_ref(), &caller, &id).await?;
+        require_rank(&caller, old.role, "this key")?;
         if !old.is_active(Utc::now()) {
             return Err(ApiError::new(ErrorCode::Conflict, format!("API key {id} is revoked or expired")));
         }
-        let (key, secret) = issue_key(store.as_ref(), NewKey::like(&old)).await?;
+        let mut new = NewKey::like(&old);
+        new.scopes = scopes_within(&caller, new.scopes)?;
+        new.expires_at = expiry_within(&caller, new.expires_at, false)?;
+        let (key, secret) = issue_key(store.as_ref(), new).await?;
         store.revoke_key(&old.id, Utc::now()).await?;
         auth.invalidate(&old.id);
         invalidator.publish(&old.id).await;
@@ -806,29 +857,29 @@ impl Invalidator {
         Self { redis }
     }
 
-    /// Best effort with a log: the revocation itself is durable, and replicas that miss the
-    /// message stop trusting their caches while their subscription is down.
+    /// Tells every replica that a key was revoked.
     pub async fn publish(&self, key_id: &str) {
-        let Some(redis) = &self.redis else { return };
-        let mut conn = redis.clone();
-        let published: Result<i64, _> =
-            redis::cmd("PUBLISH").arg(crate::auth::INVALIDATION_CHANNEL).arg(key_id).query_async(&mut conn).await;
-        if let Err(err) = published {
-            tracing::warn!(%err, key_id, "could not publish a key revocation; other replicas see it when their cache entry expires");
-        }
+        self.send(crate::auth::INVALIDATION_CHANNEL, key_id, "a key revocation").await;
     }
 
-    /// Tells every replica that a project's settings changed (best effort, as for keys).
+    /// Tells every replica that a user's roles changed: their cached keys of the user go.
+    pub async fn publish_user(&self, user_id: &str) {
+        self.send(crate::auth::USER_INVALIDATION_CHANNEL, user_id, "a role change").await;
+    }
+
+    /// Tells every replica that a project's settings changed.
     pub async fn publish_project(&self, project_id: &str) {
+        self.send(crate::settings::INVALIDATION_CHANNEL, project_id, "a project settings change").await;
+    }
+
+    /// Best effort with a log: the change itself is durable, and replicas that miss the message
+    /// stop trusting their caches while their subscription is down.
+    async fn send(&self, channel: &str, id: &str, what: &str) {
         let Some(redis) = &self.redis else { return };
         let mut conn = redis.clone();
-        let published: Result<i64, _> = redis::cmd("PUBLISH")
-            .arg(crate::settings::INVALIDATION_CHANNEL)
-            .arg(project_id)
-            .query_async(&mut conn)
-            .await;
+        let published: Result<i64, _> = redis::cmd("PUBLISH").arg(channel).arg(id).query_async(&mut conn).await;
         if let Err(err) = published {
-            tracing::warn!(%err, project_id, "could not publish a project settings change; other replicas see it when their cache entry expires");
+            tracing::warn!(%err, id, "could not publish {what}; other replicas see it when their cache entry expires");
         }
     }
 }

@@ -1,9 +1,10 @@
 //! API-key authentication. Keys are looked up by the SHA-256 of the secret (compared in constant
 //! time for the bootstrap key), so neither storage nor timing reveals a secret. Lookups are cached
 //! per replica; a revocation is published on Redis and every replica drops the key from its cache
-//! within moments. While a replica is not subscribed (Redis down or not configured with several
-//! replicas) it does not trust its cache for longer than the local invalidations it made itself.
-//! Repeated failures from one client address are throttled.
+//! within moments, and a role change drops the user's keys the same way. While a replica is not
+//! subscribed (Redis down or not configured with several replicas) it does not trust its cache for
+//! longer than the local invalidations it made itself. Repeated failures from one client address
+//! (see [`crate::client_addr`]) are throttled: its failures answer 429, a valid key never does.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -25,6 +26,8 @@ use crate::tenancy::{DEFAULT_TENANT, EndpointScope, KeyScopes, TenancyStore};
 pub const ADMIN_KEY_ID: &str = "admin";
 /// Redis channel carrying the ids of revoked keys.
 pub const INVALIDATION_CHANNEL: &str = "meshgate:keys:invalidate";
+/// Redis channel carrying the ids of users whose roles changed.
+pub const USER_INVALIDATION_CHANNEL: &str = "meshgate:users:invalidate";
 
 /// Who is calling, as their key says.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +36,8 @@ pub struct Caller {
     pub scopes: KeyScopes,
     /// The bootstrap key (`MESHGATE_ADMIN_KEY`): may manage every organization.
     pub platform_admin: bool,
+    /// When the caller's key expires: keys it creates or rotates expire no later.
+    pub expires_at: Option<chrono::DateTime<Utc>>,
 }
 
 impl Caller {
@@ -67,7 +72,8 @@ impl Caller {
 pub struct AuthSettings {
     /// How long a looked-up key is trusted without asking the store (while invalidations arrive).
     pub cache_ttl: Duration,
-    /// Failed authentications from one address per `failure_window` before it is refused (429).
+    /// Failed authentications from one address per `failure_window` before its failures are
+    /// answered 429.
     pub max_failures: u32,
     pub failure_window: Duration,
 }
@@ -81,6 +87,8 @@ impl Default for AuthSettings {
 struct Cached {
     caller: Result<Caller, ApiError>,
     key_id: String,
+    user_id: Option<String>,
+    expires_at: Option<chrono::DateTime<Utc>>,
     fetched_at: Instant,
 }
 
@@ -132,18 +140,16 @@ impl Authenticator {
     }
 
     /// The caller for the `Authorization` header value, or a 401 (403 for a key whose user lost
-    /// every role, 429 for an address that failed too often).
+    /// every role). An address that failed too often gets 429 for its failures; a valid key is
+    /// never refused for its address (behind a proxy, other tenants share it).
     pub async fn authenticate(&self, authorization: Option<&str>, client: Option<IpAddr>) -> Result<Caller, ApiError> {
-        if let Some(ip) = client {
-            self.check_throttle(ip)?;
-        }
         let result = self.resolve(authorization).await;
-        if let (Err(err), Some(ip)) = (&result, client)
-            && err.code == ErrorCode::Unauthenticated
-        {
-            self.record_failure(ip);
+        match (result, client) {
+            (Err(err), Some(ip)) if err.code == ErrorCode::Unauthenticated => {
+                Err(self.record_failure(ip).unwrap_or(err))
+            }
+            (result, _) => result,
         }
-        result
     }
 
     async fn resolve(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
@@ -170,6 +176,7 @@ impl Authenticator {
         if self.inner.invalidations_live.load(Ordering::Acquire)
             && let Some(cached) = self.inner.cache.lock().get(&presented)
             && cached.fetched_at.elapsed() < self.inner.settings.cache_ttl
+            && cached.expires_at.is_none_or(|at| at > Utc::now())
         {
             return cached.caller.clone();
         }
@@ -203,15 +210,19 @@ impl Authenticator {
                     },
                     scopes: key.scopes.clone(),
                     platform_admin: false,
+                    expires_at: key.expires_at,
                 }),
             }
         };
-        // Expiry is checked again on every cache hit's refresh; an expiring key is cached at most
-        // until its expiry time passes plus the cache TTL, so keep the TTL short.
-        self.inner
-            .cache
-            .lock()
-            .insert(presented, Cached { caller: caller.clone(), key_id: key.id.clone(), fetched_at: Instant::now() });
+        // A cache hit past the key's expiry asks the store again, which refuses the key.
+        let cached = Cached {
+            caller: caller.clone(),
+            key_id: key.id.clone(),
+            user_id: key.user_id.clone(),
+            expires_at: key.expires_at,
+            fetched_at: Instant::now(),
+        };
+        self.inner.cache.lock().insert(presented, cached);
         caller
     }
 
@@ -220,28 +231,16 @@ impl Authenticator {
         self.inner.cache.lock().retain(|_, cached| cached.key_id != key_id);
     }
 
-    fn check_throttle(&self, ip: IpAddr) -> Result<(), ApiError> {
-        let settings = self.inner.settings;
-        let mut failures = self.inner.failures.lock();
-        let Some(entry) = failures.get(&ip) else { return Ok(()) };
-        let elapsed = entry.since.elapsed();
-        if elapsed >= settings.failure_window {
-            failures.remove(&ip);
-            return Ok(());
-        }
-        if entry.count >= settings.max_failures {
-            let wait = (settings.failure_window - elapsed).as_secs().max(1);
-            return Err(ApiError::new(
-                ErrorCode::RateLimited,
-                format!("too many failed authentications from this address; retry in {wait} s"),
-            )
-            .with_retry_after(wait));
-        }
-        Ok(())
+    /// Drops every key of a user from this replica's cache (the user's roles changed).
+    pub fn invalidate_user(&self, user_id: &str) {
+        self.inner.cache.lock().retain(|_, cached| cached.user_id.as_deref() != Some(user_id));
     }
 
-    fn record_failure(&self, ip: IpAddr) {
-        let window = self.inner.settings.failure_window;
+    /// Counts a failed authentication from `ip`; past the limit, the 429 to answer instead of the
+    /// failure.
+    fn record_failure(&self, ip: IpAddr) -> Option<ApiError> {
+        let settings = self.inner.settings;
+        let window = settings.failure_window;
         let mut failures = self.inner.failures.lock();
         // Bounded: addresses whose window passed are forgotten once the map grows.
         if failures.len() > 100_000 {
@@ -251,7 +250,18 @@ impl Authenticator {
         if entry.since.elapsed() >= window {
             *entry = Failures { count: 0, since: Instant::now() };
         }
-        entry.count += 1;
+        entry.count = entry.count.saturating_add(1);
+        if entry.count <= settings.max_failures {
+            return None;
+        }
+        let wait = window.saturating_sub(entry.since.elapsed()).as_secs().max(1);
+        Some(
+            ApiError::new(
+                ErrorCode::RateLimited,
+                format!("too many failed authentications from this address; retry in {wait} s"),
+            )
+            .with_retry_after(wait),
+        )
     }
 
     /// Listens for key revocations and project settings changes published by any replica until
@@ -262,7 +272,13 @@ impl Authenticator {
         loop {
             let subscribed = async {
                 let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&[INVALIDATION_CHANNEL, crate::settings::INVALIDATION_CHANNEL]).await?;
+                pubsub
+                    .subscribe(&[
+                        INVALIDATION_CHANNEL,
+                        USER_INVALIDATION_CHANNEL,
+                        crate::settings::INVALIDATION_CHANNEL,
+                    ])
+                    .await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let pubsub = tokio::select! {
@@ -280,10 +296,11 @@ impl Authenticator {
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             message = messages.next() => match message {
-                                Some(message) => match message.get_payload::<String>() {
-                                    Ok(id) if message.get_channel_name() == INVALIDATION_CHANNEL => self.invalidate(&id),
-                                    Ok(project_id) => settings.invalidate(&project_id),
-                                    Err(err) => tracing::warn!(%err, "unreadable invalidation"),
+                                Some(message) => match (message.get_channel_name(), message.get_payload::<String>()) {
+                                    (INVALIDATION_CHANNEL, Ok(key_id)) => self.invalidate(&key_id),
+                                    (USER_INVALIDATION_CHANNEL, Ok(user_id)) => self.invalidate_user(&user_id),
+                                    (_, Ok(project_id)) => settings.invalidate(&project_id),
+                                    (_, Err(err)) => tracing::warn!(%err, "unreadable invalidation"),
                                 },
                                 None => break,
                             },
@@ -315,6 +332,7 @@ fn bootstrap_caller() -> Caller {
         },
         scopes: KeyScopes::default(),
         platform_admin: true,
+        expires_at: None,
     }
 }
 
@@ -367,11 +385,53 @@ mod tests {
             let err = auth.authenticate(Some("Bearer guess"), Some(attacker)).await.unwrap_err();
             assert_eq!(err.code, ErrorCode::Unauthenticated);
         }
-        let throttled = auth.authenticate(Some("Bearer sk-admin"), Some(attacker)).await.unwrap_err();
+        let throttled = auth.authenticate(Some("Bearer guess"), Some(attacker)).await.unwrap_err();
         assert_eq!(throttled.code, ErrorCode::RateLimited);
         assert!(throttled.retry_after.is_some_and(|s| (1..=60).contains(&s)));
+        // Behind a proxy every tenant shares the address: a valid key is never refused for it.
+        assert!(auth.authenticate(Some("Bearer sk-admin"), Some(attacker)).await.is_ok());
         let neighbour: IpAddr = "10.0.0.67".parse().unwrap();
-        assert!(auth.authenticate(Some("Bearer sk-admin"), Some(neighbour)).await.is_ok());
+        let err = auth.authenticate(Some("Bearer guess"), Some(neighbour)).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthenticated);
+    }
+
+    fn user_key(id: &str, user: &str, expires_at: Option<chrono::DateTime<Utc>>) -> ApiKey {
+        ApiKey {
+            id: id.into(),
+            prefix: "mgk_test".into(),
+            org_id: DEFAULT_TENANT.into(),
+            project_id: DEFAULT_TENANT.into(),
+            user_id: Some(user.into()),
+            name: "laptop".into(),
+            role: Role::Admin,
+            scopes: KeyScopes::default(),
+            expires_at,
+            revoked_at: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn cached_keys_see_role_changes_and_expiry_at_once() {
+        let store = Arc::new(MemoryTenancy::default());
+        let settings = AuthSettings { cache_ttl: Duration::from_secs(3600), ..AuthSettings::default() };
+        let auth = Authenticator::new(None, store.clone(), settings, false);
+        let user = store.create_user("usr_1", DEFAULT_TENANT, "a@example.com", "A").await.unwrap();
+        store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Admin)).await.unwrap();
+        store.insert_key(&user_key("key_1", &user.id, None), &digest("mgk_one")).await.unwrap();
+        assert_eq!(auth.authenticate(Some("Bearer mgk_one"), None).await.unwrap().role(), Role::Admin);
+        store.set_role(&user.id, DEFAULT_TENANT, None).await.unwrap();
+        auth.invalidate_user(&user.id);
+        let err = auth.authenticate(Some("Bearer mgk_one"), None).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::PermissionDenied, "the removed role is seen on the next request");
+
+        store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Developer)).await.unwrap();
+        let soon = Utc::now() + chrono::Duration::milliseconds(300);
+        store.insert_key(&user_key("key_2", &user.id, Some(soon)), &digest("mgk_two")).await.unwrap();
+        assert!(auth.authenticate(Some("Bearer mgk_two"), None).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let err = auth.authenticate(Some("Bearer mgk_two"), None).await.unwrap_err();
+        assert!(err.message.contains("expired"), "a cached key is refused once it expires: {}", err.message);
     }
 
     #[tokio::test]

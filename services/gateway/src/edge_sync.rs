@@ -14,6 +14,12 @@
 //! A failure or crash between the steps makes the edge send the batch again, and each step
 //! applies it at most once. Usage lands on the day the batch arrives: budgets are enforced on
 //! what the cloud learns when it learns it.
+//!
+//! What a batch may cost the cloud is bounded before any of it is decoded: the body
+//! ([`MAX_BATCH_BYTES`]), its inflated size ([`MAX_INFLATED_BYTES`]), its trace count (counted
+//! from the wire, [`MAX_BATCH_TRACES`]), batches decoded at once on the whole replica
+//! ([`DECODING_AT_ONCE`], off the async workers), and batches in progress per key
+//! (`[gateway] edge_uploads_per_key`).
 
 use std::io::Read as _;
 
@@ -38,10 +44,18 @@ use crate::tenancy::EndpointScope;
 
 /// Content type of an edge batch.
 pub const BATCH_CONTENT_TYPE: &str = "application/x-protobuf";
-/// Largest batch accepted, compressed or not.
-pub const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+/// Largest body accepted (compressed, or not).
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Largest batch accepted once inflated.
+pub const MAX_INFLATED_BYTES: usize = 32 * 1024 * 1024;
 /// Traces one batch may carry at most.
 pub const MAX_BATCH_TRACES: usize = 10_000;
+/// Batches a replica reads and decodes at once; more are answered 503 (the edge retries).
+pub const DECODING_AT_ONCE: usize = 4;
+/// The field number of `EdgeBatch.traces`.
+const TRACES_FIELD: u32 = 2;
+
+static DECODING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DECODING_AT_ONCE);
 /// Longest batch id.
 const MAX_BATCH_ID_LEN: usize = 128;
 /// Trace header naming the edge project a trace was recorded in.
@@ -97,8 +111,16 @@ pub async fn upload_batch(State(edge): State<Edge>, request: Request) -> Respons
         }
         let batch_key = idempotency_key(&parts.headers)?;
         check_content_type(&parts.headers)?;
+        let encoding = content_encoding(&parts.headers)?;
+        let _in_progress = edge.uploads.open(&caller.principal)?;
+        let _decoding = DECODING.try_acquire().map_err(|_| {
+            ApiError::new(ErrorCode::Overloaded, "too many edge batches are being applied; retry shortly")
+                .with_retry_after(1)
+        })?;
         let raw = read_body(body, &parts.headers, MAX_BATCH_BYTES).await?;
-        let batch = decode_batch(&parts.headers, &raw)?;
+        let batch = tokio::task::spawn_blocking(move || decode_batch(encoding, &raw))
+            .await
+            .map_err(|err| ApiError::new(ErrorCode::Internal, format!("decoding the batch failed: {err}")))??;
         if batch.batch_id != batch_key {
             return Err(ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key must equal the body's batch_id"));
         }
@@ -152,40 +174,73 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// The batch in `raw`, decompressed as `Content-Encoding` says, within [`MAX_BATCH_BYTES`].
-fn decode_batch(headers: &HeaderMap, raw: &[u8]) -> Result<EdgeBatch, ApiError> {
+/// How the body is encoded (`Content-Encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+}
+
+fn content_encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).unwrap_or("identity").trim();
+    match encoding.to_ascii_lowercase().as_str() {
+        "identity" | "" => Ok(Encoding::Identity),
+        "gzip" => Ok(Encoding::Gzip),
+        other => Err(ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            format!("Content-Encoding {other:?} is not supported (gzip or none)"),
+        )),
+    }
+}
+
+/// The batch in `raw`, inflated within [`MAX_INFLATED_BYTES`], its traces counted on the wire
+/// before any is decoded. Blocking work: called off the async workers.
+fn decode_batch(encoding: Encoding, raw: &[u8]) -> Result<EdgeBatch, ApiError> {
     let inflated;
-    let bytes = match encoding.to_ascii_lowercase().as_str() {
-        "identity" | "" => raw,
-        "gzip" => {
+    let bytes = match encoding {
+        Encoding::Identity => raw,
+        Encoding::Gzip => {
             let mut out = Vec::new();
             flate2::read::GzDecoder::new(raw)
-                .take(MAX_BATCH_BYTES as u64 + 1)
+                .take(MAX_INFLATED_BYTES as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|err| invalid(format!("the body is not valid gzip: {err}")))?;
-            if out.len() > MAX_BATCH_BYTES {
+            if out.len() > MAX_INFLATED_BYTES {
                 return Err(ApiError::new(
                     ErrorCode::PayloadTooLarge,
-                    format!("the batch exceeds {MAX_BATCH_BYTES} bytes uncompressed"),
+                    format!("the batch exceeds {MAX_INFLATED_BYTES} bytes uncompressed"),
                 ));
             }
             inflated = out;
             &inflated
         }
-        other => {
-            return Err(ApiError::new(
-                ErrorCode::UnsupportedMediaType,
-                format!("Content-Encoding {other:?} is not supported (gzip or none)"),
-            ));
-        }
     };
+    let traces = count_traces(bytes)?;
+    if traces == 0 || traces > MAX_BATCH_TRACES {
+        return Err(invalid(format!("a batch carries 1 to {MAX_BATCH_TRACES} traces (got {traces})")));
+    }
     let batch = EdgeBatch::decode(bytes).map_err(|err| invalid(format!("the body is not an EdgeBatch: {err}")))?;
     valid_batch_id(&batch.batch_id)?;
-    if batch.traces.is_empty() || batch.traces.len() > MAX_BATCH_TRACES {
-        return Err(invalid(format!("a batch carries 1 to {MAX_BATCH_TRACES} traces (got {})", batch.traces.len())));
-    }
     Ok(batch)
+}
+
+/// Counts `traces` entries by walking the message's top-level fields without decoding them; stops
+/// at one past [`MAX_BATCH_TRACES`].
+fn count_traces(mut bytes: &[u8]) -> Result<usize, ApiError> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, skip_field};
+    let malformed = |err: prost::DecodeError| invalid(format!("the body is not an EdgeBatch: {err}"));
+    let mut traces = 0;
+    while !bytes.is_empty() {
+        let (tag, wire_type) = decode_key(&mut bytes).map_err(malformed)?;
+        if tag == TRACES_FIELD && wire_type == WireType::LengthDelimited {
+            traces += 1;
+            if traces > MAX_BATCH_TRACES {
+                break;
+            }
+        }
+        skip_field(wire_type, tag, &mut bytes, DecodeContext::default()).map_err(malformed)?;
+    }
+    Ok(traces)
 }
 
 /// The batch's total usage; refuses negative or overflowing figures.
@@ -279,25 +334,102 @@ mod tests {
         assert_eq!(a.len(), "edge:".len() + 32);
     }
 
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
     #[test]
     fn bodies_are_checked_before_anything_is_applied() {
         let batch =
             EdgeBatch { batch_id: "e-1".into(), traces: vec![Trace { request_id: "r1".into(), ..Default::default() }] };
+        assert_eq!(decode_batch(Encoding::Identity, &batch.encode_to_vec()).unwrap(), batch);
+        assert_eq!(decode_batch(Encoding::Gzip, &gzip(&batch.encode_to_vec())).unwrap(), batch);
+        assert_eq!(decode_batch(Encoding::Gzip, b"not gzip").unwrap_err().code, ErrorCode::InvalidRequest);
         let mut headers = HeaderMap::new();
-        assert_eq!(decode_batch(&headers, &batch.encode_to_vec()).unwrap(), batch);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &batch.encode_to_vec()).unwrap();
-        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        assert_eq!(decode_batch(&headers, &gz.finish().unwrap()).unwrap(), batch);
-        assert_eq!(decode_batch(&headers, b"not gzip").unwrap_err().code, ErrorCode::InvalidRequest);
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("br"));
-        assert_eq!(decode_batch(&headers, b"x").unwrap_err().code, ErrorCode::UnsupportedMediaType);
-        headers.remove(header::CONTENT_ENCODING);
-        assert_eq!(decode_batch(&headers, b"\xff\xff\xff").unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(content_encoding(&headers).unwrap_err().code, ErrorCode::UnsupportedMediaType);
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(" GZIP "));
+        assert_eq!(content_encoding(&headers).unwrap(), Encoding::Gzip);
+        assert_eq!(decode_batch(Encoding::Identity, b"\xff\xff\xff").unwrap_err().code, ErrorCode::InvalidRequest);
         let empty = EdgeBatch { batch_id: "e-2".into(), traces: vec![] };
-        assert_eq!(decode_batch(&headers, &empty.encode_to_vec()).unwrap_err().code, ErrorCode::InvalidRequest);
+        let err = decode_batch(Encoding::Identity, &empty.encode_to_vec()).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
         let bad_id = EdgeBatch { batch_id: "a b".into(), ..batch };
-        assert_eq!(decode_batch(&headers, &bad_id.encode_to_vec()).unwrap_err().code, ErrorCode::InvalidRequest);
+        let err = decode_batch(Encoding::Identity, &bad_id.encode_to_vec()).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn too_many_traces_are_refused_from_the_wire_before_decoding() {
+        // Each trace is an empty message: 2 bytes on the wire, so a batch of a million is small
+        // and would cost a million allocations to decode.
+        let mut wire = EdgeBatch { batch_id: "e-1".into(), traces: vec![] }.encode_to_vec();
+        for _ in 0..1_000_000 {
+            wire.extend_from_slice(&[(TRACES_FIELD << 3 | 2) as u8, 0]);
+        }
+        assert_eq!(count_traces(&wire).unwrap(), MAX_BATCH_TRACES + 1, "counting stops past the limit");
+        let err = decode_batch(Encoding::Gzip, &gzip(&wire)).unwrap_err();
+        assert!(err.message.contains("1 to 10000 traces"), "{}", err.message);
+    }
+
+    #[test]
+    fn an_inflation_bomb_is_cut_at_the_inflated_limit() {
+        let bomb = gzip(&vec![0u8; MAX_INFLATED_BYTES + 1024]);
+        assert!(bomb.len() < MAX_BATCH_BYTES / 100, "a small body: {} bytes", bomb.len());
+        assert_eq!(decode_batch(Encoding::Gzip, &bomb).unwrap_err().code, ErrorCode::PayloadTooLarge);
+    }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn trace() -> impl Strategy<Value = Trace> {
+            ("[a-z0-9-]{1,12}", any::<i64>(), proptest::collection::vec("\\PC{0,8}", 0..3)).prop_map(
+                |(request_id, tokens, tools)| Trace {
+                    request_id,
+                    usage: Some(Usage { prompt_tokens: tokens, ..Default::default() }),
+                    routing_reasons: tools,
+                    ..Default::default()
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// Whatever the bytes, the decoder answers a batch or a 4xx, never a panic.
+            #[test]
+            fn arbitrary_bodies_decode_or_are_refused(raw in proptest::collection::vec(any::<u8>(), 0..4096), gzipped in any::<bool>()) {
+                let (encoding, body) = if gzipped { (Encoding::Gzip, super::gzip(&raw)) } else { (Encoding::Identity, raw) };
+                match decode_batch(encoding, &body) {
+                    Ok(batch) => prop_assert!((1..=MAX_BATCH_TRACES).contains(&batch.traces.len())),
+                    Err(err) => prop_assert!(err.code.http_status().is_client_error(), "{err:?}"),
+                }
+            }
+
+            /// Valid batches, mangled at one byte: decoded whole or refused, and the wire count
+            /// always matches what decoding finds.
+            #[test]
+            fn valid_batches_survive_and_mangled_ones_are_refused(
+                traces in proptest::collection::vec(trace(), 1..20),
+                flip in any::<(usize, u8)>(),
+            ) {
+                let batch = EdgeBatch { batch_id: "edge-1".into(), traces };
+                let wire = batch.encode_to_vec();
+                prop_assert_eq!(count_traces(&wire).unwrap(), batch.traces.len());
+                prop_assert_eq!(&decode_batch(Encoding::Gzip, &super::gzip(&wire)).unwrap(), &batch);
+                let mut mangled = wire.clone();
+                let at = flip.0 % mangled.len();
+                mangled[at] ^= flip.1.max(1);
+                match decode_batch(Encoding::Identity, &mangled) {
+                    Ok(decoded) => prop_assert_eq!(count_traces(&mangled).unwrap(), decoded.traces.len()),
+                    Err(err) => prop_assert!(err.code.http_status().is_client_error()),
+                }
+            }
+        }
     }
 
     #[test]

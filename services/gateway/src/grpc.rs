@@ -1,13 +1,17 @@
 //! The gRPC facade of the edge (`meshgate.gateway.v1.Gateway`): the same request path as the
-//! HTTP edge, authenticated by `authorization: Bearer <key>` metadata. Chat responses carry the
-//! caller's budget in the same `x-meshgate-quota-*` initial metadata as the HTTP headers.
+//! HTTP edge, authenticated by `authorization: Bearer <key>` metadata — before the request message
+//! is read, whose size is bounded by the gateway's body limit. Chat responses carry the caller's
+//! budget in the same `x-meshgate-quota-*` initial metadata as the HTTP headers.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
-use meshgate_proto::gateway::v1::gateway_server::Gateway;
+use meshgate_proto::gateway::v1::gateway_server::{Gateway, GatewayServer};
 use meshgate_proto::gateway::v1::{
     ChatChunk, ChatRequest, EmbedRequest, EmbedResponse, ListModelsRequest, ListModelsResponse, ModelInfo,
 };
@@ -15,9 +19,11 @@ use meshgate_runtime::{ApiError, ErrorCode};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, Caller};
+use crate::client_addr::TrustedProxies;
+use crate::concurrency::TenantCaps;
 use crate::guard::{Guard, RISK_SCORE, Security};
 use crate::openai::{ChatLimits, ValidChat, check_chat};
-use crate::orchestrator::{ChatCall, Orchestrator};
+use crate::orchestrator::{AllowedModels, ChatCall, Orchestrator};
 use crate::settings::{ProjectSettings, SettingsCache};
 use crate::tenancy::EndpointScope;
 
@@ -31,15 +37,74 @@ pub struct GatewayService {
     pub max_body_bytes: usize,
     pub settings: SettingsCache,
     pub guard: Guard,
+    /// Open streams per key and project, shared with the HTTP edge.
+    pub streams: TenantCaps,
+    /// Proxies whose `x-forwarded-for` names the client.
+    pub proxies: TrustedProxies,
 }
 
 impl GatewayService {
-    async fn authenticate<T>(&self, request: &Request<T>, endpoint: EndpointScope) -> Result<Caller, Status> {
-        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        let client = request.remote_addr().map(|a| a.ip());
-        let caller = self.auth.authenticate(header, client).await.map_err(|err| err.to_status())?;
+    /// The server: requests authenticated before their message is decoded, messages no larger
+    /// than the gateway's body limit.
+    pub fn into_server(self) -> Authenticated {
+        let (auth, proxies, limit) = (self.auth.clone(), self.proxies.clone(), self.max_body_bytes);
+        let server = GatewayServer::new(self).max_decoding_message_size(limit);
+        Authenticated { auth, proxies, server }
+    }
+
+    /// The caller [`Authenticated`] found, required to be allowed `endpoint`.
+    fn caller<T>(request: &Request<T>, endpoint: EndpointScope) -> Result<Caller, Status> {
+        let caller = request.extensions().get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::new(ErrorCode::Unauthenticated, "the request was not authenticated").to_status()
+        })?;
         caller.require(endpoint).map_err(|err| err.to_status())?;
         Ok(caller)
+    }
+}
+
+/// The gateway's gRPC server behind authentication: a request without a valid key is refused
+/// from its metadata alone, before any of its body is read or decoded.
+#[derive(Clone)]
+pub struct Authenticated {
+    auth: Authenticator,
+    proxies: TrustedProxies,
+    server: GatewayServer<GatewayService>,
+}
+
+impl tonic::server::NamedService for Authenticated {
+    const NAME: &'static str = <GatewayServer<GatewayService> as tonic::server::NamedService>::NAME;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Authenticated {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        tower::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.server, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        let (auth, proxies) = (self.auth.clone(), self.proxies.clone());
+        // The clone is ready only after poll_ready; swap so the ready one serves this call.
+        let clone = self.server.clone();
+        let mut server = std::mem::replace(&mut self.server, clone);
+        Box::pin(async move {
+            let header = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+            let forwarded_for = request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+            let peer = request
+                .extensions()
+                .get::<tonic::transport::server::TcpConnectInfo>()
+                .and_then(|info| info.remote_addr())
+                .map(|addr| proxies.client(addr.ip(), forwarded_for));
+            match auth.authenticate(header, peer).await {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    tower::Service::call(&mut server, request).await
+                }
+                Err(err) => Ok(err.to_status().into_http()),
+            }
+        })
     }
 }
 
@@ -60,7 +125,7 @@ impl Gateway for GatewayService {
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         let started = Instant::now();
-        let caller = self.authenticate(&request, EndpointScope::Chat).await?;
+        let caller = Self::caller(&request, EndpointScope::Chat)?;
         let settings = self.settings.get(&caller.principal.project_id).await.map_err(|err| err.to_status())?;
         check_size(&settings, request.get_ref(), self.max_body_bytes).map_err(|err| err.to_status())?;
         // The gateway's own id keys quota and traces, as on the HTTP edge.
@@ -88,19 +153,23 @@ impl Gateway for GatewayService {
             headers,
             tools_offered: Vec::new(),
         };
+        let allowed = AllowedModels::new([caller.scopes.models.as_slice(), settings.limits.allowed_models.as_slice()]);
         let principal = caller.principal;
         let requested = chat.model.clone();
-        let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started, security };
+        let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started, security, allowed };
         if let Some(err) = screened.blocked {
             self.orchestrator.refuse(&call, err.clone());
             return Err(err.to_status());
         }
+        // Every gRPC chat streams: the slot is held by the response stream until it ends.
+        let slot = self.streams.open(&call.principal).map_err(|err| err.to_status())?;
         let reply = self.orchestrator.chat(call).await.map_err(|err| err.to_status())?;
         let model = if reply.target.model.is_empty() { requested } else { reply.target.model.clone() };
         let routing: Vec<(&'static str, String)> =
             reply.routing_headers().into_iter().map(|(name, value)| (name, value.to_owned())).collect();
         let quota = reply.quota;
         let chunks = reply.pieces.map(move |piece| {
+            let _held = &slot;
             piece
                 .map(|piece| ChatChunk {
                     request_id: request_id.clone(),
@@ -124,7 +193,7 @@ impl Gateway for GatewayService {
     }
 
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        let caller = self.authenticate(&request, EndpointScope::Embeddings).await?;
+        let caller = Self::caller(&request, EndpointScope::Embeddings)?;
         let settings = self.settings.get(&caller.principal.project_id).await.map_err(|err| err.to_status())?;
         check_size(&settings, request.get_ref(), self.max_body_bytes).map_err(|err| err.to_status())?;
         let mut body = request.into_inner();
@@ -169,7 +238,7 @@ impl Gateway for GatewayService {
     }
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
-        self.authenticate(&request, EndpointScope::Models).await?;
+        Self::caller(&request, EndpointScope::Models)?;
         let targets = self.orchestrator.models().await.map_err(|err| err.to_status())?;
         let models =
             targets.into_iter().map(|(t, tasks)| ModelInfo { id: t.model, owned_by: t.provider, tasks }).collect();

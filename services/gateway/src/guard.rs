@@ -109,6 +109,48 @@ impl InjectionClassifier for InferenceInjection {
     }
 }
 
+/// Which text of a chat message a scanned view is: every text that leaves the gateway is
+/// scanned, not only the content (a secret in a tool call's arguments leaves as surely).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MessageText {
+    Content,
+    Name,
+    ToolCallId,
+    ToolName(usize),
+    ToolArguments(usize),
+}
+
+/// The texts of `messages` as the engine scans them, each with the message and text it is; empty
+/// texts other than the content are left out.
+fn chat_views(messages: &[ChatMessage]) -> (Vec<Message<'_>>, Vec<(usize, MessageText)>) {
+    let mut views = Vec::with_capacity(messages.len());
+    let mut fields = Vec::with_capacity(messages.len());
+    for (index, message) in messages.iter().enumerate() {
+        let mut texts = vec![(message.content.as_str(), MessageText::Content)];
+        texts.extend(
+            [(&message.name, MessageText::Name), (&message.tool_call_id, MessageText::ToolCallId)]
+                .into_iter()
+                .filter(|(text, _)| !text.is_empty())
+                .map(|(text, field)| (text.as_str(), field)),
+        );
+        for (call, tool_call) in message.tool_calls.iter().enumerate() {
+            for (text, field) in [
+                (&tool_call.function_name, MessageText::ToolName(call)),
+                (&tool_call.arguments_json, MessageText::ToolArguments(call)),
+            ] {
+                if !text.is_empty() {
+                    texts.push((text.as_str(), field));
+                }
+            }
+        }
+        for (text, field) in texts {
+            views.push(Message::new(&message.role, text));
+            fields.push((index, field));
+        }
+    }
+    (views, fields)
+}
+
 /// Security facts of one chat request, carried to its trace and its reply.
 #[derive(Debug, Clone, Default)]
 pub struct Security {
@@ -146,12 +188,18 @@ impl Guard {
     /// Scans chat messages with `engine`; when the policy redacts, `messages` are replaced by the
     /// masked text (what the provider receives). Counts the findings.
     pub async fn screen_chat(&self, engine: &PolicyEngine, messages: &mut [ChatMessage]) -> Screened {
-        let views: Vec<Message<'_>> = messages.iter().map(|m| Message::new(&m.role, &m.content)).collect();
-        let outcome = match self.classifier.as_deref().filter(|c| c.available()) {
+        let (views, fields) = chat_views(messages);
+        let mut outcome = match self.classifier.as_deref().filter(|c| c.available()) {
             Some(classifier) => engine.scan_prompt_with(&views, classifier).await,
             None => engine.scan_prompt(&views),
         };
         drop(views);
+        // Findings name the message they are in, whichever of its texts held them.
+        for finding in &mut outcome.findings {
+            if let Some((message, _)) = fields.get(finding.message) {
+                finding.message = *message;
+            }
+        }
         if let Some(source) = outcome.injection {
             let source = match source {
                 InjectionSource::Classifier => "classifier",
@@ -161,9 +209,22 @@ impl Guard {
             self.metrics.injection_scans.with_label_values(&[source]).inc();
         }
         self.apply(outcome, |index, content| {
-            if let Some(message) = messages.get_mut(index) {
-                message.content = content;
-            }
+            let Some(&(message, field)) = fields.get(index) else { return };
+            let Some(message) = messages.get_mut(message) else { return };
+            let text = match field {
+                MessageText::Content => &mut message.content,
+                MessageText::Name => &mut message.name,
+                MessageText::ToolCallId => &mut message.tool_call_id,
+                MessageText::ToolName(call) => match message.tool_calls.get_mut(call) {
+                    Some(call) => &mut call.function_name,
+                    None => return,
+                },
+                MessageText::ToolArguments(call) => match message.tool_calls.get_mut(call) {
+                    Some(call) => &mut call.arguments_json,
+                    None => return,
+                },
+            };
+            *text = content;
         })
     }
 
@@ -267,6 +328,53 @@ mod tests {
         assert!(err.message.contains("blocked_keyword"));
         assert!(!err.message.contains("DROP TABLE"));
         assert!(err.headers.iter().any(|(name, _)| *name == RISK_SCORE));
+    }
+
+    #[tokio::test]
+    async fn names_call_ids_and_tool_calls_are_scanned_like_content() {
+        let engine = PolicyEngine::new(PolicyConfig::default()).unwrap();
+        let secret = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+        let call = |name: &str, arguments: &str| meshgate_proto::common::v1::ToolCall {
+            id: "call_1".into(),
+            r#type: "function".into(),
+            function_name: name.into(),
+            arguments_json: arguments.into(),
+        };
+        let mut messages = vec![
+            message("user", "look it up"),
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![call("lookup", &format!("{{\"token\": \"{secret}\"}}"))],
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "tool".into(),
+                content: "found".into(),
+                tool_call_id: format!("id-{secret}"),
+                name: format!("by {secret}"),
+                ..Default::default()
+            },
+        ];
+        let screened = guard().screen_chat(&engine, &mut messages).await;
+        assert!(screened.blocked.is_none());
+        let texts = [&messages[1].tool_calls[0].arguments_json, &messages[2].tool_call_id, &messages[2].name];
+        for text in texts {
+            assert!(!text.contains(secret) && text.contains("[REDACTED:github_token]"), "{text}");
+        }
+        assert_eq!(messages[1].tool_calls[0].function_name, "lookup");
+        let indices: Vec<usize> = screened.outcome.findings.iter().map(|f| f.message).collect();
+        assert!(indices.contains(&1) && indices.contains(&2) && indices.iter().all(|&i| i < 3), "{indices:?}");
+
+        let mut messages = vec![
+            message("user", "fine"),
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![call("sql", r#"{"query": "DROP TABLE users;"}"#)],
+                ..Default::default()
+            },
+        ];
+        let blocked = guard().screen_chat(&engine, &mut messages).await.blocked.expect("blocked");
+        assert!(blocked.message.contains("blocked_keyword"), "{}", blocked.message);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The HTTP/JSON edge (OpenAI-compatible). Layers, outermost first: load shedding over a
-//! concurrency limit (503 when full), then request id + trace context + metrics, then routing.
+//! The HTTP/JSON edge (OpenAI-compatible). Layers, outermost first: request id + trace context +
+//! metrics, then the concurrency limit (503 when full; a place is held until the response body
+//! ends), then routing.
 //! Authentication and body limits run in the handlers so that every failure gets the JSON
 //! error shape and the request id.
 
@@ -14,16 +15,17 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use meshgate_runtime::{ApiError, ErrorCode};
-use tower::ServiceBuilder;
 use tracing::Instrument;
 
 use crate::admin::Invalidator;
 use crate::auth::{Authenticator, Caller};
+use crate::client_addr::TrustedProxies;
+use crate::concurrency::{InFlight, TenantCaps, TenantSlot};
 use crate::guard::{Guard, RISK_SCORE, Security};
 use crate::jobs;
 use crate::metrics::GatewayMetrics;
 use crate::openai::{self, ChatLimits};
-use crate::orchestrator::{ChatCall, ChatReply, Orchestrator, Piece};
+use crate::orchestrator::{AllowedModels, ChatCall, ChatReply, Orchestrator, Piece};
 use crate::quota::QuotaSnapshot;
 use crate::settings::SettingsCache;
 use crate::tenancy::EndpointScope;
@@ -49,6 +51,12 @@ pub struct Edge {
     /// Per-project security policy and request limits.
     pub settings: SettingsCache,
     pub guard: Guard,
+    /// Open streams per key and project.
+    pub streams: TenantCaps,
+    /// Edge batch uploads in progress per key.
+    pub uploads: TenantCaps,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    pub proxies: TrustedProxies,
 }
 
 /// Per-request facts the middleware hands to handlers.
@@ -57,27 +65,21 @@ pub(crate) struct RequestContext {
     pub(crate) request_id: String,
     pub(crate) trace_id: String,
     pub(crate) started: Instant,
-    /// The peer address, for throttling failed authentications.
+    /// The client's address (the peer, or what a trusted proxy says), for throttling failed
+    /// authentications.
     pub(crate) client: Option<IpAddr>,
 }
 
 /// Builds the edge's router.
 pub fn router(edge: Edge, max_concurrency: usize) -> axum::Router {
-    let shed = ServiceBuilder::new()
-        .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
-            let err = ApiError::new(ErrorCode::Overloaded, "the gateway is at its concurrency limit; retry shortly")
-                .with_retry_after(1);
-            error_response(&err, "")
-        }))
-        .load_shed()
-        // One semaphore for the whole edge: Router::layer clones layers per route.
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_concurrency));
+    // One semaphore for the whole edge: Router::layer clones layers per route.
+    let in_flight = InFlight::new(max_concurrency);
     // Every route comes from the OpenAPI document's operations, so none is served undocumented.
     let (routes, _) = crate::openapi::api_routes().split_for_parts();
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(shed)
+        .layer(axum::middleware::from_fn_with_state(in_flight, crate::concurrency::hold_place))
         .layer(axum::middleware::from_fn_with_state(edge.clone(), observe))
         .with_state(edge)
 }
@@ -93,7 +95,9 @@ async fn observe(State(edge): State<Edge>, mut request: Request, next: Next) -> 
     let span = tracing::info_span!("http.request", otel.name = %format!("{} {route}", request.method()), otel.kind = "server", request_id = %request_id);
     meshgate_runtime::telemetry::set_parent_from_headers(&span, request.headers());
     let trace_id = meshgate_runtime::telemetry::trace_id(&span);
-    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let forwarded_for = request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let client =
+        request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| edge.proxies.client(c.0.ip(), forwarded_for));
     request.extensions_mut().insert(RequestContext {
         request_id: request_id.clone(),
         trace_id: trace_id.clone(),
@@ -313,11 +317,14 @@ async fn run_chat(
         chat,
         started: context.started,
         security,
+        allowed: AllowedModels::new([caller.scopes.models.as_slice(), settings.limits.allowed_models.as_slice()]),
     };
     if let Some(err) = screened.blocked {
         edge.orchestrator.refuse(&call, err.clone());
         return Err(err);
     }
+    // Held by the stream's body: the place is given back when the stream ends.
+    let slot = stream.then(|| edge.streams.open(&caller.principal)).transpose()?;
     let reply = match (edge.orchestrator.chat(call).await, queueable_copy) {
         (Ok(reply), _) => reply,
         (Err(err), Some(chat)) if jobs::queueable(&err) && caller.require(EndpointScope::Jobs).is_ok() => {
@@ -328,8 +335,8 @@ async fn run_chat(
         (Err(err), _) => return Err(err),
     };
     let completion_id = format!("chatcmpl-{}", context.request_id);
-    if stream {
-        Ok(stream_response(reply, shape, completion_id, context.request_id.clone(), risk))
+    if let Some(slot) = slot {
+        Ok(stream_response(reply, shape, completion_id, context.request_id.clone(), risk, slot))
     } else {
         json_response(reply, &shape, &completion_id, risk).await
     }
@@ -401,6 +408,7 @@ fn stream_response(
     completion_id: String,
     request_id: String,
     risk: u8,
+    slot: TenantSlot,
 ) -> Response {
     let model = chat.model;
     let include_usage = chat.include_usage;
@@ -409,6 +417,7 @@ fn stream_response(
     reply_headers(&mut response, reply.routing_headers(), &reply.quota, risk);
     let ChatReply { mut pieces, .. } = reply;
     let events = async_stream::stream! {
+        let _slot = slot;
         let usage_field = include_usage.then_some(None);
         let mut first = true;
         while let Some(piece) = pieces.next().await {

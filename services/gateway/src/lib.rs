@@ -4,6 +4,8 @@
 pub mod admin;
 pub mod analytics;
 pub mod auth;
+pub mod client_addr;
+pub mod concurrency;
 pub mod edge_sync;
 pub mod embeddings;
 pub mod grpc;
@@ -24,7 +26,6 @@ pub mod traces;
 use std::time::Duration;
 
 use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
-use meshgate_proto::gateway::v1::gateway_server::GatewayServer;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::router::v1::router_client::RouterClient;
@@ -70,8 +71,17 @@ pub struct Config {
     pub redis: meshgate_storage::RedisConfig,
     /// How long a looked-up API key is trusted before the store is asked again.
     pub key_cache_ttl_ms: u64,
-    /// Failed authentications from one address per minute before it gets 429s.
+    /// Failed authentications from one address per minute before its failures get 429s.
     pub max_auth_failures_per_minute: u32,
+    /// Proxies (addresses or CIDR networks) whose `X-Forwarded-For` names the client for the
+    /// failed-login throttle; other peers are taken as the client themselves.
+    pub trusted_proxies: Vec<String>,
+    /// Streams one key may have open at once (HTTP and gRPC; 0 = no cap).
+    pub max_streams_per_key: usize,
+    /// Streams one project may have open at once (0 = no cap).
+    pub max_streams_per_project: usize,
+    /// Edge batches (`POST /v1/sync/batches`) one key may have in progress at once.
+    pub edge_uploads_per_key: usize,
     /// The inference classifier scoring prompt injection; without it (or while it is not loaded)
     /// the policy's heuristic scores it.
     pub injection_model: String,
@@ -111,6 +121,10 @@ impl Default for Config {
             redis: meshgate_storage::RedisConfig::default(),
             key_cache_ttl_ms: 60_000,
             max_auth_failures_per_minute: 20,
+            trusted_proxies: Vec::new(),
+            max_streams_per_key: 256,
+            max_streams_per_project: 1024,
+            edge_uploads_per_key: 2,
             injection_model: "prompt-injection".into(),
             injection_timeout_ms: 250,
             migrate_on_start: true,
@@ -181,8 +195,9 @@ pub fn migrations() -> &'static [meshgate_storage::Migration] {
     MIGRATIONS
 }
 
-fn connect(endpoint: &str) -> Result<meshgate_runtime::MeshChannel, Error> {
-    meshgate_runtime::channel(endpoint, Duration::from_secs(2)).map_err(|err| Error::Config(err.to_string()))
+/// A channel to a peer, presenting the gateway's identity.
+fn connect(listeners: &Listeners, endpoint: &str) -> Result<meshgate_runtime::MeshChannel, Error> {
+    listeners.channel(endpoint, Duration::from_secs(2)).map_err(|err| Error::Config(err.to_string()))
 }
 
 /// Runs the edge: HTTP on `listeners.http` (required) and gRPC on `listeners.grpc`.
@@ -201,19 +216,23 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
             "max_body_bytes, max_messages, max_tokens_cap and default_max_tokens must be positive".into(),
         ));
     }
+    let proxies =
+        client_addr::TrustedProxies::parse(&config.trusted_proxies).map_err(|e| Error::Config(e.to_string()))?;
+    let streams =
+        concurrency::TenantCaps::new("streams open", config.max_streams_per_key, config.max_streams_per_project);
     // Off the request path: the first request naming an OpenAI model would otherwise pay for it.
     tokio::task::spawn_blocking(tokens::warm_up);
     let http_listener =
         listeners.http.take().ok_or_else(|| Error::Config("the gateway needs an HTTP listener".into()))?;
-    let quota = connect(&config.quota_endpoint)?;
-    let router = connect(&config.router_endpoint)?;
-    let analytics = AnalyticsClient::new(connect(&config.analytics_endpoint)?);
+    let quota = connect(&listeners, &config.quota_endpoint)?;
+    let router = connect(&listeners, &config.router_endpoint)?;
+    let analytics = AnalyticsClient::new(connect(&listeners, &config.analytics_endpoint)?);
     let peers = orchestrator::Peers {
         analytics: analytics.clone(),
         quota: QuotaClient::new(quota.clone()),
         router: RouterClient::new(router.clone()),
-        sync: SyncClient::new(connect(&config.sync_endpoint)?),
-        inference: InferenceClient::new(connect(&config.inference_endpoint)?),
+        sync: SyncClient::new(connect(&listeners, &config.sync_endpoint)?),
+        inference: InferenceClient::new(connect(&listeners, &config.inference_endpoint)?),
     };
     let host = ServiceHost::new("gateway");
     let metrics = metrics::GatewayMetrics::register(host.metrics());
@@ -288,6 +307,9 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         invalidator: admin::Invalidator::new(redis),
         settings: settings.clone(),
         guard: guard.clone(),
+        streams: streams.clone(),
+        uploads: concurrency::TenantCaps::new("edge batches in progress", config.edge_uploads_per_key.max(1), 0),
+        proxies: proxies.clone(),
     };
     let app = http::router(edge, config.max_concurrent_requests.max(1));
     tracing::info!(http = ?http_listener.local_addr().ok(), "edge listening");
@@ -307,14 +329,17 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
             }
         }
     };
-    let grpc = GatewayServer::new(grpc::GatewayService {
+    let grpc = grpc::GatewayService {
         orchestrator,
         auth,
         limits,
         max_body_bytes: config.max_body_bytes,
         settings,
         guard,
-    });
+        streams,
+        proxies,
+    }
+    .into_server();
     let probe = readiness_probe(quota, router, pg, config.migrate_on_start);
     let grpc_server = async move { host.run(grpc, listeners, probe, shutdown).await.map_err(Error::from) };
     let served = tokio::try_join!(http_server, grpc_server);

@@ -244,6 +244,10 @@ pub fn check_chat(chat: &mut ValidChat, limits: ChatLimits) -> Result<(), ApiErr
                 message.role
             )));
         }
+        check_message_fields(index, message)?;
+    }
+    for (index, tool) in chat.tools.iter().enumerate() {
+        check_identifier(&format!("tools[{index}].function.name"), tool, false)?;
     }
     let sampling = &chat.sampling;
     if let Some(max) = sampling.max_tokens
@@ -268,6 +272,46 @@ pub fn check_chat(chat: &mut ValidChat, limits: ChatLimits) -> Result<(), ApiErr
     }
     if sampling.stop.len() > 4 || sampling.stop.iter().any(String::is_empty) {
         return Err(invalid("`stop` takes at most 4 non-empty strings"));
+    }
+    if sampling.stop.iter().any(|s| s.contains('\0')) {
+        return Err(invalid("`stop` must not contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// Longest name, tool name or call id accepted.
+pub const MAX_IDENTIFIER_BYTES: usize = 256;
+
+/// Names and ids are recorded in traces and sent to providers as they are: no control characters
+/// (a NUL would make Postgres refuse the whole trace batch it lands in), and bounded. Free text
+/// (content, tool arguments) may hold newlines and tabs, but no NUL.
+fn check_message_fields(index: usize, message: &ChatMessage) -> Result<(), ApiError> {
+    let field = |name: &str| format!("messages[{index}].{name}");
+    check_identifier(&field("name"), &message.name, true)?;
+    check_identifier(&field("tool_call_id"), &message.tool_call_id, true)?;
+    if message.content.contains('\0') {
+        return Err(invalid(format!("`{}` must not contain NUL characters", field("content"))));
+    }
+    for (call_index, call) in message.tool_calls.iter().enumerate() {
+        let call_field = |name: &str| field(&format!("tool_calls[{call_index}].{name}"));
+        check_identifier(&call_field("id"), &call.id, true)?;
+        check_identifier(&call_field("type"), &call.r#type, true)?;
+        check_identifier(&call_field("function.name"), &call.function_name, false)?;
+        if call.arguments_json.contains('\0') {
+            return Err(invalid(format!("`{}` must not contain NUL characters", call_field("function.arguments"))));
+        }
+    }
+    Ok(())
+}
+
+fn check_identifier(field: &str, value: &str, may_be_empty: bool) -> Result<(), ApiError> {
+    if value.is_empty() && !may_be_empty {
+        return Err(invalid(format!("`{field}` must not be empty")));
+    }
+    if value.len() > MAX_IDENTIFIER_BYTES || value.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "`{field}` must be at most {MAX_IDENTIFIER_BYTES} bytes without control characters"
+        )));
     }
     Ok(())
 }
@@ -423,6 +467,58 @@ mod tests {
         }
         let many = format!(r#"{{"model":"m","messages":[{}]}}"#, [r#"{"role":"user","content":"x"}"#; 9].join(","));
         assert!(parse(&many).unwrap_err().message.contains("at most 8"));
+    }
+
+    #[test]
+    fn control_characters_in_names_and_nul_in_text_are_refused() {
+        let user = |extra: serde_json::Value| {
+            let mut message = serde_json::json!({"role": "user", "content": "x"});
+            message.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            serde_json::json!({"model": "m", "messages": [message]}).to_string()
+        };
+        let cases = [
+            (user(serde_json::json!({"name": "a\u{0}b"})), "messages[0].name"),
+            (user(serde_json::json!({"tool_call_id": "c\u{1b}"})), "messages[0].tool_call_id"),
+            (user(serde_json::json!({"content": "hi\u{0}"})), "messages[0].content"),
+            (user(serde_json::json!({"name": "n".repeat(MAX_IDENTIFIER_BYTES + 1)})), "messages[0].name"),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                    "tools": [{"type": "function", "function": {"name": "get\u{0}weather"}}]})
+                .to_string(),
+                "tools[0].function.name",
+            ),
+            (
+                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                    "tools": [{"type": "function", "function": {"name": ""}}]})
+                .to_string(),
+                "tools[0].function.name",
+            ),
+        ];
+        for (body, needle) in cases {
+            let err = parse(&body).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidRequest, "{body}");
+            assert!(err.message.contains(needle), "{body}: {}", err.message);
+        }
+        // What gRPC clients send directly: tool calls replayed in an assistant message.
+        let mut chat = parse(&user(serde_json::json!({"content": "multi\nline\ttext"}))).unwrap();
+        chat.messages.push(ChatMessage {
+            role: "assistant".into(),
+            tool_calls: vec![meshgate_proto::common::v1::ToolCall {
+                id: "call_1".into(),
+                r#type: "function".into(),
+                function_name: "lookup\u{0}".into(),
+                arguments_json: "{}".into(),
+            }],
+            ..Default::default()
+        });
+        let err = check_chat(&mut chat, LIMITS).unwrap_err();
+        assert!(err.message.contains("messages[1].tool_calls[0].function.name"), "{}", err.message);
+        chat.messages[1].tool_calls[0].function_name = "lookup".into();
+        chat.messages[1].tool_calls[0].arguments_json = "{\"q\": \"\u{0}\"}".into();
+        let err = check_chat(&mut chat, LIMITS).unwrap_err();
+        assert!(err.message.contains("function.arguments"), "{}", err.message);
+        chat.messages[1].tool_calls[0].arguments_json = "{\"q\": \"x\"}".into();
+        check_chat(&mut chat, LIMITS).unwrap();
     }
 
     #[test]

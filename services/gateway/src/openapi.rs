@@ -143,11 +143,12 @@ fn operation_errors(operation_id: &str) -> Option<&'static [ErrorCode]> {
         | "getRequestLimits" => &[NotFound],
         "setProjectMember" | "setSecurityPolicy" | "setRequestLimits" | "createKey" => &[NotFound, PayloadTooLarge],
         "rotateKey" => &[NotFound, Conflict],
-        "submitJob" => &[ModelNotFound, NotFound, Conflict, PayloadTooLarge, PolicyViolation, Timeout],
+        // Admission holds the job's reservation: a spent budget is 429 `quota_exceeded`.
+        "submitJob" => &[ModelNotFound, NotFound, Conflict, PayloadTooLarge, PolicyViolation, QuotaExceeded, Timeout],
         "listJobs" | "getAnalytics" | "getTopExpensive" | "getErrorRates" | "getLatency" => &[Timeout],
         "getTrace" => &[NotFound, Timeout],
         "getJob" => &[NotFound, Timeout],
-        "retryJob" => &[NotFound, Conflict, Timeout],
+        "retryJob" => &[NotFound, Conflict, QuotaExceeded, Timeout],
         "uploadEdgeBatch" => &[PayloadTooLarge, UnsupportedMediaType, Timeout],
         _ => return None,
     })

@@ -82,6 +82,27 @@ pub struct ChatCall {
     pub started: Instant,
     /// The prompt's policy findings, and the engine that scans the reply.
     pub security: Security,
+    /// The models the caller may be served by: every target of the plan must be one.
+    pub allowed: AllowedModels,
+}
+
+/// The models a request may be served by: the key's `scopes.models` and the project's
+/// `allowed_models`, each allowing everything when empty. Fallback and escalation targets are
+/// held to them as much as the requested model.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedModels {
+    lists: Vec<Vec<String>>,
+}
+
+impl AllowedModels {
+    pub fn new<'a>(lists: impl IntoIterator<Item = &'a [String]>) -> Self {
+        Self { lists: lists.into_iter().filter(|l| !l.is_empty()).map(<[String]>::to_vec).collect() }
+    }
+
+    /// Whether `target` serves an allowed model (named by its model or its target id).
+    pub fn allows(&self, target: &Target) -> bool {
+        self.lists.iter().all(|list| list.iter().any(|m| *m == target.model || *m == target.id))
+    }
 }
 
 /// A reply that has started: the target that serves it and its pieces, the first included.
@@ -278,11 +299,24 @@ impl Orchestrator {
         tokens: i64,
         cost_micros: i64,
     ) -> Result<ReserveResponse, ApiError> {
+        self.reserve_for(request_id, principal, tokens, cost_micros, 0).await
+    }
+
+    /// [`Orchestrator::reserve`], held for `ttl_seconds` (0: the quota service's default).
+    async fn reserve_for(
+        &self,
+        request_id: String,
+        principal: &Principal,
+        tokens: i64,
+        cost_micros: i64,
+        ttl_seconds: i64,
+    ) -> Result<ReserveResponse, ApiError> {
         let reserve = ReserveRequest {
             request_id,
             principal: Some(principal.clone()),
             estimated_tokens: tokens,
             estimated_cost_micros: cost_micros,
+            ttl_seconds,
         };
         let mut quota = self.peers.quota.clone();
         let reserved = peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await?;
@@ -298,25 +332,12 @@ impl Orchestrator {
         let prompt_estimate = crate::tokens::prompt_tokens(&call.chat.model, &call.chat.messages);
         let max_tokens = call.chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
         let mut settlement = Settlement::new(self.clone(), &call, prompt_estimate);
-    ) -> Result<ReserveResponse, ApiError> {
-        self.reserve_for(request_id, principal, tokens, cost_micros, 0).await
-    }
-
-    /// [`Orchestrator::reserve`], held for `ttl_seconds` (0: the quota service's default).
-    async fn reserve_for(
-        &self,
-        request_id: String,
-        principal: &Principal,
-        tokens: i64,
-        cost_micros: i64,
-        ttl_seconds: i64,
 
         // Route before reserving: the reservation must hold the cost of the priciest target the
         // plan may fall back to, or concurrent requests could overspend a cost budget.
         let route = RouteRequest {
             request_id: call.request_id.clone(),
             principal: Some(call.principal.clone()),
-            ttl_seconds,
             model: call.chat.model.clone(),
             prompt_tokens: prompt_estimate,
             max_tokens,
@@ -327,13 +348,30 @@ impl Orchestrator {
         let decide =
             DecideRequest { request: Some(route), messages: call.chat.messages.clone(), task_hint: String::new() };
         let mut router = self.peers.router.clone();
-        let plan = match peer_call("router", self.config.peer_timeout, router.decide(decide)).await {
+        let mut plan = match peer_call("router", self.config.peer_timeout, router.decide(decide)).await {
             Ok(plan) => plan,
             Err(err) => {
                 settlement.fail(err.clone());
                 return Err(err);
             }
         };
+        let planned = plan.targets.len();
+        plan.targets.retain(|step| step.target.as_ref().is_some_and(|t| call.allowed.allows(t)));
+        if plan.targets.len() < planned {
+            plan.reasons.push(format!(
+                "{} of {planned} targets left out: they serve models this key or project may not use",
+                planned - plan.targets.len()
+            ));
+            if plan.targets.is_empty() {
+                let err = ApiError::new(
+                    ErrorCode::PermissionDenied,
+                    format!("no target for {:?} serves a model this key or project may use", call.chat.model),
+                );
+                settlement.trace.routing_reasons = plan.reasons;
+                settlement.fail(err.clone());
+                return Err(err);
+            }
+        }
         settlement.routing_reason = plan.explanation.clone();
         settlement.trace.task = plan.task.clone();
         settlement.trace.routing_reasons = plan.reasons.clone();
@@ -1034,5 +1072,19 @@ mod tests {
         assert_eq!(truncated("héllo", 2), "h");
         assert_eq!(truncated("héllo", 3), "hé");
         assert_eq!(truncated("abc", 10), "abc");
+    }
+
+    #[test]
+    fn every_list_must_allow_a_target_by_model_or_id() {
+        let target = |id: &str, model: &str| Target { id: id.into(), model: model.into(), ..Default::default() };
+        let (cheap, dear) = (target("alpha/small", "small"), target("beta/large", "large"));
+        let open = AllowedModels::new([&[][..], &[][..]]);
+        assert!(open.allows(&cheap) && open.allows(&dear));
+        let key = vec!["small".to_owned(), "beta/large".to_owned()];
+        let project = vec!["small".to_owned()];
+        let both = AllowedModels::new([key.as_slice(), project.as_slice()]);
+        assert!(both.allows(&cheap));
+        assert!(!both.allows(&dear), "the project's list binds although the key's allows it");
+        assert!(AllowedModels::new([key.as_slice()]).allows(&dear), "by target id");
     }
 }

@@ -330,9 +330,16 @@ pub async fn set_limits(State(edge): State<Edge>, request: Request) -> Response 
 }
 
 /// Who may set which limits: the bootstrap key any; otherwise admins and owners, inside their
-/// organization only — an org's limits by its owners, a project's (and its keys') by the
-/// project's admins or the org's owners, a user's by either. Anything outside the caller's reach
-/// answers 404.
+/// organization only, and a limit binds only whom it is set on — nobody lifts a limit that binds
+/// themselves or someone above them:
+/// - an organization's and a project's limits: the organization's owners;
+/// - a user's (which binds the user in every project): owners, or an admin of the caller's project
+///   when the user is a member of that project only, with a role no higher than admin, and is not
+///   the caller;
+/// - a key's: owners, or an admin of the key's project for a key no higher than admin that is not
+///   the caller's own.
+///
+/// Anything outside the caller's reach answers 404.
 async fn authorize_limits(caller: &Caller, store: &dyn TenancyStore, scope: &ScopeJson) -> Result<pb::Scope, ApiError> {
     let kind = parse_scope_kind(&scope.kind).ok_or_else(|| {
         ApiError::new(
@@ -383,10 +390,30 @@ async fn authorize_limits(caller: &Caller, store: &dyn TenancyStore, scope: &Sco
     if !matches!(role, Role::Admin | Role::Owner) {
         return Err(ApiError::new(ErrorCode::PermissionDenied, "setting quota limits needs the admin or owner role"));
     }
-    if kind == pb::ScopeKind::Org && !owner {
-        return Err(ApiError::new(ErrorCode::PermissionDenied, "an organization's limits are set by its owners"));
+    if owner {
+        return Ok(wanted);
     }
-    Ok(wanted)
+    let denied = |why: &str| Err(ApiError::new(ErrorCode::PermissionDenied, why.to_owned()));
+    match kind {
+        pb::ScopeKind::Org | pb::ScopeKind::Project | pb::ScopeKind::Unspecified => {
+            denied("an organization's and a project's limits are set by the organization's owners")
+        }
+        pb::ScopeKind::User => {
+            let memberships = store.user_roles(&scope.id).await?;
+            let within = !memberships.is_empty()
+                && memberships.iter().all(|(p, r)| p == project && *r <= Role::Admin)
+                && scope.id != caller.principal.user_id;
+            if within { Ok(wanted) } else { denied("this user's limits bind beyond your reach: an owner sets them") }
+        }
+        pb::ScopeKind::Key => {
+            let key = store.get_key(&scope.id).await?.ok_or_else(missing)?;
+            if key.role <= Role::Admin && key.id != caller.principal.key_id {
+                Ok(wanted)
+            } else {
+                denied("this key's limits are set by an owner")
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -406,6 +433,7 @@ mod tests {
             },
             scopes: crate::tenancy::KeyScopes::default(),
             platform_admin: false,
+            expires_at: None,
         }
     }
 
@@ -430,7 +458,9 @@ mod tests {
         let owner = caller(Role::Owner, &mine.id);
         let denied = Some(ErrorCode::PermissionDenied);
         let missing = Some(ErrorCode::NotFound);
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("project", &mine.id)).await), None);
+        // A project's limits bind its admins: an admin cannot lift what an owner set.
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("project", &mine.id)).await), denied);
+        assert_eq!(code(authorize_limits(&owner, &store, &scope("project", &mine.id)).await), None);
         assert_eq!(code(authorize_limits(&admin, &store, &scope("project", &sibling.id)).await), missing);
         assert_eq!(code(authorize_limits(&owner, &store, &scope("project", &sibling.id)).await), None);
         assert_eq!(code(authorize_limits(&owner, &store, &scope("project", &theirs.id)).await), missing);
@@ -441,6 +471,52 @@ mod tests {
         let invalid = Some(ErrorCode::InvalidRequest);
         assert_eq!(code(authorize_limits(&owner, &store, &scope("team", "x")).await), invalid);
         assert_eq!(code(authorize_limits(&owner, &store, &scope("key", "")).await), invalid);
+    }
+
+    #[tokio::test]
+    async fn an_admin_limits_only_members_and_keys_of_its_own_project_below_it() {
+        let store = crate::tenancy::MemoryTenancy::default();
+        store.create_org("acme", "Acme").await.unwrap();
+        let mine = store.create_project("p1", "acme", "one").await.unwrap();
+        let sibling = store.create_project("p2", "acme", "two").await.unwrap();
+        for (user, memberships) in [
+            ("dev", vec![(&mine.id, Role::Developer)]),
+            ("both", vec![(&mine.id, Role::Developer), (&sibling.id, Role::Viewer)]),
+            ("elsewhere", vec![(&sibling.id, Role::Developer)]),
+            ("boss", vec![(&mine.id, Role::Owner)]),
+        ] {
+            store.create_user(user, "acme", &format!("{user}@acme.test"), user).await.unwrap();
+            for (project, role) in memberships {
+                store.set_role(user, project, Some(role)).await.unwrap();
+            }
+        }
+        let admin = caller(Role::Admin, &mine.id);
+        let code = |r: Result<pb::Scope, ApiError>| r.err().map(|e| e.code);
+        let denied = Some(ErrorCode::PermissionDenied);
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "dev")).await), None);
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "both")).await), denied, "binds beyond p1");
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "elsewhere")).await), denied);
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "boss")).await), denied, "above the admin");
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "u")).await), Some(ErrorCode::NotFound));
+        let key = |id: &str, role: Role| crate::tenancy::ApiKey {
+            id: id.into(),
+            prefix: "mgk_x".into(),
+            org_id: "acme".into(),
+            project_id: mine.id.clone(),
+            user_id: None,
+            name: String::new(),
+            role,
+            scopes: crate::tenancy::KeyScopes::default(),
+            expires_at: None,
+            revoked_at: None,
+            created_at: chrono::Utc::now(),
+        };
+        for (id, role) in [("k_dev", Role::Developer), ("k_owner", Role::Owner), ("k", Role::Admin)] {
+            store.insert_key(&key(id, role), &crate::auth::digest(id)).await.unwrap();
+        }
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("key", "k_dev")).await), None);
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("key", "k_owner")).await), denied);
+        assert_eq!(code(authorize_limits(&admin, &store, &scope("key", "k")).await), denied, "its own key");
     }
 
     #[test]

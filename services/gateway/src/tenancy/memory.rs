@@ -146,6 +146,18 @@ impl TenancyStore for MemoryTenancy {
         Ok(())
     }
 
+    async fn user_roles(&self, user_id: &str) -> Result<Vec<(String, Role)>, TenancyError> {
+        let state = self.0.lock();
+        let mut roles: Vec<(String, Role)> = state
+            .roles
+            .iter()
+            .filter(|((user, _), _)| user == user_id)
+            .map(|((_, project), role)| (project.clone(), *role))
+            .collect();
+        roles.sort();
+        Ok(roles)
+    }
+
     async fn insert_key(&self, key: &ApiKey, secret_hash: &[u8; 32]) -> Result<(), TenancyError> {
         let mut state = self.0.lock();
         if state.projects.get(&key.project_id).is_none_or(|p| p.org_id != key.org_id) {

@@ -123,6 +123,27 @@ impl KeyScopes {
         self.models.is_empty() || self.models.iter().any(|m| m == model)
     }
 
+    /// These scopes as a key created by a holder of `creator` may carry: what is left open
+    /// (empty) takes the creator's list, and nothing may reach beyond it. The offending entry
+    /// otherwise.
+    pub fn within(mut self, creator: &KeyScopes) -> Result<KeyScopes, String> {
+        if !creator.endpoints.is_empty() {
+            if self.endpoints.is_empty() {
+                self.endpoints = creator.endpoints.clone();
+            } else if let Some(endpoint) = self.endpoints.iter().find(|e| !creator.endpoints.contains(e)) {
+                return Err(format!("scopes.endpoints: {endpoint:?} is beyond your own key's scopes"));
+            }
+        }
+        if !creator.models.is_empty() {
+            if self.models.is_empty() {
+                self.models = creator.models.clone();
+            } else if let Some(model) = self.models.iter().find(|m| !creator.models.contains(m)) {
+                return Err(format!("scopes.models: {model:?} is beyond your own key's scopes"));
+            }
+        }
+        Ok(self)
+    }
+
     pub fn validate(&self) -> Result<(), TenancyError> {
         if self.models.len() > 256 {
             return Err(TenancyError::Invalid("scopes.models lists more than 256 models".into()));
@@ -245,6 +266,8 @@ pub trait TenancyStore: Send + Sync {
     async fn get_user(&self, id: &str) -> Result<Option<User>, TenancyError>;
     /// Grants `role` to the user in the project, or removes the user's role with `None`.
     async fn set_role(&self, user_id: &str, project_id: &str, role: Option<Role>) -> Result<(), TenancyError>;
+    /// The user's role in each project it is a member of, by project id.
+    async fn user_roles(&self, user_id: &str) -> Result<Vec<(String, Role)>, TenancyError>;
     async fn insert_key(&self, key: &ApiKey, secret_hash: &[u8; 32]) -> Result<(), TenancyError>;
     async fn key_by_hash(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyLookup>, TenancyError>;
     async fn get_key(&self, id: &str) -> Result<Option<ApiKey>, TenancyError>;
@@ -291,4 +314,28 @@ pub fn check_field(name: &str, value: &str) -> Result<(), TenancyError> {
 /// A fresh id with a readable kind prefix, e.g. `prj_0190…`.
 pub fn new_id(kind: &str) -> String {
     format!("{kind}_{}", uuid::Uuid::now_v7().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_key_scopes_stay_within_its_creators() {
+        let creator =
+            KeyScopes { endpoints: vec![EndpointScope::Chat, EndpointScope::Admin], models: vec!["m1".into()] };
+        let open = KeyScopes::default().within(&creator).unwrap();
+        assert_eq!(open, creator, "what is left open takes the creator's lists");
+        let narrower = KeyScopes { endpoints: vec![EndpointScope::Chat], models: vec![] };
+        assert_eq!(
+            narrower.within(&creator).unwrap(),
+            KeyScopes { endpoints: vec![EndpointScope::Chat], models: vec!["m1".into()] }
+        );
+        let wider = KeyScopes { endpoints: vec![EndpointScope::Quota], models: vec![] };
+        assert!(wider.within(&creator).unwrap_err().contains("Quota"));
+        let other_model = KeyScopes { endpoints: vec![], models: vec!["m2".into()] };
+        assert!(other_model.within(&creator).unwrap_err().contains("m2"));
+        let anything = KeyScopes { endpoints: vec![EndpointScope::Quota], models: vec!["m9".into()] };
+        assert_eq!(anything.clone().within(&KeyScopes::default()).unwrap(), anything);
+    }
 }

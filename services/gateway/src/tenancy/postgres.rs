@@ -192,6 +192,20 @@ impl TenancyStore for PostgresTenancy {
         Ok(())
     }
 
+    async fn user_roles(&self, user_id: &str) -> Result<Vec<(String, Role)>, TenancyError> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT project_id, role FROM user_roles WHERE user_id = $1 ORDER BY project_id", &[&user_id])
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let role: String = row.get(1);
+                Ok((row.get(0), parse_role(&role)?))
+            })
+            .collect()
+    }
+
     async fn insert_key(&self, key: &ApiKey, secret_hash: &[u8; 32]) -> Result<(), TenancyError> {
         let scopes = serde_json::to_value(&key.scopes)
             .map_err(|e| TenancyError::Invalid(format!("scopes cannot be stored: {e}")))?;
