@@ -5,10 +5,13 @@
 # models; alone it runs the mesh with in-memory stores). MESHGATE_DEPLOY_CHECK_BIN=DIR uses the
 # meshgate and meshgate-mock-provider binaries in DIR instead of building them.
 #
-#  1. static: chart lint + offline renders (default, values-production.yaml, ci/*.yaml) and the
-#     kustomize overlays, every object against the Kubernetes schemas (kubernetes-validate --strict)
-#     and the chart's rules; the rendered meshgate config through `meshgate check-config`; the
-#     generated k8s/ files and dashboards up to date; docker-compose.yml against the compose-spec.
+#  1. static: chart lint + offline renders (default values with stores, values-production.yaml,
+#     ci/*.yaml) and the kustomize overlays, every object against the Kubernetes schemas
+#     (kubernetes-validate --strict) and the chart's rules (the NetworkPolicies admit exactly the
+#     calls the rendered endpoints and store URLs make; the stores reach every service keeping
+#     state there; each pod mounts its own mesh certificate); the rendered meshgate config through
+#     `meshgate check-config`; the generated k8s/ files and dashboards up to date;
+#     docker-compose.yml against the compose-spec (and the same stores and certificates).
 #  2. promtool: check rules/config, and the rule unit tests (every alert has one).
 #  3. live: a real Prometheus scrapes a running `meshgate up` (two mock providers, one flaky) while
 #     traffic flows; every dashboard query and rule expression must evaluate, and every dashboard

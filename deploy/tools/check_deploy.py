@@ -4,7 +4,8 @@
 Subcommands:
   static      the Helm chart (lint, schema, offline renders of several value sets), every rendered
               manifest and kustomize overlay against the Kubernetes schemas (kubernetes-validate,
-              strict) and the chart's own rules (non-root read-only pods, probes, network policies),
+              strict) and the chart's own rules (non-root read-only pods, probes, NetworkPolicies
+              admitting exactly the configured calls, the stores, each pod's mesh certificate),
               the meshgate config each render mounts (`meshgate check-config`), the generated files
               being up to date, and the Compose file (compose-spec schema, images, mounts).
   render-k8s  writes k8s/ files generated from the chart (`--check`: fail when they are stale).

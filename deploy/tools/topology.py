@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import socket
 import ssl
@@ -157,6 +158,8 @@ def make_pods(objects: list[dict], subnet: str) -> list[Pod]:
 
 
 def selects(selector: dict, labels: dict) -> bool:
+    if selector.get("matchExpressions"):
+        raise SystemExit(f"selectors with matchExpressions are not emulated: {selector}")
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
 
 
@@ -372,6 +375,7 @@ def cmd_plan(args) -> int:
         "gateways": [f"http://{p.ip}:{p.ports['http']}" for p in gateways],
         "admin_key": args.admin_key,
         "pods": {p.name: p.ip for p in pods},
+        "admin": {p.name: f"http://{p.ip}:{p.ports['admin']}" for p in pods if "admin" in p.ports},
         # Chat models of the inference claim: served by the inference pod through the gateway.
         "local_chat_models": [m["name"] for m in json.loads((Path(args.models) / "manifest.json").read_text())["models"]
                               if m.get("task") == "chat"] if args.models else [],
@@ -573,14 +577,38 @@ def mtls_probe(plan: dict, certs: Path) -> None:
         "PERMISSION_DENIED to sync for SetLimits, and serves the gateway")
 
 
+def mesh_refusals(plan: dict) -> dict[tuple[str, str, str, str], float]:
+    """(pod, method, caller, reason) -> calls its gRPC listener refused (allow-list, identity,
+    size), from every pod's /metrics."""
+    line = re.compile(r'^meshgate_grpc_server_refused_total\{(.*)\} (\S+)$')
+    out = {}
+    for pod, admin in plan["admin"].items():
+        with urllib.request.urlopen(f"{admin}/metrics", timeout=10) as response:
+            for text in response.read().decode().splitlines():
+                match = line.match(text)
+                if match and float(match[2]):
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', match[1]))
+                    out[(pod, labels.get("method", ""), labels.get("caller", ""), labels.get("reason", ""))] = float(match[2])
+    return out
+
+
 def cmd_smoke(args) -> int:
     plan = json.loads(Path(args.plan).read_text())
     try:
         smoke(plan)
+        # Every call the pods made passed their peers' allow-lists.
+        refused = mesh_refusals(plan)
+        expect(not refused, f"the mesh refused calls of the release's pods: {refused}")
+        log("mtls: every call between the pods passed its peer's identity and allow-list checks")
         # From gateway-0's network namespace: the NetworkPolicies admit it to quota.
         result = subprocess.run(["ip", "netns", "exec", args.probe_netns, sys.executable, __file__, "mtls-probe",
                                  "--plan", args.plan, "--certs", args.certs], timeout=60)
         expect(result.returncode == 0, "the mTLS probe failed")
+        # The probe's two refusals, counted where they happened.
+        refused = mesh_refusals(plan)
+        expect(len(refused) == 2 and all(key[0] == plan["internal"]["pod"] for key in refused),
+               f"the probe's refusals are not counted as two on {plan['internal']['pod']}: {refused}")
+        log(f"mtls: the probe's refusals are counted: {sorted(refused)}")
     except Failed as err:
         log(f"FAILED: {err}")
         return 1
@@ -603,8 +631,9 @@ def cmd_policy(args) -> int:
     """Every connection a pod's NetworkPolicy rules refused, from a pod of the release, fails."""
     refused = []
     for line in Path(args.pods).read_text().splitlines():
-        name, netns = line.split("\t")[0], f"{args.netns_prefix}{line.split(chr(9))[0]}"
-        result = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "table", "inet", POLICY_TABLE],
+        name = line.split("\t")[0]
+        result = subprocess.run(["ip", "netns", "exec", f"{args.netns_prefix}{name}", "nft", "-j", "list", "table",
+                                 "inet", POLICY_TABLE],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             continue
