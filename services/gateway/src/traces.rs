@@ -2,7 +2,9 @@
 //! analytics. A background task sends batches (by size or age) over `Analytics.Record` and, on
 //! an edge that uploads to a cloud meshgate, hands the same batch to `Sync.Uplink`, which stages
 //! it on disk for upload. When the buffer is full, records are dropped and counted rather than
-//! slowing requests down.
+//! slowing requests down. A batch analytics could not take for a passing reason (unreachable,
+//! overloaded, timed out) is sent again a few times with backoff before it is dropped; meanwhile
+//! new records wait in the same bounded buffer.
 
 use std::time::Duration;
 
@@ -13,6 +15,41 @@ use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_runtime::MeshChannel;
 use prometheus::IntCounter;
 use tokio::sync::mpsc;
+
+/// Waits before each new attempt at a batch that failed for a passing reason: about 6 s in all,
+/// enough for analytics to restart, and short enough for the gateway's drain.
+const RECORD_RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1_600),
+    Duration::from_millis(3_200),
+];
+
+/// Failures after which the same batch may be taken (request ids make a resent trace count once).
+fn transient(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted | Code::Unknown
+    )
+}
+
+/// Sends one batch to analytics, again after each delay while it fails for a passing reason.
+async fn record(client: &mut AnalyticsClient<MeshChannel>, traces: Vec<Trace>) -> Result<(), tonic::Status> {
+    let mut delays = RECORD_RETRY_DELAYS.iter();
+    loop {
+        let request = futures::stream::iter([RecordBatch { traces: traces.clone() }]);
+        match client.record(request).await {
+            Ok(_) => return Ok(()),
+            Err(status) if transient(&status) => match delays.next() {
+                Some(delay) => tokio::time::sleep(*delay).await,
+                None => return Err(status),
+            },
+            Err(status) => return Err(status),
+        }
+    }
+}
 
 /// Batching of trace uploads.
 #[derive(Debug, Clone, Copy)]
@@ -111,8 +148,7 @@ async fn upload(
                     }
                 }
             }
-            let request = futures::stream::iter([RecordBatch { traces: chunk }]);
-            match client.record(request).await {
+            match record(&mut client, chunk).await {
                 Ok(_) => {
                     metrics.sent.inc_by(count);
                     if failing {
@@ -123,7 +159,7 @@ async fn upload(
                 Err(status) => {
                     metrics.failed.inc_by(count);
                     if !failing {
-                        tracing::warn!(%status, "cannot record traces; dropping batches until analytics answers");
+                        tracing::warn!(%status, "cannot record traces; dropping the batches it keeps refusing");
                         failing = true;
                     }
                 }
@@ -132,5 +168,79 @@ async fn upload(
         if closing {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use meshgate_proto::analytics::v1::GetTraceRequest;
+    use meshgate_proto::common::v1::Principal;
+    use meshgate_runtime::{ListenConfig, Listeners, Shutdown};
+
+    use super::*;
+
+    fn metrics() -> TraceSinkMetrics {
+        let counter = |name: &str| IntCounter::new(name, name).unwrap();
+        TraceSinkMetrics {
+            dropped: counter("dropped"),
+            sent: counter("sent"),
+            failed: counter("failed"),
+            uplinked: counter("uplinked"),
+            uplink_failed: counter("uplink_failed"),
+        }
+    }
+
+    fn trace(i: usize) -> Trace {
+        Trace {
+            request_id: format!("sink-{i}"),
+            principal: Some(Principal { org_id: "o".into(), project_id: "p".into(), ..Principal::default() }),
+            started_at: Some(prost_types::Timestamp { seconds: chrono::Utc::now().timestamp(), nanos: 0 }),
+            ..Trace::default()
+        }
+    }
+
+    /// Analytics is down when the batches are sent and comes up within the retry window: the
+    /// batches held are recorded, nothing past the buffer's bound was kept, and every trace is
+    /// either recorded or counted as dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_refused_for_a_passing_reason_is_sent_again_within_the_buffers_bound() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let channel = meshgate_runtime::channel(&format!("http://{free}"), Duration::from_secs(1)).unwrap();
+        let config = TraceSinkConfig { capacity: 4, batch_size: 2, flush_interval: Duration::from_millis(10) };
+        let metrics = metrics();
+        let (sink, uploader) = TraceSink::start(AnalyticsClient::new(channel.clone()), None, config, metrics.clone());
+        for i in 0..10 {
+            sink.record(trace(i));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metrics.sent.get(), 0, "analytics is not up yet");
+
+        let addrs = ListenConfig { grpc: free, admin: "127.0.0.1:0".parse().unwrap(), http: None };
+        let listeners = Listeners::bind(&addrs).await.unwrap();
+        let shutdown = Shutdown::new();
+        let analytics = tokio::spawn(meshgate_analytics::serve(Default::default(), listeners, shutdown.clone()));
+        drop(sink);
+        tokio::time::timeout(Duration::from_secs(15), uploader).await.unwrap().unwrap();
+
+        let (sent, dropped) = (metrics.sent.get(), metrics.dropped.get());
+        assert_eq!(metrics.failed.get(), 0, "every held batch got through");
+        assert_eq!(sent + dropped, 10);
+        assert!((2..=6).contains(&sent), "at most the buffer plus the batch in hand: {sent}");
+        let mut client = AnalyticsClient::new(channel);
+        let mut found = 0;
+        for i in 0..10 {
+            let lookup = GetTraceRequest {
+                request_id: format!("sink-{i}"),
+                org_id: "o".into(),
+                all_projects: true,
+                ..GetTraceRequest::default()
+            };
+            found += usize::from(client.get_trace(lookup).await.is_ok());
+        }
+        assert_eq!(found as u64, sent);
+        shutdown.trigger();
+        analytics.await.unwrap().unwrap();
     }
 }

@@ -9,8 +9,13 @@
 //! deletes the file only after a 2xx. A batch id is `<outbox id>-<sequence>`: the outbox id is
 //! drawn once and kept in the directory, so a batch keeps its id across retries and restarts
 //! and the cloud applies it once. Failures are retried with backoff 1 s·2ⁿ capped at 30 s
-//! (`Retry-After` honoured); a batch the cloud refuses as malformed (400, 413, 422) is moved to
-//! `<outbox>/rejected/` and kept for inspection rather than retried forever or deleted.
+//! (`Retry-After` honoured). A batch that can never be sent is moved to `<outbox>/rejected/` and
+//! kept for inspection rather than retried forever (blocking every batch behind it) or deleted:
+//! one the cloud refuses as malformed (400, 409, 413, 422), one that cannot be read, decoded or
+//! compressed here (poisoned), and one the cloud keeps failing on (500 or another answer no wait
+//! can fix) `max_batch_failures` times in a row. An unreachable or overloaded cloud (a transport
+//! error, 408, 429, 502, 503, 504) or one refusing the key (401, 403) or missing the endpoint
+//! (404) is no fault of the batch: those are retried for as long as it takes.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -65,6 +70,9 @@ pub struct CloudConfig {
     pub backoff_base_ms: u64,
     /// Longest wait between uploads of a failing batch, `Retry-After` included.
     pub backoff_cap_ms: u64,
+    /// Failures in a row of one batch that are the batch's own (see the module documentation)
+    /// before it is moved to `rejected/` so the batches behind it flow.
+    pub max_batch_failures: u32,
 }
 
 impl Default for CloudConfig {
@@ -77,6 +85,7 @@ impl Default for CloudConfig {
             timeout_ms: 30_000,
             backoff_base_ms: 1_000,
             backoff_cap_ms: 30_000,
+            max_batch_failures: 10,
         }
     }
 }
@@ -91,6 +100,7 @@ impl std::fmt::Debug for CloudConfig {
             .field("timeout_ms", &self.timeout_ms)
             .field("backoff_base_ms", &self.backoff_base_ms)
             .field("backoff_cap_ms", &self.backoff_cap_ms)
+            .field("max_batch_failures", &self.max_batch_failures)
             .finish()
     }
 }
@@ -131,6 +141,7 @@ impl CloudConfig {
             ("timeout_ms", self.timeout_ms),
             ("backoff_base_ms", self.backoff_base_ms),
             ("backoff_cap_ms", self.backoff_cap_ms),
+            ("max_batch_failures", u64::from(self.max_batch_failures)),
         ] {
             if value == 0 {
                 return invalid(&format!("{field} must be at least 1"));
@@ -265,9 +276,14 @@ impl Outbox {
         Ok(batch_id)
     }
 
+    /// The sequence of the oldest staged batch.
+    pub fn oldest_sequence(&self) -> Option<u64> {
+        self.state.lock().pending.keys().next().copied()
+    }
+
     /// The oldest staged batch. Blocking (it reads the file).
     pub fn oldest(&self) -> Result<Option<StagedBatch>, OutboxError> {
-        let Some(sequence) = self.state.lock().pending.keys().next().copied() else { return Ok(None) };
+        let Some(sequence) = self.oldest_sequence() else { return Ok(None) };
         let path = self.batch_path(sequence);
         let body = std::fs::read(&path).map_err(io("cannot read", &path))?;
         Ok(Some(StagedBatch { sequence, batch_id: self.batch_id(sequence), body }))
@@ -280,6 +296,16 @@ impl Outbox {
         sync_dir(&self.dir)?;
         self.forget(sequence);
         Ok(())
+    }
+
+    /// Moves a batch that can never be sent to `rejected/` (see [`Outbox::reject`]); should even
+    /// that fail, the batch is set aside for this process's life so the others flow. Blocking.
+    pub fn quarantine(&self, sequence: u64) -> Result<(), OutboxError> {
+        let moved = self.reject(sequence);
+        if moved.is_err() {
+            self.forget(sequence);
+        }
+        moved
     }
 
     /// Moves a batch the cloud refused as malformed to `rejected/`. Blocking.
@@ -359,7 +385,8 @@ impl CloudMetrics {
         let uploads = IntCounterVec::new(
             Opts::new(
                 "meshgate_sync_cloud_uploads_total",
-                "Batch uploads to the cloud by outcome: delivered, retried, rejected (moved aside)",
+                "Batch uploads to the cloud by outcome: delivered, retried, rejected (refused as malformed, moved \
+                 aside), quarantined (poisoned or failing again and again, moved aside)",
             ),
             &["outcome"],
         )
@@ -429,8 +456,12 @@ impl Uplink {
 pub enum UploadOutcome {
     /// 2xx: the cloud has applied the batch (now or before).
     Delivered,
-    /// The cloud refused the batch as malformed: retrying cannot help.
+    /// The cloud refused the batch as malformed, or it cannot be decoded or compressed here:
+    /// retrying cannot help.
     Rejected(String),
+    /// The cloud failed on this batch (500 or an answer no wait can fix): retried, and set aside
+    /// once it happened `max_batch_failures` times in a row.
+    Failed(String),
     /// Unreachable, overloaded, or refusing the key: try again after the wait (or the backoff).
     Retry { reason: String, after: Option<Duration> },
 }
@@ -442,7 +473,26 @@ pub struct Uploader {
     endpoint: String,
     key: String,
     policy: RetryPolicy,
+    max_batch_failures: u32,
     metrics: CloudMetrics,
+}
+
+/// Failures in a row of the batch at the head of the outbox that are its own.
+#[derive(Default)]
+struct HeadFailures {
+    sequence: u64,
+    count: u32,
+}
+
+impl HeadFailures {
+    /// Counts a failure of `sequence`; the count so far.
+    fn count(&mut self, sequence: u64) -> u32 {
+        if self.sequence != sequence {
+            *self = Self { sequence, count: 0 };
+        }
+        self.count += 1;
+        self.count
+    }
 }
 
 impl Uploader {
@@ -462,6 +512,7 @@ impl Uploader {
                 base: Duration::from_millis(config.backoff_base_ms),
                 cap: Duration::from_millis(config.backoff_cap_ms),
             },
+            max_batch_failures: config.max_batch_failures.max(1),
             metrics,
         })
     }
@@ -470,6 +521,7 @@ impl Uploader {
     pub async fn run(self, shutdown: Shutdown) {
         let mut failures: i32 = 0;
         let mut failing_since_logged = false;
+        let mut head = HeadFailures::default();
         loop {
             let outbox = self.outbox.clone();
             let next = match tokio::task::spawn_blocking(move || outbox.oldest()).await {
@@ -498,9 +550,26 @@ impl Uploader {
                         tracing::error!(
                             batch_id = batch.batch_id,
                             reason,
-                            "the cloud refused a batch; moved to rejected/"
+                            "a batch can never be sent; moved to rejected/"
                         );
-                        self.settle(batch.sequence, Outbox::reject).await
+                        self.settle(batch.sequence, Outbox::quarantine).await
+                    }
+                    UploadOutcome::Failed(reason) => {
+                        if head.count(batch.sequence) >= self.max_batch_failures {
+                            self.metrics.uploads.with_label_values(&["quarantined"]).inc();
+                            tracing::error!(
+                                batch_id = batch.batch_id,
+                                reason,
+                                failures = self.max_batch_failures,
+                                "the cloud keeps failing on a batch; moved to rejected/ so the others flow"
+                            );
+                            self.settle(batch.sequence, Outbox::quarantine).await
+                        } else {
+                            self.metrics.uploads.with_label_values(&["retried"]).inc();
+                            tracing::warn!(batch_id = batch.batch_id, reason, "the cloud failed on a batch; retrying");
+                            failures = failures.saturating_add(1);
+                            Some(self.policy.backoff(failures))
+                        }
                     }
                     UploadOutcome::Retry { reason, after } => {
                         self.metrics.uploads.with_label_values(&["retried"]).inc();
@@ -520,9 +589,19 @@ impl Uploader {
                     }
                 },
                 Err(err) => {
-                    tracing::error!(error = %err, "cloud outbox unreadable; retrying");
-                    failures = failures.saturating_add(1);
-                    Some(self.policy.backoff(failures))
+                    let head_sequence = self.outbox.oldest_sequence();
+                    match head_sequence.filter(|s| head.count(*s) >= self.max_batch_failures) {
+                        Some(sequence) => {
+                            self.metrics.uploads.with_label_values(&["quarantined"]).inc();
+                            tracing::error!(error = %err, "a staged batch stays unreadable; set aside");
+                            self.settle(sequence, Outbox::quarantine).await
+                        }
+                        None => {
+                            tracing::error!(error = %err, "cloud outbox unreadable; retrying");
+                            failures = failures.saturating_add(1);
+                            Some(self.policy.backoff(failures))
+                        }
+                    }
                 }
             };
             self.metrics.observe(&self.outbox);
@@ -553,9 +632,17 @@ impl Uploader {
 
     /// One upload attempt of `batch`.
     pub async fn upload(&self, batch: &StagedBatch) -> UploadOutcome {
+        // A file that is not the batch it should be (cut short, overwritten) is poisoned.
+        match EdgeBatch::decode(batch.body.as_slice()) {
+            Ok(decoded) if decoded.batch_id == batch.batch_id => {}
+            Ok(decoded) => {
+                return UploadOutcome::Rejected(format!("the file holds batch {:?}, not this one", decoded.batch_id));
+            }
+            Err(err) => return UploadOutcome::Rejected(format!("the staged file does not decode: {err}")),
+        }
         let body = match gzip(&batch.body) {
             Ok(body) => body,
-            Err(err) => return UploadOutcome::Retry { reason: format!("cannot compress: {err}"), after: None },
+            Err(err) => return UploadOutcome::Rejected(format!("cannot compress: {err}")),
         };
         let sent = self
             .http
@@ -579,8 +666,9 @@ impl Uploader {
         let text = response.text().await.unwrap_or_default();
         let reason = format!("{status}: {}", text.chars().take(500).collect::<String>());
         match status.as_u16() {
-            400 | 413 | 422 => UploadOutcome::Rejected(reason),
-            _ => UploadOutcome::Retry { reason, after },
+            400 | 409 | 413 | 422 => UploadOutcome::Rejected(reason),
+            401 | 403 | 404 | 408 | 429 | 502 | 503 | 504 => UploadOutcome::Retry { reason, after },
+            _ => UploadOutcome::Failed(reason),
         }
     }
 }
@@ -660,6 +748,131 @@ mod tests {
         assert_eq!(outbox.pending(), (0, 0));
         assert!(outbox.stage(vec![trace("small")]).is_ok());
         assert!(matches!(Outbox::open(dir.path(), 64), Err(OutboxError::Locked(_))));
+    }
+
+    /// A stand-in for the cloud's batch endpoint over plain HTTP/1.1: answers each upload with the
+    /// status `answer` gives its idempotency key and how many times that key was seen before, and
+    /// counts the uploads per key.
+    async fn cloud(
+        answer: impl Fn(&str, usize) -> u16 + Send + Sync + 'static,
+    ) -> (String, Arc<Mutex<BTreeMap<String, usize>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+        let (counts, answer) = (seen.clone(), Arc::new(answer));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (counts, answer) = (counts.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    let head_end = loop {
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
+                    let header = |name: &str| {
+                        head.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).unwrap_or_default()
+                    };
+                    let length: usize = header("content-length:").parse().unwrap_or(0);
+                    while request.len() < head_end + length {
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                    }
+                    let key = header("idempotency-key:");
+                    let before = {
+                        let mut counts = counts.lock();
+                        let count = counts.entry(key.clone()).or_default();
+                        *count += 1;
+                        *count - 1
+                    };
+                    let status = answer(&key, before);
+                    let reply = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    /// Runs an uploader over `outbox` against `url` until the outbox is empty.
+    async fn drain(outbox: &Arc<Outbox>, dir: &Path, url: String, max_batch_failures: u32) {
+        let config = CloudConfig {
+            url: Some(url),
+            key: Some("sk-edge".into()),
+            outbox: Some(dir.to_path_buf()),
+            backoff_base_ms: 1,
+            backoff_cap_ms: 5,
+            max_batch_failures,
+            ..CloudConfig::default()
+        };
+        let uploader = Uploader::new(outbox.clone(), &config, CloudMetrics::new()).unwrap();
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(uploader.run(shutdown.clone()));
+        for _ in 0..1_000 {
+            if outbox.pending().0 == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(outbox.pending().0, 0, "the outbox drained");
+        shutdown.trigger();
+        task.await.unwrap();
+    }
+
+    fn rejected(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join(REJECTED_DIR)).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn a_batch_the_cloud_keeps_failing_on_is_set_aside_and_the_rest_flow() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).unwrap());
+        let poisoned = outbox.stage(vec![trace("poisoned")]).unwrap();
+        let fine = outbox.stage(vec![trace("fine")]).unwrap();
+        let bad = poisoned.clone();
+        let (url, seen) = cloud(move |key, _| if key == bad { 500 } else { 200 }).await;
+        drain(&outbox, dir.path(), url, 3).await;
+        let seen = seen.lock().clone();
+        assert_eq!((seen[&poisoned], seen[&fine]), (3, 1), "{seen:?}");
+        assert_eq!(rejected(dir.path()), 1, "kept for inspection");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_or_overloaded_cloud_never_sets_a_batch_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).unwrap());
+        let id = outbox.stage(vec![trace("patient")]).unwrap();
+        let answers = [503, 502, 504, 429, 408, 401, 403, 404, 503];
+        let (url, seen) = cloud(move |_, before| answers.get(before).copied().unwrap_or(200)).await;
+        drain(&outbox, dir.path(), url, 2).await;
+        assert_eq!(seen.lock()[&id], answers.len() + 1);
+        assert_eq!(rejected(dir.path()), 0, "delivered in the end");
+    }
+
+    #[tokio::test]
+    async fn a_staged_file_that_is_not_its_batch_is_set_aside_unsent() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).unwrap());
+        let torn = outbox.stage(vec![trace("torn")]).unwrap();
+        let fine = outbox.stage(vec![trace("fine")]).unwrap();
+        let sequence = outbox.oldest_sequence().unwrap();
+        std::fs::write(outbox.batch_path(sequence), b"\xff\xff not a batch").unwrap();
+        let (url, seen) = cloud(|_, _| 200).await;
+        drain(&outbox, dir.path(), url, 3).await;
+        let seen = seen.lock().clone();
+        assert_eq!((seen.get(&torn), seen.get(&fine)), (None, Some(&1)), "{seen:?}");
+        assert_eq!(rejected(dir.path()), 1);
     }
 
     #[test]
