@@ -1,6 +1,7 @@
 //! Async jobs through the edge on the sync service's Postgres queue: submission with idempotency
-//! keys, completion, tenancy, bad input, and the offline fallback that queues a chat request whose
-//! cloud targets are all down.
+//! keys, completion, tenancy, bad input, the offline fallback that queues a chat request whose
+//! cloud targets are all down, and admission: a queued job holds its estimate against the budgets
+//! until it is delivered (charged) or dies (released).
 
 use std::time::Duration;
 
@@ -18,6 +19,48 @@ async fn submit(mesh: &TestMesh, key: Option<&str>, body: &Value) -> reqwest::Re
 async fn get_job(mesh: &TestMesh, bearer: &str, id: &str) -> (u16, Value) {
     let response = mesh.http.get(format!("{}/v1/jobs/{id}", mesh.edge)).bearer_auth(bearer).send().await.unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// The admin key's quota scope as `GET /v1/quota/status` reports it.
+async fn key_quota(mesh: &TestMesh) -> Value {
+    let status = mesh.get_json("/v1/quota/status", ADMIN_KEY).await;
+    status["scopes"].as_array().unwrap().iter().find(|s| s["scope"]["kind"] == "key").unwrap().clone()
+}
+
+/// Polls the admin key's quota scope until `done` holds of it.
+async fn key_quota_until(mesh: &TestMesh, done: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..200 {
+        let key = key_quota(mesh).await;
+        if done(&key) {
+            return key;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the key's quota never got there: {}", key_quota(mesh).await);
+}
+
+async fn set_key_tokens_per_day(mesh: &TestMesh, tokens: i64) {
+    let limits = json!({"scope": {"kind": "key", "id": "admin"}, "limits": {"tokens_per_day": tokens}});
+    let set = mesh.http.put(format!("{}/v1/quota/limits", mesh.edge)).bearer_auth(ADMIN_KEY).json(&limits);
+    assert_eq!(set.send().await.unwrap().status(), 200);
+}
+
+/// A mesh whose cloud providers answer 503 until told otherwise, and whose queue retries quickly.
+async fn mesh_with_providers_down(max_attempts: u32) -> TestMesh {
+    let mesh = TestMesh::start_with(MeshOptions {
+        tune: Box::new(move |config| {
+            config.sync.max_retries = 0;
+            config.sync.queue.max_attempts = max_attempts;
+            config.sync.queue.backoff_base_ms = 100;
+            config.sync.queue.backoff_cap_ms = 200;
+            config.sync.queue.poll_interval_ms = 50;
+        }),
+        ..MeshOptions::default()
+    })
+    .await;
+    mesh.alpha.set_failures(1.0, 503);
+    mesh.beta.set_failures(1.0, 503);
+    mesh
 }
 
 /// Polls until the job reaches `status` (the queue's workers deliver in the background).
@@ -152,11 +195,16 @@ async fn with_every_cloud_target_down_an_allowed_request_is_queued_and_later_ser
     assert_eq!(by_policy.status(), 202);
     let by_policy: Value = by_policy.json().await.unwrap();
 
+    // Queued by the fallback, each holds its estimate like a submitted job.
+    let key = key_quota(&mesh).await;
+    assert!(key["reserved"]["tokens"].as_i64().unwrap() >= 2 * 64, "{key}");
+
     mesh.alpha.set_failures(0.0, 503);
     mesh.beta.set_failures(0.0, 503);
     let done = wait_for(&mesh, &id, "succeeded").await;
     assert!(done["attempts"].as_i64().unwrap() >= 1, "{done}");
     wait_for(&mesh, by_policy["id"].as_str().unwrap(), "succeeded").await;
+    key_quota_until(&mesh, |k| k["reserved"]["tokens"] == 0 && k["used"]["requests"] == 2).await;
     mesh.stop().await;
 }
 
@@ -177,13 +225,97 @@ async fn a_job_that_does_not_fit_the_budget_is_refused_like_a_request() {
     let listed = mesh.get_json("/v1/jobs", ADMIN_KEY).await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 0, "nothing was queued: {listed}");
 
-    // The admission check holds nothing back: a job that fits is queued and the budget is intact.
-    let mut small = chat_body(CLOUD_MODEL, "ok");
-    small["max_tokens"] = json!(1);
-    assert_eq!(submit(&mesh, None, &small).await.status(), 202);
-    let status = mesh.get_json("/v1/quota/status", ADMIN_KEY).await;
-    let key = status["scopes"].as_array().unwrap().iter().find(|s| s["scope"]["kind"] == "key").unwrap();
-    assert_eq!(key["reserved"]["tokens"], 0, "{key}");
+    mesh.stop().await;
+}
+
+/// Every queued job holds its estimate until it is delivered: jobs beyond what the budget fits are
+/// refused at admission with 429, however long the others wait; delivered, each is charged its
+/// actual usage and its hold is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_cannot_spend_more_than_the_budget() {
+    let mesh = mesh_with_providers_down(1_000).await;
+    let body = chat_body(CLOUD_MODEL, "wait for the cloud");
+    let first: Value = submit(&mesh, None, &body).await.json().await.unwrap();
+    let estimate = key_quota(&mesh).await["reserved"]["tokens"].as_i64().unwrap();
+    assert!(estimate > 64, "prompt and max tokens are held: {estimate}");
+    // Room for three such jobs and a half.
+    set_key_tokens_per_day(&mesh, 3 * estimate + estimate / 2).await;
+    let mut ids = vec![first["id"].as_str().unwrap().to_owned()];
+    let mut refused = 0;
+    for _ in 0..4 {
+        let response = submit(&mesh, None, &body).await;
+        match response.status().as_u16() {
+            202 => ids.push(response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()),
+            429 => {
+                refused += 1;
+                assert_eq!(response.headers()["x-meshgate-quota-scope"], "key:admin");
+                let error: Value = response.json().await.unwrap();
+                assert_eq!(error["error"]["code"], "quota_exceeded", "{error}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ids.len(), refused), (3, 2), "three jobs fit the budget");
+    assert_eq!(key_quota(&mesh).await["reserved"]["tokens"].as_i64(), Some(3 * estimate));
+    let listed = mesh.get_json("/v1/jobs", ADMIN_KEY).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 3, "{listed}");
+
+    mesh.alpha.set_failures(0.0, 503);
+    mesh.beta.set_failures(0.0, 503);
+    let mut used = 0;
+    for id in &ids {
+        used += wait_for(&mesh, id, "succeeded").await["result"]["usage"]["total_tokens"].as_i64().unwrap();
+    }
+    let key = key_quota_until(&mesh, |k| k["reserved"]["tokens"] == 0).await;
+    assert_eq!((key["used"]["tokens"].as_i64(), key["used"]["requests"].as_i64()), (Some(used), Some(3)), "{key}");
+    mesh.stop().await;
+}
+
+/// A dead letter frees its hold; put back, it is admitted again like a new submission: refused
+/// with 429 while the budget cannot hold it, queued (and charged when delivered) once it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_frees_its_hold_and_is_admitted_again_when_retried() {
+    let mesh = mesh_with_providers_down(1).await;
+    let job: Value = submit(&mesh, None, &chat_body(CLOUD_MODEL, "doomed")).await.json().await.unwrap();
+    let id = job["id"].as_str().unwrap();
+    wait_for(&mesh, id, "dead").await;
+    key_quota_until(&mesh, |k| k["reserved"]["tokens"] == 0).await;
+
+    let retry = || mesh.http.post(format!("{}/v1/jobs/{id}/retry", mesh.edge)).bearer_auth(ADMIN_KEY).send();
+    set_key_tokens_per_day(&mesh, 10).await;
+    let refused = retry().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "quota_exceeded", "{error}");
+    assert_eq!(get_job(&mesh, ADMIN_KEY, id).await.1["status"], "dead", "still a dead letter");
+
+    set_key_tokens_per_day(&mesh, 1_000_000).await;
+    mesh.alpha.set_failures(0.0, 503);
+    mesh.beta.set_failures(0.0, 503);
+    let revived = retry().await.unwrap();
+    assert_eq!(revived.status(), 200);
+    let done = wait_for(&mesh, id, "succeeded").await;
+    let tokens = done["result"]["usage"]["total_tokens"].as_i64().unwrap();
+    let key = key_quota_until(&mesh, |k| k["reserved"]["tokens"] == 0 && k["used"]["requests"] == 1).await;
+    assert_eq!(key["used"]["tokens"].as_i64(), Some(tokens), "{key}");
+    let again = retry().await.unwrap();
+    assert_eq!(again.status(), 409, "only dead letters are put back");
+    mesh.stop().await;
+}
+
+/// The contract: a job submission or retry can be refused by a budget (`quota_exceeded`) or a
+/// rate limit (`rate_limited`), and its documented 429 says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_429_of_job_admission_lists_both_codes() {
+    let mesh = TestMesh::start_with(MeshOptions { stores: false, ..MeshOptions::default() }).await;
+    let spec: Value = mesh.http.get(format!("{}/openapi.json", mesh.edge)).send().await.unwrap().json().await.unwrap();
+    for (path, method) in [("/v1/jobs", "post"), ("/v1/jobs/{id}/retry", "post")] {
+        let schema = &spec["paths"][path][method]["responses"]["429"]["content"]["application/json"]["schema"];
+        let codes = schema["properties"]["error"]["properties"]["code"]["enum"].as_array().unwrap();
+        for code in ["quota_exceeded", "rate_limited"] {
+            assert!(codes.iter().any(|c| c == code), "{path}: {codes:?}");
+        }
+    }
     mesh.stop().await;
 }
 
