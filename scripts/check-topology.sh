@@ -128,11 +128,25 @@ admin_key="mg-topology-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
     --upstream "http://$node:18000/v1" --admin-key "$admin_key" --quota-prefix "topology-$$:" \
     --certs "$MG_LIVE_DIR/certs" "${models_args[@]}" || mg_die "cannot plan the pods"
 
-# Mount points the containers see that this machine lacks (e.g. /etc/meshgate), made for the run.
+# Mount points the containers see that this machine lacks (e.g. /etc/meshgate) are made for the
+# run and recorded. Runs at the same time share them (each holds a shared lock): removing one
+# would unmount it in the other run's pods, so only the last run out removes them.
+MOUNTPOINTS_LOCK=/run/lock/meshgate-topology.lock
+MOUNTPOINTS_MADE=/run/lock/meshgate-topology.mountpoints
+remove_mountpoints() {
+    flock -x -n 8 || return 0
+    if [[ -f $MOUNTPOINTS_MADE ]]; then
+        xargs -r -d '\n' rmdir --ignore-fail-on-non-empty <"$MOUNTPOINTS_MADE"
+        rm -f "$MOUNTPOINTS_MADE"
+    fi
+}
+exec 8>>"$MOUNTPOINTS_LOCK"
+flock -s 8
+mg_defer remove_mountpoints
 while read -r point; do
     if [[ ! -e $point ]]; then
-        mg_defer rmdir "$point"
         mkdir "$point"
+        echo "$point" >>"$MOUNTPOINTS_MADE"
     fi
 done <"$MG_LIVE_DIR/mountpoints"
 
