@@ -125,7 +125,7 @@ default
 {{- end -}}
 {{- end -}}
 
-{{/* True (non-empty) when quota and analytics get a Postgres URL. */}}
+{{/* True (non-empty) when a Postgres URL is configured (meshgate.databaseUsers get it). */}}
 {{- define "meshgate.hasDatabase" -}}
 {{- if or .Values.database.url .Values.database.existingSecret .Values.bundled.postgres.enabled -}}true{{- end -}}
 {{- end -}}
