@@ -343,7 +343,8 @@ async fn a_down_quota_service_is_a_503_and_recovery_needs_no_restart() {
     let mut config = meshgate_tests::base_config(&[("alpha", &provider)], true);
     let listeners = MeshListeners::ephemeral().await.unwrap();
     config.wire(&listeners);
-    let MeshListeners { gateway, inference: _, router, quota, analytics, sync } = listeners;
+    let mesh = config.security().unwrap();
+    let MeshListeners { gateway, inference: _, router, quota, analytics, sync } = listeners.identify(&mesh).unwrap();
     let quota_addr = quota.grpc_addr();
     // Free the port: the gateway's connections are refused until quota starts there.
     drop(quota);
@@ -381,6 +382,7 @@ async fn a_down_quota_service_is_a_503_and_recovery_needs_no_restart() {
 
     let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let quota = Listeners::bind(&ListenConfig { grpc: quota_addr, admin: any, http: None }).await.unwrap();
+    let quota = quota.with_identity(mesh.identity("quota").unwrap());
     tokio::spawn(meshgate_quota::serve(config.quota.clone(), quota, shutdown.clone()));
     let mut recovered = false;
     for _ in 0..100 {

@@ -4,12 +4,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use meshgate::{MeshConfig, MeshListeners};
 use meshgate_mock_provider::MockProvider;
 use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
 use meshgate_proto::analytics::v1::{GetTraceRequest, Trace};
+use meshgate_runtime::mesh::{Mesh, ServiceIdentity};
 use meshgate_runtime::{Listeners, Shutdown};
 use meshgate_sync::providers::ProviderSpec;
 
@@ -24,6 +26,21 @@ pub fn database_url() -> String {
 
 pub fn redis_url() -> String {
     std::env::var("MESHGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// The mesh CA and the certificates of the six services and of `operator`, made once per run
+/// of the tests (processes racing to make them agree on one set).
+pub fn test_pki() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-pki"));
+        let identities: Vec<String> =
+            meshgate_runtime::mesh::SERVICES.iter().map(|s| (*s).to_owned()).chain(["operator".to_owned()]).collect();
+        meshgate_runtime::mesh::pki::ensure_dev_pki(&dir, &identities, &Default::default())
+            .expect("the test PKI can be made");
+        dir
+    })
+    .clone()
 }
 
 pub fn models_dir() -> PathBuf {
@@ -41,6 +58,8 @@ pub struct TestMesh {
     pub beta: MockProvider,
     pub shutdown: Shutdown,
     pub http: reqwest::Client,
+    /// The mesh's certificates and allow-list, for the tests' own channels.
+    pub mesh: Mesh,
     task: tokio::task::JoinHandle<Result<(), meshgate::MeshError>>,
 }
 
@@ -93,12 +112,13 @@ impl TestMesh {
             config.sync.queue.database_url = Some(url);
         }
         (options.tune)(&mut config);
+        let mesh = config.security().expect("the mesh configuration is usable");
         let listeners = MeshListeners::ephemeral().await.expect("ephemeral listeners");
         let addresses = listeners.addresses();
         let edge = format!("http://{}", listeners.edge_addr().expect("edge listener"));
         let shutdown = Shutdown::new();
         let task = tokio::spawn(meshgate::run(config, listeners, shutdown.clone()));
-        let mesh = Self { edge, addresses, alpha, beta, shutdown, http: reqwest::Client::new(), task };
+        let mesh = Self { edge, addresses, alpha, beta, shutdown, http: reqwest::Client::new(), mesh, task };
         mesh.wait_until_serving(Duration::from_secs(30)).await;
         mesh
     }
@@ -113,9 +133,24 @@ impl TestMesh {
         format!("http://{admin}")
     }
 
-    /// A channel to one service.
+    /// A channel to one service, calling as the gateway (which may call every RPC the tests use).
     pub fn channel(&self, service: &str) -> meshgate_runtime::MeshChannel {
-        meshgate_runtime::channel(&self.grpc_url(service), Duration::from_secs(1)).expect("valid endpoint")
+        self.channel_as("gateway", service)
+    }
+
+    /// A channel to one service, calling as `identity`.
+    pub fn channel_as(&self, identity: &str, service: &str) -> meshgate_runtime::MeshChannel {
+        self.identity(identity).channel(&self.grpc_url(service), Duration::from_secs(1)).expect("valid endpoint")
+    }
+
+    /// An identity of this mesh, with its certificate.
+    pub fn identity(&self, name: &str) -> ServiceIdentity {
+        self.mesh.identity(name).expect("the test PKI has the identity")
+    }
+
+    /// Ephemeral listeners serving as `identity` in this mesh (another replica of a service).
+    pub async fn listeners(&self, identity: &str) -> Listeners {
+        Listeners::ephemeral().await.expect("ephemeral listeners").with_identity(self.identity(identity))
     }
 
     /// gRPC health of one service.
@@ -183,7 +218,7 @@ impl TestMesh {
         ] {
             *endpoint = self.grpc_url(service);
         }
-        let listeners = Listeners::ephemeral().await.expect("ephemeral listeners");
+        let listeners = self.listeners("gateway").await;
         let edge = format!("http://{}", listeners.http_addr().expect("an edge listener"));
         let shutdown = Shutdown::new();
         let task = tokio::spawn(meshgate_gateway::serve(config, listeners, shutdown.clone()));
@@ -210,11 +245,12 @@ pub async fn isolated_database_url() -> String {
     format!("{}{separator}options=-c%20search_path%3D{schema}", database_url())
 }
 
-/// The configuration every test mesh starts from: the admin key, short timeouts, the mock
-/// `providers` in the given order serving [`CLOUD_MODEL`], the tiny models, and (with `stores`)
-/// Postgres and Redis under a Redis key prefix of its own.
+/// The configuration every test mesh starts from: mTLS with [`test_pki`], the admin key, short
+/// timeouts, the mock `providers` in the given order serving [`CLOUD_MODEL`], the tiny models,
+/// and (with `stores`) Postgres and Redis under a Redis key prefix of its own.
 pub fn base_config(providers: &[(&str, &MockProvider)], stores: bool) -> MeshConfig {
     let mut config = MeshConfig::default();
+    config.mesh.tls_dir = Some(test_pki());
     config.gateway.admin_key = Some(ADMIN_KEY.into());
     config.gateway.target_timeout_ms = 1_000;
     config.gateway.trace_flush_ms = 20;

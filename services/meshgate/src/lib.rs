@@ -2,7 +2,9 @@
 //! embedded defaults (in-memory quota and traces) unless `DATABASE_URL` / `REDIS_URL` point at
 //! stores. They call each other through the same gRPC clients and servers as the mesh: in
 //! process by default (`[standalone] in_process_calls`, see `meshgate_runtime::local`), or over
-//! their loopback listeners.
+//! their loopback listeners. Each service has its own identity (`[mesh]`): its listener speaks
+//! mTLS with a development PKI made once under `<data_dir>/tls` unless `tls_dir` names one, and
+//! in-process calls carry the calling service's identity through the same allow-list.
 
 pub mod commands;
 pub mod tenancy;
@@ -11,11 +13,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
 use meshgate_runtime::config::{self, ConfigError};
+use meshgate_runtime::mesh::{Mesh, SecurityError, Transport, pki};
 use meshgate_runtime::{ListenConfig, Listeners, Shutdown};
 use serde::{Deserialize, Serialize};
 
 /// Every top-level section a meshgate configuration file may have.
-pub const SECTIONS: &[&str] = &["standalone", "gateway", "inference", "router", "quota", "analytics", "sync"];
+pub const SECTIONS: &[&str] = &["standalone", "mesh", "gateway", "inference", "router", "quota", "analytics", "sync"];
 
 /// Where the standalone process listens (`[standalone]`, `MESHGATE_STANDALONE__*`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -54,6 +57,8 @@ impl Default for StandaloneConfig {
 #[derive(Debug, Clone, Default)]
 pub struct MeshConfig {
     pub standalone: StandaloneConfig,
+    /// Transport and identities between the services (`[mesh]`).
+    pub mesh: meshgate_runtime::mesh::Config,
     pub gateway: meshgate_gateway::Config,
     pub inference: meshgate_inference::Config,
     pub router: meshgate_router::Config,
@@ -72,6 +77,7 @@ impl MeshConfig {
         }
         let mut mesh = Self {
             standalone: config::load("standalone", file)?,
+            mesh: config::load("mesh", file)?,
             gateway: config::load("gateway", file)?,
             inference: config::load("inference", file)?,
             router: config::load("router", file)?,
@@ -112,6 +118,29 @@ impl MeshConfig {
         if self.gateway.redis_url.is_none() {
             self.gateway.redis_url = self.quota.redis_url.clone();
         }
+    }
+
+    /// The mesh the services join: as configured, with a development PKI under
+    /// `<data_dir>/tls` (made once, for the six services, the extra callers and the configured
+    /// host) when mTLS has no `tls_dir`.
+    pub fn security(&self) -> Result<Mesh, SecurityError> {
+        let mut mesh = self.mesh.clone();
+        if mesh.transport == Transport::Mtls && mesh.tls_dir.is_none() {
+            let dir = self.standalone.data_dir.join("tls");
+            let identities: Vec<String> = meshgate_runtime::mesh::SERVICES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .chain(mesh.extra_callers.keys().cloned())
+                .collect();
+            let mut options = pki::SanOptions::default();
+            if !self.standalone.host.is_loopback() {
+                options.ips.push(self.standalone.host);
+            }
+            pki::ensure_dev_pki(&dir, &identities, &options)
+                .map_err(|err| SecurityError::Files { path: dir.clone(), message: err.to_string() })?;
+            mesh.tls_dir = Some(dir);
+        }
+        Mesh::new(&mesh)
     }
 
     /// Connects the services to each other at the addresses they actually listen on.
@@ -178,6 +207,23 @@ impl MeshListeners {
         })
     }
 
+    /// Gives each service its identity in `mesh`; a plaintext mesh must listen on loopback.
+    pub fn identify(self, mesh: &Mesh) -> Result<Self, SecurityError> {
+        let join = |name: &str, listeners: Listeners| -> Result<Listeners, SecurityError> {
+            let identity = mesh.identity(name)?;
+            identity.check_listener(listeners.grpc_addr())?;
+            Ok(listeners.with_identity(identity))
+        };
+        Ok(Self {
+            gateway: join("gateway", self.gateway)?,
+            inference: join("inference", self.inference)?,
+            router: join("router", self.router)?,
+            quota: join("quota", self.quota)?,
+            analytics: join("analytics", self.analytics)?,
+            sync: join("sync", self.sync)?,
+        })
+    }
+
     /// The edge's HTTP address.
     pub fn edge_addr(&self) -> Option<SocketAddr> {
         self.gateway.http_addr()
@@ -233,6 +279,9 @@ where
 /// while draining can still commit their quota and record their traces.
 pub async fn run(mut config: MeshConfig, listeners: MeshListeners, shutdown: Shutdown) -> Result<(), MeshError> {
     config.wire(&listeners);
+    let security = |err: SecurityError| MeshError { service: "mesh", message: err.to_string() };
+    let mesh = config.security().map_err(security)?;
+    let listeners = listeners.identify(&mesh).map_err(security)?;
     if config.standalone.in_process_calls {
         meshgate_runtime::local::enable();
     }
@@ -309,6 +358,36 @@ mod tests {
         assert_eq!(config.router.inference_endpoint, Some(format!("http://{}", listeners.inference.grpc_addr())));
         assert!(listeners.edge_addr().is_some());
         assert!(listeners.quota.http.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_standalone_makes_its_development_pki_once_and_refuses_plaintext_off_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = MeshConfig::default();
+        config.standalone.data_dir = dir.path().into();
+        config.mesh.extra_callers.insert("operator".into(), vec!["Inference.Load".into()]);
+        let mesh = config.security().unwrap();
+        for name in ["ca", "gateway", "quota", "sync", "operator"] {
+            assert!(dir.path().join(format!("tls/{name}.key")).is_file(), "{name}");
+        }
+        let ca = std::fs::read(dir.path().join("tls/ca.crt")).unwrap();
+        config.security().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("tls/ca.crt")).unwrap(), ca, "made once, then reused");
+        let listeners = MeshListeners::ephemeral().await.unwrap().identify(&mesh).unwrap();
+        assert_eq!(listeners.quota.identity.as_ref().map(|i| i.name()), Some("quota"));
+
+        config.mesh.transport = Transport::Plaintext;
+        let plaintext = config.security().unwrap();
+        let open = StandaloneConfig {
+            edge: SocketAddr::from(([127, 0, 0, 1], 0)),
+            host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            grpc_ports: [0; 6],
+            admin_ports: [0; 6],
+            ..StandaloneConfig::default()
+        };
+        let err = MeshListeners::bind(&open).await.unwrap().identify(&plaintext).unwrap_err();
+        assert!(matches!(err, SecurityError::PlaintextNotLoopback(_)), "{err}");
+        assert!(MeshListeners::ephemeral().await.unwrap().identify(&plaintext).is_ok(), "loopback is fine");
     }
 
     #[test]

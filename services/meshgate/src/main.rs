@@ -23,6 +23,8 @@ enum Command {
     Migrate,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Make a development mesh CA and a certificate per service for mTLS between services.
+    Certs(meshgate::commands::CertsArgs),
     /// Organizations (needs `DATABASE_URL`).
     #[command(subcommand)]
     Orgs(meshgate::tenancy::OrgCommand),
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
             Command::Up => meshgate::commands::up(cli.config.as_deref()).await,
             Command::Migrate => meshgate::commands::migrate().await,
             Command::CheckConfig => meshgate::commands::check_config(cli.config.as_deref()),
+            Command::Certs(args) => meshgate::commands::certs(args),
             Command::Orgs(command) => meshgate::tenancy::orgs(command).await,
             Command::Projects(command) => meshgate::tenancy::projects(command).await,
             Command::Users(command) => meshgate::tenancy::users(command).await,

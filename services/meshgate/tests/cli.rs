@@ -106,3 +106,60 @@ fn tenancy_commands_create_orgs_projects_users_and_keys_shown_once() {
     }
     assert_eq!(admin(&["users", "list", "--org", org_id]).as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn certs_makes_a_ca_and_a_certificate_per_service_and_never_overwrites_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tls");
+    let certs = |extra: &[&str]| meshgate().arg("certs").arg("--out").arg(&out).args(extra).output().unwrap();
+    let first =
+        certs(&["--dns-prefix", "meshgate-", "--domain", "meshgate.svc.cluster.local", "--identity", "operator"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    for name in ["ca", "gateway", "inference", "router", "quota", "analytics", "sync", "operator"] {
+        let crt = std::fs::read_to_string(out.join(format!("{name}.crt"))).unwrap();
+        assert!(crt.starts_with("-----BEGIN CERTIFICATE-----"), "{name}.crt");
+        let key = out.join(format!("{name}.key"));
+        assert!(std::fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"), "{name}.key");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600, "{name}.key");
+        }
+    }
+    let ca = std::fs::read(out.join("ca.crt")).unwrap();
+    let quota = std::fs::read(out.join("quota.crt")).unwrap();
+
+    let again = certs(&[]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(!stdout.contains("wrote") && stdout.contains("kept"), "{stdout}");
+    assert_eq!(
+        (std::fs::read(out.join("ca.crt")).unwrap(), std::fs::read(out.join("quota.crt")).unwrap()),
+        (ca.clone(), quota)
+    );
+
+    let forced = certs(&["--force"]);
+    assert!(forced.status.success());
+    assert_ne!(std::fs::read(out.join("ca.crt")).unwrap(), ca, "--force makes a new CA");
+
+    let bad = certs(&["--identity", "Not A Name"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("Not A Name"));
+}
+
+#[test]
+fn check_config_refuses_a_mesh_section_naming_an_unknown_rpc_or_plaintext_off_loopback() {
+    let unknown = config("[mesh.extra_callers]\noperator = [\"Inference.Unload\"]\n");
+    let output = meshgate().arg("--config").arg(unknown.path()).arg("check-config").output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("Inference.Unload"));
+
+    let open = config("[mesh]\ntransport = \"plaintext\"\n[standalone]\nhost = \"0.0.0.0\"\n");
+    let output = meshgate().arg("--config").arg(open.path()).arg("check-config").output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("loopback"));
+
+    let operator = config("[mesh.extra_callers]\noperator = [\"Inference.Load\"]\n");
+    let output = meshgate().arg("--config").arg(operator.path()).arg("check-config").output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}

@@ -71,7 +71,7 @@ pub(crate) fn build_channel(
     endpoint: &str,
     connect_timeout: Duration,
     caller: Option<Arc<str>>,
-    tls: Option<Arc<crate::mesh::IdentityTls>>,
+    tls: Option<crate::mesh::TlsConnector>,
 ) -> Result<MeshChannel, EndpointError> {
     let endpoint_config = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|err| EndpointError { endpoint: endpoint.to_owned(), message: err.to_string() })?
@@ -80,7 +80,7 @@ pub(crate) fn build_channel(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true);
     let network = match tls {
-        Some(tls) => endpoint_config.connect_with_connector_lazy(crate::mesh::TlsConnector::new(tls)),
+        Some(tls) => endpoint_config.connect_with_connector_lazy(tls),
         None => endpoint_config.connect_lazy(),
     };
     let local = endpoint

@@ -93,6 +93,14 @@ impl Mesh {
         self.inner.transport
     }
 
+    /// A channel without an identity: with mTLS, TLS that checks the server against the mesh CA
+    /// and presents no certificate — how a public client reaches the gateway's gRPC edge.
+    pub fn anonymous_channel(&self, endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel, SecurityError> {
+        let tls = self.inner.tls.as_ref().map(|store| store.anonymous_client()).transpose()?;
+        crate::client::build_channel(endpoint, connect_timeout, None, tls.map(TlsConnector::Anonymous))
+            .map_err(|err| SecurityError::Config(err.to_string()))
+    }
+
     /// The identity `name` (a service, or e.g. `operator`): with mTLS, its certificate and key
     /// are read (and checked to name it) now.
     pub fn identity(&self, name: &str) -> Result<ServiceIdentity, SecurityError> {
@@ -134,7 +142,8 @@ impl ServiceIdentity {
     /// certificate (whatever the URL's scheme) and checking the server's under the endpoint's
     /// host; in process, the identity rides along as a request extension.
     pub fn channel(&self, endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel, EndpointError> {
-        crate::client::build_channel(endpoint, connect_timeout, Some(self.name.clone()), self.tls.clone())
+        let tls = self.tls.clone().map(TlsConnector::Identity);
+        crate::client::build_channel(endpoint, connect_timeout, Some(self.name.clone()), tls)
     }
 
     /// Refuses a plaintext listener off loopback.

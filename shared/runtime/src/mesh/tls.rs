@@ -419,16 +419,42 @@ impl futures::Stream for TlsIncoming {
     }
 }
 
-/// Connects channels of one identity: TCP, then TLS presenting its certificate and checking
-/// the server's against the mesh CA under the endpoint's host name (or address).
+/// Connects channels: TCP, then TLS checking the server's certificate against the mesh CA under
+/// the endpoint's host name (or address) and presenting the caller's, if it has one.
 #[derive(Clone)]
-pub(crate) struct TlsConnector {
-    identity: Arc<IdentityTls>,
+pub(crate) enum TlsConnector {
+    /// As an identity, with its current certificate.
+    Identity(Arc<IdentityTls>),
+    /// Without a certificate, as a public client of the gateway's edge.
+    Anonymous(Arc<ClientConfig>),
 }
 
 impl TlsConnector {
-    pub(crate) fn new(identity: Arc<IdentityTls>) -> Self {
-        Self { identity }
+    fn client_config(&self) -> Arc<ClientConfig> {
+        match self {
+            TlsConnector::Identity(identity) => identity.client_config(),
+            TlsConnector::Anonymous(config) => config.clone(),
+        }
+    }
+}
+
+impl TlsStore {
+    /// A client configuration trusting the mesh CA that presents no certificate.
+    pub(crate) fn anonymous_client(&self) -> Result<Arc<ClientConfig>, SecurityError> {
+        let path = self.dir.join("ca.crt");
+        let invalid = |message: String| SecurityError::Files { path: path.clone(), message };
+        let pem = std::fs::read(&path).map_err(|err| invalid(err.to_string()))?;
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            roots.add(cert.map_err(|err| invalid(err.to_string()))?).map_err(|err| invalid(err.to_string()))?;
+        }
+        let mut client = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|err| invalid(err.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(client))
     }
 }
 
@@ -445,7 +471,7 @@ impl tower::Service<http::Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let config = self.identity.client_config();
+        let config = self.client_config();
         Box::pin(async move {
             let invalid = |message: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, message);
             let host = uri.host().ok_or_else(|| invalid(format!("{uri}: no host")))?;
