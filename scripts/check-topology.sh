@@ -103,11 +103,13 @@ ip addr add "$node/24" dev "$bridge"
 ip link set "$bridge" up
 mg_log "pods on $subnet.0/24 (bridge $bridge, the node at $node)"
 
-# The machine's Postgres and Redis listen on 127.0.0.1 only: the node forwards its own address.
-mg_start forward-postgres socat "TCP-LISTEN:5432,bind=$node,fork,reuseaddr" "TCP:127.0.0.1:$MG_PG_PORT"
-mg_start forward-redis socat "TCP-LISTEN:6379,bind=$node,fork,reuseaddr" "TCP:127.0.0.1:$MG_REDIS_PORT"
-mg_start mock-provider "$bin/meshgate-mock-provider" --host "$node" --port 18000 --models mock-gpt
-mg_wait_http "http://$node:18000/health" mock-provider || mg_die "the mock provider did not start"
+# The machine's Postgres and Redis listen on 127.0.0.1 only: the node forwards ports of its own
+# address to them (ports free here, whatever else listens on all addresses).
+read -r pg_port redis_port mock_port <<<"$(mg_free_ports 3)"
+mg_start forward-postgres socat "TCP-LISTEN:$pg_port,bind=$node,fork,reuseaddr" "TCP:127.0.0.1:$MG_PG_PORT"
+mg_start forward-redis socat "TCP-LISTEN:$redis_port,bind=$node,fork,reuseaddr" "TCP:127.0.0.1:$MG_REDIS_PORT"
+mg_start mock-provider "$bin/meshgate-mock-provider" --host "$node" --port "$mock_port" --models mock-gpt
+mg_wait_http "http://$node:$mock_port/health" mock-provider || mg_die "the mock provider did not start"
 
 # --- mTLS material -----------------------------------------------------------------------------
 # A development CA and each service's certificate, for the names the chart's pods dial (release
@@ -124,8 +126,8 @@ fi
 admin_key="mg-topology-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 "$MG_VENV/bin/python" deploy/tools/topology.py plan --out "$MG_LIVE_DIR" --subnet "$subnet" --bin "$bin" \
     --chart "${MESHGATE_TOPOLOGY_CHART:-helm/meshgate}" \
-    --database-url "postgres://postgres@$node:5432/$MG_PG_DB" --redis-url "redis://$node:6379/0" \
-    --upstream "http://$node:18000/v1" --admin-key "$admin_key" --quota-prefix "topology-$$:" \
+    --database-url "postgres://postgres@$node:$pg_port/$MG_PG_DB" --redis-url "redis://$node:$redis_port/0" \
+    --upstream "http://$node:$mock_port/v1" --admin-key "$admin_key" --quota-prefix "topology-$$:" \
     --certs "$MG_LIVE_DIR/certs" "${models_args[@]}" || mg_die "cannot plan the pods"
 
 # Mount points the containers see that this machine lacks (e.g. /etc/meshgate) are made for the
