@@ -113,10 +113,16 @@ mg_wait_http "http://$node:$mock_port/health" mock-provider || mg_die "the mock 
 
 # --- mTLS material -----------------------------------------------------------------------------
 # A development CA and each service's certificate, for the names the chart's pods dial (release
-# and namespace "meshgate").
-"$bin/meshgate" certs --out "$MG_LIVE_DIR/certs" --dns-prefix meshgate- \
-    --domain meshgate --domain meshgate.svc --domain meshgate.svc.cluster.local >"$MG_LIVE_DIR/certs.log" 2>&1 ||
-    { cat "$MG_LIVE_DIR/certs.log" >&2; mg_die "meshgate certs failed"; }
+# and namespace "meshgate"); and a renewal of them by the same CA, for the rotation.
+certs() {
+    "$bin/meshgate" certs --out "$1" --dns-prefix meshgate- \
+        --domain meshgate --domain meshgate.svc --domain meshgate.svc.cluster.local >>"$MG_LIVE_DIR/certs.log" 2>&1 ||
+        { cat "$MG_LIVE_DIR/certs.log" >&2; mg_die "meshgate certs failed"; }
+}
+certs "$MG_LIVE_DIR/certs"
+mkdir "$MG_LIVE_DIR/rotated"
+cp "$MG_LIVE_DIR/certs/ca.crt" "$MG_LIVE_DIR/certs/ca.key" "$MG_LIVE_DIR/rotated/"
+certs "$MG_LIVE_DIR/rotated"
 
 # --- the pods ----------------------------------------------------------------------------------
 models_args=()
@@ -205,10 +211,12 @@ while IFS=$'\t' read -r -u 3 name _ kind _; do
     done
 done 3<"$MG_LIVE_DIR/pods.tsv"
 
+declare -A pids
 while IFS=$'\t' read -r -u 3 name _ kind _; do
     [[ $kind == Deployment ]] || continue
     pod_command "$name"
     mg_start "$name" "${POD_COMMAND[@]}"
+    pids[$name]=$!
 done 3<"$MG_LIVE_DIR/pods.tsv"
 while IFS=$'\t' read -r -u 3 name ip kind admin; do
     [[ $kind == Deployment ]] || continue
@@ -219,12 +227,19 @@ mg_log "every pod is ready"
 # --- checks ------------------------------------------------------------------------------------
 failed=0
 if ! "$MG_VENV/bin/python" deploy/tools/topology.py smoke --plan "$MG_LIVE_DIR/plan.json" --certs "$MG_LIVE_DIR/certs" \
-    --probe-netns "${prefix}gateway-0"; then
+    --rotated-certs "$MG_LIVE_DIR/rotated" --probe-netns "${prefix}gateway-0"; then
     failed=1
     show_logs
 fi
 "$MG_VENV/bin/python" deploy/tools/topology.py policy --pods "$MG_LIVE_DIR/pods.tsv" --netns-prefix "$prefix" ||
     failed=1
+# The same processes throughout: none exited (a rotation, for one, needs no restart).
+for name in "${!pids[@]}"; do
+    if ! kill -0 "${pids[$name]}" 2>/dev/null; then
+        mg_warn "$name exited during the run"
+        failed=1
+    fi
+done
 if ((failed)); then
     mg_die "the topology check failed"
 fi

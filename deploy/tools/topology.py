@@ -25,10 +25,12 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -221,11 +223,13 @@ def policy_rules(pod: Pod, pods: list[Pod], objects: list[dict]) -> str | None:
 
 
 def write_files(directory: Path, files: dict[str, tuple[str, int]], group: int | None) -> None:
-    """A ConfigMap/Secret/projected volume as the kubelet's atomic writer lays it out: the files
-    in a timestamped directory, `..data` pointing at it, and each top-level entry a link through
-    `..data` (a rotation swaps `..data` in one rename)."""
-    stamp = directory / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.0"
-    stamp.mkdir(parents=True)
+    """A ConfigMap/Secret/projected volume as the kubelet's atomic writer lays it out, and
+    updates it as the kubelet does when a Secret changes: the files in a new timestamped
+    directory, `..data` switched to it in one rename, each top-level entry a link through
+    `..data`, the previous directory removed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = Path(tempfile.mkdtemp(prefix=f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.", dir=directory))
+    os.chmod(stamp, 0o755)
     for path, (content, mode) in files.items():
         target = stamp / path
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -233,9 +237,26 @@ def write_files(directory: Path, files: dict[str, tuple[str, int]], group: int |
         os.chmod(target, mode)
         if group is not None:
             os.chown(target, 0, group)
-    (directory / "..data").symlink_to(stamp.name)
+    data = directory / "..data"
+    previous = data.resolve() if data.is_symlink() else None
+    (directory / "..data_tmp").symlink_to(stamp.name)
+    os.rename(directory / "..data_tmp", data)
     for top in sorted({path.split("/")[0] for path in files}):
-        (directory / top).symlink_to(f"..data/{top}")
+        if not (directory / top).is_symlink():
+            (directory / top).symlink_to(f"..data/{top}")
+    if previous:
+        shutil.rmtree(previous)
+
+
+def read_files(directory: Path) -> tuple[dict[str, tuple[str, int]], int | None]:
+    """The files a volume written by `write_files` holds now, and their group."""
+    data = (directory / "..data").resolve()
+    files, group = {}, None
+    for path in sorted(p for p in data.rglob("*") if p.is_file()):
+        stat = path.stat()
+        files[str(path.relative_to(data))] = (path.read_text(), stat.st_mode & 0o7777)
+        group = stat.st_gid
+    return files, group
 
 
 def volume_files(volume: dict, store: Store) -> dict[str, tuple[str, int]]:
@@ -300,6 +321,8 @@ def launcher(pod: Pod, pod_dir: Path, store: Store, args, base_env: dict[str, st
              "set -euo pipefail"]
     mount_points = []
     for mount in sorted(pod.container.get("volumeMounts", []), key=lambda m: m["mountPath"]):
+        if "subPath" in mount or "subPathExpr" in mount:
+            raise SystemExit(f"{pod.name}: subPath mounts are not emulated (and would keep rotations out)")
         volume = volumes[mount["name"]]
         source = pod_dir / "volumes" / mount["name"]
         if not source.exists():
@@ -376,6 +399,11 @@ def cmd_plan(args) -> int:
         "admin_key": args.admin_key,
         "pods": {p.name: p.ip for p in pods},
         "admin": {p.name: f"http://{p.ip}:{p.ports['admin']}" for p in pods if "admin" in p.ports},
+        # The volume each pod reads its mesh certificate from, for the rotation.
+        "tls_volumes": {p.name: str(out / "pods" / p.name / "volumes" / v["name"]) for p in pods
+                        for v in p.spec.get("volumes", []) if any(
+                            item["path"] == f"tls/{p.component}.crt" for s in v.get("projected", {}).get("sources", [])
+                            for item in s.get("secret", {}).get("items", []))},
         # Chat models of the inference claim: served by the inference pod through the gateway.
         "local_chat_models": [m["name"] for m in json.loads((Path(args.models) / "manifest.json").read_text())["models"]
                               if m.get("task") == "chat"] if args.models else [],
@@ -551,13 +579,27 @@ def grpc_call(ip: str, port: int, host: str, path: str, ca: Path, identity: tupl
     raise Failed(f"{path}: the connection closed without an answer")
 
 
-def mtls_probe(plan: dict, certs: Path) -> None:
+def served_certificate(target: dict, ca: Path) -> bytes:
+    """The certificate (DER) an internal port presents, checked against the mesh CA and name."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((target["ip"], target["port"]), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=target["host"]) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def mtls_probe(plan: dict, certs: Path, serves: Path | None) -> None:
     """An internal gRPC port speaks only TLS, with a server certificate of the mesh CA for the
-    name its callers dial; a caller without a certificate is UNAUTHENTICATED, a mesh identity
-    outside the RPC's allow-list PERMISSION_DENIED, an allowed one served. Run from inside a pod
-    the NetworkPolicies let reach it."""
+    name its callers dial (with `serves`: that certificate, once the pod has re-read its files);
+    a caller without a certificate is UNAUTHENTICATED, a mesh identity outside the RPC's
+    allow-list PERMISSION_DENIED, an allowed one served. Run from inside a pod the
+    NetworkPolicies let reach it."""
     target = plan["internal"]
     ca = certs / "ca.crt"
+    if serves:
+        want = ssl.PEM_cert_to_DER_cert(serves.read_text())
+        eventually(f"{target['pod']} presenting {serves.name} as rotated",
+                   lambda: (served_certificate(target, ca) == want,), seconds=SETTLE_SECONDS)
+        log(f"mtls: {target['pod']} presents its rotated certificate, re-read without a restart")
     health, set_limits = "/grpc.health.v1.Health/Check", "/meshgate.quota.v1.Quota/SetLimits"
     identity = {name: (certs / f"{name}.crt", certs / f"{name}.key") for name in ("gateway", "sync")}
     where = f"{target['pod']} ({target['host']}:{target['port']})"
@@ -609,6 +651,7 @@ def cmd_smoke(args) -> int:
         expect(len(refused) == 2 and all(key[0] == plan["internal"]["pod"] for key in refused),
                f"the probe's refusals are not counted as two on {plan['internal']['pod']}: {refused}")
         log(f"mtls: the probe's refusals are counted: {sorted(refused)}")
+        rotate(plan, args)
     except Failed as err:
         log(f"FAILED: {err}")
         return 1
@@ -616,9 +659,30 @@ def cmd_smoke(args) -> int:
     return 0
 
 
+def rotate(plan: dict, args) -> None:
+    """cert-manager renews the probed pod's certificate (same CA): the kubelet swaps the files in
+    its volume; the running process must present the new one, and both gateways keep serving."""
+    pod = plan["internal"]["pod"]
+    service = pod.rsplit("-", 1)[0]
+    volume = Path(plan["tls_volumes"][pod])
+    files, group = read_files(volume)
+    rotated = Path(args.rotated_certs)
+    for suffix in ("crt", "key"):
+        path = f"tls/{service}.{suffix}"
+        files[path] = ((rotated / f"{service}.{suffix}").read_text(), files[path][1])
+    write_files(volume, files, group)
+    result = subprocess.run(["ip", "netns", "exec", args.probe_netns, sys.executable, __file__, "mtls-probe",
+                             "--plan", args.plan, "--certs", str(rotated), "--serves", str(rotated / f"{service}.crt")],
+                            timeout=SETTLE_SECONDS + 60)
+    expect(result.returncode == 0, "the rotated certificate was not picked up")
+    for gateway in plan["gateways"]:
+        status, body, _ = call("POST", f"{gateway}/v1/chat/completions", plan["admin_key"], chat_body("after rotation"))
+        expect(status == 200, f"{gateway} after {pod}'s certificate rotated: {status} {body}")
+
+
 def cmd_mtls_probe(args) -> int:
     try:
-        mtls_probe(json.loads(Path(args.plan).read_text()), Path(args.certs))
+        mtls_probe(json.loads(Path(args.plan).read_text()), Path(args.certs), Path(args.serves) if args.serves else None)
     except (Failed, OSError) as err:
         log(f"FAILED: {err}")
         return 1
@@ -671,9 +735,11 @@ def main() -> int:
     smoke_cmd.add_argument("--plan", required=True)
     smoke_cmd.add_argument("--certs", required=True)
     smoke_cmd.add_argument("--probe-netns", required=True, help="a pod's network namespace the probe runs in")
+    smoke_cmd.add_argument("--rotated-certs", required=True, help="new certificates of the same CA, for the rotation")
     probe = sub.add_parser("mtls-probe")
     probe.add_argument("--plan", required=True)
     probe.add_argument("--certs", required=True)
+    probe.add_argument("--serves", help="the certificate the probed port must present (after a rotation)")
     policy = sub.add_parser("policy")
     policy.add_argument("--pods", required=True)
     policy.add_argument("--netns-prefix", required=True)
