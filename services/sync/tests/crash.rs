@@ -43,6 +43,8 @@ impl SyncProcess {
             .env("MESHGATE_SYNC__QUOTA_ENDPOINT", quota)
             .env("MESHGATE_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
+            // The quota service and the test's clients are plaintext on loopback.
+            .env("MESHGATE_MESH__TRANSPORT", "plaintext")
             .env("MESHGATE_LISTEN__GRPC", "127.0.0.1:0")
             .env("MESHGATE_LISTEN__ADMIN", "127.0.0.1:0")
             .env("MESHGATE_PROVIDER_MOCK_BASE_URL", format!("http://{provider}/v1"))
