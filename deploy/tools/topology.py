@@ -9,11 +9,16 @@ Subcommands:
           them), its volumes written as the kubelet would (projected ConfigMap and Secret files in
           the atomic-writer layout, emptyDirs, claims mapped to host directories), a launcher that
           runs its container's command with its environment, user and read-only root, and
-          nftables rules enforcing the NetworkPolicies that select it.
+          nftables rules enforcing the NetworkPolicies that select it. The mesh certificates
+          (`meshgate certs` output) go into the Secrets the chart names, as an operator does.
   smoke   the smoke suite through both gateway replicas: a key created on one works on the other
           (and its revocation reaches the other), a job is enqueued on one and delivered, a tight
-          budget refuses on both once spent, a trace recorded through one is readable on the
-          other; with mTLS on, an internal port refuses a caller without a mesh certificate.
+          budget refuses on both once spent, a local model is served, a trace recorded through
+          one is readable on the other. Then the mesh: no pod refused any call of another; an
+          internal port refuses plaintext, UNAUTHENTICATED without a certificate,
+          PERMISSION_DENIED outside the allow-list (counted), and presents a renewed certificate
+          after the kubelet swaps it in, without a restart.
+  mtls-probe  the probes of an internal port, run inside a pod's network namespace.
   policy  fails when a NetworkPolicy refused a connection from a pod of the release: the pods
           made a call the chart does not admit.
 """
@@ -138,6 +143,8 @@ class Store:
 
 
 class Pod:
+    """One replica of a Deployment (or the Job's pod) at its address."""
+
     def __init__(self, name: str, obj: dict, ip: str) -> None:
         self.name, self.obj, self.ip = name, obj, ip
         self.spec = obj["spec"]["template"]["spec"]
@@ -148,9 +155,11 @@ class Pod:
 
 
 def make_pods(objects: list[dict], subnet: str) -> list[Pod]:
+    """A pod per Deployment replica (one when an autoscaler owns the count) and per Job, at
+    <subnet>.10 onwards."""
     pods, host = [], 10
     for obj in objects:
-        if obj.get("kind") == "Job" or (obj.get("kind") == "Deployment"):
+        if obj.get("kind") in ("Deployment", "Job"):
             replicas = obj["spec"].get("replicas", 1) if obj["kind"] == "Deployment" else 1
             for i in range(replicas):
                 name = f"{check_deploy.component(obj)}-{i}"
@@ -199,6 +208,9 @@ def policy_rules(pod: Pod, pods: list[Pod], objects: list[dict]) -> str | None:
                 if "podSelector" in peer and "namespaceSelector" not in peer:
                     sources |= {p.ip for p in pods if selects(peer["podSelector"], p.labels)}
                 else:
+                    # Another namespace or an address block: anything outside the release, and
+                    # here the release's own pods too (too open rather than wrongly refusing;
+                    # scripts/check-deploy.sh checks who such rules may admit).
                     sources = None
                     break
             if sources is not None and not sources:
@@ -397,7 +409,6 @@ def cmd_plan(args) -> int:
     plan = {
         "gateways": [f"http://{p.ip}:{p.ports['http']}" for p in gateways],
         "admin_key": args.admin_key,
-        "pods": {p.name: p.ip for p in pods},
         "admin": {p.name: f"http://{p.ip}:{p.ports['admin']}" for p in pods if "admin" in p.ports},
         # The volume each pod reads its mesh certificate from, for the rotation.
         "tls_volumes": {p.name: str(out / "pods" / p.name / "volumes" / v["name"]) for p in pods
