@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! cargo run --release -p meshgate-quota --example reserve_commit_bench -- \
-//!     --redis redis://127.0.0.1:6379/0 [--database postgres://...] [--rate 2000] [--seconds 10] [--concurrency 32]
+//!     --redis redis://127.0.0.1:6379/0 [--database postgres://...] [--rate 2000] [--seconds 10] [--concurrency 32] \
+//!     [--tls-dir DIR]
 //! ```
+//! `--tls-dir` (certificates from `meshgate certs --out DIR`) serves quota over mTLS and calls it
+//! as the gateway, to compare with plaintext.
 //! Open loop at `--rate` pairs per second (latency measured from each pair's scheduled start, so a
 //! stall is not hidden by the pacing; the pacer thread oversleeps by some tens of microseconds,
 //! which count against the figures), then closed loop with `--concurrency` workers for the
@@ -24,10 +27,12 @@ struct Args {
     rate: u64,
     seconds: u64,
     concurrency: usize,
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { redis: String::new(), database: None, rate: 2_000, seconds: 10, concurrency: 32 };
+    let mut args =
+        Args { redis: String::new(), database: None, rate: 2_000, seconds: 10, concurrency: 32, tls_dir: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -37,6 +42,7 @@ fn parse_args() -> Args {
             "--rate" => args.rate = value.parse().expect("--rate is a number"),
             "--seconds" => args.seconds = value.parse().expect("--seconds is a number"),
             "--concurrency" => args.concurrency = value.parse().expect("--concurrency is a number"),
+            "--tls-dir" => args.tls_dir = Some(value.into()),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -111,11 +117,22 @@ async fn main() {
         },
         ..Config::default()
     };
-    let listeners = Listeners::ephemeral().await.expect("listeners");
+    let mesh = args.tls_dir.clone().map(|tls_dir| {
+        let config = meshgate_runtime::mesh::Config { tls_dir: Some(tls_dir), ..Default::default() };
+        meshgate_runtime::mesh::Mesh::new(&config).expect("usable certificates")
+    });
+    let mut listeners = Listeners::ephemeral().await.expect("listeners");
+    if let Some(mesh) = &mesh {
+        listeners = listeners.with_identity(mesh.identity("quota").expect("the quota certificate"));
+    }
     let url = format!("http://{}", listeners.grpc_addr());
     let shutdown = Shutdown::new();
     let server = tokio::spawn(meshgate_quota::serve(config, listeners, shutdown.clone()));
-    let channel = meshgate_runtime::channel(&url, Duration::from_secs(5)).expect("valid url");
+    let channel = match &mesh {
+        Some(mesh) => mesh.identity("gateway").expect("the gateway certificate").channel(&url, Duration::from_secs(5)),
+        None => meshgate_runtime::channel(&url, Duration::from_secs(5)),
+    }
+    .expect("valid url");
     meshgate_runtime::client::wait_serving(&channel, "", Duration::from_secs(30)).await.expect("quota serving");
     let client = QuotaClient::new(channel);
 
