@@ -8,6 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use meshgate_proto::common::v1::{Principal, Role, Usage};
+use meshgate_proto::gateway::v1::ListModelsRequest;
+use meshgate_proto::gateway::v1::gateway_client::GatewayClient;
 use meshgate_proto::inference::v1::LoadRequest;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
@@ -361,5 +363,16 @@ async fn six_services_over_mtls_listeners_serve_a_chat_and_record_its_trace() {
     let request_id = response.headers()["x-meshgate-request-id"].to_str().unwrap().to_owned();
     let trace = mesh.trace(&request_id).await;
     assert_eq!(trace.status_code, 200, "recorded through analytics' mTLS listener");
+
+    // The gateway's gRPC listener is the public edge: TLS without a client certificate, API keys.
+    let public = mesh.mesh.anonymous_channel(&mesh.grpc_url("gateway"), Duration::from_secs(1)).unwrap();
+    let mut request = tonic::Request::new(ListModelsRequest {});
+    request.metadata_mut().insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
+    let models = GatewayClient::new(public.clone()).list_models(request).await.expect("a public client");
+    assert!(models.into_inner().models.iter().any(|m| m.id == CLOUD_MODEL));
+    let unkeyed = GatewayClient::new(public.clone()).list_models(ListModelsRequest {}).await.unwrap_err();
+    assert_eq!(unkeyed.code(), tonic::Code::Unauthenticated, "the API key still decides");
+    let health = meshgate_runtime::client::health_status(public, "", Duration::from_secs(2)).await;
+    assert!(health.is_err(), "its health is for the mesh: {health:?}");
     mesh.stop().await;
 }
