@@ -5,12 +5,13 @@
 # Usage: scripts/bench.sh [PEERS_BENCH_ARGS...]     e.g. scripts/bench.sh -m rate -r 200 -d 15
 #   Starts the mock upstream, LiteLLM and Portkey (peers.sh), then meshgate twice against the same
 #   mock: standalone (`meshgate up`, one process, embedded stores) and as six processes using
-#   Postgres and Redis (DATABASE_URL / REDIS_URL, default the local ones). Both run with auth,
+#   Postgres and Redis (DATABASE_URL / REDIS_URL, default the local ones) over mTLS. Both run with auth,
 #   quota, routing and tracing on. Everything is stopped at exit. Results land in
 #   ../shared/bench/peers/results/<timestamp>/ (oha JSON, results.csv, results.txt).
 # Knobs: MESHGATE_BENCH_PEERS=0 skips LiteLLM and Portkey; MESHGATE_BENCH_MODES="standalone six"
 # picks the meshgate shapes (add `loopback`: the standalone with its services calling each other
-# over loopback gRPC instead of in process); MESHGATE_PEERS_DIR points at the harness.
+# over loopback gRPC instead of in process; `six-plaintext`: the six processes without mTLS, to
+# measure what mTLS costs); MESHGATE_PEERS_DIR points at the harness.
 # shellcheck source-path=SCRIPTDIR/..
 set -euo pipefail
 
@@ -91,38 +92,48 @@ TARGETS=()
 if [[ " $MODES " == *" standalone "* ]]; then start_standalone meshgate 8090 51051 9111 true; fi
 if [[ " $MODES " == *" loopback "* ]]; then start_standalone meshgate-loopback 8092 53051 9131 false; fi
 
-if [[ " $MODES " == *" six "* ]]; then
+# The six services as processes named NAME, with the gateway's edge on EDGE, gRPC ports from
+# BASE and admin ports from ADMIN_BASE, calling each other over TRANSPORT (mtls, as the chart
+# runs them, with certificates from `meshgate certs`; or plaintext, allowed on loopback).
+start_six() { # NAME EDGE BASE ADMIN_BASE TRANSPORT
+    local name=$1 edge=$2 base=$3 admin_base=$4 transport=$5 port svc pids=()
+    local -A grpc
+    port=$base
+    for svc in inference router quota analytics sync gateway; do
+        grpc[$svc]=$port
+        port=$((port + 1))
+    done
+    for svc in inference router quota analytics sync gateway; do
+        local admin=$((grpc[$svc] - base + admin_base)) http=()
+        [[ $svc == gateway ]] && http=(MESHGATE_LISTEN__HTTP="127.0.0.1:$edge")
+        env MESHGATE_LISTEN__GRPC="127.0.0.1:${grpc[$svc]}" MESHGATE_LISTEN__ADMIN="127.0.0.1:$admin" "${http[@]}" \
+            MESHGATE_MESH__TRANSPORT="$transport" MESHGATE_MESH__TLS_DIR="$RUN_DIR/tls" \
+            MESHGATE_ROUTER__INFERENCE_ENDPOINT="http://127.0.0.1:${grpc[inference]}" \
+            MESHGATE_GATEWAY__QUOTA_ENDPOINT="http://127.0.0.1:${grpc[quota]}" \
+            MESHGATE_GATEWAY__ROUTER_ENDPOINT="http://127.0.0.1:${grpc[router]}" \
+            MESHGATE_GATEWAY__SYNC_ENDPOINT="http://127.0.0.1:${grpc[sync]}" \
+            MESHGATE_GATEWAY__INFERENCE_ENDPOINT="http://127.0.0.1:${grpc[inference]}" \
+            MESHGATE_GATEWAY__ANALYTICS_ENDPOINT="http://127.0.0.1:${grpc[analytics]}" \
+            MESHGATE_SYNC__QUOTA_ENDPOINT="http://127.0.0.1:${grpc[quota]}" \
+            nice -n "$NICE" "$BIN/meshgate-$svc" >"$RUN_DIR/$name-$svc.log" 2>&1 &
+        pids+=("$!")
+        mg_defer kill "$!"
+    done
+    wait_ready "http://127.0.0.1:$edge"
+    TARGETS+=(--target "$name" "http://127.0.0.1:$edge" --key "$KEY" --pids "$(IFS=,; echo "${pids[*]}")")
+}
+
+if [[ " $MODES " == *" six"* ]]; then
     export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/meshgate_bench}
     export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
     psql "${DATABASE_URL%/*}/postgres" -qtc "SELECT 1 FROM pg_database WHERE datname = '${DATABASE_URL##*/}'" | grep -q 1 ||
         psql "${DATABASE_URL%/*}/postgres" -qc "CREATE DATABASE ${DATABASE_URL##*/}"
     "$BIN/meshgate" migrate
-    pids=()
-    port=52051
-    declare -A GRPC
-    for svc in inference router quota analytics sync gateway; do
-        GRPC[$svc]=$port
-        port=$((port + 1))
-    done
-    for svc in inference router quota analytics sync gateway; do
-        admin=$((GRPC[$svc] - 52051 + 9121))
-        http=()
-        [[ $svc == gateway ]] && http=(MESHGATE_LISTEN__HTTP=127.0.0.1:8091)
-        env MESHGATE_LISTEN__GRPC="127.0.0.1:${GRPC[$svc]}" MESHGATE_LISTEN__ADMIN="127.0.0.1:$admin" "${http[@]}" \
-            MESHGATE_ROUTER__INFERENCE_ENDPOINT="http://127.0.0.1:${GRPC[inference]}" \
-            MESHGATE_GATEWAY__QUOTA_ENDPOINT="http://127.0.0.1:${GRPC[quota]}" \
-            MESHGATE_GATEWAY__ROUTER_ENDPOINT="http://127.0.0.1:${GRPC[router]}" \
-            MESHGATE_GATEWAY__SYNC_ENDPOINT="http://127.0.0.1:${GRPC[sync]}" \
-            MESHGATE_GATEWAY__INFERENCE_ENDPOINT="http://127.0.0.1:${GRPC[inference]}" \
-            MESHGATE_GATEWAY__ANALYTICS_ENDPOINT="http://127.0.0.1:${GRPC[analytics]}" \
-            MESHGATE_SYNC__QUOTA_ENDPOINT="http://127.0.0.1:${GRPC[quota]}" \
-            nice -n "$NICE" "$BIN/meshgate-$svc" >"$RUN_DIR/six-$svc.log" 2>&1 &
-        pids+=("$!")
-        mg_defer kill "$!"
-    done
-    wait_ready http://127.0.0.1:8091
-    TARGETS+=(--target meshgate-6p http://127.0.0.1:8091 --key "$KEY" --pids "$(IFS=,; echo "${pids[*]}")")
+    # Creates only what is missing: one development PKI for every run.
+    "$BIN/meshgate" certs --out "$RUN_DIR/tls" >/dev/null
 fi
+if [[ " $MODES " == *" six "* ]]; then start_six meshgate-6p 8091 52051 9121 mtls; fi
+if [[ " $MODES " == *" six-plaintext "* ]]; then start_six meshgate-6p-plain 8093 54051 9141 plaintext; fi
 
 args=(--nice "$NICE" --quiet-wait 60)
 if [[ ${MESHGATE_BENCH_PEERS:-1} == 1 ]]; then

@@ -44,12 +44,10 @@ use crate::tenancy::EndpointScope;
 
 /// Content type of an edge batch.
 pub const BATCH_CONTENT_TYPE: &str = "application/x-protobuf";
-/// Largest body accepted (compressed, or not).
-pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
-/// Largest batch accepted once inflated.
-pub const MAX_INFLATED_BYTES: usize = 32 * 1024 * 1024;
-/// Traces one batch may carry at most.
-pub const MAX_BATCH_TRACES: usize = 10_000;
+pub use meshgate_proto::sync::v1::{
+    EDGE_BATCH_MAX_BODY_BYTES as MAX_BATCH_BYTES, EDGE_BATCH_MAX_INFLATED_BYTES as MAX_INFLATED_BYTES,
+    EDGE_BATCH_MAX_TRACES as MAX_BATCH_TRACES,
+};
 /// Batches a replica reads and decodes at once; more are answered 503 (the edge retries).
 pub const DECODING_AT_ONCE: usize = 4;
 /// The field number of `EdgeBatch.traces`.

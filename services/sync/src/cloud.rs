@@ -41,7 +41,10 @@ pub const BATCHES_PATH: &str = "/v1/sync/batches";
 /// Content type of an [`EdgeBatch`] body.
 pub const BATCH_CONTENT_TYPE: &str = "application/x-protobuf";
 /// Traces one `Uplink` call may stage at most.
-pub const MAX_UPLINK_TRACES: usize = 10_000;
+pub const MAX_UPLINK_TRACES: usize = meshgate_proto::sync::v1::EDGE_BATCH_MAX_TRACES;
+/// Largest encoded batch staged: what the cloud accepts as a body, less room for gzip's framing
+/// when the traces do not compress.
+pub const MAX_STAGED_BYTES: usize = meshgate_proto::sync::v1::EDGE_BATCH_MAX_BODY_BYTES - 64 * 1024;
 
 const ID_FILE: &str = "outbox.id";
 const LOCK_FILE: &str = "outbox.lock";
@@ -440,8 +443,18 @@ impl Uplink {
             return Err(Error::InvalidRequest(format!("a trace has no request_id (trace_id {:?})", trace.trace_id)));
         }
         let count = traces.len() as u64;
+        let batches = split_by_size(traces, MAX_STAGED_BYTES)?;
         let outbox = self.outbox.clone();
-        let staged = tokio::task::spawn_blocking(move || outbox.stage(traces)).await.map_err(|e| {
+        let staged = tokio::task::spawn_blocking(move || {
+            let mut first = None;
+            for batch in batches {
+                let id = outbox.stage(batch)?;
+                first.get_or_insert(id);
+            }
+            Ok::<_, OutboxError>(first.unwrap_or_default())
+        })
+        .await
+        .map_err(|e| {
             Error::Outbox(OutboxError::Io { context: "staging task", path: PathBuf::new(), source: e.into() })
         })?;
         self.metrics.observe(&self.outbox);
@@ -449,6 +462,36 @@ impl Uplink {
         self.metrics.staged_traces.inc_by(count);
         Ok(batch_id)
     }
+}
+
+/// `traces` in order, as batches whose encoding stays within `max_bytes`, so the cloud never
+/// refuses a batch for its size; a single trace larger than that is refused.
+fn split_by_size(traces: Vec<Trace>, max_bytes: usize) -> Result<Vec<Vec<Trace>>, Error> {
+    // A trace's cost in the batch: its bytes, its length prefix and its field key.
+    let cost = |trace: &Trace| trace.encoded_len() + prost::length_delimiter_len(trace.encoded_len()) + 1;
+    // Room for the batch id.
+    let budget = max_bytes.saturating_sub(256);
+    let mut batches = Vec::new();
+    let (mut current, mut size) = (Vec::new(), 0);
+    for trace in traces {
+        let bytes = cost(&trace);
+        if bytes > budget {
+            return Err(Error::InvalidRequest(format!(
+                "trace {:?} encodes to {bytes} bytes, more than a batch may carry ({budget})",
+                trace.request_id
+            )));
+        }
+        if size + bytes > budget {
+            batches.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += bytes;
+        current.push(trace);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    Ok(batches)
 }
 
 /// What one upload attempt came to.
@@ -702,6 +745,22 @@ mod tests {
 
     fn decode(batch: &StagedBatch) -> EdgeBatch {
         EdgeBatch::decode(batch.body.as_slice()).unwrap()
+    }
+
+    #[test]
+    fn traces_are_staged_in_batches_the_cloud_accepts() {
+        let big = |id: &str| Trace { request_id: id.into(), routing_reason: "r".repeat(400), ..Default::default() };
+        let traces: Vec<Trace> = (0..10).map(|i| big(&format!("t{i}"))).collect();
+        let batches = split_by_size(traces.clone(), 1_700).unwrap();
+        assert!(batches.len() > 1);
+        assert_eq!(batches.concat(), traces, "in order, none lost");
+        for batch in &batches {
+            let body = EdgeBatch { batch_id: "x".repeat(64), traces: batch.clone() }.encode_to_vec();
+            assert!(body.len() <= 1_700, "{} bytes", body.len());
+        }
+        assert_eq!(split_by_size(traces.clone(), MAX_STAGED_BYTES).unwrap().len(), 1);
+        let err = split_by_size(vec![big("huge")], 300).unwrap_err();
+        assert!(err.to_string().contains("huge"), "{err}");
     }
 
     #[test]

@@ -153,6 +153,95 @@ mod tests {
         SseEvent { event: None, data: s.to_owned() }
     }
 
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Events as a provider writes them: optional name, data of one or more lines, and
+        /// comments between events, with `\n` or `\r\n` line ends.
+        fn events() -> impl Strategy<Value = (Vec<SseEvent>, String)> {
+            let event = (
+                proptest::option::of("[a-z_.]{1,12}"),
+                proptest::collection::vec("[^\r\n]{0,40}", 1..4),
+                any::<bool>(),
+                any::<bool>(),
+            );
+            proptest::collection::vec(event, 0..12).prop_map(|events| {
+                let mut wire = String::new();
+                let mut expected = Vec::new();
+                for (name, lines, crlf, comment) in events {
+                    let end = if crlf { "\r\n" } else { "\n" };
+                    if comment {
+                        wire.push_str(&format!(": keep-alive{end}"));
+                    }
+                    if let Some(name) = &name {
+                        wire.push_str(&format!("event: {name}{end}"));
+                    }
+                    for line in &lines {
+                        wire.push_str(&format!("data: {line}{end}"));
+                    }
+                    wire.push_str(end);
+                    // The one space after `data:` is the writer's; the decoder strips it alone.
+                    expected.push(SseEvent { event: name, data: lines.join("\n") });
+                }
+                (expected, wire)
+            })
+        }
+
+        fn chunked(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            points.push(0);
+            points.push(bytes.len());
+            points.sort_unstable();
+            points.windows(2).map(|w| bytes[w[0]..w[1]].to_vec()).collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// However the network splits a stream, the same events come out, in order.
+            #[test]
+            fn any_chunking_decodes_the_events_written((expected, wire) in events(), cuts in proptest::collection::vec(any::<usize>(), 0..24)) {
+                let mut decoder = SseDecoder::new(1 << 16);
+                let mut events = Vec::new();
+                for chunk in chunked(wire.as_bytes(), &cuts) {
+                    decoder.push(&chunk).unwrap();
+                    while let Some(event) = decoder.next_event().unwrap() {
+                        events.push(event);
+                    }
+                }
+                prop_assert_eq!(decoder.finish().unwrap(), None);
+                prop_assert_eq!(events, expected);
+            }
+
+            /// Arbitrary bytes never panic, and the decoder holds no more than its limit plus the
+            /// chunk it was just given.
+            #[test]
+            fn arbitrary_bytes_are_decoded_or_refused_within_the_limit(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+                cuts in proptest::collection::vec(any::<usize>(), 0..16),
+            ) {
+                let limit = 256;
+                let mut decoder = SseDecoder::new(limit);
+                for chunk in chunked(&bytes, &cuts) {
+                    if decoder.push(&chunk).is_err() {
+                        return Ok(());
+                    }
+                    loop {
+                        match decoder.next_event() {
+                            Ok(Some(event)) => prop_assert!(event.data.len() <= limit),
+                            Ok(None) => break,
+                            Err(_) => return Ok(()),
+                        }
+                    }
+                    prop_assert!(decoder.buf.len() <= limit + chunk.len(), "{} bytes held", decoder.buf.len());
+                }
+                let _ = decoder.finish();
+            }
+        }
+    }
+
     #[test]
     fn events_split_at_every_byte_boundary() {
         let stream = "data: {\"a\":\"é\"}\n\n: keep-alive\n\ndata: two\r\ndata: lines\r\n\r\nevent: error\ndata:x\n\ndata: [DONE]\n\n";

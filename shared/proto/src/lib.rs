@@ -116,6 +116,14 @@ pub mod analytics {
 pub mod sync {
     pub mod v1 {
         tonic::include_proto!("meshgate.sync.v1");
+
+        /// What a cloud accepts of one `EdgeBatch` (`POST /v1/sync/batches`), and so what an edge
+        /// stages as one batch: the body as sent (gzip or not).
+        pub const EDGE_BATCH_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+        /// The batch once inflated.
+        pub const EDGE_BATCH_MAX_INFLATED_BYTES: usize = 32 * 1024 * 1024;
+        /// Traces in one batch.
+        pub const EDGE_BATCH_MAX_TRACES: usize = 10_000;
     }
 }
 
