@@ -436,8 +436,7 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
     }
     let inference = match &config.inference_endpoint {
         Some(endpoint) => Some(InferenceClient::new(
-            listeners.channel(endpoint, Duration::from_secs(2))
-                .map_err(|err| Error::Config(err.to_string()))?,
+            listeners.channel(endpoint, Duration::from_secs(2)).map_err(|err| Error::Config(err.to_string()))?,
         )),
         None => None,
     };

@@ -289,7 +289,8 @@ pub async fn serve_with_clock(
     queue_metrics.register(host.metrics());
     let charger = match &config.quota_endpoint {
         Some(endpoint) => {
-            let channel = listeners.channel(endpoint, Duration::from_secs(2))
+            let channel = listeners
+                .channel(endpoint, Duration::from_secs(2))
                 .map_err(|err| Error::Config(format!("quota_endpoint: {err}")))?;
             Some(Charger::new(QuotaClient::new(channel), Duration::from_secs(5)))
         }
