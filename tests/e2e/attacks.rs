@@ -340,8 +340,11 @@ fn user_message(text: String) -> ChatMessage {
 async fn grpc_chat_is_authenticated_before_its_message_is_read_and_scans_tool_calls() {
     let mesh = TestMesh::start().await;
     let mut client = GatewayClient::new(mesh.channel("gateway")).max_encoding_message_size(usize::MAX);
-    let chat =
-        |text: String| ChatRequest { model: CLOUD_MODEL.into(), messages: vec![user_message(text)], sampling: None };
+    let chat = |text: String| ChatRequest {
+        model: CLOUD_MODEL.into(),
+        messages: vec![user_message(text)],
+        ..Default::default()
+    };
 
     // A message far past every limit, without a valid key: refused from the metadata.
     let huge = "x".repeat(5 * 1024 * 1024);

@@ -124,7 +124,13 @@ async fn each_identity_calls_only_the_quota_rpcs_its_code_makes() {
     let charge = ChargeRequest {
         charge_id: "job:identity-1".into(),
         principal: Some(principal()),
-        usage: Some(Usage { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7, cost_micros: 0 }),
+        usage: Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            total_tokens: 7,
+            cost_micros: 0,
+            ..Usage::default()
+        }),
         requests: 1,
     };
     as_sync.charge(charge).await.expect("sync charges delivered jobs");

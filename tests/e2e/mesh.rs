@@ -254,6 +254,7 @@ async fn grpc_gateway_chat_streams_and_lists_models() {
         model: CLOUD_MODEL.into(),
         messages: vec![ChatMessage { role: "user".into(), content: "grpc says hi".into(), ..Default::default() }],
         sampling: None,
+        options: None,
     });
     request.metadata_mut().insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
     let mut stream = client.chat(request).await.unwrap().into_inner();

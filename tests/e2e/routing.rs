@@ -51,6 +51,7 @@ async fn replies_name_their_target_layer_and_task_and_the_trace_keeps_the_reason
         model: CLOUD_MODEL.into(),
         messages: vec![ChatMessage { role: "user".into(), content: "over grpc".into(), ..Default::default() }],
         sampling: None,
+        options: None,
     });
     request.metadata_mut().insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
     let response = client.chat(request).await.unwrap();

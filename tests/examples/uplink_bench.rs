@@ -32,7 +32,13 @@ fn trace(i: usize) -> Trace {
         requested_model: "mock-gpt".into(),
         served_model: "mock-gpt".into(),
         served_target: "alpha/mock-gpt".into(),
-        usage: Some(Usage { prompt_tokens: 12, completion_tokens: 20, total_tokens: 32, cost_micros: 9 }),
+        usage: Some(Usage {
+            prompt_tokens: 12,
+            completion_tokens: 20,
+            total_tokens: 32,
+            cost_micros: 9,
+            ..Usage::default()
+        }),
         latency_us: 1_500,
         status_code: 200,
         ..Trace::default()

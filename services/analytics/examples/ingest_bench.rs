@@ -85,6 +85,7 @@ fn make_trace(i: u64, total: u64, now: DateTime<Utc>) -> pb::Trace {
         completion_tokens: completion,
         total_tokens: prompt + completion,
         cost_micros: cost,
+        ..Usage::default()
     };
     let call = |status: &str| pb::ModelCall {
         target_id: format!("prov/{model}"),

@@ -433,7 +433,7 @@ mod tests {
     #[test]
     fn usage_adds_up_and_refuses_negative_figures() {
         let trace = |tokens: i64, cost: i64| Trace {
-            usage: Some(Usage { prompt_tokens: tokens, completion_tokens: 1, total_tokens: 0, cost_micros: cost }),
+            usage: Some(Usage { prompt_tokens: tokens, completion_tokens: 1, cost_micros: cost, ..Usage::default() }),
             ..Default::default()
         };
         let total = batch_usage(&[trace(10, 5), trace(2, 7)]).unwrap();

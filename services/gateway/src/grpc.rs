@@ -178,6 +178,7 @@ impl Gateway for GatewayService {
                     finish_reason: piece.finish_reason,
                     usage: piece.usage,
                     tool_calls: piece.tool_calls,
+                    ..ChatChunk::default()
                 })
                 .map_err(|err: ApiError| err.to_status())
         });

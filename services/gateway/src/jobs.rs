@@ -215,6 +215,7 @@ pub async fn enqueue(
             messages: chat.messages,
             sampling: Some(chat.sampling),
             timeout_ms: 0,
+            options: None,
         }),
         reservation: Some(reservation.clone()),
     };

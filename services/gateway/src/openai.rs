@@ -185,7 +185,7 @@ pub fn validate_chat(request: ChatCompletionRequest, limits: ChatLimits) -> Resu
             content,
             name: message.name.unwrap_or_default(),
             tool_call_id: message.tool_call_id.unwrap_or_default(),
-            tool_calls: Vec::new(),
+            ..ChatMessage::default()
         });
     }
     let stop = match request.stop {

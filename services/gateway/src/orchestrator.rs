@@ -343,6 +343,7 @@ impl Orchestrator {
             max_tokens,
             stream: call.chat.stream,
             task: "chat".into(),
+            capabilities: Vec::new(),
         };
         // The router classifies the conversation as the provider will see it (redacted).
         let decide =
@@ -568,6 +569,7 @@ impl Orchestrator {
                 messages: call.chat.messages.clone(),
                 sampling: Some(call.chat.sampling.clone()),
                 timeout_ms: 0,
+                options: None,
             };
             let mut client = self.peers.sync.clone();
             let response =

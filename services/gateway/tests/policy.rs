@@ -252,6 +252,7 @@ async fn replies_are_scanned_and_redacted_in_json_and_in_streams() {
             ..Default::default()
         }],
         sampling: None,
+        options: None,
     });
     request.metadata_mut().insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
     let response = client.chat(request).await.expect("gRPC chat");
@@ -268,6 +269,7 @@ async fn replies_are_scanned_and_redacted_in_json_and_in_streams() {
         model: CLOUD_MODEL.into(),
         messages: vec![ChatMessage { role: "user".into(), content: "DROP TABLE users".into(), ..Default::default() }],
         sampling: None,
+        options: None,
     });
     request.metadata_mut().insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
     let status = client.chat(request).await.expect_err("blocked");

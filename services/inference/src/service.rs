@@ -41,7 +41,7 @@ fn usage(prompt: u64, completion: u64) -> Usage {
         prompt_tokens: prompt as i64,
         completion_tokens: completion as i64,
         total_tokens: (prompt + completion) as i64,
-        cost_micros: 0,
+        ..Usage::default()
     }
 }
 

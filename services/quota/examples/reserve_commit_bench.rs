@@ -72,7 +72,8 @@ async fn pair(client: &mut QuotaClient<MeshChannel>, n: u64) {
     };
     let reserved = client.reserve(reserve).await.expect("reserve").into_inner();
     assert!(reserved.admitted, "the benchmark's limits never refuse: {reserved:?}");
-    let usage = Usage { prompt_tokens: 20, completion_tokens: 80, total_tokens: 100, cost_micros: 20 };
+    let usage =
+        Usage { prompt_tokens: 20, completion_tokens: 80, total_tokens: 100, cost_micros: 20, ..Default::default() };
     let commit =
         CommitRequest { reservation_id: reserved.reservation_id, usage: Some(usage), principal: Some(principal) };
     client.commit(commit).await.expect("commit");

@@ -577,6 +577,7 @@ async fn charge_adds_usage_to_every_scope_once_per_charge_id(backend: Backend) {
         completion_tokens: 5,
         total_tokens: 40,
         cost_micros: 1,
+        ..Default::default()
     });
     assert!(!engine.charge(&job).await.unwrap().replay);
     let key = status_of(&engine, &p, pb::ScopeKind::Key).await;

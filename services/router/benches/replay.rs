@@ -110,6 +110,7 @@ fn route_request() -> RouteRequest {
         max_tokens: 1024,
         stream: true,
         task: "chat".into(),
+        capabilities: Vec::new(),
     }
 }
 

@@ -68,6 +68,7 @@ fn request(i: usize) -> RouteRequest {
         max_tokens: 512,
         stream: i.is_multiple_of(2),
         task: "chat".into(),
+        capabilities: Vec::new(),
     }
 }
 

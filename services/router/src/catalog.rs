@@ -98,6 +98,7 @@ impl Catalog {
                 input_price_micros_per_mtok: 0,
                 output_price_micros_per_mtok: 0,
                 context_window: model.context_length,
+                ..Target::default()
             };
             let tasks = facts.get(&model.name).map(|f| f.tasks.clone()).unwrap_or_default();
             by_model.entry((model.task.clone(), model.name.clone())).or_default().push(Entry {
@@ -121,6 +122,7 @@ impl Catalog {
                     input_price_micros_per_mtok: fact.input_price_micros_per_mtok,
                     output_price_micros_per_mtok: fact.output_price_micros_per_mtok,
                     context_window: fact.context_window,
+                    ..Target::default()
                 };
                 let entry = Entry { target, tasks: fact.tasks, rank: provider.priority };
                 by_model.entry(("chat".to_owned(), model.clone())).or_default().push(entry);

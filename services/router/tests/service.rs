@@ -45,6 +45,7 @@ impl Router {
             max_tokens: 100,
             stream: true,
             task: "chat".into(),
+            capabilities: Vec::new(),
         };
         let messages = vec![ChatMessage { role: "user".into(), content: prompt.into(), ..Default::default() }];
         let decide = DecideRequest { request: Some(request), messages, task_hint: String::new() };

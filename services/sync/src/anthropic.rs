@@ -329,10 +329,11 @@ impl Assembler {
                 prompt_tokens: self.input_tokens,
                 completion_tokens: self.output_tokens,
                 total_tokens: self.input_tokens + self.output_tokens,
-                cost_micros: 0,
+                ..Usage::default()
             }),
             tool_calls,
             model: self.model_once(),
+            ..CompleteChunk::default()
         }
     }
 }
@@ -455,7 +456,13 @@ mod tests {
         assert_eq!(last.model, "");
         assert_eq!(
             last.usage,
-            Some(Usage { prompt_tokens: 12, completion_tokens: 7, total_tokens: 19, cost_micros: 0 })
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 7,
+                total_tokens: 19,
+                cost_micros: 0,
+                ..Usage::default()
+            })
         );
         let calls: Vec<(&str, &str, &str)> = last
             .tool_calls

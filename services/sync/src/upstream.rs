@@ -788,6 +788,7 @@ impl Assembler {
                 usage: self.usage.take(),
                 tool_calls,
                 model: self.model_once(),
+                ..CompleteChunk::default()
             }));
         }
         let chunk: WireChunk = serde_json::from_str(data)
@@ -809,7 +810,7 @@ impl Assembler {
                 prompt_tokens: usage.prompt_tokens,
                 completion_tokens: usage.completion_tokens,
                 total_tokens: usage.total_tokens.unwrap_or(usage.prompt_tokens + usage.completion_tokens),
-                cost_micros: 0,
+                ..Usage::default()
             });
         }
         let mut delta = String::new();
@@ -944,7 +945,10 @@ mod tests {
         assert_eq!(last.delta, "");
         assert_eq!(last.model, "");
         assert_eq!(last.finish_reason, "tool_calls");
-        assert_eq!(last.usage, Some(Usage { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8, cost_micros: 0 }));
+        assert_eq!(
+            last.usage,
+            Some(Usage { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8, cost_micros: 0, ..Usage::default() })
+        );
         assert_eq!(
             last.tool_calls,
             vec![ToolCall {

@@ -132,7 +132,13 @@ async fn the_same_conversation_answers_the_same_in_both_formats() {
     let prompt = prompt_tokens(["you are terse", "tell me about the mesh gateway"]) as i64;
     assert_eq!(
         last.usage,
-        Some(Usage { prompt_tokens: prompt, completion_tokens: 7, total_tokens: prompt + 7, cost_micros: 0 })
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: 7,
+            total_tokens: prompt + 7,
+            cost_micros: 0,
+            ..Usage::default()
+        })
     );
     assert_eq!(last.usage, openai_last.usage);
     assert_eq!(anthropic[0].model, "claude-test");

@@ -105,6 +105,7 @@ pub fn trace(org: &str, t: &T) -> pb::Trace {
                 completion_tokens: t.completion,
                 total_tokens: t.prompt + t.completion,
                 cost_micros: t.cost,
+                ..Usage::default()
             }),
             status: if t.error.is_empty() { "ok".into() } else { "error".into() },
             error: None,
@@ -114,6 +115,7 @@ pub fn trace(org: &str, t: &T) -> pb::Trace {
             completion_tokens: t.completion,
             total_tokens: t.prompt + t.completion,
             cost_micros: t.cost,
+            ..Usage::default()
         }),
         latency_us: t.latency,
         status_code: t.status,

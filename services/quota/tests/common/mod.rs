@@ -62,6 +62,7 @@ pub fn commit(reservation_id: &str, tokens: i64, cost: i64) -> pb::CommitRequest
             completion_tokens: tokens - tokens / 2,
             total_tokens: tokens,
             cost_micros: cost,
+            ..Default::default()
         }),
         principal: None,
     }
@@ -77,6 +78,7 @@ pub fn charge(p: &Principal, charge_id: &str, tokens: i64, cost: i64, requests: 
             completion_tokens: tokens - tokens / 2,
             total_tokens: 0,
             cost_micros: cost,
+            ..Default::default()
         }),
         requests,
     }
