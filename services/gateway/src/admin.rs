@@ -19,8 +19,9 @@ use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::api::{ApiPath, ApiQuery, AppState, RequestContext, read_body};
 use crate::auth::{Authenticator, Caller, digest};
-use crate::http::{ApiPath, ApiQuery, Edge, List, RequestContext, error_response, read_body};
+use crate::response::{List, error_response};
 use crate::settings::RequestLimits;
 use crate::tenancy::{
     ApiKey, EndpointScope, KeyScopes, Org, Project, ProjectSettingsDoc, SettingsKind, TenancyError, TenancyStore, User,
@@ -157,7 +158,7 @@ async fn load_key(store: &dyn TenancyStore, caller: &Caller, id: &str) -> Result
 }
 
 /// Runs a management handler: authenticates (the `admin` endpoint scope), then `f`.
-async fn managed<F, Fut, T>(edge: Edge, request: Request, f: F) -> Response
+async fn managed<F, Fut, T>(app: AppState, request: Request, f: F) -> Response
 where
     F: FnOnce(Arc<dyn TenancyStore>, Authenticator, Caller, Request) -> Fut,
     Fut: std::future::Future<Output = Result<(StatusCode, T), ApiError>>,
@@ -165,8 +166,8 @@ where
 {
     let context = request.extensions().get::<RequestContext>().cloned();
     let id = context.as_ref().map(|c| c.request_id.clone()).unwrap_or_default();
-    let auth = edge.auth.clone();
-    let caller = crate::http::authenticate(&edge, request.headers(), context.and_then(|c| c.client)).await;
+    let auth = app.auth.clone();
+    let caller = crate::api::authenticate(&app, request.headers(), context.and_then(|c| c.client)).await;
     let result = async {
         let caller = caller?;
         caller.require(EndpointScope::Admin)?;
@@ -213,9 +214,9 @@ pub(crate) struct CreateOrg {
     request_body = CreateOrg,
     responses((status = 201, description = "The organization", body = Org))
 )]
-pub async fn create_org(State(edge): State<Edge>, request: Request) -> Response {
-    let limit = edge.max_body_bytes;
-    managed(edge, request, |store, _, caller, request| async move {
+pub async fn create_org(State(app): State<AppState>, request: Request) -> Response {
+    let limit = app.max_body_bytes;
+    managed(app, request, |store, _, caller, request| async move {
         if !caller.platform_admin {
             return Err(forbidden("creating organizations needs the bootstrap administrator key"));
         }
@@ -238,8 +239,8 @@ pub async fn create_org(State(edge): State<Edge>, request: Request) -> Response 
     description = "Every organization for the bootstrap key, else the caller's own.",
     responses((status = 200, description = "The organizations", body = List<Org>))
 )]
-pub async fn list_orgs(State(edge): State<Edge>, request: Request) -> Response {
-    managed(edge, request, |store, _, caller, _| async move {
+pub async fn list_orgs(State(app): State<AppState>, request: Request) -> Response {
+    managed(app, request, |store, _, caller, _| async move {
         let orgs: Vec<Org> = if caller.platform_admin {
             store.list_orgs().await?
         } else {
@@ -273,9 +274,9 @@ pub(crate) struct CreateProject {
     request_body = CreateProject,
     responses((status = 201, description = "The project", body = Project))
 )]
-pub async fn create_project(State(edge): State<Edge>, request: Request) -> Response {
-    let limit = edge.max_body_bytes;
-    managed(edge, request, |store, _, caller, request| async move {
+pub async fn create_project(State(app): State<AppState>, request: Request) -> Response {
+    let limit = app.max_body_bytes;
+    managed(app, request, |store, _, caller, request| async move {
         let body: CreateProject = json_body(request, limit).await?;
         let org_id = body.org_id.unwrap_or_else(|| caller.principal.org_id.clone());
         check_field("name", &body.name)?;
@@ -304,8 +305,8 @@ pub struct OrgFilter {
     params(OrgFilter),
     responses((status = 200, description = "The projects", body = List<Project>))
 )]
-pub async fn list_projects(State(edge): State<Edge>, query: ApiQuery<OrgFilter>, request: Request) -> Response {
-    managed(edge, request, |store, _, caller, _| async move {
+pub async fn list_projects(State(app): State<AppState>, query: ApiQuery<OrgFilter>, request: Request) -> Response {
+    managed(app, request, |store, _, caller, _| async move {
         let org_id = visible_org(&caller, query.0.org_id)?;
         let projects = store.list_projects(&org_id).await?;
         Ok(list(projects.into_iter().filter(|p| project_access(&caller, p).is_ok()).collect()))
@@ -339,9 +340,9 @@ pub(crate) struct CreateUser {
     request_body = CreateUser,
     responses((status = 201, description = "The user", body = User))
 )]
-pub async fn create_user(State(edge): State<Edge>, request: Request) -> Response {
-    let limit = edge.max_body_bytes;
-    managed(edge, request, |store, _, caller, request| async move {
+pub async fn create_user(State(app): State<AppState>, request: Request) -> Response {
+    let limit = app.max_body_bytes;
+    managed(app, request, |store, _, caller, request| async move {
         let body: CreateUser = json_body(request, limit).await?;
         let org_id = body.org_id.unwrap_or_else(|| caller.principal.org_id.clone());
         check_field("email", &body.email)?;
@@ -367,8 +368,8 @@ pub async fn create_user(State(edge): State<Edge>, request: Request) -> Response
     params(OrgFilter),
     responses((status = 200, description = "The users", body = List<User>))
 )]
-pub async fn list_users(State(edge): State<Edge>, query: ApiQuery<OrgFilter>, request: Request) -> Response {
-    managed(edge, request, |store, _, caller, _| async move {
+pub async fn list_users(State(app): State<AppState>, query: ApiQuery<OrgFilter>, request: Request) -> Response {
+    managed(app, request, |store, _, caller, _| async move {
         let org_id = visible_org(&caller, query.0.org_id)?;
         if !caller.platform_admin && caller.role() < Role::Admin {
             return Err(forbidden("listing users needs the admin or owner role"));
@@ -408,13 +409,13 @@ pub(crate) struct Membership {
     responses((status = 200, description = "The membership", body = Membership))
 )]
 pub async fn set_member(
-    State(edge): State<Edge>,
+    State(app): State<AppState>,
     ApiPath((project_id, user_id)): ApiPath<(String, String)>,
     request: Request,
 ) -> Response {
-    let limit = edge.max_body_bytes;
-    let invalidator = edge.invalidator.clone();
-    managed(edge, request, |store, auth, caller, request| async move {
+    let limit = app.max_body_bytes;
+    let invalidator = app.invalidator.clone();
+    managed(app, request, |store, auth, caller, request| async move {
         let body: SetRole = json_body(request, limit).await?;
         let role = body.role.as_deref().map(parse_role).transpose()?;
         let (project, access) = load_project(store.as_ref(), &caller, &project_id).await?;
@@ -456,15 +457,15 @@ async fn project_settings(
 /// Replaces one settings document of a project the caller manages, then makes every replica
 /// drop its cached copy.
 async fn store_settings(
-    edge: &Edge,
+    app: &AppState,
     store: &dyn TenancyStore,
     project: &Project,
     kind: SettingsKind,
     document: &serde_json::Value,
 ) -> Result<(), ApiError> {
     store.set_project_settings(&project.id, kind, document).await?;
-    edge.settings.invalidate(&project.id);
-    edge.invalidator.publish_project(&project.id).await;
+    app.settings.invalidate(&project.id);
+    app.invalidator.publish_project(&project.id).await;
     Ok(())
 }
 
@@ -487,8 +488,12 @@ fn require_manage(access: Access, what: &str) -> Result<(), ApiError> {
     params(("project" = String, Path, description = "Project id", example = "default")),
     responses((status = 200, description = "The policy", body = inline(Object), content_type = "application/json"))
 )]
-pub async fn get_policy(State(edge): State<Edge>, ApiPath(project_id): ApiPath<String>, request: Request) -> Response {
-    managed(edge, request, |store, _, caller, _| async move {
+pub async fn get_policy(
+    State(app): State<AppState>,
+    ApiPath(project_id): ApiPath<String>,
+    request: Request,
+) -> Response {
+    managed(app, request, |store, _, caller, _| async move {
         let (_, _, doc) = project_settings(store.as_ref(), &caller, &project_id).await?;
         Ok((StatusCode::OK, PolicyConfig::from_json(&doc.security_policy)?))
     })
@@ -508,10 +513,14 @@ pub async fn get_policy(State(edge): State<Edge>, ApiPath(project_id): ApiPath<S
     request_body = inline(Object),
     responses((status = 200, description = "The policy as stored, defaults filled in", body = inline(Object)))
 )]
-pub async fn set_policy(State(edge): State<Edge>, ApiPath(project_id): ApiPath<String>, request: Request) -> Response {
-    let limit = edge.max_body_bytes;
-    let shared = edge.clone();
-    managed(edge, request, |store, _, caller, request| async move {
+pub async fn set_policy(
+    State(app): State<AppState>,
+    ApiPath(project_id): ApiPath<String>,
+    request: Request,
+) -> Response {
+    let limit = app.max_body_bytes;
+    let shared = app.clone();
+    managed(app, request, |store, _, caller, request| async move {
         let (project, access) = load_project(store.as_ref(), &caller, &project_id).await?;
         require_manage(access, "the security policy")?;
         let body: serde_json::Value = json_body(request, limit).await?;
@@ -535,8 +544,12 @@ pub async fn set_policy(State(edge): State<Edge>, ApiPath(project_id): ApiPath<S
     params(("project" = String, Path, description = "Project id", example = "default")),
     responses((status = 200, description = "The limits", body = RequestLimits))
 )]
-pub async fn get_limits(State(edge): State<Edge>, ApiPath(project_id): ApiPath<String>, request: Request) -> Response {
-    managed(edge, request, |store, _, caller, _| async move {
+pub async fn get_limits(
+    State(app): State<AppState>,
+    ApiPath(project_id): ApiPath<String>,
+    request: Request,
+) -> Response {
+    managed(app, request, |store, _, caller, _| async move {
         let (_, _, doc) = project_settings(store.as_ref(), &caller, &project_id).await?;
         Ok((StatusCode::OK, RequestLimits::from_json(&doc.request_limits)?))
     })
@@ -555,10 +568,14 @@ pub async fn get_limits(State(edge): State<Edge>, ApiPath(project_id): ApiPath<S
     request_body = RequestLimits,
     responses((status = 200, description = "The limits as stored", body = RequestLimits))
 )]
-pub async fn set_limits(State(edge): State<Edge>, ApiPath(project_id): ApiPath<String>, request: Request) -> Response {
-    let limit = edge.max_body_bytes;
-    let shared = edge.clone();
-    managed(edge, request, |store, _, caller, request| async move {
+pub async fn set_limits(
+    State(app): State<AppState>,
+    ApiPath(project_id): ApiPath<String>,
+    request: Request,
+) -> Response {
+    let limit = app.max_body_bytes;
+    let shared = app.clone();
+    managed(app, request, |store, _, caller, request| async move {
         let (project, access) = load_project(store.as_ref(), &caller, &project_id).await?;
         require_manage(access, "the request limits")?;
         let body: serde_json::Value = json_body(request, limit).await?;
@@ -618,9 +635,9 @@ pub(crate) struct CreatedKey {
     request_body = CreateKey,
     responses((status = 201, description = "The key and its secret", body = CreatedKey))
 )]
-pub async fn create_key(State(edge): State<Edge>, request: Request) -> Response {
-    let limit = edge.max_body_bytes;
-    managed(edge, request, |store, _, caller, request| async move {
+pub async fn create_key(State(app): State<AppState>, request: Request) -> Response {
+    let limit = app.max_body_bytes;
+    managed(app, request, |store, _, caller, request| async move {
         let body: CreateKey = json_body(request, limit).await?;
         let project_id = body.project_id.clone().unwrap_or_else(|| caller.principal.project_id.clone());
         let (project, access) = load_project(store.as_ref(), &caller, &project_id).await?;
@@ -755,8 +772,8 @@ pub struct KeyFilter {
     params(KeyFilter),
     responses((status = 200, description = "The keys", body = List<ApiKey>))
 )]
-pub async fn list_keys(State(edge): State<Edge>, query: ApiQuery<KeyFilter>, request: Request) -> Response {
-    managed(edge, request, |store, _, caller, _| async move {
+pub async fn list_keys(State(app): State<AppState>, query: ApiQuery<KeyFilter>, request: Request) -> Response {
+    managed(app, request, |store, _, caller, _| async move {
         let project_id = query.0.project_id.unwrap_or_else(|| caller.principal.project_id.clone());
         let (_, access) = load_project(store.as_ref(), &caller, &project_id).await?;
         let keys = store.list_keys(&project_id).await?;
@@ -782,8 +799,8 @@ pub async fn list_keys(State(edge): State<Edge>, query: ApiQuery<KeyFilter>, req
     params(("id" = String, Path, description = "Key id")),
     responses((status = 200, description = "The key (without its secret)", body = ApiKey))
 )]
-pub async fn get_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
-    managed(edge, request, |store, _, caller, _| async move {
+pub async fn get_key(State(app): State<AppState>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
+    managed(app, request, |store, _, caller, _| async move {
         let (key, _) = load_key(store.as_ref(), &caller, &id).await?;
         Ok((StatusCode::OK, key))
     })
@@ -801,15 +818,15 @@ pub async fn get_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, req
     params(("id" = String, Path, description = "Key id")),
     responses((status = 200, description = "The revoked key", body = ApiKey))
 )]
-pub async fn revoke_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
-    let invalidator = edge.invalidator.clone();
-    managed(edge, request, |store, auth, caller, _| async move {
+pub async fn revoke_key(State(app): State<AppState>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
+    let invalidator = app.invalidator.clone();
+    managed(app, request, |store, auth, caller, _| async move {
         let (key, _) = load_key(store.as_ref(), &caller, &id).await?;
         require_rank(&caller, key.role, "this key")?;
         let revoked =
             store.revoke_key(&key.id, Utc::now()).await?.ok_or_else(|| not_found(&format!("API key {id}")))?;
         auth.invalidate(&key.id);
-        invalidator.publish(&key.id).await;
+        invalidator.publish_key(&key.id).await;
         Ok((StatusCode::OK, revoked))
     })
     .await
@@ -826,9 +843,9 @@ pub async fn revoke_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, 
     params(("id" = String, Path, description = "Key id")),
     responses((status = 201, description = "The new key and its secret", body = CreatedKey))
 )]
-pub async fn rotate_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
-    let invalidator = edge.invalidator.clone();
-    managed(edge, request, |store, auth, caller, _| async move {
+pub async fn rotate_key(State(app): State<AppState>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
+    let invalidator = app.invalidator.clone();
+    managed(app, request, |store, auth, caller, _| async move {
         let (old, _) = load_key(store.as_ref(), &caller, &id).await?;
         require_rank(&caller, old.role, "this key")?;
         if !old.is_active(Utc::now()) {
@@ -840,46 +857,8 @@ pub async fn rotate_key(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, 
         let (key, secret) = issue_key(store.as_ref(), new).await?;
         store.revoke_key(&old.id, Utc::now()).await?;
         auth.invalidate(&old.id);
-        invalidator.publish(&old.id).await;
+        invalidator.publish_key(&old.id).await;
         Ok((StatusCode::CREATED, CreatedKey { key, secret }))
     })
     .await
-}
-
-/// Publishes revocations to every replica (Redis), when there are replicas to tell.
-#[derive(Clone, Default)]
-pub struct Invalidator {
-    redis: Option<meshgate_storage::RedisConnection>,
-}
-
-impl Invalidator {
-    pub fn new(redis: Option<meshgate_storage::RedisConnection>) -> Self {
-        Self { redis }
-    }
-
-    /// Tells every replica that a key was revoked.
-    pub async fn publish(&self, key_id: &str) {
-        self.send(crate::auth::INVALIDATION_CHANNEL, key_id, "a key revocation").await;
-    }
-
-    /// Tells every replica that a user's roles changed: their cached keys of the user go.
-    pub async fn publish_user(&self, user_id: &str) {
-        self.send(crate::auth::USER_INVALIDATION_CHANNEL, user_id, "a role change").await;
-    }
-
-    /// Tells every replica that a project's settings changed.
-    pub async fn publish_project(&self, project_id: &str) {
-        self.send(crate::settings::INVALIDATION_CHANNEL, project_id, "a project settings change").await;
-    }
-
-    /// Best effort with a log: the change itself is durable, and replicas that miss the message
-    /// stop trusting their caches while their subscription is down.
-    async fn send(&self, channel: &str, id: &str, what: &str) {
-        let Some(redis) = &self.redis else { return };
-        let mut conn = redis.clone();
-        let published: Result<i64, _> = redis::cmd("PUBLISH").arg(channel).arg(id).query_async(&mut conn).await;
-        if let Err(err) = published {
-            tracing::warn!(%err, id, "could not publish {what}; other replicas see it when their cache entry expires");
-        }
-    }
 }

@@ -15,9 +15,10 @@ use meshgate_runtime::{ApiError, ErrorCode, MeshChannel};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::api::{ApiPath, ApiQuery, AppState, authenticate, client_of, request_id_of};
 use crate::auth::Caller;
-use crate::http::{ApiPath, ApiQuery, Edge, List, authenticate, client_of, error_response, request_id_of};
-use crate::orchestrator::peer_call;
+use crate::peers::peer_call;
+use crate::response::{List, error_response};
 use crate::tenancy::EndpointScope;
 
 /// Whose traces a caller may read: an organization, and within it every project or these.
@@ -39,19 +40,19 @@ impl Scope {
 }
 
 /// Runs `f` with the analytics client and the caller's scope, and answers its JSON or the error.
-async fn with_analytics<T, F, Fut>(edge: Edge, request: Request, f: F) -> Response
+async fn with_analytics<T, F, Fut>(app: AppState, request: Request, f: F) -> Response
 where
     F: FnOnce(AnalyticsClient<MeshChannel>, Scope, std::time::Duration) -> Fut,
     Fut: Future<Output = Result<T, ApiError>>,
     T: Serialize,
 {
     let id = request_id_of(&request);
-    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let caller = authenticate(&app, request.headers(), client_of(&request)).await;
     let result = async {
         let caller = caller?;
         caller.require(EndpointScope::Analytics)?;
-        let client = edge.orchestrator.peers().analytics.clone();
-        f(client, Scope::of(&caller), edge.orchestrator.peer_timeout()).await
+        let client = app.orchestrator.peers().analytics.clone();
+        f(client, Scope::of(&caller), app.orchestrator.peers().timeout).await
     }
     .await;
     match result {
@@ -155,11 +156,11 @@ their key's project. Served from hourly and daily rollups.",
     responses((status = 200, description = "One row per group, sorted by key", body = AnalyticsReport))
 )]
 pub async fn summary(
-    State(edge): State<Edge>,
+    State(app): State<AppState>,
     ApiQuery(filter): ApiQuery<AnalyticsFilter>,
     request: Request,
 ) -> Response {
-    with_analytics(edge, request, |mut client, scope, timeout| async move {
+    with_analytics(app, request, |mut client, scope, timeout| async move {
         let group_by = filter.group_by.unwrap_or_default();
         let query = pb::QueryRequest {
             org_id: scope.org_id,
@@ -229,11 +230,11 @@ pub struct TopFilter {
     responses((status = 200, description = "Their traces", body = List<TraceJson>))
 )]
 pub async fn top_expensive(
-    State(edge): State<Edge>,
+    State(app): State<AppState>,
     ApiQuery(filter): ApiQuery<TopFilter>,
     request: Request,
 ) -> Response {
-    with_analytics(edge, request, |mut client, scope, timeout| async move {
+    with_analytics(app, request, |mut client, scope, timeout| async move {
         let limit = filter.limit.unwrap_or(10);
         if !(1..=100).contains(&limit) {
             return Err(invalid("limit must be between 1 and 100".into()));
@@ -272,11 +273,11 @@ pub struct ModelErrorRate {
     responses((status = 200, description = "One entry per model", body = List<ModelErrorRate>))
 )]
 pub async fn error_rate(
-    State(edge): State<Edge>,
+    State(app): State<AppState>,
     ApiQuery(filter): ApiQuery<RangeFilter>,
     request: Request,
 ) -> Response {
-    with_analytics(edge, request, |mut client, scope, timeout| async move {
+    with_analytics(app, request, |mut client, scope, timeout| async move {
         let range = time_range(filter.from.as_deref(), filter.to.as_deref())?;
         let query = pb::ErrorRatesRequest {
             org_id: scope.org_id,
@@ -340,11 +341,11 @@ pub struct ModelLatency {
     responses((status = 200, description = "One entry per model", body = List<ModelLatency>))
 )]
 pub async fn latency(
-    State(edge): State<Edge>,
+    State(app): State<AppState>,
     ApiQuery(filter): ApiQuery<LatencyFilter>,
     request: Request,
 ) -> Response {
-    with_analytics(edge, request, |mut client, scope, timeout| async move {
+    with_analytics(app, request, |mut client, scope, timeout| async move {
         let query = pb::LatencyRequest {
             org_id: scope.org_id,
             project_ids: scope.project_ids,
@@ -385,8 +386,8 @@ sanitized headers. Another tenant's trace answers 404.",
     params(("id" = String, Path, description = "The request id (`x-meshgate-request-id`)")),
     responses((status = 200, description = "The trace", body = TraceJson))
 )]
-pub async fn trace(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
-    with_analytics(edge, request, |mut client, scope, timeout| async move {
+pub async fn trace(State(app): State<AppState>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
+    with_analytics(app, request, |mut client, scope, timeout| async move {
         let query = pb::GetTraceRequest {
             request_id: id,
             org_id: scope.org_id,

@@ -9,25 +9,19 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::StreamExt;
 use meshgate_proto::common::v1::{Principal, Role};
-use meshgate_runtime::{ApiError, ErrorCode, Shutdown};
+use meshgate_runtime::{ApiError, ErrorCode};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
-use crate::settings::SettingsCache;
+use crate::invalidation::Subscription;
 use crate::tenancy::{DEFAULT_TENANT, EndpointScope, KeyScopes, TenancyStore};
 
 /// Identifier (not secret) of the bootstrap owner key, used in quota scopes and traces.
 pub const ADMIN_KEY_ID: &str = "admin";
-/// Redis channel carrying the ids of revoked keys.
-pub const INVALIDATION_CHANNEL: &str = "meshgate:keys:invalidate";
-/// Redis channel carrying the ids of users whose roles changed.
-pub const USER_INVALIDATION_CHANNEL: &str = "meshgate:users:invalidate";
 
 /// Who is calling, as their key says.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,9 +97,8 @@ struct Inner {
     settings: AuthSettings,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
     failures: Mutex<HashMap<IpAddr, Failures>>,
-    /// Whether invalidations from other replicas can reach this one (Redis subscription live, or
-    /// no other replica to hear from).
-    invalidations_live: AtomicBool,
+    /// Whether invalidations from other replicas reach this one.
+    subscription: Subscription,
 }
 
 /// Resolves bearer tokens to callers.
@@ -115,9 +108,13 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// `shared`: other replicas may revoke keys (invalidations must then arrive over Redis before
-    /// the cache is trusted).
-    pub fn new(admin_key: Option<&str>, store: Arc<dyn TenancyStore>, settings: AuthSettings, shared: bool) -> Self {
+    /// The cache is trusted only while `subscription` is live.
+    pub fn new(
+        admin_key: Option<&str>,
+        store: Arc<dyn TenancyStore>,
+        settings: AuthSettings,
+        subscription: Subscription,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 admin_digest: admin_key.filter(|k| !k.is_empty()).map(digest),
@@ -125,18 +122,13 @@ impl Authenticator {
                 settings,
                 cache: Mutex::new(HashMap::new()),
                 failures: Mutex::new(HashMap::new()),
-                invalidations_live: AtomicBool::new(!shared),
+                subscription,
             }),
         }
     }
 
     pub fn store(&self) -> &Arc<dyn TenancyStore> {
         &self.inner.store
-    }
-
-    /// Whether changes made on other replicas reach this one as they happen.
-    pub fn invalidations_live(&self) -> bool {
-        self.inner.invalidations_live.load(Ordering::Acquire)
     }
 
     /// The caller for the `Authorization` header value, or a 401 (403 for a key whose user lost
@@ -173,7 +165,7 @@ impl Authenticator {
         {
             return Ok(bootstrap_caller());
         }
-        if self.inner.invalidations_live.load(Ordering::Acquire)
+        if self.inner.subscription.is_live()
             && let Some(cached) = self.inner.cache.lock().get(&presented)
             && cached.fetched_at.elapsed() < self.inner.settings.cache_ttl
             && cached.expires_at.is_none_or(|at| at > Utc::now())
@@ -231,6 +223,11 @@ impl Authenticator {
         self.inner.cache.lock().retain(|_, cached| cached.key_id != key_id);
     }
 
+    /// Drops every cached key (invalidations may have been missed).
+    pub(crate) fn forget_all(&self) {
+        self.inner.cache.lock().clear();
+    }
+
     /// Drops every key of a user from this replica's cache (the user's roles changed).
     pub fn invalidate_user(&self, user_id: &str) {
         self.inner.cache.lock().retain(|_, cached| cached.user_id.as_deref() != Some(user_id));
@@ -262,61 +259,6 @@ impl Authenticator {
             )
             .with_retry_after(wait),
         )
-    }
-
-    /// Listens for key revocations and project settings changes published by any replica until
-    /// `stop`, reconnecting with backoff. The caches are trusted only while subscribed, and emptied
-    /// on every (re)subscription because messages sent meanwhile are lost.
-    pub async fn listen_for_invalidations(self, client: redis::Client, settings: SettingsCache, stop: Shutdown) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let subscribed = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub
-                    .subscribe(&[
-                        INVALIDATION_CHANNEL,
-                        USER_INVALIDATION_CHANNEL,
-                        crate::settings::INVALIDATION_CHANNEL,
-                    ])
-                    .await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            };
-            let pubsub = tokio::select! {
-                _ = stop.cancelled() => return,
-                result = subscribed => result,
-            };
-            match pubsub {
-                Ok(mut pubsub) => {
-                    self.inner.cache.lock().clear();
-                    settings.clear();
-                    self.inner.invalidations_live.store(true, Ordering::Release);
-                    backoff = Duration::from_millis(100);
-                    let mut messages = pubsub.on_message();
-                    loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            message = messages.next() => match message {
-                                Some(message) => match (message.get_channel_name(), message.get_payload::<String>()) {
-                                    (INVALIDATION_CHANNEL, Ok(key_id)) => self.invalidate(&key_id),
-                                    (USER_INVALIDATION_CHANNEL, Ok(user_id)) => self.invalidate_user(&user_id),
-                                    (_, Ok(project_id)) => settings.invalidate(&project_id),
-                                    (_, Err(err)) => tracing::warn!(%err, "unreadable invalidation"),
-                                },
-                                None => break,
-                            },
-                        }
-                    }
-                    tracing::warn!("key invalidation subscription ended; reconnecting");
-                }
-                Err(err) => tracing::warn!(%err, "cannot subscribe to key invalidations; retrying"),
-            }
-            self.inner.invalidations_live.store(false, Ordering::Release);
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
     }
 }
 
@@ -350,7 +292,7 @@ mod tests {
     use crate::tenancy::{ApiKey, MemoryTenancy};
 
     fn authenticator(settings: AuthSettings) -> Authenticator {
-        Authenticator::new(Some("sk-admin"), Arc::new(MemoryTenancy::default()), settings, false)
+        Authenticator::new(Some("sk-admin"), Arc::new(MemoryTenancy::default()), settings, Subscription::new(false))
     }
 
     #[tokio::test]
@@ -372,7 +314,12 @@ mod tests {
                 "{header:?}"
             );
         }
-        let no_key = Authenticator::new(None, Arc::new(MemoryTenancy::default()), AuthSettings::default(), false);
+        let no_key = Authenticator::new(
+            None,
+            Arc::new(MemoryTenancy::default()),
+            AuthSettings::default(),
+            Subscription::new(false),
+        );
         assert!(no_key.authenticate(Some("Bearer anything"), None).await.is_err());
     }
 
@@ -415,7 +362,7 @@ mod tests {
     async fn cached_keys_see_role_changes_and_expiry_at_once() {
         let store = Arc::new(MemoryTenancy::default());
         let settings = AuthSettings { cache_ttl: Duration::from_secs(3600), ..AuthSettings::default() };
-        let auth = Authenticator::new(None, store.clone(), settings, false);
+        let auth = Authenticator::new(None, store.clone(), settings, Subscription::new(false));
         let user = store.create_user("usr_1", DEFAULT_TENANT, "a@example.com", "A").await.unwrap();
         store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Admin)).await.unwrap();
         store.insert_key(&user_key("key_1", &user.id, None), &digest("mgk_one")).await.unwrap();
@@ -437,7 +384,7 @@ mod tests {
     #[tokio::test]
     async fn a_users_key_acts_with_at_most_the_users_current_role() {
         let store = Arc::new(MemoryTenancy::default());
-        let auth = Authenticator::new(None, store.clone(), AuthSettings::default(), false);
+        let auth = Authenticator::new(None, store.clone(), AuthSettings::default(), Subscription::new(false));
         let user = store.create_user("usr_1", DEFAULT_TENANT, "a@example.com", "A").await.unwrap();
         store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Developer)).await.unwrap();
         let key = ApiKey {

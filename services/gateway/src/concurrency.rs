@@ -33,7 +33,7 @@ pub async fn hold_place(State(in_flight): State<InFlight>, request: Request, nex
     let Ok(permit) = in_flight.0.clone().try_acquire_owned() else {
         let err = ApiError::new(ErrorCode::Overloaded, "the gateway is at its concurrency limit; retry shortly")
             .with_retry_after(1);
-        return crate::http::error_response(&err, "");
+        return crate::response::error_response(&err, "");
     };
     next.run(request).await.map(|body| Body::new(Holding { body, _held: permit }))
 }

@@ -37,9 +37,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
+use crate::api::{AppState, authenticate, client_of, read_body, request_id_of};
 use crate::auth::Caller;
-use crate::http::{Edge, authenticate, client_of, error_response, read_body, request_id_of};
-use crate::jobs::IDEMPOTENT_REPLAYED;
+use crate::peers::peer_call;
+use crate::response::{IDEMPOTENT_REPLAYED, error_response};
 use crate::tenancy::EndpointScope;
 
 /// Content type of an edge batch.
@@ -97,9 +98,9 @@ answers 200 with `duplicate: true` and changes nothing. Needs a key allowed `edg
     request_body(content = EdgeBatchBody, content_type = "application/x-protobuf", description = "A `meshgate.sync.v1.EdgeBatch`."),
     responses((status = 200, description = "The batch is applied (now, or before: `duplicate`)", body = EdgeBatchReceipt))
 )]
-pub async fn upload_batch(State(edge): State<Edge>, request: Request) -> Response {
+pub async fn upload_batch(State(app): State<AppState>, request: Request) -> Response {
     let id = request_id_of(&request);
-    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let caller = authenticate(&app, request.headers(), client_of(&request)).await;
     let (parts, body) = request.into_parts();
     let result = async {
         let caller = caller?;
@@ -110,7 +111,7 @@ pub async fn upload_batch(State(edge): State<Edge>, request: Request) -> Respons
         let batch_key = idempotency_key(&parts.headers)?;
         check_content_type(&parts.headers)?;
         let encoding = content_encoding(&parts.headers)?;
-        let _in_progress = edge.uploads.open(&caller.principal)?;
+        let _in_progress = app.uploads.open(&caller.principal)?;
         let _decoding = DECODING.try_acquire().map_err(|_| {
             ApiError::new(ErrorCode::Overloaded, "too many edge batches are being applied; retry shortly")
                 .with_retry_after(1)
@@ -122,7 +123,7 @@ pub async fn upload_batch(State(edge): State<Edge>, request: Request) -> Respons
         if batch.batch_id != batch_key {
             return Err(ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key must equal the body's batch_id"));
         }
-        apply(&edge, &caller, batch).await
+        apply(&app, &caller, batch).await
     }
     .await;
     match result {
@@ -273,12 +274,12 @@ fn charge_id(project_id: &str, batch_id: &str) -> String {
     format!("edge:{}", hex::encode(&digest[..16]))
 }
 
-async fn apply(edge: &Edge, caller: &Caller, batch: EdgeBatch) -> Result<(EdgeBatchReceipt, bool), ApiError> {
+async fn apply(app: &AppState, caller: &Caller, batch: EdgeBatch) -> Result<(EdgeBatchReceipt, bool), ApiError> {
     let project_id = caller.principal.project_id.clone();
-    let store = edge.auth.store();
+    let store = app.auth.store();
     let count = batch.traces.len();
     if store.edge_batch_applied(&project_id, &batch.batch_id).await? {
-        edge.metrics.edge_batches.with_label_values(&["duplicate"]).inc();
+        app.metrics.edge_batches.with_label_values(&["duplicate"]).inc();
         let receipt = EdgeBatchReceipt { batch_id: batch.batch_id, traces: count, recorded: 0, duplicate: true };
         return Ok((receipt, true));
     }
@@ -294,28 +295,21 @@ async fn apply(edge: &Edge, caller: &Caller, batch: EdgeBatch) -> Result<(EdgeBa
             trace
         })
         .collect();
-    let peers = edge.orchestrator.peers();
-    let deadline = edge.orchestrator.peer_timeout().max(std::time::Duration::from_secs(10));
-    let timed_out = |what: &str| ApiError::new(ErrorCode::Timeout, format!("{what} did not answer in time"));
-    let recorded =
-        tokio::time::timeout(deadline, peers.analytics.clone().record(futures::stream::iter([RecordBatch { traces }])))
-            .await
-            .map_err(|_| timed_out("analytics"))?
-            .map_err(|status| ApiError::from_status(&status))?
-            .into_inner()
-            .accepted;
+    let peers = app.orchestrator.peers();
+    // A batch is large: its calls get more than a request's.
+    let deadline = peers.timeout.max(std::time::Duration::from_secs(10));
+    let mut analytics = peers.analytics.clone();
+    let recording = analytics.record(futures::stream::iter([RecordBatch { traces }]));
+    let recorded = peer_call("analytics", deadline, recording).await?.accepted;
     let charge = ChargeRequest {
         charge_id: charge_id(&project_id, &batch.batch_id),
         principal: Some(caller.principal.clone()),
         usage: Some(usage),
         requests: count as i64,
     };
-    tokio::time::timeout(deadline, peers.quota.clone().charge(charge))
-        .await
-        .map_err(|_| timed_out("quota"))?
-        .map_err(|status| ApiError::from_status(&status))?;
+    peer_call("quota", deadline, peers.quota.clone().charge(charge)).await?;
     store.record_edge_batch(&project_id, &batch.batch_id, count as i64, Utc::now()).await?;
-    edge.metrics.edge_batches.with_label_values(&["applied"]).inc();
+    app.metrics.edge_batches.with_label_values(&["applied"]).inc();
     Ok((EdgeBatchReceipt { batch_id: batch.batch_id, traces: count, recorded, duplicate: false }, false))
 }
 

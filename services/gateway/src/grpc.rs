@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -18,25 +17,24 @@ use meshgate_proto::gateway::v1::{
 use meshgate_runtime::{ApiError, ErrorCode};
 use tonic::{Request, Response, Status};
 
+use crate::admission::{Admission, RequestFacts};
 use crate::auth::{Authenticator, Caller};
 use crate::client_addr::TrustedProxies;
 use crate::concurrency::TenantCaps;
-use crate::guard::{Guard, RISK_SCORE, Security};
-use crate::openai::{ChatLimits, ValidChat, check_chat};
-use crate::orchestrator::{AllowedModels, ChatCall, Orchestrator};
+use crate::guard::RISK_SCORE;
+use crate::openai::ValidChat;
 use crate::settings::{ProjectSettings, SettingsCache};
 use crate::tenancy::EndpointScope;
 
 /// The gRPC gateway service.
 #[derive(Clone)]
 pub struct GatewayService {
-    pub orchestrator: Arc<Orchestrator>,
+    /// Limits, allowed models and screening, shared with the HTTP edge.
+    pub admission: Admission,
     pub auth: Authenticator,
-    pub limits: ChatLimits,
     /// The gateway's body limit, applied to gRPC requests by their encoded size.
     pub max_body_bytes: usize,
     pub settings: SettingsCache,
-    pub guard: Guard,
     /// Open streams per key and project, shared with the HTTP edge.
     pub streams: TenantCaps,
     /// Proxies whose `x-forwarded-for` names the client.
@@ -133,7 +131,7 @@ impl Gateway for GatewayService {
         let trace_id = meshgate_runtime::telemetry::trace_id(&tracing::Span::current());
         let headers = meshgate_policy::sanitize_headers(&request.metadata().clone().into_headers());
         let body = request.into_inner();
-        let mut chat = ValidChat {
+        let chat = ValidChat {
             model: body.model.trim().to_owned(),
             messages: body.messages,
             sampling: body.sampling.unwrap_or_default(),
@@ -141,29 +139,13 @@ impl Gateway for GatewayService {
             include_usage: true,
             tools: Vec::new(),
         };
-        check_chat(&mut chat, settings.chat_limits(self.limits)).map_err(|err| err.to_status())?;
-        caller.require_model(&chat.model).map_err(|err| err.to_status())?;
-        settings.check_model(&chat.model).map_err(|err| err.to_status())?;
-        let screened = self.guard.screen_chat(&settings.policy, &mut chat.messages).await;
-        let risk = screened.outcome.risk;
-        let security = Security {
-            engine: Some(settings.policy.clone()),
-            prompt: screened.outcome.findings,
-            risk,
-            headers,
-            tools_offered: Vec::new(),
-        };
-        let allowed = AllowedModels::new([caller.scopes.models.as_slice(), settings.limits.allowed_models.as_slice()]);
-        let principal = caller.principal;
-        let requested = chat.model.clone();
-        let call = ChatCall { request_id: request_id.clone(), trace_id, principal, chat, started, security, allowed };
-        if let Some(err) = screened.blocked {
-            self.orchestrator.refuse(&call, err.clone());
-            return Err(err.to_status());
-        }
+        let facts = RequestFacts { request_id: request_id.clone(), trace_id, started, headers };
+        let call = self.admission.chat(&caller, &settings, chat, facts).await.map_err(|err| err.to_status())?;
+        let risk = call.security.risk;
+        let requested = call.chat.model.clone();
         // Every gRPC chat streams: the slot is held by the response stream until it ends.
         let slot = self.streams.open(&call.principal).map_err(|err| err.to_status())?;
-        let reply = self.orchestrator.chat(call).await.map_err(|err| err.to_status())?;
+        let reply = self.admission.orchestrator.chat(call).await.map_err(|err| err.to_status())?;
         let model = if reply.target.model.is_empty() { requested } else { reply.target.model.clone() };
         let routing: Vec<(&'static str, String)> =
             reply.routing_headers().into_iter().map(|(name, value)| (name, value.to_owned())).collect();
@@ -197,29 +179,15 @@ impl Gateway for GatewayService {
         let caller = Self::caller(&request, EndpointScope::Embeddings)?;
         let settings = self.settings.get(&caller.principal.project_id).await.map_err(|err| err.to_status())?;
         check_size(&settings, request.get_ref(), self.max_body_bytes).map_err(|err| err.to_status())?;
-        let mut body = request.into_inner();
-        let model = body.model.trim().to_owned();
-        let invalid = |m: String| ApiError::new(ErrorCode::InvalidRequest, m).to_status();
-        if model.is_empty() {
-            return Err(invalid("model is required".into()));
-        }
-        caller.require_model(&model).map_err(|err| err.to_status())?;
-        settings.check_model(&model).map_err(|err| err.to_status())?;
-        if body.inputs.is_empty() || body.inputs.len() > crate::embeddings::MAX_INPUTS {
-            return Err(invalid(format!("inputs must hold 1 to {} texts", crate::embeddings::MAX_INPUTS)));
-        }
-        if let Some(i) = body.inputs.iter().position(String::is_empty) {
-            return Err(invalid(format!("inputs[{i}] is an empty string")));
-        }
-        let screened = self.guard.screen_inputs(&settings.policy, &mut body.inputs);
-        if let Some(err) = screened.blocked {
-            return Err(err.to_status());
-        }
-        let risk = screened.outcome.risk;
+        let body = request.into_inner();
+        let admitted =
+            self.admission.embeddings(&caller, &settings, &body.model, body.inputs).map_err(|err| err.to_status())?;
+        let (model, risk) = (admitted.model, admitted.risk);
         let request_id = uuid::Uuid::now_v7().to_string();
         let (embedded, budget) = self
+            .admission
             .orchestrator
-            .embed(&request_id, &caller.principal, &model, body.inputs)
+            .embed(&request_id, &caller.principal, &model, admitted.inputs)
             .await
             .map_err(|err| err.to_status())?;
         let data = embedded
@@ -240,7 +208,7 @@ impl Gateway for GatewayService {
 
     async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         Self::caller(&request, EndpointScope::Models)?;
-        let targets = self.orchestrator.models().await.map_err(|err| err.to_status())?;
+        let targets = self.admission.orchestrator.models().await.map_err(|err| err.to_status())?;
         let models =
             targets.into_iter().map(|(t, tasks)| ModelInfo { id: t.model, owned_by: t.provider, tasks }).collect();
         Ok(Response::new(ListModelsResponse { models }))

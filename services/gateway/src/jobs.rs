@@ -20,16 +20,16 @@ use meshgate_runtime::{ApiError, ErrorCode, MeshChannel};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::admission::RequestFacts;
+use crate::api::{ApiPath, ApiQuery, AppState, RequestContext, authenticate, client_of, read_body, request_id_of};
 use crate::auth::Caller;
-use crate::http::{ApiPath, ApiQuery, Edge, List, authenticate, client_of, error_response, read_body, request_id_of};
 use crate::openai::{self, ValidChat};
-use crate::orchestrator::peer_call;
+use crate::peers::{peer_call, peer_response};
+use crate::response::{IDEMPOTENT_REPLAYED, List, error_response};
 use crate::tenancy::EndpointScope;
 
 /// Request header that lets a chat request be queued when no cloud target answers.
 pub const ALLOW_QUEUE: &str = "x-meshgate-allow-queue";
-/// Response header of a submission answered from an earlier one with the same key.
-pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 
 /// How long a job's admission holds its estimate, seconds: longer than the queue's whole retry
 /// schedule (by default 8 attempts, each cut within its 6-minute lease and at most 30 s apart:
@@ -154,40 +154,37 @@ fn job_json(job: pb::Job) -> JobJson {
 }
 
 /// Calls the sync service with the peer deadline.
-async fn sync_call<T, F, Fut>(edge: &Edge, call: F) -> Result<tonic::Response<T>, ApiError>
+async fn sync_call<T, F, Fut>(app: &AppState, call: F) -> Result<tonic::Response<T>, ApiError>
 where
     F: FnOnce(SyncClient<MeshChannel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let sync = edge.orchestrator.peers().sync.clone();
-    tokio::time::timeout(edge.orchestrator.peer_timeout(), call(sync))
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Timeout, "the job queue did not answer in time"))?
-        .map_err(|status| ApiError::from_status(&status))
+    let peers = app.orchestrator.peers();
+    peer_response("sync", peers.timeout, call(peers.sync.clone())).await
 }
 
 /// Holds `estimate` against the caller's budgets for a job, or the 429 that refuses it. Each
 /// admission gets an id of its own: a client's reused request id must never answer with the
 /// reservation of an earlier job.
 async fn admit(
-    edge: &Edge,
+    app: &AppState,
     caller: &Caller,
     request_id: &str,
     estimate: (i64, i64),
 ) -> Result<JobReservation, ApiError> {
     let admission = format!("{request_id}:job:{}", uuid::Uuid::new_v4().simple());
     let reservation_id =
-        edge.orchestrator.admit(admission, &caller.principal, estimate, JOB_RESERVATION_TTL_SECONDS).await?;
+        app.orchestrator.admit(admission, &caller.principal, estimate, JOB_RESERVATION_TTL_SECONDS).await?;
     Ok(JobReservation { reservation_id, estimated_tokens: estimate.0, estimated_cost_micros: estimate.1 })
 }
 
 /// Frees an admission no job holds: the queue refused the job, or answered with an earlier one.
 /// A failure leaves the hold to expire. Not called when the queue did not answer in time: the job
 /// may hold the reservation, and freeing it would let the budget be spent twice.
-async fn release_admission(edge: &Edge, reservation: JobReservation) {
-    let mut quota = edge.orchestrator.peers().quota.clone();
+async fn release_admission(app: &AppState, reservation: JobReservation) {
+    let mut quota = app.orchestrator.peers().quota.clone();
     let release = ReleaseRequest { reservation_id: reservation.reservation_id };
-    if let Err(err) = peer_call("quota", edge.orchestrator.peer_timeout(), quota.release(release)).await {
+    if let Err(err) = peer_call("quota", app.orchestrator.peers().timeout, quota.release(release)).await {
         tracing::warn!(error = %err, "cannot release a job admission no job holds; it expires on its own");
     }
 }
@@ -196,14 +193,14 @@ async fn release_admission(edge: &Edge, reservation: JobReservation) {
 /// with the job (200 when the idempotency key was seen before: that job's own reservation stands
 /// and this one is freed). The submission endpoint and the offline fallback both come here.
 pub async fn enqueue(
-    edge: &Edge,
+    app: &AppState,
     caller: &Caller,
     chat: ValidChat,
     request_id: &str,
     idempotency_key: String,
 ) -> Result<Response, ApiError> {
-    let prices = cloud_prices(edge, &chat.model).await?;
-    let reservation = admit(edge, caller, request_id, edge.orchestrator.job_estimate(&chat, &prices)).await?;
+    let prices = cloud_prices(app, &chat.model).await?;
+    let reservation = admit(app, caller, request_id, app.orchestrator.job_estimate(&chat, &prices)).await?;
     let request = EnqueueRequest {
         principal: Some(caller.principal.clone()),
         idempotency_key,
@@ -219,18 +216,18 @@ pub async fn enqueue(
         }),
         reservation: Some(reservation.clone()),
     };
-    let response = match sync_call(edge, |mut sync| async move { sync.enqueue(request).await }).await {
+    let response = match sync_call(app, |mut sync| async move { sync.enqueue(request).await }).await {
         Ok(response) => response,
         Err(err) => {
             if err.code != ErrorCode::Timeout {
-                release_admission(edge, reservation).await;
+                release_admission(app, reservation).await;
             }
             return Err(err);
         }
     };
     let replayed = response.metadata().get("x-meshgate-idempotent-replay").is_some_and(|v| v == "true");
     if replayed {
-        release_admission(edge, reservation).await;
+        release_admission(app, reservation).await;
     }
     let job = job_json(response.into_inner());
     let status = if replayed { StatusCode::OK } else { StatusCode::ACCEPTED };
@@ -243,14 +240,10 @@ pub async fn enqueue(
 
 /// The cloud targets of `model` as the router knows them, with their prices: the sync service
 /// charges the delivered job at the price of the provider that serves it.
-async fn cloud_prices(edge: &Edge, model: &str) -> Result<Vec<Target>, ApiError> {
-    let mut router = edge.orchestrator.peers().router.clone();
-    let targets = tokio::time::timeout(edge.orchestrator.peer_timeout(), router.list_targets(ListTargetsRequest {}))
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::Timeout, "the router did not answer in time"))?
-        .map_err(|status| ApiError::from_status(&status))?
-        .into_inner()
-        .targets;
+async fn cloud_prices(app: &AppState, model: &str) -> Result<Vec<Target>, ApiError> {
+    let peers = app.orchestrator.peers();
+    let targets =
+        peer_call("router", peers.timeout, peers.router.clone().list_targets(ListTargetsRequest {})).await?.targets;
     Ok(targets
         .into_iter()
         .filter_map(|state| state.target)
@@ -274,12 +267,17 @@ delivered durably later. The same `Idempotency-Key` answers the first job (200, 
         (status = 200, description = "The job first submitted with this idempotency key", body = JobJson),
     )
 )]
-pub async fn submit(State(edge): State<Edge>, request: Request) -> Response {
+pub async fn submit(State(app): State<AppState>, request: Request) -> Response {
     let id = request_id_of(&request);
-    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let caller = authenticate(&app, request.headers(), client_of(&request)).await;
     let (parts, body) = request.into_parts();
     let result = async {
         let caller = caller?;
+        let context = parts
+            .extensions
+            .get::<RequestContext>()
+            .cloned()
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, "request context missing"))?;
         caller.require(EndpointScope::Jobs)?;
         let key = match parts.headers.get("idempotency-key") {
             None => String::new(),
@@ -288,28 +286,29 @@ pub async fn submit(State(edge): State<Edge>, request: Request) -> Response {
                 .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, "Idempotency-Key must be visible ASCII"))?
                 .to_owned(),
         };
-        let settings = edge.settings.get(&caller.principal.project_id).await?;
-        let body = read_body(body, &parts.headers, settings.max_body_bytes(edge.max_body_bytes)).await?;
-        let mut chat = openai::parse_chat(&body, settings.chat_limits(edge.limits))?;
+        let settings = app.settings.get(&caller.principal.project_id).await?;
+        let body = read_body(body, &parts.headers, settings.max_body_bytes(app.max_body_bytes)).await?;
+        let chat = openai::parse_chat(&body, settings.chat_limits(app.admission.limits))?;
         if chat.stream {
             return Err(ApiError::new(ErrorCode::InvalidRequest, "a job cannot stream: set stream to false"));
         }
-        caller.require_model(&chat.model)?;
-        settings.check_model(&chat.model)?;
         // A job leaves for the provider later: it is screened now, and queued redacted.
-        let screened = edge.guard.screen_chat(&settings.policy, &mut chat.messages).await;
-        edge.guard.observe_risk(screened.outcome.risk);
-        if let Some(err) = screened.blocked {
-            return Err(err);
-        }
-        enqueue(&edge, &caller, chat, &id, key).await
+        let facts = RequestFacts {
+            request_id: id.clone(),
+            trace_id: context.trace_id,
+            started: context.started,
+            headers: meshgate_policy::sanitize_headers(&parts.headers),
+        };
+        let call = app.admission.chat(&caller, &settings, chat, facts).await?;
+        app.admission.guard.observe_risk(call.security.risk);
+        enqueue(&app, &caller, call.chat, &id, key).await
     }
     .await;
     result.unwrap_or_else(|err| error_response(&err, &id))
 }
 
 /// Runs `f` against the sync service for an authenticated caller allowed to use jobs.
-async fn with_sync<T, F, Fut>(edge: Edge, request: Request, f: F) -> Response
+async fn with_sync<T, F, Fut>(app: AppState, request: Request, f: F) -> Response
 where
     F: FnOnce(meshgate_proto::sync::v1::sync_client::SyncClient<meshgate_runtime::MeshChannel>, Caller) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -317,11 +316,11 @@ where
     JobsBody: From<T>,
 {
     let id = request_id_of(&request);
-    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let caller = authenticate(&app, request.headers(), client_of(&request)).await;
     let result = async {
         let caller = caller?;
         caller.require(EndpointScope::Jobs)?;
-        let response = sync_call(&edge, |sync| f(sync, caller)).await?;
+        let response = sync_call(&app, |sync| f(sync, caller)).await?;
         Ok::<_, ApiError>(JobsBody::from(response.into_inner()))
     }
     .await;
@@ -378,8 +377,8 @@ fn plausible_job_id(id: &str) -> Result<(), tonic::Status> {
     params(("id" = String, Path, description = "Job id")),
     responses((status = 200, description = "The job, with its result once it succeeded", body = JobJson))
 )]
-pub async fn get(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
-    with_sync(edge, request, |mut sync, caller| async move {
+pub async fn get(State(app): State<AppState>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
+    with_sync(app, request, |mut sync, caller| async move {
         plausible_job_id(&id)?;
         sync.get_job(pb::GetJobRequest { id, project_id: caller.principal.project_id }).await
     })
@@ -409,7 +408,7 @@ pub struct JobFilter {
     params(JobFilter),
     responses((status = 200, description = "The jobs", body = List<JobJson>))
 )]
-pub async fn list(State(edge): State<Edge>, ApiQuery(filter): ApiQuery<JobFilter>, request: Request) -> Response {
+pub async fn list(State(app): State<AppState>, ApiQuery(filter): ApiQuery<JobFilter>, request: Request) -> Response {
     let status = match filter.status.as_deref() {
         None => Ok(JobStatus::Unspecified),
         Some("queued") => Ok(JobStatus::Queued),
@@ -430,7 +429,7 @@ pub async fn list(State(edge): State<Edge>, ApiQuery(filter): ApiQuery<JobFilter
         let err = ApiError::new(ErrorCode::InvalidRequest, "limit must be between 1 and 1000");
         return error_response(&err, &request_id_of(&request));
     }
-    with_sync(edge, request, move |mut sync, caller| async move {
+    with_sync(app, request, move |mut sync, caller| async move {
         let project_id = caller.principal.project_id;
         sync.list_jobs(pb::ListJobsRequest { project_id, status: status as i32, limit }).await
     })
@@ -451,14 +450,14 @@ estimate does not fit the caller's budgets.",
     params(("id" = String, Path, description = "Job id")),
     responses((status = 200, description = "The job, queued again", body = JobJson))
 )]
-pub async fn retry(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
+pub async fn retry(State(app): State<AppState>, ApiPath(id): ApiPath<String>, request: Request) -> Response {
     let request_id = request_id_of(&request);
-    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let caller = authenticate(&app, request.headers(), client_of(&request)).await;
     let result = async {
         let caller = caller?;
         caller.require(EndpointScope::Jobs)?;
         plausible_job_id(&id).map_err(|status| ApiError::from_status(&status))?;
-        readmit(&edge, &caller, id, &request_id).await
+        readmit(&app, &caller, id, &request_id).await
     }
     .await;
     match result {
@@ -469,24 +468,24 @@ pub async fn retry(State(edge): State<Edge>, ApiPath(id): ApiPath<String>, reque
 
 /// Puts the dead letter `id` back in the queue under a new admission by `caller`. A job that is
 /// not dead is left to the queue to refuse (409), and nothing is held for it.
-async fn readmit(edge: &Edge, caller: &Caller, id: String, request_id: &str) -> Result<pb::Job, ApiError> {
+async fn readmit(app: &AppState, caller: &Caller, id: String, request_id: &str) -> Result<pb::Job, ApiError> {
     let project_id = caller.principal.project_id.clone();
     let lookup = pb::GetJobRequest { id: id.clone(), project_id: project_id.clone() };
-    let job = sync_call(edge, |mut sync| async move { sync.get_job(lookup).await }).await?.into_inner();
+    let job = sync_call(app, |mut sync| async move { sync.get_job(lookup).await }).await?.into_inner();
     let retry = pb::RetryJobRequest { id, project_id, principal: Some(caller.principal.clone()), reservation: None };
     if job.status != JobStatus::Dead as i32 {
-        return Ok(sync_call(edge, |mut sync| async move { sync.retry_job(retry).await }).await?.into_inner());
+        return Ok(sync_call(app, |mut sync| async move { sync.retry_job(retry).await }).await?.into_inner());
     }
     // Jobs queued before admissions were kept carry no estimate: they are held for nothing, but a
     // spent budget or a full minute still refuses them.
     let estimate = job.reservation.map_or((0, 0), |r| (r.estimated_tokens, r.estimated_cost_micros));
-    let reservation = admit(edge, caller, request_id, estimate).await?;
+    let reservation = admit(app, caller, request_id, estimate).await?;
     let retry = pb::RetryJobRequest { reservation: Some(reservation.clone()), ..retry };
-    match sync_call(edge, |mut sync| async move { sync.retry_job(retry).await }).await {
+    match sync_call(app, |mut sync| async move { sync.retry_job(retry).await }).await {
         Ok(response) => Ok(response.into_inner()),
         Err(err) => {
             if err.code != ErrorCode::Timeout {
-                release_admission(edge, reservation).await;
+                release_admission(app, reservation).await;
             }
             Err(err)
         }

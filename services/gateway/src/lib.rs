@@ -2,8 +2,12 @@
 //! authenticates, validates, and orchestrates quota, routing, the targets and tracing.
 
 pub mod admin;
+pub mod admission;
 pub mod analytics;
+pub mod api;
 pub mod auth;
+pub mod budget;
+pub mod chat;
 pub mod client_addr;
 pub mod concurrency;
 pub mod edge_sync;
@@ -11,14 +15,19 @@ pub mod embeddings;
 pub mod grpc;
 pub mod guard;
 pub mod http;
+pub mod invalidation;
 pub mod jobs;
 pub mod metrics;
+pub mod models;
 pub mod openai;
 pub mod openapi;
 pub mod orchestrator;
 pub mod outcomes;
+pub mod peers;
 pub mod quota;
+pub mod response;
 pub mod settings;
+pub mod subscriber;
 pub mod tenancy;
 pub mod tokens;
 pub mod traces;
@@ -227,12 +236,13 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     let quota = connect(&listeners, &config.quota_endpoint)?;
     let router = connect(&listeners, &config.router_endpoint)?;
     let analytics = AnalyticsClient::new(connect(&listeners, &config.analytics_endpoint)?);
-    let peers = orchestrator::Peers {
+    let peers = peers::Peers {
         analytics: analytics.clone(),
         quota: QuotaClient::new(quota.clone()),
         router: RouterClient::new(router.clone()),
         sync: SyncClient::new(connect(&listeners, &config.sync_endpoint)?),
         inference: InferenceClient::new(connect(&listeners, &config.inference_endpoint)?),
+        timeout: Duration::from_millis(config.peer_timeout_ms.max(1)),
     };
     let host = ServiceHost::new("gateway");
     let metrics = metrics::GatewayMetrics::register(host.metrics());
@@ -250,7 +260,6 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         default_max_tokens: config.default_max_tokens,
         first_piece_timeout: Duration::from_millis(config.target_timeout_ms.max(1)),
         idle_timeout: Duration::from_millis(config.idle_timeout_ms.max(1)),
-        peer_timeout: Duration::from_millis(config.peer_timeout_ms.max(1)),
     };
     let pg =
         config.database_url.as_deref().map(|url| meshgate_storage::postgres_pool(url, &config.postgres)).transpose()?;
@@ -268,6 +277,8 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         .transpose()?;
     let redis =
         config.redis_url.as_deref().map(|url| meshgate_storage::redis_connection(url, &config.redis)).transpose()?;
+    // With Redis, other replicas may change keys and settings: caches wait to be subscribed.
+    let subscription = invalidation::Subscription::new(redis_client.is_some());
     let auth = Authenticator::new(
         admin_key.as_deref(),
         tenancy,
@@ -276,16 +287,17 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
             max_failures: config.max_auth_failures_per_minute.max(1),
             failure_window: Duration::from_secs(60),
         },
-        redis_client.is_some(),
+        subscription.clone(),
     );
     let settings = settings::SettingsCache::new(
         auth.store().clone(),
-        auth.clone(),
+        subscription.clone(),
         Duration::from_millis(config.key_cache_ttl_ms),
     );
     let stop_listener = Shutdown::new();
     let listener = redis_client.map(|client| {
-        tokio::spawn(auth.clone().listen_for_invalidations(client, settings.clone(), stop_listener.clone()))
+        let listening = subscriber::listen(client, auth.clone(), settings.clone(), subscription, stop_listener.clone());
+        tokio::spawn(listening)
     });
     let injection = std::sync::Arc::new(guard::InferenceInjection::new(
         peers.inference.clone(),
@@ -295,23 +307,22 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     let injection_watch = tokio::spawn(injection.clone().watch(stop_listener.clone()));
     let guard = guard::Guard::new(Some(injection), metrics.clone());
     let limits = openai::ChatLimits { max_messages: config.max_messages, max_tokens_cap: config.max_tokens_cap };
-    let (outcomes, outcome_sender) =
-        outcomes::OutcomeReporter::start(RouterClient::new(router.clone()), path.peer_timeout);
+    let (outcomes, outcome_sender) = outcomes::OutcomeReporter::start(RouterClient::new(router.clone()), peers.timeout);
     let orchestrator = orchestrator::Orchestrator::new(peers, path, traces, outcomes, metrics.clone());
-    let edge = http::Edge {
-        orchestrator: orchestrator.clone(),
+    let admission = admission::Admission { orchestrator: orchestrator.clone(), guard, limits };
+    let app = api::AppState {
+        orchestrator,
+        admission: admission.clone(),
         auth: auth.clone(),
-        limits,
         max_body_bytes: config.max_body_bytes,
         metrics,
-        invalidator: admin::Invalidator::new(redis),
+        invalidator: invalidation::Invalidator::new(redis),
         settings: settings.clone(),
-        guard: guard.clone(),
         streams: streams.clone(),
         uploads: concurrency::TenantCaps::new("edge batches in progress", config.edge_uploads_per_key.max(1), 0),
         proxies: proxies.clone(),
     };
-    let app = http::router(edge, config.max_concurrent_requests.max(1));
+    let app = http::router(app, config.max_concurrent_requests.max(1));
     tracing::info!(http = ?http_listener.local_addr().ok(), "edge listening");
     let http_shutdown = shutdown.clone();
     let drain = host.drain_deadline();
@@ -329,17 +340,9 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
             }
         }
     };
-    let grpc = grpc::GatewayService {
-        orchestrator,
-        auth,
-        limits,
-        max_body_bytes: config.max_body_bytes,
-        settings,
-        guard,
-        streams,
-        proxies,
-    }
-    .into_server();
+    let grpc =
+        grpc::GatewayService { admission, auth, max_body_bytes: config.max_body_bytes, settings, streams, proxies }
+            .into_server();
     let probe = readiness_probe(quota, router, pg, config.migrate_on_start);
     let grpc_server = async move { host.run(grpc, listeners, probe, shutdown).await.map_err(Error::from) };
     let served = tokio::try_join!(http_server, grpc_server);

@@ -20,8 +20,8 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::http::Edge;
-use crate::{admin, analytics, edge_sync, embeddings, http, jobs, orchestrator, quota};
+use crate::api::AppState;
+use crate::{admin, analytics, budget, chat, edge_sync, embeddings, jobs, models, orchestrator, quota, response};
 
 /// Tags, in the order the docs page shows them.
 pub const TAGS: &[(&str, &str)] = &[
@@ -54,11 +54,11 @@ fixes the HTTP status.",
 struct ApiDoc;
 
 /// Every documented route of the edge, with its handlers. [`http::router`] mounts exactly these.
-pub fn api_routes() -> OpenApiRouter<Edge> {
+pub fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(http::chat_completions))
+        .routes(routes!(chat::chat_completions))
         .routes(routes!(embeddings::embeddings))
-        .routes(routes!(http::list_models))
+        .routes(routes!(models::list_models))
         .routes(routes!(quota::status))
         .routes(routes!(quota::set_limits))
         .routes(routes!(admin::create_org, admin::list_orgs))
@@ -200,18 +200,18 @@ fn string() -> Value {
 fn common_headers() -> Map<String, Value> {
     let mut headers = Map::new();
     headers.insert(
-        http::MESHGATE_REQUEST_ID.into(),
+        response::MESHGATE_REQUEST_ID.into(),
         header_doc("The gateway's id of this request: the key of its trace.", string(), true),
     );
     headers.insert(
-        http::REQUEST_ID.into(),
+        response::REQUEST_ID.into(),
         header_doc(
             "The client's `x-request-id` when it sent a plain one (1–128 of `A-Za-z0-9-_.:`), else the gateway's id.",
             string(),
             true,
         ),
     );
-    headers.insert(http::TRACE_ID.into(), header_doc("The W3C trace id of this request.", string(), false));
+    headers.insert(response::TRACE_ID.into(), header_doc("The W3C trace id of this request.", string(), false));
     headers.insert("traceparent".into(), header_doc("W3C trace context of the edge's span.", string(), false));
     headers
 }
@@ -219,7 +219,7 @@ fn common_headers() -> Map<String, Value> {
 fn quota_headers(headers: &mut Map<String, Value>) {
     let int = json!({"type": "integer", "minimum": 0});
     headers.insert(
-        quota::REMAINING_TOKENS.into(),
+        budget::REMAINING_TOKENS.into(),
         header_doc(
             "Daily tokens left in the tightest scope, this request's reservation held; absent when unlimited.",
             int.clone(),
@@ -227,11 +227,11 @@ fn quota_headers(headers: &mut Map<String, Value>) {
         ),
     );
     headers.insert(
-        quota::REMAINING_COST.into(),
+        budget::REMAINING_COST.into(),
         header_doc("Daily cost left in the tightest scope, micro-dollars; absent when unlimited.", int.clone(), false),
     );
     headers.insert(
-        quota::REMAINING_REQUESTS.into(),
+        budget::REMAINING_REQUESTS.into(),
         header_doc(
             "Requests that may still start this minute in the tightest scope; absent when unlimited.",
             int,
@@ -239,7 +239,7 @@ fn quota_headers(headers: &mut Map<String, Value>) {
         ),
     );
     headers.insert(
-        quota::RESET.into(),
+        budget::RESET.into(),
         header_doc("When the daily window resets (RFC 3339).", json!({"type": "string", "format": "date-time"}), false),
     );
 }
@@ -289,7 +289,7 @@ fn error_response(status: u16, codes: &[ErrorCode]) -> Value {
     }
     if codes.contains(&ErrorCode::QuotaExceeded) {
         headers.insert(
-            quota::RETRY_AFTER_MS.into(),
+            budget::RETRY_AFTER_MS.into(),
             header_doc(
                 "The exact wait in milliseconds (quota refusals).",
                 json!({"type": "integer", "minimum": 0}),
@@ -297,15 +297,15 @@ fn error_response(status: u16, codes: &[ErrorCode]) -> Value {
             ),
         );
         headers.insert(
-            quota::SCOPE.into(),
+            budget::SCOPE.into(),
             header_doc("The scope whose limit refused the request, `<kind>:<id>` (quota refusals).", string(), false),
         );
         headers.insert(
-            quota::LIMIT.into(),
+            budget::LIMIT.into(),
             header_doc("The limit that refused it, e.g. `requests_per_minute` (quota refusals).", string(), false),
         );
         headers.insert(
-            quota::RESET.into(),
+            budget::RESET.into(),
             header_doc("When a retry can succeed (RFC 3339).", json!({"type": "string", "format": "date-time"}), false),
         );
     }
@@ -453,7 +453,7 @@ fn finish(mut spec: Value) -> Value {
                     && matches!(id.as_str(), "createChatCompletion" | "submitJob")
                 {
                     headers.insert(
-                        crate::jobs::IDEMPOTENT_REPLAYED.into(),
+                        crate::response::IDEMPOTENT_REPLAYED.into(),
                         header_doc(
                             "`true` when the job was submitted before with this idempotency key.",
                             string(),

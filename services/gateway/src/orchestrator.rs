@@ -13,38 +13,24 @@ use futures::StreamExt;
 use futures::future::{self, Either};
 use futures::stream::BoxStream;
 use meshgate_policy::{Finding, StreamScanner};
-use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
 use meshgate_proto::analytics::v1::{ModelCall, ToolCall as TracedTool, Trace};
 use meshgate_proto::common::v1::{ErrorDetail, Layer, Principal, Target, TargetKind, ToolCall, Usage};
-use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::inference::v1::{
     EmbedRequest, EmbedResponse, GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels,
 };
-use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::quota::v1::{CommitRequest, ReleaseRequest, ReserveRequest, ReserveResponse};
-use meshgate_proto::router::v1::router_client::RouterClient;
-use meshgate_proto::router::v1::{DecideRequest, ListTargetsRequest, Outcome, RouteRequest, StepRole};
-use meshgate_proto::sync::v1::sync_client::SyncClient;
+use meshgate_proto::router::v1::{DecideRequest, ListTargetsRequest, Outcome, RoutePlan, RouteRequest, StepRole};
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
-use meshgate_runtime::{ApiError, ErrorCode, MeshChannel};
+use meshgate_runtime::{ApiError, ErrorCode};
 use tracing::Instrument;
 
+use crate::budget::{self, QuotaSnapshot};
 use crate::guard::{Security, count_findings, trace_finding};
 use crate::metrics::GatewayMetrics;
 use crate::openai::ValidChat;
 use crate::outcomes::OutcomeReporter;
-use crate::quota::{self, QuotaSnapshot};
+use crate::peers::{Peers, peer_call};
 use crate::traces::TraceSink;
-
-/// Clients of the services the gateway orchestrates.
-#[derive(Clone)]
-pub struct Peers {
-    pub analytics: AnalyticsClient<MeshChannel>,
-    pub quota: QuotaClient<MeshChannel>,
-    pub router: RouterClient<MeshChannel>,
-    pub sync: SyncClient<MeshChannel>,
-    pub inference: InferenceClient<MeshChannel>,
-}
 
 /// Timeouts and defaults of the request path.
 #[derive(Debug, Clone, Copy)]
@@ -55,8 +41,6 @@ pub struct PathConfig {
     pub first_piece_timeout: Duration,
     /// How long a started stream may stay silent before it is ended with an error.
     pub idle_timeout: Duration,
-    /// Deadline of the quota and router calls.
-    pub peer_timeout: Duration,
 }
 
 /// One piece of a model's reply.
@@ -180,10 +164,6 @@ impl Orchestrator {
         &self.peers
     }
 
-    pub fn peer_timeout(&self) -> Duration {
-        self.config.peer_timeout
-    }
-
     /// Records the trace of a request refused before it reached quota or a target (a policy
     /// block): its findings and risk are security events analytics must see.
     pub fn refuse(self: &Arc<Self>, call: &ChatCall, err: ApiError) {
@@ -195,7 +175,7 @@ impl Orchestrator {
     /// inference does not answer, its embedding and classification models are left out.
     pub async fn models(&self) -> Result<Vec<(Target, Vec<String>)>, ApiError> {
         let mut router = self.peers.router.clone();
-        let states = peer_call("router", self.config.peer_timeout, router.list_targets(ListTargetsRequest {})).await?;
+        let states = peer_call("router", self.peers.timeout, router.list_targets(ListTargetsRequest {})).await?;
         let mut models: Vec<(Target, Vec<String>)> = Vec::new();
         for target in states.targets.into_iter().filter_map(|t| t.target) {
             if !models.iter().any(|(m, _)| m.model == target.model) {
@@ -203,8 +183,7 @@ impl Orchestrator {
             }
         }
         let mut inference = self.peers.inference.clone();
-        let local =
-            peer_call("inference", self.config.peer_timeout, inference.list_models(InferenceListModels {})).await;
+        let local = peer_call("inference", self.peers.timeout, inference.list_models(InferenceListModels {})).await;
         match local {
             Ok(local) => {
                 for model in local.models.into_iter().filter(|m| m.task != "chat") {
@@ -319,27 +298,60 @@ impl Orchestrator {
             ttl_seconds,
         };
         let mut quota = self.peers.quota.clone();
-        let reserved = peer_call("quota", self.config.peer_timeout, quota.reserve(reserve)).await?;
+        let reserved = peer_call("quota", self.peers.timeout, quota.reserve(reserve)).await?;
         if !reserved.admitted {
             self.metrics.quota_rejections.with_label_values(&[&reserved.rejected_limit]).inc();
-            return Err(quota::rejection(&reserved));
+            return Err(budget::rejection(&reserved));
         }
         Ok(reserved)
     }
 
-    /// Routes, reserves and starts the first target that answers.
+    /// Runs a chat request: plans it, reserves its budget, and starts the first target that
+    /// gives a usable answer. Whatever happens is settled (trace, quota, router outcomes).
     pub async fn chat(self: &Arc<Self>, call: ChatCall) -> Result<ChatReply, ApiError> {
         let prompt_estimate = crate::tokens::prompt_tokens(&call.chat.model, &call.chat.messages);
         let max_tokens = call.chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
         let mut settlement = Settlement::new(self.clone(), &call, prompt_estimate);
+        let started = async {
+            // Route before reserving: the reservation must hold the cost of the priciest target
+            // the plan may fall back to, or concurrent requests could overspend a cost budget.
+            let plan = self.plan(&call, prompt_estimate, max_tokens, &mut settlement).await?;
+            let cost = plan_cost(&plan, prompt_estimate, max_tokens);
+            let tokens = prompt_estimate.saturating_add(max_tokens);
+            let reserved = self.reserve(call.request_id.clone(), &call.principal, tokens, cost).await?;
+            settlement.reservation = Some(reserved.reservation_id.clone());
+            let task = plan.task.clone();
+            let opened = self.first_answer(plan, &call, &mut settlement).await?;
+            Ok::<_, ApiError>((opened, task, QuotaSnapshot::from_reserve(&reserved)))
+        }
+        .await;
+        match started {
+            Ok(((target, since, first, rest, span), task, quota)) => {
+                settlement.serving(target.clone(), since, span);
+                let pieces = self.stream_reply(first, rest, settlement);
+                Ok(ChatReply { target, task, pieces, quota })
+            }
+            Err(err) => {
+                settlement.fail(err.clone());
+                Err(err)
+            }
+        }
+    }
 
-        // Route before reserving: the reservation must hold the cost of the priciest target the
-        // plan may fall back to, or concurrent requests could overspend a cost budget.
+    /// The router's plan for `call`, held to the models the key and the project allow; its
+    /// explanation goes into the trace.
+    async fn plan(
+        &self,
+        call: &ChatCall,
+        prompt_tokens: i64,
+        max_tokens: i64,
+        settlement: &mut Settlement,
+    ) -> Result<RoutePlan, ApiError> {
         let route = RouteRequest {
             request_id: call.request_id.clone(),
             principal: Some(call.principal.clone()),
             model: call.chat.model.clone(),
-            prompt_tokens: prompt_estimate,
+            prompt_tokens,
             max_tokens,
             stream: call.chat.stream,
             task: "chat".into(),
@@ -349,13 +361,7 @@ impl Orchestrator {
         let decide =
             DecideRequest { request: Some(route), messages: call.chat.messages.clone(), task_hint: String::new() };
         let mut router = self.peers.router.clone();
-        let mut plan = match peer_call("router", self.config.peer_timeout, router.decide(decide)).await {
-            Ok(plan) => plan,
-            Err(err) => {
-                settlement.fail(err.clone());
-                return Err(err);
-            }
-        };
+        let mut plan = peer_call("router", self.peers.timeout, router.decide(decide)).await?;
         let planned = plan.targets.len();
         plan.targets.retain(|step| step.target.as_ref().is_some_and(|t| call.allowed.allows(t)));
         if plan.targets.len() < planned {
@@ -363,39 +369,28 @@ impl Orchestrator {
                 "{} of {planned} targets left out: they serve models this key or project may not use",
                 planned - plan.targets.len()
             ));
-            if plan.targets.is_empty() {
-                let err = ApiError::new(
-                    ErrorCode::PermissionDenied,
-                    format!("no target for {:?} serves a model this key or project may use", call.chat.model),
-                );
-                settlement.trace.routing_reasons = plan.reasons;
-                settlement.fail(err.clone());
-                return Err(err);
-            }
         }
         settlement.routing_reason = plan.explanation.clone();
         settlement.trace.task = plan.task.clone();
         settlement.trace.routing_reasons = plan.reasons.clone();
-        let estimated_cost = plan
-            .targets
-            .iter()
-            .filter_map(|p| p.target.as_ref())
-            .map(|t| t.cost_micros(prompt_estimate, max_tokens))
-            .max()
-            .unwrap_or(0);
-        let tokens = prompt_estimate.saturating_add(max_tokens);
-        let reserved = match self.reserve(call.request_id.clone(), &call.principal, tokens, estimated_cost).await {
-            Ok(reserved) => reserved,
-            Err(err) => {
-                settlement.fail(err.clone());
-                return Err(err);
-            }
-        };
-        let budget = QuotaSnapshot::from_reserve(&reserved);
-        settlement.reservation = Some(reserved.reservation_id);
+        if plan.targets.is_empty() && planned > 0 {
+            return Err(ApiError::new(
+                ErrorCode::PermissionDenied,
+                format!("no target for {:?} serves a model this key or project may use", call.chat.model),
+            ));
+        }
+        Ok(plan)
+    }
 
+    /// The first step of `plan` that answers usably, in order: the first two raced when the plan
+    /// says so, each failure recorded, an unusable non-streamed answer taken one layer up.
+    async fn first_answer(
+        &self,
+        plan: RoutePlan,
+        call: &ChatCall,
+        settlement: &mut Settlement,
+    ) -> Result<Opened, ApiError> {
         let race = plan.race && plan.targets.len() >= 2;
-        let task = plan.task;
         let mut steps: VecDeque<(Target, StepRole)> = plan
             .targets
             .into_iter()
@@ -404,67 +399,70 @@ impl Orchestrator {
                 step.target.map(|target| (target, role))
             })
             .collect();
+        let mut racers = if race { steps.pop_front().zip(steps.pop_front()) } else { None };
         let mut attempts = 0;
         let mut last_error = None;
-        let mut racers = if race { steps.pop_front().zip(steps.pop_front()) } else { None };
         loop {
             let (opened, role) = if let Some(((first, _), (second, _))) = racers.take() {
                 attempts += 2;
                 // Both racers count in flight at the router until their outcomes come back.
                 settlement.primary = true;
-                (self.race(first, second, &call, &mut settlement).await, StepRole::Primary)
+                (self.race(first, second, call, settlement).await, StepRole::Primary)
             } else {
                 let Some((target, role)) = steps.pop_front() else { break };
                 attempts += 1;
                 settlement.primary = attempts == 1;
-                (self.attempt(target, &call, &mut settlement).await, role)
+                (self.attempt(target, call, settlement).await, role)
             };
-            let (target, since, first, rest, span) = match opened {
-                Ok(opened) => opened,
-                Err(err) => {
-                    // The request itself is wrong: another target would refuse it too.
-                    let stop = err.code.is_client_caused();
-                    last_error = Some(err);
-                    if stop {
-                        break;
-                    }
-                    continue;
-                }
+            let answer = match opened {
+                Ok(opened) => self.usable(opened, role, &mut steps, call, settlement).await,
+                Err(err) => Err(err),
             };
-            let escalation_left =
-                role != StepRole::Escalation && steps.iter().any(|(_, role)| *role == StepRole::Escalation);
-            let (first, rest) = if call.chat.stream || !escalation_left {
-                (first, rest)
-            } else {
-                // Nothing reaches the client before the whole answer is here, so an unusable
-                // one can still go one layer up.
-                match self.collect(&target, first, rest).await.and_then(|pieces| usable(&target, pieces)) {
-                    Ok(pieces) => pieces,
-                    Err(err) => {
-                        span.record("error.type", err.code.as_str());
-                        settlement.failed_call(&target, since, &err);
-                        if err.code == ErrorCode::UpstreamError {
-                            while steps.front().is_some_and(|(_, role)| *role != StepRole::Escalation) {
-                                steps.pop_front();
-                            }
-                        }
-                        last_error = Some(err);
-                        continue;
-                    }
-                }
-            };
-            settlement.serving(target.clone(), since, span);
-            let pieces = self.stream_reply(first, rest, settlement);
-            return Ok(ChatReply { target, task, pieces, quota: budget });
+            match answer {
+                Ok(opened) => return Ok(opened),
+                // The request itself is wrong: another target would refuse it too.
+                Err(err) if err.code.is_client_caused() => return Err(err),
+                Err(err) => last_error = Some(err),
+            }
         }
         let last = last_error.unwrap_or_else(|| ApiError::new(ErrorCode::ModelNotFound, "the routing plan was empty"));
-        let err = if attempts > 1 {
+        Err(if attempts > 1 {
             ApiError { message: format!("all {attempts} targets failed; last: {}", last.message), ..last }
         } else {
             last
-        };
-        settlement.fail(err.clone());
-        Err(err)
+        })
+    }
+
+    /// A streamed answer is the client's from its first piece. A non-streamed one is the client's
+    /// only once it is whole, so while an escalation step is left an unusable (empty) one goes
+    /// one layer up instead: the steps before that escalation are skipped.
+    async fn usable(
+        &self,
+        opened: Opened,
+        role: StepRole,
+        steps: &mut VecDeque<(Target, StepRole)>,
+        call: &ChatCall,
+        settlement: &mut Settlement,
+    ) -> Result<Opened, ApiError> {
+        let (target, since, first, rest, span) = opened;
+        let escalation_left =
+            role != StepRole::Escalation && steps.iter().any(|(_, role)| *role == StepRole::Escalation);
+        if call.chat.stream || !escalation_left {
+            return Ok((target, since, first, rest, span));
+        }
+        match self.collect(&target, first, rest).await.and_then(|pieces| usable(&target, pieces)) {
+            Ok((first, rest)) => Ok((target, since, first, rest, span)),
+            Err(err) => {
+                span.record("error.type", err.code.as_str());
+                settlement.failed_call(&target, since, &err);
+                if err.code == ErrorCode::UpstreamError {
+                    while steps.front().is_some_and(|(_, role)| *role != StepRole::Escalation) {
+                        steps.pop_front();
+                    }
+                }
+                Err(err)
+            }
+        }
     }
 
     /// Calls one step of the plan; a failure is recorded before it is returned.
@@ -689,28 +687,14 @@ fn first_piece_timeout(target: &Target, after: Duration) -> ApiError {
     ApiError::new(ErrorCode::Timeout, format!("{} sent nothing within {} ms", target.id, after.as_millis()))
 }
 
-/// Calls a peer service with a deadline; failures become the errors the edge reports.
-pub(crate) async fn peer_call<T>(
-    peer: &'static str,
-    deadline: Duration,
-    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, ApiError> {
-    match tokio::time::timeout(deadline, call).await {
-        Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => {
-            let err = ApiError::from_status(&status);
-            Err(match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => {
-                    ApiError::new(ErrorCode::Unavailable, format!("{peer} service unavailable: {}", status.message()))
-                }
-                _ => err,
-            })
-        }
-        Err(_) => Err(ApiError::new(
-            ErrorCode::Unavailable,
-            format!("{peer} service did not answer within {} ms", deadline.as_millis()),
-        )),
-    }
+/// The reservation's cost: the dearest target of the plan, which any fallback may come to.
+fn plan_cost(plan: &RoutePlan, prompt_tokens: i64, max_tokens: i64) -> i64 {
+    plan.targets
+        .iter()
+        .filter_map(|step| step.target.as_ref())
+        .map(|target| target.cost_micros(prompt_tokens, max_tokens))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Everything that must happen once a request ends, however it ends. Dropping an unsettled
@@ -1012,7 +996,7 @@ async fn settle_reservation(
     request_id: &str,
 ) {
     const BACKOFF: [Duration; 3] = [Duration::from_millis(100), Duration::from_millis(500), Duration::from_secs(2)];
-    let peer_timeout = orchestrator.config.peer_timeout;
+    let peer_timeout = orchestrator.peers.timeout;
     let mut attempt = 0;
     loop {
         let mut quota = orchestrator.peers.quota.clone();

@@ -1,117 +1,20 @@
-//! Quota at the edge: the headers that tell a caller its remaining budget, the 429 of a refused
-//! reservation, and `GET /v1/quota/status` / `PUT /v1/quota/limits` over the quota service.
+//! `GET /v1/quota/status` and `PUT /v1/quota/limits` over the quota service (the budget headers
+//! and the 429 of a refused reservation are in `budget`).
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, SecondsFormat, Utc};
 use meshgate_proto::common::v1::Role;
-use meshgate_proto::quota::v1::{self as pb, ReserveResponse};
+use meshgate_proto::quota::v1 as pb;
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::api::{AppState, authenticate, client_of, read_body, request_id_of};
 use crate::auth::Caller;
-use crate::http::{Edge, authenticate, client_of, error_response, read_body, request_id_of};
-use crate::orchestrator::peer_call;
+use crate::budget::{datetime, rfc3339, scope_kind};
+use crate::peers::peer_call;
+use crate::response::error_response;
 use crate::tenancy::{EndpointScope, TenancyStore};
-
-/// Daily tokens left in the tightest scope, with this request's estimate held.
-pub const REMAINING_TOKENS: &str = "x-meshgate-quota-remaining-tokens";
-/// Daily cost left in the tightest scope, micro-dollars, with this request's estimate held.
-pub const REMAINING_COST: &str = "x-meshgate-quota-remaining-cost-micros";
-/// Requests that may still start this minute in the tightest scope.
-pub const REMAINING_REQUESTS: &str = "x-meshgate-quota-remaining-requests";
-/// RFC 3339 time when the daily window resets (on a 429: when a retry can succeed).
-pub const RESET: &str = "x-meshgate-quota-reset";
-/// On a 429: the scope whose limit refused the request, `<kind>:<id>`.
-pub const SCOPE: &str = "x-meshgate-quota-scope";
-/// On a 429: the limit that refused it (`tokens_per_day`, `requests_per_minute`, ...).
-pub const LIMIT: &str = "x-meshgate-quota-limit";
-/// On a 429: the exact wait in milliseconds (`Retry-After` is rounded up to whole seconds). The
-/// OpenAI SDKs honour it.
-pub const RETRY_AFTER_MS: &str = "retry-after-ms";
-
-/// The caller's budget as its reservation left it, reported on every usage response.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QuotaSnapshot {
-    /// -1 when no scope limits it, like the other two.
-    pub remaining_tokens: i64,
-    pub remaining_cost_micros: i64,
-    pub remaining_requests: i64,
-    pub reset_at: Option<DateTime<Utc>>,
-}
-
-impl QuotaSnapshot {
-    pub fn from_reserve(response: &ReserveResponse) -> Self {
-        Self {
-            remaining_tokens: response.remaining_tokens,
-            remaining_cost_micros: response.remaining_cost_micros,
-            remaining_requests: response.remaining_requests_this_minute,
-            reset_at: response.reset_at.as_ref().and_then(datetime),
-        }
-    }
-
-    /// The `x-meshgate-quota-*` headers; unlimited amounts are left out.
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut headers = Vec::with_capacity(4);
-        for (name, value) in [
-            (REMAINING_TOKENS, self.remaining_tokens),
-            (REMAINING_COST, self.remaining_cost_micros),
-            (REMAINING_REQUESTS, self.remaining_requests),
-        ] {
-            if value >= 0 {
-                headers.push((name, value.to_string()));
-            }
-        }
-        if let Some(reset) = self.reset_at {
-            headers.push((RESET, rfc3339(reset)));
-        }
-        headers
-    }
-}
-
-/// The 429 of a refused reservation: which scope and limit, when to retry (exactly).
-pub fn rejection(response: &ReserveResponse) -> ApiError {
-    let scope = response.rejected_scope.as_ref().map(|s| format!("{}:{}", scope_kind(s.kind), s.id));
-    let reset = response.reset_at.as_ref().and_then(datetime);
-    let mut message = format!("quota exceeded: {}", response.rejected_limit);
-    if let Some(scope) = &scope {
-        message.push_str(&format!(" of {scope}"));
-    }
-    if let Some(reset) = reset {
-        message.push_str(&format!("; resets at {}", rfc3339(reset)));
-    }
-    message.push_str(&format!("; retry after {} s", response.retry_after_seconds.max(1)));
-    let mut err = ApiError::new(ErrorCode::QuotaExceeded, message)
-        .with_retry_after(u64::try_from(response.retry_after_seconds.max(1)).unwrap_or(1))
-        .with_header(LIMIT, response.rejected_limit.clone())
-        .with_header(RETRY_AFTER_MS, response.retry_after_ms.max(0).to_string());
-    if let Some(scope) = scope {
-        err = err.with_header(SCOPE, scope);
-    }
-    if let Some(reset) = reset {
-        err = err.with_header(RESET, rfc3339(reset));
-    }
-    err
-}
-
-fn datetime(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
-    DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
-}
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
-fn scope_kind(kind: i32) -> &'static str {
-    match pb::ScopeKind::try_from(kind) {
-        Ok(pb::ScopeKind::Org) => "org",
-        Ok(pb::ScopeKind::Project) => "project",
-        Ok(pb::ScopeKind::User) => "user",
-        Ok(pb::ScopeKind::Key) => "key",
-        _ => "unknown",
-    }
-}
 
 fn parse_scope_kind(kind: &str) -> Option<pb::ScopeKind> {
     match kind {
@@ -265,15 +168,15 @@ fn status_json(status: pb::StatusResponse) -> StatusJson {
 (organization, project, user, key).",
     responses((status = 200, description = "Every scope of the caller", body = StatusJson))
 )]
-pub async fn status(State(edge): State<Edge>, request: Request) -> Response {
+pub async fn status(State(app): State<AppState>, request: Request) -> Response {
     let id = request_id_of(&request);
-    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let caller = authenticate(&app, request.headers(), client_of(&request)).await;
     let result = async {
         let caller = caller?;
         caller.require(EndpointScope::Quota)?;
         let principal = caller.principal;
-        let mut quota = edge.orchestrator.peers().quota.clone();
-        let timeout = edge.orchestrator.peer_timeout();
+        let mut quota = app.orchestrator.peers().quota.clone();
+        let timeout = app.orchestrator.peers().timeout;
         peer_call("quota", timeout, quota.status(pb::StatusRequest { principal: Some(principal) })).await
     }
     .await;
@@ -295,16 +198,16 @@ absent field is unlimited. Applies on the next request on every replica.",
     request_body = SetLimitsJson,
     responses((status = 200, description = "The scope's limits as stored", body = SetLimitsJson))
 )]
-pub async fn set_limits(State(edge): State<Edge>, request: Request) -> Response {
+pub async fn set_limits(State(app): State<AppState>, request: Request) -> Response {
     let id = request_id_of(&request);
-    let caller = authenticate(&edge, request.headers(), client_of(&request)).await;
+    let caller = authenticate(&app, request.headers(), client_of(&request)).await;
     let (parts, body) = request.into_parts();
     let result = async {
         let caller = caller?;
         caller.require(EndpointScope::Quota)?;
-        let body = read_body(body, &parts.headers, edge.max_body_bytes).await?;
+        let body = read_body(body, &parts.headers, app.max_body_bytes).await?;
         let wanted: SetLimitsJson = serde_json::from_slice(&body).map_err(crate::openai::json_error)?;
-        let scope = authorize_limits(&caller, edge.auth.store().as_ref(), &wanted.scope).await?;
+        let scope = authorize_limits(&caller, app.auth.store().as_ref(), &wanted.scope).await?;
         let limits = pb::Limits {
             tokens_per_day: wanted.limits.tokens_per_day,
             cost_micros_per_day: wanted.limits.cost_micros_per_day,
@@ -312,8 +215,8 @@ pub async fn set_limits(State(edge): State<Edge>, request: Request) -> Response 
             tokens_per_minute: wanted.limits.tokens_per_minute,
             time_zone: wanted.limits.time_zone.clone().unwrap_or_default(),
         };
-        let mut quota = edge.orchestrator.peers().quota.clone();
-        let timeout = edge.orchestrator.peer_timeout();
+        let mut quota = app.orchestrator.peers().quota.clone();
+        let timeout = app.orchestrator.peers().timeout;
         let set = peer_call(
             "quota",
             timeout,
@@ -517,34 +420,5 @@ mod tests {
         assert_eq!(code(authorize_limits(&admin, &store, &scope("key", "k_dev")).await), None);
         assert_eq!(code(authorize_limits(&admin, &store, &scope("key", "k_owner")).await), denied);
         assert_eq!(code(authorize_limits(&admin, &store, &scope("key", "k")).await), denied, "its own key");
-    }
-
-    #[test]
-    fn rejections_name_the_scope_the_limit_and_the_exact_wait() {
-        let response = ReserveResponse {
-            admitted: false,
-            rejected_scope: Some(pb::Scope { kind: pb::ScopeKind::User as i32, id: "u_1".into() }),
-            rejected_limit: "requests_per_minute".into(),
-            reset_at: Some(prost_types::Timestamp { seconds: 1_900_000_000, nanos: 600_000_000 }),
-            retry_after_seconds: 1,
-            retry_after_ms: 600,
-            ..Default::default()
-        };
-        let err = rejection(&response);
-        assert_eq!((err.code, err.retry_after), (ErrorCode::QuotaExceeded, Some(1)));
-        assert!(err.message.contains("requests_per_minute of user:u_1"), "{}", err.message);
-        let header = |name: &str| err.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
-        assert_eq!(header(RETRY_AFTER_MS), Some("600"));
-        assert_eq!(header(SCOPE), Some("user:u_1"));
-        assert_eq!(header(LIMIT), Some("requests_per_minute"));
-        assert_eq!(header(RESET), Some("2030-03-17T17:46:40.600Z"));
-    }
-
-    #[test]
-    fn unlimited_amounts_are_left_out_of_the_headers() {
-        let snapshot =
-            QuotaSnapshot { remaining_tokens: 10, remaining_cost_micros: -1, remaining_requests: 0, reset_at: None };
-        let headers = snapshot.headers();
-        assert_eq!(headers, vec![(REMAINING_TOKENS, "10".to_owned()), (REMAINING_REQUESTS, "0".to_owned())]);
     }
 }

@@ -2,7 +2,7 @@
 //! [`PolicyEngine`] and shared by every request of the project) and the request limits.
 //!
 //! Both live in Postgres (`projects.security_policy`, `projects.request_limits`) and are cached per
-//! replica. A change is published on Redis ([`INVALIDATION_CHANNEL`]) and every subscribed replica
+//! replica. A change is published on Redis (`crate::invalidation`) and every subscribed replica
 //! drops the project from its cache at once; a replica that is not subscribed (Redis down) trusts
 //! an entry for [`UNSUBSCRIBED_TTL`] only, so a change reaches it within about a second anyway.
 
@@ -17,13 +17,11 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::Authenticator;
+use crate::invalidation::Subscription;
 use crate::openai::ChatLimits;
 use crate::tenancy::{ProjectSettingsDoc, TenancyStore, check_field};
 
 /// Redis channel carrying the ids of projects whose settings changed.
-pub const INVALIDATION_CHANNEL: &str = "meshgate:projects:invalidate";
-
 /// How long a cached entry is trusted while invalidations cannot arrive.
 pub const UNSUBSCRIBED_TTL: Duration = Duration::from_secs(1);
 
@@ -131,7 +129,7 @@ struct Entry {
 
 struct Inner {
     store: Arc<dyn TenancyStore>,
-    auth: Authenticator,
+    subscription: Subscription,
     ttl: Duration,
     entries: Mutex<HashMap<String, Entry>>,
     /// Bumped by every invalidation: a fetch that raced one does not enter the cache.
@@ -147,13 +145,13 @@ pub struct SettingsCache {
 }
 
 impl SettingsCache {
-    /// `ttl`: how long an entry is trusted while invalidations arrive (the auth cache's TTL).
-    pub fn new(store: Arc<dyn TenancyStore>, auth: Authenticator, ttl: Duration) -> Self {
+    /// `ttl`: how long an entry is trusted while invalidations arrive (`subscription` live).
+    pub fn new(store: Arc<dyn TenancyStore>, subscription: Subscription, ttl: Duration) -> Self {
         let default_policy = PolicyEngine::new(PolicyConfig::default()).expect("the default security policy compiles");
         Self {
             inner: Arc::new(Inner {
                 store,
-                auth,
+                subscription,
                 ttl,
                 entries: Mutex::new(HashMap::new()),
                 generation: AtomicU64::new(0),
@@ -165,7 +163,7 @@ impl SettingsCache {
     /// The settings of `project_id`. When the store fails, a cached entry of any age is used (with
     /// a warning); without one the request fails with the store's error.
     pub async fn get(&self, project_id: &str) -> Result<Arc<ProjectSettings>, ApiError> {
-        let ttl = if self.inner.auth.invalidations_live() { self.inner.ttl } else { UNSUBSCRIBED_TTL };
+        let ttl = if self.inner.subscription.is_live() { self.inner.ttl } else { UNSUBSCRIBED_TTL };
         let stale = {
             let entries = self.inner.entries.lock();
             match entries.get(project_id) {
@@ -228,7 +226,6 @@ impl SettingsCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::AuthSettings;
     use crate::tenancy::{DEFAULT_TENANT, MemoryTenancy, SettingsKind};
 
     #[test]
@@ -263,8 +260,7 @@ mod tests {
     #[tokio::test]
     async fn a_change_is_seen_after_invalidation() {
         let store = Arc::new(MemoryTenancy::default());
-        let auth = Authenticator::new(None, store.clone(), AuthSettings::default(), false);
-        let cache = SettingsCache::new(store.clone(), auth, Duration::from_secs(3600));
+        let cache = SettingsCache::new(store.clone(), Subscription::new(false), Duration::from_secs(3600));
         let before = cache.get(DEFAULT_TENANT).await.unwrap();
         assert!(before.policy.config().enabled);
         store

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use chrono::{Duration as TimeDelta, Utc};
 use clap::Subcommand;
-use meshgate_gateway::admin::{Invalidator, NewKey, issue_key};
+use meshgate_gateway::admin::{NewKey, issue_key};
+use meshgate_gateway::invalidation::Invalidator;
 use meshgate_gateway::tenancy::{KeyScopes, PostgresTenancy, TenancyStore, check_field, new_id, parse_role};
 use serde::Serialize;
 
@@ -186,7 +187,7 @@ pub async fn keys(command: KeyCommand) -> Result<(), String> {
         KeyCommand::Revoke { id } => {
             let key = store.tenancy.revoke_key(&id, Utc::now()).await.map_err(text)?;
             let key = key.ok_or_else(|| format!("API key {id} not found"))?;
-            store.invalidator.publish(&id).await;
+            store.invalidator.publish_key(&id).await;
             print(&key)
         }
         KeyCommand::Rotate { id } => {
@@ -197,7 +198,7 @@ pub async fn keys(command: KeyCommand) -> Result<(), String> {
             }
             let (key, secret) = issue_key(store.tenancy.as_ref(), NewKey::like(&old)).await.map_err(text)?;
             store.tenancy.revoke_key(&id, Utc::now()).await.map_err(text)?;
-            store.invalidator.publish(&id).await;
+            store.invalidator.publish_key(&id).await;
             print(&serde_json::json!({"key": key, "secret": secret}))
         }
     }

@@ -234,7 +234,7 @@ pub struct KeyLookup {
 pub struct ProjectSettingsDoc {
     /// The security policy (`meshgate_policy::PolicyConfig`).
     pub security_policy: serde_json::Value,
-    /// The request limits (`crate::settings::RequestLimits`).
+    /// The request limits (the settings module's `RequestLimits`).
     pub request_limits: serde_json::Value,
 }
 
