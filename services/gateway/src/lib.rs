@@ -10,6 +10,7 @@ pub mod budget;
 pub mod chat;
 pub mod client_addr;
 pub mod concurrency;
+pub mod config;
 pub mod edge_sync;
 pub mod embeddings;
 pub mod grpc;
@@ -40,123 +41,9 @@ use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_runtime::{ErrorCode, Listeners, ServiceHost, Shutdown};
-use serde::{Deserialize, Serialize};
 
 pub use auth::Authenticator;
-
-/// Gateway configuration (`[gateway]`, `MESHGATE_GATEWAY__*`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// The bootstrap owner key; `MESHGATE_ADMIN_KEY` is used when unset.
-    pub admin_key: Option<String>,
-    pub quota_endpoint: String,
-    pub router_endpoint: String,
-    pub sync_endpoint: String,
-    pub inference_endpoint: String,
-    pub analytics_endpoint: String,
-    /// Largest accepted request body (a project's limits may only lower it).
-    pub max_body_bytes: usize,
-    /// Most messages in one chat request (a project's limits may only lower it).
-    pub max_messages: usize,
-    /// Largest `max_tokens` a request may ask for (a project's limits may only lower it).
-    pub max_tokens_cap: i64,
-    /// Completion tokens reserved when a request sets no `max_tokens`.
-    pub default_max_tokens: i64,
-    /// A target that sends nothing for this long is abandoned for the next one.
-    pub target_timeout_ms: u64,
-    /// A started reply that stays silent this long is ended with an error.
-    pub idle_timeout_ms: u64,
-    /// Deadline of quota and router calls.
-    pub peer_timeout_ms: u64,
-    /// Requests handled at once by the HTTP edge; more are shed with 503.
-    pub max_concurrent_requests: usize,
-    /// Postgres holding organizations, projects, users, roles and API keys; without it they
-    /// live in this process's memory (a standalone gateway) and are lost on restart.
-    pub database_url: Option<String>,
-    /// Redis carrying key revocations between replicas.
-    pub redis_url: Option<String>,
-    pub postgres: meshgate_storage::PostgresConfig,
-    pub redis: meshgate_storage::RedisConfig,
-    /// How long a looked-up API key is trusted before the store is asked again.
-    pub key_cache_ttl_ms: u64,
-    /// Failed authentications from one address per minute before its failures get 429s.
-    pub max_auth_failures_per_minute: u32,
-    /// Proxies (addresses or CIDR networks) whose `X-Forwarded-For` names the client for the
-    /// failed-login throttle; other peers are taken as the client themselves.
-    pub trusted_proxies: Vec<String>,
-    /// Streams one key may have open at once (HTTP and gRPC; 0 = no cap).
-    pub max_streams_per_key: usize,
-    /// Streams one project may have open at once (0 = no cap).
-    pub max_streams_per_project: usize,
-    /// Edge batches (`POST /v1/sync/batches`) one key may have in progress at once.
-    pub edge_uploads_per_key: usize,
-    /// The inference classifier scoring prompt injection; without it (or while it is not loaded)
-    /// the policy's heuristic scores it.
-    pub injection_model: String,
-    /// Deadline of one injection classification; past it the heuristic decides.
-    pub injection_timeout_ms: u64,
-    /// Apply the tenancy migrations once Postgres answers.
-    pub migrate_on_start: bool,
-    /// Trace records buffered for analytics at most.
-    pub trace_buffer: usize,
-    pub trace_batch_size: usize,
-    pub trace_flush_ms: u64,
-    /// Hand every trace batch to the sync service for upload to a cloud meshgate (an edge; the
-    /// standalone process sets it when `[sync.cloud] url` is set).
-    pub cloud_uplink: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            admin_key: None,
-            quota_endpoint: "http://127.0.0.1:50054".into(),
-            router_endpoint: "http://127.0.0.1:50053".into(),
-            sync_endpoint: "http://127.0.0.1:50056".into(),
-            inference_endpoint: "http://127.0.0.1:50052".into(),
-            analytics_endpoint: "http://127.0.0.1:50055".into(),
-            max_body_bytes: 1024 * 1024,
-            max_messages: 1024,
-            max_tokens_cap: 131_072,
-            default_max_tokens: 1024,
-            target_timeout_ms: 30_000,
-            idle_timeout_ms: 120_000,
-            peer_timeout_ms: 2_000,
-            max_concurrent_requests: 4096,
-            database_url: None,
-            redis_url: None,
-            postgres: meshgate_storage::PostgresConfig::default(),
-            redis: meshgate_storage::RedisConfig::default(),
-            key_cache_ttl_ms: 60_000,
-            max_auth_failures_per_minute: 20,
-            trusted_proxies: Vec::new(),
-            max_streams_per_key: 256,
-            max_streams_per_project: 1024,
-            edge_uploads_per_key: 2,
-            injection_model: "prompt-injection".into(),
-            injection_timeout_ms: 250,
-            migrate_on_start: true,
-            trace_buffer: 16_384,
-            trace_batch_size: 1024,
-            trace_flush_ms: 200,
-            cloud_uplink: false,
-        }
-    }
-}
-
-impl Config {
-    /// Fills `database_url` / `redis_url` from `DATABASE_URL` / `REDIS_URL` when not configured.
-    pub fn with_env_urls(mut self) -> Self {
-        if self.database_url.is_none() {
-            self.database_url = meshgate_storage::url_from_env("DATABASE_URL");
-        }
-        if self.redis_url.is_none() {
-            self.redis_url = meshgate_storage::url_from_env("REDIS_URL");
-        }
-        self
-    }
-}
+pub use config::Config;
 
 /// Errors of the gateway service.
 #[derive(Debug, thiserror::Error)]
@@ -216,15 +103,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     if admin_key.is_none() {
         tracing::warn!("no admin key configured (MESHGATE_ADMIN_KEY): every request will be refused with 401");
     }
-    if config.max_body_bytes == 0
-        || config.max_messages == 0
-        || config.max_tokens_cap < 1
-        || config.default_max_tokens < 1
-    {
-        return Err(Error::Config(
-            "max_body_bytes, max_messages, max_tokens_cap and default_max_tokens must be positive".into(),
-        ));
-    }
+    config.validate()?;
     let proxies =
         client_addr::TrustedProxies::parse(&config.trusted_proxies).map_err(|e| Error::Config(e.to_string()))?;
     let streams =
@@ -242,7 +121,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         router: RouterClient::new(router.clone()),
         sync: SyncClient::new(connect(&listeners, &config.sync_endpoint)?),
         inference: InferenceClient::new(connect(&listeners, &config.inference_endpoint)?),
-        timeout: Duration::from_millis(config.peer_timeout_ms.max(1)),
+        timeout: Duration::from_millis(config.peer_timeout_ms),
     };
     let host = ServiceHost::new("gateway");
     let metrics = metrics::GatewayMetrics::register(host.metrics());
@@ -251,15 +130,15 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         config.cloud_uplink.then(|| peers.sync.clone()),
         traces::TraceSinkConfig {
             capacity: config.trace_buffer,
-            batch_size: config.trace_batch_size.max(1),
-            flush_interval: Duration::from_millis(config.trace_flush_ms.max(1)),
+            batch_size: config.trace_batch_size,
+            flush_interval: Duration::from_millis(config.trace_flush_ms),
         },
         metrics.traces.clone(),
     );
     let path = orchestrator::PathConfig {
         default_max_tokens: config.default_max_tokens,
-        first_piece_timeout: Duration::from_millis(config.target_timeout_ms.max(1)),
-        idle_timeout: Duration::from_millis(config.idle_timeout_ms.max(1)),
+        first_piece_timeout: Duration::from_millis(config.target_timeout_ms),
+        idle_timeout: Duration::from_millis(config.idle_timeout_ms),
     };
     let pg =
         config.database_url.as_deref().map(|url| meshgate_storage::postgres_pool(url, &config.postgres)).transpose()?;
@@ -284,7 +163,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         tenancy,
         auth::AuthSettings {
             cache_ttl: Duration::from_millis(config.key_cache_ttl_ms),
-            max_failures: config.max_auth_failures_per_minute.max(1),
+            max_failures: config.max_auth_failures_per_minute,
             failure_window: Duration::from_secs(60),
         },
         subscription.clone(),
@@ -302,7 +181,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     let injection = std::sync::Arc::new(guard::InferenceInjection::new(
         peers.inference.clone(),
         config.injection_model.clone(),
-        Duration::from_millis(config.injection_timeout_ms.max(1)),
+        Duration::from_millis(config.injection_timeout_ms),
     ));
     let injection_watch = tokio::spawn(injection.clone().watch(stop_listener.clone()));
     let guard = guard::Guard::new(Some(injection), metrics.clone());
@@ -319,10 +198,10 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         invalidator: invalidation::Invalidator::new(redis),
         settings: settings.clone(),
         streams: streams.clone(),
-        uploads: concurrency::TenantCaps::new("edge batches in progress", config.edge_uploads_per_key.max(1), 0),
+        uploads: concurrency::TenantCaps::new("edge batches in progress", config.edge_uploads_per_key, 0),
         proxies: proxies.clone(),
     };
-    let app = http::router(app, config.max_concurrent_requests.max(1));
+    let app = http::router(app, config.max_concurrent_requests);
     tracing::info!(http = ?http_listener.local_addr().ok(), "edge listening");
     let http_shutdown = shutdown.clone();
     let drain = host.drain_deadline();
