@@ -1,9 +1,10 @@
-//! `POST /v1/messages`: the Anthropic Messages API, with the same behaviour knobs and the same
-//! deterministic replies as the OpenAI routes.
+//! `POST /v1/messages`: the Anthropic Messages API, with the same behaviour knobs, the same agent
+//! game and the same deterministic replies as the OpenAI routes, checked the way Anthropic checks
+//! a request (400 `invalid_request_error` whose message starts with the offending field's path).
 //!
 //! Prompt tokens are counted as for the OpenAI routes with the `system` prompt as one more
 //! message, so the same conversation costs the same in both formats: `reply::prompt_tokens` over
-//! the system text (when present) and the text of each message.
+//! the system text (when present) and the text of each message (text blocks and tool results).
 
 use std::io;
 use std::sync::Arc;
@@ -16,9 +17,16 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::reply::{self, Echo, argument_fragments, completion_plan};
-use crate::server::{ABORT_FLUSH_PAUSE, Delivery, Endpoint, header_str, io_body, json_response};
-use crate::{Behavior, Shared, StreamFault};
+use crate::agent::{self, Body, Output, Plan, ToolMode};
+use crate::reply::{self, argument_fragments};
+use crate::server::{ABORT_FLUSH_PAUSE, Delivery, Endpoint, header_str, is_base64, json_response, pause, sse_response};
+use crate::state::{Behavior, Shared, StreamFault};
+
+/// Smallest thinking budget Anthropic takes.
+const MIN_THINKING_BUDGET: u64 = 1024;
+/// Longest tool name.
+const MAX_TOOL_NAME: usize = 128;
+const IMAGE_MEDIA_TYPES: [&str; 4] = ["image/jpeg", "image/png", "image/gif", "image/webp"];
 
 #[derive(Deserialize)]
 struct MessagesRequest {
@@ -33,6 +41,16 @@ struct MessagesRequest {
     tools: Option<Vec<Tool>>,
     #[serde(default)]
     tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    thinking: Option<Thinking>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    /// Structured outputs, beta shape.
+    #[serde(default)]
+    output_format: Option<Value>,
+    /// Structured outputs, `{"format": {...}}`.
+    #[serde(default)]
+    output_config: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -58,6 +76,18 @@ struct Block {
     /// A `tool_result`'s content: a string or text blocks.
     #[serde(default)]
     content: Option<Value>,
+    /// A `tool_use`'s id.
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    tool_use_id: Option<String>,
+    /// An `image`'s source.
+    #[serde(default)]
+    source: Option<Value>,
 }
 
 impl Content {
@@ -84,11 +114,29 @@ impl Content {
             }
         }
     }
+
+    fn blocks(&self) -> &[Block] {
+        match self {
+            Content::Text(_) => &[],
+            Content::Blocks(blocks) => blocks,
+        }
+    }
 }
 
 #[derive(Deserialize)]
 struct Tool {
+    /// Absent or `custom` for client tools; server tools (`web_search_...`) name their version.
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
     name: String,
+    #[serde(default)]
+    input_schema: Option<Value>,
+}
+
+impl Tool {
+    fn is_client_tool(&self) -> bool {
+        self.kind.as_deref().is_none_or(|kind| kind == "custom")
+    }
 }
 
 #[derive(Deserialize)]
@@ -97,6 +145,16 @@ struct ToolChoice {
     kind: String,
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    disable_parallel_tool_use: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Thinking {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    budget_tokens: Option<u64>,
 }
 
 /// Anthropic's error shape.
@@ -145,23 +203,20 @@ pub(crate) async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderM
         Ok(request) => request,
         Err(err) => return invalid(&format!("Invalid request body: {err}")),
     };
-    let Some(max_tokens) = request.max_tokens else {
-        return invalid("max_tokens: Field required");
+    let facts = match check(&request) {
+        Ok(facts) => facts,
+        Err(message) => return invalid(&message),
     };
-    if max_tokens == 0 {
-        return invalid("max_tokens: must be greater than or equal to 1");
-    }
-    if request.messages.is_empty() {
-        return invalid("messages: at least one message is required");
-    }
-    if let Some(bad) = request.messages.iter().find(|m| m.role != "user" && m.role != "assistant") {
-        return invalid(&format!(
-            "messages: Unexpected role \"{}\". Allowed roles are \"user\" or \"assistant\".",
-            bad.role
-        ));
-    }
     if behavior.strict_models && !behavior.models.contains(&request.model) {
         return error(StatusCode::NOT_FOUND, "not_found_error", &format!("model: {}", request.model));
+    }
+    let system = request.system.as_ref().map(Content::text);
+    let texts: Vec<String> = system.into_iter().chain(request.messages.iter().map(|m| m.content.text())).collect();
+    let prompt_tokens = reply::prompt_tokens(texts.iter().map(String::as_str));
+    if let Some(window) = behavior.context_window_of(&request.model)
+        && prompt_tokens > window
+    {
+        return invalid(&format!("prompt is too long: {prompt_tokens} tokens > {window} maximum"));
     }
     if !delivery.replay
         && let Some(status) = shared.injected_status(&behavior)
@@ -185,84 +240,338 @@ pub(crate) async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderM
         };
     }
 
-    let last_user =
-        request.messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.text()).unwrap_or_default();
-    let system = request.system.as_ref().map(Content::text);
-    let texts: Vec<String> = system.into_iter().chain(request.messages.iter().map(|m| m.content.text())).collect();
-    let input_tokens = reply::prompt_tokens(texts.iter().map(String::as_str));
-    let tool = tool_call_for(&behavior, &request, &last_user);
+    let (cache_read, cache_write) = behavior.prompt_cache.map_or((0, 0), |cache| cache.split(prompt_tokens));
     let reply = Reply {
         id: shared.next_id("msg_mock"),
-        model: request.model,
-        input_tokens,
-        max_tokens,
-        echo: Echo::new(last_user),
-        tool: tool.map(|(name, input)| (shared.next_id("toolu_mock"), name, input)),
+        model: request.model.clone(),
+        input_tokens: prompt_tokens - cache_read - cache_write,
+        cache: behavior.prompt_cache.is_some().then_some((cache_read, cache_write)),
+        plan: Plan::new(facts, &behavior, || shared.next_id("toolu_mock")),
     };
     shared.succeeded.fetch_add(1, Ordering::Relaxed);
     if stream {
         delivery.mark(stream_reply(reply, &behavior, delivery.clone()))
     } else {
         delivery.completed();
-        delivery.mark(json_reply(&reply, &behavior))
+        delivery.mark(json_reply(&reply))
     }
 }
 
-/// The tool the mock calls: the behaviour's, or the one `tool_choice` demands (`any` or `tool`).
-fn tool_call_for(behavior: &Behavior, request: &MessagesRequest, last_user: &str) -> Option<(String, String)> {
-    if let Some(call) = &behavior.tool_call {
-        return Some((call.name.clone(), call.arguments.clone()));
-    }
-    let tools = request.tools.as_ref()?;
-    let choice = request.tool_choice.as_ref()?;
-    let name = match choice.kind.as_str() {
-        "any" => tools.first()?.name.clone(),
-        "tool" => choice.name.clone()?,
-        _ => return None,
+/// Checks the request as Anthropic does (the error message starts with the field's path) and reads
+/// what the answer depends on.
+fn check(request: &MessagesRequest) -> Result<agent::Request<'_>, String> {
+    let Some(max_tokens) = request.max_tokens else {
+        return Err("max_tokens: Field required".into());
     };
-    Some((name, json!({ "input": last_user }).to_string()))
+    if max_tokens == 0 {
+        return Err("max_tokens: must be greater than or equal to 1".into());
+    }
+    if request.messages.is_empty() {
+        return Err("messages: at least one message is required".into());
+    }
+    if let Some(temperature) = request.temperature
+        && !(0.0..=1.0).contains(&temperature)
+    {
+        return Err(format!("temperature: Input should be between 0 and 1, got {temperature}"));
+    }
+    for (i, message) in request.messages.iter().enumerate() {
+        if message.role != "user" && message.role != "assistant" {
+            return Err(format!(
+                "messages.{i}.role: Unexpected role \"{}\". Allowed roles are \"user\" or \"assistant\".",
+                message.role
+            ));
+        }
+        check_blocks(i, message)?;
+    }
+    check_tool_results(&request.messages)?;
+    let (tools, tool_mode, parallel) = check_tools(request)?;
+    let reasoning_pieces = check_thinking(request, max_tokens, tool_mode)?;
+    let output = check_output_format(request)?;
+    let last = request.messages.last().map(|m| m.role.as_str() == "user" && !has_tool_results(m));
+    let echo_source =
+        request.messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.text()).unwrap_or_default();
+    Ok(agent::Request {
+        tools,
+        tool_mode,
+        parallel_tool_calls: parallel,
+        ends_in_user_turn: last.unwrap_or(false),
+        output,
+        reasoning_pieces,
+        echo_source,
+        max_tokens: Some(max_tokens),
+    })
+}
+
+fn has_tool_results(message: &Message) -> bool {
+    message.content.blocks().iter().any(|b| b.kind == "tool_result")
+}
+
+fn check_blocks(i: usize, message: &Message) -> Result<(), String> {
+    let allowed: &[&str] = if message.role == "user" {
+        &["text", "image", "document", "tool_result", "search_result"]
+    } else {
+        &["text", "tool_use", "thinking", "redacted_thinking", "server_tool_use", "web_search_tool_result"]
+    };
+    for (j, block) in message.content.blocks().iter().enumerate() {
+        let path = format!("messages.{i}.content.{j}");
+        if !allowed.contains(&block.kind.as_str()) {
+            return Err(format!(
+                "{path}.type: Input tag '{}' found using 'type' does not match any of the expected tags: {}",
+                block.kind,
+                allowed.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        match block.kind.as_str() {
+            "text" if block.text.as_deref().is_none_or(str::is_empty) => {
+                return Err(format!("{path}.text: text content blocks must be non-empty"));
+            }
+            "image" => check_image(&path, block.source.as_ref())?,
+            "tool_use" => {
+                if block.id.as_deref().is_none_or(str::is_empty) || block.name.as_deref().is_none_or(str::is_empty) {
+                    return Err(format!("{path}.tool_use: 'id' and 'name' are required"));
+                }
+                if !block.input.as_ref().is_some_and(Value::is_object) {
+                    return Err(format!("{path}.tool_use.input: Input should be a valid dictionary"));
+                }
+            }
+            "tool_result" if block.tool_use_id.as_deref().is_none_or(str::is_empty) => {
+                return Err(format!("{path}.tool_result.tool_use_id: Field required"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_image(path: &str, source: Option<&Value>) -> Result<(), String> {
+    let Some(source) = source else {
+        return Err(format!("{path}.image.source: Field required"));
+    };
+    match source["type"].as_str() {
+        Some("base64") => {
+            let media_type = source["media_type"].as_str().unwrap_or_default();
+            if !IMAGE_MEDIA_TYPES.contains(&media_type) {
+                return Err(format!(
+                    "{path}.image.source.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or \
+                     'image/webp'"
+                ));
+            }
+            if !source["data"].as_str().is_some_and(is_base64) {
+                return Err(format!("{path}.image.source.base64.data: invalid base64 data"));
+            }
+            Ok(())
+        }
+        Some("url") => {
+            let url = source["url"].as_str().unwrap_or_default();
+            if url.starts_with("https://") || url.starts_with("http://") {
+                Ok(())
+            } else {
+                Err(format!("{path}.image.source.url.url: Input should be an http(s) URL"))
+            }
+        }
+        _ => Err(format!("{path}.image.source.type: Input should be 'base64' or 'url'")),
+    }
+}
+
+/// Each `tool_result` answers a `tool_use` of the message before it, and each assistant
+/// `tool_use` is answered by a `tool_result` in the next message.
+fn check_tool_results(messages: &[Message]) -> Result<(), String> {
+    let calls_before = |i: usize| match i.checked_sub(1).map(|p| &messages[p]) {
+        Some(previous) if previous.role == "assistant" => call_ids(previous),
+        _ => Vec::new(),
+    };
+    for (i, message) in messages.iter().enumerate() {
+        let calls = calls_before(i);
+        if let Some((j, id)) = result_ids(message).into_iter().enumerate().find(|(_, id)| !calls.contains(id)) {
+            return Err(format!(
+                "messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` blocks: {id}. Each \
+                 `tool_result` block must have a corresponding `tool_use` block in the previous message."
+            ));
+        }
+    }
+    for i in 1..=messages.len() {
+        let answered = messages.get(i).map_or_else(Vec::new, result_ids);
+        let missing: Vec<&str> = calls_before(i).into_iter().filter(|id| !answered.contains(id)).collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: {}. Each \
+                 `tool_use` block must have a corresponding `tool_result` block in the next message.",
+                missing.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The ids of a message's `tool_use` blocks.
+fn call_ids(message: &Message) -> Vec<&str> {
+    message.content.blocks().iter().filter(|b| b.kind == "tool_use").filter_map(|b| b.id.as_deref()).collect()
+}
+
+/// The call ids a message's `tool_result` blocks answer.
+fn result_ids(message: &Message) -> Vec<&str> {
+    message
+        .content
+        .blocks()
+        .iter()
+        .filter(|b| b.kind == "tool_result")
+        .filter_map(|b| b.tool_use_id.as_deref())
+        .collect()
+}
+
+/// The client tools offered, the tool choice, and whether parallel calls are allowed.
+fn check_tools(request: &MessagesRequest) -> Result<(Vec<agent::Tool<'_>>, ToolMode<'_>, bool), String> {
+    let definitions = request.tools.as_deref().unwrap_or_default();
+    let mut tools = Vec::with_capacity(definitions.len());
+    for (i, tool) in definitions.iter().enumerate() {
+        if !tool.is_client_tool() {
+            continue;
+        }
+        let name_ok = !tool.name.is_empty()
+            && tool.name.len() <= MAX_TOOL_NAME
+            && tool.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(format!("tools.{i}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'"));
+        }
+        let Some(schema) = &tool.input_schema else {
+            return Err(format!("tools.{i}.custom.input_schema: Field required"));
+        };
+        if schema.get("type").and_then(Value::as_str) != Some("object") {
+            return Err(format!("tools.{i}.custom.input_schema.type: Input should be 'object'"));
+        }
+        tools.push(agent::Tool { name: &tool.name, parameters: Some(schema) });
+    }
+    let Some(choice) = &request.tool_choice else {
+        return Ok((tools, ToolMode::Auto, true));
+    };
+    if definitions.is_empty() && choice.kind != "none" {
+        return Err("tool_choice: tool_choice may only be specified while providing tools".into());
+    }
+    let parallel = !choice.disable_parallel_tool_use.unwrap_or(false);
+    let mode = match choice.kind.as_str() {
+        "auto" => ToolMode::Auto,
+        "none" => ToolMode::None,
+        "any" => ToolMode::Required,
+        "tool" => {
+            let Some(name) = choice.name.as_deref() else {
+                return Err("tool_choice.tool.name: Field required".into());
+            };
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(format!("tool_choice.tool.name: Tool '{name}' not found in tools"));
+            }
+            ToolMode::Named(name)
+        }
+        other => {
+            return Err(format!(
+                "tool_choice: Input tag '{other}' found using 'type' does not match any of the expected tags: \
+                 'auto', 'any', 'tool', 'none'"
+            ));
+        }
+    };
+    Ok((tools, mode, parallel))
+}
+
+/// Reasoning pieces for the request's `thinking`.
+fn check_thinking(request: &MessagesRequest, max_tokens: u64, tool_mode: ToolMode<'_>) -> Result<usize, String> {
+    let Some(thinking) = &request.thinking else { return Ok(0) };
+    match thinking.kind.as_str() {
+        "disabled" => return Ok(0),
+        "enabled" => {
+            let Some(budget) = thinking.budget_tokens else {
+                return Err("thinking.enabled.budget_tokens: Field required".into());
+            };
+            if budget < MIN_THINKING_BUDGET {
+                return Err(format!(
+                    "thinking.enabled.budget_tokens: Input should be greater than or equal to {MIN_THINKING_BUDGET}"
+                ));
+            }
+            if max_tokens <= budget {
+                return Err("max_tokens: `max_tokens` must be greater than `thinking.budget_tokens`".into());
+            }
+        }
+        "adaptive" => {}
+        other => {
+            return Err(format!(
+                "thinking: Input tag '{other}' found using 'type' does not match any of the expected tags: \
+                 'enabled', 'disabled', 'adaptive'"
+            ));
+        }
+    }
+    if matches!(tool_mode, ToolMode::Required | ToolMode::Named(_)) {
+        return Err("tool_choice: Thinking may not be enabled when tool_choice forces tool use.".into());
+    }
+    if request.temperature.is_some_and(|t| t != 1.0) {
+        return Err("temperature: `temperature` may only be set to 1 when thinking is enabled.".into());
+    }
+    Ok(reply::reasoning_pieces("medium"))
+}
+
+/// Structured outputs: `output_config.format` or the beta `output_format`.
+fn check_output_format(request: &MessagesRequest) -> Result<Output<'_>, String> {
+    let (path, format) = match (&request.output_config, &request.output_format) {
+        (Some(config), _) if config.get("format").is_some() => ("output_config.format", &config["format"]),
+        (_, Some(format)) => ("output_format", format),
+        _ => return Ok(Output::Text),
+    };
+    if format["type"].as_str() != Some("json_schema") {
+        return Err(format!("{path}.type: Input should be 'json_schema'"));
+    }
+    match format.get("schema") {
+        Some(schema) if schema.is_object() => Ok(Output::JsonSchema(schema)),
+        _ => Err(format!("{path}.schema: Field required")),
+    }
 }
 
 struct Reply {
     id: String,
     model: String,
+    /// Prompt tokens neither read from nor written to the cache.
     input_tokens: u64,
-    max_tokens: u64,
-    echo: Echo,
-    /// `(id, name, arguments JSON)`.
-    tool: Option<(String, String, String)>,
+    /// `(read, written)` cache tokens, when the behaviour reports a prompt cache.
+    cache: Option<(u64, u64)>,
+    plan: Plan,
 }
 
-/// Anthropic's stop reason for the mock's plan.
-fn stop_reason(finish: &str) -> &'static str {
-    if finish == "length" { "max_tokens" } else { "end_turn" }
+impl Reply {
+    fn usage(&self, output_tokens: u64) -> Value {
+        let mut usage = json!({"input_tokens": self.input_tokens, "output_tokens": output_tokens});
+        if let Some((read, write)) = self.cache {
+            usage["cache_read_input_tokens"] = json!(read);
+            usage["cache_creation_input_tokens"] = json!(write);
+        }
+        usage
+    }
+
+    fn signature(&self) -> String {
+        format!("mock-signature-{}", self.id)
+    }
 }
 
-fn json_reply(reply: &Reply, behavior: &Behavior) -> Response {
-    let (content, stop, output_tokens) = match &reply.tool {
-        Some((id, name, arguments)) => {
-            let input: Value = serde_json::from_str(arguments).unwrap_or_else(|_| json!({}));
-            (
-                json!([{"type": "tool_use", "id": id, "name": name, "input": input}]),
-                "tool_use",
-                argument_fragments(arguments).count(),
-            )
+fn json_reply(reply: &Reply) -> Response {
+    let mut content = Vec::new();
+    if let Some(thinking) = reply.plan.reasoning_text() {
+        content.push(json!({"type": "thinking", "thinking": thinking, "signature": reply.signature()}));
+    }
+    match &reply.plan.body {
+        Body::ToolCalls(calls) => {
+            for call in calls {
+                let input: Value = serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
+                content.push(json!({"type": "tool_use", "id": call.id, "name": call.name, "input": input}));
+            }
         }
-        None => {
-            let (count, finish) = completion_plan(reply.echo.len(), behavior.stream_chunks, Some(reply.max_tokens));
-            let text: String = (0..count).map(|i| reply.echo.piece(i).to_string()).collect();
-            (json!([{"type": "text", "text": text}]), stop_reason(finish), count)
+        Body::Text | Body::Json(_) => {
+            content.push(json!({"type": "text", "text": reply.plan.content().unwrap_or_default()}));
         }
-    };
+    }
     let body = json!({
         "id": reply.id,
         "type": "message",
         "role": "assistant",
         "model": reply.model,
         "content": content,
-        "stop_reason": stop,
+        "stop_reason": reply.plan.finish.anthropic(),
         "stop_sequence": null,
-        "usage": {"input_tokens": reply.input_tokens, "output_tokens": output_tokens},
+        "usage": reply.usage(reply.plan.completion_tokens()),
     });
     json_response(StatusCode::OK, &body)
 }
@@ -272,47 +581,98 @@ fn event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
+fn block_start(index: usize, block: Value) -> Bytes {
+    event("content_block_start", &json!({"type": "content_block_start", "index": index, "content_block": block}))
+}
+
+fn block_delta(index: usize, delta: Value) -> Bytes {
+    event("content_block_delta", &json!({"type": "content_block_delta", "index": index, "delta": delta}))
+}
+
+fn block_stop(index: usize) -> Bytes {
+    event("content_block_stop", &json!({"type": "content_block_stop", "index": index}))
+}
+
 fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Response {
     let chunk_delay = behavior.chunk_delay;
     let fail_after = behavior.fail_after_chunks.map(|n| n as usize);
     let fault = behavior.stream_fault;
-    let (count, stop) = match &reply.tool {
-        Some((_, _, arguments)) => (argument_fragments(arguments).count(), "tool_use"),
-        None => {
-            let (count, finish) = completion_plan(reply.echo.len(), behavior.stream_chunks, Some(reply.max_tokens));
-            (count, stop_reason(finish))
-        }
-    };
-    let body = async_stream::try_stream! {
+    let total_pieces = reply.plan.reasoning_pieces + reply.plan.body_pieces;
+    let events = async_stream::try_stream! {
         yield event("message_start", &json!({
             "type": "message_start",
             "message": {
                 "id": reply.id, "type": "message", "role": "assistant", "model": reply.model, "content": [],
                 "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": reply.input_tokens, "output_tokens": 1}
+                "usage": reply.usage(1)
             }
         }));
-        let block = match &reply.tool {
-            Some((id, name, _)) => json!({"type": "tool_use", "id": id, "name": name, "input": {}}),
-            None => json!({"type": "text", "text": ""}),
-        };
-        yield event("content_block_start", &json!({"type": "content_block_start", "index": 0, "content_block": block}));
-        yield event("ping", &json!({"type": "ping"}));
-        let mut fragments = reply.tool.as_ref().map(|(_, _, arguments)| argument_fragments(arguments));
-        for i in 0..count {
-            if fail_after == Some(i) {
-                break;
+        // Every piece (thinking, text, JSON or input fragment) counts towards fail_after; the ping
+        // follows the first block's start, as Anthropic sends it.
+        let mut sent = 0;
+        let mut index = 0;
+        'pieces: {
+            if let Some(reasoning) = &reply.plan.reasoning {
+                yield block_start(index, json!({"type": "thinking", "thinking": "", "signature": ""}));
+                yield event("ping", &json!({"type": "ping"}));
+                for i in 0..reply.plan.reasoning_pieces {
+                    if fail_after == Some(sent) {
+                        break 'pieces;
+                    }
+                    pause(chunk_delay).await;
+                    yield block_delta(index, json!({"type": "thinking_delta", "thinking": reasoning.piece(i).to_string()}));
+                    sent += 1;
+                }
+                yield block_delta(index, json!({"type": "signature_delta", "signature": reply.signature()}));
+                yield block_stop(index);
+                index += 1;
             }
-            if !chunk_delay.is_zero() {
-                tokio::time::sleep(chunk_delay).await;
+            match &reply.plan.body {
+                Body::ToolCalls(calls) => {
+                    for call in calls {
+                        yield block_start(index, json!({"type": "tool_use", "id": call.id, "name": call.name, "input": {}}));
+                        if index == 0 {
+                            yield event("ping", &json!({"type": "ping"}));
+                        }
+                        for partial in argument_fragments(&call.arguments) {
+                            if fail_after == Some(sent) {
+                                break 'pieces;
+                            }
+                            pause(chunk_delay).await;
+                            yield block_delta(index, json!({"type": "input_json_delta", "partial_json": partial}));
+                            sent += 1;
+                        }
+                        yield block_stop(index);
+                        index += 1;
+                    }
+                }
+                Body::Text | Body::Json(_) => {
+                    yield block_start(index, json!({"type": "text", "text": ""}));
+                    if index == 0 {
+                        yield event("ping", &json!({"type": "ping"}));
+                    }
+                    let json_fragments = match &reply.plan.body {
+                        Body::Json(json) => Some(argument_fragments(json)),
+                        _ => None,
+                    };
+                    let mut json_fragments = json_fragments.into_iter().flatten();
+                    for i in 0..reply.plan.body_pieces {
+                        if fail_after == Some(sent) {
+                            break 'pieces;
+                        }
+                        pause(chunk_delay).await;
+                        let text = match json_fragments.next() {
+                            Some(fragment) => fragment.to_owned(),
+                            None => reply.plan.echo.piece(i).to_string(),
+                        };
+                        yield block_delta(index, json!({"type": "text_delta", "text": text}));
+                        sent += 1;
+                    }
+                    yield block_stop(index);
+                }
             }
-            let delta = match fragments.as_mut().and_then(Iterator::next) {
-                Some(partial) => json!({"type": "input_json_delta", "partial_json": partial}),
-                None => json!({"type": "text_delta", "text": reply.echo.piece(i).to_string()}),
-            };
-            yield event("content_block_delta", &json!({"type": "content_block_delta", "index": 0, "delta": delta}));
         }
-        if fail_after.is_some_and(|n| n <= count) {
+        if fail_after.is_some_and(|n| n <= total_pieces) {
             match fault {
                 StreamFault::Abort => {
                     tokio::time::sleep(ABORT_FLUSH_PAUSE).await;
@@ -328,22 +688,13 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
             }
             return;
         }
-        yield event("content_block_stop", &json!({"type": "content_block_stop", "index": 0}));
         delivery.completed();
         yield event("message_delta", &json!({
             "type": "message_delta",
-            "delta": {"stop_reason": stop, "stop_sequence": null},
-            "usage": {"output_tokens": count}
+            "delta": {"stop_reason": reply.plan.finish.anthropic(), "stop_sequence": null},
+            "usage": {"output_tokens": reply.plan.completion_tokens()}
         }));
         yield event("message_stop", &json!({"type": "message_stop"}));
     };
-    (
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8")),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-        ],
-        io_body(body),
-    )
-        .into_response()
+    sse_response(events)
 }

@@ -1,10 +1,11 @@
-//! A mock of the OpenAI HTTP API: the only upstream provider meshgate's tests and benchmarks talk to.
+//! A mock of the OpenAI and Anthropic HTTP APIs: the only upstream provider meshgate's tests and
+//! benchmarks talk to.
 //!
 //! Start one in-process with [`MockProvider::start`] (it binds `127.0.0.1:0`) and point a client at
 //! [`MockProvider::base_url`] (`http://127.0.0.1:<port>/v1`, the OpenAI SDK convention: the base
 //! URL includes the version path). Its [`Behavior`] can be changed at any time through the handle,
 //! so a test can make the provider slow, failing, hanging or broken mid-test, and its request
-//! counters tell the test what the provider actually received.
+//! counters and [`MockProvider::recorded`] bodies tell the test what the provider actually received.
 //!
 //! Endpoints: `POST /v1/chat/completions` (JSON, or SSE with `stream: true`, honouring
 //! `stream_options.include_usage`), `POST /v1/embeddings` (float or base64), `GET /v1/models`,
@@ -15,211 +16,80 @@
 //! `tool_result`, the named SSE events `message_start` … `message_stop`, and Anthropic's
 //! `{"type": "error", "error": {...}}` shape), with the same behaviour knobs and the same replies.
 //!
+//! **The agent game.** Both formats answer the way a model driving an agent does, deterministically:
+//! - tools offered and the conversation ending in a user turn (OpenAI `tool_choice` absent,
+//!   `auto` or `required`; Anthropic `auto` or `any`) → one call per tool, or one call when
+//!   `parallel_tool_calls` is false (Anthropic `disable_parallel_tool_use`); a named tool choice
+//!   (or `required`/`any` whatever the conversation ends with) calls as demanded. Arguments are
+//!   [`schema::instance`]s of each tool's parameter schema. `tool_choice: none` never calls.
+//! - a conversation ending in tool results is answered with text that echoes them.
+//! - `response_format` `json_schema` (Anthropic `output_config.format` / `output_format`) → the
+//!   content is the schema's [`schema::instance`]; `json_object` → [`reply::json_object_text`].
+//! - `reasoning_effort` (Anthropic `thinking`) → reasoning text before the answer
+//!   ([`reply::reasoning_text`]): `message.reasoning_content` and `delta.reasoning_content`, with
+//!   `usage.completion_tokens_details.reasoning_tokens`; Anthropic `thinking` blocks and
+//!   `thinking_delta` events.
+//! - image parts (`http(s)` URLs and base64 `data:` URIs) are checked and accepted;
+//!   [`RecordedRequest::images`] lists them.
+//! - conversations are checked as the providers check them: every `tool` result answers a call of
+//!   the assistant turn before it and every call is answered; tool names and schemas, tool choices
+//!   and response formats are validated (400 naming the offending parameter otherwise).
+//! - parameters neither API names are accepted and recorded ([`RecordedRequest::unknown_parameters`]).
+//! - [`Behavior::prompt_cache`] reports cached prompt tokens; [`Behavior::context_window`] answers
+//!   a larger prompt 400 `context_length_exceeded`.
+//!
 //! **Idempotency.** Requests carrying an `Idempotency-Key` header are counted per key. A reply
 //! fully produced for a key is a *completion* ([`MockProvider::completions_for_idempotency_key`]);
 //! with [`Behavior::honour_idempotency_keys`], a later request with a completed key is answered as a
 //! replay (same content, `idempotent-replayed: true`) and is not a new completion, the way an
 //! idempotent API treats a client's retry.
 //!
-//! Replies are deterministic (see [`reply`]): the text is `"echo:"` followed by the first words of
-//! the last user message, one completion token per piece, and prompt tokens are counted from the
-//! input words; [`reply::reply_text`] and [`reply::prompt_tokens`] compute what to expect.
+//! Text replies are deterministic (see [`reply`]): `"echo:"` followed by the first words of the
+//! last user message (or of the tool results the conversation ends with), one completion token per
+//! piece, and prompt tokens are counted from the input words; [`reply::reply_text`] and
+//! [`reply::prompt_tokens`] compute what to expect.
 
+mod agent;
 mod anthropic;
+mod openai;
 pub mod reply;
+pub mod schema;
 mod server;
+mod state;
 mod wire;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
 use axum::serve::ListenerExt;
-use bytes::Bytes;
-use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// How many recent requests [`MockProvider::recorded`] keeps.
-pub const RECENT_CAPACITY: usize = 256;
+use crate::state::Shared;
+pub use crate::state::{Behavior, MockToolCall, PromptCache, RECENT_CAPACITY, RecordedRequest, Stats, StreamFault};
 
-/// How a stream breaks when [`Behavior::fail_after_chunks`] is set.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum StreamFault {
-    /// Abort the connection: the HTTP body ends with a transport error.
-    #[default]
-    Abort,
-    /// Send an OpenAI-style `data: {"error": {...}}` event, then end the body without `[DONE]`.
-    ErrorEvent,
-    /// End the body cleanly but without the finish chunk and `[DONE]`.
-    Close,
-}
+/// Largest request body accepted.
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
 
-/// A tool call the mock makes instead of answering with text.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MockToolCall {
-    /// Function name.
-    pub name: String,
-    /// Arguments JSON, streamed in fragments of 4 characters (one completion token each).
-    pub arguments: String,
-}
-
-/// Everything that shapes the mock's answers; replace it at runtime with
-/// [`MockProvider::set_behavior`] or [`MockProvider::update`]. Requests already being answered
-/// keep the behaviour they started with.
-#[derive(Clone, Debug)]
-pub struct Behavior {
-    /// Delay before answering (time to first byte), applied to every API request.
-    pub latency: Duration,
-    /// Delay before each streamed completion piece.
-    pub chunk_delay: Duration,
-    /// Completion pieces (tokens) per text reply; `0` means the natural echo length.
-    pub stream_chunks: u32,
-    /// Probability in `[0, 1]` that an API request fails with [`Self::failure_status`].
-    pub failure_rate: f64,
-    /// Seed of the failure decisions: the n-th request's fate depends only on `seed` and `n`.
-    pub seed: u64,
-    /// HTTP status of injected failures (500 when not a valid status).
-    pub failure_status: u16,
-    /// `Retry-After` seconds sent with injected 429 and 503 answers.
-    pub retry_after_secs: Option<u64>,
-    /// Never answer API requests (they are released with a 503 when the mock shuts down).
-    pub hang: bool,
-    /// Answer 200 with a body that is not valid JSON (in SSE framing when streaming).
-    pub garbage: bool,
-    /// Answer with a JSON completion even when the request asks for a stream, as providers
-    /// without streaming support do.
-    pub ignore_stream: bool,
-    /// Answer chat requests with no content and finish reason `"length"`, as a model that spends
-    /// its whole budget on hidden reasoning does.
-    pub empty_replies: bool,
-    /// Break streams after this many completion pieces (or before the finish chunk when the
-    /// reply is shorter). Non-streaming requests are not affected.
-    pub fail_after_chunks: Option<u32>,
-    /// How streams break.
-    pub stream_fault: StreamFault,
-    /// Required `Authorization: Bearer` key; `None` accepts any request.
-    pub api_key: Option<String>,
-    /// Models listed by `GET /v1/models`.
-    pub models: Vec<String>,
-    /// Answer 404 `model_not_found` for models not in [`Self::models`].
-    pub strict_models: bool,
-    /// Embedding dimensions when the request does not ask for a number.
-    pub embedding_dim: usize,
-    /// Answer every chat request with this tool call. Without it, the mock calls a tool only
-    /// when the request's `tool_choice` is `"required"` or names a function.
-    pub tool_call: Option<MockToolCall>,
-    /// Count requests per idempotency key / request id and keep the last [`RECENT_CAPACITY`]
-    /// requests. Costs a lock and an allocation per request; benchmarks turn it off.
-    pub track_requests: bool,
-    /// Answer a request whose `Idempotency-Key` already completed as a replay instead of doing
-    /// the work again (needs [`Self::track_requests`]).
-    pub honour_idempotency_keys: bool,
-}
-
-impl Default for Behavior {
-    fn default() -> Self {
-        Self {
-            latency: Duration::ZERO,
-            chunk_delay: Duration::ZERO,
-            stream_chunks: 0,
-            failure_rate: 0.0,
-            seed: 0,
-            failure_status: 500,
-            retry_after_secs: Some(1),
-            hang: false,
-            garbage: false,
-            ignore_stream: false,
-            empty_replies: false,
-            fail_after_chunks: None,
-            stream_fault: StreamFault::Abort,
-            api_key: None,
-            models: vec!["mock-model".to_owned()],
-            strict_models: false,
-            embedding_dim: 16,
-            tool_call: None,
-            track_requests: true,
-            honour_idempotency_keys: false,
-        }
-    }
-}
-
-/// Counters of what the mock received and did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// API requests (chat completions and embeddings), whatever their outcome.
-    pub requests_total: u64,
-    /// Chat completion requests.
-    pub chat_requests: u64,
-    /// Anthropic Messages API requests.
-    pub messages_requests: u64,
-    /// Embedding requests.
-    pub embedding_requests: u64,
-    /// Requests answered with an injected failure (rate, [`MockProvider::fail_next`]).
-    pub injected_failures: u64,
-    /// Requests rejected with 401.
-    pub unauthorized: u64,
-    /// Requests answered successfully (a stream counts when its head is sent).
-    pub succeeded: u64,
-    /// Chat and messages replies produced in full (a stream counts once its last event is made),
-    /// replays excluded.
-    pub completions: u64,
-    /// Requests answered as replays of a completed idempotency key.
-    pub idempotent_replays: u64,
-}
-
-/// One request as the mock received it (kept when [`Behavior::track_requests`] is on).
-#[derive(Clone, Debug)]
-pub struct RecordedRequest {
-    /// Route path, e.g. `/v1/chat/completions`.
-    pub path: &'static str,
-    /// The `Authorization` header.
-    pub authorization: Option<String>,
-    /// The `x-request-id` header.
-    pub request_id: Option<String>,
-    /// The `Idempotency-Key` header.
-    pub idempotency_key: Option<String>,
-    /// The raw body.
-    pub body: Bytes,
-}
-
-impl RecordedRequest {
-    /// The body as JSON.
-    pub fn json(&self) -> serde_json::Result<serde_json::Value> {
-        serde_json::from_slice(&self.body)
-    }
-}
-
-/// State shared by the handle and the request handlers.
-pub(crate) struct Shared {
-    pub(crate) behavior: ArcSwap<Behavior>,
-    pub(crate) requests_total: AtomicU64,
-    pub(crate) chat_requests: AtomicU64,
-    pub(crate) messages_requests: AtomicU64,
-    pub(crate) embedding_requests: AtomicU64,
-    pub(crate) injected_failures: AtomicU64,
-    pub(crate) unauthorized: AtomicU64,
-    pub(crate) succeeded: AtomicU64,
-    pub(crate) completions: AtomicU64,
-    pub(crate) idempotent_replays: AtomicU64,
-    /// Index of the next seeded failure decision.
-    pub(crate) decisions: AtomicU64,
-    /// Requests still to fail regardless of the rate.
-    pub(crate) fail_next: AtomicU64,
-    /// Source of response ids.
-    pub(crate) ids: AtomicU64,
-    pub(crate) by_idempotency_key: Mutex<HashMap<String, u64>>,
-    pub(crate) by_request_id: Mutex<HashMap<String, u64>>,
-    /// Completions per idempotency key.
-    pub(crate) completed_keys: Mutex<HashMap<String, u64>>,
-    pub(crate) recent: Mutex<VecDeque<RecordedRequest>>,
-    /// Turns true when the mock shuts down; releases hanging requests.
-    pub(crate) shutdown: watch::Receiver<bool>,
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/embeddings", post(server::embeddings))
+        .route("/v1/models", get(server::models))
+        .route("/v1/models/{id}", get(server::model))
+        .route("/health", get(server::health))
+        .fallback(server::not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(shared)
 }
 
 /// A running mock provider. Dropping it starts a graceful shutdown in the background;
@@ -253,27 +123,8 @@ impl MockProvider {
     pub fn serve(listener: TcpListener, behavior: Behavior) -> io::Result<Self> {
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            behavior: ArcSwap::from_pointee(behavior),
-            requests_total: AtomicU64::new(0),
-            chat_requests: AtomicU64::new(0),
-            messages_requests: AtomicU64::new(0),
-            embedding_requests: AtomicU64::new(0),
-            injected_failures: AtomicU64::new(0),
-            unauthorized: AtomicU64::new(0),
-            succeeded: AtomicU64::new(0),
-            completions: AtomicU64::new(0),
-            idempotent_replays: AtomicU64::new(0),
-            decisions: AtomicU64::new(0),
-            fail_next: AtomicU64::new(0),
-            ids: AtomicU64::new(0),
-            by_idempotency_key: Mutex::new(HashMap::new()),
-            by_request_id: Mutex::new(HashMap::new()),
-            completed_keys: Mutex::new(HashMap::new()),
-            recent: Mutex::new(VecDeque::with_capacity(RECENT_CAPACITY)),
-            shutdown: shutdown_rx.clone(),
-        });
-        let app = server::router(shared.clone());
+        let shared = Arc::new(Shared::new(behavior, shutdown_rx.clone()));
+        let app = router(shared.clone());
         let listener = listener.tap_io(|tcp| {
             // Small SSE frames must not wait for Nagle's algorithm.
             if let Err(err) = tcp.set_nodelay(true) {

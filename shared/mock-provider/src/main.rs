@@ -1,5 +1,5 @@
-//! `meshgate-mock-provider`: the mock OpenAI provider as a standalone server, for benchmarks
-//! and manual testing. Prints `listening on <base url>` once it accepts connections.
+//! `meshgate-mock-provider`: the mock OpenAI and Anthropic provider as a standalone server, for
+//! benchmarks, the real-client tests and manual testing. Prints `listening on <base url>` once it accepts connections.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,7 +9,10 @@ use clap::Parser;
 use meshgate_mock_provider::{Behavior, MockProvider};
 
 #[derive(Parser, Debug)]
-#[command(name = "meshgate-mock-provider", about = "Mock OpenAI-compatible provider for tests and benchmarks")]
+#[command(
+    name = "meshgate-mock-provider",
+    about = "Mock OpenAI-compatible and Anthropic provider for tests and benchmarks"
+)]
 struct Args {
     /// Address to bind.
     #[arg(long, env = "MESHGATE_MOCK_HOST", default_value = "127.0.0.1")]
@@ -44,6 +47,10 @@ struct Args {
     /// Models to list, comma separated.
     #[arg(long, env = "MESHGATE_MOCK_MODELS", value_delimiter = ',', default_value = "mock-model")]
     models: Vec<String>,
+    /// Largest prompt (in the mock's tokens) a model takes; a larger one is answered 400
+    /// context_length_exceeded.
+    #[arg(long, env = "MESHGATE_MOCK_CONTEXT_WINDOW")]
+    context_window: Option<u64>,
     /// Answer 404 for models not listed.
     #[arg(long, env = "MESHGATE_MOCK_STRICT_MODELS")]
     strict_models: bool,
@@ -80,6 +87,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         api_key: args.api_key,
         models: args.models.into_iter().map(|m| m.trim().to_owned()).filter(|m| !m.is_empty()).collect(),
         strict_models: args.strict_models,
+        context_window: args.context_window,
         track_requests: args.track_requests,
         ..Behavior::default()
     };

@@ -10,6 +10,9 @@ use serde::{Serialize, Serializer};
 /// First piece of every text reply.
 pub const ECHO_PREFIX: &str = "echo:";
 
+/// First piece of every reasoning text.
+pub const REASONING_PREFIX: &str = "reasoning:";
+
 /// At most this many words of the last user message are echoed back.
 pub const MAX_ECHO_WORDS: usize = 32;
 
@@ -51,17 +54,36 @@ pub fn completion_plan(natural: usize, stream_chunks: u32, max_tokens: Option<u6
 pub fn reply_text(last_user_message: &str, stream_chunks: u32, max_tokens: Option<u64>) -> String {
     let echo = Echo::new(last_user_message.to_owned());
     let (count, _) = completion_plan(echo.len(), stream_chunks, max_tokens);
-    let mut out = String::with_capacity(last_user_message.len() + 8);
-    for i in 0..count {
-        use fmt::Write as _;
-        // Writing into a String cannot fail.
-        let _ = write!(out, "{}", echo.piece(i));
-    }
-    out
+    echo.text(count)
 }
 
-/// The pieces of an echo reply: `"echo:"` then the echoed words, cycled endlessly.
+/// Reasoning pieces (tokens) for an OpenAI `reasoning_effort`: `none` 0, `minimal` 2, `low` 4,
+/// `medium` 8, `high` (and anything stronger) 16. Anthropic `thinking` reasons as `medium`.
+pub fn reasoning_pieces(effort: &str) -> usize {
+    match effort {
+        "none" => 0,
+        "minimal" => 2,
+        "low" => 4,
+        "medium" => 8,
+        _ => 16,
+    }
+}
+
+/// The reasoning text the mock produces for `effort` before answering a conversation whose echo
+/// source (last user message, or the tool results it ends with) is `last_user_message`:
+/// [`reasoning_pieces`] pieces cycling over `"reasoning:"` and the echoed words.
+pub fn reasoning_text(last_user_message: &str, effort: &str) -> String {
+    Echo::with_prefix(last_user_message.to_owned(), REASONING_PREFIX).text(reasoning_pieces(effort))
+}
+
+/// The content of a `json_object` reply: `{"reply": <the natural echo reply>}`.
+pub fn json_object_text(last_user_message: &str) -> String {
+    serde_json::json!({ "reply": reply_text(last_user_message, 0, None) }).to_string()
+}
+
+/// The pieces of an echo reply: a prefix (`"echo:"`) then the echoed words, cycled endlessly.
 pub(crate) struct Echo {
+    prefix: &'static str,
     text: String,
     /// Byte ranges of the echoed words inside `text`.
     words: Vec<(usize, usize)>,
@@ -69,6 +91,10 @@ pub(crate) struct Echo {
 
 impl Echo {
     pub(crate) fn new(text: String) -> Self {
+        Self::with_prefix(text, ECHO_PREFIX)
+    }
+
+    pub(crate) fn with_prefix(text: String, prefix: &'static str) -> Self {
         let base = text.as_ptr() as usize;
         let words = text
             .split_whitespace()
@@ -78,7 +104,18 @@ impl Echo {
                 (start, start + word.len())
             })
             .collect();
-        Self { text, words }
+        Self { prefix, text, words }
+    }
+
+    /// The first `count` pieces as one string.
+    pub(crate) fn text(&self, count: usize) -> String {
+        use fmt::Write as _;
+        let mut out = String::with_capacity(self.text.len().min(256) + 16);
+        for i in 0..count {
+            // Writing into a String cannot fail.
+            let _ = write!(out, "{}", self.piece(i));
+        }
+        out
     }
 
     /// Pieces in one cycle (the natural reply length).
@@ -90,7 +127,7 @@ impl Echo {
     pub(crate) fn piece(&self, i: usize) -> Piece<'_> {
         let k = i % self.len();
         let word = if k == 0 {
-            ECHO_PREFIX
+            self.prefix
         } else {
             let (start, end) = self.words[k - 1];
             &self.text[start..end]
@@ -193,6 +230,15 @@ mod tests {
         assert_eq!(reply_text("a b", 5, Some(2)), "echo: a");
         assert_eq!(completion_plan(3, 5, Some(2)), (2, "length"));
         assert_eq!(completion_plan(3, 0, Some(3)), (3, "stop"));
+    }
+
+    #[test]
+    fn reasoning_grows_with_the_effort() {
+        assert_eq!(reasoning_text("why is the sky blue", "minimal"), "reasoning: why");
+        assert_eq!(reasoning_text("a b", "low"), "reasoning: a b reasoning:");
+        assert_eq!(reasoning_text("a b", "none"), "");
+        assert_eq!(reasoning_text("a", "high").split_whitespace().count(), 16);
+        assert_eq!(json_object_text("hi there"), r#"{"reply":"echo: hi there"}"#);
     }
 
     #[test]

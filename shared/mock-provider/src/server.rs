@@ -1,45 +1,28 @@
-//! HTTP routes and handlers.
+//! What every route shares (counting, recording, latency, failures, authentication, OpenAI
+//! errors, idempotent deliveries) and the small OpenAI routes: embeddings, models, health.
 
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::reply::{self, Echo, argument_fragments, completion_plan, splitmix64};
-use crate::wire::{self, ChatRequest, EmbeddingInput, EmbeddingRequest, sse_frame};
-use crate::{Behavior, RECENT_CAPACITY, RecordedRequest, Shared, StreamFault};
+use crate::reply::{self, splitmix64};
+use crate::state::{Behavior, RECENT_CAPACITY, RecordedRequest, Shared};
+use crate::wire::{self, EmbeddingInput, EmbeddingRequest};
 
-/// Largest request body accepted.
-const BODY_LIMIT: usize = 32 * 1024 * 1024;
 /// Largest embedding dimension a request may ask for.
 const MAX_EMBEDDING_DIM: usize = 8192;
 /// Pause before an injected transport abort.
 pub(crate) const ABORT_FLUSH_PAUSE: Duration = Duration::from_millis(20);
-const FINGERPRINT: &str = "fp_meshgate_mock";
 const OWNER: &str = "meshgate-mock";
-
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/messages", post(crate::anthropic::messages))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
-        .route("/health", get(health))
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(shared)
-}
 
 #[derive(Clone, Copy)]
 pub(crate) enum Endpoint {
@@ -160,7 +143,7 @@ impl Shared {
     }
 
     /// Latency, hang and authentication of the OpenAI routes. `Some` is the answer.
-    async fn preamble(&self, behavior: &Behavior, headers: &HeaderMap) -> Option<Response> {
+    pub(crate) async fn preamble(&self, behavior: &Behavior, headers: &HeaderMap) -> Option<Response> {
         if self.delay_or_hang(behavior).await {
             return Some(error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -203,7 +186,7 @@ impl Shared {
     }
 
     /// The injected failure for this request in OpenAI's shape, if it draws one.
-    fn injected_failure(&self, behavior: &Behavior) -> Option<Response> {
+    pub(crate) fn injected_failure(&self, behavior: &Behavior) -> Option<Response> {
         let status = self.injected_status(behavior)?;
         let (message, kind, code) = match status.as_u16() {
             429 => (
@@ -251,8 +234,20 @@ impl Shared {
     }
 }
 
-fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
-    let body = wire::ErrorBody { error: wire::ErrorObject { message, kind, param: None, code } };
+/// An error in OpenAI's shape.
+pub(crate) fn error(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response {
+    error_with_param(status, message, kind, None, code)
+}
+
+/// An error in OpenAI's shape naming the offending parameter.
+pub(crate) fn error_with_param(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response {
+    let body = wire::ErrorBody { error: wire::ErrorObject { message, kind, param, code } };
     json_response(status, &body)
 }
 
@@ -265,11 +260,11 @@ pub(crate) fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Resp
     }
 }
 
-fn invalid(message: &str) -> Response {
+pub(crate) fn invalid(message: &str) -> Response {
     error(StatusCode::BAD_REQUEST, message, "invalid_request_error", None)
 }
 
-fn model_not_found(model: &str) -> Response {
+pub(crate) fn model_not_found(model: &str) -> Response {
     error(
         StatusCode::NOT_FOUND,
         &format!("The model `{model}` does not exist or you do not have access to it."),
@@ -278,7 +273,7 @@ fn model_not_found(model: &str) -> Response {
     )
 }
 
-fn garbage(stream: bool) -> Response {
+pub(crate) fn garbage(stream: bool) -> Response {
     if stream {
         let body = "data: {\"id\": this is not json\n\ndata: [DONE]\n\n";
         (StatusCode::OK, [(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")], body).into_response()
@@ -287,265 +282,35 @@ fn garbage(stream: bool) -> Response {
     }
 }
 
-const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
-
-async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let behavior = shared.behavior.load_full();
-    shared.count(Endpoint::Chat, &headers, &body, &behavior);
-    let delivery = shared.delivery(&headers, &behavior);
-    if let Some(answer) = shared.preamble(&behavior, &headers).await {
-        return answer;
-    }
-    let request: ChatRequest = match serde_json::from_slice(&body) {
-        Ok(request) => request,
-        Err(err) => return invalid(&format!("Invalid chat completion request: {err}")),
-    };
-    if request.messages.is_empty() {
-        return invalid("'messages' must contain at least one message.");
-    }
-    if let Some(bad) = request.messages.iter().find(|m| !ROLES.contains(&m.role.as_str())) {
-        return invalid(&format!("Invalid role '{}' in 'messages'.", bad.role));
-    }
-    let max_tokens = request.max_completion_tokens.or(request.max_tokens);
-    if max_tokens == Some(0) {
-        return invalid("'max_tokens' must be at least 1.");
-    }
-    if behavior.strict_models && !behavior.models.contains(&request.model) {
-        return model_not_found(&request.model);
-    }
-    if !delivery.replay
-        && let Some(answer) = shared.injected_failure(&behavior)
-    {
-        return answer;
-    }
-    let stream = request.stream.unwrap_or(false) && !behavior.ignore_stream;
-    if behavior.garbage {
-        return garbage(stream);
-    }
-
-    let last_user = request.messages.iter().rev().find(|m| m.role == "user").map(|m| m.text()).unwrap_or_default();
-    let prompt_tokens = reply::TOKENS_PER_REQUEST
-        + request.messages.iter().map(|m| reply::TOKENS_PER_MESSAGE + m.token_count()).sum::<u64>();
-    let tool = tool_call_for(&behavior, &request, &last_user);
-    let reply = Reply {
-        id: shared.next_id("chatcmpl-mock"),
-        created: now_secs(),
-        prompt_tokens,
-        // A zero budget is the mock's empty reply: no pieces, finish reason "length".
-        max_tokens: if behavior.empty_replies { Some(0) } else { max_tokens },
-        echo: Echo::new(last_user),
-        tool: tool.map(|(name, arguments)| ToolReply { id: shared.next_id("call_mock"), name, arguments }),
-        model: request.model,
-    };
-    shared.succeeded.fetch_add(1, Ordering::Relaxed);
-    if stream {
-        let include_usage = request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        delivery.mark(stream_reply(reply, &behavior, include_usage, delivery.clone()))
-    } else {
-        delivery.completed();
-        delivery.mark(json_reply(&reply, &behavior))
-    }
-}
-
-/// The tool call to make: the behaviour's, or the function `tool_choice` demands.
-fn tool_call_for(behavior: &Behavior, request: &ChatRequest, last_user: &str) -> Option<(String, String)> {
-    if let Some(call) = &behavior.tool_call {
-        return Some((call.name.clone(), call.arguments.clone()));
-    }
-    let tools = request.tools.as_ref()?;
-    let name = match request.tool_choice.as_ref()? {
-        serde_json::Value::String(choice) if choice == "required" => {
-            tools.iter().find_map(|t| t.function.as_ref()).map(|f| f.name.clone())?
-        }
-        serde_json::Value::Object(choice) => choice.get("function")?.get("name")?.as_str()?.to_owned(),
-        _ => return None,
-    };
-    Some((name, serde_json::json!({ "input": last_user }).to_string()))
-}
-
-struct ToolReply {
-    id: String,
-    name: String,
-    arguments: String,
-}
-
-struct Reply {
-    id: String,
-    model: String,
-    created: u64,
-    prompt_tokens: u64,
-    max_tokens: Option<u64>,
-    echo: Echo,
-    tool: Option<ToolReply>,
-}
-
-impl Reply {
-    fn usage(&self, completion_tokens: u64) -> wire::Usage {
-        wire::Usage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens,
-            total_tokens: self.prompt_tokens + completion_tokens,
-        }
-    }
-}
-
-fn json_reply(reply: &Reply, behavior: &Behavior) -> Response {
-    let (content, tool_calls, finish, completion_tokens) = match &reply.tool {
-        Some(tool) => {
-            let call = wire::ToolCallOut {
-                id: &tool.id,
-                kind: "function",
-                function: wire::FunctionOut { name: &tool.name, arguments: &tool.arguments },
-            };
-            (None, Some([call]), "tool_calls", argument_fragments(&tool.arguments).count())
-        }
-        None => {
-            let (count, finish) = completion_plan(reply.echo.len(), behavior.stream_chunks, reply.max_tokens);
-            let mut text = String::new();
-            for i in 0..count {
-                use std::fmt::Write as _;
-                // Writing into a String cannot fail.
-                let _ = write!(text, "{}", reply.echo.piece(i));
-            }
-            (Some(text), None, finish, count)
-        }
-    };
-    let body = wire::Completion {
-        id: &reply.id,
-        object: "chat.completion",
-        created: reply.created,
-        model: &reply.model,
-        system_fingerprint: FINGERPRINT,
-        choices: [wire::CompletionChoice {
-            index: 0,
-            message: wire::AssistantMessage {
-                role: "assistant",
-                content: content.as_deref(),
-                refusal: None,
-                tool_calls,
-            },
-            logprobs: None,
-            finish_reason: finish,
-        }],
-        usage: reply.usage(completion_tokens as u64),
-    };
-    json_response(StatusCode::OK, &body)
-}
-
-fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool, delivery: Delivery) -> Response {
-    let chunk_delay = behavior.chunk_delay;
-    let fail_after = behavior.fail_after_chunks.map(|n| n as usize);
-    let fault = behavior.stream_fault;
-    let (count, finish) = match &reply.tool {
-        Some(tool) => (argument_fragments(&tool.arguments).count(), "tool_calls"),
-        None => completion_plan(reply.echo.len(), behavior.stream_chunks, reply.max_tokens),
-    };
-    let body = async_stream::try_stream! {
-        // `usage: null` on every chunk but the last one when usage was asked for.
-        let usage = include_usage.then_some(None);
-        let role = wire::RoleDelta {
-            role: "assistant",
-            content: if reply.tool.is_some() { None } else { Some("") },
-            refusal: None,
-            tool_calls: reply.tool.as_ref().map(|tool| {
-                [wire::ToolCallStart {
-                    index: 0,
-                    id: &tool.id,
-                    kind: "function",
-                    function: wire::FunctionOut { name: &tool.name, arguments: "" },
-                }]
-            }),
-        };
-        yield chunk_frame(&reply, usage, &[choice(role, None)])?;
-
-        let mut fragments = reply.tool.as_ref().map(|tool| argument_fragments(&tool.arguments));
-        for i in 0..count {
-            if fail_after == Some(i) {
-                break;
-            }
-            if !chunk_delay.is_zero() {
-                tokio::time::sleep(chunk_delay).await;
-            }
-            let frame = match fragments.as_mut().and_then(Iterator::next) {
-                Some(arguments) => {
-                    let delta = wire::ToolArgumentsDelta {
-                        tool_calls: [wire::ToolArguments { index: 0, function: wire::ArgumentsOnly { arguments } }],
-                    };
-                    chunk_frame(&reply, usage, &[choice(delta, None)])
-                }
-                None => chunk_frame(&reply, usage, &[choice(wire::ContentDelta { content: reply.echo.piece(i) }, None)]),
-            };
-            yield frame?;
-        }
-        if fail_after.is_some_and(|n| n <= count) {
-            match fault {
-                StreamFault::Abort => {
-                    // Let the connection flush what was produced, so the client really holds
-                    // the first chunks when the transport breaks.
-                    tokio::time::sleep(ABORT_FLUSH_PAUSE).await;
-                    Err(io::Error::other("mock provider: stream aborted"))?;
-                }
-                StreamFault::ErrorEvent => {
-                    let body = wire::ErrorBody {
-                        error: wire::ErrorObject {
-                            message: "The server had an error while processing your request (mid-stream failure injected by the mock provider).",
-                            kind: "server_error",
-                            param: None,
-                            code: None,
-                        },
-                    };
-                    yield sse_frame(&body).map_err(io::Error::other)?;
-                }
-                StreamFault::Close => {}
-            }
-            return;
-        }
-        delivery.completed();
-        yield chunk_frame(&reply, usage, &[choice(wire::EmptyDelta {}, Some(finish))])?;
-        if include_usage {
-            yield chunk_frame::<wire::EmptyDelta>(&reply, Some(Some(reply.usage(count as u64))), &[])?;
-        }
-        yield Bytes::from_static(b"data: [DONE]\n\n");
-    };
+/// A `200 text/event-stream` response streaming `events`; an error aborts the HTTP body (the
+/// stream's error type is pinned to `io::Error` for that).
+pub(crate) fn sse_response(events: impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static) -> Response {
     (
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8")),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         ],
-        io_body(body),
+        Body::from_stream(events),
     )
         .into_response()
 }
 
-/// Pins the stream's error type to `io::Error` (an error aborts the HTTP body).
-pub(crate) fn io_body(stream: impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static) -> Body {
-    Body::from_stream(stream)
+/// Waits `delay` (the pause before a streamed piece), if any.
+pub(crate) async fn pause(delay: Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
 }
 
-/// One `chat.completion.chunk` event of `reply`.
-fn chunk_frame<D: Serialize>(
-    reply: &Reply,
-    usage: Option<Option<wire::Usage>>,
-    choices: &[wire::ChunkChoice<'_, D>],
-) -> io::Result<Bytes> {
-    let chunk = wire::Chunk {
-        id: &reply.id,
-        object: "chat.completion.chunk",
-        created: reply.created,
-        model: &reply.model,
-        system_fingerprint: FINGERPRINT,
-        choices,
-        usage,
-    };
-    sse_frame(&chunk).map_err(io::Error::other)
+/// Whether `text` is standard base64 (padding optional), the encoding of data URIs.
+pub(crate) fn is_base64(text: &str) -> bool {
+    !text.is_empty()
+        && (base64::engine::general_purpose::STANDARD.decode(text).is_ok()
+            || base64::engine::general_purpose::STANDARD_NO_PAD.decode(text).is_ok())
 }
 
-fn choice<D: Serialize>(delta: D, finish_reason: Option<&str>) -> wire::ChunkChoice<'_, D> {
-    wire::ChunkChoice { index: 0, delta, logprobs: None, finish_reason }
-}
-
-async fn embeddings(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn embeddings(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let behavior = shared.behavior.load_full();
     shared.count(Endpoint::Embeddings, &headers, &body, &behavior);
     if let Some(answer) = shared.preamble(&behavior, &headers).await {
@@ -621,7 +386,7 @@ async fn embeddings(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
     }
 }
 
-async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+pub(crate) async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let behavior = shared.behavior.load_full();
     if let Some(answer) = authenticate_only(&shared, &behavior, &headers) {
         return answer;
@@ -634,7 +399,7 @@ async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
     json_response(StatusCode::OK, &wire::ModelList { object: "list", data })
 }
 
-async fn model(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+pub(crate) async fn model(State(shared): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let behavior = shared.behavior.load_full();
     if let Some(answer) = authenticate_only(&shared, &behavior, &headers) {
         return answer;
@@ -661,10 +426,10 @@ fn authenticate_only(shared: &Shared, behavior: &Behavior, headers: &HeaderMap) 
     ))
 }
 
-async fn health() -> Response {
+pub(crate) async fn health() -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"status\":\"ok\"}").into_response()
 }
 
-async fn not_found() -> Response {
+pub(crate) async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "Unknown route of the mock provider.", "invalid_request_error", None)
 }

@@ -1,10 +1,12 @@
-//! The subset of the OpenAI wire format the mock reads and writes.
+//! The subset of the OpenAI wire format the mock reads and writes (its own code on purpose: a test
+//! oracle does not share the code it tests).
 //!
 //! Requests are parsed leniently (unknown fields are ignored, as OpenAI-compatible servers do);
 //! responses are serialised from borrowed structs so a reply costs a handful of allocations.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::reply::Piece;
 
@@ -23,7 +25,13 @@ pub(crate) struct ChatRequest {
     #[serde(default)]
     pub tools: Option<Vec<ToolDefinition>>,
     #[serde(default)]
-    pub tool_choice: Option<serde_json::Value>,
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    #[serde(default)]
+    pub reasoning_effort: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -37,6 +45,10 @@ pub(crate) struct ChatMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<AssistantToolCall>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// Message content: a string or a list of typed parts (only text parts carry text).
@@ -49,8 +61,47 @@ pub(crate) enum Content {
 
 #[derive(Deserialize)]
 pub(crate) struct ContentPart {
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
     #[serde(default)]
     pub text: Option<String>,
+    #[serde(default)]
+    pub image_url: Option<ImageUrl>,
+    #[serde(default)]
+    pub input_audio: Option<InputAudio>,
+    #[serde(default)]
+    pub file: Option<FilePart>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ImageUrl {
+    pub url: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct InputAudio {
+    pub data: String,
+    pub format: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct FilePart {
+    #[serde(default)]
+    pub file_id: Option<String>,
+    #[serde(default)]
+    pub file_data: Option<String>,
+}
+
+/// A tool call of an assistant message replayed in the conversation.
+#[derive(Deserialize)]
+pub(crate) struct AssistantToolCall {
+    pub id: String,
+    pub function: CalledFunction,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CalledFunction {
+    pub name: String,
 }
 
 impl ChatMessage {
@@ -77,6 +128,8 @@ impl ChatMessage {
 
 #[derive(Deserialize)]
 pub(crate) struct ToolDefinition {
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
     #[serde(default)]
     pub function: Option<FunctionDefinition>,
 }
@@ -84,6 +137,8 @@ pub(crate) struct ToolDefinition {
 #[derive(Deserialize)]
 pub(crate) struct FunctionDefinition {
     pub name: String,
+    #[serde(default)]
+    pub parameters: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -106,11 +161,30 @@ pub(crate) enum EmbeddingInput {
     TokenLists(Vec<Vec<i64>>),
 }
 
+/// `usage`; the details appear when there is something to detail (cached or reasoning tokens).
 #[derive(Serialize, Clone, Copy)]
 pub(crate) struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub(crate) struct PromptTokensDetails {
+    pub cached_tokens: u64,
+    pub audio_tokens: u64,
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub(crate) struct CompletionTokensDetails {
+    pub reasoning_tokens: u64,
+    pub audio_tokens: u64,
+    pub accepted_prediction_tokens: u64,
+    pub rejected_prediction_tokens: u64,
 }
 
 #[derive(Serialize)]
@@ -138,7 +212,9 @@ pub(crate) struct AssistantMessage<'a> {
     pub content: Option<&'a str>,
     pub refusal: Option<()>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<[ToolCallOut<'a>; 1]>,
+    pub reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut<'a>>>,
 }
 
 #[derive(Serialize)]
@@ -196,9 +272,21 @@ pub(crate) struct ToolCallStart<'a> {
     pub function: FunctionOut<'a>,
 }
 
+/// A delta of text (a [`Piece`]) or of JSON content (a `&str` fragment).
 #[derive(Serialize)]
-pub(crate) struct ContentDelta<'a> {
-    pub content: Piece<'a>,
+pub(crate) struct ContentDelta<T: Serialize> {
+    pub content: T,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ReasoningDelta<'a> {
+    pub reasoning_content: Piece<'a>,
+}
+
+/// The first delta of a tool call after the first one (the first rides on the role delta).
+#[derive(Serialize)]
+pub(crate) struct ToolStartDelta<'a> {
+    pub tool_calls: [ToolCallStart<'a>; 1],
 }
 
 #[derive(Serialize)]

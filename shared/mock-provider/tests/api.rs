@@ -300,14 +300,16 @@ async fn requests_are_counted_per_key_and_recorded() {
 async fn tool_calls_stream_as_fragments() {
     let mock = MockProvider::start().await.unwrap();
     let mut body = chat_body(false, false);
-    body["tools"] = json!([{"type": "function", "function": {"name": "lookup", "parameters": {}}}]);
+    body["tools"] = json!([{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]
+    }}}]);
     body["tool_choice"] = json!("required");
     let reply: Value = post(&mock, "/chat/completions", &body).await.json().await.unwrap();
     let message = &reply["choices"][0]["message"];
     assert!(message["content"].is_null());
     assert_eq!(message["tool_calls"][0]["function"]["name"], "lookup");
     let arguments = message["tool_calls"][0]["function"]["arguments"].as_str().unwrap().to_owned();
-    assert_eq!(serde_json::from_str::<Value>(&arguments).unwrap(), json!({"input": "hello there big world"}));
+    assert_eq!(serde_json::from_str::<Value>(&arguments).unwrap(), json!({"query": "query"}));
     assert_eq!(reply["choices"][0]["finish_reason"], "tool_calls");
 
     mock.update(|b| {
