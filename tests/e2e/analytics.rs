@@ -20,8 +20,8 @@ async fn analytics_add_up_exactly_and_stay_inside_the_callers_tenancy() {
     let mesh = TestMesh::start_with(MeshOptions {
         tune: Box::new(|config| {
             let facts = ModelFacts {
-                input_price_micros_per_mtok: INPUT_PRICE,
-                output_price_micros_per_mtok: OUTPUT_PRICE,
+                input_price_micros_per_mtok: Some(INPUT_PRICE),
+                output_price_micros_per_mtok: Some(OUTPUT_PRICE),
                 ..Default::default()
             };
             config.router.models.insert(CLOUD_MODEL.into(), facts);

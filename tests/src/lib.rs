@@ -8,12 +8,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use meshgate::{MeshConfig, MeshListeners};
+use meshgate_catalog::ProviderSpec;
 use meshgate_mock_provider::MockProvider;
 use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
 use meshgate_proto::analytics::v1::{GetTraceRequest, Trace};
 use meshgate_runtime::mesh::{Mesh, ServiceIdentity};
 use meshgate_runtime::{Listeners, Shutdown};
-use meshgate_sync::providers::ProviderSpec;
 
 /// The bootstrap key every test mesh accepts.
 pub const ADMIN_KEY: &str = "sk-meshgate-test-admin";

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshgate_catalog::{Catalog, ProviderSpec};
 use meshgate_proto::common::v1::{ChatMessage, Layer, Principal};
 use meshgate_proto::inference::v1::ClassifyRequest;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
@@ -24,11 +25,9 @@ use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::router::v1::{DecideRequest, Outcome, RouteRequest};
 use meshgate_router::policy::layer_name;
 use meshgate_router::{
-    BreakerConfig, CloudProvider, Config, LocalModel, ModelFacts, PolicyFile, PolicyStore, RouterCore, Task,
-    TaskClassifier,
+    BreakerConfig, Config, LocalModel, ModelFacts, PolicyFile, PolicyStore, RouterCore, Task, TaskClassifier,
 };
 use meshgate_runtime::{ListenConfig, Listeners, Shutdown};
-use meshgate_sync::providers::ProviderSpec;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -118,6 +117,20 @@ fn micros(cost: i128) -> String {
     format!("${:.4}", cost as f64 / 1e6)
 }
 
+/// The two cloud providers of [`CATALOG`], equal in priority.
+fn providers() -> Vec<ProviderSpec> {
+    ["openai", "anthropic"]
+        .iter()
+        .map(|provider| ProviderSpec {
+            name: (*provider).into(),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            models: CATALOG.iter().filter(|m| m.provider == *provider).map(|m| m.name.to_owned()).collect(),
+            priority: Some(0),
+            ..Default::default()
+        })
+        .collect()
+}
+
 async fn listeners() -> (Listeners, String) {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let listeners = Listeners::bind(&ListenConfig { grpc: any, admin: any, http: None }).await.unwrap();
@@ -127,23 +140,16 @@ async fn listeners() -> (Listeners, String) {
 
 /// Routes every example and prints the cost against always-premium and the share per layer.
 async fn replay_cost(name: &str, classifier: TaskClassifier, examples: &[eval::Example], oracle: bool) {
-    let cloud: Vec<CloudProvider> = ["openai", "anthropic"]
-        .iter()
-        .map(|provider| CloudProvider {
-            name: (*provider).into(),
-            models: CATALOG.iter().filter(|m| m.provider == *provider).map(|m| m.name.to_owned()).collect(),
-            priority: 0,
-        })
-        .collect();
     let mut facts: BTreeMap<String, ModelFacts> = CATALOG
         .iter()
         .map(|m| {
             let facts = ModelFacts {
                 layer: Some(m.layer.into()),
-                input_price_micros_per_mtok: m.input,
-                output_price_micros_per_mtok: m.output,
-                context_window: 128_000,
+                input_price_micros_per_mtok: Some(m.input),
+                output_price_micros_per_mtok: Some(m.output),
+                context_window: Some(128_000),
                 tasks: m.tasks.iter().map(|t| t.to_string()).collect(),
+                ..Default::default()
             };
             (m.name.to_owned(), facts)
         })
@@ -152,7 +158,8 @@ async fn replay_cost(name: &str, classifier: TaskClassifier, examples: &[eval::E
     let policies = Arc::new(PolicyStore::new(Default::default()));
     let file = PolicyFile::parse(POLICY).unwrap();
     policies.update(|set| set.file = Some(file));
-    let core = RouterCore::new(cloud, facts, BreakerConfig::default(), policies, classifier);
+    let catalog = Catalog::resolve(&providers(), std::iter::empty::<(String, String)>(), &facts, None).unwrap();
+    let core = RouterCore::new(Arc::new(catalog), BreakerConfig::default(), policies, classifier);
     core.set_local_models(vec![LocalModel { name: LOCAL.into(), task: "chat".into(), context_length: 8192 }]);
 
     let mut rng = StdRng::seed_from_u64(7);
@@ -218,7 +225,7 @@ async fn main() {
     let mut classify = InferenceClient::new(channel.clone());
     let request = |text: &str| ClassifyRequest {
         model: "task-classifier".into(),
-        inputs: vec![meshgate_router::features::classified_text(&messages(text))],
+        inputs: vec![meshgate_router::classifier::classified_text(&messages(text))],
     };
     while classify.classify(request("hello")).await.is_err() {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -239,20 +246,11 @@ async fn main() {
     println!("Classify over loopback gRPC (real task classifier):       {}", percentiles(samples));
 
     let (router_listeners, router_url) = listeners().await;
-    let providers = ["openai", "anthropic"]
-        .iter()
-        .map(|provider| ProviderSpec {
-            name: (*provider).into(),
-            base_url: "http://127.0.0.1:9/v1".into(),
-            models: CATALOG.iter().filter(|m| m.provider == *provider).map(|m| m.name.to_owned()).collect(),
-            ..Default::default()
-        })
-        .collect();
     let config = Config {
         inference_endpoint: Some(inference_url),
         classifier_model: Some("task-classifier".into()),
         classifier_timeout_ms: 1_000,
-        providers,
+        providers: providers(),
         ..Default::default()
     };
     let shutdown = Shutdown::new();

@@ -6,14 +6,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshgate_catalog::Catalog;
+use meshgate_catalog::ProviderSpec;
 use meshgate_proto::common::v1::{ChatMessage, Principal};
 use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::router::v1::{DecideRequest, Outcome, RouteRequest};
 use meshgate_router::{
-    BreakerConfig, CloudProvider, Config, LocalModel, ModelFacts, PolicyFile, PolicyStore, RouterCore, TaskClassifier,
+    BreakerConfig, Config, LocalModel, ModelFacts, PolicyFile, PolicyStore, RouterCore, TaskClassifier,
 };
 use meshgate_runtime::{ListenConfig, Listeners, Shutdown};
-use meshgate_sync::providers::ProviderSpec;
 
 const PROVIDERS: [&str; 6] = ["openai", "anthropic", "mistral", "groq", "together", "azure"];
 const MODELS: [(&str, &str, i64, i64); 4] = [
@@ -40,12 +41,27 @@ fn facts() -> BTreeMap<String, ModelFacts> {
             let tasks = if *name == "code" { vec!["code".to_owned()] } else { Vec::new() };
             let facts = ModelFacts {
                 layer: Some((*layer).into()),
-                input_price_micros_per_mtok: *input,
-                output_price_micros_per_mtok: *output,
-                context_window: 128_000,
+                input_price_micros_per_mtok: Some(*input),
+                output_price_micros_per_mtok: Some(*output),
+                context_window: Some(128_000),
                 tasks,
+                ..Default::default()
             };
             ((*name).to_owned(), facts)
+        })
+        .collect()
+}
+
+fn providers() -> Vec<ProviderSpec> {
+    PROVIDERS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| ProviderSpec {
+            name: (*name).into(),
+            base_url: "http://127.0.0.1:9/v1".into(),
+            models: MODELS.iter().map(|m| m.0.to_owned()).collect(),
+            priority: Some((i / 2) as i32),
+            ..Default::default()
         })
         .collect()
 }
@@ -77,19 +93,11 @@ const HINTS: [&str; 5] = ["code", "math", "creative", "reasoning", "chat"];
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // In process: the decision with its features, policy resolution and live state.
-    let cloud: Vec<CloudProvider> = PROVIDERS
-        .iter()
-        .enumerate()
-        .map(|(i, name)| CloudProvider {
-            name: (*name).into(),
-            models: MODELS.iter().map(|m| m.0.to_owned()).collect(),
-            priority: (i / 2) as i64,
-        })
-        .collect();
+    let catalog = Catalog::resolve(&providers(), std::iter::empty::<(String, String)>(), &facts(), None).unwrap();
     let policies = Arc::new(PolicyStore::new(Default::default()));
     let file = PolicyFile::parse(POLICY).unwrap();
     policies.update(|set| set.file = Some(file));
-    let core = RouterCore::new(cloud, facts(), BreakerConfig::default(), policies, TaskClassifier::heuristic_only());
+    let core = RouterCore::new(Arc::new(catalog), BreakerConfig::default(), policies, TaskClassifier::heuristic_only());
     core.set_local_models(vec![
         LocalModel { name: "chat".into(), task: "chat".into(), context_length: 2048 },
         LocalModel { name: "coder".into(), task: "chat".into(), context_length: 4096 },
@@ -123,18 +131,7 @@ async fn main() {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let listeners = Listeners::bind(&ListenConfig { grpc: any, admin: any, http: None }).await.unwrap();
     let url = format!("http://{}", listeners.grpc_addr());
-    let providers = PROVIDERS
-        .iter()
-        .enumerate()
-        .map(|(i, name)| ProviderSpec {
-            name: (*name).into(),
-            base_url: "http://127.0.0.1:9/v1".into(),
-            models: MODELS.iter().map(|m| m.0.to_owned()).collect(),
-            priority: Some((i / 2) as i32),
-            ..Default::default()
-        })
-        .collect();
-    let config = Config { providers, models: facts(), ..Default::default() };
+    let config = Config { providers: providers(), models: facts(), ..Default::default() };
     let shutdown = Shutdown::new();
     let server = tokio::spawn(meshgate_router::serve(config, listeners, shutdown.clone()));
     let mut client = RouterClient::new(meshgate_runtime::channel(&url, Duration::from_secs(2)).unwrap());

@@ -8,42 +8,15 @@ use meshgate_proto::common::v1::{Layer, TargetKind};
 use meshgate_proto::router::v1::{PlannedTarget, Rejected, RoutePlan, StepRole};
 use rand::Rng;
 
-use crate::Error;
-use crate::catalog::{Catalog, Entry};
-use crate::features::TaskGuess;
+use crate::error::Error;
 use crate::health::{HealthBook, Load};
 use crate::policy::{Resolved, layer_name};
-
-/// What the router knows about one request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Features {
-    /// "chat" or "embeddings".
-    pub kind: &'static str,
-    /// Model id asked for.
-    pub model: String,
-    pub project: String,
-    /// The task of a chat request; `None` for embeddings.
-    pub task: Option<TaskGuess>,
-    pub prompt_tokens: i64,
-    pub max_tokens: i64,
-    pub stream: bool,
-}
-
-impl Features {
-    /// Context a target must have: the prompt plus the longest answer allowed (embeddings
-    /// answer no tokens).
-    pub fn required_context(&self) -> i64 {
-        if self.task.is_none() { self.prompt_tokens } else { self.prompt_tokens.saturating_add(self.max_tokens) }
-    }
-
-    pub fn task_name(&self) -> &'static str {
-        self.task.as_ref().map_or("embeddings", |t| t.task.as_str())
-    }
-}
+use crate::request::Features;
+use crate::targets::{Entry, Targets};
 
 /// Everything one decision reads.
 pub struct Inputs<'a> {
-    pub catalog: &'a Catalog,
+    pub targets: &'a Targets,
     pub policy: &'a Resolved,
     pub features: &'a Features,
     pub health: &'a HealthBook,
@@ -52,12 +25,28 @@ pub struct Inputs<'a> {
     pub now: Instant,
 }
 
-/// Estimated cost of a request at a target's prices, micro-dollars, rounded up.
+/// Estimated cost of a request at a target's prices (every prompt token uncached),
+/// micro-dollars, rounded up.
 pub fn estimated_cost_micros(entry: &Entry, prompt_tokens: i64, max_tokens: i64) -> i64 {
-    let target = &entry.target;
-    let micro_tokens = i128::from(prompt_tokens.max(0)) * i128::from(target.input_price_micros_per_mtok)
-        + i128::from(max_tokens.max(0)) * i128::from(target.output_price_micros_per_mtok);
-    i64::try_from((micro_tokens + 999_999) / 1_000_000).unwrap_or(i64::MAX)
+    entry.target.cost_micros(prompt_tokens, max_tokens)
+}
+
+/// Why a target may not serve a request.
+struct Ineligible {
+    reason: String,
+    /// The project's policy ruled it out (layer, cost, task, weight, or no ready replica to
+    /// serve the policy's choice), rather than what the request needs (context, capabilities).
+    by_policy: bool,
+}
+
+impl Ineligible {
+    fn request(reason: String) -> Option<Self> {
+        Some(Self { reason, by_policy: false })
+    }
+
+    fn policy(reason: String) -> Option<Self> {
+        Some(Self { reason, by_policy: true })
+    }
 }
 
 struct Step<'a> {
@@ -72,22 +61,29 @@ struct Planner<'a, 'i, R> {
     steps: Vec<Step<'a>>,
     used: HashSet<&'a str>,
     rejected: Vec<Rejected>,
+    /// Whether a rejection in `rejected` was the policy's.
+    rejected_by_policy: bool,
     reasons: Vec<String>,
 }
 
 impl<'a, R: Rng> Planner<'a, '_, R> {
     /// Why `entry` may not serve this request, if it may not. `chosen` says the router (not the
     /// caller) picked the model, so the target must be declared for the task.
-    fn ineligible(&self, entry: &Entry, chosen: bool) -> Option<String> {
+    fn ineligible(&self, entry: &Entry, chosen: bool) -> Option<Ineligible> {
         let features = self.inputs.features;
         let policy = &self.inputs.policy.policy;
         let required = features.required_context();
         let target = &entry.target;
+        if let Some(missing) = entry.lacks(&features.capabilities) {
+            let has: Vec<&str> = entry.capabilities.iter().map(|c| c.as_str()).collect();
+            let has = if has.is_empty() { "none".to_owned() } else { has.join(", ") };
+            return Ineligible::request(format!("lacks capability {} (has: {has})", missing.as_str()));
+        }
         if target.context_window > 0 && required > target.context_window {
-            return Some(format!("context window {} < {required} tokens needed", target.context_window));
+            return Ineligible::request(format!("context window {} < {required} tokens needed", target.context_window));
         }
         if entry.layer() > policy.max_layer() {
-            return Some(format!(
+            return Ineligible::policy(format!(
                 "layer {} above the policy's maximum {}",
                 layer_name(entry.layer()),
                 layer_name(policy.max_layer())
@@ -96,28 +92,29 @@ impl<'a, R: Rng> Planner<'a, '_, R> {
         if let Some(cap) = policy.max_cost_micros {
             let cost = estimated_cost_micros(entry, features.prompt_tokens, features.max_tokens);
             if cost > cap {
-                return Some(format!("estimated cost {cost} µ$ above the cap of {cap} µ$"));
+                return Ineligible::policy(format!("estimated cost {cost} µ$ above the cap of {cap} µ$"));
             }
         }
         if chosen && !entry.serves_task(features.task_name()) {
-            return Some(format!(
+            return Ineligible::policy(format!(
                 "not declared for task {} (declared: {})",
                 features.task_name(),
                 entry.tasks.join(", ")
             ));
         }
         if target.kind == TargetKind::Local as i32 && self.inputs.local_replicas == Some(0) {
-            return Some("no ready inference replica".into());
+            return Ineligible::policy("no ready inference replica".into());
         }
         if policy.weight(&target.id) == 0 {
-            return Some("weight 0 in the policy".into());
+            return Ineligible::policy("weight 0 in the policy".into());
         }
         None
     }
 
-    fn reject(&mut self, entry: &Entry, reason: String) {
+    fn reject(&mut self, entry: &Entry, why: Ineligible) {
         if !self.rejected.iter().any(|r| r.target_id == entry.target.id) {
-            self.rejected.push(Rejected { target_id: entry.target.id.clone(), reason });
+            self.rejected_by_policy |= why.by_policy;
+            self.rejected.push(Rejected { target_id: entry.target.id.clone(), reason: why.reason });
         }
     }
 
@@ -127,7 +124,7 @@ impl<'a, R: Rng> Planner<'a, '_, R> {
         for entry in pool {
             match self.ineligible(entry, chosen) {
                 None => out.push(entry),
-                Some(reason) => self.reject(entry, reason),
+                Some(why) => self.reject(entry, why),
             }
         }
         out
@@ -235,8 +232,15 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
     let policy = &inputs.policy.policy;
     let kind = features.kind;
     let task = features.task_name();
-    let mut planner =
-        Planner { inputs, rng, steps: Vec::new(), used: HashSet::new(), rejected: Vec::new(), reasons: Vec::new() };
+    let mut planner = Planner {
+        inputs,
+        rng,
+        steps: Vec::new(),
+        used: HashSet::new(),
+        rejected: Vec::new(),
+        rejected_by_policy: false,
+        reasons: Vec::new(),
+    };
     match &features.task {
         Some(guess) => {
             let mut reason = format!("task {task} from {} (confidence {:.2})", guess.source, guess.confidence);
@@ -248,12 +252,16 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
         None => planner.reasons.push("embeddings request".into()),
     }
     planner.reasons.push(format!("policy {}", inputs.policy.label));
+    if !features.capabilities.is_empty() {
+        let needed: Vec<&str> = features.capabilities.iter().map(|c| c.as_str()).collect();
+        planner.reasons.push(format!("needs {}", needed.join(", ")));
+    }
     let rule = policy.tasks.get(task).cloned().unwrap_or_default();
     let chosen = kind == "chat" && policy.chooses(&features.model);
 
     if chosen {
         planner.reasons.push(format!("the router chooses the model (requested {:?})", features.model));
-        let pool: Vec<&Entry> = inputs.catalog.of_kind("chat").collect();
+        let pool: Vec<&Entry> = inputs.targets.of_kind("chat").collect();
         if pool.is_empty() {
             return Err(Error::UnknownModel(features.model.clone()));
         }
@@ -294,25 +302,53 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
             planner.push_balanced(group, StepRole::Fallback, &why);
         }
     } else {
-        let pool = inputs.catalog.targets_for(kind, &features.model);
+        let pool = inputs.targets.targets_for(kind, &features.model);
         if pool.is_empty() {
             return Err(Error::UnknownModel(features.model.clone()));
         }
         let eligible = planner.eligible(pool, false);
+        if eligible.is_empty() && planner.rejected.iter().any(|r| r.reason.starts_with("context window")) {
+            planner.reasons.push(format!(
+                "no target of {} holds {} tokens",
+                features.model,
+                features.required_context()
+            ));
+        }
         planner.push_balanced(eligible, StepRole::Fallback, &format!("serves the requested model {}", features.model));
     }
 
+    // Larger-context models, for a request its model cannot hold or whose provider says so.
+    if kind == "chat" {
+        let mut models: Vec<String> = if chosen { Vec::new() } else { vec![features.model.clone()] };
+        for step in &planner.steps {
+            if !models.contains(&step.entry.target.model) {
+                models.push(step.entry.target.model.clone());
+            }
+        }
+        for model in models {
+            for larger in policy.context_window_fallbacks.get(&model).into_iter().flatten() {
+                let pool = inputs.targets.targets_for("chat", larger);
+                if pool.is_empty() {
+                    planner.reasons.push(format!("context window fallback {larger} skipped: no target serves it"));
+                    continue;
+                }
+                let eligible = planner.eligible(pool, false);
+                planner.push_balanced(eligible, StepRole::Fallback, &format!("context window fallback of {model}"));
+            }
+        }
+    }
+
     // The fallback chain: the operator's consent to serve this task with these targets.
-    let chain = rule.fallback.iter().filter_map(|id| inputs.catalog.find(id)).collect::<Vec<_>>();
+    let chain = rule.fallback.iter().filter_map(|id| inputs.targets.find(id)).collect::<Vec<_>>();
     for entry in planner.eligible(chain, false) {
         planner.push(entry, StepRole::Fallback, format!("fallback chain of task {task}"));
     }
-    for id in rule.fallback.iter().filter(|id| inputs.catalog.find(id).is_none()) {
+    for id in rule.fallback.iter().filter(|id| inputs.targets.find(id).is_none()) {
         planner.reasons.push(format!("fallback target {id} skipped: not a known target"));
     }
 
     if planner.steps.is_empty() {
-        let by_policy = !planner.rejected.iter().all(|r| r.reason.starts_with("context window"));
+        let by_policy = planner.rejected_by_policy;
         let detail = planner.rejected.iter().map(|r| format!("{}: {}", r.target_id, r.reason)).collect::<Vec<_>>();
         return Err(Error::NoEligibleTarget { detail: detail.join("; "), by_policy });
     }
@@ -320,7 +356,7 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
     // Escalation: the next layer up, for when every lower step fails or its answer is unusable.
     let primary_layer = planner.steps[0].entry.layer();
     if kind == "chat" && policy.escalation() {
-        let candidates: Vec<&Entry> = inputs.catalog.of_kind("chat").filter(|e| e.layer() > primary_layer).collect();
+        let candidates: Vec<&Entry> = inputs.targets.of_kind("chat").filter(|e| e.layer() > primary_layer).collect();
         let candidates = planner.eligible(candidates, true);
         let next = candidates.iter().map(|e| e.layer()).min();
         match next {
@@ -406,30 +442,44 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
+    use meshgate_catalog::{Capability, Catalog, ModelFacts, ProviderSpec};
+
     use super::*;
-    use crate::catalog::{CloudProvider, LocalModel, ModelFacts};
-    use crate::features::Task;
     use crate::health::BreakerConfig;
     use crate::policy::{PolicyFile, PolicySet};
+    use crate::targets::LocalModel;
+    use crate::task::{Task, TaskGuess};
 
     fn facts(layer: &str, input: i64, output: i64, context: i64, tasks: &[&str]) -> ModelFacts {
         ModelFacts {
             layer: Some(layer.into()),
-            input_price_micros_per_mtok: input,
-            output_price_micros_per_mtok: output,
-            context_window: context,
+            input_price_micros_per_mtok: Some(input),
+            output_price_micros_per_mtok: Some(output),
+            context_window: Some(context),
             tasks: tasks.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
         }
     }
 
-    /// L0 tiny (chat only, 2k context), L1 mini and coder (code only), L2 gpt on three
-    /// providers (alt2 and std equivalent, alt behind them), L3 opus (not for chat).
-    fn catalog() -> Catalog {
-        let provider = |name: &str, priority: i64, models: &[&str]| CloudProvider {
+    fn provider(name: &str, priority: i32, models: &[&str]) -> ProviderSpec {
+        ProviderSpec {
             name: name.into(),
-            priority,
+            base_url: format!("http://{name}.test/v1"),
+            priority: Some(priority),
             models: models.iter().map(|m| m.to_string()).collect(),
-        };
+            ..Default::default()
+        }
+    }
+
+    fn build(cloud: &[ProviderSpec], local: &[LocalModel], facts: Vec<(&str, ModelFacts)>) -> Targets {
+        let facts = facts.into_iter().map(|(m, f)| (m.to_owned(), f)).collect();
+        let catalog = Catalog::resolve(cloud, std::iter::empty::<(String, String)>(), &facts, None).unwrap();
+        Targets::build(&catalog, local)
+    }
+
+    /// L0 tiny (chat only, 2k context), L1 mini and coder (code only), L2 gpt on three
+    /// providers (alt2 and std equivalent, alt behind them), L3 opus (not for chat, no vision).
+    fn targets() -> Targets {
         let cloud = [
             provider("cheap", 0, &["mini", "coder"]),
             provider("std", 0, &["gpt"]),
@@ -441,17 +491,21 @@ mod tests {
             LocalModel { name: "tiny".into(), task: "chat".into(), context_length: 2048 },
             LocalModel { name: "e".into(), task: "embeddings".into(), context_length: 512 },
         ];
-        let facts = BTreeMap::from([
-            ("tiny".to_owned(), facts("l0", 0, 0, 2048, &["chat"])),
-            ("mini".to_owned(), facts("l1", 150_000, 600_000, 128_000, &[])),
-            ("coder".to_owned(), facts("l1", 200_000, 800_000, 128_000, &["code"])),
-            ("gpt".to_owned(), facts("l2", 2_500_000, 10_000_000, 128_000, &[])),
-            (
-                "opus".to_owned(),
-                facts("l3", 15_000_000, 75_000_000, 200_000, &["code", "math", "reasoning", "creative"]),
-            ),
-        ]);
-        Catalog::build(&cloud, &local, &facts)
+        let opus = ModelFacts {
+            capabilities: Some(vec![Capability::Tools, Capability::JsonSchema, Capability::Reasoning]),
+            ..facts("l3", 15_000_000, 75_000_000, 200_000, &["code", "math", "reasoning", "creative"])
+        };
+        build(
+            &cloud,
+            &local,
+            vec![
+                ("tiny", facts("l0", 0, 0, 2048, &["chat"])),
+                ("mini", facts("l1", 150_000, 600_000, 128_000, &[])),
+                ("coder", facts("l1", 200_000, 800_000, 128_000, &["code"])),
+                ("gpt", facts("l2", 2_500_000, 10_000_000, 128_000, &[])),
+                ("opus", opus),
+            ],
+        )
     }
 
     fn features(model: &str, task: Option<Task>, prompt_tokens: i64) -> Features {
@@ -463,18 +517,24 @@ mod tests {
             prompt_tokens,
             max_tokens: 1000,
             stream: false,
+            capabilities: Vec::new(),
         }
     }
 
+    fn needing(mut features: Features, capabilities: &[Capability]) -> Features {
+        features.capabilities = capabilities.to_vec();
+        features
+    }
+
     struct World {
-        catalog: Catalog,
+        targets: Targets,
         health: HealthBook,
         replicas: Option<u32>,
     }
 
     impl World {
         fn new() -> Self {
-            Self { catalog: catalog(), health: HealthBook::new(BreakerConfig::default()), replicas: None }
+            Self { targets: targets(), health: HealthBook::new(BreakerConfig::default()), replicas: None }
         }
 
         fn fail(&self, target: &str, times: usize) {
@@ -487,7 +547,7 @@ mod tests {
             let file = PolicyFile::parse(&format!("[projects.p]\n{policy}")).unwrap();
             let policy = PolicySet { file: Some(file), ..Default::default() }.resolve("p");
             let inputs = Inputs {
-                catalog: &self.catalog,
+                targets: &self.targets,
                 policy: &policy,
                 features,
                 health: &self.health,
@@ -680,6 +740,30 @@ mod tests {
                 roles: "PEEE",
             },
             Case {
+                name: "tools: the local model cannot call them, so auto starts at l1",
+                policy: "",
+                features: needing(features("auto", Some(Chat), 10), &[Capability::Tools]),
+                broken: &[],
+                expect: &["cheap/mini", "alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PEEE",
+            },
+            Case {
+                name: "tools and a JSON schema: the premium escalation has both",
+                policy: "",
+                features: needing(features("gpt", Some(Code), 10), &[Capability::Tools, Capability::JsonSchema]),
+                broken: &[],
+                expect: &["alt2/gpt", "std/gpt", "alt/gpt", "prem/opus"],
+                roles: "PFFE",
+            },
+            Case {
+                name: "an image: the premium model without vision is no escalation",
+                policy: "",
+                features: needing(features("gpt", Some(Code), 10), &[Capability::Vision]),
+                broken: &[],
+                expect: &["alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PFF",
+            },
+            Case {
                 name: "embeddings have no task and no escalation",
                 policy: "",
                 features: features("e", None, 10),
@@ -724,6 +808,60 @@ mod tests {
         let capped = world.plan("max_layer = \"l1\"", &features("gpt", Some(Task::Chat), 10), 1).unwrap_err();
         assert_eq!(capped.code(), meshgate_runtime::ErrorCode::PolicyViolation);
         assert!(capped.to_string().contains("layer l2 above the policy's maximum l1"), "{capped}");
+    }
+
+    #[test]
+    fn a_model_without_a_needed_capability_is_refused_as_a_bad_request() {
+        let world = World::new();
+        let image = needing(features("opus", Some(Task::Code), 10), &[Capability::Vision]);
+        let err = world.plan("", &image, 1).unwrap_err();
+        assert_eq!(err.code(), meshgate_runtime::ErrorCode::InvalidRequest, "{err}");
+        assert!(
+            err.to_string().contains("prem/opus: lacks capability vision (has: tools, json_schema, reasoning)"),
+            "{err}"
+        );
+        let tools = needing(features("tiny", Some(Task::Chat), 10), &[Capability::Tools]);
+        let err = world.plan("", &tools, 1).unwrap_err();
+        assert!(err.to_string().contains("local/tiny: lacks capability tools (has: none)"), "{err}");
+        let plan = world.plan("", &needing(features("auto", Some(Task::Chat), 10), &[Capability::Tools]), 1).unwrap();
+        assert!(plan.reasons.iter().any(|r| r == "needs tools"), "{:?}", plan.reasons);
+        let tiny = plan.rejected.iter().find(|r| r.target_id == "local/tiny").unwrap();
+        assert_eq!(tiny.reason, "lacks capability tools (has: none)");
+    }
+
+    #[test]
+    fn context_window_fallbacks_follow_the_model_and_serve_what_it_cannot_hold() {
+        let mut world = World::new();
+        let cloud = [provider("p", 0, &["small"]), provider("q", 0, &["big"]), provider("r", 0, &["huge"])];
+        world.targets = build(
+            &cloud,
+            &[],
+            vec![
+                ("small", facts("l1", 1, 1, 4096, &[])),
+                ("big", facts("l2", 2, 2, 128_000, &[])),
+                ("huge", facts("l2", 3, 3, 1_000_000, &[])),
+            ],
+        );
+        let policy = "escalation = false\ncontext_window_fallbacks = { small = [\"big\", \"gone\"] }";
+
+        let fits = world.plan(policy, &features("small", Some(Task::Chat), 100), 1).unwrap();
+        assert_eq!((ids(&fits), roles(&fits)), (vec!["p/small", "q/big"], "PF".to_owned()));
+        assert_eq!(fits.targets[1].reason, "context window fallback of small");
+        assert!(fits.reasons.iter().any(|r| r == "context window fallback gone skipped: no target serves it"));
+
+        let long = world.plan(policy, &features("small", Some(Task::Chat), 5000), 1).unwrap();
+        assert_eq!((ids(&long), roles(&long)), (vec!["q/big"], "P".to_owned()));
+        assert!(long.reasons.iter().any(|r| r == "no target of small holds 6000 tokens"), "{:?}", long.reasons);
+        assert_eq!(long.rejected[0].reason, "context window 4096 < 6000 tokens needed");
+
+        let too_long = world.plan(policy, &features("small", Some(Task::Chat), 200_000), 1).unwrap_err();
+        assert_eq!(too_long.code(), meshgate_runtime::ErrorCode::InvalidRequest, "{too_long}");
+        assert!(too_long.to_string().contains("q/big: context window 128000 < 201000"), "{too_long}");
+
+        let without = world.plan("escalation = false", &features("small", Some(Task::Chat), 5000), 1);
+        assert!(without.is_err(), "no fallbacks configured: nothing holds the request");
+        let embeddings = world.plan(policy, &features("small", None, 100), 1);
+        assert!(matches!(embeddings, Err(Error::UnknownModel(_))), "context fallbacks are for chat");
     }
 
     #[test]
@@ -780,7 +918,7 @@ mod tests {
         let file = PolicyFile::parse(&format!("[projects.p]\n{policy}")).unwrap();
         let resolved = PolicySet { file: Some(file), ..Default::default() }.resolve("p");
         let inputs = Inputs {
-            catalog: &world.catalog,
+            targets: &world.targets,
             policy: &resolved,
             features: &features,
             health: &world.health,
@@ -798,8 +936,8 @@ mod tests {
     #[test]
     fn more_than_two_equivalents_all_get_traffic() {
         let mut world = World::new();
-        let provider = |name: &str| CloudProvider { name: name.into(), priority: 0, models: vec!["m".into()] };
-        world.catalog = Catalog::build(&[provider("a"), provider("b"), provider("c")], &[], &BTreeMap::new());
+        let cloud = [provider("a", 0, &["m"]), provider("b", 0, &["m"]), provider("c", 0, &["m"])];
+        world.targets = build(&cloud, &[], Vec::new());
         let features = features("m", Some(Task::Chat), 10);
         let mut leaders = BTreeMap::new();
         for seed in 0..300 {

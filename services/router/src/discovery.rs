@@ -15,6 +15,7 @@ use meshgate_runtime::Shutdown;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::KubeConfig;
 use crate::policy::{KubePolicy, PolicyStore, RoutePolicy};
 
 /// Routing policy for one project (or, without `project`, the default of every project),
@@ -71,6 +72,25 @@ impl Replicas {
         if self.0.swap(ready, Ordering::Relaxed) != ready {
             tracing::info!(ready, "inference replicas changed");
         }
+    }
+}
+
+/// Starts watching, with `client`, the `ModelRoute`s (into `policies`) and, when
+/// `config.inference_service` is set, its EndpointSlices (into `replicas`).
+pub fn spawn_watches(
+    client: Client,
+    config: &KubeConfig,
+    policies: Arc<PolicyStore>,
+    replicas: Arc<Replicas>,
+    shutdown: Shutdown,
+) {
+    let namespace = config.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+    let routes_namespace = (!config.all_namespaces).then(|| namespace.clone());
+    tracing::info!(namespace = %namespace, all_namespaces = config.all_namespaces, "watching ModelRoutes");
+    tokio::spawn(watch_model_routes(client.clone(), routes_namespace, policies, shutdown.clone()));
+    if let Some(service) = &config.inference_service {
+        tracing::info!(namespace = %namespace, service = %service, "watching inference EndpointSlices");
+        tokio::spawn(watch_inference_endpoints(client, namespace, service.clone(), replicas, shutdown));
     }
 }
 

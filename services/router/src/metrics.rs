@@ -1,15 +1,14 @@
 //! The router's Prometheus metrics, under the names the dashboards and alert rules query:
-//! `meshgate_router_decisions_total{target,layer}` and `meshgate_router_breaker_open{target}`.
-
-use std::sync::Arc;
-use std::time::Instant;
+//! `meshgate_router_decisions_total{target,layer}`, `meshgate_router_breaker_open{target}` and
+//! `meshgate_router_policy_file_reloads_total{outcome}`.
 
 use parking_lot::Mutex;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 
-use crate::RouterCore;
+/// Each target's id and whether its circuit is not closed, read at scrape time.
+pub type BreakerStates = Box<dyn Fn() -> Vec<(String, bool)> + Send + Sync>;
 
 /// Plans made, by the target and layer of their first step.
 pub fn decisions() -> IntCounterVec {
@@ -20,24 +19,33 @@ pub fn decisions() -> IntCounterVec {
     .expect("static metric options are valid")
 }
 
+/// Changed versions of the policy file read, by outcome ("applied", "invalid", "unreadable").
+pub fn policy_file_reloads() -> IntCounterVec {
+    IntCounterVec::new(
+        Opts::new("meshgate_router_policy_file_reloads_total", "Changed policy file versions read, by outcome"),
+        &["outcome"],
+    )
+    .expect("static metric options are valid")
+}
+
 /// `meshgate_router_breaker_open{target}`: 1 while a target's circuit is not closed (open, or
 /// half-open and waiting for a good probe), 0 otherwise, for every known target. Read from the
 /// live state at scrape time, because a circuit turns half-open by the clock, not by an event.
 pub struct BreakerGauge {
-    core: Arc<RouterCore>,
+    states: BreakerStates,
     gauge: Mutex<IntGaugeVec>,
     desc: Vec<Desc>,
 }
 
 impl BreakerGauge {
-    pub fn new(core: Arc<RouterCore>) -> Self {
+    pub fn new(states: BreakerStates) -> Self {
         let gauge = IntGaugeVec::new(
             Opts::new("meshgate_router_breaker_open", "1 while the target's circuit breaker is open or half-open"),
             &["target"],
         )
         .expect("static metric options are valid");
         let desc = gauge.desc().into_iter().cloned().collect();
-        Self { core, gauge: Mutex::new(gauge), desc }
+        Self { states, gauge: Mutex::new(gauge), desc }
     }
 }
 
@@ -50,9 +58,8 @@ impl Collector for BreakerGauge {
         let gauge = self.gauge.lock();
         // Targets that left the catalog (an unloaded local model) leave the exposition too.
         gauge.reset();
-        for state in self.core.states(Instant::now()) {
-            let Some(target) = &state.target else { continue };
-            gauge.with_label_values(&[target.id.as_str()]).set(i64::from(state.breaker != "closed"));
+        for (target, not_closed) in (self.states)() {
+            gauge.with_label_values(&[target.as_str()]).set(i64::from(not_closed));
         }
         gauge.collect()
     }

@@ -9,8 +9,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use meshgate_proto::common::v1::Layer;
 use meshgate_runtime::Shutdown;
+use prometheus::IntCounterVec;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::task::{TASK_NAMES, Task};
 
 /// A cost layer as written in policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
@@ -94,6 +97,11 @@ pub struct RoutePolicy {
     /// id; unlisted targets weigh 1, weight 0 takes a target out of the choice.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub weights: BTreeMap<String, u32>,
+    /// Larger-context models by model id (LiteLLM's `context_window_fallbacks`): their targets
+    /// follow the model's own in the plan, so a request its context window cannot hold, or one
+    /// its provider answers with `context_length_exceeded`, is served by them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub context_window_fallbacks: BTreeMap<String, Vec<String>>,
 }
 
 impl RoutePolicy {
@@ -103,6 +111,8 @@ impl RoutePolicy {
         tasks.extend(self.tasks.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut weights = base.weights.clone();
         weights.extend(self.weights.iter().map(|(k, v)| (k.clone(), *v)));
+        let mut context_window_fallbacks = base.context_window_fallbacks.clone();
+        context_window_fallbacks.extend(self.context_window_fallbacks.iter().map(|(k, v)| (k.clone(), v.clone())));
         RoutePolicy {
             default_layer: self.default_layer.or(base.default_layer),
             max_layer: self.max_layer.or(base.max_layer),
@@ -113,6 +123,7 @@ impl RoutePolicy {
             race: self.race.or(base.race),
             tasks,
             weights,
+            context_window_fallbacks,
         }
     }
 
@@ -127,13 +138,20 @@ impl RoutePolicy {
             return Err(format!("default_layer {default:?} is above max_layer {max:?}"));
         }
         for (task, rule) in &self.tasks {
-            if crate::features::Task::parse(task).is_none() {
-                return Err(format!("unknown task {task:?}; expected code, math, creative, reasoning or chat"));
+            if Task::parse(task).is_none() {
+                return Err(format!("unknown task {task:?}; expected {TASK_NAMES}"));
             }
             if let (Some(layer), Some(max)) = (rule.layer, self.max_layer)
                 && layer > max
             {
                 return Err(format!("tasks.{task}.layer {layer:?} is above max_layer {max:?}"));
+            }
+        }
+        for (model, larger) in &self.context_window_fallbacks {
+            if let Some(bad) = larger.iter().find(|m| m.trim().is_empty() || *m == model) {
+                return Err(format!(
+                    "context_window_fallbacks.{model}: {bad:?} is not another model id (a model cannot be its own fallback)"
+                ));
             }
         }
         Ok(())
@@ -278,11 +296,14 @@ pub fn read_policy_file(path: &Path) -> Result<(String, PolicyFile), String> {
 /// Re-reads the policy file every `every` and publishes it when its text changed. Polling,
 /// not inotify: Kubernetes updates mounted ConfigMaps by swapping a symlink, which file
 /// watches on the old inode miss. An invalid new version is logged and the last good one kept.
+/// Each changed version read counts in `reloads` by outcome ("applied", "invalid"), and each
+/// failed read as "unreadable".
 pub async fn watch_policy_file(
     store: Arc<PolicyStore>,
     path: PathBuf,
     mut last_text: String,
     every: Duration,
+    reloads: IntCounterVec,
     shutdown: Shutdown,
 ) {
     loop {
@@ -294,6 +315,7 @@ pub async fn watch_policy_file(
             Ok(text) => text,
             Err(err) => {
                 tracing::warn!(path = %path.display(), %err, "cannot read the policy file; keeping the last good policy");
+                reloads.with_label_values(&["unreadable"]).inc();
                 continue;
             }
         };
@@ -304,9 +326,11 @@ pub async fn watch_policy_file(
             Ok(file) => {
                 tracing::info!(path = %path.display(), projects = file.projects.len(), "policy file reloaded");
                 store.update(|set| set.file = Some(file));
+                reloads.with_label_values(&["applied"]).inc();
             }
             Err(err) => {
                 tracing::error!(path = %path.display(), %err, "invalid policy file; keeping the last good policy");
+                reloads.with_label_values(&["invalid"]).inc();
             }
         }
         last_text = text;
@@ -328,9 +352,14 @@ mod tests {
             [default.tasks.code]
             prefer = ["a/m"]
 
+            [default.context_window_fallbacks]
+            small = ["medium"]
+            medium = ["large"]
+
             [projects.p1]
             default_layer = "l0"
             weights = { "b/m" = 0 }
+            context_window_fallbacks = { small = ["huge"] }
             [projects.p1.tasks.code]
             prefer = ["b/m"]
             "#,
@@ -346,6 +375,8 @@ mod tests {
         assert!(!p1.policy.escalation());
         assert_eq!((p1.policy.weight("a/m"), p1.policy.weight("b/m"), p1.policy.weight("c/m")), (3, 0, 1));
         assert_eq!(p1.policy.tasks["code"].prefer, ["b/m"]);
+        assert_eq!(p1.policy.context_window_fallbacks["small"], ["huge"], "a project's list replaces the default's");
+        assert_eq!(p1.policy.context_window_fallbacks["medium"], ["large"], "models it does not name are kept");
         let other = set.resolve("p2");
         assert_eq!(other.policy.default_layer, None);
         assert_eq!(other.policy.tasks["code"].prefer, ["a/m"]);
@@ -385,6 +416,8 @@ mod tests {
             ("[default.tasks.dance]\nprefer = []\n", "unknown task \"dance\""),
             ("[default]\nmax_layer = \"l7\"\n", "unknown variant"),
             ("[default]\nmax_layr = \"l1\"\n", "unknown field"),
+            ("[default.context_window_fallbacks]\nm = [\"m\"]\n", "context_window_fallbacks.m: \"m\""),
+            ("[default.context_window_fallbacks]\nm = [\"\"]\n", "context_window_fallbacks.m: \"\""),
         ];
         for (text, expected) in cases {
             let err = PolicyFile::parse(text).unwrap_err();

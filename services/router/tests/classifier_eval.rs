@@ -9,13 +9,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::eval::{Example, examples, per_class, real_models_dir};
+use meshgate_catalog::ProviderSpec;
 use meshgate_inference::test_env::ort_dylib;
 use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::router::v1::{DecideRequest, RouteRequest};
 use meshgate_router::{Config, Task};
 use meshgate_runtime::{ListenConfig, Listeners, MeshChannel, Shutdown};
-use meshgate_sync::providers::ProviderSpec;
 
 /// Floors per task in [`Task::ALL`] order (code, math, creative, reasoning, chat), two examples
 /// under what was measured, so a worse model or a broken path fails. Measured: the classifier
@@ -41,7 +41,7 @@ fn check(name: &str, examples: &[Example], predicted: &[Task], floors: [f64; 5])
 fn the_heuristic_per_class_accuracy_on_the_evaluation_set() {
     let examples = examples();
     assert_eq!(examples.len(), 125);
-    let predicted: Vec<Task> = examples.iter().map(|e| meshgate_router::features::heuristic(&e.text).task).collect();
+    let predicted: Vec<Task> = examples.iter().map(|e| meshgate_router::classifier::heuristic(&e.text).task).collect();
     check("heuristic", &examples, &predicted, HEURISTIC_FLOORS);
 }
 

@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use kube::client::Body;
+use meshgate_catalog::{Catalog, ProviderSpec};
 use meshgate_proto::router::v1::{RoutePlan, RouteRequest};
-use meshgate_router::{
-    BreakerConfig, CloudProvider, Error, KubeConfig, LocalModel, PolicyStore, RouterCore, TaskClassifier,
-};
+use meshgate_router::{BreakerConfig, Error, KubeConfig, LocalModel, PolicyStore, RouterCore, TaskClassifier};
 use meshgate_runtime::Shutdown;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -94,10 +93,15 @@ fn slice(version: &str, ready: &[bool]) -> Value {
 
 /// A local chat model (L0) and a cloud one (L2), with the router choosing for "auto".
 fn core() -> Arc<RouterCore> {
-    let cloud = vec![CloudProvider { name: "c".into(), models: vec!["gpt".into()], priority: 0 }];
+    let cloud = [ProviderSpec {
+        name: "c".into(),
+        base_url: "http://c.test/v1".into(),
+        models: vec!["gpt".into()],
+        ..Default::default()
+    }];
+    let catalog = Catalog::resolve(&cloud, std::iter::empty::<(String, String)>(), &BTreeMap::new(), None).unwrap();
     let policies = Arc::new(PolicyStore::new(Default::default()));
-    let core =
-        RouterCore::new(cloud, BTreeMap::new(), BreakerConfig::default(), policies, TaskClassifier::heuristic_only());
+    let core = RouterCore::new(Arc::new(catalog), BreakerConfig::default(), policies, TaskClassifier::heuristic_only());
     core.set_local_models(vec![LocalModel { name: "tiny".into(), task: "chat".into(), context_length: 4096 }]);
     Arc::new(core)
 }

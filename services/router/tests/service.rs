@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use meshgate_catalog::{Capability, ProviderSpec};
 use meshgate_proto::common::v1::{ChatMessage, Layer, Principal};
 use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::router::v1::{
@@ -12,10 +13,11 @@ use meshgate_proto::router::v1::{
 };
 use meshgate_router::{Config, ModelFacts, RoutePolicy};
 use meshgate_runtime::{ListenConfig, Listeners, MeshChannel, Shutdown};
-use meshgate_sync::providers::ProviderSpec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Router {
     client: RouterClient<MeshChannel>,
+    admin: SocketAddr,
     shutdown: Shutdown,
     task: tokio::task::JoinHandle<Result<(), meshgate_router::Error>>,
 }
@@ -25,10 +27,24 @@ impl Router {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let listeners = Listeners::bind(&ListenConfig { grpc: any, admin: any, http: None }).await.unwrap();
         let url = format!("http://{}", listeners.grpc_addr());
+        let admin = listeners.admin_addr();
         let shutdown = Shutdown::new();
         let task = tokio::spawn(meshgate_router::serve(config, listeners, shutdown.clone()));
         let client = RouterClient::new(meshgate_runtime::channel(&url, Duration::from_secs(2)).unwrap());
-        Self { client, shutdown, task }
+        Self { client, admin, shutdown, task }
+    }
+
+    /// The value of the series of metric `name` carrying the label `label` (`key="value"`), 0
+    /// when absent.
+    async fn metric(&self, name: &str, label: &str) -> f64 {
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        body.lines()
+            .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with('{')) && line.contains(label))
+            .find_map(|line| line.rsplit(' ').next())
+            .map_or(0.0, |value| value.trim().parse().unwrap())
     }
 
     async fn stop(self) {
@@ -37,6 +53,16 @@ impl Router {
     }
 
     async fn decide(&self, model: &str, project: &str, prompt: &str) -> Result<RoutePlan, tonic::Status> {
+        self.decide_needing(model, project, prompt, &[]).await
+    }
+
+    async fn decide_needing(
+        &self,
+        model: &str,
+        project: &str,
+        prompt: &str,
+        capabilities: &[&str],
+    ) -> Result<RoutePlan, tonic::Status> {
         let request = RouteRequest {
             request_id: "r1".into(),
             principal: Some(Principal { project_id: project.into(), ..Default::default() }),
@@ -45,7 +71,7 @@ impl Router {
             max_tokens: 100,
             stream: true,
             task: "chat".into(),
-            capabilities: Vec::new(),
+            capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
         };
         let messages = vec![ChatMessage { role: "user".into(), content: prompt.into(), ..Default::default() }];
         let decide = DecideRequest { request: Some(request), messages, task_hint: String::new() };
@@ -70,10 +96,10 @@ fn provider(name: &str, models: &[&str]) -> ProviderSpec {
 fn config() -> Config {
     let facts = |layer: &str, input, output| ModelFacts {
         layer: Some(layer.into()),
-        input_price_micros_per_mtok: input,
-        output_price_micros_per_mtok: output,
-        context_window: 100_000,
-        tasks: Vec::new(),
+        input_price_micros_per_mtok: Some(input),
+        output_price_micros_per_mtok: Some(output),
+        context_window: Some(100_000),
+        ..Default::default()
     };
     let mut config = Config {
         providers: vec![provider("cheap", &["mini"]), provider("std", &["gpt"]), provider("alt", &["gpt"])],
@@ -161,6 +187,49 @@ async fn bad_requests_get_matching_statuses() {
     router.stop().await;
 }
 
+#[tokio::test]
+async fn needed_capabilities_and_context_fallbacks_shape_the_plan_over_grpc() {
+    let mut config = config();
+    config.providers.push(provider("big", &["long"]));
+    config.models.get_mut("mini").unwrap().capabilities = Some(vec![Capability::Tools]);
+    config.models.insert(
+        "long".into(),
+        ModelFacts {
+            layer: Some("l2".into()),
+            input_price_micros_per_mtok: Some(3_000_000),
+            output_price_micros_per_mtok: Some(12_000_000),
+            context_window: Some(1_000_000),
+            ..Default::default()
+        },
+    );
+    config.policy.context_window_fallbacks.insert("gpt".into(), vec!["long".into()]);
+    let router = Router::start(config).await;
+
+    // mini takes tools but no images: an image request starts a layer up.
+    let tools = router.decide_needing("auto", "p", "hi", &["tools"]).await.unwrap();
+    assert_eq!(ids(&tools)[0], "cheap/mini");
+    let image = router.decide_needing("auto", "p", "hi", &["tools", "vision"]).await.unwrap();
+    assert_ne!(ids(&image)[0], "cheap/mini");
+    let mini = image.rejected.iter().find(|r| r.target_id == "cheap/mini").unwrap();
+    assert_eq!(mini.reason, "lacks capability vision (has: tools)");
+    let refused = router.decide_needing("mini", "p", "hi", &["audio"]).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{}", refused.message());
+    let unknown = router.decide_needing("gpt", "p", "hi", &["x-ray"]).await.unwrap_err();
+    assert!(unknown.message().contains("unknown capability \"x-ray\""), "{}", unknown.message());
+
+    // gpt's larger-context fallback follows it, and serves alone what gpt cannot hold.
+    let short = router.decide("gpt", "p", "hi").await.unwrap();
+    assert_eq!(*ids(&short).last().unwrap(), "big/long");
+    let huge = "word ".repeat(120_000);
+    let long = router.decide("gpt", "p", &huge).await.unwrap();
+    assert_eq!(ids(&long), ["big/long"]);
+
+    // The listing carries each target's facts.
+    let listed = router.state("cheap/mini").await.target.unwrap();
+    assert_eq!((listed.capabilities, listed.input_price_micros_per_mtok), (vec!["tools".to_owned()], 150_000));
+    router.stop().await;
+}
+
 fn write(path: &Path, text: &str) {
     // Write then rename, as editors and ConfigMap updates do: the watcher never reads half a file.
     let staging = path.with_extension("tmp");
@@ -198,8 +267,16 @@ async fn the_policy_file_reloads_without_a_restart_and_keeps_the_last_good_versi
     .await;
 
     // An invalid version is refused; the last good one stays in force until a valid one comes.
+    let invalid = || router.metric("meshgate_router_policy_file_reloads_total", "outcome=\"invalid\"");
+    assert_eq!(invalid().await, 0.0);
     write(&path, "[projects.p]\nmax_layer = \"l9\"\n");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..500 {
+        if invalid().await == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(invalid().await, 1.0, "the watcher read the invalid version");
     assert_eq!(ids(&router.decide("gpt", "p", "hello").await.unwrap())[0], "cheap/mini");
     write(&path, "[projects.p]\nchoose_model = false\nescalation = false\n");
     eventually_plan(&router, "back to the requested model", |r| {

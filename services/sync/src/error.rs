@@ -32,9 +32,8 @@
 //! `x-meshgate-retry-after` (seconds) and, when the provider answered, its HTTP status in
 //! [`UPSTREAM_STATUS_METADATA`].
 
+use meshgate_catalog::CatalogError;
 use meshgate_runtime::error::{ApiError, ErrorCode};
-
-use crate::providers::ProviderConfigError;
 
 /// Metadata key carrying the provider's HTTP status on a failed call.
 pub const UPSTREAM_STATUS_METADATA: &str = "x-meshgate-upstream-status";
@@ -42,7 +41,7 @@ pub const UPSTREAM_STATUS_METADATA: &str = "x-meshgate-upstream-status";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    ProviderConfig(#[from] ProviderConfigError),
+    ProviderConfig(#[from] CatalogError),
     #[error("invalid sync configuration: {0}")]
     Config(String),
     #[error("cannot build the HTTP client: {0}")]

@@ -12,14 +12,13 @@
 //!   uploaded to the cloud meshgate in idempotent batches (see [`cloud`]).
 //!
 //! Providers are configured in the `[sync]` section (`[[sync.providers]]`) and/or by
-//! `MESHGATE_PROVIDER_<NAME>_*` variables; [`providers`] documents both and is shared with the
-//! router and the gateway.
+//! `MESHGATE_PROVIDER_<NAME>_*` variables; [`meshgate_catalog`] documents both and is shared with
+//! the router and the gateway.
 
 pub mod anthropic;
 pub mod cloud;
 pub mod error;
 pub mod metrics;
-pub mod providers;
 pub mod queue;
 pub mod service;
 pub mod sse;
@@ -37,8 +36,8 @@ use meshgate_storage::{Migration, PgPool, PostgresConfig, SharedClock, migrate, 
 use serde::{Deserialize, Serialize};
 
 pub use error::Error;
+pub use meshgate_catalog::{ProviderKind, ProviderSpec};
 pub use metrics::UpstreamMetrics;
-pub use providers::{ProviderCatalog, ProviderKind, ProviderSpec};
 pub use queue::{Charger, Dispatcher, DispatcherConfig, FileJobStore, JobStore, PgJobStore, QueueMetrics, RetryPolicy};
 pub use service::{Queue, SyncService};
 pub use upstream::{CallOptions, ChunkStream, Upstream};
@@ -250,8 +249,8 @@ impl Config {
     /// environment (when [`Config::providers_from_env`]), validated, in fallback order.
     pub fn resolve_providers(&self) -> Result<Vec<ProviderSpec>, Error> {
         let env: Vec<(String, String)> =
-            if self.providers_from_env { providers::process_env().collect() } else { Vec::new() };
-        Ok(providers::resolve_providers(&self.providers, env)?)
+            if self.providers_from_env { meshgate_catalog::process_env().collect() } else { Vec::new() };
+        Ok(meshgate_catalog::resolve_providers(&self.providers, env)?)
     }
 }
 

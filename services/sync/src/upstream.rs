@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use meshgate_catalog::{ProviderKind, ProviderSpec};
 use meshgate_proto::common::v1::{ChatMessage, ToolCall, Usage};
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use rand::Rng;
@@ -38,7 +39,6 @@ use crate::Config;
 use crate::anthropic;
 use crate::error::Error;
 use crate::metrics::UpstreamMetrics;
-use crate::providers::{ProviderKind, ProviderSpec};
 use crate::sse::{SseDecoder, SseEvent};
 
 /// The chunks of one upstream call.
@@ -92,7 +92,7 @@ struct Provider {
 
 impl Upstream {
     /// Builds one pooled HTTP client per provider of `providers` (already validated, see
-    /// [`crate::providers::resolve_providers`]).
+    /// [`meshgate_catalog::resolve_providers`]).
     pub fn new(config: &Config, providers: &[ProviderSpec], metrics: UpstreamMetrics) -> Result<Self, Error> {
         config.validate()?;
         let mut map = HashMap::with_capacity(providers.len());

@@ -1,5 +1,5 @@
-//! What the router knows about a request before choosing: its task (from the inference
-//! service's task classifier, or a keyword heuristic), its sizes and whether it streams.
+//! Task classification: the inference service's task classifier, or a keyword heuristic when
+//! it is missing, slow or down.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,44 +10,8 @@ use meshgate_proto::inference::v1::ClassifyRequest;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_runtime::MeshChannel;
 
-/// The task classes the router routes by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Task {
-    Code,
-    Math,
-    Creative,
-    Reasoning,
-    Chat,
-}
-
-impl Task {
-    pub const ALL: [Task; 5] = [Task::Code, Task::Math, Task::Creative, Task::Reasoning, Task::Chat];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Task::Code => "code",
-            Task::Math => "math",
-            Task::Creative => "creative",
-            Task::Reasoning => "reasoning",
-            Task::Chat => "chat",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Task> {
-        Task::ALL.into_iter().find(|t| t.as_str().eq_ignore_ascii_case(name.trim()))
-    }
-}
-
-/// A task with where it came from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TaskGuess {
-    pub task: Task,
-    pub confidence: f32,
-    /// "classifier:<model>", "heuristic", "hint" or "request".
-    pub source: String,
-    /// Why the classifier was not used, when it was not.
-    pub note: Option<String>,
-}
+use crate::request::message_text;
+use crate::task::{Task, TaskGuess};
 
 /// Keyword cues per task with their weight. Cheap on purpose: it runs when the classifier is
 /// missing or down, on the request path.
@@ -203,9 +167,9 @@ fn has_arithmetic(text: &str) -> bool {
 /// drags the class towards itself (measured on `eval/tasks.jsonl` with a typical one: 90 % right
 /// without it, 58 % with it); it is classified only when no user message exists.
 pub fn classified_text(messages: &[ChatMessage]) -> String {
-    let last_user = messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.as_str());
-    let system = || messages.iter().filter(|m| m.role == "system").map(|m| m.content.as_str()).collect::<Vec<_>>();
-    let mut text = last_user.map_or_else(|| system().join("\n"), str::to_owned);
+    let last_user = messages.iter().rev().find(|m| m.role == "user").map(message_text);
+    let system = || messages.iter().filter(|m| m.role == "system").map(message_text).collect::<Vec<_>>();
+    let mut text = last_user.map_or_else(|| system().join("\n"), |text| text.into_owned());
     // The classifier reads a few hundred tokens at most; the rest costs time for nothing.
     if text.len() > MAX_CLASSIFIED_BYTES {
         let mut end = MAX_CLASSIFIED_BYTES;
@@ -218,12 +182,6 @@ pub fn classified_text(messages: &[ChatMessage]) -> String {
 }
 
 const MAX_CLASSIFIED_BYTES: usize = 4096;
-
-/// Rough token count of a conversation when the caller did not count: four bytes a token plus
-/// a few tokens of framing per message, as OpenAI-style chat templates spend.
-pub fn estimate_tokens(messages: &[ChatMessage]) -> i64 {
-    messages.iter().map(|m| (m.content.len() as u64).div_ceil(4) as i64 + 4).sum()
-}
 
 /// Calls the inference service's task classifier, falling back to [`heuristic`].
 pub struct TaskClassifier {
@@ -312,10 +270,21 @@ impl TaskClassifier {
 
 #[cfg(test)]
 mod tests {
+    use meshgate_proto::common::v1::content_part::Part;
+    use meshgate_proto::common::v1::{ContentPart, ImageUrl};
+
     use super::*;
 
     fn message(role: &str, content: &str) -> ChatMessage {
         ChatMessage { role: role.into(), content: content.into(), ..Default::default() }
+    }
+
+    fn text_part(text: &str) -> ContentPart {
+        ContentPart { part: Some(Part::Text(text.into())) }
+    }
+
+    fn image_part(url: &str) -> ContentPart {
+        ContentPart { part: Some(Part::ImageUrl(ImageUrl { url: url.into(), detail: String::new() })) }
     }
 
     #[test]
@@ -354,15 +323,6 @@ mod tests {
     }
 
     #[test]
-    fn task_names_round_trip() {
-        for task in Task::ALL {
-            assert_eq!(Task::parse(task.as_str()), Some(task));
-        }
-        assert_eq!(Task::parse(" Code "), Some(Task::Code));
-        assert_eq!(Task::parse("dance"), None);
-    }
-
-    #[test]
     fn classified_text_is_the_last_user_message() {
         let messages = [
             message("system", "You are terse."),
@@ -372,15 +332,15 @@ mod tests {
         ];
         assert_eq!(classified_text(&messages), "now in python");
         assert_eq!(classified_text(&messages[..1]), "You are terse.", "without a user message, the system prompt");
+        let parts = [ChatMessage {
+            role: "user".into(),
+            parts: vec![text_part("what is in"), image_part("https://example.com/a.png"), text_part("this image")],
+            ..Default::default()
+        }];
+        assert_eq!(classified_text(&parts), "what is in\nthis image", "the text parts of a message with an image");
         let long = [message("user", &"é".repeat(5000))];
         let text = classified_text(&long);
         assert!(text.len() <= MAX_CLASSIFIED_BYTES && text.chars().all(|c| c == 'é'));
-    }
-
-    #[test]
-    fn token_estimate_grows_with_text() {
-        assert_eq!(estimate_tokens(&[]), 0);
-        assert_eq!(estimate_tokens(&[message("user", "abcdefgh")]), 6);
     }
 
     #[tokio::test]
