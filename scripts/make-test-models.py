@@ -17,6 +17,13 @@ Writes, deterministically (fixed seeds, fixed vocabularies):
       byte-level BPE tokenizer with ChatML markers.
   OUTDIR/manifest.json
       the same manifest format the real models use (see MANIFEST below and the inference crate).
+  OUTDIR/smollm2-shaped/{manifest.json,tiny-smollm2/...}
+      a models directory of its own (so the tiny models above stay the only ones every test
+      loads) holding tiny-smollm2: a tiny random decoder served exactly as fetch-models.sh serves
+      SmolLM2-135M-Instruct (scripts/models/convert_smollm2.py): its tokenizer pipeline (digits
+      split one by one, then byte-level BPE, control tokens as special tokens at ids 0-2), ChatML with SmolLM2's default system prompt, its end tokens and manifest fields. The chat
+      test of services/inference/tests/real_models.rs runs on it in every scripts/test.sh run, and
+      on SmolLM2 itself when it was fetched.
 
 Before writing, the script checks with onnxruntime that the decoder really uses its KV cache
 (logits of an incremental run equal a full recompute) and records references the Rust tests
@@ -38,7 +45,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
 # The decoder graph and the greedy reference loop are the ones the real SmolLM2 conversion uses.
@@ -88,6 +95,15 @@ CHAT_REFERENCE_PROMPTS = [
     [{"role": "user", "content": "Café 日本 🙂"}],
 ]
 CHAT_REFERENCE_MAX_TOKENS = 24
+
+# What scripts/models/convert_smollm2.py reads from the SmolLM2 GGUF and manifest.py writes.
+SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+SMOLLM2_SHAPED_DIR = "smollm2-shaped"
+SMOLLM2_REFERENCE_PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "Name 3 numbers: 12, 345 and 2024."}],
+    [{"role": "user", "content": "Write a Python function that adds two numbers."}],
+]
 EMBED_REFERENCE_SENTENCES = [
     "the quick brown fox",
     "Hello world, good morning!",
@@ -125,6 +141,29 @@ def build_chat_tokenizer():
         show_progress=False,
     )
     tok.train_from_iterator(CHAT_CORPUS * 4, trainer=trainer)
+    return tok
+
+
+def build_smollm2_shaped_tokenizer():
+    """The pipeline of convert_smollm2.build_tokenizer (SmolLM2's GGUF `smollm` pre-tokenizer: digits
+    one by one, then the GPT-2 pattern; control tokens matched whole as special tokens), over a BPE
+    trained here instead of SmolLM2's vocabulary. Control tokens get ids 0-2, as in SmolLM2."""
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        min_frequency=2,
+        special_tokens=CHAT_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((CHAT_CORPUS + [SMOLLM2_SYSTEM_PROMPT]) * 4, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_SPECIALS])
     return tok
 
 
@@ -213,7 +252,7 @@ def build_embed_model(vocab_size, hidden, heads, layers, ffn, context_length, se
 # ---------------------------------------------------------------- tiny-chat
 
 
-def build_chat_model(vocab_size, hidden, heads, kv_heads, layers, ffn, context_length, seed, eos_id, eos_bias):
+def build_chat_model(name, vocab_size, hidden, heads, kv_heads, layers, ffn, context_length, seed, eos_id, eos_bias):
     rng = np.random.default_rng(seed)
     head_dim = hidden // heads
     w = lambda *shape, scale: (rng.standard_normal(shape) * scale).astype(np.float32)  # noqa: E731
@@ -238,7 +277,7 @@ def build_chat_model(vocab_size, hidden, heads, kv_heads, layers, ffn, context_l
     weights["lm_bias"] = bias
     cfg = {"vocab": vocab_size, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
            "layers": layers, "context_length": context_length, "rope_theta": 10000.0, "rms_eps": 1e-5}
-    model = llama_onnx.build(cfg, weights, "tiny-chat",
+    model = llama_onnx.build(cfg, weights, name,
                              "tiny Llama-style decoder with the SmolLM2/optimum KV-cache interface, random weights")
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -247,25 +286,27 @@ def build_chat_model(vocab_size, hidden, heads, kv_heads, layers, ffn, context_l
 render_chatml = llama_onnx.render_chatml
 
 
-def build_chat(outdir):
-    d = os.path.join(outdir, "tiny-chat")
+def build_decoder(d, name, tok, reference_prompts, default_system, seed, context_length):
+    """A tiny decoder over `tok` in directory d, with greedy references (checked against a full
+    recompute) for reference_prompts rendered as the service renders them; the manifest entry,
+    paths relative to d's parent."""
     os.makedirs(d, exist_ok=True)
-    tok = build_chat_tokenizer()
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     eos_id = tok.token_to_id("<|im_end|>")
     eos_ids = {eos_id, tok.token_to_id("<|endoftext|>")}
-    layers, hidden, heads, kv_heads, ffn, context_length = 2, 64, 4, 2, 128, 128
+    layers, hidden, heads, kv_heads, ffn = 2, 64, 4, 2, 128
     head_dim = hidden // heads
     tok_path = os.path.join(d, "tokenizer.json")
     model_path = os.path.join(d, "model.onnx")
     tok.save(tok_path)
 
-    prompts = [tok.encode(render_chatml(m)).ids for m in CHAT_REFERENCE_PROMPTS]
+    prompts = [tok.encode(render_chatml(m, default_system)).ids for m in reference_prompts]
     # The smallest end-token bias (from a fixed ladder) under which at least one reference prompt
     # ends with the end token and at least one runs to max_tokens, so both finish paths have a
     # reference.
     for bias in [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]:
-        model = build_chat_model(vocab_size, hidden, heads, kv_heads, layers, ffn, context_length, 1234, eos_id, bias)
+        model = build_chat_model(name, vocab_size, hidden, heads, kv_heads, layers, ffn, context_length, seed, eos_id,
+                                 bias)
         with tempfile.TemporaryDirectory() as tmp:
             tmp_model = os.path.join(tmp, "model.onnx")
             onnx.save(model, tmp_model)
@@ -274,41 +315,60 @@ def build_chat(outdir):
             reasons = {r[1] for r in runs}
             if reasons == {"stop", "length"} and all(len(r[0]) >= 3 for r in runs):
                 for p, (tokens, _, step_logits) in zip(prompts, runs):
-                    runner.check_cache_matches_recompute("tiny-chat", p, tokens, step_logits)
+                    runner.check_cache_matches_recompute(name, p, tokens, step_logits)
                 break
     else:
-        raise SystemExit("tiny-chat: no end-token bias gives both a 'stop' and a 'length' reference")
+        raise SystemExit(f"{name}: no end-token bias gives both a 'stop' and a 'length' reference")
 
     onnx.save(model, model_path)
     reference = {
         "greedy": [
             {
                 "messages": msgs,
-                "prompt": render_chatml(msgs),
+                "prompt": render_chatml(msgs, default_system),
                 "prompt_ids": p,
                 "max_tokens": CHAT_REFERENCE_MAX_TOKENS,
                 "completion_ids": tokens,
                 "finish_reason": reason,
             }
-            for msgs, p, (tokens, reason, _) in zip(CHAT_REFERENCE_PROMPTS, prompts, runs)
+            for msgs, p, (tokens, reason, _) in zip(reference_prompts, prompts, runs)
         ]
     }
     ref_path = os.path.join(d, "reference.json")
     with open(ref_path, "w") as f:
         json.dump(reference, f, indent=1, ensure_ascii=False)
-    return {
-        "name": "tiny-chat",
+    entry = {
+        "name": name,
         "task": "chat",
-        "file": "tiny-chat/model.onnx",
+        "file": f"{name}/model.onnx",
         "sha256": sha256_file(model_path),
-        "tokenizer": "tiny-chat/tokenizer.json",
+        "tokenizer": f"{name}/tokenizer.json",
         "tokenizer_sha256": sha256_file(tok_path),
         "context_length": context_length,
         "chat_template": "chatml",
-        "eos_tokens": ["<|im_end|>", "<|endoftext|>"],
-        "reference": "tiny-chat/reference.json",
-        "reference_sha256": sha256_file(ref_path),
     }
+    if default_system is not None:
+        entry["default_system_prompt"] = default_system
+    entry.update({
+        "eos_tokens": ["<|im_end|>", "<|endoftext|>"],
+        "reference": f"{name}/reference.json",
+        "reference_sha256": sha256_file(ref_path),
+    })
+    return entry
+
+
+def build_chat(outdir):
+    return build_decoder(os.path.join(outdir, "tiny-chat"), "tiny-chat", build_chat_tokenizer(), CHAT_REFERENCE_PROMPTS,
+                         None, 1234, context_length=128)
+
+
+def build_smollm2_shaped(outdir):
+    """OUTDIR/smollm2-shaped: a models directory holding tiny-smollm2 (see the module doc)."""
+    d = os.path.join(outdir, SMOLLM2_SHAPED_DIR)
+    entry = build_decoder(os.path.join(d, "tiny-smollm2"), "tiny-smollm2", build_smollm2_shaped_tokenizer(),
+                          SMOLLM2_REFERENCE_PROMPTS, SMOLLM2_SYSTEM_PROMPT, 1234, context_length=256)
+    entry["source"] = "scripts/make-test-models.py: random weights, served as SmolLM2-135M-Instruct is"
+    return entry
 
 
 def build_encoder(outdir, name, seed, labels=None):
@@ -376,10 +436,10 @@ def build_encoder(outdir, name, seed, labels=None):
     return entry
 
 
-def up_to_date(outdir, generator):
-    path = os.path.join(outdir, "manifest.json")
+def manifest_up_to_date(d, generator):
+    """Whether d/manifest.json was written by this generator and every file it lists is intact."""
     try:
-        with open(path) as f:
+        with open(os.path.join(d, "manifest.json")) as f:
             manifest = json.load(f)
     except (OSError, ValueError):
         return False
@@ -387,10 +447,19 @@ def up_to_date(outdir, generator):
         return False
     for entry in manifest.get("models", []):
         for file_key, hash_key in (("file", "sha256"), ("tokenizer", "tokenizer_sha256"), ("reference", "reference_sha256")):
-            p = os.path.join(outdir, entry[file_key])
+            p = os.path.join(d, entry[file_key])
             if not os.path.isfile(p) or sha256_file(p) != entry[hash_key]:
                 return False
     return bool(manifest.get("models"))
+
+
+def write_manifest(d, generator, entries):
+    manifest = {"version": 1, "generator": generator, "models": entries}
+    tmp = os.path.join(d, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, os.path.join(d, "manifest.json"))
 
 
 def main():
@@ -401,7 +470,8 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [os.path.abspath(__file__), os.path.join(here, "models", "llama_onnx.py")]
     generator = "make-test-models.py sha256:" + ",".join(sha256_file(p) for p in sources)
-    if up_to_date(outdir, generator):
+    shaped = os.path.join(outdir, SMOLLM2_SHAPED_DIR)
+    if manifest_up_to_date(outdir, generator) and manifest_up_to_date(shaped, generator):
         print(f"test models in {outdir} are up to date")
         return
     os.makedirs(outdir, exist_ok=True)
@@ -410,13 +480,11 @@ def main():
         build_encoder(outdir, "tiny-classify", 5678, CLASSIFY_LABELS),
         build_chat(outdir),
     ]
-    manifest = {"version": 1, "generator": generator, "models": entries}
-    tmp = os.path.join(outdir, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, os.path.join(outdir, "manifest.json"))
-    print(f"built {', '.join(e['name'] for e in entries)} in {outdir}")
+    # The SmolLM2-shaped directory first: the top manifest, written last, marks the whole build.
+    smollm2_shaped = build_smollm2_shaped(outdir)
+    write_manifest(shaped, generator, [smollm2_shaped])
+    write_manifest(outdir, generator, entries)
+    print(f"built {', '.join(e['name'] for e in entries + [smollm2_shaped])} in {outdir}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,29 @@ use std::path::{Path, PathBuf};
 use meshgate_inference::Config;
 use serde::Deserialize;
 
-pub use meshgate_inference::test_env::{models_dir, ort_dylib};
+pub use meshgate_inference::test_env::ort_dylib;
+
+/// Where `scripts/test.sh` builds the tiny models: `MESHGATE_TEST_MODELS_DIR`, else
+/// `<workspace>/target/test-models`. Panics, naming `scripts/test.sh`, when they are not there.
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("MESHGATE_TEST_MODELS_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models"));
+    assert!(
+        dir.join("manifest.json").is_file() && dir.join("smollm2-shaped/manifest.json").is_file(),
+        "no test models in {}: run the tests through scripts/test.sh, which builds them \
+         (e.g. `scripts/test.sh cargo nextest run -p meshgate-inference`)",
+        dir.display()
+    );
+    dir
+}
+
+/// The models directory holding tiny-smollm2, the tiny model `scripts/make-test-models.py` serves
+/// exactly as `scripts/fetch-models.sh` serves SmolLM2-135M-Instruct.
+pub fn smollm2_shaped_dir() -> PathBuf {
+    models_dir().join("smollm2-shaped")
+}
 
 /// A configuration over `dir`, one intra-op thread (the machine is shared).
 pub fn config(dir: &Path) -> Config {
@@ -108,22 +130,20 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The directory of the real models fetched by `scripts/fetch-models.sh`: `MESHGATE_TEST_REAL_MODELS_DIR`,
-/// else `<workspace>/models`. `None` (with a message saying how to get them) when it holds no
-/// manifest, so the checks on real models run wherever they are present.
-pub fn real_models_dir() -> Option<PathBuf> {
+/// else `<workspace>/models`. Panics, naming `scripts/test.sh` (which fetches them), when it holds
+/// no manifest.
+pub fn real_models_dir() -> PathBuf {
     let dir = std::env::var_os("MESHGATE_TEST_REAL_MODELS_DIR")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    if dir.join("manifest.json").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: no real models in {} (run scripts/fetch-models.sh [--with-chat], or set MESHGATE_TEST_REAL_MODELS_DIR)",
-            dir.display()
-        );
-        None
-    }
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "no real models in {}: run the tests through scripts/test.sh, which fetches them \
+         (scripts/fetch-models.sh), or set MESHGATE_TEST_REAL_MODELS_DIR",
+        dir.display()
+    );
+    dir
 }
 
 /// The reference file of a manifest entry of `dir`, if it has one.
