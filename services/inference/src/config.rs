@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use crate::batcher::BatchingConfig;
+use crate::error::Error;
 
 /// Configuration of the inference service.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +54,54 @@ impl Default for Config {
             max_in_flight: 64,
             stream_buffer: 16,
             batching: BatchingConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Refuses values the service cannot serve with, naming the key: no models directory, no
+    /// completion by default, no input per call, no request at once, or a batching that cannot
+    /// hold a request.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.models_dir.as_os_str().is_empty() {
+            return Err(Error::Config("models_dir must not be empty".into()));
+        }
+        for (key, value) in [
+            ("default_max_tokens", self.default_max_tokens as usize),
+            ("max_batch_inputs", self.max_batch_inputs),
+            ("max_in_flight", self.max_in_flight),
+        ] {
+            if value == 0 {
+                return Err(Error::Config(format!("{key} must be at least 1")));
+            }
+        }
+        self.batching.validate().map_err(Error::Config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        Config::default().validate().unwrap();
+        let cases: [(Config, &str); 5] = [
+            (Config { models_dir: PathBuf::new(), ..Config::default() }, "models_dir"),
+            (Config { default_max_tokens: 0, ..Config::default() }, "default_max_tokens"),
+            (Config { max_batch_inputs: 0, ..Config::default() }, "max_batch_inputs"),
+            (Config { max_in_flight: 0, ..Config::default() }, "max_in_flight"),
+            (
+                Config {
+                    batching: BatchingConfig { queue_capacity: 0, ..BatchingConfig::default() },
+                    ..Config::default()
+                },
+                "batching.queue_capacity",
+            ),
+        ];
+        for (config, key) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
         }
     }
 }

@@ -134,7 +134,7 @@ impl Engine {
     /// Reads the manifest of `config.models_dir` without loading any model. A missing manifest
     /// gives an empty registry (models not fetched yet); an invalid one is an error.
     pub fn new(config: Config, metrics: InferenceMetrics) -> Result<Self, Error> {
-        config.batching.validate().map_err(Error::Config)?;
+        config.validate()?;
         let manifest_path = config.models_dir.join("manifest.json");
         let entries = if manifest_path.exists() {
             Manifest::load(&manifest_path)?.models

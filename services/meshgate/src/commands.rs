@@ -56,13 +56,18 @@ pub async fn migrate_all(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `meshgate check-config`: the file and environment parse, and the values the services check
-/// before they start are valid.
+/// `meshgate check-config`: the file and environment parse, the values each of the six services
+/// checks before it starts are valid, and every cloud model has a price (unless allowed).
 pub fn check_config(file: Option<&Path>) -> Result<(), String> {
-    let mesh = MeshConfig::load(file).map_err(|err| err.to_string())?;
+    let mut mesh = MeshConfig::load(file).map_err(|err| err.to_string())?;
+    mesh.share_providers();
+    mesh.gateway.validate().map_err(|err| err.to_string())?;
+    mesh.inference.validate().map_err(|err| format!("[inference] {err}"))?;
+    mesh.router.validate().map_err(|err| err.to_string())?;
     mesh.quota.validate().map_err(|err| err.to_string())?;
     mesh.analytics.validate().map_err(|err| err.to_string())?;
     mesh.sync.validate().map_err(|err| err.to_string())?;
+    mesh.sync.resolve_providers().map_err(|err| format!("[sync] {err}"))?;
     Mesh::validate(&mesh.mesh).map_err(|err| err.to_string())?;
     if mesh.mesh.transport == Transport::Plaintext && !mesh.standalone.host.is_loopback() {
         return Err(format!(

@@ -143,6 +143,14 @@ impl MeshConfig {
         Mesh::new(&mesh)
     }
 
+    /// Gives the router sync's providers when it has none of its own, so the plans cover what
+    /// sync can call (both read the same `MESHGATE_PROVIDER_*` variables on top).
+    pub fn share_providers(&mut self) {
+        if self.router.providers.is_empty() {
+            self.router.providers = self.sync.providers.clone();
+        }
+    }
+
     /// Connects the services to each other at the addresses they actually listen on.
     pub fn wire(&mut self, listeners: &MeshListeners) {
         let url = |l: &Listeners| format!("http://{}", l.grpc_addr());
@@ -153,9 +161,7 @@ impl MeshConfig {
         self.gateway.analytics_endpoint = url(&listeners.analytics);
         self.router.inference_endpoint = Some(url(&listeners.inference));
         self.sync.quota_endpoint = Some(url(&listeners.quota));
-        if self.router.providers.is_empty() {
-            self.router.providers = self.sync.providers.clone();
-        }
+        self.share_providers();
         // An edge uploading to a cloud meshgate: the gateway hands its traces to sync's outbox.
         self.gateway.cloud_uplink |= self.sync.cloud.enabled();
     }

@@ -43,6 +43,67 @@ fn check_config_accepts_a_valid_file_and_names_the_bad_key_of_another() {
 }
 
 #[test]
+fn check_config_runs_the_validation_of_all_six_services() {
+    let check = |vars: &[(&str, &str)]| {
+        let output = meshgate().arg("check-config").envs(vars.iter().copied()).output().unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    for (variable, value, named) in [
+        ("MESHGATE_GATEWAY__MAX_CONCURRENT_REQUESTS", "0", "max_concurrent_requests"),
+        ("MESHGATE_INFERENCE__MAX_IN_FLIGHT", "0", "max_in_flight"),
+        ("MESHGATE_ROUTER__BREAKER__WINDOW", "0", "breaker.window"),
+        ("MESHGATE_QUOTA__RESERVATION_TTL_SECS", "0", "reservation_ttl_secs"),
+        ("MESHGATE_ANALYTICS__RETENTION_DAYS", "0", "retention_days"),
+        ("MESHGATE_SYNC__TIMEOUT_MS", "0", "timeout_ms"),
+        ("MESHGATE_PROVIDER_X_BASE_URL", "ftp://x/v1", "provider 'x'"),
+    ] {
+        let (ok, stderr) = check(&[(variable, value)]);
+        assert!(!ok, "{variable}={value} is refused");
+        assert!(stderr.contains(named), "{variable}={value}: {stderr}");
+    }
+}
+
+#[test]
+fn check_config_refuses_a_cloud_model_without_a_price_unless_told_otherwise() {
+    let provider =
+        [("MESHGATE_PROVIDER_UP_BASE_URL", "http://127.0.0.1:9/v1"), ("MESHGATE_PROVIDER_UP_MODELS", "gpt,mini")];
+    let check = |file: Option<&tempfile::NamedTempFile>| {
+        let mut command = meshgate();
+        if let Some(file) = file {
+            command.arg("--config").arg(file.path());
+        }
+        let output = command.arg("check-config").envs(provider).output().unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, stderr) = check(None);
+    assert!(!ok, "unpriced models pass");
+    assert!(stderr.contains("no price for up/gpt, up/mini"), "{stderr}");
+
+    let priced =
+        "[router.models.gpt]\ninput_price_micros_per_mtok = 2500000\noutput_price_micros_per_mtok = 10000000\n";
+    let (ok, stderr) = check(Some(&config(priced)));
+    assert!(!ok && stderr.contains("no price for up/mini") && !stderr.contains("up/gpt"), "{stderr}");
+    let free =
+        format!("{priced}[router.models.mini]\ninput_price_micros_per_mtok = 0\noutput_price_micros_per_mtok = 0\n");
+    let (ok, stderr) = check(Some(&config(&free)));
+    assert!(ok, "a declared price of 0 is a price: {stderr}");
+    let defaulted = "[router.default_price]\ninput_price_micros_per_mtok = 1\noutput_price_micros_per_mtok = 2\n";
+    let (ok, stderr) = check(Some(&config(defaulted)));
+    assert!(ok, "{stderr}");
+    let (ok, stderr) = check(Some(&config("[router]\nallow_unpriced_models = true\n")));
+    assert!(ok, "{stderr}");
+
+    // Sync's providers are the router's in one process: they are checked the same way.
+    let sync = "[[sync.providers]]\nname = \"file\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = [\"solo\"]\n";
+    let output = meshgate().arg("--config").arg(config(sync).path()).arg("check-config").output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no price for file/solo"));
+    let bad = "[router.models.m]\ncapabilities = [\"x-ray\"]\n";
+    let output = meshgate().arg("--config").arg(config(bad).path()).arg("check-config").output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("x-ray"));
+}
+
+#[test]
 fn migrate_needs_a_database_and_applies_every_component_twice_safely() {
     let output = meshgate().arg("migrate").output().unwrap();
     assert!(!output.status.success());
