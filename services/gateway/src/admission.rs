@@ -8,10 +8,11 @@ use std::time::Instant;
 
 use meshgate_policy::SanitizedHeaders;
 use meshgate_runtime::{ApiError, ErrorCode};
+use meshgate_wire::ChatRequest;
 
 use crate::auth::Caller;
 use crate::guard::{Guard, Security};
-use crate::openai::{ChatLimits, ValidChat, check_chat};
+use crate::openai::{ChatLimits, check_limits};
 use crate::orchestrator::{AllowedModels, ChatCall, Orchestrator};
 use crate::settings::ProjectSettings;
 
@@ -46,25 +47,26 @@ pub struct AdmittedEmbeddings {
 }
 
 impl Admission {
-    /// Admits a chat request of `caller` in a project with `settings`.
+    /// Admits a checked chat request (`ChatRequest::check`, which parsing runs) of `caller` in a
+    /// project with `settings`.
     pub async fn chat(
         &self,
         caller: &Caller,
         settings: &ProjectSettings,
-        mut chat: ValidChat,
+        mut chat: ChatRequest,
         facts: RequestFacts,
     ) -> Result<ChatCall, ApiError> {
-        check_chat(&mut chat, settings.chat_limits(self.limits))?;
+        check_limits(&chat, settings.chat_limits(self.limits))?;
         caller.require_model(&chat.model)?;
         settings.check_model(&chat.model)?;
         // From here on `chat` holds what may leave the gateway: redacted where the policy says so.
-        let screened = self.guard.screen_chat(&settings.policy, &mut chat.messages).await;
+        let screened = self.guard.screen_chat(&settings.policy, &mut chat).await;
         let security = Security {
             engine: Some(settings.policy.clone()),
             prompt: screened.outcome.findings,
             risk: screened.outcome.risk,
             headers: facts.headers,
-            tools_offered: chat.tools.clone(),
+            tools_offered: chat.options.tools.iter().map(|tool| tool.name.clone()).collect(),
         };
         let call = ChatCall {
             request_id: facts.request_id,

@@ -4,9 +4,11 @@
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures::StreamExt;
 use meshgate_runtime::{ApiError, ErrorCode};
+use meshgate_wire::Answer;
+use meshgate_wire::openai::ingress::{ChunkEncoder, ReplyMeta, completion_json};
 
 use crate::admission::RequestFacts;
 use crate::api::{AppState, RequestContext, authorization, read_body};
@@ -15,7 +17,7 @@ use crate::concurrency::TenantSlot;
 use crate::guard::RISK_SCORE;
 use crate::jobs;
 use crate::openai;
-use crate::orchestrator::{ChatReply, Piece};
+use crate::orchestrator::ChatReply;
 use crate::response::{error_response, unix_now};
 use crate::tenancy::EndpointScope;
 
@@ -41,7 +43,7 @@ the job.",
     responses(
         (status = 200, description = "The completion; server-sent events of `ChatChunk` when `stream` is true; \
 the existing `Job` when a queued request's idempotency key was seen before", content(
-            (crate::openai::ChatCompletion<'static> = "application/json"),
+            (crate::openai::ChatCompletion = "application/json"),
             (String = "text/event-stream"),
         )),
         (status = 202, description = "No cloud target answered and the request allowed queueing: the job", body = crate::jobs::JobJson),
@@ -68,7 +70,7 @@ async fn run_chat(
     caller.require(EndpointScope::Chat)?;
     let settings = app.settings.get(&caller.principal.project_id).await?;
     let body = read_body(body, headers, settings.max_body_bytes(app.max_body_bytes)).await?;
-    let chat = openai::parse_chat(&body, settings.chat_limits(app.admission.limits))?;
+    let chat = openai::parse_chat(&body)?;
     let facts = RequestFacts {
         request_id: context.request_id.clone(),
         trace_id: context.trace_id.clone(),
@@ -77,7 +79,7 @@ async fn run_chat(
     };
     let call = app.admission.chat(&caller, &settings, chat, facts).await?;
     let risk = call.security.risk;
-    let shape = ReplyShape { model: call.chat.model.clone(), include_usage: call.chat.include_usage };
+    let include_usage = call.chat.include_usage;
     let stream = call.chat.stream;
     // Kept only when the caller or the project allows the offline fallback.
     let queueable_copy =
@@ -93,11 +95,16 @@ async fn run_chat(
         }
         (Err(err), _) => return Err(err),
     };
-    let completion_id = format!("chatcmpl-{}", context.request_id);
+    // The served model names the reply (the provider's own name for it, once it reports one).
+    let meta = ReplyMeta {
+        id: format!("chatcmpl-{}", context.request_id),
+        created: unix_now(),
+        model: reply.target.model.clone(),
+    };
     if let Some(slot) = slot {
-        Ok(stream_response(reply, shape, completion_id, context.request_id.clone(), risk, slot))
+        Ok(stream_response(reply, meta, include_usage, context.request_id.clone(), risk, slot))
     } else {
-        json_response(reply, &shape, &completion_id, risk).await
+        json_response(reply, &meta, risk).await
     }
 }
 
@@ -118,118 +125,56 @@ fn reply_headers(response: &mut Response, routing: [(&'static str, &str); 3], qu
     }
 }
 
-/// What the reply's wire format needs from the request.
-struct ReplyShape {
-    model: String,
-    include_usage: bool,
-}
-
-/// `risk` is the prompt's; the reply's findings raise it once the whole reply was scanned.
-async fn json_response(
-    mut reply: ChatReply,
-    chat: &ReplyShape,
-    completion_id: &str,
-    risk: u8,
-) -> Result<Response, ApiError> {
-    let mut content = String::new();
-    let mut last = Piece::default();
+/// The whole reply as one `chat.completion`. `risk` is the prompt's; the reply's findings raise it
+/// once the whole reply was scanned.
+async fn json_response(mut reply: ChatReply, meta: &ReplyMeta, risk: u8) -> Result<Response, ApiError> {
+    let mut answer = Answer::default();
+    let mut risk = risk;
     while let Some(piece) = reply.pieces.next().await {
         let piece = piece?;
-        content.push_str(&piece.delta);
-        last = piece;
+        answer.push(&piece.chunk);
+        risk = piece.risk.unwrap_or(risk);
     }
-    let usage = last.usage.unwrap_or_default();
-    let body = openai::ChatCompletion {
-        id: completion_id,
-        object: "chat.completion",
-        created: unix_now(),
-        model: &chat.model,
-        choices: [openai::Choice {
-            index: 0,
-            message: openai::AssistantMessage { role: "assistant", content: &content },
-            finish_reason: if last.finish_reason.is_empty() { "stop" } else { &last.finish_reason },
-            logprobs: None,
-        }],
-        usage: openai::WireUsage::from(&usage),
-    };
-    let mut response = axum::Json(body).into_response();
-    reply_headers(&mut response, reply.routing_headers(), &reply.quota, last.risk.unwrap_or(risk));
+    let mut response = Response::new(Body::from(completion_json(meta, &answer)));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    reply_headers(&mut response, reply.routing_headers(), &reply.quota, risk);
     Ok(response)
 }
 
-/// Server-sent events in the OpenAI chunk format: the first chunk carries the role, each piece
-/// its text, the last its finish reason, then (when asked) a usage chunk, then `[DONE]`. An
-/// error after the first byte ends the stream with an `error` event instead of `[DONE]`. The risk
-/// header is the prompt's: headers leave before the reply is scanned (the trace has both).
+/// Server-sent events in the OpenAI chunk format (the wire crate's encoder): text, reasoning,
+/// refusal and tool-call pieces as they come, the finish reason, the usage chunk when asked, then
+/// `[DONE]`. An error after the first byte ends the stream with an `error` event instead of
+/// `[DONE]`. The risk header is the prompt's: headers leave before the reply is scanned (the trace
+/// has both). The stream holds `slot` until it ends.
 fn stream_response(
     reply: ChatReply,
-    chat: ReplyShape,
-    completion_id: String,
+    meta: ReplyMeta,
+    include_usage: bool,
     request_id: String,
     risk: u8,
     slot: TenantSlot,
 ) -> Response {
-    let model = chat.model;
-    let include_usage = chat.include_usage;
-    let created = unix_now();
     let mut response = Response::new(Body::empty());
     reply_headers(&mut response, reply.routing_headers(), &reply.quota, risk);
     let ChatReply { mut pieces, .. } = reply;
+    let mut encoder = ChunkEncoder::new(meta, include_usage);
     let events = async_stream::stream! {
         let _slot = slot;
-        let usage_field = include_usage.then_some(None);
-        let mut first = true;
         while let Some(piece) = pieces.next().await {
-            let piece = match piece {
-                Ok(piece) => piece,
-                Err(err) => {
-                    yield Ok::<Bytes, std::convert::Infallible>(sse(&err.body(&request_id)));
-                    return;
+            match piece {
+                Ok(piece) => {
+                    let events = encoder.encode(&piece.chunk);
+                    if !events.is_empty() {
+                        yield Ok::<Bytes, std::convert::Infallible>(events);
+                    }
                 }
-            };
-            let finish = (!piece.finish_reason.is_empty()).then_some(piece.finish_reason.as_str());
-            if first || !piece.delta.is_empty() || finish.is_none() {
-                let chunk = openai::ChatChunk {
-                    id: &completion_id,
-                    object: "chat.completion.chunk",
-                    created,
-                    model: &model,
-                    choices: vec![openai::ChunkChoice {
-                        index: 0,
-                        delta: openai::Delta { role: first.then_some("assistant"), content: Some(&piece.delta) },
-                        finish_reason: None,
-                        logprobs: None,
-                    }],
-                    usage: usage_field,
-                };
-                yield Ok(sse(&chunk));
-                first = false;
-            }
-            if let Some(reason) = finish {
-                let chunk = openai::ChatChunk {
-                    id: &completion_id,
-                    object: "chat.completion.chunk",
-                    created,
-                    model: &model,
-                    choices: vec![openai::ChunkChoice { index: 0, delta: openai::Delta::default(), finish_reason: Some(reason), logprobs: None }],
-                    usage: usage_field,
-                };
-                yield Ok(sse(&chunk));
-                if include_usage {
-                    let usage = piece.usage.unwrap_or_default();
-                    let chunk = openai::ChatChunk {
-                        id: &completion_id,
-                        object: "chat.completion.chunk",
-                        created,
-                        model: &model,
-                        choices: Vec::new(),
-                        usage: Some(Some(openai::WireUsage::from(&usage))),
-                    };
-                    yield Ok(sse(&chunk));
+                Err(err) => {
+                    yield Ok(error_event(&err.body(&request_id)));
+                    return;
                 }
             }
         }
-        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+        yield Ok(encoder.done());
     };
     *response.body_mut() = Body::from_stream(events);
     let headers = response.headers_mut();
@@ -238,7 +183,8 @@ fn stream_response(
     response
 }
 
-fn sse<T: serde::Serialize>(value: &T) -> Bytes {
+/// An SSE event carrying the error shape.
+fn error_event<T: serde::Serialize>(value: &T) -> Bytes {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"data: ");
     if serde_json::to_writer(&mut out, value).is_err() {

@@ -15,6 +15,7 @@ use meshgate_proto::gateway::v1::{
     ChatChunk, ChatRequest, EmbedRequest, EmbedResponse, ListModelsRequest, ListModelsResponse, ModelInfo,
 };
 use meshgate_runtime::{ApiError, ErrorCode};
+use meshgate_wire::ChatRequest as CanonicalChat;
 use tonic::{Request, Response, Status};
 
 use crate::admission::{Admission, RequestFacts};
@@ -22,7 +23,6 @@ use crate::auth::{Authenticator, Caller};
 use crate::client_addr::TrustedProxies;
 use crate::concurrency::TenantCaps;
 use crate::guard::RISK_SCORE;
-use crate::openai::ValidChat;
 use crate::settings::{ProjectSettings, SettingsCache};
 use crate::tenancy::EndpointScope;
 
@@ -131,14 +131,16 @@ impl Gateway for GatewayService {
         let trace_id = meshgate_runtime::telemetry::trace_id(&tracing::Span::current());
         let headers = meshgate_policy::sanitize_headers(&request.metadata().clone().into_headers());
         let body = request.into_inner();
-        let chat = ValidChat {
-            model: body.model.trim().to_owned(),
+        let mut chat = CanonicalChat {
+            model: body.model,
             messages: body.messages,
             sampling: body.sampling.unwrap_or_default(),
+            options: body.options.unwrap_or_default(),
             stream: true,
             include_usage: true,
-            tools: Vec::new(),
         };
+        // The checks the HTTP edge's parser runs, with the same field names.
+        chat.check().map_err(|err| crate::openai::wire_error(err).to_status())?;
         let facts = RequestFacts { request_id: request_id.clone(), trace_id, started, headers };
         let call = self.admission.chat(&caller, &settings, chat, facts).await.map_err(|err| err.to_status())?;
         let risk = call.security.risk;
@@ -153,14 +155,19 @@ impl Gateway for GatewayService {
         let chunks = reply.pieces.map(move |piece| {
             let _held = &slot;
             piece
-                .map(|piece| ChatChunk {
-                    request_id: request_id.clone(),
-                    model: model.clone(),
-                    delta: piece.delta,
-                    finish_reason: piece.finish_reason,
-                    usage: piece.usage,
-                    tool_calls: piece.tool_calls,
-                    ..ChatChunk::default()
+                .map(|piece| {
+                    let chunk = piece.chunk;
+                    ChatChunk {
+                        request_id: request_id.clone(),
+                        model: if chunk.model.is_empty() { model.clone() } else { chunk.model },
+                        delta: chunk.delta,
+                        finish_reason: chunk.finish_reason,
+                        usage: chunk.usage,
+                        tool_calls: chunk.tool_calls,
+                        tool_call_deltas: chunk.tool_call_deltas,
+                        refusal_delta: chunk.refusal_delta,
+                        reasoning_delta: chunk.reasoning_delta,
+                    }
                 })
                 .map_err(|err: ApiError| err.to_status())
         });

@@ -17,6 +17,7 @@ use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::inference::v1::{ClassifyRequest, ListModelsRequest};
 use meshgate_runtime::{ApiError, MeshChannel, Shutdown};
+use meshgate_wire::ChatRequest;
 use parking_lot::RwLock;
 
 use crate::metrics::GatewayMetrics;
@@ -109,46 +110,129 @@ impl InjectionClassifier for InferenceInjection {
     }
 }
 
-/// Which text of a chat message a scanned view is: every text that leaves the gateway is
-/// scanned, not only the content (a secret in a tool call's arguments leaves as surely).
+/// Where a scanned text of a chat request is. Every text that leaves the gateway is scanned, not
+/// only the messages' content: a secret in a tool call's arguments, a tool result, a tool's
+/// description or a response schema leaves as surely. Image URLs are scanned as text; the bytes of
+/// a `data:` URI are not text and are not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MessageText {
-    Content,
-    Name,
-    ToolCallId,
-    ToolName(usize),
-    ToolArguments(usize),
+enum TextAt {
+    Content(usize),
+    Name(usize),
+    ToolCallId(usize),
+    Refusal(usize),
+    /// Message, part.
+    PartText(usize, usize),
+    ImageUrl(usize, usize),
+    /// Message, call.
+    ToolName(usize, usize),
+    ToolArguments(usize, usize),
+    /// A tool definition of the request.
+    ToolDescription(usize),
+    ToolParameters(usize),
+    ResponseSchema,
 }
 
-/// The texts of `messages` as the engine scans them, each with the message and text it is; empty
-/// texts other than the content are left out.
-fn chat_views(messages: &[ChatMessage]) -> (Vec<Message<'_>>, Vec<(usize, MessageText)>) {
-    let mut views = Vec::with_capacity(messages.len());
-    let mut fields = Vec::with_capacity(messages.len());
-    for (index, message) in messages.iter().enumerate() {
-        let mut texts = vec![(message.content.as_str(), MessageText::Content)];
-        texts.extend(
-            [(&message.name, MessageText::Name), (&message.tool_call_id, MessageText::ToolCallId)]
-                .into_iter()
-                .filter(|(text, _)| !text.is_empty())
-                .map(|(text, field)| (text.as_str(), field)),
-        );
-        for (call, tool_call) in message.tool_calls.iter().enumerate() {
-            for (text, field) in [
-                (&tool_call.function_name, MessageText::ToolName(call)),
-                (&tool_call.arguments_json, MessageText::ToolArguments(call)),
-            ] {
+impl TextAt {
+    /// The message a finding in this text is reported in: texts of the request's options (tool
+    /// definitions, the response schema) name the index one past the last message.
+    fn message(self, messages: usize) -> usize {
+        match self {
+            TextAt::Content(m)
+            | TextAt::Name(m)
+            | TextAt::ToolCallId(m)
+            | TextAt::Refusal(m)
+            | TextAt::PartText(m, _)
+            | TextAt::ImageUrl(m, _)
+            | TextAt::ToolName(m, _)
+            | TextAt::ToolArguments(m, _) => m,
+            TextAt::ToolDescription(_) | TextAt::ToolParameters(_) | TextAt::ResponseSchema => messages,
+        }
+    }
+
+    /// The text itself, to be replaced by its redacted version.
+    fn text_mut(self, chat: &mut ChatRequest) -> Option<&mut String> {
+        use meshgate_proto::common::v1::content_part::Part;
+        fn message(m: usize, chat: &mut ChatRequest) -> Option<&mut ChatMessage> {
+            chat.messages.get_mut(m)
+        }
+        Some(match self {
+            TextAt::Content(m) => &mut message(m, chat)?.content,
+            TextAt::Name(m) => &mut message(m, chat)?.name,
+            TextAt::ToolCallId(m) => &mut message(m, chat)?.tool_call_id,
+            TextAt::Refusal(m) => &mut message(m, chat)?.refusal,
+            TextAt::PartText(m, p) => match message(m, chat)?.parts.get_mut(p)?.part.as_mut()? {
+                Part::Text(text) => text,
+                _ => return None,
+            },
+            TextAt::ImageUrl(m, p) => match message(m, chat)?.parts.get_mut(p)?.part.as_mut()? {
+                Part::ImageUrl(image) => &mut image.url,
+                _ => return None,
+            },
+            TextAt::ToolName(m, c) => &mut message(m, chat)?.tool_calls.get_mut(c)?.function_name,
+            TextAt::ToolArguments(m, c) => &mut message(m, chat)?.tool_calls.get_mut(c)?.arguments_json,
+            TextAt::ToolDescription(t) => &mut chat.options.tools.get_mut(t)?.description,
+            TextAt::ToolParameters(t) => &mut chat.options.tools.get_mut(t)?.parameters_json,
+            TextAt::ResponseSchema => &mut chat.options.response_format.as_mut()?.schema_json,
+        })
+    }
+}
+
+/// The texts of `chat` as the engine scans them (each with the role it speaks with), and where
+/// each is. Empty texts other than a message's content are left out.
+fn chat_views(chat: &ChatRequest) -> (Vec<Message<'_>>, Vec<TextAt>) {
+    use meshgate_proto::common::v1::content_part::Part;
+    let mut views = Vec::with_capacity(chat.messages.len());
+    let mut places = Vec::with_capacity(chat.messages.len());
+    for (m, message) in chat.messages.iter().enumerate() {
+        let mut texts: Vec<(&str, TextAt)> = vec![(message.content.as_str(), TextAt::Content(m))];
+        for (text, at) in [
+            (&message.name, TextAt::Name(m)),
+            (&message.tool_call_id, TextAt::ToolCallId(m)),
+            (&message.refusal, TextAt::Refusal(m)),
+        ] {
+            if !text.is_empty() {
+                texts.push((text.as_str(), at));
+            }
+        }
+        for (p, part) in message.parts.iter().enumerate() {
+            match part.part.as_ref() {
+                Some(Part::Text(text)) if !text.is_empty() => texts.push((text.as_str(), TextAt::PartText(m, p))),
+                Some(Part::ImageUrl(image)) if !image.url.starts_with("data:") && !image.url.is_empty() => {
+                    texts.push((image.url.as_str(), TextAt::ImageUrl(m, p)));
+                }
+                _ => {}
+            }
+        }
+        for (c, call) in message.tool_calls.iter().enumerate() {
+            for (text, at) in
+                [(&call.function_name, TextAt::ToolName(m, c)), (&call.arguments_json, TextAt::ToolArguments(m, c))]
+            {
                 if !text.is_empty() {
-                    texts.push((text.as_str(), field));
+                    texts.push((text.as_str(), at));
                 }
             }
         }
-        for (text, field) in texts {
+        for (text, at) in texts {
             views.push(Message::new(&message.role, text));
-            fields.push((index, field));
+            places.push(at);
         }
     }
-    (views, fields)
+    // The request's own texts come from the client's developer, as a system prompt does.
+    for (t, tool) in chat.options.tools.iter().enumerate() {
+        for (text, at) in
+            [(&tool.description, TextAt::ToolDescription(t)), (&tool.parameters_json, TextAt::ToolParameters(t))]
+        {
+            if !text.is_empty() {
+                views.push(Message::new("system", text));
+                places.push(at);
+            }
+        }
+    }
+    if let Some(format) = chat.options.response_format.as_ref().filter(|f| !f.schema_json.is_empty()) {
+        views.push(Message::new("system", &format.schema_json));
+        places.push(TextAt::ResponseSchema);
+    }
+    (views, places)
 }
 
 /// Security facts of one chat request, carried to its trace and its reply.
@@ -185,19 +269,20 @@ impl Guard {
         Self { classifier, metrics }
     }
 
-    /// Scans chat messages with `engine`; when the policy redacts, `messages` are replaced by the
-    /// masked text (what the provider receives). Counts the findings.
-    pub async fn screen_chat(&self, engine: &PolicyEngine, messages: &mut [ChatMessage]) -> Screened {
-        let (views, fields) = chat_views(messages);
+    /// Scans a chat request with `engine`; when the policy redacts, the request's texts are
+    /// replaced by the masked ones (what the provider receives). Counts the findings.
+    pub async fn screen_chat(&self, engine: &PolicyEngine, chat: &mut ChatRequest) -> Screened {
+        let (views, places) = chat_views(chat);
         let mut outcome = match self.classifier.as_deref().filter(|c| c.available()) {
             Some(classifier) => engine.scan_prompt_with(&views, classifier).await,
             None => engine.scan_prompt(&views),
         };
         drop(views);
         // Findings name the message they are in, whichever of its texts held them.
+        let messages = chat.messages.len();
         for finding in &mut outcome.findings {
-            if let Some((message, _)) = fields.get(finding.message) {
-                finding.message = *message;
+            if let Some(at) = places.get(finding.message) {
+                finding.message = at.message(messages);
             }
         }
         if let Some(source) = outcome.injection {
@@ -209,22 +294,9 @@ impl Guard {
             self.metrics.injection_scans.with_label_values(&[source]).inc();
         }
         self.apply(outcome, |index, content| {
-            let Some(&(message, field)) = fields.get(index) else { return };
-            let Some(message) = messages.get_mut(message) else { return };
-            let text = match field {
-                MessageText::Content => &mut message.content,
-                MessageText::Name => &mut message.name,
-                MessageText::ToolCallId => &mut message.tool_call_id,
-                MessageText::ToolName(call) => match message.tool_calls.get_mut(call) {
-                    Some(call) => &mut call.function_name,
-                    None => return,
-                },
-                MessageText::ToolArguments(call) => match message.tool_calls.get_mut(call) {
-                    Some(call) => &mut call.arguments_json,
-                    None => return,
-                },
-            };
-            *text = content;
+            if let Some(text) = places.get(index).and_then(|at| at.text_mut(chat)) {
+                *text = content;
+            }
         })
     }
 
@@ -310,19 +382,24 @@ mod tests {
         ChatMessage { role: role.into(), content: content.into(), ..Default::default() }
     }
 
+    fn chat(messages: Vec<ChatMessage>) -> ChatRequest {
+        ChatRequest { model: "m".into(), messages, ..Default::default() }
+    }
+
     #[tokio::test]
     async fn redaction_replaces_the_message_and_blocking_names_the_rule() {
         let engine = PolicyEngine::new(PolicyConfig::default()).unwrap();
         let secret = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
-        let mut messages = vec![message("system", "be brief"), message("user", &format!("my token is {secret}"))];
-        let screened = guard().screen_chat(&engine, &mut messages).await;
+        let mut request = chat(vec![message("system", "be brief"), message("user", &format!("my token is {secret}"))]);
+        let screened = guard().screen_chat(&engine, &mut request).await;
         assert!(screened.blocked.is_none());
+        let messages = &request.messages;
         assert!(!messages[1].content.contains(secret), "{}", messages[1].content);
         assert!(messages[1].content.contains("[REDACTED:github_token]"));
         assert!(screened.outcome.risk > 0);
 
-        let mut messages = vec![message("user", "please run DROP TABLE users;")];
-        let screened = guard().screen_chat(&engine, &mut messages).await;
+        let mut request = chat(vec![message("user", "please run DROP TABLE users;")]);
+        let screened = guard().screen_chat(&engine, &mut request).await;
         let err = screened.blocked.expect("blocked");
         assert_eq!(err.code, meshgate_runtime::ErrorCode::PolicyViolation);
         assert!(err.message.contains("blocked_keyword"));
@@ -340,7 +417,7 @@ mod tests {
             function_name: name.into(),
             arguments_json: arguments.into(),
         };
-        let mut messages = vec![
+        let mut request = chat(vec![
             message("user", "look it up"),
             ChatMessage {
                 role: "assistant".into(),
@@ -354,9 +431,10 @@ mod tests {
                 name: format!("by {secret}"),
                 ..Default::default()
             },
-        ];
-        let screened = guard().screen_chat(&engine, &mut messages).await;
+        ]);
+        let screened = guard().screen_chat(&engine, &mut request).await;
         assert!(screened.blocked.is_none());
+        let messages = &request.messages;
         let texts = [&messages[1].tool_calls[0].arguments_json, &messages[2].tool_call_id, &messages[2].name];
         for text in texts {
             assert!(!text.contains(secret) && text.contains("[REDACTED:github_token]"), "{text}");
@@ -365,16 +443,72 @@ mod tests {
         let indices: Vec<usize> = screened.outcome.findings.iter().map(|f| f.message).collect();
         assert!(indices.contains(&1) && indices.contains(&2) && indices.iter().all(|&i| i < 3), "{indices:?}");
 
-        let mut messages = vec![
+        let mut request = chat(vec![
             message("user", "fine"),
             ChatMessage {
                 role: "assistant".into(),
                 tool_calls: vec![call("sql", r#"{"query": "DROP TABLE users;"}"#)],
                 ..Default::default()
             },
-        ];
-        let blocked = guard().screen_chat(&engine, &mut messages).await.blocked.expect("blocked");
+        ]);
+        let blocked = guard().screen_chat(&engine, &mut request).await.blocked.expect("blocked");
         assert!(blocked.message.contains("blocked_keyword"), "{}", blocked.message);
+    }
+
+    #[tokio::test]
+    async fn parts_image_urls_tool_definitions_and_schemas_are_scanned_but_data_uris_are_not() {
+        use meshgate_proto::common::v1::{ContentPart, ImageUrl, ResponseFormat, ToolDefinition, content_part::Part};
+        let engine = PolicyEngine::new(PolicyConfig::default()).unwrap();
+        let secret = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+        let part = |part: Part| ContentPart { part: Some(part) };
+        let image = |url: String| part(Part::ImageUrl(ImageUrl { url, detail: String::new() }));
+        let data_uri = format!("data:image/png;base64,{}", "QUJD".repeat(8));
+        let mut request = chat(vec![ChatMessage {
+            role: "user".into(),
+            parts: vec![
+                part(Part::Text(format!("describe this, token {secret}"))),
+                image(format!("https://example.com/img.png?token={secret}")),
+                image(data_uri.clone()),
+            ],
+            ..Default::default()
+        }]);
+        request.options.tools = vec![ToolDefinition {
+            name: "lookup".into(),
+            description: format!("uses {secret}"),
+            parameters_json: format!(r#"{{"type":"object","description":"{secret}"}}"#),
+            strict: None,
+        }];
+        request.options.response_format = Some(ResponseFormat {
+            kind: meshgate_proto::common::v1::response_format::Kind::JsonSchema as i32,
+            name: "answer".into(),
+            schema_json: format!(r#"{{"type":"object","title":"{secret}"}}"#),
+            ..Default::default()
+        });
+        let screened = guard().screen_chat(&engine, &mut request).await;
+        assert!(screened.blocked.is_none());
+        let parts = &request.messages[0].parts;
+        let texts = [
+            match parts[0].part.as_ref() {
+                Some(Part::Text(text)) => text.clone(),
+                _ => unreachable!(),
+            },
+            match parts[1].part.as_ref() {
+                Some(Part::ImageUrl(image)) => image.url.clone(),
+                _ => unreachable!(),
+            },
+            request.options.tools[0].description.clone(),
+            request.options.tools[0].parameters_json.clone(),
+            request.options.response_format.as_ref().unwrap().schema_json.clone(),
+        ];
+        for text in texts {
+            assert!(!text.contains(secret) && text.contains("[REDACTED:github_token]"), "{text}");
+        }
+        assert!(matches!(parts[2].part.as_ref(), Some(Part::ImageUrl(image)) if image.url == data_uri));
+        let indices: Vec<usize> = screened.outcome.findings.iter().map(|f| f.message).collect();
+        assert!(
+            indices.contains(&0) && indices.contains(&1),
+            "options name the index past the last message: {indices:?}"
+        );
     }
 
     #[test]

@@ -23,10 +23,11 @@ use utoipa::{IntoParams, ToSchema};
 use crate::admission::RequestFacts;
 use crate::api::{ApiPath, ApiQuery, AppState, RequestContext, authenticate, client_of, read_body, request_id_of};
 use crate::auth::Caller;
-use crate::openai::{self, ValidChat};
+use crate::openai;
 use crate::peers::{peer_call, peer_response};
 use crate::response::{IDEMPOTENT_REPLAYED, List, error_response};
 use crate::tenancy::EndpointScope;
+use meshgate_wire::ChatRequest;
 
 /// Request header that lets a chat request be queued when no cloud target answers.
 pub const ALLOW_QUEUE: &str = "x-meshgate-allow-queue";
@@ -195,7 +196,7 @@ async fn release_admission(app: &AppState, reservation: JobReservation) {
 pub async fn enqueue(
     app: &AppState,
     caller: &Caller,
-    chat: ValidChat,
+    chat: ChatRequest,
     request_id: &str,
     idempotency_key: String,
 ) -> Result<Response, ApiError> {
@@ -212,7 +213,7 @@ pub async fn enqueue(
             messages: chat.messages,
             sampling: Some(chat.sampling),
             timeout_ms: 0,
-            options: None,
+            options: Some(chat.options),
         }),
         reservation: Some(reservation.clone()),
     };
@@ -288,7 +289,7 @@ pub async fn submit(State(app): State<AppState>, request: Request) -> Response {
         };
         let settings = app.settings.get(&caller.principal.project_id).await?;
         let body = read_body(body, &parts.headers, settings.max_body_bytes(app.max_body_bytes)).await?;
-        let chat = openai::parse_chat(&body, settings.chat_limits(app.admission.limits))?;
+        let chat = openai::parse_chat(&body)?;
         if chat.stream {
             return Err(ApiError::new(ErrorCode::InvalidRequest, "a job cannot stream: set stream to false"));
         }

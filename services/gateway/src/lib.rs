@@ -26,6 +26,7 @@ pub mod orchestrator;
 pub mod outcomes;
 pub mod peers;
 pub mod quota;
+pub mod reply_scan;
 pub mod response;
 pub mod settings;
 pub mod subscriber;

@@ -1,148 +1,37 @@
-//! The OpenAI wire format of the edge: request parsing with validation that names the offending
-//! field, and the response and stream-chunk shapes the official SDKs expect.
+//! The OpenAI chat format at the edge. Parsing and the reply's JSON and chunks are the wire
+//! crate's (`meshgate_wire::openai::ingress`); here are the limits a project puts on a request,
+//! the mapping of the wire crate's errors to the edge's, and the request and reply shapes the
+//! OpenAPI document describes (schemas only: what the wire crate reads and writes).
 
-use meshgate_proto::common::v1::{ChatMessage, SamplingParams, Usage};
 use meshgate_runtime::{ApiError, ErrorCode};
-use serde::{Deserialize, Serialize};
+use meshgate_wire::{ChatRequest, WireError};
+use serde::Serialize;
 use utoipa::ToSchema;
 
-/// Limits applied while validating a chat request.
+pub use schema::{ChatChunk, ChatCompletion, ChatCompletionRequest};
+
+/// Limits applied to a chat request (the gateway's ceilings, lowered by its project's).
 #[derive(Debug, Clone, Copy)]
 pub struct ChatLimits {
     pub max_messages: usize,
     pub max_tokens_cap: i64,
 }
 
-/// `POST /v1/chat/completions` body. Fields the gateway does not act on yet (tools,
-/// response_format, penalties, ...) are accepted and ignored, as OpenAI-compatible servers do.
-#[derive(Debug, Deserialize, ToSchema)]
-#[schema(example = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 16}))]
-pub struct ChatCompletionRequest {
-    /// A model id from `GET /v1/models`.
-    #[schema(min_length = 1, max_length = 256)]
-    pub model: String,
-    #[schema(min_items = 1)]
-    pub messages: Vec<RequestMessage>,
-    /// Answer with server-sent events (`text/event-stream`) instead of one JSON object.
-    #[serde(default)]
-    pub stream: Option<bool>,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
-    /// At most `[gateway] max_tokens_cap` (or the project's `max_tokens` limit); larger is a 400.
-    #[serde(default)]
-    #[schema(minimum = 1)]
-    pub max_tokens: Option<i64>,
-    /// The newer name of `max_tokens`; it wins when both are set.
-    #[serde(default)]
-    #[schema(minimum = 1)]
-    pub max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    #[schema(minimum = 0, maximum = 2)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    #[schema(exclusive_minimum = 0, maximum = 1)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    /// Only 1 is supported.
-    #[serde(default)]
-    #[schema(minimum = 1, maximum = 1)]
-    pub n: Option<u32>,
-    /// Tools offered to the model; only their names are used (recorded in the trace).
-    #[serde(default)]
-    pub tools: Option<Vec<ToolSpec>>,
-}
-
-/// One entry of `tools`: `{"type": "function", "function": {"name": ...}}`.
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct ToolSpec {
-    #[serde(default)]
-    pub function: Option<FunctionSpec>,
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct FunctionSpec {
-    pub name: String,
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: Option<bool>,
-}
-
-/// `stop` is a string or a list of up to four strings.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct RequestMessage {
-    /// `developer` is sent on as `system`.
-    #[schema(value_type = MessageRole)]
-    pub role: String,
-    #[serde(default)]
-    pub content: Option<Content>,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub tool_call_id: Option<String>,
-}
-
-/// The roles a message may have.
-#[derive(ToSchema)]
-#[schema(rename_all = "snake_case")]
-#[allow(dead_code)] // a schema only: roles are read as strings so that a bad one gets a clear 400
-pub enum MessageRole {
-    System,
-    Developer,
-    User,
-    Assistant,
-    Tool,
-}
-
-/// Message content: a string or a list of typed parts.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct ContentPart {
-    /// Only `text` parts are supported; others are a 400.
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub text: Option<String>,
-}
-
-/// A validated chat request in the mesh's terms.
-#[derive(Debug, Clone)]
-pub struct ValidChat {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
-    pub sampling: SamplingParams,
-    pub stream: bool,
-    pub include_usage: bool,
-    /// Names of the tools the request offered.
-    pub tools: Vec<String>,
-}
+/// Longest model id accepted (trace and quota records bound their fields too).
+pub const MAX_MODEL_ID_BYTES: usize = 256;
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidRequest, message)
 }
 
-/// Parses and validates a chat request body.
-pub fn parse_chat(body: &[u8], limits: ChatLimits) -> Result<ValidChat, ApiError> {
-    let request: ChatCompletionRequest = serde_json::from_slice(body).map_err(json_error)?;
-    validate_chat(request, limits)
+/// A request the wire crate refused: 400 naming the field.
+pub fn wire_error(err: WireError) -> ApiError {
+    invalid(err.to_string())
+}
+
+/// Parses an OpenAI chat completions body (checked field by field, every field named).
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    meshgate_wire::openai::ingress::parse_chat(body).map_err(wire_error)
 }
 
 /// Maps a serde_json error to a 400 that says what was wrong and where.
@@ -154,70 +43,9 @@ pub fn json_error(err: serde_json::Error) -> ApiError {
     }
 }
 
-pub fn validate_chat(request: ChatCompletionRequest, limits: ChatLimits) -> Result<ValidChat, ApiError> {
-    if let Some(n) = request.n
-        && n != 1
-    {
-        return Err(invalid("`n` must be 1: one choice per request is supported"));
-    }
-    let mut messages = Vec::with_capacity(request.messages.len());
-    for (index, message) in request.messages.into_iter().enumerate() {
-        let content = match message.content {
-            None => String::new(),
-            Some(Content::Text(text)) => text,
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for (part_index, part) in parts.into_iter().enumerate() {
-                    match (part.kind.as_str(), part.text) {
-                        ("text", Some(part_text)) => text.push_str(&part_text),
-                        (kind, _) => {
-                            return Err(invalid(format!(
-                                "`messages[{index}].content[{part_index}]` has type {kind:?}; only text parts are supported"
-                            )));
-                        }
-                    }
-                }
-                text
-            }
-        };
-        messages.push(ChatMessage {
-            role: message.role,
-            content,
-            name: message.name.unwrap_or_default(),
-            tool_call_id: message.tool_call_id.unwrap_or_default(),
-            ..ChatMessage::default()
-        });
-    }
-    let stop = match request.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(list)) => list,
-    };
-    let mut chat = ValidChat {
-        model: request.model.trim().to_owned(),
-        messages,
-        sampling: SamplingParams {
-            max_tokens: request.max_completion_tokens.or(request.max_tokens),
-            temperature: request.temperature,
-            top_p: request.top_p,
-            top_k: None,
-            seed: request.seed,
-            stop,
-        },
-        stream: request.stream.unwrap_or(false),
-        include_usage: request.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
-        tools: request.tools.unwrap_or_default().into_iter().filter_map(|t| t.function.map(|f| f.name)).collect(),
-    };
-    check_chat(&mut chat, limits)?;
-    Ok(chat)
-}
-
-/// Longest model id accepted (trace and quota records bound their fields too).
-pub const MAX_MODEL_ID_BYTES: usize = 256;
-
-/// Checks a chat request however it arrived (HTTP/JSON or gRPC), normalising what has two
-/// spellings (`developer` is the newer name of `system`, which every provider knows).
-pub fn check_chat(chat: &mut ValidChat, limits: ChatLimits) -> Result<(), ApiError> {
+/// The project's limits on a checked request: the model id's length, the message count and the
+/// completion length.
+pub fn check_limits(chat: &ChatRequest, limits: ChatLimits) -> Result<(), ApiError> {
     if chat.model.is_empty() {
         return Err(invalid("`model` must not be empty"));
     }
@@ -234,163 +62,277 @@ pub fn check_chat(chat: &mut ValidChat, limits: ChatLimits) -> Result<(), ApiErr
             limits.max_messages
         )));
     }
-    for (index, message) in chat.messages.iter_mut().enumerate() {
-        if message.role == "developer" {
-            message.role = "system".into();
-        }
-        if !matches!(message.role.as_str(), "system" | "user" | "assistant" | "tool") {
-            return Err(invalid(format!(
-                "`messages[{index}].role` is {:?}; expected system, developer, user, assistant or tool",
-                message.role
-            )));
-        }
-        check_message_fields(index, message)?;
-    }
-    for (index, tool) in chat.tools.iter().enumerate() {
-        check_identifier(&format!("tools[{index}].function.name"), tool, false)?;
-    }
-    let sampling = &chat.sampling;
-    if let Some(max) = sampling.max_tokens
+    if let Some(max) = chat.sampling.max_tokens
         && !(1..=limits.max_tokens_cap).contains(&max)
     {
-        return Err(invalid(format!("`max_tokens` must be between 1 and {}", limits.max_tokens_cap)));
-    }
-    if let Some(t) = sampling.temperature
-        && !(0.0..=2.0).contains(&t)
-    {
-        return Err(invalid("`temperature` must be between 0 and 2"));
-    }
-    if let Some(p) = sampling.top_p
-        && !(p > 0.0 && p <= 1.0)
-    {
-        return Err(invalid("`top_p` must be in (0, 1]"));
-    }
-    if let Some(k) = sampling.top_k
-        && k < 0
-    {
-        return Err(invalid("`top_k` must not be negative"));
-    }
-    if sampling.stop.len() > 4 || sampling.stop.iter().any(String::is_empty) {
-        return Err(invalid("`stop` takes at most 4 non-empty strings"));
-    }
-    if sampling.stop.iter().any(|s| s.contains('\0')) {
-        return Err(invalid("`stop` must not contain NUL characters"));
+        return Err(invalid(format!("`max_completion_tokens` must be between 1 and {}", limits.max_tokens_cap)));
     }
     Ok(())
 }
 
-/// Longest name, tool name or call id accepted.
-pub const MAX_IDENTIFIER_BYTES: usize = 256;
+/// The request and reply as the OpenAPI document describes them: read by utoipa's derives, never
+/// built (the wire crate reads and writes the JSON).
+#[allow(dead_code)]
+pub mod schema {
+    use serde::{Deserialize, Serialize};
+    use utoipa::ToSchema;
 
-/// Names and ids are recorded in traces and sent to providers as they are: no control characters
-/// (a NUL would make Postgres refuse the whole trace batch it lands in), and bounded. Free text
-/// (content, tool arguments) may hold newlines and tabs, but no NUL.
-fn check_message_fields(index: usize, message: &ChatMessage) -> Result<(), ApiError> {
-    let field = |name: &str| format!("messages[{index}].{name}");
-    check_identifier(&field("name"), &message.name, true)?;
-    check_identifier(&field("tool_call_id"), &message.tool_call_id, true)?;
-    if message.content.contains('\0') {
-        return Err(invalid(format!("`{}` must not contain NUL characters", field("content"))));
+    /// `POST /v1/chat/completions` body: the OpenAI Chat Completions request. Parameters meshgate
+    /// does not model are kept and forwarded as the provider's `unknown_params` setting says.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    #[schema(example = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_completion_tokens": 16}))]
+    pub struct ChatCompletionRequest {
+        /// A model id from `GET /v1/models`.
+        #[schema(min_length = 1, max_length = 256)]
+        model: String,
+        #[schema(min_items = 1)]
+        messages: Vec<RequestMessage>,
+        /// Answer with server-sent events (`text/event-stream`) instead of one JSON object.
+        stream: Option<bool>,
+        stream_options: Option<StreamOptions>,
+        /// At most `[gateway] max_tokens_cap` (or the project's `max_tokens` limit).
+        #[schema(minimum = 1)]
+        max_completion_tokens: Option<i64>,
+        /// The older name of `max_completion_tokens`.
+        #[schema(minimum = 1)]
+        max_tokens: Option<i64>,
+        #[schema(minimum = 0, maximum = 2)]
+        temperature: Option<f32>,
+        #[schema(exclusive_minimum = 0, maximum = 1)]
+        top_p: Option<f32>,
+        seed: Option<i64>,
+        stop: Option<Stop>,
+        #[schema(minimum = 1, maximum = 128)]
+        n: Option<i32>,
+        #[schema(minimum = -2, maximum = 2)]
+        frequency_penalty: Option<f32>,
+        #[schema(minimum = -2, maximum = 2)]
+        presence_penalty: Option<f32>,
+        /// Token id → bias (−100 to 100).
+        logit_bias: Option<std::collections::HashMap<String, f32>>,
+        logprobs: Option<bool>,
+        #[schema(minimum = 0, maximum = 20)]
+        top_logprobs: Option<i32>,
+        /// Tools the model may call.
+        tools: Option<Vec<ToolSpec>>,
+        tool_choice: Option<ToolChoice>,
+        parallel_tool_calls: Option<bool>,
+        response_format: Option<ResponseFormat>,
+        /// `none`, `minimal`, `low`, `medium`, `high` or `xhigh`.
+        reasoning_effort: Option<String>,
+        /// The end user, for the provider's abuse monitoring.
+        user: Option<String>,
+        metadata: Option<std::collections::HashMap<String, String>>,
+        service_tier: Option<String>,
     }
-    for (call_index, call) in message.tool_calls.iter().enumerate() {
-        let call_field = |name: &str| field(&format!("tool_calls[{call_index}].{name}"));
-        check_identifier(&call_field("id"), &call.id, true)?;
-        check_identifier(&call_field("type"), &call.r#type, true)?;
-        check_identifier(&call_field("function.name"), &call.function_name, false)?;
-        if call.arguments_json.contains('\0') {
-            return Err(invalid(format!("`{}` must not contain NUL characters", call_field("function.arguments"))));
-        }
+
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct StreamOptions {
+        include_usage: Option<bool>,
     }
-    Ok(())
-}
 
-fn check_identifier(field: &str, value: &str, may_be_empty: bool) -> Result<(), ApiError> {
-    if value.is_empty() && !may_be_empty {
-        return Err(invalid(format!("`{field}` must not be empty")));
+    /// `stop` is a string or a list of up to four strings.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    #[serde(untagged)]
+    pub enum Stop {
+        One(String),
+        Many(Vec<String>),
     }
-    if value.len() > MAX_IDENTIFIER_BYTES || value.chars().any(char::is_control) {
-        return Err(invalid(format!(
-            "`{field}` must be at most {MAX_IDENTIFIER_BYTES} bytes without control characters"
-        )));
+
+    /// One entry of `tools`.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct ToolSpec {
+        /// Always `function`.
+        #[serde(rename = "type")]
+        kind: String,
+        function: FunctionSpec,
     }
-    Ok(())
-}
 
-/// `usage` object of responses and the last stream chunk.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
-#[schema(as = Usage)]
-pub struct WireUsage {
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub total_tokens: i64,
-}
-
-impl From<&Usage> for WireUsage {
-    fn from(usage: &Usage) -> Self {
-        Self {
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            total_tokens: usage.prompt_tokens + usage.completion_tokens,
-        }
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct FunctionSpec {
+        #[schema(min_length = 1, max_length = 256)]
+        name: String,
+        description: Option<String>,
+        /// The arguments' JSON schema (an object).
+        #[schema(value_type = Option<Object>)]
+        parameters: Option<serde_json::Value>,
+        strict: Option<bool>,
     }
-}
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ChatCompletion<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: i64,
-    pub model: &'a str,
-    #[schema(value_type = Vec<Choice<'static>>, min_items = 1, max_items = 1)]
-    pub choices: [Choice<'a>; 1],
-    pub usage: WireUsage,
-}
+    /// `none`, `auto`, `required`, or `{"type": "function", "function": {"name": ...}}`.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    #[serde(untagged)]
+    pub enum ToolChoice {
+        Mode(String),
+        #[schema(value_type = Object)]
+        Function(serde_json::Value),
+    }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Choice<'a> {
-    pub index: u32,
-    pub message: AssistantMessage<'a>,
-    pub finish_reason: &'a str,
-    /// Always null.
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<()>,
-}
+    /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {name, schema, strict}}`.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct ResponseFormat {
+        #[serde(rename = "type")]
+        kind: String,
+        #[schema(value_type = Option<Object>)]
+        json_schema: Option<serde_json::Value>,
+    }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AssistantMessage<'a> {
-    pub role: &'static str,
-    pub content: &'a str,
-}
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct RequestMessage {
+        /// `developer` is sent on as `system`.
+        #[schema(value_type = MessageRole)]
+        role: String,
+        /// A string, or content parts (`text`, `image_url`, `input_audio`, `file`).
+        content: Option<Content>,
+        name: Option<String>,
+        /// For role `tool`: the call this message answers.
+        tool_call_id: Option<String>,
+        /// For role `assistant`: the tool calls it made.
+        tool_calls: Option<Vec<ToolCallJson>>,
+        refusal: Option<String>,
+    }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ChatChunk<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: i64,
-    pub model: &'a str,
-    pub choices: Vec<ChunkChoice<'a>>,
-    /// Present (as null) on every chunk when the client asked for usage, set on the last one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<WireUsage>)]
-    pub usage: Option<Option<WireUsage>>,
-}
+    /// The roles a message may have.
+    #[derive(ToSchema)]
+    #[schema(rename_all = "snake_case")]
+    pub enum MessageRole {
+        System,
+        Developer,
+        User,
+        Assistant,
+        Tool,
+    }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ChunkChoice<'a> {
-    pub index: u32,
-    pub delta: Delta<'a>,
-    pub finish_reason: Option<&'a str>,
-    /// Always null.
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<()>,
-}
+    /// Message content: a string or a list of typed parts.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    #[serde(untagged)]
+    pub enum Content {
+        Text(String),
+        Parts(Vec<ContentPart>),
+    }
 
-#[derive(Debug, Default, Serialize, ToSchema)]
-pub struct Delta<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub role: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub content: Option<&'a str>,
+    /// `{"type": "text", "text"}`, `{"type": "image_url", "image_url": {"url", "detail"}}` (an http(s)
+    /// URL or a `data:` URI), `{"type": "input_audio", "input_audio": {"data", "format"}}` or
+    /// `{"type": "file", "file": {"file_id" | "file_data", "filename"}}`.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct ContentPart {
+        #[serde(rename = "type")]
+        kind: String,
+        text: Option<String>,
+        #[schema(value_type = Option<Object>)]
+        image_url: Option<serde_json::Value>,
+        #[schema(value_type = Option<Object>)]
+        input_audio: Option<serde_json::Value>,
+        #[schema(value_type = Option<Object>)]
+        file: Option<serde_json::Value>,
+    }
+
+    /// One tool call: `{"id", "type": "function", "function": {"name", "arguments"}}`.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct ToolCallJson {
+        id: String,
+        #[serde(rename = "type")]
+        kind: String,
+        function: FunctionCall,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct FunctionCall {
+        name: String,
+        /// The arguments as a JSON text.
+        arguments: String,
+    }
+
+    /// `usage`, with the provider's cache and reasoning details.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    #[schema(as = Usage)]
+    pub struct WireUsage {
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        total_tokens: i64,
+        prompt_tokens_details: PromptTokensDetails,
+        completion_tokens_details: CompletionTokensDetails,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct PromptTokensDetails {
+        /// Prompt tokens read from the provider's cache.
+        cached_tokens: i64,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct CompletionTokensDetails {
+        /// Completion tokens spent reasoning.
+        reasoning_tokens: i64,
+    }
+
+    /// The `chat.completion` object.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct ChatCompletion {
+        id: String,
+        object: String,
+        created: i64,
+        /// The model that served the request.
+        model: String,
+        #[schema(min_items = 1, max_items = 1)]
+        choices: Vec<Choice>,
+        usage: WireUsage,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct Choice {
+        index: u32,
+        message: AssistantMessage,
+        /// `stop`, `length`, `tool_calls` or `content_filter`.
+        finish_reason: String,
+        /// The tokens' logprobs when asked for, else null.
+        #[schema(value_type = Option<Object>)]
+        logprobs: Option<serde_json::Value>,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct AssistantMessage {
+        role: String,
+        /// Null when the model only called tools or refused.
+        content: Option<String>,
+        refusal: Option<String>,
+        tool_calls: Option<Vec<ToolCallJson>>,
+        /// The model's reasoning text, when the provider returns it.
+        reasoning_content: Option<String>,
+    }
+
+    /// One `chat.completion.chunk` event of a streamed reply.
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct ChatChunk {
+        id: String,
+        object: String,
+        created: i64,
+        model: String,
+        choices: Vec<ChunkChoice>,
+        /// Present (as null) on every chunk when the client asked for usage, set on the last one.
+        usage: Option<WireUsage>,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct ChunkChoice {
+        index: u32,
+        delta: Delta,
+        finish_reason: Option<String>,
+        #[schema(value_type = Option<Object>)]
+        logprobs: Option<serde_json::Value>,
+    }
+
+    #[derive(Debug, Deserialize, Serialize, ToSchema)]
+    pub struct Delta {
+        role: Option<String>,
+        content: Option<String>,
+        refusal: Option<String>,
+        reasoning_content: Option<String>,
+        /// Tool calls as they stream: `index`, and on a call's first piece its `id`, `type` and
+        /// `function.name`; `function.arguments` pieces to append.
+        #[schema(value_type = Option<Vec<Object>>)]
+        tool_calls: Option<Vec<serde_json::Value>>,
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -416,129 +358,47 @@ mod tests {
 
     const LIMITS: ChatLimits = ChatLimits { max_messages: 8, max_tokens_cap: 1000 };
 
-    fn parse(json: &str) -> Result<ValidChat, ApiError> {
-        parse_chat(json.as_bytes(), LIMITS)
+    fn parse(json: &str) -> Result<ChatRequest, ApiError> {
+        let chat = parse_chat(json.as_bytes())?;
+        check_limits(&chat, LIMITS)?;
+        Ok(chat)
     }
 
     #[test]
-    fn accepts_the_sdk_shapes() {
-        let chat = parse(
-            r#"{"model":" m ","messages":[{"role":"developer","content":"be brief"},
-                {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
-                "stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":5,
-                "stop":"END","temperature":0.5,"seed":7,"tools":[],"user":"u"}"#,
-        )
-        .unwrap();
-        assert_eq!(chat.model, "m");
-        assert_eq!(chat.messages[0].role, "system");
-        assert_eq!(chat.messages[1].content, "hi there");
-        assert!(chat.stream && chat.include_usage);
-        assert_eq!(chat.sampling.max_tokens, Some(5));
-        assert_eq!(chat.sampling.stop, ["END"]);
-        assert_eq!(chat.sampling.seed, Some(7));
+    fn the_projects_limits_bind_a_parsed_request() {
+        let ok = parse(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":5}"#);
+        assert_eq!(ok.unwrap().sampling.max_tokens, Some(5));
+        let many = format!(r#"{{"model":"m","messages":[{}]}}"#, [r#"{"role":"user","content":"x"}"#; 9].join(","));
+        assert!(parse(&many).unwrap_err().message.contains("at most 8"));
+        let long = r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":1001}"#;
+        assert!(parse(long).unwrap_err().message.contains("max_completion_tokens"));
+        let model = serde_json::json!({"model": "m".repeat(MAX_MODEL_ID_BYTES + 1), "messages": [{"role": "user", "content": "x"}]});
+        assert!(parse(&model.to_string()).unwrap_err().message.contains("`model` must be at most"));
     }
 
     #[test]
-    fn rejects_bad_input_with_a_message_naming_the_field() {
+    fn wire_errors_are_400s_naming_the_field() {
         let cases = [
-            ("{", "malformed JSON"),
-            (r#"{"messages":[]}"#, "missing field `model`"),
-            (r#"{"model":"m","messages":"hi"}"#, "invalid request body"),
-            (r#"{"model":"","messages":[{"role":"user","content":"x"}]}"#, "`model`"),
-            (r#"{"model":"m","messages":[]}"#, "`messages`"),
+            ("{", "JSON"),
             (r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#, "messages[0].role"),
-            (r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#, "content[0]"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":1001}"#, "max_tokens"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"many"}"#, "invalid request body"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"ftp://x/y.png"}}]}]}"#,
+                "messages[0].content[0].image_url.url",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":"nope"}}]}"#,
+                "tools[0].function.parameters",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"tool","tool_call_id":"c9","content":"x"}]}"#,
+                "messages[0].tool_call_id",
+            ),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_p":0}"#, "top_p"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#, "`n`"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#, "stop"),
         ];
         for (body, needle) in cases {
             let err = parse(body).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidRequest, "{body}");
             assert!(err.message.contains(needle), "{body}: {}", err.message);
         }
-        for model in ["m\u{7}x".to_owned(), "m".repeat(MAX_MODEL_ID_BYTES + 1)] {
-            let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "x"}]}).to_string();
-            assert!(parse(&body).unwrap_err().message.contains("`model` must be at most"), "{model:?}");
-        }
-        let many = format!(r#"{{"model":"m","messages":[{}]}}"#, [r#"{"role":"user","content":"x"}"#; 9].join(","));
-        assert!(parse(&many).unwrap_err().message.contains("at most 8"));
-    }
-
-    #[test]
-    fn control_characters_in_names_and_nul_in_text_are_refused() {
-        let user = |extra: serde_json::Value| {
-            let mut message = serde_json::json!({"role": "user", "content": "x"});
-            message.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            serde_json::json!({"model": "m", "messages": [message]}).to_string()
-        };
-        let cases = [
-            (user(serde_json::json!({"name": "a\u{0}b"})), "messages[0].name"),
-            (user(serde_json::json!({"tool_call_id": "c\u{1b}"})), "messages[0].tool_call_id"),
-            (user(serde_json::json!({"content": "hi\u{0}"})), "messages[0].content"),
-            (user(serde_json::json!({"name": "n".repeat(MAX_IDENTIFIER_BYTES + 1)})), "messages[0].name"),
-            (
-                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                    "tools": [{"type": "function", "function": {"name": "get\u{0}weather"}}]})
-                .to_string(),
-                "tools[0].function.name",
-            ),
-            (
-                serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                    "tools": [{"type": "function", "function": {"name": ""}}]})
-                .to_string(),
-                "tools[0].function.name",
-            ),
-        ];
-        for (body, needle) in cases {
-            let err = parse(&body).unwrap_err();
-            assert_eq!(err.code, ErrorCode::InvalidRequest, "{body}");
-            assert!(err.message.contains(needle), "{body}: {}", err.message);
-        }
-        // What gRPC clients send directly: tool calls replayed in an assistant message.
-        let mut chat = parse(&user(serde_json::json!({"content": "multi\nline\ttext"}))).unwrap();
-        chat.messages.push(ChatMessage {
-            role: "assistant".into(),
-            tool_calls: vec![meshgate_proto::common::v1::ToolCall {
-                id: "call_1".into(),
-                r#type: "function".into(),
-                function_name: "lookup\u{0}".into(),
-                arguments_json: "{}".into(),
-            }],
-            ..Default::default()
-        });
-        let err = check_chat(&mut chat, LIMITS).unwrap_err();
-        assert!(err.message.contains("messages[1].tool_calls[0].function.name"), "{}", err.message);
-        chat.messages[1].tool_calls[0].function_name = "lookup".into();
-        chat.messages[1].tool_calls[0].arguments_json = "{\"q\": \"\u{0}\"}".into();
-        let err = check_chat(&mut chat, LIMITS).unwrap_err();
-        assert!(err.message.contains("function.arguments"), "{}", err.message);
-        chat.messages[1].tool_calls[0].arguments_json = "{\"q\": \"x\"}".into();
-        check_chat(&mut chat, LIMITS).unwrap();
-    }
-
-    #[test]
-    fn chunk_carries_null_usage_only_when_asked() {
-        let chunk = ChatChunk {
-            id: "c",
-            object: "chat.completion.chunk",
-            created: 1,
-            model: "m",
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta: Delta { role: None, content: Some("hi") },
-                finish_reason: None,
-                logprobs: None,
-            }],
-            usage: Some(None),
-        };
-        let json = serde_json::to_value(&chunk).unwrap();
-        assert!(json.get("usage").unwrap().is_null());
-        let chunk = ChatChunk { usage: None, ..chunk };
-        assert!(serde_json::to_value(&chunk).unwrap().get("usage").is_none());
     }
 }

@@ -46,10 +46,7 @@ the official OpenAI SDKs unchanged. Every request but the two `meta` ones needs 
 fixes the HTTP status.",
         license(name = "Apache-2.0")
     ),
-    components(schemas(
-        crate::openai::ChatChunk<'static>,
-        crate::tenancy::EndpointScope,
-    ))
+    components(schemas(crate::openai::ChatChunk, crate::tenancy::EndpointScope,))
 )]
 struct ApiDoc;
 

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use futures::future::{self, Either};
 use futures::stream::BoxStream;
-use meshgate_policy::{Finding, StreamScanner};
+use meshgate_policy::Finding;
 use meshgate_proto::analytics::v1::{ModelCall, ToolCall as TracedTool, Trace};
-use meshgate_proto::common::v1::{ErrorDetail, Layer, Principal, Target, TargetKind, ToolCall, Usage};
+use meshgate_proto::common::v1::content_part::Part;
+use meshgate_proto::common::v1::{ChatMessage, ErrorDetail, Layer, Principal, Target, TargetKind, Usage};
 use meshgate_proto::inference::v1::{
     EmbedRequest, EmbedResponse, GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels,
 };
@@ -22,14 +23,15 @@ use meshgate_proto::quota::v1::{CommitRequest, ReleaseRequest, ReserveRequest, R
 use meshgate_proto::router::v1::{DecideRequest, ListTargetsRequest, Outcome, RoutePlan, RouteRequest, StepRole};
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use meshgate_runtime::{ApiError, ErrorCode};
+use meshgate_wire::ChatRequest;
 use tracing::Instrument;
 
 use crate::budget::{self, QuotaSnapshot};
 use crate::guard::{Security, count_findings, trace_finding};
 use crate::metrics::GatewayMetrics;
-use crate::openai::ValidChat;
 use crate::outcomes::OutcomeReporter;
 use crate::peers::{Peers, peer_call};
+use crate::reply_scan::ReplyScanner;
 use crate::traces::TraceSink;
 
 /// Timeouts and defaults of the request path.
@@ -43,18 +45,19 @@ pub struct PathConfig {
     pub idle_timeout: Duration,
 }
 
-/// One piece of a model's reply.
+/// One piece of a model's reply: text, reasoning, refusal and tool-call pieces as they stream,
+/// and on the last piece the finish reason, the usage charged and the assembled tool calls.
 #[derive(Debug, Clone, Default)]
 pub struct Piece {
-    pub delta: String,
-    /// Set on the last piece.
-    pub finish_reason: String,
-    /// Exact usage, when the target reports it (last piece).
-    pub usage: Option<Usage>,
-    /// Tool calls the model made (last piece).
-    pub tool_calls: Vec<ToolCall>,
+    pub chunk: CompleteChunk,
     /// The request's risk score over prompt and reply, 0–100 (last piece).
     pub risk: Option<u8>,
+}
+
+impl Piece {
+    fn is_last(&self) -> bool {
+        !self.chunk.finish_reason.is_empty()
+    }
 }
 
 /// A chat request ready to run.
@@ -62,7 +65,7 @@ pub struct ChatCall {
     pub request_id: String,
     pub trace_id: String,
     pub principal: Principal,
-    pub chat: ValidChat,
+    pub chat: ChatRequest,
     pub started: Instant,
     /// The prompt's policy findings, and the engine that scans the reply.
     pub security: Security,
@@ -248,8 +251,8 @@ impl Orchestrator {
 
     /// What a job for `chat` is admitted for: its prompt plus its max tokens, and their cost at the
     /// dearest of the cloud `targets` that may deliver it (none: tokens only).
-    pub fn job_estimate(&self, chat: &ValidChat, targets: &[Target]) -> (i64, i64) {
-        let prompt = crate::tokens::prompt_tokens(&chat.model, &chat.messages);
+    pub fn job_estimate(&self, chat: &ChatRequest, targets: &[Target]) -> (i64, i64) {
+        let prompt = crate::tokens::prompt_tokens(chat);
         let max_tokens = chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
         let cost = targets.iter().map(|t| t.cost_micros(prompt, max_tokens)).max().unwrap_or(0);
         (prompt.saturating_add(max_tokens), cost)
@@ -309,7 +312,7 @@ impl Orchestrator {
     /// Runs a chat request: plans it, reserves its budget, and starts the first target that
     /// gives a usable answer. Whatever happens is settled (trace, quota, router outcomes).
     pub async fn chat(self: &Arc<Self>, call: ChatCall) -> Result<ChatReply, ApiError> {
-        let prompt_estimate = crate::tokens::prompt_tokens(&call.chat.model, &call.chat.messages);
+        let prompt_estimate = crate::tokens::prompt_tokens(&call.chat);
         let max_tokens = call.chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
         let mut settlement = Settlement::new(self.clone(), &call, prompt_estimate);
         let started = async {
@@ -355,11 +358,11 @@ impl Orchestrator {
             max_tokens,
             stream: call.chat.stream,
             task: "chat".into(),
-            capabilities: Vec::new(),
+            capabilities: call.chat.capabilities().into_iter().map(str::to_owned).collect(),
         };
-        // The router classifies the conversation as the provider will see it (redacted).
+        // The router classifies the conversation's text as the provider will see it (redacted).
         let decide =
-            DecideRequest { request: Some(route), messages: call.chat.messages.clone(), task_hint: String::new() };
+            DecideRequest { request: Some(route), messages: text_only(&call.chat.messages), task_hint: String::new() };
         let mut router = self.peers.router.clone();
         let mut plan = peer_call("router", self.peers.timeout, router.decide(decide)).await?;
         let planned = plan.targets.len();
@@ -530,7 +533,7 @@ impl Orchestrator {
     async fn collect(&self, target: &Target, first: Piece, mut rest: PieceStream) -> Result<Vec<Piece>, ApiError> {
         let idle = self.config.idle_timeout;
         let mut pieces = vec![first];
-        while pieces.last().is_some_and(|piece| piece.finish_reason.is_empty()) {
+        while pieces.last().is_some_and(|piece| !piece.is_last()) {
             match tokio::time::timeout(idle, rest.next()).await {
                 Err(_) => {
                     let message = format!("{} stalled for more than {} ms", target.id, idle.as_millis());
@@ -549,9 +552,10 @@ impl Orchestrator {
         let deadline = tokio::time::Instant::now() + self.config.first_piece_timeout;
         let timed_out = || first_piece_timeout(target, self.config.first_piece_timeout);
         let mut pieces = if target.kind == TargetKind::Local as i32 {
+            // Local models read text: the plan sends them no request that needs more.
             let request = GenerateRequest {
                 model: target.model.clone(),
-                messages: call.chat.messages.clone(),
+                messages: text_only(&call.chat.messages),
                 sampling: Some(call.chat.sampling.clone()),
                 request_id: call.request_id.clone(),
             };
@@ -567,7 +571,7 @@ impl Orchestrator {
                 messages: call.chat.messages.clone(),
                 sampling: Some(call.chat.sampling.clone()),
                 timeout_ms: 0,
-                options: None,
+                options: Some(call.chat.options.clone()),
             };
             let mut client = self.peers.sync.clone();
             let response =
@@ -603,19 +607,19 @@ impl Orchestrator {
                 };
                 match item {
                     Some(Ok(mut piece)) => {
-                        settlement.observe(&piece);
-                        let had_text = !piece.delta.is_empty();
-                        piece.delta = settlement.scan_output(&piece.delta);
-                        if piece.finish_reason.is_empty() {
+                        settlement.observe(&piece.chunk);
+                        if !piece.is_last() {
+                            let had_content = has_content(&piece.chunk);
+                            settlement.scan_output(&mut piece.chunk);
                             // A piece whose text the scanner holds back has nothing to send yet.
-                            if !(had_text && piece.delta.is_empty()) {
+                            if !had_content || has_content(&piece.chunk) {
                                 yield Ok(piece);
                             }
                             continue;
                         }
-                        piece.delta.push_str(&settlement.finish_output());
+                        settlement.finish_output(&mut piece.chunk);
                         // The last piece always carries the usage that is charged, cost included.
-                        piece.usage = Some(settlement.charged_usage());
+                        piece.chunk.usage = Some(settlement.charged_usage());
                         piece.risk = Some(settlement.risk());
                         settlement.finish(None);
                         yield Ok(piece);
@@ -628,13 +632,10 @@ impl Orchestrator {
                     }
                     None => {
                         // A target that ends without a finish reason still produced a reply.
-                        let piece = Piece {
-                            delta: settlement.finish_output(),
-                            finish_reason: "stop".into(),
-                            usage: Some(settlement.charged_usage()),
-                            risk: Some(settlement.risk()),
-                            ..Piece::default()
-                        };
+                        let mut chunk = CompleteChunk { finish_reason: "stop".into(), ..CompleteChunk::default() };
+                        settlement.finish_output(&mut chunk);
+                        chunk.usage = Some(settlement.charged_usage());
+                        let piece = Piece { chunk, risk: Some(settlement.risk()) };
                         settlement.finish(None);
                         yield Ok(piece);
                         return;
@@ -648,26 +649,63 @@ impl Orchestrator {
 
 impl From<GenerateChunk> for Piece {
     fn from(chunk: GenerateChunk) -> Self {
-        Piece { delta: chunk.delta, finish_reason: chunk.finish_reason, usage: chunk.usage, ..Piece::default() }
+        let chunk = CompleteChunk {
+            delta: chunk.delta,
+            finish_reason: chunk.finish_reason,
+            usage: chunk.usage,
+            ..CompleteChunk::default()
+        };
+        Piece { chunk, risk: None }
     }
 }
 
 impl From<CompleteChunk> for Piece {
     fn from(chunk: CompleteChunk) -> Self {
-        Piece {
-            delta: chunk.delta,
-            finish_reason: chunk.finish_reason,
-            usage: chunk.usage,
-            tool_calls: chunk.tool_calls,
-            risk: None,
-        }
+        Piece { chunk, risk: None }
     }
+}
+
+/// Whether a chunk carries anything for the client beyond its end: text, reasoning, a refusal,
+/// tool calls or logprobs.
+fn has_content(chunk: &CompleteChunk) -> bool {
+    !chunk.delta.is_empty()
+        || !chunk.reasoning_delta.is_empty()
+        || !chunk.refusal_delta.is_empty()
+        || !chunk.tool_call_deltas.is_empty()
+        || !chunk.tool_calls.is_empty()
+        || !chunk.logprobs_json.is_empty()
+}
+
+/// `messages` as text alone — the text parts joined into the content, images, audio and files
+/// left out — for readers of text: local models and the router's task classifier.
+fn text_only(messages: &[ChatMessage]) -> Vec<ChatMessage> {
+    messages
+        .iter()
+        .map(|message| {
+            let mut message = message.clone();
+            for part in std::mem::take(&mut message.parts) {
+                if let Some(Part::Text(text)) = part.part {
+                    if !message.content.is_empty() {
+                        message.content.push('\n');
+                    }
+                    message.content.push_str(&text);
+                }
+            }
+            message
+        })
+        .collect()
 }
 
 /// A collected answer as a reply again, or an upstream error when it has no content (empty, or
 /// cut by the length limit before any text): the answer a layer up may give.
 fn usable(target: &Target, pieces: Vec<Piece>) -> Result<(Piece, PieceStream), ApiError> {
-    if !pieces.iter().any(|piece| !piece.delta.trim().is_empty() || !piece.tool_calls.is_empty()) {
+    let usable = |c: &CompleteChunk| {
+        !c.delta.trim().is_empty()
+            || !c.tool_calls.is_empty()
+            || !c.tool_call_deltas.is_empty()
+            || !c.refusal_delta.is_empty()
+    };
+    if !pieces.iter().any(|piece| usable(&piece.chunk)) {
         return Err(ApiError::new(ErrorCode::UpstreamError, format!("{} answered without any content", target.id)));
     }
     let mut pieces = pieces.into_iter();
@@ -714,10 +752,11 @@ struct Settlement {
     primary: bool,
     security: Security,
     /// Scans the reply when the project's policy scans output.
-    scanner: Option<StreamScanner>,
+    scanner: Option<ReplyScanner>,
     /// Findings of a scanner that finished.
     output: Vec<Finding>,
-    tools_called: Vec<String>,
+    /// Names of the tools the reply calls, by call index.
+    tools_called: std::collections::BTreeMap<i32, String>,
     /// The request's span: settling joins the request's distributed trace.
     span: tracing::Span,
     /// The serving model call's span, ended with its usage when the request settles.
@@ -748,30 +787,33 @@ impl Settlement {
             usage: None,
             settled: false,
             primary: true,
-            scanner: call.security.engine.as_ref().map(|engine| engine.stream_scanner()),
+            scanner: call.security.engine.as_ref().map(ReplyScanner::new),
             security: call.security.clone(),
             output: Vec::new(),
-            tools_called: Vec::new(),
+            tools_called: std::collections::BTreeMap::new(),
             span: tracing::Span::current(),
             call_span: None,
         }
     }
 
-    /// Passes reply text through the output scanner: what may be forwarded now (masked when the
-    /// policy redacts output).
-    fn scan_output(&mut self, delta: &str) -> String {
-        match &mut self.scanner {
-            Some(scanner) => scanner.push(delta),
-            None => delta.to_owned(),
+    /// Passes a chunk through the output scanner: its texts become what may be forwarded now
+    /// (masked when the policy redacts output).
+    fn scan_output(&mut self, chunk: &mut CompleteChunk) {
+        if let Some(scanner) = &mut self.scanner {
+            scanner.push(chunk);
         }
     }
 
-    /// Ends output scanning: the held tail, and the findings kept for the trace.
-    fn finish_output(&mut self) -> String {
-        let Some(mut scanner) = self.scanner.take() else { return String::new() };
-        let tail = scanner.finish();
-        self.output = scanner.findings().to_vec();
-        tail
+    /// Ends output scanning on the last chunk: the held tails and the scanned tool calls go into
+    /// it, the findings into the trace.
+    fn finish_output(&mut self, chunk: &mut CompleteChunk) {
+        if let Some(mut scanner) = self.scanner.take() {
+            scanner.push(chunk);
+            self.output = scanner.finish(chunk);
+        }
+        for (index, call) in chunk.tool_calls.iter().enumerate() {
+            self.tools_called.insert(index as i32, call.function_name.clone());
+        }
     }
 
     /// The request's risk over the prompt's and the reply's findings.
@@ -815,14 +857,25 @@ impl Settlement {
         self.report_outcome(&target.id, false, latency, 0, code.as_str());
     }
 
-    fn observe(&mut self, piece: &Piece) {
-        self.completion_bytes += piece.delta.len();
-        self.tools_called.extend(piece.tool_calls.iter().map(|call| call.function_name.clone()));
-        if let Some(usage) = piece.usage {
-            // Provider-reported numbers are untrusted input: never negative, never overflowing.
+    fn observe(&mut self, chunk: &CompleteChunk) {
+        self.completion_bytes += chunk.delta.len() + chunk.reasoning_delta.len() + chunk.refusal_delta.len();
+        for delta in &chunk.tool_call_deltas {
+            self.completion_bytes += delta.arguments_delta.len();
+            if !delta.function_name.is_empty() {
+                self.tools_called.entry(delta.index).or_default().push_str(&delta.function_name);
+            }
+        }
+        if let Some(usage) = chunk.usage {
+            // Provider-reported numbers are untrusted input: never negative, never overflowing,
+            // the details never more than what they detail.
+            let prompt_tokens = usage.prompt_tokens.max(0);
+            let completion_tokens = usage.completion_tokens.max(0);
             self.usage = Some(Usage {
-                prompt_tokens: usage.prompt_tokens.max(0),
-                completion_tokens: usage.completion_tokens.max(0),
+                prompt_tokens,
+                completion_tokens,
+                cached_prompt_tokens: usage.cached_prompt_tokens.clamp(0, prompt_tokens),
+                cache_write_tokens: usage.cache_write_tokens.clamp(0, prompt_tokens),
+                reasoning_tokens: usage.reasoning_tokens.clamp(0, completion_tokens),
                 ..Usage::default()
             });
         }
@@ -836,11 +889,8 @@ impl Settlement {
             completion_tokens: (self.completion_bytes as u64).div_ceil(4) as i64,
             ..Default::default()
         });
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-        usage.cost_micros = self
-            .serving
-            .as_ref()
-            .map_or(0, |(target, _)| target.cost_micros(usage.prompt_tokens, usage.completion_tokens));
+        usage.total_tokens = usage.prompt_tokens.saturating_add(usage.completion_tokens);
+        usage.cost_micros = self.serving.as_ref().map_or(0, |(target, _)| target.cost_of(&usage));
         usage
     }
 
@@ -925,7 +975,7 @@ impl Settlement {
     /// A reply cut before its end was never fully scanned: what the scanner saw so far counts.
     fn record_security(&mut self, trace: &mut Trace) {
         if let Some(scanner) = self.scanner.take() {
-            self.output = scanner.findings().to_vec();
+            self.output = scanner.findings();
         }
         let metrics = &self.orchestrator.metrics;
         count_findings(metrics, &self.output);
@@ -948,7 +998,7 @@ impl Settlement {
         }
         trace.findings = findings.into_iter().map(|(direction, f)| trace_finding(direction, f)).collect();
         let offered = self.security.tools_offered.iter().map(|name| (name, "offered"));
-        let called = self.tools_called.iter().map(|name| (name, "called"));
+        let called = self.tools_called.values().map(|name| (name, "called"));
         trace.tool_calls = offered
             .chain(called)
             .take(MAX_TRACE_LIST)
