@@ -10,6 +10,7 @@
 //! Endpoints: `POST /v1/chat/completions` (JSON, or SSE with `stream: true`, honouring
 //! `stream_options.include_usage`), `POST /v1/embeddings` (float or base64), `GET /v1/models`,
 //! `GET /v1/models/{id}`, `GET /health`. Errors use OpenAI's `{"error": {...}}` shape.
+//! `GET /_mock/requests` lists what [`MockProvider::recorded`] holds, for tests in another process.
 //!
 //! `POST /v1/messages` speaks the Anthropic Messages API instead (`x-api-key`, a required
 //! `anthropic-version` header, `system` beside the messages, content blocks, `tool_use` /
@@ -87,6 +88,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(server::models))
         .route("/v1/models/{id}", get(server::model))
         .route("/health", get(server::health))
+        .route("/_mock/requests", get(server::recorded))
         .fallback(server::not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(shared)

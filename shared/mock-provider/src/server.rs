@@ -426,6 +426,31 @@ fn authenticate_only(shared: &Shared, behavior: &Behavior, headers: &HeaderMap) 
     ))
 }
 
+/// `GET /_mock/requests`: the recorded requests, oldest first, for tests in another process (the
+/// real-client tests): path, request id, idempotency key, the body (as JSON when it is JSON), its
+/// unknown parameters and its images. Empty unless [`Behavior::track_requests`] is on.
+pub(crate) async fn recorded(State(shared): State<Arc<Shared>>) -> Response {
+    let recorded: Vec<serde_json::Value> = shared
+        .recent
+        .lock()
+        .iter()
+        .map(|request| {
+            let body = request
+                .json()
+                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&request.body).into_owned()));
+            serde_json::json!({
+                "path": request.path,
+                "request_id": request.request_id,
+                "idempotency_key": request.idempotency_key,
+                "body": body,
+                "unknown_parameters": request.unknown_parameters(),
+                "images": request.images(),
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &recorded)
+}
+
 pub(crate) async fn health() -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"status\":\"ok\"}").into_response()
 }

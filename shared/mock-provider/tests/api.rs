@@ -290,6 +290,14 @@ async fn requests_are_counted_per_key_and_recorded() {
     let last = mock.last_request().unwrap();
     assert_eq!(last.path, "/v1/chat/completions");
     assert_eq!(last.json().unwrap()["stream"], true);
+    // The same, for a test in another process.
+    let listed: Value =
+        client().get(format!("http://{}/_mock/requests", mock.addr())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 4);
+    assert_eq!(listed[0]["idempotency_key"], "job-1");
+    assert_eq!(listed[3]["request_id"], "req-b");
+    assert_eq!(listed[3]["body"], last.json().unwrap());
+    assert_eq!(listed[3]["unknown_parameters"], json!([]));
     mock.reset_counters();
     assert_eq!(mock.requests_total(), 0);
     assert_eq!(mock.count_for_idempotency_key("job-1"), 0);
