@@ -246,6 +246,12 @@ pub fn request_body(request: &CompleteRequest, model: &ProviderModel) -> Result<
     let sampling = request.sampling.clone().unwrap_or_default();
     let options = request.options.clone().unwrap_or_default();
     let structured = structured_output(&options, model)?;
+    if matches!(structured, StructuredOutput::ForcedTool { .. })
+        && options.response_format.as_ref().is_some_and(|f| f.strict == Some(true))
+    {
+        // A forced tool's input follows its schema as the model sees fit, not strictly.
+        model.leave_out("response_format.json_schema.strict", &mut dropped)?;
+    }
     let (system, messages) = turns(&request.messages, &mut dropped)?;
     if messages.is_empty() {
         return Err(WireError::invalid(
@@ -698,6 +704,9 @@ impl StreamDecoder {
     }
 
     fn tool_piece(&mut self, call: i32, arguments: &str) -> Option<CompleteChunk> {
+        if arguments.is_empty() {
+            return None;
+        }
         if let Some(tool) = self.tool_calls.get_mut(call as usize) {
             tool.arguments_json.push_str(arguments);
         }

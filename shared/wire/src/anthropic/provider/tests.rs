@@ -276,7 +276,7 @@ fn reasoning_effort_becomes_thinking_within_anthropics_rules() {
     let forced = pb::ChatOptions { response_format: Some(schema_format()), ..options };
     let (body, dropped) = body_of(&request(vec![text("user", "x")], forced.clone()), &ProviderModel::default());
     assert!(body.get("thinking").is_none(), "thinking is refused beside a forced tool");
-    assert_eq!(dropped, ["reasoning_effort"]);
+    assert_eq!(dropped, ["response_format.json_schema.strict", "reasoning_effort"]);
     let native = ProviderModel { native_structured_output: true, ..ProviderModel::default() };
     let (body, _) = body_of(&request(vec![text("user", "x")], forced), &native);
     assert_eq!(body["thinking"]["budget_tokens"], 8192);
