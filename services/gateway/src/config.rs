@@ -172,13 +172,14 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_values_are_named() {
         Config::default().validate().unwrap();
-        let cases: [(&str, Box<dyn Fn(&mut Config)>); 6] = [
-            ("max_body_bytes", Box::new(|c| c.max_body_bytes = 0)),
-            ("default_max_tokens must not exceed", Box::new(|c| c.default_max_tokens = c.max_tokens_cap + 1)),
-            ("peer_timeout_ms", Box::new(|c| c.peer_timeout_ms = 0)),
-            ("quota_endpoint", Box::new(|c| c.quota_endpoint = "not a url".into())),
-            ("trusted_proxies", Box::new(|c| c.trusted_proxies = vec!["10.0.0.0/40".into()])),
-            ("edge_uploads_per_key", Box::new(|c| c.edge_uploads_per_key = 0)),
+        type Spoil = fn(&mut Config);
+        let cases: [(&str, Spoil); 6] = [
+            ("max_body_bytes", |c| c.max_body_bytes = 0),
+            ("default_max_tokens must not exceed", |c| c.default_max_tokens = c.max_tokens_cap + 1),
+            ("peer_timeout_ms", |c| c.peer_timeout_ms = 0),
+            ("quota_endpoint", |c| c.quota_endpoint = "not a url".into()),
+            ("trusted_proxies", |c| c.trusted_proxies = vec!["10.0.0.0/40".into()]),
+            ("edge_uploads_per_key", |c| c.edge_uploads_per_key = 0),
         ];
         for (needle, spoil) in cases {
             let mut config = Config::default();
