@@ -214,6 +214,7 @@ pub async fn enqueue(
             sampling: Some(chat.sampling),
             timeout_ms: 0,
             options: Some(chat.options),
+            target: None,
         }),
         reservation: Some(reservation.clone()),
     };

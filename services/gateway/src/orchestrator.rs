@@ -572,6 +572,7 @@ impl Orchestrator {
                 sampling: Some(call.chat.sampling.clone()),
                 timeout_ms: 0,
                 options: Some(call.chat.options.clone()),
+                target: Some(target.clone()),
             };
             let mut client = self.peers.sync.clone();
             let response =

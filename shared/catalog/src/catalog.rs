@@ -67,6 +67,7 @@ impl ModelProfile {
             cache_write_price_micros_per_mtok: self.prices.cache_write_price_micros_per_mtok,
             capabilities: self.capabilities.iter().map(|c| c.as_str().to_owned()).collect(),
             max_output_tokens: self.max_output_tokens,
+            max_tokens_param: self.max_tokens_param.as_str().to_owned(),
         }
     }
 }
@@ -260,6 +261,7 @@ mod tests {
                 cache_write_price_micros_per_mtok: 2_500_000,
                 capabilities: vec!["tools".into(), "reasoning".into()],
                 max_output_tokens: 100_000,
+                max_tokens_param: "max_completion_tokens".into(),
             }
         );
     }
