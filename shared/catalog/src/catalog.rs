@@ -261,7 +261,7 @@ mod tests {
                 cache_write_price_micros_per_mtok: 2_500_000,
                 capabilities: vec!["tools".into(), "reasoning".into()],
                 max_output_tokens: 100_000,
-                max_tokens_param: "max_completion_tokens".into(),
+                max_tokens_param: "max_tokens".into(),
             }
         );
     }
