@@ -4,10 +4,8 @@
 use std::collections::BTreeMap;
 
 use crate::error::CatalogError;
+use crate::names::ENV_PREFIX;
 use crate::provider::{ProviderKind, ProviderSpec, UnknownParams, validate_name};
-
-/// Prefix of the provider environment variables.
-pub const ENV_PREFIX: &str = "MESHGATE_PROVIDER_";
 
 /// Environment suffixes, longest first so that `_FIRST_BYTE_TIMEOUT_MS` and `_CONNECT_TIMEOUT_MS`
 /// win over `_TIMEOUT_MS`.

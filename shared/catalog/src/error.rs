@@ -1,8 +1,7 @@
 //! What can be wrong with a catalog. Every error names the setting to fix; services report them
 //! as configuration errors.
 
-use crate::env::ENV_PREFIX;
-use crate::provider::RESERVED_NAME;
+use crate::names::{ENV_PREFIX, RESERVED_NAME};
 
 /// A provider or model definition that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -33,10 +33,12 @@ mod catalog;
 mod env;
 mod error;
 mod model;
+mod names;
 mod provider;
 
 pub use catalog::{Catalog, ModelProfile, Unpriced};
-pub use env::{ENV_PREFIX, process_env, providers_from_env, resolve_providers};
+pub use env::{process_env, providers_from_env, resolve_providers};
 pub use error::CatalogError;
 pub use model::{Capability, MaxTokensParam, ModelFacts, Prices, parse_layer};
-pub use provider::{DEFAULT_PRIORITY, ProviderKind, ProviderSpec, RESERVED_NAME, UnknownParams};
+pub use names::{ENV_PREFIX, RESERVED_NAME};
+pub use provider::{DEFAULT_PRIORITY, ProviderKind, ProviderSpec, UnknownParams};

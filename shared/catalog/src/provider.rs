@@ -6,12 +6,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CatalogError;
+use crate::names::RESERVED_NAME;
 
 /// Priority of a provider that sets none; lower priorities are tried first.
 pub const DEFAULT_PRIORITY: i32 = 100;
-
-/// Provider name reserved for local (ONNX) targets.
-pub const RESERVED_NAME: &str = "local";
 
 /// The wire format a provider speaks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
