@@ -243,9 +243,10 @@ fn structured_output<'a>(
 /// The Messages API body for `request` (a checked canonical request), streaming.
 pub fn request_body(request: &CompleteRequest, model: &ProviderModel) -> Result<ProviderBody, WireError> {
     let mut dropped = Vec::new();
-    let sampling = request.sampling.clone().unwrap_or_default();
-    let options = request.options.clone().unwrap_or_default();
-    let structured = structured_output(&options, model)?;
+    let (default_sampling, default_options) = (pb::SamplingParams::default(), pb::ChatOptions::default());
+    let sampling = request.sampling.as_ref().unwrap_or(&default_sampling);
+    let options = request.options.as_ref().unwrap_or(&default_options);
+    let structured = structured_output(options, model)?;
     if matches!(structured, StructuredOutput::ForcedTool { .. })
         && options.response_format.as_ref().is_some_and(|f| f.strict == Some(true))
     {
@@ -266,7 +267,7 @@ pub fn request_body(request: &CompleteRequest, model: &ProviderModel) -> Result<
             DEFAULT_MAX_TOKENS + effort_budget.unwrap_or(0),
         );
 
-    let (tools, tool_choice) = tools_and_choice(&options, model, &structured, &mut dropped)?;
+    let (tools, tool_choice) = tools_and_choice(options, model, &structured, &mut dropped)?;
     let forced = tool_choice.as_ref().is_some_and(|c| matches!(c.kind, "any" | "tool"));
     let mut thinking = None;
     if let Some(budget) = effort_budget {
@@ -660,8 +661,9 @@ pub const END_MARKER: &str = "message_stop";
 impl StreamDecoder {
     /// A decoder for the answer to `request` as [`request_body`] sent it for `model`.
     pub fn new(request: &CompleteRequest, model: &ProviderModel) -> Self {
-        let options = request.options.clone().unwrap_or_default();
-        let json_tool = matches!(structured_output(&options, model), Ok(StructuredOutput::ForcedTool { .. }));
+        let default_options = pb::ChatOptions::default();
+        let options = request.options.as_ref().unwrap_or(&default_options);
+        let json_tool = matches!(structured_output(options, model), Ok(StructuredOutput::ForcedTool { .. }));
         Self {
             requested_model: request.model.clone(),
             reported_model: None,

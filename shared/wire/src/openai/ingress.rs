@@ -8,6 +8,7 @@
 //! Limits that depend on the project (message count, `max_tokens` cap, body size) are the
 //! gateway's.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 
@@ -815,7 +816,7 @@ struct ToolCallDeltaJson<'a> {
 struct FunctionDeltaJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     name: Option<&'a str>,
-    arguments: &'a str,
+    arguments: Cow<'a, str>,
 }
 
 /// Writes a streamed answer as OpenAI `chat.completion.chunk` events: the role on the first,
@@ -857,33 +858,51 @@ impl ChunkEncoder {
             content: if self.started { non_empty(&chunk.delta) } else { Some(&chunk.delta) },
             refusal: non_empty(&chunk.refusal_delta),
             reasoning_content: non_empty(&chunk.reasoning_delta),
-            tool_calls: Vec::with_capacity(chunk.tool_call_deltas.len()),
+            tool_calls: Vec::new(),
         };
+        // One entry per call, in index order: the SDKs keep the first list they see as it is
+        // and find later pieces by position, so a call must not appear twice in one chunk.
+        let mut calls: BTreeMap<i32, ToolCallDeltaJson<'_>> = BTreeMap::new();
         for piece in &chunk.tool_call_deltas {
             let first = self.calls_started.insert(piece.index);
-            delta.tool_calls.push(ToolCallDeltaJson {
-                index: piece.index,
-                id: first.then_some(piece.id.as_str()),
-                kind: first.then_some("function"),
-                function: FunctionDeltaJson {
-                    name: first.then_some(piece.function_name.as_str()),
-                    arguments: &piece.arguments_delta,
-                },
-            });
+            match calls.get_mut(&piece.index) {
+                Some(entry) => entry.function.arguments.to_mut().push_str(&piece.arguments_delta),
+                None => {
+                    calls.insert(
+                        piece.index,
+                        ToolCallDeltaJson {
+                            index: piece.index,
+                            id: first.then_some(piece.id.as_str()),
+                            kind: first.then_some("function"),
+                            function: FunctionDeltaJson {
+                                name: first.then_some(piece.function_name.as_str()),
+                                arguments: Cow::Borrowed(&piece.arguments_delta),
+                            },
+                        },
+                    );
+                }
+            }
         }
         // Calls that arrived whole on the last chunk (a provider or model that does not stream
         // them) go out whole.
         for (index, call) in chunk.tool_calls.iter().enumerate() {
             let index = index as i32;
             if self.calls_started.insert(index) {
-                delta.tool_calls.push(ToolCallDeltaJson {
+                calls.insert(
                     index,
-                    id: Some(&call.id),
-                    kind: Some("function"),
-                    function: FunctionDeltaJson { name: Some(&call.function_name), arguments: &call.arguments_json },
-                });
+                    ToolCallDeltaJson {
+                        index,
+                        id: Some(&call.id),
+                        kind: Some("function"),
+                        function: FunctionDeltaJson {
+                            name: Some(&call.function_name),
+                            arguments: Cow::Borrowed(&call.arguments_json),
+                        },
+                    },
+                );
             }
         }
+        delta.tool_calls = calls.into_values().collect();
         let logprobs: Option<&RawValue> =
             non_empty(&chunk.logprobs_json).and_then(|json| serde_json::from_str(json).ok());
         if !delta.is_empty() || logprobs.is_some() {

@@ -241,8 +241,9 @@ fn non_empty(text: &str) -> Option<&str> {
 /// says. `request` is a checked canonical request ([`crate::ChatRequest::check`]).
 pub fn request_body(request: &CompleteRequest, model: &ProviderModel) -> Result<ProviderBody, WireError> {
     let mut dropped = Vec::new();
-    let sampling = request.sampling.clone().unwrap_or_default();
-    let options = request.options.clone().unwrap_or_default();
+    let (default_sampling, default_options) = (pb::SamplingParams::default(), pb::ChatOptions::default());
+    let sampling = request.sampling.as_ref().unwrap_or(&default_sampling);
+    let options = request.options.as_ref().unwrap_or(&default_options);
     let mut messages = Vec::with_capacity(request.messages.len());
     for (index, message) in request.messages.iter().enumerate() {
         if !message.reasoning_content.is_empty() {

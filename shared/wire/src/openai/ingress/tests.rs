@@ -403,3 +403,23 @@ fn calls_that_arrive_whole_are_streamed_whole() {
     assert!(events[0].get("usage").is_none(), "no usage field unless asked");
     assert_eq!(events[1]["choices"][0]["finish_reason"], "tool_calls");
 }
+
+#[test]
+fn pieces_of_one_call_in_one_chunk_go_out_as_one_entry() {
+    let mut encoder = ChunkEncoder::new(meta(), false);
+    let piece = |id: &str, name: &str, arguments: &str| pb::ToolCallDelta {
+        index: 0,
+        id: id.into(),
+        function_name: name.into(),
+        arguments_delta: arguments.into(),
+    };
+    let out = encoder.encode(&CompleteChunk {
+        tool_call_deltas: vec![piece("c", "f", ""), piece("", "", "{\"a\""), piece("", "", ":1}")],
+        ..Default::default()
+    });
+    let event: Value = serde_json::from_slice(&out[6..out.len() - 2]).unwrap();
+    assert_eq!(
+        event["choices"][0]["delta"]["tool_calls"],
+        json!([{"index": 0, "id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}])
+    );
+}
