@@ -75,7 +75,7 @@ impl<'a, R: Rng> Planner<'a, '_, R> {
         let required = features.required_context();
         let target = &entry.target;
         if let Some(missing) = entry.lacks(&features.capabilities) {
-            let has: Vec<&str> = entry.capabilities.iter().map(|c| c.as_str()).collect();
+            let has: Vec<&str> = entry.profile.capabilities.iter().map(|c| c.as_str()).collect();
             let has = if has.is_empty() { "none".to_owned() } else { has.join(", ") };
             return Ineligible::request(format!("lacks capability {} (has: {has})", missing.as_str()));
         }
@@ -99,7 +99,7 @@ impl<'a, R: Rng> Planner<'a, '_, R> {
             return Ineligible::policy(format!(
                 "not declared for task {} (declared: {})",
                 features.task_name(),
-                entry.tasks.join(", ")
+                entry.profile.tasks.join(", ")
             ));
         }
         if target.kind == TargetKind::Local as i32 && self.inputs.local_replicas == Some(0) {
@@ -754,6 +754,14 @@ mod tests {
                 broken: &[],
                 expect: &["alt2/gpt", "std/gpt", "alt/gpt", "prem/opus"],
                 roles: "PFFE",
+            },
+            Case {
+                name: "a reasoning effort: the local model leaves, undescribed cloud models stay",
+                policy: "",
+                features: needing(features("auto", Some(Chat), 10), &[Capability::Reasoning]),
+                broken: &[],
+                expect: &["cheap/mini", "alt2/gpt", "std/gpt", "alt/gpt"],
+                roles: "PEEE",
             },
             Case {
                 name: "an image: the premium model without vision is no escalation",

@@ -173,7 +173,7 @@ impl RouterCore {
                     error_rate: health.error_rate(),
                     in_flight: health.in_flight(now) as i64,
                     breaker: health.state(now).as_str().into(),
-                    tasks: entry.tasks.clone(),
+                    tasks: entry.profile.tasks.clone(),
                 }
             })
             .collect()

@@ -2,9 +2,9 @@
 //! inference service reports, each with its facts, in one snapshot swapped whole when local
 //! models change.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use meshgate_catalog::{Capability, Catalog};
+use meshgate_catalog::{Capability, Catalog, ModelProfile};
 use meshgate_proto::common::v1::{Layer, Target, TargetKind};
 
 /// A local model reported by the inference service.
@@ -20,13 +20,11 @@ pub struct LocalModel {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub target: Target,
-    /// Declared tasks (empty = any).
-    pub tasks: Vec<String>,
     /// Declared preference among targets of one layer: lower first (the provider's priority; 0
     /// for local models). Targets of one layer and one rank are equivalent for load balancing.
     pub rank: i64,
-    /// What the target's model does beyond text (also in `target.capabilities`, by name).
-    pub capabilities: BTreeSet<Capability>,
+    /// What the catalog says of the target's model (its tasks, its capabilities).
+    pub profile: ModelProfile,
 }
 
 impl Entry {
@@ -36,12 +34,12 @@ impl Entry {
 
     /// Whether the target is declared fit for `task`.
     pub fn serves_task(&self, task: &str) -> bool {
-        self.tasks.is_empty() || self.tasks.iter().any(|t| t == task)
+        self.profile.tasks.is_empty() || self.profile.tasks.iter().any(|t| t == task)
     }
 
-    /// The first of `needed` the target's model lacks.
+    /// The first of `needed` the target's model may not serve.
     pub fn lacks(&self, needed: &[Capability]) -> Option<Capability> {
-        needed.iter().copied().find(|c| !self.capabilities.contains(c))
+        self.profile.lacks(needed)
     }
 }
 
@@ -60,7 +58,7 @@ impl Targets {
         for model in local.iter().filter(|m| m.task == "chat" || m.task == "embeddings") {
             let profile = catalog.local_profile(&model.name, model.context_length);
             let target = profile.target(format!("local/{}", model.name), TargetKind::Local, "local", &model.name);
-            let entry = Entry { target, tasks: profile.tasks, rank: 0, capabilities: profile.capabilities };
+            let entry = Entry { target, rank: 0, profile };
             by_model.entry((model.task.clone(), model.name.clone())).or_default().push(entry);
         }
         for provider in catalog.providers() {
@@ -69,7 +67,7 @@ impl Targets {
                 let id = format!("{}/{}", provider.name, model);
                 let target = profile.target(id, TargetKind::Cloud, &provider.name, model);
                 let rank = i64::from(provider.rank().0);
-                let entry = Entry { target, tasks: profile.tasks, rank, capabilities: profile.capabilities };
+                let entry = Entry { target, rank, profile };
                 by_model.entry(("chat".to_owned(), model.clone())).or_default().push(entry);
             }
         }

@@ -41,6 +41,9 @@ pub struct ModelProfile {
     /// Largest completion (0: unknown).
     pub max_output_tokens: i64,
     pub capabilities: BTreeSet<Capability>,
+    /// Whether `capabilities` are known (declared, or a local model's) rather than the defaults
+    /// assumed of a cloud model nobody described.
+    pub capabilities_known: bool,
     pub max_tokens_param: MaxTokensParam,
     /// Declared tasks (empty: any).
     pub tasks: Vec<String>,
@@ -49,6 +52,18 @@ pub struct ModelProfile {
 impl ModelProfile {
     pub fn has(&self, capability: Capability) -> bool {
         self.capabilities.contains(&capability)
+    }
+
+    /// Whether the model may serve a request needing `capability`: it has it, or the request
+    /// asks a reasoning effort of a cloud model nobody described (whether it reasons is then
+    /// the provider's to say; tools, vision and JSON schema are assumed, audio is not).
+    pub fn may_serve(&self, capability: Capability) -> bool {
+        self.has(capability) || (capability == Capability::Reasoning && !self.capabilities_known)
+    }
+
+    /// The first of `needed` the model may not serve.
+    pub fn lacks(&self, needed: &[Capability]) -> Option<Capability> {
+        needed.iter().copied().find(|c| !self.may_serve(*c))
     }
 
     /// The wire target `id` (`<provider>/<model>`) with this profile's layer, prices, limits and
@@ -130,7 +145,8 @@ impl Catalog {
     }
 
     /// `model` as `provider` serves it. Undeclared: layer l2; the default price, else no price;
-    /// capabilities tools, vision and json_schema; the completion limit in
+    /// capabilities tools, vision and json_schema (and reasoning left to the provider, see
+    /// [`ModelProfile::may_serve`]); the completion limit in
     /// `max_completion_tokens` at OpenAI's own API and in `max_tokens` elsewhere.
     pub fn cloud_profile(&self, provider: &ProviderSpec, model: &str) -> ModelProfile {
         let facts = self.models.get(model).cloned().unwrap_or_default();
@@ -162,6 +178,7 @@ impl Catalog {
             priced: input.is_some() && output.is_some(),
             context_window: facts.context_window.unwrap_or(0),
             max_output_tokens: facts.max_output_tokens.unwrap_or(0),
+            capabilities_known: facts.capabilities.is_some(),
             capabilities: match facts.capabilities {
                 Some(declared) => declared.into_iter().collect(),
                 None => CLOUD_DEFAULT_CAPABILITIES.into_iter().collect(),
@@ -184,6 +201,7 @@ impl Catalog {
             context_window: if context_length > 0 { context_length } else { declared_window },
             max_output_tokens: facts.and_then(|f| f.max_output_tokens).unwrap_or(0),
             capabilities: BTreeSet::new(),
+            capabilities_known: true,
             max_tokens_param: MaxTokensParam::MaxTokens,
             tasks: facts.map(|f| f.tasks.clone()).unwrap_or_default(),
         }
@@ -282,6 +300,22 @@ mod tests {
         }
         let none = build(&[("llama", ModelFacts { capabilities: Some(vec![]), ..Default::default() })], None);
         assert!(none.cloud_profile(none.provider("vllm").unwrap(), "llama").capabilities.is_empty(), "[] says none");
+    }
+
+    #[test]
+    fn a_reasoning_effort_is_left_to_undescribed_cloud_models_and_refused_by_declared_ones() {
+        let declared = ModelFacts { capabilities: Some(vec![Capability::Tools]), ..Default::default() };
+        let catalog = build(&[("llama", declared)], None);
+        let vllm = catalog.provider("vllm").unwrap();
+        let undescribed = catalog.cloud_profile(vllm, "gpt");
+        let described = catalog.cloud_profile(vllm, "llama");
+        let local = catalog.local_profile("tiny", 64);
+        let needs = [Capability::Tools, Capability::Reasoning];
+        assert_eq!(undescribed.lacks(&needs), None);
+        assert!(!undescribed.has(Capability::Reasoning), "not advertised, only not refused");
+        assert_eq!(undescribed.lacks(&[Capability::Audio]), Some(Capability::Audio));
+        assert_eq!(described.lacks(&needs), Some(Capability::Reasoning));
+        assert_eq!(local.lacks(&[Capability::Reasoning]), Some(Capability::Reasoning));
     }
 
     #[test]
