@@ -132,6 +132,11 @@ fn check_message(index: usize, message: &mut pb::ChatMessage) -> Result<(), Wire
             format!("is {:?}; expected system, developer, user, assistant or tool", message.role),
         ));
     }
+    if !message.parts.is_empty() && !message.content.is_empty() {
+        // The contract keeps all of a message's content in one place: the text leads the parts.
+        let text = std::mem::take(&mut message.content);
+        message.parts.insert(0, pb::ContentPart { part: Some(Part::Text(text)) });
+    }
     let role = message.role.as_str();
     check_identifier(|| field("name"), &message.name, true)?;
     check_text(|| field("content"), &message.content)?;

@@ -343,7 +343,11 @@ pub fn request_body(request: &CompleteRequest, model: &ProviderModel) -> Result<
 
 fn message_out(index: usize, message: &pb::ChatMessage) -> Result<MessageOut<'_>, WireError> {
     let content = if !message.parts.is_empty() {
-        let mut parts = Vec::with_capacity(message.parts.len());
+        let mut parts = Vec::with_capacity(message.parts.len() + 1);
+        // Unchecked requests may carry text beside their parts; it leads them.
+        if !message.content.is_empty() {
+            parts.push(PartOut::Text { text: &message.content });
+        }
         for (part_index, part) in message.parts.iter().enumerate() {
             let part = part
                 .part

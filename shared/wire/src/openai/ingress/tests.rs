@@ -280,8 +280,15 @@ fn grpc_requests_get_the_same_checks() {
     chat.options.extra_json = "[]".into();
     assert_eq!(chat.check().unwrap_err().field(), Some("extra_json"));
     chat.options.extra_json.clear();
+    chat.messages[0].role = "user".into();
+    chat.messages[0].parts.push(pb::ContentPart {
+        part: Some(Part::ImageUrl(pb::ImageUrl { url: "https://x/y.png".into(), detail: String::new() })),
+    });
+    chat.check().unwrap();
+    assert_eq!(chat.messages[0].content, "", "text beside parts leads them");
+    assert_eq!(chat.messages[0].parts[0].part, Some(Part::Text("x".into())));
     chat.messages[0].parts.push(pb::ContentPart { part: None });
-    assert_eq!(chat.check().unwrap_err().field(), Some("messages[0].content[0]"));
+    assert_eq!(chat.check().unwrap_err().field(), Some("messages[0].content[2]"));
 }
 
 fn meta() -> ReplyMeta {
