@@ -346,18 +346,19 @@ async fn grpc_chat_is_authenticated_before_its_message_is_read_and_scans_tool_ca
         ..Default::default()
     };
 
-    // A message far past every limit, without a valid key: refused from the metadata.
-    let huge = "x".repeat(5 * 1024 * 1024);
+    // A message past the edge's decoding limit (20 MiB), without a valid key: refused from the
+    // metadata, before the message is read.
+    let huge = "x".repeat(25 * 1024 * 1024);
     let status = client.chat(authorized(chat(huge.clone()), "wrong-key")).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-    let status = client.chat(tonic::Request::new(chat(huge))).await.unwrap_err();
+    let status = client.chat(tonic::Request::new(chat(huge.clone()))).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 
-    // With a valid key, the decoding limit is the edge's body limit (1 MiB), not tonic's 4 MiB.
-    let status = client.chat(authorized(chat("y".repeat(2 * 1024 * 1024)), ADMIN_KEY)).await.unwrap_err();
+    // With a valid key, the decoding limit is the edge's body limit.
+    let status = client.chat(authorized(chat(huge), ADMIN_KEY)).await.unwrap_err();
     assert!(
         matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
-        "a 2 MiB message was decoded: {status:?}"
+        "a message over the body limit was decoded: {status:?}"
     );
 
     // Tool calls replayed in the conversation are scanned like content.

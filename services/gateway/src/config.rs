@@ -52,6 +52,10 @@ pub struct Config {
     pub max_streams_per_project: usize,
     /// Edge batches (`POST /v1/sync/batches`) one key may have in progress at once.
     pub edge_uploads_per_key: usize,
+    /// How long a response stored by the Responses API (`store: true`) is kept.
+    pub response_retention_days: u32,
+    /// Stored responses a gateway without a database keeps (the oldest go first).
+    pub memory_stored_responses: usize,
     /// The inference classifier scoring prompt injection; without it (or while it is not loaded)
     /// the policy's heuristic scores it.
     pub injection_model: String,
@@ -77,8 +81,10 @@ impl Default for Config {
             sync_endpoint: "http://127.0.0.1:50056".into(),
             inference_endpoint: "http://127.0.0.1:50052".into(),
             analytics_endpoint: "http://127.0.0.1:50055".into(),
-            max_body_bytes: 1024 * 1024,
-            max_messages: 1024,
+            // Agents send long sessions with screenshots as data URIs: 20 MiB holds a few images
+            // and hundreds of turns (OpenAI takes images up to 20 MB each).
+            max_body_bytes: 20 * 1024 * 1024,
+            max_messages: 2048,
             max_tokens_cap: 131_072,
             default_max_tokens: 1024,
             target_timeout_ms: 30_000,
@@ -95,6 +101,9 @@ impl Default for Config {
             max_streams_per_key: 256,
             max_streams_per_project: 1024,
             edge_uploads_per_key: 2,
+            // OpenAI keeps stored responses 30 days.
+            response_retention_days: 30,
+            memory_stored_responses: 10_000,
             injection_model: "prompt-injection".into(),
             injection_timeout_ms: 250,
             migrate_on_start: true,
@@ -142,6 +151,9 @@ impl Config {
         }
         if self.edge_uploads_per_key == 0 {
             return invalid("edge_uploads_per_key must be at least 1");
+        }
+        if self.response_retention_days == 0 || self.memory_stored_responses == 0 {
+            return invalid("response_retention_days and memory_stored_responses must be at least 1");
         }
         if self.trace_buffer == 0 || self.trace_batch_size == 0 || self.trace_flush_ms == 0 {
             return invalid("trace_buffer, trace_batch_size and trace_flush_ms must be positive");

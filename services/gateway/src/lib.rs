@@ -29,6 +29,7 @@ pub mod quota;
 pub mod reply_scan;
 pub mod response;
 pub mod settings;
+pub mod stored_responses;
 pub mod subscriber;
 pub mod tenancy;
 pub mod tokens;
@@ -83,6 +84,11 @@ static MIGRATIONS: &[meshgate_storage::Migration] = &[
         version: 3,
         name: "edge_batches",
         sql: include_str!("../migrations/0003_edge_batches.sql"),
+    },
+    meshgate_storage::Migration {
+        version: 4,
+        name: "stored_responses",
+        sql: include_str!("../migrations/0004_stored_responses.sql"),
     },
 ];
 

@@ -67,6 +67,10 @@ pub fn check_limits(chat: &ChatRequest, limits: ChatLimits) -> Result<(), ApiErr
     {
         return Err(invalid(format!("`max_completion_tokens` must be between 1 and {}", limits.max_tokens_cap)));
     }
+    // The mesh's chunks carry one choice: more would be answered as one.
+    if chat.options.n.is_some_and(|n| n != 1) {
+        return Err(invalid("`n` must be 1: one choice per request is supported"));
+    }
     Ok(())
 }
 
@@ -374,6 +378,8 @@ mod tests {
         assert!(parse(long).unwrap_err().message.contains("max_completion_tokens"));
         let model = serde_json::json!({"model": "m".repeat(MAX_MODEL_ID_BYTES + 1), "messages": [{"role": "user", "content": "x"}]});
         assert!(parse(&model.to_string()).unwrap_err().message.contains("`model` must be at most"));
+        let choices = r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#;
+        assert!(parse(choices).unwrap_err().message.contains("`n` must be 1"));
     }
 
     #[test]

@@ -11,12 +11,16 @@ use super::SecurityError;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
+/// A conversation: the gateway's largest body (`[gateway] max_body_bytes`, 32 MiB at most by
+/// default) with room for protobuf's framing.
+const CONVERSATION: usize = 40 * MIB;
 
-/// Messages that carry a prompt or a request body stay within tonic's default decoding limit,
-/// which the services kept until now; budgets, lookups and queries are small; batches of traces
-/// are large (the analytics service applies its own `max_message_bytes` below this).
+/// Messages that carry a conversation (with its images, as agents send them) may be as large as
+/// the largest request body an edge accepts plus protobuf's framing; budgets, lookups and queries
+/// are small; batches of traces are large (the analytics service applies its own
+/// `max_message_bytes` below this).
 const TABLE: &[(&str, usize)] = &[
-    ("/meshgate.gateway.v1.Gateway/Chat", 4 * MIB),
+    ("/meshgate.gateway.v1.Gateway/Chat", CONVERSATION),
     ("/meshgate.gateway.v1.Gateway/Embed", 4 * MIB),
     ("/meshgate.gateway.v1.Gateway/ListModels", KIB),
     ("/grpc.health.v1.Health/Check", KIB),
@@ -28,7 +32,7 @@ const TABLE: &[(&str, usize)] = &[
     ("/meshgate.quota.v1.Quota/Status", 8 * KIB),
     ("/meshgate.quota.v1.Quota/SetLimits", 16 * KIB),
     ("/meshgate.quota.v1.Quota/Charge", 8 * KIB),
-    ("/meshgate.inference.v1.Inference/Generate", 4 * MIB),
+    ("/meshgate.inference.v1.Inference/Generate", CONVERSATION),
     ("/meshgate.inference.v1.Inference/Embed", 4 * MIB),
     ("/meshgate.inference.v1.Inference/Classify", 4 * MIB),
     ("/meshgate.inference.v1.Inference/ListModels", KIB),
@@ -38,8 +42,8 @@ const TABLE: &[(&str, usize)] = &[
     ("/meshgate.router.v1.Router/ReportOutcome", 16 * KIB),
     ("/meshgate.router.v1.Router/ReportOutcomes", MIB),
     ("/meshgate.router.v1.Router/ListTargets", KIB),
-    ("/meshgate.sync.v1.Sync/Complete", 4 * MIB),
-    ("/meshgate.sync.v1.Sync/Enqueue", 4 * MIB),
+    ("/meshgate.sync.v1.Sync/Complete", CONVERSATION),
+    ("/meshgate.sync.v1.Sync/Enqueue", CONVERSATION),
     ("/meshgate.sync.v1.Sync/GetJob", 8 * KIB),
     ("/meshgate.sync.v1.Sync/ListJobs", 8 * KIB),
     ("/meshgate.sync.v1.Sync/RetryJob", 16 * KIB),
