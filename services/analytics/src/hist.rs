@@ -26,6 +26,20 @@ pub fn bucket(latency_us: i64) -> usize {
     THRESHOLDS.partition_point(|t| *t <= latency_us)
 }
 
+/// What one trace spent: its tokens by class and its cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// Of the prompt, tokens read from the provider's prompt cache.
+    pub cached_prompt_tokens: i64,
+    /// Of the prompt, tokens written to the provider's prompt cache.
+    pub cache_write_tokens: i64,
+    /// Of the completion, tokens spent reasoning.
+    pub reasoning_tokens: i64,
+    pub cost_micros: i64,
+}
+
 /// Sums over a group of traces: what a rollup row holds, and what answers are made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acc {
@@ -33,6 +47,9 @@ pub struct Acc {
     pub errors: i64,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    pub cached_prompt_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub reasoning_tokens: i64,
     pub cost_micros: i64,
     pub latency_sum_us: i64,
     pub latency_min_us: i64,
@@ -47,6 +64,9 @@ impl Default for Acc {
             errors: 0,
             prompt_tokens: 0,
             completion_tokens: 0,
+            cached_prompt_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
             cost_micros: 0,
             latency_sum_us: 0,
             latency_min_us: i64::MAX,
@@ -58,19 +78,15 @@ impl Default for Acc {
 
 impl Acc {
     /// Counts one trace.
-    pub fn add(
-        &mut self,
-        is_error: bool,
-        prompt_tokens: i64,
-        completion_tokens: i64,
-        cost_micros: i64,
-        latency_us: i64,
-    ) {
+    pub fn add(&mut self, is_error: bool, spend: &Spend, latency_us: i64) {
         self.requests += 1;
         self.errors += i64::from(is_error);
-        self.prompt_tokens = self.prompt_tokens.saturating_add(prompt_tokens);
-        self.completion_tokens = self.completion_tokens.saturating_add(completion_tokens);
-        self.cost_micros = self.cost_micros.saturating_add(cost_micros);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(spend.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(spend.completion_tokens);
+        self.cached_prompt_tokens = self.cached_prompt_tokens.saturating_add(spend.cached_prompt_tokens);
+        self.cache_write_tokens = self.cache_write_tokens.saturating_add(spend.cache_write_tokens);
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(spend.reasoning_tokens);
+        self.cost_micros = self.cost_micros.saturating_add(spend.cost_micros);
         self.latency_sum_us = self.latency_sum_us.saturating_add(latency_us);
         self.latency_min_us = self.latency_min_us.min(latency_us);
         self.latency_max_us = self.latency_max_us.max(latency_us);
@@ -83,6 +99,9 @@ impl Acc {
         self.errors += other.errors;
         self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
         self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
+        self.cached_prompt_tokens = self.cached_prompt_tokens.saturating_add(other.cached_prompt_tokens);
+        self.cache_write_tokens = self.cache_write_tokens.saturating_add(other.cache_write_tokens);
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(other.reasoning_tokens);
         self.cost_micros = self.cost_micros.saturating_add(other.cost_micros);
         self.latency_sum_us = self.latency_sum_us.saturating_add(other.latency_sum_us);
         self.latency_min_us = self.latency_min_us.min(other.latency_min_us);
@@ -133,6 +152,9 @@ impl Acc {
             p95_latency_us: self.percentile(0.95),
             p99_latency_us: self.percentile(0.99),
             avg_latency_us: self.avg_latency_us(),
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            reasoning_tokens: self.reasoning_tokens,
         }
     }
 }
@@ -162,7 +184,7 @@ mod tests {
         assert_eq!(acc.percentile(0.5), 0);
         let mut values: Vec<i64> = (0..5_000).map(|i: i64| (i * i * 7919) % 3_000_000 + 50).collect();
         for v in &values {
-            acc.add(false, 0, 0, 0, *v);
+            acc.add(false, &Spend::default(), *v);
         }
         values.sort_unstable();
         for p in [0.01, 0.5, 0.95, 0.99, 1.0] {
@@ -171,11 +193,26 @@ mod tests {
             assert!((estimate - truth).abs() as f64 <= truth as f64 * 0.19 + 1.0, "p{p}: {estimate} vs {truth}");
         }
         let mut single = Acc::default();
-        single.add(true, 1, 2, 3, 12_345);
+        let spend = Spend {
+            prompt_tokens: 10,
+            completion_tokens: 20,
+            cached_prompt_tokens: 4,
+            cache_write_tokens: 3,
+            reasoning_tokens: 5,
+            cost_micros: 7,
+        };
+        single.add(true, &spend, 12_345);
         assert_eq!((single.percentile(0.5), single.percentile(0.99)), (12_345, 12_345));
         let mut merged = Acc::default();
         merged.merge(&single);
         merged.merge(&acc);
         assert_eq!((merged.requests, merged.errors, merged.latency_min_us), (5_001, 1, 50));
+        let row = merged.row(String::new());
+        assert_eq!(
+            (row.prompt_tokens, row.completion_tokens, row.cost_micros),
+            (10, 20, 7),
+            "only the one trace spent anything"
+        );
+        assert_eq!((row.cached_prompt_tokens, row.cache_write_tokens, row.reasoning_tokens), (4, 3, 5));
     }
 }

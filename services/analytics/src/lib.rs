@@ -38,6 +38,7 @@ static MIGRATIONS: &[Migration] = &[
         name: "partitions_and_rollups",
         sql: include_str!("../migrations/0002_partitions_and_rollups.sql"),
     },
+    Migration { version: 3, name: "usage_details", sql: include_str!("../migrations/0003_usage_details.sql") },
 ];
 
 /// The schema migrations of the analytics tables (`request_traces`, `model_calls`,

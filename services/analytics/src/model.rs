@@ -6,6 +6,7 @@ use meshgate_proto::analytics::v1 as pb;
 use meshgate_proto::common::v1::Layer;
 
 use crate::Error;
+use crate::hist::Spend;
 
 /// Longest request id, org id or other identifier accepted, bytes.
 pub const MAX_ID_LEN: usize = 256;
@@ -30,6 +31,11 @@ pub struct TraceRow {
     pub completion_tokens: i64,
     pub total_tokens: i64,
     pub cost_micros: i64,
+    /// Of `prompt_tokens`, read from and written to the provider's prompt cache.
+    pub cached_prompt_tokens: i64,
+    pub cache_write_tokens: i64,
+    /// Of `completion_tokens`, spent reasoning.
+    pub reasoning_tokens: i64,
     pub latency_us: i64,
     pub status_code: i32,
     pub error_code: String,
@@ -204,6 +210,9 @@ impl TraceRow {
             ("usage.completion_tokens", usage.completion_tokens),
             ("usage.total_tokens", usage.total_tokens),
             ("usage.cost_micros", usage.cost_micros),
+            ("usage.cached_prompt_tokens", usage.cached_prompt_tokens),
+            ("usage.cache_write_tokens", usage.cache_write_tokens),
+            ("usage.reasoning_tokens", usage.reasoning_tokens),
             ("latency_us", trace.latency_us),
         ] {
             check_non_negative(what, value, &rid)?;
@@ -231,6 +240,9 @@ impl TraceRow {
             completion_tokens: usage.completion_tokens,
             total_tokens,
             cost_micros: usage.cost_micros,
+            cached_prompt_tokens: usage.cached_prompt_tokens,
+            cache_write_tokens: usage.cache_write_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
             latency_us: trace.latency_us,
             status_code: trace.status_code,
             error_code: trace.error.as_ref().map(|e| e.code.clone()).unwrap_or_default(),
@@ -239,6 +251,18 @@ impl TraceRow {
             risk_score: i32::try_from(trace.risk_score).unwrap_or(100),
             trace,
         })
+    }
+
+    /// What the request spent, for the sums.
+    pub fn spend(&self) -> Spend {
+        Spend {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            cost_micros: self.cost_micros,
+        }
     }
 
     /// The model that answered, else the one asked for (the `model` column).

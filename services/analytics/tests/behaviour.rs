@@ -284,6 +284,54 @@ async fn top_expensive_and_error_rates(backend: Backend) {
     assert_eq!(rates, vec![("gpt-a".to_owned(), 1, 1), ("gpt-c".to_owned(), 1, 0), ("local-b".to_owned(), 1, 0)]);
 }
 
+/// Cached, cache-write and reasoning tokens are summed like the rest, whichever source (daily or
+/// hourly rollup, raw rows) a range reads.
+async fn usage_details_are_summed_from_every_source(backend: Backend) {
+    let store = backend.store().await;
+    let org = unique("org");
+    let detailed = |rid, at, cached, cache_write, reasoning| T {
+        rid,
+        at,
+        prompt: 100,
+        completion: 50,
+        cached,
+        cache_write,
+        reasoning,
+        ..T::default()
+    };
+    let set = [
+        detailed("d1", "2031-03-10T10:00:00Z", 60, 0, 0),
+        detailed("d2", "2031-03-10T10:30:00Z", 0, 40, 20),
+        detailed("d3", "2031-03-11T09:15:00Z", 30, 10, 45),
+        T { rid: "plain", at: "2031-03-11T09:20:00Z", ..T::default() },
+    ];
+    assert_eq!(store.insert(rows(&org, &set)).await.unwrap().stored, 4);
+    let sums = |window: TimeWindow| {
+        let store = store.clone();
+        let org = org.clone();
+        async move {
+            let row = query(store.as_ref(), &TraceQuery::total(Scope::org(&org), window)).await.unwrap().remove(0);
+            (row.requests, row.cached_prompt_tokens, row.cache_write_tokens, row.reasoning_tokens)
+        }
+    };
+    assert_eq!(sums(TimeWindow::default()).await, (4, 90, 50, 65), "whole days");
+    let hours = TimeWindow { from: Some(at("2031-03-10T10:00:00Z")), to: Some(at("2031-03-11T10:00:00Z")) };
+    assert_eq!(sums(hours).await, (4, 90, 50, 65), "whole hours");
+    let minutes = TimeWindow { from: Some(at("2031-03-10T10:10:00Z")), to: Some(at("2031-03-11T09:16:00Z")) };
+    assert_eq!(sums(minutes).await, (2, 30, 50, 65), "slivers of hours from raw rows");
+    let by_day = query(
+        store.as_ref(),
+        &TraceQuery { group_by: GroupBy::Day, ..TraceQuery::total(Scope::org(&org), TimeWindow::default()) },
+    )
+    .await
+    .unwrap();
+    let details: Vec<(String, i64, i64, i64)> =
+        by_day.into_iter().map(|r| (r.key, r.cached_prompt_tokens, r.cache_write_tokens, r.reasoning_tokens)).collect();
+    assert_eq!(details, [("2031-03-10".to_owned(), 60, 40, 20), ("2031-03-11".to_owned(), 30, 10, 45)]);
+    let got = store.get(&Scope::org(&org), "d3").await.unwrap().unwrap();
+    assert_eq!(got.usage.unwrap().reasoning_tokens, 45, "the trace keeps them too");
+}
+
 /// Memory and Postgres (rollups) answer every grouping identically, percentiles included.
 #[tokio::test]
 async fn memory_and_postgres_answer_alike() {
@@ -300,6 +348,11 @@ async fn memory_and_postgres_answer_alike() {
             served: ["gpt-a", "local-b"][(i % 2) as usize],
             latency: (i * i * 7_919) % 2_000_000 + 1,
             cost: i * 3,
+            prompt: 20,
+            completion: 10,
+            cached: i % 5,
+            cache_write: i % 3,
+            reasoning: i % 4,
             status: if i % 7 == 0 { 500 } else { 200 },
             ..T::default()
         });
@@ -335,4 +388,5 @@ backend_tests!(
     duplicate_request_ids_are_ignored,
     aggregates_are_exact_for_a_known_set,
     top_expensive_and_error_rates,
+    usage_details_are_summed_from_every_source,
 );

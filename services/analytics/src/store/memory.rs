@@ -76,13 +76,7 @@ impl TraceStore for MemoryTraceStore {
         let state = self.state.read();
         let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
         for row in state.rows.values().filter(|r| query.matches(r)) {
-            groups.entry(query.group_by.key(row)).or_default().add(
-                row.is_error(),
-                row.prompt_tokens,
-                row.completion_tokens,
-                row.cost_micros,
-                row.latency_us,
-            );
+            groups.entry(query.group_by.key(row)).or_default().add(row.is_error(), &row.spend(), row.latency_us);
         }
         Ok(groups)
     }

@@ -42,21 +42,25 @@ const INSERT_TRACES: &str = "
 INSERT INTO request_traces (started_at, org_id, request_id, trace_id, project_id, user_id, key_id,
     requested_model, served_model, served_target, layer, prompt_tokens, completion_tokens,
     total_tokens, cost_micros, latency_us, status_code, error_code, stream, trace, task, risk_score,
-    routing_reason, routing_reasons, tool_calls, headers)
+    routing_reason, routing_reasons, tool_calls, headers, cached_prompt_tokens, cache_write_tokens,
+    reasoning_tokens)
 SELECT t.started_at, t.org_id, t.request_id, t.trace_id, t.project_id, t.user_id, t.key_id,
     t.requested_model, t.served_model, t.served_target, t.layer, t.prompt_tokens,
     t.completion_tokens, t.total_tokens, t.cost_micros, t.latency_us, t.status_code, t.error_code,
     t.stream, t.trace, t.task, t.risk_score, t.routing_reason, t.routing_reasons::jsonb,
-    t.tool_calls::jsonb, t.headers::jsonb
+    t.tool_calls::jsonb, t.headers::jsonb, t.cached_prompt_tokens, t.cache_write_tokens,
+    t.reasoning_tokens
 FROM unnest(
     $1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
     $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], $13::int8[], $14::int8[],
     $15::int8[], $16::int8[], $17::int4[], $18::text[], $19::bool[], $20::bytea[], $21::text[],
-    $22::int4[], $23::text[], $24::text[], $25::text[], $26::text[]
+    $22::int4[], $23::text[], $24::text[], $25::text[], $26::text[], $27::int8[], $28::int8[],
+    $29::int8[]
 ) AS t(started_at, org_id, request_id, trace_id, project_id, user_id, key_id, requested_model,
        served_model, served_target, layer, prompt_tokens, completion_tokens, total_tokens,
        cost_micros, latency_us, status_code, error_code, stream, trace, task, risk_score,
-       routing_reason, routing_reasons, tool_calls, headers)
+       routing_reason, routing_reasons, tool_calls, headers, cached_prompt_tokens,
+       cache_write_tokens, reasoning_tokens)
 ON CONFLICT DO NOTHING
 RETURNING org_id, request_id";
 
@@ -77,20 +81,25 @@ fn upsert_rollups(table: &str) -> String {
     format!(
         "INSERT INTO {table} AS r (org_id, bucket_start, project_id, user_id, model, layer, requests, errors,
              prompt_tokens, completion_tokens, cost_micros, latency_sum_us, latency_min_us, latency_max_us,
-             latency_hist)
+             latency_hist, cached_prompt_tokens, cache_write_tokens, reasoning_tokens)
          SELECT t.org_id, t.bucket_start, t.project_id, t.user_id, t.model, t.layer, t.requests, t.errors,
              t.prompt_tokens, t.completion_tokens, t.cost_micros, t.latency_sum_us, t.latency_min_us,
-             t.latency_max_us, t.latency_hist::int8[]
+             t.latency_max_us, t.latency_hist::int8[], t.cached_prompt_tokens, t.cache_write_tokens,
+             t.reasoning_tokens
          FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[],
              $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[],
-             $14::int8[], $15::text[])
+             $14::int8[], $15::text[], $16::int8[], $17::int8[], $18::int8[])
              AS t(org_id, bucket_start, project_id, user_id, model, layer, requests, errors, prompt_tokens,
-                  completion_tokens, cost_micros, latency_sum_us, latency_min_us, latency_max_us, latency_hist)
+                  completion_tokens, cost_micros, latency_sum_us, latency_min_us, latency_max_us, latency_hist,
+                  cached_prompt_tokens, cache_write_tokens, reasoning_tokens)
          ON CONFLICT (org_id, bucket_start, project_id, user_id, model, layer) DO UPDATE SET
              requests = r.requests + excluded.requests,
              errors = r.errors + excluded.errors,
              prompt_tokens = r.prompt_tokens + excluded.prompt_tokens,
              completion_tokens = r.completion_tokens + excluded.completion_tokens,
+             cached_prompt_tokens = r.cached_prompt_tokens + excluded.cached_prompt_tokens,
+             cache_write_tokens = r.cache_write_tokens + excluded.cache_write_tokens,
+             reasoning_tokens = r.reasoning_tokens + excluded.reasoning_tokens,
              cost_micros = r.cost_micros + excluded.cost_micros,
              latency_sum_us = r.latency_sum_us + excluded.latency_sum_us,
              latency_min_us = least(r.latency_min_us, excluded.latency_min_us),
@@ -251,13 +260,7 @@ fn rollup_deltas(rows: &[&TraceRow], unit: i64) -> BTreeMap<RollupKey, Acc> {
             r.model().to_owned(),
             r.layer,
         );
-        deltas.entry(key).or_default().add(
-            r.is_error(),
-            r.prompt_tokens,
-            r.completion_tokens,
-            r.cost_micros,
-            r.latency_us,
-        );
+        deltas.entry(key).or_default().add(r.is_error(), &r.spend(), r.latency_us);
     }
     deltas
 }
@@ -488,6 +491,9 @@ impl PostgresTraceStore {
                     &reasons,
                     &tools,
                     &headers,
+                    &int(|r| r.cached_prompt_tokens),
+                    &int(|r| r.cache_write_tokens),
+                    &int(|r| r.reasoning_tokens),
                 ],
             )
             .await?
@@ -665,6 +671,9 @@ struct RollupColumns {
     latency_sum_us: Vec<i64>,
     latency_min_us: Vec<i64>,
     latency_max_us: Vec<i64>,
+    cached_prompt_tokens: Vec<i64>,
+    cache_write_tokens: Vec<i64>,
+    reasoning_tokens: Vec<i64>,
     /// Array literals (`{1,0,…}`): one array per row, which unnest cannot carry as int8[][].
     hist: Vec<String>,
 }
@@ -687,6 +696,9 @@ impl RollupColumns {
             c.latency_sum_us.push(acc.latency_sum_us);
             c.latency_min_us.push(acc.latency_min_us);
             c.latency_max_us.push(acc.latency_max_us);
+            c.cached_prompt_tokens.push(acc.cached_prompt_tokens);
+            c.cache_write_tokens.push(acc.cache_write_tokens);
+            c.reasoning_tokens.push(acc.reasoning_tokens);
             let mut literal = String::with_capacity(BUCKETS * 2 + 2);
             literal.push('{');
             for (i, count) in acc.hist.iter().enumerate() {
@@ -718,6 +730,9 @@ impl RollupColumns {
             &self.latency_min_us,
             &self.latency_max_us,
             &self.hist,
+            &self.cached_prompt_tokens,
+            &self.cache_write_tokens,
+            &self.reasoning_tokens,
         ]
     }
 }
@@ -771,7 +786,9 @@ impl TraceStore for PostgresTraceStore {
                 let sql = format!(
                     "SELECT {key}, analytics_latency_bucket(latency_us), count(*), count(*) FILTER (WHERE is_error), \
                             sum(prompt_tokens)::int8, sum(completion_tokens)::int8, sum(cost_micros)::int8, \
-                            sum(latency_us)::int8, min(latency_us), max(latency_us) \
+                            sum(latency_us)::int8, min(latency_us), max(latency_us), \
+                            sum(cached_prompt_tokens)::int8, sum(cache_write_tokens)::int8, \
+                            sum(reasoning_tokens)::int8 \
                      FROM request_traces WHERE {filter} GROUP BY 1, 2",
                     key = key_sql(query.group_by, "started_at"),
                 );
@@ -785,6 +802,9 @@ impl TraceStore for PostgresTraceStore {
                         latency_sum_us: r.get(7),
                         latency_min_us: r.get(8),
                         latency_max_us: r.get(9),
+                        cached_prompt_tokens: r.get(10),
+                        cache_write_tokens: r.get(11),
+                        reasoning_tokens: r.get(12),
                         ..Acc::default()
                     };
                     let bucket = usize::try_from(r.get::<_, i32>(1)).unwrap_or(0).min(BUCKETS - 1);
@@ -797,7 +817,8 @@ impl TraceStore for PostgresTraceStore {
             let filter = conditions(&query.scope, Some(query), "bucket_start", &window, &mut params);
             let sql = format!(
                 "SELECT {key}, requests, errors, prompt_tokens, completion_tokens, cost_micros, latency_sum_us, \
-                        latency_min_us, latency_max_us, latency_hist \
+                        latency_min_us, latency_max_us, latency_hist, cached_prompt_tokens, cache_write_tokens, \
+                        reasoning_tokens \
                  FROM {table} WHERE {filter}",
                 key = key_sql(query.group_by, "bucket_start"),
             );
@@ -812,6 +833,9 @@ impl TraceStore for PostgresTraceStore {
                     latency_sum_us: r.get(6),
                     latency_min_us: r.get(7),
                     latency_max_us: r.get(8),
+                    cached_prompt_tokens: r.get(10),
+                    cache_write_tokens: r.get(11),
+                    reasoning_tokens: r.get(12),
                     ..Acc::default()
                 };
                 for (slot, count) in acc.hist.iter_mut().zip(stored) {
