@@ -95,12 +95,19 @@ impl ChatRequest {
 
     /// `json_verified`: the JSON documents were parsed already (by the edge's own parser).
     pub(crate) fn check_with(&mut self, json_verified: bool) -> Result<(), WireError> {
+        self.check_conversation(json_verified, false)
+    }
+
+    /// [`ChatRequest::check_with`]; `continued`: the conversation continues one stored elsewhere
+    /// (the Responses API's `previous_response_id`), so a tool result may answer a call made
+    /// there, checked once the two are joined.
+    pub(crate) fn check_conversation(&mut self, json_verified: bool, continued: bool) -> Result<(), WireError> {
         let trimmed = self.model.trim();
         if trimmed.len() != self.model.len() {
             self.model = trimmed.to_owned();
         }
         check_identifier(|| "model".into(), &self.model, false)?;
-        if self.messages.is_empty() {
+        if self.messages.is_empty() && !continued {
             return Err(WireError::invalid("messages", "must contain at least one message"));
         }
         let mut calls_made: HashSet<&str> = HashSet::new();
@@ -109,7 +116,7 @@ impl ChatRequest {
             for call in &message.tool_calls {
                 calls_made.insert(&call.id);
             }
-            if message.role == "tool" && !calls_made.contains(message.tool_call_id.as_str()) {
+            if message.role == "tool" && !continued && !calls_made.contains(message.tool_call_id.as_str()) {
                 return Err(WireError::invalid(
                     format!("messages[{index}].tool_call_id"),
                     format!("is {:?}, which no earlier assistant message's tool_calls has", message.tool_call_id),

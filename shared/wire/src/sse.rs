@@ -158,9 +158,29 @@ pub fn write_event(out: &mut Vec<u8>, event: Option<&str>, data: &str) {
     out.push(b'\n');
 }
 
+/// Appends one event whose data is `payload` as JSON, written straight into `out` (serde_json
+/// escapes every line end inside strings, so the JSON is one `data:` line).
+pub fn write_json_event<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, event: Option<&str>, payload: &T) {
+    if let Some(name) = event {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut *out, payload).expect("an event payload serializes");
+    out.extend_from_slice(b"\n\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_events_are_one_data_line() {
+        let mut out = Vec::new();
+        write_json_event(&mut out, Some("ping"), &serde_json::json!({"text": "a\nb\r"}));
+        assert_eq!(out, b"event: ping\ndata: {\"text\":\"a\\nb\\r\"}\n\n");
+    }
 
     fn drain(decoder: &mut SseDecoder) -> Vec<SseEvent> {
         let mut out = Vec::new();

@@ -22,34 +22,13 @@ use serde_json::value::RawValue;
 
 use crate::canonical::{Answer, ChatRequest};
 use crate::error::WireError;
-use crate::json_path::path_at;
+use crate::json_body::{extra_json, json_error, json_text, keep_extra, narrow, once};
 use crate::sse;
 
 /// Parses and checks a Chat Completions request body (see [`ChatRequest::check`]).
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, WireError> {
     let wire: WireRequest = serde_json::from_slice(body).map_err(|err| json_error(body, &err))?;
     wire.into_canonical()
-}
-
-/// A serde error as a [`WireError`] naming the field it is about.
-fn json_error(body: &[u8], err: &serde_json::Error) -> WireError {
-    use serde_json::error::Category;
-    let message = err.to_string();
-    let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
-    match err.classify() {
-        Category::Syntax | Category::Eof | Category::Io => WireError::invalid(
-            "",
-            format!("malformed JSON body (line {}, column {}): {message}", err.line(), err.column()),
-        ),
-        Category::Data => {
-            let field = path_at(body, err.line(), err.column());
-            if field.is_empty() {
-                WireError::invalid("", format!("invalid request body: {message}"))
-            } else {
-                WireError::invalid(field, message)
-            }
-        }
-    }
 }
 
 /// The request as sent. Every field is optional here so that a missing one is reported by name.
@@ -91,20 +70,6 @@ impl<'de> Deserialize<'de> for WireRequest {
 
 struct RequestVisitor;
 
-/// Sets a field once: a repeated key is an error, as serde's derived code makes it.
-fn once<T, E: de::Error>(
-    slot: &mut Option<T>,
-    value: Option<T>,
-    key: &str,
-    seen: &mut HashSet<String>,
-) -> Result<(), E> {
-    if !seen.insert(key.to_owned()) {
-        return Err(E::custom(format_args!("duplicate field `{key}`")));
-    }
-    *slot = value;
-    Ok(())
-}
-
 impl<'de> Visitor<'de> for RequestVisitor {
     type Value = WireRequest;
 
@@ -144,13 +109,7 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 "service_tier" => once(&mut r.service_tier, map.next_value()?, &key, seen)?,
                 _ => {
                     let value: Box<RawValue> = map.next_value()?;
-                    if !seen.insert(key.clone()) {
-                        return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
-                    }
-                    // A null is the parameter left unset.
-                    if value.get() != "null" {
-                        r.extra.push((key, value));
-                    }
+                    keep_extra(&mut r.extra, key, value, seen)?;
                 }
             }
         }
@@ -165,7 +124,7 @@ struct WireStreamOptions {
 }
 
 /// `stop`: one string or a list.
-struct Stop(Vec<String>);
+pub(crate) struct Stop(pub(crate) Vec<String>);
 
 impl<'de> Deserialize<'de> for Stop {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -369,14 +328,6 @@ struct WireJsonSchema {
     strict: Option<bool>,
 }
 
-/// A JSON document the client gave where an object belongs (a schema), as text.
-fn json_text(raw: Option<Box<RawValue>>) -> String {
-    match raw {
-        Some(raw) if raw.get() != "null" => String::from(raw.get()),
-        _ => String::new(),
-    }
-}
-
 impl WireRequest {
     /// The canonical request: the shapes converted here, every value checked by
     /// [`ChatRequest::check`].
@@ -402,7 +353,6 @@ impl WireRequest {
         };
         let tools =
             self.tools.unwrap_or_default().into_iter().enumerate().map(convert_tool).collect::<Result<_, _>>()?;
-        let narrow = |value: i64| i32::try_from(value).unwrap_or(if value < 0 { i32::MIN } else { i32::MAX });
         let options = pb::ChatOptions {
             tools,
             tool_choice: self.tool_choice.map(convert_tool_choice).transpose()?,
@@ -431,25 +381,6 @@ impl WireRequest {
         chat.check_with(true)?;
         Ok(chat)
     }
-}
-
-/// The unknown parameters as one JSON object, in the client's order.
-fn extra_json(extra: &[(String, Box<RawValue>)]) -> String {
-    if extra.is_empty() {
-        return String::new();
-    }
-    let mut json = String::with_capacity(2 + extra.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>());
-    json.push('{');
-    for (i, (key, value)) in extra.iter().enumerate() {
-        if i > 0 {
-            json.push(',');
-        }
-        json.push_str(&serde_json::to_string(key).unwrap_or_default());
-        json.push(':');
-        json.push_str(value.get());
-    }
-    json.push('}');
-    json
 }
 
 fn convert_message(index: usize, message: WireMessage) -> Result<pb::ChatMessage, WireError> {
@@ -631,7 +562,7 @@ pub struct ReplyMeta {
 }
 
 #[derive(Serialize)]
-struct UsageJson {
+pub(crate) struct UsageJson {
     prompt_tokens: i64,
     completion_tokens: i64,
     total_tokens: i64,

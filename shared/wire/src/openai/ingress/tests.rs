@@ -118,7 +118,7 @@ fn bad_input_names_the_field() {
         (messages(json!([])), "messages"),
         (messages(json!("hi")), "messages"),
         (messages(json!([{"role": "robot", "content": "x"}])), "messages[0].role"),
-        (messages(json!([{"content": "x"}])), "messages[0]"),
+        (messages(json!([{"content": "x"}])), "messages[0].role"),
         (messages(json!([{"role": "user"}])), "messages[0].content"),
         (messages(json!([{"role": "user", "content": 5}])), "messages[0].content"),
         (messages(json!([{"role": "user", "content": "a\u{0}b"}])), "messages[0].content"),
@@ -195,7 +195,7 @@ fn bad_input_names_the_field() {
         (tools(json!({"name": "f", "parameters": "{}"})), "tools[0].function.parameters"),
         (tools(json!({"name": "get\u{0}weather"})), "tools[0].function.name"),
         (tools(json!({"name": ""})), "tools[0].function.name"),
-        (tools(json!({"description": "no name"})), "tools[0].function"),
+        (tools(json!({"description": "no name"})), "tools[0].function.name"),
         (
             with(
                 "tools",
