@@ -2,6 +2,7 @@
 //! ONNX Runtime and the mock providers. One test binary for every area, so the stack is linked
 //! once rather than once per file.
 
+mod agents;
 mod analytics;
 mod attacks;
 mod cloud;

@@ -146,6 +146,7 @@ fn make_trace(i: u64, total: u64, now: DateTime<Utc>) -> pb::Trace {
         risk_score: (r % 40) as u32,
         tool_calls: vec![pb::ToolCall { name: "search".into(), kind: "offered".into() }],
         headers: [("user-agent".to_owned(), "bench/1".to_owned())].into(),
+        dropped_params: Vec::new(),
     }
 }
 

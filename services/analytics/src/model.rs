@@ -78,6 +78,7 @@ fn strip(text: &mut String) {
 fn strip_nul(trace: &mut pb::Trace) {
     strip(&mut trace.routing_reason);
     trace.routing_reasons.iter_mut().for_each(strip);
+    trace.dropped_params.iter_mut().for_each(strip);
     for tool in &mut trace.tool_calls {
         strip(&mut tool.name);
         strip(&mut tool.kind);
@@ -168,16 +169,21 @@ impl TraceRow {
             ("tool_calls", trace.tool_calls.len()),
             ("routing_reasons", trace.routing_reasons.len()),
             ("headers", trace.headers.len()),
+            ("dropped_params", trace.dropped_params.len()),
         ] {
             if len > MAX_LIST_LEN {
                 return Err(Error::InvalidArgument(format!("trace {rid}: more than {MAX_LIST_LEN} {what}")));
             }
         }
-        let texts =
-            trace.routing_reasons.iter().chain(std::iter::once(&trace.routing_reason)).chain(trace.headers.values());
+        let texts = trace
+            .routing_reasons
+            .iter()
+            .chain(std::iter::once(&trace.routing_reason))
+            .chain(trace.headers.values())
+            .chain(&trace.dropped_params);
         if texts.chain(trace.headers.keys()).any(|t| t.len() > MAX_TEXT_LEN) {
             return Err(Error::InvalidArgument(format!(
-                "trace {rid}: a routing reason or header is longer than {MAX_TEXT_LEN} bytes"
+                "trace {rid}: a routing reason, header or dropped parameter is longer than {MAX_TEXT_LEN} bytes"
             )));
         }
         for call in &trace.calls {
@@ -522,9 +528,11 @@ mod tests {
             tool_calls: vec![pb::ToolCall { name: "get\0weather".into(), kind: "offered".into() }],
             headers: [("x-n\0".to_owned(), "a\0b".to_owned())].into_iter().collect(),
             routing_reasons: vec!["why\0".into()],
+            dropped_params: vec!["top\0_k".into()],
             ..Default::default()
         };
         let row = TraceRow::from_trace(trace.clone()).unwrap();
+        assert_eq!(row.trace.dropped_params, ["top_k"]);
         assert_eq!(row.trace.tool_calls[0].name, "getweather");
         assert_eq!(row.trace.headers.get("x-n").map(String::as_str), Some("ab"));
         assert_eq!(row.trace.routing_reasons, ["why"]);

@@ -125,6 +125,11 @@ pub struct AnalyticsRow {
     errors: i64,
     prompt_tokens: i64,
     completion_tokens: i64,
+    /// Of the prompt tokens, those read from and written to the providers' prompt caches; of the
+    /// completion tokens, those spent reasoning (each class charged at its own price).
+    cached_prompt_tokens: i64,
+    cache_write_tokens: i64,
+    reasoning_tokens: i64,
     /// Cost charged, micro-dollars.
     cost_micros: i64,
     /// Latency percentiles (histogram estimates) and mean, microseconds.
@@ -182,6 +187,9 @@ pub async fn summary(
                 errors: row.errors,
                 prompt_tokens: row.prompt_tokens,
                 completion_tokens: row.completion_tokens,
+                cached_prompt_tokens: row.cached_prompt_tokens,
+                cache_write_tokens: row.cache_write_tokens,
+                reasoning_tokens: row.reasoning_tokens,
                 cost_micros: row.cost_micros,
                 p50_latency_us: row.p50_latency_us,
                 p95_latency_us: row.p95_latency_us,
@@ -406,6 +414,11 @@ pub struct UsageJson {
     prompt_tokens: i64,
     completion_tokens: i64,
     total_tokens: i64,
+    /// Of the prompt tokens, those read from and written to the provider's prompt cache; of the
+    /// completion tokens, those spent reasoning.
+    cached_prompt_tokens: i64,
+    cache_write_tokens: i64,
+    reasoning_tokens: i64,
     cost_micros: i64,
 }
 
@@ -415,6 +428,9 @@ impl From<meshgate_proto::common::v1::Usage> for UsageJson {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             total_tokens: usage.total_tokens,
+            cached_prompt_tokens: usage.cached_prompt_tokens,
+            cache_write_tokens: usage.cache_write_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
             cost_micros: usage.cost_micros,
         }
     }
@@ -493,6 +509,9 @@ pub struct TraceJson {
     tool_calls: Vec<ToolJson>,
     /// Request headers without credentials.
     headers: BTreeMap<String, String>,
+    /// Request parameters the serving provider's body left out (`seed` at Anthropic, unknown
+    /// parameters at a provider that drops them).
+    dropped_params: Vec<String>,
 }
 
 fn trace_error(error: Option<meshgate_proto::common::v1::ErrorDetail>) -> Option<TraceError> {
@@ -557,6 +576,7 @@ impl From<pb::Trace> for TraceJson {
                 .collect(),
             tool_calls: trace.tool_calls.into_iter().map(|t| ToolJson { name: t.name, kind: t.kind }).collect(),
             headers: trace.headers.into_iter().collect(),
+            dropped_params: trace.dropped_params,
         }
     }
 }

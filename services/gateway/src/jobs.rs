@@ -51,8 +51,35 @@ pub fn queueable(err: &ApiError) -> bool {
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct JobResult {
     content: String,
+    /// The model's refusal and reasoning text, when it gave any.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    refusal: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    reasoning_content: String,
+    /// The tool calls the model made (finish reason `tool_calls`), as in a chat completion.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<JobToolCall>,
     finish_reason: String,
     usage: Option<UsageJson>,
+    /// Request parameters the provider's body left out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    dropped_params: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct JobToolCall {
+    id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    kind: String,
+    function: JobFunctionCall,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct JobFunctionCall {
+    name: String,
+    /// The arguments as the model wrote them (JSON text).
+    arguments: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -61,11 +88,26 @@ pub(crate) struct UsageJson {
     prompt_tokens: i64,
     completion_tokens: i64,
     total_tokens: i64,
+    /// Of the prompt tokens, those read from and written to the provider's prompt cache; of the
+    /// completion tokens, those spent reasoning.
+    cached_prompt_tokens: i64,
+    cache_write_tokens: i64,
+    reasoning_tokens: i64,
+    /// Cost charged, micro-dollars.
+    cost_micros: i64,
 }
 
 impl From<Usage> for UsageJson {
     fn from(u: Usage) -> Self {
-        Self { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens, total_tokens: u.total_tokens }
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+            cached_prompt_tokens: u.cached_prompt_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+            reasoning_tokens: u.reasoning_tokens,
+            cost_micros: u.cost_micros,
+        }
     }
 }
 
@@ -141,8 +183,20 @@ fn job_json(job: pb::Job) -> JobJson {
             .then_some(LastError { code: job.last_error_code, message: job.last_error }),
         result: succeeded.then(|| JobResult {
             content: job.result,
+            refusal: job.refusal,
+            reasoning_content: job.reasoning_content,
+            tool_calls: job
+                .tool_calls
+                .into_iter()
+                .map(|call| JobToolCall {
+                    id: call.id,
+                    kind: if call.r#type.is_empty() { "function".into() } else { call.r#type },
+                    function: JobFunctionCall { name: call.function_name, arguments: call.arguments_json },
+                })
+                .collect(),
             finish_reason: job.finish_reason,
             usage: job.usage.map(UsageJson::from),
+            dropped_params: job.dropped_params,
         }),
         model: job.model,
         provider: job.provider,

@@ -859,6 +859,9 @@ impl Settlement {
     }
 
     fn observe(&mut self, chunk: &CompleteChunk) {
+        if !chunk.dropped_params.is_empty() {
+            self.trace.dropped_params.clone_from(&chunk.dropped_params);
+        }
         self.completion_bytes += chunk.delta.len() + chunk.reasoning_delta.len() + chunk.refusal_delta.len();
         for delta in &chunk.tool_call_deltas {
             self.completion_bytes += delta.arguments_delta.len();

@@ -144,12 +144,13 @@ impl RouterCore {
 
     /// Records an outcome. A primary's outcome ends the call the plan counted in flight.
     /// Failures the request or its client caused (a bad request, a client that went away, a
-    /// racer cancelled because the other won) say nothing about the target's health.
+    /// racer cancelled because the other won) and context overflows (the model's limit) say
+    /// nothing about the target's health.
     pub fn report(&self, outcome: &Outcome, now: Instant) {
         if outcome.primary {
             self.health.finish(&outcome.target_id);
         }
-        if !outcome.ok && ErrorCode::parse(&outcome.error_code).is_some_and(ErrorCode::is_client_caused) {
+        if !outcome.ok && ErrorCode::parse(&outcome.error_code).is_some_and(ErrorCode::spares_the_target) {
             return;
         }
         let latency = Duration::from_micros(outcome.latency_us.max(0) as u64);
@@ -230,7 +231,7 @@ mod tests {
     async fn client_caused_failures_do_not_open_the_circuit() {
         let core = core();
         let now = Instant::now();
-        for code in ["client_closed", "invalid_request", "client_closed"] {
+        for code in ["client_closed", "invalid_request", "context_length_exceeded", "client_closed"] {
             let outcome =
                 Outcome { target_id: "a/gpt".into(), ok: false, error_code: code.into(), ..Default::default() };
             core.report(&outcome, now);

@@ -2,7 +2,7 @@
 //!
 //! - `Sync.Complete`: a streaming chat completion forwarded to a provider speaking the OpenAI or
 //!   the Anthropic format, with timeouts and retries before the first byte (see [`upstream`] for
-//!   the stream contract, [`anthropic`] for the mapping and [`error`] for the gRPC statuses).
+//!   the stream contract, [`meshgate_wire`] for the formats and [`error`] for the gRPC statuses).
 //! - `Enqueue`, `GetJob`, `ListJobs`, `RetryJob`: the durable queue of asynchronous completions
 //!   (see [`queue`]), in Postgres (`[sync.queue] database_url`, or `DATABASE_URL` for the
 //!   `meshgate-sync` binary) or in an on-disk log (`[sync.queue] path`). Without either, the queue
@@ -15,13 +15,11 @@
 //! `MESHGATE_PROVIDER_<NAME>_*` variables; [`meshgate_catalog`] documents both and is shared with
 //! the router and the gateway.
 
-pub mod anthropic;
 pub mod cloud;
 pub mod error;
 pub mod metrics;
 pub mod queue;
 pub mod service;
-pub mod sse;
 pub mod upstream;
 
 use std::path::PathBuf;
@@ -92,8 +90,6 @@ pub struct Config {
     pub retry_base_delay_ms: u64,
     /// Longest retry wait, backoff or `Retry-After`: a provider asking for longer is not retried.
     pub retry_max_delay_ms: u64,
-    /// `max_tokens` sent to Anthropic providers when the request sets none (Anthropic requires it).
-    pub anthropic_max_tokens: i64,
     /// The durable queue (`[sync.queue]`).
     pub queue: QueueConfig,
     /// Upload of traces to a cloud meshgate (`[sync.cloud]`).
@@ -206,7 +202,6 @@ impl Default for Config {
             max_retries: 2,
             retry_base_delay_ms: 200,
             retry_max_delay_ms: 10_000,
-            anthropic_max_tokens: 4096,
             queue: QueueConfig::default(),
             cloud: cloud::CloudConfig::default(),
             quota_endpoint: None,
@@ -224,7 +219,6 @@ impl Config {
             ("max_event_bytes", self.max_event_bytes as u64),
             ("retry_base_delay_ms", self.retry_base_delay_ms),
             ("retry_max_delay_ms", self.retry_max_delay_ms),
-            ("anthropic_max_tokens", self.anthropic_max_tokens.max(0) as u64),
         ] {
             if value == 0 {
                 return Err(Error::Config(format!("{field} must be at least 1")));

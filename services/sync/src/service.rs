@@ -70,8 +70,8 @@ impl Queue {
         if !request.idempotency_key.is_empty() {
             validate_idempotency_key(&request.idempotency_key).map_err(Error::InvalidRequest)?;
         }
-        let completion = request.request.ok_or_else(|| Error::InvalidRequest("request is required".into()))?;
-        check_deliverable(upstream, &completion)?;
+        let mut completion = request.request.ok_or_else(|| Error::InvalidRequest("request is required".into()))?;
+        check_deliverable(upstream, &mut completion)?;
         check_prices(&request.prices)?;
         let reservation = request.reservation.map(check_reservation).transpose()?.unwrap_or_default();
         let now = micros(self.clock.now());
@@ -189,17 +189,24 @@ fn check_prices(prices: &[meshgate_proto::common::v1::Target]) -> Result<(), Err
     if prices.len() > MAX_PRICES {
         return Err(Error::InvalidRequest(format!("at most {MAX_PRICES} prices per job (got {})", prices.len())));
     }
-    if let Some(target) =
-        prices.iter().find(|t| t.input_price_micros_per_mtok < 0 || t.output_price_micros_per_mtok < 0)
-    {
+    if let Some(target) = prices.iter().find(|t| {
+        [
+            t.input_price_micros_per_mtok,
+            t.output_price_micros_per_mtok,
+            t.cached_input_price_micros_per_mtok,
+            t.cache_write_price_micros_per_mtok,
+        ]
+        .iter()
+        .any(|price| *price < 0)
+    }) {
         return Err(Error::InvalidRequest(format!("the price of target '{}' is negative", target.id)));
     }
     Ok(())
 }
 
-/// Refuses at once what no attempt could deliver: an invalid request, an unknown provider, a
-/// model no provider serves.
-fn check_deliverable(upstream: &Upstream, request: &CompleteRequest) -> Result<(), Error> {
+/// Refuses at once what no attempt could deliver: an invalid request (normalised as
+/// [`crate::upstream::validate`] does), an unknown provider, a model no provider serves.
+fn check_deliverable(upstream: &Upstream, request: &mut CompleteRequest) -> Result<(), Error> {
     crate::upstream::validate(request)?;
     let provider = request.provider.trim().to_ascii_lowercase();
     if provider.is_empty() {

@@ -1,25 +1,31 @@
-//! Calls to providers: one pooled HTTP client per provider (so each has its own connect
-//! timeout), always streaming upstream, the SSE answer parsed incrementally into
-//! [`CompleteChunk`]s — in the OpenAI chat completions format or the Anthropic Messages format
-//! (see [`crate::anthropic`] for that mapping).
+//! Calls to providers: transport and retries. One pooled HTTP client per provider (so each has
+//! its own connect timeout), always streaming upstream. What is sent and how the answer reads is
+//! the wire crate's: [`meshgate_wire::openai::provider`] for OpenAI-compatible providers,
+//! [`meshgate_wire::anthropic::provider`] for the Anthropic Messages API. This module picks the
+//! format by the provider's kind, tells the translator how the model takes a request
+//! ([`provider_model`]: from the plan's target, which carries the catalog's facts about it), and
+//! turns what goes wrong into this service's [`Error`]s.
 //!
-//! A call's stream yields, in order: zero or more chunks with a non-empty `delta` (the first one
-//! also carries `model`), then one final chunk with an empty `delta`, `finish_reason`, `usage` and
-//! the `tool_calls` assembled from their fragments (plus `model` if no chunk carried it yet) — or
-//! an error, after which it ends. The provider's role-only opening chunk is not forwarded, so the
-//! first item is either real content, the final chunk, or an error: until a content chunk has
-//! arrived, nothing reached the caller and it may fall back to another target.
+//! A call's stream yields, in order: zero or more chunks with content (text, tool-call pieces,
+//! refusal, reasoning or logprobs; the first one also carries `model` and `dropped_params`, the
+//! parameters the provider's body left out), then one final chunk with `finish_reason`, `usage`
+//! and the `tool_calls` assembled from their pieces (plus `model` and `dropped_params` if no chunk
+//! carried them yet) — or an error, after which it ends. The provider's role-only opening chunk
+//! is not forwarded, so the first item is either real content, the final chunk, or an error:
+//! until a content chunk has arrived, nothing reached the caller and it may fall back to another
+//! target. A provider that ignores `stream` and answers with one JSON document gives the same
+//! chunks, all at once.
 //!
-//! **Retries.** A call that fails *before its first item* with a retryable error (429, 5xx, a
-//! refused or reset connection, a stream broken before any content) is retried up to the
-//! provider's `max_retries`, after a jittered exponential backoff (`retry_base_delay_ms · 2ⁿ`,
-//! capped at `retry_max_delay_ms`, half fixed and half random so that many callers do not retry
-//! in step) or the provider's `Retry-After` when that is longer. A wait that would pass the call's
-//! total timeout, or a `Retry-After` longer than `retry_max_delay_ms`, ends the retries: the caller
-//! gets the error at once and can fall back elsewhere. Once an item has been yielded, nothing is
-//! retried — the caller may already hold streamed bytes.
+//! **Retries.** A call that fails *before its first item* with a retryable error (429, 5xx, an
+//! error event, a refused or reset connection, a stream broken before any content) is retried up
+//! to the provider's `max_retries`, after a jittered exponential backoff (`retry_base_delay_ms ·
+//! 2ⁿ`, capped at `retry_max_delay_ms`, half fixed and half random so that many callers do not
+//! retry in step) or the provider's `Retry-After` when that is longer. A wait that would pass the
+//! call's total timeout, or a `Retry-After` longer than `retry_max_delay_ms`, ends the retries:
+//! the caller gets the error at once and can fall back elsewhere. Once an item has been yielded,
+//! nothing is retried — the caller may already hold streamed bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -28,30 +34,26 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use meshgate_catalog::{ProviderKind, ProviderSpec};
-use meshgate_proto::common::v1::{ChatMessage, ToolCall, Usage};
+use meshgate_catalog::{Capability, Catalog, MaxTokensParam, ProviderKind, ProviderSpec};
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
+use meshgate_wire::anthropic::provider as anthropic;
+use meshgate_wire::openai::provider as openai;
+use meshgate_wire::sse::{SseDecoder, SseEvent};
+use meshgate_wire::{ChatRequest, ProviderModel, UnknownParams, WireError};
 use rand::Rng;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use serde::{Deserialize, Serialize};
 
 use crate::Config;
-use crate::anthropic;
 use crate::error::Error;
 use crate::metrics::UpstreamMetrics;
-use crate::sse::{SseDecoder, SseEvent};
 
 /// The chunks of one upstream call.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<CompleteChunk, Error>> + Send>>;
 
-/// Roles a message may have.
-const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 /// Longest request id forwarded as `x-request-id`.
 const MAX_REQUEST_ID_LEN: usize = 256;
 /// At most this much of an error body is read.
 const MAX_ERROR_BODY: usize = 16 * 1024;
-/// Error messages and garbage previews are cut to this many characters.
-const MAX_MESSAGE_CHARS: usize = 512;
 
 /// Options of one call beyond the request itself.
 #[derive(Clone, Debug, Default)]
@@ -76,7 +78,6 @@ struct Inner {
     max_event_bytes: usize,
     retry_base_delay: Duration,
     retry_max_delay: Duration,
-    anthropic_max_tokens: i64,
 }
 
 struct Provider {
@@ -145,7 +146,6 @@ impl Upstream {
                 max_event_bytes: config.max_event_bytes,
                 retry_base_delay: Duration::from_millis(config.retry_base_delay_ms),
                 retry_max_delay: Duration::from_millis(config.retry_max_delay_ms),
-                anthropic_max_tokens: config.anthropic_max_tokens,
             }),
         })
     }
@@ -162,21 +162,22 @@ impl Upstream {
         specs.into_iter().map(|p| p.name.clone()).collect()
     }
 
-    /// Starts a completion. Request errors (unknown provider, invalid fields) are returned at
-    /// once; everything the provider does wrong arrives as an error item of the stream.
+    /// Starts a completion. Request errors (unknown provider, invalid fields, a field the
+    /// provider cannot take) are returned at once; everything the provider does wrong arrives as
+    /// an error item of the stream.
     pub fn complete(&self, request: CompleteRequest) -> Result<ChunkStream, Error> {
         self.complete_with(request, CallOptions::default())
     }
 
     /// [`Upstream::complete`] with [`CallOptions`].
-    pub fn complete_with(&self, request: CompleteRequest, options: CallOptions) -> Result<ChunkStream, Error> {
+    pub fn complete_with(&self, mut request: CompleteRequest, options: CallOptions) -> Result<ChunkStream, Error> {
         let name = request.provider.trim().to_ascii_lowercase();
         if name.is_empty() {
             return Err(Error::InvalidRequest("provider is required".into()));
         }
         let provider =
             self.inner.providers.get(&name).cloned().ok_or_else(|| Error::UnknownProvider(request.provider.clone()))?;
-        validate(&request)?;
+        validate(&mut request)?;
         let idempotency_key = match options.idempotency_key {
             Some(key) => Some(
                 HeaderValue::try_from(key)
@@ -191,13 +192,12 @@ impl Upstream {
         let first_byte_timeout = provider.first_byte_timeout.min(timeout);
         let request_id =
             if request.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { request.request_id.clone() };
+        let model = provider_model(&provider.spec, &request);
         let body = match provider.spec.kind {
-            ProviderKind::Openai => serde_json::to_vec(&WireRequest::new(&request)),
-            ProviderKind::Anthropic => {
-                serde_json::to_vec(&anthropic::request_body(&request, self.inner.anthropic_max_tokens)?)
-            }
+            ProviderKind::Openai => openai::request_body(&request, &model),
+            ProviderKind::Anthropic => anthropic::request_body(&request, &model),
         }
-        .map_err(|err| Error::InvalidRequest(format!("cannot encode the request: {err}")))?;
+        .map_err(|err| Error::from_wire(&provider.spec.name, err))?;
         let model_label = if provider.spec.serves(&request.model) { request.model.clone() } else { "other".to_owned() };
         let status = Arc::new(AtomicU16::new(0));
         let call = Call {
@@ -206,14 +206,16 @@ impl Upstream {
             provider: provider.clone(),
             request_id,
             idempotency_key,
-            model: request.model,
+            request,
+            model,
+            dropped: body.dropped,
             model_label: model_label.clone(),
             timeout,
             first_byte_timeout,
             status: status.clone(),
         };
         let observed = Observed {
-            stream: Box::pin(call.run(Bytes::from(body))),
+            stream: Box::pin(call.run(Bytes::from(body.body))),
             metrics: self.inner.metrics.clone(),
             provider: provider.spec.name.clone(),
             model: model_label,
@@ -226,176 +228,105 @@ impl Upstream {
     }
 }
 
-/// Checks the fields of a completion request (the provider aside).
-pub(crate) fn validate(request: &CompleteRequest) -> Result<(), Error> {
-    let invalid = |message: String| Err(Error::InvalidRequest(message));
-    if request.model.trim().is_empty() {
-        return invalid("model is required".into());
-    }
-    if request.messages.is_empty() {
-        return invalid("messages must contain at least one message".into());
-    }
-    if let Some((i, message)) = request.messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
-        return invalid(format!(
-            "messages[{i}].role {:?} is not one of system, developer, user, assistant, tool",
-            message.role
-        ));
-    }
+/// Checks a completion request (the provider aside): the canonical checks every entry point
+/// shares, naming the field as the OpenAI format spells it (and normalising what has two
+/// spellings: `developer` is `system`), then the call's own fields.
+pub(crate) fn validate(request: &mut CompleteRequest) -> Result<(), Error> {
     if request.request_id.len() > MAX_REQUEST_ID_LEN || HeaderValue::from_str(&request.request_id).is_err() {
-        return invalid(format!("request_id must be at most {MAX_REQUEST_ID_LEN} visible ASCII characters"));
+        return Err(Error::InvalidRequest(format!(
+            "request_id must be at most {MAX_REQUEST_ID_LEN} visible ASCII characters"
+        )));
     }
     if request.timeout_ms < 0 {
-        return invalid(format!("timeout_ms must not be negative (got {})", request.timeout_ms));
+        return Err(Error::InvalidRequest(format!("timeout_ms must not be negative (got {})", request.timeout_ms)));
     }
-    if let Some(sampling) = &request.sampling {
-        if let Some(max) = sampling.max_tokens
-            && max < 1
-        {
-            return invalid(format!("sampling.max_tokens must be at least 1 (got {max})"));
-        }
-        if let Some(t) = sampling.temperature
-            && !(0.0..=2.0).contains(&t)
-        {
-            return invalid(format!("sampling.temperature must be within 0..=2 (got {t})"));
-        }
-        if let Some(p) = sampling.top_p
-            && !(0.0..=1.0).contains(&p)
-        {
-            return invalid(format!("sampling.top_p must be within 0..=1 (got {p})"));
-        }
-    }
-    Ok(())
+    // The request's parts are moved into the canonical shape and back, not copied.
+    let mut chat = ChatRequest {
+        model: std::mem::take(&mut request.model),
+        messages: std::mem::take(&mut request.messages),
+        sampling: request.sampling.take().unwrap_or_default(),
+        options: request.options.take().unwrap_or_default(),
+        ..ChatRequest::default()
+    };
+    let checked = chat.check();
+    request.model = chat.model;
+    request.messages = chat.messages;
+    request.sampling = Some(chat.sampling);
+    request.options = Some(chat.options);
+    checked.map_err(|err| Error::InvalidRequest(err.to_string()))
 }
 
-/// The OpenAI chat completions request sent upstream. `top_k` is not part of the OpenAI API and
-/// is not forwarded.
-#[derive(Serialize)]
-struct WireRequest<'a> {
-    model: &'a str,
-    messages: Vec<WireMessage<'a>>,
-    stream: bool,
-    stream_options: StreamOptions,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_tokens: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Option<f32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<u64>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    stop: &'a [String],
-}
-
-#[derive(Serialize)]
-struct StreamOptions {
-    include_usage: bool,
-}
-
-#[derive(Serialize)]
-struct WireMessage<'a> {
-    role: &'a str,
-    /// `null` for an assistant message that only calls tools.
-    content: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_call_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    tool_calls: Vec<WireToolCall<'a>>,
-}
-
-#[derive(Serialize)]
-struct WireToolCall<'a> {
-    id: &'a str,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    function: WireFunction<'a>,
-}
-
-#[derive(Serialize)]
-struct WireFunction<'a> {
-    name: &'a str,
-    arguments: &'a str,
-}
-
-fn non_empty(s: &str) -> Option<&str> {
-    (!s.is_empty()).then_some(s)
-}
-
-impl<'a> WireRequest<'a> {
-    fn new(request: &'a CompleteRequest) -> Self {
-        let sampling = request.sampling.as_ref();
-        Self {
-            model: &request.model,
-            messages: request.messages.iter().map(WireMessage::new).collect(),
-            stream: true,
-            stream_options: StreamOptions { include_usage: true },
-            max_tokens: sampling.and_then(|s| s.max_tokens),
-            temperature: sampling.and_then(|s| s.temperature),
-            top_p: sampling.and_then(|s| s.top_p),
-            seed: sampling.and_then(|s| s.seed),
-            stop: sampling.map_or(&[], |s| s.stop.as_slice()),
-        }
-    }
-}
-
-impl<'a> WireMessage<'a> {
-    fn new(message: &'a ChatMessage) -> Self {
-        let tool_only = message.role == "assistant" && message.content.is_empty() && !message.tool_calls.is_empty();
-        Self {
-            role: &message.role,
-            content: if tool_only { None } else { Some(&message.content) },
-            name: non_empty(&message.name),
-            tool_call_id: non_empty(&message.tool_call_id),
-            tool_calls: message
-                .tool_calls
-                .iter()
-                .map(|call| WireToolCall {
-                    id: &call.id,
-                    kind: if call.r#type.is_empty() { "function" } else { &call.r#type },
-                    function: WireFunction { name: &call.function_name, arguments: &call.arguments_json },
-                })
-                .collect(),
+/// How `spec`'s model of `request` takes a request: the plan's target says (the catalog's facts
+/// about the model: how it takes its completion limit, its largest completion, whether it has
+/// native JSON-schema output); without one, the catalog's defaults for the provider. Parameters
+/// meshgate does not model follow the provider's `unknown_params` setting.
+pub fn provider_model(spec: &ProviderSpec, request: &CompleteRequest) -> ProviderModel {
+    let unknown_params = match spec.on_unknown_params() {
+        meshgate_catalog::UnknownParams::Forward => UnknownParams::Forward,
+        meshgate_catalog::UnknownParams::Drop => UnknownParams::Drop,
+        meshgate_catalog::UnknownParams::Refuse => UnknownParams::Refuse,
+    };
+    match &request.target {
+        Some(target) => ProviderModel {
+            max_completion_tokens: target.max_tokens_param == MaxTokensParam::MaxCompletionTokens.as_str(),
+            unknown_params,
+            max_output_tokens: target.max_output_tokens.max(0),
+            native_structured_output: target.capabilities.iter().any(|c| c == Capability::JsonSchema.as_str()),
+        },
+        None => {
+            let profile = Catalog::default().cloud_profile(spec, &request.model);
+            ProviderModel {
+                max_completion_tokens: profile.max_tokens_param == MaxTokensParam::MaxCompletionTokens,
+                unknown_params,
+                max_output_tokens: profile.max_output_tokens,
+                native_structured_output: profile.has(Capability::JsonSchema),
+            }
         }
     }
 }
 
 /// The answer's events decoded in the provider's format.
 enum Decoder {
-    Openai(Assembler),
-    Anthropic(anthropic::Assembler),
+    Openai(openai::StreamDecoder),
+    Anthropic(anthropic::StreamDecoder),
 }
 
 impl Decoder {
-    fn new(kind: ProviderKind, provider: &str, model: &str) -> Self {
+    fn new(kind: ProviderKind, request: &CompleteRequest, model: &ProviderModel) -> Self {
         match kind {
-            ProviderKind::Openai => Self::Openai(Assembler::new(provider, model)),
-            ProviderKind::Anthropic => Self::Anthropic(anthropic::Assembler::new(provider, model)),
+            ProviderKind::Openai => Self::Openai(openai::StreamDecoder::new(request)),
+            ProviderKind::Anthropic => Self::Anthropic(anthropic::StreamDecoder::new(request, model)),
         }
     }
 
-    fn on_event(&mut self, event: SseEvent) -> Result<Option<CompleteChunk>, Error> {
+    fn on_event(&mut self, event: &SseEvent) -> Result<Option<CompleteChunk>, WireError> {
         match self {
-            Self::Openai(a) => a.on_event(event),
-            Self::Anthropic(a) => a.on_event(event),
+            Self::Openai(decoder) => decoder.on_event(event),
+            Self::Anthropic(decoder) => decoder.on_event(event),
         }
     }
 
-    fn done(&self) -> bool {
+    fn is_done(&self) -> bool {
         match self {
-            Self::Openai(a) => a.done,
-            Self::Anthropic(a) => a.done,
+            Self::Openai(decoder) => decoder.is_done(),
+            Self::Anthropic(decoder) => decoder.is_done(),
         }
     }
 
     /// The event that ends a complete answer, for error messages.
     fn end_marker(&self) -> &'static str {
         match self {
-            Self::Openai(_) => "[DONE]",
-            Self::Anthropic(_) => "message_stop",
+            Self::Openai(_) => openai::END_MARKER,
+            Self::Anthropic(_) => anthropic::END_MARKER,
         }
     }
+}
+
+/// What the provider answered with.
+enum AnswerFormat {
+    EventStream,
+    /// One JSON document: a provider that ignores `stream`.
+    Json,
 }
 
 /// One call in flight (all its attempts).
@@ -404,7 +335,11 @@ struct Call {
     provider: Arc<Provider>,
     request_id: String,
     idempotency_key: Option<HeaderValue>,
-    model: String,
+    /// The request, for the decoders (its model, and at Anthropic the shape asked for).
+    request: CompleteRequest,
+    model: ProviderModel,
+    /// What the body left out, for the first chunk.
+    dropped: Vec<String>,
     model_label: String,
     timeout: Duration,
     first_byte_timeout: Duration,
@@ -431,6 +366,10 @@ impl Call {
         Error::Protocol { provider: self.name().to_owned(), message: message.into() }
     }
 
+    fn broken(&self, err: &reqwest::Error) -> Error {
+        Error::StreamBroken { provider: self.name().to_owned(), message: error_chain(err) }
+    }
+
     fn send_error(&self, err: &reqwest::Error) -> Error {
         let provider = self.name().to_owned();
         if err.is_timeout() {
@@ -443,13 +382,14 @@ impl Call {
         Error::Connect { provider, message: error_chain(err) }
     }
 
-    /// Sends the request and checks the answer's head: a success status and an event stream.
+    /// Sends the request and checks the answer's head: a success status and an event stream
+    /// (or a JSON document); an error answer is read and classified.
     async fn open(
         &self,
         body: Bytes,
         first_byte_deadline: tokio::time::Instant,
         deadline: tokio::time::Instant,
-    ) -> Result<reqwest::Response, Error> {
+    ) -> Result<(reqwest::Response, AnswerFormat), Error> {
         let mut builder = self
             .provider
             .client
@@ -475,16 +415,29 @@ impl Call {
         self.status.store(status.as_u16(), Ordering::Relaxed);
         if !status.is_success() {
             let retry_after = retry_after(response.headers());
-            let message = read_error_message(response, deadline).await;
-            return Err(Error::from_upstream_status(self.name(), status.as_u16(), message, retry_after));
+            let mut body = read_error_body(response, deadline).await;
+            if body.iter().all(u8::is_ascii_whitespace) {
+                // Nothing to classify but the status itself.
+                body = status.canonical_reason().unwrap_or("no message").as_bytes().to_vec();
+            }
+            let err = match self.provider.spec.kind {
+                ProviderKind::Openai => openai::provider_error(status.as_u16(), &body),
+                ProviderKind::Anthropic => anthropic::provider_error(status.as_u16(), &body),
+            };
+            return Err(Error::from_provider(self.name(), err, retry_after));
         }
         let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if !content_type.trim_start().to_ascii_lowercase().starts_with("text/event-stream") {
-            return Err(
-                self.protocol(format!("expected a text/event-stream answer, got content type {content_type:?}"))
-            );
-        }
-        Ok(response)
+        let essence = content_type.trim_start().to_ascii_lowercase();
+        let format = if essence.starts_with("text/event-stream") {
+            AnswerFormat::EventStream
+        } else if essence.starts_with("application/json") {
+            AnswerFormat::Json
+        } else {
+            return Err(self.protocol(format!(
+                "expected a text/event-stream (or application/json) answer, got content type {content_type:?}"
+            )));
+        };
+        Ok((response, format))
     }
 
     /// Every attempt of the call; see the module docs for when it retries.
@@ -496,7 +449,8 @@ impl Call {
                 let attempt = self.attempt(body.clone(), deadline);
                 futures::pin_mut!(attempt);
                 match attempt.next().await {
-                    Some(Ok(chunk)) => {
+                    Some(Ok(mut chunk)) => {
+                        chunk.dropped_params.clone_from(&self.dropped);
                         yield Ok(chunk);
                         while let Some(item) = attempt.next().await {
                             yield item;
@@ -555,48 +509,107 @@ impl Call {
     ) -> impl Stream<Item = Result<CompleteChunk, Error>> + Send + '_ {
         async_stream::try_stream! {
             let first_byte_deadline = (tokio::time::Instant::now() + self.first_byte_timeout).min(deadline);
-            let response = self.open(body, first_byte_deadline, deadline).await?;
+            let (response, format) = self.open(body, first_byte_deadline, deadline).await?;
+            if let AnswerFormat::Json = format {
+                let max = self.inner.max_event_bytes;
+                let body = read_body(response, max, deadline).await.map_err(|failure| match failure {
+                    BodyFailure::TooLarge => self.protocol(format!("the JSON answer exceeds {max} bytes")),
+                    BodyFailure::Timeout => self.timeout_error(false),
+                    BodyFailure::Broken(err) => self.broken(&err),
+                })?;
+                let chunks = match self.provider.spec.kind {
+                    ProviderKind::Openai => openai::decode_completion(&self.request, &body),
+                    ProviderKind::Anthropic => anthropic::decode_message(&self.request, &self.model, &body),
+                }
+                .map_err(|err| Error::from_wire(self.name(), err))?;
+                for chunk in chunks {
+                    yield chunk;
+                }
+                return;
+            }
 
             let mut body = response.bytes_stream();
-            let mut decoder = SseDecoder::new(self.inner.max_event_bytes);
-            let mut assembler = Decoder::new(self.provider.spec.kind, self.name(), &self.model);
+            let mut events = SseDecoder::new(self.inner.max_event_bytes);
+            let mut decoder = Decoder::new(self.provider.spec.kind, &self.request, &self.model);
             let mut got_bytes = false;
             loop {
                 let limit = if got_bytes { deadline } else { first_byte_deadline };
                 let next = tokio::time::timeout_at(limit, body.next()).await.map_err(|_| self.timeout_error(!got_bytes))?;
                 let bytes = match next {
-                    Some(bytes) => bytes.map_err(|err| Error::StreamBroken {
-                        provider: self.name().to_owned(),
-                        message: error_chain(&err),
-                    })?,
+                    Some(bytes) => bytes.map_err(|err| self.broken(&err))?,
                     None => {
-                        let last = decoder.finish().map_err(|err| self.protocol(err.to_string()))?;
+                        let last = events.finish().map_err(|err| self.protocol(err.to_string()))?;
                         let chunk = match last {
-                            Some(event) => assembler.on_event(event)?,
+                            Some(event) => decoder.on_event(&event).map_err(|err| Error::from_wire(self.name(), err))?,
                             None => None,
                         };
                         if let Some(chunk) = chunk {
                             yield chunk;
                         }
-                        if !assembler.done() {
-                            Err::<(), _>(self.protocol(format!("the stream ended before {}", assembler.end_marker())))?;
+                        if !decoder.is_done() {
+                            Err::<(), _>(self.protocol(format!("the stream ended before {}", decoder.end_marker())))?;
                         }
                         break;
                     }
                 };
                 got_bytes = true;
-                decoder.push(&bytes).map_err(|err| self.protocol(err.to_string()))?;
-                while let Some(event) = decoder.next_event().map_err(|err| self.protocol(err.to_string()))? {
-                    if let Some(chunk) = assembler.on_event(event)? {
+                events.push(&bytes).map_err(|err| self.protocol(err.to_string()))?;
+                while let Some(event) = events.next_event().map_err(|err| self.protocol(err.to_string()))? {
+                    if let Some(chunk) = decoder.on_event(&event).map_err(|err| Error::from_wire(self.name(), err))? {
                         yield chunk;
                     }
-                    if assembler.done() {
+                    if decoder.is_done() {
                         break;
                     }
                 }
-                if assembler.done() {
+                if decoder.is_done() {
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// The start of an error answer's body (what arrives of its first [`MAX_ERROR_BODY`] bytes
+/// before `deadline`): a slow or broken error body still leaves the status to report.
+async fn read_error_body(mut response: reqwest::Response, deadline: tokio::time::Instant) -> Vec<u8> {
+    let mut body = Vec::new();
+    let read = async {
+        while let Ok(Some(chunk)) = response.chunk().await {
+            body.extend_from_slice(&chunk);
+            if body.len() >= MAX_ERROR_BODY {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, read).await;
+    body
+}
+
+/// Why a body could not be read whole.
+enum BodyFailure {
+    TooLarge,
+    Timeout,
+    Broken(reqwest::Error),
+}
+
+/// The body of `response`, at most `limit` bytes, read before `deadline`.
+async fn read_body(
+    mut response: reqwest::Response,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<u8>, BodyFailure> {
+    let mut body = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, response.chunk()).await {
+            Err(_) => return Err(BodyFailure::Timeout),
+            Ok(Err(err)) => return Err(BodyFailure::Broken(err)),
+            Ok(Ok(None)) => return Ok(body),
+            Ok(Ok(Some(chunk))) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(BodyFailure::TooLarge);
+                }
+                body.extend_from_slice(&chunk);
             }
         }
     }
@@ -618,45 +631,6 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<u64> {
     Some((millis / 1000.0).ceil() as u64)
 }
 
-/// The message of an error answer: OpenAI's `error.message`, other common shapes, or the text.
-async fn read_error_message(mut response: reqwest::Response, deadline: tokio::time::Instant) -> String {
-    let status = response.status();
-    let mut body = Vec::new();
-    let read = async {
-        while let Ok(Some(chunk)) = response.chunk().await {
-            body.extend_from_slice(&chunk);
-            if body.len() >= MAX_ERROR_BODY {
-                break;
-            }
-        }
-    };
-    // A slow or broken error body still leaves the status to report.
-    let _ = tokio::time::timeout_at(deadline, read).await;
-    extract_message(&body).unwrap_or_else(|| status.canonical_reason().unwrap_or("no message").to_owned())
-}
-
-fn extract_message(body: &[u8]) -> Option<String> {
-    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) {
-        let found = [&json["error"]["message"], &json["error"], &json["message"], &json["detail"]]
-            .into_iter()
-            .find_map(|v| v.as_str())
-            .map(str::to_owned);
-        if found.is_some() {
-            return found;
-        }
-    }
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    (!text.is_empty()).then(|| truncate(text))
-}
-
-pub(crate) fn truncate(text: &str) -> String {
-    match text.char_indices().nth(MAX_MESSAGE_CHARS) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
-}
-
 /// An error with its sources, for messages (reqwest's own Display hides the cause).
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut message = err.to_string();
@@ -667,186 +641,6 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     message
-}
-
-#[derive(Deserialize)]
-struct WireChunk {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    choices: Option<Vec<WireChoice>>,
-    #[serde(default)]
-    usage: Option<WireUsage>,
-    #[serde(default)]
-    error: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct WireChoice {
-    #[serde(default)]
-    index: Option<u32>,
-    #[serde(default)]
-    delta: Option<WireDelta>,
-    #[serde(default)]
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct WireDelta {
-    #[serde(default)]
-    content: Option<String>,
-    #[serde(default)]
-    tool_calls: Option<Vec<WireToolCallDelta>>,
-}
-
-#[derive(Deserialize)]
-struct WireToolCallDelta {
-    #[serde(default)]
-    index: Option<u32>,
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(rename = "type", default)]
-    kind: Option<String>,
-    #[serde(default)]
-    function: Option<WireFunctionDelta>,
-}
-
-#[derive(Deserialize)]
-struct WireFunctionDelta {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    arguments: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct WireUsage {
-    #[serde(default)]
-    prompt_tokens: i64,
-    #[serde(default)]
-    completion_tokens: i64,
-    #[serde(default)]
-    total_tokens: Option<i64>,
-}
-
-/// Turns upstream events into [`CompleteChunk`]s (see the module docs for the sequence).
-struct Assembler {
-    provider: String,
-    requested_model: String,
-    reported_model: Option<String>,
-    model_sent: bool,
-    finish_reason: Option<String>,
-    usage: Option<Usage>,
-    tool_calls: BTreeMap<u32, ToolCall>,
-    done: bool,
-}
-
-impl Assembler {
-    fn new(provider: &str, requested_model: &str) -> Self {
-        Self {
-            provider: provider.to_owned(),
-            requested_model: requested_model.to_owned(),
-            reported_model: None,
-            model_sent: false,
-            finish_reason: None,
-            usage: None,
-            tool_calls: BTreeMap::new(),
-            done: false,
-        }
-    }
-
-    fn protocol(&self, message: String) -> Error {
-        Error::Protocol { provider: self.provider.clone(), message }
-    }
-
-    /// The model for the first chunk sent, empty afterwards.
-    fn model_once(&mut self) -> String {
-        if self.model_sent {
-            return String::new();
-        }
-        self.model_sent = true;
-        self.reported_model.clone().unwrap_or_else(|| self.requested_model.clone())
-    }
-
-    fn on_event(&mut self, event: SseEvent) -> Result<Option<CompleteChunk>, Error> {
-        let data = event.data.trim();
-        if event.event.as_deref() == Some("error") {
-            let message = extract_message(data.as_bytes()).unwrap_or_else(|| "no message".into());
-            return Err(self.protocol(format!("error event: {message}")));
-        }
-        if data == "[DONE]" {
-            self.done = true;
-            let mut tool_calls: Vec<ToolCall> = std::mem::take(&mut self.tool_calls).into_values().collect();
-            for call in &mut tool_calls {
-                if call.r#type.is_empty() {
-                    call.r#type = "function".into();
-                }
-            }
-            return Ok(Some(CompleteChunk {
-                delta: String::new(),
-                finish_reason: self.finish_reason.take().unwrap_or_default(),
-                usage: self.usage.take(),
-                tool_calls,
-                model: self.model_once(),
-                ..CompleteChunk::default()
-            }));
-        }
-        let chunk: WireChunk = serde_json::from_str(data)
-            .map_err(|err| self.protocol(format!("malformed chunk ({err}): {}", truncate(data))))?;
-        if let Some(error) = chunk.error.filter(|e| !e.is_null()) {
-            let message = match error["message"].as_str().or(error.as_str()) {
-                Some(message) => message.to_owned(),
-                None => truncate(&error.to_string()),
-            };
-            return Err(self.protocol(format!("error event: {message}")));
-        }
-        if self.reported_model.is_none()
-            && let Some(model) = chunk.model.filter(|m| !m.is_empty())
-        {
-            self.reported_model = Some(model);
-        }
-        if let Some(usage) = chunk.usage {
-            self.usage = Some(Usage {
-                prompt_tokens: usage.prompt_tokens,
-                completion_tokens: usage.completion_tokens,
-                total_tokens: usage.total_tokens.unwrap_or(usage.prompt_tokens + usage.completion_tokens),
-                ..Usage::default()
-            });
-        }
-        let mut delta = String::new();
-        // meshgate never asks for n > 1, so only the first choice matters.
-        for choice in chunk.choices.unwrap_or_default().into_iter().filter(|c| c.index.unwrap_or(0) == 0) {
-            if let Some(reason) = choice.finish_reason.filter(|r| !r.is_empty()) {
-                self.finish_reason = Some(reason);
-            }
-            let Some(d) = choice.delta else { continue };
-            if let Some(content) = d.content {
-                delta.push_str(&content);
-            }
-            for (position, fragment) in d.tool_calls.unwrap_or_default().into_iter().enumerate() {
-                let index = fragment.index.unwrap_or(position as u32);
-                let call = self.tool_calls.entry(index).or_default();
-                if let Some(id) = fragment.id.filter(|s| !s.is_empty()) {
-                    call.id = id;
-                }
-                if let Some(kind) = fragment.kind.filter(|s| !s.is_empty()) {
-                    call.r#type = kind;
-                }
-                if let Some(function) = fragment.function {
-                    if let Some(name) = function.name {
-                        call.function_name.push_str(&name);
-                    }
-                    if let Some(arguments) = function.arguments {
-                        call.arguments_json.push_str(&arguments);
-                    }
-                }
-            }
-        }
-        if delta.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(CompleteChunk { delta, model: self.model_once(), ..CompleteChunk::default() }))
-    }
 }
 
 /// Records the metrics of one call as its stream is consumed (or dropped).
@@ -914,71 +708,9 @@ impl Drop for Observed {
 
 #[cfg(test)]
 mod tests {
+    use meshgate_proto::common::v1::Target;
+
     use super::*;
-
-    fn event(data: &str) -> SseEvent {
-        SseEvent { event: None, data: data.to_owned() }
-    }
-
-    #[test]
-    fn assembler_holds_the_role_chunk_and_finishes_with_usage_and_tools() {
-        let mut a = Assembler::new("p", "requested");
-        let role = r#"{"model":"reported","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
-        assert_eq!(a.on_event(event(role)).unwrap(), None);
-        let text = r#"{"choices":[{"index":0,"delta":{"content":"Hel"}}]}"#;
-        let chunk = a.on_event(event(text)).unwrap().unwrap();
-        assert_eq!((chunk.delta.as_str(), chunk.model.as_str()), ("Hel", "reported"));
-        let tool_start = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get","arguments":""}}]}}]}"#;
-        assert_eq!(a.on_event(event(tool_start)).unwrap(), None);
-        let tool_args =
-            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":"}}]}}]}"#;
-        a.on_event(event(tool_args)).unwrap();
-        let tool_args =
-            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"1}"}}]}}]}"#;
-        a.on_event(event(tool_args)).unwrap();
-        let finish = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}],"usage":null}"#;
-        assert_eq!(a.on_event(event(finish)).unwrap(), None);
-        let usage = r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}"#;
-        assert_eq!(a.on_event(event(usage)).unwrap(), None);
-        let last = a.on_event(event("[DONE]")).unwrap().unwrap();
-        assert!(a.done);
-        assert_eq!(last.delta, "");
-        assert_eq!(last.model, "");
-        assert_eq!(last.finish_reason, "tool_calls");
-        assert_eq!(
-            last.usage,
-            Some(Usage { prompt_tokens: 5, completion_tokens: 3, total_tokens: 8, cost_micros: 0, ..Usage::default() })
-        );
-        assert_eq!(
-            last.tool_calls,
-            vec![ToolCall {
-                id: "call_1".into(),
-                r#type: "function".into(),
-                function_name: "get".into(),
-                arguments_json: "{\"a\":1}".into()
-            }]
-        );
-    }
-
-    #[test]
-    fn assembler_reports_the_requested_model_when_the_provider_does_not() {
-        let mut a = Assembler::new("p", "requested");
-        let last = a.on_event(event("[DONE]")).unwrap().unwrap();
-        assert_eq!(last.model, "requested");
-        assert_eq!(last.usage, None);
-    }
-
-    #[test]
-    fn assembler_rejects_garbage_and_error_events() {
-        let mut a = Assembler::new("p", "m");
-        let err = a.on_event(event("{not json")).unwrap_err();
-        assert!(matches!(err, Error::Protocol { .. }), "{err}");
-        let err = a.on_event(event(r#"{"error":{"message":"overloaded","type":"server_error"}}"#)).unwrap_err();
-        assert!(err.to_string().contains("overloaded"), "{err}");
-        let err =
-            a.on_event(SseEvent { event: Some("error".into()), data: r#"{"message":"boom"}"#.into() }).unwrap_err();
-        assert!(err.to_string().contains("boom"), "{err}");
-    }
 
     #[test]
     fn retry_after_forms() {
@@ -993,64 +725,83 @@ mod tests {
         assert!((29..=31).contains(&retry_after(&headers).unwrap()));
     }
 
-    #[test]
-    fn error_messages_are_extracted_or_truncated() {
-        assert_eq!(extract_message(br#"{"error":{"message":"bad model"}}"#).as_deref(), Some("bad model"));
-        assert_eq!(extract_message(br#"{"error":"plain"}"#).as_deref(), Some("plain"));
-        assert_eq!(extract_message(br#"{"detail":"fastapi style"}"#).as_deref(), Some("fastapi style"));
-        assert_eq!(extract_message(b"  upstream exploded \n").as_deref(), Some("upstream exploded"));
-        assert_eq!(extract_message(b""), None);
-        let long = "x".repeat(2000);
-        assert_eq!(extract_message(long.as_bytes()).unwrap().chars().count(), MAX_MESSAGE_CHARS + 1);
+    fn spec(kind: ProviderKind, base_url: &str) -> ProviderSpec {
+        ProviderSpec {
+            name: "p".into(),
+            kind,
+            base_url: base_url.into(),
+            models: vec!["m".into()],
+            ..Default::default()
+        }
     }
 
     #[test]
-    fn wire_request_is_openai_shaped() {
-        use meshgate_proto::common::v1::SamplingParams;
-        let request = CompleteRequest {
-            model: "gpt".into(),
-            messages: vec![
-                ChatMessage { role: "user".into(), content: "hi".into(), ..Default::default() },
-                ChatMessage {
-                    role: "assistant".into(),
-                    tool_calls: vec![ToolCall {
-                        id: "c1".into(),
-                        r#type: String::new(),
-                        function_name: "f".into(),
-                        arguments_json: "{}".into(),
-                    }],
-                    ..Default::default()
-                },
-                ChatMessage {
-                    role: "tool".into(),
-                    content: "42".into(),
-                    tool_call_id: "c1".into(),
-                    ..Default::default()
-                },
-            ],
-            sampling: Some(SamplingParams {
-                max_tokens: Some(5),
-                top_k: Some(3),
-                stop: vec!["\n".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
+    fn the_target_says_how_the_model_takes_a_request() {
+        let target = Target {
+            max_tokens_param: "max_completion_tokens".into(),
+            max_output_tokens: 32_000,
+            capabilities: vec!["tools".into(), "json_schema".into()],
+            ..Target::default()
         };
-        let json = serde_json::to_value(WireRequest::new(&request)).unwrap();
+        let request = CompleteRequest { model: "m".into(), target: Some(target), ..CompleteRequest::default() };
+        let openai = spec(ProviderKind::Openai, "http://vllm:8000/v1");
         assert_eq!(
-            json,
-            serde_json::json!({
-                "model": "gpt",
-                "messages": [
-                    {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-                    {"role": "tool", "content": "42", "tool_call_id": "c1"}
-                ],
-                "stream": true,
-                "stream_options": {"include_usage": true},
-                "max_tokens": 5,
-                "stop": ["\n"]
-            })
+            provider_model(&openai, &request),
+            ProviderModel {
+                max_completion_tokens: true,
+                unknown_params: UnknownParams::Forward,
+                max_output_tokens: 32_000,
+                native_structured_output: true,
+            }
         );
+        let plain = CompleteRequest {
+            target: Some(Target { max_tokens_param: "max_tokens".into(), ..Target::default() }),
+            ..request.clone()
+        };
+        let refusing = ProviderSpec { unknown_params: Some(meshgate_catalog::UnknownParams::Refuse), ..openai.clone() };
+        assert_eq!(
+            provider_model(&refusing, &plain),
+            ProviderModel { unknown_params: UnknownParams::Refuse, ..ProviderModel::default() }
+        );
+        // Anthropic drops what meshgate does not model unless told otherwise.
+        let anthropic = spec(ProviderKind::Anthropic, "https://api.anthropic.com/v1");
+        assert_eq!(provider_model(&anthropic, &plain).unknown_params, UnknownParams::Drop);
+    }
+
+    #[test]
+    fn without_a_target_the_catalog_defaults_apply() {
+        let request = CompleteRequest { model: "m".into(), ..CompleteRequest::default() };
+        let official = provider_model(&spec(ProviderKind::Openai, "https://api.openai.com/v1"), &request);
+        assert!(official.max_completion_tokens, "OpenAI's own API takes max_completion_tokens");
+        let vllm = provider_model(&spec(ProviderKind::Openai, "http://vllm:8000/v1"), &request);
+        assert!(!vllm.max_completion_tokens);
+        assert_eq!(vllm.max_output_tokens, 0, "unknown: the translator's default");
+    }
+
+    #[test]
+    fn validation_names_the_field_and_normalises_roles() {
+        use meshgate_proto::common::v1::{ChatMessage, SamplingParams};
+        let message = |role: &str| ChatMessage { role: role.into(), content: "hi".into(), ..ChatMessage::default() };
+        let mut request = CompleteRequest {
+            model: " m ".into(),
+            messages: vec![message("developer"), message("user")],
+            ..CompleteRequest::default()
+        };
+        validate(&mut request).unwrap();
+        assert_eq!((request.model.as_str(), request.messages[0].role.as_str()), ("m", "system"));
+        assert_eq!(request.messages.len(), 2, "the messages are moved back");
+
+        let orphan = ChatMessage { role: "tool".into(), tool_call_id: "call_9".into(), ..message("tool") };
+        let mut request = CompleteRequest { messages: vec![message("user"), orphan], ..request };
+        let err = validate(&mut request).unwrap_err();
+        assert!(err.to_string().starts_with("`messages[1].tool_call_id`"), "{err}");
+        let mut hot = CompleteRequest {
+            sampling: Some(SamplingParams { temperature: Some(9.0), ..SamplingParams::default() }),
+            messages: vec![message("user")],
+            ..request
+        };
+        assert!(validate(&mut hot).unwrap_err().to_string().starts_with("`temperature`"));
+        let mut bad_id = CompleteRequest { request_id: "line\nbreak".into(), sampling: None, ..hot };
+        assert!(validate(&mut bad_id).unwrap_err().to_string().contains("request_id"));
     }
 }

@@ -3,9 +3,13 @@
 
 use std::time::Duration;
 
+use meshgate_catalog::UnknownParams;
 use meshgate_mock_provider::reply::{prompt_tokens, reply_text};
-use meshgate_mock_provider::{Behavior, MockProvider, MockToolCall, StreamFault};
-use meshgate_proto::common::v1::{ChatMessage, SamplingParams, ToolCall, Usage};
+use meshgate_mock_provider::{Behavior, MockProvider, MockToolCall, PromptCache, StreamFault};
+use meshgate_proto::common::v1::{
+    ChatMessage, ChatOptions, ContentPart, ImageUrl, ResponseFormat, SamplingParams, Target, ToolCall, ToolDefinition,
+    Usage, content_part, response_format,
+};
 use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use meshgate_runtime::MeshChannel;
@@ -164,8 +168,13 @@ async fn tool_calls_round_trip_through_the_anthropic_format() {
     let sync = Sync::start(providers(&mock)).await;
     let (chunks, error) = sync.complete(request("claude")).await;
     assert!(error.is_none(), "{error:?}");
-    assert_eq!(chunks.len(), 1, "no text, only the final chunk");
-    let last = &chunks[0];
+    let (last, pieces) = chunks.split_last().unwrap();
+    // tool_use, then its input_json_delta pieces, as Anthropic streams them.
+    assert!(pieces.len() >= 2, "{pieces:?}");
+    assert_eq!(pieces[0].tool_call_deltas[0].function_name, "get_weather");
+    let arguments: String =
+        pieces.iter().flat_map(|c| &c.tool_call_deltas).map(|d| d.arguments_delta.as_str()).collect();
+    assert_eq!(arguments, r#"{"city":"Paris","unit":"celsius"}"#);
     assert_eq!(last.finish_reason, "tool_calls");
     assert_eq!(last.tool_calls.len(), 1);
     let tool = &last.tool_calls[0];
@@ -272,4 +281,150 @@ async fn garbage_and_broken_anthropic_streams_end_with_clear_errors() {
         assert!(status.message().contains(message), "{fault:?}: {}", status.message());
         assert_eq!(mock.stats().messages_requests, 1, "{fault:?}: content reached the caller, no retry");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canonical_request_reaches_anthropic_as_blocks_thinking_and_schemas() {
+    let mock =
+        mock(Behavior { prompt_cache: Some(PromptCache { read_tokens: 5, write_tokens: 3 }), ..Behavior::default() })
+            .await;
+    let sync = Sync::start(providers(&mock)).await;
+    let weather = ToolDefinition {
+        name: "get_weather".into(),
+        description: "The weather of a city".into(),
+        parameters_json: r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#.into(),
+        strict: None,
+    };
+    let target = |capabilities: &[&str]| Target {
+        provider: "claude".into(),
+        model: "claude-test".into(),
+        max_output_tokens: 20_000,
+        capabilities: capabilities.iter().map(|c| (*c).to_owned()).collect(),
+        ..Target::default()
+    };
+
+    // Tools offered: the mock calls the tool; cache reads and writes count in the prompt.
+    let ask = CompleteRequest {
+        options: Some(ChatOptions { tools: vec![weather.clone()], ..ChatOptions::default() }),
+        target: Some(target(&["tools"])),
+        ..request("claude")
+    };
+    let (chunks, error) = sync.complete(ask.clone()).await;
+    assert!(error.is_none(), "{error:?}");
+    let last = chunks.last().unwrap();
+    assert_eq!(last.finish_reason, "tool_calls");
+    let call = last.tool_calls[0].clone();
+    assert!(call.id.starts_with("toolu_"), "{}", call.id);
+    let usage = last.usage.unwrap();
+    assert_eq!((usage.cached_prompt_tokens, usage.cache_write_tokens), (5, 3));
+    let prompt = prompt_tokens(["you are terse", "tell me about the mesh gateway"]) as i64;
+    assert_eq!(usage.prompt_tokens, prompt, "reads and writes are part of the prompt");
+    let body = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(body["tools"][0]["input_schema"]["required"], serde_json::json!(["city"]));
+    assert_eq!(body["max_tokens"], 20_000, "the model's catalog limit, not a fixed 4096");
+
+    // The result goes back as a tool_result; thinking for a reasoning effort.
+    let mut follow_up = ask.clone();
+    follow_up.messages.push(ChatMessage {
+        role: "assistant".into(),
+        tool_calls: vec![call.clone()],
+        ..ChatMessage::default()
+    });
+    follow_up.messages.push(ChatMessage {
+        role: "tool".into(),
+        content: "21 degrees".into(),
+        tool_call_id: call.id.clone(),
+        ..ChatMessage::default()
+    });
+    follow_up.options.as_mut().unwrap().reasoning_effort = "low".into();
+    let (chunks, error) = sync.complete(follow_up).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(text(&chunks), "echo: 21 degrees");
+    let reasoning: String = chunks.iter().map(|c| c.reasoning_delta.as_str()).collect();
+    assert!(!reasoning.is_empty(), "thinking_delta streams as reasoning_delta");
+    let body = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(body["thinking"], serde_json::json!({"type": "enabled", "budget_tokens": 2048}));
+    assert_eq!(body["messages"][2]["content"][0]["type"], "tool_result");
+
+    // JSON-schema output: natively where the catalog says the model has it, else a forced tool;
+    // an image as a base64 source.
+    let image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAHnOcQAAAAABJRU5ErkJggg==";
+    let schema = r#"{"type":"object","properties":{"answer":{"type":"string"}},"required":["answer"]}"#;
+    let structured = |capabilities: &[&str]| CompleteRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            parts: vec![
+                ContentPart { part: Some(content_part::Part::Text("describe it".into())) },
+                ContentPart {
+                    part: Some(content_part::Part::ImageUrl(ImageUrl { url: image.into(), detail: String::new() })),
+                },
+            ],
+            ..ChatMessage::default()
+        }],
+        options: Some(ChatOptions {
+            response_format: Some(ResponseFormat {
+                kind: response_format::Kind::JsonSchema as i32,
+                name: "answer".into(),
+                schema_json: schema.into(),
+                ..ResponseFormat::default()
+            }),
+            ..ChatOptions::default()
+        }),
+        target: Some(target(capabilities)),
+        ..request("claude")
+    };
+    for capabilities in [&["vision", "json_schema"][..], &["vision"][..]] {
+        let (chunks, error) = sync.complete(structured(capabilities)).await;
+        assert!(error.is_none(), "{capabilities:?}: {error:?}");
+        let answer: serde_json::Value = serde_json::from_str(&text(&chunks)).expect("the content is JSON");
+        assert!(answer["answer"].is_string(), "{capabilities:?}: {answer}");
+        let last = chunks.last().unwrap();
+        assert_eq!(last.finish_reason, "stop", "{capabilities:?}: the answer is no tool call");
+        assert!(last.tool_calls.is_empty());
+        let recorded = mock.last_request().unwrap();
+        assert_eq!(recorded.images(), [image]);
+        let body = recorded.json().unwrap();
+        if capabilities.contains(&"json_schema") {
+            assert_eq!(body["output_config"]["format"]["type"], "json_schema");
+            assert!(body.get("tools").is_none());
+        } else {
+            assert_eq!(body["tool_choice"], serde_json::json!({"type": "tool", "name": "json_response"}));
+            assert_eq!(body["tools"][0]["input_schema"]["required"], serde_json::json!(["answer"]));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_leaves_out_what_it_cannot_take_and_says_so() {
+    let mock = mock(Behavior { context_window: Some(12), ..Behavior::default() }).await;
+    let mut specs = providers(&mock);
+    specs.push(ProviderSpec {
+        name: "strict-claude".into(),
+        unknown_params: Some(UnknownParams::Refuse),
+        ..specs[0].clone()
+    });
+    let sync = Sync::start(specs).await;
+    let short = |provider: &str| CompleteRequest {
+        messages: vec![message("user", "hi")],
+        sampling: Some(SamplingParams { seed: Some(7), ..SamplingParams::default() }),
+        options: Some(ChatOptions { extra_json: r#"{"repetition_penalty": 1.1}"#.into(), ..ChatOptions::default() }),
+        ..request(provider)
+    };
+    let (chunks, error) = sync.complete(short("claude")).await;
+    assert!(error.is_none(), "{error:?}");
+    assert_eq!(chunks[0].dropped_params, ["seed", "repetition_penalty"]);
+    let recorded = mock.last_request().unwrap();
+    assert!(recorded.unknown_parameters().is_empty(), "{:?}", recorded.unknown_parameters());
+    assert!(recorded.json().unwrap().get("seed").is_none());
+
+    let mut client = sync.client.clone();
+    let status = client.complete(short("strict-claude")).await.expect_err("refused before any call");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("`seed`"), "{}", status.message());
+
+    // "prompt is too long" is a context overflow, with OpenAI's code.
+    let (_, status) = sync.complete(request("claude")).await;
+    let status = status.unwrap();
+    assert_eq!(status.metadata().get(ERROR_CODE_METADATA).unwrap(), "context_length_exceeded");
+    assert!(status.message().starts_with("`messages` does not fit"), "{}", status.message());
 }

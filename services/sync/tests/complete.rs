@@ -3,9 +3,13 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use meshgate_catalog::UnknownParams;
 use meshgate_mock_provider::reply::{prompt_tokens, reply_text};
-use meshgate_mock_provider::{Behavior, MockProvider, MockToolCall, StreamFault};
-use meshgate_proto::common::v1::{ChatMessage, SamplingParams, Usage};
+use meshgate_mock_provider::{Behavior, MockProvider, MockToolCall, PromptCache, StreamFault};
+use meshgate_proto::common::v1::{
+    ChatMessage, ChatOptions, ContentPart, ImageUrl, ResponseFormat, SamplingParams, Target, ToolChoice,
+    ToolDefinition, Usage, content_part, response_format, tool_choice,
+};
 use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_proto::sync::v1::{
     CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, ListJobsRequest, RetryJobRequest,
@@ -361,7 +365,7 @@ async fn mid_stream_failures_end_the_stream_with_an_error_after_the_deltas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_and_non_streaming_answers_are_errors() {
+async fn garbage_is_an_error_and_a_provider_ignoring_stream_is_read_whole() {
     let mock = MockProvider::start_with(Behavior { garbage: true, ..Behavior::default() }).await.unwrap();
     let sync = Sync::start(vec![provider("mock", &mock)]).await;
     let (chunks, status) = sync.complete(request("mock")).await;
@@ -371,14 +375,18 @@ async fn garbage_and_non_streaming_answers_are_errors() {
     assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("upstream_error"));
     assert!(status.message().contains("malformed chunk"), "{}", status.message());
 
-    mock.update(|b| {
-        b.garbage = false;
-        b.ignore_stream = true;
-    });
-    let (_, status) = sync.complete(request("mock")).await;
-    let status = status.unwrap();
-    assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("text/event-stream"), "{}", status.message());
+    // One JSON document instead of a stream: the same chunks, all at once.
+    let (streamed, _) = {
+        mock.update(|b| b.garbage = false);
+        sync.complete(request("mock")).await
+    };
+    mock.update(|b| b.ignore_stream = true);
+    let (whole, status) = sync.complete(request("mock")).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(text(&whole), "echo: tell me about the mesh gateway");
+    assert_eq!(whole[0].model, "gpt-test");
+    let (last, streamed_last) = (whole.last().unwrap(), streamed.last().unwrap());
+    assert_eq!((last.finish_reason.as_str(), last.usage), (streamed_last.finish_reason.as_str(), streamed_last.usage));
     sync.stop().await;
 }
 
@@ -448,23 +456,214 @@ async fn sampling_is_forwarded_and_max_tokens_ends_with_length() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tool_calls_are_assembled_from_their_fragments() {
+async fn tool_calls_stream_as_pieces_and_are_assembled_at_the_end() {
     let call = MockToolCall { name: "get_weather".into(), arguments: r#"{"city":"Paris","unit":"celsius"}"#.into() };
     let mock = MockProvider::start_with(Behavior { tool_call: Some(call), ..Behavior::default() }).await.unwrap();
     let sync = Sync::start(vec![provider("mock", &mock)]).await;
     let (chunks, status) = sync.complete(request("mock")).await;
     assert!(status.is_none(), "{status:?}");
-    assert_eq!(chunks.len(), 1, "no text, only the final chunk");
-    let last = &chunks[0];
-    assert_eq!(last.model, "gpt-test");
+    let (last, pieces) = chunks.split_last().unwrap();
+    // The pieces come as the provider streams them: id and name first, then the arguments.
+    assert!(pieces.len() >= 3, "{pieces:?}");
+    assert_eq!(pieces[0].model, "gpt-test");
+    let first = &pieces[0].tool_call_deltas[0];
+    assert!(first.id.starts_with("call_"));
+    assert_eq!((first.index, first.function_name.as_str()), (0, "get_weather"));
+    let arguments: String =
+        pieces.iter().flat_map(|c| &c.tool_call_deltas).map(|d| d.arguments_delta.as_str()).collect();
+    assert_eq!(arguments, r#"{"city":"Paris","unit":"celsius"}"#);
+    assert!(pieces.iter().all(|c| c.delta.is_empty() && c.finish_reason.is_empty()));
+
     assert_eq!(last.finish_reason, "tool_calls");
     assert_eq!(last.tool_calls.len(), 1);
     let tool = &last.tool_calls[0];
-    assert!(tool.id.starts_with("call_"));
-    assert_eq!(tool.r#type, "function");
+    assert_eq!((tool.id.as_str(), tool.r#type.as_str()), (first.id.as_str(), "function"));
     assert_eq!(tool.function_name, "get_weather");
-    assert_eq!(tool.arguments_json, r#"{"city":"Paris","unit":"celsius"}"#);
+    assert_eq!(tool.arguments_json, arguments);
     assert_eq!(last.usage.unwrap().completion_tokens, 9);
+    sync.stop().await;
+}
+
+fn weather_tool() -> ToolDefinition {
+    ToolDefinition {
+        name: "get_weather".into(),
+        description: "The weather of a city".into(),
+        parameters_json: r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#.into(),
+        strict: Some(true),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canonical_request_reaches_the_provider_in_its_openai_place() {
+    let mock = MockProvider::start_with(Behavior {
+        prompt_cache: Some(PromptCache { read_tokens: 4, write_tokens: 0 }),
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+
+    // Tools offered: the mock calls the tool; the call goes back with its result; text follows.
+    let options = ChatOptions {
+        tools: vec![weather_tool()],
+        tool_choice: Some(ToolChoice { mode: tool_choice::Mode::Required as i32, function_name: String::new() }),
+        parallel_tool_calls: Some(false),
+        user: "end-user-7".into(),
+        ..ChatOptions::default()
+    };
+    let target = Target {
+        provider: "mock".into(),
+        model: "gpt-test".into(),
+        max_tokens_param: "max_completion_tokens".into(),
+        ..Target::default()
+    };
+    let sampling = SamplingParams { max_tokens: Some(50), ..SamplingParams::default() };
+    let ask = CompleteRequest {
+        options: Some(options.clone()),
+        target: Some(target),
+        sampling: Some(sampling),
+        ..request("mock")
+    };
+    let (chunks, status) = sync.complete(ask.clone()).await;
+    assert!(status.is_none(), "{status:?}");
+    let last = chunks.last().unwrap();
+    assert_eq!(last.finish_reason, "tool_calls");
+    let call = last.tool_calls[0].clone();
+    assert_eq!(call.function_name, "get_weather");
+    let arguments: serde_json::Value = serde_json::from_str(&call.arguments_json).unwrap();
+    assert!(arguments["city"].is_string(), "arguments follow the schema: {arguments}");
+    let usage = last.usage.unwrap();
+    assert_eq!(usage.cached_prompt_tokens, 4, "prompt_tokens_details.cached_tokens kept");
+    let body = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(body["tools"][0]["function"]["name"], "get_weather");
+    assert_eq!(body["tools"][0]["function"]["strict"], true);
+    assert_eq!(body["tools"][0]["function"]["parameters"]["required"], serde_json::json!(["city"]));
+    assert_eq!((body["tool_choice"].as_str(), body["parallel_tool_calls"].as_bool()), (Some("required"), Some(false)));
+    assert_eq!(body["user"], "end-user-7");
+    assert_eq!(body["max_completion_tokens"], 50, "the target's model takes max_completion_tokens");
+    assert!(body.get("max_tokens").is_none());
+
+    let mut follow_up = ask.clone();
+    follow_up.messages.push(ChatMessage {
+        role: "assistant".into(),
+        tool_calls: vec![call.clone()],
+        ..ChatMessage::default()
+    });
+    follow_up.messages.push(ChatMessage {
+        role: "tool".into(),
+        content: "21 degrees".into(),
+        tool_call_id: call.id.clone(),
+        ..ChatMessage::default()
+    });
+    follow_up.options = Some(ChatOptions { tool_choice: None, ..options });
+    let (chunks, status) = sync.complete(follow_up).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(text(&chunks), "echo: 21 degrees");
+    let body = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(body["messages"][2]["tool_calls"][0]["id"], call.id.as_str());
+    assert_eq!(body["messages"][2]["content"], serde_json::Value::Null);
+    assert_eq!(body["messages"][3]["tool_call_id"], call.id.as_str());
+
+    // Structured output, an image part and reasoning.
+    let image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAHnOcQAAAAABJRU5ErkJggg==";
+    let schema = r#"{"type":"object","properties":{"answer":{"type":"string"},"confidence":{"type":"number"}},"required":["answer","confidence"]}"#;
+    let structured = CompleteRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            parts: vec![
+                ContentPart { part: Some(content_part::Part::Text("what is in the picture".into())) },
+                ContentPart {
+                    part: Some(content_part::Part::ImageUrl(ImageUrl { url: image.into(), detail: "low".into() })),
+                },
+            ],
+            ..ChatMessage::default()
+        }],
+        options: Some(ChatOptions {
+            response_format: Some(ResponseFormat {
+                kind: response_format::Kind::JsonSchema as i32,
+                name: "answer".into(),
+                schema_json: schema.into(),
+                strict: Some(true),
+                ..ResponseFormat::default()
+            }),
+            reasoning_effort: "low".into(),
+            ..ChatOptions::default()
+        }),
+        ..request("mock")
+    };
+    let (chunks, status) = sync.complete(structured).await;
+    assert!(status.is_none(), "{status:?}");
+    let answer: serde_json::Value = serde_json::from_str(&text(&chunks)).expect("the content is JSON");
+    assert!(answer["answer"].is_string() && answer["confidence"].is_number(), "{answer}");
+    let reasoning: String = chunks.iter().map(|c| c.reasoning_delta.as_str()).collect();
+    assert!(!reasoning.is_empty(), "the reasoning streams as reasoning_delta");
+    assert!(chunks.last().unwrap().usage.unwrap().reasoning_tokens > 0);
+    let recorded = mock.last_request().unwrap();
+    assert_eq!(recorded.images(), [image]);
+    let body = recorded.json().unwrap();
+    assert_eq!(body["reasoning_effort"], "low");
+    assert_eq!(body["response_format"]["json_schema"]["name"], "answer");
+    assert_eq!(body["messages"][0]["content"][1]["image_url"]["detail"], "low");
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_parameters_are_forwarded_dropped_or_refused_by_provider() {
+    let mock = MockProvider::start().await.unwrap();
+    let forward = provider("forward", &mock);
+    let drop = ProviderSpec { unknown_params: Some(UnknownParams::Drop), ..provider("drop", &mock) };
+    let refuse = ProviderSpec { unknown_params: Some(UnknownParams::Refuse), ..provider("refuse", &mock) };
+    let sync = Sync::start(vec![forward, drop, refuse]).await;
+    let with_extras = |name: &str| CompleteRequest {
+        options: Some(ChatOptions {
+            extra_json: r#"{"repetition_penalty": 1.1, "guided_choice": ["a", "b"]}"#.into(),
+            ..ChatOptions::default()
+        }),
+        sampling: Some(SamplingParams { top_k: Some(5), ..SamplingParams::default() }),
+        ..request(name)
+    };
+
+    let (chunks, status) = sync.complete(with_extras("forward")).await;
+    assert!(status.is_none(), "{status:?}");
+    assert!(chunks.iter().all(|c| c.dropped_params.is_empty()), "nothing was left out");
+    let recorded = mock.last_request().unwrap();
+    assert_eq!(recorded.unknown_parameters(), ["guided_choice", "repetition_penalty", "top_k"]);
+    assert_eq!(recorded.json().unwrap()["guided_choice"], serde_json::json!(["a", "b"]));
+
+    let (chunks, status) = sync.complete(with_extras("drop")).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(chunks[0].dropped_params, ["top_k", "repetition_penalty", "guided_choice"], "on the first chunk");
+    assert!(chunks[1..].iter().all(|c| c.dropped_params.is_empty()));
+    assert!(mock.last_request().unwrap().unknown_parameters().is_empty());
+
+    mock.reset_counters();
+    let mut client = sync.client.clone();
+    let status = client.complete(with_extras("refuse")).await.expect_err("refused before any call");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("invalid_request"));
+    assert!(status.message().starts_with("`top_k`"), "{}", status.message());
+    assert_eq!(mock.requests_total(), 0, "nothing reached the provider");
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_overflow_keeps_its_code_and_is_not_retried() {
+    let mock = MockProvider::start_with(Behavior { context_window: Some(12), ..Behavior::default() }).await.unwrap();
+    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let (chunks, status) = sync.complete(request("mock")).await;
+    let status = status.unwrap();
+    assert!(chunks.is_empty());
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(metadata(&status, ERROR_CODE_METADATA), Some("context_length_exceeded"));
+    assert_eq!(metadata(&status, UPSTREAM_STATUS_METADATA), Some("400"));
+    assert!(status.message().starts_with("`messages` does not fit"), "{}", status.message());
+    assert!(status.message().contains("maximum context length is 12 tokens"), "{}", status.message());
+    assert_eq!(mock.requests_total(), 1, "a larger window is another model's, not another attempt's");
+
+    let (chunks, status) =
+        sync.complete(CompleteRequest { messages: vec![message("user", "hi")], ..request("mock") }).await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(text(&chunks), "echo: hi");
     sync.stop().await;
 }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::*;
-use meshgate_mock_provider::{Behavior, MockProvider, StreamFault};
+use meshgate_catalog::UnknownParams;
+use meshgate_mock_provider::{Behavior, MockProvider, PromptCache, StreamFault};
+use meshgate_proto::common::v1::{ChatMessage, ChatOptions, SamplingParams, Target, ToolDefinition};
 use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_proto::sync::v1::{EnqueueRequest, GetJobRequest, JobStatus, ListJobsRequest, RetryJobRequest};
 use meshgate_runtime::error::ERROR_CODE_METADATA;
@@ -175,6 +177,106 @@ async fn bad_answers_leave_a_clear_error_and_lose_nothing_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_answers_leave_a_clear_error_and_lose_nothing_on_disk() {
     bad_answers_leave_a_clear_error_and_lose_nothing(StoreKind::File).await;
+}
+
+/// A job carries the canonical request like a call: its tools, sampling and unknown parameters
+/// reach the provider shaped by the listed target of the provider's model; the stored result keeps
+/// the tool calls, the reasoning, the usage details (cached prompt tokens charged at the cached
+/// price) and what the provider's body left out. A context overflow is a dead letter at once.
+async fn agent_jobs_keep_tool_calls_and_usage_details(kind: StoreKind) {
+    let mock = MockProvider::start_with(Behavior {
+        prompt_cache: Some(PromptCache { read_tokens: 4, write_tokens: 0 }),
+        context_window: Some(60),
+        ..Behavior::default()
+    })
+    .await
+    .unwrap();
+    let (store, _dir) = store(kind).await;
+    let clock = Arc::new(ManualClock::new(start()));
+    let dropping = ProviderSpec { unknown_params: Some(UnknownParams::Drop), ..provider("mock", &mock) };
+    let queue = queue(store, std::slice::from_ref(&dropping), clock.clone(), &config(3));
+    let upstream = meshgate_sync::Upstream::new(&config(3), &[dropping], Default::default()).unwrap();
+    let price = Target {
+        max_tokens_param: "max_completion_tokens".into(),
+        cached_input_price_micros_per_mtok: 100_000,
+        capabilities: vec!["tools".into(), "reasoning".into()],
+        ..mock_price()
+    };
+    let tool = ToolDefinition {
+        name: "lookup_order".into(),
+        parameters_json: r#"{"type":"object","properties":{"order_id":{"type":"integer"}},"required":["order_id"]}"#
+            .into(),
+        ..ToolDefinition::default()
+    };
+    let mut request = completion("", "where is my order");
+    request.sampling = Some(SamplingParams { max_tokens: Some(40), ..SamplingParams::default() });
+    request.options = Some(ChatOptions {
+        tools: vec![tool],
+        reasoning_effort: "low".into(),
+        extra_json: r#"{"priority": "batch"}"#.into(),
+        ..ChatOptions::default()
+    });
+    let enqueue = EnqueueRequest { prices: vec![price], request: Some(request.clone()), ..enqueue_request("", "", "") };
+    let (created, _) = queue.enqueue(&upstream, enqueue).await.unwrap();
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let done = job(&queue, &created.id).await.to_proto();
+    assert_eq!(done.status, JobStatus::Succeeded as i32, "{done:?}");
+    assert_eq!(done.finish_reason, "tool_calls");
+    assert_eq!(done.tool_calls.len(), 1);
+    let call = &done.tool_calls[0];
+    assert_eq!(call.function_name, "lookup_order");
+    let arguments: serde_json::Value = serde_json::from_str(&call.arguments_json).unwrap();
+    assert!(arguments["order_id"].is_i64(), "{arguments}");
+    assert!(!done.reasoning_content.is_empty());
+    assert_eq!(done.dropped_params, ["priority"]);
+    let usage = done.usage.unwrap();
+    assert_eq!(usage.cached_prompt_tokens, 4);
+    assert!(usage.reasoning_tokens > 0);
+    // 1 µ$ a prompt token, 0.1 µ$ a cached one, 2 µ$ a completion token (rounded up).
+    let expected = ((usage.prompt_tokens - 4) * 10 + 4 + usage.completion_tokens * 20 + 9) / 10;
+    assert_eq!(usage.cost_micros, expected, "{usage:?}");
+    let body = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(body["max_completion_tokens"], 40, "shaped by the listed target");
+    assert_eq!(body["tools"][0]["function"]["name"], "lookup_order");
+    assert!(body.get("priority").is_none());
+
+    // The call's result as a second job: text.
+    let mut follow_up = request.clone();
+    follow_up.messages.push(ChatMessage {
+        role: "assistant".into(),
+        tool_calls: done.tool_calls.clone(),
+        ..ChatMessage::default()
+    });
+    follow_up.messages.push(ChatMessage {
+        role: "tool".into(),
+        tool_call_id: call.id.clone(),
+        content: "shipped yesterday".into(),
+        ..ChatMessage::default()
+    });
+    let enqueue = EnqueueRequest { request: Some(follow_up), ..enqueue_request("", "", "") };
+    let (second, _) = queue.enqueue(&upstream, enqueue).await.unwrap();
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let answered = job(&queue, &second.id).await.to_proto();
+    assert_eq!((answered.result.as_str(), answered.finish_reason.as_str()), ("echo: shipped yesterday", "stop"));
+
+    // A prompt the model cannot hold will never fit it: dead at once.
+    let long = "word ".repeat(80);
+    let (third, _) = queue.enqueue(&upstream, enqueue_request("", "", &long)).await.unwrap();
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let dead = job(&queue, &third.id).await;
+    assert_eq!((dead.job_status(), dead.attempts), (JobStatus::Dead, 1));
+    assert_eq!(dead.last_error_code, "context_length_exceeded");
+    assert!(dead.last_error.starts_with("`messages` does not fit"), "{}", dead.last_error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_jobs_keep_tool_calls_and_usage_details_on_postgres() {
+    agent_jobs_keep_tool_calls_and_usage_details(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_jobs_keep_tool_calls_and_usage_details_on_disk() {
+    agent_jobs_keep_tool_calls_and_usage_details(StoreKind::File).await;
 }
 
 /// A queue over `store` delivering to the `mock` provider and settling jobs with the quota service

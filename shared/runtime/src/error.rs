@@ -56,6 +56,7 @@ macro_rules! error_codes {
 
 error_codes! {
     InvalidRequest      => "invalid_request", InvalidArgument, StatusCode::BAD_REQUEST, "invalid_request_error";
+    ContextLengthExceeded => "context_length_exceeded", InvalidArgument, StatusCode::BAD_REQUEST, "invalid_request_error";
     Unauthenticated     => "invalid_api_key", Unauthenticated, StatusCode::UNAUTHORIZED, "authentication_error";
     PermissionDenied    => "permission_denied", PermissionDenied, StatusCode::FORBIDDEN, "permission_error";
     NotFound            => "not_found", NotFound, StatusCode::NOT_FOUND, "not_found_error";
@@ -106,7 +107,9 @@ impl ErrorCode {
 
 impl ErrorCode {
     /// Whether the error says something about the request or its client rather than about the
-    /// target that answered it: such outcomes must not count against a target's health.
+    /// target that answered it: such outcomes must not count against a target's health, and no
+    /// other target would answer better. A context overflow is not one: a larger-context target
+    /// may serve the request (see [`ErrorCode::spares_the_target`]).
     pub fn is_client_caused(self) -> bool {
         matches!(
             self,
@@ -117,6 +120,13 @@ impl ErrorCode {
                 | ErrorCode::PolicyViolation
                 | ErrorCode::ClientClosed
         )
+    }
+
+    /// Whether a failure with this code says nothing about the target's health: the request or
+    /// its client was at fault, or the prompt did not fit the model's context window (the
+    /// model's limit, not a fault; the plan's larger-context targets are tried next).
+    pub fn spares_the_target(self) -> bool {
+        self.is_client_caused() || self == ErrorCode::ContextLengthExceeded
     }
 }
 
@@ -245,6 +255,16 @@ mod tests {
             assert_eq!(status.is_server_error(), server_side, "{code}");
             assert_eq!(status.is_client_error(), !server_side, "{code}");
         }
+    }
+
+    #[test]
+    fn a_context_overflow_moves_the_plan_on_but_spares_the_target() {
+        let code = ErrorCode::ContextLengthExceeded;
+        assert_eq!((code.http_status(), code.error_type()), (StatusCode::BAD_REQUEST, "invalid_request_error"));
+        assert!(!code.is_client_caused(), "a larger-context target may serve it");
+        assert!(code.spares_the_target(), "the model's limit is no fault of the target");
+        assert!(ErrorCode::InvalidRequest.spares_the_target());
+        assert!(!ErrorCode::UpstreamError.spares_the_target());
     }
 
     #[test]

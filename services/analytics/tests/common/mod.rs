@@ -153,6 +153,7 @@ pub fn trace(org: &str, t: &T) -> pb::Trace {
         risk_score: 40,
         tool_calls: vec![pb::ToolCall { name: "search".into(), kind: "offered".into() }],
         headers: [("user-agent".to_owned(), "test/1".to_owned())].into(),
+        dropped_params: vec!["seed".into()],
     }
 }
 

@@ -14,6 +14,7 @@ use meshgate_proto::sync::v1::CompleteRequest;
 use meshgate_runtime::error::ErrorCode;
 use meshgate_runtime::{MeshChannel, Shutdown};
 use meshgate_storage::SharedClock;
+use meshgate_wire::Answer;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use tokio::sync::{Notify, Semaphore};
 
@@ -98,16 +99,16 @@ impl Charger {
         Self { quota, timeout }
     }
 
-    /// The job's usage with its cost: the served provider's price for the model, else the dearest
+    /// The job's usage with its cost, each class of token (cached, written to the cache,
+    /// reasoning) at its price: the served provider's price for the model, else the dearest
     /// listed (never undercharge), else none.
     pub fn priced_usage(job: &JobRecord, outcome: &JobOutcome) -> Usage {
         let usage = outcome.usage.unwrap_or_default();
-        let (prompt, completion) = (usage.prompt_tokens, usage.completion_tokens);
         let model = job.request.as_ref().map_or("", |r| r.model.as_str());
         let served = job.prices.iter().find(|t| t.provider == outcome.provider && t.model == model);
         let cost = served
-            .map(|t| t.cost_micros(prompt, completion))
-            .or_else(|| job.prices.iter().map(|t| t.cost_micros(prompt, completion)).max())
+            .map(|t| t.cost_of(&usage))
+            .or_else(|| job.prices.iter().map(|t| t.cost_of(&usage)).max())
             .unwrap_or(0);
         Usage { total_tokens: usage.tokens(), cost_micros: cost, ..usage }
     }
@@ -479,10 +480,14 @@ impl Dispatcher {
         let timeout_ms = if request.timeout_ms > 0 { request.timeout_ms.min(budget) } else { budget };
         let mut last = None;
         for provider in providers {
+            // The listed target of this provider's model carries the catalog's facts about it
+            // (how it takes its completion limit, its largest completion, native JSON schemas).
+            let target = job.prices.iter().find(|t| t.provider == provider && t.model == request.model).cloned();
             let call = CompleteRequest {
                 provider: provider.clone(),
                 request_id: if request.request_id.is_empty() { job.id.clone() } else { request.request_id.clone() },
                 timeout_ms,
+                target: target.or_else(|| request.target.clone()),
                 ..request.clone()
             };
             let options = CallOptions { idempotency_key: Some(job.id.clone()), max_retries: Some(0) };
@@ -504,13 +509,20 @@ impl Dispatcher {
 /// How often the workers look for dead letters whose reservation is still held.
 const RELEASE_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Failures that another attempt cannot fix: the request itself is refused.
+/// Failures that another attempt cannot fix: the request itself is refused, or does not fit the
+/// model's context window (a job keeps its model).
 fn is_permanent(err: &Error) -> bool {
-    matches!(err.code(), ErrorCode::InvalidRequest | ErrorCode::PayloadTooLarge | ErrorCode::ModelNotFound)
-        || matches!(err, Error::UnknownProvider(_))
+    matches!(
+        err.code(),
+        ErrorCode::InvalidRequest
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::ModelNotFound
+            | ErrorCode::ContextLengthExceeded
+    ) || matches!(err, Error::UnknownProvider(_))
 }
 
-/// Runs one call to its end. The error says whether any content had been received.
+/// Runs one call to its end and folds its answer: text, refusal, reasoning, tool calls (streamed
+/// or assembled), usage. The error says whether any content had been received.
 async fn collect(
     upstream: &Upstream,
     request: CompleteRequest,
@@ -518,29 +530,27 @@ async fn collect(
     provider: &str,
 ) -> Result<JobOutcome, (Error, bool)> {
     let mut stream = upstream.complete_with(request, options).map_err(|err| (err, false))?;
-    let mut outcome = JobOutcome { provider: provider.to_owned(), ..JobOutcome::default() };
-    let mut finished = false;
+    let mut answer = Answer::default();
+    let mut dropped_params = Vec::new();
+    let mut received = false;
     while let Some(item) = stream.next().await {
-        let chunk = item.map_err(|err| (err, !outcome.text.is_empty()))?;
-        if !chunk.model.is_empty() {
-            outcome.model = chunk.model;
+        let chunk = item.map_err(|err| (err, received))?;
+        received = true;
+        if !chunk.dropped_params.is_empty() {
+            dropped_params.clone_from(&chunk.dropped_params);
         }
-        outcome.text.push_str(&chunk.delta);
-        if chunk.delta.is_empty() {
-            outcome.finish_reason = chunk.finish_reason;
-            outcome.usage = chunk.usage;
-            outcome.tool_calls = chunk.tool_calls;
-            finished = true;
-        }
+        answer.push(&chunk);
     }
-    if !finished {
-        return Err((
-            Error::Protocol {
-                provider: provider.to_owned(),
-                message: "the answer ended without its final chunk".into(),
-            },
-            true,
-        ));
-    }
-    Ok(outcome)
+    // The stream ends without an error only after the provider's last chunk.
+    Ok(JobOutcome {
+        finish_reason: answer.finish_reason_or_default().to_owned(),
+        text: answer.content,
+        usage: answer.usage,
+        tool_calls: answer.tool_calls,
+        model: answer.model,
+        provider: provider.to_owned(),
+        refusal: answer.refusal,
+        reasoning: answer.reasoning,
+        dropped_params,
+    })
 }

@@ -141,6 +141,13 @@ pub struct JobOutcome {
     pub model: String,
     #[prost(string, tag = "6")]
     pub provider: String,
+    #[prost(string, tag = "7")]
+    pub refusal: String,
+    #[prost(string, tag = "8")]
+    pub reasoning: String,
+    /// Request parameters the provider's body left out.
+    #[prost(string, repeated, tag = "9")]
+    pub dropped_params: Vec<String>,
 }
 
 /// Microseconds since the epoch.
@@ -205,6 +212,9 @@ impl JobRecord {
                 estimated_cost_micros: self.reserved_cost_micros,
             }),
             charge_pending: self.charge_pending(),
+            refusal: outcome.refusal,
+            reasoning_content: outcome.reasoning,
+            dropped_params: outcome.dropped_params,
         }
     }
 }
