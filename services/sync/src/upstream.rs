@@ -260,7 +260,7 @@ pub(crate) fn validate(request: &mut CompleteRequest) -> Result<(), Error> {
 /// about the model: how it takes its completion limit, its largest completion, whether it has
 /// native JSON-schema output); without one, the catalog's defaults for the provider. Parameters
 /// meshgate does not model follow the provider's `unknown_params` setting.
-pub fn provider_model(spec: &ProviderSpec, request: &CompleteRequest) -> ProviderModel {
+pub(crate) fn provider_model(spec: &ProviderSpec, request: &CompleteRequest) -> ProviderModel {
     let unknown_params = match spec.on_unknown_params() {
         meshgate_catalog::UnknownParams::Forward => UnknownParams::Forward,
         meshgate_catalog::UnknownParams::Drop => UnknownParams::Drop,
