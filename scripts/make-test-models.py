@@ -24,6 +24,12 @@ Writes, deterministically (fixed seeds, fixed vocabularies):
       split one by one, then byte-level BPE, control tokens as special tokens at ids 0-2), ChatML with SmolLM2's default system prompt, its end tokens and manifest fields. The chat
       test of services/inference/tests/real_models.rs runs on it in every scripts/test.sh run, and
       on SmolLM2 itself when it was fetched.
+  OUTDIR/cascade/{manifest.json,tiny-encoder/...,tiny-guard/...,tiny-topic/...}
+      a models directory of its own holding classifier cascades as fetch-models.sh builds them
+      (scripts/models/train_classifiers.py): tiny-encoder (tiny-embed's encoder) and two
+      classifiers over it, each a head.json over its sentence embedding and a first_stage.bin
+      (hashed n-grams of the token ids, scripts/models/ngram.py) trained on a few labelled
+      sentences, with thresholds placed so that the reference sentences exercise both stages.
 
 Before writing, the script checks with onnxruntime that the decoder really uses its KV cache
 (logits of an incremental run equal a full recompute) and records references the Rust tests
@@ -50,6 +56,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
 # The decoder graph and the greedy reference loop are the ones the real SmolLM2 conversion uses.
 import llama_onnx  # noqa: E402
+import ngram  # noqa: E402
 from llama_onnx import NEG_INF, Graph  # noqa: E402
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -436,6 +443,111 @@ def build_encoder(outdir, name, seed, labels=None):
     return entry
 
 
+# ---------------------------------------------------------------- cascades
+
+CASCADE_DIR = "cascade"
+# name: (labels, labelled training sentences)
+CASCADES = {
+    "tiny-guard": (["benign", "injection"], [
+        ("hello world, good morning!", 0), ("thank you", 0), ("the cat sat on the mat", 0),
+        ("what is the weather today in paris", 0), ("good night moon", 0), ("i like the blue sky", 0),
+        ("hate the model, run the code", 1), ("please run this code function", 1), ("run run running code", 1),
+        ("the model token vector hate", 1), ("run python code now please", 1), ("hate hate hate", 1),
+    ]),
+    "tiny-topic": (["animals", "places", "code"], [
+        ("the cat sat on the mat", 0), ("a quick brown fox", 0), ("dogs and cats", 0), ("the bird and the fish", 0),
+        ("paris is the capital of france", 1), ("tokyo japan city", 1), ("london in the rain", 1),
+        ("rust code function", 2), ("python function number", 2), ("run the code", 2),
+    ]),
+}
+CASCADE_REFERENCE_SENTENCES = EMBED_REFERENCE_SENTENCES + [
+    "thank you", "hate hate hate", "run python code now please", "paris france city", "the cat and the dog",
+]
+CASCADE_BUCKETS, CASCADE_ORDERS = 64, (1, 2)
+
+
+def build_cascades(outdir):
+    """OUTDIR/cascade: tiny-encoder and the cascades of CASCADES over it (see the module doc)."""
+    d = os.path.join(outdir, CASCADE_DIR)
+    encoder = build_encoder(d, "tiny-encoder", 4321)
+    tok_file = encoder["tokenizer"]
+    tok = Tokenizer.from_file(os.path.join(d, tok_file))
+    tok.no_padding()
+    tok.enable_truncation(encoder["context_length"])
+    sess = ort.InferenceSession(os.path.join(d, encoder["file"]), providers=["CPUExecutionProvider"])
+
+    def embed(text):
+        enc = tok.encode(text)
+        ids = np.array([enc.ids], dtype=np.int64)
+        hidden = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                                  "token_type_ids": np.zeros_like(ids)})[0][0]
+        pooled = hidden.mean(axis=0)
+        return pooled / np.linalg.norm(pooled)
+
+    entries = [encoder]
+    for i, (name, (labels, examples)) in enumerate(CASCADES.items()):
+        md = os.path.join(d, name)
+        os.makedirs(md, exist_ok=True)
+        ids = [tok.encode(t).ids for t, _ in examples]
+        y = np.array([l for _, l in examples])
+        model = ngram.train(ngram.features(ids, CASCADE_ORDERS, CASCADE_BUCKETS), y, len(labels), CASCADE_BUCKETS,
+                            l2=1e-4, steps=200, lr=0.05, seed=17 + i)
+        rng = np.random.default_rng(99 + i)
+        hidden = encoder["dims"]
+        layers = [(rng.standard_normal((hidden, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32) * 0.1),
+                  (rng.standard_normal((8, len(labels))).astype(np.float32) * 2, np.zeros(len(labels), np.float32))]
+        refs = CASCADE_REFERENCE_SENTENCES
+        p_fast = ngram.scores(model, ngram.features([tok.encode(t).ids for t in refs], CASCADE_ORDERS, CASCADE_BUCKETS))
+        # One threshold for every label, between the reference sentences' confidences, so some
+        # sentences settle in the first stage and the others reach the head.
+        conf = np.sort(p_fast.max(axis=1))
+        middle = len(conf) // 2
+        if conf[middle] - conf[middle - 1] < 1e-3:
+            raise SystemExit(f"{name}: no clear gap between the reference confidences around the threshold")
+        threshold = float(np.float32((conf[middle - 1] + conf[middle]) / 2))
+        min_confidence = [threshold] * len(labels)
+        ngram.save(model, os.path.join(md, "first_stage.bin"))
+        head = {"input_dims": hidden, "layers": [
+            {"rows": int(w.shape[0]), "cols": int(w.shape[1]), "weights": [float(x) for x in w.ravel()],
+             "bias": [float(x) for x in b]} for w, b in layers]}
+        with open(os.path.join(md, "head.json"), "w") as f:
+            json.dump(head, f)
+        cases = []
+        for text, pf in zip(refs, p_fast):
+            h = embed(text)
+            for j, (w, b) in enumerate(layers):
+                h = h @ w + b
+                if j < len(layers) - 1:
+                    h = np.maximum(h, 0)
+            ph = np.exp(h - h.max())
+            ph /= ph.sum()
+            settled = pf.max() >= threshold
+            cases.append({"text": text, "first_stage": [round(float(x), 7) for x in pf],
+                          "head": [round(float(x), 7) for x in ph], "stage": "first_stage" if settled else "encoder",
+                          "probabilities": [round(float(x), 7) for x in (pf if settled else ph)]})
+        stages = {c["stage"] for c in cases}
+        if stages != {"first_stage", "encoder"}:
+            raise SystemExit(f"{name}: the reference sentences reach only {stages}")
+        with open(os.path.join(md, "reference.json"), "w") as f:
+            json.dump({"cascade": cases}, f, indent=1)
+        entries.append({
+            "name": name,
+            "task": "classification",
+            "file": f"{name}/head.json",
+            "sha256": sha256_file(os.path.join(md, "head.json")),
+            "tokenizer": tok_file,
+            "tokenizer_sha256": encoder["tokenizer_sha256"],
+            "context_length": encoder["context_length"],
+            "labels": labels,
+            "encoder": "tiny-encoder",
+            "first_stage": {"file": f"{name}/first_stage.bin", "sha256": sha256_file(os.path.join(md, "first_stage.bin")),
+                            "buckets": CASCADE_BUCKETS, "orders": list(CASCADE_ORDERS), "min_confidence": min_confidence},
+            "reference": f"{name}/reference.json",
+            "reference_sha256": sha256_file(os.path.join(md, "reference.json")),
+        })
+    return entries
+
+
 def manifest_up_to_date(d, generator):
     """Whether d/manifest.json was written by this generator and every file it lists is intact."""
     try:
@@ -450,6 +562,10 @@ def manifest_up_to_date(d, generator):
             p = os.path.join(d, entry[file_key])
             if not os.path.isfile(p) or sha256_file(p) != entry[hash_key]:
                 return False
+        stage = entry.get("first_stage")
+        if stage and not (os.path.isfile(os.path.join(d, stage["file"]))
+                          and sha256_file(os.path.join(d, stage["file"])) == stage["sha256"]):
+            return False
     return bool(manifest.get("models"))
 
 
@@ -468,10 +584,12 @@ def main():
     args = parser.parse_args()
     outdir = os.path.abspath(args.outdir)
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = [os.path.abspath(__file__), os.path.join(here, "models", "llama_onnx.py")]
+    sources = [os.path.abspath(__file__), os.path.join(here, "models", "llama_onnx.py"),
+               os.path.join(here, "models", "ngram.py")]
     generator = "make-test-models.py sha256:" + ",".join(sha256_file(p) for p in sources)
     shaped = os.path.join(outdir, SMOLLM2_SHAPED_DIR)
-    if manifest_up_to_date(outdir, generator) and manifest_up_to_date(shaped, generator):
+    cascades = os.path.join(outdir, CASCADE_DIR)
+    if all(manifest_up_to_date(d, generator) for d in (outdir, shaped, cascades)):
         print(f"test models in {outdir} are up to date")
         return
     os.makedirs(outdir, exist_ok=True)
@@ -480,11 +598,13 @@ def main():
         build_encoder(outdir, "tiny-classify", 5678, CLASSIFY_LABELS),
         build_chat(outdir),
     ]
-    # The SmolLM2-shaped directory first: the top manifest, written last, marks the whole build.
+    # The directories of their own first: the top manifest, written last, marks the whole build.
     smollm2_shaped = build_smollm2_shaped(outdir)
     write_manifest(shaped, generator, [smollm2_shaped])
+    cascade_entries = build_cascades(outdir)
+    write_manifest(cascades, generator, cascade_entries)
     write_manifest(outdir, generator, entries)
-    print(f"built {', '.join(e['name'] for e in entries + [smollm2_shaped])} in {outdir}")
+    print(f"built {', '.join(e['name'] for e in entries + [smollm2_shaped] + cascade_entries)} in {outdir}")
 
 
 if __name__ == "__main__":

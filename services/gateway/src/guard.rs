@@ -87,8 +87,11 @@ impl InferenceInjection {
 #[async_trait]
 impl InjectionClassifier for InferenceInjection {
     async fn classify(&self, inputs: &[&str]) -> Result<Vec<f32>, PolicyError> {
-        let request =
-            ClassifyRequest { model: self.wanted.clone(), inputs: inputs.iter().map(|t| (*t).to_owned()).collect() };
+        let request = ClassifyRequest {
+            model: self.wanted.clone(),
+            inputs: inputs.iter().map(|t| (*t).to_owned()).collect(),
+            ..Default::default()
+        };
         let mut client = self.client.clone();
         let response = tokio::time::timeout(self.timeout, client.classify(request))
             .await

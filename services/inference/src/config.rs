@@ -38,6 +38,9 @@ pub struct Config {
     pub stream_buffer: usize,
     /// Dynamic batching of `Embed` and `Classify`.
     pub batching: BatchingConfig,
+    /// Sentence embeddings each shared encoder keeps for its classifiers, by text digest (about
+    /// 1.5 KiB each for 384 dims); 0 turns the cache off.
+    pub classification_cache_entries: usize,
 }
 
 impl Default for Config {
@@ -54,6 +57,7 @@ impl Default for Config {
             max_in_flight: 64,
             stream_buffer: 16,
             batching: BatchingConfig::default(),
+            classification_cache_entries: 8192,
         }
     }
 }

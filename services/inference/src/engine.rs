@@ -13,8 +13,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::batcher::Batcher;
+use crate::cascade::{self, CascadeClassifier, Classified, EncoderModel, Stage};
 use crate::chat::{ChatModel, ChatTurn, Completion, FinishReason, GenerationParams, GenerationSink};
 use crate::config::Config;
+use crate::embedding_cache::EmbeddingCache;
 use crate::encoder::{ClassifyModel, EmbedModel};
 use crate::error::Error;
 use crate::manifest::{Manifest, ModelEntry, Task};
@@ -29,16 +31,19 @@ pub const MAX_STOP_SEQUENCES: usize = 8;
 #[derive(Clone)]
 pub enum LoadedModel {
     Chat(Arc<ChatModel>),
-    Embed(Arc<Batcher<EmbedModel>>),
+    Embed(Arc<EncoderModel>),
+    /// A classifier graph with its own encoder.
     Classify(Arc<Batcher<ClassifyModel>>),
+    /// A classifier head over a shared encoder, with its first stage (see [`crate::cascade`]).
+    Cascade(Arc<CascadeClassifier>),
 }
 
 impl LoadedModel {
     /// Requests waiting in the model's batching queue and its capacity (encoder models).
     fn queue(&self) -> Option<(usize, usize)> {
         match self {
-            LoadedModel::Chat(_) => None,
-            LoadedModel::Embed(b) => Some((b.queue_depth(), b.queue_capacity())),
+            LoadedModel::Chat(_) | LoadedModel::Cascade(_) => None,
+            LoadedModel::Embed(e) => Some((e.batcher.queue_depth(), e.batcher.queue_capacity())),
             LoadedModel::Classify(b) => Some((b.queue_depth(), b.queue_capacity())),
         }
     }
@@ -85,11 +90,14 @@ pub struct EmbedOutput {
     pub prompt_tokens: u64,
 }
 
-/// Label scores of one `Classify` call.
+/// Label scores of one classifier in a `Classify` call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClassifyOutput {
-    /// Per input, every label with its probability, most likely first.
-    pub results: Vec<Vec<(String, f32)>>,
+    /// The classifier's registry name.
+    pub model: String,
+    /// Per input, in input order: every label with its probability, most likely first, and what
+    /// settled them.
+    pub results: Vec<Classified>,
     pub prompt_tokens: u64,
 }
 
@@ -178,9 +186,12 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Loads every model of the registry, one after the other; failures are recorded per model.
+    /// Loads every model of the registry, one after the other (classifiers over a shared encoder
+    /// after the encoders); failures are recorded per model.
     pub async fn load_all(&self) {
-        for slot in self.inner.slots.values() {
+        let mut slots: Vec<&Slot> = self.inner.slots.values().collect();
+        slots.sort_by_key(|slot| slot.entry.encoder.is_some());
+        for slot in slots {
             let status = self.load_slot(slot).await;
             if let Some(reason) = &status.error {
                 tracing::error!(model = %status.name, %reason, "model not loaded");
@@ -235,11 +246,21 @@ impl Engine {
             return status(slot);
         }
         *slot.state.write() = SlotState::Loading;
+        let encoder = match &slot.entry.encoder {
+            Some(encoder) => match self.loaded_encoder(encoder).await {
+                Ok(loaded) => Some((encoder.clone(), loaded)),
+                Err(reason) => {
+                    *slot.state.write() = SlotState::Failed(reason);
+                    return status(slot);
+                }
+            },
+            None => None,
+        };
         let entry = slot.entry.clone();
         let config = self.inner.config.clone();
         let metrics = self.inner.metrics.clone();
         let started = Instant::now();
-        let loaded = tokio::task::spawn_blocking(move || load_model(&entry, &config, &metrics)).await;
+        let loaded = tokio::task::spawn_blocking(move || load_model(&entry, &config, &metrics, encoder)).await;
         let state = match loaded {
             Ok(Ok(model)) => {
                 tracing::info!(model = %name, seconds = started.elapsed().as_secs_f64(), "loaded");
@@ -251,6 +272,20 @@ impl Engine {
         };
         *slot.state.write() = state;
         status(slot)
+    }
+
+    /// The shared encoder `name`, loaded first when it is not; the reason when it cannot be.
+    async fn loaded_encoder(&self, name: &str) -> Result<Arc<EncoderModel>, String> {
+        let slot = self.inner.slots.get(name).ok_or_else(|| format!("encoder `{name}` is not in the registry"))?;
+        if loaded(slot).is_none() {
+            // The manifest allows no encoder that is itself a cascade, so this recursion stops here.
+            Box::pin(self.load_slot(slot)).await;
+        }
+        match loaded(slot) {
+            Some(LoadedModel::Embed(encoder)) => Ok(encoder),
+            Some(_) => Err(format!("encoder `{name}` is not an embeddings model")),
+            None => Err(format!("encoder `{name}` is not loaded: {}", status(slot).error.unwrap_or_default())),
+        }
     }
 
     fn slot(&self, name: &str) -> Result<&Slot, Error> {
@@ -294,7 +329,7 @@ impl Engine {
 
     /// Embeds `inputs` with the embedding model `model`, batched with other requests for it.
     pub async fn embed(&self, model: &str, inputs: Vec<String>) -> Result<EmbedOutput, Error> {
-        let LoadedModel::Embed(batcher) = self.model(model, Task::Embeddings)? else {
+        let LoadedModel::Embed(encoder) = self.model(model, Task::Embeddings)? else {
             return Err(Error::Internal(format!(
                 "model `{model}` is registered as embeddings but loaded as another task"
             )));
@@ -302,6 +337,7 @@ impl Engine {
         check_inputs(&inputs, self.inner.config.max_batch_inputs)?;
         let _guard = self.enter().inspect_err(|err| self.count(model, Task::Embeddings, outcome(err)))?;
         let started = Instant::now();
+        let batcher = &encoder.batcher;
         match batcher.submit(inputs).await {
             Ok(items) => {
                 self.inner.metrics.embed_duration.with_label_values(&[model]).observe(started.elapsed().as_secs_f64());
@@ -318,27 +354,102 @@ impl Engine {
         }
     }
 
-    /// Scores `inputs` with the classifier `model`, batched with other requests for it.
+    /// Scores `inputs` with the classifier `model` (see [`Engine::classify_many`]).
     pub async fn classify(&self, model: &str, inputs: Vec<String>) -> Result<ClassifyOutput, Error> {
-        let LoadedModel::Classify(batcher) = self.model(model, Task::Classification)? else {
-            return Err(Error::Internal(format!(
-                "model `{model}` is registered as classification but loaded as another task"
-            )));
-        };
-        check_inputs(&inputs, self.inner.config.max_batch_inputs)?;
-        let _guard = self.enter().inspect_err(|err| self.count(model, Task::Classification, outcome(err)))?;
-        match batcher.submit(inputs).await {
-            Ok(items) => {
-                let prompt_tokens = items.iter().map(|(_, tokens)| tokens).sum();
-                self.inner.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(prompt_tokens);
-                self.count(model, Task::Classification, "ok");
-                Ok(ClassifyOutput { results: items.into_iter().map(|(r, _)| r).collect(), prompt_tokens })
-            }
-            Err(err) => {
-                self.count(model, Task::Classification, outcome(&err));
-                Err(err)
+        let mut outputs = self.classify_many(&[model.to_owned()], inputs).await?;
+        outputs.pop().ok_or_else(|| Error::Internal("no classification result".into()))
+    }
+
+    /// Scores `inputs` with each classifier of `models` (a name given twice runs once), one output
+    /// per distinct name in order. Classifier graphs are batched with other requests for them;
+    /// cascades settle what their first stage is sure of and share one embedding per text and
+    /// encoder for the rest (see [`crate::cascade`]).
+    pub async fn classify_many(&self, models: &[String], inputs: Vec<String>) -> Result<Vec<ClassifyOutput>, Error> {
+        let mut names: Vec<&str> = Vec::with_capacity(models.len());
+        for name in models {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
             }
         }
+        if names.is_empty() {
+            return Err(Error::InvalidRequest("model is required".into()));
+        }
+        let loaded = names
+            .iter()
+            .map(|name| self.model(name, Task::Classification))
+            .collect::<Result<Vec<_>, _>>()
+            .inspect_err(|err| names.iter().for_each(|name| self.count(name, Task::Classification, outcome(err))))?;
+        check_inputs(&inputs, self.inner.config.max_batch_inputs)?;
+        let _guard = self
+            .enter()
+            .inspect_err(|err| names.iter().for_each(|name| self.count(name, Task::Classification, outcome(err))))?;
+        let result = self.run_classifiers(&names, loaded, inputs).await;
+        match &result {
+            Ok(outputs) => {
+                for out in outputs {
+                    let model = out.model.as_str();
+                    self.inner.metrics.tokens.with_label_values(&[model, "prompt"]).inc_by(out.prompt_tokens);
+                    self.count(model, Task::Classification, "ok");
+                    for stage in [Stage::FirstStage, Stage::Encoder] {
+                        let settled = out.results.iter().filter(|r| r.stage == stage).count() as u64;
+                        self.inner.metrics.classify_stage.with_label_values(&[model, stage.as_str()]).inc_by(settled);
+                    }
+                }
+            }
+            Err(err) => names.iter().for_each(|name| self.count(name, Task::Classification, outcome(err))),
+        }
+        result
+    }
+
+    async fn run_classifiers(
+        &self,
+        names: &[&str],
+        loaded: Vec<LoadedModel>,
+        inputs: Vec<String>,
+    ) -> Result<Vec<ClassifyOutput>, Error> {
+        let mut outputs: Vec<Option<ClassifyOutput>> = vec![None; names.len()];
+        let mut cascades = Vec::new();
+        let mut cascade_slots = Vec::new();
+        for (i, model) in loaded.into_iter().enumerate() {
+            let output = |results, prompt_tokens| ClassifyOutput { model: names[i].to_owned(), results, prompt_tokens };
+            match model {
+                LoadedModel::Classify(batcher) => {
+                    let items = batcher.submit(inputs.clone()).await?;
+                    let prompt_tokens = items.iter().map(|(_, tokens)| tokens).sum();
+                    let results = items
+                        .into_iter()
+                        .map(|(scores, _)| Classified { scores, stage: Stage::Encoder, cached: false })
+                        .collect();
+                    outputs[i] = Some(output(results, prompt_tokens));
+                }
+                LoadedModel::Cascade(classifier) => {
+                    cascades.push(classifier);
+                    cascade_slots.push(i);
+                }
+                LoadedModel::Chat(_) | LoadedModel::Embed(_) => {
+                    return Err(Error::Internal(format!(
+                        "model `{}` is registered as classification but loaded as another task",
+                        names[i]
+                    )));
+                }
+            }
+        }
+        if !cascades.is_empty() {
+            let results = cascade::classify(&cascades, &inputs).await?;
+            let encoders: Vec<&str> = cascades.iter().map(|c| c.encoder_name()).collect();
+            for ((i, (classified, tokens)), encoder) in cascade_slots.into_iter().zip(results).zip(encoders) {
+                let hits = classified.iter().filter(|r| r.cached).count() as u64;
+                let misses = classified.iter().filter(|r| r.stage == Stage::Encoder && !r.cached).count() as u64;
+                self.inner.metrics.embedding_cache.with_label_values(&[encoder, "hit"]).inc_by(hits);
+                self.inner.metrics.embedding_cache.with_label_values(&[encoder, "miss"]).inc_by(misses);
+                outputs[i] = Some(ClassifyOutput {
+                    model: names[i].to_owned(),
+                    results: classified,
+                    prompt_tokens: tokens.iter().sum(),
+                });
+            }
+        }
+        outputs.into_iter().map(|o| o.ok_or_else(|| Error::Internal("a classifier gave no result".into()))).collect()
     }
 
     /// Starts a generation with the chat model `model`. Invalid requests fail here, before any
@@ -439,8 +550,8 @@ fn status(slot: &Slot) -> ModelStatus {
     let (loaded, error, dims, queue) = match &*slot.state.read() {
         SlotState::Loaded(model) => {
             let dims = match model {
-                LoadedModel::Embed(b) => Some(b.model().dims() as u32),
-                LoadedModel::Chat(_) | LoadedModel::Classify(_) => None,
+                LoadedModel::Embed(e) => Some(e.batcher.model().dims() as u32),
+                LoadedModel::Chat(_) | LoadedModel::Classify(_) | LoadedModel::Cascade(_) => None,
             };
             (true, None, dims, model.queue())
         }
@@ -468,13 +579,24 @@ fn outcome(err: &Error) -> &'static str {
     }
 }
 
-/// Loads one model (blocking).
-fn load_model(entry: &ModelEntry, config: &Config, metrics: &InferenceMetrics) -> Result<LoadedModel, Error> {
+/// Loads one model (blocking); `encoder` is the loaded shared encoder of a cascade classifier.
+fn load_model(
+    entry: &ModelEntry,
+    config: &Config,
+    metrics: &InferenceMetrics,
+    encoder: Option<(String, Arc<EncoderModel>)>,
+) -> Result<LoadedModel, Error> {
     let dir: &Path = &config.models_dir;
     let file: PathBuf = dir.join(&entry.file);
     let tokenizer = dir.join(&entry.tokenizer);
     onnx::verify_file(&file, entry.sha256.as_deref(), config.verify_sha256)?;
     onnx::verify_file(&tokenizer, entry.tokenizer_sha256.as_deref(), config.verify_sha256)?;
+    if let Some(stage) = &entry.first_stage {
+        onnx::verify_file(&dir.join(&stage.file), stage.sha256.as_deref(), config.verify_sha256)?;
+    }
+    if let Some((name, encoder)) = encoder {
+        return Ok(LoadedModel::Cascade(Arc::new(CascadeClassifier::load(entry, dir, &name, encoder)?)));
+    }
     let open = || {
         let env = onnx::environment(config.ort_dylib_path.as_deref())?;
         onnx::open_session(env, &file, config.intra_op_threads, config.intra_op_spinning)
@@ -484,7 +606,8 @@ fn load_model(entry: &ModelEntry, config: &Config, metrics: &InferenceMetrics) -
         Task::Embeddings => {
             let model = Arc::new(EmbedModel::load(entry, open()?, &tokenizer)?);
             let batcher = Batcher::start(&entry.name, model, &config.batching, metrics.batch(&entry.name))?;
-            Ok(LoadedModel::Embed(Arc::new(batcher)))
+            let cache = EmbeddingCache::new(config.classification_cache_entries);
+            Ok(LoadedModel::Embed(Arc::new(EncoderModel { batcher, cache })))
         }
         Task::Classification => {
             let model = Arc::new(ClassifyModel::load(entry, open()?, &tokenizer)?);

@@ -7,11 +7,15 @@
 //! for it fail with `service_unavailable`.
 
 pub mod batcher;
+pub mod cascade;
 pub mod chat;
 pub mod config;
+pub mod embedding_cache;
 pub mod encoder;
 pub mod engine;
 pub mod error;
+pub mod first_stage;
+pub mod head;
 pub mod manifest;
 pub mod metrics;
 pub mod onnx;

@@ -106,6 +106,14 @@ pub struct ModelEntry {
     /// Tokens that end a generation (chat models).
     #[serde(default)]
     pub eos_tokens: Vec<String>,
+    /// Classification models: the registry name of the embeddings model whose sentence embedding
+    /// this classifier's head reads. `file` is then the head (`head.json`, see [`crate::head`]),
+    /// not a graph, and classifiers naming the same encoder share its pass over a text.
+    #[serde(default)]
+    pub encoder: Option<String>,
+    /// Classification models over an `encoder`: the cheap first stage of the cascade.
+    #[serde(default)]
+    pub first_stage: Option<FirstStageSpec>,
     /// Reference outputs computed with Python onnxruntime, for correctness checks.
     #[serde(default)]
     pub reference: Option<PathBuf>,
@@ -115,6 +123,23 @@ pub struct ModelEntry {
 
 fn default_true() -> bool {
     true
+}
+
+/// The first stage of a classifier cascade (see [`crate::first_stage`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirstStageSpec {
+    /// Weights file (little-endian f32), relative to the models directory.
+    pub file: PathBuf,
+    /// Expected sha256 (hex) of `file`.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Rows of the hashed n-gram table.
+    pub buckets: u32,
+    /// Lengths of the token windows hashed (1: single tokens, 2: pairs...).
+    pub orders: Vec<u8>,
+    /// Per label, in label order: the probability from which the first stage settles that label
+    /// (chosen on a validation split by the training script); `null`: never settled there.
+    pub min_confidence: Vec<Option<f32>>,
 }
 
 impl Manifest {
@@ -139,7 +164,11 @@ impl Manifest {
             if !names.insert(entry.name.as_str()) {
                 return Err(format!("model `{}` is listed twice", entry.name));
             }
-            for path in [Some(&entry.file), Some(&entry.tokenizer), entry.reference.as_ref()].into_iter().flatten() {
+            let first_stage_file = entry.first_stage.as_ref().map(|f| &f.file);
+            for path in [Some(&entry.file), Some(&entry.tokenizer), entry.reference.as_ref(), first_stage_file]
+                .into_iter()
+                .flatten()
+            {
                 // Manifest paths stay inside the models directory.
                 if !path.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
                     return Err(format!(
@@ -157,6 +186,41 @@ impl Manifest {
             }
             if entry.task == Task::Chat && entry.eos_tokens.is_empty() {
                 return Err(format!("model `{}`: a chat model needs eos_tokens", entry.name));
+            }
+            self.validate_cascade(entry)?;
+        }
+        Ok(())
+    }
+
+    /// A classifier's encoder is an embeddings model of this manifest, and its first stage scores
+    /// its labels.
+    fn validate_cascade(&self, entry: &ModelEntry) -> Result<(), String> {
+        let name = &entry.name;
+        if (entry.encoder.is_some() || entry.first_stage.is_some()) && entry.task != Task::Classification {
+            return Err(format!("model `{name}`: only classification models take an encoder or a first stage"));
+        }
+        if let Some(encoder) = &entry.encoder {
+            let found = self.models.iter().find(|m| &m.name == encoder);
+            if !found.is_some_and(|m| m.task == Task::Embeddings) {
+                return Err(format!("model `{name}`: encoder `{encoder}` is not an embeddings model of the manifest"));
+            }
+        }
+        if let Some(stage) = &entry.first_stage {
+            if entry.encoder.is_none() {
+                return Err(format!("model `{name}`: a first stage needs an encoder to hand uncertain texts to"));
+            }
+            if stage.buckets == 0 || stage.orders.is_empty() || stage.orders.iter().any(|&o| o == 0 || o > 8) {
+                return Err(format!("model `{name}`: first_stage needs buckets and orders between 1 and 8"));
+            }
+            if stage.min_confidence.len() != entry.labels.len() {
+                return Err(format!(
+                    "model `{name}`: first_stage.min_confidence has {} values for {} labels",
+                    stage.min_confidence.len(),
+                    entry.labels.len()
+                ));
+            }
+            if stage.min_confidence.iter().flatten().any(|c| !(0.0..=1.0).contains(c)) {
+                return Err(format!("model `{name}`: first_stage.min_confidence values must be within [0, 1]"));
             }
         }
         Ok(())
@@ -198,5 +262,40 @@ mod tests {
         assert!(parse(&format!(r#"{{"version": 1, "models": [{no_eos}]}}"#)).unwrap_err().contains("eos_tokens"));
         let bad_task = CHAT.replace("\"chat\"", "\"vision\"");
         assert!(parse(&format!(r#"{{"version": 1, "models": [{bad_task}]}}"#)).unwrap_err().contains("vision"));
+    }
+
+    const EMBED: &str = r#"{"name": "e", "task": "embeddings", "file": "e/model.onnx", "tokenizer": "e/tokenizer.json",
+        "context_length": 64}"#;
+
+    fn cascade(encoder: &str, stage: &str) -> String {
+        format!(
+            r#"{{"name": "k", "task": "classification", "file": "k/head.json", "tokenizer": "e/tokenizer.json",
+            "context_length": 64, "labels": ["a", "b"], "encoder": "{encoder}"{stage}}}"#
+        )
+    }
+
+    #[test]
+    fn a_cascade_names_an_embeddings_model_and_scores_its_labels() {
+        let stage = r#", "first_stage": {"file": "k/first_stage.bin", "buckets": 16, "orders": [1, 2],
+            "min_confidence": [0.9, null]}"#;
+        let m = parse(&format!(r#"{{"version": 1, "models": [{EMBED}, {}]}}"#, cascade("e", stage))).unwrap();
+        let entry = &m.models[1];
+        assert_eq!(entry.encoder.as_deref(), Some("e"));
+        assert_eq!(entry.first_stage.as_ref().unwrap().min_confidence, vec![Some(0.9), None]);
+
+        let cases = [
+            (cascade("nope", ""), "not an embeddings model"),
+            (cascade("e", &stage.replace("[0.9, null]", "[0.9]")), "1 values for 2 labels"),
+            (cascade("e", &stage.replace("[0.9, null]", "[1.5, null]")), "within [0, 1]"),
+            (cascade("e", &stage.replace("[1, 2]", "[0]")), "orders"),
+            (cascade("e", &stage.replace("k/first_stage.bin", "../x.bin")), "relative"),
+        ];
+        for (entry, expected) in cases {
+            let err = parse(&format!(r#"{{"version": 1, "models": [{EMBED}, {entry}]}}"#)).unwrap_err();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        let no_encoder = cascade("e", stage).replace(r#", "encoder": "e""#, "");
+        let err = parse(&format!(r#"{{"version": 1, "models": [{EMBED}, {no_encoder}]}}"#)).unwrap_err();
+        assert!(err.contains("needs an encoder"), "{err}");
     }
 }

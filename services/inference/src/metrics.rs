@@ -28,6 +28,11 @@ pub struct InferenceMetrics {
     pub batch_size: HistogramVec,
     /// Requests merged into one session call of an encoder model.
     pub batch_requests: HistogramVec,
+    /// Texts classified, by classifier and the stage that settled them (`first_stage`, `encoder`).
+    pub classify_stage: IntCounterVec,
+    /// Embeddings a shared encoder's classifiers needed, by `outcome`: `hit` (from the cache) or
+    /// `miss` (computed).
+    pub embedding_cache: IntCounterVec,
 }
 
 impl InferenceMetrics {
@@ -92,6 +97,22 @@ impl InferenceMetrics {
                 &["model"],
             )
             .expect("static metric options are valid"),
+            classify_stage: IntCounterVec::new(
+                Opts::new(
+                    "meshgate_inference_classify_stage_total",
+                    "Texts classified, by classifier and the stage that settled them",
+                ),
+                &["model", "stage"],
+            )
+            .expect("static metric options are valid"),
+            embedding_cache: IntCounterVec::new(
+                Opts::new(
+                    "meshgate_inference_embedding_cache_total",
+                    "Embeddings a shared encoder's classifiers needed, by cache outcome",
+                ),
+                &["model", "outcome"],
+            )
+            .expect("static metric options are valid"),
         }
     }
 
@@ -115,6 +136,8 @@ impl InferenceMetrics {
         metrics.register(Box::new(self.queue_depth.clone()));
         metrics.register(Box::new(self.batch_size.clone()));
         metrics.register(Box::new(self.batch_requests.clone()));
+        metrics.register(Box::new(self.classify_stage.clone()));
+        metrics.register(Box::new(self.embedding_cache.clone()));
     }
 }
 

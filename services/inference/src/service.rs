@@ -8,6 +8,7 @@ use meshgate_proto::inference::v1 as pb;
 use meshgate_proto::inference::v1::inference_server::Inference;
 use tonic::{Request, Response, Status};
 
+use crate::cascade::Classified;
 use crate::chat::ChatTurn;
 use crate::engine::{Engine, GenerateEvent, ModelStatus};
 
@@ -33,6 +34,14 @@ fn local_model(status: ModelStatus) -> pb::LocalModel {
         context_length: i64::from(status.context_length),
         queue_depth: status.queue_depth as i64,
         queue_capacity: status.queue_capacity as i64,
+    }
+}
+
+fn classification(result: Classified) -> pb::Classification {
+    pb::Classification {
+        scores: result.scores.into_iter().map(|(label, probability)| pb::LabelScore { label, probability }).collect(),
+        stage: result.stage.as_str().to_owned(),
+        cached: result.cached,
     }
 }
 
@@ -79,19 +88,18 @@ impl Inference for InferenceService {
 
     async fn classify(&self, request: Request<pb::ClassifyRequest>) -> Result<Response<pb::ClassifyResponse>, Status> {
         let request = request.into_inner();
-        let out = self.engine.classify(&request.model, request.inputs).await?;
-        Ok(Response::new(pb::ClassifyResponse {
-            results: out
-                .results
-                .into_iter()
-                .map(|scores| pb::Classification {
-                    scores: scores
-                        .into_iter()
-                        .map(|(label, probability)| pb::LabelScore { label, probability })
-                        .collect(),
-                })
-                .collect(),
-        }))
+        let models: Vec<String> =
+            std::iter::once(request.model).filter(|m| !m.is_empty()).chain(request.models).collect();
+        let outputs = self.engine.classify_many(&models, request.inputs).await?;
+        let by_model: Vec<pb::ModelClassifications> = outputs
+            .into_iter()
+            .map(|out| pb::ModelClassifications {
+                model: out.model,
+                results: out.results.into_iter().map(classification).collect(),
+            })
+            .collect();
+        let results = by_model.first().map(|m| m.results.clone()).unwrap_or_default();
+        Ok(Response::new(pb::ClassifyResponse { results, by_model }))
     }
 
     async fn list_models(

@@ -133,9 +133,9 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_results() {
         futures::future::join_all(cases.iter().map(|c| engine.classify("tiny-classify", vec![c.text.clone()]))).await;
     let batch = engine.classify("tiny-classify", cases.iter().map(|c| c.text.clone()).collect()).await.unwrap();
     for (single, batched) in labels.into_iter().zip(&batch.results) {
-        let single = &single.unwrap().results[0];
-        assert_eq!(single[0].0, batched[0].0);
-        assert!((single[0].1 - batched[0].1).abs() < 1e-5);
+        let single = &single.unwrap().results[0].scores;
+        assert_eq!(single[0].0, batched.scores[0].0);
+        assert!((single[0].1 - batched.scores[0].1).abs() < 1e-5);
     }
 }
 
@@ -165,7 +165,8 @@ async fn classification_matches_the_python_reference() {
     let texts: Vec<String> = reference.classifications.iter().map(|c| c.text.clone()).collect();
     let out = engine.classify("tiny-classify", texts).await.unwrap();
     assert_eq!(out.results.len(), reference.classifications.len());
-    for (scores, case) in out.results.iter().zip(&reference.classifications) {
+    for (result, case) in out.results.iter().zip(&reference.classifications) {
+        let scores = &result.scores;
         assert_eq!(scores.len(), entry.labels.len());
         let total: f32 = scores.iter().map(|(_, p)| p).sum();
         assert!((total - 1.0).abs() < 1e-4, "{}: probabilities sum to {total}", case.text);

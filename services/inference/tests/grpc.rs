@@ -93,12 +93,20 @@ async fn embed_classify_and_list_models_over_grpc() {
     assert_eq!(out.usage.unwrap().prompt_tokens, tokens as i64);
 
     let classified = client
-        .classify(pb::ClassifyRequest { model: "tiny-classify".into(), inputs: vec!["the quick brown fox".into()] })
+        .classify(pb::ClassifyRequest {
+            model: "tiny-classify".into(),
+            inputs: vec!["the quick brown fox".into()],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     let scores = &classified.results[0].scores;
     assert_eq!(scores.len(), 5);
+    // A classifier graph of its own is the encoder stage; the answer also lists it by model.
+    assert_eq!((classified.results[0].stage.as_str(), classified.results[0].cached), ("encoder", false));
+    assert_eq!(classified.by_model.len(), 1);
+    assert_eq!(classified.by_model[0].model, "tiny-classify");
     assert!(scores.windows(2).all(|w| w[0].probability >= w[1].probability));
 
     let listed = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();

@@ -85,18 +85,24 @@ async fn real_classifiers_match_python_onnxruntime() {
     let (engine, entries, dir) = real_engine_for(Task::Classification).await;
     for entry in entries {
         let reference = reference(&dir, &entry);
-        assert!(!reference.classifications.is_empty());
-        let texts: Vec<String> = reference.classifications.iter().map(|c| c.text.clone()).collect();
+        assert!(!reference.cascade.is_empty(), "{}: a cascade reference", entry.name);
+        let texts: Vec<String> = reference.cascade.iter().map(|c| c.text.clone()).collect();
         let out = engine.classify(&entry.name, texts).await.unwrap();
-        for (scores, case) in out.results.iter().zip(&reference.classifications) {
-            assert_eq!(scores.len(), entry.labels.len());
+        for (result, case) in out.results.iter().zip(&reference.cascade) {
+            assert_eq!(result.stage.as_str(), case.stage, "{} {:?}", entry.name, case.text);
             let expected_top = case.probabilities.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
-            assert_eq!(scores[0].0, entry.labels[expected_top], "{} {:?}: {scores:?}", entry.name, case.text);
-            for (label, p) in scores {
+            assert_eq!(
+                result.scores[0].0, entry.labels[expected_top],
+                "{} {:?}: {:?}",
+                entry.name, case.text, result.scores
+            );
+            // The first stage is exact arithmetic on the same token ids; the encoder's int8
+            // activations are quantised per batch, so padding shifts them slightly.
+            let tolerance = if case.stage == "first_stage" { 1e-4 } else { 0.02 };
+            for (label, p) in &result.scores {
                 let i = entry.labels.iter().position(|l| l == label).unwrap();
-                // int8 activations are quantised per batch, so padding shifts them slightly.
                 assert!(
-                    (p - case.probabilities[i]).abs() < 0.02,
+                    (p - case.probabilities[i]).abs() < tolerance,
                     "{} {:?}: {label} {p} vs Python {}",
                     entry.name,
                     case.text,
@@ -105,6 +111,43 @@ async fn real_classifiers_match_python_onnxruntime() {
             }
         }
     }
+}
+
+/// The policy's default prompt-injection threshold (`shared/policy`, `injection.threshold`).
+const INJECTION_THRESHOLD: f32 = 0.8;
+
+/// Benign messages must not be flagged as injections at the default threshold: greetings and
+/// acknowledgements never, and the hand-written benign set (`scripts/models/eval/benign.jsonl`,
+/// several languages, never trained on) at most 0.5 % of the time.
+#[tokio::test]
+async fn the_injection_classifier_leaves_benign_messages_alone() {
+    let (engine, entries, _) = real_engine_for(Task::Classification).await;
+    assert!(entries.iter().any(|e| e.name == "prompt-injection"), "fetch-models.sh builds prompt-injection");
+    let injection = |scores: &[(String, f32)]| scores.iter().find(|(l, _)| l == "injection").unwrap().1;
+
+    let short = ["hi", "ok", "thanks", "hello", "thank you", "yes", "no", "ok thanks", "Hola", "merci", "danke"];
+    let out = engine.classify("prompt-injection", short.iter().map(|s| s.to_string()).collect()).await.unwrap();
+    for (text, result) in short.iter().zip(&out.results) {
+        assert!(injection(&result.scores) < INJECTION_THRESHOLD, "{text:?} flagged: {:?}", result.scores);
+    }
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/models/eval/benign.jsonl");
+    let texts: Vec<String> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["text"].as_str().unwrap().to_owned())
+        .collect();
+    let mut flagged = Vec::new();
+    for chunk in texts.chunks(64) {
+        let out = engine.classify("prompt-injection", chunk.to_vec()).await.unwrap();
+        for (text, result) in chunk.iter().zip(&out.results) {
+            if injection(&result.scores) >= INJECTION_THRESHOLD {
+                flagged.push(text.clone());
+            }
+        }
+    }
+    let allowed = texts.len() / 200;
+    assert!(flagged.len() <= allowed, "{} of {} benign texts flagged: {flagged:?}", flagged.len(), texts.len());
 }
 
 #[tokio::test]

@@ -226,6 +226,7 @@ async fn main() {
     let request = |text: &str| ClassifyRequest {
         model: "task-classifier".into(),
         inputs: vec![meshgate_router::classifier::classified_text(&messages(text))],
+        ..Default::default()
     };
     while classify.classify(request("hello")).await.is_err() {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -241,7 +241,8 @@ impl TaskClassifier {
             let note = if self.client.is_none() { "no inference service" } else { "no task classifier model" };
             return TaskGuess { note: Some(note.into()), ..heuristic(text) };
         };
-        let request = ClassifyRequest { model: model.as_ref().clone(), inputs: vec![text.to_owned()] };
+        let request =
+            ClassifyRequest { model: model.as_ref().clone(), inputs: vec![text.to_owned()], ..Default::default() };
         let mut client = client.clone();
         let note = match tokio::time::timeout(self.timeout, client.classify(request)).await {
             Err(_) => format!("classifier {model} took longer than {} ms", self.timeout.as_millis()),

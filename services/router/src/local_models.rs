@@ -72,7 +72,8 @@ async fn find_task_classifier(
         let fits = match verdicts.get(&model.name) {
             Some(fits) => *fits,
             None => {
-                let request = ClassifyRequest { model: model.name.clone(), inputs: vec!["hello".into()] };
+                let request =
+                    ClassifyRequest { model: model.name.clone(), inputs: vec!["hello".into()], ..Default::default() };
                 let Ok(response) = client.classify(request).await else { continue };
                 let labels: Vec<String> = response
                     .into_inner()

@@ -57,7 +57,8 @@ async fn the_inference_classifier_sets_the_task_and_the_heuristic_takes_over_whe
         InferenceClient::new(meshgate_runtime::channel(&inference_url, Duration::from_secs(2)).unwrap());
     let mut expected = None;
     for _ in 0..200 {
-        let request = ClassifyRequest { model: "tiny-classify".into(), inputs: vec![text.into()] };
+        let request =
+            ClassifyRequest { model: "tiny-classify".into(), inputs: vec![text.into()], ..Default::default() };
         if let Ok(response) = classifier.classify(request).await {
             expected = Some(response.into_inner().results[0].scores[0].clone());
             break;

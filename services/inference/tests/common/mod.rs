@@ -17,7 +17,9 @@ pub fn models_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models"));
     assert!(
-        dir.join("manifest.json").is_file() && dir.join("smollm2-shaped/manifest.json").is_file(),
+        dir.join("manifest.json").is_file()
+            && dir.join("smollm2-shaped/manifest.json").is_file()
+            && dir.join("cascade/manifest.json").is_file(),
         "no test models in {}: run the tests through scripts/test.sh, which builds them \
          (e.g. `scripts/test.sh cargo nextest run -p meshgate-inference`)",
         dir.display()
@@ -29,6 +31,12 @@ pub fn models_dir() -> PathBuf {
 /// exactly as `scripts/fetch-models.sh` serves SmolLM2-135M-Instruct.
 pub fn smollm2_shaped_dir() -> PathBuf {
     models_dir().join("smollm2-shaped")
+}
+
+/// The models directory holding tiny-encoder and the cascades over it (tiny-guard, tiny-topic),
+/// built as `scripts/fetch-models.sh` builds the real classifiers.
+pub fn cascade_dir() -> PathBuf {
+    models_dir().join("cascade")
 }
 
 /// A configuration over `dir`, one intra-op thread (the machine is shared).
@@ -96,6 +104,17 @@ pub struct ClassificationCase {
     pub probabilities: Vec<f32>,
 }
 
+/// A cascade's expected result for one text: both stages' probabilities (in label order), the
+/// stage that settles it, and the probabilities it answers with.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CascadeCase {
+    pub text: String,
+    pub first_stage: Vec<f32>,
+    pub head: Vec<f32>,
+    pub stage: String,
+    pub probabilities: Vec<f32>,
+}
+
 /// Everything the build script recorded with Python onnxruntime.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Reference {
@@ -105,6 +124,8 @@ pub struct Reference {
     pub embeddings: Vec<EmbeddingCase>,
     #[serde(default)]
     pub classifications: Vec<ClassificationCase>,
+    #[serde(default)]
+    pub cascade: Vec<CascadeCase>,
 }
 
 /// The reference of model `name`, and its manifest entry.
