@@ -158,8 +158,10 @@ pub fn write_event(out: &mut Vec<u8>, event: Option<&str>, data: &str) {
     out.push(b'\n');
 }
 
-/// Appends one event whose data is `payload` as JSON, written straight into `out` (serde_json
-/// escapes every line end inside strings, so the JSON is one `data:` line).
+/// Appends one event whose data is `payload` as JSON, written straight into `out` on one
+/// `data:` line. Documents embedded as they came (a client's schema, a provider's logprobs) may
+/// hold line ends between their tokens; those are whitespace to JSON (inside a JSON string a line
+/// end is always escaped), so they are written as spaces.
 pub fn write_json_event<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, event: Option<&str>, payload: &T) {
     if let Some(name) = event {
         out.extend_from_slice(b"event: ");
@@ -167,7 +169,13 @@ pub fn write_json_event<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, event: 
         out.push(b'\n');
     }
     out.extend_from_slice(b"data: ");
+    let start = out.len();
     serde_json::to_writer(&mut *out, payload).expect("an event payload serializes");
+    for byte in &mut out[start..] {
+        if matches!(*byte, b'\n' | b'\r') {
+            *byte = b' ';
+        }
+    }
     out.extend_from_slice(b"\n\n");
 }
 
@@ -180,6 +188,17 @@ mod tests {
         let mut out = Vec::new();
         write_json_event(&mut out, Some("ping"), &serde_json::json!({"text": "a\nb\r"}));
         assert_eq!(out, b"event: ping\ndata: {\"text\":\"a\\nb\\r\"}\n\n");
+        // A document kept as the client wrote it, line ends and all.
+        #[derive(serde::Serialize)]
+        struct Document<'a> {
+            schema: &'a serde_json::value::RawValue,
+        }
+        let schema: Box<serde_json::value::RawValue> = serde_json::from_str("{\n  \"a\": \"x\\ny\"\r\n}").unwrap();
+        let mut out = Vec::new();
+        write_json_event(&mut out, None, &Document { schema: &schema });
+        assert_eq!(out, b"data: {\"schema\":{   \"a\": \"x\\ny\"  }}\n\n");
+        let data: serde_json::Value = serde_json::from_slice(&out[6..out.len() - 2]).unwrap();
+        assert_eq!(data["schema"]["a"], "x\ny");
     }
 
     fn drain(decoder: &mut SseDecoder) -> Vec<SseEvent> {

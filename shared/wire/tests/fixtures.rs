@@ -1,17 +1,25 @@
 //! The golden conformance fixtures of `tests/fixtures/wire/` (see the README there): for each
-//! case, the client's request → the provider request meshgate must send (and what it leaves out);
-//! the provider's answer, fed through the SSE decoder a few bytes at a time → the chunks → the
-//! client's SSE stream and JSON answer meshgate must return. JSON is compared as values (numbers by
-//! value), SSE framing byte for byte.
+//! case, the client's request in its format (Chat Completions, Responses, Anthropic Messages,
+//! legacy completions, embeddings) → the provider request meshgate must send in the provider's
+//! (Chat Completions, Anthropic Messages, Responses), and what it leaves out; the provider's
+//! answer, fed through the SSE decoder a few bytes at a time → the chunks → the client's event
+//! stream and JSON answer meshgate must return. JSON is compared as values (numbers by value),
+//! event names and framing exactly.
 
 use std::path::{Path, PathBuf};
 
 use meshgate_proto::common::v1 as pb;
 use meshgate_proto::common::v1::content_part::Part;
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
+use meshgate_wire::anthropic::ingress::{MessageMeta, MessagesEncoder, message_json, parse_messages};
+use meshgate_wire::openai::completions::{TextCompletionEncoder, parse_completion, text_completion_json};
+use meshgate_wire::openai::embeddings::{self, parse_embeddings};
 use meshgate_wire::openai::ingress::{ChunkEncoder, ReplyMeta, completion_json, parse_chat};
+use meshgate_wire::openai::responses::{
+    self, ResponseMeta, ResponsesEncoder, ResponsesRequest, parse_responses, response_json,
+};
 use meshgate_wire::sse::SseDecoder;
-use meshgate_wire::{Answer, ProviderModel, UnknownParams, WireError, anthropic, openai};
+use meshgate_wire::{Answer, ChatRequest, ProviderModel, UnknownParams, WireError, anthropic, openai};
 use serde_json::{Value, json};
 
 fn fixtures() -> PathBuf {
@@ -161,19 +169,34 @@ fn chunk_json(chunk: &CompleteChunk) -> Value {
     Value::Object(out)
 }
 
-/// The client's SSE stream checked event by event: framing byte for byte, payloads as JSON.
+/// One event of a stream: its `event:` name, if any, and its `data:` line.
+fn split_events(text: &str) -> Vec<(Option<&str>, &str)> {
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|event| {
+            let (name, data) = match event.strip_prefix("event: ") {
+                Some(rest) => {
+                    let (name, data) = rest.split_once('\n').expect("an event line, then its data");
+                    (Some(name), data)
+                }
+                None => (None, event),
+            };
+            let data = data.strip_prefix("data: ").unwrap_or_else(|| panic!("not a data line: {data:?}"));
+            assert!(!data.contains('\n'), "one data line per event: {event:?}");
+            (name, data)
+        })
+        .collect()
+}
+
+/// The client's SSE stream checked event by event: names and framing exactly, payloads as JSON.
 fn assert_sse(case: &str, actual: &[u8], expected: &[u8]) {
     let actual = std::str::from_utf8(actual).unwrap();
     let expected = std::str::from_utf8(expected).unwrap();
-    assert!(actual.ends_with("data: [DONE]\n\n"), "{case}: the stream must end with [DONE]");
-    let split =
-        |text: &str| -> Vec<String> { text.split("\n\n").filter(|e| !e.is_empty()).map(str::to_owned).collect() };
-    let (actual_events, expected_events) = (split(actual), split(expected));
+    let (actual_events, expected_events) = (split_events(actual), split_events(expected));
     assert_eq!(actual_events.len(), expected_events.len(), "{case}: event count\n{actual}");
-    for (i, (a, e)) in actual_events.iter().zip(&expected_events).enumerate() {
-        assert!(a.starts_with("data: ") && !a.contains('\n'), "{case}: event {i} is not one data line: {a:?}");
-        let (a, e) = (&a["data: ".len()..], e.strip_prefix("data: ").unwrap());
-        if e == "[DONE]" {
+    for (i, ((a_name, a), (e_name, e))) in actual_events.iter().zip(&expected_events).enumerate() {
+        assert_eq!(a_name, e_name, "{case}: the name of event {i}");
+        if *e == "[DONE]" {
             assert_eq!(a, e, "{case}: event {i}");
             continue;
         }
@@ -183,46 +206,183 @@ fn assert_sse(case: &str, actual: &[u8], expected: &[u8]) {
     }
 }
 
+/// What the client sent, in its own format.
+enum ClientRequest {
+    Chat { include_usage: bool },
+    Canonical,
+    Responses(Box<ResponsesRequest>),
+    Messages,
+    Completions { include_usage: bool, logprobs: bool },
+}
+
+fn complete_request(chat: ChatRequest) -> CompleteRequest {
+    CompleteRequest {
+        model: chat.model,
+        messages: chat.messages,
+        sampling: Some(chat.sampling),
+        options: Some(chat.options),
+        ..Default::default()
+    }
+}
+
+fn refusal(err: &WireError) -> Value {
+    let kind = match err {
+        WireError::Invalid { .. } => "invalid",
+        WireError::Unsupported { .. } => "unsupported",
+        _ => panic!("{err:?}"),
+    };
+    json!({"kind": kind, "field": err.field()})
+}
+
+type Parsed = (ClientRequest, ChatRequest, Vec<String>);
+
+/// The client's request parsed by its format's parser; `None` when the case expects it refused
+/// (and it was).
+fn parse_client(case_name: &str, case: &Value, client: &str, dir: &Path) -> Option<(ClientRequest, CompleteRequest)> {
+    let Some(body) = read(dir, "client_request.json") else {
+        assert_eq!(client, "canonical", "{case_name}: client_request.json");
+        return Some((ClientRequest::Canonical, canonical_request(case_name)));
+    };
+    let parsed: Result<Parsed, WireError> = match client {
+        "openai" => {
+            parse_chat(&body).map(|chat| (ClientRequest::Chat { include_usage: chat.include_usage }, chat, Vec::new()))
+        }
+        "responses" => parse_responses(&body).map(|r| {
+            let (chat, unforwarded) = (r.chat.clone(), r.unforwarded.clone());
+            (ClientRequest::Responses(Box::new(r)), chat, unforwarded)
+        }),
+        "messages" => parse_messages(&body).map(|r| (ClientRequest::Messages, r.chat, r.unforwarded)),
+        "completions" => parse_completion(&body).map(|r| {
+            let client =
+                ClientRequest::Completions { include_usage: r.chat.include_usage, logprobs: r.logprobs.is_some() };
+            (client, r.chat, Vec::new())
+        }),
+        other => panic!("{case_name}: unknown client format {other}"),
+    };
+    if let Some(expected) = case.get("expected_client_error") {
+        let err = parsed.err().unwrap_or_else(|| panic!("{case_name}: the client request must be refused"));
+        assert_same(case_name, "the client's refusal", &refusal(&err), expected);
+        return None;
+    }
+    let (client_request, chat, unforwarded) =
+        parsed.unwrap_or_else(|err| panic!("{case_name}: the client request: {err}"));
+    let expected = case.get("unforwarded").cloned().unwrap_or(json!([]));
+    assert_same(case_name, "what goes to no provider", &json!(unforwarded), &expected);
+    Some((client_request, complete_request(chat)))
+}
+
+/// A provider's stream decoder.
+enum Decoder {
+    OpenAi(openai::provider::StreamDecoder),
+    Anthropic(anthropic::provider::StreamDecoder),
+    Responses(responses::provider::StreamDecoder),
+}
+
+impl Decoder {
+    fn on_event(&mut self, event: &meshgate_wire::sse::SseEvent) -> Result<Option<CompleteChunk>, WireError> {
+        match self {
+            Self::OpenAi(d) => d.on_event(event),
+            Self::Anthropic(d) => d.on_event(event),
+            Self::Responses(d) => d.on_event(event),
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        match self {
+            Self::OpenAi(d) => d.is_done(),
+            Self::Anthropic(d) => d.is_done(),
+            Self::Responses(d) => d.is_done(),
+        }
+    }
+}
+
+const CREATED: i64 = 1_700_000_000;
+
+/// The client's streamed and whole answers, in its format.
+fn client_answer(client: &ClientRequest, client_model: &str, chunks: &[CompleteChunk]) -> (Vec<u8>, Vec<u8>) {
+    let answer: Answer = chunks.iter().cloned().collect();
+    let reply_meta = |id: &str| ReplyMeta { id: id.into(), created: CREATED, model: client_model.into() };
+    match client {
+        ClientRequest::Chat { .. } | ClientRequest::Canonical => {
+            let include_usage = !matches!(client, ClientRequest::Chat { include_usage: false });
+            let meta = reply_meta("chatcmpl-fixture");
+            let mut encoder = ChunkEncoder::new(meta.clone(), include_usage);
+            let mut wire: Vec<u8> = chunks.iter().flat_map(|c| encoder.encode(c)).collect();
+            wire.extend_from_slice(&encoder.done());
+            (wire, completion_json(&meta, &answer))
+        }
+        ClientRequest::Responses(request) => {
+            let meta = ResponseMeta::new(request, "resp_fixture", CREATED);
+            let mut encoder = ResponsesEncoder::new(meta.clone());
+            let mut wire: Vec<u8> = chunks.iter().flat_map(|c| encoder.encode(c)).collect();
+            wire.extend_from_slice(&encoder.finish());
+            (wire, response_json(&meta, &answer))
+        }
+        ClientRequest::Messages => {
+            let meta = MessageMeta { id: "msg_fixture".into(), model: client_model.into() };
+            let mut encoder = MessagesEncoder::new(meta.clone());
+            let mut wire: Vec<u8> = chunks.iter().flat_map(|c| encoder.encode(c)).collect();
+            wire.extend_from_slice(&encoder.finish());
+            (wire, message_json(&meta, &answer))
+        }
+        ClientRequest::Completions { include_usage, logprobs } => {
+            let meta = reply_meta("cmpl-fixture");
+            let mut encoder = TextCompletionEncoder::new(meta.clone(), *include_usage, *logprobs);
+            let mut wire: Vec<u8> = chunks.iter().flat_map(|c| encoder.encode(c)).collect();
+            wire.extend_from_slice(&encoder.done());
+            (wire, text_completion_json(&meta, &answer, *logprobs))
+        }
+    }
+}
+
+/// An embeddings case: the client's request → the provider's body; the provider's answer → the
+/// client's.
+fn run_embeddings(case_name: &str, case: &Value, dir: &Path) {
+    let model = provider_model(case);
+    let request = parse_embeddings(&read(dir, "client_request.json").expect("client_request.json"))
+        .unwrap_or_else(|err| panic!("{case_name}: {err}"));
+    let model_id = case["provider_model_id"].as_str().expect("provider_model_id");
+    let body = embeddings::provider_body(&request, model_id, &model).unwrap_or_else(|err| panic!("{case_name}: {err}"));
+    let sent: Value = serde_json::from_slice(&body.body).unwrap();
+    let expected = json_file(dir, "provider_request.json").expect("provider_request.json");
+    assert_same(case_name, "the provider request", &sent, &expected);
+    let answer = read(dir, "provider_response.json").expect("provider_response.json");
+    let decoded =
+        embeddings::decode_embeddings(&answer, request.input.len()).unwrap_or_else(|err| panic!("{case_name}: {err}"));
+    let client = embeddings::embeddings_json(
+        &request.model,
+        &decoded.vectors,
+        decoded.usage.prompt_tokens,
+        request.encoding_format,
+    );
+    let client: Value = serde_json::from_slice(&client).unwrap();
+    let expected = json_file(dir, "client_response.json").expect("client_response.json");
+    assert_same(case_name, "the client's answer", &client, &expected);
+}
+
 /// Runs one fixture directory; returns the pair it exercised.
 fn run(dir: &Path) -> String {
     let case_name = dir.file_name().unwrap().to_string_lossy().into_owned();
     let case = json_file(dir, "case.json").expect("case.json");
     let pair = case["pair"].as_str().expect("pair").to_owned();
+    let (client, provider) = pair.split_once('-').expect("a pair is <client>-<provider>");
+    if client == "embeddings" {
+        run_embeddings(&case_name, &case, dir);
+        return pair;
+    }
     let model = provider_model(&case);
+    let Some((client_request, request)) = parse_client(&case_name, &case, client, dir) else { return pair };
+    let client_model = request.model.clone();
 
-    let (request, include_usage, client_model) = match read(dir, "client_request.json") {
-        Some(body) => {
-            let chat = parse_chat(&body).unwrap_or_else(|err| panic!("{case_name}: the client request: {err}"));
-            let request = CompleteRequest {
-                model: chat.model.clone(),
-                messages: chat.messages,
-                sampling: Some(chat.sampling),
-                options: Some(chat.options),
-                ..Default::default()
-            };
-            (request, chat.include_usage, chat.model)
-        }
-        None => {
-            let request = canonical_request(&case_name);
-            let model = request.model.clone();
-            (request, true, model)
-        }
-    };
-
-    let anthropic = pair.ends_with("anthropic");
-    let body = if anthropic {
-        anthropic::provider::request_body(&request, &model)
-    } else {
-        openai::provider::request_body(&request, &model)
+    let body = match provider {
+        "openai" => openai::provider::request_body(&request, &model),
+        "anthropic" => anthropic::provider::request_body(&request, &model),
+        "responses" => responses::provider::provider_body(&request, &model),
+        other => panic!("{case_name}: unknown provider format {other}"),
     };
     if let Some(expected) = case.get("expected_error") {
         let err = body.expect_err(&case_name);
-        let kind = match err {
-            WireError::Invalid { .. } => "invalid",
-            WireError::Unsupported { .. } => "unsupported",
-            _ => panic!("{case_name}: {err:?}"),
-        };
-        assert_same(&case_name, "the refusal", &json!({"kind": kind, "field": err.field()}), expected);
+        assert_same(&case_name, "the refusal", &refusal(&err), expected);
         return pair;
     }
     let body = body.unwrap_or_else(|err| panic!("{case_name}: {err}"));
@@ -237,10 +397,9 @@ fn run(dir: &Path) -> String {
 
     if let Some(error) = read(dir, "provider_error.json") {
         let status = case["provider_status"].as_u64().expect("provider_status") as u16;
-        let error = if anthropic {
-            anthropic::provider::provider_error(status, &error)
-        } else {
-            openai::provider::provider_error(status, &error)
+        let error = match provider {
+            "anthropic" => anthropic::provider::provider_error(status, &error),
+            _ => openai::provider::provider_error(status, &error),
         };
         let classified = json!({"kind": format!("{:?}", error.kind), "code": error.code, "param": error.param, "status": error.status});
         assert_same(&case_name, "the provider error", &classified, &case["expected_provider_error"]);
@@ -250,37 +409,32 @@ fn run(dir: &Path) -> String {
 
     let Some(stream) = read(dir, "provider_response.sse") else { return pair };
     let mut sse = SseDecoder::new(1 << 20);
-    let mut openai_decoder = openai::provider::StreamDecoder::new(&request);
-    let mut anthropic_decoder = anthropic::provider::StreamDecoder::new(&request, &model);
+    let mut decoder = match provider {
+        "openai" => Decoder::OpenAi(openai::provider::StreamDecoder::new(&request)),
+        "anthropic" => Decoder::Anthropic(anthropic::provider::StreamDecoder::new(&request, &model)),
+        _ => Decoder::Responses(responses::provider::StreamDecoder::new(&request)),
+    };
     let mut chunks = Vec::new();
     // A few bytes at a time, as a slow network delivers them.
     for piece in stream.chunks(7) {
         sse.push(piece).unwrap();
         while let Some(event) = sse.next_event().unwrap() {
-            let chunk = if anthropic { anthropic_decoder.on_event(&event) } else { openai_decoder.on_event(&event) };
-            chunks.extend(chunk.unwrap_or_else(|err| panic!("{case_name}: {err}")));
+            chunks.extend(decoder.on_event(&event).unwrap_or_else(|err| panic!("{case_name}: {err}")));
         }
     }
     assert_eq!(sse.finish().unwrap(), None);
-    assert!(if anthropic { anthropic_decoder.is_done() } else { openai_decoder.is_done() }, "{case_name}: unfinished");
+    assert!(decoder.is_done(), "{case_name}: unfinished");
 
     if let Some(expected) = json_file(dir, "expected_chunks.json") {
         let actual: Value = chunks.iter().map(chunk_json).collect();
         assert_same(&case_name, "the chunks", &actual, &expected);
     }
-    let meta = ReplyMeta { id: "chatcmpl-fixture".into(), created: 1_700_000_000, model: client_model };
+    let (wire, whole) = client_answer(&client_request, &client_model, &chunks);
     if let Some(expected) = read(dir, "client_response.sse") {
-        let mut encoder = ChunkEncoder::new(meta.clone(), include_usage);
-        let mut wire = Vec::new();
-        for chunk in &chunks {
-            wire.extend_from_slice(&encoder.encode(chunk));
-        }
-        wire.extend_from_slice(&encoder.done());
         assert_sse(&case_name, &wire, &expected);
     }
     if let Some(expected) = json_file(dir, "client_response.json") {
-        let answer: Answer = chunks.iter().cloned().collect();
-        let actual: Value = serde_json::from_slice(&completion_json(&meta, &answer)).unwrap();
+        let actual: Value = serde_json::from_slice(&whole).unwrap();
         assert_same(&case_name, "the client's JSON answer", &actual, &expected);
     }
     pair
@@ -296,7 +450,19 @@ fn every_fixture_holds() {
         let pair = run(dir);
         pairs.entry(pair).or_default().push(dir.file_name().unwrap().to_string_lossy().into_owned());
     }
-    for pair in ["openai-openai", "openai-anthropic", "canonical-openai"] {
+    let needed = [
+        "openai-openai",
+        "openai-anthropic",
+        "canonical-openai",
+        "responses-openai",
+        "responses-anthropic",
+        "responses-responses",
+        "messages-openai",
+        "messages-anthropic",
+        "completions-openai",
+        "embeddings-openai",
+    ];
+    for pair in needed {
         assert!(pairs.contains_key(pair), "no fixture for {pair}: {pairs:?}");
     }
 }

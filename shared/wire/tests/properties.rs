@@ -1,11 +1,20 @@
-//! Properties over generated inputs: the edge's parser takes any JSON without panicking (and what
-//! it accepts passes the canonical checks again); the chunk stream the encoder writes, folded
-//! the way the official `openai` Python SDK folds it, is the answer meshgate assembled itself.
+//! Properties over generated inputs: the edge's parsers (Chat Completions, Responses, Anthropic
+//! Messages, legacy completions, embeddings) take any JSON without panicking (and what they accept
+//! passes the canonical checks again); the event streams the encoders write, folded the way the
+//! official SDKs fold them (`openai`'s chunk and Responses accumulators, Anthropic's message
+//! stream), are the answer meshgate assembled itself.
 
 use meshgate_proto::common::v1 as pb;
 use meshgate_proto::sync::v1::CompleteChunk;
 use meshgate_wire::Answer;
+use meshgate_wire::anthropic::ingress::{
+    MessageMeta, MessagesEncoder, parse_count_tokens, parse_messages, stop_reason,
+};
+use meshgate_wire::openai::completions::parse_completion;
+use meshgate_wire::openai::embeddings::parse_embeddings;
 use meshgate_wire::openai::ingress::{ChunkEncoder, ReplyMeta, parse_chat};
+use meshgate_wire::openai::responses::{ResponseMeta, ResponsesEncoder, parse_responses, response_json};
+use meshgate_wire::sse::SseDecoder;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -327,5 +336,423 @@ proptest! {
         prop_assert_eq!(usage["completion_tokens"].as_i64(), Some(expected.completion_tokens));
         prop_assert_eq!(usage["prompt_tokens_details"]["cached_tokens"].as_i64(), Some(expected.cached_prompt_tokens));
         prop_assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"].as_i64(), Some(expected.reasoning_tokens));
+    }
+}
+
+/// Responses API requests, with every value possibly of the wrong type.
+fn responses_like() -> impl Strategy<Value = Value> {
+    let part = object_of(
+        &["type", "text", "image_url", "file_id", "file_data", "detail", "refusal"],
+        prop_oneof![
+            proptest::sample::select(vec![
+                "input_text",
+                "input_image",
+                "input_file",
+                "output_text",
+                "refusal",
+                "input_video"
+            ])
+            .prop_map(Value::from),
+            scalar(),
+        ]
+        .boxed(),
+    );
+    let item = object_of(
+        &["type", "role", "content", "call_id", "name", "arguments", "output", "summary", "encrypted_content", "id"],
+        prop_oneof![
+            proptest::sample::select(vec![
+                "message",
+                "function_call",
+                "function_call_output",
+                "reasoning",
+                "item_reference",
+                "web_search_call",
+                "user",
+                "assistant",
+                "system",
+                "developer",
+            ])
+            .prop_map(Value::from),
+            proptest::collection::vec(part, 0..3).prop_map(Value::Array),
+            Just(json!([{"type": "summary_text", "text": "thought"}])),
+            Just(json!("call_1")),
+            scalar(),
+        ]
+        .boxed(),
+    );
+    let tool = object_of(
+        &["type", "name", "parameters", "strict", "description"],
+        prop_oneof![Just(json!("function")), Just(json!("web_search")), any_json()].boxed(),
+    );
+    let keys: &'static [&'static str] = &[
+        "model",
+        "input",
+        "instructions",
+        "tools",
+        "tool_choice",
+        "text",
+        "reasoning",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "top_logprobs",
+        "metadata",
+        "user",
+        "store",
+        "previous_response_id",
+        "stream",
+        "include",
+        "truncation",
+        "parallel_tool_calls",
+        "background",
+        "vendor_knob",
+    ];
+    let value = prop_oneof![
+        proptest::collection::vec(item, 0..5).prop_map(Value::Array),
+        proptest::collection::vec(tool, 0..3).prop_map(Value::Array),
+        Just(json!({"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}})),
+        Just(json!({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "f"}]})),
+        any_json(),
+        Just(json!("m")),
+    ]
+    .boxed();
+    object_of(keys, value)
+}
+
+/// Anthropic Messages requests, with every value possibly of the wrong type.
+fn messages_like() -> impl Strategy<Value = Value> {
+    let block = object_of(
+        &[
+            "type",
+            "text",
+            "source",
+            "id",
+            "name",
+            "input",
+            "tool_use_id",
+            "content",
+            "is_error",
+            "thinking",
+            "cache_control",
+        ],
+        prop_oneof![
+            proptest::sample::select(vec![
+                "text",
+                "image",
+                "document",
+                "tool_use",
+                "tool_result",
+                "thinking",
+                "redacted_thinking",
+                "server_tool_use"
+            ])
+            .prop_map(Value::from),
+            Just(json!({"type": "base64", "media_type": "image/png", "data": "AAAA"})),
+            Just(json!({"type": "url", "url": "https://example.com/a.png"})),
+            Just(json!({"a": 1})),
+            scalar(),
+        ]
+        .boxed(),
+    );
+    let message = object_of(
+        &["role", "content"],
+        prop_oneof![
+            proptest::sample::select(vec!["user", "assistant", "system"]).prop_map(Value::from),
+            proptest::collection::vec(block, 0..4).prop_map(Value::Array),
+            scalar(),
+        ]
+        .boxed(),
+    );
+    let keys: &'static [&'static str] = &[
+        "model",
+        "max_tokens",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_sequences",
+        "metadata",
+        "stream",
+        "output_config",
+        "vendor_knob",
+    ];
+    let value = prop_oneof![
+        proptest::collection::vec(message, 0..5).prop_map(Value::Array),
+        Just(json!([{"name": "f", "input_schema": {"type": "object"}}])),
+        Just(json!({"type": "enabled", "budget_tokens": 2048})),
+        Just(json!({"type": "tool", "name": "f"})),
+        Just(json!(4096)),
+        any_json(),
+        Just(json!("m")),
+    ]
+    .boxed();
+    object_of(keys, value)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    /// The other formats' parsers take any JSON and any bytes without panicking; what they accept
+    /// is a request the canonical checks accept again unchanged.
+    #[test]
+    fn every_parser_takes_anything(
+        responses in prop_oneof![any_json(), responses_like()],
+        messages in prop_oneof![any_json(), messages_like()],
+        other in any_json(),
+        bytes in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        for input in [responses.to_string().into_bytes(), bytes.clone()] {
+            match parse_responses(&input) {
+                Ok(request) if request.previous_response_id.is_none() => {
+                    let mut again = request.chat.clone();
+                    prop_assert!(again.check().is_ok(), "{}", responses);
+                    prop_assert_eq!(again, request.chat);
+                }
+                Ok(_) => {}
+                Err(err) => prop_assert!(!err.to_string().is_empty()),
+            }
+        }
+        for input in [messages.to_string().into_bytes(), bytes.clone()] {
+            for parsed in [parse_messages(&input), parse_count_tokens(&input)] {
+                match parsed {
+                    Ok(request) => {
+                        let mut again = request.chat.clone();
+                        prop_assert!(again.check().is_ok(), "{}", messages);
+                        prop_assert_eq!(again, request.chat);
+                    }
+                    Err(err) => prop_assert!(!err.to_string().is_empty()),
+                }
+            }
+        }
+        let completion = json!({"model": "m", "prompt": other.clone(), "stop": other.clone()});
+        let embeddings = json!({"model": "m", "input": other.clone(), "dimensions": other.clone()});
+        for input in [other.to_string().into_bytes(), completion.to_string().into_bytes(), embeddings.to_string().into_bytes(), bytes] {
+            if let Err(err) = parse_completion(&input) {
+                prop_assert!(!err.to_string().is_empty());
+            }
+            if let Err(err) = parse_embeddings(&input) {
+                prop_assert!(!err.to_string().is_empty());
+            }
+        }
+    }
+}
+
+/// Named events of a stream, each with its JSON data.
+fn named_events(wire: &[u8]) -> Vec<(String, Value)> {
+    let mut decoder = SseDecoder::new(1 << 24);
+    decoder.push(wire).unwrap();
+    let mut events = Vec::new();
+    while let Some(event) = decoder.next_event().unwrap() {
+        events.push((event.event.expect("a named event"), serde_json::from_str(&event.data).unwrap()));
+    }
+    assert_eq!(decoder.finish().unwrap(), None);
+    events
+}
+
+/// `openai`'s `ResponseStreamState.accumulate_event` (openai/lib/streaming/responses/_responses.py):
+/// the snapshot starts from `response.created`; items are added at their output index, content
+/// parts appended, text and argument deltas appended to the part or item they name.
+fn responses_fold(events: &[(String, Value)]) -> (Vec<Value>, Value) {
+    let mut items: Vec<Value> = Vec::new();
+    let mut completed = Value::Null;
+    for (kind, event) in events {
+        assert_eq!(event["type"], kind.as_str());
+        let index = event["output_index"].as_u64().unwrap_or(0) as usize;
+        match kind.as_str() {
+            "response.output_item.added" => {
+                assert_eq!(index, items.len(), "items are added in order");
+                items.push(event["item"].clone());
+            }
+            "response.content_part.added" => {
+                items[index]["content"].as_array_mut().unwrap().push(event["part"].clone())
+            }
+            "response.output_text.delta" => {
+                let part = &mut items[index]["content"][event["content_index"].as_u64().unwrap() as usize];
+                assert_eq!(part["type"], "output_text");
+                let text = format!("{}{}", part["text"].as_str().unwrap(), event["delta"].as_str().unwrap());
+                part["text"] = Value::from(text);
+            }
+            "response.refusal.delta" => {
+                let part = &mut items[index]["content"][event["content_index"].as_u64().unwrap() as usize];
+                assert_eq!(part["type"], "refusal");
+                let text = format!("{}{}", part["refusal"].as_str().unwrap(), event["delta"].as_str().unwrap());
+                part["refusal"] = Value::from(text);
+            }
+            "response.function_call_arguments.delta" => {
+                let item = &mut items[index];
+                assert_eq!(item["type"], "function_call");
+                let text = format!("{}{}", item["arguments"].as_str().unwrap(), event["delta"].as_str().unwrap());
+                item["arguments"] = Value::from(text);
+            }
+            "response.reasoning_summary_part.added" => {
+                items[index]["summary"].as_array_mut().unwrap().push(event["part"].clone())
+            }
+            "response.reasoning_summary_text.delta" => {
+                let part = &mut items[index]["summary"][event["summary_index"].as_u64().unwrap() as usize];
+                let text = format!("{}{}", part["text"].as_str().unwrap(), event["delta"].as_str().unwrap());
+                part["text"] = Value::from(text);
+            }
+            "response.completed" | "response.incomplete" => completed = event["response"].clone(),
+            _ => {}
+        }
+    }
+    (items, completed)
+}
+
+/// `@anthropic-ai/sdk`'s `MessageStream` accumulation: blocks by index, text and thinking
+/// appended, `input_json_delta`s joined; `message_delta` sets the stop reason and usage.
+fn messages_fold(events: &[(String, Value)]) -> (Vec<Value>, Value, Value, String) {
+    let mut blocks: Vec<Value> = Vec::new();
+    let mut json_pieces: Vec<String> = Vec::new();
+    let (mut stop, mut usage, mut model) = (Value::Null, Value::Null, String::new());
+    for (kind, event) in events {
+        assert_eq!(event["type"], kind.as_str());
+        match kind.as_str() {
+            "message_start" => model = event["message"]["model"].as_str().unwrap().to_owned(),
+            "content_block_start" => {
+                assert_eq!(event["index"].as_u64(), Some(blocks.len() as u64), "blocks are numbered in order");
+                blocks.push(event["content_block"].clone());
+                json_pieces.push(String::new());
+            }
+            "content_block_delta" => {
+                let index = event["index"].as_u64().unwrap() as usize;
+                let delta = &event["delta"];
+                let block = &mut blocks[index];
+                match delta["type"].as_str().unwrap() {
+                    "text_delta" => {
+                        block["text"] = Value::from(format!(
+                            "{}{}",
+                            block["text"].as_str().unwrap(),
+                            delta["text"].as_str().unwrap()
+                        ))
+                    }
+                    "thinking_delta" => {
+                        block["thinking"] = Value::from(format!(
+                            "{}{}",
+                            block["thinking"].as_str().unwrap(),
+                            delta["thinking"].as_str().unwrap()
+                        ));
+                    }
+                    "input_json_delta" => json_pieces[index].push_str(delta["partial_json"].as_str().unwrap()),
+                    other => panic!("delta {other}"),
+                }
+            }
+            "message_delta" => {
+                stop = event["delta"]["stop_reason"].clone();
+                usage = event["usage"].clone();
+            }
+            _ => {}
+        }
+    }
+    for (block, json) in blocks.iter_mut().zip(json_pieces) {
+        if block["type"] == "tool_use" {
+            block["input"] = Value::from(json);
+        }
+    }
+    (blocks, stop, usage, model)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// The Responses event stream, folded as the SDK folds it, holds the answer: its messages'
+    /// text and refusals, its reasoning and its calls; and it ends with the response object
+    /// the same answer gets whole (when the answer's items come in the object's order).
+    #[test]
+    fn responses_streams_fold_into_the_answer(chunks in chunks()) {
+        let answer: Answer = chunks.iter().cloned().collect();
+        let request = parse_responses(br#"{"model": "requested", "input": "x"}"#).unwrap();
+        let meta = ResponseMeta::new(&request, "resp_p", 1);
+        let mut encoder = ResponsesEncoder::new(meta.clone());
+        let mut wire = Vec::new();
+        for chunk in &chunks {
+            wire.extend_from_slice(&encoder.encode(chunk));
+        }
+        wire.extend_from_slice(&encoder.finish());
+        let events = named_events(&wire);
+        for (i, (_, event)) in events.iter().enumerate() {
+            prop_assert_eq!(event["sequence_number"].as_u64(), Some(i as u64));
+        }
+        let (items, completed) = responses_fold(&events);
+        let done: Vec<Value> = events.iter().filter(|(k, _)| k == "response.output_item.done").map(|(_, e)| e["item"].clone()).collect();
+        prop_assert_eq!(done.len(), items.len(), "every item is done");
+        let output = completed["output"].as_array().unwrap();
+        prop_assert_eq!(output.len(), items.len());
+        for (folded, final_item) in items.iter().zip(output) {
+            // The folded snapshot carries what the deltas said; the final item adds statuses.
+            for key in ["type", "id", "call_id", "name", "arguments", "content", "summary"] {
+                prop_assert_eq!(&folded[key], &final_item[key], "{}", key);
+            }
+        }
+        let texts = |kind: &str, key: &str| -> String {
+            items.iter().flat_map(|i| i["content"].as_array().cloned().unwrap_or_default())
+                .filter(|p| p["type"] == kind).map(|p| p[key].as_str().unwrap().to_owned()).collect()
+        };
+        prop_assert_eq!(texts("output_text", "text"), answer.content.clone());
+        prop_assert_eq!(texts("refusal", "refusal"), answer.refusal.clone());
+        let reasoning: String = items.iter().flat_map(|i| i["summary"].as_array().cloned().unwrap_or_default())
+            .map(|p| p["text"].as_str().unwrap().to_owned()).collect();
+        prop_assert_eq!(reasoning, answer.reasoning.clone());
+        let calls: Vec<(String, String, String)> = items.iter().filter(|i| i["type"] == "function_call").map(|i| (
+            i["call_id"].as_str().unwrap().to_owned(), i["name"].as_str().unwrap().to_owned(), i["arguments"].as_str().unwrap().to_owned(),
+        )).collect();
+        let expected: Vec<(String, String, String)> =
+            answer.tool_calls.iter().map(|c| (c.id.clone(), c.function_name.clone(), c.arguments_json.clone())).collect();
+        prop_assert_eq!(calls, expected);
+        prop_assert_eq!(completed["model"].as_str(), Some(answer.model.as_str()));
+        let usage = answer.usage.unwrap();
+        prop_assert_eq!(completed["usage"]["input_tokens"].as_i64(), Some(usage.prompt_tokens));
+        prop_assert_eq!(completed["usage"]["output_tokens_details"]["reasoning_tokens"].as_i64(), Some(usage.reasoning_tokens));
+        let whole: Value = serde_json::from_slice(&response_json(&meta, &answer)).unwrap();
+        let kinds: Vec<&str> = output.iter().map(|i| i["type"].as_str().unwrap()).collect();
+        // The object's order: one reasoning item, one message (text, then refusal), the calls.
+        let canonical_order = kinds.windows(2).all(|w| {
+            let rank = |k: &str| match k { "reasoning" => 0, "message" => 1, _ => 2 };
+            rank(w[0]) < rank(w[1]) || (w[0] == "function_call" && w[1] == "function_call")
+        }) && output.iter().filter(|i| i["type"] == "message").all(|m| {
+            let parts: Vec<&str> = m["content"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap()).collect();
+            matches!(parts.as_slice(), ["output_text"] | ["refusal"] | ["output_text", "refusal"])
+        });
+        if canonical_order {
+            prop_assert_eq!(&completed, &whole);
+        }
+    }
+
+    /// The Messages event stream, folded as Anthropic's SDK folds it, holds the answer.
+    #[test]
+    fn messages_streams_fold_into_the_answer(chunks in chunks()) {
+        let answer: Answer = chunks.iter().cloned().collect();
+        let mut encoder = MessagesEncoder::new(MessageMeta { id: "msg_p".into(), model: "requested".into() });
+        let mut wire = Vec::new();
+        for chunk in &chunks {
+            wire.extend_from_slice(&encoder.encode(chunk));
+        }
+        wire.extend_from_slice(&encoder.finish());
+        let events = named_events(&wire);
+        prop_assert_eq!(events.last().map(|(k, _)| k.as_str()), Some("message_stop"));
+        let starts = events.iter().filter(|(k, _)| k == "content_block_start").count();
+        let stops = events.iter().filter(|(k, _)| k == "content_block_stop").count();
+        prop_assert_eq!(starts, stops, "every block is closed");
+        let (blocks, stop, usage, model) = messages_fold(&events);
+        prop_assert_eq!(model, answer.model.clone());
+        let text: String = blocks.iter().filter(|b| b["type"] == "text").map(|b| b["text"].as_str().unwrap()).collect();
+        let said: String = chunks.iter().map(|c| format!("{}{}", c.delta, c.refusal_delta)).collect();
+        prop_assert_eq!(text, said);
+        let thinking: String = blocks.iter().filter(|b| b["type"] == "thinking").map(|b| b["thinking"].as_str().unwrap()).collect();
+        prop_assert_eq!(thinking, answer.reasoning.clone());
+        let calls: Vec<(String, String, String)> = blocks.iter().filter(|b| b["type"] == "tool_use").map(|b| (
+            b["id"].as_str().unwrap().to_owned(), b["name"].as_str().unwrap().to_owned(), b["input"].as_str().unwrap().to_owned(),
+        )).collect();
+        let expected: Vec<(String, String, String)> =
+            answer.tool_calls.iter().map(|c| (c.id.clone(), c.function_name.clone(), c.arguments_json.clone())).collect();
+        prop_assert_eq!(calls, expected);
+        prop_assert_eq!(stop.as_str(), Some(stop_reason(answer.finish_reason_or_default())));
+        let expected_usage = answer.usage.unwrap();
+        prop_assert_eq!(usage["output_tokens"].as_i64(), Some(expected_usage.completion_tokens));
+        prop_assert_eq!(usage["cache_read_input_tokens"].as_i64(), Some(expected_usage.cached_prompt_tokens));
     }
 }

@@ -871,9 +871,7 @@ impl ChunkEncoder {
             choices,
             usage: if self.include_usage { Some(usage) } else { None },
         };
-        out.extend_from_slice(b"data: ");
-        serde_json::to_writer(&mut *out, &chunk).expect("a chunk serializes");
-        out.extend_from_slice(b"\n\n");
+        sse::write_json_event(out, None, &chunk);
     }
 }
 

@@ -207,7 +207,8 @@ fn output_of(meta: &ResponseMeta, answer: &Answer, item_status: &'static str) ->
         }
         output.push(OutputItem::Message {
             id: meta.item_id("msg", output.len()),
-            status: item_status,
+            // The last item is the one an incomplete answer cut short.
+            status: if answer.tool_calls.is_empty() { item_status } else { "completed" },
             role: "assistant",
             content,
         });
