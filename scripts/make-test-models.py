@@ -494,7 +494,11 @@ def build_cascades(outdir):
                             l2=1e-4, steps=200, lr=0.05, seed=17 + i)
         rng = np.random.default_rng(99 + i)
         hidden = encoder["dims"]
-        layers = [(rng.standard_normal((hidden, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32) * 0.1),
+        # tiny-guard's head reads the first stage's log-probabilities after the embedding, as the
+        # real classifiers' heads do; tiny-topic's reads the embedding alone.
+        stacked = name == "tiny-guard"
+        width = hidden + (len(labels) if stacked else 0)
+        layers = [(rng.standard_normal((width, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32) * 0.1),
                   (rng.standard_normal((8, len(labels))).astype(np.float32) * 2, np.zeros(len(labels), np.float32))]
         refs = CASCADE_REFERENCE_SENTENCES
         p_fast = ngram.scores(model, ngram.features([tok.encode(t).ids for t in refs], CASCADE_ORDERS, CASCADE_BUCKETS))
@@ -507,7 +511,7 @@ def build_cascades(outdir):
         threshold = float(np.float32((conf[middle - 1] + conf[middle]) / 2))
         min_confidence = [threshold] * len(labels)
         ngram.save(model, os.path.join(md, "first_stage.bin"))
-        head = {"input_dims": hidden, "layers": [
+        head = {"input_dims": hidden, "first_stage_inputs": stacked, "layers": [
             {"rows": int(w.shape[0]), "cols": int(w.shape[1]), "weights": [float(x) for x in w.ravel()],
              "bias": [float(x) for x in b]} for w, b in layers]}
         with open(os.path.join(md, "head.json"), "w") as f:
@@ -515,6 +519,8 @@ def build_cascades(outdir):
         cases = []
         for text, pf in zip(refs, p_fast):
             h = embed(text)
+            if stacked:
+                h = np.concatenate([h, np.log(np.clip(pf, 1e-7, 1.0))])
             for j, (w, b) in enumerate(layers):
                 h = h @ w + b
                 if j < len(layers) - 1:

@@ -93,6 +93,12 @@ impl CascadeClassifier {
             .as_ref()
             .map(|spec| FirstStage::load(&models_dir.join(&spec.file), spec, entry.labels.len()))
             .transpose()?;
+        if head.reads_first_stage() && first_stage.is_none() {
+            return Err(Error::Load(format!(
+                "{}: the head reads a first stage the manifest does not give",
+                entry.name
+            )));
+        }
         Ok(Self {
             labels: entry.labels.clone(),
             tokenizer,
@@ -124,6 +130,9 @@ struct Pending {
     classifier: Arc<CascadeClassifier>,
     /// Per text: the settled result, or `None` until the encoder decides.
     results: Vec<Option<Classified>>,
+    /// Per text: the first stage's probabilities (empty without a first stage), which a stacked
+    /// head reads.
+    first_stage: Vec<Vec<f32>>,
     tokens: Vec<u64>,
 }
 
@@ -175,7 +184,7 @@ pub async fn classify(
                     settled.take().unwrap_or_else(|| {
                         let (embedding, cached) = &embeddings[&(classifier.encoder_name.clone(), i)];
                         Classified {
-                            scores: classifier.scored(&classifier.head.probabilities(embedding)),
+                            scores: classifier.scored(&classifier.head.probabilities(embedding, &p.first_stage[i])),
                             stage: Stage::Encoder,
                             cached: *cached,
                         }
@@ -201,20 +210,23 @@ fn first_stages(classifiers: &[Arc<CascadeClassifier>], texts: &[String]) -> Res
             tokenized.insert(classifier.tokenizer_path.as_path(), ids);
         }
         let ids = &tokenized[classifier.tokenizer_path.as_path()];
-        let results = ids
+        let first_stage: Vec<Vec<f32>> = ids
             .iter()
-            .map(|ids| {
+            .map(|ids| classifier.first_stage.as_ref().map(|stage| stage.scores(ids)).unwrap_or_default())
+            .collect();
+        let results = first_stage
+            .iter()
+            .map(|probabilities| {
                 let stage = classifier.first_stage.as_ref()?;
-                let probabilities = stage.scores(ids);
-                stage.settles(&probabilities).then(|| Classified {
-                    scores: classifier.scored(&probabilities),
+                stage.settles(probabilities).then(|| Classified {
+                    scores: classifier.scored(probabilities),
                     stage: Stage::FirstStage,
                     cached: false,
                 })
             })
             .collect();
         let tokens = ids.iter().map(|ids| ids.len() as u64).collect();
-        pending.push(Pending { classifier: classifier.clone(), results, tokens });
+        pending.push(Pending { classifier: classifier.clone(), results, first_stage, tokens });
     }
     Ok(pending)
 }

@@ -1,6 +1,8 @@
 //! A classification head over a sentence embedding: dense layers with a ReLU between them and a
 //! softmax at the end, read from the `head.json` that `scripts/models/train_classifiers.py` writes:
-//! `{"input_dims": 384, "layers": [{"rows": 384, "cols": 2, "weights": [row-major], "bias": [..]}]}`.
+//! `{"input_dims": 384, "first_stage_inputs": true, "layers": [{"rows": 386, "cols": 2,
+//! "weights": [row-major], "bias": [..]}]}`. With `first_stage_inputs`, the cascade's first-stage
+//! log-probabilities follow the embedding in the input (the head learns how far to trust them).
 //! Several heads read one embedding, so classifiers sharing an encoder share its pass.
 
 use std::path::Path;
@@ -14,6 +16,8 @@ use crate::first_stage::softmax;
 #[serde(deny_unknown_fields)]
 struct HeadFile {
     input_dims: usize,
+    #[serde(default)]
+    first_stage_inputs: bool,
     layers: Vec<Dense>,
 }
 
@@ -30,6 +34,7 @@ struct Dense {
 #[derive(Debug, Clone)]
 pub struct Head {
     input_dims: usize,
+    first_stage_inputs: bool,
     layers: Vec<Dense>,
 }
 
@@ -39,7 +44,8 @@ impl Head {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Load(format!("{}: {e}", path.display())))?;
         let file: HeadFile =
             serde_json::from_str(&text).map_err(|e| Error::Load(format!("{}: {e}", path.display())))?;
-        let head = Self { input_dims: file.input_dims, layers: file.layers };
+        let head =
+            Self { input_dims: file.input_dims, first_stage_inputs: file.first_stage_inputs, layers: file.layers };
         head.check(dims, labels).map_err(|e| Error::Load(format!("{}: {e}", path.display())))?;
         Ok(head)
     }
@@ -48,7 +54,7 @@ impl Head {
         if self.input_dims != dims {
             return Err(format!("the head reads {} dims, the encoder gives {dims}", self.input_dims));
         }
-        let mut width = dims;
+        let mut width = dims + if self.first_stage_inputs { labels } else { 0 };
         for (i, layer) in self.layers.iter().enumerate() {
             if layer.rows != width || layer.weights.len() != layer.rows * layer.cols || layer.bias.len() != layer.cols {
                 return Err(format!(
@@ -67,9 +73,18 @@ impl Head {
         Ok(())
     }
 
-    /// Label probabilities of one embedding (of the encoder's dims).
-    pub fn probabilities(&self, embedding: &[f32]) -> Vec<f32> {
+    /// Whether the head reads the first stage's probabilities beside the embedding.
+    pub fn reads_first_stage(&self) -> bool {
+        self.first_stage_inputs
+    }
+
+    /// Label probabilities of one embedding (of the encoder's dims) and, for a head that reads
+    /// them, the first stage's probabilities of the same text.
+    pub fn probabilities(&self, embedding: &[f32], first_stage: &[f32]) -> Vec<f32> {
         let mut x = embedding.to_vec();
+        if self.first_stage_inputs {
+            x.extend(first_stage.iter().map(|p| p.clamp(1e-7, 1.0).ln()));
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let mut out = layer.bias.clone();
             for (xi, row) in x.iter().zip(layer.weights.chunks_exact(layer.cols)) {
@@ -107,7 +122,7 @@ mod tests {
         );
         let head = Head::load(&path, 2, 2).unwrap();
         // [3, -1] -> ReLU [3, 0] -> swapped [0, 3].
-        let p = head.probabilities(&[3.0, -1.0]);
+        let p = head.probabilities(&[3.0, -1.0], &[]);
         let expected = softmax(&[0.0, 3.0]);
         assert!((p[0] - expected[0]).abs() < 1e-6 && (p[1] - expected[1]).abs() < 1e-6, "{p:?}");
     }
@@ -123,5 +138,21 @@ mod tests {
         let (_dir, path) =
             write(r#"{"input_dims": 2, "layers": [{"rows": 2, "cols": 2, "weights": [0,0,0], "bias": [0,0]}]}"#);
         assert!(Head::load(&path, 2, 2).unwrap_err().to_string().contains("does not fit"));
+    }
+
+    #[test]
+    fn a_stacked_head_reads_the_first_stage_log_probabilities_after_the_embedding() {
+        // Input [e0, ln p0, ln p1]; the output copies ln p1 into logit 1.
+        let (_dir, path) = write(
+            r#"{"input_dims": 1, "first_stage_inputs": true, "layers": [
+                {"rows": 3, "cols": 2, "weights": [0, 0, 0, 0, 0, 1], "bias": [0, 0]}]}"#,
+        );
+        let head = Head::load(&path, 1, 2).unwrap();
+        assert!(head.reads_first_stage());
+        let p = head.probabilities(&[5.0], &[0.5, 0.25]);
+        let expected = softmax(&[0.0, 0.25f32.ln()]);
+        assert!((p[1] - expected[1]).abs() < 1e-6, "{p:?}");
+        // An encoder of other dims does not fit.
+        assert!(Head::load(&path, 3, 2).unwrap_err().to_string().contains("reads 1 dims"));
     }
 }
