@@ -1,13 +1,17 @@
 //! What translation costs per request: an agent request of 20 tools and 8 turns (about 30 KB)
 //! parsed at the edge, turned into an OpenAI and an Anthropic body, its streamed answer (text
-//! and two tool calls in about 60 events) decoded, and re-encoded as the client's chunks.
+//! and two tool calls in about 60 events) decoded, and re-encoded as the client's chunks; the
+//! same conversation sent as a Responses API request and as an Anthropic Messages request,
+//! parsed and answered as those clients' events.
 //!
 //! `cargo run --release -p meshgate-wire --example translate_bench [iterations]`
 
 use std::time::Instant;
 
 use meshgate_proto::sync::v1::CompleteRequest;
+use meshgate_wire::anthropic::ingress::{MessageMeta, MessagesEncoder, parse_messages};
 use meshgate_wire::openai::ingress::{ChunkEncoder, ReplyMeta, parse_chat};
+use meshgate_wire::openai::responses::{ResponseMeta, ResponsesEncoder, parse_responses};
 use meshgate_wire::sse::SseDecoder;
 use meshgate_wire::{ProviderModel, anthropic, openai};
 use serde_json::{Value, json};
@@ -40,6 +44,72 @@ fn agent_request() -> Vec<u8> {
     serde_json::to_vec(&body).unwrap()
 }
 
+/// The same conversation as a Responses API request: the system message as `instructions`, the
+/// calls and results as items, the tools flat.
+fn responses_request(chat: &Value) -> Vec<u8> {
+    let mut input = Vec::new();
+    for message in chat["messages"].as_array().unwrap().iter().skip(1) {
+        match message["role"].as_str().unwrap() {
+            "user" => input.push(json!({"role": "user", "content": [{"type": "input_text", "text": message["content"]}]})),
+            "assistant" => {
+                for call in message["tool_calls"].as_array().unwrap() {
+                    input.push(json!({"type": "function_call", "call_id": call["id"], "name": call["function"]["name"],
+                        "arguments": call["function"]["arguments"]}));
+                }
+            }
+            _ => input.push(json!({"type": "function_call_output", "call_id": message["tool_call_id"], "output": message["content"]})),
+        }
+    }
+    let tools: Vec<Value> = chat["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let f = &t["function"];
+            json!({"type": "function", "name": f["name"], "description": f["description"], "parameters": f["parameters"], "strict": f["strict"]})
+        })
+        .collect();
+    let body = json!({"model": "gpt-4.1", "instructions": chat["messages"][0]["content"], "input": input, "tools": tools,
+        "tool_choice": "auto", "parallel_tool_calls": true, "stream": true, "temperature": 0.2});
+    serde_json::to_vec(&body).unwrap()
+}
+
+/// The same conversation as an Anthropic Messages request.
+fn messages_request(chat: &Value) -> Vec<u8> {
+    let mut messages: Vec<Value> = Vec::new();
+    for message in chat["messages"].as_array().unwrap().iter().skip(1) {
+        match message["role"].as_str().unwrap() {
+            "user" => messages.push(json!({"role": "user", "content": message["content"]})),
+            "assistant" => {
+                let blocks: Vec<Value> = message["tool_calls"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|call| {
+                        let input: Value =
+                            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+                        json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": input})
+                    })
+                    .collect();
+                messages.push(json!({"role": "assistant", "content": blocks}));
+            }
+            _ => messages.push(
+                json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": message["tool_call_id"],
+                "content": message["content"]}]}),
+            ),
+        }
+    }
+    let tools: Vec<Value> = chat["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| json!({"name": t["function"]["name"], "description": t["function"]["description"], "input_schema": t["function"]["parameters"]}))
+        .collect();
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 4096, "system": chat["messages"][0]["content"],
+        "messages": messages, "tools": tools, "tool_choice": {"type": "auto"}, "stream": true, "temperature": 0.2});
+    serde_json::to_vec(&body).unwrap()
+}
+
 fn provider_stream() -> Vec<u8> {
     let mut sse = String::new();
     let mut event = |delta: Value, finish: Value| {
@@ -68,7 +138,11 @@ fn provider_stream() -> Vec<u8> {
 fn main() {
     let iterations: u32 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
     let body = agent_request();
+    let chat_json: Value = serde_json::from_slice(&body).unwrap();
+    let responses_body = responses_request(&chat_json);
+    let messages_body = messages_request(&chat_json);
     let stream = provider_stream();
+    let (mut parse_r, mut parse_m, mut encode_r, mut encode_m) = (0u128, 0u128, 0u128, 0u128);
     let model = ProviderModel::default();
     let (mut parse, mut openai_body, mut anthropic_body, mut decode, mut encode) = (0u128, 0u128, 0u128, 0u128, 0u128);
     let mut sink = 0usize;
@@ -108,7 +182,31 @@ fn main() {
         }
         sink += encoder.done().len();
         let encoded = t.elapsed().as_nanos();
+        let t = Instant::now();
+        let responses = parse_responses(&responses_body).expect("the Responses request parses");
+        let parsed_r = t.elapsed().as_nanos();
+        let t = Instant::now();
+        sink += parse_messages(&messages_body).expect("the Messages request parses").chat.messages.len();
+        let parsed_m = t.elapsed().as_nanos();
+        let t = Instant::now();
+        let mut encoder = ResponsesEncoder::new(ResponseMeta::new(&responses, "resp_b", 1));
+        for chunk in &chunks {
+            sink += encoder.encode(chunk).len();
+        }
+        sink += encoder.finish().len();
+        let encoded_r = t.elapsed().as_nanos();
+        let t = Instant::now();
+        let mut encoder = MessagesEncoder::new(MessageMeta { id: "msg_b".into(), model: "claude-sonnet-4-5".into() });
+        for chunk in &chunks {
+            sink += encoder.encode(chunk).len();
+        }
+        sink += encoder.finish().len();
+        let encoded_m = t.elapsed().as_nanos();
         if warm {
+            parse_r += parsed_r;
+            parse_m += parsed_m;
+            encode_r += encoded_r;
+            encode_m += encoded_m;
             parse += parsed;
             openai_body += to_openai;
             anthropic_body += to_anthropic;
@@ -128,4 +226,11 @@ fn main() {
     println!("openai stream decode       {:8.1} µs", per(decode));
     println!("chunk encode               {:8.1} µs", per(encode));
     println!("edge + OpenAI provider     {:8.1} µs per request", per(parse + openai_body + decode + encode));
+    println!("Responses request {} bytes, Messages request {} bytes", responses_body.len(), messages_body.len());
+    println!("parse_responses            {:8.1} µs", per(parse_r));
+    println!("Responses events encode    {:8.1} µs", per(encode_r));
+    println!("parse_messages             {:8.1} µs", per(parse_m));
+    println!("Messages events encode     {:8.1} µs", per(encode_m));
+    println!("Responses edge + OpenAI    {:8.1} µs per request", per(parse_r + openai_body + decode + encode_r));
+    println!("Messages edge + OpenAI     {:8.1} µs per request", per(parse_m + openai_body + decode + encode_m));
 }

@@ -255,7 +255,7 @@ struct ResponseJson<'a> {
     temperature: Option<f32>,
     text: TextJson<'a>,
     tool_choice: ToolChoiceJson<'a>,
-    tools: Vec<ToolJson<'a>>,
+    tools: &'a RawValue,
     top_logprobs: Option<i32>,
     top_p: Option<f32>,
     truncation: &'a str,
@@ -375,7 +375,28 @@ struct Body<'a> {
     usage: Option<UsageJson>,
 }
 
-fn write_response<T: Serialize>(meta: &ResponseMeta, body: Body<'_>, write: impl FnOnce(&ResponseJson<'_>) -> T) -> T {
+/// The `tools` a response repeats, rendered once (an encoder repeats them in three events).
+fn tools_json(meta: &ResponseMeta) -> Box<RawValue> {
+    let tools: Vec<ToolJson<'_>> = meta
+        .tools
+        .iter()
+        .map(|tool| ToolJson {
+            kind: "function",
+            name: &tool.name,
+            description: (!tool.description.is_empty()).then_some(tool.description.as_str()),
+            parameters: raw(&tool.parameters_json),
+            strict: tool.strict,
+        })
+        .collect();
+    serde_json::value::to_raw_value(&tools).expect("tools serialize")
+}
+
+fn write_response<T: Serialize>(
+    meta: &ResponseMeta,
+    tools: &RawValue,
+    body: Body<'_>,
+    write: impl FnOnce(&ResponseJson<'_>) -> T,
+) -> T {
     let tool_choice = match meta.tool_choice.strip_prefix("function:") {
         Some(name) => ToolChoiceJson::Function { kind: "function", name },
         None if meta.tool_choice.is_empty() => ToolChoiceJson::Mode("auto"),
@@ -414,17 +435,7 @@ fn write_response<T: Serialize>(meta: &ResponseMeta, body: Body<'_>, write: impl
             },
         },
         tool_choice,
-        tools: meta
-            .tools
-            .iter()
-            .map(|tool| ToolJson {
-                kind: "function",
-                name: &tool.name,
-                description: (!tool.description.is_empty()).then_some(tool.description.as_str()),
-                parameters: raw(&tool.parameters_json),
-                strict: tool.strict,
-            })
-            .collect(),
+        tools,
         top_logprobs: meta.top_logprobs,
         top_p: meta.top_p,
         truncation: meta.truncation.as_deref().unwrap_or("disabled"),
@@ -447,7 +458,9 @@ pub fn response_json(meta: &ResponseMeta, answer: &Answer) -> Vec<u8> {
         output: &output,
         usage: Some(UsageJson::from(&answer.usage.unwrap_or_default())),
     };
-    write_response(meta, body, |response| serde_json::to_vec(response).expect("a response serializes"))
+    write_response(meta, &tools_json(meta), body, |response| {
+        serde_json::to_vec(response).expect("a response serializes")
+    })
 }
 
 /// The `response` object of a response that failed (`status: failed`), with what was produced
@@ -463,7 +476,9 @@ pub fn failed_response_json(meta: &ResponseMeta, answer: &Answer, error: &Respon
         output: &output,
         usage: answer.usage.as_ref().map(UsageJson::from),
     };
-    write_response(meta, body, |response| serde_json::to_vec(response).expect("a response serializes"))
+    write_response(meta, &tools_json(meta), body, |response| {
+        serde_json::to_vec(response).expect("a response serializes")
+    })
 }
 
 /// The answer to `DELETE /v1/responses/{id}`.
@@ -496,6 +511,8 @@ pub fn deleted_json(id: &str) -> Vec<u8> {
 #[derive(Debug)]
 pub struct ResponsesEncoder {
     meta: ResponseMeta,
+    /// The meta's tools as the response object repeats them.
+    tools: Box<RawValue>,
     sequence: u64,
     started: bool,
     finished: bool,
@@ -634,6 +651,7 @@ struct ChunkLogprobs {
 impl ResponsesEncoder {
     pub fn new(meta: ResponseMeta) -> Self {
         Self {
+            tools: tools_json(&meta),
             meta,
             sequence: 0,
             started: false,
@@ -670,7 +688,7 @@ impl ResponsesEncoder {
     fn emit_response(&mut self, out: &mut Vec<u8>, kind: &str, body: Body<'_>) {
         let sequence = self.sequence;
         self.sequence += 1;
-        write_response(&self.meta, body, |response| {
+        write_response(&self.meta, &self.tools, body, |response| {
             let event = Event { kind, sequence_number: sequence, body: ResponseBody { response } };
             write_json_event(out, Some(kind), &event);
         });
