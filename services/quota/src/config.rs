@@ -10,6 +10,10 @@ use crate::limits::DefaultLimits;
 /// hold must end before its counter does.
 pub const MAX_RESERVATION_TTL_SECS: u64 = 2 * 86_400;
 
+/// The longest lease lifetime configurable: a replica that dies holding slices gives them back
+/// within it.
+pub const MAX_LEASE_TTL_MS: u64 = 3_600_000;
+
 /// Configuration of the quota service (`[quota]`, `MESHGATE_QUOTA__*`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,6 +50,14 @@ pub struct Config {
     pub ledger_batch_size: usize,
     /// Apply this service's migrations once Postgres answers (safe with many replicas).
     pub migrate_on_start: bool,
+    /// How long a lease holds its slices without a call from its holder, unless the holder asks
+    /// for another lifetime: what a replica that dies holding slices keeps from others.
+    pub lease_ttl_ms: u64,
+    /// The longest lifetime a holder may ask for; longer requests are capped here.
+    pub max_lease_ttl_ms: u64,
+    /// The wait told to a request refused only because leases hold the budget it needs (their
+    /// holders give unused slices back when idle or when the scope runs low).
+    pub leased_retry_after_ms: u64,
 }
 
 impl Default for Config {
@@ -66,6 +78,9 @@ impl Default for Config {
             ledger_flush_interval_ms: 1_000,
             ledger_batch_size: 500,
             migrate_on_start: true,
+            lease_ttl_ms: 10_000,
+            max_lease_ttl_ms: 60_000,
+            leased_retry_after_ms: 1_000,
         }
     }
 }
@@ -107,6 +122,15 @@ impl Config {
         if self.ledger_flush_interval_ms < 100 {
             return invalid("ledger_flush_interval_ms must be at least 100");
         }
+        if !(100..=MAX_LEASE_TTL_MS).contains(&self.max_lease_ttl_ms) {
+            return invalid(&format!("max_lease_ttl_ms must be between 100 and {MAX_LEASE_TTL_MS}"));
+        }
+        if !(100..=self.max_lease_ttl_ms).contains(&self.lease_ttl_ms) {
+            return invalid("lease_ttl_ms must be between 100 and max_lease_ttl_ms");
+        }
+        if !(1..=self.max_lease_ttl_ms).contains(&self.leased_retry_after_ms) {
+            return invalid("leased_retry_after_ms must be between 1 and max_lease_ttl_ms");
+        }
         self.defaults.validate()
     }
 
@@ -124,6 +148,18 @@ impl Config {
 
     pub fn charge_retention(&self) -> Duration {
         Duration::from_secs(self.charge_retention_secs)
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    pub fn max_lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.max_lease_ttl_ms)
+    }
+
+    pub fn leased_retry_after(&self) -> Duration {
+        Duration::from_millis(self.leased_retry_after_ms)
     }
 }
 
@@ -174,6 +210,12 @@ mod tests {
         assert!(bad.validate().unwrap_err().to_string().contains("max_reservation_ttl_secs"));
         let bad = Config { charge_retention_secs: 0, ..Config::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("charge_retention_secs"));
+        let bad = Config { lease_ttl_ms: 70_000, ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("lease_ttl_ms"), "above the max lease ttl");
+        let bad = Config { max_lease_ttl_ms: MAX_LEASE_TTL_MS + 1, ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("max_lease_ttl_ms"));
+        let bad = Config { leased_retry_after_ms: 0, ..Config::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("leased_retry_after_ms"));
         let mut bad = Config::default();
         bad.defaults.key.tokens_per_day = -5;
         assert!(bad.validate().unwrap_err().to_string().contains("defaults.key"));

@@ -19,11 +19,12 @@ use crate::ledger::Ledger;
 use crate::limits::{DefaultLimits, LimitsCache, LimitsRepo};
 use crate::metrics::QuotaMetrics;
 use crate::model::{
-    CounterState, Limits, MAX_COST_MICROS, MAX_TOKENS, MinuteState, Scope, check_amount, retry_after_seconds_ms,
-    validate_id, window_day, window_reset_at,
+    CounterState, Limits, MAX_COST_MICROS, MAX_PER_MINUTE, MAX_TOKENS, MinuteState, Scope, check_amount,
+    retry_after_seconds_ms, validate_id, window_day, window_reset_at,
 };
 use crate::store::{
-    ChargeAmounts, ChargeOutcome, CounterSpec, QuotaStore, ReserveInput, ReserveOutcome, SeedRow, SettleOutcome,
+    ChargeAmounts, ChargeOutcome, CounterSpec, LEASE_PREFIX, LeaseAmounts, LeaseHeld, LeaseInput, LeaseOutcome,
+    LeaseSpent, QuotaStore, ReserveInput, ReserveOutcome, SeedRow, SettleOutcome,
 };
 
 /// Reservation ids handed out while failing open; they are not in any store.
@@ -31,7 +32,7 @@ const FAIL_OPEN_PREFIX: &str = "open_";
 /// Store round trips one operation may take: limits changing under it or counters needing a
 /// seed from the ledger more often than this in a row is treated as an error.
 const ATTEMPTS: usize = 4;
-/// Most requests one Charge may add.
+/// Most requests one Charge may add, or one lease call settle.
 const MAX_CHARGE_REQUESTS: i64 = 1_000_000;
 
 /// Behaviour knobs of the engine.
@@ -50,6 +51,12 @@ pub struct EngineSettings {
     pub limits_cache_ttl: Duration,
     /// Admit reservations unchecked while the store is unreachable (default: refuse).
     pub fail_open: bool,
+    /// How long a lease holds its slices without a call, unless its holder asks otherwise.
+    pub lease_ttl: Duration,
+    /// The longest lifetime a lease may ask for.
+    pub max_lease_ttl: Duration,
+    /// The wait told to a request refused only because leases hold the budget it needs.
+    pub leased_retry_after: Duration,
 }
 
 impl Default for EngineSettings {
@@ -62,6 +69,9 @@ impl Default for EngineSettings {
             charge_retention: Duration::from_secs(7 * 86_400),
             limits_cache_ttl: Duration::from_secs(30),
             fail_open: false,
+            lease_ttl: Duration::from_secs(10),
+            max_lease_ttl: Duration::from_secs(60),
+            leased_retry_after: Duration::from_secs(1),
         }
     }
 }
@@ -116,6 +126,16 @@ fn usage_amounts(usage: Option<&Usage>) -> Result<(i64, i64), Error> {
     Ok((usage.tokens(), usage.cost_micros))
 }
 
+/// A lease is settled by its holder's next Lease call, never by Commit or Release.
+fn refuse_lease_id(id: &str) -> Result<(), Error> {
+    if id.starts_with(LEASE_PREFIX) {
+        return Err(Error::InvalidArgument(format!(
+            "reservation_id {id} names a lease; a lease is settled and returned with Lease"
+        )));
+    }
+    Ok(())
+}
+
 fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: t.timestamp(), nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0) }
 }
@@ -133,12 +153,103 @@ fn tightest_daily(limits: &[Limits], counters: &[CounterState]) -> (i64, i64) {
     )
 }
 
+/// The counters of `keys` with their limits.
+fn counter_specs(keys: &[(Scope, NaiveDate)], limits: &[Limits]) -> Vec<CounterSpec> {
+    keys.iter()
+        .zip(limits)
+        .map(|((scope, day), l)| CounterSpec {
+            scope: scope.clone(),
+            day: *day,
+            tokens_limit: l.tokens_per_day,
+            cost_limit_micros: l.cost_micros_per_day,
+            requests_per_minute: l.requests_per_minute,
+            tokens_per_minute: l.tokens_per_minute,
+        })
+        .collect()
+}
+
+/// Lease amounts from the wire, each checked and named (`keep.minute_requests`).
+fn lease_amounts(what: &str, amounts: Option<&pb::LeaseAmounts>) -> Result<LeaseAmounts, Error> {
+    let a = amounts.cloned().unwrap_or_default();
+    check_amount(&format!("{what}.tokens"), a.tokens, MAX_TOKENS)?;
+    check_amount(&format!("{what}.cost_micros"), a.cost_micros, MAX_COST_MICROS)?;
+    check_amount(&format!("{what}.minute_requests"), a.minute_requests, MAX_PER_MINUTE)?;
+    check_amount(&format!("{what}.minute_tokens"), a.minute_tokens, MAX_PER_MINUTE)?;
+    Ok(LeaseAmounts {
+        tokens: a.tokens,
+        cost_micros: a.cost_micros,
+        minute_requests: a.minute_requests,
+        minute_tokens: a.minute_tokens,
+    })
+}
+
+fn lease_spent(spent: Option<&pb::LeaseSpent>) -> Result<LeaseSpent, Error> {
+    let s = spent.cloned().unwrap_or_default();
+    check_amount("spent.tokens", s.tokens, MAX_TOKENS)?;
+    check_amount("spent.cost_micros", s.cost_micros, MAX_COST_MICROS)?;
+    check_amount("spent.started_requests", s.started_requests, MAX_CHARGE_REQUESTS)?;
+    check_amount("spent.settled_requests", s.settled_requests, MAX_CHARGE_REQUESTS)?;
+    Ok(LeaseSpent {
+        tokens: s.tokens,
+        cost_micros: s.cost_micros,
+        started_requests: s.started_requests,
+        settled_requests: s.settled_requests,
+    })
+}
+
+fn lease_amounts_to_proto(a: LeaseAmounts) -> pb::LeaseAmounts {
+    pb::LeaseAmounts {
+        tokens: a.tokens,
+        cost_micros: a.cost_micros,
+        minute_requests: a.minute_requests,
+        minute_tokens: a.minute_tokens,
+    }
+}
+
 /// The counters of `scopes` in the daily window containing `now`, which is the day in the org's
 /// time zone (the org scope comes first and its limits carry the zone).
 fn window(scopes: &[Scope], limits: &[Limits], now: DateTime<Utc>) -> (Vec<(Scope, NaiveDate)>, DateTime<Utc>) {
     let zone = limits.first().map(Limits::zone).unwrap_or(chrono_tz::Tz::UTC);
     let day = window_day(now, zone);
     (scopes.iter().map(|s| (s.clone(), day)).collect(), window_reset_at(now, zone))
+}
+
+/// The answer to a lease call: what it holds (-1 in limits no scope sets), and the budget left.
+fn lease_response(
+    scopes: &[Scope],
+    limits: &[Limits],
+    held: LeaseHeld,
+    now: DateTime<Utc>,
+    window_reset: DateTime<Utc>,
+) -> pb::LeaseResponse {
+    let limited = |limit: fn(&Limits) -> i64| limits.iter().any(|l| limit(l) > 0);
+    let or_unlimited = |amount: i64, limit: fn(&Limits) -> i64| if limited(limit) { amount } else { -1 };
+    let amounts = LeaseAmounts {
+        tokens: or_unlimited(held.held.tokens, |l| l.tokens_per_day),
+        cost_micros: or_unlimited(held.held.cost_micros, |l| l.cost_micros_per_day),
+        minute_requests: or_unlimited(held.held.minute_requests, |l| l.requests_per_minute),
+        minute_tokens: or_unlimited(held.held.minute_tokens, |l| l.tokens_per_minute),
+    };
+    let (remaining_tokens, remaining_cost_micros) = tightest_daily(limits, &held.counters);
+    let (low_scope, low_limit) = match held.low {
+        Some((i, limit)) => (scopes.get(i).map(Scope::to_proto), limit.as_str().to_owned()),
+        None => (None, String::new()),
+    };
+    pb::LeaseResponse {
+        replay: held.replay,
+        held: Some(lease_amounts_to_proto(amounts)),
+        expires_at: Some(timestamp(held.expires_at)),
+        ttl_ms: (held.expires_at - now).num_milliseconds().max(0),
+        low_scope,
+        low_limit,
+        window_ended: held.window_ended,
+        reset_at: Some(timestamp(window_reset)),
+        remaining_tokens,
+        remaining_cost_micros,
+        remaining_requests_this_minute: tightest(limits.iter().zip(&held.minute), |(l, m)| {
+            m.remaining_requests(l.requests_per_minute)
+        }),
+    }
 }
 
 impl QuotaEngine {
@@ -238,23 +349,13 @@ impl QuotaEngine {
             let (keys, window_reset) = window(scopes, &limits, now);
             let input = ReserveInput {
                 reservation_id: reservation_id.clone(),
-                counters: keys
-                    .iter()
-                    .zip(&limits)
-                    .map(|((scope, day), l)| CounterSpec {
-                        scope: scope.clone(),
-                        day: *day,
-                        tokens_limit: l.tokens_per_day,
-                        cost_limit_micros: l.cost_micros_per_day,
-                        requests_per_minute: l.requests_per_minute,
-                        tokens_per_minute: l.tokens_per_minute,
-                    })
-                    .collect(),
+                counters: counter_specs(&keys, &limits),
                 tokens: req.estimated_tokens,
                 cost_micros: req.estimated_cost_micros,
                 now,
                 expires_at,
                 limits_generation: generation,
+                leased_retry_after_ms: i64::try_from(self.settings.leased_retry_after.as_millis()).unwrap_or(i64::MAX),
             };
             match self.store.reserve(&input).await? {
                 ReserveOutcome::StaleLimits => self.cache.lock().invalidate(),
@@ -297,6 +398,90 @@ impl QuotaEngine {
         Err(Error::StoreReply("limits changed or counters vanished during every attempt of this reservation".into()))
     }
 
+    /// Carves, renews, settles or returns a lease (see the `Lease` RPC and the store semantics).
+    pub async fn lease(&self, req: &pb::LeaseRequest) -> Result<pb::LeaseResponse, Error> {
+        validate_id("lease_id", &req.lease_id)?;
+        if req.sequence < 1 {
+            return Err(Error::InvalidArgument(format!("sequence must be at least 1 (got {})", req.sequence)));
+        }
+        let spent = lease_spent(req.spent.as_ref())?;
+        let keep = lease_amounts("keep", req.keep.as_ref())?;
+        let want = lease_amounts("want", req.want.as_ref())?;
+        let need = lease_amounts("need", req.need.as_ref())?;
+        let ttl = match u64::try_from(req.ttl_ms) {
+            Ok(0) => self.settings.lease_ttl,
+            Ok(ms) => Duration::from_millis(ms).min(self.settings.max_lease_ttl),
+            Err(_) => return Err(Error::InvalidArgument(format!("ttl_ms must not be negative (got {})", req.ttl_ms))),
+        };
+        let scopes = Scope::of_principal(req.principal.as_ref())?;
+        let principal = req.principal.clone().unwrap_or_default();
+        let now = self.clock.now();
+        let expires_at = now.checked_add_signed(TimeDelta::from_std(ttl).unwrap_or(TimeDelta::MAX)).unwrap_or(now);
+        let input = LeaseInput {
+            lease_id: principal_scoped_id(LEASE_PREFIX, &principal, &req.lease_id),
+            sequence: req.sequence,
+            counters: Vec::new(),
+            spent,
+            keep,
+            want,
+            need,
+            now,
+            expires_at,
+            retention: self.settings.settled_retention,
+            limits_generation: None,
+        };
+        match self.try_lease(&scopes, input).await {
+            Ok(response) => {
+                self.store_ok();
+                let outcome = if response.replay {
+                    "replay"
+                } else if response.window_ended {
+                    "window_ended"
+                } else if response.low_scope.is_some() {
+                    "low"
+                } else {
+                    "held"
+                };
+                self.metrics.leases.with_label_values(&[outcome]).inc();
+                Ok(response)
+            }
+            Err(err) if err.is_unavailable() && self.settings.fail_open => {
+                // As with reservations: admitted unchecked, and the usage reported is not charged.
+                self.store_failed("lease", &err);
+                self.metrics.leases.with_label_values(&["fail_open"]).inc();
+                let unlimited =
+                    pb::LeaseAmounts { tokens: -1, cost_micros: -1, minute_requests: -1, minute_tokens: -1 };
+                Ok(pb::LeaseResponse {
+                    held: Some(unlimited),
+                    expires_at: Some(timestamp(expires_at)),
+                    ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+                    remaining_tokens: -1,
+                    remaining_cost_micros: -1,
+                    remaining_requests_this_minute: -1,
+                    ..Default::default()
+                })
+            }
+            Err(err) => Err(self.fail("lease", err)),
+        }
+    }
+
+    async fn try_lease(&self, scopes: &[Scope], mut input: LeaseInput) -> Result<pb::LeaseResponse, Error> {
+        for _ in 0..ATTEMPTS {
+            let (limits, generation) = self.resolve_limits(scopes).await?;
+            let (keys, window_reset) = window(scopes, &limits, input.now);
+            input.counters = counter_specs(&keys, &limits);
+            input.limits_generation = generation;
+            match self.store.lease(&input).await? {
+                LeaseOutcome::StaleLimits => self.cache.lock().invalidate(),
+                LeaseOutcome::Unseeded(positions) => {
+                    self.seed(positions.into_iter().map(|i| keys[i].clone()).collect()).await?;
+                }
+                LeaseOutcome::Held(held) => return Ok(lease_response(scopes, &limits, held, input.now, window_reset)),
+            }
+        }
+        Err(Error::StoreReply("limits changed or counters vanished during every attempt of this lease".into()))
+    }
+
     /// Seeds counters the store lacks with their usage in the ledger (zero without one).
     async fn seed(&self, keys: Vec<(Scope, NaiveDate)>) -> Result<(), Error> {
         // One seeding at a time per replica: a burst of first requests of the day must not all
@@ -326,6 +511,7 @@ impl QuotaEngine {
     /// Charges the actual usage of a reservation (once; replays answer the same).
     pub async fn commit(&self, req: &pb::CommitRequest) -> Result<pb::CommitResponse, Error> {
         validate_id("reservation_id", &req.reservation_id)?;
+        refuse_lease_id(&req.reservation_id)?;
         let (tokens, cost_micros) = usage_amounts(req.usage.as_ref())?;
         if req.reservation_id.starts_with(FAIL_OPEN_PREFIX) {
             self.metrics.commits.with_label_values(&["fail_open"]).inc();
@@ -433,6 +619,7 @@ impl QuotaEngine {
     /// Frees a reservation without charging it.
     pub async fn release(&self, req: &pb::ReleaseRequest) -> Result<pb::ReleaseResponse, Error> {
         validate_id("reservation_id", &req.reservation_id)?;
+        refuse_lease_id(&req.reservation_id)?;
         if req.reservation_id.starts_with(FAIL_OPEN_PREFIX) {
             return Ok(pb::ReleaseResponse {});
         }
@@ -516,6 +703,10 @@ impl QuotaEngine {
                     remaining_requests_this_minute: m.remaining_requests(l.requests_per_minute).unwrap_or(-1),
                     remaining_tokens_this_minute: m.remaining_tokens(l.tokens_per_minute).unwrap_or(-1),
                     time_zone: zone.name().to_owned(),
+                    leased_tokens: v.leased.tokens,
+                    leased_cost_micros: v.leased.cost_micros,
+                    leased_minute_requests: v.leased.minute_requests,
+                    leased_minute_tokens: v.leased.minute_tokens,
                 }
             })
             .collect();

@@ -3,6 +3,9 @@
 //! requests never overspend. Usage made without a reservation (an edge's traffic uploaded later,
 //! a delivered async job) is added with Charge, once per charge id.
 //!
+//! A gateway replica may instead hold leases: slices of every scope's budget carved atomically
+//! like reservations, against which it admits requests locally and settles in batches (Lease).
+//!
 //! Hot counters live in Redis (atomic Lua scripts, shared by replicas) or in memory (standalone);
 //! limit overrides and the per-day usage ledger live in Postgres when it is configured.
 
@@ -31,7 +34,7 @@ pub use ledger::{Ledger, LedgerFlusher};
 pub use limits::{DefaultLimits, LimitsRepo, MemoryLimits, PostgresLimits};
 pub use metrics::QuotaMetrics;
 pub use service::QuotaService;
-pub use store::{MemoryStore, QuotaStore, RedisStore, RedisStoreSettings};
+pub use store::{MemoryStore, QuotaStore, RedisStore, RedisStoreSettings, SLICE_DIVISOR};
 
 /// Component name of this service's migrations in `schema_migrations`.
 pub const COMPONENT: &str = "quota";
@@ -99,6 +102,9 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
             charge_retention: config.charge_retention(),
             limits_cache_ttl: Duration::from_millis(config.limits_cache_ttl_ms),
             fail_open: config.fail_open,
+            lease_ttl: config.lease_ttl(),
+            max_lease_ttl: config.max_lease_ttl(),
+            leased_retry_after: config.leased_retry_after(),
         },
         metrics.clone(),
     );

@@ -14,7 +14,9 @@ pub struct QuotaMetrics {
     /// Charge calls, by `outcome` (charged, replay).
     pub charges: IntCounterVec,
     pub releases: IntCounter,
-    /// By `op` (reserve, commit, charge, release, status, set_limits, limits, ledger).
+    /// Lease calls, by `outcome` (held, low, window_ended, replay, fail_open).
+    pub leases: IntCounterVec,
+    /// By `op` (reserve, commit, charge, release, lease, status, set_limits, limits, ledger).
     pub store_errors: IntCounterVec,
     pub ledger_rows: IntCounter,
     pub ledger_flush_errors: IntCounter,
@@ -55,6 +57,11 @@ impl QuotaMetrics {
                 &["outcome"],
             ),
             releases: counter("meshgate_quota_releases_total", "Reservations released without charge"),
+            leases: counter_vec(
+                "meshgate_quota_leases_total",
+                "Lease calls (carve, renew, settle, return), by outcome",
+                &["outcome"],
+            ),
             store_errors: counter_vec(
                 "meshgate_quota_store_errors_total",
                 "Failed calls to the quota or limits store, by operation",

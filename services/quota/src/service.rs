@@ -42,6 +42,10 @@ impl pb::quota_server::Quota for QuotaService {
         Ok(Response::new(self.engine.release(request.get_ref()).await?))
     }
 
+    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Result<Response<pb::LeaseResponse>, Status> {
+        Ok(Response::new(self.engine.lease(request.get_ref()).await?))
+    }
+
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(self.engine.status(request.get_ref()).await?))
     }

@@ -17,6 +17,16 @@
 //! - Per-minute limits are leaky buckets per scope (GCRA in its continuous-state form): a
 //!   reservation adds 1 request and its estimated tokens; commit corrects the tokens to the actual
 //!   usage, release takes them back; both drain continuously at the limit per minute.
+//! - A lease is a reservation of a slice for one holder, renewed by the holder: each call
+//!   ([`QuotaStore::lease`]) takes its old hold out, charges the usage spent under it (to the
+//!   lease's window, and to the per-minute buckets at that moment), holds again what the holder
+//!   keeps (never more than it held, nothing once it expired) and carves a new slice of at most
+//!   1/[`SLICE_DIVISOR`] of what each scope has free, or nothing when even the least slice asked
+//!   for does not fit (the scope is nearly spent) or the lease's window is over. Its daily hold
+//!   counts as reserved (and as leased); its hold on per-minute limits sits beside the buckets and
+//!   does not drain, so requests admitted under it count from the moment it was carved until they
+//!   are charged into the bucket: never later than a reservation would count them. A lease expires
+//!   like a reservation, and a call whose sequence is not above the last applied one is a replay.
 
 mod memory;
 mod redis;
@@ -45,6 +55,14 @@ pub struct CounterSpec {
     pub tokens_per_minute: i64,
 }
 
+/// A lease's slice is at most this fraction (1/n) of what a scope has free, so a holder never
+/// takes the last of a budget that other holders need: what remains after it is at least seven
+/// times its slice.
+pub const SLICE_DIVISOR: i64 = 8;
+
+/// Store ids of leases start with this; the stores tell lease holds from reservations by it.
+pub const LEASE_PREFIX: &str = "lse_";
+
 /// A reservation to make.
 #[derive(Debug, Clone)]
 pub struct ReserveInput {
@@ -57,6 +75,9 @@ pub struct ReserveInput {
     /// The limits generation the counters' limits were read under; the store refuses with
     /// [`ReserveOutcome::StaleLimits`] when limits changed since.
     pub limits_generation: Option<String>,
+    /// The wait to tell a request refused only because leases hold the budget it needs (they
+    /// give unused slices back soon, not at the window's reset).
+    pub leased_retry_after_ms: i64,
 }
 
 /// Result of [`QuotaStore::reserve`]; `counters` are in the order of the input's counters, after
@@ -75,6 +96,87 @@ pub enum ReserveOutcome {
         retry_after_ms: Option<i64>,
         counters: Vec<CounterState>,
     },
+    /// Limits changed since they were read: re-read them and try again.
+    StaleLimits,
+    /// These counters (indexes) must be seeded from the ledger first.
+    Unseeded(Vec<usize>),
+}
+
+/// Amounts a lease holds or asks for, in each limit it can hold a slice of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseAmounts {
+    /// Daily tokens.
+    pub tokens: i64,
+    /// Daily cost, micro-dollars.
+    pub cost_micros: i64,
+    /// Requests of the per-minute request limits.
+    pub minute_requests: i64,
+    /// Tokens of the per-minute token limits.
+    pub minute_tokens: i64,
+}
+
+impl LeaseAmounts {
+    pub(crate) fn to_array(self) -> [i64; 4] {
+        [self.tokens, self.cost_micros, self.minute_requests, self.minute_tokens]
+    }
+
+    pub(crate) fn from_array([tokens, cost_micros, minute_requests, minute_tokens]: [i64; 4]) -> Self {
+        Self { tokens, cost_micros, minute_requests, minute_tokens }
+    }
+}
+
+/// Usage spent under a lease since the holder's previous call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseSpent {
+    pub tokens: i64,
+    pub cost_micros: i64,
+    /// Requests admitted: charged to the per-minute request buckets.
+    pub started_requests: i64,
+    /// Requests settled with usage: the day's request count.
+    pub settled_requests: i64,
+}
+
+/// A lease call to apply (see the store semantics above).
+#[derive(Debug, Clone)]
+pub struct LeaseInput {
+    /// The store id (`lse_…`).
+    pub lease_id: String,
+    pub sequence: i64,
+    /// The counters of the current window; a lease whose window is over keeps charging its own.
+    pub counters: Vec<CounterSpec>,
+    pub spent: LeaseSpent,
+    pub keep: LeaseAmounts,
+    pub want: LeaseAmounts,
+    pub need: LeaseAmounts,
+    pub now: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// How long the lease record outlives its hold, for replays.
+    pub retention: Duration,
+    pub limits_generation: Option<String>,
+}
+
+/// What a lease holds after a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHeld {
+    /// The call was a replay; nothing changed.
+    pub replay: bool,
+    /// The lease's window is over: nothing was carved.
+    pub window_ended: bool,
+    /// The counter (index) and limit that could not spare the least slice: nothing was carved.
+    pub low: Option<(usize, LimitName)>,
+    /// What the lease holds now (0 in limits no counter sets).
+    pub held: LeaseAmounts,
+    pub expires_at: DateTime<Utc>,
+    /// The current window's counters after the call, in the input's order.
+    pub counters: Vec<CounterState>,
+    /// Their per-minute levels, what leases hold of them included.
+    pub minute: Vec<MinuteState>,
+}
+
+/// Result of [`QuotaStore::lease`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    Held(LeaseHeld),
     /// Limits changed since they were read: re-read them and try again.
     StaleLimits,
     /// These counters (indexes) must be seeded from the ledger first.
@@ -105,7 +207,10 @@ pub enum ChargeOutcome {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CounterView {
     pub state: CounterState,
+    /// Per-minute levels, what leases hold of them included.
     pub minute: MinuteState,
+    /// What leases hold: of the reserved tokens and cost, and of the per-minute limits.
+    pub leased: LeaseAmounts,
     /// Whether the counter was seeded from the ledger (else its usage may be incomplete).
     pub seeded: bool,
 }
@@ -173,6 +278,9 @@ pub trait QuotaStore: Send + Sync {
     ) -> Result<SettleOutcome, Error>;
 
     async fn release(&self, reservation_id: &str, now: DateTime<Utc>) -> Result<SettleOutcome, Error>;
+
+    /// Carves, renews, settles or returns a lease (see the store semantics above).
+    async fn lease(&self, input: &LeaseInput) -> Result<LeaseOutcome, Error>;
 
     /// Charges usage straight to `counters` under `record_id` when the store has no record of it
     /// (a lost reservation, or a charge made without one), once: the settled record written then

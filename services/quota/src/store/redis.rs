@@ -3,10 +3,12 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `P gen` | string | limits generation, replaced on every limit change |
-//! | `P c:<YYYYMMDD>:<kind>:<id>` | hash | `ut`/`uc` used tokens/cost, `rt`/`rc` reserved, `n` commits; TTL 3 days after last touch |
+//! | `P c:<YYYYMMDD>:<kind>:<id>` | hash | `ut`/`uc` used tokens/cost, `rt`/`rc` reserved, `lt`/`lc` the leased part of reserved, `n` commits; TTL 3 days after last touch |
 //! | `P z:<YYYYMMDD>:<kind>:<id>` | zset | open reservations `<rid>\|<tokens>\|<cost>` scored by expiry (ms) |
-//! | `P r:<rid>` | hash | reservation (or charge, `chg_…`) record: `st` (r/c/x), `t`, `c`, `m` (zset member), `s` (counter suffixes), `b` (token buckets charged) |
+//! | `P r:<rid>` | hash | reservation (or charge, `chg_…`) record: `st` (r/c/x), `t`, `c`, `m` (zset member), `s` (counter suffixes), `b` (token buckets charged); or lease (`lse_…`) record: `st` l, `q` last sequence, `s`, `ht`/`hc`/`hr`/`hk` its hold, `e` expiry, `m`/`mm` its members |
 //! | `P m:<kind>:<id>` | hash | per-minute leaky buckets: levels `r`/`k`, limits `rl`/`kl`, last update `t` (ms) |
+//! | `P mh:<kind>:<id>` | hash | what leases hold of the per-minute limits: requests `r`, tokens `k` |
+//! | `P mz:<kind>:<id>` | zset | those holds, `<lease id>\|<requests>\|<tokens>` scored by expiry (ms) |
 //! | `P dirty` | hash | counter suffix -> change version, for the ledger flusher |
 //!
 //! A counter hash carries `s` once it was seeded from the usage ledger; one without it (a new
@@ -24,8 +26,9 @@ use meshgate_storage::{RedisConnection, ping_redis};
 use redis::{Script, Value};
 
 use super::{
-    ChargeAmounts, ChargeOutcome, CounterSpec, CounterView, DirtyUsage, QuotaStore, ReservationState, ReserveInput,
-    ReserveOutcome, SeedRow, SettleOutcome, day_key, parse_day_key,
+    ChargeAmounts, ChargeOutcome, CounterSpec, CounterView, DirtyUsage, LeaseAmounts, LeaseHeld, LeaseInput,
+    LeaseOutcome, QuotaStore, ReservationState, ReserveInput, ReserveOutcome, SLICE_DIVISOR, SeedRow, SettleOutcome,
+    day_key, parse_day_key,
 };
 use crate::Error;
 use crate::model::{CounterState, LimitName, MinuteState, Scope, ScopeKind};
@@ -36,6 +39,7 @@ const COUNTER_TTL: Duration = Duration::from_secs(3 * 86_400);
 const RESERVE: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/reserve.lua"));
 const SETTLE: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/settle.lua"));
 const STATUS: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/status.lua"));
+const LEASE: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/lease.lua"));
 const CHARGE: &str = concat!(include_str!("lua/common.lua"), include_str!("lua/charge.lua"));
 const SEED: &str = include_str!("lua/seed.lua");
 const CLEAR_DIRTY: &str = include_str!("lua/clear_dirty.lua");
@@ -59,6 +63,7 @@ pub struct RedisStore {
     reserve: Script,
     settle: Script,
     status: Script,
+    lease: Script,
     charge: Script,
     seed: Script,
     clear_dirty: Script,
@@ -72,6 +77,7 @@ impl RedisStore {
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
             status: Script::new(STATUS),
+            lease: Script::new(LEASE),
             charge: Script::new(CHARGE),
             seed: Script::new(SEED),
             clear_dirty: Script::new(CLEAR_DIRTY),
@@ -87,8 +93,10 @@ impl RedisStore {
         (self.key(&format!("c:{suffix}")), self.key(&format!("z:{suffix}")))
     }
 
-    fn bucket_key(&self, scope: &Scope) -> String {
-        self.key(&format!("m:{}:{}", scope.kind.as_str(), scope.id))
+    /// The per-minute bucket of a scope, and the hash and zset of what leases hold of it.
+    fn minute_keys(&self, scope: &Scope) -> [String; 3] {
+        let scope = format!("{}:{}", scope.kind.as_str(), scope.id);
+        [self.key(&format!("m:{scope}")), self.key(&format!("mh:{scope}")), self.key(&format!("mz:{scope}"))]
     }
 
     fn record_key(&self, reservation_id: &str) -> String {
@@ -235,7 +243,7 @@ impl QuotaStore for RedisStore {
         invocation.key(self.record_key(&input.reservation_id));
         for CounterSpec { scope, day, .. } in &input.counters {
             let (counter, zset) = self.counter_keys(scope, *day);
-            invocation.key(counter).key(zset).key(self.bucket_key(scope));
+            invocation.key(counter).key(zset).key(&self.minute_keys(scope)[..]);
         }
         invocation
             .arg(input.limits_generation.as_deref().unwrap_or(""))
@@ -246,7 +254,8 @@ impl QuotaStore for RedisStore {
             .arg(member)
             .arg(ms((input.expires_at - input.now).to_std().unwrap_or_default() + self.settings.settled_retention))
             .arg(ms(COUNTER_TTL))
-            .arg(suffixes.join("\n"));
+            .arg(suffixes.join("\n"))
+            .arg(input.leased_retry_after_ms.max(1));
         for c in &input.counters {
             invocation.arg(c.tokens_limit).arg(c.cost_limit_micros).arg(c.requests_per_minute).arg(c.tokens_per_minute);
         }
@@ -266,8 +275,10 @@ impl QuotaStore for RedisStore {
                 let counter = unseeded_positions(&values[1..2], n)?[0];
                 let limit = LimitName::from_code(values[2])
                     .ok_or_else(|| Error::StoreReply(format!("reserve refused by unknown limit {}", values[2])))?;
-                let retry_after_ms =
-                    matches!(limit, LimitName::RequestsPerMinute | LimitName::TokensPerMinute).then_some(values[3]);
+                // A daily refusal waits for the window's reset (0) unless only leases hold its budget.
+                let retry_after_ms = (matches!(limit, LimitName::RequestsPerMinute | LimitName::TokensPerMinute)
+                    || values[3] > 0)
+                    .then_some(values[3]);
                 let counters = chunks(&values[4..], n, 7)?.map(counter_state).collect();
                 Ok(ReserveOutcome::Rejected { counter, limit, retry_after_ms, counters })
             }
@@ -287,6 +298,71 @@ impl QuotaStore for RedisStore {
 
     async fn release(&self, reservation_id: &str, now: DateTime<Utc>) -> Result<SettleOutcome, Error> {
         self.settle(reservation_id, "x", 0, 0, now).await
+    }
+
+    async fn lease(&self, input: &LeaseInput) -> Result<LeaseOutcome, Error> {
+        let n = input.counters.len();
+        let suffixes: Vec<String> = input.counters.iter().map(|c| suffix(&c.scope, c.day)).collect();
+        let mut invocation = self.lease.key(self.key("gen"));
+        invocation.key(self.record_key(&input.lease_id)).key(self.key("dirty"));
+        for CounterSpec { scope, day, .. } in &input.counters {
+            let (counter, zset) = self.counter_keys(scope, *day);
+            invocation.key(counter).key(zset).key(&self.minute_keys(scope)[..]);
+        }
+        let lifetime = (input.expires_at - input.now).to_std().unwrap_or_default();
+        invocation
+            .arg(input.limits_generation.as_deref().unwrap_or(""))
+            .arg(epoch_ms(input.now))
+            .arg(epoch_ms(input.expires_at))
+            .arg(input.sequence)
+            .arg(ms(lifetime + input.retention))
+            .arg(ms(COUNTER_TTL))
+            .arg(if self.settings.track_dirty { "1" } else { "0" })
+            .arg(suffixes.join("\n"))
+            .arg(&self.settings.key_prefix)
+            .arg(&input.lease_id);
+        let spent = input.spent;
+        invocation.arg(spent.tokens).arg(spent.cost_micros).arg(spent.started_requests).arg(spent.settled_requests);
+        for amounts in [input.keep, input.want, input.need] {
+            invocation.arg(&amounts.to_array()[..]);
+        }
+        invocation.arg(SLICE_DIVISOR);
+        for c in &input.counters {
+            invocation.arg(c.tokens_limit).arg(c.cost_limit_micros).arg(c.requests_per_minute).arg(c.tokens_per_minute);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let values = integers(&reply)?;
+        match values.first() {
+            Some(2) => Ok(LeaseOutcome::StaleLimits),
+            Some(3) => Ok(LeaseOutcome::Unseeded(unseeded_positions(&values[1..], n)?)),
+            Some(0) if values.len() >= 10 => {
+                let low = match values[3] {
+                    0 => None,
+                    counter => {
+                        let counter = unseeded_positions(&[counter], n)?[0];
+                        let limit = LimitName::from_code(values[4])
+                            .ok_or_else(|| Error::StoreReply(format!("lease names unknown limit {}", values[4])))?;
+                        Some((counter, limit))
+                    }
+                };
+                let expires_at = DateTime::from_timestamp_millis(values[9])
+                    .ok_or_else(|| Error::StoreReply(format!("lease expiry {} is out of range", values[9])))?;
+                let (counters, minute) = chunks(&values[10..], n, 7)?
+                    .map(|c| (counter_state(c), MinuteState { requests: c[5], tokens: c[6] }))
+                    .unzip();
+                Ok(LeaseOutcome::Held(LeaseHeld {
+                    replay: values[1] == 1,
+                    window_ended: values[2] == 1,
+                    low,
+                    held: LeaseAmounts::from_array([values[5], values[6], values[7], values[8]]),
+                    expires_at,
+                    counters,
+                    minute,
+                }))
+            }
+            _ => Err(Error::StoreReply(format!("lease script answered {values:?}"))),
+        }
     }
 
     async fn charge(
@@ -344,16 +420,17 @@ impl QuotaStore for RedisStore {
         let mut invocation = self.status.prepare_invoke();
         for (scope, day) in counters {
             let (counter, zset) = self.counter_keys(scope, *day);
-            invocation.key(counter).key(zset).key(self.bucket_key(scope));
+            invocation.key(counter).key(zset).key(&self.minute_keys(scope)[..]);
         }
         invocation.arg(epoch_ms(now));
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
-        Ok(chunks(&integers(&reply)?, counters.len(), 8)?
+        Ok(chunks(&integers(&reply)?, counters.len(), 12)?
             .map(|c| CounterView {
                 state: counter_state(c),
                 seeded: c[5] == 1,
                 minute: MinuteState { requests: c[6], tokens: c[7] },
+                leased: LeaseAmounts::from_array([c[8], c[9], c[10], c[11]]),
             })
             .collect())
     }

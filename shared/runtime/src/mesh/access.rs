@@ -39,6 +39,7 @@ const TABLE: &[(&str, Callers)] = &[
     ("/meshgate.quota.v1.Quota/Status", Callers::Only(GATEWAY)),
     ("/meshgate.quota.v1.Quota/SetLimits", Callers::Only(GATEWAY)),
     ("/meshgate.quota.v1.Quota/Charge", Callers::Only(&["gateway", "sync"])),
+    ("/meshgate.quota.v1.Quota/Lease", Callers::Only(GATEWAY)),
     ("/meshgate.inference.v1.Inference/Generate", Callers::Only(GATEWAY)),
     ("/meshgate.inference.v1.Inference/Embed", Callers::Only(GATEWAY)),
     // The gateway's injection classifier, the router's task classifier.

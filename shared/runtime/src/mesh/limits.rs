@@ -32,6 +32,7 @@ const TABLE: &[(&str, usize)] = &[
     ("/meshgate.quota.v1.Quota/Status", 8 * KIB),
     ("/meshgate.quota.v1.Quota/SetLimits", 16 * KIB),
     ("/meshgate.quota.v1.Quota/Charge", 8 * KIB),
+    ("/meshgate.quota.v1.Quota/Lease", 8 * KIB),
     ("/meshgate.inference.v1.Inference/Generate", CONVERSATION),
     ("/meshgate.inference.v1.Inference/Embed", 4 * MIB),
     ("/meshgate.inference.v1.Inference/Classify", 4 * MIB),
