@@ -22,7 +22,8 @@
 //! - `reasoning_effort` → `thinking` with a budget ([`thinking_budget`], below `max_tokens`);
 //!   Anthropic refuses thinking beside a forced tool, a temperature, `top_k` or a `top_p` under
 //!   0.95, so those are left out (listed) when thinking is on, and thinking is left out when a
-//!   tool is forced;
+//!   tool is forced, and in a tool-use loop (the last assistant turn called tools: Anthropic
+//!   wants that turn's signed thinking replayed, which the canonical request does not carry);
 //! - `max_tokens` (required): the request's, else the model's catalog limit, else
 //!   [`DEFAULT_MAX_TOKENS`] (plus the thinking budget, which counts against it); temperature clamped to Anthropic's 0–1; `top_p`, `top_k`, stop
 //!   sequences kept; `user` → `metadata.user_id`. `seed`, penalties, `logit_bias`, logprobs and
@@ -269,10 +270,15 @@ pub fn request_body(request: &CompleteRequest, model: &ProviderModel) -> Result<
 
     let (tools, tool_choice) = tools_and_choice(options, model, &structured, &mut dropped)?;
     let forced = tool_choice.as_ref().is_some_and(|c| matches!(c.kind, "any" | "tool"));
+    // With thinking on, Anthropic wants the last assistant turn of a tool-use loop to start with
+    // its own signed thinking block, which a replayed conversation cannot carry (the canonical
+    // request keeps reasoning text, not Anthropic's signatures): such a request goes without.
+    let in_tool_loop =
+        request.messages.iter().rev().find(|m| m.role == "assistant").is_some_and(|m| !m.tool_calls.is_empty());
     let mut thinking = None;
     if let Some(budget) = effort_budget {
         let budget = budget.min(max_tokens - 1);
-        if forced || budget < MIN_THINKING_BUDGET {
+        if forced || in_tool_loop || budget < MIN_THINKING_BUDGET {
             model.leave_out("reasoning_effort", &mut dropped)?;
         } else {
             thinking = Some(Thinking { kind: "enabled", budget_tokens: budget });

@@ -273,10 +273,28 @@ fn reasoning_effort_becomes_thinking_within_anthropics_rules() {
     assert!(body.get("thinking").is_none());
     assert_eq!(dropped, ["reasoning_effort"]);
 
-    let forced = pb::ChatOptions { response_format: Some(schema_format()), ..options };
+    let forced = pb::ChatOptions { response_format: Some(schema_format()), ..options.clone() };
     let (body, dropped) = body_of(&request(vec![text("user", "x")], forced.clone()), &ProviderModel::default());
     assert!(body.get("thinking").is_none(), "thinking is refused beside a forced tool");
     assert_eq!(dropped, ["response_format.json_schema.strict", "reasoning_effort"]);
+    // Mid tool-use loop the turn's signed thinking cannot be replayed: no thinking.
+    let mut asked = text("assistant", "");
+    asked.tool_calls.push(call("toolu_1", "f", "{}"));
+    asked.reasoning_content = "I should call f.".into();
+    let mut answered = text("tool", "42");
+    answered.tool_call_id = "toolu_1".into();
+    let options_with_tool = pb::ChatOptions { tools: vec![tool("f")], ..options.clone() };
+    let looped = request(vec![text("user", "x"), asked.clone(), answered.clone()], options_with_tool.clone());
+    let (body, dropped) = body_of(&looped, &ProviderModel::default());
+    assert!(body.get("thinking").is_none());
+    assert_eq!(dropped, ["messages[].reasoning_content", "reasoning_effort"]);
+    let next_turn = request(
+        vec![text("user", "x"), asked, answered, text("assistant", "42."), text("user", "Thanks")],
+        options_with_tool,
+    );
+    let (body, _) = body_of(&next_turn, &ProviderModel::default());
+    assert_eq!(body["thinking"]["budget_tokens"], 8192, "a finished loop does not hold thinking back");
+
     let native = ProviderModel { native_structured_output: true, ..ProviderModel::default() };
     let (body, _) = body_of(&request(vec![text("user", "x")], forced), &native);
     assert_eq!(body["thinking"]["budget_tokens"], 8192);
