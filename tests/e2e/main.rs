@@ -9,6 +9,7 @@ mod cloud;
 mod embeddings;
 mod identity;
 mod jobs;
+mod leases;
 mod mesh;
 mod otel;
 mod quota;
