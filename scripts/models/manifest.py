@@ -31,14 +31,18 @@ MODELS = [
         "task": "classification",
         "tokenizer": MINILM_TOKENIZER,
         "context_length": CONTEXT_LENGTH,
-        "source": "all-MiniLM-L6-v2 + head trained by scripts/models/train_classifiers.py on the S-Labs corpus (MIT)",
+        "encoder": "all-minilm-l6-v2",
+        "source": "cascade (hashed n-gram first stage, head over all-MiniLM-L6-v2) trained by "
+                  "scripts/models/train_classifiers.py on the public data of scripts/models/DATA.md",
     },
     {
         "name": "task-classifier",
         "task": "classification",
         "tokenizer": MINILM_TOKENIZER,
         "context_length": CONTEXT_LENGTH,
-        "source": "all-MiniLM-L6-v2 + head trained by scripts/models/train_classifiers.py on generated prompts",
+        "encoder": "all-minilm-l6-v2",
+        "source": "cascade (hashed n-gram first stage, head over all-MiniLM-L6-v2) trained by "
+                  "scripts/models/train_classifiers.py on generated and public prompts (scripts/models/DATA.md)",
     },
     {
         "name": "smollm2-135m-instruct",
@@ -63,7 +67,9 @@ def main():
         d = os.path.join(models_dir, name)
         if not os.path.isfile(os.path.join(d, ".built")):
             continue
-        entry = {"name": name, "task": spec["task"], "file": f"{name}/model.onnx"}
+        # A classifier over the shared encoder is its head; every other model is its graph.
+        model_file = "head.json" if "encoder" in spec else "model.onnx"
+        entry = {"name": name, "task": spec["task"], "file": f"{name}/{model_file}"}
         entry["sha256"] = sha256_file(os.path.join(models_dir, entry["file"]))
         entry["tokenizer"] = spec["tokenizer"]
         entry["tokenizer_sha256"] = sha256_file(os.path.join(models_dir, spec["tokenizer"]))
@@ -73,6 +79,11 @@ def main():
             with open(metrics_path) as f:
                 metrics = json.load(f)
             entry["labels"] = metrics.pop("labels")
+            first_stage = metrics.pop("first_stage", None)
+            if first_stage:
+                stage_file = f"{name}/first_stage.bin"
+                entry["first_stage"] = {"file": stage_file, "sha256": sha256_file(os.path.join(models_dir, stage_file)),
+                                        **first_stage}
             entry["metrics"] = metrics
         entry["reference"] = f"{name}/reference.json"
         entry["reference_sha256"] = sha256_file(os.path.join(models_dir, entry["reference"]))

@@ -164,7 +164,8 @@ async fn injection_is_flagged_by_default_and_blocked_when_the_project_says_so() 
     assert!(outcome.risk > 0, "a flagged injection still raises the risk score");
 
     let blocking =
-        PolicyEngine::from_json(&serde_json::json!({ "rules": { "prompt_injection": { "action": "block" } } })).unwrap();
+        PolicyEngine::from_json(&serde_json::json!({ "rules": { "prompt_injection": { "action": "block" } } }))
+            .unwrap();
     let outcome = blocking.scan_prompt_with(&messages, &scripted(Ok(vec![0.97]))).await;
     assert_eq!(outcome.decision, Decision::Block { rule: Rule::PromptInjection });
 }
