@@ -198,6 +198,9 @@ impl Upstream {
             ProviderKind::Anthropic => anthropic::request_body(&request, &model),
         }
         .map_err(|err| Error::from_wire(&provider.spec.name, err))?;
+        // The decoders read the model and the shape the answer was asked in, not the conversation:
+        // a long stream need not hold it.
+        drop(std::mem::take(&mut request.messages));
         let model_label = if provider.spec.serves(&request.model) { request.model.clone() } else { "other".to_owned() };
         let status = Arc::new(AtomicU16::new(0));
         let call = Call {
@@ -335,7 +338,8 @@ struct Call {
     provider: Arc<Provider>,
     request_id: String,
     idempotency_key: Option<HeaderValue>,
-    /// The request, for the decoders (its model, and at Anthropic the shape asked for).
+    /// The request without its conversation, for the decoders (its model, and at Anthropic the
+    /// shape the answer was asked in).
     request: CompleteRequest,
     model: ProviderModel,
     /// What the body left out, for the first chunk.

@@ -337,14 +337,30 @@ async fn the_canonical_request_reaches_anthropic_as_blocks_thinking_and_schemas(
         ..ChatMessage::default()
     });
     follow_up.options.as_mut().unwrap().reasoning_effort = "low".into();
-    let (chunks, error) = sync.complete(follow_up).await;
+    let (chunks, error) = sync.complete(follow_up.clone()).await;
     assert!(error.is_none(), "{error:?}");
     assert_eq!(text(&chunks), "echo: 21 degrees");
+    // Mid-loop, Anthropic wants the turn's signed thinking block, which the canonical request
+    // does not keep: the loop goes on without thinking, and says so.
+    assert!(chunks[0].dropped_params.contains(&"reasoning_effort".to_owned()), "{:?}", chunks[0].dropped_params);
+    let body = mock.last_request().unwrap().json().unwrap();
+    assert!(body.get("thinking").is_none(), "{body}");
+    assert_eq!(body["messages"][2]["content"][0]["type"], "tool_result");
+
+    // Once the loop is finished, a new question thinks.
+    let mut next = follow_up;
+    next.messages.push(ChatMessage {
+        role: "assistant".into(),
+        content: "echo: 21 degrees".into(),
+        ..ChatMessage::default()
+    });
+    next.messages.push(message("user", "and tomorrow?"));
+    let (chunks, error) = sync.complete(next).await;
+    assert!(error.is_none(), "{error:?}");
     let reasoning: String = chunks.iter().map(|c| c.reasoning_delta.as_str()).collect();
     assert!(!reasoning.is_empty(), "thinking_delta streams as reasoning_delta");
     let body = mock.last_request().unwrap().json().unwrap();
     assert_eq!(body["thinking"], serde_json::json!({"type": "enabled", "budget_tokens": 2048}));
-    assert_eq!(body["messages"][2]["content"][0]["type"], "tool_result");
 
     // JSON-schema output: natively where the catalog says the model has it, else a forced tool;
     // an image as a base64 source.
