@@ -34,18 +34,23 @@ pub fn estimated_cost_micros(entry: &Entry, prompt_tokens: i64, max_tokens: i64)
 /// Why a target may not serve a request.
 struct Ineligible {
     reason: String,
-    /// The project's policy ruled it out (layer, cost, task, weight, or no ready replica to
-    /// serve the policy's choice), rather than what the request needs (context, capabilities).
-    by_policy: bool,
+    cause: Cause,
+}
+
+/// What ruled a target out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// Its context window cannot hold the request.
+    Context,
+    /// Its model lacks a capability the request needs.
+    Capability,
+    /// The project's policy (layer, cost, task, weight, or no ready replica to serve its choice).
+    Policy,
 }
 
 impl Ineligible {
-    fn request(reason: String) -> Option<Self> {
-        Some(Self { reason, by_policy: false })
-    }
-
-    fn policy(reason: String) -> Option<Self> {
-        Some(Self { reason, by_policy: true })
+    fn because(cause: Cause, reason: String) -> Option<Self> {
+        Some(Self { reason, cause })
     }
 }
 
@@ -61,8 +66,8 @@ struct Planner<'a, 'i, R> {
     steps: Vec<Step<'a>>,
     used: HashSet<&'a str>,
     rejected: Vec<Rejected>,
-    /// Whether a rejection in `rejected` was the policy's.
-    rejected_by_policy: bool,
+    /// The causes of the rejections in `rejected`.
+    causes: Vec<Cause>,
     reasons: Vec<String>,
 }
 
@@ -77,43 +82,56 @@ impl<'a, R: Rng> Planner<'a, '_, R> {
         if let Some(missing) = entry.lacks(&features.capabilities) {
             let has: Vec<&str> = entry.profile.capabilities.iter().map(|c| c.as_str()).collect();
             let has = if has.is_empty() { "none".to_owned() } else { has.join(", ") };
-            return Ineligible::request(format!("lacks capability {} (has: {has})", missing.as_str()));
+            return Ineligible::because(
+                Cause::Capability,
+                format!("lacks capability {} (has: {has})", missing.as_str()),
+            );
         }
         if target.context_window > 0 && required > target.context_window {
-            return Ineligible::request(format!("context window {} < {required} tokens needed", target.context_window));
+            let reason = format!("context window {} < {required} tokens needed", target.context_window);
+            return Ineligible::because(Cause::Context, reason);
         }
         if entry.layer() > policy.max_layer() {
-            return Ineligible::policy(format!(
-                "layer {} above the policy's maximum {}",
-                layer_name(entry.layer()),
-                layer_name(policy.max_layer())
-            ));
+            return Ineligible::because(
+                Cause::Policy,
+                format!(
+                    "layer {} above the policy's maximum {}",
+                    layer_name(entry.layer()),
+                    layer_name(policy.max_layer())
+                ),
+            );
         }
         if let Some(cap) = policy.max_cost_micros {
             let cost = estimated_cost_micros(entry, features.prompt_tokens, features.max_tokens);
             if cost > cap {
-                return Ineligible::policy(format!("estimated cost {cost} µ$ above the cap of {cap} µ$"));
+                return Ineligible::because(
+                    Cause::Policy,
+                    format!("estimated cost {cost} µ$ above the cap of {cap} µ$"),
+                );
             }
         }
         if chosen && !entry.serves_task(features.task_name()) {
-            return Ineligible::policy(format!(
-                "not declared for task {} (declared: {})",
-                features.task_name(),
-                entry.profile.tasks.join(", ")
-            ));
+            return Ineligible::because(
+                Cause::Policy,
+                format!(
+                    "not declared for task {} (declared: {})",
+                    features.task_name(),
+                    entry.profile.tasks.join(", ")
+                ),
+            );
         }
         if target.kind == TargetKind::Local as i32 && self.inputs.local_replicas == Some(0) {
-            return Ineligible::policy("no ready inference replica".into());
+            return Ineligible::because(Cause::Policy, "no ready inference replica".into());
         }
         if policy.weight(&target.id) == 0 {
-            return Ineligible::policy("weight 0 in the policy".into());
+            return Ineligible::because(Cause::Policy, "weight 0 in the policy".into());
         }
         None
     }
 
     fn reject(&mut self, entry: &Entry, why: Ineligible) {
         if !self.rejected.iter().any(|r| r.target_id == entry.target.id) {
-            self.rejected_by_policy |= why.by_policy;
+            self.causes.push(why.cause);
             self.rejected.push(Rejected { target_id: entry.target.id.clone(), reason: why.reason });
         }
     }
@@ -238,7 +256,7 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
         steps: Vec::new(),
         used: HashSet::new(),
         rejected: Vec::new(),
-        rejected_by_policy: false,
+        causes: Vec::new(),
         reasons: Vec::new(),
     };
     match &features.task {
@@ -348,9 +366,16 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
     }
 
     if planner.steps.is_empty() {
-        let by_policy = planner.rejected_by_policy;
         let detail = planner.rejected.iter().map(|r| format!("{}: {}", r.target_id, r.reason)).collect::<Vec<_>>();
-        return Err(Error::NoEligibleTarget { detail: detail.join("; "), by_policy });
+        let detail = detail.join("; ");
+        let causes = &planner.causes;
+        return Err(if causes.contains(&Cause::Policy) {
+            Error::NoEligibleTarget { detail, by_policy: true }
+        } else if !causes.is_empty() && causes.iter().all(|c| *c == Cause::Context) {
+            Error::ContextOverflow { detail }
+        } else {
+            Error::NoEligibleTarget { detail, by_policy: false }
+        });
     }
 
     // Escalation: the next layer up, for when every lower step fails or its answer is unusable.
@@ -811,7 +836,7 @@ mod tests {
         let unknown = world.plan("", &features("nope", Some(Task::Chat), 10), 1);
         assert!(matches!(unknown, Err(Error::UnknownModel(_))));
         let too_long = world.plan("", &features("tiny", Some(Task::Chat), 5000), 1).unwrap_err();
-        assert_eq!(too_long.code(), meshgate_runtime::ErrorCode::InvalidRequest);
+        assert_eq!(too_long.code(), meshgate_runtime::ErrorCode::ContextLengthExceeded);
         assert!(too_long.to_string().contains("local/tiny: context window 2048 < 6000 tokens needed"), "{too_long}");
         let capped = world.plan("max_layer = \"l1\"", &features("gpt", Some(Task::Chat), 10), 1).unwrap_err();
         assert_eq!(capped.code(), meshgate_runtime::ErrorCode::PolicyViolation);
@@ -863,7 +888,7 @@ mod tests {
         assert_eq!(long.rejected[0].reason, "context window 4096 < 6000 tokens needed");
 
         let too_long = world.plan(policy, &features("small", Some(Task::Chat), 200_000), 1).unwrap_err();
-        assert_eq!(too_long.code(), meshgate_runtime::ErrorCode::InvalidRequest, "{too_long}");
+        assert_eq!(too_long.code(), meshgate_runtime::ErrorCode::ContextLengthExceeded, "{too_long}");
         assert!(too_long.to_string().contains("q/big: context window 128000 < 201000"), "{too_long}");
 
         let without = world.plan("escalation = false", &features("small", Some(Task::Chat), 5000), 1);

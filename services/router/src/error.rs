@@ -15,6 +15,10 @@ pub enum Error {
         /// than the request itself (its size, the capabilities it needs).
         by_policy: bool,
     },
+    /// Every target was left out because its context window cannot hold the prompt and the
+    /// requested completion (none of the model's context-window fallbacks can either).
+    #[error("no target can hold this request: {detail}")]
+    ContextOverflow { detail: String },
     #[error("{0}")]
     InvalidRequest(String),
     #[error("invalid router configuration: {0}")]
@@ -30,6 +34,7 @@ impl Error {
         match self {
             Error::UnknownModel(_) => ErrorCode::ModelNotFound,
             Error::NoEligibleTarget { by_policy: true, .. } => ErrorCode::PolicyViolation,
+            Error::ContextOverflow { .. } => ErrorCode::ContextLengthExceeded,
             Error::NoEligibleTarget { by_policy: false, .. } | Error::InvalidRequest(_) | Error::Config(_) => {
                 ErrorCode::InvalidRequest
             }
