@@ -42,6 +42,11 @@ mg_cleanup_init
 # The concurrency tests open about a thousand loopback connections; a fresh machine's soft limit
 # of 1024 descriptors would not do.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# A run from a clean clone gains nothing from incremental compilation, whose caches would double
+# target/ (about 2 GiB of the workspace's debug build); a developer may turn it back on.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+# The disk a run needs is most of what CI can run out of: say what there is.
+mg_log "Disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free where the run builds"
 
 # --- setup -------------------------------------------------------------------------------------
 mg_pg_ensure
@@ -158,6 +163,7 @@ fi
 # ===== extra checks (end) ======================================================================
 
 # --- summary -----------------------------------------------------------------------------------
+mg_log "Disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free at the end; target/ holds $(du -sh target 2>/dev/null | cut -f1)"
 join() {
     local out
     printf -v out '%s, ' "$@"
