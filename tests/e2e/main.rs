@@ -4,6 +4,7 @@
 
 mod agents;
 mod analytics;
+mod apis;
 mod attacks;
 mod cloud;
 mod embeddings;

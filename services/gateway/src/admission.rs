@@ -36,6 +36,8 @@ pub struct RequestFacts {
     pub started: Instant,
     /// The request's headers with credentials removed, for the trace.
     pub headers: SanitizedHeaders,
+    /// What the client's wire format carried that no provider receives, for the trace.
+    pub unforwarded: Vec<String>,
 }
 
 /// An embeddings request that may run: its model and its (redacted) inputs.
@@ -76,6 +78,7 @@ impl Admission {
             chat,
             started: facts.started,
             security,
+            unforwarded: facts.unforwarded,
         };
         match screened.blocked {
             Some(err) => {

@@ -2,6 +2,7 @@
 //! share, the per-request context the middleware records, extractors whose rejections are the
 //! JSON error shape, authentication and bounded body reading.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +22,7 @@ use crate::metrics::GatewayMetrics;
 use crate::orchestrator::Orchestrator;
 use crate::response::error_response;
 use crate::settings::SettingsCache;
+use crate::stored_responses::ResponseStore;
 
 /// What the HTTP handlers share (axum state).
 #[derive(Clone)]
@@ -40,6 +42,8 @@ pub struct AppState {
     pub uploads: TenantCaps,
     /// Proxies whose `X-Forwarded-For` names the client.
     pub proxies: TrustedProxies,
+    /// Responses stored by the Responses API.
+    pub responses: Arc<dyn ResponseStore>,
 }
 
 /// Per-request facts the middleware hands to handlers.
@@ -95,7 +99,7 @@ pub(crate) async fn authenticate(
     headers: &HeaderMap,
     client: Option<IpAddr>,
 ) -> Result<Caller, ApiError> {
-    app.auth.authenticate(authorization(headers), client).await
+    app.auth.authenticate(authorization(headers).as_deref(), client).await
 }
 
 /// The client address the middleware recorded.
@@ -118,6 +122,15 @@ pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> 
     axum::body::to_bytes(body, limit).await.map_err(|_| too_large())
 }
 
-pub(crate) fn authorization(headers: &HeaderMap) -> Option<&str> {
-    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+/// The credential a request carries, as an `Authorization` value: the header itself, or a
+/// meshgate key sent the way the Anthropic SDKs (`x-api-key`) or Azure's (`api-key`) send theirs.
+pub(crate) fn authorization(headers: &HeaderMap) -> Option<Cow<'_, str>> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        return value.to_str().ok().map(Cow::Borrowed);
+    }
+    ["x-api-key", "api-key"]
+        .into_iter()
+        .find_map(|name| headers.get(name))
+        .and_then(|value| value.to_str().ok())
+        .map(|key| Cow::Owned(format!("Bearer {}", key.trim())))
 }

@@ -3,18 +3,16 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use futures::StreamExt;
 use meshgate_runtime::{ApiError, ErrorCode};
 use meshgate_wire::Answer;
 use meshgate_wire::openai::ingress::{ChunkEncoder, ReplyMeta, completion_json};
 
-use crate::admission::RequestFacts;
-use crate::api::{AppState, RequestContext, authorization, read_body};
-use crate::budget::QuotaSnapshot;
+use crate::api::{AppState, RequestContext};
+use crate::chat_flow;
 use crate::concurrency::TenantSlot;
-use crate::guard::RISK_SCORE;
 use crate::jobs;
 use crate::openai;
 use crate::orchestrator::ChatReply;
@@ -66,32 +64,20 @@ async fn run_chat(
     body: Body,
     context: &RequestContext,
 ) -> Result<Response, ApiError> {
-    let caller = app.auth.authenticate(authorization(headers), context.client).await?;
-    caller.require(EndpointScope::Chat)?;
-    let settings = app.settings.get(&caller.principal.project_id).await?;
-    let body = read_body(body, headers, settings.max_body_bytes(app.max_body_bytes)).await?;
-    let chat = openai::parse_chat(&body)?;
-    let facts = RequestFacts {
-        request_id: context.request_id.clone(),
-        trace_id: context.trace_id.clone(),
-        started: context.started,
-        headers: meshgate_policy::sanitize_headers(headers),
-    };
-    let call = app.admission.chat(&caller, &settings, chat, facts).await?;
-    let risk = call.security.risk;
+    let received = chat_flow::receive(app, headers, body, context).await?;
+    let chat = openai::parse_chat(&received.body)?;
+    let call = chat_flow::admit(app, &received, headers, context, chat, Vec::new()).await?;
     let include_usage = call.chat.include_usage;
-    let stream = call.chat.stream;
     // Kept only when the caller or the project allows the offline fallback.
     let queueable_copy =
-        (jobs::allows_queue(headers) || settings.limits.queue_when_unreachable).then(|| call.chat.clone());
-    // Held by the stream's body: the place is given back when the stream ends.
-    let slot = stream.then(|| app.streams.open(&caller.principal)).transpose()?;
-    let reply = match (app.orchestrator.chat(call).await, queueable_copy) {
-        (Ok(reply), _) => reply,
+        (jobs::allows_queue(headers) || received.settings.limits.queue_when_unreachable).then(|| call.chat.clone());
+    let caller = &received.caller;
+    let started = match (chat_flow::start(app, caller, call).await, queueable_copy) {
+        (Ok(started), _) => started,
         (Err(err), Some(chat)) if jobs::queueable(&err) && caller.require(EndpointScope::Jobs).is_ok() => {
             tracing::info!(request_id = %context.request_id, error = %err, "no cloud target answered; queueing the request");
             let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-            return jobs::enqueue(app, &caller, chat, &context.request_id, key).await;
+            return jobs::enqueue(app, caller, chat, &context.request_id, key).await;
         }
         (Err(err), _) => return Err(err),
     };
@@ -99,29 +85,13 @@ async fn run_chat(
     let meta = ReplyMeta {
         id: format!("chatcmpl-{}", context.request_id),
         created: unix_now(),
-        model: reply.target.model.clone(),
+        model: started.reply.target.model.clone(),
     };
-    if let Some(slot) = slot {
-        Ok(stream_response(reply, meta, include_usage, context.request_id.clone(), risk, slot))
-    } else {
-        json_response(reply, &meta, risk).await
-    }
-}
-
-/// The headers every chat reply carries: the target that served it, the caller's budget and the
-/// request's risk score.
-fn reply_headers(response: &mut Response, routing: [(&'static str, &str); 3], quota: &QuotaSnapshot, risk: u8) {
-    let headers = response.headers_mut();
-    headers.insert(RISK_SCORE, HeaderValue::from(u16::from(risk)));
-    for (name, value) in routing {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name, value);
+    match started.slot {
+        Some(slot) => {
+            Ok(stream_response(started.reply, meta, include_usage, context.request_id.clone(), started.risk, slot))
         }
-    }
-    for (name, value) in quota.headers() {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(name, value);
-        }
+        None => json_response(started.reply, &meta, started.risk).await,
     }
 }
 
@@ -135,9 +105,8 @@ async fn json_response(mut reply: ChatReply, meta: &ReplyMeta, risk: u8) -> Resu
         answer.push(&piece.chunk);
         risk = piece.risk.unwrap_or(risk);
     }
-    let mut response = Response::new(Body::from(completion_json(meta, &answer)));
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    reply_headers(&mut response, reply.routing_headers(), &reply.quota, risk);
+    let mut response = chat_flow::json_reply(completion_json(meta, &answer), "application/json");
+    chat_flow::reply_headers(&mut response, &reply, risk);
     Ok(response)
 }
 
@@ -154,32 +123,29 @@ fn stream_response(
     risk: u8,
     slot: TenantSlot,
 ) -> Response {
-    let mut response = Response::new(Body::empty());
-    reply_headers(&mut response, reply.routing_headers(), &reply.quota, risk);
+    let mut headers = Response::new(Body::empty());
+    chat_flow::reply_headers(&mut headers, &reply, risk);
     let ChatReply { mut pieces, .. } = reply;
     let mut encoder = ChunkEncoder::new(meta, include_usage);
     let events = async_stream::stream! {
-        let _slot = slot;
         while let Some(piece) = pieces.next().await {
             match piece {
                 Ok(piece) => {
                     let events = encoder.encode(&piece.chunk);
                     if !events.is_empty() {
-                        yield Ok::<Bytes, std::convert::Infallible>(events);
+                        yield events;
                     }
                 }
                 Err(err) => {
-                    yield Ok(error_event(&err.body(&request_id)));
+                    yield error_event(&err.body(&request_id));
                     return;
                 }
             }
         }
-        yield Ok(encoder.done());
+        yield encoder.done();
     };
-    *response.body_mut() = Body::from_stream(events);
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let mut response = chat_flow::event_stream(events, Some(slot));
+    response.headers_mut().extend(headers.into_parts().0.headers);
     response
 }
 

@@ -141,7 +141,8 @@ impl Gateway for GatewayService {
         };
         // The checks the HTTP edge's parser runs, with the same field names.
         chat.check().map_err(|err| crate::openai::wire_error(err).to_status())?;
-        let facts = RequestFacts { request_id: request_id.clone(), trace_id, started, headers };
+        let facts =
+            RequestFacts { request_id: request_id.clone(), trace_id, started, headers, unforwarded: Vec::new() };
         let call = self.admission.chat(&caller, &settings, chat, facts).await.map_err(|err| err.to_status())?;
         let risk = call.security.risk;
         let requested = call.chat.model.clone();

@@ -354,6 +354,7 @@ pub async fn submit(State(app): State<AppState>, request: Request) -> Response {
             trace_id: context.trace_id,
             started: context.started,
             headers: meshgate_policy::sanitize_headers(&parts.headers),
+            unforwarded: Vec::new(),
         };
         let call = app.admission.chat(&caller, &settings, chat, facts).await?;
         app.admission.guard.observe_risk(call.security.risk);

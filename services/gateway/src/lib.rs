@@ -8,7 +8,9 @@ pub mod api;
 pub mod auth;
 pub mod budget;
 pub mod chat;
+pub mod chat_flow;
 pub mod client_addr;
+pub mod completions;
 pub mod concurrency;
 pub mod config;
 pub mod edge_sync;
@@ -18,6 +20,7 @@ pub mod guard;
 pub mod http;
 pub mod invalidation;
 pub mod jobs;
+pub mod messages;
 pub mod metrics;
 pub mod models;
 pub mod openai;
@@ -28,6 +31,7 @@ pub mod peers;
 pub mod quota;
 pub mod reply_scan;
 pub mod response;
+pub mod responses;
 pub mod settings;
 pub mod stored_responses;
 pub mod subscriber;
@@ -207,6 +211,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         streams: streams.clone(),
         uploads: concurrency::TenantCaps::new("edge batches in progress", config.edge_uploads_per_key, 0),
         proxies: proxies.clone(),
+        responses: stored_responses(&config, pg.clone()),
     };
     let app = http::router(app, config.max_concurrent_requests);
     tracing::info!(http = ?http_listener.local_addr().ok(), "edge listening");
@@ -245,6 +250,19 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         tracing::warn!("traces or outcomes still buffered at the drain deadline were not delivered");
     }
     Ok(())
+}
+
+/// Where the Responses API keeps stored responses: Postgres when the gateway has it (every replica
+/// sees them), else this process's memory.
+fn stored_responses(
+    config: &Config,
+    pg: Option<meshgate_storage::PgPool>,
+) -> std::sync::Arc<dyn stored_responses::ResponseStore> {
+    let retention = Duration::from_secs(u64::from(config.response_retention_days) * 86_400);
+    match pg {
+        Some(pool) => std::sync::Arc::new(stored_responses::PostgresResponses::new(pool, retention)),
+        None => std::sync::Arc::new(stored_responses::MemoryResponses::new(config.memory_stored_responses, retention)),
+    }
 }
 
 /// The edge is ready when the services every request needs (quota and router) are SERVING and

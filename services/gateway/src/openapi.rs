@@ -21,11 +21,22 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::api::AppState;
-use crate::{admin, analytics, budget, chat, edge_sync, embeddings, jobs, models, orchestrator, quota, response};
+use crate::{
+    admin, analytics, budget, chat, completions, edge_sync, embeddings, jobs, messages, models, orchestrator, quota,
+    response, responses,
+};
 
 /// Tags, in the order the docs page shows them.
 pub const TAGS: &[(&str, &str)] = &[
-    ("openai", "OpenAI-compatible inference: chat completions (JSON and server-sent events), embeddings, models."),
+    (
+        "openai",
+        "OpenAI-compatible inference: chat completions, the Responses API, legacy completions (JSON and server-sent \
+events), embeddings, models.",
+    ),
+    (
+        "anthropic",
+        "Anthropic's Messages API, as Claude Code and the Anthropic SDKs call it; errors in Anthropic's shape.",
+    ),
     ("jobs", "Chat completions delivered later through the durable queue."),
     ("sync", "Edge → cloud: an edge meshgate's traffic uploaded to this one, applied once."),
     ("quota", "Budgets and rate limits of the caller's organization, project, user and key."),
@@ -54,6 +65,11 @@ struct ApiDoc;
 pub fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(chat::chat_completions))
+        .routes(routes!(responses::create))
+        .routes(routes!(responses::get, responses::delete))
+        .routes(routes!(messages::create))
+        .routes(routes!(messages::count_tokens))
+        .routes(routes!(completions::create))
         .routes(routes!(embeddings::embeddings))
         .routes(routes!(models::list_models))
         .routes(routes!(quota::status))
@@ -130,6 +146,27 @@ fn operation_errors(operation_id: &str) -> Option<&'static [ErrorCode]> {
         "createChatCompletion" => {
             &[ModelNotFound, PayloadTooLarge, PolicyViolation, QuotaExceeded, UpstreamError, Timeout]
         }
+        "createResponse" => &[
+            ModelNotFound,
+            NotFound,
+            PayloadTooLarge,
+            PolicyViolation,
+            QuotaExceeded,
+            UpstreamError,
+            ContextLengthExceeded,
+            Timeout,
+        ],
+        "getResponse" | "deleteResponse" => &[NotFound],
+        "createMessage" | "createCompletion" => &[
+            ModelNotFound,
+            PayloadTooLarge,
+            PolicyViolation,
+            QuotaExceeded,
+            UpstreamError,
+            ContextLengthExceeded,
+            Timeout,
+        ],
+        "countMessageTokens" => &[PayloadTooLarge],
         "createEmbedding" => &[ModelNotFound, NotFound, PayloadTooLarge, PolicyViolation, QuotaExceeded, Timeout],
         "listModels" | "getQuotaStatus" => &[Timeout],
         "setQuotaLimits" => &[NotFound, PayloadTooLarge, Timeout],
@@ -319,6 +356,35 @@ fn error_response(status: u16, codes: &[ErrorCode]) -> Value {
     })
 }
 
+/// Anthropic's error shape, which the Messages endpoints answer with.
+fn anthropic_error_schema() -> Value {
+    let kinds = [
+        "invalid_request_error",
+        "authentication_error",
+        "billing_error",
+        "permission_error",
+        "not_found_error",
+        "request_too_large",
+        "rate_limit_error",
+        "timeout_error",
+        "overloaded_error",
+        "api_error",
+    ];
+    json!({
+        "type": "object",
+        "description": "An error of the Anthropic Messages endpoints, in Anthropic's shape.",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": {"enum": kinds}, "message": {"type": "string"}}
+            }
+        }
+    })
+}
+
 /// The error shape's schema, with every code of the table.
 fn error_schema() -> Value {
     let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
@@ -392,6 +458,7 @@ fn policy_schema() -> Value {
 fn finish(mut spec: Value) -> Value {
     let schemas = &mut spec["components"]["schemas"];
     schemas["Error"] = error_schema();
+    schemas["AnthropicError"] = anthropic_error_schema();
     schemas["SecurityPolicy"] = policy_schema();
     spec["components"]["securitySchemes"] = json!({"bearer": {
         "type": "http",
@@ -470,9 +537,15 @@ fn finish(mut spec: Value) -> Value {
                     codes.push(code);
                 }
             }
+            let anthropic = op["tags"].as_array().is_some_and(|tags| tags.iter().any(|t| t == "anthropic"));
             let responses = op["responses"].as_object_mut().expect("every operation has responses");
             for (status, codes) in by_status {
-                responses.insert(status.to_string(), error_response(status, &codes));
+                let mut response = error_response(status, &codes);
+                if anthropic {
+                    response["content"]["application/json"]["schema"] =
+                        json!({"$ref": "#/components/schemas/AnthropicError"});
+                }
+                responses.insert(status.to_string(), response);
             }
         }
     }

@@ -71,6 +71,9 @@ pub struct ChatCall {
     pub security: Security,
     /// The models the caller may be served by: every target of the plan must be one.
     pub allowed: AllowedModels,
+    /// What the client sent that no provider receives (fields of its wire format meshgate does
+    /// not carry), by the client's names, for the trace.
+    pub unforwarded: Vec<String>,
 }
 
 /// The models a request may be served by: the key's `scopes.models` and the project's
@@ -774,6 +777,7 @@ impl Settlement {
             started_at: Some(prost_types::Timestamp::from(started_at)),
             requested_model: call.chat.model.clone(),
             stream: call.chat.stream,
+            dropped_params: call.unforwarded.clone(),
             ..Default::default()
         };
         Self {
@@ -859,8 +863,10 @@ impl Settlement {
     }
 
     fn observe(&mut self, chunk: &CompleteChunk) {
-        if !chunk.dropped_params.is_empty() {
-            self.trace.dropped_params.clone_from(&chunk.dropped_params);
+        for param in &chunk.dropped_params {
+            if !self.trace.dropped_params.contains(param) {
+                self.trace.dropped_params.push(param.clone());
+            }
         }
         self.completion_bytes += chunk.delta.len() + chunk.reasoning_delta.len() + chunk.refusal_delta.len();
         for delta in &chunk.tool_call_deltas {

@@ -72,16 +72,28 @@ async fn the_served_document_is_openapi_3_1_and_matches_the_router() {
             assert_eq!(status, 401, "{method} {path} without a key");
             let request_id = response.headers()["x-meshgate-request-id"].to_str().unwrap().to_owned();
             let body: Value = response.json().await.expect("the JSON error shape");
-            assert_eq!(body["error"]["code"], "invalid_api_key", "{id}");
-            assert_eq!(body["error"]["request_id"], request_id.as_str(), "{id}");
+            // The Anthropic endpoints answer in Anthropic's error shape, as its SDKs expect.
+            let anthropic = op_tags[0] == "anthropic";
+            if anthropic {
+                assert_eq!(
+                    (body["type"].as_str(), body["error"]["type"].as_str()),
+                    (Some("error"), Some("authentication_error")),
+                    "{id}"
+                );
+            } else {
+                assert_eq!(body["error"]["code"], "invalid_api_key", "{id}");
+                assert_eq!(body["error"]["request_id"], request_id.as_str(), "{id}");
+            }
             let responses = op["responses"].as_object().expect("responses");
             for status in ["400", "401", "403", "429", "503"] {
                 let error = &responses[status];
                 assert!(error.is_object(), "{id} documents {status}");
-                assert_eq!(
-                    error["content"]["application/json"]["schema"]["allOf"][0]["$ref"], "#/components/schemas/Error",
-                    "{id} {status}"
-                );
+                let schema = &error["content"]["application/json"]["schema"];
+                if anthropic {
+                    assert_eq!(schema["$ref"], "#/components/schemas/AnthropicError", "{id} {status}");
+                } else {
+                    assert_eq!(schema["allOf"][0]["$ref"], "#/components/schemas/Error", "{id} {status}");
+                }
                 assert_eq!(error["headers"]["x-meshgate-request-id"]["required"], true, "{id} {status}");
             }
             assert!(responses.keys().any(|s| s.starts_with('2')), "{id} documents its success");
