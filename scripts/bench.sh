@@ -4,11 +4,13 @@
 #
 # Usage: scripts/bench.sh [PEERS_BENCH_ARGS...]     e.g. scripts/bench.sh -m rate -r 200 -d 15
 #   Starts the mock upstream, LiteLLM and Portkey (peers.sh), then meshgate twice against the same
-#   mock: standalone (`meshgate up`, one process, embedded stores) and as six processes using
-#   Postgres and Redis (DATABASE_URL / REDIS_URL, default the local ones) over mTLS. Both run with auth,
+#   mock: as `./scripts/up.sh` runs it (`default`: the standalone with the models of
+#   scripts/fetch-models.sh loaded, so prompt-injection scanning and task routing are on), the
+#   standalone without models (`standalone`), and as six processes using Postgres and Redis
+#   (DATABASE_URL / REDIS_URL, default the local ones) over mTLS (`six`). All run with auth,
 #   quota, routing and tracing on. Everything is stopped at exit. Results land in
 #   ../shared/bench/peers/results/<timestamp>/ (oha JSON, results.csv, results.txt).
-# Knobs: MESHGATE_BENCH_PEERS=0 skips LiteLLM and Portkey; MESHGATE_BENCH_MODES="standalone six"
+# Knobs: MESHGATE_BENCH_PEERS=0 skips LiteLLM and Portkey; MESHGATE_BENCH_MODES="default standalone six"
 # picks the meshgate shapes (add `loopback`: the standalone with its services calling each other
 # over loopback gRPC instead of in process; `six-plaintext`: the six processes without mTLS, to
 # measure what mTLS costs); MESHGATE_PEERS_DIR points at the harness.
@@ -25,7 +27,7 @@ mg_cleanup_init
 PEERS=$(cd "${MESHGATE_PEERS_DIR:-$MG_ROOT/../shared/bench/peers}" && pwd)
 [[ -x $PEERS/bench.sh ]] || mg_die "peer harness not found at $PEERS"
 [[ -x $PEERS/mock-upstream/target/release/mock-upstream ]] || mg_die "run $PEERS/install.sh first"
-MODES=${MESHGATE_BENCH_MODES:-standalone six}
+MODES=${MESHGATE_BENCH_MODES:-default standalone six}
 KEY=sk-meshgate-bench
 RUN_DIR=$MG_ROOT/.run/bench
 mkdir -p "$RUN_DIR"
@@ -69,9 +71,10 @@ wait_ready() { # url
 }
 
 # One standalone meshgate named NAME (the harness's target name) with its edge on port EDGE and
-# its services on the six ports from BASE (gRPC) and ADMIN_BASE; IN_PROCESS sets in_process_calls.
-start_standalone() { # NAME EDGE BASE ADMIN_BASE IN_PROCESS
-    local name=$1 edge=$2 base=$3 admin=$4 in_process=$5 pid
+# its services on the six ports from BASE (gRPC) and ADMIN_BASE; IN_PROCESS sets in_process_calls;
+# MODELS is the inference service's models directory.
+start_standalone() { # NAME EDGE BASE ADMIN_BASE IN_PROCESS MODELS
+    local name=$1 edge=$2 base=$3 admin=$4 in_process=$5 models=$6 pid
     cat >"$RUN_DIR/$name.toml" <<TOML
 [standalone]
 edge = "127.0.0.1:$edge"
@@ -80,7 +83,7 @@ admin_ports = [$admin, $((admin + 1)), $((admin + 2)), $((admin + 3)), $((admin 
 data_dir = "$RUN_DIR/$name-data"
 in_process_calls = $in_process
 TOML
-    env -u DATABASE_URL -u REDIS_URL nice -n "$NICE" "$BIN/meshgate" --config "$RUN_DIR/$name.toml" up \
+    env -u DATABASE_URL -u REDIS_URL MESHGATE_INFERENCE__MODELS_DIR="$models" nice -n "$NICE" "$BIN/meshgate" --config "$RUN_DIR/$name.toml" up \
         >"$RUN_DIR/$name.log" 2>&1 &
     pid=$!
     mg_defer kill "$pid"
@@ -89,8 +92,15 @@ TOML
 }
 
 TARGETS=()
-if [[ " $MODES " == *" standalone "* ]]; then start_standalone meshgate 8090 51051 9111 true; fi
-if [[ " $MODES " == *" loopback "* ]]; then start_standalone meshgate-loopback 8092 53051 9131 false; fi
+if [[ " $MODES " == *" default "* ]]; then
+    # What up.sh loads; the script skips what is already built.
+    bash scripts/fetch-models.sh >&2 || mg_die "scripts/fetch-models.sh failed"
+    start_standalone meshgate-default 8094 55051 9151 true "$MG_ROOT/models"
+fi
+if [[ " $MODES " == *" standalone "* ]]; then start_standalone meshgate 8090 51051 9111 true "$RUN_DIR/no-models"; fi
+if [[ " $MODES " == *" loopback "* ]]; then
+    start_standalone meshgate-loopback 8092 53051 9131 false "$RUN_DIR/no-models"
+fi
 
 # The six services as processes named NAME, with the gateway's edge on EDGE, gRPC ports from
 # BASE and admin ports from ADMIN_BASE, calling each other over TRANSPORT (mtls, as the chart

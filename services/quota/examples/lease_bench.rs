@@ -65,7 +65,7 @@ fn usage() -> Usage {
 /// One admission and its settlement by the way under test; the admission's latency.
 #[derive(Clone)]
 enum Way {
-    Reserve(QuotaClient<MeshChannel>),
+    Reserve(Box<QuotaClient<MeshChannel>>),
     Lease(LeasePool),
 }
 
@@ -182,7 +182,7 @@ async fn main() {
     let client = QuotaClient::new(channel);
     let pool = LeasePool::new(client.clone(), LeaseSettings::default()).expect("valid settings");
 
-    let ways = [("reserve+commit", Way::Reserve(client)), ("lease pool", Way::Lease(pool.clone()))];
+    let ways = [("reserve+commit", Way::Reserve(Box::new(client))), ("lease pool", Way::Lease(pool.clone()))];
     for (name, way) in &ways {
         // Warm up: connections, scripts loaded, counters seeded, slices sized.
         run(way, args.concurrency, args.principals, 1).await;
