@@ -1,6 +1,10 @@
 """Fixtures of the real-client tests: where the OpenAI-compatible endpoint is (meshgate's edge, or
 the mock provider itself when checking the tests), its key and model, and what the mock provider
-received (its GET /_mock/requests), so a test can tell what reached the provider."""
+received (its GET /_mock/requests), so a test can tell what reached the provider.
+
+A test marked `mesh_only` is skipped in the oracle run (against the mock provider): it exercises
+an API the mock does not serve (the Responses API, legacy completions, count_tokens) or a
+behaviour only meshgate has (its keys). Its docstring or marker comment says which."""
 
 import json
 import os
@@ -9,6 +13,19 @@ import uuid
 
 import openai
 import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mesh_only: runs only through meshgate, not against the mock provider")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("MESHGATE_CLIENTS_TARGET") != "mock":
+        return
+    skip = pytest.mark.skip(reason="the mock provider does not serve this (mesh_only)")
+    for item in items:
+        if "mesh_only" in item.keywords:
+            item.add_marker(skip)
 
 
 def _env(name):
@@ -22,6 +39,20 @@ def _env(name):
 def base_url():
     """The OpenAI base URL, version path included (http://127.0.0.1:PORT/v1)."""
     return _env("MESHGATE_CLIENTS_BASE_URL")
+
+
+@pytest.fixture(scope="session")
+def target():
+    """What the tests run against: "mock" (the oracle) or "mesh" (a `meshgate up`)."""
+    value = _env("MESHGATE_CLIENTS_TARGET")
+    assert value in ("mock", "mesh"), value
+    return value
+
+
+@pytest.fixture(scope="session")
+def root_url(base_url):
+    """The base URL without the version path, as the anthropic SDK takes it (it adds /v1/...)."""
+    return base_url.removesuffix("/").removesuffix("/v1")
 
 
 @pytest.fixture(scope="session")
@@ -47,17 +78,28 @@ def marker():
 
 
 @pytest.fixture(scope="session")
-def provider_requests():
-    """provider_requests(marker) -> the bodies the mock provider received whose messages mention
-    marker, oldest first."""
+def provider_records():
+    """provider_records(marker) -> what the mock provider received whose messages mention marker,
+    oldest first: {"path": "/v1/chat/completions" or "/v1/messages", "body": {...}, ...}; none is
+    a failure unless required=False."""
     mock_url = _env("MESHGATE_CLIENTS_MOCK_URL")
 
-    def find(marker):
+    def find(marker, required=True):
         with urllib.request.urlopen(f"{mock_url}/_mock/requests", timeout=10) as response:
             recorded = json.load(response)
-        bodies = [r["body"] for r in recorded if isinstance(r["body"], dict)]
-        found = [b for b in bodies if marker in json.dumps(b.get("messages", []))]
-        assert found, f"no request mentioning {marker} reached the provider"
+        found = [
+            r
+            for r in recorded
+            if isinstance(r["body"], dict) and marker in json.dumps(r["body"].get("messages", []))
+        ]
+        assert found or not required, f"no request mentioning {marker} reached the provider"
         return found
 
     return find
+
+
+@pytest.fixture(scope="session")
+def provider_requests(provider_records):
+    """provider_requests(marker) -> the bodies the mock provider received whose messages mention
+    marker, oldest first."""
+    return lambda marker: [record["body"] for record in provider_records(marker)]
