@@ -41,7 +41,7 @@ use meshgate_wire::openai::provider as openai;
 use meshgate_wire::sse::{SseDecoder, SseEvent};
 use meshgate_wire::{ChatRequest, ProviderModel, UnknownParams, WireError};
 use rand::Rng;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
 use crate::Config;
 use crate::error::Error;
@@ -108,18 +108,16 @@ impl Upstream {
                 .user_agent(concat!("meshgate-sync/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .map_err(|err| Error::HttpClient(error_chain(&err)))?;
-            let auth = match &spec.api_key {
-                Some(key) => {
-                    let (name, value) = match spec.kind {
-                        ProviderKind::Openai => (AUTHORIZATION, format!("Bearer {key}")),
-                        ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key.clone()),
-                    };
-                    let mut value = HeaderValue::try_from(value).map_err(|_| {
+            let auth = match spec.key_header() {
+                Some((name, value)) => {
+                    let invalid = |what: &str| {
                         Error::Config(format!(
-                            "provider '{}': the API key contains invalid header characters",
+                            "provider '{}': the {what} contains invalid header characters",
                             spec.name
                         ))
-                    })?;
+                    };
+                    let name = HeaderName::try_from(name).map_err(|_| invalid("API key header"))?;
+                    let mut value = HeaderValue::try_from(value).map_err(|_| invalid("API key"))?;
                     value.set_sensitive(true);
                     Some((name, value))
                 }

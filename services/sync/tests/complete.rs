@@ -428,6 +428,32 @@ async fn the_key_and_request_id_are_forwarded_and_a_wrong_key_is_an_upstream_err
     sync.stop().await;
 }
 
+/// Azure OpenAI: the deployment's URL with `api-version` as a query, the key in `api-key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_style_provider_gets_its_query_and_api_key_header() {
+    let mock =
+        MockProvider::start_with(Behavior { api_key: Some("az-key".into()), ..Behavior::default() }).await.unwrap();
+    let plain = provider("azure", &mock);
+    let azure = ProviderSpec {
+        base_url: format!("{}/?api-version=2024-10-21", plain.base_url),
+        api_key: Some("az-key".into()),
+        api_key_header: Some("API-Key".into()),
+        ..plain
+    }
+    .validate()
+    .unwrap();
+    assert!(azure.base_url.ends_with("/v1?api-version=2024-10-21"), "{}", azure.base_url);
+    let sync = Sync::start(vec![azure]).await;
+    let (chunks, status) = sync.complete(request("azure")).await;
+    assert!(status.is_none(), "{status:?}");
+    assert!(chunks.last().unwrap().usage.is_some());
+    let seen = mock.last_request().unwrap();
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.query.as_deref(), Some("api-version=2024-10-21"));
+    assert_eq!((seen.api_key.as_deref(), seen.authorization.as_deref()), (Some("az-key"), None));
+    sync.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampling_is_forwarded_and_max_tokens_ends_with_length() {
     let mock = MockProvider::start().await.unwrap();

@@ -9,8 +9,9 @@ use crate::provider::{ProviderKind, ProviderSpec, UnknownParams, validate_name};
 
 /// Environment suffixes, longest first so that `_FIRST_BYTE_TIMEOUT_MS` and `_CONNECT_TIMEOUT_MS`
 /// win over `_TIMEOUT_MS`.
-const SUFFIXES: [(&str, Field); 10] = [
+const SUFFIXES: [(&str, Field); 11] = [
     ("_FIRST_BYTE_TIMEOUT_MS", Field::FirstByteTimeout),
+    ("_API_KEY_HEADER", Field::ApiKeyHeader),
     ("_CONNECT_TIMEOUT_MS", Field::ConnectTimeout),
     ("_UNKNOWN_PARAMS", Field::UnknownParams),
     ("_MAX_RETRIES", Field::MaxRetries),
@@ -27,6 +28,7 @@ enum Field {
     BaseUrl,
     Kind,
     ApiKey,
+    ApiKeyHeader,
     Models,
     Priority,
     Timeout,
@@ -42,6 +44,7 @@ struct Partial {
     base_url: Option<String>,
     kind: Option<ProviderKind>,
     api_key: Option<String>,
+    api_key_header: Option<String>,
     models: Option<Vec<String>>,
     priority: Option<i32>,
     timeout_ms: Option<u64>,
@@ -58,6 +61,9 @@ impl Partial {
         }
         if let Some(v) = self.api_key {
             spec.api_key = Some(v);
+        }
+        if let Some(v) = self.api_key_header {
+            spec.api_key_header = Some(v);
         }
         if let Some(v) = self.models {
             spec.models = v;
@@ -128,6 +134,7 @@ where
                 )
             }
             Field::ApiKey => partial.api_key = Some(value.to_owned()),
+            Field::ApiKeyHeader => partial.api_key_header = Some(value.to_owned()),
             Field::Models => partial.models = Some(value.split(',').map(str::to_owned).collect()),
             Field::Priority => partial.priority = Some(number(&name, "priority", value)?),
             Field::Timeout => partial.timeout_ms = Some(number(&name, "timeout_ms", value)?),
@@ -289,17 +296,45 @@ mod tests {
     }
 
     #[test]
+    fn an_azure_deployment_keeps_its_query_and_names_its_key_header() {
+        let specs = providers_from_env(env(&[
+            (
+                "MESHGATE_PROVIDER_AZURE_BASE_URL",
+                "https://res.openai.azure.com/openai/deployments/gpt-4o/?api-version=2024-10-21",
+            ),
+            ("MESHGATE_PROVIDER_AZURE_API_KEY", "az"),
+            ("MESHGATE_PROVIDER_AZURE_API_KEY_HEADER", "api-key"),
+        ]))
+        .unwrap();
+        let azure = &specs[0];
+        assert_eq!(
+            azure.chat_url(),
+            "https://res.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(azure.key_header(), Some(("api-key".to_owned(), "az".to_owned())));
+        let openai = ProviderSpec { api_key: Some("sk".into()), ..ProviderSpec::default() };
+        assert_eq!(openai.key_header(), Some(("authorization".to_owned(), "Bearer sk".to_owned())));
+    }
+
+    #[test]
     fn malformed_entries_are_rejected_clearly() {
         let err = providers_from_env(env(&[("MESHGATE_PROVIDER_X_MODELS", "m")])).unwrap_err();
         assert_eq!(err, CatalogError::MissingBaseUrl { provider: "x".into() });
         assert!(err.to_string().contains("MESHGATE_PROVIDER_X_BASE_URL"), "{err}");
 
-        for url in ["not a url", "ftp://h/v1", "http://h/v1?x=1", "http://", "/v1"] {
+        for url in ["not a url", "ftp://h/v1", "http://h/v1#x", "http://h/v1?", "http://", "/v1"] {
             let err = providers_from_env(env(&[("MESHGATE_PROVIDER_X_BASE_URL", url)])).unwrap_err();
             assert!(matches!(err, CatalogError::InvalidBaseUrl { .. }), "{url}: {err}");
         }
         let err = providers_from_env(env(&[("MESHGATE_PROVIDER_X_BASE_URL", "  ")])).unwrap_err();
         assert!(matches!(err, CatalogError::MissingBaseUrl { .. }));
+
+        let err = providers_from_env(env(&[
+            ("MESHGATE_PROVIDER_X_BASE_URL", "http://h/v1"),
+            ("MESHGATE_PROVIDER_X_API_KEY_HEADER", "api key"),
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, CatalogError::InvalidValue { field: "api_key_header", .. }), "{err}");
 
         let err = providers_from_env(env(&[
             ("MESHGATE_PROVIDER_X_BASE_URL", "http://h/v1"),

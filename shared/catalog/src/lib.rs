@@ -7,9 +7,10 @@
 //!
 //! | variable | meaning |
 //! |---|---|
-//! | `MESHGATE_PROVIDER_<NAME>_BASE_URL` | base URL **including the version path**, SDK style: `https://api.openai.com/v1`, `https://api.anthropic.com/v1`, `http://127.0.0.1:18000/v1`; meshgate appends `/chat/completions` (OpenAI) or `/messages` (Anthropic) |
+//! | `MESHGATE_PROVIDER_<NAME>_BASE_URL` | base URL **including the version path**, SDK style: `https://api.openai.com/v1`, `https://api.anthropic.com/v1`, `http://127.0.0.1:18000/v1`; meshgate appends `/chat/completions` (OpenAI) or `/messages` (Anthropic). Query parameters are sent on every call, after the path (Azure OpenAI: `https://<resource>.openai.azure.com/openai/deployments/<deployment>?api-version=2024-10-21`) |
 //! | `MESHGATE_PROVIDER_<NAME>_KIND` | optional wire format: `openai` (default) or `anthropic` |
 //! | `MESHGATE_PROVIDER_<NAME>_API_KEY` | optional key: `Authorization: Bearer` (OpenAI) or `x-api-key` (Anthropic) |
+//! | `MESHGATE_PROVIDER_<NAME>_API_KEY_HEADER` | optional header that carries the key as it is, instead of the kind's default (`api-key` for Azure OpenAI) |
 //! | `MESHGATE_PROVIDER_<NAME>_MODELS` | comma-separated model ids the provider serves |
 //! | `MESHGATE_PROVIDER_<NAME>_PRIORITY` | optional integer, lower is tried first (default [`DEFAULT_PRIORITY`]) |
 //! | `MESHGATE_PROVIDER_<NAME>_TIMEOUT_MS` | optional total timeout of one call |

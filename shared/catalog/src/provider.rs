@@ -66,10 +66,14 @@ pub struct ProviderSpec {
     /// The wire format (OpenAI unless said otherwise).
     pub kind: ProviderKind,
     /// Base URL including the version path (`http://host:port/v1`), without a trailing slash
-    /// once validated.
+    /// once validated. It may carry query parameters every call sends, as Azure OpenAI wants
+    /// (`https://res.openai.azure.com/openai/deployments/gpt-4o?api-version=2024-10-21`).
     pub base_url: String,
-    /// Bearer key sent as `Authorization: Bearer <key>`.
+    /// The key: `Authorization: Bearer <key>` (OpenAI), `x-api-key` (Anthropic), or the header
+    /// [`ProviderSpec::api_key_header`] names.
     pub api_key: Option<String>,
+    /// The header carrying the key as it is, instead of the kind's default (`api-key` for Azure).
+    pub api_key_header: Option<String>,
     /// Model ids the provider serves.
     pub models: Vec<String>,
     /// Fallback rank among providers of the same model; lower first. `None` = [`DEFAULT_PRIORITY`].
@@ -95,6 +99,7 @@ impl fmt::Debug for ProviderSpec {
             .field("kind", &self.kind)
             .field("base_url", &self.base_url)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_key_header", &self.api_key_header)
             .field("models", &self.models)
             .field("priority", &self.priority)
             .field("timeout_ms", &self.timeout_ms)
@@ -133,17 +138,35 @@ impl ProviderSpec {
         url::Url::parse(&self.base_url).ok()?.host_str().map(str::to_ascii_lowercase)
     }
 
+    /// `<base_url>/<path>`, with the base URL's query parameters after the path.
+    pub fn endpoint(&self, path: &str) -> String {
+        match self.base_url.split_once('?') {
+            Some((base, query)) => format!("{}/{path}?{query}", base.trim_end_matches('/')),
+            None => format!("{}/{path}", self.base_url),
+        }
+    }
+
     /// The chat completions endpoint: `<base_url>/chat/completions`.
     pub fn chat_completions_url(&self) -> String {
-        format!("{}/chat/completions", self.base_url)
+        self.endpoint("chat/completions")
     }
 
     /// The endpoint a chat is sent to in this provider's wire format.
     pub fn chat_url(&self) -> String {
         match self.kind {
             ProviderKind::Openai => self.chat_completions_url(),
-            ProviderKind::Anthropic => format!("{}/messages", self.base_url),
+            ProviderKind::Anthropic => self.endpoint("messages"),
         }
+    }
+
+    /// The header and value that carry the key, when there is one.
+    pub fn key_header(&self) -> Option<(String, String)> {
+        let key = self.api_key.as_ref()?;
+        Some(match (&self.api_key_header, self.kind) {
+            (Some(header), _) => (header.clone(), key.clone()),
+            (None, ProviderKind::Openai) => ("authorization".to_owned(), format!("Bearer {key}")),
+            (None, ProviderKind::Anthropic) => ("x-api-key".to_owned(), key.clone()),
+        })
     }
 
     /// Checks and normalises the entry: lower-case name, base URL without trailing slash, models
@@ -167,10 +190,28 @@ impl ProviderSpec {
         if url.host_str().is_none_or(str::is_empty) {
             return Err(invalid("a host is required"));
         }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(invalid("a query or fragment is not allowed"));
+        if url.fragment().is_some() {
+            return Err(invalid("a fragment is not allowed"));
         }
-        self.base_url = url.as_str().trim_end_matches('/').to_owned();
+        if url.query().is_some_and(str::is_empty) {
+            return Err(invalid("an empty query is not allowed"));
+        }
+        self.base_url = match url.as_str().split_once('?') {
+            Some((base, query)) => format!("{}?{query}", base.trim_end_matches('/')),
+            None => url.as_str().trim_end_matches('/').to_owned(),
+        };
+        if let Some(header) = self.api_key_header.take() {
+            let header = header.trim().to_ascii_lowercase();
+            if http::HeaderName::from_bytes(header.as_bytes()).is_err() || header.is_empty() {
+                return Err(CatalogError::InvalidValue {
+                    provider: name.clone(),
+                    field: "api_key_header",
+                    value: header,
+                    reason: "not an HTTP header name".into(),
+                });
+            }
+            self.api_key_header = Some(header);
+        }
         self.api_key = self.api_key.filter(|key| !key.trim().is_empty()).map(|key| key.trim().to_owned());
         let mut models: Vec<String> = Vec::with_capacity(self.models.len());
         for model in self.models.iter().map(|m| m.trim()).filter(|m| !m.is_empty()) {

@@ -10,7 +10,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -179,9 +179,14 @@ fn error_kind(status: StatusCode) -> &'static str {
     }
 }
 
-pub(crate) async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn messages(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let behavior = shared.behavior.load_full();
-    shared.count(Endpoint::Messages, &headers, &body, &behavior);
+    shared.count(Endpoint::Messages, &headers, query.as_deref(), &body, &behavior);
     let delivery = shared.delivery(&headers, &behavior);
     if shared.delay_or_hang(&behavior).await {
         return error(

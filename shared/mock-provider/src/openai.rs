@@ -6,7 +6,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
@@ -52,9 +52,14 @@ impl Invalid {
     }
 }
 
-pub(crate) async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn chat(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let behavior = shared.behavior.load_full();
-    shared.count(Endpoint::Chat, &headers, &body, &behavior);
+    shared.count(Endpoint::Chat, &headers, query.as_deref(), &body, &behavior);
     let delivery = shared.delivery(&headers, &behavior);
     if let Some(answer) = shared.preamble(&behavior, &headers).await {
         return answer;

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -75,6 +75,14 @@ pub(crate) fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h s
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The key a client sent: `Authorization: Bearer` as OpenAI takes it, or `api-key` as Azure
+/// OpenAI does.
+fn given_key(headers: &HeaderMap) -> Option<&str> {
+    header_str(headers, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| header_str(headers, "api-key"))
+}
+
 pub(crate) fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -91,7 +99,14 @@ impl Shared {
         Delivery { shared: self.clone(), key, replay }
     }
 
-    pub(crate) fn count(&self, endpoint: Endpoint, headers: &HeaderMap, body: &Bytes, behavior: &Behavior) {
+    pub(crate) fn count(
+        &self,
+        endpoint: Endpoint,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        body: &Bytes,
+        behavior: &Behavior,
+    ) {
         self.requests_total.fetch_add(1, Ordering::Relaxed);
         match endpoint {
             Endpoint::Chat => self.chat_requests.fetch_add(1, Ordering::Relaxed),
@@ -117,6 +132,8 @@ impl Shared {
         let record = RecordedRequest {
             path: endpoint.path(),
             authorization: header_str(headers, "authorization").map(str::to_owned),
+            api_key: header_str(headers, "api-key").map(str::to_owned),
+            query: query.map(str::to_owned),
             request_id: request_id.map(str::to_owned),
             idempotency_key: idempotency_key.map(str::to_owned),
             body: body.clone(),
@@ -153,7 +170,7 @@ impl Shared {
             ));
         }
         if let Some(expected) = &behavior.api_key {
-            let given = header_str(headers, "authorization").and_then(|v| v.strip_prefix("Bearer "));
+            let given = given_key(headers);
             let answer = match given {
                 Some(key) if key == expected => return None,
                 Some(_) => error(
@@ -310,9 +327,14 @@ pub(crate) fn is_base64(text: &str) -> bool {
             || base64::engine::general_purpose::STANDARD_NO_PAD.decode(text).is_ok())
 }
 
-pub(crate) async fn embeddings(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn embeddings(
+    State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let behavior = shared.behavior.load_full();
-    shared.count(Endpoint::Embeddings, &headers, &body, &behavior);
+    shared.count(Endpoint::Embeddings, &headers, query.as_deref(), &body, &behavior);
     if let Some(answer) = shared.preamble(&behavior, &headers).await {
         return answer;
     }
@@ -413,7 +435,7 @@ pub(crate) async fn model(State(shared): State<Arc<Shared>>, headers: HeaderMap,
 /// Model listing checks the key but ignores latency, failures and hang.
 fn authenticate_only(shared: &Shared, behavior: &Behavior, headers: &HeaderMap) -> Option<Response> {
     let expected = behavior.api_key.as_deref()?;
-    let given = header_str(headers, "authorization").and_then(|v| v.strip_prefix("Bearer "));
+    let given = given_key(headers);
     if given == Some(expected) {
         return None;
     }
@@ -440,6 +462,7 @@ pub(crate) async fn recorded(State(shared): State<Arc<Shared>>) -> Response {
                 .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&request.body).into_owned()));
             serde_json::json!({
                 "path": request.path,
+                "query": request.query,
                 "request_id": request.request_id,
                 "idempotency_key": request.idempotency_key,
                 "body": body,

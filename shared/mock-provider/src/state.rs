@@ -248,6 +248,10 @@ pub struct RecordedRequest {
     pub path: &'static str,
     /// The `Authorization` header.
     pub authorization: Option<String>,
+    /// The `api-key` header (Azure OpenAI's way of sending the key).
+    pub api_key: Option<String>,
+    /// The URL's query string (Azure OpenAI's `api-version=…`).
+    pub query: Option<String>,
     /// The `x-request-id` header.
     pub request_id: Option<String>,
     /// The `Idempotency-Key` header.
