@@ -23,8 +23,9 @@
 #   KEEP_TEST_DB=1              keep the test database (or the throwaway cluster's data) at exit
 #   MESHGATE_PG_PORT=5432       port probed for an existing Postgres, preferred for a throwaway one
 #   MESHGATE_REDIS_PORT=6379    likewise for Redis
-#   MESHGATE_CLIENT_TESTS=1     also run the real-client tests (scripts/clients/run.sh: the openai
-#                               SDK and langchain-openai against the mock and through meshgate)
+#   MESHGATE_CLIENT_TESTS=0     skip the real-client tests (scripts/clients/run.sh: the openai,
+#                               anthropic and Agents SDKs and langchain-openai against the mock
+#                               and through meshgate), which run by default
 #
 # A check whose tool is missing (rustfmt, clippy, cargo-nextest) fails the run: the tool is
 # installed first when it can be (rustup component add, cargo install --locked).
@@ -154,11 +155,11 @@ run_step doctests cargo test --workspace --doc
 run_step deploy scripts/check-deploy.sh
 run_step topology scripts/check-topology.sh
 run_step openapi scripts/check-openapi.sh
-# Opt-in until the mesh carries tools end to end (issue 15).
-if [[ ${MESHGATE_CLIENT_TESTS:-0} == 1 ]]; then
+# The official SDKs as users run them, against the mock and through a standalone meshgate.
+if [[ ${MESHGATE_CLIENT_TESTS:-1} == 1 ]]; then
     run_step clients scripts/clients/run.sh
 else
-    NOT_REQUESTED+=("clients (MESHGATE_CLIENT_TESTS=1)")
+    NOT_REQUESTED+=("clients (MESHGATE_CLIENT_TESTS=0 was set)")
 fi
 # ===== extra checks (end) ======================================================================
 
