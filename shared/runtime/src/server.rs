@@ -133,7 +133,8 @@ pub enum ServeError {
     Security(#[from] SecurityError),
 }
 
-/// Hosts one gRPC service with everything DESIGN §1 requires around it.
+/// Hosts one gRPC service with everything the README's architecture section asks of every service
+/// around it.
 #[derive(Clone)]
 pub struct ServiceHost {
     name: &'static str,
