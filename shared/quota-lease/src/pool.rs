@@ -351,6 +351,15 @@ impl<B: QuotaBackend> LeasePool<B> {
         self.inner.settle_all(true).await;
     }
 
+    /// Makes every principal's next admission lease anew, under the limits in force now (a limit
+    /// was changed): the slices held so far go back with the next flush, what requests in flight
+    /// need staying held until they settle.
+    pub fn limits_changed(&self) {
+        for holder in self.inner.holders.lock().values() {
+            holder.state.lock().current = None;
+        }
+    }
+
     /// Reports the usage settled so far now rather than at the next tick; returns once the store
     /// has it (or after four call deadlines).
     pub async fn flush(&self) {
