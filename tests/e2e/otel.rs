@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshgate_tests::{CLOUD_MODEL, TestMesh, chat_body};
+use meshgate_tests::{CLOUD_MODEL, MeshOptions, TestMesh, chat_body};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
@@ -60,7 +60,13 @@ async fn one_request_is_one_trace_across_the_services_with_genai_attributes() {
             .serve_with_incoming(TcpIncoming::from(listener)),
     );
     meshgate_runtime::telemetry::init_exporting_to("meshgate-tests", Some(endpoint));
-    let mesh = TestMesh::start().await;
+    // Per-request reservations: quota is on this request's path (Reserve, then Commit) and its
+    // spans join the request's trace. A leased admission makes no quota call of its own.
+    let mesh = TestMesh::start_with(MeshOptions {
+        tune: Box::new(|config| config.gateway.quota_leases = false),
+        ..MeshOptions::default()
+    })
+    .await;
 
     let response = mesh.chat(chat_body(CLOUD_MODEL, "trace this request")).await;
     assert_eq!(response.status(), 200);

@@ -30,6 +30,13 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Deadline of quota and router calls.
     pub peer_timeout_ms: u64,
+    /// Admit requests against budget slices this replica leases from the quota service
+    /// (`Quota.Lease`), with no quota call per request; off: a `Quota.Reserve` before every
+    /// request and a `Commit` or `Release` after it.
+    pub quota_leases: bool,
+    /// How the replica leases (`[gateway.leases]`): slice lifetime, flush interval, sizing, and
+    /// the deadline of lease calls and of the reservations made when a scope is nearly spent.
+    pub leases: meshgate_quota_lease::LeaseSettings,
     /// Requests handled at once by the HTTP edge; more are shed with 503.
     pub max_concurrent_requests: usize,
     /// Postgres holding organizations, projects, users, roles and API keys; without it they
@@ -90,6 +97,8 @@ impl Default for Config {
             target_timeout_ms: 30_000,
             idle_timeout_ms: 120_000,
             peer_timeout_ms: 2_000,
+            quota_leases: true,
+            leases: meshgate_quota_lease::LeaseSettings::default(),
             max_concurrent_requests: 4096,
             database_url: None,
             redis_url: None,
@@ -173,6 +182,7 @@ impl Config {
             }
         }
         TrustedProxies::parse(&self.trusted_proxies).map_err(|err| Error::Config(err.to_string()))?;
+        self.leases.validate().map_err(|err| Error::Config(format!("leases: {err}")))?;
         Ok(())
     }
 }
@@ -185,13 +195,14 @@ mod tests {
     fn defaults_are_valid_and_bad_values_are_named() {
         Config::default().validate().unwrap();
         type Spoil = fn(&mut Config);
-        let cases: [(&str, Spoil); 6] = [
+        let cases: [(&str, Spoil); 7] = [
             ("max_body_bytes", |c| c.max_body_bytes = 0),
             ("default_max_tokens must not exceed", |c| c.default_max_tokens = c.max_tokens_cap + 1),
             ("peer_timeout_ms", |c| c.peer_timeout_ms = 0),
             ("quota_endpoint", |c| c.quota_endpoint = "not a url".into()),
             ("trusted_proxies", |c| c.trusted_proxies = vec!["10.0.0.0/40".into()]),
             ("edge_uploads_per_key", |c| c.edge_uploads_per_key = 0),
+            ("leases: invalid lease settings: flush_interval_ms", |c| c.leases.flush_interval_ms = 0),
         ];
         for (needle, spoil) in cases {
             let mut config = Config::default();

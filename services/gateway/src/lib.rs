@@ -29,6 +29,7 @@ pub mod orchestrator;
 pub mod outcomes;
 pub mod peers;
 pub mod quota;
+pub mod quota_gate;
 pub mod reply_scan;
 pub mod response;
 pub mod responses;
@@ -198,7 +199,15 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     let guard = guard::Guard::new(Some(injection), metrics.clone());
     let limits = openai::ChatLimits { max_messages: config.max_messages, max_tokens_cap: config.max_tokens_cap };
     let (outcomes, outcome_sender) = outcomes::OutcomeReporter::start(RouterClient::new(router.clone()), peers.timeout);
-    let orchestrator = orchestrator::Orchestrator::new(peers, path, traces, outcomes, metrics.clone());
+    let quota_gate = quota_gate::QuotaGate::new(
+        peers.quota.clone(),
+        peers.timeout,
+        config.quota_leases.then(|| config.leases.clone()),
+        metrics.clone(),
+    )
+    .map_err(|err| Error::Config(err.to_string()))?;
+    let orchestrator =
+        orchestrator::Orchestrator::new(peers, quota_gate.clone(), path, traces, outcomes, metrics.clone());
     let admission = admission::Admission { orchestrator: orchestrator.clone(), guard, limits };
     let app = api::AppState {
         orchestrator,
@@ -249,6 +258,9 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
     if flushed.is_err() {
         tracing::warn!("traces or outcomes still buffered at the drain deadline were not delivered");
     }
+    // Every request has settled: the usage charged to leases is reported and the unused slices go
+    // back to the budget now, not when the leases expire.
+    quota_gate.close().await;
     Ok(())
 }
 

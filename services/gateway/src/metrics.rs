@@ -19,6 +19,9 @@ pub struct GatewayMetrics {
     pub model_calls: HistogramVec,
     /// By the limit that refused the request.
     pub quota_rejections: IntCounterVec,
+    /// Requests admitted, by how (`via`): `lease` (against this replica's quota leases, without
+    /// a quota call) or `reservation` (a `Quota.Reserve` of their own).
+    pub quota_admissions: IntCounterVec,
     pub traces: TraceSinkMetrics,
     /// Policy findings, by rule (`policy`) and action.
     pub policy_findings: IntCounterVec,
@@ -81,6 +84,11 @@ impl GatewayMetrics {
                 "Requests refused by quota, by the limit that refused them",
                 &["limit"],
             ),
+            quota_admissions: counter_vec(
+                "meshgate_quota_admissions_total",
+                "Requests admitted by quota, by how: lease (no quota call) or reservation",
+                &["via"],
+            ),
             policy_findings: counter_vec(
                 "meshgate_policy_findings_total",
                 "Security policy findings on prompts and replies, by rule and action",
@@ -125,6 +133,7 @@ impl GatewayMetrics {
         metrics.register(Box::new(this.fallbacks.clone()));
         metrics.register(Box::new(this.model_calls.clone()));
         metrics.register(Box::new(this.quota_rejections.clone()));
+        metrics.register(Box::new(this.quota_admissions.clone()));
         metrics.register(Box::new(this.policy_findings.clone()));
         metrics.register(Box::new(this.risk_score.clone()));
         metrics.register(Box::new(this.injection_scans.clone()));

@@ -1,9 +1,9 @@
-//! The request path of DESIGN §2: reserve quota and route (concurrently), try the plan's targets
-//! in order until one produces its first piece, stream the rest, then settle: commit (or release)
-//! the reservation, report the outcome to the router and record the trace — all off the reply's
-//! critical path. Replies pass through the project's output scanner on their way out (flagged
-//! or masked), and the trace carries the request's policy findings, risk score, tools and
-//! sanitized headers.
+//! The request path of DESIGN §2: route, hold the budget (against the replica's quota leases, or
+//! with a reservation), try the plan's targets in order until one produces its first piece, stream
+//! the rest, then settle: charge the usage served to the hold (or release it), report the outcome
+//! to the router and record the trace — all off the reply's critical path. Replies pass through
+//! the project's output scanner on their way out (flagged or masked), and the trace carries the
+//! request's policy findings, risk score, tools and sanitized headers.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,18 +19,19 @@ use meshgate_proto::common::v1::{ChatMessage, ErrorDetail, Layer, Principal, Tar
 use meshgate_proto::inference::v1::{
     EmbedRequest, EmbedResponse, GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels,
 };
-use meshgate_proto::quota::v1::{CommitRequest, ReleaseRequest, ReserveRequest, ReserveResponse};
 use meshgate_proto::router::v1::{DecideRequest, ListTargetsRequest, Outcome, RoutePlan, RouteRequest, StepRole};
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
+use meshgate_quota_lease::Estimate;
 use meshgate_runtime::{ApiError, ErrorCode};
 use meshgate_wire::ChatRequest;
 use tracing::Instrument;
 
-use crate::budget::{self, QuotaSnapshot};
+use crate::budget::QuotaSnapshot;
 use crate::guard::{Security, count_findings, trace_finding};
 use crate::metrics::GatewayMetrics;
 use crate::outcomes::OutcomeReporter;
 use crate::peers::{Peers, peer_call};
+use crate::quota_gate::{Hold, QuotaGate};
 use crate::reply_scan::ReplyScanner;
 use crate::traces::TraceSink;
 
@@ -101,7 +102,7 @@ pub struct ChatReply {
     /// Task the router decided the request is ("code", "math", "creative", "reasoning", "chat").
     pub task: String,
     pub pieces: BoxStream<'static, Result<Piece, ApiError>>,
-    /// The caller's budget with this request's reservation held.
+    /// The caller's budget with this request's estimate held.
     pub quota: QuotaSnapshot,
 }
 
@@ -149,6 +150,7 @@ fn chat_span(target: &Target, call: &ChatCall) -> tracing::Span {
 /// Runs the request path.
 pub struct Orchestrator {
     peers: Peers,
+    quota: QuotaGate,
     config: PathConfig,
     traces: TraceSink,
     outcomes: OutcomeReporter,
@@ -158,16 +160,22 @@ pub struct Orchestrator {
 impl Orchestrator {
     pub fn new(
         peers: Peers,
+        quota: QuotaGate,
         config: PathConfig,
         traces: TraceSink,
         outcomes: OutcomeReporter,
         metrics: GatewayMetrics,
     ) -> Arc<Self> {
-        Arc::new(Self { peers, config, traces, outcomes, metrics })
+        Arc::new(Self { peers, quota, config, traces, outcomes, metrics })
     }
 
     pub fn peers(&self) -> &Peers {
         &self.peers
+    }
+
+    /// How requests are admitted against their budgets.
+    pub fn quota(&self) -> &QuotaGate {
+        &self.quota
     }
 
     /// Records the trace of a request refused before it reached quota or a target (a policy
@@ -211,8 +219,8 @@ impl Orchestrator {
         Ok(models)
     }
 
-    /// Embeds `inputs` with a local embedding model: reserves the inputs' estimated tokens,
-    /// calls the inference service, then commits the tokens it counted (or releases).
+    /// Embeds `inputs` with a local embedding model: holds the inputs' estimated tokens, calls
+    /// the inference service, then charges the tokens it counted (or releases).
     pub async fn embed(
         self: &Arc<Self>,
         request_id: &str,
@@ -221,8 +229,8 @@ impl Orchestrator {
         inputs: Vec<String>,
     ) -> Result<(EmbedResponse, QuotaSnapshot), ApiError> {
         let estimate: i64 = inputs.iter().map(|t| (t.chars().count() as u64).div_ceil(4) as i64 + 2).sum();
-        let reserved = self.reserve(request_id.to_owned(), principal, estimate, 0).await?;
-        let budget = QuotaSnapshot::from_reserve(&reserved);
+        let hold = self.quota.hold(request_id, principal, Estimate { tokens: estimate, cost_micros: 0 }).await?;
+        let budget = hold.budget();
         let mut inference = self.peers.inference.clone();
         let request = EmbedRequest { model: model.to_owned(), inputs };
         let span = model_call_span("embeddings", model, "local", model, "");
@@ -244,11 +252,7 @@ impl Orchestrator {
         if let Some(usage) = &usage {
             self.metrics.record_usage(model, &principal.project_id, usage);
         }
-        let orchestrator = self.clone();
-        let (request_id, principal) = (request_id.to_owned(), principal.clone());
-        tokio::spawn(async move {
-            settle_reservation(&orchestrator, reserved.reservation_id, usage, Some(principal), &request_id).await;
-        });
+        tokio::spawn(hold.settle(usage));
         Ok((result?, budget))
     }
 
@@ -264,7 +268,8 @@ impl Orchestrator {
     /// Admits a job like a request (a spent budget or a full minute refuses it with the same 429)
     /// and holds its estimate for `ttl_seconds`, the whole time it may wait in the queue: the
     /// reservation (its id is returned) travels with the job, delivery commits it and a dead
-    /// letter releases it, so queued jobs can never spend more than the budget.
+    /// letter releases it, so queued jobs can never spend more than the budget. A job is always
+    /// reserved on its own: the sync service settles it, long after any lease of this replica.
     pub async fn admit(
         &self,
         request_id: String,
@@ -272,63 +277,28 @@ impl Orchestrator {
         (tokens, cost_micros): (i64, i64),
         ttl_seconds: i64,
     ) -> Result<String, ApiError> {
-        Ok(self.reserve_for(request_id, principal, tokens, cost_micros, ttl_seconds).await?.reservation_id)
+        let estimate = Estimate { tokens, cost_micros };
+        Ok(self.quota.reserve(request_id, principal, estimate, ttl_seconds).await?.reservation_id)
     }
 
-    /// Holds `tokens` and `cost_micros` in every scope of `principal`, or the 429 (counted) of the
-    /// scope that refused.
-    async fn reserve(
-        &self,
-        request_id: String,
-        principal: &Principal,
-        tokens: i64,
-        cost_micros: i64,
-    ) -> Result<ReserveResponse, ApiError> {
-        self.reserve_for(request_id, principal, tokens, cost_micros, 0).await
-    }
-
-    /// [`Orchestrator::reserve`], held for `ttl_seconds` (0: the quota service's default).
-    async fn reserve_for(
-        &self,
-        request_id: String,
-        principal: &Principal,
-        tokens: i64,
-        cost_micros: i64,
-        ttl_seconds: i64,
-    ) -> Result<ReserveResponse, ApiError> {
-        let reserve = ReserveRequest {
-            request_id,
-            principal: Some(principal.clone()),
-            estimated_tokens: tokens,
-            estimated_cost_micros: cost_micros,
-            ttl_seconds,
-        };
-        let mut quota = self.peers.quota.clone();
-        let reserved = peer_call("quota", self.peers.timeout, quota.reserve(reserve)).await?;
-        if !reserved.admitted {
-            self.metrics.quota_rejections.with_label_values(&[&reserved.rejected_limit]).inc();
-            return Err(budget::rejection(&reserved));
-        }
-        Ok(reserved)
-    }
-
-    /// Runs a chat request: plans it, reserves its budget, and starts the first target that
-    /// gives a usable answer. Whatever happens is settled (trace, quota, router outcomes).
+    /// Runs a chat request: plans it, holds its budget, and starts the first target that gives a
+    /// usable answer. Whatever happens is settled (trace, quota, router outcomes).
     pub async fn chat(self: &Arc<Self>, call: ChatCall) -> Result<ChatReply, ApiError> {
         let prompt_estimate = crate::tokens::prompt_tokens(&call.chat);
         let max_tokens = call.chat.sampling.max_tokens.unwrap_or(self.config.default_max_tokens);
         let mut settlement = Settlement::new(self.clone(), &call, prompt_estimate);
         let started = async {
-            // Route before reserving: the reservation must hold the cost of the priciest target
-            // the plan may fall back to, or concurrent requests could overspend a cost budget.
+            // Route before admitting: the hold must cover the cost of the priciest target the
+            // plan may fall back to, or concurrent requests could overspend a cost budget.
             let plan = self.plan(&call, prompt_estimate, max_tokens, &mut settlement).await?;
-            let cost = plan_cost(&plan, prompt_estimate, max_tokens);
+            let cost_micros = plan_cost(&plan, prompt_estimate, max_tokens);
             let tokens = prompt_estimate.saturating_add(max_tokens);
-            let reserved = self.reserve(call.request_id.clone(), &call.principal, tokens, cost).await?;
-            settlement.reservation = Some(reserved.reservation_id.clone());
+            let hold = self.quota.hold(&call.request_id, &call.principal, Estimate { tokens, cost_micros }).await?;
+            let quota = hold.budget();
+            settlement.hold = Some(hold);
             let task = plan.task.clone();
             let opened = self.first_answer(plan, &call, &mut settlement).await?;
-            Ok::<_, ApiError>((opened, task, QuotaSnapshot::from_reserve(&reserved)))
+            Ok::<_, ApiError>((opened, task, quota))
         }
         .await;
         match started {
@@ -729,7 +699,7 @@ fn first_piece_timeout(target: &Target, after: Duration) -> ApiError {
     ApiError::new(ErrorCode::Timeout, format!("{} sent nothing within {} ms", target.id, after.as_millis()))
 }
 
-/// The reservation's cost: the dearest target of the plan, which any fallback may come to.
+/// The cost held for a request: the dearest target of the plan, which any fallback may come to.
 fn plan_cost(plan: &RoutePlan, prompt_tokens: i64, max_tokens: i64) -> i64 {
     plan.targets
         .iter()
@@ -746,7 +716,8 @@ struct Settlement {
     trace: Trace,
     started: Instant,
     prompt_estimate: i64,
-    reservation: Option<String>,
+    /// The request's admitted budget, settled with the usage served (or released) exactly once.
+    hold: Option<Hold>,
     routing_reason: String,
     serving: Option<(Target, Instant)>,
     completion_bytes: usize,
@@ -785,7 +756,7 @@ impl Settlement {
             trace,
             started: call.started,
             prompt_estimate,
-            reservation: None,
+            hold: None,
             routing_reason: String::new(),
             serving: None,
             completion_bytes: 0,
@@ -956,7 +927,7 @@ impl Settlement {
         trace.status_code = err.as_ref().map(|e| i32::from(e.code.http_status().as_u16())).unwrap_or(200);
         trace.error = err.as_ref().map(|e| error_detail(e, &trace.request_id));
         self.record_security(&mut trace);
-        let reservation = self.reservation.take();
+        let hold = self.hold.take();
         let served = !trace.served_target.is_empty();
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
@@ -964,16 +935,8 @@ impl Settlement {
         let span = self.span.clone();
         handle.spawn(
             async move {
-                if let Some(reservation_id) = reservation {
-                    let usage = served.then_some(charged);
-                    settle_reservation(
-                        &orchestrator,
-                        reservation_id,
-                        usage,
-                        trace.principal.clone(),
-                        &trace.request_id,
-                    )
-                    .await;
+                if let Some(hold) = hold {
+                    hold.settle(served.then_some(charged)).await;
                 }
                 orchestrator.traces.record(trace);
             }
@@ -1041,52 +1004,6 @@ impl Drop for Settlement {
                 ErrorCode::ClientClosed,
                 "client closed the connection before the reply ended",
             )));
-        }
-    }
-}
-
-/// Commits `usage` (or releases, when nothing was served). Commit and release are idempotent,
-/// so failures are retried while the reservation still lives: a lost commit would be usage
-/// nobody pays for.
-async fn settle_reservation(
-    orchestrator: &Orchestrator,
-    reservation_id: String,
-    usage: Option<Usage>,
-    principal: Option<Principal>,
-    request_id: &str,
-) {
-    const BACKOFF: [Duration; 3] = [Duration::from_millis(100), Duration::from_millis(500), Duration::from_secs(2)];
-    let peer_timeout = orchestrator.peers.timeout;
-    let mut attempt = 0;
-    loop {
-        let mut quota = orchestrator.peers.quota.clone();
-        let result = match usage {
-            Some(usage) => {
-                // The principal lets quota charge the usage even if its store lost the reservation.
-                let request = CommitRequest {
-                    reservation_id: reservation_id.clone(),
-                    usage: Some(usage),
-                    principal: principal.clone(),
-                };
-                peer_call("quota", peer_timeout, quota.commit(request)).await.map(drop)
-            }
-            None => {
-                let request = ReleaseRequest { reservation_id: reservation_id.clone() };
-                peer_call("quota", peer_timeout, quota.release(request)).await.map(drop)
-            }
-        };
-        let retryable = matches!(&result, Err(err) if matches!(err.code, ErrorCode::Unavailable | ErrorCode::Timeout));
-        match result {
-            Ok(()) => return,
-            Err(err) if retryable && attempt < BACKOFF.len() => {
-                tracing::debug!(%err, request_id, attempt, "settling the reservation failed; retrying");
-                tokio::time::sleep(BACKOFF[attempt]).await;
-                attempt += 1;
-            }
-            Err(err) => {
-                tracing::warn!(%err, request_id, "settling the reservation failed; its TTL releases the hold");
-                return;
-            }
         }
     }
 }

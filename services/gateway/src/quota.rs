@@ -223,6 +223,7 @@ pub async fn set_limits(State(app): State<AppState>, request: Request) -> Respon
             quota.set_limits(pb::SetLimitsRequest { scope: Some(scope), limits: Some(limits) }),
         )
         .await?;
+        app.orchestrator.quota().limits_changed();
         Ok::<_, ApiError>(SetLimitsJson { scope: wanted.scope, limits: set.limits.unwrap_or_default().into() })
     }
     .await;

@@ -354,6 +354,20 @@ mod tests {
         assert!(err.contains("breakr"), "{err}");
     }
 
+    #[test]
+    fn gateways_lease_quota_unless_told_not_to() {
+        assert!(MeshConfig::default().gateway.quota_leases, "leasing is the default");
+        let off = file("[gateway]\nquota_leases = false\n[gateway.leases]\nttl_ms = 20000\n");
+        let config = MeshConfig::load(Some(off.path())).unwrap();
+        assert!(!config.gateway.quota_leases);
+        assert_eq!(config.gateway.leases.ttl_ms, 20_000);
+        assert_eq!(config.gateway.leases.flush_interval_ms, 200, "the other lease settings keep their defaults");
+
+        let misspelt = file("[gateway.leases]\nttl_secs = 20\n");
+        let err = MeshConfig::load(Some(misspelt.path())).unwrap_err().to_string();
+        assert!(err.contains("ttl_secs"), "{err}");
+    }
+
     #[tokio::test]
     async fn wiring_points_every_client_at_the_bound_ports() {
         let listeners = MeshListeners::ephemeral().await.unwrap();
