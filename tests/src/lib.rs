@@ -67,6 +67,8 @@ pub struct TestMesh {
 pub struct GatewayReplica {
     /// Its HTTP edge, e.g. `http://127.0.0.1:40001`.
     pub edge: String,
+    /// Its admin listener (`/metrics`, `/readyz`).
+    pub admin: String,
     shutdown: Shutdown,
     task: tokio::task::JoinHandle<Result<(), meshgate_gateway::Error>>,
 }
@@ -220,9 +222,27 @@ impl TestMesh {
         }
         let listeners = self.listeners("gateway").await;
         let edge = format!("http://{}", listeners.http_addr().expect("an edge listener"));
+        let admin = format!("http://{}", listeners.admin_addr());
         let shutdown = Shutdown::new();
         let task = tokio::spawn(meshgate_gateway::serve(config, listeners, shutdown.clone()));
-        GatewayReplica { edge, shutdown, task }
+        GatewayReplica { edge, admin, shutdown, task }
+    }
+
+    /// The sum of the samples of the Prometheus metric `name` on the admin listener `admin`, over
+    /// the series that carry every label of `labels`.
+    pub async fn metric(&self, admin: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let page = self.http.get(format!("{admin}/metrics")).send().await.expect("admin answers");
+        let page = page.text().await.expect("a metrics page");
+        let wanted: Vec<String> = labels.iter().map(|(label, value)| format!("{label}=\"{value}\"")).collect();
+        page.lines()
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (metric, series_labels) = series.split_once('{').unwrap_or((series, ""));
+                let series_labels: Vec<&str> = series_labels.trim_end_matches('}').split(',').collect();
+                let matches = metric == name && wanted.iter().all(|label| series_labels.contains(&label.as_str()));
+                matches.then(|| value.parse::<f64>().ok()).flatten()
+            })
+            .sum()
     }
 
     /// Stops the mesh and waits for every service to drain.
