@@ -1,4 +1,4 @@
-//! The gateway's side of quota leases (see `docs/quota-leases.md`): a [`LeasePool`] holds, per
+//! The gateway's side of quota leases (see the README's Quota section): a [`LeasePool`] holds, per
 //! principal, a slice of each of its scopes' budgets carved by the quota service (`Quota.Lease`),
 //! admits requests against it without a call, reports their usage in batches, and gives back what
 //! it does not use. When a scope is nearly spent, or a request does not fit what the pool can
