@@ -7,7 +7,8 @@
 # every operation (none is excluded: the bootstrap key cannot be revoked through the API, so no
 # case can lock the run out). Every check below must pass on every generated case: no 5xx, every
 # status, content type, header and body as documented. Exits non-zero on any failure; the JUnit
-# report is left in .run/check-openapi-junit.xml.
+# report is left in .run/check-openapi-junit.xml. Before the fuzzing the document is linted by
+# Redocly CLI (scripts/openapi-lint).
 #
 # Usage: scripts/check-openapi.sh    (best as `scripts/test.sh scripts/check-openapi.sh`, which
 #   provides the stores, ONNX Runtime and the test models)
@@ -88,6 +89,23 @@ mg_start meshgate env "${stores[@]}" MESHGATE_ADMIN_KEY="$key" \
 
 mg_wait_http "http://127.0.0.1:$mock/health" mock || exit 1
 for port in "${admin[@]}"; do mg_wait_http "http://127.0.0.1:$port/readyz" meshgate || exit 1; done
+
+# --- the lint ----------------------------------------------------------------------------------
+# Redocly CLI (npm, pinned in scripts/openapi-lint/package-lock.json) on the served document, with
+# the committed ruleset: every finding is an error, but those listed with their reasons in
+# scripts/openapi-lint/.redocly.lint-ignore.yaml.
+lint=$MG_ROOT/scripts/openapi-lint
+mg_have npm || mg_die "npm is required for the OpenAPI lint (apt-get install nodejs npm)"
+if [[ ! -x $lint/node_modules/.bin/redocly ]]; then
+    mg_log "installing the OpenAPI linter (npm ci in scripts/openapi-lint)"
+    (cd "$lint" && npm ci --no-audit --no-fund --loglevel=error >&2) || mg_die "npm ci in scripts/openapi-lint failed"
+fi
+curl -sf -o "$MG_LIVE_DIR/openapi.json" "http://127.0.0.1:$edge/openapi.json" || mg_die "GET /openapi.json failed"
+mg_log "redocly lint: the served /openapi.json"
+# The linter's telemetry and update checks would reach beyond the registries: both off.
+(cd "$lint" && cp "$MG_LIVE_DIR/openapi.json" openapi.json && REDOCLY_TELEMETRY=off REDOCLY_SUPPRESS_UPDATE_NOTICE=true \
+    node_modules/.bin/redocly lint openapi.json --config redocly.yaml --format stylish >&2; status=$?; rm -f openapi.json; exit $status) ||
+    mg_die "the OpenAPI document does not pass the lint"
 
 # --- the fuzzing -------------------------------------------------------------------------------
 seed=()

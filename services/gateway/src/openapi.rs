@@ -55,7 +55,7 @@ events), embeddings, models.",
 the official OpenAI SDKs unchanged. Every request but the two `meta` ones needs an API key: `Authorization: Bearer \
 <key>`. Every error is one JSON shape, `{\"error\": {\"type\", \"code\", \"message\", \"request_id\"}}`, whose `code` \
 fixes the HTTP status.",
-        license(name = "Apache-2.0")
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
     components(schemas(crate::openai::ChatChunk, crate::tenancy::EndpointScope,))
 )]
@@ -549,7 +549,49 @@ fn finish(mut spec: Value) -> Value {
             }
         }
     }
+    // Relative: the document is served by the edge it describes, wherever that is reached.
+    spec["servers"] = json!([{"url": "/", "description": "The edge serving this document."}]);
+    prune_unused_schemas(&mut spec);
     spec
+}
+
+/// Drops the component schemas nothing refers to (utoipa registers a generic's parameter even
+/// where it inlines it), so that every schema the document lists is one a client meets.
+fn prune_unused_schemas(spec: &mut Value) {
+    fn collect_refs(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("$ref", Value::String(target)) => out.push(ref_name(target).to_owned()),
+                        _ => collect_refs(value, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| collect_refs(item, out)),
+            _ => {}
+        }
+    }
+    let Some(schemas) = spec["components"]["schemas"].as_object() else {
+        return;
+    };
+    let mut pending = Vec::new();
+    for (key, value) in spec.as_object().into_iter().flatten() {
+        if key != "components" {
+            collect_refs(value, &mut pending);
+        }
+    }
+    let mut used = std::collections::BTreeSet::new();
+    while let Some(name) = pending.pop() {
+        if used.insert(name.clone())
+            && let Some(schema) = schemas.get(&name)
+        {
+            collect_refs(schema, &mut pending);
+        }
+    }
+    if let Some(schemas) = spec["components"]["schemas"].as_object_mut() {
+        schemas.retain(|name, _| used.contains(name));
+    }
 }
 
 fn esc(text: &str) -> String {
