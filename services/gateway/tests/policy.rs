@@ -173,6 +173,7 @@ async fn prompts_are_blocked_redacted_or_flagged_and_the_secret_goes_nowhere() {
     let blocked_secret = github_token();
     let response = mesh.chat(chat(&format!("token {blocked_secret}"))).await;
     assert_eq!(response.status(), 422);
+    let blocked_secret_id = request_id(&response);
     let text = response.text().await.unwrap();
     assert!(text.contains("github_token") && !text.contains(&blocked_secret), "{text}");
 
@@ -189,8 +190,8 @@ async fn prompts_are_blocked_redacted_or_flagged_and_the_secret_goes_nowhere() {
     assert!(counted("github_token", "redact") && counted("blocked_keyword", "block") && counted("email", "flag"));
     assert!(metrics.contains("meshgate_request_risk_score_bucket"), "{metrics}");
 
-    // The database and the logs never saw either secret.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The database and the logs never saw either secret, once the last request's trace is stored.
+    assert_eq!(mesh.trace(&blocked_secret_id).await.status_code, 422);
     for needle in [&secret, &blocked_secret] {
         assert_eq!(stored_rows_containing(&config, needle).await, 0, "a stored trace holds the secret");
         let logs = String::from_utf8_lossy(&captured_logs().lock()).into_owned();
