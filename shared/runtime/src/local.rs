@@ -1,7 +1,7 @@
 //! In-process calls between services that share a process (the standalone meshgate).
 //!
-//! A loopback gRPC call costs about 200 µs of CPU and latency on two cores (HTTP/2 framing, TCP,
-//! syscalls, task wake-ups); a standalone request makes three on its critical path. With
+//! A loopback gRPC call pays for HTTP/2 framing, TCP, syscalls and task wake-ups (BENCHMARKS.md
+//! measures it), and a standalone request makes several on its critical path. With
 //! [`enable`] on, every [`crate::ServiceHost`] registers its gRPC routes — behind the same
 //! observing layer as its listener — under its listening address, and a
 //! [`crate::MeshChannel`] to that address calls them directly: the same generated client and
