@@ -1,4 +1,4 @@
-//! The request path of DESIGN §2: route, hold the budget (against the replica's quota leases, or
+//! The request path (README, Architecture): route, hold the budget (against the replica's quota leases, or
 //! with a reservation), try the plan's targets in order until one produces its first piece, stream
 //! the rest, then settle: charge the usage served to the hold (or release it), report the outcome
 //! to the router and record the trace — all off the reply's critical path. Replies pass through
