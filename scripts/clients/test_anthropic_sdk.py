@@ -188,11 +188,6 @@ def test_count_tokens(claude, model, marker, provider_records):
 
 
 @pytest.mark.mesh_only  # The mock provider has no /v1/messages/count_tokens.
-@pytest.mark.xfail(
-    strict=True,
-    reason="meshgate defect: count_tokens answers 200 with a count for a model no target serves, where "
-    "messages.create answers 404 not_found_error (and Anthropic answers 404 to both)",
-)
 def test_count_tokens_for_a_model_nothing_serves_is_not_found(claude, model):
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(anthropic.NotFoundError):

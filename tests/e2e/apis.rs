@@ -174,6 +174,18 @@ async fn anthropic_messages_are_served_with_x_api_key_tools_and_streams() {
     assert_eq!(counted.status(), 200);
     let counted: Value = counted.json().await.unwrap();
     assert!(counted["input_tokens"].as_i64().unwrap() > 0, "{counted}");
+    // A model nothing serves is counted for nobody: 404, as the request itself would be.
+    let unserved = mesh
+        .http
+        .post(format!("{edge}/v1/messages/count_tokens"))
+        .header("x-api-key", ADMIN_KEY)
+        .json(&json!({"model": "no-such-model", "messages": [{"role": "user", "content": "hello there"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unserved.status(), 404);
+    let unserved: Value = unserved.json().await.unwrap();
+    assert_eq!(unserved["error"]["type"], "not_found_error", "{unserved}");
     mesh.stop().await;
 }
 

@@ -138,6 +138,7 @@ pub(crate) async fn count_tokens(State(app): State<AppState>, request: Request) 
         let request = parse_count_tokens(&received.body).map_err(wire_error)?;
         received.caller.require_model(&request.chat.model)?;
         received.settings.check_model(&request.chat.model)?;
+        app.orchestrator.check_served(&context.request_id, &received.caller.principal, &request.chat.model).await?;
         let tokens = crate::tokens::prompt_tokens(&request.chat);
         Ok(chat_flow::json_reply(count_tokens_json(tokens), "application/json"))
     })

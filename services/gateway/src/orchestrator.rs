@@ -219,6 +219,26 @@ impl Orchestrator {
         Ok(models)
     }
 
+    /// Whether any target may serve `model` for `principal` under its project's routing
+    /// policy, as the router plans a chat request (without classifying it): a model nothing
+    /// serves is the 404 `model_not_found` a chat request would meet. Other refusals (context,
+    /// capabilities) and an unreachable router are not this question's answer.
+    pub async fn check_served(&self, request_id: &str, principal: &Principal, model: &str) -> Result<(), ApiError> {
+        let route = RouteRequest {
+            request_id: request_id.to_owned(),
+            principal: Some(principal.clone()),
+            model: model.to_owned(),
+            task: "chat".into(),
+            ..Default::default()
+        };
+        let decide = DecideRequest { request: Some(route), messages: Vec::new(), task_hint: "chat".into() };
+        let mut router = self.peers.router.clone();
+        match peer_call("router", self.peers.timeout, router.decide(decide)).await {
+            Err(err) if err.code == ErrorCode::ModelNotFound => Err(err),
+            _ => Ok(()),
+        }
+    }
+
     /// Embeds `inputs` with a local embedding model: holds the inputs' estimated tokens, calls
     /// the inference service, then charges the tokens it counted (or releases).
     pub async fn embed(
