@@ -1,6 +1,6 @@
 //! What every provider translation shares: how a provider and model take a request
-//! ([`ProviderModel`]), the body it produces ([`ProviderBody`]), and the handling of parameters a
-//! provider has no field for.
+//! ([`ProviderModel`]), the body it produces ([`ProviderBody`]), the handling of parameters a
+//! provider has no field for, and the model an answer's first chunk names ([`AnswerModel`]).
 
 use serde_json::value::RawValue;
 
@@ -165,5 +165,30 @@ mod tests {
         assert_eq!(err.field(), Some("stream"));
         let err = merge_extra(&mut body, "[1]", &written[..], &forward, &mut dropped).unwrap_err();
         assert_eq!(err.field(), Some("extra_json"));
+    }
+}
+
+/// The model a decoded answer names on its first chunk (and on none after): the one the provider
+/// reported, else the one requested.
+#[derive(Debug, Clone)]
+pub(crate) struct AnswerModel {
+    requested: String,
+    /// What the provider's answer said it was served by, once seen.
+    pub(crate) reported: Option<String>,
+    sent: bool,
+}
+
+impl AnswerModel {
+    pub(crate) fn new(requested: &str) -> Self {
+        Self { requested: requested.to_owned(), reported: None, sent: false }
+    }
+
+    /// The model for the first chunk out, empty afterwards.
+    pub(crate) fn once(&mut self) -> String {
+        if self.sent {
+            return String::new();
+        }
+        self.sent = true;
+        self.reported.clone().unwrap_or_else(|| self.requested.clone())
     }
 }

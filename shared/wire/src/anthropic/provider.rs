@@ -47,7 +47,7 @@ use serde_json::value::RawValue;
 use crate::error::{
     CONTEXT_LENGTH_EXCEEDED, ProviderError, ProviderErrorKind, WireError, kind_of_status, loose_message, truncate,
 };
-use crate::provider::{ProviderBody, ProviderModel, merge_extra};
+use crate::provider::{AnswerModel, ProviderBody, ProviderModel, merge_extra};
 use crate::sse::SseEvent;
 use crate::text::{DataUri, raw_json};
 
@@ -645,9 +645,7 @@ enum BlockState {
 /// Turns Messages API events into [`CompleteChunk`]s (see the module docs).
 #[derive(Debug)]
 pub struct StreamDecoder {
-    requested_model: String,
-    reported_model: Option<String>,
-    model_sent: bool,
+    model: AnswerModel,
     /// Whether the request forced [`JSON_TOOL`].
     json_tool: bool,
     blocks: BTreeMap<u32, BlockState>,
@@ -671,9 +669,7 @@ impl StreamDecoder {
         let options = request.options.as_ref().unwrap_or(&default_options);
         let json_tool = matches!(structured_output(options, model), Ok(StructuredOutput::ForcedTool { .. }));
         Self {
-            requested_model: request.model.clone(),
-            reported_model: None,
-            model_sent: false,
+            model: AnswerModel::new(&request.model),
             json_tool,
             blocks: BTreeMap::new(),
             tool_calls: Vec::new(),
@@ -692,14 +688,6 @@ impl StreamDecoder {
         self.done
     }
 
-    fn model_once(&mut self) -> String {
-        if self.model_sent {
-            return String::new();
-        }
-        self.model_sent = true;
-        self.reported_model.clone().unwrap_or_else(|| self.requested_model.clone())
-    }
-
     fn chunk(&mut self, fill: impl FnOnce(&mut CompleteChunk)) -> Option<CompleteChunk> {
         let mut chunk = CompleteChunk::default();
         fill(&mut chunk);
@@ -707,7 +695,7 @@ impl StreamDecoder {
         if empty {
             return None;
         }
-        chunk.model = self.model_once();
+        chunk.model = self.model.once();
         Some(chunk)
     }
 
@@ -739,7 +727,7 @@ impl StreamDecoder {
             "message_start" => {
                 let message = parsed.message.ok_or_else(|| WireError::protocol("message_start without a message"))?;
                 if let Some(model) = message.model.filter(|m| !m.is_empty()) {
-                    self.reported_model = Some(model);
+                    self.model.reported = Some(model);
                 }
                 if let Some(usage) = message.usage {
                     self.add_usage(&usage);
@@ -909,7 +897,7 @@ impl StreamDecoder {
                 reasoning_tokens: 0,
             }),
             tool_calls: std::mem::take(&mut self.tool_calls),
-            model: self.model_once(),
+            model: self.model.once(),
             ..CompleteChunk::default()
         }
     }
@@ -951,7 +939,7 @@ pub fn decode_message(
         WireError::protocol(format!("malformed message ({err}): {}", truncate(&String::from_utf8_lossy(body))))
     })?;
     let mut decoder = StreamDecoder::new(request, model);
-    decoder.reported_model = message.model.filter(|m| !m.is_empty());
+    decoder.model.reported = message.model.filter(|m| !m.is_empty());
     if let Some(usage) = &message.usage {
         decoder.add_usage(usage);
     }

@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use crate::error::{
     CONTEXT_LENGTH_EXCEEDED, ProviderError, ProviderErrorKind, WireError, kind_of_status, loose_message, truncate,
 };
-use crate::provider::{ProviderBody, ProviderModel, UnknownParams, merge_extra};
+use crate::provider::{AnswerModel, ProviderBody, ProviderModel, UnknownParams, merge_extra};
 use crate::sse::SseEvent;
 use crate::text::raw_json;
 
@@ -505,9 +505,7 @@ impl From<WireUsage> for pb::Usage {
 /// Turns the provider's SSE events into [`CompleteChunk`]s (see the module docs).
 #[derive(Debug)]
 pub struct StreamDecoder {
-    requested_model: String,
-    reported_model: Option<String>,
-    model_sent: bool,
+    model: AnswerModel,
     finish_reason: Option<String>,
     usage: Option<pb::Usage>,
     tool_calls: BTreeMap<i32, pb::ToolCall>,
@@ -520,9 +518,7 @@ pub const END_MARKER: &str = "[DONE]";
 impl StreamDecoder {
     pub fn new(request: &CompleteRequest) -> Self {
         Self {
-            requested_model: request.model.clone(),
-            reported_model: None,
-            model_sent: false,
+            model: AnswerModel::new(&request.model),
             finish_reason: None,
             usage: None,
             tool_calls: BTreeMap::new(),
@@ -533,15 +529,6 @@ impl StreamDecoder {
     /// Whether the end of the answer (`[DONE]`) was seen.
     pub fn is_done(&self) -> bool {
         self.done
-    }
-
-    /// The model for the first chunk out, empty afterwards.
-    fn model_once(&mut self) -> String {
-        if self.model_sent {
-            return String::new();
-        }
-        self.model_sent = true;
-        self.reported_model.clone().unwrap_or_else(|| self.requested_model.clone())
     }
 
     /// The chunk for one event, if it carries anything for the caller.
@@ -563,10 +550,10 @@ impl StreamDecoder {
     }
 
     fn on_chunk(&mut self, chunk: WireChunk) -> Option<CompleteChunk> {
-        if self.reported_model.is_none()
+        if self.model.reported.is_none()
             && let Some(model) = chunk.model.filter(|m| !m.is_empty())
         {
-            self.reported_model = Some(model);
+            self.model.reported = Some(model);
         }
         if let Some(usage) = chunk.usage {
             self.usage = Some(usage.into());
@@ -615,7 +602,7 @@ impl StreamDecoder {
         if !carries {
             return None;
         }
-        out.model = self.model_once();
+        out.model = self.model.once();
         Some(out)
     }
 
@@ -624,7 +611,7 @@ impl StreamDecoder {
             finish_reason: self.finish_reason.take().unwrap_or_default(),
             usage: self.usage.take(),
             tool_calls: std::mem::take(&mut self.tool_calls).into_values().collect(),
-            model: self.model_once(),
+            model: self.model.once(),
             ..CompleteChunk::default()
         }
     }

@@ -27,7 +27,7 @@ use serde_json::value::RawValue;
 
 use crate::error::{ProviderErrorKind, WireError, truncate};
 use crate::openai::provider::provider_error;
-use crate::provider::{ProviderBody, ProviderModel, UnknownParams, extra_params, merge_extra};
+use crate::provider::{AnswerModel, ProviderBody, ProviderModel, UnknownParams, extra_params, merge_extra};
 use crate::sse::SseEvent;
 use crate::text::raw_json;
 
@@ -533,9 +533,7 @@ struct Call {
 /// Turns a Responses API event stream into [`CompleteChunk`]s (see the module docs).
 #[derive(Debug)]
 pub struct StreamDecoder {
-    requested_model: String,
-    reported_model: Option<String>,
-    model_sent: bool,
+    model: AnswerModel,
     /// Function calls by item id.
     calls: BTreeMap<String, Call>,
     /// Function-call item ids by output index (argument events may name either).
@@ -551,9 +549,7 @@ pub const END_EVENTS: [&str; 2] = ["response.completed", "response.incomplete"];
 impl StreamDecoder {
     pub fn new(request: &CompleteRequest) -> Self {
         Self {
-            requested_model: request.model.clone(),
-            reported_model: None,
-            model_sent: false,
+            model: AnswerModel::new(&request.model),
             calls: BTreeMap::new(),
             call_ids: BTreeMap::new(),
             finish_reason: None,
@@ -567,14 +563,6 @@ impl StreamDecoder {
         self.done
     }
 
-    fn model_once(&mut self) -> String {
-        if self.model_sent {
-            return String::new();
-        }
-        self.model_sent = true;
-        self.reported_model.clone().unwrap_or_else(|| self.requested_model.clone())
-    }
-
     fn chunk(&mut self, fill: impl FnOnce(&mut CompleteChunk)) -> Option<CompleteChunk> {
         let mut chunk = CompleteChunk::default();
         fill(&mut chunk);
@@ -586,7 +574,7 @@ impl StreamDecoder {
         if empty {
             return None;
         }
-        chunk.model = self.model_once();
+        chunk.model = self.model.once();
         Some(chunk)
     }
 
@@ -605,7 +593,7 @@ impl StreamDecoder {
         match event.kind.as_str() {
             "response.created" | "response.in_progress" | "response.queued" => {
                 if let Some(model) = event.response.and_then(|r| r.model).filter(|m| !m.is_empty()) {
-                    self.reported_model.get_or_insert(model);
+                    self.model.reported.get_or_insert(model);
                 }
                 Ok(None)
             }
@@ -720,7 +708,7 @@ impl StreamDecoder {
     fn finish(&mut self, response: WireResponse) -> CompleteChunk {
         self.done = true;
         if let Some(model) = response.model.filter(|m| !m.is_empty()) {
-            self.reported_model.get_or_insert(model);
+            self.model.reported.get_or_insert(model);
         }
         let incomplete = response.incomplete_details.and_then(|d| d.reason);
         let finish = match (response.status.as_deref(), incomplete.as_deref()) {
@@ -737,7 +725,7 @@ impl StreamDecoder {
             finish_reason: self.finish_reason.take().unwrap_or_default(),
             usage: self.usage.take(),
             tool_calls: calls.into_iter().map(|c| c.call.clone()).collect(),
-            model: self.model_once(),
+            model: self.model.once(),
             ..CompleteChunk::default()
         }
     }
@@ -777,7 +765,7 @@ pub fn decode_response(request: &CompleteRequest, body: &[u8]) -> Result<Vec<Com
     let output = response.output.as_deref().unwrap_or_default();
     let mut decoder = StreamDecoder::new(request);
     if let Some(model) = response.model.as_ref().filter(|m| !m.is_empty()) {
-        decoder.reported_model = Some(model.clone());
+        decoder.model.reported = Some(model.clone());
     }
     let mut chunks = Vec::new();
     let (mut text, mut refusal, mut reasoning, mut logprobs) =
