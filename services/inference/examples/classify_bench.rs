@@ -77,7 +77,7 @@ async fn whole_calls(dir: &Path, manifest: &Manifest, texts: &[String]) {
     let encoder = manifest.models.iter().find(|m| m.name == "all-minilm-l6-v2").map(|m| m.name.clone());
     let config = |cache| Config {
         models_dir: dir.to_path_buf(),
-        ort_dylib_path: Some(meshgate_inference::test_env::ort_dylib()),
+        ort_dylib_path: Some(meshgate_test_support::ort_dylib()),
         intra_op_threads: 1,
         verify_sha256: false,
         classification_cache_entries: cache,

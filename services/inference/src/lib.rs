@@ -23,7 +23,6 @@ pub mod sampling;
 pub mod service;
 pub mod text;
 
-pub mod test_env;
 #[cfg(test)]
 pub(crate) mod testing;
 

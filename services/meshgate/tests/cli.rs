@@ -3,6 +3,8 @@
 use std::io::Write;
 use std::process::Command;
 
+use meshgate_test_support::database_url;
+
 fn meshgate() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_meshgate"));
     command.env_remove("DATABASE_URL").env_remove("REDIS_URL").env_remove("MESHGATE_CONFIG");
@@ -109,8 +111,7 @@ fn migrate_needs_a_database_and_applies_every_component_twice_safely() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("DATABASE_URL"));
 
-    let url = std::env::var("MESHGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = database_url();
     for _ in 0..2 {
         let output = meshgate().arg("migrate").env("DATABASE_URL", &url).output().unwrap();
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -119,8 +120,7 @@ fn migrate_needs_a_database_and_applies_every_component_twice_safely() {
 
 /// Runs `meshgate ARGS` against the test database and parses its JSON output.
 fn admin(args: &[&str]) -> serde_json::Value {
-    let url = std::env::var("MESHGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = database_url();
     let output = meshgate().args(args).env("DATABASE_URL", &url).output().unwrap();
     assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).unwrap()
@@ -153,8 +153,7 @@ fn tenancy_commands_create_orgs_projects_users_and_keys_shown_once() {
     assert!(listed.as_array().unwrap().iter().all(|k| k["revoked_at"].is_string()), "{listed}");
 
     // Bad input is refused with a message, and nothing is written.
-    let url = std::env::var("MESHGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let url = database_url();
     for args in [
         vec!["users", "grant", user_id, project_id, "emperor"],
         vec!["keys", "create", "--project", "prj_missing"],

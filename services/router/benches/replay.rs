@@ -210,13 +210,13 @@ async fn replay_cost(name: &str, classifier: TaskClassifier, examples: &[eval::E
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let Some(models_dir) = eval::real_models_dir() else { return };
+    let models_dir = meshgate_test_support::real_models_dir();
     let examples = eval::examples();
     let inference_shutdown = Shutdown::new();
     let (inference_listeners, inference_url) = listeners().await;
     let inference_config = meshgate_inference::Config {
         models_dir,
-        ort_dylib_path: Some(meshgate_inference::test_env::ort_dylib()),
+        ort_dylib_path: Some(meshgate_test_support::ort_dylib()),
         ..Default::default()
     };
     let inference =

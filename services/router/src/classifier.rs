@@ -164,8 +164,8 @@ fn has_arithmetic(text: &str) -> bool {
 
 /// The text classified: the last user message, which says what is asked. The system prompt is
 /// an application's standing instructions, the same for every request whatever its task, and
-/// drags the class towards itself (measured on `eval/tasks.jsonl` with a typical one: 90 % right
-/// without it, 58 % with it); it is classified only when no user message exists.
+/// drags the class towards itself (see `eval/README.md`); it is classified only when no user
+/// message exists.
 pub fn classified_text(messages: &[ChatMessage]) -> String {
     let last_user = messages.iter().rev().find(|m| m.role == "user").map(message_text);
     let system = || messages.iter().filter(|m| m.role == "system").map(message_text).collect::<Vec<_>>();

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshgate_catalog::ProviderSpec;
-use meshgate_inference::test_env::{models_dir, ort_dylib};
 use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::inference::v1::ClassifyRequest;
 use meshgate_proto::inference::v1::inference_client::InferenceClient;
@@ -13,6 +12,7 @@ use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::router::v1::{DecideRequest, RouteRequest};
 use meshgate_router::Config;
 use meshgate_runtime::{ListenConfig, Listeners, Shutdown};
+use meshgate_test_support::{models_dir, ort_dylib};
 
 async fn listeners() -> (Listeners, String) {
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();

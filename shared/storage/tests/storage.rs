@@ -6,19 +6,13 @@ use meshgate_storage::{
     Error, Migration, PgPool, PostgresConfig, RedisConfig, migrate, ping_postgres, ping_redis, postgres_client,
     postgres_pool, redis_connection,
 };
-
-fn database_url() -> String {
-    std::env::var("MESHGATE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn redis_url() -> String {
-    std::env::var("MESHGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
-}
+use meshgate_test_support::{database_url, redis_url};
 
 fn pool() -> PgPool {
     postgres_pool(&database_url(), &PostgresConfig::default()).unwrap()
 }
 
+/// `<prefix>_<uuid>`: usable as an SQL identifier.
 fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }

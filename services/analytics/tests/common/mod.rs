@@ -10,16 +10,9 @@ use meshgate_analytics::model::{TraceRow, to_timestamp};
 use meshgate_analytics::{MemoryTraceStore, PostgresTraceStore, TraceStore, migrations};
 use meshgate_proto::analytics::v1 as pb;
 use meshgate_proto::common::v1::{ErrorDetail, Layer, Principal, Usage};
-use meshgate_storage::{PgPool, PostgresConfig, migrate, postgres_client, postgres_pool};
+use meshgate_storage::{PgPool, PostgresConfig, migrate, postgres_pool};
+pub use meshgate_test_support::unique;
 use prometheus::IntCounter;
-
-pub fn database_url() -> String {
-    std::env::var("MESHGATE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
 
 pub fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().to_utc()
@@ -27,11 +20,7 @@ pub fn at(s: &str) -> DateTime<Utc> {
 
 /// A URL of the test database whose connections use a fresh schema of their own.
 pub async fn isolated_database_url() -> String {
-    let schema = format!("analyticstest_{}", uuid::Uuid::new_v4().simple());
-    let pool = postgres_pool(&database_url(), &PostgresConfig::default()).unwrap();
-    postgres_client(&pool).await.unwrap().batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
-    let separator = if database_url().contains('?') { '&' } else { '?' };
-    format!("{}{separator}options=-c%20search_path%3D{schema}", database_url())
+    meshgate_test_support::isolated_database_url("analyticstest").await
 }
 
 /// A pool on a fresh schema of the test database with the analytics tables migrated.

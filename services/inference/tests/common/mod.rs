@@ -1,31 +1,13 @@
 //! Shared setup of the inference tests: the tiny models built by `scripts/make-test-models.py`,
 //! their Python onnxruntime references, and the ONNX Runtime library from the project venv.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test binary uses a part of it
 
 use std::path::{Path, PathBuf};
 
 use meshgate_inference::Config;
 use serde::Deserialize;
 
-pub use meshgate_inference::test_env::ort_dylib;
-
-/// Where `scripts/test.sh` builds the tiny models: `MESHGATE_TEST_MODELS_DIR`, else
-/// `<workspace>/target/test-models`. Panics, naming `scripts/test.sh`, when they are not there.
-pub fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("MESHGATE_TEST_MODELS_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/test-models"));
-    assert!(
-        dir.join("manifest.json").is_file()
-            && dir.join("smollm2-shaped/manifest.json").is_file()
-            && dir.join("cascade/manifest.json").is_file(),
-        "no test models in {}: run the tests through scripts/test.sh, which builds them \
-         (e.g. `scripts/test.sh cargo nextest run -p meshgate-inference`)",
-        dir.display()
-    );
-    dir
-}
+pub use meshgate_test_support::{models_dir, ort_dylib, real_models_dir};
 
 /// The models directory holding tiny-smollm2, the tiny model `scripts/make-test-models.py` serves
 /// exactly as `scripts/fetch-models.sh` serves SmolLM2-135M-Instruct.
@@ -148,23 +130,6 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb)
-}
-
-/// The directory of the real models fetched by `scripts/fetch-models.sh`: `MESHGATE_TEST_REAL_MODELS_DIR`,
-/// else `<workspace>/models`. Panics, naming `scripts/test.sh` (which fetches them), when it holds
-/// no manifest.
-pub fn real_models_dir() -> PathBuf {
-    let dir = std::env::var_os("MESHGATE_TEST_REAL_MODELS_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "no real models in {}: run the tests through scripts/test.sh, which fetches them \
-         (scripts/fetch-models.sh), or set MESHGATE_TEST_REAL_MODELS_DIR",
-        dir.display()
-    );
-    dir
 }
 
 /// The reference file of a manifest entry of `dir`, if it has one.

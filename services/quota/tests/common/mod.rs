@@ -1,7 +1,7 @@
 //! Test harness: real Postgres and Redis from the test environment, isolated per test by unique
 //! ids and key prefixes, and the same engine API over both store implementations.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)] // each test binary uses a part of it
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,35 +13,13 @@ use meshgate_quota::{
     QuotaStore, RedisStore, RedisStoreSettings, migrations,
 };
 use meshgate_storage::{PgPool, PostgresConfig, RedisConfig, SharedClock, migrate, postgres_pool, redis_connection};
-
-pub fn database_url() -> String {
-    std::env::var("MESHGATE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("MESHGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
-}
+pub use meshgate_test_support::{database_url, principal, redis_url, unique};
 
 /// A pool on the test database with the quota tables migrated (concurrent callers are safe).
 pub async fn pg() -> PgPool {
     let pool = postgres_pool(&database_url(), &PostgresConfig::default()).unwrap();
     migrate(&pool, "quota", migrations()).await.unwrap();
     pool
-}
-
-/// A principal with fresh ids for every scope.
-pub fn principal() -> Principal {
-    Principal {
-        org_id: unique("org"),
-        project_id: unique("proj"),
-        user_id: unique("user"),
-        key_id: unique("key"),
-        role: 0,
-    }
 }
 
 pub fn reserve(p: &Principal, request_id: &str, tokens: i64, cost: i64) -> pb::ReserveRequest {

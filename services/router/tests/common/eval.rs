@@ -1,7 +1,4 @@
-//! The labeled evaluation set of the task classifier (`eval/tasks.jsonl`, see `eval/README.md`)
-//! and where the real models are.
-
-use std::path::PathBuf;
+//! The labeled evaluation set of the task classifier (`eval/tasks.jsonl`, see `eval/README.md`).
 
 use meshgate_router::Task;
 
@@ -27,21 +24,6 @@ pub fn examples() -> Vec<Example> {
             Example { task, text: value["text"].as_str().expect("text").to_owned() }
         })
         .collect()
-}
-
-/// The models fetched by `scripts/fetch-models.sh`: `MESHGATE_TEST_REAL_MODELS_DIR`, else
-/// `<workspace>/models`; `None`, with a message saying so, when they are not there.
-pub fn real_models_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("MESHGATE_TEST_REAL_MODELS_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    if dir.join("task-classifier/model.onnx").is_file() {
-        Some(dir)
-    } else {
-        eprintln!("SKIPPED: no task classifier in {} (run scripts/fetch-models.sh)", dir.display());
-        None
-    }
 }
 
 /// Per-class accuracy of `predicted` (same order as `examples`), as rows

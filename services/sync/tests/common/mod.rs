@@ -15,7 +15,7 @@ use meshgate_proto::sync::v1::{
     CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobReservation, JobStatus, RetryJobRequest,
 };
 use meshgate_runtime::{ListenConfig, Listeners, MeshChannel, Shutdown};
-use meshgate_storage::{PostgresConfig, SharedClock, migrate, postgres_client, postgres_pool};
+use meshgate_storage::{PostgresConfig, SharedClock, migrate, postgres_pool};
 use meshgate_sync::metrics::UpstreamMetrics;
 use meshgate_sync::{
     Config, Dispatcher, FileJobStore, JobStore, PgJobStore, ProviderSpec, Queue, QueueMetrics, Upstream, migrations,
@@ -25,17 +25,9 @@ pub const MODEL: &str = "gpt-test";
 pub const ORG: &str = "org-1";
 pub const PROJECT: &str = "proj-1";
 
-pub fn database_url() -> String {
-    std::env::var("MESHGATE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
 /// A URL on the test database whose `search_path` is a fresh schema.
 pub async fn isolated_database_url() -> String {
-    let schema = format!("synctest_{}", uuid::Uuid::new_v4().simple());
-    let pool = postgres_pool(&database_url(), &PostgresConfig::default()).unwrap();
-    postgres_client(&pool).await.unwrap().batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
-    let separator = if database_url().contains('?') { '&' } else { '?' };
-    format!("{}{separator}options=-c%20search_path%3D{schema}", database_url())
+    meshgate_test_support::isolated_database_url("synctest").await
 }
 
 /// Which store a test runs on.
