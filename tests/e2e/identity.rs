@@ -323,7 +323,7 @@ async fn in_process_calls_carry_the_callers_identity_through_the_same_guard() {
     })
     .await;
     let quota_addr: SocketAddr = mesh.grpc_url("quota").trim_start_matches("http://").parse().unwrap();
-    assert!(meshgate_runtime::local::registered(quota_addr), "the standalone calls quota in process");
+    assert!(meshgate_runtime::in_process::registered(quota_addr), "the standalone calls quota in process");
 
     let denied = QuotaClient::new(mesh.channel_as("sync", "quota")).reserve(reserve("in-process")).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
@@ -356,7 +356,7 @@ async fn six_services_over_mtls_listeners_serve_a_chat_and_record_its_trace() {
     })
     .await;
     let quota_addr: SocketAddr = mesh.grpc_url("quota").trim_start_matches("http://").parse().unwrap();
-    assert!(!meshgate_runtime::local::registered(quota_addr), "every call crosses a listener");
+    assert!(!meshgate_runtime::in_process::registered(quota_addr), "every call crosses a listener");
     let response = mesh
         .http
         .post(format!("{}/v1/chat/completions", mesh.edge))

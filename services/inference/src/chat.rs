@@ -383,7 +383,10 @@ fn emit(sink: &mut dyn GenerationSink, completion: &mut Completion, text: &str) 
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, OnceLock};
+
     use super::*;
+    use crate::testing::{self, ChatReference};
 
     /// A sink that stops accepting after `limit` deltas.
     struct Collect {
@@ -401,8 +404,18 @@ mod tests {
         }
     }
 
-    fn model() -> (std::sync::Arc<ChatModel>, crate::testing::ChatReference) {
-        crate::testing::chat_model()
+    /// The tiny chat model, loaded once per test process, with its reference runs.
+    fn model() -> (Arc<ChatModel>, ChatReference) {
+        static MODEL: OnceLock<(Arc<ChatModel>, ChatReference)> = OnceLock::new();
+        MODEL
+            .get_or_init(|| {
+                let (dir, entry) = testing::chat_entry();
+                let env = onnx::environment(Some(&testing::ort_dylib())).unwrap();
+                let session = onnx::open_session(env, &dir.join(&entry.file), 1, false).unwrap();
+                let model = ChatModel::load(&entry, session, &dir.join(&entry.tokenizer)).unwrap();
+                (Arc::new(model), testing::chat_reference(&dir, &entry))
+            })
+            .clone()
     }
 
     #[test]

@@ -21,8 +21,8 @@ pub struct Config {
     pub intra_op_threads: usize,
     /// Let idle intra-op threads busy-wait for the next operator. Off by default: the sessions
     /// share the cores with the gRPC runtime (and, under `meshgate up`, the other services), and
-    /// spinning threads take CPU from them; measured on 2 cores, MiniLM used about twice the CPU
-    /// per request with spinning on.
+    /// spinning threads take CPU from them, so each request costs more CPU on a machine with few
+    /// cores.
     pub intra_op_spinning: bool,
     /// Load every model of the manifest at start; otherwise models load on `Load`.
     pub load_on_start: bool,

@@ -1,11 +1,14 @@
 //! Test models and references for in-crate tests (built by `scripts/make-test-models.py`).
+//!
+//! It hands out the test models' files, references and tokenizer, never a loaded model: the
+//! modules whose tests use it (`text`, `chat`) stay above it, and each loads its own model.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use tokenizers::Tokenizer;
 
-use crate::chat::ChatModel;
-use crate::manifest::{Manifest, Task};
+use crate::manifest::{Manifest, ModelEntry, Task};
 
 /// One greedy reference run recorded by the build script with Python onnxruntime.
 #[derive(Debug, Clone, Deserialize)]
@@ -18,22 +21,28 @@ pub struct ChatReference {
     pub greedy: Vec<GreedyCase>,
 }
 
-pub use crate::test_env::{models_dir, ort_dylib};
+pub use meshgate_test_support::{models_dir, ort_dylib};
 
-/// The tiny chat model, loaded once per test process, with its reference runs.
-pub fn chat_model() -> (Arc<ChatModel>, ChatReference) {
-    static MODEL: std::sync::OnceLock<(Arc<ChatModel>, ChatReference)> = std::sync::OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let dir = models_dir();
-            let manifest = Manifest::load(&dir.join("manifest.json")).unwrap();
-            let entry = manifest.models.iter().find(|m| m.task == Task::Chat).unwrap();
-            let env = crate::onnx::environment(Some(&ort_dylib())).unwrap();
-            let session = crate::onnx::open_session(env, &dir.join(&entry.file), 1, false).unwrap();
-            let model = ChatModel::load(entry, session, &dir.join(&entry.tokenizer)).unwrap();
-            let reference_path = dir.join(entry.reference.as_ref().unwrap());
-            let reference = serde_json::from_str(&std::fs::read_to_string(reference_path).unwrap()).unwrap();
-            (Arc::new(model), reference)
-        })
-        .clone()
+/// The tiny chat model's manifest entry, with the models directory its paths are relative to.
+pub fn chat_entry() -> (PathBuf, ModelEntry) {
+    let dir = models_dir();
+    let manifest = Manifest::load(&dir.join("manifest.json")).unwrap();
+    let entry = manifest.models.into_iter().find(|m| m.task == Task::Chat).unwrap();
+    (dir, entry)
+}
+
+/// The reference runs of the chat model `entry` of `dir`.
+pub fn chat_reference(dir: &Path, entry: &ModelEntry) -> ChatReference {
+    let reference_path = dir.join(entry.reference.as_ref().unwrap());
+    serde_json::from_str(&std::fs::read_to_string(reference_path).unwrap()).unwrap()
+}
+
+/// The tiny chat model's tokenizer, set up as `ChatModel::load` sets it up (no padding, no
+/// truncation).
+pub fn chat_tokenizer() -> Tokenizer {
+    let (dir, entry) = chat_entry();
+    let mut tokenizer = Tokenizer::from_file(dir.join(&entry.tokenizer)).unwrap();
+    tokenizer.with_padding(None);
+    tokenizer.with_truncation(None).unwrap();
+    tokenizer
 }

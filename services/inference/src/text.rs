@@ -162,8 +162,7 @@ mod tests {
 
     #[test]
     fn incremental_decoding_rebuilds_multibyte_text_without_broken_characters() {
-        let (model, _) = crate::testing::chat_model();
-        let tokenizer = model.tokenizer();
+        let tokenizer = &crate::testing::chat_tokenizer();
         let text = "Café naïve 日本語 🙂🚀 “quoted” done";
         let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
         // The byte-level vocabulary splits some characters across tokens, which is what this
@@ -183,8 +182,7 @@ mod tests {
 
     #[test]
     fn an_incomplete_character_at_the_end_is_flushed() {
-        let (model, _) = crate::testing::chat_model();
-        let tokenizer = model.tokenizer();
+        let tokenizer = &crate::testing::chat_tokenizer();
         let ids = tokenizer.encode("ok 🙂", false).unwrap().get_ids().to_vec();
         let mut decoder = IncrementalDecoder::new();
         let mut out: String = ids[..ids.len() - 1].iter().map(|&id| decoder.push(tokenizer, id).unwrap()).collect();

@@ -1,7 +1,7 @@
 //! The standalone meshgate: all six services in one process, each on its own loopback port, with
 //! embedded defaults (in-memory quota and traces) unless `DATABASE_URL` / `REDIS_URL` point at
 //! stores. They call each other through the same gRPC clients and servers as the mesh: in
-//! process by default (`[standalone] in_process_calls`, see `meshgate_runtime::local`), or over
+//! process by default (`[standalone] in_process_calls`, see `meshgate_runtime::in_process`), or over
 //! their loopback listeners. Each service has its own identity (`[mesh]`): its listener speaks
 //! mTLS with a development PKI made once under `<data_dir>/tls` unless `tls_dir` names one, and
 //! in-process calls carry the calling service's identity through the same allow-list.
@@ -289,7 +289,7 @@ pub async fn run(mut config: MeshConfig, listeners: MeshListeners, shutdown: Shu
     let mesh = config.security().map_err(security)?;
     let listeners = listeners.identify(&mesh).map_err(security)?;
     if config.standalone.in_process_calls {
-        meshgate_runtime::local::enable();
+        meshgate_runtime::in_process::enable();
     }
     let MeshListeners { gateway, inference, router, quota, analytics, sync } = listeners;
     let edge = Shutdown::new();

@@ -27,14 +27,15 @@ use std::time::Duration;
 use meshgate_proto::analytics::v1::Trace;
 use meshgate_proto::sync::v1::EdgeBatch;
 use meshgate_runtime::Shutdown;
+use meshgate_runtime::error::ErrorCode;
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::Error;
-use crate::queue::RetryPolicy;
+use crate::error::Error;
+use crate::retry::{RetryPolicy, retry_after};
 
 /// Path of the cloud's batch endpoint, appended to `[sync.cloud] url`.
 pub const BATCHES_PATH: &str = "/v1/sync/batches";
@@ -126,8 +127,8 @@ impl CloudConfig {
         self
     }
 
-    pub(crate) fn validate(&self) -> Result<(), Error> {
-        let invalid = |m: &str| Err(Error::Config(format!("cloud.{m}")));
+    pub(crate) fn validate(&self) -> Result<(), CloudError> {
+        let invalid = |m: &str| Err(CloudError::Config(format!("cloud.{m}")));
         let Some(url) = &self.url else { return Ok(()) };
         match reqwest::Url::parse(url) {
             Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => {}
@@ -167,6 +168,38 @@ pub enum OutboxError {
     Locked(PathBuf),
     #[error("the cloud outbox is full ({bytes} of {max} bytes staged): the cloud has been unreachable for long")]
     Full { bytes: u64, max: u64 },
+}
+
+/// Failures of the uplink: its configuration, an `Uplink` call it refuses, its outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    #[error("invalid sync configuration: {0}")]
+    Config(String),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+impl CloudError {
+    /// The shared code of this error. A full outbox is overload, not an outage: the gateway
+    /// counts the traces as dropped and goes on.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CloudError::Config(_) | CloudError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            CloudError::HttpClient(_) => ErrorCode::Internal,
+            CloudError::Outbox(OutboxError::Full { .. }) => ErrorCode::Overloaded,
+            CloudError::Outbox(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+impl From<CloudError> for Error {
+    fn from(err: CloudError) -> Self {
+        Error::Cloud { code: err.code(), message: err.to_string() }
+    }
 }
 
 fn io(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OutboxError {
@@ -429,18 +462,21 @@ impl Uplink {
     }
 
     /// Stages `traces` durably; the batch id once they are on disk.
-    pub async fn stage(&self, traces: Vec<Trace>) -> Result<String, Error> {
+    pub async fn stage(&self, traces: Vec<Trace>) -> Result<String, CloudError> {
         if traces.is_empty() {
-            return Err(Error::InvalidRequest("traces must not be empty".into()));
+            return Err(CloudError::InvalidRequest("traces must not be empty".into()));
         }
         if traces.len() > MAX_UPLINK_TRACES {
-            return Err(Error::InvalidRequest(format!(
+            return Err(CloudError::InvalidRequest(format!(
                 "at most {MAX_UPLINK_TRACES} traces per call (got {})",
                 traces.len()
             )));
         }
         if let Some(trace) = traces.iter().find(|t| t.request_id.trim().is_empty()) {
-            return Err(Error::InvalidRequest(format!("a trace has no request_id (trace_id {:?})", trace.trace_id)));
+            return Err(CloudError::InvalidRequest(format!(
+                "a trace has no request_id (trace_id {:?})",
+                trace.trace_id
+            )));
         }
         let count = traces.len() as u64;
         let batches = split_by_size(traces, MAX_STAGED_BYTES)?;
@@ -455,7 +491,7 @@ impl Uplink {
         })
         .await
         .map_err(|e| {
-            Error::Outbox(OutboxError::Io { context: "staging task", path: PathBuf::new(), source: e.into() })
+            CloudError::Outbox(OutboxError::Io { context: "staging task", path: PathBuf::new(), source: e.into() })
         })?;
         self.metrics.observe(&self.outbox);
         let batch_id = staged?;
@@ -466,7 +502,7 @@ impl Uplink {
 
 /// `traces` in order, as batches whose encoding stays within `max_bytes`, so the cloud never
 /// refuses a batch for its size; a single trace larger than that is refused.
-fn split_by_size(traces: Vec<Trace>, max_bytes: usize) -> Result<Vec<Vec<Trace>>, Error> {
+fn split_by_size(traces: Vec<Trace>, max_bytes: usize) -> Result<Vec<Vec<Trace>>, CloudError> {
     // A trace's cost in the batch: its bytes, its length prefix and its field key.
     let cost = |trace: &Trace| trace.encoded_len() + prost::length_delimiter_len(trace.encoded_len()) + 1;
     // Room for the batch id.
@@ -476,7 +512,7 @@ fn split_by_size(traces: Vec<Trace>, max_bytes: usize) -> Result<Vec<Vec<Trace>>
     for trace in traces {
         let bytes = cost(&trace);
         if bytes > budget {
-            return Err(Error::InvalidRequest(format!(
+            return Err(CloudError::InvalidRequest(format!(
                 "trace {:?} encodes to {bytes} bytes, more than a batch may carry ({budget})",
                 trace.request_id
             )));
@@ -539,12 +575,12 @@ impl HeadFailures {
 }
 
 impl Uploader {
-    pub fn new(outbox: Arc<Outbox>, config: &CloudConfig, metrics: CloudMetrics) -> Result<Self, Error> {
+    pub fn new(outbox: Arc<Outbox>, config: &CloudConfig, metrics: CloudMetrics) -> Result<Self, CloudError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_millis(config.timeout_ms.min(10_000)))
             .build()
-            .map_err(|e| Error::HttpClient(e.to_string()))?;
+            .map_err(|e| CloudError::HttpClient(e.to_string()))?;
         Ok(Self {
             outbox,
             http,
@@ -705,7 +741,7 @@ impl Uploader {
         if status.is_success() {
             return UploadOutcome::Delivered;
         }
-        let after = crate::upstream::retry_after(response.headers()).map(Duration::from_secs);
+        let after = retry_after(response.headers()).map(Duration::from_secs);
         let text = response.text().await.unwrap_or_default();
         let reason = format!("{status}: {}", text.chars().take(500).collect::<String>());
         match status.as_u16() {
@@ -723,11 +759,11 @@ fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 /// The outbox, the staging side and the uploader of `config`, or `None` when no cloud is set.
-pub fn start(config: &CloudConfig, metrics: CloudMetrics, shutdown: Shutdown) -> Result<Option<Uplink>, Error> {
+pub fn start(config: &CloudConfig, metrics: CloudMetrics, shutdown: Shutdown) -> Result<Option<Uplink>, CloudError> {
     if !config.enabled() {
         return Ok(None);
     }
-    let dir = config.outbox.as_ref().ok_or_else(|| Error::Config("cloud.outbox is required".into()))?;
+    let dir = config.outbox.as_ref().ok_or_else(|| CloudError::Config("cloud.outbox is required".into()))?;
     let outbox = Arc::new(Outbox::open(dir, config.max_outbox_bytes)?);
     let uploader = Uploader::new(outbox.clone(), config, metrics.clone())?;
     tracing::info!(endpoint = uploader.endpoint, outbox = outbox.id(), "sync: uploading traces to the cloud");

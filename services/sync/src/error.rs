@@ -19,15 +19,21 @@
 //! | a queue RPC without a configured queue | `NotImplemented` | `not_implemented` | UNIMPLEMENTED | 501 |
 //! | bad `EnqueueRequest` (no principal, malformed idempotency key, bad request) | `InvalidRequest` | `invalid_request` | INVALID_ARGUMENT | 400 |
 //! | unknown job id (or one of another project) | `JobNotFound` | `not_found` | NOT_FOUND | 404 |
-//! | idempotency key reused with another request; retrying a job that is not dead | `Conflict` | `conflict` | ALREADY_EXISTS | 409 |
+//! | idempotency key reused with another request; retrying a job that is not dead | `Queue` | `conflict` | ALREADY_EXISTS | 409 |
 //! | the queue's store is down | `Queue` | `service_unavailable` | UNAVAILABLE | 503 |
 //! | the queue's store holds undecodable data | `Queue` | `internal_error` | INTERNAL | 500 |
 //! | `Uplink` without `[sync.cloud] url` | `NotImplemented` | `not_implemented` | UNIMPLEMENTED | 501 |
-//! | the cloud outbox is full (the cloud unreachable for long) | `Outbox` | `overloaded` | RESOURCE_EXHAUSTED | 503 |
-//! | the cloud outbox cannot be written | `Outbox` | `service_unavailable` | UNAVAILABLE | 503 |
+//! | bad `UplinkRequest` (no traces, too many, a trace without `request_id` or too large) | `Cloud` | `invalid_request` | INVALID_ARGUMENT | 400 |
+//! | the cloud outbox is full (the cloud unreachable for long) | `Cloud` | `overloaded` | RESOURCE_EXHAUSTED | 503 |
+//! | the cloud outbox cannot be written | `Cloud` | `service_unavailable` | UNAVAILABLE | 503 |
 //! | a delivered job cannot be charged (quota down): only the charge is retried | `Charge` | `service_unavailable` | UNAVAILABLE | 503 |
 //! | a retried dead letter's old reservation cannot be released (quota down) | `Release` | `service_unavailable` | UNAVAILABLE | 503 |
 //! | `GetJob`, `ListJobs` or `RetryJob` without a project | `InvalidRequest` | `invalid_request` | INVALID_ARGUMENT | 400 |
+//!
+//! The queue and the cloud uplink map their own errors (`QueueError` in [`crate::queue`],
+//! `CloudError` in [`crate::cloud`]) to a code, and hand them over as `Queue` and `Cloud` with
+//! that code and their message: this module names none of their types, so it imports no other
+//! module of the crate and any of them can import it without a cycle.
 //!
 //! Statuses carry the code in `x-meshgate-error-code`, the retry delay in
 //! `x-meshgate-retry-after` (seconds) and, when the provider answered, its HTTP status in
@@ -85,14 +91,14 @@ pub enum Error {
     NotImplemented(&'static str),
     #[error("job '{0}' not found")]
     JobNotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error(transparent)]
-    Queue(crate::queue::QueueError),
+    /// A failure of the queue, as `QueueError::code` classified it.
+    #[error("{message}")]
+    Queue { code: ErrorCode, message: String },
     #[error(transparent)]
     Storage(#[from] meshgate_storage::Error),
-    #[error(transparent)]
-    Outbox(#[from] crate::cloud::OutboxError),
+    /// A failure of the cloud uplink, as `CloudError::code` classified it.
+    #[error("{message}")]
+    Cloud { code: ErrorCode, message: String },
     #[error("cannot charge the delivered job to its budgets: {0}")]
     Charge(String),
     #[error("cannot release the job's quota reservation: {0}")]
@@ -102,16 +108,6 @@ pub enum Error {
 /// How the provider answered: its HTTP status, or inside its answer (status 0).
 fn answered(status: u16) -> String {
     if status == 0 { " inside its answer".to_owned() } else { format!(" ({status})") }
-}
-
-impl From<crate::queue::QueueError> for Error {
-    fn from(err: crate::queue::QueueError) -> Self {
-        use crate::queue::QueueError;
-        match err {
-            QueueError::IdempotencyConflict { .. } | QueueError::NotDead { .. } => Error::Conflict(err.to_string()),
-            other => Error::Queue(other),
-        }
-    }
 }
 
 impl Error {
@@ -134,11 +130,8 @@ impl Error {
             Error::UpstreamRateLimited { .. } => ErrorCode::RateLimited,
             Error::NotImplemented(_) => ErrorCode::NotImplemented,
             Error::JobNotFound(_) => ErrorCode::NotFound,
-            Error::Conflict(_) => ErrorCode::Conflict,
-            Error::Queue(crate::queue::QueueError::Corrupt(_)) => ErrorCode::Internal,
-            Error::Queue(_) | Error::Storage(_) => ErrorCode::Unavailable,
-            Error::Outbox(crate::cloud::OutboxError::Full { .. }) => ErrorCode::Overloaded,
-            Error::Outbox(_) | Error::Charge(_) | Error::Release(_) => ErrorCode::Unavailable,
+            Error::Queue { code, .. } | Error::Cloud { code, .. } => *code,
+            Error::Storage(_) | Error::Charge(_) | Error::Release(_) => ErrorCode::Unavailable,
         }
     }
 

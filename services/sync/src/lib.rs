@@ -19,6 +19,7 @@ pub mod cloud;
 pub mod error;
 pub mod metrics;
 pub mod queue;
+pub mod retry;
 pub mod service;
 pub mod upstream;
 
@@ -36,7 +37,8 @@ use serde::{Deserialize, Serialize};
 pub use error::Error;
 pub use meshgate_catalog::{ProviderKind, ProviderSpec};
 pub use metrics::UpstreamMetrics;
-pub use queue::{Charger, Dispatcher, DispatcherConfig, FileJobStore, JobStore, PgJobStore, QueueMetrics, RetryPolicy};
+pub use queue::{Charger, Dispatcher, DispatcherConfig, FileJobStore, JobStore, PgJobStore, QueueMetrics};
+pub use retry::RetryPolicy;
 pub use service::{Queue, SyncService};
 pub use upstream::{CallOptions, ChunkStream, Upstream};
 
@@ -61,7 +63,7 @@ pub const DEFAULT_ADMIN_PORT: u16 = 9106;
 
 /// Where the `meshgate-sync` binary listens unless `MESHGATE_LISTEN__*` says otherwise.
 pub fn default_listen() -> ListenConfig {
-    meshgate_runtime::process::default_listen(DEFAULT_GRPC_PORT, DEFAULT_ADMIN_PORT, None)
+    meshgate_runtime::service_main::default_listen(DEFAULT_GRPC_PORT, DEFAULT_ADMIN_PORT, None)
 }
 
 /// Configuration of the sync service (section `[sync]`, env `MESHGATE_SYNC__*`).
@@ -225,7 +227,7 @@ impl Config {
             }
         }
         self.queue.validate()?;
-        self.cloud.validate()
+        self.cloud.validate().map_err(Error::from)
     }
 
     /// Fills `queue.database_url` from `DATABASE_URL` when neither a database nor a queue

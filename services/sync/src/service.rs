@@ -288,7 +288,7 @@ impl SyncApi for SyncService {
 
     async fn uplink(&self, request: Request<UplinkRequest>) -> Result<Response<UplinkResponse>, Status> {
         let uplink = self.uplink.as_ref().ok_or(Error::NotImplemented(NO_CLOUD))?;
-        let batch_id = uplink.stage(request.into_inner().traces).await?;
+        let batch_id = uplink.stage(request.into_inner().traces).await.map_err(Error::from)?;
         Ok(Response::new(UplinkResponse { batch_id }))
     }
 }

@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -41,11 +41,12 @@ use meshgate_wire::openai::provider as openai;
 use meshgate_wire::sse::{SseDecoder, SseEvent};
 use meshgate_wire::{ChatRequest, ProviderModel, UnknownParams, WireError};
 use rand::Rng;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 
 use crate::Config;
 use crate::error::Error;
 use crate::metrics::UpstreamMetrics;
+use crate::retry::retry_after;
 
 /// The chunks of one upstream call.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<CompleteChunk, Error>> + Send>>;
@@ -617,22 +618,6 @@ async fn read_body(
     }
 }
 
-/// `Retry-After` (seconds or an HTTP date) or `retry-after-ms`, in whole seconds rounded up.
-pub(crate) fn retry_after(headers: &HeaderMap) -> Option<u64> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-    if let Some(value) = header("retry-after") {
-        if let Ok(seconds) = value.parse::<u64>() {
-            return Some(seconds);
-        }
-        if let Ok(when) = httpdate::parse_http_date(value) {
-            let wait = when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
-            return Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
-        }
-    }
-    let millis = header("retry-after-ms")?.parse::<f64>().ok().filter(|ms| ms.is_finite() && *ms >= 0.0)?;
-    Some((millis / 1000.0).ceil() as u64)
-}
-
 /// An error with its sources, for messages (reqwest's own Display hides the cause).
 fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut message = err.to_string();
@@ -713,19 +698,6 @@ mod tests {
     use meshgate_proto::common::v1::Target;
 
     use super::*;
-
-    #[test]
-    fn retry_after_forms() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(retry_after(&headers), None);
-        headers.insert("retry-after-ms", HeaderValue::from_static("1500"));
-        assert_eq!(retry_after(&headers), Some(2));
-        headers.insert("retry-after", HeaderValue::from_static("7"));
-        assert_eq!(retry_after(&headers), Some(7));
-        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
-        headers.insert("retry-after", HeaderValue::try_from(later).unwrap());
-        assert!((29..=31).contains(&retry_after(&headers).unwrap()));
-    }
 
     fn spec(kind: ProviderKind, base_url: &str) -> ProviderSpec {
         ProviderSpec {

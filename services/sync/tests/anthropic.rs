@@ -20,12 +20,13 @@ use tonic::{Code, Status};
 
 const KEY: &str = "sk-ant-test";
 
-struct Sync {
+/// The sync service serving on ephemeral ports, with a client; shut down when dropped.
+struct RunningSync {
     client: SyncClient<MeshChannel>,
     shutdown: Shutdown,
 }
 
-impl Sync {
+impl RunningSync {
     async fn start(providers: Vec<ProviderSpec>) -> Self {
         let config = Config {
             providers,
@@ -62,7 +63,7 @@ impl Sync {
     }
 }
 
-impl Drop for Sync {
+impl Drop for RunningSync {
     fn drop(&mut self) {
         self.shutdown.trigger();
     }
@@ -105,7 +106,7 @@ fn text(chunks: &[CompleteChunk]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_conversation_answers_the_same_in_both_formats() {
     let mock = mock(Behavior::default()).await;
-    let sync = Sync::start(providers(&mock)).await;
+    let sync = RunningSync::start(providers(&mock)).await;
 
     let (anthropic, error) = sync.complete(request("claude")).await;
     assert!(error.is_none(), "{error:?}");
@@ -165,7 +166,7 @@ async fn the_same_conversation_answers_the_same_in_both_formats() {
 async fn tool_calls_round_trip_through_the_anthropic_format() {
     let call = MockToolCall { name: "get_weather".into(), arguments: r#"{"city":"Paris","unit":"celsius"}"#.into() };
     let mock = mock(Behavior { tool_call: Some(call), ..Behavior::default() }).await;
-    let sync = Sync::start(providers(&mock)).await;
+    let sync = RunningSync::start(providers(&mock)).await;
     let (chunks, error) = sync.complete(request("claude")).await;
     assert!(error.is_none(), "{error:?}");
     let (last, pieces) = chunks.split_last().unwrap();
@@ -226,7 +227,7 @@ async fn anthropic_errors_map_like_openai_ones_and_overload_is_retried() {
     let mock = mock(Behavior { retry_after_secs: Some(30), ..Behavior::default() }).await;
     let mut specs = providers(&mock);
     specs.push(ProviderSpec { name: "wrong-key".into(), api_key: Some("sk-wrong".into()), ..specs[0].clone() });
-    let sync = Sync::start(specs).await;
+    let sync = RunningSync::start(specs).await;
 
     mock.set_failures(0.0, 529);
     mock.fail_next(1);
@@ -252,7 +253,7 @@ async fn anthropic_errors_map_like_openai_ones_and_overload_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_broken_anthropic_streams_end_with_clear_errors() {
     let mock = mock(Behavior { garbage: true, ..Behavior::default() }).await;
-    let sync = Sync::start(providers(&mock)).await;
+    let sync = RunningSync::start(providers(&mock)).await;
     let (chunks, status) = sync.complete(request("claude")).await;
     let status = status.unwrap();
     assert!(chunks.is_empty());
@@ -288,7 +289,7 @@ async fn the_canonical_request_reaches_anthropic_as_blocks_thinking_and_schemas(
     let mock =
         mock(Behavior { prompt_cache: Some(PromptCache { read_tokens: 5, write_tokens: 3 }), ..Behavior::default() })
             .await;
-    let sync = Sync::start(providers(&mock)).await;
+    let sync = RunningSync::start(providers(&mock)).await;
     let weather = ToolDefinition {
         name: "get_weather".into(),
         description: "The weather of a city".into(),
@@ -419,7 +420,7 @@ async fn anthropic_leaves_out_what_it_cannot_take_and_says_so() {
         unknown_params: Some(UnknownParams::Refuse),
         ..specs[0].clone()
     });
-    let sync = Sync::start(specs).await;
+    let sync = RunningSync::start(specs).await;
     let short = |provider: &str| CompleteRequest {
         messages: vec![message("user", "hi")],
         sampling: Some(SamplingParams { seed: Some(7), ..SamplingParams::default() }),

@@ -21,14 +21,16 @@ use meshgate_sync::{Config, ProviderSpec};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-struct Sync {
+/// The sync service serving on ephemeral ports, with a client; `stop` shuts it down and checks it
+/// ended cleanly.
+struct RunningSync {
     client: SyncClient<Channel>,
     admin: SocketAddr,
     shutdown: Shutdown,
     task: tokio::task::JoinHandle<Result<(), meshgate_sync::Error>>,
 }
 
-impl Sync {
+impl RunningSync {
     /// Retries wait 10 ms (then 20 ms) and a `Retry-After` above 2 s is not waited for.
     async fn start(providers: Vec<ProviderSpec>) -> Self {
         let config = Config {
@@ -117,7 +119,7 @@ fn metadata<'a>(status: &'a Status, key: &str) -> Option<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_content_and_usage_match_the_providers_json_answer() {
     let mock = MockProvider::start().await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
 
     let (chunks, error) = sync.complete(request("mock")).await;
     assert!(error.is_none(), "{error:?}");
@@ -174,7 +176,7 @@ async fn stream_content_and_usage_match_the_providers_json_answer() {
 async fn deltas_arrive_in_order_as_the_provider_streams_them() {
     let behavior = Behavior { chunk_delay: Duration::from_millis(80), stream_chunks: 5, ..Behavior::default() };
     let mock = MockProvider::start_with(behavior).await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
 
     let mut client = sync.client.clone();
     let mut stream = client.complete(request("mock")).await.unwrap().into_inner();
@@ -197,7 +199,7 @@ async fn deltas_arrive_in_order_as_the_provider_streams_them() {
 async fn provider_500_is_retried_then_unavailable_as_the_first_stream_item() {
     let mock = MockProvider::start().await.unwrap();
     mock.set_failures(1.0, 500);
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
 
     // The call itself succeeds; the failure is the stream's first item, so nothing reached the
     // caller and it may fall back.
@@ -220,7 +222,7 @@ async fn provider_500_is_retried_then_unavailable_as_the_first_stream_item() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_before_the_first_chunk_is_retried_and_the_caller_sees_only_the_answer() {
     let mock = MockProvider::start_with(Behavior { retry_after_secs: Some(1), ..Behavior::default() }).await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     for status in [503, 429, 500] {
         mock.reset_counters();
         mock.set_failures(0.0, status);
@@ -240,7 +242,7 @@ async fn a_failure_before_the_first_chunk_is_retried_and_the_caller_sees_only_th
 
     // A per-provider retry count.
     let once = ProviderSpec { max_retries: Some(0), ..provider("once", &mock) };
-    let sync_once = Sync::start(vec![once]).await;
+    let sync_once = RunningSync::start(vec![once]).await;
     mock.reset_counters();
     mock.fail_next(1);
     let (_, error) = sync_once.complete(request("once")).await;
@@ -259,7 +261,7 @@ async fn a_failure_before_the_first_chunk_is_retried_and_the_caller_sees_only_th
 async fn nothing_is_retried_once_content_reached_the_caller_nor_a_client_error() {
     let behavior = Behavior { fail_after_chunks: Some(2), ..Behavior::default() };
     let mock = MockProvider::start_with(behavior).await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let (chunks, error) = sync.complete(request("mock")).await;
     assert_eq!(text(&chunks), "echo: tell");
     assert_eq!(error.unwrap().code(), Code::Unavailable);
@@ -279,7 +281,7 @@ async fn nothing_is_retried_once_content_reached_the_caller_nor_a_client_error()
 async fn provider_429_is_resource_exhausted_with_retry_after() {
     let mock = MockProvider::start_with(Behavior { retry_after_secs: Some(7), ..Behavior::default() }).await.unwrap();
     mock.set_failures(1.0, 429);
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let (chunks, status) = sync.complete(request("mock")).await;
     let status = status.unwrap();
     assert!(chunks.is_empty());
@@ -296,7 +298,7 @@ async fn a_hanging_provider_is_deadline_exceeded_within_the_timeout() {
     let mock = MockProvider::start().await.unwrap();
     mock.set_hang(true);
     let slow_first_byte = ProviderSpec { first_byte_timeout_ms: Some(300), ..provider("mock", &mock) };
-    let sync = Sync::start(vec![slow_first_byte]).await;
+    let sync = RunningSync::start(vec![slow_first_byte]).await;
 
     // The request's own timeout.
     let started = Instant::now();
@@ -322,7 +324,7 @@ async fn a_hanging_provider_is_deadline_exceeded_within_the_timeout() {
 async fn the_total_timeout_cuts_a_slow_stream_after_some_deltas() {
     let behavior = Behavior { chunk_delay: Duration::from_millis(100), stream_chunks: 20, ..Behavior::default() };
     let mock = MockProvider::start_with(behavior).await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let started = Instant::now();
     let (chunks, status) = sync.complete(CompleteRequest { timeout_ms: 450, ..request("mock") }).await;
     let status = status.unwrap();
@@ -336,7 +338,7 @@ async fn the_total_timeout_cuts_a_slow_stream_after_some_deltas() {
 async fn broken_stream(fault: StreamFault) -> (Vec<CompleteChunk>, Status) {
     let behavior = Behavior { fail_after_chunks: Some(3), stream_fault: fault, ..Behavior::default() };
     let mock = MockProvider::start_with(behavior).await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let (chunks, status) = sync.complete(request("mock")).await;
     sync.stop().await;
     (chunks, status.expect("the stream must end with an error"))
@@ -367,7 +369,7 @@ async fn mid_stream_failures_end_the_stream_with_an_error_after_the_deltas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_is_an_error_and_a_provider_ignoring_stream_is_read_whole() {
     let mock = MockProvider::start_with(Behavior { garbage: true, ..Behavior::default() }).await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let (chunks, status) = sync.complete(request("mock")).await;
     let status = status.unwrap();
     assert!(chunks.is_empty());
@@ -396,7 +398,7 @@ async fn the_key_and_request_id_are_forwarded_and_a_wrong_key_is_an_upstream_err
         MockProvider::start_with(Behavior { api_key: Some("sk-right".into()), ..Behavior::default() }).await.unwrap();
     let good = ProviderSpec { api_key: Some("sk-right".into()), ..provider("good", &mock) };
     let bad = ProviderSpec { api_key: Some("sk-wrong".into()), ..provider("bad", &mock) };
-    let sync = Sync::start(vec![good, bad]).await;
+    let sync = RunningSync::start(vec![good, bad]).await;
 
     let (chunks, status) = sync.complete(request("good")).await;
     assert!(status.is_none(), "{status:?}");
@@ -443,7 +445,7 @@ async fn an_azure_style_provider_gets_its_query_and_api_key_header() {
     .validate()
     .unwrap();
     assert!(azure.base_url.ends_with("/v1?api-version=2024-10-21"), "{}", azure.base_url);
-    let sync = Sync::start(vec![azure]).await;
+    let sync = RunningSync::start(vec![azure]).await;
     let (chunks, status) = sync.complete(request("azure")).await;
     assert!(status.is_none(), "{status:?}");
     assert!(chunks.last().unwrap().usage.is_some());
@@ -457,7 +459,7 @@ async fn an_azure_style_provider_gets_its_query_and_api_key_header() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampling_is_forwarded_and_max_tokens_ends_with_length() {
     let mock = MockProvider::start().await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let sampling = SamplingParams {
         max_tokens: Some(3),
         temperature: Some(0.5),
@@ -485,7 +487,7 @@ async fn sampling_is_forwarded_and_max_tokens_ends_with_length() {
 async fn tool_calls_stream_as_pieces_and_are_assembled_at_the_end() {
     let call = MockToolCall { name: "get_weather".into(), arguments: r#"{"city":"Paris","unit":"celsius"}"#.into() };
     let mock = MockProvider::start_with(Behavior { tool_call: Some(call), ..Behavior::default() }).await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let (chunks, status) = sync.complete(request("mock")).await;
     assert!(status.is_none(), "{status:?}");
     let (last, pieces) = chunks.split_last().unwrap();
@@ -527,7 +529,7 @@ async fn the_canonical_request_reaches_the_provider_in_its_openai_place() {
     })
     .await
     .unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
 
     // Tools offered: the mock calls the tool; the call goes back with its result; text follows.
     let options = ChatOptions {
@@ -639,7 +641,7 @@ async fn unknown_parameters_are_forwarded_dropped_or_refused_by_provider() {
     let forward = provider("forward", &mock);
     let drop = ProviderSpec { unknown_params: Some(UnknownParams::Drop), ..provider("drop", &mock) };
     let refuse = ProviderSpec { unknown_params: Some(UnknownParams::Refuse), ..provider("refuse", &mock) };
-    let sync = Sync::start(vec![forward, drop, refuse]).await;
+    let sync = RunningSync::start(vec![forward, drop, refuse]).await;
     let with_extras = |name: &str| CompleteRequest {
         options: Some(ChatOptions {
             extra_json: r#"{"repetition_penalty": 1.1, "guided_choice": ["a", "b"]}"#.into(),
@@ -675,7 +677,7 @@ async fn unknown_parameters_are_forwarded_dropped_or_refused_by_provider() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_context_overflow_keeps_its_code_and_is_not_retried() {
     let mock = MockProvider::start_with(Behavior { context_window: Some(12), ..Behavior::default() }).await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let (chunks, status) = sync.complete(request("mock")).await;
     let status = status.unwrap();
     assert!(chunks.is_empty());
@@ -707,7 +709,7 @@ async fn bad_requests_and_unknown_targets_fail_with_matching_codes() {
         listener.local_addr().unwrap()
     };
     let down = ProviderSpec { base_url: format!("http://{closed}/v1"), ..provider("down", &mock) };
-    let sync = Sync::start(vec![provider("mock", &mock), down]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock), down]).await;
 
     let cases = [
         (CompleteRequest { provider: "nope".into(), ..request("mock") }, Code::NotFound),
@@ -751,7 +753,7 @@ async fn bad_requests_and_unknown_targets_fail_with_matching_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_rpcs_are_unimplemented_without_a_configured_queue() {
-    let sync = Sync::start(Vec::new()).await;
+    let sync = RunningSync::start(Vec::new()).await;
     let mut client = sync.client.clone();
     let statuses = [
         client.enqueue(EnqueueRequest::default()).await.unwrap_err(),
@@ -770,7 +772,7 @@ async fn queue_rpcs_are_unimplemented_without_a_configured_queue() {
 async fn upstream_calls_are_counted_in_metrics() {
     let behavior = Behavior { chunk_delay: Duration::from_millis(50), ..Behavior::default() };
     let mock = MockProvider::start_with(behavior).await.unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let (_, status) = sync.complete(request("mock")).await;
     assert!(status.is_none());
     mock.set_failures(0.0, 400);
@@ -820,7 +822,7 @@ async fn several_streams_share_the_pool_concurrently() {
     let mock = MockProvider::start_with(Behavior { chunk_delay: Duration::from_millis(5), ..Behavior::default() })
         .await
         .unwrap();
-    let sync = Sync::start(vec![provider("mock", &mock)]).await;
+    let sync = RunningSync::start(vec![provider("mock", &mock)]).await;
     let mut calls = Vec::new();
     for i in 0..32 {
         let client = sync.client.clone();

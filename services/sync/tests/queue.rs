@@ -521,13 +521,13 @@ async fn concurrent_claims_on_postgres_never_share_a_job_and_expired_leases_come
 }
 
 /// The service over real gRPC with its workers running against the system clock.
-struct Service {
+struct RunningSync {
     client: SyncClient<meshgate_runtime::MeshChannel>,
     shutdown: Shutdown,
     task: tokio::task::JoinHandle<Result<(), meshgate_sync::Error>>,
 }
 
-impl Service {
+impl RunningSync {
     async fn start(config: Config) -> Self {
         let listeners = Listeners::ephemeral().await.unwrap();
         let grpc = listeners.grpc_addr();
@@ -558,7 +558,7 @@ async fn grpc_api(kind: StoreKind) {
         StoreKind::Postgres => cfg.queue.database_url = Some(isolated_database_url().await),
         StoreKind::File => cfg.queue.path = Some(dir.path().join("queue")),
     }
-    let service = Service::start(cfg).await;
+    let service = RunningSync::start(cfg).await;
     let mut client = service.client.clone();
 
     // No provider named: the model's providers in fallback order; "down" refuses, "up" answers.

@@ -8,6 +8,8 @@
 //! Every match starts at a "boundary": the byte before it is not `[A-Za-z0-9_]` (so `task-…` never
 //! yields an OpenAI key). The streaming scanner relies on this to pick its hold-back candidates.
 
+mod digits;
+
 use std::sync::LazyLock;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
@@ -408,7 +410,7 @@ impl Detectors {
             }
         }
         if mask.has(Rule::UsSsn) || mask.has(Rule::CardNumber) {
-            crate::digits::scan(bytes, from, mask, hits);
+            digits::scan(bytes, from, mask, hits);
         }
         hits.sort_unstable();
         hits.dedup();

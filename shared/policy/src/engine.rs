@@ -8,8 +8,8 @@ use serde::Serialize;
 use crate::config::{OutputAction, PolicyConfig};
 use crate::detect::{Detectors, Hit, RuleMask, Signal};
 use crate::injection::{InjectionClassifier, InjectionSource, heuristic_score, role_is_untrusted};
+use crate::liveness::Liveness;
 use crate::rules::{Action, Category, Rule, Severity};
-use crate::stream::{Liveness, StreamScanner};
 
 /// One message of a request, as the engine sees it.
 #[derive(Debug, Clone, Copy)]
@@ -208,9 +208,9 @@ impl PolicyEngine {
         OutputScan { risk: risk_score(&findings), findings, redacted }
     }
 
-    /// An incremental scanner for one streamed reply (one per choice).
-    pub fn stream_scanner(&self) -> StreamScanner {
-        StreamScanner::new(self.clone(), self.inner.liveness.clone())
+    /// The output rules' liveness automaton, shared by the engine's stream scanners.
+    pub(crate) fn liveness(&self) -> Option<Arc<Liveness>> {
+        self.inner.liveness.clone()
     }
 
     pub(crate) fn output_action(&self) -> Action {

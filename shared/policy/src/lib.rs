@@ -15,12 +15,12 @@
 
 mod config;
 mod detect;
-mod digits;
 mod engine;
 mod error;
 mod event;
 mod headers;
 mod injection;
+mod liveness;
 mod rules;
 mod stream;
 

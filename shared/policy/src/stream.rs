@@ -16,11 +16,11 @@
 
 use std::sync::Arc;
 
-use regex_automata::hybrid::dfa::{Cache, DFA};
-use regex_automata::{Anchored, Input, MatchKind};
+use regex_automata::hybrid::dfa::Cache;
 
-use crate::detect::{Hit, Keywords, RuleMask, boundary_before, liveness_patterns};
+use crate::detect::Hit;
 use crate::engine::{Finding, PolicyEngine, finding, redact, risk_score};
+use crate::liveness::Liveness;
 use crate::rules::Action;
 
 /// Upper bound of the held-back tail, in bytes.
@@ -28,66 +28,6 @@ pub const MAX_HOLD: usize = 64 * 1024;
 
 /// Released bytes kept in front of the tail for the detectors' look-behind.
 const CONTEXT: usize = 8;
-
-/// The compiled liveness automaton of one engine's output rules.
-#[derive(Debug)]
-pub(crate) struct Liveness {
-    dfa: DFA,
-}
-
-impl Liveness {
-    pub fn build(mask: &RuleMask, keywords: Option<&Keywords>) -> Result<Option<Self>, String> {
-        let mut patterns: Vec<String> = Vec::new();
-        for rule in mask.rules() {
-            for pattern in liveness_patterns(rule) {
-                if !patterns.iter().any(|p| p == pattern) {
-                    patterns.push((*pattern).to_owned());
-                }
-            }
-        }
-        if mask.has(crate::Rule::BlockedKeyword)
-            && let Some(keywords) = keywords
-        {
-            patterns.extend(keywords.liveness_patterns());
-        }
-        if patterns.is_empty() {
-            return Ok(None);
-        }
-        let dfa = DFA::builder()
-            .configure(DFA::config().match_kind(MatchKind::All).skip_cache_capacity_check(true))
-            .thompson(regex_automata::nfa::thompson::Config::new().nfa_size_limit(None))
-            .build_many(&patterns)
-            .map_err(|e| format!("output liveness automaton: {e}"))?;
-        Ok(Some(Self { dfa }))
-    }
-
-    /// The earliest candidate start in `[lo, len)` from which the text to the end is still a
-    /// prefix of some match.
-    fn earliest_live(&self, cache: &mut Cache, hay: &str, lo: usize) -> Option<usize> {
-        let bytes = hay.as_bytes();
-        (lo..bytes.len())
-            .filter(|&p| hay.is_char_boundary(p) && boundary_before(bytes, p))
-            .find(|&p| self.alive_from(cache, hay, p))
-    }
-
-    fn alive_from(&self, cache: &mut Cache, hay: &str, p: usize) -> bool {
-        let input = Input::new(hay).range(p..).anchored(Anchored::Yes);
-        // A cache failure means "unknown": holding is the safe answer.
-        let Ok(mut sid) = self.dfa.start_state_forward(cache, &input) else { return true };
-        for &b in &hay.as_bytes()[p..] {
-            match self.dfa.next_state(cache, sid, b) {
-                Ok(next) if next.is_dead() => return false,
-                Ok(next) if next.is_quit() => return true,
-                Ok(next) => sid = next,
-                Err(_) => return true,
-            }
-        }
-        // Matches are reported one byte late, so a state that is not dead may only be carrying
-        // the match that ended at the previous byte. The run is alive only if some next byte
-        // keeps it going.
-        (0..=u8::MAX).any(|b| self.dfa.next_state(cache, sid, b).is_ok_and(|next| !next.is_dead()))
-    }
-}
 
 /// Scans one streamed reply. Feed it every text delta with [`StreamScanner::push`], forward what it
 /// returns, and call [`StreamScanner::finish`] at the end of the stream and forward that too.
@@ -117,9 +57,16 @@ impl std::fmt::Debug for StreamScanner {
     }
 }
 
+impl PolicyEngine {
+    /// An incremental scanner for one streamed reply (one per choice).
+    pub fn stream_scanner(&self) -> StreamScanner {
+        StreamScanner::new(self.clone(), self.liveness())
+    }
+}
+
 impl StreamScanner {
     pub(crate) fn new(engine: PolicyEngine, liveness: Option<Arc<Liveness>>) -> Self {
-        let cache = liveness.as_ref().map(|l| l.dfa.create_cache());
+        let cache = liveness.as_ref().map(|l| l.create_cache());
         let action = engine.output_action();
         Self {
             engine,

@@ -1,5 +1,7 @@
 //! gRPC clients between services: lazy channels whose requests carry the caller's trace context
-//! and, from a [`crate::mesh::ServiceIdentity`], the caller's identity.
+//! and, from a [`crate::mesh::ServiceIdentity`], the caller's identity. The mesh's channel
+//! constructors ([`ServiceIdentity::channel`], [`Mesh::anonymous_channel`]) live here, above
+//! `mesh`, which only hands them the TLS to connect with.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,8 +15,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tower::ServiceExt as _;
 
+use crate::mesh::{LocalCaller, Mesh, SecurityError, ServiceIdentity, TlsConnector};
+
 /// A channel to another meshgate service; every request carries W3C `traceparent`. A service
-/// running in this process with in-process calls on is called directly (see [`crate::local`]).
+/// running in this process with in-process calls on is called directly (see [`crate::in_process`]).
 #[derive(Clone)]
 pub struct MeshChannel {
     network: Channel,
@@ -27,7 +31,7 @@ pub struct MeshChannel {
 
 impl tower::Service<http::Request<tonic::body::Body>> for MeshChannel {
     type Response = http::Response<tonic::body::Body>;
-    type Error = crate::local::BoxError;
+    type Error = crate::in_process::BoxError;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -37,9 +41,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for MeshChannel {
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         crate::telemetry::inject_span_context(&tracing::Span::current(), request.headers_mut());
-        if let Some(service) = self.local.and_then(crate::local::lookup) {
+        if let Some(service) = self.local.and_then(crate::in_process::lookup) {
             if let Some(caller) = &self.caller {
-                request.extensions_mut().insert(crate::mesh::LocalCaller(caller.clone()));
+                request.extensions_mut().insert(LocalCaller(caller.clone()));
             }
             return service(request);
         }
@@ -71,7 +75,7 @@ pub(crate) fn build_channel(
     endpoint: &str,
     connect_timeout: Duration,
     caller: Option<Arc<str>>,
-    tls: Option<crate::mesh::TlsConnector>,
+    tls: Option<TlsConnector>,
 ) -> Result<MeshChannel, EndpointError> {
     let endpoint_config = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|err| EndpointError { endpoint: endpoint.to_owned(), message: err.to_string() })?
@@ -88,6 +92,24 @@ pub(crate) fn build_channel(
         .or_else(|| endpoint.strip_prefix("https://"))
         .and_then(|rest| rest.trim_end_matches('/').parse::<SocketAddr>().ok());
     Ok(MeshChannel { network, local, caller })
+}
+
+impl Mesh {
+    /// A channel without an identity: with mTLS, TLS that checks the server against the mesh CA
+    /// and presents no certificate — how a public client reaches the gateway's gRPC edge.
+    pub fn anonymous_channel(&self, endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel, SecurityError> {
+        let tls = self.anonymous_tls()?;
+        build_channel(endpoint, connect_timeout, None, tls).map_err(|err| SecurityError::Config(err.to_string()))
+    }
+}
+
+impl ServiceIdentity {
+    /// A lazily connecting channel to `endpoint` as this identity: mTLS presenting its
+    /// certificate (whatever the URL's scheme) and checking the server's under the endpoint's
+    /// host; in process, the identity rides along as a request extension.
+    pub fn channel(&self, endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel, EndpointError> {
+        build_channel(endpoint, connect_timeout, Some(self.caller_name()), self.client_tls())
+    }
 }
 
 /// The gRPC health of `service` (`""` for the whole server) behind `channel`, or why there is

@@ -5,17 +5,18 @@
 pub mod client;
 pub mod config;
 pub mod error;
-pub mod local;
+pub mod in_process;
 pub mod mesh;
 pub mod metrics;
-pub mod process;
+mod rpc_methods;
 pub mod server;
+pub mod service_main;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use client::{MeshChannel, channel};
 pub use error::{ApiError, ErrorCode};
 pub use metrics::Metrics;
-pub use process::run_main;
 pub use server::{ListenConfig, Listeners, Readiness, ServeError, ServiceHost};
+pub use service_main::run_main;
 pub use shutdown::Shutdown;

@@ -1,12 +1,11 @@
 //! Serving a service: listeners, readiness, the gRPC server with health and reflection, the
 //! admin HTTP listener, and draining on shutdown.
 
-use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,7 @@ use tracing::Instrument;
 use crate::client::{EndpointError, MeshChannel};
 use crate::mesh::{GuardLayer, SecurityError, ServiceIdentity, TlsIncoming};
 use crate::metrics::Metrics;
+use crate::rpc_methods::known_methods;
 use crate::shutdown::Shutdown;
 
 /// Sockets a service serves on, and who it is in the mesh. Tests bind `127.0.0.1:0` and pass
@@ -233,20 +233,20 @@ impl ServiceHost {
         let admin =
             tokio::spawn(serve_admin(listeners.admin, self.metrics.clone(), self.readiness.clone(), shutdown.clone()));
 
-        let registration = crate::local::enabled().then(|| {
+        let registration = crate::in_process::enabled().then(|| {
             let mut routes = tonic::service::Routes::new(health_service.clone()).add_service(service.clone());
             if let Some(reflection) = &reflection {
                 routes = routes.add_service(reflection.clone());
             }
             let guarded = layers.clone().service(routes);
-            let call: crate::local::LocalService = Arc::new(move |request| {
+            let call: crate::in_process::LocalService = Arc::new(move |request| {
                 let guarded = guarded.clone();
                 Box::pin(async move {
                     let response = guarded.oneshot(request).await.map_err(|never| match never {})?;
                     Ok(response.map(tonic::body::Body::new))
                 })
             });
-            crate::local::register(grpc_addr, call)
+            crate::in_process::register(grpc_addr, call)
         });
         // Callers in this process meet the closing listener from the start of the shutdown on.
         let unregister = shutdown.clone();
@@ -385,30 +385,6 @@ pub fn nodelay(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut
     listener.tap_io(set_nodelay as fn(&mut tokio::net::TcpStream))
 }
 
-/// `/package.Service/Method` of every RPC served: meshgate's contracts, health and reflection.
-pub(crate) fn known_methods() -> &'static HashSet<&'static str> {
-    &KNOWN_METHODS
-}
-
-static KNOWN_METHODS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
-    let mut methods = HashSet::from(["/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"]);
-    for encoded in [meshgate_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
-        let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(encoded) else {
-            continue;
-        };
-        for file in set.file {
-            for service in &file.service {
-                for method in &service.method {
-                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                    // Built once per process from a fixed set.
-                    methods.insert(&*Box::leak(path.into_boxed_str()));
-                }
-            }
-        }
-    }
-    methods
-});
-
 /// Tower layer around every gRPC request: joins the caller's trace, records metrics.
 #[derive(Clone)]
 struct ObserveLayer {
@@ -448,7 +424,7 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         // Only methods the contracts declare become label values: a client sending made-up
         // paths must not grow the metric's cardinality.
-        let method = KNOWN_METHODS.get(request.uri().path()).copied().unwrap_or("other");
+        let method = known_methods().get(request.uri().path()).copied().unwrap_or("other");
         let span = tracing::info_span!("grpc.server", otel.name = method, otel.kind = "server", rpc.system = "grpc");
         crate::telemetry::set_parent_from_headers(&span, request.headers());
         let start = Instant::now();
@@ -583,13 +559,5 @@ mod tests {
 
         drop(observed(frames(vec![]), &metrics, None));
         assert_eq!(count(&metrics, "1"), 1, "a body dropped before its end is a cancelled call");
-    }
-
-    #[test]
-    fn known_methods_cover_every_contract_and_nothing_else() {
-        assert!(KNOWN_METHODS.contains("/meshgate.quota.v1.Quota/Reserve"));
-        assert!(KNOWN_METHODS.contains("/meshgate.gateway.v1.Gateway/Chat"));
-        assert!(KNOWN_METHODS.contains("/grpc.health.v1.Health/Check"));
-        assert!(!KNOWN_METHODS.contains("/meshgate.quota.v1.Quota/Made-Up"));
     }
 }

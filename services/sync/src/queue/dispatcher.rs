@@ -18,8 +18,9 @@ use meshgate_wire::Answer;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use tokio::sync::{Notify, Semaphore};
 
-use super::{Finish, JobOutcome, JobRecord, JobStore, QueueError, RetryPolicy};
+use super::{Finish, JobOutcome, JobRecord, JobStore, QueueError};
 use crate::error::Error;
+use crate::retry::RetryPolicy;
 use crate::upstream::{CallOptions, Upstream};
 
 /// Counters of the queue: `event` is `enqueued`, `deduplicated`, `succeeded`, `retried`, `dead`,
@@ -377,7 +378,8 @@ impl Dispatcher {
                 Ok(delivered) => self.charge(&job, delivered).await,
                 Err(err) => {
                     let permanent = is_permanent(&err);
-                    self.config.policy.after_failure(
+                    Finish::after_failure(
+                        &self.config.policy,
                         job.attempts,
                         job.max_attempts,
                         permanent,

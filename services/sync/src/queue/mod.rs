@@ -36,8 +36,12 @@ mod postgres;
 use chrono::{DateTime, TimeDelta, Utc};
 use meshgate_proto::common::v1::{Target, ToolCall, Usage};
 use meshgate_proto::sync::v1::{CompleteRequest, Job, JobReservation, JobStatus};
+use meshgate_runtime::error::ErrorCode;
 use prost::Message as _;
 use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+use crate::retry::RetryPolicy;
 
 pub use dispatcher::{Charger, Dispatcher, DispatcherConfig, QueueMetrics};
 pub use file::FileJobStore;
@@ -233,45 +237,22 @@ pub enum Finish {
     Dead { error: String, code: String },
 }
 
-/// Backoff and attempt budget of the queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts before a job becomes a dead letter.
-    pub max_attempts: i32,
-    /// The first retry's wait; doubles per attempt.
-    pub base: std::time::Duration,
-    /// The longest wait.
-    pub cap: std::time::Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self { max_attempts: 8, base: std::time::Duration::from_secs(1), cap: std::time::Duration::from_secs(30) }
-    }
-}
-
-impl RetryPolicy {
-    /// The wait after the `attempts`-th failed attempt: `base · 2^(attempts − 1)`, capped.
-    pub fn backoff(&self, attempts: i32) -> std::time::Duration {
-        let exponent = attempts.saturating_sub(1).clamp(0, 30) as u32;
-        self.base.saturating_mul(1u32 << exponent).min(self.cap)
-    }
-
-    /// What a failed attempt leads to: a retry after the backoff, or a dead letter when the
-    /// budget is spent or the failure is `permanent`.
+impl Finish {
+    /// What a failed attempt leads to under `policy`: a retry after its backoff, or a dead
+    /// letter when the budget is spent or the failure is `permanent`.
     pub fn after_failure(
-        &self,
+        policy: &RetryPolicy,
         attempts: i32,
         max_attempts: i32,
         permanent: bool,
         now: DateTime<Utc>,
         error: String,
         code: String,
-    ) -> Finish {
+    ) -> Self {
         if permanent || attempts >= max_attempts {
             return Finish::Dead { error, code };
         }
-        let wait = TimeDelta::from_std(self.backoff(attempts)).unwrap_or(TimeDelta::MAX);
+        let wait = TimeDelta::from_std(policy.backoff(attempts)).unwrap_or(TimeDelta::MAX);
         let at = now.checked_add_signed(wait).unwrap_or(DateTime::<Utc>::MAX_UTC);
         Finish::Retry { error, code, next_attempt_at_us: micros(at) }
     }
@@ -288,6 +269,24 @@ pub enum QueueError {
     IdempotencyConflict { key: String, job_id: String },
     #[error("job {id} is {status}, not a dead letter: only dead letters can be retried")]
     NotDead { id: String, status: &'static str },
+}
+
+impl QueueError {
+    /// The shared code of this error: a conflict is the caller's to resolve, a corrupt store
+    /// needs an operator, an unavailable one may answer again.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            QueueError::Unavailable(_) => ErrorCode::Unavailable,
+            QueueError::Corrupt(_) => ErrorCode::Internal,
+            QueueError::IdempotencyConflict { .. } | QueueError::NotDead { .. } => ErrorCode::Conflict,
+        }
+    }
+}
+
+impl From<QueueError> for Error {
+    fn from(err: QueueError) -> Self {
+        Error::Queue { code: err.code(), message: err.to_string() }
+    }
 }
 
 impl From<meshgate_storage::Error> for QueueError {
@@ -396,29 +395,22 @@ pub fn request_hash(request: &CompleteRequest) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-
-    #[test]
-    fn backoff_doubles_from_one_second_and_caps_at_thirty() {
-        let policy = RetryPolicy::default();
-        let waits: Vec<u64> = (1..=8).map(|n| policy.backoff(n).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
-        assert_eq!(policy.backoff(i32::MAX), Duration::from_secs(30));
-    }
 
     #[test]
     fn failures_retry_until_the_budget_then_die() {
         let policy = RetryPolicy { max_attempts: 3, ..RetryPolicy::default() };
         let now = DateTime::parse_from_rfc3339("2031-01-01T00:00:00Z").unwrap().to_utc();
-        let retry = policy.after_failure(2, 3, false, now, "e".into(), "c".into());
+        let retry = Finish::after_failure(&policy, 2, 3, false, now, "e".into(), "c".into());
         assert_eq!(
             retry,
             Finish::Retry { error: "e".into(), code: "c".into(), next_attempt_at_us: micros(now) + 2_000_000 }
         );
-        assert!(matches!(policy.after_failure(3, 3, false, now, "e".into(), "c".into()), Finish::Dead { .. }));
-        assert!(matches!(policy.after_failure(1, 3, true, now, "e".into(), "c".into()), Finish::Dead { .. }));
+        assert!(matches!(
+            Finish::after_failure(&policy, 3, 3, false, now, "e".into(), "c".into()),
+            Finish::Dead { .. }
+        ));
+        assert!(matches!(Finish::after_failure(&policy, 1, 3, true, now, "e".into(), "c".into()), Finish::Dead { .. }));
     }
 
     #[test]

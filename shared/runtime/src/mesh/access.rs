@@ -134,7 +134,7 @@ impl AccessPolicy {
 
 /// The path of an RPC named `Service.Method` (case-insensitively) or `/package.Service/Method`.
 pub(crate) fn resolve_rpc(name: &str) -> Option<&'static str> {
-    let known = crate::server::known_methods();
+    let known = crate::rpc_methods::known_methods();
     if let Some(path) = known.get(name) {
         return Some(path);
     }
@@ -158,7 +158,7 @@ mod tests {
 
     #[test]
     fn the_table_names_every_rpc_served_and_nothing_else() {
-        let known = crate::server::known_methods();
+        let known = crate::rpc_methods::known_methods();
         let listed: HashSet<&str> = TABLE.iter().map(|(path, _)| *path).collect();
         assert_eq!(listed.len(), TABLE.len(), "no RPC is listed twice");
         for path in known {

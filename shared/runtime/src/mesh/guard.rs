@@ -102,7 +102,7 @@ where
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         let guard = &self.guard;
         let path = request.uri().path().to_owned();
-        let method = crate::server::known_methods().get(path.as_str()).copied().unwrap_or("other");
+        let method = crate::rpc_methods::known_methods().get(path.as_str()).copied().unwrap_or("other");
         if let Some(info) = request.extensions().get::<MeshConnectInfo>().cloned() {
             // What code reading the peer's address (rate limits, logs) finds on plain TCP.
             request.extensions_mut().insert(tonic::transport::server::TcpConnectInfo {

@@ -253,7 +253,7 @@ mod tests {
 
     #[test]
     fn every_rpc_has_a_limit() {
-        for path in crate::server::known_methods() {
+        for path in crate::rpc_methods::known_methods() {
             assert!(TABLE.iter().any(|(p, _)| p == path), "{path} has no request limit");
         }
     }

@@ -23,8 +23,6 @@ pub(crate) use guard::{Authentication, Guard, GuardLayer, LocalCaller};
 pub(crate) use tls::{IdentityTls, TlsConnector, TlsIncoming};
 pub use tls::{MeshConnectInfo, Peer};
 
-use crate::client::{EndpointError, MeshChannel};
-
 /// A mesh configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
@@ -93,12 +91,12 @@ impl Mesh {
         self.inner.transport
     }
 
-    /// A channel without an identity: with mTLS, TLS that checks the server against the mesh CA
-    /// and presents no certificate — how a public client reaches the gateway's gRPC edge.
-    pub fn anonymous_channel(&self, endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel, SecurityError> {
+    /// The TLS of a client without an identity (`None` in a plaintext mesh): it checks the
+    /// server against the mesh CA and presents no certificate. `Mesh::anonymous_channel`
+    /// (in the `client` module) connects with it.
+    pub(crate) fn anonymous_tls(&self) -> Result<Option<TlsConnector>, SecurityError> {
         let tls = self.inner.tls.as_ref().map(|store| store.anonymous_client()).transpose()?;
-        crate::client::build_channel(endpoint, connect_timeout, None, tls.map(TlsConnector::Anonymous))
-            .map_err(|err| SecurityError::Config(err.to_string()))
+        Ok(tls.map(TlsConnector::Anonymous))
     }
 
     /// The identity `name` (a service, or e.g. `operator`): with mTLS, its certificate and key
@@ -138,12 +136,14 @@ impl ServiceIdentity {
         self.mesh.inner.transport
     }
 
-    /// A lazily connecting channel to `endpoint` as this identity: mTLS presenting its
-    /// certificate (whatever the URL's scheme) and checking the server's under the endpoint's
-    /// host; in process, the identity rides along as a request extension.
-    pub fn channel(&self, endpoint: &str, connect_timeout: Duration) -> Result<MeshChannel, EndpointError> {
-        let tls = self.tls.clone().map(TlsConnector::Identity);
-        crate::client::build_channel(endpoint, connect_timeout, Some(self.name.clone()), tls)
+    /// The name its channels call as (`ServiceIdentity::channel`, in the `client` module).
+    pub(crate) fn caller_name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
+    /// The TLS its channels connect with: its certificate, in an mTLS mesh.
+    pub(crate) fn client_tls(&self) -> Option<TlsConnector> {
+        self.tls.clone().map(TlsConnector::Identity)
     }
 
     /// Refuses a plaintext listener off loopback.

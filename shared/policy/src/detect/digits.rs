@@ -8,7 +8,7 @@
 //!   JCB, Diners, UnionPay), groups of at most 6 digits with one separator kind, and a valid Luhn
 //!   checksum. Luhn-invalid numbers, timestamps and order ids do not qualify.
 
-use crate::detect::{Hit, RuleMask, is_word_byte};
+use super::{Hit, RuleMask, is_word_byte};
 use crate::rules::Rule;
 
 const MAX_GROUPS: usize = 8;
