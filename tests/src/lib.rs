@@ -14,19 +14,12 @@ use meshgate_proto::analytics::v1::analytics_client::AnalyticsClient;
 use meshgate_proto::analytics::v1::{GetTraceRequest, Trace};
 use meshgate_runtime::mesh::{Mesh, ServiceIdentity};
 use meshgate_runtime::{Listeners, Shutdown};
+pub use meshgate_test_support::{database_url, models_dir, redis_url};
 
 /// The bootstrap key every test mesh accepts.
 pub const ADMIN_KEY: &str = "sk-meshgate-test-admin";
 /// The model both mock providers serve.
 pub const CLOUD_MODEL: &str = "mock-gpt";
-
-pub fn database_url() -> String {
-    std::env::var("MESHGATE_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("MESHGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
-}
 
 /// The mesh CA and the certificates of the six services and of `operator`, made once per run
 /// of the tests (processes racing to make them agree on one set).
@@ -41,12 +34,6 @@ pub fn test_pki() -> PathBuf {
         dir
     })
     .clone()
-}
-
-pub fn models_dir() -> PathBuf {
-    std::env::var_os("MESHGATE_TEST_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/test-models")))
 }
 
 /// A running mesh with two mock providers (`alpha` tried first, then `beta`) serving
@@ -210,7 +197,12 @@ impl TestMesh {
 
     /// Another gateway replica on this mesh's services, with `config`: the mesh's own gateway
     /// configuration kept through [`MeshOptions::tune`], so it shares the mesh's database and Redis.
-    pub async fn gateway_replica(&self, mut config: meshgate_gateway::Config) -> GatewayReplica {
+    pub async fn gateway_replica(&self, config: meshgate_gateway::Config) -> GatewayReplica {
+        self.start_replica(self.wire_replica(config)).await
+    }
+
+    /// `config` with the endpoints of this mesh's services.
+    pub fn wire_replica(&self, mut config: meshgate_gateway::Config) -> meshgate_gateway::Config {
         for (service, endpoint) in [
             ("quota", &mut config.quota_endpoint),
             ("router", &mut config.router_endpoint),
@@ -220,6 +212,11 @@ impl TestMesh {
         ] {
             *endpoint = self.grpc_url(service);
         }
+        config
+    }
+
+    /// A gateway replica with `config` as it is, under the gateway's mesh identity.
+    pub async fn start_replica(&self, config: meshgate_gateway::Config) -> GatewayReplica {
         let listeners = self.listeners("gateway").await;
         let edge = format!("http://{}", listeners.http_addr().expect("an edge listener"));
         let admin = format!("http://{}", listeners.admin_addr());
@@ -256,13 +253,7 @@ impl TestMesh {
 
 /// A URL of the test database whose connections use a fresh schema of their own.
 pub async fn isolated_database_url() -> String {
-    let schema = format!("mgtest_{}", uuid::Uuid::new_v4().simple());
-    let pool = meshgate_storage::postgres_pool(&database_url(), &meshgate_storage::PostgresConfig::default())
-        .expect("valid test database URL");
-    let client = meshgate_storage::postgres_client(&pool).await.expect("test database answers");
-    client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.expect("schema created");
-    let separator = if database_url().contains('?') { '&' } else { '?' };
-    format!("{}{separator}options=-c%20search_path%3D{schema}", database_url())
+    meshgate_test_support::isolated_database_url("mgtest").await
 }
 
 /// The configuration every test mesh starts from: mTLS with [`test_pki`], the admin key, short

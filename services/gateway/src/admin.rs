@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::api::{ApiPath, ApiQuery, AppState, RequestContext, read_body};
 use crate::auth::{Authenticator, Caller, digest};
 use crate::response::{List, error_response};
-use crate::settings::RequestLimits;
+use crate::settings::{RequestLimits, unreadable};
 use crate::tenancy::{
     ApiKey, EndpointScope, KeyScopes, Org, Project, ProjectSettingsDoc, SettingsKind, TenancyError, TenancyStore, User,
     check_field, new_id, parse_role, role_name,
@@ -203,6 +203,9 @@ pub(crate) struct CreateOrg {
     id: Option<String>,
 }
 
+/// What `createOrganization` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const CREATE_ORG_ERRORS: &[ErrorCode] = &[ErrorCode::Conflict, ErrorCode::PayloadTooLarge];
+
 /// `POST /v1/orgs` (bootstrap key only).
 #[utoipa::path(
     post,
@@ -228,6 +231,9 @@ pub async fn create_org(State(app): State<AppState>, request: Request) -> Respon
     })
     .await
 }
+
+/// What `listOrganizations` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const LIST_ORGS_ERRORS: &[ErrorCode] = &[];
 
 /// `GET /v1/orgs`: every organization for the bootstrap key, else the caller's own.
 #[utoipa::path(
@@ -263,6 +269,10 @@ pub(crate) struct CreateProject {
     org_id: Option<String>,
 }
 
+/// What `createProject` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const CREATE_PROJECT_ERRORS: &[ErrorCode] =
+    &[ErrorCode::NotFound, ErrorCode::Conflict, ErrorCode::PayloadTooLarge];
+
 /// `POST /v1/projects` (owners).
 #[utoipa::path(
     post,
@@ -293,6 +303,9 @@ pub struct OrgFilter {
     /// The organization (default: the caller's; others only for the bootstrap key).
     org_id: Option<String>,
 }
+
+/// What `listProjects` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const LIST_PROJECTS_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound];
 
 /// `GET /v1/projects`: the projects of the caller's organization it may see.
 #[utoipa::path(
@@ -329,6 +342,10 @@ pub(crate) struct CreateUser {
     org_id: Option<String>,
 }
 
+/// What `createUser` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const CREATE_USER_ERRORS: &[ErrorCode] =
+    &[ErrorCode::NotFound, ErrorCode::Conflict, ErrorCode::PayloadTooLarge];
+
 /// `POST /v1/users` (owners).
 #[utoipa::path(
     post,
@@ -356,6 +373,9 @@ pub async fn create_user(State(app): State<AppState>, request: Request) -> Respo
     })
     .await
 }
+
+/// What `listUsers` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const LIST_USERS_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound];
 
 /// `GET /v1/users`: the users of the caller's organization (owners and admins).
 #[utoipa::path(
@@ -395,6 +415,9 @@ pub(crate) struct Membership {
     #[schema(value_type = Option<crate::tenancy::RoleName>)]
     role: Option<&'static str>,
 }
+
+/// What `setProjectMember` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const SET_MEMBER_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound, ErrorCode::PayloadTooLarge];
 
 /// `PUT /v1/projects/{project}/members/{user}`: grants a role (admins up to admin, owners any).
 #[utoipa::path(
@@ -477,6 +500,9 @@ fn require_manage(access: Access, what: &str) -> Result<(), ApiError> {
     }
 }
 
+/// What `getSecurityPolicy` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const GET_POLICY_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound];
+
 /// `GET /v1/projects/{project}/policy`: the project's security policy with every default filled in.
 #[utoipa::path(
     get,
@@ -495,10 +521,15 @@ pub async fn get_policy(
 ) -> Response {
     managed(app, request, |store, _, caller, _| async move {
         let (_, _, doc) = project_settings(store.as_ref(), &caller, &project_id).await?;
-        Ok((StatusCode::OK, PolicyConfig::from_json(&doc.security_policy)?))
+        let policy = PolicyConfig::from_json(&doc.security_policy)
+            .map_err(|err| unreadable(&project_id, "security policy", &err))?;
+        Ok((StatusCode::OK, policy))
     })
     .await
 }
+
+/// What `setSecurityPolicy` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const SET_POLICY_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound, ErrorCode::PayloadTooLarge];
 
 /// `PUT /v1/projects/{project}/policy` (admins and owners): replaces the security policy. It is
 /// validated and compiled before it is stored; every replica applies it to its next request.
@@ -533,6 +564,9 @@ pub async fn set_policy(
     .await
 }
 
+/// What `getRequestLimits` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const GET_LIMITS_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound];
+
 /// `GET /v1/projects/{project}/limits`: the project's request limits (`null`: the gateway's).
 #[utoipa::path(
     get,
@@ -551,10 +585,15 @@ pub async fn get_limits(
 ) -> Response {
     managed(app, request, |store, _, caller, _| async move {
         let (_, _, doc) = project_settings(store.as_ref(), &caller, &project_id).await?;
-        Ok((StatusCode::OK, RequestLimits::from_json(&doc.request_limits)?))
+        let limits = RequestLimits::from_json(&doc.request_limits)
+            .map_err(|err| unreadable(&project_id, "request limits", &err.message))?;
+        Ok((StatusCode::OK, limits))
     })
     .await
 }
+
+/// What `setRequestLimits` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const SET_LIMITS_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound, ErrorCode::PayloadTooLarge];
 
 /// `PUT /v1/projects/{project}/limits` (admins and owners): replaces the request limits.
 #[utoipa::path(
@@ -623,6 +662,9 @@ pub(crate) struct CreatedKey {
     /// The secret. It is not stored and cannot be shown again.
     secret: String,
 }
+
+/// What `createKey` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const CREATE_KEY_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound, ErrorCode::PayloadTooLarge];
 
 /// `POST /v1/keys`.
 #[utoipa::path(
@@ -761,6 +803,9 @@ pub struct KeyFilter {
     project_id: Option<String>,
 }
 
+/// What `listKeys` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const LIST_KEYS_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound];
+
 /// `GET /v1/keys`: the keys of a project the caller may see (prefixes only, never secrets).
 #[utoipa::path(
     get,
@@ -789,6 +834,9 @@ pub async fn list_keys(State(app): State<AppState>, query: ApiQuery<KeyFilter>, 
     .await
 }
 
+/// What `getKey` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const GET_KEY_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound];
+
 /// `GET /v1/keys/{id}`.
 #[utoipa::path(
     get,
@@ -806,6 +854,9 @@ pub async fn get_key(State(app): State<AppState>, ApiPath(id): ApiPath<String>, 
     })
     .await
 }
+
+/// What `revokeKey` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const REVOKE_KEY_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound];
 
 /// `DELETE /v1/keys/{id}`: revokes the key on every replica.
 #[utoipa::path(
@@ -831,6 +882,9 @@ pub async fn revoke_key(State(app): State<AppState>, ApiPath(id): ApiPath<String
     })
     .await
 }
+
+/// What `rotateKey` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const ROTATE_KEY_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound, ErrorCode::Conflict];
 
 /// `POST /v1/keys/{id}/rotate`: a new secret with the same attributes; the old key is revoked.
 #[utoipa::path(

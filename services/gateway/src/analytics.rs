@@ -148,6 +148,9 @@ pub struct AnalyticsReport {
     data: Vec<AnalyticsRow>,
 }
 
+/// What `getAnalytics` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const SUMMARY_ERRORS: &[ErrorCode] = &[ErrorCode::Timeout];
+
 /// `GET /v1/analytics`: totals or groups over the caller's traces.
 #[utoipa::path(
     get,
@@ -227,6 +230,9 @@ pub struct TopFilter {
     limit: Option<i32>,
 }
 
+/// What `getTopExpensive` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const TOP_EXPENSIVE_ERRORS: &[ErrorCode] = &[ErrorCode::Timeout];
+
 /// `GET /v1/analytics/top-expensive`: the dearest requests.
 #[utoipa::path(
     get,
@@ -269,6 +275,9 @@ pub struct ModelErrorRate {
     /// `errors / requests`.
     rate: f64,
 }
+
+/// What `getErrorRates` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const ERROR_RATE_ERRORS: &[ErrorCode] = &[ErrorCode::Timeout];
 
 /// `GET /v1/analytics/error-rate`: errors per model.
 #[utoipa::path(
@@ -338,6 +347,9 @@ pub struct ModelLatency {
     max_latency_us: i64,
 }
 
+/// What `getLatency` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const LATENCY_ERRORS: &[ErrorCode] = &[ErrorCode::Timeout];
+
 /// `GET /v1/analytics/latency`: latency percentiles by model.
 #[utoipa::path(
     get,
@@ -381,6 +393,9 @@ pub async fn latency(
     })
     .await
 }
+
+/// What `getTrace` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const TRACE_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound, ErrorCode::Timeout];
 
 /// `GET /v1/traces/{id}`: one request, explained.
 #[utoipa::path(

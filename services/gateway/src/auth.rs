@@ -289,7 +289,7 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tenancy::{ApiKey, MemoryTenancy};
+    use crate::tenancy::{ApiKey, MemoryTenancy, test_backends};
 
     fn authenticator(settings: AuthSettings) -> Authenticator {
         Authenticator::new(Some("sk-admin"), Arc::new(MemoryTenancy::default()), settings, Subscription::new(false))
@@ -358,58 +358,68 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cached_keys_see_role_changes_and_expiry_at_once() {
-        let store = Arc::new(MemoryTenancy::default());
-        let settings = AuthSettings { cache_ttl: Duration::from_secs(3600), ..AuthSettings::default() };
-        let auth = Authenticator::new(None, store.clone(), settings, Subscription::new(false));
-        let user = store.create_user("usr_1", DEFAULT_TENANT, "a@example.com", "A").await.unwrap();
-        store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Admin)).await.unwrap();
-        store.insert_key(&user_key("key_1", &user.id, None), &digest("mgk_one")).await.unwrap();
-        assert_eq!(auth.authenticate(Some("Bearer mgk_one"), None).await.unwrap().role(), Role::Admin);
-        store.set_role(&user.id, DEFAULT_TENANT, None).await.unwrap();
-        auth.invalidate_user(&user.id);
-        let err = auth.authenticate(Some("Bearer mgk_one"), None).await.unwrap_err();
-        assert_eq!(err.code, ErrorCode::PermissionDenied, "the removed role is seen on the next request");
+        for (backend, store) in test_backends().await {
+            let settings = AuthSettings { cache_ttl: Duration::from_secs(3600), ..AuthSettings::default() };
+            let auth = Authenticator::new(None, store.clone(), settings, Subscription::new(false));
+            let user = store.create_user("usr_1", DEFAULT_TENANT, "a@example.com", "A").await.unwrap();
+            store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Admin)).await.unwrap();
+            store.insert_key(&user_key("key_1", &user.id, None), &digest("mgk_one")).await.unwrap();
+            assert_eq!(auth.authenticate(Some("Bearer mgk_one"), None).await.unwrap().role(), Role::Admin);
+            store.set_role(&user.id, DEFAULT_TENANT, None).await.unwrap();
+            auth.invalidate_user(&user.id);
+            let err = auth.authenticate(Some("Bearer mgk_one"), None).await.unwrap_err();
+            assert_eq!(
+                err.code,
+                ErrorCode::PermissionDenied,
+                "{backend}: the removed role is seen on the next request"
+            );
 
-        store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Developer)).await.unwrap();
-        let soon = Utc::now() + chrono::Duration::milliseconds(300);
-        store.insert_key(&user_key("key_2", &user.id, Some(soon)), &digest("mgk_two")).await.unwrap();
-        assert!(auth.authenticate(Some("Bearer mgk_two"), None).await.is_ok());
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let err = auth.authenticate(Some("Bearer mgk_two"), None).await.unwrap_err();
-        assert!(err.message.contains("expired"), "a cached key is refused once it expires: {}", err.message);
+            store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Developer)).await.unwrap();
+            let soon = Utc::now() + chrono::Duration::milliseconds(300);
+            store.insert_key(&user_key("key_2", &user.id, Some(soon)), &digest("mgk_two")).await.unwrap();
+            assert!(auth.authenticate(Some("Bearer mgk_two"), None).await.is_ok());
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let err = auth.authenticate(Some("Bearer mgk_two"), None).await.unwrap_err();
+            assert!(
+                err.message.contains("expired"),
+                "{backend}: a cached key is refused once it expires: {}",
+                err.message
+            );
+        }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_users_key_acts_with_at_most_the_users_current_role() {
-        let store = Arc::new(MemoryTenancy::default());
-        let auth = Authenticator::new(None, store.clone(), AuthSettings::default(), Subscription::new(false));
-        let user = store.create_user("usr_1", DEFAULT_TENANT, "a@example.com", "A").await.unwrap();
-        store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Developer)).await.unwrap();
-        let key = ApiKey {
-            id: "key_1".into(),
-            prefix: "mgk_test".into(),
-            org_id: DEFAULT_TENANT.into(),
-            project_id: DEFAULT_TENANT.into(),
-            user_id: Some(user.id.clone()),
-            name: "laptop".into(),
-            role: Role::Admin,
-            scopes: KeyScopes::default(),
-            expires_at: None,
-            revoked_at: None,
-            created_at: Utc::now(),
-        };
-        store.insert_key(&key, &digest("mgk_secret")).await.unwrap();
-        let caller = auth.authenticate(Some("Bearer mgk_secret"), None).await.unwrap();
-        assert_eq!(caller.role(), Role::Developer, "capped by the user's role");
-        assert!(!caller.platform_admin);
+        for (backend, store) in test_backends().await {
+            let auth = Authenticator::new(None, store.clone(), AuthSettings::default(), Subscription::new(false));
+            let user = store.create_user("usr_1", DEFAULT_TENANT, "a@example.com", "A").await.unwrap();
+            store.set_role(&user.id, DEFAULT_TENANT, Some(Role::Developer)).await.unwrap();
+            let key = ApiKey {
+                id: "key_1".into(),
+                prefix: "mgk_test".into(),
+                org_id: DEFAULT_TENANT.into(),
+                project_id: DEFAULT_TENANT.into(),
+                user_id: Some(user.id.clone()),
+                name: "laptop".into(),
+                role: Role::Admin,
+                scopes: KeyScopes::default(),
+                expires_at: None,
+                revoked_at: None,
+                created_at: Utc::now(),
+            };
+            store.insert_key(&key, &digest("mgk_secret")).await.unwrap();
+            let caller = auth.authenticate(Some("Bearer mgk_secret"), None).await.unwrap();
+            assert_eq!(caller.role(), Role::Developer, "{backend}: capped by the user's role");
+            assert!(!caller.platform_admin);
 
-        // Revoked: the cache is dropped locally, the next request is refused.
-        store.revoke_key("key_1", Utc::now()).await.unwrap();
-        auth.invalidate("key_1");
-        let err = auth.authenticate(Some("Bearer mgk_secret"), None).await.unwrap_err();
-        assert_eq!(err.code, ErrorCode::Unauthenticated);
-        assert!(err.message.contains("revoked"));
+            // Revoked: the cache is dropped locally, the next request is refused.
+            store.revoke_key("key_1", Utc::now()).await.unwrap();
+            auth.invalidate("key_1");
+            let err = auth.authenticate(Some("Bearer mgk_secret"), None).await.unwrap_err();
+            assert_eq!(err.code, ErrorCode::Unauthenticated);
+            assert!(err.message.contains("revoked"));
+        }
     }
 }

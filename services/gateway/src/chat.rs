@@ -19,6 +19,9 @@ use crate::orchestrator::ChatReply;
 use crate::response::{error_response, unix_now};
 use crate::tenancy::EndpointScope;
 
+/// What `createChatCompletion` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const CHAT_COMPLETIONS_ERRORS: &[ErrorCode] = chat_flow::MODEL_CALL_ERRORS;
+
 /// `POST /v1/chat/completions`.
 #[utoipa::path(
     post,
@@ -100,10 +103,10 @@ async fn run_chat(
 async fn json_response(mut reply: ChatReply, meta: &ReplyMeta, risk: u8) -> Result<Response, ApiError> {
     let mut answer = Answer::default();
     let mut risk = risk;
-    while let Some(piece) = reply.pieces.next().await {
-        let piece = piece?;
-        answer.push(&piece.chunk);
-        risk = piece.risk.unwrap_or(risk);
+    while let Some(chunk) = reply.chunks.next().await {
+        let chunk = chunk?;
+        answer.push(&chunk.completion);
+        risk = chunk.risk.unwrap_or(risk);
     }
     let mut response = chat_flow::json_reply(completion_json(meta, &answer), "application/json");
     chat_flow::reply_headers(&mut response, &reply, risk);
@@ -111,7 +114,7 @@ async fn json_response(mut reply: ChatReply, meta: &ReplyMeta, risk: u8) -> Resu
 }
 
 /// Server-sent events in the OpenAI chunk format (the wire crate's encoder): text, reasoning,
-/// refusal and tool-call pieces as they come, the finish reason, the usage chunk when asked, then
+/// refusal and tool-call chunks as they come, the finish reason, the usage chunk when asked, then
 /// `[DONE]`. An error after the first byte ends the stream with an `error` event instead of
 /// `[DONE]`. The risk header is the prompt's: headers leave before the reply is scanned (the trace
 /// has both). The stream holds `slot` until it ends.
@@ -125,13 +128,13 @@ fn stream_response(
 ) -> Response {
     let mut headers = Response::new(Body::empty());
     chat_flow::reply_headers(&mut headers, &reply, risk);
-    let ChatReply { mut pieces, .. } = reply;
+    let ChatReply { mut chunks, .. } = reply;
     let mut encoder = ChunkEncoder::new(meta, include_usage);
     let events = async_stream::stream! {
-        while let Some(piece) = pieces.next().await {
-            match piece {
-                Ok(piece) => {
-                    let events = encoder.encode(&piece.chunk);
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Ok(chunk) => {
+                    let events = encoder.encode(&chunk.completion);
                     if !events.is_empty() {
                         yield events;
                     }

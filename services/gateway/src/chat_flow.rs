@@ -9,7 +9,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
 use futures::Stream;
-use meshgate_runtime::ApiError;
+use meshgate_runtime::{ApiError, ErrorCode};
 use meshgate_wire::ChatRequest;
 
 use crate::admission::RequestFacts;
@@ -21,6 +21,19 @@ use crate::guard::RISK_SCORE;
 use crate::orchestrator::{ChatCall, ChatReply};
 use crate::settings::ProjectSettings;
 use crate::tenancy::EndpointScope;
+
+/// What every chat-shaped operation answers besides `openapi::COMMON_ERRORS`: the model unknown
+/// or not allowed, the body over the project's limit, the policy's refusal, a spent budget, and
+/// the targets' failures (an error, a prompt over every context window, a stall).
+pub(crate) const MODEL_CALL_ERRORS: &[ErrorCode] = &[
+    ErrorCode::ModelNotFound,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::PolicyViolation,
+    ErrorCode::QuotaExceeded,
+    ErrorCode::UpstreamError,
+    ErrorCode::ContextLengthExceeded,
+    ErrorCode::Timeout,
+];
 
 /// An authenticated request and its body.
 pub(crate) struct Received {

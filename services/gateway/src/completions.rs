@@ -19,6 +19,9 @@ use crate::chat_flow::{self, Started};
 use crate::openai::wire_error;
 use crate::response::{error_response, unix_now};
 
+/// What `createCompletion` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const CREATE_ERRORS: &[ErrorCode] = chat_flow::MODEL_CALL_ERRORS;
+
 /// `POST /v1/completions`.
 #[utoipa::path(
     post,
@@ -60,16 +63,16 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
     let mut response = Response::new(Body::empty());
     chat_flow::reply_headers(&mut response, &reply, risk);
     let reply_headers = response.into_parts().0.headers;
-    let mut pieces = reply.pieces;
+    let mut chunks = reply.chunks;
     let request_id = context.request_id.clone();
     let mut response = match slot {
         Some(slot) => {
             let mut encoder = TextCompletionEncoder::new(meta, include_usage, logprobs);
             let events = async_stream::stream! {
-                while let Some(piece) = pieces.next().await {
-                    match piece {
-                        Ok(piece) => {
-                            let events = encoder.encode(&piece.chunk);
+                while let Some(chunk) = chunks.next().await {
+                    match chunk {
+                        Ok(chunk) => {
+                            let events = encoder.encode(&chunk.completion);
                             if !events.is_empty() {
                                 yield events;
                             }
@@ -89,8 +92,8 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
         }
         None => {
             let mut answer = Answer::default();
-            while let Some(piece) = pieces.next().await {
-                answer.push(&piece?.chunk);
+            while let Some(chunk) = chunks.next().await {
+                answer.push(&chunk?.completion);
             }
             chat_flow::json_reply(text_completion_json(&meta, &answer, logprobs), "application/json")
         }

@@ -80,6 +80,10 @@ pub(crate) struct EdgeBatchReceipt {
     duplicate: bool,
 }
 
+/// What `uploadEdgeBatch` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const UPLOAD_BATCH_ERRORS: &[ErrorCode] =
+    &[ErrorCode::PayloadTooLarge, ErrorCode::UnsupportedMediaType, ErrorCode::Timeout];
+
 /// `POST /v1/sync/batches`.
 #[utoipa::path(
     post,

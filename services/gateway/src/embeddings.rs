@@ -104,6 +104,16 @@ fn base64_vector(values: &[f32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// What `createEmbedding` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const EMBEDDINGS_ERRORS: &[ErrorCode] = &[
+    ErrorCode::ModelNotFound,
+    ErrorCode::NotFound,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::PolicyViolation,
+    ErrorCode::QuotaExceeded,
+    ErrorCode::Timeout,
+];
+
 /// `POST /v1/embeddings`.
 #[utoipa::path(
     post,

@@ -153,11 +153,11 @@ impl Gateway for GatewayService {
         let routing: Vec<(&'static str, String)> =
             reply.routing_headers().into_iter().map(|(name, value)| (name, value.to_owned())).collect();
         let quota = reply.quota;
-        let chunks = reply.pieces.map(move |piece| {
+        let chunks = reply.chunks.map(move |chunk| {
             let _held = &slot;
-            piece
-                .map(|piece| {
-                    let chunk = piece.chunk;
+            chunk
+                .map(|chunk| {
+                    let chunk = chunk.completion;
                     ChatChunk {
                         request_id: request_id.clone(),
                         model: if chunk.model.is_empty() { model.clone() } else { chunk.model },

@@ -307,6 +307,18 @@ async fn cloud_prices(app: &AppState, model: &str) -> Result<Vec<Target>, ApiErr
         .collect())
 }
 
+/// What `submitJob` answers besides `openapi::COMMON_ERRORS`.
+/// Admission holds the job's reservation: a spent budget is 429 `quota_exceeded`.
+pub(crate) const SUBMIT_ERRORS: &[ErrorCode] = &[
+    ErrorCode::ModelNotFound,
+    ErrorCode::NotFound,
+    ErrorCode::Conflict,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::PolicyViolation,
+    ErrorCode::QuotaExceeded,
+    ErrorCode::Timeout,
+];
+
 /// `POST /v1/jobs`: an OpenAI chat completion body, delivered durably.
 #[utoipa::path(
     post,
@@ -423,6 +435,9 @@ fn plausible_job_id(id: &str) -> Result<(), tonic::Status> {
     Ok(())
 }
 
+/// What `getJob` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const GET_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound, ErrorCode::Timeout];
+
 /// `GET /v1/jobs/{id}`.
 #[utoipa::path(
     get,
@@ -454,6 +469,9 @@ pub struct JobFilter {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<i32>,
 }
+
+/// What `listJobs` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const LIST_ERRORS: &[ErrorCode] = &[ErrorCode::Timeout];
 
 /// `GET /v1/jobs?status=dead`: the caller's project's jobs, newest first.
 #[utoipa::path(
@@ -492,6 +510,10 @@ pub async fn list(State(app): State<AppState>, ApiQuery(filter): ApiQuery<JobFil
     })
     .await
 }
+
+/// What `retryJob` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const RETRY_ERRORS: &[ErrorCode] =
+    &[ErrorCode::NotFound, ErrorCode::Conflict, ErrorCode::QuotaExceeded, ErrorCode::Timeout];
 
 /// `POST /v1/jobs/{id}/retry`: a dead letter back in the queue (409 when it is not dead),
 /// admitted again like a new submission: its estimate is held against the caller's budgets, or the

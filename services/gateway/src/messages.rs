@@ -50,6 +50,9 @@ where
     f(parts.headers, body, context).await.unwrap_or_else(|err| anthropic_error(&err))
 }
 
+/// What `createMessage` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const CREATE_ERRORS: &[ErrorCode] = chat_flow::MODEL_CALL_ERRORS;
+
 /// `POST /v1/messages`.
 #[utoipa::path(
     post,
@@ -84,15 +87,15 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
     let mut response = Response::new(Body::empty());
     chat_flow::reply_headers(&mut response, &reply, risk);
     let reply_headers = response.into_parts().0.headers;
-    let mut pieces = reply.pieces;
+    let mut chunks = reply.chunks;
     let mut response = match slot {
         Some(slot) => {
             let mut encoder = MessagesEncoder::new(meta);
             let events = async_stream::stream! {
-                while let Some(piece) = pieces.next().await {
-                    match piece {
-                        Ok(piece) => {
-                            let events = encoder.encode(&piece.chunk);
+                while let Some(chunk) = chunks.next().await {
+                    match chunk {
+                        Ok(chunk) => {
+                            let events = encoder.encode(&chunk.completion);
                             if !events.is_empty() {
                                 yield events;
                             }
@@ -109,8 +112,8 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
         }
         None => {
             let mut answer = Answer::default();
-            while let Some(piece) = pieces.next().await {
-                answer.push(&piece?.chunk);
+            while let Some(chunk) = chunks.next().await {
+                answer.push(&chunk?.completion);
             }
             chat_flow::json_reply(message_json(&meta, &answer), "application/json")
         }
@@ -118,6 +121,9 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
     response.headers_mut().extend(reply_headers);
     Ok(response)
 }
+
+/// What `countMessageTokens` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const COUNT_TOKENS_ERRORS: &[ErrorCode] = &[ErrorCode::PayloadTooLarge];
 
 /// `POST /v1/messages/count_tokens`.
 #[utoipa::path(

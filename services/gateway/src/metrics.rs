@@ -76,7 +76,7 @@ impl GatewayMetrics {
             .expect("static metric options are valid"),
             fallbacks: counter_vec(
                 "meshgate_target_failures_total",
-                "Targets that failed before their first piece (and were fallen back from), by target",
+                "Targets that failed before their first chunk (and were fallen back from), by target",
                 &["target"],
             ),
             quota_rejections: counter_vec(

@@ -2,11 +2,15 @@
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
+use meshgate_runtime::ErrorCode;
 
 use crate::api::{AppState, authenticate, client_of, request_id_of};
 use crate::openai;
 use crate::response::error_response;
 use crate::tenancy::EndpointScope;
+
+/// What `listModels` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const LIST_MODELS_ERRORS: &[ErrorCode] = &[ErrorCode::Timeout];
 
 /// `GET /v1/models`.
 #[utoipa::path(

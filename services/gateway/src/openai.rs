@@ -332,8 +332,8 @@ pub mod schema {
         content: Option<String>,
         refusal: Option<String>,
         reasoning_content: Option<String>,
-        /// Tool calls as they stream: `index`, and on a call's first piece its `id`, `type` and
-        /// `function.name`; `function.arguments` pieces to append.
+        /// Tool calls as they stream: `index`, and on a call's first chunk its `id`, `type` and
+        /// `function.name`; `function.arguments` chunks to append.
         #[schema(value_type = Option<Vec<Object>>)]
         tool_calls: Option<Vec<serde_json::Value>>,
     }

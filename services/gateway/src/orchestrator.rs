@@ -1,5 +1,5 @@
 //! The request path (README, Architecture): route, hold the budget (against the replica's quota leases, or
-//! with a reservation), try the plan's targets in order until one produces its first piece, stream
+//! with a reservation), try the plan's targets in order until one produces its first chunk, stream
 //! the rest, then settle: charge the usage served to the hold (or release it), report the outcome
 //! to the router and record the trace — all off the reply's critical path. Replies pass through
 //! the project's output scanner on their way out (flagged or masked), and the trace carries the
@@ -40,24 +40,24 @@ use crate::traces::TraceSink;
 pub struct PathConfig {
     /// Completion tokens reserved when the request sets no `max_tokens`.
     pub default_max_tokens: i64,
-    /// How long a target may take to produce its first piece before the next one is tried.
+    /// How long a target may take to produce its first chunk before the next one is tried.
     pub first_piece_timeout: Duration,
     /// How long a started stream may stay silent before it is ended with an error.
     pub idle_timeout: Duration,
 }
 
-/// One piece of a model's reply: text, reasoning, refusal and tool-call pieces as they stream,
-/// and on the last piece the finish reason, the usage charged and the assembled tool calls.
+/// One chunk of a model's reply: text, reasoning, refusal and tool-call chunks as they stream,
+/// and on the last chunk the finish reason, the usage charged and the assembled tool calls.
 #[derive(Debug, Clone, Default)]
-pub struct Piece {
-    pub chunk: CompleteChunk,
-    /// The request's risk score over prompt and reply, 0–100 (last piece).
+pub struct ReplyChunk {
+    pub completion: CompleteChunk,
+    /// The request's risk score over prompt and reply, 0–100 (last chunk).
     pub risk: Option<u8>,
 }
 
-impl Piece {
+impl ReplyChunk {
     fn is_last(&self) -> bool {
-        !self.chunk.finish_reason.is_empty()
+        !self.completion.finish_reason.is_empty()
     }
 }
 
@@ -96,12 +96,12 @@ impl AllowedModels {
     }
 }
 
-/// A reply that has started: the target that serves it and its pieces, the first included.
+/// A reply that has started: the target that serves it and its chunks, the first included.
 pub struct ChatReply {
     pub target: Target,
     /// Task the router decided the request is ("code", "math", "creative", "reasoning", "chat").
     pub task: String,
-    pub pieces: BoxStream<'static, Result<Piece, ApiError>>,
+    pub chunks: BoxStream<'static, Result<ReplyChunk, ApiError>>,
     /// The caller's budget with this request's estimate held.
     pub quota: QuotaSnapshot,
 }
@@ -119,11 +119,17 @@ pub const TARGET_HEADER: &str = "x-meshgate-target";
 pub const LAYER_HEADER: &str = "x-meshgate-layer";
 pub const TASK_HEADER: &str = "x-meshgate-task";
 
-type PieceStream = BoxStream<'static, Result<Piece, ApiError>>;
+type ReplyChunks = BoxStream<'static, Result<ReplyChunk, ApiError>>;
 
-/// A target that answered: it, when it was called, its first piece, the rest, and the span of
+/// A target that answered: it, when it was called, its first chunk, the rest, and the span of
 /// the model call (open until the request settles).
-type Opened = (Target, Instant, Piece, PieceStream, tracing::Span);
+struct AnsweringTarget {
+    target: Target,
+    called_at: Instant,
+    first: ReplyChunk,
+    rest: ReplyChunks,
+    span: tracing::Span,
+}
 
 /// A model call's span with the OpenTelemetry GenAI semantic conventions; usage and the error
 /// type are recorded when the call ends.
@@ -317,15 +323,15 @@ impl Orchestrator {
             let quota = hold.budget();
             settlement.hold = Some(hold);
             let task = plan.task.clone();
-            let opened = self.first_answer(plan, &call, &mut settlement).await?;
-            Ok::<_, ApiError>((opened, task, quota))
+            let answering = self.first_answer(plan, &call, &mut settlement).await?;
+            Ok::<_, ApiError>((answering, task, quota))
         }
         .await;
         match started {
-            Ok(((target, since, first, rest, span), task, quota)) => {
-                settlement.serving(target.clone(), since, span);
-                let pieces = self.stream_reply(first, rest, settlement);
-                Ok(ChatReply { target, task, pieces, quota })
+            Ok((AnsweringTarget { target, called_at, first, rest, span }, task, quota)) => {
+                settlement.serving(target.clone(), called_at, span);
+                let chunks = self.stream_reply(first, rest, settlement);
+                Ok(ChatReply { target, task, chunks, quota })
             }
             Err(err) => {
                 settlement.fail(err.clone());
@@ -385,7 +391,7 @@ impl Orchestrator {
         plan: RoutePlan,
         call: &ChatCall,
         settlement: &mut Settlement,
-    ) -> Result<Opened, ApiError> {
+    ) -> Result<AnsweringTarget, ApiError> {
         let race = plan.race && plan.targets.len() >= 2;
         let mut steps: VecDeque<(Target, StepRole)> = plan
             .targets
@@ -399,7 +405,7 @@ impl Orchestrator {
         let mut attempts = 0;
         let mut last_error = None;
         loop {
-            let (opened, role) = if let Some(((first, _), (second, _))) = racers.take() {
+            let (answering, role) = if let Some(((first, _), (second, _))) = racers.take() {
                 attempts += 2;
                 // Both racers count in flight at the router until their outcomes come back.
                 settlement.primary = true;
@@ -410,12 +416,12 @@ impl Orchestrator {
                 settlement.primary = attempts == 1;
                 (self.attempt(target, call, settlement).await, role)
             };
-            let answer = match opened {
-                Ok(opened) => self.usable(opened, role, &mut steps, call, settlement).await,
+            let answer = match answering {
+                Ok(answering) => self.usable(answering, role, &mut steps, call, settlement).await,
                 Err(err) => Err(err),
             };
             match answer {
-                Ok(opened) => return Ok(opened),
+                Ok(answering) => return Ok(answering),
                 // The request itself is wrong: another target would refuse it too.
                 Err(err) if err.code.is_client_caused() => return Err(err),
                 Err(err) => last_error = Some(err),
@@ -429,28 +435,28 @@ impl Orchestrator {
         })
     }
 
-    /// A streamed answer is the client's from its first piece. A non-streamed one is the client's
+    /// A streamed answer is the client's from its first chunk. A non-streamed one is the client's
     /// only once it is whole, so while an escalation step is left an unusable (empty) one goes
     /// one layer up instead: the steps before that escalation are skipped.
     async fn usable(
         &self,
-        opened: Opened,
+        answering: AnsweringTarget,
         role: StepRole,
         steps: &mut VecDeque<(Target, StepRole)>,
         call: &ChatCall,
         settlement: &mut Settlement,
-    ) -> Result<Opened, ApiError> {
-        let (target, since, first, rest, span) = opened;
+    ) -> Result<AnsweringTarget, ApiError> {
         let escalation_left =
             role != StepRole::Escalation && steps.iter().any(|(_, role)| *role == StepRole::Escalation);
         if call.chat.stream || !escalation_left {
-            return Ok((target, since, first, rest, span));
+            return Ok(answering);
         }
-        match self.collect(&target, first, rest).await.and_then(|pieces| usable(&target, pieces)) {
-            Ok((first, rest)) => Ok((target, since, first, rest, span)),
+        let AnsweringTarget { target, called_at, first, rest, span } = answering;
+        match self.collect(&target, first, rest).await.and_then(|chunks| usable(&target, chunks)) {
+            Ok((first, rest)) => Ok(AnsweringTarget { target, called_at, first, rest, span }),
             Err(err) => {
                 span.record("error.type", err.code.as_str());
-                settlement.failed_call(&target, since, &err);
+                settlement.failed_call(&target, called_at, &err);
                 if err.code == ErrorCode::UpstreamError {
                     while steps.front().is_some_and(|(_, role)| *role != StepRole::Escalation) {
                         steps.pop_front();
@@ -462,22 +468,27 @@ impl Orchestrator {
     }
 
     /// Calls one step of the plan; a failure is recorded before it is returned.
-    async fn attempt(&self, target: Target, call: &ChatCall, settlement: &mut Settlement) -> Result<Opened, ApiError> {
-        let since = Instant::now();
+    async fn attempt(
+        &self,
+        target: Target,
+        call: &ChatCall,
+        settlement: &mut Settlement,
+    ) -> Result<AnsweringTarget, ApiError> {
+        let called_at = Instant::now();
         let span = chat_span(&target, call);
         match self.open(&target, call).instrument(span.clone()).await {
-            Ok((first, rest)) => Ok((target, since, first, rest, span)),
+            Ok((first, rest)) => Ok(AnsweringTarget { target, called_at, first, rest, span }),
             Err(err) => {
                 span.record("error.type", err.code.as_str());
-                tracing::warn!(request_id = %call.request_id, target = %target.id, error = %err, "target failed before its first piece");
+                tracing::warn!(request_id = %call.request_id, target = %target.id, error = %err, "target failed before its first chunk");
                 self.metrics.fallbacks.with_label_values(&[&target.id]).inc();
-                settlement.failed_call(&target, since, &err);
+                settlement.failed_call(&target, called_at, &err);
                 Err(err)
             }
         }
     }
 
-    /// Fastest-first: calls both targets at once and keeps the first whose first piece arrives.
+    /// Fastest-first: calls both targets at once and keeps the first whose first chunk arrives.
     /// The other call is dropped, which cancels it upstream; only the winner is ever charged.
     async fn race(
         &self,
@@ -485,7 +496,7 @@ impl Orchestrator {
         second: Target,
         call: &ChatCall,
         settlement: &mut Settlement,
-    ) -> Result<Opened, ApiError> {
+    ) -> Result<AnsweringTarget, ApiError> {
         let since = Instant::now();
         let (first_span, second_span) = (chat_span(&first, call), chat_span(&second, call));
         let racing = future::select(
@@ -497,11 +508,11 @@ impl Orchestrator {
             Either::Right((outcome, rest)) => ((&second, second_span), (&first, first_span), outcome, rest),
         };
         match outcome {
-            Ok((piece, pieces)) => {
+            Ok((first, chunks)) => {
                 drop(rest);
                 loser.1.record("error.type", "cancelled");
                 settlement.cancelled_call(loser.0, since);
-                Ok((winner.0.clone(), since, piece, pieces, winner.1))
+                Ok(AnsweringTarget { target: winner.0.clone(), called_at: since, first, rest: chunks, span: winner.1 })
             }
             Err(err) => {
                 winner.1.record("error.type", err.code.as_str());
@@ -509,7 +520,9 @@ impl Orchestrator {
                 settlement.failed_call(winner.0, since, &err);
                 let (loser, loser_span) = loser;
                 match rest.await {
-                    Ok((piece, pieces)) => Ok((loser.clone(), since, piece, pieces, loser_span)),
+                    Ok((first, rest)) => {
+                        Ok(AnsweringTarget { target: loser.clone(), called_at: since, first, rest, span: loser_span })
+                    }
                     Err(err) => {
                         loser_span.record("error.type", err.code.as_str());
                         self.metrics.fallbacks.with_label_values(&[&loser.id]).inc();
@@ -522,29 +535,34 @@ impl Orchestrator {
     }
 
     /// The whole reply of a target (a non-streamed request), under the same idle timeout as a
-    /// stream's pieces.
-    async fn collect(&self, target: &Target, first: Piece, mut rest: PieceStream) -> Result<Vec<Piece>, ApiError> {
+    /// stream's chunks.
+    async fn collect(
+        &self,
+        target: &Target,
+        first: ReplyChunk,
+        mut rest: ReplyChunks,
+    ) -> Result<Vec<ReplyChunk>, ApiError> {
         let idle = self.config.idle_timeout;
-        let mut pieces = vec![first];
-        while pieces.last().is_some_and(|piece| !piece.is_last()) {
+        let mut chunks = vec![first];
+        while chunks.last().is_some_and(|chunk| !chunk.is_last()) {
             match tokio::time::timeout(idle, rest.next()).await {
                 Err(_) => {
                     let message = format!("{} stalled for more than {} ms", target.id, idle.as_millis());
                     return Err(ApiError::new(ErrorCode::Timeout, message));
                 }
                 Ok(None) => break,
-                Ok(Some(piece)) => pieces.push(piece?),
+                Ok(Some(chunk)) => chunks.push(chunk?),
             }
         }
-        Ok(pieces)
+        Ok(chunks)
     }
 
-    /// Calls one target and waits for its first piece.
-    async fn open(&self, target: &Target, call: &ChatCall) -> Result<(Piece, PieceStream), ApiError> {
-        // One deadline covers the call and its first piece.
+    /// Calls one target and waits for its first chunk.
+    async fn open(&self, target: &Target, call: &ChatCall) -> Result<(ReplyChunk, ReplyChunks), ApiError> {
+        // One deadline covers the call and its first chunk.
         let deadline = tokio::time::Instant::now() + self.config.first_piece_timeout;
         let timed_out = || first_piece_timeout(target, self.config.first_piece_timeout);
-        let mut pieces = if target.kind == TargetKind::Local as i32 {
+        let mut chunks = if target.kind == TargetKind::Local as i32 {
             // Local models read text: the plan sends them no request that needs more.
             let request = GenerateRequest {
                 model: target.model.clone(),
@@ -572,20 +590,20 @@ impl Orchestrator {
                 tokio::time::timeout_at(deadline, client.complete(request)).await.map_err(|_| timed_out())?;
             into_pieces(response)?
         };
-        match tokio::time::timeout_at(deadline, pieces.next()).await {
+        match tokio::time::timeout_at(deadline, chunks.next()).await {
             Err(_) => Err(timed_out()),
             Ok(None) => {
                 Err(ApiError::new(ErrorCode::UpstreamError, format!("{} ended its reply without any data", target.id)))
             }
             Ok(Some(Err(err))) => Err(err),
-            Ok(Some(Ok(first))) => Ok((first, pieces)),
+            Ok(Some(Ok(first))) => Ok((first, chunks)),
         }
     }
 
-    fn stream_reply(&self, first: Piece, mut rest: PieceStream, mut settlement: Settlement) -> PieceStream {
+    fn stream_reply(&self, first: ReplyChunk, mut rest: ReplyChunks, mut settlement: Settlement) -> ReplyChunks {
         let idle = self.config.idle_timeout;
         async_stream::stream! {
-            let mut next: Option<Result<Piece, ApiError>> = Some(Ok(first));
+            let mut next: Option<Result<ReplyChunk, ApiError>> = Some(Ok(first));
             loop {
                 let item = match next.take() {
                     Some(item) => Some(item),
@@ -600,23 +618,23 @@ impl Orchestrator {
                     },
                 };
                 match item {
-                    Some(Ok(mut piece)) => {
-                        settlement.observe(&piece.chunk);
-                        if !piece.is_last() {
-                            let had_content = has_content(&piece.chunk);
-                            settlement.scan_output(&mut piece.chunk);
-                            // A piece whose text the scanner holds back has nothing to send yet.
-                            if !had_content || has_content(&piece.chunk) {
-                                yield Ok(piece);
+                    Some(Ok(mut chunk)) => {
+                        settlement.observe(&chunk.completion);
+                        if !chunk.is_last() {
+                            let had_content = has_content(&chunk.completion);
+                            settlement.scan_output(&mut chunk.completion);
+                            // A chunk whose text the scanner holds back has nothing to send yet.
+                            if !had_content || has_content(&chunk.completion) {
+                                yield Ok(chunk);
                             }
                             continue;
                         }
-                        settlement.finish_output(&mut piece.chunk);
-                        // The last piece always carries the usage that is charged, cost included.
-                        piece.chunk.usage = Some(settlement.charged_usage());
-                        piece.risk = Some(settlement.risk());
+                        settlement.finish_output(&mut chunk.completion);
+                        // The last chunk always carries the usage that is charged, cost included.
+                        chunk.completion.usage = Some(settlement.charged_usage());
+                        chunk.risk = Some(settlement.risk());
                         settlement.finish(None);
-                        yield Ok(piece);
+                        yield Ok(chunk);
                         return;
                     }
                     Some(Err(err)) => {
@@ -629,9 +647,9 @@ impl Orchestrator {
                         let mut chunk = CompleteChunk { finish_reason: "stop".into(), ..CompleteChunk::default() };
                         settlement.finish_output(&mut chunk);
                         chunk.usage = Some(settlement.charged_usage());
-                        let piece = Piece { chunk, risk: Some(settlement.risk()) };
+                        let chunk = ReplyChunk { completion: chunk, risk: Some(settlement.risk()) };
                         settlement.finish(None);
-                        yield Ok(piece);
+                        yield Ok(chunk);
                         return;
                     }
                 }
@@ -641,7 +659,7 @@ impl Orchestrator {
     }
 }
 
-impl From<GenerateChunk> for Piece {
+impl From<GenerateChunk> for ReplyChunk {
     fn from(chunk: GenerateChunk) -> Self {
         let chunk = CompleteChunk {
             delta: chunk.delta,
@@ -649,13 +667,13 @@ impl From<GenerateChunk> for Piece {
             usage: chunk.usage,
             ..CompleteChunk::default()
         };
-        Piece { chunk, risk: None }
+        ReplyChunk { completion: chunk, risk: None }
     }
 }
 
-impl From<CompleteChunk> for Piece {
+impl From<CompleteChunk> for ReplyChunk {
     fn from(chunk: CompleteChunk) -> Self {
-        Piece { chunk, risk: None }
+        ReplyChunk { completion: chunk, risk: None }
     }
 }
 
@@ -692,25 +710,25 @@ fn text_only(messages: &[ChatMessage]) -> Vec<ChatMessage> {
 
 /// A collected answer as a reply again, or an upstream error when it has no content (empty, or
 /// cut by the length limit before any text): the answer a layer up may give.
-fn usable(target: &Target, pieces: Vec<Piece>) -> Result<(Piece, PieceStream), ApiError> {
+fn usable(target: &Target, chunks: Vec<ReplyChunk>) -> Result<(ReplyChunk, ReplyChunks), ApiError> {
     let usable = |c: &CompleteChunk| {
         !c.delta.trim().is_empty()
             || !c.tool_calls.is_empty()
             || !c.tool_call_deltas.is_empty()
             || !c.refusal_delta.is_empty()
     };
-    if !pieces.iter().any(|piece| usable(&piece.chunk)) {
+    if !chunks.iter().any(|chunk| usable(&chunk.completion)) {
         return Err(ApiError::new(ErrorCode::UpstreamError, format!("{} answered without any content", target.id)));
     }
-    let mut pieces = pieces.into_iter();
-    let first = pieces.next().unwrap_or_default();
-    Ok((first, futures::stream::iter(pieces.map(Ok)).boxed()))
+    let mut chunks = chunks.into_iter();
+    let first = chunks.next().unwrap_or_default();
+    Ok((first, futures::stream::iter(chunks.map(Ok)).boxed()))
 }
 
-/// The pieces of a target's streamed reply, or the error that refused the call.
-fn into_pieces<T: Into<Piece> + Send + 'static>(
+/// The chunks of a target's streamed reply, or the error that refused the call.
+fn into_pieces<T: Into<ReplyChunk> + Send + 'static>(
     response: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
-) -> Result<PieceStream, ApiError> {
+) -> Result<ReplyChunks, ApiError> {
     let stream = response.map_err(|status| ApiError::from_status(&status))?.into_inner();
     Ok(stream.map(|item| item.map(Into::into).map_err(|status| ApiError::from_status(&status))).boxed())
 }

@@ -157,6 +157,9 @@ fn status_json(status: pb::StatusResponse) -> StatusJson {
     StatusJson { object: "quota.status", scopes }
 }
 
+/// What `getQuotaStatus` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const STATUS_ERRORS: &[ErrorCode] = &[ErrorCode::Timeout];
+
 /// `GET /v1/quota/status`: limits, usage and what remains of every scope the caller is charged to.
 #[utoipa::path(
     get,
@@ -185,6 +188,10 @@ pub async fn status(State(app): State<AppState>, request: Request) -> Response {
         Err(err) => error_response(&err, &id),
     }
 }
+
+/// What `setQuotaLimits` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const SET_LIMITS_ERRORS: &[ErrorCode] =
+    &[ErrorCode::NotFound, ErrorCode::PayloadTooLarge, ErrorCode::Timeout];
 
 /// `PUT /v1/quota/limits`: sets a scope's limits; admins and owners only.
 #[utoipa::path(
@@ -345,81 +352,89 @@ mod tests {
         ScopeJson { kind: kind.into(), id: id.into() }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_admins_and_owners_set_limits_within_their_reach() {
-        let store = crate::tenancy::MemoryTenancy::default();
-        store.create_org("acme", "Acme").await.unwrap();
-        store.create_org("globex", "Globex").await.unwrap();
-        let mine = store.create_project("p1", "acme", "one").await.unwrap();
-        let sibling = store.create_project("p2", "acme", "two").await.unwrap();
-        let theirs = store.create_project("p3", "globex", "three").await.unwrap();
-        let code = |r: Result<pb::Scope, ApiError>| r.err().map(|e| e.code);
-        for role in [Role::Viewer, Role::Developer, Role::Unspecified] {
-            let result = authorize_limits(&caller(role, &mine.id), &store, &scope("project", &mine.id)).await;
-            assert_eq!(code(result), Some(ErrorCode::PermissionDenied), "{role:?}");
+        for (backend, store) in crate::tenancy::test_backends().await {
+            let store = store.as_ref();
+            store.create_org("acme", "Acme").await.unwrap();
+            store.create_org("globex", "Globex").await.unwrap();
+            let mine = store.create_project("p1", "acme", "one").await.unwrap();
+            let sibling = store.create_project("p2", "acme", "two").await.unwrap();
+            let theirs = store.create_project("p3", "globex", "three").await.unwrap();
+            let code = |r: Result<pb::Scope, ApiError>| r.err().map(|e| e.code);
+            for role in [Role::Viewer, Role::Developer, Role::Unspecified] {
+                let result = authorize_limits(&caller(role, &mine.id), store, &scope("project", &mine.id)).await;
+                assert_eq!(code(result), Some(ErrorCode::PermissionDenied), "{backend}: {role:?}");
+            }
+            let admin = caller(Role::Admin, &mine.id);
+            let owner = caller(Role::Owner, &mine.id);
+            let denied = Some(ErrorCode::PermissionDenied);
+            let missing = Some(ErrorCode::NotFound);
+            // A project's limits bind its admins: an admin cannot lift what an owner set.
+            assert_eq!(code(authorize_limits(&admin, store, &scope("project", &mine.id)).await), denied);
+            assert_eq!(code(authorize_limits(&owner, store, &scope("project", &mine.id)).await), None);
+            assert_eq!(code(authorize_limits(&admin, store, &scope("project", &sibling.id)).await), missing);
+            assert_eq!(code(authorize_limits(&owner, store, &scope("project", &sibling.id)).await), None);
+            assert_eq!(code(authorize_limits(&owner, store, &scope("project", &theirs.id)).await), missing);
+            assert_eq!(code(authorize_limits(&owner, store, &scope("org", "acme")).await), None);
+            assert_eq!(code(authorize_limits(&admin, store, &scope("org", "acme")).await), denied);
+            assert_eq!(code(authorize_limits(&owner, store, &scope("org", "globex")).await), missing);
+            assert_eq!(code(authorize_limits(&owner, store, &scope("user", "nobody")).await), missing);
+            let invalid = Some(ErrorCode::InvalidRequest);
+            assert_eq!(code(authorize_limits(&owner, store, &scope("team", "x")).await), invalid);
+            assert_eq!(code(authorize_limits(&owner, store, &scope("key", "")).await), invalid);
         }
-        let admin = caller(Role::Admin, &mine.id);
-        let owner = caller(Role::Owner, &mine.id);
-        let denied = Some(ErrorCode::PermissionDenied);
-        let missing = Some(ErrorCode::NotFound);
-        // A project's limits bind its admins: an admin cannot lift what an owner set.
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("project", &mine.id)).await), denied);
-        assert_eq!(code(authorize_limits(&owner, &store, &scope("project", &mine.id)).await), None);
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("project", &sibling.id)).await), missing);
-        assert_eq!(code(authorize_limits(&owner, &store, &scope("project", &sibling.id)).await), None);
-        assert_eq!(code(authorize_limits(&owner, &store, &scope("project", &theirs.id)).await), missing);
-        assert_eq!(code(authorize_limits(&owner, &store, &scope("org", "acme")).await), None);
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("org", "acme")).await), denied);
-        assert_eq!(code(authorize_limits(&owner, &store, &scope("org", "globex")).await), missing);
-        assert_eq!(code(authorize_limits(&owner, &store, &scope("user", "nobody")).await), missing);
-        let invalid = Some(ErrorCode::InvalidRequest);
-        assert_eq!(code(authorize_limits(&owner, &store, &scope("team", "x")).await), invalid);
-        assert_eq!(code(authorize_limits(&owner, &store, &scope("key", "")).await), invalid);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_admin_limits_only_members_and_keys_of_its_own_project_below_it() {
-        let store = crate::tenancy::MemoryTenancy::default();
-        store.create_org("acme", "Acme").await.unwrap();
-        let mine = store.create_project("p1", "acme", "one").await.unwrap();
-        let sibling = store.create_project("p2", "acme", "two").await.unwrap();
-        for (user, memberships) in [
-            ("dev", vec![(&mine.id, Role::Developer)]),
-            ("both", vec![(&mine.id, Role::Developer), (&sibling.id, Role::Viewer)]),
-            ("elsewhere", vec![(&sibling.id, Role::Developer)]),
-            ("boss", vec![(&mine.id, Role::Owner)]),
-        ] {
-            store.create_user(user, "acme", &format!("{user}@acme.test"), user).await.unwrap();
-            for (project, role) in memberships {
-                store.set_role(user, project, Some(role)).await.unwrap();
+        for (backend, store) in crate::tenancy::test_backends().await {
+            let store = store.as_ref();
+            store.create_org("acme", "Acme").await.unwrap();
+            let mine = store.create_project("p1", "acme", "one").await.unwrap();
+            let sibling = store.create_project("p2", "acme", "two").await.unwrap();
+            for (user, memberships) in [
+                ("dev", vec![(&mine.id, Role::Developer)]),
+                ("both", vec![(&mine.id, Role::Developer), (&sibling.id, Role::Viewer)]),
+                ("elsewhere", vec![(&sibling.id, Role::Developer)]),
+                ("boss", vec![(&mine.id, Role::Owner)]),
+            ] {
+                store.create_user(user, "acme", &format!("{user}@acme.test"), user).await.unwrap();
+                for (project, role) in memberships {
+                    store.set_role(user, project, Some(role)).await.unwrap();
+                }
             }
+            let admin = caller(Role::Admin, &mine.id);
+            let code = |r: Result<pb::Scope, ApiError>| r.err().map(|e| e.code);
+            let denied = Some(ErrorCode::PermissionDenied);
+            assert_eq!(code(authorize_limits(&admin, store, &scope("user", "dev")).await), None);
+            assert_eq!(
+                code(authorize_limits(&admin, store, &scope("user", "both")).await),
+                denied,
+                "{backend}: binds beyond p1"
+            );
+            assert_eq!(code(authorize_limits(&admin, store, &scope("user", "elsewhere")).await), denied);
+            assert_eq!(code(authorize_limits(&admin, store, &scope("user", "boss")).await), denied, "above the admin");
+            assert_eq!(code(authorize_limits(&admin, store, &scope("user", "u")).await), Some(ErrorCode::NotFound));
+            let key = |id: &str, role: Role| crate::tenancy::ApiKey {
+                id: id.into(),
+                prefix: "mgk_x".into(),
+                org_id: "acme".into(),
+                project_id: mine.id.clone(),
+                user_id: None,
+                name: String::new(),
+                role,
+                scopes: crate::tenancy::KeyScopes::default(),
+                expires_at: None,
+                revoked_at: None,
+                created_at: chrono::Utc::now(),
+            };
+            for (id, role) in [("k_dev", Role::Developer), ("k_owner", Role::Owner), ("k", Role::Admin)] {
+                store.insert_key(&key(id, role), &crate::auth::digest(id)).await.unwrap();
+            }
+            assert_eq!(code(authorize_limits(&admin, store, &scope("key", "k_dev")).await), None);
+            assert_eq!(code(authorize_limits(&admin, store, &scope("key", "k_owner")).await), denied);
+            assert_eq!(code(authorize_limits(&admin, store, &scope("key", "k")).await), denied, "its own key");
         }
-        let admin = caller(Role::Admin, &mine.id);
-        let code = |r: Result<pb::Scope, ApiError>| r.err().map(|e| e.code);
-        let denied = Some(ErrorCode::PermissionDenied);
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "dev")).await), None);
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "both")).await), denied, "binds beyond p1");
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "elsewhere")).await), denied);
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "boss")).await), denied, "above the admin");
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("user", "u")).await), Some(ErrorCode::NotFound));
-        let key = |id: &str, role: Role| crate::tenancy::ApiKey {
-            id: id.into(),
-            prefix: "mgk_x".into(),
-            org_id: "acme".into(),
-            project_id: mine.id.clone(),
-            user_id: None,
-            name: String::new(),
-            role,
-            scopes: crate::tenancy::KeyScopes::default(),
-            expires_at: None,
-            revoked_at: None,
-            created_at: chrono::Utc::now(),
-        };
-        for (id, role) in [("k_dev", Role::Developer), ("k_owner", Role::Owner), ("k", Role::Admin)] {
-            store.insert_key(&key(id, role), &crate::auth::digest(id)).await.unwrap();
-        }
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("key", "k_dev")).await), None);
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("key", "k_owner")).await), denied);
-        assert_eq!(code(authorize_limits(&admin, &store, &scope("key", "k")).await), denied, "its own key");
     }
 }

@@ -17,7 +17,7 @@ pub struct ReplyScanner {
     refusal: StreamScanner,
     /// One scanner per tool call, by index.
     calls: BTreeMap<i32, StreamScanner>,
-    /// The tool calls as the client receives them (scanned), assembled from their pieces.
+    /// The tool calls as the client receives them (scanned), assembled from their chunks.
     assembled: BTreeMap<i32, ToolCall>,
 }
 
@@ -56,7 +56,7 @@ impl ReplyScanner {
     }
 
     /// Ends the reply on its last chunk: every held tail is appended to it (a tool call's as one
-    /// more piece of its arguments), and its assembled `tool_calls` are the scanned ones — those
+    /// more chunk of its arguments), and its assembled `tool_calls` are the scanned ones — those
     /// pieced together from the stream, or, from a provider that sent its calls whole, each call
     /// scanned whole. Returns every finding.
     pub fn finish(mut self, chunk: &mut CompleteChunk) -> Vec<Finding> {
@@ -122,7 +122,7 @@ mod tests {
     fn a_secret_split_across_tool_call_pieces_is_masked_and_held_no_longer_than_needed() {
         let mut scanner = ReplyScanner::new(&redacting());
         let (head, tail) = SECRET.split_at(10);
-        let pieces = [
+        let deltas = [
             delta(0, "call_1", "lookup", r#"{"token": ""#),
             delta(0, "", "", head),
             delta(0, "", "", tail),
@@ -130,8 +130,8 @@ mod tests {
             delta(1, "call_2", "other", r#"{"x": 1}"#),
         ];
         let mut sent = BTreeMap::<i32, String>::new();
-        for piece in pieces {
-            let mut chunk = CompleteChunk { tool_call_deltas: vec![piece], ..Default::default() };
+        for delta in deltas {
+            let mut chunk = CompleteChunk { tool_call_deltas: vec![delta], ..Default::default() };
             scanner.push(&mut chunk);
             for d in chunk.tool_call_deltas {
                 sent.entry(d.index).or_default().push_str(&d.arguments_delta);

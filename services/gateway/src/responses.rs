@@ -35,6 +35,18 @@ fn context_of(parts: &axum::http::request::Parts) -> Result<RequestContext, ApiE
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "request context missing"))
 }
 
+/// What `createResponse` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const CREATE_ERRORS: &[ErrorCode] = &[
+    ErrorCode::ModelNotFound,
+    ErrorCode::NotFound,
+    ErrorCode::PayloadTooLarge,
+    ErrorCode::PolicyViolation,
+    ErrorCode::QuotaExceeded,
+    ErrorCode::UpstreamError,
+    ErrorCode::ContextLengthExceeded,
+    ErrorCode::Timeout,
+];
+
 /// `POST /v1/responses`.
 #[utoipa::path(
     post,
@@ -120,17 +132,17 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
     let mut headers = Response::new(Body::empty());
     chat_flow::reply_headers(&mut headers, &reply, risk);
     let headers = headers.into_parts().0.headers;
-    let mut pieces = reply.pieces;
+    let mut chunks = reply.chunks;
     let mut response = match slot {
         Some(slot) => {
             let mut encoder = ResponsesEncoder::new(meta);
             let events = async_stream::stream! {
                 yield encoder.start();
                 let mut failure = None;
-                while let Some(piece) = pieces.next().await {
-                    match piece {
-                        Ok(piece) => {
-                            let events = encoder.encode(&piece.chunk);
+                while let Some(chunk) = chunks.next().await {
+                    match chunk {
+                        Ok(chunk) => {
+                            let events = encoder.encode(&chunk.completion);
                             if !events.is_empty() {
                                 yield events;
                             }
@@ -154,9 +166,9 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
         None => {
             let mut answer = Answer::default();
             let mut risk = risk;
-            while let Some(piece) = pieces.next().await {
-                let piece = match piece {
-                    Ok(piece) => piece,
+            while let Some(chunk) = chunks.next().await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
                     Err(err) => {
                         if let Some(keeper) = keeper {
                             keeper.keep(meta, &answer, Some(&err)).await;
@@ -164,8 +176,8 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
                         return Err(err);
                     }
                 };
-                answer.push(&piece.chunk);
-                risk = piece.risk.unwrap_or(risk);
+                answer.push(&chunk.completion);
+                risk = chunk.risk.unwrap_or(risk);
             }
             let body = response_json(&meta, &answer);
             if let Some(keeper) = keeper {
@@ -212,6 +224,9 @@ where
     result.unwrap_or_else(|err| error_response(&err, &id))
 }
 
+/// What `getResponse` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const GET_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound];
+
 /// `GET /v1/responses/{id}`.
 #[utoipa::path(
     get,
@@ -230,6 +245,9 @@ pub(crate) async fn get(State(app): State<AppState>, ApiPath(id): ApiPath<String
     })
     .await
 }
+
+/// What `deleteResponse` answers besides `openapi::COMMON_ERRORS`.
+pub(crate) const DELETE_ERRORS: &[ErrorCode] = &[ErrorCode::NotFound];
 
 /// `DELETE /v1/responses/{id}`.
 #[utoipa::path(

@@ -196,10 +196,7 @@ impl SettingsCache {
     /// Compiles stored documents. A stored document that no longer parses fails the request
     /// (500) rather than silently running with a weaker policy.
     fn compile(&self, project_id: &str, doc: &ProjectSettingsDoc) -> Result<ProjectSettings, ApiError> {
-        let unreadable = |what: &str, err: String| {
-            tracing::error!(project_id, error = %err, "stored {what} is invalid");
-            ApiError::new(ErrorCode::Internal, format!("the stored {what} of project {project_id} is invalid"))
-        };
+        let unreadable = |what: &str, err: String| unreadable(project_id, what, &err);
         let policy = if doc.security_policy.as_object().is_some_and(|o| o.is_empty()) {
             self.inner.default_policy.clone()
         } else {
@@ -223,10 +220,17 @@ impl SettingsCache {
     }
 }
 
+/// A stored settings document that no longer parses: the server's fault (500), logged, whoever
+/// reads it — never the reader's 400, and never silently replaced by a weaker default.
+pub(crate) fn unreadable(project_id: &str, what: &str, err: &dyn std::fmt::Display) -> ApiError {
+    tracing::error!(project_id, error = %err, "stored {what} is invalid");
+    ApiError::new(ErrorCode::Internal, format!("the stored {what} of project {project_id} is invalid"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tenancy::{DEFAULT_TENANT, MemoryTenancy, SettingsKind};
+    use crate::tenancy::{DEFAULT_TENANT, SettingsKind};
 
     #[test]
     fn limits_parse_strictly_and_tighten_only() {
@@ -257,18 +261,20 @@ mod tests {
         assert_eq!(settings.check_model("b").unwrap_err().code, ErrorCode::PermissionDenied);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_is_seen_after_invalidation() {
-        let store = Arc::new(MemoryTenancy::default());
-        let cache = SettingsCache::new(store.clone(), Subscription::new(false), Duration::from_secs(3600));
-        let before = cache.get(DEFAULT_TENANT).await.unwrap();
-        assert!(before.policy.config().enabled);
-        store
-            .set_project_settings(DEFAULT_TENANT, SettingsKind::SecurityPolicy, &serde_json::json!({"enabled": false}))
-            .await
-            .unwrap();
-        assert!(cache.get(DEFAULT_TENANT).await.unwrap().policy.config().enabled, "cached until invalidated");
-        cache.invalidate(DEFAULT_TENANT);
-        assert!(!cache.get(DEFAULT_TENANT).await.unwrap().policy.config().enabled);
+        for (backend, store) in crate::tenancy::test_backends().await {
+            let cache = SettingsCache::new(store.clone(), Subscription::new(false), Duration::from_secs(3600));
+            let before = cache.get(DEFAULT_TENANT).await.unwrap();
+            assert!(before.policy.config().enabled, "{backend}");
+            let disabled = serde_json::json!({"enabled": false});
+            store.set_project_settings(DEFAULT_TENANT, SettingsKind::SecurityPolicy, &disabled).await.unwrap();
+            assert!(
+                cache.get(DEFAULT_TENANT).await.unwrap().policy.config().enabled,
+                "{backend}: cached until invalidated"
+            );
+            cache.invalidate(DEFAULT_TENANT);
+            assert!(!cache.get(DEFAULT_TENANT).await.unwrap().policy.config().enabled, "{backend}");
+        }
     }
 }

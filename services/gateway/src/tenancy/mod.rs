@@ -316,6 +316,19 @@ pub fn new_id(kind: &str) -> String {
     format!("{kind}_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// The stores a unit test runs on: a standalone gateway's memory, and Postgres (a schema of its
+/// own, the gateway's migrations applied), so both behave as the test says.
+#[cfg(test)]
+pub(crate) async fn test_backends() -> [(&'static str, std::sync::Arc<dyn TenancyStore>); 2] {
+    let url = meshgate_test_support::isolated_database_url("gatewaytest").await;
+    let pool = meshgate_storage::postgres_pool(&url, &meshgate_storage::PostgresConfig::default()).expect("a pool");
+    meshgate_storage::migrate(&pool, crate::COMPONENT, crate::migrations()).await.expect("migrated");
+    [
+        ("memory", std::sync::Arc::new(MemoryTenancy::default())),
+        ("postgres", std::sync::Arc::new(PostgresTenancy::new(pool))),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
