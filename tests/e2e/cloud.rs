@@ -164,7 +164,15 @@ async fn an_edge_uploads_its_traffic_exactly_once_through_outages_lost_replies_a
     let edge = edge_mesh(&link, tenant.secret("developer"), outbox.path()).await;
     let (mut ids, mut tokens) = serve(&edge, 12).await;
     staged(&edge, 12.0).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sync_admin = edge.admin_url("sync");
+    for _ in 0..400 {
+        if metric(&edge.http, &sync_admin, "meshgate_sync_cloud_uploads_total{outcome=\"retried\"").await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let tried = metric(&edge.http, &sync_admin, "meshgate_sync_cloud_uploads_total{outcome=\"retried\"").await;
+    assert!(tried >= 1.0, "the edge tried to upload");
     assert_eq!(cloud_counts(&cloud, &owner).await, before, "nothing crossed while the cloud was down");
 
     // The edge restarts on the same outbox and serves more.

@@ -39,7 +39,7 @@ async fn chat_json_crosses_the_whole_mesh(in_process: bool) {
     })
     .await;
     for (service, grpc, _) in mesh.addresses {
-        assert_eq!(meshgate_runtime::local::registered(grpc), in_process, "{service}");
+        assert_eq!(meshgate_runtime::in_process::registered(grpc), in_process, "{service}");
     }
     let response = mesh
         .http
@@ -76,7 +76,7 @@ async fn chat_json_crosses_the_whole_mesh(in_process: bool) {
     let addresses = mesh.addresses;
     mesh.stop().await;
     for (service, grpc, _) in addresses {
-        assert!(!meshgate_runtime::local::registered(grpc), "{service} left the registry when it stopped");
+        assert!(!meshgate_runtime::in_process::registered(grpc), "{service} left the registry when it stopped");
     }
 }
 
@@ -195,8 +195,9 @@ async fn spent_daily_tokens_answer_429_with_retry_after() {
         assert_eq!(status, 200);
         let body: Value = response.json().await.unwrap();
         charged += body["usage"]["total_tokens"].as_i64().unwrap();
-        // Commits settle asynchronously after the reply.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Commits settle asynchronously after the reply: the next request starts once this one's
+        // hold is gone.
+        eventually_key_scope(&mesh, |s| s.reserved_tokens == 0).await;
     }
     assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
     assert!(statuses.len() > 1, "the first requests fit the budget: {statuses:?}");
@@ -521,10 +522,19 @@ async fn a_client_leaving_mid_stream_is_charged_for_what_was_produced_and_no_tar
     // part produced before the client left (the provider's work stops with it).
     assert!(scope.used_tokens < 40, "charged {} tokens", scope.used_tokens);
 
+    // Once the call's outcome is back at the router (nothing in flight), it blamed no one.
     let mut router = RouterClient::new(mesh.channel("router"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let targets = router.list_targets(ListTargetsRequest {}).await.unwrap().into_inner().targets;
-    let alpha = targets.iter().find(|t| t.target.as_ref().is_some_and(|t| t.id == "alpha/mock-gpt")).unwrap();
+    let mut alpha = None;
+    for _ in 0..200 {
+        let targets = router.list_targets(ListTargetsRequest {}).await.unwrap().into_inner().targets;
+        let state = targets.into_iter().find(|t| t.target.as_ref().is_some_and(|t| t.id == "alpha/mock-gpt")).unwrap();
+        if state.in_flight == 0 {
+            alpha = Some(state);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let alpha = alpha.expect("the call's outcome reaches the router");
     assert_eq!(alpha.failures, 0, "a client that leaves says nothing about the provider");
     mesh.stop().await;
 }

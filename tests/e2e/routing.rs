@@ -93,9 +93,16 @@ async fn fastest_first_keeps_the_first_answer_cancels_the_other_and_charges_only
     assert_eq!(trace.usage.unwrap().total_tokens, charged, "the trace charges the winner's usage alone");
     assert_eq!(trace.served_target, "beta/mock-gpt");
 
-    // The loser's call was dropped: it may not even have reached alpha, and it never completed.
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
-    assert!(mesh.alpha.count_for_request_id(&id) <= 1);
+    // The loser's call was dropped while alpha held its answer: alpha sees its client leave, and
+    // the call never completes.
+    for _ in 0..200 {
+        if mesh.alpha.stats().abandoned == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(mesh.alpha.stats().abandoned, 1, "the cancelled call reached alpha and was dropped");
+    assert_eq!(mesh.alpha.count_for_request_id(&id), 1);
     assert_eq!(mesh.beta.count_for_request_id(&id), 1);
     assert_eq!(mesh.alpha.stats().completions, 0, "the cancelled call produced no completion");
 

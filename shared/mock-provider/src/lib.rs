@@ -209,6 +209,7 @@ impl MockProvider {
             succeeded: s.succeeded.load(Ordering::Relaxed),
             completions: s.completions.load(Ordering::Relaxed),
             idempotent_replays: s.idempotent_replays.load(Ordering::Relaxed),
+            abandoned: s.abandoned.load(Ordering::Relaxed),
         }
     }
 

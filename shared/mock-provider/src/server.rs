@@ -3,7 +3,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -148,14 +148,18 @@ impl Shared {
     /// Latency and hang, common to every API request: `true` when a hanging request was
     /// released by the shutdown (answer 503).
     pub(crate) async fn delay_or_hang(&self, behavior: &Behavior) -> bool {
+        // The server drops this future when the client's connection closes: counted then.
+        let waiting = Abandonment { abandoned: &self.abandoned, armed: true };
         if !behavior.latency.is_zero() {
             tokio::time::sleep(behavior.latency).await;
         }
         if behavior.hang {
             // An error means the mock is being dropped: answer as for a shutdown.
             let _ = self.shutdown.clone().wait_for(|stop| *stop).await;
+            waiting.disarm();
             return true;
         }
+        waiting.disarm();
         false
     }
 
@@ -480,4 +484,24 @@ pub(crate) async fn health() -> Response {
 
 pub(crate) async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "Unknown route of the mock provider.", "invalid_request_error", None)
+}
+
+/// Counts a request as abandoned unless disarmed before it is dropped.
+struct Abandonment<'a> {
+    abandoned: &'a AtomicU64,
+    armed: bool,
+}
+
+impl Abandonment<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Abandonment<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }

@@ -177,6 +177,9 @@ pub struct Stats {
     pub completions: u64,
     /// Requests answered as replays of a completed idempotency key.
     pub idempotent_replays: u64,
+    /// Requests whose client went away while the mock delayed or held the answer (latency,
+    /// hang): the caller cancelled the call.
+    pub abandoned: u64,
 }
 
 /// Top-level parameters of `POST /v1/chat/completions` in OpenAI's API reference.
@@ -321,6 +324,7 @@ pub(crate) struct Shared {
     pub(crate) succeeded: AtomicU64,
     pub(crate) completions: AtomicU64,
     pub(crate) idempotent_replays: AtomicU64,
+    pub(crate) abandoned: AtomicU64,
     /// Index of the next seeded failure decision.
     pub(crate) decisions: AtomicU64,
     /// Requests still to fail regardless of the rate.
@@ -349,6 +353,7 @@ impl Shared {
             succeeded: AtomicU64::new(0),
             completions: AtomicU64::new(0),
             idempotent_replays: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
             decisions: AtomicU64::new(0),
             fail_next: AtomicU64::new(0),
             ids: AtomicU64::new(0),
