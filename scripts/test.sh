@@ -152,6 +152,8 @@ run_step doctests cargo test --workspace --doc
 
 # ===== extra checks (begin) ====================================================================
 # Checks added by later work (helm lint, promtool, ...) go here, one `run_step NAME CMD...` each.
+# The layering: no import circle inside a crate, no service built on another service.
+run_step modules python3 scripts/check-modules.py
 run_step deploy scripts/check-deploy.sh
 run_step topology scripts/check-topology.sh
 run_step openapi scripts/check-openapi.sh
