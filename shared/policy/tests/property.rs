@@ -5,7 +5,7 @@
 mod common;
 
 use common::{BASE62, random, redacting_engine, rng, secrets};
-use meshgate_policy::{Decision, Message};
+use meshgate_policy::{Decision, Message, PolicyEngine, Rule};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -93,36 +93,60 @@ fn random_chunks<'a>(r: &mut StdRng, text: &'a str) -> Vec<&'a str> {
     chunks
 }
 
+/// An engine that acts on every secret and PII rule, each rule's action (block or redact) drawn
+/// from `r`; injection blocks or flags.
+fn acting_engine(r: &mut StdRng) -> PolicyEngine {
+    let mut rules = serde_json::Map::new();
+    for rule in Rule::ALL {
+        let action = match (*rule == Rule::PromptInjection, r.random_bool(0.5)) {
+            (true, true) => "block",
+            (true, false) => "flag",
+            (false, true) => "block",
+            (false, false) => "redact",
+        };
+        rules.insert(rule.as_str().to_owned(), serde_json::json!({ "action": action }));
+    }
+    PolicyEngine::from_json(&serde_json::json!({ "rules": rules })).expect("the drawn policy compiles")
+}
+
 #[test]
 fn random_prompts_scan_without_panics_and_with_valid_spans() {
-    let engine = redacting_engine();
     let samples = secrets(30);
     let mut r = rng(31);
-    for _ in 0..1500 {
-        let text = random_text(&mut r, &samples);
-        let messages = [Message::new("user", &text)];
-        let outcome = engine.scan_prompt(&messages);
-        for f in &outcome.findings {
-            assert!(f.start <= f.end && f.end <= text.len(), "{f:?} in {text:?}");
-            assert!(text.is_char_boundary(f.start) && text.is_char_boundary(f.end), "{f:?} in {text:?}");
-        }
-        assert!(outcome.risk <= 100);
-        // Whatever the decision, no secret leaves: redacted away, or the request refused.
-        let present: Vec<_> = samples.iter().filter(|s| text.contains(&s.text)).collect();
-        match &outcome.decision {
-            Decision::Redact(redacted) => {
-                for sample in present {
-                    let forwarded = &redacted[0].content;
-                    assert!(!forwarded.contains(sample.secret_part()), "{:?} survived in {text:?}", sample.rule);
-                }
+    let mut decisions = [0usize; 3];
+    // The redact-everything engine, then engines that block some rules and redact the others.
+    let mut engines = vec![redacting_engine()];
+    engines.extend((0..5).map(|_| acting_engine(&mut r)));
+    for engine in &engines {
+        for _ in 0..300 {
+            let text = random_text(&mut r, &samples);
+            let messages = [Message::new("user", &text)];
+            let outcome = engine.scan_prompt(&messages);
+            for f in &outcome.findings {
+                assert!(f.start <= f.end && f.end <= text.len(), "{f:?} in {text:?}");
+                assert!(text.is_char_boundary(f.start) && text.is_char_boundary(f.end), "{f:?} in {text:?}");
             }
-            Decision::Block { .. } => {}
-            Decision::Allow => {
-                let rules: Vec<_> = present.iter().map(|s| s.rule).collect();
-                assert!(rules.is_empty(), "{rules:?} forwarded as they are in {text:?}");
+            assert!(outcome.risk <= 100);
+            // Whatever the decision, no secret leaves: redacted away, or the request refused.
+            let present: Vec<_> = samples.iter().filter(|s| text.contains(&s.text)).collect();
+            match &outcome.decision {
+                Decision::Redact(redacted) => {
+                    decisions[0] += 1;
+                    for sample in present {
+                        let forwarded = &redacted[0].content;
+                        assert!(!forwarded.contains(sample.secret_part()), "{:?} survived in {text:?}", sample.rule);
+                    }
+                }
+                Decision::Block { .. } => decisions[1] += 1,
+                Decision::Allow => {
+                    decisions[2] += 1;
+                    let rules: Vec<_> = present.iter().map(|s| s.rule).collect();
+                    assert!(rules.is_empty(), "{rules:?} forwarded as they are in {text:?}");
+                }
             }
         }
     }
+    assert!(decisions.iter().all(|n| *n > 0), "every decision was reached (redact, block, allow): {decisions:?}");
 }
 
 #[test]
