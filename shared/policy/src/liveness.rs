@@ -3,16 +3,24 @@
 //! from per-rule "liveness" patterns (every prefix of every possible match), compiled once per
 //! engine and shared by its stream scanners.
 
+use std::sync::{Mutex, PoisonError};
+
 use regex_automata::hybrid::dfa::{Cache, DFA};
 use regex_automata::{Anchored, Input, MatchKind};
 
 use crate::detect::{Keywords, RuleMask, boundary_before, liveness_patterns};
 use crate::rules::Rule;
 
-/// The compiled liveness automaton of one engine's output rules.
+/// Caches kept for reuse at most (one per reply streamed at once is plenty).
+const POOLED_CACHES: usize = 64;
+
+/// The compiled liveness automaton of one engine's output rules, and the lazy DFA's caches of
+/// the replies it scanned: a cache holds the states determinized so far, so a reply that reuses
+/// one skips the determinization earlier replies already paid for.
 #[derive(Debug)]
 pub(crate) struct Liveness {
     dfa: DFA,
+    caches: Mutex<Vec<Cache>>,
 }
 
 impl Liveness {
@@ -38,11 +46,21 @@ impl Liveness {
             .thompson(regex_automata::nfa::thompson::Config::new().nfa_size_limit(None))
             .build_many(&patterns)
             .map_err(|e| format!("output liveness automaton: {e}"))?;
-        Ok(Some(Self { dfa }))
+        Ok(Some(Self { dfa, caches: Mutex::new(Vec::new()) }))
     }
 
-    pub fn create_cache(&self) -> Cache {
-        self.dfa.create_cache()
+    /// A cache from the pool, or a new one.
+    pub fn take_cache(&self) -> Cache {
+        let pooled = self.caches.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        pooled.unwrap_or_else(|| self.dfa.create_cache())
+    }
+
+    /// Gives a cache back for the next reply.
+    pub fn return_cache(&self, cache: Cache) {
+        let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+        if caches.len() < POOLED_CACHES {
+            caches.push(cache);
+        }
     }
 
     /// The earliest candidate start in `[lo, len)` from which the text to the end is still a

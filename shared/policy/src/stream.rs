@@ -64,9 +64,17 @@ impl PolicyEngine {
     }
 }
 
+impl Drop for StreamScanner {
+    fn drop(&mut self) {
+        if let (Some(liveness), Some(cache)) = (&self.liveness, self.cache.take()) {
+            liveness.return_cache(cache);
+        }
+    }
+}
+
 impl StreamScanner {
     pub(crate) fn new(engine: PolicyEngine, liveness: Option<Arc<Liveness>>) -> Self {
-        let cache = liveness.as_ref().map(|l| l.create_cache());
+        let cache = liveness.as_ref().map(|l| l.take_cache());
         let action = engine.output_action();
         Self {
             engine,
