@@ -147,10 +147,11 @@ async fn an_edge_uploads_its_traffic_exactly_once_through_outages_lost_replies_a
     let cloud = TestMesh::start().await;
     let tenant = Tenant::create(&cloud.http, &cloud.edge, "edgeco").await;
     let owner = tenant.secret("owner").to_owned();
-    // The tenant's own first request, once its trace is flushed.
+    // The tenant's own first request, once its trace is flushed and its charge settled (a
+    // leased slice reports its spending to quota at its next flush).
     let mut before = cloud_counts(&cloud, &owner).await;
     for _ in 0..200 {
-        if before.0 == 1 {
+        if (before.0, before.1) == (1, 1) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
