@@ -359,9 +359,10 @@ impl Orchestrator {
             task: "chat".into(),
             capabilities: call.chat.capabilities().into_iter().map(str::to_owned).collect(),
         };
-        // The router classifies the conversation's text as the provider will see it (redacted).
-        let decide =
-            DecideRequest { request: Some(route), messages: text_only(&call.chat.messages), task_hint: String::new() };
+        // The router classifies the text as the provider will see it (redacted); the token count
+        // travels in the route, so only what is classified goes with it.
+        let messages = classified_messages(&call.chat.messages);
+        let decide = DecideRequest { request: Some(route), messages, task_hint: String::new() };
         let mut router = self.peers.router.clone();
         let mut plan = peer_call("router", self.peers.timeout, router.decide(decide)).await?;
         let planned = plan.targets.len();
@@ -689,23 +690,34 @@ fn has_content(chunk: &CompleteChunk) -> bool {
 }
 
 /// `messages` as text alone — the text parts joined into the content, images, audio and files
-/// left out — for readers of text: local models and the router's task classifier.
+/// left out — for local models, which read text.
 fn text_only(messages: &[ChatMessage]) -> Vec<ChatMessage> {
-    messages
-        .iter()
-        .map(|message| {
-            let mut message = message.clone();
-            for part in std::mem::take(&mut message.parts) {
-                if let Some(Part::Text(text)) = part.part {
-                    if !message.content.is_empty() {
-                        message.content.push('\n');
-                    }
-                    message.content.push_str(&text);
-                }
+    messages.iter().map(text_message).collect()
+}
+
+/// The messages the router classifies the task from (its `DecideRequest.messages`), as text:
+/// the last user message, or the system messages when there is none. The rest — in an agent's
+/// request most of it: tool definitions' results, earlier turns — is not copied to the router.
+fn classified_messages(messages: &[ChatMessage]) -> Vec<ChatMessage> {
+    match messages.iter().rev().find(|m| m.role == "user") {
+        Some(user) => vec![text_message(user)],
+        None => messages.iter().filter(|m| m.role == "system").map(text_message).collect(),
+    }
+}
+
+/// A message with its text parts folded into `content`, one per line, and its other parts left
+/// out.
+fn text_message(message: &ChatMessage) -> ChatMessage {
+    let mut message = message.clone();
+    for part in std::mem::take(&mut message.parts) {
+        if let Some(Part::Text(text)) = part.part {
+            if !message.content.is_empty() {
+                message.content.push('\n');
             }
-            message
-        })
-        .collect()
+            message.content.push_str(&text);
+        }
+    }
+    message
 }
 
 /// A collected answer as a reply again, or an upstream error when it has no content (empty, or
@@ -1067,6 +1079,34 @@ fn error_detail(err: &ApiError, request_id: &str) -> ErrorDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_router_is_sent_only_the_text_it_classifies() {
+        let message = |role: &str, content: &str| ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            ..ChatMessage::default()
+        };
+        let mut question = message("user", "");
+        question.parts = vec![
+            meshgate_proto::common::v1::ContentPart { part: Some(Part::Text("what does this print?".into())) },
+            meshgate_proto::common::v1::ContentPart { part: Some(Part::Text("print(1)".into())) },
+        ];
+        let agent = [
+            message("system", "You are an agent."),
+            message("user", "an earlier turn"),
+            message("assistant", "calling a tool"),
+            message("tool", &"a long result ".repeat(100)),
+            question,
+        ];
+        let sent = classified_messages(&agent);
+        assert_eq!(sent.len(), 1);
+        assert_eq!((sent[0].role.as_str(), sent[0].content.as_str()), ("user", "what does this print?\nprint(1)"));
+        assert!(sent[0].parts.is_empty());
+        let no_user = [message("system", "a"), message("assistant", "b"), message("system", "c")];
+        let contents: Vec<String> = classified_messages(&no_user).into_iter().map(|m| m.content).collect();
+        assert_eq!(contents, ["a", "c"]);
+    }
 
     #[test]
     fn recorded_names_are_cut_on_character_boundaries() {

@@ -1,9 +1,11 @@
 //! The policy engine: one per project policy, cheap to share (`Arc`) and to reuse across requests.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use meshgate_runtime::{ApiError, ErrorCode};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::config::{OutputAction, PolicyConfig};
 use crate::detect::{Detectors, Hit, RuleMask, Signal};
@@ -118,6 +120,53 @@ struct Inner {
     prompt_mask: RuleMask,
     output_mask: RuleMask,
     liveness: Option<Arc<Liveness>>,
+    scanned: ScanCache,
+}
+
+/// Messages of at least this many bytes have their detections kept by content digest.
+const CACHED_MESSAGE_BYTES: usize = 512;
+/// Detections kept per engine at most (the oldest half goes when it is full).
+const CACHED_MESSAGES: usize = 4096;
+
+/// What the detectors found in a prompt message, by the SHA-256 of its text. An agent resends
+/// its whole conversation — system prompt, tool results, earlier turns — with every request, so
+/// most of a long prompt was scanned before under the same policy; the engine is per policy, so
+/// a changed policy starts with an empty cache. The digest is cryptographic: no crafted text can
+/// reuse another text's (clean) result.
+#[derive(Default)]
+struct ScanCache {
+    entries: Mutex<ScanEntries>,
+}
+
+/// The cached detections, each with its insertion number (the oldest are dropped first).
+#[derive(Default)]
+struct ScanEntries {
+    inserted: u64,
+    by_digest: HashMap<[u8; 32], (u64, Arc<Detected>)>,
+}
+
+/// The detectors' hits and injection signals in one message.
+struct Detected {
+    hits: Vec<Hit>,
+    signals: Vec<Signal>,
+}
+
+impl ScanCache {
+    fn get(&self, key: &[u8; 32]) -> Option<Arc<Detected>> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.by_digest.get(key).map(|(_, detected)| detected.clone())
+    }
+
+    fn insert(&self, key: [u8; 32], detected: Arc<Detected>) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.by_digest.len() >= CACHED_MESSAGES {
+            let cutoff = entries.inserted - (CACHED_MESSAGES as u64) / 2;
+            entries.by_digest.retain(|_, (seq, _)| *seq >= cutoff);
+        }
+        let seq = entries.inserted;
+        entries.by_digest.insert(key, (seq, detected));
+        entries.inserted += 1;
+    }
 }
 
 impl PolicyEngine {
@@ -131,7 +180,8 @@ impl PolicyEngine {
         let liveness = Liveness::build(&output_mask, detectors.keywords.as_ref())
             .map_err(crate::PolicyError::InvalidConfig)?
             .map(Arc::new);
-        Ok(Self { inner: Arc::new(Inner { config, detectors, prompt_mask, output_mask, liveness }) })
+        let scanned = ScanCache::default();
+        Ok(Self { inner: Arc::new(Inner { config, detectors, prompt_mask, output_mask, liveness, scanned }) })
     }
 
     /// Parses a project's stored policy (JSONB) and compiles it.
@@ -234,9 +284,7 @@ impl PolicyEngine {
         let mut all_hits = Vec::with_capacity(messages.len());
         let mut all_signals = Vec::with_capacity(messages.len());
         for (i, message) in messages.iter().enumerate() {
-            let mut hits = Vec::new();
-            let mut signals = Vec::new();
-            self.inner.detectors.detect(message.content, 0, &self.inner.prompt_mask, &mut hits, &mut signals);
+            let (hits, mut signals) = self.detect_prompt_text(message.content);
             if !role_is_untrusted(message.role) {
                 signals.clear();
             }
@@ -247,6 +295,26 @@ impl PolicyEngine {
             all_signals.push(signals);
         }
         (findings, all_hits, all_signals)
+    }
+
+    /// The detectors' hits and signals in one prompt text; long texts from the cache when they
+    /// were scanned before.
+    fn detect_prompt_text(&self, text: &str) -> (Vec<Hit>, Vec<Signal>) {
+        let detect = || {
+            let (mut hits, mut signals) = (Vec::new(), Vec::new());
+            self.inner.detectors.detect(text, 0, &self.inner.prompt_mask, &mut hits, &mut signals);
+            (hits, signals)
+        };
+        if text.len() < CACHED_MESSAGE_BYTES {
+            return detect();
+        }
+        let key: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        if let Some(found) = self.inner.scanned.get(&key) {
+            return (found.hits.clone(), found.signals.clone());
+        }
+        let (hits, signals) = detect();
+        self.inner.scanned.insert(key, Arc::new(Detected { hits: hits.clone(), signals: signals.clone() }));
+        (hits, signals)
     }
 
     fn push_heuristic(&self, messages: &[Message<'_>], signals: &[Vec<Signal>], findings: &mut Vec<Finding>) {
@@ -342,4 +410,45 @@ pub(crate) fn redact(text: &str, hits: &[Hit]) -> String {
     }
     out.push_str(&text[last..]);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Message;
+
+    fn cached(engine: &PolicyEngine) -> usize {
+        engine.inner.scanned.entries.lock().unwrap().by_digest.len()
+    }
+
+    #[test]
+    fn a_long_message_scanned_before_answers_alike_and_a_changed_one_is_scanned_again() {
+        let engine = PolicyEngine::new(PolicyConfig::default()).unwrap();
+        let history = "The tool returned the list of open tickets as expected. ".repeat(20);
+        let first = engine.scan_prompt(&[Message::new("user", &history)]);
+        let again = engine.scan_prompt(&[Message::new("system", "be brief"), Message::new("user", &history)]);
+        assert_eq!(first.decision, Decision::Allow);
+        assert_eq!((again.decision, again.risk), (first.decision.clone(), first.risk));
+        assert_eq!(cached(&engine), 1, "the long message is kept once, the short one never");
+
+        // One character more, and a secret in it: a new digest, scanned, redacted.
+        let leaked = format!("{history}token ghp_QZXW0123456789abcdef0123456789abcdef");
+        let outcome = engine.scan_prompt(&[Message::new("user", &leaked)]);
+        assert!(outcome.findings.iter().any(|f| f.rule == Rule::GithubToken), "{:?}", outcome.findings);
+        assert!(matches!(outcome.decision, Decision::Redact(_)), "{:?}", outcome.decision);
+        let repeated = engine.scan_prompt(&[Message::new("user", &leaked)]);
+        assert_eq!(repeated.findings, outcome.findings, "a cached secret is found again");
+        assert_eq!(cached(&engine), 2);
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bound() {
+        let engine = PolicyEngine::new(PolicyConfig::default()).unwrap();
+        let filler = "x".repeat(CACHED_MESSAGE_BYTES);
+        for i in 0..CACHED_MESSAGES + 100 {
+            engine.scan_prompt(&[Message::new("user", &format!("{i} {filler}"))]);
+        }
+        assert!(cached(&engine) <= CACHED_MESSAGES, "{}", cached(&engine));
+        assert!(cached(&engine) >= CACHED_MESSAGES / 2);
+    }
 }
