@@ -123,8 +123,9 @@ struct Inner {
     scanned: ScanCache,
 }
 
-/// Messages of at least this many bytes have their detections kept by content digest.
-const CACHED_MESSAGE_BYTES: usize = 512;
+/// Texts of at least this many bytes have their detections kept by content digest (shorter ones
+/// cost less to scan than to look up).
+const CACHED_MESSAGE_BYTES: usize = 128;
 /// Detections kept per engine at most (the oldest half goes when it is full).
 const CACHED_MESSAGES: usize = 4096;
 

@@ -8,6 +8,17 @@ use serde_json::value::RawValue;
 use crate::error::WireError;
 use crate::json_path::path_at;
 
+/// Parses a request body. A body of valid UTF-8 is checked once, whole (a vectorised pass),
+/// rather than string by string inside the parser; any other body is left to the parser, which
+/// says where the bad byte is.
+pub(crate) fn parse_body<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, WireError> {
+    match std::str::from_utf8(body) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(body),
+    }
+    .map_err(|err| json_error(body, &err))
+}
+
 /// A serde error as a [`WireError`] naming the field it is about.
 pub(crate) fn json_error(body: &[u8], err: &serde_json::Error) -> WireError {
     use serde_json::error::Category;

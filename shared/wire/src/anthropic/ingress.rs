@@ -37,7 +37,7 @@ use serde_json::value::RawValue;
 use super::provider::MIN_THINKING_BUDGET;
 use crate::canonical::{Answer, ChatRequest};
 use crate::error::WireError;
-use crate::json_body::{extra_json, json_error, json_text, keep_extra, once};
+use crate::json_body::{extra_json, json_text, keep_extra, once, parse_body};
 use crate::origin::{MessageOrigin, Origins, Spelling};
 use crate::sse::write_json_event;
 
@@ -53,14 +53,14 @@ pub struct MessagesRequest {
 /// Parses and checks a `POST /v1/messages` body. Errors name the field as the client wrote it
 /// (`messages[2].content[0].tool_use_id`, `tools[1].input_schema`).
 pub fn parse_messages(body: &[u8]) -> Result<MessagesRequest, WireError> {
-    let wire: WireRequest = serde_json::from_slice(body).map_err(|err| json_error(body, &err))?;
+    let wire: WireRequest = parse_body(body)?;
     wire.into_request(true)
 }
 
 /// Parses and checks a `POST /v1/messages/count_tokens` body: the same request without
 /// `max_tokens`.
 pub fn parse_count_tokens(body: &[u8]) -> Result<MessagesRequest, WireError> {
-    let wire: WireRequest = serde_json::from_slice(body).map_err(|err| json_error(body, &err))?;
+    let wire: WireRequest = parse_body(body)?;
     wire.into_request(false)
 }
 

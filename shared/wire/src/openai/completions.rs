@@ -24,7 +24,7 @@ use serde_json::value::RawValue;
 use super::ingress::{ReplyMeta, Stop, UsageJson};
 use crate::canonical::{Answer, ChatRequest};
 use crate::error::WireError;
-use crate::json_body::{extra_json, json_error, keep_extra, once};
+use crate::json_body::{extra_json, keep_extra, once, parse_body};
 use crate::sse;
 
 /// The reference's `max_tokens` when a request sets none.
@@ -42,7 +42,7 @@ pub struct CompletionRequest {
 
 /// Parses and checks a `POST /v1/completions` body.
 pub fn parse_completion(body: &[u8]) -> Result<CompletionRequest, WireError> {
-    let wire: WireRequest = serde_json::from_slice(body).map_err(|err| json_error(body, &err))?;
+    let wire: WireRequest = parse_body(body)?;
     wire.into_request()
 }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::{WireError, truncate};
-use crate::json_body::{extra_json, json_error, keep_extra, once};
+use crate::json_body::{extra_json, keep_extra, once, parse_body};
 use crate::provider::{ProviderBody, ProviderModel, merge_extra};
 
 /// OpenAI's limit on inputs per request.
@@ -70,7 +70,7 @@ pub struct EmbeddingsRequest {
 /// Parses and checks a `POST /v1/embeddings` body: `input` a string, a list of strings, a list of
 /// token ids or a list of such lists (1 to [`MAX_INPUTS`] of them, none empty).
 pub fn parse_embeddings(body: &[u8]) -> Result<EmbeddingsRequest, WireError> {
-    let wire: WireRequest = serde_json::from_slice(body).map_err(|err| json_error(body, &err))?;
+    let wire: WireRequest = parse_body(body)?;
     wire.into_request()
 }
 

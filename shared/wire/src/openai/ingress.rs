@@ -22,12 +22,12 @@ use serde_json::value::RawValue;
 
 use crate::canonical::{Answer, ChatRequest};
 use crate::error::WireError;
-use crate::json_body::{extra_json, json_error, json_text, keep_extra, narrow, once};
+use crate::json_body::{extra_json, json_text, keep_extra, narrow, once, parse_body};
 use crate::sse;
 
 /// Parses and checks a Chat Completions request body (see [`ChatRequest::check`]).
 pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, WireError> {
-    let wire: WireRequest = serde_json::from_slice(body).map_err(|err| json_error(body, &err))?;
+    let wire: WireRequest = parse_body(body)?;
     wire.into_canonical()
 }
 

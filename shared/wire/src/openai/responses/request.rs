@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 
 use crate::canonical::ChatRequest;
 use crate::error::WireError;
-use crate::json_body::{extra_json, json_error, json_text, keep_extra, narrow, once};
+use crate::json_body::{extra_json, json_text, keep_extra, narrow, once, parse_body};
 use crate::origin::{MessageOrigin, Origins, Spelling};
 
 /// A Responses API request: the canonical request and what only the Responses API has.
@@ -62,7 +62,7 @@ const INCLUDABLE: [&str; 9] = [
 /// Parses and checks a Responses API request body. Errors name the field as the client wrote it
 /// (`input[3].content[1].image_url`, `tools[0].name`, `text.format.schema`).
 pub fn parse_responses(body: &[u8]) -> Result<ResponsesRequest, WireError> {
-    let wire: WireRequest = serde_json::from_slice(body).map_err(|err| json_error(body, &err))?;
+    let wire: WireRequest = parse_body(body)?;
     wire.into_request()
 }
 
