@@ -400,11 +400,11 @@ pub struct Answer {
     pub logprobs: Option<Logprobs>,
     /// Tool calls as their pieces arrived, by index.
     streamed_calls: BTreeMap<i32, pb::ToolCall>,
-    /// While `tool_calls` mirrors `streamed_calls` (no chunk gave the assembled calls): the index
-    /// of each of its entries, ascending. Each piece then extends its mirror in place rather than
-    /// the calls being copied again, which made an answer's cost grow with the square of its
+    /// Whether `tool_calls` mirrors `streamed_calls`, in index order (no chunk gave the assembled
+    /// calls since the last piece). Each piece then extends its mirror in place rather than the
+    /// calls being copied again, which made an answer's cost grow with the square of its
     /// streamed arguments.
-    mirrored: Option<Vec<i32>>,
+    mirrors_streamed: bool,
 }
 
 /// The logprobs of an answer: one entry per token of the content and of the refusal, each the
@@ -441,34 +441,25 @@ impl Answer {
         self.content.push_str(&chunk.delta);
         self.refusal.push_str(&chunk.refusal_delta);
         self.reasoning.push_str(&chunk.reasoning_delta);
-        if !chunk.tool_call_deltas.is_empty() && self.mirrored.is_none() {
+        if !chunk.tool_call_deltas.is_empty() && !self.mirrors_streamed {
             // The first pieces, or pieces after a chunk that gave the assembled calls: the calls
             // are the streamed ones from here on.
             self.tool_calls = self.streamed_calls.values().cloned().collect();
-            self.mirrored = Some(self.streamed_calls.keys().copied().collect());
+            self.mirrors_streamed = true;
         }
         for delta in &chunk.tool_call_deltas {
-            let call = self
-                .streamed_calls
-                .entry(delta.index)
-                .or_insert_with(|| pb::ToolCall { r#type: "function".into(), ..pb::ToolCall::default() });
-            apply_delta(call, delta);
-            if let Some(indexes) = &mut self.mirrored {
-                let at = match indexes.binary_search(&delta.index) {
-                    Ok(at) => at,
-                    Err(at) => {
-                        indexes.insert(at, delta.index);
-                        let fresh = pb::ToolCall { r#type: "function".into(), ..pb::ToolCall::default() };
-                        self.tool_calls.insert(at, fresh);
-                        at
-                    }
-                };
-                apply_delta(&mut self.tool_calls[at], delta);
+            let new_call = || pb::ToolCall { r#type: "function".into(), ..pb::ToolCall::default() };
+            // The call's place in index order (the calls of one answer are few).
+            let at = self.streamed_calls.range(..delta.index).count();
+            if !self.streamed_calls.contains_key(&delta.index) {
+                self.tool_calls.insert(at, new_call());
             }
+            apply_delta(self.streamed_calls.entry(delta.index).or_insert_with(new_call), delta);
+            apply_delta(&mut self.tool_calls[at], delta);
         }
         if !chunk.tool_calls.is_empty() {
             self.tool_calls.clone_from(&chunk.tool_calls);
-            self.mirrored = None;
+            self.mirrors_streamed = false;
         }
         if !chunk.finish_reason.is_empty() {
             self.finish_reason.clone_from(&chunk.finish_reason);
