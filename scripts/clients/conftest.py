@@ -99,6 +99,24 @@ def provider_records():
 
 
 @pytest.fixture(scope="session")
+def embedding_requests():
+    """embedding_requests(marker) -> the embeddings bodies the mock provider received whose input
+    mentions marker, oldest first."""
+    mock_url = _env("MESHGATE_CLIENTS_MOCK_URL")
+
+    def find(marker):
+        with urllib.request.urlopen(f"{mock_url}/_mock/requests", timeout=10) as response:
+            recorded = json.load(response)
+        return [
+            r["body"]
+            for r in recorded
+            if r["path"] == "/v1/embeddings" and isinstance(r["body"], dict) and marker in json.dumps(r["body"])
+        ]
+
+    return find
+
+
+@pytest.fixture(scope="session")
 def provider_requests(provider_records):
     """provider_requests(marker) -> the bodies the mock provider received whose messages mention
     marker, oldest first."""

@@ -89,6 +89,7 @@ key="mg-clients-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 } >"$MG_LIVE_DIR/meshgate.toml"
 mg_start meshgate env MESHGATE_ADMIN_KEY="$key" \
     MESHGATE_PROVIDER_MOCK_BASE_URL="http://127.0.0.1:$mock/v1" MESHGATE_PROVIDER_MOCK_MODELS="$MODEL" \
+    MESHGATE_PROVIDER_MOCK_EMBEDDING_MODELS=text-embedding-3-small \
     "$bin/meshgate" --config "$MG_LIVE_DIR/meshgate.toml" up
 for port in "${admin[@]}"; do mg_wait_http "http://127.0.0.1:$port/readyz" meshgate || exit 1; done
 

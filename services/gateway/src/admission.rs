@@ -9,11 +9,12 @@ use std::time::Instant;
 use meshgate_policy::SanitizedHeaders;
 use meshgate_runtime::{ApiError, ErrorCode};
 use meshgate_wire::ChatRequest;
+use meshgate_wire::openai::embeddings::{EmbeddingInput, EmbeddingsRequest};
 
 use crate::auth::Caller;
 use crate::guard::{Guard, Security};
 use crate::openai::{ChatLimits, check_limits};
-use crate::orchestrator::{AllowedModels, ChatCall, Orchestrator};
+use crate::orchestrator::{AllowedModels, ChatCall, EmbedCall, Orchestrator};
 use crate::settings::ProjectSettings;
 
 /// Texts one embeddings request may carry at most (OpenAI's limit).
@@ -41,13 +42,6 @@ pub struct RequestFacts {
 }
 
 /// An embeddings request that may run: its model and its (redacted) inputs.
-pub struct AdmittedEmbeddings {
-    pub model: String,
-    pub inputs: Vec<String>,
-    /// Risk score of the inputs, 0–100.
-    pub risk: u8,
-}
-
 impl Admission {
     /// Admits a checked chat request (`ChatRequest::check`, which parsing runs) of `caller` in a
     /// project with `settings`.
@@ -89,27 +83,42 @@ impl Admission {
         }
     }
 
-    /// Admits an embeddings request for `model` of `caller`. The inputs are data for an encoder
-    /// that follows no instructions: every rule but prompt injection applies.
+    /// Admits a parsed embeddings request of `caller` (the wire parser checked its shape): the
+    /// models the key and the project allow, then the policy over its texts, which are data for
+    /// an encoder that follows no instructions, so every rule but prompt injection applies. Token
+    /// ids are no text meshgate can read and are not scanned (as the bytes of a `data:` image
+    /// are not).
     pub fn embeddings(
         &self,
         caller: &Caller,
         settings: &ProjectSettings,
-        model: &str,
-        mut inputs: Vec<String>,
-    ) -> Result<AdmittedEmbeddings, ApiError> {
-        let model = model.trim();
-        if model.is_empty() {
+        mut request: EmbeddingsRequest,
+        (request_id, trace_id, started): (String, String, Instant),
+    ) -> Result<EmbedCall, ApiError> {
+        request.model = request.model.trim().to_owned();
+        if request.model.is_empty() {
             return Err(ApiError::new(ErrorCode::InvalidRequest, "model is required"));
         }
-        caller.require_model(model)?;
-        settings.check_model(model)?;
-        check_inputs(&inputs)?;
-        let screened = self.guard.screen_inputs(&settings.policy, &mut inputs);
-        if let Some(err) = screened.blocked {
-            return Err(err);
+        caller.require_model(&request.model)?;
+        settings.check_model(&request.model)?;
+        let mut risk = 0;
+        if let EmbeddingInput::Texts(texts) = &mut request.input {
+            check_inputs(texts)?;
+            let screened = self.guard.screen_inputs(&settings.policy, texts);
+            if let Some(err) = screened.blocked {
+                return Err(err);
+            }
+            risk = screened.outcome.risk;
         }
-        Ok(AdmittedEmbeddings { model: model.to_owned(), inputs, risk: screened.outcome.risk })
+        Ok(EmbedCall {
+            request_id,
+            trace_id,
+            principal: caller.principal.clone(),
+            allowed: AllowedModels::new([caller.scopes.models.as_slice(), settings.limits.allowed_models.as_slice()]),
+            request,
+            started,
+            risk,
+        })
     }
 }
 

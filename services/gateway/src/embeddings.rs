@@ -1,51 +1,71 @@
-//! `POST /v1/embeddings` (OpenAI format, `float` or `base64`) served by the local embedding
-//! models of the inference service, with quota reserved and committed like a chat request, and the
-//! inputs scanned by the project's security policy first.
+//! `POST /v1/embeddings` (OpenAI format: texts or token ids, `dimensions`, `float` or `base64`)
+//! served by a local embedding model of the inference service or a provider's embedding model, as
+//! the router plans it, with quota held and charged at the serving model's price, and the texts
+//! scanned by the project's security policy first.
+
+use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::http::HeaderValue;
+use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
+use meshgate_proto::common::v1::Layer;
 use meshgate_runtime::{ApiError, ErrorCode};
-use serde::{Deserialize, Serialize};
+use meshgate_wire::openai::embeddings::{embeddings_json, parse_embeddings};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::api::{AppState, RequestContext, authenticate, read_body};
 use crate::guard::RISK_SCORE;
-use crate::openai::json_error;
+use crate::openai::wire_error;
+use crate::orchestrator::{LAYER_HEADER, TARGET_HEADER};
 use crate::response::error_response;
 use crate::tenancy::EndpointScope;
 
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(untagged)]
+/// `input`: what to embed.
+#[derive(ToSchema)]
 #[schema(as = EmbeddingInput)]
+#[allow(dead_code)] // a schema only: meshgate-wire parses the body
 pub(crate) enum Input {
+    /// One text.
     One(String),
+    /// Texts, one vector each.
     Many(Vec<String>),
+    /// One text as token ids of the model's tokenizer (cloud models only).
+    Tokens(Vec<u32>),
+    /// Several texts as token ids.
+    TokenLists(Vec<Vec<u32>>),
 }
 
-/// Unknown fields (`user`, ...) are accepted as the OpenAI API does; the key identifies the user.
-#[derive(Debug, Deserialize, ToSchema)]
+/// Unknown fields are kept and forwarded to a provider as its `unknown_params` setting says; the
+/// key identifies the user to meshgate.
+#[derive(ToSchema)]
 #[schema(example = json!({"model": "all-minilm-l6-v2", "input": ["Hello", "world"]}))]
+#[allow(dead_code)] // a schema only: meshgate-wire parses the body
 pub(crate) struct EmbeddingsRequest {
-    /// A local embedding model from `GET /v1/models` (task `embeddings`).
+    /// An embedding model from `GET /v1/models` (task `embeddings`): a local model, or a
+    /// provider's embedding model.
     #[schema(min_length = 1)]
     model: String,
-    /// A non-empty string, or an array of 1 to 2048 non-empty strings.
+    /// A non-empty string, an array of 1 to 2048 non-empty strings, an array of token ids, or an
+    /// array of 1 to 2048 non-empty arrays of token ids. Token ids are sent only to providers:
+    /// local models tokenize text themselves.
     #[schema(value_type = Input)]
     input: serde_json::Value,
     /// `float` (the default) or `base64` (little-endian f32).
-    #[serde(default)]
     #[schema(value_type = Option<EncodingFormat>)]
     encoding_format: Option<String>,
-    /// When set, must equal the model's dimensions.
-    #[serde(default)]
+    /// Vector length: passed to a provider's model; a local model takes only its own length.
+    #[schema(minimum = 1)]
     dimensions: Option<i64>,
+    /// The end user, passed to the provider.
+    user: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(untagged)]
 #[schema(as = EmbeddingVector)]
+#[allow(dead_code)] // a schema only: meshgate-wire writes the answer
 pub(crate) enum Vector {
     Float(Vec<f32>),
     Base64(String),
@@ -53,6 +73,7 @@ pub(crate) enum Vector {
 
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = Embedding)]
+#[allow(dead_code)] // a schema only
 pub(crate) struct Datum {
     object: &'static str,
     index: usize,
@@ -60,12 +81,14 @@ pub(crate) struct Datum {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // a schema only
 pub(crate) struct EmbeddingUsage {
     prompt_tokens: i64,
     total_tokens: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[allow(dead_code)] // a schema only
 pub(crate) struct EmbeddingsResponse {
     object: &'static str,
     data: Vec<Datum>,
@@ -73,35 +96,13 @@ pub(crate) struct EmbeddingsResponse {
     usage: EmbeddingUsage,
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::InvalidRequest, message)
-}
-
-/// The inputs of a request: a string or an array of non-empty strings (token arrays are refused:
-/// local models tokenize themselves).
-fn inputs(value: serde_json::Value) -> Result<Vec<String>, ApiError> {
-    let input: Input = serde_json::from_value(value)
-        .map_err(|_| invalid("input must be a string or an array of strings (token arrays are not supported)"))?;
-    let inputs = match input {
-        Input::One(text) => vec![text],
-        Input::Many(texts) => texts,
-    };
-    Ok(inputs)
-}
-
 /// `encoding_format` values.
 #[derive(ToSchema)]
 #[schema(rename_all = "snake_case")]
-#[allow(dead_code)] // a schema only: the handler reads the field as a string to name a bad value
+#[allow(dead_code)] // a schema only
 pub(crate) enum EncodingFormat {
     Float,
     Base64,
-}
-
-/// Little-endian f32 bytes in base64, as the OpenAI SDKs decode `encoding_format: "base64"`.
-fn base64_vector(values: &[f32]) -> String {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// What `createEmbedding` answers besides `openapi::COMMON_ERRORS`.
@@ -111,6 +112,7 @@ pub(crate) const EMBEDDINGS_ERRORS: &[ErrorCode] = &[
     ErrorCode::PayloadTooLarge,
     ErrorCode::PolicyViolation,
     ErrorCode::QuotaExceeded,
+    ErrorCode::UpstreamError,
     ErrorCode::Timeout,
 ];
 
@@ -120,9 +122,11 @@ pub(crate) const EMBEDDINGS_ERRORS: &[ErrorCode] = &[
     path = "/v1/embeddings",
     operation_id = "createEmbedding",
     tag = "openai",
-    summary = "Embed text with a local embedding model",
-    description = "OpenAI-compatible (`float` or `base64`). Inputs are scanned by the project's security policy \
-(every rule but prompt injection) and quota is reserved and settled like a chat request.",
+    summary = "Embed text with a local or a provider's embedding model",
+    description = "OpenAI-compatible: texts or token ids, `dimensions`, `float` or `base64`. Local embedding models \
+come first, then the providers listing the model among their embedding models, in fallback order. Texts are scanned \
+by the project's security policy (every rule but prompt injection); token ids are not text and are not scanned. \
+Quota is held for the inputs' tokens and charged at the serving model's input price.",
     request_body = EmbeddingsRequest,
     responses((status = 200, description = "The embeddings, in input order", body = EmbeddingsResponse))
 )]
@@ -136,43 +140,23 @@ pub async fn embeddings(State(app): State<AppState>, request: Request) -> Respon
         caller.require(EndpointScope::Embeddings)?;
         let settings = app.settings.get(&caller.principal.project_id).await?;
         let body = read_body(body, &parts.headers, settings.max_body_bytes(app.max_body_bytes)).await?;
-        let request: EmbeddingsRequest = serde_json::from_slice(&body).map_err(json_error)?;
-        let base64 = match request.encoding_format.as_deref() {
-            None | Some("float") => false,
-            Some("base64") => true,
-            Some(other) => return Err(invalid(format!("encoding_format {other:?} is not float or base64"))),
-        };
+        let request = parse_embeddings(&body).map_err(wire_error)?;
+        let format = request.encoding_format;
+        let (trace_id, started) =
+            context.as_ref().map_or_else(|| (String::new(), Instant::now()), |c| (c.trace_id.clone(), c.started));
         // The encoder receives the redacted inputs; a blocking rule refuses the request.
-        let admitted = app.admission.embeddings(&caller, &settings, &request.model, inputs(request.input)?)?;
-        let (model, risk) = (admitted.model, admitted.risk);
-        let (embedded, budget) = app.orchestrator.embed(&id, &caller.principal, &model, admitted.inputs).await?;
-        if let Some(dimensions) = request.dimensions
-            && dimensions != i64::from(embedded.dims)
-        {
-            return Err(invalid(format!("dimensions must be {} for {model} (got {dimensions})", embedded.dims)));
-        }
-        let prompt_tokens = embedded.usage.map_or(0, |u| u.prompt_tokens);
-        let data = embedded
-            .embeddings
-            .into_iter()
-            .enumerate()
-            .map(|(index, e)| Datum {
-                object: "embedding",
-                index,
-                embedding: if base64 { Vector::Base64(base64_vector(&e.values)) } else { Vector::Float(e.values) },
-            })
-            .collect();
-        let body = EmbeddingsResponse {
-            object: "list",
-            data,
-            model,
-            usage: EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens },
-        };
-        let mut response = axum::Json(body).into_response();
-        response.headers_mut().insert(RISK_SCORE, HeaderValue::from(u16::from(risk)));
-        for (name, value) in budget.headers() {
+        let call = app.admission.embeddings(&caller, &settings, request, (id.clone(), trace_id, started))?;
+        let risk = call.risk;
+        let embedded = app.orchestrator.embed(call).await?;
+        let body = embeddings_json(&embedded.target.model, &embedded.vectors, embedded.prompt_tokens, format);
+        let mut response = ([(CONTENT_TYPE, "application/json")], body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(RISK_SCORE, HeaderValue::from(u16::from(risk)));
+        headers.insert(TARGET_HEADER, HeaderValue::from_str(&embedded.target.id).map_err(|_| bad_target())?);
+        headers.insert(LAYER_HEADER, HeaderValue::from_static(Layer::short_name_of(embedded.target.layer)));
+        for (name, value) in embedded.budget.headers() {
             if let Ok(value) = HeaderValue::from_str(&value) {
-                response.headers_mut().insert(name, value);
+                headers.insert(name, value);
             }
         }
         Ok(response)
@@ -181,25 +165,6 @@ pub async fn embeddings(State(app): State<AppState>, request: Request) -> Respon
     result.unwrap_or_else(|err| error_response(&err, &id))
 }
 
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-
-    #[test]
-    fn inputs_are_a_string_or_strings_never_tokens() {
-        assert_eq!(inputs(json!("hi")).unwrap(), ["hi"]);
-        assert_eq!(inputs(json!(["a", "b"])).unwrap(), ["a", "b"]);
-        for bad in [json!([1, 2]), json!([[1]]), json!(null), json!(5)] {
-            assert_eq!(inputs(bad.clone()).unwrap_err().code, ErrorCode::InvalidRequest, "{bad}");
-        }
-    }
-
-    #[test]
-    fn base64_is_little_endian_f32() {
-        let encoded = base64_vector(&[1.0, -2.5]);
-        let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
-        assert_eq!(bytes, [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat());
-    }
+fn bad_target() -> ApiError {
+    ApiError::new(ErrorCode::Internal, "the serving target's id is not a header value")
 }

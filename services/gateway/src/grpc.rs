@@ -10,12 +10,14 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
+use meshgate_proto::common::v1::Usage;
 use meshgate_proto::gateway::v1::gateway_server::{Gateway, GatewayServer};
 use meshgate_proto::gateway::v1::{
     ChatChunk, ChatRequest, EmbedRequest, EmbedResponse, ListModelsRequest, ListModelsResponse, ModelInfo,
 };
 use meshgate_runtime::{ApiError, ErrorCode};
 use meshgate_wire::ChatRequest as CanonicalChat;
+use meshgate_wire::openai::embeddings::{EmbeddingInput, EmbeddingsRequest, EncodingFormat};
 use tonic::{Request, Response, Status};
 
 use crate::admission::{Admission, RequestFacts};
@@ -184,29 +186,38 @@ impl Gateway for GatewayService {
     }
 
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        let started = Instant::now();
         let caller = Self::caller(&request, EndpointScope::Embeddings)?;
         let settings = self.settings.get(&caller.principal.project_id).await.map_err(|err| err.to_status())?;
         check_size(&settings, request.get_ref(), self.max_body_bytes).map_err(|err| err.to_status())?;
-        let body = request.into_inner();
-        let admitted =
-            self.admission.embeddings(&caller, &settings, &body.model, body.inputs).map_err(|err| err.to_status())?;
-        let (model, risk) = (admitted.model, admitted.risk);
         let request_id = uuid::Uuid::now_v7().to_string();
-        let (embedded, budget) = self
+        let trace_id = meshgate_runtime::telemetry::trace_id(&tracing::Span::current());
+        let body = request.into_inner();
+        let request = EmbeddingsRequest {
+            model: body.model,
+            input: EmbeddingInput::Texts(body.inputs),
+            dimensions: None,
+            encoding_format: EncodingFormat::Float,
+            user: String::new(),
+            extra_json: String::new(),
+        };
+        let call = self
             .admission
-            .orchestrator
-            .embed(&request_id, &caller.principal, &model, admitted.inputs)
-            .await
+            .embeddings(&caller, &settings, request, (request_id, trace_id, started))
             .map_err(|err| err.to_status())?;
+        let risk = call.risk;
+        let embedded = self.admission.orchestrator.embed(call).await.map_err(|err| err.to_status())?;
         let data = embedded
-            .embeddings
+            .vectors
             .into_iter()
             .zip(0..)
-            .map(|(e, index)| meshgate_proto::gateway::v1::Embedding { index, values: e.values })
+            .map(|(values, index)| meshgate_proto::gateway::v1::Embedding { index, values })
             .collect();
-        let mut response = Response::new(EmbedResponse { model, data, usage: embedded.usage });
+        let usage =
+            Usage { prompt_tokens: embedded.prompt_tokens, total_tokens: embedded.prompt_tokens, ..Usage::default() };
+        let mut response = Response::new(EmbedResponse { model: embedded.target.model, data, usage: Some(usage) });
         response.metadata_mut().insert(RISK_SCORE, u16::from(risk).into());
-        for (name, value) in budget.headers() {
+        for (name, value) in embedded.budget.headers() {
             if let Ok(value) = value.parse() {
                 response.metadata_mut().insert(name, value);
             }

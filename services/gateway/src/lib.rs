@@ -131,7 +131,9 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         analytics: analytics.clone(),
         quota: QuotaClient::new(quota.clone()),
         router: RouterClient::new(router.clone()),
-        sync: SyncClient::new(connect(&listeners, &config.sync_endpoint)?),
+        // Embeddings answers carry whole batches of vectors.
+        sync: SyncClient::new(connect(&listeners, &config.sync_endpoint)?)
+            .max_decoding_message_size(meshgate_runtime::mesh::MAX_MESSAGE_BYTES),
         inference: InferenceClient::new(connect(&listeners, &config.inference_endpoint)?),
         timeout: Duration::from_millis(config.peer_timeout_ms),
     };

@@ -16,9 +16,7 @@ use meshgate_policy::Finding;
 use meshgate_proto::analytics::v1::{ModelCall, ToolCall as TracedTool, Trace};
 use meshgate_proto::common::v1::content_part::Part;
 use meshgate_proto::common::v1::{ChatMessage, ErrorDetail, Layer, Principal, Target, TargetKind, Usage};
-use meshgate_proto::inference::v1::{
-    EmbedRequest, EmbedResponse, GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels,
-};
+use meshgate_proto::inference::v1::{GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels};
 use meshgate_proto::router::v1::{DecideRequest, ListTargetsRequest, Outcome, RoutePlan, RouteRequest, StepRole};
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use meshgate_quota_lease::Estimate;
@@ -34,6 +32,10 @@ use crate::peers::{Peers, peer_call};
 use crate::quota_gate::{Hold, QuotaGate};
 use crate::reply_scan::ReplyScanner;
 use crate::traces::TraceSink;
+
+mod embeddings;
+
+pub use embeddings::{EmbedCall, Embedded};
 
 /// Timeouts and defaults of the request path.
 #[derive(Debug, Clone, Copy)]
@@ -190,16 +192,18 @@ impl Orchestrator {
         Settlement::new(self.clone(), call, 0).fail(err);
     }
 
-    /// Every model the mesh can serve with what it does: the router's chat targets (the
-    /// preferred one per model id) and the inference service's other local models. When
+    /// Every model the mesh can serve with what it does: the router's chat and embeddings
+    /// targets (the preferred one per model id) and the inference service's other local models. When
     /// inference does not answer, its embedding and classification models are left out.
     pub async fn models(&self) -> Result<Vec<(Target, Vec<String>)>, ApiError> {
         let mut router = self.peers.router.clone();
         let states = peer_call("router", self.peers.timeout, router.list_targets(ListTargetsRequest {})).await?;
         let mut models: Vec<(Target, Vec<String>)> = Vec::new();
-        for target in states.targets.into_iter().filter_map(|t| t.target) {
+        for state in states.targets {
+            let Some(target) = state.target else { continue };
             if !models.iter().any(|(m, _)| m.model == target.model) {
-                models.push((target, vec!["chat".to_owned()]));
+                let kind = if state.kind.is_empty() { "chat".to_owned() } else { state.kind };
+                models.push((target, vec![kind]));
             }
         }
         let mut inference = self.peers.inference.clone();
@@ -243,43 +247,6 @@ impl Orchestrator {
             Err(err) if err.code == ErrorCode::ModelNotFound => Err(err),
             _ => Ok(()),
         }
-    }
-
-    /// Embeds `inputs` with a local embedding model: holds the inputs' estimated tokens, calls
-    /// the inference service, then charges the tokens it counted (or releases).
-    pub async fn embed(
-        self: &Arc<Self>,
-        request_id: &str,
-        principal: &Principal,
-        model: &str,
-        inputs: Vec<String>,
-    ) -> Result<(EmbedResponse, QuotaSnapshot), ApiError> {
-        let estimate: i64 = inputs.iter().map(|t| (t.chars().count() as u64).div_ceil(4) as i64 + 2).sum();
-        let hold = self.quota.hold(request_id, principal, Estimate { tokens: estimate, cost_micros: 0 }).await?;
-        let budget = hold.budget();
-        let mut inference = self.peers.inference.clone();
-        let request = EmbedRequest { model: model.to_owned(), inputs };
-        let span = model_call_span("embeddings", model, "local", model, "");
-        let call = peer_call("inference", self.config.first_piece_timeout, inference.embed(request));
-        let result = call.instrument(span.clone()).await;
-        match &result {
-            Ok(response) => {
-                let input_tokens = response.usage.map_or(estimate, |u| u.prompt_tokens);
-                span.record("gen_ai.usage.input_tokens", input_tokens);
-            }
-            Err(err) => {
-                span.record("error.type", err.code.as_str());
-            }
-        }
-        let usage = result.as_ref().ok().map(|r| {
-            let prompt_tokens = r.usage.map_or(estimate, |u| u.prompt_tokens.max(0));
-            Usage { prompt_tokens, total_tokens: prompt_tokens, ..Usage::default() }
-        });
-        if let Some(usage) = &usage {
-            self.metrics.record_usage(model, &principal.project_id, usage);
-        }
-        tokio::spawn(hold.settle(usage));
-        Ok((result?, budget))
     }
 
     /// What a job for `chat` is admitted for: its prompt plus its max tokens, and their cost at the

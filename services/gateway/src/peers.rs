@@ -10,6 +10,7 @@ use meshgate_proto::inference::v1::inference_client::InferenceClient;
 use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::sync::v1::sync_client::SyncClient;
+use meshgate_runtime::error::ERROR_CODE_METADATA;
 use meshgate_runtime::{ApiError, ErrorCode, MeshChannel};
 
 /// Clients of the services the gateway calls, and the deadline of a call to one.
@@ -41,11 +42,13 @@ pub(crate) async fn peer_response<T>(
 ) -> Result<tonic::Response<T>, ApiError> {
     match tokio::time::timeout(deadline, call).await {
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(status)) => Err(match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => {
+        Ok(Err(status)) => Err(match (status.code(), ApiError::from_status(&status)) {
+            // What the peer says went wrong beyond it (a provider failing: upstream_error).
+            (_, err) if status.metadata().contains_key(ERROR_CODE_METADATA) && err.code != ErrorCode::Internal => err,
+            (tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal, _) => {
                 ApiError::new(ErrorCode::Unavailable, format!("{peer} service unavailable: {}", status.message()))
             }
-            _ => ApiError::from_status(&status),
+            (_, err) => err,
         }),
         Err(_) => Err(ApiError::new(
             ErrorCode::Timeout,
@@ -66,6 +69,12 @@ mod tests {
         assert!(err.message.contains("quota service did not answer within 10 ms"), "{}", err.message);
         let down = async { Err::<tonic::Response<()>, _>(tonic::Status::unavailable("connection refused")) };
         assert_eq!(peer_call("router", Duration::from_secs(1), down).await.unwrap_err().code, ErrorCode::Unavailable);
+        let upstream =
+            async { Err::<tonic::Response<()>, _>(ErrorCode::UpstreamError.status("provider answered 500")) };
+        let err = peer_call("sync", Duration::from_secs(1), upstream).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::UpstreamError, "the peer's own code is kept");
+        let broken = async { Err::<tonic::Response<()>, _>(ErrorCode::Internal.status("bug")) };
+        assert_eq!(peer_call("sync", Duration::from_secs(1), broken).await.unwrap_err().code, ErrorCode::Unavailable);
         let refused = async { Err::<tonic::Response<()>, _>(tonic::Status::permission_denied("not yours")) };
         let err = peer_call("sync", Duration::from_secs(1), refused).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::PermissionDenied);

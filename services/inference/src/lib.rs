@@ -47,6 +47,13 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
         let ready = probe_engine.ready();
         async move { ready }
     };
-    host.run(InferenceServer::new(InferenceService::new(engine)), listeners, probe, shutdown).await?;
+    host.run(
+        InferenceServer::new(InferenceService::new(engine))
+            .max_decoding_message_size(meshgate_runtime::mesh::MAX_MESSAGE_BYTES),
+        listeners,
+        probe,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

@@ -87,7 +87,9 @@ impl<'a, R: Rng> Planner<'a, '_, R> {
                 format!("lacks capability {} (has: {has})", missing.as_str()),
             );
         }
-        if target.context_window > 0 && required > target.context_window {
+        // An embedding input is not held to a window: a local encoder truncates it, a provider
+        // refuses one too long for its model (and the prompt tokens of a batch are a sum).
+        if features.kind == "chat" && target.context_window > 0 && required > target.context_window {
             let reason = format!("context window {} < {required} tokens needed", target.context_window);
             return Ineligible::because(Cause::Context, reason);
         }
@@ -321,6 +323,12 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
         }
     } else {
         let pool = inputs.targets.targets_for(kind, &features.model);
+        if pool.is_empty() && kind == "embeddings" && !inputs.targets.targets_for("chat", &features.model).is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "{} is a chat model: embeddings need an embedding model",
+                features.model
+            )));
+        }
         if pool.is_empty() {
             return Err(Error::UnknownModel(features.model.clone()));
         }
@@ -804,6 +812,14 @@ mod tests {
                 expect: &["local/e"],
                 roles: "P",
             },
+            Case {
+                name: "embedding inputs are not held to a context window",
+                policy: "",
+                features: features("e", None, 100_000),
+                broken: &[],
+                expect: &["local/e"],
+                roles: "P",
+            },
         ];
         for case in cases {
             let world = World::new();
@@ -893,8 +909,9 @@ mod tests {
 
         let without = world.plan("escalation = false", &features("small", Some(Task::Chat), 5000), 1);
         assert!(without.is_err(), "no fallbacks configured: nothing holds the request");
-        let embeddings = world.plan(policy, &features("small", None, 100), 1);
-        assert!(matches!(embeddings, Err(Error::UnknownModel(_))), "context fallbacks are for chat");
+        let embeddings = world.plan(policy, &features("small", None, 100), 1).unwrap_err();
+        assert!(matches!(embeddings, Error::InvalidRequest(_)), "a chat model embeds nothing: {embeddings}");
+        assert!(embeddings.to_string().contains("small is a chat model"), "{embeddings}");
     }
 
     #[test]

@@ -13,8 +13,9 @@ use crate::classifier::{CLASSIFIER_TASK, labels_are_tasks};
 use crate::state::RouterCore;
 use crate::targets::LocalModel;
 
-/// Re-reads the inference service's loaded models every `every` into `core` (and, unless one
-/// is configured, finds the task classifier among them) until `shutdown`.
+/// Re-reads the inference service's loaded models every `every`, and whenever a plan asks for it
+/// ([`RouterCore::read_local_models`]), into `core` (and, unless one is configured, finds the
+/// task classifier among them) until `shutdown`.
 pub async fn refresh(
     core: Arc<RouterCore>,
     mut client: InferenceClient<MeshChannel>,
@@ -52,9 +53,11 @@ pub async fn refresh(
                 reachable = false;
             }
         }
+        core.local_read_done();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+            _ = core.local_read_wanted() => {}
         }
     }
 }

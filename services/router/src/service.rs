@@ -1,7 +1,7 @@
 //! The router's gRPC service: requests in, plans and target states out, outcomes into the core.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::router::v1::router_server::Router;
@@ -14,6 +14,9 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::state::RouterCore;
+
+/// How long a plan for an unknown model waits for a fresh read of the local models.
+const LOCAL_READ_WAIT: Duration = Duration::from_millis(500);
 
 /// The gRPC service.
 #[derive(Clone)]
@@ -28,7 +31,14 @@ impl RouterService {
 
     async fn decide(&self, request: &RouteRequest, messages: &[ChatMessage], hint: &str) -> Result<RoutePlan, Error> {
         let features = self.core.features(request, messages, hint).await?;
-        let plan = self.core.plan(&features, Instant::now(), &mut rand::rng())?;
+        let first = self.core.plan(&features, Instant::now(), &mut rand::rng());
+        let plan = match first {
+            // A local model loaded since the last read is served at once, not after the next.
+            Err(Error::UnknownModel(_)) if self.core.read_local_models(LOCAL_READ_WAIT).await => {
+                self.core.plan(&features, Instant::now(), &mut rand::rng())?
+            }
+            plan => plan?,
+        };
         tracing::debug!(
             request_id = %request.request_id,
             task = %plan.task,

@@ -33,6 +33,17 @@ pub struct RouterCore {
     classifier: TaskClassifier,
     replicas: Arc<Replicas>,
     decisions: prometheus::IntCounterVec,
+    /// Reads of the inference service's models: asked for by a plan that found no target
+    /// (a model loaded since the last read is served at once), counted as they complete.
+    local_reads: LocalReads,
+}
+
+/// Reads of the local models on demand: a wish, and a count of finished reads to wait on.
+struct LocalReads {
+    /// Whether anything reads them (a router without an inference service never does).
+    active: std::sync::atomic::AtomicBool,
+    wanted: tokio::sync::Notify,
+    done: tokio::sync::watch::Sender<u64>,
 }
 
 impl RouterCore {
@@ -52,7 +63,36 @@ impl RouterCore {
             classifier,
             replicas: Arc::default(),
             decisions: metrics::decisions(),
+            local_reads: LocalReads {
+                active: std::sync::atomic::AtomicBool::new(false),
+                wanted: tokio::sync::Notify::new(),
+                done: tokio::sync::watch::Sender::new(0),
+            },
         }
+    }
+
+    /// For the reader of the local models: resolves when a plan asks for a fresh read.
+    pub async fn local_read_wanted(&self) {
+        self.local_reads.active.store(true, std::sync::atomic::Ordering::Release);
+        self.local_reads.wanted.notified().await;
+    }
+
+    /// For the reader of the local models: one read finished (whether or not it succeeded).
+    pub fn local_read_done(&self) {
+        self.local_reads.active.store(true, std::sync::atomic::Ordering::Release);
+        self.local_reads.done.send_modify(|reads| *reads += 1);
+    }
+
+    /// Asks the reader for a fresh read of the local models and waits for it, at most `limit`;
+    /// concurrent askers share one read. False when nothing reads them.
+    pub async fn read_local_models(&self, limit: Duration) -> bool {
+        if !self.local_reads.active.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let mut done = self.local_reads.done.subscribe();
+        done.mark_unchanged();
+        self.local_reads.wanted.notify_one();
+        tokio::time::timeout(limit, done.changed()).await.is_ok_and(|changed| changed.is_ok())
     }
 
     /// Registers the router's metrics (decisions, breaker states) in the service's registry.
@@ -161,8 +201,8 @@ impl RouterCore {
     pub fn states(&self, now: Instant) -> Vec<TargetState> {
         self.targets
             .load()
-            .all()
-            .map(|entry| {
+            .all_with_kind()
+            .map(|(kind, entry)| {
                 let health = self.health.get(&entry.target.id);
                 TargetState {
                     target: Some(entry.target.clone()),
@@ -175,6 +215,7 @@ impl RouterCore {
                     in_flight: health.in_flight(now) as i64,
                     breaker: health.state(now).as_str().into(),
                     tasks: entry.profile.tasks.clone(),
+                    kind: kind.to_owned(),
                 }
             })
             .collect()

@@ -62,13 +62,14 @@ impl Targets {
             by_model.entry((model.task.clone(), model.name.clone())).or_default().push(entry);
         }
         for provider in catalog.providers() {
-            for model in &provider.models {
+            let kinds = [("chat", &provider.models), ("embeddings", &provider.embedding_models)];
+            for (kind, model) in kinds.into_iter().flat_map(|(kind, models)| models.iter().map(move |m| (kind, m))) {
                 let profile = catalog.cloud_profile(provider, model);
                 let id = format!("{}/{}", provider.name, model);
                 let target = profile.target(id, TargetKind::Cloud, &provider.name, model);
                 let rank = i64::from(provider.rank().0);
                 let entry = Entry { target, rank, profile };
-                by_model.entry(("chat".to_owned(), model.clone())).or_default().push(entry);
+                by_model.entry((kind.to_owned(), model.clone())).or_default().push(entry);
             }
         }
         Self { by_model }
@@ -92,6 +93,11 @@ impl Targets {
     /// Every target, each once.
     pub fn all(&self) -> impl Iterator<Item = &Entry> {
         self.by_model.values().flatten()
+    }
+
+    /// Every target with what it serves ("chat" or "embeddings").
+    pub fn all_with_kind(&self) -> impl Iterator<Item = (&str, &Entry)> {
+        self.by_model.iter().flat_map(|((kind, _), entries)| entries.iter().map(move |e| (kind.as_str(), e)))
     }
 }
 
@@ -178,6 +184,26 @@ mod tests {
         let chat: Vec<_> = targets.targets_for("chat", "e").iter().map(|e| e.target.id.as_str()).collect();
         assert_eq!(embed, ["local/e"]);
         assert_eq!(chat, ["p/e"]);
+    }
+
+    #[test]
+    fn cloud_embedding_models_follow_local_ones_by_priority() {
+        let local = [LocalModel { name: "e".into(), task: "embeddings".into(), context_length: 128 }];
+        let mut second = provider("b", 1, &["gpt"]);
+        second.embedding_models = vec!["e".into(), "text-embedding-3-small".into()];
+        let mut first = provider("a", 0, &[]);
+        first.embedding_models = vec!["text-embedding-3-small".into()];
+        let targets = Targets::build(&catalog(&[second, first], &[]), &local);
+        let ids = |kind: &str, model: &str| -> Vec<String> {
+            targets.targets_for(kind, model).iter().map(|e| e.target.id.clone()).collect()
+        };
+        assert_eq!(ids("embeddings", "e"), ["local/e", "b/e"]);
+        assert_eq!(
+            ids("embeddings", "text-embedding-3-small"),
+            ["a/text-embedding-3-small", "b/text-embedding-3-small"]
+        );
+        assert!(ids("chat", "text-embedding-3-small").is_empty());
+        assert_eq!(ids("chat", "gpt"), ["b/gpt"]);
     }
 
     #[test]

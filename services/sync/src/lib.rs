@@ -86,6 +86,9 @@ pub struct Config {
     pub pool_max_idle_per_host: usize,
     /// Largest SSE line or event accepted from a provider.
     pub max_event_bytes: usize,
+    /// Largest embeddings answer accepted from a provider (2,048 vectors of 3,072 floats take
+    /// about 75 MB as JSON).
+    pub max_embeddings_bytes: usize,
     /// Default retries of a call failing before its first chunk (per provider: `max_retries`).
     pub max_retries: u32,
     /// First retry backoff; doubles per retry, half of it random.
@@ -201,6 +204,7 @@ impl Default for Config {
             pool_idle_timeout_ms: 90_000,
             pool_max_idle_per_host: 256,
             max_event_bytes: 4 * 1024 * 1024,
+            max_embeddings_bytes: 96 * 1024 * 1024,
             max_retries: 2,
             retry_base_delay_ms: 200,
             retry_max_delay_ms: 10_000,
@@ -219,6 +223,7 @@ impl Config {
             ("first_byte_timeout_ms", self.first_byte_timeout_ms),
             ("timeout_ms", self.timeout_ms),
             ("max_event_bytes", self.max_event_bytes as u64),
+            ("max_embeddings_bytes", self.max_embeddings_bytes as u64),
             ("retry_base_delay_ms", self.retry_base_delay_ms),
             ("retry_max_delay_ms", self.retry_max_delay_ms),
         ] {
@@ -320,7 +325,8 @@ pub async fn serve_with_clock(
     let cloud_metrics = cloud::CloudMetrics::new();
     cloud_metrics.register(host.metrics());
     let uplink = cloud::start(&config.cloud, cloud_metrics, shutdown.clone())?;
-    let service = SyncServer::new(SyncService::new(upstream, queue.clone(), uplink));
+    let service = SyncServer::new(SyncService::new(upstream, queue.clone(), uplink))
+        .max_decoding_message_size(meshgate_runtime::mesh::MAX_MESSAGE_BYTES);
     let probe = readiness_probe(store, pool, queue_config.migrate_on_start, ready);
     host.run(service, listeners, probe, shutdown).await?;
     Ok(())

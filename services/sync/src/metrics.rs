@@ -1,5 +1,7 @@
 //! Upstream call metrics, registered in the service's registry.
 
+use std::time::Duration;
+
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
 /// Buckets of upstream latencies in seconds: model calls range from milliseconds to minutes.
@@ -60,6 +62,17 @@ impl UpstreamMetrics {
         )
         .expect("static metric options are valid");
         Self { requests, duration, first_chunk, retries }
+    }
+
+    /// Counts one finished call: the provider's HTTP `status` (0: it never answered) and its
+    /// `outcome` (`ok`, `cancelled` or an error code).
+    pub(crate) fn record_call(&self, provider: &str, model: &str, status: u16, outcome: &str, took: Duration) {
+        let status = match status {
+            0 => "none".to_owned(),
+            code => code.to_string(),
+        };
+        self.requests.with_label_values(&[provider, model, &status, outcome]).inc();
+        self.duration.with_label_values(&[provider, model, outcome]).observe(took.as_secs_f64());
     }
 
     /// Registers the metrics in a service's registry.

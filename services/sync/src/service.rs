@@ -6,8 +6,8 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use meshgate_proto::sync::v1::sync_server::Sync as SyncApi;
 use meshgate_proto::sync::v1::{
-    CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobReservation, JobStatus, ListJobsRequest,
-    ListJobsResponse, RetryJobRequest, UplinkRequest, UplinkResponse,
+    CompleteChunk, CompleteRequest, EmbedRequest, EmbedResponse, EnqueueRequest, GetJobRequest, Job, JobReservation,
+    JobStatus, ListJobsRequest, ListJobsResponse, RetryJobRequest, UplinkRequest, UplinkResponse,
 };
 use meshgate_storage::SharedClock;
 use tonic::{Request, Response, Status};
@@ -257,6 +257,17 @@ impl SyncApi for SyncService {
         }
         let stream = self.upstream.complete(request)?;
         Ok(Response::new(Box::pin(stream.map(|item| item.map_err(Status::from)))))
+    }
+
+    async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        let header_id = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let mut request = request.into_inner();
+        if request.request_id.is_empty()
+            && let Some(id) = header_id
+        {
+            request.request_id = id;
+        }
+        Ok(Response::new(self.upstream.embed(request).await?))
     }
 
     async fn enqueue(&self, request: Request<EnqueueRequest>) -> Result<Response<Job>, Status> {

@@ -48,6 +48,8 @@ use crate::error::Error;
 use crate::metrics::UpstreamMetrics;
 use crate::retry::retry_after;
 
+mod embed;
+
 /// The chunks of one upstream call.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<CompleteChunk, Error>> + Send>>;
 
@@ -67,6 +69,50 @@ pub struct CallOptions {
     pub max_retries: Option<u32>,
 }
 
+impl Inner {
+    /// How long to wait before retry number `retries + 1` of a call allowed `max_retries` after
+    /// `err`, or `None` to give up (see the module docs).
+    fn retry_delay(
+        &self,
+        max_retries: u32,
+        err: &Error,
+        retries: u32,
+        deadline: tokio::time::Instant,
+    ) -> Option<Duration> {
+        if retries >= max_retries || !err.is_retryable() {
+            return None;
+        }
+        let max = self.retry_max_delay;
+        let backoff = self.retry_base_delay.saturating_mul(1 << retries.min(20)).min(max);
+        let half = backoff / 2;
+        let jittered = half + rand::rng().random_range(Duration::ZERO..=half);
+        let wait = match err.retry_after() {
+            Some(seconds) => {
+                let asked = Duration::from_secs(seconds);
+                if asked > max {
+                    return None;
+                }
+                asked.max(jittered)
+            }
+            None => jittered,
+        };
+        (tokio::time::Instant::now() + wait < deadline).then_some(wait)
+    }
+}
+
+/// A request that could not be sent (or got no answer head) as this service's error.
+fn send_error(provider: &str, err: &reqwest::Error) -> Error {
+    let provider = provider.to_owned();
+    if err.is_timeout() {
+        return Error::Timeout {
+            provider,
+            message: format!("connect timeout: {}", error_chain(err)),
+            upstream_status: None,
+        };
+    }
+    Error::Connect { provider, message: error_chain(err) }
+}
+
 /// The client side of every provider: cheap to clone, shared by all calls.
 #[derive(Clone)]
 pub struct Upstream {
@@ -77,6 +123,7 @@ struct Inner {
     providers: HashMap<String, Arc<Provider>>,
     metrics: UpstreamMetrics,
     max_event_bytes: usize,
+    max_embeddings_bytes: usize,
     retry_base_delay: Duration,
     retry_max_delay: Duration,
 }
@@ -143,6 +190,7 @@ impl Upstream {
                 providers: map,
                 metrics,
                 max_event_bytes: config.max_event_bytes,
+                max_embeddings_bytes: config.max_embeddings_bytes,
                 retry_base_delay: Duration::from_millis(config.retry_base_delay_ms),
                 retry_max_delay: Duration::from_millis(config.retry_max_delay_ms),
             }),
@@ -263,11 +311,7 @@ pub(crate) fn validate(request: &mut CompleteRequest) -> Result<(), Error> {
 /// native JSON-schema output); without one, the catalog's defaults for the provider. Parameters
 /// meshgate does not model follow the provider's `unknown_params` setting.
 pub(crate) fn provider_model(spec: &ProviderSpec, request: &CompleteRequest) -> ProviderModel {
-    let unknown_params = match spec.on_unknown_params() {
-        meshgate_catalog::UnknownParams::Forward => UnknownParams::Forward,
-        meshgate_catalog::UnknownParams::Drop => UnknownParams::Drop,
-        meshgate_catalog::UnknownParams::Refuse => UnknownParams::Refuse,
-    };
+    let unknown_params = unknown_params(spec);
     match &request.target {
         Some(target) => ProviderModel {
             max_completion_tokens: target.max_tokens_param == MaxTokensParam::MaxCompletionTokens.as_str(),
@@ -284,6 +328,15 @@ pub(crate) fn provider_model(spec: &ProviderSpec, request: &CompleteRequest) -> 
                 native_structured_output: profile.has(Capability::JsonSchema),
             }
         }
+    }
+}
+
+/// What the translators do with parameters meshgate does not model, by `spec`'s setting.
+fn unknown_params(spec: &ProviderSpec) -> UnknownParams {
+    match spec.on_unknown_params() {
+        meshgate_catalog::UnknownParams::Forward => UnknownParams::Forward,
+        meshgate_catalog::UnknownParams::Drop => UnknownParams::Drop,
+        meshgate_catalog::UnknownParams::Refuse => UnknownParams::Refuse,
     }
 }
 
@@ -374,15 +427,7 @@ impl Call {
     }
 
     fn send_error(&self, err: &reqwest::Error) -> Error {
-        let provider = self.name().to_owned();
-        if err.is_timeout() {
-            return Error::Timeout {
-                provider,
-                message: format!("connect timeout: {}", error_chain(err)),
-                upstream_status: None,
-            };
-        }
-        Error::Connect { provider, message: error_chain(err) }
+        send_error(self.name(), err)
     }
 
     /// Sends the request and checks the answer's head: a success status and an event stream
@@ -482,26 +527,8 @@ impl Call {
         }
     }
 
-    /// How long to wait before retrying after `err`, or `None` to give up.
     fn retry_delay(&self, err: &Error, retries: u32, deadline: tokio::time::Instant) -> Option<Duration> {
-        if retries >= self.max_retries || !err.is_retryable() {
-            return None;
-        }
-        let max = self.inner.retry_max_delay;
-        let backoff = self.inner.retry_base_delay.saturating_mul(1 << retries.min(20)).min(max);
-        let half = backoff / 2;
-        let jittered = half + rand::rng().random_range(Duration::ZERO..=half);
-        let wait = match err.retry_after() {
-            Some(seconds) => {
-                let asked = Duration::from_secs(seconds);
-                if asked > max {
-                    return None;
-                }
-                asked.max(jittered)
-            }
-            None => jittered,
-        };
-        (tokio::time::Instant::now() + wait < deadline).then_some(wait)
+        self.inner.retry_delay(self.max_retries, err, retries, deadline)
     }
 
     /// One attempt: a fresh request, its answer decoded.
@@ -645,15 +672,8 @@ struct Observed {
 impl Observed {
     fn record(&mut self, outcome: &str) {
         self.finished = true;
-        let status = match self.status.load(Ordering::Relaxed) {
-            0 => "none".to_owned(),
-            code => code.to_string(),
-        };
-        self.metrics.requests.with_label_values(&[&self.provider, &self.model, &status, outcome]).inc();
-        self.metrics
-            .duration
-            .with_label_values(&[&self.provider, &self.model, outcome])
-            .observe(self.started.elapsed().as_secs_f64());
+        let status = self.status.load(Ordering::Relaxed);
+        self.metrics.record_call(&self.provider, &self.model, status, outcome, self.started.elapsed());
     }
 }
 

@@ -1,4 +1,4 @@
-//! `Sync.Complete` over real gRPC against the mock provider over real HTTP.
+//! `Sync.Complete` and `Sync.Embed` over real gRPC against the mock provider over real HTTP.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -12,7 +12,8 @@ use meshgate_proto::common::v1::{
 };
 use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_proto::sync::v1::{
-    CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, ListJobsRequest, RetryJobRequest,
+    CompleteChunk, CompleteRequest, EmbedRequest, EnqueueRequest, GetJobRequest, ListJobsRequest, RetryJobRequest,
+    TokenIds,
 };
 use meshgate_runtime::error::{ERROR_CODE_METADATA, RETRY_AFTER_METADATA};
 use meshgate_runtime::{Listeners, Shutdown};
@@ -847,5 +848,110 @@ async fn several_streams_share_the_pool_concurrently() {
         assert_eq!(out, reply_text(&user, 0, None));
     }
     assert_eq!(mock.requests_total(), 32);
+    sync.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sync.Embed
+
+fn embed_request(provider: &str) -> EmbedRequest {
+    EmbedRequest {
+        request_id: "req-embed".into(),
+        provider: provider.into(),
+        model: "emb-test".into(),
+        texts: vec!["first".into(), "second text".into()],
+        ..EmbedRequest::default()
+    }
+}
+
+fn embedding_provider(name: &str, mock: &MockProvider) -> ProviderSpec {
+    ProviderSpec { embedding_models: vec!["emb-test".into()], ..provider(name, mock) }
+}
+
+#[tokio::test]
+async fn embed_sends_texts_or_token_ids_and_decodes_the_vectors() {
+    let mock = MockProvider::start().await.unwrap();
+    let sync = RunningSync::start(vec![embedding_provider("mock", &mock)]).await;
+    let mut client = sync.client.clone();
+    let answer = client.embed(embed_request("mock")).await.unwrap().into_inner();
+    assert_eq!(answer.vectors.len(), 2);
+    assert!(answer.vectors.iter().all(|v| v.values.len() == 16));
+    let usage = answer.usage.unwrap();
+    assert!(usage.prompt_tokens > 0 && usage.total_tokens == usage.prompt_tokens, "{usage:?}");
+    let sent = mock.last_request().unwrap();
+    assert_eq!((sent.path, sent.request_id.as_deref()), ("/v1/embeddings", Some("req-embed")));
+    let body: serde_json::Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"model": "emb-test", "input": ["first", "second text"], "encoding_format": "float"})
+    );
+
+    // Token ids, a length for the model, the end user and an unknown parameter all go along.
+    let tokens = EmbedRequest {
+        texts: Vec::new(),
+        tokens: vec![TokenIds { ids: vec![1, 2, 3] }, TokenIds { ids: vec![4] }],
+        dimensions: 4,
+        user: "u-1".into(),
+        extra_json: r#"{"vendor_knob": true}"#.into(),
+        ..embed_request("mock")
+    };
+    let answer = client.embed(tokens).await.unwrap().into_inner();
+    assert_eq!(answer.vectors.iter().map(|v| v.values.len()).collect::<Vec<_>>(), [4, 4]);
+    let body: serde_json::Value = serde_json::from_slice(&mock.last_request().unwrap().body).unwrap();
+    assert_eq!(body["input"], serde_json::json!([[1, 2, 3], [4]]));
+    assert_eq!((body["dimensions"].as_u64(), body["user"].as_str()), (Some(4), Some("u-1")));
+    assert_eq!(body["vendor_knob"], true);
+    sync.stop().await;
+}
+
+#[tokio::test]
+async fn embed_retries_what_may_pass_and_refuses_what_cannot() {
+    let mock = MockProvider::start().await.unwrap();
+    let anthropic = ProviderSpec { kind: meshgate_catalog::ProviderKind::Anthropic, ..provider("claude", &mock) };
+    let sync = RunningSync::start(vec![embedding_provider("mock", &mock), anthropic]).await;
+    let mut client = sync.client.clone();
+
+    // Two 503s, then an answer: retried within the call.
+    mock.set_failures(0.0, 503);
+    mock.fail_next(2);
+    let answer = client.embed(embed_request("mock")).await.unwrap().into_inner();
+    assert_eq!(answer.vectors.len(), 2);
+    assert_eq!(mock.stats().embedding_requests, 3);
+
+    // A 400 is the caller's, never retried; its status and message come back.
+    mock.reset_counters();
+    let bad = EmbedRequest { dimensions: 100_000, ..embed_request("mock") };
+    let status = client.embed(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("dimensions"), "{status:?}");
+    assert_eq!(mock.stats().embedding_requests, 1);
+
+    // An answer that is no embeddings list is the provider's fault.
+    mock.update(|b| b.garbage = true);
+    let status = client.embed(embed_request("mock")).await.unwrap_err();
+    assert_eq!(status.metadata().get(ERROR_CODE_METADATA).unwrap(), "upstream_error", "{status:?}");
+    mock.update(|b| b.garbage = false);
+
+    // Refused before any call: no provider, an Anthropic provider, no inputs or both kinds.
+    let refused = [
+        (embed_request("nobody"), Code::NotFound),
+        (embed_request("claude"), Code::InvalidArgument),
+        (EmbedRequest { texts: Vec::new(), ..embed_request("mock") }, Code::InvalidArgument),
+        (EmbedRequest { tokens: vec![TokenIds { ids: vec![1] }], ..embed_request("mock") }, Code::InvalidArgument),
+        (EmbedRequest { texts: vec![String::new()], ..embed_request("mock") }, Code::InvalidArgument),
+    ];
+    mock.reset_counters();
+    for (request, code) in refused {
+        let status = client.embed(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+    }
+    assert_eq!(mock.stats().embedding_requests, 0);
+    let metrics = sync.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"meshgate_sync_upstream_requests_total{model="emb-test",outcome="ok",provider="mock",status="200",service="sync"} 1"#
+        ),
+        "{metrics}"
+    );
     sync.stop().await;
 }

@@ -9,8 +9,10 @@ use crate::provider::{ProviderKind, ProviderSpec, UnknownParams, validate_name};
 
 /// Environment suffixes, longest first so that `_FIRST_BYTE_TIMEOUT_MS` and `_CONNECT_TIMEOUT_MS`
 /// win over `_TIMEOUT_MS`.
-const SUFFIXES: [(&str, Field); 11] = [
+/// `_EMBEDDING_MODELS` wins over `_MODELS` the same way.
+const SUFFIXES: [(&str, Field); 12] = [
     ("_FIRST_BYTE_TIMEOUT_MS", Field::FirstByteTimeout),
+    ("_EMBEDDING_MODELS", Field::EmbeddingModels),
     ("_API_KEY_HEADER", Field::ApiKeyHeader),
     ("_CONNECT_TIMEOUT_MS", Field::ConnectTimeout),
     ("_UNKNOWN_PARAMS", Field::UnknownParams),
@@ -30,6 +32,7 @@ enum Field {
     ApiKey,
     ApiKeyHeader,
     Models,
+    EmbeddingModels,
     Priority,
     Timeout,
     FirstByteTimeout,
@@ -46,6 +49,7 @@ struct Partial {
     api_key: Option<String>,
     api_key_header: Option<String>,
     models: Option<Vec<String>>,
+    embedding_models: Option<Vec<String>>,
     priority: Option<i32>,
     timeout_ms: Option<u64>,
     first_byte_timeout_ms: Option<u64>,
@@ -67,6 +71,9 @@ impl Partial {
         }
         if let Some(v) = self.models {
             spec.models = v;
+        }
+        if let Some(v) = self.embedding_models {
+            spec.embedding_models = v;
         }
         if let Some(v) = self.priority {
             spec.priority = Some(v);
@@ -136,6 +143,7 @@ where
             Field::ApiKey => partial.api_key = Some(value.to_owned()),
             Field::ApiKeyHeader => partial.api_key_header = Some(value.to_owned()),
             Field::Models => partial.models = Some(value.split(',').map(str::to_owned).collect()),
+            Field::EmbeddingModels => partial.embedding_models = Some(value.split(',').map(str::to_owned).collect()),
             Field::Priority => partial.priority = Some(number(&name, "priority", value)?),
             Field::Timeout => partial.timeout_ms = Some(number(&name, "timeout_ms", value)?),
             Field::FirstByteTimeout => {
@@ -222,11 +230,14 @@ mod tests {
             ("MESHGATE_PROVIDER_ALPHA_BASE_URL", "https://api.example.com/v1"),
             ("MESHGATE_PROVIDER_ALPHA_API_KEY", "sk-secret"),
             ("MESHGATE_PROVIDER_ALPHA_MODELS", "gpt-4o"),
+            ("MESHGATE_PROVIDER_ALPHA_EMBEDDING_MODELS", "text-embedding-3-small, text-embedding-3-large"),
             ("MESHGATE_SYNC__TIMEOUT_MS", "5"),
         ]))
         .unwrap();
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[0].name, "alpha");
+        assert_eq!(specs[0].embedding_models, ["text-embedding-3-small", "text-embedding-3-large"]);
+        assert!(specs[0].serves_embeddings("text-embedding-3-small") && !specs[0].serves("text-embedding-3-small"));
         assert_eq!(specs[0].api_key.as_deref(), Some("sk-secret"));
         assert_eq!(specs[0].chat_completions_url(), "https://api.example.com/v1/chat/completions");
         assert_eq!(specs[1].name, "zeta");

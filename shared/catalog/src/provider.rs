@@ -74,8 +74,11 @@ pub struct ProviderSpec {
     pub api_key: Option<String>,
     /// The header carrying the key as it is, instead of the kind's default (`api-key` for Azure).
     pub api_key_header: Option<String>,
-    /// Model ids the provider serves.
+    /// Model ids the provider serves for chat.
     pub models: Vec<String>,
+    /// Embedding model ids the provider serves at `<base_url>/embeddings` (OpenAI-compatible
+    /// providers: the Anthropic API has no embeddings).
+    pub embedding_models: Vec<String>,
     /// Fallback rank among providers of the same model; lower first. `None` = [`DEFAULT_PRIORITY`].
     pub priority: Option<i32>,
     /// Total timeout of one call in milliseconds (`None` = the service default).
@@ -101,6 +104,7 @@ impl fmt::Debug for ProviderSpec {
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("api_key_header", &self.api_key_header)
             .field("models", &self.models)
+            .field("embedding_models", &self.embedding_models)
             .field("priority", &self.priority)
             .field("timeout_ms", &self.timeout_ms)
             .field("first_byte_timeout_ms", &self.first_byte_timeout_ms)
@@ -117,9 +121,14 @@ impl ProviderSpec {
         (self.priority.unwrap_or(DEFAULT_PRIORITY), &self.name)
     }
 
-    /// Whether the provider lists `model`.
+    /// Whether the provider lists `model` for chat.
     pub fn serves(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == model)
+    }
+
+    /// Whether the provider lists `model` for embeddings.
+    pub fn serves_embeddings(&self, model: &str) -> bool {
+        self.embedding_models.iter().any(|m| m == model)
     }
 
     /// What to do with parameters meshgate does not model: as configured, else `forward` for
@@ -157,6 +166,11 @@ impl ProviderSpec {
             ProviderKind::Openai => self.chat_completions_url(),
             ProviderKind::Anthropic => self.endpoint("messages"),
         }
+    }
+
+    /// The embeddings endpoint: `<base_url>/embeddings`.
+    pub fn embeddings_url(&self) -> String {
+        self.endpoint("embeddings")
     }
 
     /// The header and value that carry the key, when there is one.
@@ -213,13 +227,25 @@ impl ProviderSpec {
             self.api_key_header = Some(header);
         }
         self.api_key = self.api_key.filter(|key| !key.trim().is_empty()).map(|key| key.trim().to_owned());
-        let mut models: Vec<String> = Vec::with_capacity(self.models.len());
-        for model in self.models.iter().map(|m| m.trim()).filter(|m| !m.is_empty()) {
-            if !models.iter().any(|m| m == model) {
-                models.push(model.to_owned());
-            }
+        self.models = model_ids(&self.models);
+        self.embedding_models = model_ids(&self.embedding_models);
+        if let Some(both) = self.embedding_models.iter().find(|m| self.models.contains(m)) {
+            return Err(CatalogError::InvalidValue {
+                provider: name,
+                field: "embedding_models",
+                value: both.clone(),
+                reason: "a model is listed for chat (models) or for embeddings, not both".into(),
+            });
         }
-        self.models = models;
+        if self.kind == ProviderKind::Anthropic && !self.embedding_models.is_empty() {
+            return Err(CatalogError::InvalidValue {
+                provider: name,
+                field: "embedding_models",
+                value: self.embedding_models.join(","),
+                reason: "the Anthropic Messages API has no embeddings: list them under an OpenAI-compatible provider"
+                    .into(),
+            });
+        }
         for (field, value) in [
             ("timeout_ms", self.timeout_ms),
             ("first_byte_timeout_ms", self.first_byte_timeout_ms),
@@ -236,6 +262,17 @@ impl ProviderSpec {
         }
         Ok(self)
     }
+}
+
+/// `ids` trimmed, without empty entries and repeats, in their order.
+fn model_ids(ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(ids.len());
+    for id in ids.iter().map(|m| m.trim()).filter(|m| !m.is_empty()) {
+        if !out.iter().any(|m| m == id) {
+            out.push(id.to_owned());
+        }
+    }
+    out
 }
 
 /// The lower-case provider name of `raw`, or why it cannot be one.
@@ -296,6 +333,7 @@ mod tests {
             base_url: "https://api.example.com/v1/".into(),
             api_key: Some("  ".into()),
             models: vec![" m ".into(), "".into(), "m".into(), "n".into()],
+            embedding_models: vec!["e ".into(), "e".into()],
             ..ProviderSpec::default()
         }
         .validate()
@@ -304,6 +342,21 @@ mod tests {
         assert_eq!(spec.base_url, "https://api.example.com/v1");
         assert_eq!(spec.api_key, None);
         assert_eq!(spec.models, ["m", "n"]);
+        assert_eq!(spec.embedding_models, ["e"]);
+        assert_eq!(spec.embeddings_url(), "https://api.example.com/v1/embeddings");
+    }
+
+    #[test]
+    fn anthropic_providers_serve_no_embeddings() {
+        let spec = ProviderSpec {
+            name: "claude".into(),
+            kind: ProviderKind::Anthropic,
+            base_url: "https://api.anthropic.com/v1".into(),
+            embedding_models: vec!["text-embedding-3-small".into()],
+            ..ProviderSpec::default()
+        };
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("embedding_models") && err.contains("no embeddings"), "{err}");
     }
 
     #[test]

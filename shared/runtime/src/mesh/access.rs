@@ -52,6 +52,7 @@ const TABLE: &[(&str, Callers)] = &[
     ("/meshgate.router.v1.Router/Route", Callers::Only(NOBODY)),
     ("/meshgate.router.v1.Router/ReportOutcome", Callers::Only(NOBODY)),
     ("/meshgate.sync.v1.Sync/Complete", Callers::Only(GATEWAY)),
+    ("/meshgate.sync.v1.Sync/Embed", Callers::Only(GATEWAY)),
     ("/meshgate.sync.v1.Sync/Enqueue", Callers::Only(GATEWAY)),
     ("/meshgate.sync.v1.Sync/GetJob", Callers::Only(GATEWAY)),
     ("/meshgate.sync.v1.Sync/ListJobs", Callers::Only(GATEWAY)),

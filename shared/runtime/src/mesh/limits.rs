@@ -15,6 +15,12 @@ const MIB: usize = 1024 * KIB;
 /// default) with room for protobuf's framing.
 const CONVERSATION: usize = 40 * MIB;
 
+/// The largest message an RPC of the mesh carries (a conversation, or the vectors of a full batch
+/// of embeddings). Servers and clients give tonic this as their decoding limit, whose default of
+/// 4 MiB would refuse an agent's conversation with images before the table below is consulted;
+/// the table holds each request to its own, smaller bound.
+pub const MAX_MESSAGE_BYTES: usize = CONVERSATION;
+
 /// Messages that carry a conversation (with its images, as agents send them) may be as large as
 /// the largest request body an edge accepts plus protobuf's framing; budgets, lookups and queries
 /// are small; batches of traces are large (the analytics service applies its own
@@ -44,6 +50,7 @@ const TABLE: &[(&str, usize)] = &[
     ("/meshgate.router.v1.Router/ReportOutcomes", MIB),
     ("/meshgate.router.v1.Router/ListTargets", KIB),
     ("/meshgate.sync.v1.Sync/Complete", CONVERSATION),
+    ("/meshgate.sync.v1.Sync/Embed", CONVERSATION),
     ("/meshgate.sync.v1.Sync/Enqueue", CONVERSATION),
     ("/meshgate.sync.v1.Sync/GetJob", 8 * KIB),
     ("/meshgate.sync.v1.Sync/ListJobs", 8 * KIB),

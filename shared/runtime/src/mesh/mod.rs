@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub use config::{Config, DEFAULT_TLS_DIR, SERVICES, Transport};
 pub(crate) use guard::{Authentication, Guard, GuardLayer, LocalCaller};
+pub use limits::MAX_MESSAGE_BYTES;
 pub(crate) use tls::{IdentityTls, TlsConnector, TlsIncoming};
 pub use tls::{MeshConnectInfo, Peer};
 
