@@ -136,6 +136,33 @@ admin_key="mg-topology-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
     --upstream "http://$node:$mock_port/v1" --admin-key "$admin_key" --quota-prefix "topology-$$:" \
     --certs "$MG_LIVE_DIR/certs" "${models_args[@]}" || mg_die "cannot plan the pods"
 
+# A container's volumes hide what this machine has below their mount points (an emptyDir on /tmp
+# hides a checkout under /tmp): binaries and the ONNX Runtime library found there are linked (or
+# copied) into a directory outside them, and the launchers point at that copy.
+staged=""
+while read -r point; do
+    for host_path in "$bin" "${ORT_DYLIB_PATH:-}"; do
+        [[ -n $host_path && $host_path == "$point"/* ]] || continue
+        if [[ -z $staged ]]; then
+            staged=$(mktemp -d /var/tmp/meshgate-topology.XXXXXX)
+            chmod 755 "$staged"
+            mg_defer rm -rf "$staged"
+        fi
+        if [[ -d $host_path ]]; then
+            target=$staged/bin
+            mkdir -p "$target"
+            for b in "$host_path"/meshgate*; do
+                [[ -x $b && -f $b ]] && { ln "$b" "$target/" 2>/dev/null || cp "$b" "$target/"; }
+            done
+        else
+            target=$staged/$(basename "$host_path")
+            ln "$host_path" "$target" 2>/dev/null || cp "$host_path" "$target"
+        fi
+        mg_log "$host_path is below the pods' mount point $point: they use $target"
+        sed -i "s|$host_path|$target|g" "$MG_LIVE_DIR"/pods/*/run.sh
+    done
+done <"$MG_LIVE_DIR/mountpoints"
+
 # Mount points the containers see that this machine lacks (e.g. /etc/meshgate) are made for the
 # run and recorded. Runs at the same time share them (each holds a shared lock): removing one
 # would unmount it in the other run's pods, so only the last run out removes them.
