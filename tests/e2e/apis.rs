@@ -139,6 +139,8 @@ async fn anthropic_messages_are_served_with_x_api_key_tools_and_streams() {
     let events = named_events(&streamed.text().await.unwrap());
     let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names.first(), Some(&"message_start"), "{names:?}");
+    let started = &events[0].1;
+    assert!(started["message"]["usage"]["input_tokens"].as_i64().unwrap() > 0, "the prompt's estimate: {started}");
     assert!(names.contains(&"content_block_delta") && names.contains(&"message_delta"), "{names:?}");
     assert_eq!(names.last(), Some(&"message_stop"), "{names:?}");
 

@@ -81,9 +81,13 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
     let received = chat_flow::receive(app, headers, body, context).await?;
     let request = parse_messages(&received.body).map_err(wire_error)?;
     let call = chat_flow::admit(app, &received, headers, context, request.chat, request.unforwarded).await?;
+    let estimated_input_tokens = crate::tokens::prompt_tokens(&call.chat);
     let Started { reply, risk, slot } = chat_flow::start(app, &received.caller, call).await?;
-    let meta =
-        MessageMeta { id: format!("msg_{}", context.request_id.replace('-', "")), model: reply.target.model.clone() };
+    let meta = MessageMeta {
+        id: format!("msg_{}", context.request_id.replace('-', "")),
+        model: reply.target.model.clone(),
+        estimated_input_tokens,
+    };
     let mut response = Response::new(Body::empty());
     chat_flow::reply_headers(&mut response, &reply, risk);
     let reply_headers = response.into_parts().0.headers;

@@ -196,7 +196,11 @@ fn main() {
         sink += encoder.finish().len();
         let encoded_r = t.elapsed().as_nanos();
         let t = Instant::now();
-        let mut encoder = MessagesEncoder::new(MessageMeta { id: "msg_b".into(), model: "claude-sonnet-4-5".into() });
+        let mut encoder = MessagesEncoder::new(MessageMeta {
+            id: "msg_b".into(),
+            model: "claude-sonnet-4-5".into(),
+            estimated_input_tokens: 0,
+        });
         for chunk in &chunks {
             sink += encoder.encode(chunk).len();
         }

@@ -319,7 +319,7 @@ fn client_answer(client: &ClientRequest, client_model: &str, chunks: &[CompleteC
             (wire, response_json(&meta, &answer))
         }
         ClientRequest::Messages => {
-            let meta = MessageMeta { id: "msg_fixture".into(), model: client_model.into() };
+            let meta = MessageMeta { id: "msg_fixture".into(), model: client_model.into(), estimated_input_tokens: 0 };
             let mut encoder = MessagesEncoder::new(meta.clone());
             let mut wire: Vec<u8> = chunks.iter().flat_map(|c| encoder.encode(c)).collect();
             wire.extend_from_slice(&encoder.finish());

@@ -726,7 +726,7 @@ proptest! {
     #[test]
     fn messages_streams_fold_into_the_answer(chunks in chunks()) {
         let answer: Answer = chunks.iter().cloned().collect();
-        let mut encoder = MessagesEncoder::new(MessageMeta { id: "msg_p".into(), model: "requested".into() });
+        let mut encoder = MessagesEncoder::new(MessageMeta { id: "msg_p".into(), model: "requested".into(), estimated_input_tokens: 0 });
         let mut wire = Vec::new();
         for chunk in &chunks {
             wire.extend_from_slice(&encoder.encode(chunk));

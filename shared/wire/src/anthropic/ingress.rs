@@ -754,6 +754,9 @@ pub struct MessageMeta {
     pub id: String,
     /// The model to report when the answer names none (the served model wins).
     pub model: String,
+    /// The prompt's tokens as estimated before the call, for `message_start` (clients size
+    /// their context by it); `message_delta` carries the provider's count.
+    pub estimated_input_tokens: i64,
 }
 
 /// Anthropic's stop reason for a finish reason.
@@ -994,8 +997,8 @@ struct StopDelta {
 struct NoBody {}
 
 /// Writes a streamed answer as the Messages API's events (`event:` and `data:` lines):
-/// `message_start` (with the serving model; the prompt's tokens are not known before the end, so
-/// its usage is zero) and a `ping`; one block at a time — `thinking` with `thinking_delta`s,
+/// `message_start` (with the serving model and the prompt's estimated tokens: the provider's count
+/// comes at the end) and a `ping`; one block at a time — `thinking` with `thinking_delta`s,
 /// `text` with `text_delta`s (a refusal as text), `tool_use` with `input_json_delta`s — each
 /// started with `content_block_start` and closed with `content_block_stop` when the next one
 /// starts; [`MessagesEncoder::finish`] closes the last, then `message_delta` (the stop reason, the
@@ -1056,7 +1059,10 @@ impl MessagesEncoder {
             model: &self.meta.model,
             stop_reason: None,
             stop_sequence: None,
-            usage: UsageJson::from(&pb::Usage::default()),
+            usage: UsageJson::from(&pb::Usage {
+                prompt_tokens: self.meta.estimated_input_tokens,
+                ..pb::Usage::default()
+            }),
         };
         Self::emit(out, "message_start", StartBody { message });
         Self::emit(out, "ping", NoBody {});

@@ -305,7 +305,7 @@ fn tool_answer() -> Vec<CompleteChunk> {
 #[test]
 fn whole_answers_are_messages() {
     let answer: Answer = tool_answer().into_iter().collect();
-    let meta = MessageMeta { id: "msg_1".into(), model: "claude-sonnet-4-5".into() };
+    let meta = MessageMeta { id: "msg_1".into(), model: "claude-sonnet-4-5".into(), estimated_input_tokens: 0 };
     let message: Value = serde_json::from_slice(&message_json(&meta, &answer)).unwrap();
     assert_eq!(
         message,
@@ -356,7 +356,8 @@ fn events_of(wire: &[u8]) -> Vec<(String, Value)> {
 
 #[test]
 fn streamed_answers_are_message_events() {
-    let mut encoder = MessagesEncoder::new(MessageMeta { id: "msg_2".into(), model: "claude".into() });
+    let mut encoder =
+        MessagesEncoder::new(MessageMeta { id: "msg_2".into(), model: "claude".into(), estimated_input_tokens: 95 });
     let mut wire = Vec::new();
     for chunk in tool_answer() {
         wire.extend_from_slice(&encoder.encode(&chunk));
@@ -385,6 +386,7 @@ fn streamed_answers_are_message_events() {
         ]
     );
     assert_eq!(events[0].1["message"]["model"], "gpt-4.1-2025");
+    assert_eq!(events[0].1["message"]["usage"]["input_tokens"], 95, "the estimate, until the provider's count");
     assert_eq!(events[2].1["content_block"], json!({"type": "thinking", "thinking": "", "signature": ""}));
     assert_eq!(
         events[8].1,
@@ -394,7 +396,8 @@ fn streamed_answers_are_message_events() {
     assert_eq!(events[12].1["delta"], json!({"stop_reason": "tool_use", "stop_sequence": null}));
     assert_eq!(events[12].1["usage"]["cache_read_input_tokens"], 60);
 
-    let mut failing = MessagesEncoder::new(MessageMeta { id: "msg_3".into(), model: "claude".into() });
+    let mut failing =
+        MessagesEncoder::new(MessageMeta { id: "msg_3".into(), model: "claude".into(), estimated_input_tokens: 0 });
     let wire = failing.fail(529, "Overloaded");
     assert_eq!(
         events_of(&wire),
