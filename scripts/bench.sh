@@ -14,6 +14,10 @@
 # picks the meshgate shapes (add `loopback`: the standalone with its services calling each other
 # over loopback gRPC instead of in process; `six-plaintext`: the six processes without mTLS, to
 # measure what mTLS costs); MESHGATE_PEERS_DIR points at the harness.
+# MESHGATE_BENCH_MODES=apis instead compares meshgate's ingress APIs on the standalone without
+# models: the same conversation as Chat Completions, Responses and Anthropic Messages beside the
+# mock at 200 req/s, three interleaved rounds (scripts/bench_apis.py; its arguments follow).
+# BENCHMARKS.md records every run with its command.
 # shellcheck source-path=SCRIPTDIR/..
 set -euo pipefail
 
@@ -92,6 +96,13 @@ TOML
 }
 
 TARGETS=()
+if [[ $MODES == apis ]]; then
+    start_standalone meshgate-apis 8095 28051 9161 true "$RUN_DIR/no-models"
+    out=$PEERS/results/apis-$(date -u +%Y%m%dT%H%M%SZ)
+    nice -n "$NICE" "$MG_VENV/bin/python" scripts/bench_apis.py --edge http://127.0.0.1:8095 --mock http://127.0.0.1:18000 \
+        --key "$KEY" --oha "$PEERS/tools/bin/oha" --out "$out" "$@"
+    exit 0
+fi
 if [[ " $MODES " == *" default "* ]]; then
     # What up.sh loads; the script skips what is already built.
     bash scripts/fetch-models.sh >&2 || mg_die "scripts/fetch-models.sh failed"
