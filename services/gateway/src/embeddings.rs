@@ -24,6 +24,7 @@ use crate::tenancy::EndpointScope;
 
 /// `input`: what to embed.
 #[derive(ToSchema)]
+#[serde(untagged)]
 #[schema(as = EmbeddingInput)]
 #[allow(dead_code)] // a schema only: meshgate-wire parses the body
 pub(crate) enum Input {
