@@ -6,7 +6,7 @@
 //!   accepted and listed as not forwarded (meshgate's provider bodies set no cache breakpoints);
 //! - user turns: `text`, `image` (`base64` → a `data:` URI, `url`) and `document` blocks (a
 //!   base64 PDF → a file, plain text → text) become the parts of a user message; each
-//!   `tool_result` (text or text and images; `is_error` listed as not forwarded) becomes a `tool`
+//!   `tool_result` (text or text and images; `is_error` kept) becomes a `tool`
 //!   message ahead of it, as Chat Completions requires results right after their calls;
 //! - assistant turns: `text`, `tool_use` (→ tool calls) and `thinking` (→ replayed reasoning;
 //!   signatures and `redacted_thinking`, which only Anthropic reads, are listed as not forwarded);
@@ -557,11 +557,12 @@ fn convert_message(
                 let tool_use_id = block
                     .tool_use_id
                     .ok_or_else(|| WireError::invalid(format!("{path}.tool_use_id"), "is required"))?;
-                if block.is_error == Some(true) {
-                    note(unforwarded, "messages[].content[].is_error");
-                }
-                let mut result =
-                    pb::ChatMessage { role: "tool".into(), tool_call_id: tool_use_id, ..Default::default() };
+                let mut result = pb::ChatMessage {
+                    role: "tool".into(),
+                    tool_call_id: tool_use_id,
+                    is_error: block.is_error == Some(true),
+                    ..Default::default()
+                };
                 let mut result_origin = MessageOrigin::of(path.clone(), ".content");
                 match block.content {
                     None => {}

@@ -132,11 +132,26 @@ struct Turn<'a> {
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Block<'a> {
-    Text { text: &'a str },
-    Image { source: Source<'a> },
-    Document { source: Source<'a> },
-    ToolUse { id: &'a str, name: &'a str, input: &'a RawValue },
-    ToolResult { tool_use_id: &'a str, content: ToolResultContent<'a> },
+    Text {
+        text: &'a str,
+    },
+    Image {
+        source: Source<'a>,
+    },
+    Document {
+        source: Source<'a>,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: &'a RawValue,
+    },
+    ToolResult {
+        tool_use_id: &'a str,
+        content: ToolResultContent<'a>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        is_error: bool,
+    },
 }
 
 #[derive(Serialize)]
@@ -400,7 +415,9 @@ fn turns<'a>(
                 } else {
                     ToolResultContent::Blocks(content_blocks(index, message)?)
                 };
-                ("user", vec![Block::ToolResult { tool_use_id: &message.tool_call_id, content }], true)
+                let block =
+                    Block::ToolResult { tool_use_id: &message.tool_call_id, content, is_error: message.is_error };
+                ("user", vec![block], true)
             }
             other => return Err(WireError::invalid(format!("messages[{index}].role"), format!("is {other:?}"))),
         };

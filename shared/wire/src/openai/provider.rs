@@ -253,6 +253,10 @@ pub fn request_body(request: &CompleteRequest, model: &ProviderModel) -> Result<
                 dropped.push("messages[].reasoning_content".to_owned());
             }
         }
+        if message.is_error && !dropped.iter().any(|d| d == "messages[].is_error") {
+            // Chat Completions has no field for a failed tool result: its content says it.
+            dropped.push("messages[].is_error".to_owned());
+        }
         messages.push(message_out(index, message)?);
     }
     let top_k = match (sampling.top_k, model.unknown_params) {

@@ -67,6 +67,7 @@ fn a_claude_code_turn_is_carried() {
         (chat.messages[4].tool_call_id.as_str(), chat.messages[4].content.as_str()),
         ("toolu_1", "ls: permission denied")
     );
+    assert!(chat.messages[4].is_error && !chat.messages[5].is_error, "a failed tool run says so");
     let screenshot = &chat.messages[5];
     assert_eq!(screenshot.parts.len(), 2);
     assert_eq!(
@@ -90,7 +91,6 @@ fn a_claude_code_turn_is_carried() {
         [
             "system[].cache_control",
             "messages[].content[].signature",
-            "messages[].content[].is_error",
             "messages[].content[].cache_control",
             "tools[].cache_control"
         ]

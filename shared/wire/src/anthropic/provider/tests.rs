@@ -171,6 +171,33 @@ fn tool_results_lead_their_user_turn() {
 }
 
 #[test]
+fn a_failed_tool_result_says_so() {
+    let failed = pb::ChatMessage {
+        role: "tool".into(),
+        content: "permission denied".into(),
+        tool_call_id: "t1".into(),
+        is_error: true,
+        ..Default::default()
+    };
+    let request = request(
+        vec![
+            text("user", "go"),
+            pb::ChatMessage { role: "assistant".into(), tool_calls: vec![call("t1", "f", "{}")], ..Default::default() },
+            failed,
+        ],
+        pb::ChatOptions::default(),
+    );
+    let (body, dropped) = body_of(&request, &ProviderModel::default());
+    assert_eq!(
+        body["messages"][2]["content"],
+        json!([{"type": "tool_result", "tool_use_id": "t1", "content": "permission denied", "is_error": true}])
+    );
+    assert!(dropped.is_empty(), "{dropped:?}");
+    let openai = crate::openai::provider::request_body(&request, &ProviderModel::default()).unwrap();
+    assert_eq!(openai.dropped, ["messages[].is_error"], "Chat Completions has no place for it");
+}
+
+#[test]
 fn tool_choice_modes_map() {
     use pb::tool_choice::Mode;
     let with_choice = |mode: Mode, parallel: Option<bool>| {

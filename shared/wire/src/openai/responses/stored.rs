@@ -28,6 +28,8 @@ pub struct StoredMessage {
     pub refusal: String,
     #[serde(default, skip_serializing_if = "is_default")]
     pub reasoning_content: String,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub is_error: bool,
 }
 
 /// A `ToolCall`.
@@ -100,6 +102,7 @@ impl From<&pb::ChatMessage> for StoredMessage {
             parts: message.parts.iter().filter_map(|p| p.part.as_ref()).map(StoredPart::from).collect(),
             refusal: message.refusal.clone(),
             reasoning_content: message.reasoning_content.clone(),
+            is_error: message.is_error,
         }
     }
 }
@@ -115,6 +118,7 @@ impl From<&StoredMessage> for pb::ChatMessage {
             parts: message.parts.iter().map(|p| pb::ContentPart { part: Some(Part::from(p)) }).collect(),
             refusal: message.refusal.clone(),
             reasoning_content: message.reasoning_content.clone(),
+            is_error: message.is_error,
         }
     }
 }
