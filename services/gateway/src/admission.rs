@@ -17,8 +17,8 @@ use crate::openai::{ChatLimits, check_limits};
 use crate::orchestrator::{AllowedModels, ChatCall, EmbedCall, Orchestrator};
 use crate::settings::ProjectSettings;
 
-/// Texts one embeddings request may carry at most (OpenAI's limit).
-pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+/// Texts one embeddings request may carry at most (OpenAI's limit, as the wire parser holds it).
+pub const MAX_EMBEDDING_INPUTS: usize = meshgate_wire::openai::embeddings::MAX_INPUTS;
 
 /// What an admitted request needs of the gateway.
 #[derive(Clone)]

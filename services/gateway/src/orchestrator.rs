@@ -836,15 +836,7 @@ impl Settlement {
     fn unserved_call(&mut self, target: &Target, since: Instant, err: Option<&ApiError>) {
         let latency = since.elapsed();
         let status = if err.is_some() { "error" } else { "cancelled" };
-        self.trace.calls.push(ModelCall {
-            target_id: target.id.clone(),
-            provider: target.provider.clone(),
-            model: target.model.clone(),
-            latency_us: latency.as_micros() as i64,
-            usage: None,
-            status: status.into(),
-            error: err.map(|err| error_detail(err, &self.trace.request_id)),
-        });
+        self.trace.calls.push(model_call(target, latency, None, status, err, &self.trace.request_id));
         self.orchestrator.metrics.record_model_call(target, status, latency);
         let code = err.map_or(ErrorCode::ClientClosed, |err| err.code);
         self.report_outcome(&target.id, false, latency, 0, code.as_str());
@@ -914,15 +906,8 @@ impl Settlement {
             let latency = since.elapsed();
             charged = usage;
             let ok = err.is_none();
-            trace.calls.push(ModelCall {
-                target_id: target.id.clone(),
-                provider: target.provider.clone(),
-                model: target.model.clone(),
-                latency_us: latency.as_micros() as i64,
-                usage: Some(usage),
-                status: if ok { "ok".into() } else { "error".into() },
-                error: err.as_ref().map(|e| error_detail(e, &trace.request_id)),
-            });
+            let status = if ok { "ok" } else { "error" };
+            trace.calls.push(model_call(&target, latency, Some(usage), status, err.as_ref(), &trace.request_id));
             trace.served_model = target.model.clone();
             trace.served_target = target.id.clone();
             trace.layer = target.layer;
@@ -1037,6 +1022,26 @@ fn truncated(text: &str, max: usize) -> String {
         cut -= 1;
     }
     text[..cut].to_owned()
+}
+
+/// A model call of a request's trace: `status` is "ok", "error" or "cancelled".
+fn model_call(
+    target: &Target,
+    latency: Duration,
+    usage: Option<Usage>,
+    status: &str,
+    err: Option<&ApiError>,
+    request_id: &str,
+) -> ModelCall {
+    ModelCall {
+        target_id: target.id.clone(),
+        provider: target.provider.clone(),
+        model: target.model.clone(),
+        latency_us: latency.as_micros() as i64,
+        usage,
+        status: status.into(),
+        error: err.map(|e| error_detail(e, request_id)),
+    }
 }
 
 fn error_detail(err: &ApiError, request_id: &str) -> ErrorDetail {

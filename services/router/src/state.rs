@@ -73,11 +73,11 @@ impl RouterCore {
 
     /// For the reader of the local models: resolves when a plan asks for a fresh read.
     pub async fn local_read_wanted(&self) {
-        self.local_reads.active.store(true, std::sync::atomic::Ordering::Release);
         self.local_reads.wanted.notified().await;
     }
 
-    /// For the reader of the local models: one read finished (whether or not it succeeded).
+    /// For the reader of the local models: one read finished (whether or not it succeeded); from
+    /// the first on, plans may ask for more.
     pub fn local_read_done(&self) {
         self.local_reads.active.store(true, std::sync::atomic::Ordering::Release);
         self.local_reads.done.send_modify(|reads| *reads += 1);

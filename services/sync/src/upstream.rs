@@ -100,6 +100,32 @@ impl Inner {
     }
 }
 
+/// A call that ran out of time: before the first byte of the answer, or in total.
+fn timeout_error(provider: &str, first_byte: bool, first_byte_timeout: Duration, timeout: Duration) -> Error {
+    let message = if first_byte {
+        format!("no answer within the first-byte timeout of {} ms", first_byte_timeout.as_millis())
+    } else {
+        format!("the call exceeded its total timeout of {} ms", timeout.as_millis())
+    };
+    Error::Timeout { provider: provider.to_owned(), message, upstream_status: None }
+}
+
+/// A provider's error answer (its status is not a success), classified in its wire format.
+async fn failed_answer(spec: &ProviderSpec, response: reqwest::Response, deadline: tokio::time::Instant) -> Error {
+    let status = response.status();
+    let retry_after = retry_after(response.headers());
+    let mut body = read_error_body(response, deadline).await;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        // Nothing to classify but the status itself.
+        body = status.canonical_reason().unwrap_or("no message").as_bytes().to_vec();
+    }
+    let err = match spec.kind {
+        ProviderKind::Openai => openai::provider_error(status.as_u16(), &body),
+        ProviderKind::Anthropic => anthropic::provider_error(status.as_u16(), &body),
+    };
+    Error::from_provider(&spec.name, err, retry_after)
+}
+
 /// A request that could not be sent (or got no answer head) as this service's error.
 fn send_error(provider: &str, err: &reqwest::Error) -> Error {
     let provider = provider.to_owned();
@@ -410,12 +436,7 @@ impl Call {
     }
 
     fn timeout_error(&self, first_byte: bool) -> Error {
-        let message = if first_byte {
-            format!("no answer within the first-byte timeout of {} ms", self.first_byte_timeout.as_millis())
-        } else {
-            format!("the call exceeded its total timeout of {} ms", self.timeout.as_millis())
-        };
-        Error::Timeout { provider: self.name().to_owned(), message, upstream_status: None }
+        timeout_error(self.name(), first_byte, self.first_byte_timeout, self.timeout)
     }
 
     fn protocol(&self, message: impl Into<String>) -> Error {
@@ -462,17 +483,7 @@ impl Call {
         let status = response.status();
         self.status.store(status.as_u16(), Ordering::Relaxed);
         if !status.is_success() {
-            let retry_after = retry_after(response.headers());
-            let mut body = read_error_body(response, deadline).await;
-            if body.iter().all(u8::is_ascii_whitespace) {
-                // Nothing to classify but the status itself.
-                body = status.canonical_reason().unwrap_or("no message").as_bytes().to_vec();
-            }
-            let err = match self.provider.spec.kind {
-                ProviderKind::Openai => openai::provider_error(status.as_u16(), &body),
-                ProviderKind::Anthropic => anthropic::provider_error(status.as_u16(), &body),
-            };
-            return Err(Error::from_provider(self.name(), err, retry_after));
+            return Err(failed_answer(&self.provider.spec, response, deadline).await);
         }
         let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         let essence = content_type.trim_start().to_ascii_lowercase();

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use meshgate_proto::analytics::v1::{ModelCall, Trace};
+use meshgate_proto::analytics::v1::Trace;
 use meshgate_proto::common::v1::{Principal, Target, TargetKind, Usage};
 use meshgate_proto::inference::v1::EmbedRequest as LocalEmbedRequest;
 use meshgate_proto::router::v1::{DecideRequest, Outcome, RouteRequest};
@@ -17,7 +17,7 @@ use meshgate_runtime::{ApiError, ErrorCode};
 use meshgate_wire::openai::embeddings::{EmbeddingInput, EmbeddingsRequest};
 use tracing::Instrument;
 
-use super::{AllowedModels, Orchestrator, error_detail, model_call_span};
+use super::{AllowedModels, Orchestrator, error_detail, model_call, model_call_span};
 use crate::budget::QuotaSnapshot;
 use crate::peers::peer_call;
 
@@ -161,7 +161,7 @@ impl Orchestrator {
                     report(&target, true, latency, "");
                     self.metrics.record_model_call(&target, "ok", latency);
                     self.metrics.record_usage(&target.model, &call.principal.project_id, &usage);
-                    trace.calls.push(model_call(&target, latency, Some(usage), None, &call.request_id));
+                    trace.calls.push(model_call(&target, latency, Some(usage), "ok", None, &call.request_id));
                     trace.usage = Some(usage);
                     tokio::spawn(hold.settle(Some(usage)));
                     return Ok(Embedded { vectors, prompt_tokens, target, budget });
@@ -170,7 +170,7 @@ impl Orchestrator {
                     span.record("error.type", err.code.as_str());
                     report(&target, false, latency, err.code.as_str());
                     self.metrics.record_model_call(&target, "error", latency);
-                    trace.calls.push(model_call(&target, latency, None, Some(&err), &call.request_id));
+                    trace.calls.push(model_call(&target, latency, None, "error", Some(&err), &call.request_id));
                     let own_fault = err.code.is_client_caused();
                     last = Some(err);
                     if own_fault {
@@ -242,24 +242,6 @@ impl Orchestrator {
         }
         let tokens = answer.usage.map(|u| u.prompt_tokens).filter(|t| *t > 0);
         Ok((answer.vectors.into_iter().map(|v| v.values).collect(), tokens))
-    }
-}
-
-fn model_call(
-    target: &Target,
-    latency: std::time::Duration,
-    usage: Option<Usage>,
-    err: Option<&ApiError>,
-    request_id: &str,
-) -> ModelCall {
-    ModelCall {
-        target_id: target.id.clone(),
-        provider: target.provider.clone(),
-        model: target.model.clone(),
-        latency_us: latency.as_micros() as i64,
-        usage,
-        status: if err.is_some() { "error".into() } else { "ok".into() },
-        error: err.map(|e| error_detail(e, request_id)),
     }
 }
 

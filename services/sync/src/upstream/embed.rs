@@ -3,6 +3,8 @@
 //! reads the answer). An embedding call has no partial answer, so every retryable failure is
 //! retried as a completion that failed before its first chunk would be.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,12 +12,11 @@ use meshgate_catalog::ProviderKind;
 use meshgate_proto::sync::v1::{EmbedRequest, EmbedResponse, Vector};
 use meshgate_wire::ProviderModel;
 use meshgate_wire::openai::embeddings::{self as wire, EmbeddingInput, EmbeddingsRequest, EncodingFormat};
-use meshgate_wire::openai::provider as openai;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 
 use super::{
-    BodyFailure, MAX_REQUEST_ID_LEN, Provider, Upstream, error_chain, read_body, read_error_body, retry_after,
-    send_error, unknown_params,
+    BodyFailure, MAX_REQUEST_ID_LEN, Provider, Upstream, error_chain, failed_answer, read_body, send_error,
+    timeout_error, unknown_params,
 };
 use crate::error::Error;
 
@@ -45,7 +46,7 @@ impl Upstream {
                 err.code().as_str()
             }
         };
-        let status = call.status.load(std::sync::atomic::Ordering::Relaxed);
+        let status = call.status.load(Ordering::Relaxed);
         self.inner.metrics.record_call(&call.provider.spec.name, &call.model_label, status, outcome, started.elapsed());
         result
     }
@@ -54,7 +55,7 @@ impl Upstream {
 /// One embeddings call and what its attempts share.
 struct EmbedCall<'a> {
     upstream: &'a Upstream,
-    provider: std::sync::Arc<Provider>,
+    provider: Arc<Provider>,
     request_id: String,
     /// How many vectors the answer must hold.
     inputs: usize,
@@ -62,16 +63,12 @@ struct EmbedCall<'a> {
     model_label: String,
     timeout: Duration,
     first_byte_timeout: Duration,
-    status: std::sync::atomic::AtomicU16,
+    status: AtomicU16,
 }
 
 impl<'a> EmbedCall<'a> {
     /// Checks `request` and writes its body.
-    fn new(
-        upstream: &'a Upstream,
-        provider: std::sync::Arc<Provider>,
-        request: EmbedRequest,
-    ) -> Result<(Self, Bytes), Error> {
+    fn new(upstream: &'a Upstream, provider: Arc<Provider>, request: EmbedRequest) -> Result<(Self, Bytes), Error> {
         if request.request_id.len() > MAX_REQUEST_ID_LEN || HeaderValue::from_str(&request.request_id).is_err() {
             return Err(Error::InvalidRequest(format!(
                 "request_id must be at most {MAX_REQUEST_ID_LEN} visible ASCII characters"
@@ -124,7 +121,7 @@ impl<'a> EmbedCall<'a> {
             model_label,
             timeout,
             first_byte_timeout: provider.first_byte_timeout.min(timeout),
-            status: std::sync::atomic::AtomicU16::new(0),
+            status: AtomicU16::new(0),
             provider,
         };
         Ok((call, Bytes::from(body.body)))
@@ -135,12 +132,7 @@ impl<'a> EmbedCall<'a> {
     }
 
     fn timeout_error(&self, first_byte: bool) -> Error {
-        let message = if first_byte {
-            format!("no answer within the first-byte timeout of {} ms", self.first_byte_timeout.as_millis())
-        } else {
-            format!("the call exceeded its total timeout of {} ms", self.timeout.as_millis())
-        };
-        Error::Timeout { provider: self.name().to_owned(), message, upstream_status: None }
+        timeout_error(self.name(), first_byte, self.first_byte_timeout, self.timeout)
     }
 
     /// Every attempt, with the waits between them.
@@ -186,14 +178,9 @@ impl<'a> EmbedCall<'a> {
             .map_err(|_| self.timeout_error(true))?
             .map_err(|err| send_error(self.name(), &err))?;
         let status = response.status();
-        self.status.store(status.as_u16(), std::sync::atomic::Ordering::Relaxed);
+        self.status.store(status.as_u16(), Ordering::Relaxed);
         if !status.is_success() {
-            let retry_after = retry_after(response.headers());
-            let mut body = read_error_body(response, deadline).await;
-            if body.iter().all(u8::is_ascii_whitespace) {
-                body = status.canonical_reason().unwrap_or("no message").as_bytes().to_vec();
-            }
-            return Err(Error::from_provider(self.name(), openai::provider_error(status.as_u16(), &body), retry_after));
+            return Err(failed_answer(&self.provider.spec, response, deadline).await);
         }
         let max = self.upstream.inner.max_embeddings_bytes;
         let body = read_body(response, max, deadline).await.map_err(|failure| match failure {
