@@ -3,8 +3,8 @@ the mock provider itself when checking the tests), its key and model, and what t
 received (its GET /_mock/requests), so a test can tell what reached the provider.
 
 A test marked `mesh_only` is skipped in the oracle run (against the mock provider): it exercises
-an API the mock does not serve (the Responses API, legacy completions, count_tokens) or a
-behaviour only meshgate has (its keys). Its docstring or marker comment says which."""
+an API the mock does not serve (legacy completions, count_tokens, stored responses) or a behaviour
+only meshgate has (its keys). Its docstring or marker comment says which."""
 
 import json
 import os
@@ -77,21 +77,23 @@ def marker():
     return f"marker{uuid.uuid4().hex[:12]}"
 
 
+def _conversation(record):
+    """What a recorded body says to the model: its messages, or its Responses API input."""
+    body = record["body"]
+    return body.get("input", []) if record["path"] == "/v1/responses" else body.get("messages", [])
+
+
 @pytest.fixture(scope="session")
 def provider_records():
-    """provider_records(marker) -> what the mock provider received whose messages mention marker,
-    oldest first: {"path": "/v1/chat/completions" or "/v1/messages", "body": {...}, ...}; none is
-    a failure unless required=False."""
+    """provider_records(marker) -> what the mock provider received whose messages (or Responses API
+    input) mention marker, oldest first: {"path": "/v1/chat/completions", "/v1/messages" or
+    "/v1/responses", "body": {...}, ...}; none is a failure unless required=False."""
     mock_url = _env("MESHGATE_CLIENTS_MOCK_URL")
 
     def find(marker, required=True):
         with urllib.request.urlopen(f"{mock_url}/_mock/requests", timeout=10) as response:
             recorded = json.load(response)
-        found = [
-            r
-            for r in recorded
-            if isinstance(r["body"], dict) and marker in json.dumps(r["body"].get("messages", []))
-        ]
+        found = [r for r in recorded if isinstance(r["body"], dict) and marker in json.dumps(_conversation(r))]
         assert found or not required, f"no request mentioning {marker} reached the provider"
         return found
 
@@ -118,6 +120,6 @@ def embedding_requests():
 
 @pytest.fixture(scope="session")
 def provider_requests(provider_records):
-    """provider_requests(marker) -> the bodies the mock provider received whose messages mention
-    marker, oldest first."""
+    """provider_requests(marker) -> the bodies the mock provider received whose messages (or
+    Responses API input) mention marker, oldest first."""
     return lambda marker: [record["body"] for record in provider_records(marker)]

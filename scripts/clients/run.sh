@@ -4,11 +4,12 @@
 # and the OpenAI Agents SDK (pinned in scripts/clients/requirements.txt, installed into the project
 # venv) run scripts/clients/test_*.py with pytest twice:
 #   1. against the mock provider itself, the oracle: a failure there is a fault of the tests;
-#      tests marked mesh_only (an API the mock does not serve: /v1/responses, /v1/completions,
+#      tests marked mesh_only (what the mock does not serve: stored responses, /v1/completions,
 #      count_tokens; or meshgate's own keys) are skipped there;
 #   2. against a standalone `meshgate up` (debug build, in-memory stores, free loopback ports) whose
-#      one provider, "mock", is that mock provider: what the clients get through the mesh, and what
-#      the mock received (its GET /_mock/requests), must be what they got from the mock directly.
+#      providers are that mock provider: "mock" (chat completions, model $MODEL) and "mocknative"
+#      (kind openai-responses, model $MODEL-native): what the clients get through the mesh, and
+#      what the mock received (its GET /_mock/requests), must be what they got from the mock directly.
 # A known meshgate defect is a strict xfail naming it: the run stays green, and fails once it is fixed.
 # Exits non-zero on any failure; JUnit reports go to .run/clients-{mock,mesh}-junit.xml.
 #
@@ -65,7 +66,7 @@ run_clients() {
     shift 3
     mg_log "clients against the $name ($base_url)"
     (cd scripts/clients && MESHGATE_CLIENTS_BASE_URL=$base_url MESHGATE_CLIENTS_API_KEY=$key \
-        MESHGATE_CLIENTS_MODEL=$MODEL MESHGATE_CLIENTS_MOCK_URL="http://127.0.0.1:$mock" MESHGATE_CLIENTS_TARGET=$name \
+        MESHGATE_CLIENTS_MODEL=$MODEL MESHGATE_CLIENTS_RESPONSES_MODEL=$MODEL-native MESHGATE_CLIENTS_MOCK_URL="http://127.0.0.1:$mock" MESHGATE_CLIENTS_TARGET=$name \
         "$MG_VENV/bin/python" -m pytest -p no:cacheprovider -q -rfEx \
         --junitxml "$MG_ROOT/.run/clients-$name-junit.xml" "$@")
 }
@@ -90,6 +91,8 @@ key="mg-clients-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 mg_start meshgate env MESHGATE_ADMIN_KEY="$key" \
     MESHGATE_PROVIDER_MOCK_BASE_URL="http://127.0.0.1:$mock/v1" MESHGATE_PROVIDER_MOCK_MODELS="$MODEL" \
     MESHGATE_PROVIDER_MOCK_EMBEDDING_MODELS=text-embedding-3-small \
+    MESHGATE_PROVIDER_MOCKNATIVE_KIND=openai-responses MESHGATE_PROVIDER_MOCKNATIVE_MODELS="$MODEL-native" \
+    MESHGATE_PROVIDER_MOCKNATIVE_BASE_URL="http://127.0.0.1:$mock/v1" \
     "$bin/meshgate" --config "$MG_LIVE_DIR/meshgate.toml" up
 for port in "${admin[@]}"; do mg_wait_http "http://127.0.0.1:$port/readyz" meshgate || exit 1; done
 

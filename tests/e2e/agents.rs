@@ -2,7 +2,8 @@
 //! `message.tool_calls` (streamed as `delta.tool_calls` pieces), the tool's result goes back and
 //! text follows; JSON-schema answers, image parts, reasoning effort and prompt-cache usage reach
 //! and come back from the provider; unknown parameters are forwarded, dropped or refused per
-//! provider; the same conversation through an Anthropic-kind provider and over gRPC; a context
+//! provider; the same conversation through an Anthropic-kind provider, an OpenAI Responses-kind
+//! provider and over gRPC; a context
 //! overflow falls back to a larger-context model, and with none answers 400
 //! `context_length_exceeded`. Bad input is refused naming the field before any provider sees it.
 
@@ -23,6 +24,8 @@ const DROP_MODEL: &str = "mock-drop";
 const REFUSE_MODEL: &str = "mock-refuse";
 /// Served by `claude`, an Anthropic-kind provider on alpha's mock (`/v1/messages`).
 const CLAUDE_MODEL: &str = "mock-claude";
+/// Served by `oai-responses`, a Responses-kind provider on alpha's mock (`/v1/responses`).
+const RESPONSES_MODEL: &str = "mock-responses";
 /// A small-context model whose policy falls back to a larger one, both on beta's mock.
 const SMALL_MODEL: &str = "mock-small";
 const LARGE_MODEL: &str = "mock-large";
@@ -56,6 +59,7 @@ async fn agent_mesh() -> TestMesh {
                 extra_provider("dropper", &alpha, DROP_MODEL, |p| p.unknown_params = Some(UnknownParams::Drop)),
                 extra_provider("refuser", &alpha, REFUSE_MODEL, |p| p.unknown_params = Some(UnknownParams::Refuse)),
                 extra_provider("claude", &alpha, CLAUDE_MODEL, |p| p.kind = ProviderKind::Anthropic),
+                extra_provider("oai-responses", &alpha, RESPONSES_MODEL, |p| p.kind = ProviderKind::OpenaiResponses),
                 extra_provider("small", &beta, SMALL_MODEL, |_| {}),
                 extra_provider("large", &beta, LARGE_MODEL, |_| {}),
             ]);
@@ -65,7 +69,9 @@ async fn agent_mesh() -> TestMesh {
                 output_price_micros_per_mtok: Some(OUTPUT_PRICE),
                 ..ModelFacts::default()
             };
-            for model in [CLOUD_MODEL, DROP_MODEL, REFUSE_MODEL, CLAUDE_MODEL, SMALL_MODEL, LARGE_MODEL] {
+            for model in
+                [CLOUD_MODEL, DROP_MODEL, REFUSE_MODEL, CLAUDE_MODEL, RESPONSES_MODEL, SMALL_MODEL, LARGE_MODEL]
+            {
                 config.router.models.insert(model.into(), priced.clone());
             }
             // The windows are left undeclared: the provider's own count decides.
@@ -149,16 +155,25 @@ async fn tools_round_trip(mesh: &TestMesh, model: &str, path: &str) {
 async fn an_agent_calls_tools_streams_them_and_gets_structured_answers() {
     let mesh = agent_mesh().await;
 
-    // The round trip over HTTP, OpenAI-compatible then Anthropic-kind, the same conversation.
+    // The round trip over HTTP, OpenAI-compatible, Anthropic-kind and Responses-kind, the same
+    // conversation.
     tools_round_trip(&mesh, CLOUD_MODEL, "/v1/chat/completions").await;
     tools_round_trip(&mesh, CLAUDE_MODEL, "/v1/messages").await;
     let sent = mesh.alpha.last_request().unwrap().json().unwrap();
     assert_eq!(sent["messages"][1]["content"][0]["type"], "tool_use", "{sent}");
     assert_eq!(sent["messages"][2]["content"][0]["type"], "tool_result");
+    tools_round_trip(&mesh, RESPONSES_MODEL, "/v1/responses").await;
+    let sent = mesh.alpha.last_request().unwrap().json().unwrap();
+    let items: Vec<&str> = sent["input"].as_array().unwrap().iter().map(|i| i["type"].as_str().unwrap()).collect();
+    assert_eq!(items, ["message", "function_call", "function_call_output"], "{sent}");
+    assert_eq!(sent["input"][1]["call_id"], sent["input"][2]["call_id"]);
+    assert_eq!(sent["input"][2]["output"], "18 degrees and sunny");
+    assert_eq!((sent["stream"].as_bool(), sent["store"].as_bool()), (Some(true), Some(false)), "{sent}");
+    assert_eq!(sent["tools"][0]["name"], "get_weather", "flat function tools: {sent}");
 
     // Streamed: the call arrives as delta.tool_calls pieces as the provider streams them.
     mesh.alpha.update(|b| b.chunk_delay = Duration::from_millis(40));
-    for model in [CLOUD_MODEL, CLAUDE_MODEL] {
+    for model in [CLOUD_MODEL, CLAUDE_MODEL, RESPONSES_MODEL] {
         let body = json!({"model": model, "stream": true, "stream_options": {"include_usage": true},
             "messages": [{"role": "user", "content": "weather in Oslo and Rome"}],
             "tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
@@ -194,7 +209,7 @@ async fn an_agent_calls_tools_streams_them_and_gets_structured_answers() {
     let schema = json!({"type": "object", "properties": {
         "city": {"type": "string"}, "temperature": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}}
     }, "required": ["city", "temperature", "tags"], "additionalProperties": false});
-    for model in [CLOUD_MODEL, CLAUDE_MODEL] {
+    for model in [CLOUD_MODEL, CLAUDE_MODEL, RESPONSES_MODEL] {
         let body = json!({"model": model, "messages": [{"role": "user", "content": "Paris weather as JSON"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "weather", "schema": schema, "strict": true}}});
         let reply = json_of(mesh.chat(body).await).await;

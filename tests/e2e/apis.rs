@@ -1,9 +1,12 @@
 //! The other APIs agents speak, through the whole mesh: the Responses API (stored, continued,
 //! read, deleted, streamed), Anthropic Messages (with `x-api-key`, streamed, tools, its error
 //! shape, count_tokens) and legacy completions, each served by the mock provider behind the
-//! canonical request.
+//! canonical request; and a provider of kind `openai-responses`, called in the Responses format
+//! whichever API the client spoke.
 
-use meshgate_tests::{ADMIN_KEY, CLOUD_MODEL, TestMesh, sse_events};
+use meshgate_catalog::{ProviderKind, ProviderSpec};
+use meshgate_mock_provider::PromptCache;
+use meshgate_tests::{ADMIN_KEY, CLOUD_MODEL, MeshOptions, TestMesh, sse_events};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -89,6 +92,97 @@ async fn the_responses_api_answers_stores_continues_and_forgets_within_the_proje
     let (status, body) = post(json!({"model": CLOUD_MODEL, "input": "x", "tools": [{"type": "web_search"}]})).await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("tools[0]"), "{body}");
+    mesh.stop().await;
+}
+
+/// Served by `oai`, a provider of kind `openai-responses` on alpha's mock.
+const RESPONSES_MODEL: &str = "mock-responses";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responses_kind_provider_is_called_in_the_responses_format() {
+    let mesh = TestMesh::start_with(MeshOptions {
+        tune: Box::new(|config| {
+            let alpha = config.sync.providers[0].base_url.clone();
+            config.sync.providers.push(ProviderSpec {
+                name: "oai".into(),
+                kind: ProviderKind::OpenaiResponses,
+                base_url: alpha,
+                models: vec![RESPONSES_MODEL.into()],
+                ..ProviderSpec::default()
+            });
+        }),
+        ..Default::default()
+    })
+    .await;
+    mesh.alpha.update(|b| b.prompt_cache = Some(PromptCache { read_tokens: 4, write_tokens: 0 }));
+    let (http, edge) = (&mesh.http, mesh.edge.as_str());
+    let post = |body: Value| call(http, edge, ADMIN_KEY, Method::POST, "/v1/responses", Some(body));
+
+    // A Responses client: reasoning, cached and reasoning tokens come back from the provider's own
+    // Responses answer; what reached it is a Responses body, not a chat completion.
+    let (status, first) = post(json!({"model": RESPONSES_MODEL, "instructions": "be brief",
+        "input": "Explain the mesh gateway", "reasoning": {"effort": "low"}, "max_output_tokens": 200}))
+    .await;
+    assert_eq!(status, 200, "{first}");
+    let kinds: Vec<&str> = first["output"].as_array().unwrap().iter().map(|i| i["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["reasoning", "message"], "{first}");
+    assert_eq!(first["output"][1]["content"][0]["text"], "echo: Explain the mesh gateway");
+    assert_eq!(first["usage"]["input_tokens_details"]["cached_tokens"], 4, "{first}");
+    assert!(first["usage"]["output_tokens_details"]["reasoning_tokens"].as_i64().unwrap() > 0, "{first}");
+    let sent = mesh.alpha.last_request().expect("the provider was called");
+    assert_eq!(sent.path, "/v1/responses");
+    let body = sent.json().unwrap();
+    assert_eq!((body["model"].as_str(), body["store"].as_bool()), (Some(RESPONSES_MODEL), Some(false)), "{body}");
+    assert_eq!((body["reasoning"]["effort"].as_str(), body["max_output_tokens"].as_i64()), (Some("low"), Some(200)));
+    let roles: Vec<&str> = body["input"].as_array().unwrap().iter().map(|i| i["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["system", "user"], "{body}");
+
+    // Continued: the stored conversation goes out as input items before the new turn.
+    let id = first["id"].as_str().unwrap();
+    let (status, second) =
+        post(json!({"model": RESPONSES_MODEL, "previous_response_id": id, "input": "And its quota?"})).await;
+    assert_eq!(status, 200, "{second}");
+    let body = mesh.alpha.last_request().unwrap().json().unwrap();
+    let texts: Vec<String> = body["input"].as_array().unwrap().iter().map(|i| i["content"].to_string()).collect();
+    // (The first request's instructions are not carried over, as OpenAI does not carry them.)
+    assert_eq!(texts.len(), 3, "{texts:?}");
+    assert!(texts[0].contains("Explain the mesh gateway") && texts[1].contains("echo: Explain"), "{texts:?}");
+    assert!(texts[2].contains("And its quota?"), "{texts:?}");
+
+    // Streamed with a function tool: the provider's argument deltas become the client's.
+    let weather = json!({"type": "function", "name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}, "required": ["city"]}});
+    let response = http
+        .post(format!("{edge}/v1/responses"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"model": RESPONSES_MODEL, "input": "Weather in Oslo?", "tools": [weather], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = named_events(&response.text().await.unwrap());
+    let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+    assert!(names.contains(&"response.function_call_arguments.delta"), "{names:?}");
+    let completed = &events.last().unwrap().1;
+    assert_eq!(completed["type"], "response.completed", "{names:?}");
+    let call = &completed["response"]["output"][0];
+    assert_eq!((call["type"].as_str(), call["name"].as_str()), (Some("function_call"), Some("get_weather")));
+    let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments["city"].is_string(), "{arguments}");
+
+    // A chat client reaches the same provider in the Responses format; what it has no field
+    // for is left out and traced.
+    let response = mesh
+        .chat(json!({"model": RESPONSES_MODEL, "seed": 7, "messages": [{"role": "user", "content": "hello there"}]}))
+        .await;
+    assert_eq!(response.status(), 200);
+    let id = response.headers()["x-meshgate-request-id"].to_str().unwrap().to_owned();
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(reply["choices"][0]["message"]["content"], "echo: hello there", "{reply}");
+    let sent = mesh.alpha.last_request().unwrap();
+    assert_eq!(sent.path, "/v1/responses");
+    assert!(sent.json().unwrap().get("seed").is_none());
+    assert_eq!(mesh.trace(&id).await.dropped_params, ["seed"]);
     mesh.stop().await;
 }
 

@@ -1,7 +1,8 @@
 //! Calls to providers: transport and retries. One pooled HTTP client per provider (so each has
 //! its own connect timeout), always streaming upstream. What is sent and how the answer reads is
 //! the wire crate's: [`meshgate_wire::openai::provider`] for OpenAI-compatible providers,
-//! [`meshgate_wire::anthropic::provider`] for the Anthropic Messages API. This module picks the
+//! [`meshgate_wire::anthropic::provider`] for the Anthropic Messages API,
+//! [`meshgate_wire::openai::responses::provider`] for OpenAI's Responses API. This module picks the
 //! format by the provider's kind, tells the translator how the model takes a request
 //! ([`provider_model`]: from the plan's target, which carries the catalog's facts about it), and
 //! turns what goes wrong into this service's [`Error`]s.
@@ -38,6 +39,7 @@ use meshgate_catalog::{Capability, Catalog, MaxTokensParam, ProviderKind, Provid
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use meshgate_wire::anthropic::provider as anthropic;
 use meshgate_wire::openai::provider as openai;
+use meshgate_wire::openai::responses::provider as responses;
 use meshgate_wire::sse::{SseDecoder, SseEvent};
 use meshgate_wire::{ChatRequest, ProviderModel, UnknownParams, WireError};
 use rand::Rng;
@@ -120,7 +122,7 @@ async fn failed_answer(spec: &ProviderSpec, response: reqwest::Response, deadlin
         body = status.canonical_reason().unwrap_or("no message").as_bytes().to_vec();
     }
     let err = match spec.kind {
-        ProviderKind::Openai => openai::provider_error(status.as_u16(), &body),
+        ProviderKind::Openai | ProviderKind::OpenaiResponses => openai::provider_error(status.as_u16(), &body),
         ProviderKind::Anthropic => anthropic::provider_error(status.as_u16(), &body),
     };
     Error::from_provider(&spec.name, err, retry_after)
@@ -269,6 +271,7 @@ impl Upstream {
         let body = match provider.spec.kind {
             ProviderKind::Openai => openai::request_body(&request, &model),
             ProviderKind::Anthropic => anthropic::request_body(&request, &model),
+            ProviderKind::OpenaiResponses => responses::provider_body(&request, &model),
         }
         .map_err(|err| Error::from_wire(&provider.spec.name, err))?;
         // The decoders read the model and the shape the answer was asked in, not the conversation:
@@ -370,6 +373,7 @@ fn unknown_params(spec: &ProviderSpec) -> UnknownParams {
 enum Decoder {
     Openai(openai::StreamDecoder),
     Anthropic(anthropic::StreamDecoder),
+    Responses(responses::StreamDecoder),
 }
 
 impl Decoder {
@@ -377,6 +381,7 @@ impl Decoder {
         match kind {
             ProviderKind::Openai => Self::Openai(openai::StreamDecoder::new(request)),
             ProviderKind::Anthropic => Self::Anthropic(anthropic::StreamDecoder::new(request, model)),
+            ProviderKind::OpenaiResponses => Self::Responses(responses::StreamDecoder::new(request)),
         }
     }
 
@@ -384,6 +389,7 @@ impl Decoder {
         match self {
             Self::Openai(decoder) => decoder.on_event(event),
             Self::Anthropic(decoder) => decoder.on_event(event),
+            Self::Responses(decoder) => decoder.on_event(event),
         }
     }
 
@@ -391,6 +397,7 @@ impl Decoder {
         match self {
             Self::Openai(decoder) => decoder.is_done(),
             Self::Anthropic(decoder) => decoder.is_done(),
+            Self::Responses(decoder) => decoder.is_done(),
         }
     }
 
@@ -399,6 +406,7 @@ impl Decoder {
         match self {
             Self::Openai(_) => openai::END_MARKER,
             Self::Anthropic(_) => anthropic::END_MARKER,
+            Self::Responses(_) => responses::END_EVENTS[0],
         }
     }
 }
@@ -561,6 +569,7 @@ impl Call {
                 let chunks = match self.provider.spec.kind {
                     ProviderKind::Openai => openai::decode_completion(&self.request, &body),
                     ProviderKind::Anthropic => anthropic::decode_message(&self.request, &self.model, &body),
+                    ProviderKind::OpenaiResponses => responses::decode_response(&self.request, &body),
                 }
                 .map_err(|err| Error::from_wire(self.name(), err))?;
                 for chunk in chunks {

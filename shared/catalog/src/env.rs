@@ -131,7 +131,8 @@ where
             Field::BaseUrl => partial.base_url = Some(value.to_owned()),
             Field::Kind => {
                 partial.kind = Some(
-                    ProviderKind::parse(value).ok_or_else(|| invalid("kind", "expected openai or anthropic".into()))?,
+                    ProviderKind::parse(value)
+                        .ok_or_else(|| invalid("kind", "expected openai, anthropic or openai-responses".into()))?,
                 )
             }
             Field::UnknownParams => {

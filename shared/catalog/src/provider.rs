@@ -21,6 +21,11 @@ pub enum ProviderKind {
     Openai,
     /// The Anthropic Messages API (`POST <base>/messages`, `x-api-key`, `anthropic-version`).
     Anthropic,
+    /// OpenAI's Responses API (`POST <base>/responses`, Bearer key): what OpenAI's newest models
+    /// take natively (reasoning summaries, `max_output_tokens`). Every request routed to such a
+    /// provider is sent in this format, whichever API the client spoke.
+    #[serde(rename = "openai-responses")]
+    OpenaiResponses,
 }
 
 impl ProviderKind {
@@ -28,6 +33,7 @@ impl ProviderKind {
         match value.trim().to_ascii_lowercase().as_str() {
             "openai" => Some(Self::Openai),
             "anthropic" => Some(Self::Anthropic),
+            "openai-responses" => Some(Self::OpenaiResponses),
             _ => None,
         }
     }
@@ -137,7 +143,7 @@ impl ProviderSpec {
     /// OpenAI's extras mean nothing to it).
     pub fn on_unknown_params(&self) -> UnknownParams {
         self.unknown_params.unwrap_or(match self.kind {
-            ProviderKind::Openai => UnknownParams::Forward,
+            ProviderKind::Openai | ProviderKind::OpenaiResponses => UnknownParams::Forward,
             ProviderKind::Anthropic => UnknownParams::Drop,
         })
     }
@@ -165,6 +171,7 @@ impl ProviderSpec {
         match self.kind {
             ProviderKind::Openai => self.chat_completions_url(),
             ProviderKind::Anthropic => self.endpoint("messages"),
+            ProviderKind::OpenaiResponses => self.endpoint("responses"),
         }
     }
 
@@ -178,7 +185,9 @@ impl ProviderSpec {
         let key = self.api_key.as_ref()?;
         Some(match (&self.api_key_header, self.kind) {
             (Some(header), _) => (header.clone(), key.clone()),
-            (None, ProviderKind::Openai) => ("authorization".to_owned(), format!("Bearer {key}")),
+            (None, ProviderKind::Openai | ProviderKind::OpenaiResponses) => {
+                ("authorization".to_owned(), format!("Bearer {key}"))
+            }
             (None, ProviderKind::Anthropic) => ("x-api-key".to_owned(), key.clone()),
         })
     }
@@ -310,6 +319,23 @@ mod tests {
         assert_eq!(anthropic.on_unknown_params(), UnknownParams::Drop);
         let refusing = ProviderSpec { unknown_params: Some(UnknownParams::Refuse), ..openai };
         assert_eq!(refusing.on_unknown_params(), UnknownParams::Refuse);
+    }
+
+    #[test]
+    fn a_responses_provider_takes_the_responses_endpoint_and_a_bearer_key() {
+        let spec: ProviderSpec = serde_json::from_str(
+            r#"{"name": "oai", "base_url": "https://api.openai.com/v1", "kind": "openai-responses", "api_key": "sk"}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.kind, ProviderKind::OpenaiResponses);
+        assert_eq!(ProviderKind::parse(" OpenAI-Responses "), Some(ProviderKind::OpenaiResponses));
+        assert_eq!(spec.chat_url(), "https://api.openai.com/v1/responses");
+        assert_eq!(spec.key_header(), Some(("authorization".into(), "Bearer sk".into())));
+        assert_eq!(spec.on_unknown_params(), UnknownParams::Forward);
+        let azure =
+            ProviderSpec { base_url: "https://r.openai.azure.com/openai/v1?api-version=preview".into(), ..spec };
+        assert_eq!(azure.chat_url(), "https://r.openai.azure.com/openai/v1/responses?api-version=preview");
+        assert_eq!(serde_json::to_value(ProviderKind::OpenaiResponses).unwrap(), "openai-responses");
     }
 
     #[test]

@@ -155,6 +155,21 @@ impl Plan {
         self.reasoning.as_ref().map(|reasoning| reasoning.text(self.reasoning_pieces))
     }
 
+    /// The pieces a non-tool answer streams, one completion token each: echo pieces, or fragments
+    /// of the JSON document.
+    pub(crate) fn content_pieces(&self) -> impl Iterator<Item = String> + '_ {
+        let (count, json) = match &self.body {
+            Body::Text => (self.body_pieces, None),
+            Body::Json(json) => (self.body_pieces, Some(argument_fragments(json))),
+            Body::ToolCalls(_) => (0, None),
+        };
+        let mut json = json.into_iter().flatten();
+        (0..count).map(move |i| match json.next() {
+            Some(fragment) => fragment.to_owned(),
+            None => self.echo.piece(i).to_string(),
+        })
+    }
+
     /// The text or JSON content of a non-tool answer (cut at the budget for JSON too).
     pub(crate) fn content(&self) -> Option<String> {
         match &self.body {

@@ -656,20 +656,11 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
                     if index == 0 {
                         yield event("ping", &json!({"type": "ping"}));
                     }
-                    let json_fragments = match &reply.plan.body {
-                        Body::Json(json) => Some(argument_fragments(json)),
-                        _ => None,
-                    };
-                    let mut json_fragments = json_fragments.into_iter().flatten();
-                    for i in 0..reply.plan.body_pieces {
+                    for text in reply.plan.content_pieces() {
                         if fail_after == Some(sent) {
                             break 'pieces;
                         }
                         pause(chunk_delay).await;
-                        let text = match json_fragments.next() {
-                            Some(fragment) => fragment.to_owned(),
-                            None => reply.plan.echo.piece(i).to_string(),
-                        };
                         yield block_delta(index, json!({"type": "text_delta", "text": text}));
                         sent += 1;
                     }

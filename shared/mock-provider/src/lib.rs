@@ -17,27 +17,45 @@
 //! `tool_result`, the named SSE events `message_start` … `message_stop`, and Anthropic's
 //! `{"type": "error", "error": {...}}` shape), with the same behaviour knobs and the same replies.
 //!
-//! **The agent game.** Both formats answer the way a model driving an agent does, deterministically:
+//! `POST /v1/responses` speaks OpenAI's Responses API (`instructions` and `input` items:
+//! messages, `function_call` / `function_call_output`, replayed `reasoning` items; flat function
+//! tools; `text.format`; `reasoning`; `max_output_tokens`), answering with a `response` object
+//! (`reasoning`, `message` and `function_call` output items; `status: incomplete` when cut by
+//! `max_output_tokens`) or its named, numbered events `response.created` … `response.completed`
+//! (no `[DONE]`), with OpenAI's keys and errors and the same behaviour knobs and replies. It keeps
+//! nothing: `store` is accepted either way, a `previous_response_id` is never found, and built-in
+//! tools (web search, file search, …) are refused.
+//!
+//! **The agent game.** Every format answers the way a model driving an agent does, deterministically:
 //! - tools offered and the conversation ending in a user turn (OpenAI `tool_choice` absent,
 //!   `auto` or `required`; Anthropic `auto` or `any`) → one call per tool, or one call when
 //!   `parallel_tool_calls` is false (Anthropic `disable_parallel_tool_use`); a named tool choice
 //!   (or `required`/`any` whatever the conversation ends with) calls as demanded. Arguments are
 //!   [`schema::instance`]s of each tool's parameter schema. `tool_choice: none` never calls.
-//! - a conversation ending in tool results is answered with text that echoes them.
-//! - `response_format` `json_schema` (Anthropic `output_config.format` / `output_format`) → the
-//!   content is the schema's [`schema::instance`]; `json_object` → [`reply::json_object_text`].
-//! - `reasoning_effort` (Anthropic `thinking`) → reasoning text before the answer
-//!   ([`reply::reasoning_text`]): `message.reasoning_content` and `delta.reasoning_content`, with
-//!   `usage.completion_tokens_details.reasoning_tokens`; Anthropic `thinking` blocks and
+//! - a conversation ending in tool results (Responses: `function_call_output` items) is answered
+//!   with text that echoes them.
+//! - `response_format` `json_schema` (Responses `text.format`; Anthropic `output_config.format` /
+//!   `output_format`) → the content is the schema's [`schema::instance`]; `json_object` →
+//!   [`reply::json_object_text`].
+//! - `reasoning_effort` (Responses `reasoning.effort`; Anthropic `thinking`) → reasoning text
+//!   before the answer ([`reply::reasoning_text`]): `message.reasoning_content` and
+//!   `delta.reasoning_content`, with `usage.completion_tokens_details.reasoning_tokens`; a
+//!   Responses `reasoning` item whose `summary_text` it is (whatever `reasoning.summary` asks),
+//!   with `usage.output_tokens_details.reasoning_tokens`; Anthropic `thinking` blocks and
 //!   `thinking_delta` events.
 //! - image parts (`http(s)` URLs and base64 `data:` URIs) are checked and accepted;
 //!   [`RecordedRequest::images`] lists them.
 //! - conversations are checked as the providers check them: every `tool` result answers a call of
-//!   the assistant turn before it and every call is answered; tool names and schemas, tool choices
-//!   and response formats are validated (400 naming the offending parameter otherwise).
+//!   the assistant turn before it and every call is answered (Responses: every
+//!   `function_call_output` answers an earlier `function_call`, and every call is answered); tool
+//!   names and schemas, tool choices and response formats are validated (400 naming the offending
+//!   parameter otherwise).
 //! - parameters neither API names are accepted and recorded ([`RecordedRequest::unknown_parameters`]).
 //! - [`Behavior::prompt_cache`] reports cached prompt tokens; [`Behavior::context_window`] answers
 //!   a larger prompt 400 `context_length_exceeded`.
+//! - a reply cut at the request's budget (`max_tokens`, `max_completion_tokens`, Anthropic
+//!   `max_tokens`, Responses `max_output_tokens`) ends with finish reason `length` (Anthropic
+//!   `max_tokens`, Responses `status: incomplete`).
 //!
 //! **Idempotency.** Requests carrying an `Idempotency-Key` header are counted per key. A reply
 //! fully produced for a key is a *completion* ([`MockProvider::completions_for_idempotency_key`]);
@@ -47,13 +65,16 @@
 //!
 //! Text replies are deterministic (see [`reply`]): `"echo:"` followed by the first words of the
 //! last user message (or of the tool results the conversation ends with), one completion token per
-//! piece, and prompt tokens are counted from the input words; [`reply::reply_text`] and
-//! [`reply::prompt_tokens`] compute what to expect.
+//! piece, and prompt tokens are counted from the input words, the same conversation costing the
+//! same in every format (a system prompt — Anthropic `system`, Responses `instructions` — is one
+//! more message); [`reply::reply_text`] and [`reply::prompt_tokens`] compute what to expect.
 
 mod agent;
 mod anthropic;
+mod checks;
 mod openai;
 pub mod reply;
+mod responses;
 pub mod schema;
 mod server;
 mod state;
@@ -84,6 +105,7 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/embeddings", post(server::embeddings))
         .route("/v1/models", get(server::models))
         .route("/v1/models/{id}", get(server::model))
@@ -151,7 +173,7 @@ impl MockProvider {
     }
 
     /// Base URL including the version path: `http://127.0.0.1:<port>/v1` (the OpenAI routes
-    /// below it, and the Anthropic `POST /v1/messages`).
+    /// below it, Chat Completions and Responses, and the Anthropic `POST /v1/messages`).
     pub fn base_url(&self) -> String {
         format!("http://{}/v1", self.addr)
     }
@@ -203,6 +225,7 @@ impl MockProvider {
             requests_total: s.requests_total.load(Ordering::Relaxed),
             chat_requests: s.chat_requests.load(Ordering::Relaxed),
             messages_requests: s.messages_requests.load(Ordering::Relaxed),
+            responses_requests: s.responses_requests.load(Ordering::Relaxed),
             embedding_requests: s.embedding_requests.load(Ordering::Relaxed),
             injected_failures: s.injected_failures.load(Ordering::Relaxed),
             unauthorized: s.unauthorized.load(Ordering::Relaxed),
@@ -213,7 +236,7 @@ impl MockProvider {
         }
     }
 
-    /// API requests received so far (chat completions and embeddings).
+    /// API requests received so far (chat completions, messages, responses and embeddings).
     pub fn requests_total(&self) -> u64 {
         self.shared.requests_total.load(Ordering::Relaxed)
     }
@@ -255,6 +278,7 @@ impl MockProvider {
             &s.requests_total,
             &s.chat_requests,
             &s.messages_requests,
+            &s.responses_requests,
             &s.embedding_requests,
             &s.injected_failures,
             &s.unauthorized,

@@ -14,43 +14,17 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::agent::{self, Body, Output, Plan, ToolMode};
+use crate::checks::{self, Invalid};
 use crate::reply::{self, argument_fragments};
 use crate::server::{
-    ABORT_FLUSH_PAUSE, Delivery, Endpoint, error_with_param, garbage, invalid, is_base64, json_response,
-    model_not_found, now_secs, pause, sse_response,
+    ABORT_FLUSH_PAUSE, Delivery, Endpoint, garbage, invalid, json_response, model_not_found, now_secs, pause,
+    sse_response,
 };
 use crate::state::{Behavior, Shared, StreamFault};
 use crate::wire::{self, ChatMessage, ChatRequest, Content, sse_frame};
 
 const FINGERPRINT: &str = "fp_meshgate_mock";
 const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
-const REASONING_EFFORTS: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
-/// Most tools a request may offer.
-const MAX_TOOLS: usize = 128;
-/// Longest function name.
-const MAX_FUNCTION_NAME: usize = 64;
-
-/// A request OpenAI would refuse: 400 `invalid_request_error` naming `param`.
-struct Invalid {
-    message: String,
-    param: String,
-    code: Option<&'static str>,
-}
-
-impl Invalid {
-    fn new(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { message: message.into(), param: param.into(), code: None }
-    }
-
-    fn code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
-        self
-    }
-
-    fn response(&self) -> Response {
-        error_with_param(StatusCode::BAD_REQUEST, &self.message, "invalid_request_error", Some(&self.param), self.code)
-    }
-}
 
 pub(crate) async fn chat(
     State(shared): State<Arc<Shared>>,
@@ -136,16 +110,7 @@ fn check(request: &ChatRequest) -> Result<agent::Request<'_>, Invalid> {
     };
     let reasoning_pieces = match request.reasoning_effort.as_deref() {
         None => 0,
-        Some(effort) if REASONING_EFFORTS.contains(&effort) => reply::reasoning_pieces(effort),
-        Some(effort) => {
-            return Err(Invalid::new(
-                "reasoning_effort",
-                format!(
-                    "Invalid value: '{effort}'. Supported values are: 'none', 'minimal', 'low', 'medium', 'high' and 'xhigh'."
-                ),
-            )
-            .code("invalid_value"));
-        }
+        Some(effort) => checks::reasoning_pieces("reasoning_effort", effort)?,
     };
     let last = messages.last().map_or("", |m| m.role.as_str());
     Ok(agent::Request {
@@ -180,10 +145,7 @@ fn check_message(i: usize, message: &ChatMessage) -> Result<(), Invalid> {
     }
     let Some(Content::Parts(parts)) = &message.content else {
         if message.content.is_none() && message.role != "assistant" {
-            return Err(Invalid::new(
-                format!("messages[{i}].content"),
-                format!("Missing required parameter: 'messages[{i}].content'."),
-            ));
+            return Err(Invalid::missing(format!("messages[{i}].content")));
         }
         return Ok(());
     };
@@ -209,31 +171,18 @@ fn check_message(i: usize, message: &ChatMessage) -> Result<(), Invalid> {
         }
         match kind {
             "text" if part.text.is_none() => {
-                return Err(Invalid::new(
-                    format!("{param}.text"),
-                    format!("Missing required parameter: '{param}.text'."),
-                ));
+                return Err(Invalid::missing(format!("{param}.text")));
             }
             "image_url" => {
                 let Some(image) = &part.image_url else {
-                    return Err(Invalid::new(
-                        format!("{param}.image_url"),
-                        format!("Missing required parameter: '{param}.image_url'."),
-                    ));
+                    return Err(Invalid::missing(format!("{param}.image_url")));
                 };
-                if !image_url_ok(&image.url) {
-                    return Err(Invalid::new(
-                        format!("{param}.image_url.url"),
-                        "Invalid image URL: expected an http(s) URL or a base64 data URI of an image.",
-                    )
-                    .code("invalid_image_url"));
+                if !checks::image_url_ok(&image.url) {
+                    return Err(checks::invalid_image_url(format!("{param}.image_url.url")));
                 }
             }
             "input_audio" => {
-                let ok = part
-                    .input_audio
-                    .as_ref()
-                    .is_some_and(|audio| matches!(audio.format.as_str(), "wav" | "mp3") && is_base64(&audio.data));
+                let ok = part.input_audio.as_ref().is_some_and(|audio| checks::audio_ok(&audio.data, &audio.format));
                 if !ok {
                     return Err(Invalid::new(
                         format!("{param}.input_audio"),
@@ -256,16 +205,6 @@ fn check_message(i: usize, message: &ChatMessage) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// `http(s)`, or a `data:image/...;base64,` URI whose data is base64.
-fn image_url_ok(url: &str) -> bool {
-    if url.starts_with("https://") || url.starts_with("http://") {
-        return url.len() > "https://".len();
-    }
-    let Some(rest) = url.strip_prefix("data:image/") else { return false };
-    let Some((media, data)) = rest.split_once(',') else { return false };
-    media.ends_with(";base64") && is_base64(data)
-}
-
 /// Every `tool` message answers a call of the assistant turn before it, and every call is
 /// answered before the conversation goes on.
 fn check_tool_results(messages: &[ChatMessage]) -> Result<(), Invalid> {
@@ -273,10 +212,7 @@ fn check_tool_results(messages: &[ChatMessage]) -> Result<(), Invalid> {
     for (i, message) in messages.iter().enumerate() {
         if message.role == "tool" {
             let Some(id) = message.tool_call_id.as_deref() else {
-                return Err(Invalid::new(
-                    format!("messages[{i}].tool_call_id"),
-                    format!("Missing required parameter: 'messages[{i}].tool_call_id'."),
-                ));
+                return Err(Invalid::missing(format!("messages[{i}].tool_call_id")));
             };
             let Some(at) = pending.iter().position(|p| *p == id) else {
                 return Err(Invalid::new(
@@ -321,13 +257,7 @@ fn unanswered(pending: &[&str], i: usize) -> Result<(), Invalid> {
 /// The offered functions and how the model must use them.
 fn check_tools(request: &ChatRequest) -> Result<(Vec<agent::Tool<'_>>, ToolMode<'_>), Invalid> {
     let definitions = request.tools.as_deref().unwrap_or_default();
-    if definitions.len() > MAX_TOOLS {
-        return Err(Invalid::new(
-            "tools",
-            format!("Invalid 'tools': array too long. Expected an array with maximum length {MAX_TOOLS}."),
-        )
-        .code("array_above_max_length"));
-    }
+    checks::check_tool_count(definitions.len())?;
     let mut tools = Vec::with_capacity(definitions.len());
     for (i, definition) in definitions.iter().enumerate() {
         match definition.kind.as_deref() {
@@ -343,39 +273,9 @@ fn check_tools(request: &ChatRequest) -> Result<(Vec<agent::Tool<'_>>, ToolMode<
             }
         }
         let Some(function) = &definition.function else {
-            return Err(Invalid::new(
-                format!("tools[{i}].function"),
-                format!("Missing required parameter: 'tools[{i}].function'."),
-            ));
+            return Err(Invalid::missing(format!("tools[{i}].function")));
         };
-        let name_ok = !function.name.is_empty()
-            && function.name.len() <= MAX_FUNCTION_NAME
-            && function.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !name_ok {
-            return Err(Invalid::new(
-                format!("tools[{i}].function.name"),
-                format!(
-                    "Invalid 'tools[{i}].function.name': string does not match pattern. Expected a string that \
-                     matches the pattern '^[a-zA-Z0-9_-]{{1,{MAX_FUNCTION_NAME}}}$'."
-                ),
-            )
-            .code("invalid_value"));
-        }
-        if let Some(parameters) = &function.parameters {
-            let kind = parameters.get("type");
-            if !parameters.is_object() || kind.is_some_and(|k| k != "object") {
-                return Err(Invalid::new(
-                    format!("tools[{i}].function.parameters"),
-                    format!(
-                        "Invalid schema for function '{}': schema must be a JSON Schema of 'type: \"object\"', got \
-                         '{}'.",
-                        function.name,
-                        kind.map_or_else(|| parameters.to_string(), |k| format!("type: {k}"))
-                    ),
-                )
-                .code("invalid_function_parameters"));
-            }
-        }
+        checks::check_function(&format!("tools[{i}].function"), &function.name, function.parameters.as_ref())?;
         tools.push(agent::Tool { name: &function.name, parameters: function.parameters.as_ref() });
     }
     let Some(choice) = &request.tool_choice else {
@@ -388,24 +288,10 @@ fn check_tools(request: &ChatRequest) -> Result<(Vec<agent::Tool<'_>>, ToolMode<
         ));
     }
     let mode = match choice {
-        Value::String(mode) => match mode.as_str() {
-            "auto" => ToolMode::Auto,
-            "none" => ToolMode::None,
-            "required" => ToolMode::Required,
-            other => {
-                return Err(Invalid::new(
-                    "tool_choice",
-                    format!("Invalid value: '{other}'. Supported values are: 'none', 'auto' and 'required'."),
-                )
-                .code("invalid_value"));
-            }
-        },
+        Value::String(mode) => checks::tool_mode(mode)?,
         Value::Object(choice) if choice.get("type").and_then(Value::as_str) == Some("function") => {
             let Some(name) = choice.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) else {
-                return Err(Invalid::new(
-                    "tool_choice.function.name",
-                    "Missing required parameter: 'tool_choice.function.name'.",
-                ));
+                return Err(Invalid::missing("tool_choice.function.name"));
             };
             if !tools.iter().any(|t| t.name == name) {
                 return Err(Invalid::new(
@@ -451,26 +337,9 @@ fn check_response_format(format: &Value) -> Result<Output<'_>, Invalid> {
         Some("json_object") => Ok(Output::JsonObject),
         Some("json_schema") => {
             let Some(spec) = format.get("json_schema").filter(|s| s.is_object()) else {
-                return Err(Invalid::new(
-                    "response_format.json_schema",
-                    "Missing required parameter: 'response_format.json_schema'.",
-                ));
+                return Err(Invalid::missing("response_format.json_schema"));
             };
-            if spec.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
-                return Err(Invalid::new(
-                    "response_format.json_schema.name",
-                    "Missing required parameter: 'response_format.json_schema.name'.",
-                ));
-            }
-            match spec.get("schema") {
-                None => Ok(Output::JsonObject),
-                Some(schema) if schema.is_object() => Ok(Output::JsonSchema(schema)),
-                Some(_) => Err(Invalid::new(
-                    "response_format.json_schema.schema",
-                    "Invalid 'response_format.json_schema.schema': expected an object.",
-                )
-                .code("invalid_type")),
-            }
+            checks::named_schema(spec, "response_format.json_schema")
         }
         _ => Err(Invalid::new(
             "response_format.type",

@@ -28,6 +28,7 @@ const OWNER: &str = "meshgate-mock";
 pub(crate) enum Endpoint {
     Chat,
     Messages,
+    Responses,
     Embeddings,
 }
 
@@ -36,6 +37,7 @@ impl Endpoint {
         match self {
             Self::Chat => "/v1/chat/completions",
             Self::Messages => "/v1/messages",
+            Self::Responses => "/v1/responses",
             Self::Embeddings => "/v1/embeddings",
         }
     }
@@ -111,6 +113,7 @@ impl Shared {
         match endpoint {
             Endpoint::Chat => self.chat_requests.fetch_add(1, Ordering::Relaxed),
             Endpoint::Messages => self.messages_requests.fetch_add(1, Ordering::Relaxed),
+            Endpoint::Responses => self.responses_requests.fetch_add(1, Ordering::Relaxed),
             Endpoint::Embeddings => self.embedding_requests.fetch_add(1, Ordering::Relaxed),
         };
         if !behavior.track_requests {

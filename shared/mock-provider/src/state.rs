@@ -20,9 +20,12 @@ pub enum StreamFault {
     /// Abort the connection: the HTTP body ends with a transport error.
     #[default]
     Abort,
-    /// Send an OpenAI-style `data: {"error": {...}}` event, then end the body without `[DONE]`.
+    /// Send the format's error event (Chat Completions `data: {"error": {...}}`, Anthropic
+    /// `event: error`, Responses `event: error`), then end the body without `[DONE]` or the final
+    /// event.
     ErrorEvent,
-    /// End the body cleanly but without the finish chunk and `[DONE]`.
+    /// End the body cleanly but without the finish chunk and `[DONE]` (Anthropic `message_stop`,
+    /// Responses `response.completed`).
     Close,
 }
 
@@ -158,12 +161,14 @@ impl Behavior {
 /// Counters of what the mock received and did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// API requests (chat completions and embeddings), whatever their outcome.
+    /// API requests (chat completions, messages, responses and embeddings), whatever their outcome.
     pub requests_total: u64,
     /// Chat completion requests.
     pub chat_requests: u64,
     /// Anthropic Messages API requests.
     pub messages_requests: u64,
+    /// Responses API requests.
+    pub responses_requests: u64,
     /// Embedding requests.
     pub embedding_requests: u64,
     /// Requests answered with an injected failure (rate, [`crate::MockProvider::fail_next`]).
@@ -172,7 +177,7 @@ pub struct Stats {
     pub unauthorized: u64,
     /// Requests answered successfully (a stream counts when its head is sent).
     pub succeeded: u64,
-    /// Chat and messages replies produced in full (a stream counts once its last event is made),
+    /// Chat, messages and responses replies produced in full (a stream counts once its last event is made),
     /// replays excluded.
     pub completions: u64,
     /// Requests answered as replays of a completed idempotency key.
@@ -244,6 +249,38 @@ const ANTHROPIC_MESSAGES_PARAMETERS: &[&str] = &[
     "top_p",
 ];
 
+/// Top-level parameters of `POST /v1/responses` in OpenAI's API reference.
+const OPENAI_RESPONSES_PARAMETERS: &[&str] = &[
+    "background",
+    "conversation",
+    "include",
+    "input",
+    "instructions",
+    "max_output_tokens",
+    "max_tool_calls",
+    "metadata",
+    "model",
+    "parallel_tool_calls",
+    "previous_response_id",
+    "prompt",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "reasoning",
+    "safety_identifier",
+    "service_tier",
+    "store",
+    "stream",
+    "stream_options",
+    "temperature",
+    "text",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "truncation",
+    "user",
+];
+
 /// One request as the mock received it (kept when [`Behavior::track_requests`] is on).
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
@@ -275,6 +312,7 @@ impl RecordedRequest {
         let known = match self.path {
             "/v1/chat/completions" => OPENAI_CHAT_PARAMETERS,
             "/v1/messages" => ANTHROPIC_MESSAGES_PARAMETERS,
+            "/v1/responses" => OPENAI_RESPONSES_PARAMETERS,
             _ => return Vec::new(),
         };
         let Ok(Value::Object(body)) = self.json() else { return Vec::new() };
@@ -283,29 +321,31 @@ impl RecordedRequest {
         unknown
     }
 
-    /// The images of the conversation, in order: OpenAI `image_url` URLs as sent, Anthropic
-    /// `image` blocks as their URL or as the `data:<media type>;base64,<data>` URI of their data.
+    /// The images of the conversation, in order: OpenAI `image_url` URLs as sent, Responses
+    /// `input_image` URLs as sent (in messages and function call outputs), Anthropic `image` blocks
+    /// as their URL or as the `data:<media type>;base64,<data>` URI of their data.
     pub fn images(&self) -> Vec<String> {
         let Ok(body) = self.json() else { return Vec::new() };
         let mut images = Vec::new();
-        for message in body["messages"].as_array().into_iter().flatten() {
-            for part in message["content"].as_array().into_iter().flatten() {
-                match part["type"].as_str() {
-                    Some("image_url") => images.extend(part["image_url"]["url"].as_str().map(str::to_owned)),
-                    Some("image") => {
-                        let source = &part["source"];
-                        match source["type"].as_str() {
-                            Some("url") => images.extend(source["url"].as_str().map(str::to_owned)),
-                            Some("base64") => images.push(format!(
-                                "data:{};base64,{}",
-                                source["media_type"].as_str().unwrap_or_default(),
-                                source["data"].as_str().unwrap_or_default()
-                            )),
-                            _ => {}
-                        }
+        let turns = body["messages"].as_array().into_iter().chain(body["input"].as_array()).flatten();
+        let parts = turns.flat_map(|turn| turn["content"].as_array().into_iter().chain(turn["output"].as_array()));
+        for part in parts.flatten() {
+            match part["type"].as_str() {
+                Some("image_url") => images.extend(part["image_url"]["url"].as_str().map(str::to_owned)),
+                Some("input_image") => images.extend(part["image_url"].as_str().map(str::to_owned)),
+                Some("image") => {
+                    let source = &part["source"];
+                    match source["type"].as_str() {
+                        Some("url") => images.extend(source["url"].as_str().map(str::to_owned)),
+                        Some("base64") => images.push(format!(
+                            "data:{};base64,{}",
+                            source["media_type"].as_str().unwrap_or_default(),
+                            source["data"].as_str().unwrap_or_default()
+                        )),
+                        _ => {}
                     }
-                    _ => {}
                 }
+                _ => {}
             }
         }
         images
@@ -318,6 +358,7 @@ pub(crate) struct Shared {
     pub(crate) requests_total: AtomicU64,
     pub(crate) chat_requests: AtomicU64,
     pub(crate) messages_requests: AtomicU64,
+    pub(crate) responses_requests: AtomicU64,
     pub(crate) embedding_requests: AtomicU64,
     pub(crate) injected_failures: AtomicU64,
     pub(crate) unauthorized: AtomicU64,
@@ -347,6 +388,7 @@ impl Shared {
             requests_total: AtomicU64::new(0),
             chat_requests: AtomicU64::new(0),
             messages_requests: AtomicU64::new(0),
+            responses_requests: AtomicU64::new(0),
             embedding_requests: AtomicU64::new(0),
             injected_failures: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),

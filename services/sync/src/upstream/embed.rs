@@ -31,7 +31,7 @@ impl Upstream {
         }
         let provider =
             self.inner.providers.get(&name).cloned().ok_or_else(|| Error::UnknownProvider(request.provider.clone()))?;
-        if provider.spec.kind != ProviderKind::Openai {
+        if provider.spec.kind == ProviderKind::Anthropic {
             return Err(Error::InvalidRequest(format!(
                 "provider '{name}' speaks the Anthropic Messages API, which has no embeddings"
             )));

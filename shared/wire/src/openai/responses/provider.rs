@@ -7,7 +7,8 @@
 //! `store: false` (meshgate keeps conversations itself). The Responses API has no `stop`,
 //! `seed`, `n`, penalties, `logit_bias` or message names, and takes back no reasoning text it did
 //! not encrypt itself: those are left out and listed (refused under
-//! [`crate::UnknownParams::Refuse`]); `n` above 1 is refused. A `verbosity` among the extra
+//! [`crate::UnknownParams::Refuse`]); `n` above 1 and a completion limit under
+//! [`MIN_OUTPUT_TOKENS`] (OpenAI's minimum) are refused. A `verbosity` among the extra
 //! parameters goes to `text.verbosity`.
 //!
 //! Answer ([`StreamDecoder`], the same chunk sequence as the Chat Completions decoder):
@@ -30,6 +31,9 @@ use crate::openai::provider::provider_error;
 use crate::provider::{AnswerModel, ProviderBody, ProviderModel, UnknownParams, extra_params, merge_extra};
 use crate::sse::SseEvent;
 use crate::text::raw_json;
+
+/// The smallest `max_output_tokens` OpenAI's Responses API takes.
+pub const MIN_OUTPUT_TOKENS: i64 = 16;
 
 /// The fields of the body meshgate writes itself; `extra_json` may not set them.
 const MODELLED: [&str; 19] = [
@@ -196,6 +200,12 @@ pub fn provider_body(request: &CompleteRequest, model: &ProviderModel) -> Result
 
     if options.n.is_some_and(|n| n > 1) {
         return Err(WireError::unsupported("n", "must be 1 for a Responses API provider (one answer per request)"));
+    }
+    if let Some(max) = sampling.max_tokens.filter(|&max| max < MIN_OUTPUT_TOKENS) {
+        return Err(WireError::unsupported(
+            "max_tokens",
+            format!("must be at least {MIN_OUTPUT_TOKENS} for a Responses API provider (got {max})"),
+        ));
     }
     let unsupported = [
         ("stop", !sampling.stop.is_empty()),

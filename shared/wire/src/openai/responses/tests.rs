@@ -475,6 +475,12 @@ fn provider_bodies_leave_out_what_the_api_lacks() {
     assert_eq!(provider::provider_body(&request, &refuse).unwrap_err().field(), Some("messages[].reasoning_content"));
     request.options.as_mut().unwrap().n = Some(2);
     assert_eq!(provider::provider_body(&request, &ProviderModel::default()).unwrap_err().field(), Some("n"));
+    request.options.as_mut().unwrap().n = None;
+    // OpenAI's smallest completion limit: anything under it is refused, not silently raised.
+    request.sampling.as_mut().unwrap().max_tokens = Some(provider::MIN_OUTPUT_TOKENS - 1);
+    assert_eq!(provider::provider_body(&request, &ProviderModel::default()).unwrap_err().field(), Some("max_tokens"));
+    request.sampling.as_mut().unwrap().max_tokens = Some(provider::MIN_OUTPUT_TOKENS);
+    assert!(provider::provider_body(&request, &ProviderModel::default()).is_ok());
 }
 
 #[test]
