@@ -120,7 +120,8 @@ pub struct QueueConfig {
     /// Longest wait between attempts.
     pub backoff_cap_ms: u64,
     /// How long a claimed job belongs to its worker. A worker that dies mid-delivery delays its
-    /// jobs by this much; an attempt is cut at 90 % of it.
+    /// jobs by this much in Postgres (the on-disk queue, one process's alone, takes them back as
+    /// soon as that process starts again); an attempt is cut at 90 % of it.
     pub lease_ms: u64,
     /// Jobs claimed per round at most.
     pub batch_size: usize,

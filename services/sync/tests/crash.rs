@@ -108,6 +108,16 @@ impl SyncProcess {
     }
 }
 
+/// A test that fails leaves no process behind (nor one holding the test's output open).
+impl Drop for SyncProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Submits `keys` with 16 concurrent clients; returns the keys acknowledged (job ids by key).
 /// Stops early once `stop_after` were acknowledged and `on_threshold` ran (it kills the process:
 /// the submissions in flight then fail, as they would for a real client).
@@ -303,4 +313,55 @@ async fn sigkill_loses_and_duplicates_nothing_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let path: &Path = dir.path();
     nothing_lost_nothing_twice(vec![("MESHGATE_SYNC__QUEUE__PATH", path.join("queue").display().to_string())]).await;
+}
+
+/// The on-disk queue is one process's alone (it holds the directory's lock): after a SIGKILL, the
+/// restarted process takes back at once the deliveries the killed one left `running`, instead of
+/// leaving them `running` until their lease runs out (six minutes by default, kept here); each is
+/// still completed once at the provider, under its idempotency key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_disk_a_restart_takes_back_killed_deliveries_before_their_lease_expires() {
+    const KILLED: usize = 20;
+    let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let queue_env = vec![
+        ("MESHGATE_SYNC__QUEUE__PATH", dir.path().join("queue").display().to_string()),
+        ("MESHGATE_SYNC__QUEUE__LEASE_MS", "360000".to_owned()),
+    ];
+    let behavior = Behavior { models: vec![MODEL.into()], honour_idempotency_keys: true, ..Behavior::default() };
+    let mock = MockProvider::start_with(behavior).await.unwrap();
+    // The provider takes every delivery and answers none: all are in flight when the process dies.
+    mock.set_hang(true);
+    let first = SyncProcess::start(&queue_env, mock.addr(), &quota).await;
+    let keys: Vec<String> = (0..KILLED).map(|i| format!("lease-{i:02}")).collect();
+    assert_eq!(submit(&first.client, &keys, None).await.len(), KILLED);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while mock.stats().chat_requests < KILLED as u64 {
+        assert!(tokio::time::Instant::now() < deadline, "the deliveries never started: {:?}", mock.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill();
+    mock.set_hang(false);
+
+    let second = SyncProcess::start(&queue_env, mock.addr(), &quota).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let jobs = loop {
+        let jobs = every_job(&second.client).await;
+        if jobs.len() == KILLED && jobs.iter().all(|j| j.status == JobStatus::Succeeded as i32) {
+            break jobs;
+        }
+        let statuses: Vec<(i32, i32)> = jobs.iter().map(|j| (j.status, j.attempts)).collect();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "30 s after the restart the killed deliveries are not done (status, attempts): {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    second.stop();
+    let completed = mock.completed_idempotency_keys();
+    for job in &jobs {
+        assert_eq!(job.attempts, 2, "the interrupted attempt and the one after the restart: {job:?}");
+        assert_eq!(completed.get(&job.id), Some(&1), "job {} completed once", job.id);
+    }
+    quota_shutdown.trigger();
 }

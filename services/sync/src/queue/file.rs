@@ -8,6 +8,10 @@
 //! check and is cut off; it was never acknowledged. `<dir>/queue.lock` is held with an exclusive
 //! lock by the one process using the directory. The log is rewritten (to `queue.log.tmp`, fsync'd,
 //! renamed, directory fsync'd) when it holds far more records than live jobs.
+//!
+//! Because the lock proves that no other process uses the queue, a job replayed as `running` was
+//! being delivered by a process that died (a crash, SIGKILL): its lease is void and the job is due
+//! at once, not when the lease would have expired (`lease_ms`, six minutes by default).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -147,10 +151,11 @@ impl FileJobStore {
         for record in records {
             state.index(record);
         }
+        let interrupted = state.void_leases();
         if state.records > COMPACT_FLOOR + COMPACT_RATIO * state.jobs.len() {
             state.compact()?;
         }
-        tracing::info!(dir = %state.dir.display(), jobs = state.jobs.len(), "sync queue: log replayed");
+        tracing::info!(dir = %state.dir.display(), jobs = state.jobs.len(), interrupted, "sync queue: log replayed");
         Ok(Self { inner: Arc::new(Mutex::new(state)) })
     }
 
@@ -191,6 +196,22 @@ impl State {
             self.by_key.insert((job.project_id.clone(), job.idempotency_key.clone()), job.id.clone());
         }
         self.jobs.insert(job.id.clone(), job);
+    }
+
+    /// Voids the lease of every `running` job: at open, they all belong to a process that died
+    /// holding the lock (this one holds it now), so they are claimed again at once (or become
+    /// dead letters when that was their last attempt) under the usual rules of
+    /// [`JobStore::claim`]. In memory only: a crash before the claim replays them as running and
+    /// voids them again. Returns how many.
+    fn void_leases(&mut self) -> usize {
+        let leased = std::mem::take(&mut self.leased);
+        for (_, id) in &leased {
+            if let Some(job) = self.jobs.get_mut(id) {
+                job.lease_until_us = 0;
+            }
+            self.leased.insert((0, id.clone()));
+        }
+        leased.len()
     }
 
     /// Makes `jobs` durable (one write, one fsync), then applies them.
@@ -531,6 +552,32 @@ mod tests {
         let old = store.get("old", "p").await.unwrap().unwrap();
         assert_eq!((old.job_status(), old.max_attempts), (JobStatus::Queued, 3));
         assert_eq!((old.reservation_id.as_str(), old.reservation_open), ("", false));
+    }
+
+    #[tokio::test]
+    async fn a_restart_takes_back_the_attempts_a_dead_process_left_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = DateTime::parse_from_rfc3339("2031-01-01T00:00:00Z").unwrap().to_utc();
+        let lease = now + chrono::TimeDelta::minutes(6);
+        let stale = {
+            let store = FileJobStore::open(dir.path()).unwrap();
+            store.enqueue(job("again")).await.unwrap();
+            store.enqueue(JobRecord { max_attempts: 1, ..job("last") }).await.unwrap();
+            let claimed = store.claim(now, lease, 10).await.unwrap();
+            assert_eq!(claimed.len(), 2);
+            assert!(store.claim(now, lease, 10).await.unwrap().is_empty(), "leased while the process lives");
+            claimed.into_iter().find(|j| j.id == "again").unwrap().lease_token
+            // The process dies here, both attempts in flight.
+        };
+        let store = FileJobStore::open(dir.path()).unwrap();
+        let soon = now + chrono::TimeDelta::seconds(1);
+        let again = store.claim(soon, soon + chrono::TimeDelta::minutes(6), 10).await.unwrap();
+        assert_eq!(again.iter().map(|j| (j.id.as_str(), j.attempts)).collect::<Vec<_>>(), [("again", 2)]);
+        let last = store.get("last", "p").await.unwrap().unwrap();
+        assert_eq!(last.job_status(), JobStatus::Dead, "its only attempt was interrupted");
+        assert!(last.last_error.contains("interrupted"), "{}", last.last_error);
+        let outcome = Finish::Succeeded(super::super::JobOutcome::default());
+        assert!(!store.finish("again", &stale, outcome, soon).await.unwrap(), "the dead process's token is void");
     }
 
     #[tokio::test]

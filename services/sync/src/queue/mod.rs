@@ -10,7 +10,9 @@
 //! 1 s·2ⁿ` (capped at 30 s; n = attempts − 1), or `dead` once `max_attempts` are spent or when the
 //! failure cannot change on retry (the provider rejected the request). A worker that dies
 //! mid-delivery leaves its job `running`; once the lease expires, the job is claimed again (or
-//! becomes dead when that was its last attempt). Dead letters are listed with
+//! becomes dead when that was its last attempt). The on-disk store, which one process holds
+//! alone, voids those leases when it is opened: a restarted standalone takes its interrupted
+//! deliveries back at once. Dead letters are listed with
 //! `status = dead` and put back with [`JobStore::retry_dead`] (a fresh attempt budget).
 //!
 //! **Exactly once.** Delivery is at least once: a worker killed after the provider answered but
