@@ -208,6 +208,88 @@ async fn with_every_cloud_target_down_an_allowed_request_is_queued_and_later_ser
     mesh.stop().await;
 }
 
+/// The offline fallback is every chat-shaped endpoint's, and it holds once the router's breakers
+/// have opened: with every cloud target down, each request allowing it — chat completions
+/// (streamed or not), the Responses API, Anthropic Messages, legacy completions — is queued (202
+/// and the job) and later delivered; `queue_when_unreachable` does the same without the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_chat_shaped_request_allowing_it_is_queued_while_the_cloud_is_down() {
+    let mesh = mesh_with_providers_down(1_000).await;
+    let text = "the cloud is away";
+    let requests = [
+        ("/v1/chat/completions", chat_body(CLOUD_MODEL, text)),
+        (
+            "/v1/chat/completions",
+            json!({"model": CLOUD_MODEL, "stream": true, "max_tokens": 64,
+                   "messages": [{"role": "user", "content": text}]}),
+        ),
+        ("/v1/responses", json!({"model": CLOUD_MODEL, "input": text, "max_output_tokens": 64})),
+        (
+            "/v1/messages",
+            json!({"model": CLOUD_MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": text}]}),
+        ),
+        ("/v1/completions", json!({"model": CLOUD_MODEL, "prompt": text, "max_tokens": 64})),
+    ];
+    let send = |path: &'static str, body: Value, allow: bool| {
+        let mut request = mesh
+            .http
+            .post(format!("{}{path}", mesh.edge))
+            .bearer_auth(ADMIN_KEY)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body);
+        if allow {
+            request = request.header("x-meshgate-allow-queue", "true");
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let mut ids = Vec::new();
+    for round in ["closed", "open"] {
+        if round == "open" {
+            // Both targets failed every request of the first round: their circuits open, and the
+            // plan keeps them only as last resorts, which fail too.
+            let metrics = format!("{}/metrics", mesh.admin_url("router"));
+            let mut open = 0;
+            for _ in 0..100 {
+                let page = mesh.http.get(&metrics).send().await.unwrap().text().await.unwrap();
+                open = page
+                    .lines()
+                    .filter(|l| l.starts_with("meshgate_router_breaker_open{") && l.ends_with(" 1"))
+                    .count();
+                if open == 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(open, 2, "both circuits open");
+        }
+        for (path, body) in &requests {
+            let (status, job) = send(path, body.clone(), true).await;
+            assert_eq!((status, job["object"].as_str()), (202, Some("job")), "{path} with the circuits {round}: {job}");
+            ids.push(job["id"].as_str().unwrap().to_owned());
+        }
+    }
+    let limits = json!({"queue_when_unreachable": true});
+    let set = mesh.http.put(format!("{}/v1/projects/default/limits", mesh.edge)).bearer_auth(ADMIN_KEY).json(&limits);
+    assert_eq!(set.send().await.unwrap().status(), 200);
+    for (path, body) in &requests {
+        let (status, job) = send(path, body.clone(), false).await;
+        assert_eq!((status, job["object"].as_str()), (202, Some("job")), "{path} under queue_when_unreachable: {job}");
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+
+    mesh.alpha.set_failures(0.0, 503);
+    mesh.beta.set_failures(0.0, 503);
+    for id in &ids {
+        let done = wait_for(&mesh, id, "succeeded").await;
+        assert!(done["result"]["content"].as_str().is_some_and(|c| c.contains(text)), "{done}");
+    }
+    mesh.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_does_not_fit_the_budget_is_refused_like_a_request() {
     let mesh = TestMesh::start().await;

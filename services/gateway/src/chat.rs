@@ -11,13 +11,11 @@ use meshgate_wire::Answer;
 use meshgate_wire::openai::ingress::{ChunkEncoder, ReplyMeta, completion_json};
 
 use crate::api::{AppState, RequestContext};
-use crate::chat_flow;
+use crate::chat_flow::{self, Begun};
 use crate::concurrency::TenantSlot;
-use crate::jobs;
 use crate::openai;
 use crate::orchestrator::ChatReply;
 use crate::response::{error_response, unix_now};
-use crate::tenancy::EndpointScope;
 
 /// What `createChatCompletion` answers besides `openapi::COMMON_ERRORS`.
 pub(crate) const CHAT_COMPLETIONS_ERRORS: &[ErrorCode] = chat_flow::MODEL_CALL_ERRORS;
@@ -71,18 +69,9 @@ async fn run_chat(
     let chat = openai::parse_chat(&received.body)?;
     let call = chat_flow::admit(app, &received, headers, context, chat, Vec::new()).await?;
     let include_usage = call.chat.include_usage;
-    // Kept only when the caller or the project allows the offline fallback.
-    let queueable_copy =
-        (jobs::allows_queue(headers) || received.settings.limits.queue_when_unreachable).then(|| call.chat.clone());
-    let caller = &received.caller;
-    let started = match (chat_flow::start(app, caller, call).await, queueable_copy) {
-        (Ok(started), _) => started,
-        (Err(err), Some(chat)) if jobs::queueable(&err) && caller.require(EndpointScope::Jobs).is_ok() => {
-            tracing::info!(request_id = %context.request_id, error = %err, "no cloud target answered; queueing the request");
-            let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-            return jobs::enqueue(app, caller, chat, &context.request_id, key).await;
-        }
-        (Err(err), _) => return Err(err),
+    let started = match chat_flow::start_or_queue(app, &received, headers, context, call).await? {
+        Begun::Started(started) => started,
+        Begun::Queued(job) => return Ok(job),
     };
     // The served model names the reply (the provider's own name for it, once it reports one).
     let meta = ReplyMeta {

@@ -1,7 +1,9 @@
 //! What every chat-shaped endpoint does between parsing its wire format and writing its reply —
 //! OpenAI chat completions, the Responses API, Anthropic Messages, legacy completions: the
 //! caller authenticated, the body read within the project's limit, the canonical request
-//! admitted and started on the request path, and the reply's common headers and stream framing.
+//! admitted and started on the request path (or queued by the offline fallback when no cloud
+//! target answers and the caller or the project allows it), and the reply's common headers and
+//! stream framing.
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use crate::auth::Caller;
 use crate::budget::QuotaSnapshot;
 use crate::concurrency::TenantSlot;
 use crate::guard::RISK_SCORE;
+use crate::jobs;
 use crate::orchestrator::{ChatCall, ChatReply};
 use crate::settings::ProjectSettings;
 use crate::tenancy::EndpointScope;
@@ -89,6 +92,39 @@ pub(crate) async fn start(app: &AppState, caller: &Caller, call: ChatCall) -> Re
     let slot = call.chat.stream.then(|| app.streams.open(&caller.principal)).transpose()?;
     let reply = app.orchestrator.chat(call).await?;
     Ok(Started { reply, risk, slot })
+}
+
+/// How an admitted call began: started on its targets, or queued by the offline fallback (the
+/// 202 answer with the job).
+pub(crate) enum Begun {
+    Started(Started),
+    Queued(Response),
+}
+
+/// [`start`], with the offline fallback of every chat-shaped endpoint: when the caller
+/// (`x-meshgate-allow-queue: true`) or the project (`queue_when_unreachable`) allows it, the key
+/// may use jobs, and no cloud target could answer (unreachable, failing, timed out), the request
+/// is queued instead (`Idempotency-Key` honoured) and answered 202 with the job.
+pub(crate) async fn start_or_queue(
+    app: &AppState,
+    received: &Received,
+    headers: &HeaderMap,
+    context: &RequestContext,
+    call: ChatCall,
+) -> Result<Begun, ApiError> {
+    // Kept only when the caller or the project allows the offline fallback.
+    let queueable_copy =
+        (jobs::allows_queue(headers) || received.settings.limits.queue_when_unreachable).then(|| call.chat.clone());
+    let caller = &received.caller;
+    match (start(app, caller, call).await, queueable_copy) {
+        (Ok(started), _) => Ok(Begun::Started(started)),
+        (Err(err), Some(chat)) if jobs::queueable(&err) && caller.require(EndpointScope::Jobs).is_ok() => {
+            tracing::info!(request_id = %context.request_id, error = %err, "no cloud target answered; queueing the request");
+            let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            jobs::enqueue(app, caller, chat, &context.request_id, key).await.map(Begun::Queued)
+        }
+        (Err(err), _) => Err(err),
+    }
 }
 
 /// The headers every chat reply carries: the target that served it, the caller's budget and the

@@ -15,7 +15,7 @@ use meshgate_wire::openai::completions::{TextCompletionEncoder, parse_completion
 use meshgate_wire::openai::ingress::ReplyMeta;
 
 use crate::api::{AppState, RequestContext};
-use crate::chat_flow::{self, Started};
+use crate::chat_flow::{self, Begun, Started};
 use crate::openai::wire_error;
 use crate::response::{error_response, unix_now};
 
@@ -31,13 +31,19 @@ pub(crate) const CREATE_ERRORS: &[ErrorCode] = chat_flow::MODEL_CALL_ERRORS;
     summary = "Create a text completion (legacy)",
     description = "OpenAI's legacy completions: one `prompt` (a string, or a list of one), `max_tokens` (default 16), \
 sampling, `stop`, `logprobs`, `stream`. Served by chat models: the prompt is one user message. `suffix`, `echo` and \
-several prompts are refused with 400.",
+several prompts are refused with 400. With `x-meshgate-allow-queue: true`, a request no cloud target could serve is \
+queued: 202 and the job.",
+    params(
+        ("x-meshgate-allow-queue" = Option<bool>, Header, description = "`true`: queue the request (202) when no cloud target answers."),
+        ("idempotency-key" = Option<String>, Header, description = "With `x-meshgate-allow-queue`: the key of the queued job."),
+    ),
     request_body(content = Object, description = "A legacy completions request."),
     responses(
         (status = 200, description = "The `text_completion`; server-sent chunks when `stream` is true", content(
             (Object = "application/json"),
             (String = "text/event-stream"),
         )),
+        (status = 202, description = "No cloud target answered and the request allowed queueing: the job", body = crate::jobs::JobJson),
     )
 )]
 pub(crate) async fn create(State(app): State<AppState>, request: Request) -> Response {
@@ -54,7 +60,10 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
     let logprobs = request.logprobs.is_some();
     let include_usage = request.chat.include_usage;
     let call = chat_flow::admit(app, &received, headers, context, request.chat, Vec::new()).await?;
-    let Started { reply, risk, slot } = chat_flow::start(app, &received.caller, call).await?;
+    let Started { reply, risk, slot } = match chat_flow::start_or_queue(app, &received, headers, context, call).await? {
+        Begun::Started(started) => started,
+        Begun::Queued(job) => return Ok(job),
+    };
     let meta = ReplyMeta {
         id: format!("cmpl-{}", context.request_id.replace('-', "")),
         created: unix_now(),

@@ -17,7 +17,7 @@ use meshgate_wire::anthropic::ingress::{
 };
 
 use crate::api::{AppState, RequestContext};
-use crate::chat_flow::{self, Started};
+use crate::chat_flow::{self, Begun, Started};
 use crate::openai::wire_error;
 
 /// An error as Anthropic answers one: its status, `{"type": "error", "error": {"type",
@@ -63,14 +63,20 @@ pub(crate) const CREATE_ERRORS: &[ErrorCode] = chat_flow::MODEL_CALL_ERRORS;
     description = "Anthropic's Messages API: `system`, content blocks (text, image, `tool_use`, `tool_result`), `tools` \
 and `tool_choice`, `thinking`, `max_tokens`, `stream` (Anthropic's event sequence). The key goes in `x-api-key` (or \
 `Authorization: Bearer`); `anthropic-version` is accepted. Routed, screened, budgeted and traced like a chat \
-completion; errors in Anthropic's shape.",
-    params(("anthropic-version" = Option<String>, Header, description = "Accepted (any version).")),
+completion; errors in Anthropic's shape. With `x-meshgate-allow-queue: true`, a request no cloud target could serve \
+is queued: 202 and the job.",
+    params(
+        ("anthropic-version" = Option<String>, Header, description = "Accepted (any version)."),
+        ("x-meshgate-allow-queue" = Option<bool>, Header, description = "`true`: queue the request (202) when no cloud target answers."),
+        ("idempotency-key" = Option<String>, Header, description = "With `x-meshgate-allow-queue`: the key of the queued job."),
+    ),
     request_body(content = Object, description = "A Messages API request."),
     responses(
         (status = 200, description = "The Message; server-sent Messages events when `stream` is true", content(
             (Object = "application/json"),
             (String = "text/event-stream"),
         )),
+        (status = 202, description = "No cloud target answered and the request allowed queueing: the job", body = crate::jobs::JobJson),
     )
 )]
 pub(crate) async fn create(State(app): State<AppState>, request: Request) -> Response {
@@ -82,7 +88,10 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
     let request = parse_messages(&received.body).map_err(wire_error)?;
     let call = chat_flow::admit(app, &received, headers, context, request.chat, request.unforwarded).await?;
     let estimated_input_tokens = crate::tokens::prompt_tokens(&call.chat);
-    let Started { reply, risk, slot } = chat_flow::start(app, &received.caller, call).await?;
+    let Started { reply, risk, slot } = match chat_flow::start_or_queue(app, &received, headers, context, call).await? {
+        Begun::Started(started) => started,
+        Begun::Queued(job) => return Ok(job),
+    };
     let meta = MessageMeta {
         id: format!("msg_{}", context.request_id.replace('-', "")),
         model: reply.target.model.clone(),

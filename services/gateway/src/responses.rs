@@ -20,7 +20,7 @@ use meshgate_wire::openai::responses::{
 };
 
 use crate::api::{ApiPath, AppState, RequestContext, authenticate, client_of, request_id_of};
-use crate::chat_flow::{self, Started};
+use crate::chat_flow::{self, Begun, Started};
 use crate::openai::wire_error;
 use crate::response::{error_response, unix_now};
 use crate::stored_responses::ResponseStore;
@@ -59,13 +59,19 @@ pub(crate) const CREATE_ERRORS: &[ErrorCode] = &[
 `reasoning`, `max_output_tokens`, `stream` (the Responses event sequence). Built-in tools (web or file search, computer \
 use, code interpreter, MCP) are refused with 400. `store` (default true) keeps the response for `GET \
 /v1/responses/{id}` and `previous_response_id`, within the caller's project. Routed, screened, budgeted and traced \
-like a chat completion.",
+like a chat completion. With `x-meshgate-allow-queue: true`, a request no cloud target could serve is queued (not \
+stored as a response): 202 and the job.",
+    params(
+        ("x-meshgate-allow-queue" = Option<bool>, Header, description = "`true`: queue the request (202) when no cloud target answers."),
+        ("idempotency-key" = Option<String>, Header, description = "With `x-meshgate-allow-queue`: the key of the queued job."),
+    ),
     request_body(content = Object, description = "A Responses API request."),
     responses(
         (status = 200, description = "The `response` object; server-sent Responses events when `stream` is true", content(
             (Object = "application/json"),
             (String = "text/event-stream"),
         )),
+        (status = 202, description = "No cloud target answered and the request allowed queueing: the job", body = crate::jobs::JobJson),
     )
 )]
 pub(crate) async fn create(State(app): State<AppState>, request: Request) -> Response {
@@ -127,7 +133,10 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
     });
     let id = format!("resp_{}", context.request_id.replace('-', ""));
     let mut meta = ResponseMeta::new(&request, id, unix_now());
-    let Started { reply, risk, slot } = chat_flow::start(app, &received.caller, call).await?;
+    let Started { reply, risk, slot } = match chat_flow::start_or_queue(app, &received, headers, context, call).await? {
+        Begun::Started(started) => started,
+        Begun::Queued(job) => return Ok(job),
+    };
     meta.model.clone_from(&reply.target.model);
     let mut headers = Response::new(Body::empty());
     chat_flow::reply_headers(&mut headers, &reply, risk);
