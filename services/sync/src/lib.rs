@@ -119,10 +119,13 @@ pub struct QueueConfig {
     pub backoff_base_ms: u64,
     /// Longest wait between attempts.
     pub backoff_cap_ms: u64,
-    /// How long a claimed job belongs to its worker. A worker that dies mid-delivery delays its
-    /// jobs by this much in Postgres (the on-disk queue, one process's alone, takes them back as
-    /// soon as that process starts again); an attempt is cut at 90 % of it.
+    /// How long a claimed job belongs to its worker without news: a delivery in progress renews
+    /// it every third of it, so a worker that dies mid-delivery delays its jobs by at most this
+    /// much in Postgres (the on-disk queue, one process's alone, takes them back as soon as that
+    /// process starts again).
     pub lease_ms: u64,
+    /// Longest delivery attempt (a job's own `timeout_ms` may be shorter).
+    pub attempt_timeout_ms: u64,
     /// Jobs claimed per round at most.
     pub batch_size: usize,
     /// Deliveries in flight at most, per process.
@@ -146,7 +149,8 @@ impl Default for QueueConfig {
             max_attempts: 8,
             backoff_base_ms: 1_000,
             backoff_cap_ms: 30_000,
-            lease_ms: 360_000,
+            lease_ms: 30_000,
+            attempt_timeout_ms: 300_000,
             batch_size: 32,
             concurrency: 32,
             poll_interval_ms: 500,
@@ -164,6 +168,7 @@ impl QueueConfig {
             ("queue.backoff_base_ms", self.backoff_base_ms),
             ("queue.backoff_cap_ms", self.backoff_cap_ms),
             ("queue.lease_ms", self.lease_ms),
+            ("queue.attempt_timeout_ms", self.attempt_timeout_ms),
             ("queue.batch_size", self.batch_size as u64),
             ("queue.concurrency", self.concurrency as u64),
             ("queue.poll_interval_ms", self.poll_interval_ms),
@@ -187,6 +192,7 @@ impl QueueConfig {
                 cap: Duration::from_millis(self.backoff_cap_ms),
             },
             lease: Duration::from_millis(self.lease_ms),
+            attempt_timeout: Duration::from_millis(self.attempt_timeout_ms),
             batch_size: self.batch_size,
             concurrency: self.concurrency,
             poll_interval: Duration::from_millis(self.poll_interval_ms),

@@ -317,7 +317,7 @@ async fn sigkill_loses_and_duplicates_nothing_on_disk() {
 
 /// The on-disk queue is one process's alone (it holds the directory's lock): after a SIGKILL, the
 /// restarted process takes back at once the deliveries the killed one left `running`, instead of
-/// leaving them `running` until their lease runs out (six minutes by default, kept here); each is
+/// leaving them `running` until their lease runs out (six minutes here, far past the test); each is
 /// still completed once at the provider, under its idempotency key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_disk_a_restart_takes_back_killed_deliveries_before_their_lease_expires() {

@@ -520,6 +520,74 @@ async fn concurrent_claims_on_postgres_never_share_a_job_and_expired_leases_come
     assert!(dead[0].last_error.contains("interrupted"), "{}", dead[0].last_error);
 }
 
+/// A delivery that outlasts its lease keeps it by renewing it: two workers on one store, each
+/// polling every 50 ms, never deliver a job twice although every delivery takes four leases.
+async fn a_delivery_longer_than_its_lease_keeps_it(kind: StoreKind) {
+    let mock = MockProvider::start_with(Behavior { latency: Duration::from_millis(1_200), ..Behavior::default() })
+        .await
+        .unwrap();
+    let (store, _dir) = store(kind).await;
+    let mut cfg = config(3);
+    cfg.queue.lease_ms = 300;
+    cfg.queue.poll_interval_ms = 50;
+    let clock: meshgate_storage::SharedClock = Arc::new(meshgate_storage::SystemClock);
+    let queues: Vec<_> =
+        (0..2).map(|_| queue(store.clone(), &[provider("mock", &mock)], clock.clone(), &cfg)).collect();
+    let upstream = meshgate_sync::Upstream::new(&cfg, &[provider("mock", &mock)], Default::default()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (created, _) = queues[0]
+            .enqueue(&upstream, enqueue_request(&format!("slow-{i}"), "mock", "take your time"))
+            .await
+            .unwrap();
+        ids.push(created.id);
+    }
+    let shutdown = Shutdown::new();
+    let workers: Vec<_> =
+        queues.iter().map(|queue| tokio::spawn(queue.dispatcher().clone().run(shutdown.clone()))).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for id in &ids {
+        loop {
+            let current = job(&queues[0], id).await;
+            if current.job_status() == JobStatus::Succeeded {
+                assert_eq!(current.attempts, 1, "one attempt, never taken over: {current:?}");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not delivered in time: {current:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    shutdown.trigger();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(mock.requests_total(), 3, "each job reached the provider once");
+    for id in &ids {
+        assert_eq!(mock.count_for_idempotency_key(id), 1, "{id}");
+    }
+
+    // A lease is renewed only by the token that holds it.
+    let (created, _) = queues[0].enqueue(&upstream, enqueue_request("held", "mock", "x")).await.unwrap();
+    let now = Utc::now();
+    let claimed = store.claim(now, now + chrono::TimeDelta::seconds(1), 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [created.id.as_str()], "{claimed:?}");
+    let stale = "00000000-0000-4000-8000-000000000000";
+    assert!(!store.renew(&created.id, stale, now + chrono::TimeDelta::seconds(60)).await.unwrap());
+    assert!(store.renew(&created.id, &claimed[0].lease_token, now + chrono::TimeDelta::seconds(60)).await.unwrap());
+    let later = now + chrono::TimeDelta::seconds(30);
+    assert!(store.claim(later, later, 10).await.unwrap().is_empty(), "the renewed lease holds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_longer_than_its_lease_keeps_it_on_postgres() {
+    a_delivery_longer_than_its_lease_keeps_it(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_longer_than_its_lease_keeps_it_on_disk() {
+    a_delivery_longer_than_its_lease_keeps_it(StoreKind::File).await;
+}
+
 /// The service over real gRPC with its workers running against the system clock.
 struct RunningSync {
     client: SyncClient<meshgate_runtime::MeshChannel>,

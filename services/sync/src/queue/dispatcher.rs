@@ -67,8 +67,11 @@ impl QueueMetrics {
 #[derive(Clone, Debug)]
 pub struct DispatcherConfig {
     pub policy: RetryPolicy,
-    /// How long a claimed job belongs to its worker; an attempt is cut before it expires.
+    /// How long a claimed job belongs to its worker without news; renewed every third of it while
+    /// the job is being worked on.
     pub lease: Duration,
+    /// Longest delivery attempt.
+    pub attempt_timeout: Duration,
     /// Jobs claimed per round at most.
     pub batch_size: usize,
     /// Deliveries in flight at most.
@@ -314,7 +317,8 @@ impl Dispatcher {
 
     /// Runs the workers until `shutdown`: claims whenever a delivery slot is free and jobs are due,
     /// sleeps until woken or the poll interval passes otherwise. In-flight deliveries are awaited
-    /// on shutdown; one cut short by the process dying is claimed again when its lease expires.
+    /// on shutdown; one cut short by the process dying is claimed again when its lease expires
+    /// (deliveries renew their leases while they run).
     pub async fn run(self, shutdown: Shutdown) {
         let slots = Arc::new(Semaphore::new(self.config.concurrency));
         let mut tasks = tokio::task::JoinSet::new();
@@ -372,23 +376,14 @@ impl Dispatcher {
     /// down, and then the lease brings the job back).
     async fn process(&self, job: JobRecord) {
         let started = Instant::now();
-        let finish = match job.outcome.clone() {
-            Some(delivered) => self.charge(&job, delivered).await,
-            None => match self.deliver(&job).await {
-                Ok(delivered) => self.charge(&job, delivered).await,
-                Err(err) => {
-                    let permanent = is_permanent(&err);
-                    Finish::after_failure(
-                        &self.config.policy,
-                        job.attempts,
-                        job.max_attempts,
-                        permanent,
-                        self.clock.now(),
-                        err.to_string(),
-                        err.code().as_str().to_owned(),
-                    )
-                }
-            },
+        let finish = tokio::select! {
+            finish = self.work_on(&job) => finish,
+            () = self.keep_leased(&job) => {
+                // Another worker owns the job now: this attempt's outcome could not be recorded.
+                self.metrics.event("lost_lease");
+                tracing::warn!(job = %job.id, "sync queue: the lease was lost mid-delivery; the attempt is abandoned");
+                return;
+            }
         };
         let outcome = match &finish {
             Finish::Succeeded(_) => "succeeded",
@@ -423,6 +418,45 @@ impl Dispatcher {
                 }
                 Err(err) => tracing::warn!(job = %job.id, error = %err, "sync queue: storing the outcome failed"),
             }
+        }
+    }
+
+    /// Renews `job`'s lease every third of its length for as long as it is polled; returns only
+    /// when the lease was lost (the job was claimed again). A store that does not answer is tried
+    /// again at the next renewal: a lease runs out only after three missed ones.
+    async fn keep_leased(&self, job: &JobRecord) {
+        let lease = TimeDelta::from_std(self.config.lease).unwrap_or(TimeDelta::MAX);
+        loop {
+            tokio::time::sleep(self.config.lease / 3).await;
+            let now = self.clock.now();
+            match self.store.renew(&job.id, &job.lease_token, now.checked_add_signed(lease).unwrap_or(now)).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(err) => tracing::warn!(job = %job.id, error = %err, "sync queue: renewing the lease failed"),
+            }
+        }
+    }
+
+    /// The attempt on a claimed job: delivered (or, when it was delivered already, only charged),
+    /// and how it ended.
+    async fn work_on(&self, job: &JobRecord) -> Finish {
+        match job.outcome.clone() {
+            Some(delivered) => self.charge(job, delivered).await,
+            None => match self.deliver(job).await {
+                Ok(delivered) => self.charge(job, delivered).await,
+                Err(err) => {
+                    let permanent = is_permanent(&err);
+                    Finish::after_failure(
+                        &self.config.policy,
+                        job.attempts,
+                        job.max_attempts,
+                        permanent,
+                        self.clock.now(),
+                        err.to_string(),
+                        err.code().as_str().to_owned(),
+                    )
+                }
+            },
         }
     }
 
@@ -476,9 +510,7 @@ impl Dispatcher {
         if providers.is_empty() {
             return Err(Error::UnknownProvider(format!("(none serves model '{}')", request.model)));
         }
-        // The attempt must end while the lease still holds, or another worker may start a second
-        // one beside it.
-        let budget = (self.config.lease.as_millis() as i64 * 9 / 10).max(1);
+        let budget = i64::try_from(self.config.attempt_timeout.as_millis()).unwrap_or(i64::MAX).max(1);
         let timeout_ms = if request.timeout_ms > 0 { request.timeout_ms.min(budget) } else { budget };
         let mut last = None;
         for provider in providers {

@@ -11,7 +11,7 @@
 //!
 //! Because the lock proves that no other process uses the queue, a job replayed as `running` was
 //! being delivered by a process that died (a crash, SIGKILL): its lease is void and the job is due
-//! at once, not when the lease would have expired (`lease_ms`, six minutes by default).
+//! at once, not when the lease would have expired (`lease_ms`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -347,6 +347,24 @@ impl JobStore for FileJobStore {
             }
             state.commit(changed)?;
             Ok(claimed)
+        })
+        .await
+    }
+
+    /// In memory only: a lease matters to this process alone, and a restart voids them all.
+    async fn renew(&self, id: &str, lease_token: &str, lease_until: DateTime<Utc>) -> Result<bool, QueueError> {
+        let (id, lease_token, until) = (id.to_owned(), lease_token.to_owned(), micros(lease_until));
+        self.with(move |state| {
+            let Some(job) = state.jobs.get(&id) else { return Ok(false) };
+            if job.job_status() != JobStatus::Running || job.lease_token != lease_token {
+                return Ok(false);
+            }
+            if job.lease_until_us < until {
+                let mut job = job.clone();
+                job.lease_until_us = until;
+                state.index(job);
+            }
+            Ok(true)
         })
         .await
     }

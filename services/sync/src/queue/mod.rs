@@ -351,6 +351,10 @@ pub trait JobStore: Send + Sync {
     async fn finish(&self, id: &str, lease_token: &str, finish: Finish, now: DateTime<Utc>)
     -> Result<bool, QueueError>;
 
+    /// Extends the lease `lease_token` holds on the running job `id` to `lease_until` (a delivery
+    /// still in progress says it is alive); `false` when that lease was lost.
+    async fn renew(&self, id: &str, lease_token: &str, lease_until: DateTime<Utc>) -> Result<bool, QueueError>;
+
     /// Puts the dead letter `id` back in the queue, due at `now`, with its attempts reset and the
     /// reservation of `readmission` (none: no reservation, charged on delivery). `None` when
     /// `project_id` has no such job.

@@ -213,6 +213,19 @@ impl JobStore for PgJobStore {
         rows.iter().map(record).collect()
     }
 
+    async fn renew(&self, id: &str, lease_token: &str, lease_until: DateTime<Utc>) -> Result<bool, QueueError> {
+        let (Some(id), Some(token)) = (parse_id(id), parse_id(lease_token)) else { return Ok(false) };
+        let client = postgres_client(&self.pool).await?;
+        let updated = client
+            .execute(
+                "UPDATE sync_jobs SET lease_until = GREATEST(lease_until, $3) \
+                 WHERE id = $1 AND lease_token = $2 AND status = 2",
+                &[&id, &token, &lease_until],
+            )
+            .await?;
+        Ok(updated == 1)
+    }
+
     async fn finish(
         &self,
         id: &str,
