@@ -286,20 +286,25 @@ impl JobStore for FileJobStore {
         .await
     }
 
+    // Readers wait for the lock off the async workers too: a writer holds it through its fsync.
     async fn get(&self, id: &str, project_id: &str) -> Result<Option<JobRecord>, QueueError> {
-        Ok(self.inner.lock().visible(id, project_id).cloned())
+        let (id, project_id) = (id.to_owned(), project_id.to_owned());
+        self.with(move |state| Ok(state.visible(&id, &project_id).cloned())).await
     }
 
     async fn list(&self, project_id: &str, status: JobStatus, limit: usize) -> Result<Vec<JobRecord>, QueueError> {
-        let state = self.inner.lock();
-        let mut jobs: Vec<&JobRecord> = state
-            .jobs
-            .values()
-            .filter(|j| j.project_id == project_id)
-            .filter(|j| status == JobStatus::Unspecified || j.job_status() == status)
-            .collect();
-        jobs.sort_by(|a, b| (b.created_at_us, &b.id).cmp(&(a.created_at_us, &a.id)));
-        Ok(jobs.into_iter().take(limit).cloned().collect())
+        let project_id = project_id.to_owned();
+        self.with(move |state| {
+            let mut jobs: Vec<&JobRecord> = state
+                .jobs
+                .values()
+                .filter(|j| j.project_id == project_id)
+                .filter(|j| status == JobStatus::Unspecified || j.job_status() == status)
+                .collect();
+            jobs.sort_by(|a, b| (b.created_at_us, &b.id).cmp(&(a.created_at_us, &a.id)));
+            Ok(jobs.into_iter().take(limit).cloned().collect())
+        })
+        .await
     }
 
     async fn claim(
@@ -460,11 +465,13 @@ impl JobStore for FileJobStore {
     }
 
     async fn open_dead_reservations(&self, limit: usize) -> Result<Vec<JobRecord>, QueueError> {
-        let state = self.inner.lock();
-        let mut open: Vec<&JobRecord> =
-            state.jobs.values().filter(|j| j.reservation_open && j.job_status() == JobStatus::Dead).collect();
-        open.sort_by_key(|j| (j.updated_at_us, j.id.clone()));
-        Ok(open.into_iter().take(limit).cloned().collect())
+        self.with(move |state| {
+            let mut open: Vec<&JobRecord> =
+                state.jobs.values().filter(|j| j.reservation_open && j.job_status() == JobStatus::Dead).collect();
+            open.sort_by_key(|j| (j.updated_at_us, j.id.clone()));
+            Ok(open.into_iter().take(limit).cloned().collect())
+        })
+        .await
     }
 
     async fn close_reservation(&self, id: &str, reservation_id: &str) -> Result<(), QueueError> {
