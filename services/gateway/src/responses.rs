@@ -125,14 +125,16 @@ async fn run(app: &AppState, headers: &HeaderMap, body: Body, context: &RequestC
         request.continue_from(&record).map_err(wire_error)?;
     }
     let unforwarded = std::mem::take(&mut request.unforwarded);
-    let call = chat_flow::admit(app, &received, headers, context, request.chat.clone(), unforwarded).await?;
-    let keeper = request.store.then(|| {
-        let mut seen = request.clone();
-        seen.chat = call.chat.clone();
-        Keeper { store: app.responses.clone(), project_id, request: seen }
-    });
     let id = format!("resp_{}", context.request_id.replace('-', ""));
     let mut meta = ResponseMeta::new(&request, id, unix_now());
+    // The canonical request moves on to the request path; a stored response keeps the redacted
+    // conversation the model saw.
+    let chat = std::mem::take(&mut request.chat);
+    let call = chat_flow::admit(app, &received, headers, context, chat, unforwarded).await?;
+    let keeper = request.store.then(|| {
+        request.chat = call.chat.clone();
+        Keeper { store: app.responses.clone(), project_id, request }
+    });
     let Started { reply, risk, slot } = match chat_flow::start_or_queue(app, &received, headers, context, call).await? {
         Begun::Started(started) => started,
         Begun::Queued(job) => return Ok(job),
