@@ -37,28 +37,10 @@ mg_python_setup
 mg_pip_requirements deploy/tools/requirements.txt
 
 # --- binaries ----------------------------------------------------------------------------------
-bin=${MESHGATE_TOPOLOGY_BIN:-}
-if [[ -z $bin ]]; then
-    mg_log "building the services, meshgate and the mock provider (debug)"
-    cargo build --quiet -p meshgate -p meshgate-gateway -p meshgate-inference -p meshgate-router -p meshgate-quota \
-        -p meshgate-analytics -p meshgate-sync -p meshgate-mock-provider >&2 || mg_die "cargo build failed"
-    bin="${CARGO_TARGET_DIR:-$MG_ROOT/target}/debug"
-fi
-bin=$(cd "$bin" && pwd -P)
-for b in meshgate meshgate-gateway meshgate-inference meshgate-router meshgate-quota meshgate-analytics \
-    meshgate-sync meshgate-mock-provider; do
-    [[ -x $bin/$b ]] || mg_die "no $b in $bin"
-done
+bin=$(mg_mesh_bins MESHGATE_TOPOLOGY_BIN)
 
-# A watchdog (the build above is not counted): past the bound the run ends as if interrupted, and
-# the cleanup still runs (stopping the watchdog first, so that it cannot interrupt the cleanup).
-timeout_secs=${MESHGATE_TOPOLOGY_TIMEOUT:-300}
-(
-    for ((i = 0; i < timeout_secs; i++)); do sleep 1; done
-    echo "[check-topology] ERROR: still running after ${timeout_secs}s: stopping" >&2
-    kill -TERM $$
-) &
-mg_defer_first mg_stop "$!"
+# A watchdog (the build above is not counted).
+mg_watchdog "${MESHGATE_TOPOLOGY_TIMEOUT:-300}"
 
 MG_LIVE_DIR="$MG_ROOT/.run/topology-$$"
 mg_defer rm -rf "$MG_LIVE_DIR"

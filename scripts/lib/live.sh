@@ -30,6 +30,37 @@ mg_meshgate_bins() {
     printf '%s\n' "$dir"
 }
 
+# mg_mesh_bins ENV_VAR : the directory (absolute) with every service's binary, meshgate's and the
+# mock provider's: $ENV_VAR when set, else a fresh debug build.
+mg_mesh_bins() {
+    local dir=${!1:-} b packages=()
+    local binaries=(meshgate meshgate-gateway meshgate-inference meshgate-router meshgate-quota meshgate-analytics
+        meshgate-sync meshgate-mock-provider)
+    if [[ -z $dir ]]; then
+        mg_log "building the services, meshgate and the mock provider (debug)"
+        for b in "${binaries[@]}"; do packages+=(-p "$b"); done
+        cargo build --quiet "${packages[@]}" >&2 || mg_die "cargo build failed"
+        dir="${CARGO_TARGET_DIR:-$MG_ROOT/target}/debug"
+    fi
+    dir=$(cd "$dir" && pwd -P) || mg_die "no directory $dir"
+    for b in "${binaries[@]}"; do
+        [[ -x $dir/$b ]] || mg_die "no $b in $dir"
+    done
+    printf '%s\n' "$dir"
+}
+
+# mg_watchdog SECONDS : past SECONDS this script ends as if interrupted (TERM), and its cleanup
+# still runs: the watchdog is stopped first, so that it cannot interrupt the cleanup.
+mg_watchdog() {
+    local seconds=$1 script=$$
+    (
+        for ((i = 0; i < seconds; i++)); do sleep 1; done
+        echo "[$MG_LOG_TAG] ERROR: still running after ${seconds}s: stopping" >&2
+        kill -TERM "$script"
+    ) &
+    mg_defer_first mg_stop "$!"
+}
+
 # mg_free_ports N : N distinct free loopback ports (all held open until printed, so none repeats).
 mg_free_ports() {
     "$MG_VENV/bin/python" -c '

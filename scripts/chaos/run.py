@@ -1,0 +1,894 @@
+#!/usr/bin/env python3
+"""meshgate chaos suite, first slice (issue 19): the six-process mesh with Postgres and Redis, two
+gateway replicas behind the runner's own round-robin, a steady open-loop mixed load from three
+tenants with tight budgets, a schedule of faults each held and then healed, and the invariants
+checked after every fault and at the end. Standard library only. Run it through scripts/chaos.sh,
+which prepares the venv, the binaries and a fresh Postgres database.
+
+Invariants (per fault window and at the end):
+  A  every non-2xx answer is 4xx or 503 with the JSON error shape {"error": {"code", "message"}},
+     within the request's deadline (a timeout, a reset, a cut stream, 500/502/504 all fail it;
+     only requests in flight on a gateway replica at the moment it was SIGKILLed are excused)
+  B  every 200 chat/stream/embedding has its trace (GET /v1/traces/{x-meshgate-request-id}, polled
+     with a bound) and exactly one row in request_traces
+  C  per tenant: quota used <= budget, the Postgres ledger <= budget, what the mock served <= budget;
+     at the end (load stopped, settled): quota used == ledger == what the mock served
+  D  every job answered 202 ends succeeded or dead within a bound, and the mock saw its
+     Idempotency-Key (the job id) at most once (a succeeded job at least once)
+  E  after healing, 10 consecutive requests on the affected path succeed within N seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from httpc import ConnectFailed, Cut, request  # noqa: E402
+from mesh import Mesh  # noqa: E402
+from oracle import MockOracle  # noqa: E402
+
+HOST = "127.0.0.1"
+CODE_STATUS = {
+    "invalid_request": 400, "context_length_exceeded": 400, "invalid_api_key": 401, "permission_denied": 403,
+    "not_found": 404, "model_not_found": 404, "conflict": 409, "payload_too_large": 413,
+    "unsupported_media_type": 415, "policy_violation": 422, "quota_exceeded": 429, "rate_limited": 429,
+    "upstream_error": 502, "service_unavailable": 503, "overloaded": 503, "timeout": 504,
+    "not_implemented": 501, "internal_error": 500,
+}
+DEADLINES = {"chat": 10.0, "stream": 15.0, "job": 10.0, "embed": 10.0}
+MIX = [("chat", 40), ("stream", 30), ("job", 15), ("embed", 15)]
+GOOD = {"ok"}
+ACCEPTABLE = {"ok", "refused", "excused"}
+
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[chaos {time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+def error_shape(payload) -> tuple[bool, str | None]:
+    if not isinstance(payload, dict) or not isinstance(payload.get("error"), dict):
+        return False, None
+    err = payload["error"]
+    code = err.get("code")
+    return isinstance(code, str) and isinstance(err.get("message"), str), code if isinstance(code, str) else None
+
+
+class Runner:
+    def __init__(self, args, mesh: Mesh):
+        self.args = args
+        self.mesh = mesh
+        self.records: list[dict] = []
+        self.inflight = 0
+        self.dropped = 0
+        self.serial = itertools.count(1)
+        self.rr = itertools.count()
+        self.rng = random.Random(args.seed)
+        self.tenants: dict[str, dict] = {}
+        self.oracle = MockOracle(HOST, mesh.mock_port)
+        self.kill_windows: list[dict] = []  # {"replica", "t_kill", "t_back"}
+        self.down: set[str] = set()
+        self.stop_load = asyncio.Event()
+        self.load_tasks: set[asyncio.Task] = set()
+        self.windows: list[dict] = []
+        self.trace_checked: dict[str, bool] = {}
+        self.jobs: dict[str, dict] = {}
+        self.paused = False
+        self.last_quiet: dict | None = None
+        self.over_budget_seen: list[list[str]] = []  # [tenant + ":", what] already reported
+
+    # --- HTTP helpers -------------------------------------------------------------------------
+    def edge(self, replica: str) -> int:
+        return self.mesh.edge[replica]
+
+    async def call(self, method, path, key, body=None, replica=None, timeout=10.0, headers=None):
+        """A check's call: the given replica, else whichever answers (gateway-2 first)."""
+        replicas = [replica] if replica else ["gateway-2", "gateway-1"]
+        last = None
+        for r in replicas:
+            h = {"Authorization": f"Bearer {key}"}
+            if body is not None:
+                h["Content-Type"] = "application/json"
+            h.update(headers or {})
+            try:
+                return await request(HOST, self.edge(r), method, path, headers=h, body=body, timeout=timeout)
+            except (ConnectFailed, Cut, TimeoutError) as err:
+                last = err
+        raise RuntimeError(f"{method} {path}: no replica answered ({last!r})")
+
+    # --- setup --------------------------------------------------------------------------------
+    async def wait_ready(self, seconds=90.0) -> None:
+        deadline = time.monotonic() + seconds
+        for replica in ("gateway-1", "gateway-2"):
+            while True:
+                try:
+                    r = await request(HOST, self.edge(replica), "GET", "/v1/models",
+                                      headers={"Authorization": f"Bearer {self.mesh.admin_key}"}, timeout=2)
+                    if r.status == 200:
+                        break
+                except (ConnectFailed, Cut, TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{replica} not ready within {seconds} s; logs in {self.mesh.logs}")
+                await asyncio.sleep(0.3)
+        # A chat through each replica: the whole path (router, quota, sync, mock) answers.
+        for replica in ("gateway-1", "gateway-2"):
+            while True:
+                r = await self.call("POST", "/v1/chat/completions", self.mesh.admin_key, replica=replica,
+                                    body={"model": "mock-gpt", "max_tokens": 4,
+                                          "messages": [{"role": "user", "content": "warm up"}]})
+                if r.status == 200:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{replica} does not serve chat: {r.status} {r.body[:300]!r}")
+                await asyncio.sleep(0.5)
+
+    async def setup_tenants(self) -> None:
+        admin = self.mesh.admin_key
+        budgets = {"tA": self.args.budget_a, "tB": self.args.budget_b, "tC": self.args.budget_c}
+        for name, budget in budgets.items():
+            r = await self.call("POST", "/v1/projects", admin, {"name": f"chaos-{name}"}, replica="gateway-1")
+            assert r.status == 201, f"create project: {r.status} {r.body!r}"
+            project = r.json()
+            r = await self.call("POST", "/v1/keys", admin, replica="gateway-2",
+                                body={"name": f"chaos-{name}", "project_id": project["id"], "service": True,
+                                      "role": "developer"})
+            assert r.status == 201, f"create key: {r.status} {r.body!r}"
+            key = r.json()
+            r = await self.call("PUT", "/v1/quota/limits", admin, replica="gateway-1",
+                                body={"scope": {"kind": "project", "id": project["id"]},
+                                      "limits": {"tokens_per_day": budget}})
+            assert r.status == 200, f"set limits: {r.status} {r.body!r}"
+            self.tenants[name] = {"project": project["id"], "key_id": key["id"], "secret": key["secret"],
+                                  "budget": budget}
+            log(f"tenant {name}: project {project['id']} key {key['id']} tokens_per_day {budget}")
+
+    # --- load ---------------------------------------------------------------------------------
+    def body_for(self, kind: str, tenant: str, nonce: str) -> tuple[str, dict]:
+        words = " ".join(self.rng.choice(["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf"])
+                         for _ in range(self.rng.randint(3, 9)))
+        text = f"chaos tenant={tenant} nonce={nonce} {kind} {words}"
+        if kind == "embed":
+            return "/v1/embeddings", {"model": "mock-embed", "input": text}
+        body = {"model": "mock-gpt", "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
+        if kind == "stream":
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return ("/v1/jobs" if kind == "job" else "/v1/chat/completions"), body
+
+    async def one_request(self, rec: dict) -> None:
+        self.inflight += 1
+        try:
+            await self._one_request(rec)
+        finally:
+            self.inflight -= 1
+            rec["t_end"] = time.time()
+
+    async def _one_request(self, rec: dict) -> None:
+        tenant = self.tenants[rec["tenant"]]
+        path, body = self.body_for(rec["kind"], rec["tenant"], rec["nonce"])
+        headers = {"Authorization": f"Bearer {tenant['secret']}", "Content-Type": "application/json"}
+        if rec["kind"] == "job":
+            headers["Idempotency-Key"] = f"chaos-{rec['nonce']}"
+        deadline = DEADLINES[rec["kind"]]
+        started = time.monotonic()
+        order = [rec["replica"], "gateway-2" if rec["replica"] == "gateway-1" else "gateway-1"]
+        for attempt, replica in enumerate(order):
+            rec["served_by"] = replica
+            remaining = deadline - (time.monotonic() - started)
+            try:
+                resp = await request(HOST, self.edge(replica), "POST", path, headers=headers, body=body,
+                                     timeout=remaining)
+            except ConnectFailed as err:
+                # What a load balancer does with a refused connection: the other replica.
+                rec["connect_failures"] = rec.get("connect_failures", []) + [f"{replica}: {err}"]
+                if attempt == 0:
+                    rec["failover"] = True
+                    continue
+                rec["outcome"], rec["detail"] = "conn_error", str(err)
+                return
+            except Cut as err:
+                rec["status"] = err.status
+                rec["request_id"] = (err.headers or {}).get("x-meshgate-request-id")
+                rec["outcome"], rec["detail"] = "cut", f"{err} after {len(err.body)} bytes"
+                rec["partial"] = err.body[-300:].decode(errors="replace")
+                return
+            except TimeoutError:
+                rec["outcome"], rec["detail"] = "timeout", f"no complete answer within {deadline:.0f} s"
+                return
+            self.classify(rec, resp)
+            return
+
+    def classify(self, rec: dict, resp) -> None:
+        rec["status"] = resp.status
+        rec["latency"] = round(resp.elapsed, 4)
+        rec["request_id"] = resp.headers.get("x-meshgate-request-id")
+        payload = None
+        if rec["kind"] != "stream" or resp.status != 200:
+            payload = resp.json()
+        if 200 <= resp.status < 300:
+            if rec["kind"] == "stream":
+                self.classify_stream(rec, resp.body)
+                return
+            if payload is None:
+                rec["outcome"], rec["detail"] = "bad_body", resp.body[:200].decode(errors="replace")
+                return
+            rec["outcome"] = "ok"
+            if rec["kind"] == "job":
+                rec["job_id"] = payload.get("id")
+                self.jobs[payload.get("id")] = {"tenant": rec["tenant"], "nonce": rec["nonce"], "t": rec["t_start"],
+                                                "status": payload.get("status")}
+            elif isinstance(payload.get("usage"), dict):
+                rec["usage"] = payload["usage"].get("total_tokens")
+            return
+        shape_ok, code = error_shape(payload)
+        rec["code"] = code
+        if not shape_ok:
+            rec["outcome"], rec["detail"] = "bad_shape", resp.body[:300].decode(errors="replace")
+        elif not (400 <= resp.status < 500 or resp.status == 503):
+            rec["outcome"], rec["detail"] = "bad_status", resp.body[:300].decode(errors="replace")
+        else:
+            rec["outcome"] = "refused"
+
+    def classify_stream(self, rec: dict, body: bytes) -> None:
+        done = False
+        error = None
+        usage = None
+        for line in body.decode(errors="replace").splitlines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                continue
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and "error" in event:
+                error = event
+            if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+                usage = event["usage"].get("total_tokens")
+        rec["usage"] = usage
+        if error is not None:
+            shape_ok, code = error_shape(error)
+            rec["code"] = code
+            status = CODE_STATUS.get(code or "", 500)
+            if not shape_ok:
+                rec["outcome"], rec["detail"] = "bad_shape", json.dumps(error)[:300]
+            elif not (400 <= status < 500 or status == 503):
+                rec["outcome"], rec["detail"] = "stream_error_5xx", json.dumps(error)[:300]
+            else:
+                rec["outcome"], rec["detail"] = "refused", "error event after 200"
+        elif done:
+            rec["outcome"] = "ok"
+        else:
+            rec["outcome"], rec["detail"] = "stream_cut", f"no [DONE] and no error event ({len(body)} bytes)"
+            rec["partial"] = body[-300:].decode(errors="replace")
+
+    async def load(self) -> None:
+        interval = 1.0 / self.args.rate
+        kinds = [k for k, w in MIX for _ in range(w)]
+        tenants = list(self.tenants)
+        next_at = time.monotonic()
+        while not self.stop_load.is_set():
+            next_at += interval
+            if self.paused:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                continue
+            serial = next(self.serial)
+            rec = {"n": serial, "t_start": time.time(), "tenant": tenants[serial % len(tenants)],
+                   "kind": self.rng.choice(kinds), "replica": ("gateway-1", "gateway-2")[next(self.rr) % 2],
+                   "nonce": f"{serial}-{uuid.uuid4().hex[:8]}"}
+            self.records.append(rec)
+            if self.inflight >= self.args.max_inflight:
+                rec["outcome"], rec["detail"] = "not_sent", "generator at its in-flight cap"
+                rec["t_end"] = rec["t_start"]
+                self.dropped += 1
+            else:
+                task = asyncio.create_task(self.one_request(rec))
+                self.load_tasks.add(task)
+                task.add_done_callback(self.load_tasks.discard)
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self.stop_load.wait(), delay)
+                except TimeoutError:
+                    pass
+
+    # --- outcome bookkeeping -------------------------------------------------------------------
+    def excused(self, rec: dict) -> bool:
+        """In flight on a gateway replica when it was SIGKILLed: nothing could have answered it."""
+        if rec.get("outcome") not in ("cut", "stream_cut", "conn_error"):
+            return False
+        for w in self.kill_windows:
+            if rec.get("served_by") == w["replica"] and rec["t_start"] <= w["t_kill"] + 0.05 and \
+                    rec.get("t_end", 0) >= w["t_kill"] - 0.05:
+                return True
+        return False
+
+    def final_outcome(self, rec: dict) -> str:
+        outcome = rec.get("outcome", "pending")
+        if outcome in ("cut", "stream_cut", "conn_error") and self.excused(rec):
+            return "excused"
+        return outcome
+
+    # --- faults -------------------------------------------------------------------------------
+    def faults(self) -> list[dict]:
+        names = ["gateway-1", "router", "quota", "analytics", "sync", "inference", "redis-flushall"]
+        chosen = self.args.faults.split(",") if self.args.faults else names
+        unknown = set(chosen) - set(names)
+        if unknown:
+            raise SystemExit(f"unknown faults {sorted(unknown)}; known: {names}")
+        return [{"name": n, "round": r + 1} for r in range(self.args.rounds) for n in chosen]
+
+    async def inject(self, fault: dict) -> tuple[float, float]:
+        name = fault["name"]
+        hold = self.args.duration_per_fault
+        if name == "redis-flushall":
+            proc = self.mesh.procs["redis"]
+            reply = self.mesh.redis_command("FLUSHALL")
+            t_fault = time.time()
+            proc.kill(signal.SIGKILL)
+            fault["detail"] = f"FLUSHALL ({reply.strip().decode(errors='replace')}), SIGKILL redis-server, " \
+                              f"{hold:.0f} s down, restarted empty on the same port"
+        else:
+            proc = self.mesh.procs[name]
+            t_fault = time.time()
+            proc.kill(signal.SIGKILL)
+            if name.startswith("gateway"):
+                self.kill_windows.append({"replica": name, "t_kill": t_fault})
+            fault["detail"] = f"SIGKILL {name}, {hold:.0f} s down, restarted"
+        log(f"fault {name}: injected")
+        await asyncio.sleep(hold)
+        proc.start()
+        t_heal = time.time()
+        log(f"fault {name}: healed (restarted pid {proc.popen.pid})")
+        return t_fault, t_heal
+
+    def path_requests(self, fault: str, since: float) -> list[dict]:
+        recs = [r for r in self.records if r["t_start"] >= since and r["tenant"] == "tC"]
+        if fault.startswith("gateway"):
+            recs = [r for r in recs if r["replica"] == fault]
+        return recs
+
+    def success_on_path(self, fault: str, rec: dict) -> bool:
+        if rec.get("outcome") != "ok":
+            return False
+        if fault.startswith("gateway") and rec.get("served_by") != fault:
+            return False
+        return True
+
+    def recovery(self, fault: str, t_heal: float, need: int = 10) -> tuple[float | None, bool]:
+        """(seconds from healing to the first of `need` consecutive successes, decided)."""
+        run_start = None
+        streak = 0
+        for rec in sorted(self.path_requests(fault, t_heal), key=lambda r: r["n"]):
+            if "t_end" not in rec:
+                return None, False
+            if self.success_on_path(fault, rec):
+                if streak == 0:
+                    run_start = rec["t_start"]
+                streak += 1
+                if streak >= need:
+                    return round(run_start - t_heal, 2), True
+            else:
+                streak = 0
+        return None, False
+
+    async def wait_recovery(self, fault: str, t_heal: float, bound: float) -> float | None:
+        deadline = t_heal + bound
+        while time.time() < deadline + max(DEADLINES.values()):
+            seconds, decided = self.recovery(fault, t_heal)
+            if decided:
+                return seconds
+            if time.time() > deadline and not any("t_end" not in r for r in self.path_requests(fault, t_heal)
+                                                  if r["t_start"] <= deadline):
+                return None
+            await asyncio.sleep(0.25)
+        return None
+
+    # --- checks -------------------------------------------------------------------------------
+    def check_answers(self, recs: list[dict]) -> dict:
+        outcomes = Counter(self.final_outcome(r) for r in recs)
+        statuses = Counter(f"{r.get('status')} {r.get('code') or ''}".strip() for r in recs if r.get("status"))
+        bad = [r for r in recs if self.final_outcome(r) not in ACCEPTABLE | {"not_sent", "pending"}]
+        return {
+            "ok": not bad,
+            "requests": len(recs),
+            "outcomes": dict(outcomes),
+            "statuses": dict(statuses),
+            "violations": [self.brief(r) for r in bad[:25]],
+            "violation_count": len(bad),
+        }
+
+    @staticmethod
+    def brief(r: dict) -> dict:
+        keys = ("n", "t_start", "tenant", "kind", "replica", "served_by", "status", "code", "outcome", "detail",
+                "request_id", "latency", "partial")
+        out = {k: r.get(k) for k in keys if r.get(k) is not None}
+        if "t_end" in r:
+            out["took"] = round(r["t_end"] - r["t_start"], 3)
+        return out
+
+    async def check_traces(self, recs: list[dict], bound: float) -> dict:
+        wanted = [r for r in recs if r.get("outcome") == "ok" and r["kind"] in ("chat", "stream", "embed")]
+        missing_id = [r for r in wanted if not r.get("request_id")]
+        pending = [r for r in wanted if r.get("request_id") and not self.trace_checked.get(r["request_id"])]
+        deadline = time.monotonic() + bound
+        sem = asyncio.Semaphore(6)
+        statuses: dict[str, int] = {}
+
+        async def probe(r):
+            async with sem:
+                try:
+                    resp = await self.call("GET", f"/v1/traces/{r['request_id']}", self.tenants[r["tenant"]]["secret"],
+                                           timeout=5)
+                    statuses[r["request_id"]] = resp.status
+                    if resp.status == 200:
+                        self.trace_checked[r["request_id"]] = True
+                except RuntimeError:
+                    statuses[r["request_id"]] = -1
+
+        while pending:
+            await asyncio.gather(*(probe(r) for r in pending))
+            pending = [r for r in pending if not self.trace_checked.get(r["request_id"])]
+            if not pending or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        ids = [r["request_id"] for r in wanted if r.get("request_id")]
+        rows = self.trace_rows(ids)
+        duplicated = {rid: n for rid, n in rows.items() if n > 1}
+        absent_in_db = [rid for rid in ids if rows.get(rid, 0) == 0]
+        return {
+            "ok": not pending and not missing_id and not duplicated and not absent_in_db,
+            "checked": len(wanted),
+            "missing_after_bound": [{**self.brief(r), "trace_status": statuses.get(r["request_id"])}
+                                    for r in pending[:25]],
+            "missing_count": len(pending),
+            "without_request_id": len(missing_id),
+            "duplicated_rows": dict(list(duplicated.items())[:25]),
+            "absent_in_request_traces": absent_in_db[:25],
+            "bound_s": bound,
+        }
+
+    def psql(self, sql: str) -> list[list[str]]:
+        out = subprocess.run(["psql", "-X", "-q", "-At", "-F", "\t", "-v", "ON_ERROR_STOP=1",
+                              self.args.database_url, "-c", sql], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(f"psql: {out.stderr.strip()}")
+        return [line.split("\t") for line in out.stdout.splitlines() if line]
+
+    def trace_rows(self, ids: list[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        rows: dict[str, int] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            values = ",".join("'" + rid.replace("'", "''") + "'" for rid in chunk)
+            for rid, n in self.psql(f"SELECT request_id, count(*) FROM request_traces WHERE request_id IN ({values}) "
+                                    f"GROUP BY request_id"):
+                rows[rid] = int(n)
+        return rows
+
+    async def quota_snapshot(self) -> dict:
+        snap = {}
+        for name, t in self.tenants.items():
+            entry = {"budget": t["budget"]}
+            try:
+                resp = await self.call("GET", "/v1/quota/status", t["secret"], timeout=5)
+                entry["http_status"] = resp.status
+                payload = resp.json() or {}
+                for scope in payload.get("scopes", payload.get("data", [])) or []:
+                    if scope.get("scope", {}).get("kind", scope.get("kind")) == "project":
+                        entry["used"] = scope.get("used", {}).get("tokens")
+                        entry["reserved"] = scope.get("reserved", {}).get("tokens")
+                        entry["limit"] = scope.get("limits", {}).get("tokens_per_day")
+                if "used" not in entry:
+                    entry["raw"] = payload
+            except RuntimeError as err:
+                entry["error"] = str(err)
+            try:
+                rows = self.psql(f"SELECT coalesce(sum(tokens), 0) FROM usage_ledger WHERE scope_kind = 'project' "
+                                 f"AND scope_id = '{t['project']}'")
+                entry["ledger"] = int(rows[0][0])
+            except RuntimeError as err:
+                entry["ledger_error"] = str(err)
+            entry["mock_served"] = self.oracle.tokens_by_tenant.get(name, 0)
+            snap[name] = entry
+        return snap
+
+    async def quiet_snapshot(self) -> dict:
+        """Pauses the load, lets everything in flight finish, leases return (idle_return_ms, 1 s) and
+        the ledger flush (1 s), then snapshots: a point where quota, ledger and mock must agree."""
+        self.paused = True
+        try:
+            while self.load_tasks:
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(self.args.quiet)
+            await self.poll_jobs(list(self.jobs), 0)
+            await self.oracle.poll_once()
+            snap = await self.quota_snapshot()
+            snap["_open_jobs"] = sum(1 for j in self.jobs.values() if j.get("status") not in ("succeeded", "dead"))
+            return snap
+        finally:
+            self.paused = False
+
+    def check_deltas(self, prev: dict | None, snap: dict) -> dict:
+        """Between two quiet points: the tokens quota charged == the tokens the mock served."""
+        problems = []
+        deltas = {}
+        for name in self.tenants:
+            now, before = snap[name], (prev or {}).get(name, {})
+            d = {k: (now.get(k) or 0) - (before.get(k) or 0) for k in ("used", "ledger", "mock_served")}
+            deltas[name] = d
+            if d["used"] != d["mock_served"]:
+                problems.append(f"{name}: since the last quiet point quota charged {d['used']} but the mock served "
+                                f"{d['mock_served']} ({d['mock_served'] - d['used']:+d} uncharged)")
+            if d["ledger"] != d["used"]:
+                problems.append(f"{name}: since the last quiet point ledger {d['ledger']} != quota {d['used']}")
+            if now.get("reserved") and not snap.get("_open_jobs"):
+                problems.append(f"{name}: {now['reserved']} tokens reserved at a quiet point with no job open")
+        if self.oracle.gaps:
+            problems.append(f"the mock's ring was missed {self.oracle.gaps} times: counts incomplete")
+        return {"ok": not problems, "problems": problems, "deltas": deltas, "open_jobs": snap.get("_open_jobs")}
+
+    def check_budgets(self, snap: dict, exact: bool) -> dict:
+        problems = []
+        for name, e in snap.items():
+            if name.startswith("_"):
+                continue
+            budget = e["budget"]
+            for what in ("used", "ledger", "mock_served"):
+                value = e.get(what)
+                if value is None:
+                    if what == "used":
+                        problems.append(f"{name}: no quota status ({e.get('http_status')}, {e.get('error')})")
+                    continue
+                if value > budget:
+                    problems.append(f"{name}: {what} {value} > budget {budget}")
+            if exact and e.get("used") is not None:
+                if self.oracle.gaps:
+                    problems.append(f"{name}: the mock's ring was missed {self.oracle.gaps} times; exactness unknown")
+                elif e["used"] != e["mock_served"]:
+                    problems.append(f"{name}: quota used {e['used']} != tokens the mock served {e['mock_served']} "
+                                    f"(difference {e['mock_served'] - e['used']:+d})")
+                if e.get("ledger") is not None and e["ledger"] != e["used"]:
+                    problems.append(f"{name}: ledger {e['ledger']} != quota used {e['used']}")
+                if e.get("reserved"):
+                    problems.append(f"{name}: {e['reserved']} tokens still reserved after settling")
+        return {"ok": not problems, "problems": problems, "tenants": snap}
+
+    async def poll_jobs(self, ids: list[str], bound: float) -> dict[str, dict]:
+        deadline = time.monotonic() + bound
+        pending = [j for j in ids if self.jobs[j].get("status") not in ("succeeded", "dead")]
+        sem = asyncio.Semaphore(6)
+
+        async def probe(job_id):
+            async with sem:
+                try:
+                    resp = await self.call("GET", f"/v1/jobs/{job_id}", self.tenants[self.jobs[job_id]["tenant"]]["secret"],
+                                           timeout=5)
+                    if resp.status == 200:
+                        payload = resp.json() or {}
+                        self.jobs[job_id].update({"status": payload.get("status"), "attempts": payload.get("attempts"),
+                                                  "last_error": payload.get("last_error")})
+                except RuntimeError:
+                    pass
+
+        while pending:
+            await asyncio.gather(*(probe(j) for j in pending))
+            pending = [j for j in pending if self.jobs[j].get("status") not in ("succeeded", "dead")]
+            if not pending or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        return {j: self.jobs[j] for j in ids}
+
+    def check_jobs(self, ids: list[str], final: bool) -> dict:
+        states = Counter(self.jobs[j].get("status") for j in ids)
+        twice = {j: self.oracle.by_idempotency_key[j] for j in ids if self.oracle.by_idempotency_key[j] > 1}
+        never = [j for j in ids if self.jobs[j].get("status") == "succeeded" and self.oracle.by_idempotency_key[j] == 0]
+        open_jobs = [j for j in ids if self.jobs[j].get("status") not in ("succeeded", "dead")]
+        problems = []
+        if twice:
+            problems.append(f"{len(twice)} job(s) delivered to the provider more than once")
+        if never and not self.oracle.gaps:
+            problems.append(f"{len(never)} succeeded job(s) the provider never saw")
+        if final and open_jobs:
+            problems.append(f"{len(open_jobs)} job(s) neither succeeded nor dead within the bound")
+        return {
+            "ok": not problems,
+            "problems": problems,
+            "jobs": len(ids),
+            "states": dict(states),
+            "delivered_more_than_once": {j: {"deliveries": n, **self.jobs[j]} for j, n in list(twice.items())[:25]},
+            "succeeded_never_seen": never[:25],
+            "not_terminal": [{"id": j, **self.jobs[j]} for j in open_jobs[:25]],
+        }
+
+    # --- the run ------------------------------------------------------------------------------
+    async def run(self) -> dict:
+        report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": vars(self.args),
+                        "ports": {"edge": self.mesh.edge, "grpc": self.mesh.grpc, "mock": self.mesh.mock_port,
+                                  "redis": self.mesh.redis_port}}
+        await self.wait_ready()
+        await self.setup_tenants()
+        oracle_task = asyncio.create_task(self.oracle.run())
+        load_task = asyncio.create_task(self.load())
+        log(f"load: {self.args.rate}/s open loop, mix {MIX}, two replicas round-robin")
+        t_base = time.time()
+        await asyncio.sleep(self.args.baseline)
+        window_start = t_base
+        baseline_recs = [r for r in self.records if t_base <= r["t_start"] < time.time()]
+        self.last_quiet = await self.quiet_snapshot()
+        baseline_exact = self.check_deltas(None, self.last_quiet)
+        report["baseline"] = {"requests": len(baseline_recs), "C_exact": baseline_exact}
+        log(f"baseline: {len(baseline_recs)} requests in {self.args.baseline:.0f} s; quiet point: exact "
+            f"{'ok' if baseline_exact['ok'] else 'FAIL ' + '; '.join(baseline_exact['problems'])}")
+
+        for fault in self.faults():
+            if time.time() - T0 > self.args.total_timeout - 60:
+                log("total time cap near: skipping the remaining faults")
+                report.setdefault("skipped", []).append(fault["name"])
+                continue
+            # Steady load again after the last quiet point, so the fault meets leases, batches and
+            # queues in their working state.
+            await asyncio.sleep(self.args.lead)
+            t_fault, t_heal = await self.inject(fault)
+            rec_s = await self.wait_recovery(fault["name"], t_heal, self.args.recovery_bound)
+            log(f"fault {fault['name']}: recovery {rec_s if rec_s is not None else 'NOT within bound'}"
+                f"{'' if rec_s is None else ' s'}")
+            await asyncio.sleep(self.args.steady)
+            window_end = time.time()
+            # Let every request of the window finish (each has a deadline).
+            while any("t_end" not in r for r in self.records if r["t_start"] < window_end):
+                await asyncio.sleep(0.2)
+            recs = [r for r in self.records if window_start <= r["t_start"] < window_end]
+            answers = self.check_answers(recs)
+            traces = await self.check_traces(recs, self.args.trace_bound)
+            snap = await self.quota_snapshot()
+            budgets = self.check_budgets(snap, exact=False)
+            quiet = await self.quiet_snapshot()
+            exact = self.check_deltas(self.last_quiet, quiet)
+            budgets_quiet = self.check_budgets(quiet, exact=False)
+            self.last_quiet = quiet
+            # A tenant over its budget stays over it: a window fails C for what is new in it; what an
+            # earlier window already reported is listed as carried (the final check fails for it too).
+            problems = list(dict.fromkeys(budgets["problems"] + budgets_quiet["problems"]))
+            budgets["carried"] = [q for q in problems if q.split(" ", 2)[:2] in self.over_budget_seen]
+            budgets["problems"] = [q for q in problems if q not in budgets["carried"]]
+            budgets["ok"] = not budgets["problems"]
+            for q in budgets["problems"]:
+                self.over_budget_seen.append(q.split(" ", 2)[:2])
+            window_jobs = [r["job_id"] for r in recs if r.get("job_id")]
+            await self.poll_jobs(window_jobs, 0)
+            jobs = self.check_jobs(window_jobs, final=False)
+            impact = Counter(self.final_outcome(r) for r in self.path_requests(fault["name"], t_fault)
+                             if r["t_start"] < t_heal + (self.args.recovery_bound if rec_s is None else rec_s))
+            window = {
+                "fault": fault["name"], "round": fault["round"], "detail": fault["detail"], "t_fault": t_fault, "t_heal": t_heal,
+                "window": [window_start, window_end],
+                "recovery_s": rec_s, "recovery_bound_s": self.args.recovery_bound,
+                "recovery_ok": rec_s is not None and rec_s <= self.args.recovery_bound,
+                "path_outcomes_until_recovered": dict(impact),
+                "A_answers": answers, "B_traces": traces, "C_budgets": budgets, "C_exact": exact, "D_jobs": jobs,
+            }
+            self.windows.append(window)
+            log(f"fault {fault['name']}: A {'ok' if answers['ok'] else 'FAIL'} {answers['outcomes']}; "
+                f"B {'ok' if traces['ok'] else 'FAIL'} ({traces['checked']} traces); "
+                f"C {'ok' if budgets['ok'] else 'FAIL'}, exact {'ok' if exact['ok'] else 'FAIL'}; D {'ok' if jobs['ok'] else 'FAIL'} {jobs['states']}; "
+                f"E {'ok' if window['recovery_ok'] else 'FAIL'}")
+            for p in budgets["problems"] + exact["problems"] + jobs["problems"]:
+                log(f"  {p}")
+            window_start = window_end
+
+        log("stopping the load; settling")
+        self.stop_load.set()
+        await load_task
+        if self.load_tasks:
+            await asyncio.gather(*list(self.load_tasks), return_exceptions=True)
+        final_recs = [r for r in self.records if r["t_start"] >= window_start]
+        all_jobs = list(self.jobs)
+        await self.poll_jobs(all_jobs, self.args.job_bound)
+        # Leases come back after idle_return_ms (1 s) and the ledger is written every second.
+        await asyncio.sleep(self.args.settle)
+        await self.oracle.stop()
+        oracle_task.cancel()
+        snap = await self.quota_snapshot()
+        final = {
+            "A_answers_tail": self.check_answers(final_recs),
+            "A_answers_all": self.check_answers(self.records),
+            "B_traces_all": await self.check_traces(self.records, self.args.trace_bound),
+            "C_budgets_exact": self.check_budgets(snap, exact=True),
+            "D_jobs_all": self.check_jobs(all_jobs, final=True),
+        }
+        oracle_check = self.oracle_self_check()
+        final["C_attribution"] = self.attribution()
+        report.update({
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "requests": len(self.records), "not_sent": self.dropped,
+            "baseline_requests": len(baseline_recs),
+            "faults": self.windows, "final": final, "mock": self.oracle.summary(), "oracle_self_check": oracle_check,
+            "process_history": {n: p.history for n, p in self.mesh.procs.items()},
+        })
+        return report
+
+    def attribution(self) -> dict:
+        """Where the mock's count and the client's view part: requests the mock served whose client
+        did not get a success, successes the mock never saw, and requests the mock served twice.
+        Evidence for C and D, not a check of its own (it never fails the run)."""
+        by_nonce = {r["nonce"]: r for r in self.records}
+        served_not_ok = []
+        tokens = Counter()
+        for nonce, count in self.oracle.by_nonce.items():
+            rec = by_nonce.get(nonce)
+            if rec is None or rec.get("outcome") == "ok":
+                continue
+            tokens[rec["tenant"]] += self.oracle.tokens_by_nonce[nonce] * count
+            served_not_ok.append({**self.brief(rec), "mock_served": count, "tokens": self.oracle.tokens_by_nonce[nonce]})
+        twice = [{**self.brief(by_nonce[n]), "mock_served": c} for n, c in self.oracle.by_nonce.items()
+                 if c > 1 and n in by_nonce]
+        ok_not_seen = [self.brief(r) for r in self.records
+                       if r.get("outcome") == "ok" and r["kind"] != "job" and r["nonce"] not in self.oracle.by_nonce]
+        return {
+            "ok": True,
+            "served_but_client_failed": served_not_ok[:50],
+            "served_but_client_failed_count": len(served_not_ok),
+            "served_but_client_failed_tokens": dict(tokens),
+            "served_more_than_once": twice[:50],
+            "client_ok_never_served": ok_not_seen[:50],
+        }
+
+    def oracle_self_check(self) -> dict:
+        compared = mismatched = 0
+        examples = []
+        for r in self.records:
+            if r.get("outcome") == "ok" and isinstance(r.get("usage"), int) and r["nonce"] in self.oracle.tokens_by_nonce:
+                compared += 1
+                if self.oracle.tokens_by_nonce[r["nonce"]] != r["usage"]:
+                    mismatched += 1
+                    if len(examples) < 5:
+                        examples.append({"nonce": r["nonce"], "kind": r["kind"], "relayed": r["usage"],
+                                         "oracle": self.oracle.tokens_by_nonce[r["nonce"]]})
+        return {"compared": compared, "mismatched": mismatched, "examples": examples}
+
+
+def table(report: dict) -> str:
+    rows = [("fault", "A answers", "B traces", "C budget", "C exact", "D jobs", "E recovery (s)", "path while down")]
+    for w in report["faults"]:
+        rows.append((
+            w["fault"] + (f" #{w['round']}" if report["config"]["rounds"] > 1 else ""),
+            "ok" if w["A_answers"]["ok"] else f"FAIL {w['A_answers']['violation_count']}",
+            "ok" if w["B_traces"]["ok"] else f"FAIL {w['B_traces']['missing_count']} missing",
+            ("ok" if w["C_budgets"]["ok"] else "FAIL") + (" (carried)" if w["C_budgets"].get("carried") else ""),
+            "ok" if w["C_exact"]["ok"] else "FAIL " + ", ".join(
+                f"{t} {d['mock_served'] - d['used']:+d}" for t, d in w["C_exact"]["deltas"].items()
+                if d["mock_served"] != d["used"]),
+            "ok" if w["D_jobs"]["ok"] else "FAIL",
+            (f"{w['recovery_s']}" if w["recovery_s"] is not None else "none") +
+            f" (≤{w['recovery_bound_s']:.0f}) {'ok' if w['recovery_ok'] else 'FAIL'}",
+            ", ".join(f"{k} {v}" for k, v in sorted(w["path_outcomes_until_recovered"].items())),
+        ))
+    f = report["final"]
+    rows.append(("final", "ok" if f["A_answers_all"]["ok"] else f"FAIL {f['A_answers_all']['violation_count']}",
+                 "ok" if f["B_traces_all"]["ok"] else f"FAIL {f['B_traces_all']['missing_count']} missing",
+                 "ok" if f["C_budgets_exact"]["ok"] else "FAIL", "", "ok" if f["D_jobs_all"]["ok"] else "FAIL", "", ""))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(" | ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def failed(report: dict) -> list[str]:
+    out = []
+    for w in report["faults"]:
+        for key in ("A_answers", "B_traces", "C_budgets", "C_exact", "D_jobs"):
+            if not w[key]["ok"]:
+                out.append(f"{w['fault']} #{w['round']}: {key}")
+        if not w["recovery_ok"]:
+            out.append(f"{w['fault']} #{w['round']}: E_recovery")
+    for key, value in report["final"].items():
+        if not value["ok"]:
+            out.append(f"final: {key}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", required=True, type=Path, help="directory of the meshgate-* binaries")
+    p.add_argument("--database-url", required=True)
+    p.add_argument("--out", required=True, type=Path, help="run directory (logs, report.json)")
+    p.add_argument("--shape", default="", help="free text recorded in the report (binaries, transport)")
+    p.add_argument("--rate", type=float, default=30.0, help="requests per second, open loop (default 30)")
+    p.add_argument("--duration-per-fault", type=float, default=5.0, help="how long each fault is held (s)")
+    p.add_argument("--recovery-bound", type=float, default=20.0, help="N: recovery must come within N s of healing")
+    p.add_argument("--steady", type=float, default=8.0, help="steady load after recovery before the checks (s)")
+    p.add_argument("--baseline", type=float, default=10.0, help="steady load before the first fault (s)")
+    p.add_argument("--trace-bound", type=float, default=30.0, help="how long a trace may take to appear (s)")
+    p.add_argument("--job-bound", type=float, default=150.0, help="how long jobs may take to end at the end (s)")
+    p.add_argument("--lead", type=float, default=5.0, help="steady load before each fault (s)")
+    p.add_argument("--rounds", type=int, default=1, help="run the fault schedule this many times")
+    p.add_argument("--quiet", type=float, default=3.0,
+                   help="load paused this long after each fault's checks for an exact accounting point (s)")
+    p.add_argument("--settle", type=float, default=5.0, help="quiet time before the exact accounting check (s)")
+    p.add_argument("--total-timeout", type=float, default=900.0, help="cap on the whole run (s)")
+    p.add_argument("--max-inflight", type=int, default=400)
+    p.add_argument("--faults", default="", help="comma-separated subset, in order (default: all)")
+    p.add_argument("--budget-a", type=int, default=6000, help="tenant tA tokens_per_day (spent early)")
+    p.add_argument("--budget-b", type=int, default=40000, help="tenant tB tokens_per_day (spent late)")
+    p.add_argument("--budget-c", type=int, default=100_000_000, help="tenant tC tokens_per_day (never spent)")
+    p.add_argument("--seed", type=int, default=19)
+    p.add_argument("--rust-log", default="info")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    admin_key = f"mg-chaos-{uuid.uuid4().hex}"
+    mesh = Mesh(args.bin, args.out, args.database_url, admin_key, args.rust_log)
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(SystemExit("total time cap reached")))
+    signal.alarm(int(args.total_timeout))
+    report = None
+    runner = None
+    try:
+        mesh.start_all()
+        runner = Runner(args, mesh)
+        report = asyncio.run(runner.run())
+    except BaseException as err:  # noqa: BLE001 - the partial report is still written below
+        print(f"[chaos] run aborted: {err!r}", file=sys.stderr)
+    finally:
+        signal.alarm(0)
+        mesh.stop_all()
+    if report is None:
+        partial = {"aborted": True, "faults": runner.windows if runner else [],
+                   "requests": len(runner.records) if runner else 0}
+        (args.out / "report.partial.json").write_text(json.dumps(partial, indent=2, default=str))
+        print(f"[chaos] aborted; partial report in {args.out / 'report.partial.json'}; logs in {mesh.logs}",
+              file=sys.stderr)
+        return 2
+    report["shape"] = args.shape
+    failures = failed(report)
+    report["failed_invariants"] = failures
+    report_path = args.out / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    # The raw per-request records, for digging into a violation.
+    with open(args.out / "requests.jsonl", "w") as fh:
+        for rec in runner.records:
+            fh.write(json.dumps(rec, default=str) + "\n")
+    with open(args.out / "mock_requests.jsonl", "w") as fh:
+        for entry in runner.oracle.entries:
+            fh.write(json.dumps(entry) + "\n")
+    (args.out / "table.txt").write_text(table(report) + "\n")
+    print()
+    print(table(report))
+    print()
+    print(f"requests {report['requests']} (not sent {report['not_sent']}); mock saw {report['mock']['requests_seen']} "
+          f"(ring gaps {report['mock']['ring_gaps']}); oracle self-check {report['oracle_self_check']['mismatched']} "
+          f"mismatches of {report['oracle_self_check']['compared']}")
+    for name, e in report["final"]["C_budgets_exact"]["tenants"].items():
+        print(f"tenant {name}: budget {e['budget']} used {e.get('used')} reserved {e.get('reserved')} "
+              f"ledger {e.get('ledger')} mock served {e.get('mock_served')}")
+    print(f"report: {report_path}")
+    if failures:
+        print("FAILED invariants: " + "; ".join(failures))
+        return 1
+    print("all invariants held")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
