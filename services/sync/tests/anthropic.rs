@@ -1,8 +1,9 @@
 //! `Sync.Complete` to an Anthropic Messages API provider (the mock's `/v1/messages`) over real
 //! gRPC and HTTP: the same conversation answers the same as through the OpenAI format.
 
-use std::time::Duration;
+mod common;
 
+use common::RunningSync;
 use meshgate_catalog::UnknownParams;
 use meshgate_mock_provider::reply::{prompt_tokens, reply_text};
 use meshgate_mock_provider::{Behavior, MockProvider, MockToolCall, PromptCache, StreamFault};
@@ -10,64 +11,12 @@ use meshgate_proto::common::v1::{
     ChatMessage, ChatOptions, ContentPart, ImageUrl, ResponseFormat, SamplingParams, Target, ToolCall, ToolDefinition,
     Usage, content_part, response_format,
 };
-use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
-use meshgate_runtime::MeshChannel;
 use meshgate_runtime::error::{ERROR_CODE_METADATA, RETRY_AFTER_METADATA};
-use meshgate_runtime::{Listeners, Shutdown};
-use meshgate_sync::{Config, ProviderKind, ProviderSpec};
-use tonic::{Code, Status};
+use meshgate_sync::{ProviderKind, ProviderSpec};
+use tonic::Code;
 
 const KEY: &str = "sk-ant-test";
-
-/// The sync service serving on ephemeral ports, with a client; shut down when dropped.
-struct RunningSync {
-    client: SyncClient<MeshChannel>,
-    shutdown: Shutdown,
-}
-
-impl RunningSync {
-    async fn start(providers: Vec<ProviderSpec>) -> Self {
-        let config = Config {
-            providers,
-            providers_from_env: false,
-            retry_base_delay_ms: 10,
-            retry_max_delay_ms: 2_000,
-            ..Config::default()
-        };
-        let listeners = Listeners::ephemeral().await.unwrap();
-        let grpc = listeners.grpc_addr();
-        let shutdown = Shutdown::new();
-        tokio::spawn(meshgate_sync::serve(config, listeners, shutdown.clone()));
-        let health = meshgate_runtime::channel(&format!("http://{grpc}"), Duration::from_secs(1)).unwrap();
-        meshgate_runtime::client::wait_serving(&health, "meshgate.sync.v1.Sync", Duration::from_secs(10))
-            .await
-            .unwrap();
-        Self { client: SyncClient::new(health), shutdown }
-    }
-
-    async fn complete(&self, request: CompleteRequest) -> (Vec<CompleteChunk>, Option<Status>) {
-        let mut client = self.client.clone();
-        let mut stream = match client.complete(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return (Vec::new(), Some(status)),
-        };
-        let mut chunks = Vec::new();
-        loop {
-            match stream.message().await {
-                Ok(Some(chunk)) => chunks.push(chunk),
-                Ok(None) => return (chunks, None),
-                Err(status) => return (chunks, Some(status)),
-            }
-        }
-    }
-}
-
-impl Drop for RunningSync {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-    }
-}
 
 fn providers(mock: &MockProvider) -> Vec<ProviderSpec> {
     let spec = |name: &str, kind| ProviderSpec {

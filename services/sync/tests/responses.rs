@@ -3,76 +3,30 @@
 //! and reasoning come back as chunks, and errors, retries and broken streams read as they do for
 //! the other formats.
 
-use std::time::Duration;
+mod common;
 
+use common::{MODEL, RunningSync};
 use meshgate_mock_provider::reply::{prompt_tokens, reply_text};
 use meshgate_mock_provider::{Behavior, MockProvider, MockToolCall, PromptCache, StreamFault};
 use meshgate_proto::common::v1::{ChatMessage, ChatOptions, SamplingParams, ToolDefinition};
-use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use meshgate_runtime::error::{ERROR_CODE_METADATA, RETRY_AFTER_METADATA};
-use meshgate_runtime::{Listeners, MeshChannel, Shutdown};
-use meshgate_sync::{Config, ProviderKind, ProviderSpec};
-use tonic::{Code, Status};
+use meshgate_sync::{ProviderKind, ProviderSpec};
+use tonic::Code;
 
 const KEY: &str = "sk-test";
-const MODEL: &str = "gpt-test";
 
-/// The sync service serving on ephemeral ports, with a client; shut down when dropped.
-struct RunningSync {
-    client: SyncClient<MeshChannel>,
-    shutdown: Shutdown,
-}
-
-impl RunningSync {
-    async fn start(mock: &MockProvider) -> Self {
-        let spec = |name: &str, kind| ProviderSpec {
-            name: name.into(),
-            kind,
-            base_url: mock.base_url(),
-            api_key: Some(KEY.into()),
-            models: vec![MODEL.into()],
-            ..ProviderSpec::default()
-        };
-        let config = Config {
-            providers: vec![spec("responses", ProviderKind::OpenaiResponses), spec("chat", ProviderKind::Openai)],
-            providers_from_env: false,
-            retry_base_delay_ms: 10,
-            retry_max_delay_ms: 2_000,
-            ..Config::default()
-        };
-        let listeners = Listeners::ephemeral().await.unwrap();
-        let grpc = listeners.grpc_addr();
-        let shutdown = Shutdown::new();
-        tokio::spawn(meshgate_sync::serve(config, listeners, shutdown.clone()));
-        let channel = meshgate_runtime::channel(&format!("http://{grpc}"), Duration::from_secs(1)).unwrap();
-        meshgate_runtime::client::wait_serving(&channel, "meshgate.sync.v1.Sync", Duration::from_secs(10))
-            .await
-            .unwrap();
-        Self { client: SyncClient::new(channel), shutdown }
-    }
-
-    async fn complete(&self, request: CompleteRequest) -> (Vec<CompleteChunk>, Option<Status>) {
-        let mut client = self.client.clone();
-        let mut stream = match client.complete(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return (Vec::new(), Some(status)),
-        };
-        let mut chunks = Vec::new();
-        loop {
-            match stream.message().await {
-                Ok(Some(chunk)) => chunks.push(chunk),
-                Ok(None) => return (chunks, None),
-                Err(status) => return (chunks, Some(status)),
-            }
-        }
-    }
-}
-
-impl Drop for RunningSync {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-    }
+/// The two providers of `MODEL` on `mock`: `responses` (the Responses API) and `chat`.
+fn providers(mock: &MockProvider) -> Vec<ProviderSpec> {
+    let spec = |name: &str, kind| ProviderSpec {
+        name: name.into(),
+        kind,
+        base_url: mock.base_url(),
+        api_key: Some(KEY.into()),
+        models: vec![MODEL.into()],
+        ..ProviderSpec::default()
+    };
+    vec![spec("responses", ProviderKind::OpenaiResponses), spec("chat", ProviderKind::Openai)]
 }
 
 async fn mock(behavior: Behavior) -> MockProvider {
@@ -100,7 +54,7 @@ fn text(chunks: &[CompleteChunk]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_conversation_answers_the_same_as_through_chat_completions() {
     let mock = mock(Behavior::default()).await;
-    let sync = RunningSync::start(&mock).await;
+    let sync = RunningSync::start(providers(&mock)).await;
 
     let (responses, error) = sync.complete(request("responses")).await;
     assert!(error.is_none(), "{error:?}");
@@ -169,7 +123,7 @@ async fn tool_calls_and_reasoning_round_trip_through_the_responses_format() {
         ..Behavior::default()
     })
     .await;
-    let sync = RunningSync::start(&mock).await;
+    let sync = RunningSync::start(providers(&mock)).await;
     let weather = ToolDefinition {
         name: "get_weather".into(),
         description: "The weather of a city".into(),
@@ -236,7 +190,7 @@ async fn tool_calls_and_reasoning_round_trip_through_the_responses_format() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_errors_retries_and_broken_streams_read_like_the_other_formats() {
     let mock = mock(Behavior { retry_after_secs: Some(30), ..Behavior::default() }).await;
-    let sync = RunningSync::start(&mock).await;
+    let sync = RunningSync::start(providers(&mock)).await;
 
     // A 503 before anything arrived is retried; a 429 with Retry-After beyond the retry bound is not.
     mock.set_failures(0.0, 503);

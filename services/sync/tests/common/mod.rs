@@ -1,5 +1,6 @@
-//! Shared by the queue tests: the test Postgres (one schema per test, so the workers of tests
-//! running at once never claim each other's jobs), queues over either store, and gRPC clients.
+//! Shared by the sync tests: the test Postgres (one schema per test, so the workers of tests
+//! running at once never claim each other's jobs), queues over either store, gRPC clients, and a
+//! running service to complete through.
 
 #![allow(dead_code)]
 
@@ -12,7 +13,7 @@ use meshgate_proto::quota::v1::quota_client::QuotaClient;
 use meshgate_proto::quota::v1::{ReserveRequest, StatusRequest, StatusResponse};
 use meshgate_proto::sync::v1::sync_client::SyncClient;
 use meshgate_proto::sync::v1::{
-    CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobReservation, JobStatus, RetryJobRequest,
+    CompleteChunk, CompleteRequest, EnqueueRequest, GetJobRequest, Job, JobReservation, JobStatus, RetryJobRequest,
 };
 use meshgate_runtime::{ListenConfig, Listeners, MeshChannel, Shutdown};
 use meshgate_storage::{PostgresConfig, SharedClock, migrate, postgres_pool};
@@ -157,5 +158,56 @@ pub async fn wait_for_status(client: &SyncClient<MeshChannel>, id: &str, status:
         }
         assert!(tokio::time::Instant::now() < deadline, "job {id} never became {status:?}: {job:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sync service serving `providers` on ephemeral ports, with a client; shut down when dropped.
+/// Retries wait 10 ms (then 20 ms) and a `Retry-After` above 2 s is not waited for.
+pub struct RunningSync {
+    pub client: SyncClient<MeshChannel>,
+    shutdown: Shutdown,
+}
+
+impl RunningSync {
+    pub async fn start(providers: Vec<ProviderSpec>) -> Self {
+        let config = Config {
+            providers,
+            providers_from_env: false,
+            retry_base_delay_ms: 10,
+            retry_max_delay_ms: 2_000,
+            ..Config::default()
+        };
+        let listeners = Listeners::ephemeral().await.unwrap();
+        let grpc = listeners.grpc_addr();
+        let shutdown = Shutdown::new();
+        tokio::spawn(meshgate_sync::serve(config, listeners, shutdown.clone()));
+        let channel = meshgate_runtime::channel(&format!("http://{grpc}"), Duration::from_secs(1)).unwrap();
+        meshgate_runtime::client::wait_serving(&channel, "meshgate.sync.v1.Sync", Duration::from_secs(10))
+            .await
+            .unwrap();
+        Self { client: SyncClient::new(channel), shutdown }
+    }
+
+    /// Runs a completion: the chunks received, then the error that ended the stream (if any).
+    pub async fn complete(&self, request: CompleteRequest) -> (Vec<CompleteChunk>, Option<tonic::Status>) {
+        let mut client = self.client.clone();
+        let mut stream = match client.complete(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return (Vec::new(), Some(status)),
+        };
+        let mut chunks = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => chunks.push(chunk),
+                Ok(None) => return (chunks, None),
+                Err(status) => return (chunks, Some(status)),
+            }
+        }
+    }
+}
+
+impl Drop for RunningSync {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
     }
 }
