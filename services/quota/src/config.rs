@@ -44,8 +44,10 @@ pub struct Config {
     pub limits_cache_ttl_ms: u64,
     /// Admit reservations unchecked while the store is unreachable (default: refuse, 503).
     pub fail_open: bool,
-    /// Period of the usage ledger flusher.
+    /// Period of the usage ledger flusher, which writes what charges could not write through.
     pub ledger_flush_interval_ms: u64,
+    /// How long a charge waits for the usage ledger to record it before it is answered anyway.
+    pub ledger_write_timeout_ms: u64,
     /// Counters written per ledger statement.
     pub ledger_batch_size: usize,
     /// Apply this service's migrations once Postgres answers (safe with many replicas).
@@ -76,6 +78,7 @@ impl Default for Config {
             limits_cache_ttl_ms: 30_000,
             fail_open: false,
             ledger_flush_interval_ms: 1_000,
+            ledger_write_timeout_ms: 500,
             ledger_batch_size: 500,
             migrate_on_start: true,
             lease_ttl_ms: 10_000,
@@ -121,6 +124,9 @@ impl Config {
         }
         if self.ledger_flush_interval_ms < 100 {
             return invalid("ledger_flush_interval_ms must be at least 100");
+        }
+        if !(1..=10_000).contains(&self.ledger_write_timeout_ms) {
+            return invalid("ledger_write_timeout_ms must be between 1 and 10000");
         }
         if !(100..=MAX_LEASE_TTL_MS).contains(&self.max_lease_ttl_ms) {
             return invalid(&format!("max_lease_ttl_ms must be between 100 and {MAX_LEASE_TTL_MS}"));

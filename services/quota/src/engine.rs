@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tracing::{error, info, warn};
 
 use crate::Error;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, WriteThrough};
 use crate::limits::{DefaultLimits, LimitsCache, LimitsRepo};
 use crate::metrics::QuotaMetrics;
 use crate::model::{
@@ -57,6 +57,9 @@ pub struct EngineSettings {
     pub max_lease_ttl: Duration,
     /// The wait told to a request refused only because leases hold the budget it needs.
     pub leased_retry_after: Duration,
+    /// How long a charge waits for the ledger to record it before it is answered anyway (its
+    /// counters stay dirty for the ledger flusher).
+    pub ledger_write_timeout: Duration,
 }
 
 impl Default for EngineSettings {
@@ -72,6 +75,7 @@ impl Default for EngineSettings {
             lease_ttl: Duration::from_secs(10),
             max_lease_ttl: Duration::from_secs(60),
             leased_retry_after: Duration::from_secs(1),
+            ledger_write_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct QuotaEngine {
     limits: Arc<dyn LimitsRepo>,
     /// Where unseeded counters are rebuilt from; without one they start at zero.
     ledger: Option<Ledger>,
+    /// Records charged counters in the ledger before the charge is answered.
+    write_through: Option<WriteThrough>,
     cache: Mutex<LimitsCache>,
     clock: SharedClock,
     settings: EngineSettings,
@@ -264,6 +270,7 @@ impl QuotaEngine {
             store,
             limits,
             ledger: None,
+            write_through: None,
             cache: Mutex::new(LimitsCache::default()),
             clock,
             settings,
@@ -273,10 +280,25 @@ impl QuotaEngine {
         }
     }
 
-    /// Rebuild counters the store lacks from this ledger (else they start at zero).
+    /// Records every charge in this ledger before answering it, and rebuilds counters the store
+    /// lacks from it (else they start at zero). Spawns the ledger writer: call within a runtime.
     pub fn with_ledger(mut self, ledger: Ledger) -> Self {
+        self.write_through = Some(WriteThrough::spawn(ledger.clone(), self.settings.ledger_write_timeout));
         self.ledger = Some(ledger);
         self
+    }
+
+    /// Writes counters a charge changed to the ledger, so losing the store loses no answered
+    /// charge. A failed write is logged and left to the flusher: the charge itself stands.
+    async fn record_usage(&self, op: &'static str, rows: Vec<(Scope, NaiveDate, CounterState)>) {
+        let Some(write_through) = &self.write_through else { return };
+        let started = Instant::now();
+        let result = write_through.record(rows).await;
+        self.metrics.ledger_write_duration.observe(started.elapsed().as_secs_f64());
+        if let Err(err) = result {
+            self.metrics.ledger_write_through_errors.inc();
+            warn!(op, error = %err, "charge not yet in the usage ledger; the flusher writes it");
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn QuotaStore> {
@@ -476,7 +498,13 @@ impl QuotaEngine {
                 LeaseOutcome::Unseeded(positions) => {
                     self.seed(positions.into_iter().map(|i| keys[i].clone()).collect()).await?;
                 }
-                LeaseOutcome::Held(held) => return Ok(lease_response(scopes, &limits, held, input.now, window_reset)),
+                LeaseOutcome::Held(held) => {
+                    if !held.replay && input.spent != LeaseSpent::default() {
+                        let rows = input.counters.iter().zip(&held.counters);
+                        self.record_usage("lease", rows.map(|(c, u)| (c.scope.clone(), c.day, *u)).collect()).await;
+                    }
+                    return Ok(lease_response(scopes, &limits, held, input.now, window_reset));
+                }
             }
         }
         Err(Error::StoreReply("limits changed or counters vanished during every attempt of this lease".into()))
@@ -547,7 +575,7 @@ impl QuotaEngine {
                     Err(err) => return Err(self.fail("commit", err)),
                 }
             }
-            (outcome, _) => self.settled(&req.reservation_id, outcome)?,
+            (outcome, _) => self.settled_recorded("commit", &req.reservation_id, outcome).await?,
         };
         self.metrics.commits.with_label_values(&[if replay { "replay" } else { "committed" }]).inc();
         if !replay {
@@ -600,12 +628,16 @@ impl QuotaEngine {
         let (keys, _) = window(scopes, &limits, now);
         for _ in 0..ATTEMPTS {
             match self.store.charge(record_id, &keys, amounts, retention).await? {
-                ChargeOutcome::Charged(states) => return Ok((scopes.iter().cloned().zip(states).collect(), false)),
+                ChargeOutcome::Charged(states) => {
+                    let rows = keys.iter().cloned().zip(states.iter().copied()).map(|((s, d), u)| (s, d, u)).collect();
+                    self.record_usage("charge", rows).await;
+                    return Ok((scopes.iter().cloned().zip(states).collect(), false));
+                }
                 ChargeOutcome::Exists => {
                     match self.store.commit(record_id, amounts.tokens, amounts.cost_micros, now).await? {
                         // The record expired in between: charge again.
                         SettleOutcome::NotFound => {}
-                        outcome => return self.settled(record_id, outcome),
+                        outcome => return self.settled_recorded("charge", record_id, outcome).await,
                     }
                 }
                 ChargeOutcome::Unseeded(positions) => {
@@ -635,6 +667,19 @@ impl QuotaEngine {
             self.metrics.releases.inc();
         }
         Ok(pb::ReleaseResponse {})
+    }
+
+    /// [`Self::settled`], after recording a commit that charged now in the ledger.
+    async fn settled_recorded(
+        &self,
+        op: &'static str,
+        id: &str,
+        outcome: SettleOutcome,
+    ) -> Result<(Vec<(Scope, CounterState)>, bool), Error> {
+        if let SettleOutcome::Settled { replay: false, counters } = &outcome {
+            self.record_usage(op, counters.clone()).await;
+        }
+        self.settled(id, outcome)
     }
 
     fn settled(&self, id: &str, outcome: SettleOutcome) -> Result<(Vec<(Scope, CounterState)>, bool), Error> {

@@ -1,25 +1,29 @@
 //! The usage ledger: committed usage per scope per day in Postgres, the system of record behind
-//! the hot counters. Commits mark counters dirty in the store; a flusher writes their absolute
-//! values in batches every second and once more on shutdown. Rows only grow (`GREATEST`), so
-//! rewriting a row, two replicas flushing at once, or a store that lost its counters never lowers
-//! recorded usage. A counter the store lacks is seeded from its row, so losing Redis loses at most
-//! the commits of the last flush interval, never the day.
+//! the hot counters. Every operation that charges usage (commit, charge, a lease call reporting
+//! usage) writes the absolute values of the counters it changed before it is answered
+//! ([`WriteThrough`], concurrent callers sharing one statement), so a store that loses its data
+//! (Redis restarted empty, `FLUSHALL`) loses no acknowledged usage. Rows only grow (`GREATEST`),
+//! so writes racing each other, two replicas writing at once, or a store that lost its counters
+//! never lower recorded usage; each write is the counter after its own charge, so the greatest is
+//! the counter after the latest. Charges also mark counters dirty in the store, and a flusher
+//! writes those every second and on shutdown: it catches up what a write-through could not write
+//! (Postgres down or slow) and what a lease charges to a window that has just ended. A counter the
+//! store lacks is seeded from its row.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::NaiveDate;
 use meshgate_runtime::Shutdown;
 use meshgate_storage::{PgPool, postgres_client};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
-
-use std::collections::HashMap;
-
-use chrono::NaiveDate;
 
 use crate::Error;
 use crate::metrics::QuotaMetrics;
 use crate::model::{CounterState, Scope};
-use crate::store::{DirtyUsage, QuotaStore};
+use crate::store::QuotaStore;
 
 /// Batches per flush at most, so one tick cannot run forever under a stream of commits.
 const MAX_BATCHES_PER_FLUSH: usize = 20;
@@ -35,17 +39,23 @@ impl Ledger {
         Self { pool }
     }
 
-    /// Upserts `rows` in one statement; returns the number of rows written.
-    pub async fn write(&self, rows: &[DirtyUsage]) -> Result<u64, Error> {
-        if rows.is_empty() {
+    /// Upserts `rows` (counter usage, absolute) in one statement; returns the number of rows
+    /// written. Rows are written in key order, so concurrent writers (the write-through, the
+    /// flusher, other replicas) lock them in the same order and never deadlock.
+    pub async fn write<'a>(&self, rows: impl IntoIterator<Item = LedgerRow<'a>>) -> Result<u64, Error> {
+        let mut merged: BTreeMap<(&str, &str, NaiveDate), CounterState> = BTreeMap::new();
+        for (scope, day, usage) in rows {
+            merged.entry((scope.kind.as_str(), scope.id.as_str(), day)).or_default().raise_used_to(usage);
+        }
+        if merged.is_empty() {
             return Ok(0);
         }
-        let kinds: Vec<&str> = rows.iter().map(|r| r.scope.kind.as_str()).collect();
-        let ids: Vec<&str> = rows.iter().map(|r| r.scope.id.as_str()).collect();
-        let days: Vec<chrono::NaiveDate> = rows.iter().map(|r| r.day).collect();
-        let tokens: Vec<i64> = rows.iter().map(|r| r.usage.used_tokens).collect();
-        let costs: Vec<i64> = rows.iter().map(|r| r.usage.used_cost_micros).collect();
-        let requests: Vec<i64> = rows.iter().map(|r| r.usage.requests).collect();
+        let kinds: Vec<&str> = merged.keys().map(|k| k.0).collect();
+        let ids: Vec<&str> = merged.keys().map(|k| k.1).collect();
+        let days: Vec<NaiveDate> = merged.keys().map(|k| k.2).collect();
+        let tokens: Vec<i64> = merged.values().map(|u| u.used_tokens).collect();
+        let costs: Vec<i64> = merged.values().map(|u| u.used_cost_micros).collect();
+        let requests: Vec<i64> = merged.values().map(|u| u.requests).collect();
         let client = postgres_client(&self.pool).await?;
         let written = client
             .execute(
@@ -98,6 +108,77 @@ impl Ledger {
     }
 }
 
+/// One counter's usage to record: scope, window, usage (only the used amounts are written).
+pub type LedgerRow<'a> = (&'a Scope, NaiveDate, &'a CounterState);
+
+/// Why a write-through did not record its usage; the counters stay dirty for the flusher.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteThroughError {
+    #[error("usage ledger write failed: {0}")]
+    Failed(String),
+    #[error("usage ledger write took longer than {0:?}")]
+    TimedOut(Duration),
+}
+
+struct PendingWrite {
+    rows: Vec<(Scope, NaiveDate, CounterState)>,
+    done: oneshot::Sender<Result<(), WriteThroughError>>,
+}
+
+/// Most callers whose rows share one statement.
+const MAX_GROUP: usize = 256;
+
+/// Writes charged counters to the ledger before a charge is answered. Callers queue their rows;
+/// one task writes whatever is queued in one statement and answers them all (group commit), so
+/// a burst of commits costs one round trip, not one each. A caller waits at most `timeout`:
+/// Postgres down or stalled must not stall budgets, and its counters stay dirty for the flusher.
+#[derive(Clone)]
+pub struct WriteThrough {
+    queue: mpsc::Sender<PendingWrite>,
+    timeout: Duration,
+}
+
+impl WriteThrough {
+    /// Starts the writing task (it ends when the last clone is dropped).
+    pub fn spawn(ledger: Ledger, timeout: Duration) -> Self {
+        let (queue, pending) = mpsc::channel(MAX_GROUP * 4);
+        tokio::spawn(write_groups(ledger, pending));
+        Self { queue, timeout }
+    }
+
+    /// Records `rows` (counters after a charge) in the ledger.
+    pub async fn record(&self, rows: Vec<(Scope, NaiveDate, CounterState)>) -> Result<(), WriteThroughError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (done, answer) = oneshot::channel();
+        let write = async {
+            self.queue
+                .send(PendingWrite { rows, done })
+                .await
+                .map_err(|_| WriteThroughError::Failed("the ledger writer stopped".into()))?;
+            answer.await.map_err(|_| WriteThroughError::Failed("the ledger writer stopped".into()))?
+        };
+        tokio::time::timeout(self.timeout, write).await.map_err(|_| WriteThroughError::TimedOut(self.timeout))?
+    }
+}
+
+fn as_row((scope, day, usage): &(Scope, NaiveDate, CounterState)) -> LedgerRow<'_> {
+    (scope, *day, usage)
+}
+
+async fn write_groups(ledger: Ledger, mut pending: mpsc::Receiver<PendingWrite>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while pending.recv_many(&mut group, MAX_GROUP).await > 0 {
+        // A caller that gave up waiting is still written: its usage was charged all the same.
+        let rows: Vec<LedgerRow<'_>> = group.iter().flat_map(|w| w.rows.iter().map(as_row)).collect();
+        let result = ledger.write(rows).await.map(|_| ()).map_err(|e| WriteThroughError::Failed(e.to_string()));
+        for write in group.drain(..) {
+            let _ = write.done.send(result.clone());
+        }
+    }
+}
+
 /// Moves dirty usage from the store to the ledger.
 pub struct LedgerFlusher {
     store: Arc<dyn QuotaStore>,
@@ -126,7 +207,7 @@ impl LedgerFlusher {
             if dirty.is_empty() {
                 break;
             }
-            let written = self.writer.write(&dirty).await?;
+            let written = self.writer.write(dirty.iter().map(|d| (&d.scope, d.day, &d.usage))).await?;
             self.store.clear_dirty(&dirty).await?;
             self.metrics.ledger_rows.inc_by(written);
             total += written;

@@ -105,6 +105,7 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
             lease_ttl: config.lease_ttl(),
             max_lease_ttl: config.max_lease_ttl(),
             leased_retry_after: config.leased_retry_after(),
+            ledger_write_timeout: Duration::from_millis(config.ledger_write_timeout_ms),
         },
         metrics.clone(),
     );

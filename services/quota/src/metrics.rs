@@ -20,6 +20,10 @@ pub struct QuotaMetrics {
     pub store_errors: IntCounterVec,
     pub ledger_rows: IntCounter,
     pub ledger_flush_errors: IntCounter,
+    /// Charges answered before the ledger recorded them (Postgres failed or was slow).
+    pub ledger_write_through_errors: IntCounter,
+    /// Time a charge waited for the ledger to record it.
+    pub ledger_write_duration: Histogram,
     /// Counters created from the usage ledger (first use in a window, or after the store lost them).
     pub counters_seeded: IntCounter,
 }
@@ -42,6 +46,15 @@ impl QuotaMetrics {
         )
         .expect("static metric options are valid");
         metrics.register(Box::new(reserve_duration.clone()));
+        let ledger_write_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "meshgate_quota_ledger_write_duration_seconds",
+                "Time a charge waited for the usage ledger to record it",
+            )
+            .buckets(meshgate_runtime::metrics::LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("static metric options are valid");
+        metrics.register(Box::new(ledger_write_duration.clone()));
         Self {
             reservations: counter_vec(
                 "meshgate_quota_reservations_total",
@@ -72,6 +85,11 @@ impl QuotaMetrics {
                 "meshgate_quota_ledger_flush_errors_total",
                 "Usage ledger flushes that failed (retried on the next tick)",
             ),
+            ledger_write_through_errors: counter(
+                "meshgate_quota_ledger_write_through_errors_total",
+                "Charges answered before the usage ledger recorded them (left to the flusher)",
+            ),
+            ledger_write_duration,
             counters_seeded: counter(
                 "meshgate_quota_counters_seeded_total",
                 "Counters seeded from the usage ledger (first use in a window, or after the store lost them)",

@@ -310,6 +310,14 @@ impl CounterState {
     pub fn remaining_cost_micros(&self, limit: i64) -> Option<i64> {
         (limit > 0).then(|| (limit - self.used_cost_micros - self.reserved_cost_micros).max(0))
     }
+
+    /// Raises each used amount to `other`'s where that is greater: used amounts only grow, so of
+    /// two readings of one counter the greater is the later.
+    pub fn raise_used_to(&mut self, other: &CounterState) {
+        self.used_tokens = self.used_tokens.max(other.used_tokens);
+        self.used_cost_micros = self.used_cost_micros.max(other.used_cost_micros);
+        self.requests = self.requests.max(other.requests);
+    }
 }
 
 /// Refuses a negative amount or one above `max`, naming the field.

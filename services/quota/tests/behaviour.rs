@@ -370,18 +370,10 @@ async fn the_ledger_receives_committed_usage(backend: Backend) {
     assert_eq!(ledger("org", p.org_id.clone()).await, Some((300, 4_000, 7)));
 
     // Rows never go backwards: a stale lower write keeps the recorded values.
-    let stale = meshgate_quota::store::DirtyUsage {
-        scope: meshgate_quota::model::Scope::new(meshgate_quota::model::ScopeKind::Key, p.key_id.clone()).unwrap(),
-        day: today,
-        usage: meshgate_quota::model::CounterState {
-            used_tokens: 1,
-            used_cost_micros: 1,
-            requests: 1,
-            ..Default::default()
-        },
-        version: 0,
-    };
-    Ledger::new(pool.clone()).write(&[stale]).await.unwrap();
+    let key_scope = meshgate_quota::model::Scope::new(meshgate_quota::model::ScopeKind::Key, p.key_id.clone()).unwrap();
+    let stale =
+        meshgate_quota::model::CounterState { used_tokens: 1, used_cost_micros: 1, requests: 1, ..Default::default() };
+    Ledger::new(pool.clone()).write([(&key_scope, today, &stale)]).await.unwrap();
     assert_eq!(ledger("key", p.key_id.clone()).await, Some((300, 4_000, 7)));
 }
 
@@ -489,6 +481,49 @@ async fn an_org_time_zone_moves_the_daily_window(backend: Backend) {
     let key_status = status_of(&engine, &p, pb::ScopeKind::Key).await;
     let reset = key_status.reset_at.unwrap();
     assert_eq!(DateTime::from_timestamp(reset.seconds, 0).unwrap(), at("2031-05-07T15:00:00Z"));
+}
+
+/// Redis restarted empty (or FLUSHALL) a moment after answering: every answered charge — commits,
+/// charges, lease settlements — is in the ledger already, with no flush in between, so the
+/// rebuilt counters are exact.
+async fn a_store_that_loses_everything_keeps_every_answered_charge(backend: Backend) {
+    let mut harness = backend.harness(system_clock()).await;
+    let engine = harness.engine_with_ledger(settings()).await;
+    let p = principal();
+    engine.set_limits(&set_limits(scope(pb::ScopeKind::Key, &p.key_id), 1_000, 0)).await.unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let (engine, p) = (engine.clone(), p.clone());
+            tokio::spawn(async move {
+                let r = engine.reserve(&reserve(&p, &format!("c{i}"), 20, 0)).await.unwrap();
+                engine.commit(&commit(&r.reservation_id, 10, 3)).await.unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    engine.charge(&charge(&p, "uploaded", 45, 5, 2)).await.unwrap();
+    let lease = |sequence, spent| pb::LeaseRequest {
+        lease_id: "replica-1".into(),
+        principal: Some(p.clone()),
+        sequence,
+        spent,
+        want: Some(pb::LeaseAmounts { tokens: 80, ..Default::default() }),
+        ..Default::default()
+    };
+    engine.lease(&lease(1, None)).await.unwrap();
+    let spent = Some(pb::LeaseSpent { tokens: 33, cost_micros: 7, started_requests: 2, settled_requests: 2 });
+    engine.lease(&lease(2, spent)).await.unwrap();
+
+    harness.lose_counters();
+    let engine = harness.engine_with_ledger(settings()).await;
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!(
+        (key.used_tokens, key.used_cost_micros, key.requests_today),
+        (20 * 10 + 45 + 33, 20 * 3 + 5 + 7, 20 + 2 + 2),
+        "usage answered before the loss must survive it"
+    );
 }
 
 async fn lost_counters_come_back_from_the_ledger(backend: Backend) {
@@ -748,6 +783,7 @@ backend_tests!(
     tokens_per_minute_count_the_estimate_then_the_actual_usage,
     an_org_time_zone_moves_the_daily_window,
     lost_counters_come_back_from_the_ledger,
+    a_store_that_loses_everything_keeps_every_answered_charge,
     charge_adds_usage_to_every_scope_once_per_charge_id,
     a_charge_over_the_budget_is_recorded_and_refuses_the_next_reserve,
     charge_ids_are_forgotten_after_the_charge_retention,

@@ -201,6 +201,41 @@ async fn a_holder_killed_mid_lease_gives_its_slices_back_when_they_expire(backen
     survivor.close().await;
 }
 
+/// A replica killed without a drain (SIGKILL, OOM) loses only the usage settled in its last
+/// `report_delay_ms`: settled usage does not wait for the next renewal tick (ten seconds here).
+async fn settled_usage_is_charged_within_the_report_delay(backend: Backend) {
+    let harness = backend.harness(system_clock()).await;
+    let engine = harness.engine(settings());
+    let replica = serve(harness.engine(settings())).await;
+    let p = principal();
+    let slow_ticks =
+        LeaseSettings { ttl_ms: 60_000, flush_interval_ms: 10_000, report_delay_ms: 20, ..LeaseSettings::default() };
+    let doomed = pool(&replica, slow_ticks);
+    for round in 0..3 {
+        let ids: Vec<String> = (0..5).map(|i| format!("r{round}-{i}")).collect();
+        let admissions = futures::future::join_all(ids.iter().map(|id| doomed.admit(id, &p, estimate(50)))).await;
+        for admission in admissions {
+            let admission = admission.unwrap();
+            assert!(admission.is_leased());
+            admission.settle(Some(&usage(7, 3))).await;
+        }
+        let expected = 35 * (round + 1);
+        let mut key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+        for _ in 0..80 {
+            if key.used_tokens == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+        }
+        assert_eq!((key.used_tokens, key.used_cost_micros), (expected, 15 * (round + 1)), "round {round}: {key:?}");
+    }
+    // The replica dies now: nothing it answered is left uncharged.
+    drop(doomed);
+    let key = status_of(&engine, &p, pb::ScopeKind::Key).await;
+    assert_eq!((key.used_tokens, key.requests_today), (105, 15));
+}
+
 fn per_minute(scope: pb::Scope, requests_per_minute: i64, tokens_per_minute: i64) -> pb::SetLimitsRequest {
     pb::SetLimitsRequest {
         scope: Some(scope),
@@ -436,6 +471,7 @@ async fn bad_lease_calls_are_refused_naming_the_field(backend: Backend) {
 backend_tests!(
     two_pools_spend_one_budget_to_the_last_token,
     a_holder_killed_mid_lease_gives_its_slices_back_when_they_expire,
+    settled_usage_is_charged_within_the_report_delay,
     per_minute_limits_hold_under_leases,
     the_ledger_holds_what_leases_charged,
     the_lease_call_carves_settles_and_returns_slices,
