@@ -118,7 +118,7 @@ impl Default for Config {
             migrate_on_start: true,
             trace_buffer: 16_384,
             trace_batch_size: 1024,
-            trace_flush_ms: 200,
+            trace_flush_ms: 20,
             cloud_uplink: false,
         }
     }

@@ -113,20 +113,27 @@ async fn upload(
     let mut failing = false;
     let mut uplink_failing = false;
     loop {
+        // A batch leaves `flush_interval` after its first trace (or when full): what a replica
+        // killed without a drain loses.
+        match receiver.recv().await {
+            Some(trace) => batch.push(trace),
+            None => return,
+        }
         let deadline = tokio::time::sleep(config.flush_interval);
         tokio::pin!(deadline);
-        let closing = loop {
-            tokio::select! {
-                received = receiver.recv() => match received {
-                    Some(trace) => {
-                        batch.push(trace);
-                        if batch.len() >= config.batch_size { break false; }
-                    }
-                    None => break true,
-                },
-                _ = &mut deadline => break false,
-            }
-        };
+        let closing = batch.len() < config.batch_size
+            && loop {
+                tokio::select! {
+                    received = receiver.recv() => match received {
+                        Some(trace) => {
+                            batch.push(trace);
+                            if batch.len() >= config.batch_size { break false; }
+                        }
+                        None => break true,
+                    },
+                    _ = &mut deadline => break false,
+                }
+            };
         while !batch.is_empty() {
             let take = batch.len().min(config.batch_size);
             let chunk: Vec<Trace> = batch.drain(..take).collect();

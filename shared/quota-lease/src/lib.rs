@@ -65,8 +65,12 @@ pub struct LeaseSettings {
     /// How long the quota service holds a slice without a call from this replica: what a replica
     /// that dies keeps from the others (capped by the service's `max_lease_ttl_ms`).
     pub ttl_ms: u64,
-    /// How often usage is reported and slices renewed while requests come.
+    /// How often slices are renewed (and usage reported) while requests come.
     pub flush_interval_ms: u64,
+    /// A settled request's usage is reported within this delay, not at the next flush: what a
+    /// replica killed without a drain (SIGKILL, OOM) leaves uncharged. Requests settled within
+    /// one delay share one call.
+    pub report_delay_ms: u64,
     /// How much of a principal's traffic a slice is sized to cover: the admission rate measured
     /// on this replica times this (at least four requests like the last one).
     pub horizon_ms: u64,
@@ -86,6 +90,7 @@ impl Default for LeaseSettings {
         Self {
             ttl_ms: 10_000,
             flush_interval_ms: 200,
+            report_delay_ms: 20,
             horizon_ms: 2_000,
             idle_return_ms: 1_000,
             fallback_ms: 1_000,
@@ -110,6 +115,9 @@ impl LeaseSettings {
         if self.flush_interval_ms == 0 || self.flush_interval_ms.saturating_mul(4) > self.ttl_ms {
             return invalid("flush_interval_ms must be at least 1 and at most a quarter of ttl_ms");
         }
+        if self.report_delay_ms == 0 || self.report_delay_ms > self.flush_interval_ms {
+            return invalid("report_delay_ms must be at least 1 and at most flush_interval_ms");
+        }
         if self.horizon_ms == 0 || self.idle_return_ms == 0 || self.fallback_ms == 0 {
             return invalid("horizon_ms, idle_return_ms and fallback_ms must be at least 1");
         }
@@ -128,6 +136,10 @@ impl LeaseSettings {
 
     pub(crate) fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.flush_interval_ms)
+    }
+
+    pub(crate) fn report_delay(&self) -> Duration {
+        Duration::from_millis(self.report_delay_ms)
     }
 
     pub(crate) fn horizon(&self) -> Duration {
@@ -156,6 +168,8 @@ mod tests {
         LeaseSettings::default().validate().unwrap();
         let bad = LeaseSettings { flush_interval_ms: 5_000, ..LeaseSettings::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("flush_interval_ms"));
+        let bad = LeaseSettings { report_delay_ms: 0, ..LeaseSettings::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("report_delay_ms"));
         let bad = LeaseSettings { call_timeout_ms: 6_000, ..LeaseSettings::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("call_timeout_ms"));
         let bad = LeaseSettings { max_principals: 0, ..LeaseSettings::default() };

@@ -94,6 +94,8 @@ struct HolderState {
     busy: bool,
     /// A flush was spawned to top the current book up.
     prefetching: bool,
+    /// A report of settled usage is scheduled (see `report_delay_ms`).
+    report_scheduled: bool,
     /// Left the pool's map: whoever finds it makes a new one.
     removed: bool,
     /// A scope ran low: requests are reserved one by one until then.
@@ -158,6 +160,7 @@ impl HolderState {
             current: None,
             busy: false,
             prefetching: false,
+            report_scheduled: false,
             removed: false,
             fallback_until: None,
             last_admission: now,
@@ -257,10 +260,14 @@ impl HolderState {
 }
 
 impl Holder {
-    fn settle(&self, book: u64, need: Amounts, usage: Option<(i64, i64)>) {
-        if let Some(book) = self.state.lock().books.get_mut(&book) {
-            book.settle(need, usage);
-        }
+    /// Books the request's usage; whether a report of it should be scheduled (none is yet).
+    fn settle(&self, book: u64, need: Amounts, usage: Option<(i64, i64)>) -> bool {
+        let mut state = self.state.lock();
+        let Some(book) = state.books.get_mut(&book) else { return false };
+        book.settle(need, usage);
+        let schedule = usage.is_some() && !state.report_scheduled;
+        state.report_scheduled |= schedule;
+        schedule
     }
 }
 
@@ -322,7 +329,7 @@ impl<B: QuotaBackend> LeasePool<B> {
                         let (inner, holder) = (self.inner.clone(), holder.clone());
                         tokio::spawn(async move { inner.flush_holder(&holder, false).await });
                     }
-                    let settlement = Settlement::Leased { holder: holder.clone(), book, need };
+                    let settlement = Settlement::Leased { pool: inner.me.clone(), holder: holder.clone(), book, need };
                     return Ok(Admission { response, settlement: Some(settlement) });
                 }
                 Step::Reserve => return inner.reserve(request_id, principal, estimate).await,
@@ -522,6 +529,23 @@ impl<B: QuotaBackend> Inner<B> {
         }
     }
 
+    /// Reports `holder`'s settled usage after the report delay (a call already out is waited
+    /// for: it may have left before the usage was settled).
+    async fn report_soon(&self, holder: Arc<Holder>) {
+        tokio::time::sleep(self.settings.report_delay()).await;
+        holder.state.lock().report_scheduled = false;
+        for _ in 0..4 {
+            let notified = holder.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !holder.state.lock().busy {
+                self.flush_holder(&holder, self.closed.load(Ordering::Acquire)).await;
+                return;
+            }
+            let _ = tokio::time::timeout(self.settings.call_timeout(), notified).await;
+        }
+    }
+
     /// One flusher tick: every principal's due calls, and principals with nothing left forgotten.
     async fn flush_all(&self) {
         let closing = self.closed.load(Ordering::Acquire);
@@ -616,7 +640,7 @@ pub struct Admission<B: QuotaBackend = QuotaClient<MeshChannel>> {
 }
 
 enum Settlement<B> {
-    Leased { holder: Arc<Holder>, book: u64, need: Amounts },
+    Leased { pool: Weak<Inner<B>>, holder: Arc<Holder>, book: u64, need: Amounts },
     Reserved { backend: B, reservation_id: String, principal: Principal },
 }
 
@@ -646,7 +670,13 @@ impl<B: QuotaBackend> Admission<B> {
     /// unreachable.
     pub async fn settle(mut self, usage: Option<&Usage>) {
         match self.settlement.take() {
-            Some(Settlement::Leased { holder, book, need }) => holder.settle(book, need, usage.map(usage_amounts)),
+            Some(Settlement::Leased { pool, holder, book, need }) => {
+                if holder.settle(book, need, usage.map(usage_amounts))
+                    && let Some(inner) = pool.upgrade()
+                {
+                    tokio::spawn(async move { inner.report_soon(holder).await });
+                }
+            }
             Some(Settlement::Reserved { backend, reservation_id, principal }) => {
                 settle_reservation(backend, reservation_id, principal, usage.cloned()).await;
             }
@@ -658,7 +688,9 @@ impl<B: QuotaBackend> Admission<B> {
 impl<B: QuotaBackend> Drop for Admission<B> {
     fn drop(&mut self) {
         match self.settlement.take() {
-            Some(Settlement::Leased { holder, book, need }) => holder.settle(book, need, None),
+            Some(Settlement::Leased { holder, book, need, .. }) => {
+                holder.settle(book, need, None);
+            }
             Some(Settlement::Reserved { backend, reservation_id, principal }) => {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     runtime.spawn(settle_reservation(backend, reservation_id, principal, None));
