@@ -230,6 +230,12 @@ impl Upstream {
         self.inner.providers.values().map(|p| &p.spec)
     }
 
+    /// Whether `provider` is configured and answers a repeated `Idempotency-Key` with its first
+    /// answer.
+    pub fn honours_idempotency_keys(&self, provider: &str) -> bool {
+        self.inner.providers.get(provider).is_some_and(|p| p.spec.honours_idempotency_keys)
+    }
+
     /// The configured providers serving `model`, in fallback order.
     pub fn serving(&self, model: &str) -> Vec<String> {
         let mut specs: Vec<&ProviderSpec> = self.providers().filter(|p| p.serves(model)).collect();

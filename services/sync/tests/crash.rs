@@ -50,6 +50,8 @@ impl SyncProcess {
             .env("MESHGATE_PROVIDER_MOCK_BASE_URL", format!("http://{provider}/v1"))
             .env("MESHGATE_PROVIDER_MOCK_MODELS", MODEL)
             .env("MESHGATE_PROVIDER_MOCK_CONNECT_TIMEOUT_MS", "500")
+            // The mock answers repeated job ids with the first completion (step 3 below).
+            .env("MESHGATE_PROVIDER_MOCK_HONOURS_IDEMPOTENCY_KEYS", "true")
             // Short waits so the test does not sit out a 30 s backoff once the provider is up;
             // enough attempts that none becomes a dead letter while it is down.
             .env("MESHGATE_SYNC__QUEUE__BACKOFF_BASE_MS", "100")

@@ -283,7 +283,7 @@ async fn agent_jobs_keep_tool_calls_and_usage_details_on_disk() {
 /// at `quota` (which need not be up yet).
 fn charging_queue(
     store: Arc<dyn meshgate_sync::JobStore>,
-    mock: &MockProvider,
+    providers: &[ProviderSpec],
     clock: Arc<ManualClock>,
     cfg: &Config,
     quota: &str,
@@ -293,7 +293,7 @@ fn charging_queue(
         meshgate_proto::quota::v1::quota_client::QuotaClient::new(channel),
         Duration::from_secs(1),
     );
-    let upstream = meshgate_sync::Upstream::new(cfg, &[provider("mock", mock)], Default::default()).unwrap();
+    let upstream = meshgate_sync::Upstream::new(cfg, providers, Default::default()).unwrap();
     let metrics = meshgate_sync::QueueMetrics::new();
     let dispatcher =
         meshgate_sync::Dispatcher::new(store.clone(), upstream, clock.clone(), cfg.queue.dispatcher(), metrics.clone())
@@ -311,7 +311,7 @@ async fn a_failed_charge_is_retried_without_a_second_delivery(kind: StoreKind) {
     let clock = Arc::new(ManualClock::new(start()));
     let cfg = config(1);
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let queue = charging_queue(store, &mock, clock.clone(), &cfg, &format!("http://{free}"));
+    let queue = charging_queue(store, &[provider("mock", &mock)], clock.clone(), &cfg, &format!("http://{free}"));
     let upstream = meshgate_sync::Upstream::new(&cfg, &[provider("mock", &mock)], Default::default()).unwrap();
     let (gone, gone_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
     let reservation = admit(&gone, &principal(), "job-1", 1_000, 5_000).await;
@@ -367,6 +367,61 @@ async fn a_failed_charge_is_retried_without_a_second_delivery_on_disk() {
     a_failed_charge_is_retried_without_a_second_delivery(StoreKind::File).await;
 }
 
+/// An attempt whose worker stopped without recording it (killed mid-delivery, or its lease lost)
+/// may have been served: before the job is delivered again that attempt is charged at the job's
+/// estimate, once — unless its provider honours the job id as `Idempotency-Key` and so answers
+/// the next attempt with the first one's completion, charged when it is delivered.
+async fn an_interrupted_attempt_is_charged_at_the_estimate(kind: StoreKind) {
+    for honours in [false, true] {
+        let mock = MockProvider::start_with(Behavior { honour_idempotency_keys: honours, ..Behavior::default() })
+            .await
+            .unwrap();
+        let (store, _dir) = store(kind).await;
+        let clock = Arc::new(ManualClock::new(start()));
+        let cfg = config(3);
+        let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
+        let spec = ProviderSpec { honours_idempotency_keys: honours, ..provider("mock", &mock) };
+        let queue = charging_queue(store, std::slice::from_ref(&spec), clock.clone(), &cfg, &quota);
+        let upstream = meshgate_sync::Upstream::new(&cfg, &[spec], Default::default()).unwrap();
+        let reservation = admit(&quota, &principal(), "job-1", 1_000, 5_000).await;
+        let request = EnqueueRequest { reservation: Some(reservation), ..enqueue_request("", "mock", "interrupt me") };
+        let (created, _) = queue.enqueue(&upstream, request).await.unwrap();
+
+        // A worker claims the job and dies before recording anything.
+        let now = clock.now();
+        let claimed = queue.store().claim(now, now + chrono::TimeDelta::seconds(1), 10).await.unwrap();
+        assert_eq!(claimed.iter().map(|j| j.interrupted).collect::<Vec<_>>(), [false], "a first claim");
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+        let done = job(&queue, &created.id).await;
+        assert_eq!((done.job_status(), done.attempts), (JobStatus::Succeeded, 2), "honours {honours}");
+        let usage = done.to_proto().usage.unwrap();
+        let expected = if honours {
+            (usage.total_tokens, usage.cost_micros, 1)
+        } else {
+            (1_000 + usage.total_tokens, 5_000 + usage.cost_micros, 2)
+        };
+        for scope in quota_status(&quota).await.scopes {
+            assert_eq!(
+                (scope.used_tokens, scope.used_cost_micros, scope.requests_today, scope.reserved_tokens),
+                (expected.0, expected.1, expected.2, 0),
+                "honours {honours}: {scope:?}"
+            );
+        }
+        quota_shutdown.trigger();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_attempt_is_charged_at_the_estimate_on_postgres() {
+    an_interrupted_attempt_is_charged_at_the_estimate(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_attempt_is_charged_at_the_estimate_on_disk() {
+    an_interrupted_attempt_is_charged_at_the_estimate(StoreKind::File).await;
+}
+
 /// A job holds its admission while queued; a dead letter frees it; a dead letter put back holds
 /// its new admission, which delivery commits with the actual usage.
 async fn a_dead_letter_frees_its_reservation(kind: StoreKind) {
@@ -375,7 +430,7 @@ async fn a_dead_letter_frees_its_reservation(kind: StoreKind) {
     let clock = Arc::new(ManualClock::new(start()));
     let cfg = config(8);
     let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
-    let queue = charging_queue(store, &mock, clock.clone(), &cfg, &quota);
+    let queue = charging_queue(store, &[provider("mock", &mock)], clock.clone(), &cfg, &quota);
     let upstream = meshgate_sync::Upstream::new(&cfg, &[provider("mock", &mock)], Default::default()).unwrap();
     // What the project holds (both keys below are of it).
     let held = |reserved: (i64, i64)| {

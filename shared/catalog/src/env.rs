@@ -10,7 +10,8 @@ use crate::provider::{ProviderKind, ProviderSpec, UnknownParams, validate_name};
 /// Environment suffixes, longest first so that `_FIRST_BYTE_TIMEOUT_MS` and `_CONNECT_TIMEOUT_MS`
 /// win over `_TIMEOUT_MS`.
 /// `_EMBEDDING_MODELS` wins over `_MODELS` the same way.
-const SUFFIXES: [(&str, Field); 12] = [
+const SUFFIXES: [(&str, Field); 13] = [
+    ("_HONOURS_IDEMPOTENCY_KEYS", Field::HonoursIdempotencyKeys),
     ("_FIRST_BYTE_TIMEOUT_MS", Field::FirstByteTimeout),
     ("_EMBEDDING_MODELS", Field::EmbeddingModels),
     ("_API_KEY_HEADER", Field::ApiKeyHeader),
@@ -39,6 +40,7 @@ enum Field {
     ConnectTimeout,
     MaxRetries,
     UnknownParams,
+    HonoursIdempotencyKeys,
 }
 
 /// Provider fields found in the environment for one name.
@@ -56,6 +58,7 @@ struct Partial {
     connect_timeout_ms: Option<u64>,
     max_retries: Option<u32>,
     unknown_params: Option<UnknownParams>,
+    honours_idempotency_keys: Option<bool>,
 }
 
 impl Partial {
@@ -95,6 +98,9 @@ impl Partial {
         }
         if let Some(v) = self.unknown_params {
             spec.unknown_params = Some(v);
+        }
+        if let Some(v) = self.honours_idempotency_keys {
+            spec.honours_idempotency_keys = v;
         }
     }
 }
@@ -152,6 +158,13 @@ where
             }
             Field::ConnectTimeout => partial.connect_timeout_ms = Some(number(&name, "connect_timeout_ms", value)?),
             Field::MaxRetries => partial.max_retries = Some(number(&name, "max_retries", value)?),
+            Field::HonoursIdempotencyKeys => {
+                partial.honours_idempotency_keys = Some(match value.trim() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(invalid("honours_idempotency_keys", "expected true or false".into())),
+                })
+            }
         }
     }
     Ok(partials)
@@ -273,9 +286,11 @@ mod tests {
             ("MESHGATE_PROVIDER_CLAUDE_MAX_RETRIES", "4"),
             ("MESHGATE_PROVIDER_CLAUDE_TIMEOUT_MS", "9000"),
             ("MESHGATE_PROVIDER_CLAUDE_UNKNOWN_PARAMS", "Refuse"),
+            ("MESHGATE_PROVIDER_CLAUDE_HONOURS_IDEMPOTENCY_KEYS", "true"),
         ]))
         .unwrap();
         assert_eq!(specs[0].name, "claude");
+        assert!(specs[0].honours_idempotency_keys);
         assert_eq!(specs[0].kind, ProviderKind::Anthropic);
         assert_eq!(specs[0].chat_url(), "https://api.anthropic.com/v1/messages");
         assert_eq!(specs[0].on_unknown_params(), UnknownParams::Refuse);
@@ -286,6 +301,7 @@ mod tests {
         for (variable, value, field) in [
             ("MESHGATE_PROVIDER_X_KIND", "gemini", "kind"),
             ("MESHGATE_PROVIDER_X_UNKNOWN_PARAMS", "ignore", "unknown_params"),
+            ("MESHGATE_PROVIDER_X_HONOURS_IDEMPOTENCY_KEYS", "yes", "honours_idempotency_keys"),
         ] {
             let err = providers_from_env(env(&[("MESHGATE_PROVIDER_X_BASE_URL", "http://h/v1"), (variable, value)]))
                 .unwrap_err();

@@ -17,7 +17,7 @@ pub enum CatalogError {
     #[error("provider '{provider}': invalid {field} {value:?}: {reason}")]
     InvalidValue { provider: String, field: &'static str, value: String, reason: String },
     #[error(
-        "unknown provider variable {variable}: expected {ENV_PREFIX}<NAME>_ followed by BASE_URL, KIND, API_KEY, API_KEY_HEADER, MODELS, EMBEDDING_MODELS, PRIORITY, TIMEOUT_MS, FIRST_BYTE_TIMEOUT_MS, CONNECT_TIMEOUT_MS, MAX_RETRIES or UNKNOWN_PARAMS"
+        "unknown provider variable {variable}: expected {ENV_PREFIX}<NAME>_ followed by BASE_URL, KIND, API_KEY, API_KEY_HEADER, MODELS, EMBEDDING_MODELS, PRIORITY, TIMEOUT_MS, FIRST_BYTE_TIMEOUT_MS, CONNECT_TIMEOUT_MS, MAX_RETRIES, UNKNOWN_PARAMS or HONOURS_IDEMPOTENCY_KEYS"
     )]
     UnknownVariable { variable: String },
     #[error("provider '{name}' is defined twice in the config file")]

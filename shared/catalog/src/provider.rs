@@ -99,6 +99,11 @@ pub struct ProviderSpec {
     /// Request parameters meshgate does not model: `None` = [`ProviderSpec::on_unknown_params`]'s
     /// default for the kind.
     pub unknown_params: Option<UnknownParams>,
+    /// The provider answers a request repeating an earlier one's `Idempotency-Key` with the
+    /// earlier answer, serving it once. Queued jobs send their id as the key; an attempt a
+    /// stopped worker left unrecorded is charged at the job's estimate unless every provider
+    /// that may serve the job says this (default false: most inference APIs serve it again).
+    pub honours_idempotency_keys: bool,
 }
 
 impl fmt::Debug for ProviderSpec {
@@ -117,6 +122,7 @@ impl fmt::Debug for ProviderSpec {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("max_retries", &self.max_retries)
             .field("unknown_params", &self.unknown_params)
+            .field("honours_idempotency_keys", &self.honours_idempotency_keys)
             .finish()
     }
 }

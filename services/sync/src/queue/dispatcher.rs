@@ -26,7 +26,9 @@ use crate::upstream::{CallOptions, Upstream};
 /// Counters of the queue: `event` is `enqueued`, `deduplicated`, `succeeded`, `retried`, `dead`,
 /// `lost_lease`, `revived` (a dead letter put back), `charge_pending` (delivered, the charge to be
 /// retried), `charge_refused` (the quota service refused the usage as invalid: delivered
-/// uncharged) or `released` (a dead letter's reservation freed).
+/// uncharged), `released` (a dead letter's reservation freed), `interrupted_charged` or
+/// `interrupted_uncharged` (an attempt a stopped worker left unrecorded, charged at the job's
+/// estimate before the next, or that charge failed).
 #[derive(Clone)]
 pub struct QueueMetrics {
     pub(crate) jobs: IntCounterVec,
@@ -198,6 +200,34 @@ impl Charger {
         .await
         .map(drop)
         .map_err(failed)
+    }
+
+    /// Charges the attempt a stopped worker left unrecorded (see [`JobRecord::interrupted`]) at
+    /// the job's estimate, what its reservation holds, once per attempt (`job:<id>:attempt:<n>`):
+    /// the provider may have served it, and serves the next attempt again unless it honours the
+    /// job id as `Idempotency-Key`. Returns the tokens charged (none without an estimate).
+    async fn charge_interrupted(&self, job: &JobRecord) -> Result<i64, Error> {
+        if job.reserved_tokens <= 0 && job.reserved_cost_micros <= 0 {
+            return Ok(0);
+        }
+        let charge = ChargeRequest {
+            charge_id: format!("job:{}:attempt:{}", job.id, job.attempts - 1),
+            principal: Some(Self::principal(job)),
+            usage: Some(Usage {
+                prompt_tokens: job.reserved_tokens,
+                total_tokens: job.reserved_tokens,
+                cost_micros: job.reserved_cost_micros,
+                ..Usage::default()
+            }),
+            requests: 1,
+        };
+        self.call(|mut quota| {
+            let charge = charge.clone();
+            async move { quota.charge(charge).await }
+        })
+        .await
+        .map(|_| job.reserved_tokens)
+        .map_err(|status| Error::Charge(format!("{}: {}", status.code(), status.message())))
     }
 
     /// Frees the reservation of a job that will not be delivered. One the quota service no longer
@@ -442,7 +472,7 @@ impl Dispatcher {
     async fn work_on(&self, job: &JobRecord) -> Finish {
         match job.outcome.clone() {
             Some(delivered) => self.charge(job, delivered).await,
-            None => match self.deliver(job).await {
+            None => match self.deliver_again(job).await {
                 Ok(delivered) => self.charge(job, delivered).await,
                 Err(err) => {
                     let permanent = is_permanent(&err);
@@ -458,6 +488,33 @@ impl Dispatcher {
                 }
             },
         }
+    }
+
+    /// Delivers `job`, first charging an interrupted last attempt when the provider may have
+    /// served it (a provider that honours idempotency keys answers the next attempt with the same
+    /// completion, charged once when it is delivered).
+    async fn deliver_again(&self, job: &JobRecord) -> Result<JobOutcome, Error> {
+        if job.interrupted
+            && !self.replayed_by_providers(job)
+            && let Some(charger) = &self.charger
+        {
+            match charger.charge_interrupted(job).await {
+                Ok(tokens) => {
+                    self.metrics.event("interrupted_charged");
+                    tracing::warn!(
+                        job = %job.id,
+                        attempt = job.attempts - 1,
+                        tokens,
+                        "sync queue: an interrupted attempt may have been served; charged at the job's estimate"
+                    );
+                }
+                Err(err) => {
+                    self.metrics.event("interrupted_uncharged");
+                    tracing::warn!(job = %job.id, error = %err, "sync queue: charging an interrupted attempt failed");
+                }
+            }
+        }
+        self.deliver(job).await
     }
 
     /// Charges a delivered job: `Succeeded` once the charge landed (the outcome's usage then
@@ -498,15 +555,29 @@ impl Dispatcher {
         }
     }
 
+    /// The job's provider, else the providers serving its model in fallback order.
+    fn providers_for(&self, request: &CompleteRequest) -> Vec<String> {
+        if request.provider.trim().is_empty() {
+            self.upstream.serving(&request.model)
+        } else {
+            vec![request.provider.clone()]
+        }
+    }
+
+    /// Whether every provider that may serve `job` answers a repeated `Idempotency-Key` with
+    /// its first answer.
+    fn replayed_by_providers(&self, job: &JobRecord) -> bool {
+        job.request.as_ref().is_some_and(|request| {
+            let providers = self.providers_for(request);
+            !providers.is_empty() && providers.iter().all(|name| self.upstream.honours_idempotency_keys(name))
+        })
+    }
+
     /// One attempt: the job's provider, or each provider serving its model in fallback order
     /// until one answers (moving on only while nothing was received).
     async fn deliver(&self, job: &JobRecord) -> Result<JobOutcome, Error> {
         let request = job.request.clone().ok_or_else(|| Error::InvalidRequest("the job has no request".into()))?;
-        let providers = if request.provider.trim().is_empty() {
-            self.upstream.serving(&request.model)
-        } else {
-            vec![request.provider.clone()]
-        };
+        let providers = self.providers_for(&request);
         if providers.is_empty() {
             return Err(Error::UnknownProvider(format!("(none serves model '{}')", request.model)));
         }

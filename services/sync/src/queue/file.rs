@@ -341,13 +341,14 @@ impl JobStore for FileJobStore {
                     changed.push(job);
                     continue;
                 }
+                let interrupted = job.job_status() == JobStatus::Running && !charging;
                 job.status = JobStatus::Running as i32;
                 if !charging {
                     job.attempts += 1;
                 }
                 job.lease_until_us = lease_until;
                 job.lease_token = token.clone();
-                claimed.push(job.clone());
+                claimed.push(JobRecord { interrupted, ..job.clone() });
                 changed.push(job);
             }
             state.commit(changed)?;

@@ -115,6 +115,10 @@ pub struct JobRecord {
     /// The reservation still holds budget: delivery commits it, a dead letter releases it.
     #[prost(bool, tag = "25")]
     pub reservation_open: bool,
+    /// Set on a job as claimed (never stored): its last attempt's worker stopped without
+    /// recording how it ended (killed, or its lease lost), so that attempt may have been served.
+    #[prost(bool, tag = "26")]
+    pub interrupted: bool,
 }
 
 /// A dead letter's new admission (`RetryJob`): who made it and the reservation it holds.

@@ -71,6 +71,7 @@ fn record(row: &Row) -> Result<JobRecord, QueueError> {
         reserved_tokens: row.get("reserved_tokens"),
         reserved_cost_micros: row.get("reserved_cost_micros"),
         reservation_open: row.get("reservation_open"),
+        interrupted: false,
     })
 }
 
@@ -198,19 +199,19 @@ impl JobStore for PgJobStore {
             .query(
                 &format!(
                     "WITH due AS ( \
-                       SELECT id FROM sync_jobs \
+                       SELECT id, status = 2 AND outcome IS NULL AS interrupted FROM sync_jobs \
                        WHERE (status = 1 AND next_attempt_at <= $1) OR (status = 2 AND lease_until <= $1) \
                        ORDER BY next_attempt_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
                      UPDATE sync_jobs j SET status = 2, lease_until = $3, \
                        attempts = j.attempts + CASE WHEN j.outcome IS NULL THEN 1 ELSE 0 END, \
                        lease_token = $4, updated_at = $1 \
-                     FROM due WHERE j.id = due.id RETURNING {}",
+                     FROM due WHERE j.id = due.id RETURNING {}, due.interrupted",
                     COLUMNS.split(", ").map(|c| format!("j.{c}")).collect::<Vec<_>>().join(", ")
                 ),
                 &[&now, &limit, &lease_until, &token],
             )
             .await?;
-        rows.iter().map(record).collect()
+        rows.iter().map(|row| Ok(JobRecord { interrupted: row.get("interrupted"), ..record(row)? })).collect()
     }
 
     async fn renew(&self, id: &str, lease_token: &str, lease_until: DateTime<Utc>) -> Result<bool, QueueError> {
