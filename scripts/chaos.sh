@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The chaos suite (issue 19), first slice: the six services as separate processes (two gateway
-# replicas) with Postgres and Redis, the mock provider as the only upstream, a steady open-loop
-# mixed load from three tenants with tight budgets, and faults held then healed (SIGKILL and
-# restart of each service in turn; Redis FLUSHALL and restart), with the invariants checked after
-# every fault and at the end (scripts/chaos/run.py says which). RELIABILITY.md has the results.
+# The chaos suite (issue 19): the six services as separate processes (two gateway replicas) with
+# Postgres and Redis, the mock provider as the only upstream, a steady open-loop mixed load from
+# three tenants with tight budgets, and faults held then healed (SIGKILL and restart of each
+# service in turn; Redis FLUSHALL and restart; a provider that hangs, answers 500 or 429 with
+# Retry-After, or cuts its streams, set on the running mock through its PUT /_mock/behavior), with
+# the invariants checked after every fault and at the end (scripts/chaos/run.py says which).
+# RELIABILITY.md has the results.
 #
 # Usage: scripts/chaos.sh [run.py options]     e.g. scripts/chaos.sh --rate 30 --duration-per-fault 5
 #        scripts/chaos.sh --faults quota,redis-flushall      (a subset, in that order)
+#        scripts/chaos.sh --faults provider-hang,provider-500,provider-429,provider-cut
+#        scripts/chaos.sh --idempotent-provider              (the mock honours Idempotency-Key)
 #        scripts/chaos.sh --help                             (every option of the runner)
 # Knobs: MESHGATE_CHAOS_BIN=DIR uses the binaries in DIR (meshgate, meshgate-{gateway,inference,
 #   router,quota,analytics,sync}, meshgate-mock-provider) instead of a debug build;

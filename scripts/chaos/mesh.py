@@ -86,7 +86,8 @@ SERVICES = ["inference", "router", "quota", "analytics", "sync"]
 
 
 class Mesh:
-    def __init__(self, bin_dir: Path, run_dir: Path, database_url: str, admin_key: str, rust_log: str):
+    def __init__(self, bin_dir: Path, run_dir: Path, database_url: str, admin_key: str, rust_log: str, *,
+                 target_timeout_ms: int, provider_first_byte_timeout_ms: int, idempotent_provider: bool = False):
         self.bin = bin_dir
         self.run_dir = run_dir
         self.logs = run_dir / "logs"
@@ -114,11 +115,12 @@ class Mesh:
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
              "--appendonly", "no", "--dir", str(redis_dir)],
             base, self.logs / "redis.log")
-        self.procs["mock"] = Proc(
-            "mock",
-            [str(bin_dir / "meshgate-mock-provider"), "--port", str(self.mock_port), "--models", "mock-gpt,mock-embed",
-             "--track-requests"],
-            base, self.logs / "mock.log")
+        # --control: the runner sets the provider faults through PUT /_mock/behavior.
+        mock_argv = [str(bin_dir / "meshgate-mock-provider"), "--port", str(self.mock_port),
+                     "--models", "mock-gpt,mock-embed", "--track-requests", "--control"]
+        if idempotent_provider:
+            mock_argv.append("--honour-idempotency-keys")
+        self.procs["mock"] = Proc("mock", mock_argv, base, self.logs / "mock.log")
         common = dict(base)
         common.update({
             "DATABASE_URL": database_url,
@@ -128,6 +130,8 @@ class Mesh:
             "MESHGATE_PROVIDER_MOCK_BASE_URL": f"http://127.0.0.1:{self.mock_port}/v1",
             "MESHGATE_PROVIDER_MOCK_MODELS": "mock-gpt",
             "MESHGATE_PROVIDER_MOCK_EMBEDDING_MODELS": "mock-embed",
+            "MESHGATE_PROVIDER_MOCK_FIRST_BYTE_TIMEOUT_MS": str(provider_first_byte_timeout_ms),
+            "MESHGATE_GATEWAY__TARGET_TIMEOUT_MS": str(target_timeout_ms),
             "MESHGATE_INFERENCE__MODELS_DIR": str(models_dir),
             "MESHGATE_ROUTER__INFERENCE_ENDPOINT": f"http://127.0.0.1:{self.grpc['inference']}",
             "MESHGATE_GATEWAY__QUOTA_ENDPOINT": f"http://127.0.0.1:{self.grpc['quota']}",

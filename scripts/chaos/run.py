@@ -1,20 +1,40 @@
 #!/usr/bin/env python3
-"""meshgate chaos suite, first slice (issue 19): the six-process mesh with Postgres and Redis, two
-gateway replicas behind the runner's own round-robin, a steady open-loop mixed load from three
-tenants with tight budgets, a schedule of faults each held and then healed, and the invariants
-checked after every fault and at the end. Standard library only. Run it through scripts/chaos.sh,
-which prepares the venv, the binaries and a fresh Postgres database.
+"""meshgate chaos suite (issue 19): the six-process mesh with Postgres and Redis, two gateway
+replicas behind the runner's own round-robin, a steady open-loop mixed load from three tenants with
+tight budgets, a schedule of faults each held and then healed, and the invariants checked after
+every fault and at the end. Standard library only. Run it through scripts/chaos.sh, which prepares
+the venv, the binaries and a fresh Postgres database.
+
+Faults: SIGKILL and restart of each service (gateway-1, router, quota, analytics, sync,
+inference), Redis FLUSHALL + SIGKILL, and provider faults set on the running mock through its
+`PUT /_mock/behavior` (started with --control), held, then healed by putting its healthy knobs back:
+provider-hang (never answers), provider-500, provider-429 (with Retry-After) and provider-cut
+(streams aborted after --cut-after completion pieces; sync always streams from the provider, so
+every chat completion and job is cut, embeddings are not).
 
 Invariants (per fault window and at the end):
   A  every non-2xx answer is 4xx or 503 with the JSON error shape {"error": {"code", "message"}},
      within the request's deadline (a timeout, a reset, a cut stream, 500/502/504 all fail it;
-     only requests in flight on a gateway replica at the moment it was SIGKILLed are excused)
+     only requests in flight on a gateway replica at the moment it was SIGKILLed are excused).
+     During a provider fault (a request that overlapped [fault, heal]) an upstream failure may
+     also be answered 502 upstream_error, 504 timeout, 503 service_unavailable or 429
+     rate_limited (with Retry-After), as a status or as the error event of a stream already
+     answered 200, still with the JSON error shape, the code matching the status, and within
+     --target-timeout-ms + 2 s (the gateway's upstream deadline, not the client's); 500, a
+     client-side timeout, a reset or a stream ending without [DONE] or an error event still fail it
   B  every 200 chat/stream/embedding has its trace (GET /v1/traces/{x-meshgate-request-id}, polled
      with a bound) and exactly one row in request_traces
   C  per tenant: quota used <= budget, the Postgres ledger <= budget, what the mock served <= budget;
-     at the end (load stopped, settled): quota used == ledger == what the mock served
-  D  every job answered 202 ends succeeded or dead within a bound, and the mock saw its
-     Idempotency-Key (the job id) at most once (a succeeded job at least once)
+     at the end (load stopped, settled): quota used == ledger == what the mock served. The mock
+     serves a request by its recorded outcome (scripts/chaos/oracle.py): a completed reply in
+     full, a failed or abandoned-while-waiting one not at all, a cut one partially (prompt + the
+     pieces streamed). meshgate charges a request's cut reply by its documented estimate (prompt
+     estimate + streamed bytes / 4), so C exact compares quota with the mock for everything else
+     and takes each such partial reply at the charge its trace records (none: uncharged); the
+     estimate's error is reported. A job's cut attempt stays at what the mock served
+  D  every job answered 202 ends succeeded or dead within a bound, and the mock completed its
+     Idempotency-Key (the job id) at most once (a succeeded job at least once); failed attempts
+     (an error answer, a cut stream, a hang) are retries, not deliveries, and are only counted
   E  after healing, 10 consecutive requests on the affected path succeed within N seconds
 """
 
@@ -39,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from httpc import ConnectFailed, Cut, request  # noqa: E402
 from mesh import Mesh  # noqa: E402
 from oracle import MockOracle  # noqa: E402
+from oracle import served as oracle_served  # noqa: E402
 
 HOST = "127.0.0.1"
 CODE_STATUS = {
@@ -49,9 +70,20 @@ CODE_STATUS = {
     "not_implemented": 501, "internal_error": 500,
 }
 DEADLINES = {"chat": 10.0, "stream": 15.0, "job": 10.0, "embed": 10.0}
+SERVICE_FAULTS = ["gateway-1", "router", "quota", "analytics", "sync", "inference", "redis-flushall"]
+# The knobs each provider fault puts on the mock (PUT /_mock/behavior); healing puts back the
+# knobs the mock had at the start. provider-cut's piece count comes from --cut-after.
+PROVIDER_FAULTS = {
+    "provider-hang": {"hang": True},
+    "provider-500": {"failure_rate": 1.0, "failure_status": 500},
+    "provider-429": {"failure_rate": 1.0, "failure_status": 429, "retry_after_secs": 1},
+    "provider-cut": {"fail_after_chunks": 2, "stream_fault": "abort"},
+}
+# What an upstream failure may be answered with during a provider fault: code -> status.
+PROVIDER_CODES = {"rate_limited": 429, "upstream_error": 502, "service_unavailable": 503, "timeout": 504}
 MIX = [("chat", 40), ("stream", 30), ("job", 15), ("embed", 15)]
 GOOD = {"ok"}
-ACCEPTABLE = {"ok", "refused", "excused"}
+ACCEPTABLE = {"ok", "refused", "excused", "provider_fault"}
 
 T0 = time.time()
 
@@ -90,6 +122,10 @@ class Runner:
         self.paused = False
         self.last_quiet: dict | None = None
         self.over_budget_seen: list[list[str]] = []  # [tenant + ":", what] already reported
+        self.provider_windows: list[dict] = []  # {"fault", "t_fault", "t_heal"}
+        self.healthy_knobs: dict | None = None
+        self.partial_charges: dict[int, int] = {}  # mock seq -> tokens its trace says were charged
+        self.partial_trace_missing: dict[int, dict] = {}  # mock seq -> entry whose trace was not found
 
     # --- HTTP helpers -------------------------------------------------------------------------
     def edge(self, replica: str) -> int:
@@ -237,6 +273,8 @@ class Runner:
             return
         shape_ok, code = error_shape(payload)
         rec["code"] = code
+        if resp.status == 429:
+            rec["retry_after"] = resp.headers.get("retry-after") or resp.headers.get("x-meshgate-retry-after")
         if not shape_ok:
             rec["outcome"], rec["detail"] = "bad_shape", resp.body[:300].decode(errors="replace")
         elif not (400 <= resp.status < 500 or resp.status == 503):
@@ -267,6 +305,7 @@ class Runner:
         if error is not None:
             shape_ok, code = error_shape(error)
             rec["code"] = code
+            rec["stream_error"] = True
             status = CODE_STATUS.get(code or "", 500)
             if not shape_ok:
                 rec["outcome"], rec["detail"] = "bad_shape", json.dumps(error)[:300]
@@ -321,24 +360,82 @@ class Runner:
                 return True
         return False
 
+    def provider_window(self, rec: dict) -> dict | None:
+        """The provider fault the request overlapped, if any."""
+        for w in self.provider_windows:
+            if rec["t_start"] <= w["t_heal"] and rec.get("t_end", rec["t_start"]) >= w["t_fault"]:
+                return w
+        return None
+
+    def provider_bound(self) -> float:
+        """How long an upstream failure may take to be answered: the gateway's target timeout
+        (its upstream deadline) and 2 s for retries' tails and scheduling."""
+        return self.args.target_timeout_ms / 1000 + 2.0
+
+    def provider_fault_answer(self, rec: dict) -> str | None:
+        """During a provider fault, an upstream failure with the error shape (the outcome says it
+        was checked) and a code of PROVIDER_CODES matching its status: `provider_fault` within
+        the bound, `provider_error_late` past it, `rate_limited_without_retry_after` for a 429
+        that does not say when to retry; None for anything else."""
+        if rec.get("outcome") not in ("refused", "bad_status", "stream_error_5xx"):
+            return None
+        code = rec.get("code")
+        if code not in PROVIDER_CODES or self.provider_window(rec) is None:
+            return None
+        if not rec.get("stream_error") and rec.get("status") != PROVIDER_CODES[code]:
+            return None
+        took = rec.get("t_end", float("inf")) - rec["t_start"]
+        if took > self.provider_bound():
+            return "provider_error_late"
+        if code == "rate_limited" and not rec.get("stream_error") and not rec.get("retry_after"):
+            return "rate_limited_without_retry_after"
+        return "provider_fault"
+
     def final_outcome(self, rec: dict) -> str:
         outcome = rec.get("outcome", "pending")
         if outcome in ("cut", "stream_cut", "conn_error") and self.excused(rec):
             return "excused"
-        return outcome
+        return self.provider_fault_answer(rec) or outcome
 
     # --- faults -------------------------------------------------------------------------------
     def faults(self) -> list[dict]:
-        names = ["gateway-1", "router", "quota", "analytics", "sync", "inference", "redis-flushall"]
+        names = SERVICE_FAULTS + list(PROVIDER_FAULTS)
         chosen = self.args.faults.split(",") if self.args.faults else names
         unknown = set(chosen) - set(names)
         if unknown:
             raise SystemExit(f"unknown faults {sorted(unknown)}; known: {names}")
         return [{"name": n, "round": r + 1} for r in range(self.args.rounds) for n in chosen]
 
+    async def mock_behavior(self, knobs: dict | None = None) -> dict:
+        """The mock's fault knobs (GET), or replaced by `knobs` (PUT); raises unless it answers 200."""
+        method = "GET" if knobs is None else "PUT"
+        resp = await request(HOST, self.mesh.mock_port, method, "/_mock/behavior", body=knobs,
+                             headers={"Content-Type": "application/json"} if knobs is not None else None, timeout=5)
+        if resp.status != 200:
+            raise RuntimeError(f"{method} /_mock/behavior: {resp.status} {resp.body[:300]!r}")
+        return resp.json()
+
+    def provider_knobs(self, name: str) -> dict:
+        knobs = dict(PROVIDER_FAULTS[name])
+        if name == "provider-cut":
+            knobs["fail_after_chunks"] = self.args.cut_after
+        return knobs
+
     async def inject(self, fault: dict) -> tuple[float, float]:
         name = fault["name"]
         hold = self.args.duration_per_fault
+        if name in PROVIDER_FAULTS:
+            knobs = self.provider_knobs(name)
+            t_fault = time.time()
+            await self.mock_behavior(knobs)
+            fault["detail"] = f"mock PUT {json.dumps(knobs)}, held {hold:.0f} s, healthy knobs put back"
+            log(f"fault {name}: injected")
+            await asyncio.sleep(hold)
+            await self.mock_behavior(self.healthy_knobs)
+            t_heal = time.time()
+            self.provider_windows.append({"fault": name, "t_fault": t_fault, "t_heal": t_heal})
+            log(f"fault {name}: healed")
+            return t_fault, t_heal
         if name == "redis-flushall":
             proc = self.mesh.procs["redis"]
             reply = self.mesh.redis_command("FLUSHALL")
@@ -407,6 +504,8 @@ class Runner:
         outcomes = Counter(self.final_outcome(r) for r in recs)
         statuses = Counter(f"{r.get('status')} {r.get('code') or ''}".strip() for r in recs if r.get("status"))
         bad = [r for r in recs if self.final_outcome(r) not in ACCEPTABLE | {"not_sent", "pending"}]
+        upstream = [r for r in recs if self.final_outcome(r) == "provider_fault"]
+        rate_limited = [r for r in upstream if r.get("code") == "rate_limited" and not r.get("stream_error")]
         return {
             "ok": not bad,
             "requests": len(recs),
@@ -414,6 +513,15 @@ class Runner:
             "statuses": dict(statuses),
             "violations": [self.brief(r) for r in bad[:25]],
             "violation_count": len(bad),
+            "provider_fault_answers": {
+                "count": len(upstream),
+                "by_kind_and_code": dict(Counter(f"{r['kind']} {'200+event ' if r.get('stream_error') else ''}"
+                                                 f"{r.get('status')} {r.get('code')}" for r in upstream)),
+                "max_latency_s": max((round(r["t_end"] - r["t_start"], 3) for r in upstream), default=None),
+                "bound_s": self.provider_bound(),
+                "rate_limited_with_retry_after": sum(1 for r in rate_limited if r.get("retry_after")),
+                "rate_limited_without_retry_after": sum(1 for r in rate_limited if not r.get("retry_after")),
+            },
         }
 
     @staticmethod
@@ -508,9 +616,69 @@ class Runner:
                 entry["ledger"] = int(rows[0][0])
             except RuntimeError as err:
                 entry["ledger_error"] = str(err)
-            entry["mock_served"] = self.oracle.tokens_by_tenant.get(name, 0)
+            entry.update(self.mock_accounting(name))
             snap[name] = entry
         return snap
+
+    @staticmethod
+    def priced_by_trace(entry: dict) -> bool:
+        """A partial reply meshgate charges by its estimate: a request's (its trace records the
+        charge). A job's attempt carries the job id as Idempotency-Key; a job is charged only for
+        the delivery that completes, so the partial replies of its failed attempts stay counted at
+        what the mock served (and show as uncharged)."""
+        return not entry.get("idempotency_key") and bool(entry.get("request_id"))
+
+    def mock_accounting(self, tenant: str) -> dict:
+        """What the mock served the tenant, and what C exact expects quota to have charged for it:
+        the mock's count, with each partial reply of a request (cut, or abandoned mid-stream)
+        taken at the charge its trace records instead of what the mock streamed (meshgate
+        estimates those)."""
+        served = self.oracle.tokens_by_tenant().get(tenant, 0)
+        partials = [e for e in self.oracle.partial_entries() if e["tenant"] == tenant]
+        priced = [e for e in partials if self.priced_by_trace(e)]
+        partial_served = sum(oracle_served(e) for e in priced)
+        charged = sum(self.partial_charges.get(e["seq"], 0) for e in priced)
+        unpriced = [e["seq"] for e in priced if e["seq"] not in self.partial_charges]
+        job_partials = [e for e in partials if not self.priced_by_trace(e)]
+        return {"mock_served": served, "mock_partial": partial_served, "partial_charged": charged,
+                "partial_replies": len(priced), "partial_unpriced": len(unpriced),
+                "job_partial_replies": len(job_partials),
+                "job_partial_served": sum(oracle_served(e) for e in job_partials),
+                "expected_used": served - partial_served + charged}
+
+    async def price_partials(self, bound: float) -> None:
+        """Reads what meshgate charged for each partial reply of a request the mock recorded: the
+        usage of its trace (the charge a request settles with is the usage its trace records). A
+        reply whose trace does not appear within `bound` (its gateway died before settling it) is
+        taken as uncharged, and listed."""
+        deadline = time.monotonic() + bound
+        sem = asyncio.Semaphore(6)
+
+        async def probe(e):
+            async with sem:
+                try:
+                    resp = await self.call("GET", f"/v1/traces/{e['request_id']}",
+                                           self.tenants[e["tenant"]]["secret"], timeout=5)
+                except RuntimeError:
+                    return
+                payload = resp.json() if resp.status == 200 else None
+                if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                    self.partial_charges[e["seq"]] = int(payload["usage"].get("total_tokens") or 0)
+                    self.partial_trace_missing.pop(e["seq"], None)
+
+        while True:
+            todo = [e for e in self.oracle.partial_entries() if e["seq"] not in self.partial_charges
+                    and self.priced_by_trace(e) and e["tenant"] in self.tenants]
+            if not todo:
+                return
+            await asyncio.gather(*(probe(e) for e in todo))
+            left = [e for e in todo if e["seq"] not in self.partial_charges]
+            if not left or time.monotonic() > deadline:
+                for e in left:
+                    self.partial_trace_missing[e["seq"]] = e
+                    self.partial_charges[e["seq"]] = 0
+                return
+            await asyncio.sleep(1.0)
 
     async def quiet_snapshot(self) -> dict:
         """Pauses the load, lets everything in flight finish, leases return (idle_return_ms, 1 s) and
@@ -522,6 +690,7 @@ class Runner:
             await asyncio.sleep(self.args.quiet)
             await self.poll_jobs(list(self.jobs), 0)
             await self.oracle.poll_once()
+            await self.price_partials(self.args.trace_bound)
             snap = await self.quota_snapshot()
             snap["_open_jobs"] = sum(1 for j in self.jobs.values() if j.get("status") not in ("succeeded", "dead"))
             return snap
@@ -534,17 +703,25 @@ class Runner:
         deltas = {}
         for name in self.tenants:
             now, before = snap[name], (prev or {}).get(name, {})
-            d = {k: (now.get(k) or 0) - (before.get(k) or 0) for k in ("used", "ledger", "mock_served")}
+            d = {k: (now.get(k) or 0) - (before.get(k) or 0)
+                 for k in ("used", "ledger", "mock_served", "mock_partial", "partial_charged", "partial_replies",
+                           "job_partial_replies", "job_partial_served", "expected_used")}
             deltas[name] = d
-            if d["used"] != d["mock_served"]:
+            if d["used"] != d["expected_used"]:
+                cut = (f"; {d['partial_replies']} partial replies served {d['mock_partial']}, charged "
+                       f"{d['partial_charged']} by their traces" if d["partial_replies"] else "")
+                if d["job_partial_replies"]:
+                    cut += (f"; {d['job_partial_replies']} job attempts cut after serving {d['job_partial_served']} "
+                            f"(a failed attempt is not charged)")
                 problems.append(f"{name}: since the last quiet point quota charged {d['used']} but the mock served "
-                                f"{d['mock_served']} ({d['mock_served'] - d['used']:+d} uncharged)")
+                                f"{d['mock_served']}{cut} ({d['expected_used'] - d['used']:+d} uncharged)")
             if d["ledger"] != d["used"]:
                 problems.append(f"{name}: since the last quiet point ledger {d['ledger']} != quota {d['used']}")
             if now.get("reserved") and not snap.get("_open_jobs"):
                 problems.append(f"{name}: {now['reserved']} tokens reserved at a quiet point with no job open")
-        if self.oracle.gaps:
-            problems.append(f"the mock's ring was missed {self.oracle.gaps} times: counts incomplete")
+        if self.oracle.incomplete:
+            problems.append(f"the mock's ring lost {self.oracle.gaps} requests unread and {len(self.oracle.unsettled)} "
+                            f"before they ended: counts incomplete")
         return {"ok": not problems, "problems": problems, "deltas": deltas, "open_jobs": snap.get("_open_jobs")}
 
     def check_budgets(self, snap: dict, exact: bool) -> dict:
@@ -562,11 +739,16 @@ class Runner:
                 if value > budget:
                     problems.append(f"{name}: {what} {value} > budget {budget}")
             if exact and e.get("used") is not None:
-                if self.oracle.gaps:
-                    problems.append(f"{name}: the mock's ring was missed {self.oracle.gaps} times; exactness unknown")
-                elif e["used"] != e["mock_served"]:
-                    problems.append(f"{name}: quota used {e['used']} != tokens the mock served {e['mock_served']} "
-                                    f"(difference {e['mock_served'] - e['used']:+d})")
+                if self.oracle.incomplete:
+                    problems.append(f"{name}: the mock's ring lost {self.oracle.incomplete} requests; exactness unknown")
+                elif e["used"] != e["expected_used"]:
+                    cut = (f", of which {e['partial_replies']} partial replies served {e['mock_partial']} and were "
+                           f"charged {e['partial_charged']}" if e.get("partial_replies") else "")
+                    if e.get("job_partial_replies"):
+                        cut += (f", and {e['job_partial_replies']} cut job attempts served {e['job_partial_served']} "
+                                f"uncharged")
+                    problems.append(f"{name}: quota used {e['used']} != tokens the mock served {e['mock_served']}{cut} "
+                                    f"(difference {e['expected_used'] - e['used']:+d})")
                 if e.get("ledger") is not None and e["ledger"] != e["used"]:
                     problems.append(f"{name}: ledger {e['ledger']} != quota used {e['used']}")
                 if e.get("reserved"):
@@ -600,14 +782,16 @@ class Runner:
 
     def check_jobs(self, ids: list[str], final: bool) -> dict:
         states = Counter(self.jobs[j].get("status") for j in ids)
-        twice = {j: self.oracle.by_idempotency_key[j] for j in ids if self.oracle.by_idempotency_key[j] > 1}
-        never = [j for j in ids if self.jobs[j].get("status") == "succeeded" and self.oracle.by_idempotency_key[j] == 0]
+        delivered = self.oracle.deliveries_by_key()
+        arrivals = self.oracle.arrivals_by_key()
+        twice = {j: delivered[j] for j in ids if delivered[j] > 1}
+        never = [j for j in ids if self.jobs[j].get("status") == "succeeded" and delivered[j] == 0]
         open_jobs = [j for j in ids if self.jobs[j].get("status") not in ("succeeded", "dead")]
         problems = []
         if twice:
             problems.append(f"{len(twice)} job(s) delivered to the provider more than once")
-        if never and not self.oracle.gaps:
-            problems.append(f"{len(never)} succeeded job(s) the provider never saw")
+        if never and not self.oracle.incomplete:
+            problems.append(f"{len(never)} succeeded job(s) the provider never completed")
         if final and open_jobs:
             problems.append(f"{len(open_jobs)} job(s) neither succeeded nor dead within the bound")
         return {
@@ -615,7 +799,9 @@ class Runner:
             "problems": problems,
             "jobs": len(ids),
             "states": dict(states),
-            "delivered_more_than_once": {j: {"deliveries": n, **self.jobs[j]} for j, n in list(twice.items())[:25]},
+            "provider_attempts": dict(Counter(arrivals[j] for j in ids)),
+            "delivered_more_than_once": {j: {"deliveries": n, "provider_attempts": arrivals[j], **self.jobs[j]}
+                                         for j, n in list(twice.items())[:25]},
             "succeeded_never_seen": never[:25],
             "not_terminal": [{"id": j, **self.jobs[j]} for j in open_jobs[:25]],
         }
@@ -626,6 +812,9 @@ class Runner:
                         "ports": {"edge": self.mesh.edge, "grpc": self.mesh.grpc, "mock": self.mesh.mock_port,
                                   "redis": self.mesh.redis_port}}
         await self.wait_ready()
+        self.healthy_knobs = await self.mock_behavior()
+        report["mock_knobs"] = {"healthy": self.healthy_knobs,
+                                "faults": {n: self.provider_knobs(n) for n in PROVIDER_FAULTS}}
         await self.setup_tenants()
         oracle_task = asyncio.create_task(self.oracle.run())
         load_task = asyncio.create_task(self.load())
@@ -708,6 +897,7 @@ class Runner:
         await asyncio.sleep(self.args.settle)
         await self.oracle.stop()
         oracle_task.cancel()
+        await self.price_partials(self.args.trace_bound)
         snap = await self.quota_snapshot()
         final = {
             "A_answers_tail": self.check_answers(final_recs),
@@ -723,6 +913,13 @@ class Runner:
             "requests": len(self.records), "not_sent": self.dropped,
             "baseline_requests": len(baseline_recs),
             "faults": self.windows, "final": final, "mock": self.oracle.summary(), "oracle_self_check": oracle_check,
+            # Partial replies taken as uncharged because no trace recorded their charge.
+            "partial_replies_without_trace": [{k: e.get(k) for k in ("seq", "tenant", "request_id", "nonce")}
+                                              for e in list(self.partial_trace_missing.values())[:25]],
+            "partial_replies": [{**{k: e.get(k) for k in ("seq", "tenant", "nonce", "request_id", "idempotency_key",
+                                                            "outcome", "pieces", "prompt")},
+                                 "mock_served": oracle_served(e), "charged": self.partial_charges.get(e["seq"])}
+                                for e in self.oracle.partial_entries()],
             "process_history": {n: p.history for n, p in self.mesh.procs.items()},
         })
         return report
@@ -732,18 +929,20 @@ class Runner:
         did not get a success, successes the mock never saw, and requests the mock served twice.
         Evidence for C and D, not a check of its own (it never fails the run)."""
         by_nonce = {r["nonce"]: r for r in self.records}
+        served_tokens = self.oracle.tokens_by_nonce()
+        deliveries = self.oracle.deliveries_by_nonce()
         served_not_ok = []
         tokens = Counter()
-        for nonce, count in self.oracle.by_nonce.items():
+        for nonce, n in served_tokens.items():
             rec = by_nonce.get(nonce)
-            if rec is None or rec.get("outcome") == "ok":
+            if rec is None or rec.get("outcome") == "ok" or n == 0:
                 continue
-            tokens[rec["tenant"]] += self.oracle.tokens_by_nonce[nonce] * count
-            served_not_ok.append({**self.brief(rec), "mock_served": count, "tokens": self.oracle.tokens_by_nonce[nonce]})
-        twice = [{**self.brief(by_nonce[n]), "mock_served": c} for n, c in self.oracle.by_nonce.items()
+            tokens[rec["tenant"]] += n
+            served_not_ok.append({**self.brief(rec), "mock_completed": deliveries[nonce], "tokens": n})
+        twice = [{**self.brief(by_nonce[n]), "mock_completed": c} for n, c in deliveries.items()
                  if c > 1 and n in by_nonce]
         ok_not_seen = [self.brief(r) for r in self.records
-                       if r.get("outcome") == "ok" and r["kind"] != "job" and r["nonce"] not in self.oracle.by_nonce]
+                       if r.get("outcome") == "ok" and r["kind"] != "job" and deliveries[r["nonce"]] == 0]
         return {
             "ok": True,
             "served_but_client_failed": served_not_ok[:50],
@@ -756,15 +955,26 @@ class Runner:
     def oracle_self_check(self) -> dict:
         compared = mismatched = 0
         examples = []
+        full = self.oracle.full_tokens_by_nonce()
         for r in self.records:
-            if r.get("outcome") == "ok" and isinstance(r.get("usage"), int) and r["nonce"] in self.oracle.tokens_by_nonce:
+            if r.get("outcome") == "ok" and isinstance(r.get("usage"), int) and r["nonce"] in full:
                 compared += 1
-                if self.oracle.tokens_by_nonce[r["nonce"]] != r["usage"]:
+                if full[r["nonce"]] != r["usage"]:
                     mismatched += 1
                     if len(examples) < 5:
                         examples.append({"nonce": r["nonce"], "kind": r["kind"], "relayed": r["usage"],
-                                         "oracle": self.oracle.tokens_by_nonce[r["nonce"]]})
+                                         "oracle": full[r["nonce"]]})
         return {"compared": compared, "mismatched": mismatched, "examples": examples}
+
+
+def cut_estimate(deltas: dict) -> str:
+    """The charge of the window's partial replies against what the mock streamed, if any."""
+    replies = sum(d.get("partial_replies", 0) for d in deltas.values())
+    if not replies:
+        return ""
+    served = sum(d["mock_partial"] for d in deltas.values())
+    charged = sum(d["partial_charged"] for d in deltas.values())
+    return f" ({replies} cut: charged {charged} for {served} served)"
 
 
 def table(report: dict) -> str:
@@ -772,12 +982,14 @@ def table(report: dict) -> str:
     for w in report["faults"]:
         rows.append((
             w["fault"] + (f" #{w['round']}" if report["config"]["rounds"] > 1 else ""),
-            "ok" if w["A_answers"]["ok"] else f"FAIL {w['A_answers']['violation_count']}",
+            ("ok" if w["A_answers"]["ok"] else f"FAIL {w['A_answers']['violation_count']}") +
+            (f" ({w['A_answers']['provider_fault_answers']['count']} upstream errors)"
+             if w["A_answers"]["provider_fault_answers"]["count"] else ""),
             "ok" if w["B_traces"]["ok"] else f"FAIL {w['B_traces']['missing_count']} missing",
             ("ok" if w["C_budgets"]["ok"] else "FAIL") + (" (carried)" if w["C_budgets"].get("carried") else ""),
-            "ok" if w["C_exact"]["ok"] else "FAIL " + ", ".join(
-                f"{t} {d['mock_served'] - d['used']:+d}" for t, d in w["C_exact"]["deltas"].items()
-                if d["mock_served"] != d["used"]),
+            ("ok" if w["C_exact"]["ok"] else "FAIL " + ", ".join(
+                f"{t} {d['expected_used'] - d['used']:+d}" for t, d in w["C_exact"]["deltas"].items()
+                if d["expected_used"] != d["used"])) + cut_estimate(w["C_exact"]["deltas"]),
             "ok" if w["D_jobs"]["ok"] else "FAIL",
             (f"{w['recovery_s']}" if w["recovery_s"] is not None else "none") +
             f" (≤{w['recovery_bound_s']:.0f}) {'ok' if w['recovery_ok'] else 'FAIL'}",
@@ -825,16 +1037,31 @@ def main() -> int:
     p.add_argument("--settle", type=float, default=5.0, help="quiet time before the exact accounting check (s)")
     p.add_argument("--total-timeout", type=float, default=900.0, help="cap on the whole run (s)")
     p.add_argument("--max-inflight", type=int, default=400)
-    p.add_argument("--faults", default="", help="comma-separated subset, in order (default: all)")
+    p.add_argument("--faults", default="", help="comma-separated subset, in order (default: all): "
+                   + ", ".join(SERVICE_FAULTS + list(PROVIDER_FAULTS)))
     p.add_argument("--budget-a", type=int, default=6000, help="tenant tA tokens_per_day (spent early)")
     p.add_argument("--budget-b", type=int, default=40000, help="tenant tB tokens_per_day (spent late)")
     p.add_argument("--budget-c", type=int, default=100_000_000, help="tenant tC tokens_per_day (never spent)")
+    p.add_argument("--target-timeout-ms", type=int, default=4000,
+                   help="the gateways' target timeout ([gateway] target_timeout_ms): a hanging provider is "
+                        "answered 504 after it, within the clients' deadlines (default 4000)")
+    p.add_argument("--provider-first-byte-timeout-ms", type=int, default=5000,
+                   help="the mock provider's first-byte timeout in sync (MESHGATE_PROVIDER_MOCK_FIRST_BYTE_TIMEOUT_MS): "
+                        "bounds a job attempt against a hanging provider (default 5000)")
+    p.add_argument("--cut-after", type=int, default=2,
+                   help="provider-cut: completion pieces a stream sends before the mock aborts it (default 2)")
+    p.add_argument("--idempotent-provider", action="store_true",
+                   help="start the mock with --honour-idempotency-keys: a job delivered again is answered as a "
+                        "replay, not served twice")
     p.add_argument("--seed", type=int, default=19)
     p.add_argument("--rust-log", default="info")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     admin_key = f"mg-chaos-{uuid.uuid4().hex}"
-    mesh = Mesh(args.bin, args.out, args.database_url, admin_key, args.rust_log)
+    mesh = Mesh(args.bin, args.out, args.database_url, admin_key, args.rust_log,
+                target_timeout_ms=args.target_timeout_ms,
+                provider_first_byte_timeout_ms=args.provider_first_byte_timeout_ms,
+                idempotent_provider=args.idempotent_provider)
 
     def on_signal(signum, _frame):
         raise SystemExit(128 + signum)
@@ -870,18 +1097,19 @@ def main() -> int:
         for rec in runner.records:
             fh.write(json.dumps(rec, default=str) + "\n")
     with open(args.out / "mock_requests.jsonl", "w") as fh:
-        for entry in runner.oracle.entries:
+        for entry in runner.oracle.entries.values():
             fh.write(json.dumps(entry) + "\n")
     (args.out / "table.txt").write_text(table(report) + "\n")
     print()
     print(table(report))
     print()
     print(f"requests {report['requests']} (not sent {report['not_sent']}); mock saw {report['mock']['requests_seen']} "
-          f"(ring gaps {report['mock']['ring_gaps']}); oracle self-check {report['oracle_self_check']['mismatched']} "
+          f"(ring gaps {report['mock']['ring_gaps']}, unsettled {report['mock']['unsettled']}); oracle self-check {report['oracle_self_check']['mismatched']} "
           f"mismatches of {report['oracle_self_check']['compared']}")
     for name, e in report["final"]["C_budgets_exact"]["tenants"].items():
         print(f"tenant {name}: budget {e['budget']} used {e.get('used')} reserved {e.get('reserved')} "
-              f"ledger {e.get('ledger')} mock served {e.get('mock_served')}")
+              f"ledger {e.get('ledger')} mock served {e.get('mock_served')} (partial replies {e.get('partial_replies')}: "
+              f"served {e.get('mock_partial')}, charged {e.get('partial_charged')})")
     print(f"report: {report_path}")
     if failures:
         print("FAILED invariants: " + "; ".join(failures))

@@ -186,9 +186,20 @@ pub(crate) async fn messages(
     body: Bytes,
 ) -> Response {
     let behavior = shared.behavior.load_full();
-    shared.count(Endpoint::Messages, &headers, query.as_deref(), &body, &behavior);
-    let delivery = shared.delivery(&headers, &behavior);
-    if shared.delay_or_hang(&behavior).await {
+    let answering = shared.count(Endpoint::Messages, &headers, query.as_deref(), &body, &behavior);
+    let delivery = shared.delivery(&headers, &behavior, &answering);
+    let response = answer(&shared, &behavior, &headers, &body, delivery).await;
+    answering.answered(response)
+}
+
+async fn answer(
+    shared: &Shared,
+    behavior: &Behavior,
+    headers: &HeaderMap,
+    body: &[u8],
+    delivery: Delivery,
+) -> Response {
+    if shared.delay_or_hang(behavior).await {
         return error(
             StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             "overloaded_error",
@@ -196,15 +207,15 @@ pub(crate) async fn messages(
         );
     }
     if let Some(expected) = &behavior.api_key
-        && header_str(&headers, "x-api-key") != Some(expected.as_str())
+        && header_str(headers, "x-api-key") != Some(expected.as_str())
     {
         shared.unauthorized.fetch_add(1, Ordering::Relaxed);
         return error(StatusCode::UNAUTHORIZED, "authentication_error", "invalid x-api-key");
     }
-    if header_str(&headers, "anthropic-version").is_none_or(|v| v.trim().is_empty()) {
+    if header_str(headers, "anthropic-version").is_none_or(|v| v.trim().is_empty()) {
         return invalid("anthropic-version: header is required");
     }
-    let request: MessagesRequest = match serde_json::from_slice(&body) {
+    let request: MessagesRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(err) => return invalid(&format!("Invalid request body: {err}")),
     };
@@ -224,7 +235,7 @@ pub(crate) async fn messages(
         return invalid(&format!("prompt is too long: {prompt_tokens} tokens > {window} maximum"));
     }
     if !delivery.replay
-        && let Some(status) = shared.injected_status(&behavior)
+        && let Some(status) = shared.injected_status(behavior)
     {
         let mut response = error(status, error_kind(status), "Injected failure of the mock provider.");
         if matches!(status.as_u16(), 429 | 503 | 529)
@@ -251,11 +262,11 @@ pub(crate) async fn messages(
         model: request.model.clone(),
         input_tokens: prompt_tokens - cache_read - cache_write,
         cache: behavior.prompt_cache.is_some().then_some((cache_read, cache_write)),
-        plan: Plan::new(facts, &behavior, || shared.next_id("toolu_mock")),
+        plan: Plan::new(facts, behavior, || shared.next_id("toolu_mock")),
     };
     shared.succeeded.fetch_add(1, Ordering::Relaxed);
     if stream {
-        delivery.mark(stream_reply(reply, &behavior, delivery.clone()))
+        delivery.mark(stream_reply(reply, behavior, delivery.clone()))
     } else {
         delivery.completed();
         delivery.mark(json_reply(&reply))
@@ -603,7 +614,9 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
     let fail_after = behavior.fail_after_chunks.map(|n| n as usize);
     let fault = behavior.stream_fault;
     let total_pieces = reply.plan.reasoning_pieces + reply.plan.body_pieces;
+    let streaming = delivery.streaming();
     let events = async_stream::try_stream! {
+        let _streaming = streaming;
         yield event("message_start", &json!({
             "type": "message_start",
             "message": {
@@ -627,6 +640,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
                     pause(chunk_delay).await;
                     yield block_delta(index, json!({"type": "thinking_delta", "thinking": reasoning.piece(i).to_string()}));
                     sent += 1;
+                    delivery.streamed(sent);
                 }
                 yield block_delta(index, json!({"type": "signature_delta", "signature": reply.signature()}));
                 yield block_stop(index);
@@ -646,6 +660,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
                             pause(chunk_delay).await;
                             yield block_delta(index, json!({"type": "input_json_delta", "partial_json": partial}));
                             sent += 1;
+                            delivery.streamed(sent);
                         }
                         yield block_stop(index);
                         index += 1;
@@ -663,12 +678,14 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
                         pause(chunk_delay).await;
                         yield block_delta(index, json!({"type": "text_delta", "text": text}));
                         sent += 1;
+                        delivery.streamed(sent);
                     }
                     yield block_stop(index);
                 }
             }
         }
         if fail_after.is_some_and(|n| n <= total_pieces) {
+            delivery.cut();
             match fault {
                 StreamFault::Abort => {
                     tokio::time::sleep(ABORT_FLUSH_PAUSE).await;

@@ -10,7 +10,11 @@
 //! Endpoints: `POST /v1/chat/completions` (JSON, or SSE with `stream: true`, honouring
 //! `stream_options.include_usage`), `POST /v1/embeddings` (float or base64), `GET /v1/models`,
 //! `GET /v1/models/{id}`, `GET /health`. Errors use OpenAI's `{"error": {...}}` shape.
-//! `GET /_mock/requests` lists what [`MockProvider::recorded`] holds, for tests in another process.
+//! `GET /_mock/requests` lists what [`MockProvider::recorded`] holds, for tests in another process,
+//! each request with its arrival number and how its answer ended ([`RecordedRequest::outcome`]:
+//! completed, failed, cut, abandoned, or still pending). Started with [`ServeOptions::control`],
+//! the mock also serves `GET`/`PUT /_mock/behavior`: the fault knobs of its [`Behavior`] read and
+//! replaced at runtime by a test in another process (see the `control` module).
 //!
 //! `POST /v1/messages` speaks the Anthropic Messages API instead (`x-api-key`, a required
 //! `anthropic-version` header, `system` beside the messages, content blocks, `tool_use` /
@@ -72,6 +76,7 @@
 mod agent;
 mod anthropic;
 mod checks;
+mod control;
 mod openai;
 pub mod reply;
 mod responses;
@@ -96,13 +101,27 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::state::Shared;
-pub use crate::state::{Behavior, MockToolCall, PromptCache, RECENT_CAPACITY, RecordedRequest, Stats, StreamFault};
+pub use crate::state::{
+    Behavior, MockToolCall, Outcome, PromptCache, RECENT_CAPACITY, RecordedRequest, Stats, StreamFault,
+};
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 32 * 1024 * 1024;
 
-fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+/// How a mock is served, beside its [`Behavior`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Serve `GET` and `PUT /_mock/behavior`, through which another process changes the fault
+    /// knobs at runtime (the binary's `--control`). Off, the path is an unknown route (404).
+    pub control: bool,
+}
+
+fn router(shared: Arc<Shared>, options: ServeOptions) -> Router {
+    let mut router = Router::new();
+    if options.control {
+        router = router.route("/_mock/behavior", get(control::get_behavior).put(control::put_behavior));
+    }
+    router
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/responses", post(responses::responses))
@@ -142,13 +161,24 @@ impl MockProvider {
         Self::serve(TcpListener::bind(addr).await?, behavior)
     }
 
+    /// Starts a mock with `behavior` and `options` on `127.0.0.1:0`.
+    pub async fn start_with_options(behavior: Behavior, options: ServeOptions) -> io::Result<Self> {
+        let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+        Self::serve_with_options(listener, behavior, options)
+    }
+
     /// Serves on an already bound listener. Must be called inside a Tokio runtime; requests are
     /// handled on that runtime's worker threads.
     pub fn serve(listener: TcpListener, behavior: Behavior) -> io::Result<Self> {
+        Self::serve_with_options(listener, behavior, ServeOptions::default())
+    }
+
+    /// [`MockProvider::serve`] with [`ServeOptions`].
+    pub fn serve_with_options(listener: TcpListener, behavior: Behavior, options: ServeOptions) -> io::Result<Self> {
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared::new(behavior, shutdown_rx.clone()));
-        let app = router(shared.clone());
+        let app = router(shared.clone(), options);
         let listener = listener.tap_io(|tcp| {
             // Small SSE frames must not wait for Nagle's algorithm.
             if let Err(err) = tcp.set_nodelay(true) {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use meshgate_mock_provider::{Behavior, MockProvider};
+use meshgate_mock_provider::{Behavior, MockProvider, ServeOptions};
+use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,6 +58,14 @@ struct Args {
     /// Keep per-key counts and recent requests (costs a lock per request).
     #[arg(long, env = "MESHGATE_MOCK_TRACK_REQUESTS")]
     track_requests: bool,
+    /// Answer a request whose Idempotency-Key already completed as a replay instead of doing the
+    /// work again.
+    #[arg(long, env = "MESHGATE_MOCK_HONOUR_IDEMPOTENCY_KEYS", requires = "track_requests")]
+    honour_idempotency_keys: bool,
+    /// Serve GET/PUT /_mock/behavior: the fault knobs (hang, failures, latency, stream cuts, ...)
+    /// read and changed at runtime by another process.
+    #[arg(long, env = "MESHGATE_MOCK_CONTROL")]
+    control: bool,
     /// Worker threads (default: one per CPU).
     #[arg(long, env = "MESHGATE_MOCK_THREADS")]
     threads: Option<usize>,
@@ -89,10 +98,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         strict_models: args.strict_models,
         context_window: args.context_window,
         track_requests: args.track_requests,
+        honour_idempotency_keys: args.honour_idempotency_keys,
         ..Behavior::default()
     };
     let addr = SocketAddr::new(args.host, args.port);
-    let mock = MockProvider::bind(addr, behavior).await.with_context(|| format!("binding {addr}"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let options = ServeOptions { control: args.control };
+    let mock = MockProvider::serve_with_options(listener, behavior, options).context("serving")?;
     println!("listening on {}", mock.base_url());
     shutdown_signal().await?;
     mock.shutdown().await.context("shutting down")

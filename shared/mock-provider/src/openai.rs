@@ -33,12 +33,23 @@ pub(crate) async fn chat(
     body: Bytes,
 ) -> Response {
     let behavior = shared.behavior.load_full();
-    shared.count(Endpoint::Chat, &headers, query.as_deref(), &body, &behavior);
-    let delivery = shared.delivery(&headers, &behavior);
-    if let Some(answer) = shared.preamble(&behavior, &headers).await {
+    let answering = shared.count(Endpoint::Chat, &headers, query.as_deref(), &body, &behavior);
+    let delivery = shared.delivery(&headers, &behavior, &answering);
+    let response = answer(&shared, &behavior, &headers, &body, delivery).await;
+    answering.answered(response)
+}
+
+async fn answer(
+    shared: &Shared,
+    behavior: &Behavior,
+    headers: &HeaderMap,
+    body: &[u8],
+    delivery: Delivery,
+) -> Response {
+    if let Some(answer) = shared.preamble(behavior, headers).await {
         return answer;
     }
-    let request: ChatRequest = match serde_json::from_slice(&body) {
+    let request: ChatRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(err) => return invalid(&format!("Invalid chat completion request: {err}")),
     };
@@ -61,7 +72,7 @@ pub(crate) async fn chat(
         return Invalid::new("messages", message).code("context_length_exceeded").response();
     }
     if !delivery.replay
-        && let Some(answer) = shared.injected_failure(&behavior)
+        && let Some(answer) = shared.injected_failure(behavior)
     {
         return answer;
     }
@@ -70,7 +81,7 @@ pub(crate) async fn chat(
         return garbage(stream);
     }
 
-    let plan = Plan::new(facts, &behavior, || shared.next_id("call_mock"));
+    let plan = Plan::new(facts, behavior, || shared.next_id("call_mock"));
     let reply = Reply {
         id: shared.next_id("chatcmpl-mock"),
         created: now_secs(),
@@ -82,7 +93,7 @@ pub(crate) async fn chat(
     shared.succeeded.fetch_add(1, Ordering::Relaxed);
     if stream {
         let include_usage = request.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        delivery.mark(stream_reply(reply, &behavior, include_usage, delivery.clone()))
+        delivery.mark(stream_reply(reply, behavior, include_usage, delivery.clone()))
     } else {
         delivery.completed();
         delivery.mark(json_reply(&reply))
@@ -437,7 +448,9 @@ fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool, delivery
     let fail_after = behavior.fail_after_chunks.map(|n| n as usize);
     let fault = behavior.stream_fault;
     let total_pieces = reply.plan.reasoning_pieces + reply.plan.body_pieces;
+    let streaming = delivery.streaming();
     let events = async_stream::try_stream! {
+        let _streaming = streaming;
         // `usage: null` on every chunk but the last one when usage was asked for.
         let usage = include_usage.then_some(None);
         let calls = reply.calls();
@@ -463,6 +476,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool, delivery
                     let delta = wire::ReasoningDelta { reasoning_content: reasoning.piece(i) };
                     yield chunk_frame(&reply, usage, &[choice(delta, None)])?;
                     sent += 1;
+                    delivery.streamed(sent);
                 }
             }
             match &reply.plan.body {
@@ -475,6 +489,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool, delivery
                         let delta = wire::ContentDelta { content: reply.plan.echo.piece(i) };
                         yield chunk_frame(&reply, usage, &[choice(delta, None)])?;
                         sent += 1;
+                        delivery.streamed(sent);
                     }
                 }
                 Body::Json(json) => {
@@ -485,6 +500,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool, delivery
                         pause(chunk_delay).await;
                         yield chunk_frame(&reply, usage, &[choice(wire::ContentDelta { content: fragment }, None)])?;
                         sent += 1;
+                        delivery.streamed(sent);
                     }
                 }
                 Body::ToolCalls(calls) => {
@@ -506,12 +522,14 @@ fn stream_reply(reply: Reply, behavior: &Behavior, include_usage: bool, delivery
                             };
                             yield chunk_frame(&reply, usage, &[choice(delta, None)])?;
                             sent += 1;
+                            delivery.streamed(sent);
                         }
                     }
                 }
             }
         }
         if fail_after.is_some_and(|n| n <= total_pieces) {
+            delivery.cut();
             match fault {
                 StreamFault::Abort => {
                     // Let the connection flush what was produced, so the client really holds

@@ -203,12 +203,23 @@ pub(crate) async fn responses(
     body: Bytes,
 ) -> Response {
     let behavior = shared.behavior.load_full();
-    shared.count(Endpoint::Responses, &headers, query.as_deref(), &body, &behavior);
-    let delivery = shared.delivery(&headers, &behavior);
-    if let Some(answer) = shared.preamble(&behavior, &headers).await {
+    let answering = shared.count(Endpoint::Responses, &headers, query.as_deref(), &body, &behavior);
+    let delivery = shared.delivery(&headers, &behavior, &answering);
+    let response = answer(&shared, &behavior, &headers, &body, delivery).await;
+    answering.answered(response)
+}
+
+async fn answer(
+    shared: &Shared,
+    behavior: &Behavior,
+    headers: &HeaderMap,
+    body: &[u8],
+    delivery: Delivery,
+) -> Response {
+    if let Some(answer) = shared.preamble(behavior, headers).await {
         return answer;
     }
-    let request: ResponsesRequest = match serde_json::from_slice(&body) {
+    let request: ResponsesRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(err) => return invalid(&format!("Invalid Responses API request: {err}")),
     };
@@ -230,7 +241,7 @@ pub(crate) async fn responses(
         return Invalid::new("input", message).code("context_length_exceeded").response();
     }
     if !delivery.replay
-        && let Some(answer) = shared.injected_failure(&behavior)
+        && let Some(answer) = shared.injected_failure(behavior)
     {
         return answer;
     }
@@ -245,7 +256,7 @@ pub(crate) async fn responses(
     }
 
     let model = checked.model.to_owned();
-    let plan = Plan::new(checked.facts, &behavior, || shared.next_id("call_mock"));
+    let plan = Plan::new(checked.facts, behavior, || shared.next_id("call_mock"));
     let call_item_ids = match &plan.body {
         Body::ToolCalls(calls) => calls.iter().map(|_| shared.next_id("fc_mock")).collect(),
         Body::Text | Body::Json(_) => Vec::new(),
@@ -264,7 +275,7 @@ pub(crate) async fn responses(
     };
     shared.succeeded.fetch_add(1, Ordering::Relaxed);
     if stream {
-        delivery.mark(stream_reply(reply, &behavior, delivery.clone()))
+        delivery.mark(stream_reply(reply, behavior, delivery.clone()))
     } else {
         delivery.completed();
         delivery.mark(json_response(StatusCode::OK, &reply.object(true)))
@@ -866,7 +877,9 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
     let fail_after = behavior.fail_after_chunks.map(|n| n as usize);
     let fault = behavior.stream_fault;
     let total_pieces = reply.plan.reasoning_pieces + reply.plan.body_pieces;
+    let streaming = delivery.streaming();
     let events = async_stream::try_stream! {
+        let _streaming = streaming;
         let mut events = Events { next: 0 };
         let started = reply.object(false);
         yield events.event("response.created", json!({"response": started}));
@@ -894,6 +907,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
                         "delta": reasoning.piece(i).to_string()
                     }));
                     sent += 1;
+                    delivery.streamed(sent);
                 }
                 let text = reply.plan.reasoning_text().unwrap_or_default();
                 yield events.event("response.reasoning_summary_text.done", json!({
@@ -922,6 +936,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
                                 "item_id": item_id, "output_index": output_index, "delta": fragment
                             }));
                             sent += 1;
+                            delivery.streamed(sent);
                         }
                         yield events.event("response.function_call_arguments.done", json!({
                             "item_id": item_id, "output_index": output_index, "name": call.name,
@@ -951,6 +966,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
                             "logprobs": []
                         }));
                         sent += 1;
+                        delivery.streamed(sent);
                     }
                     let text = reply.plan.content().unwrap_or_default();
                     yield events.event("response.output_text.done", json!({
@@ -968,6 +984,7 @@ fn stream_reply(reply: Reply, behavior: &Behavior, delivery: Delivery) -> Respon
             }
         }
         if fail_after.is_some_and(|n| n <= total_pieces) {
+            delivery.cut();
             match fault {
                 StreamFault::Abort => {
                     tokio::time::sleep(ABORT_FLUSH_PAUSE).await;

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::reply::{self, splitmix64};
-use crate::state::{Behavior, RECENT_CAPACITY, RecordedRequest, Shared};
+use crate::state::{Behavior, Outcome, Progress, RECENT_CAPACITY, RecordedRequest, Shared};
 use crate::wire::{self, EmbeddingInput, EmbeddingRequest};
 
 /// Largest embedding dimension a request may ask for.
@@ -43,18 +43,87 @@ impl Endpoint {
     }
 }
 
-/// One answer being produced, for completion accounting per idempotency key.
+/// An API request being answered: its recorded entry ends when the answer leaves
+/// ([`Answering::answered`]) or, when the handler is dropped before (the client went away while
+/// the mock waited), as abandoned. Nothing to do when requests are not tracked.
+pub(crate) struct Answering(Option<Arc<Progress>>);
+
+impl Answering {
+    /// Records the answer's status; an answer that is not a stream has ended with it.
+    pub(crate) fn answered(mut self, response: Response) -> Response {
+        if let Some(progress) = self.0.take() {
+            progress.answered(response.status().as_u16());
+        }
+        response
+    }
+
+    /// Records that the reply was produced in full (the routes without a [`Delivery`]).
+    pub(crate) fn completed(&self) {
+        if let Some(progress) = &self.0 {
+            progress.finish(Outcome::Completed);
+        }
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if let Some(progress) = &self.0 {
+            progress.finish(Outcome::Abandoned);
+        }
+    }
+}
+
+/// A streamed answer in progress: dropped before the stream ended (the client went away), it
+/// records the request as abandoned.
+pub(crate) struct Streaming(Option<Arc<Progress>>);
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if let Some(progress) = &self.0 {
+            progress.finish(Outcome::Abandoned);
+        }
+    }
+}
+
+/// One answer being produced, for completion accounting per idempotency key and the request's
+/// recorded outcome.
 #[derive(Clone)]
 pub(crate) struct Delivery {
     shared: Arc<Shared>,
     key: Option<String>,
     /// The key completed before and the behaviour honours keys: answer without new work.
     pub(crate) replay: bool,
+    progress: Option<Arc<Progress>>,
 }
 
 impl Delivery {
-    /// Records that the reply was produced in full (nothing for a replay).
+    /// Marks the answer a stream; hold the guard in the stream until it ends.
+    pub(crate) fn streaming(&self) -> Streaming {
+        if let Some(progress) = &self.progress {
+            progress.set_streaming();
+        }
+        Streaming(self.progress.clone())
+    }
+
+    /// Records how many completion pieces the stream has sent.
+    pub(crate) fn streamed(&self, pieces: usize) {
+        if let Some(progress) = &self.progress {
+            progress.set_pieces(pieces);
+        }
+    }
+
+    /// Records that the stream was broken on purpose ([`Behavior::fail_after_chunks`]).
+    pub(crate) fn cut(&self) {
+        if let Some(progress) = &self.progress {
+            progress.finish(Outcome::Cut);
+        }
+    }
+
+    /// Records that the reply was produced in full (a completion unless it is a replay).
     pub(crate) fn completed(&self) {
+        if let Some(progress) = &self.progress {
+            progress.finish(Outcome::Completed);
+        }
         if self.replay {
             return;
         }
@@ -91,16 +160,26 @@ pub(crate) fn now_secs() -> u64 {
 
 impl Shared {
     /// Starts the accounting of an answer: is it a replay of a completed idempotency key?
-    pub(crate) fn delivery(self: &Arc<Self>, headers: &HeaderMap, behavior: &Behavior) -> Delivery {
+    pub(crate) fn delivery(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        behavior: &Behavior,
+        answering: &Answering,
+    ) -> Delivery {
         let key = header_str(headers, "idempotency-key").filter(|_| behavior.track_requests).map(str::to_owned);
         let replay = behavior.honour_idempotency_keys
             && key.as_ref().is_some_and(|key| self.completed_keys.lock().get(key).is_some_and(|n| *n > 0));
+        let progress = answering.0.clone();
         if replay {
             self.idempotent_replays.fetch_add(1, Ordering::Relaxed);
+            if let Some(progress) = &progress {
+                progress.set_replay();
+            }
         }
-        Delivery { shared: self.clone(), key, replay }
+        Delivery { shared: self.clone(), key, replay, progress }
     }
 
+    /// Counts an API request and, when requests are tracked, records it.
     pub(crate) fn count(
         &self,
         endpoint: Endpoint,
@@ -108,7 +187,7 @@ impl Shared {
         query: Option<&str>,
         body: &Bytes,
         behavior: &Behavior,
-    ) {
+    ) -> Answering {
         self.requests_total.fetch_add(1, Ordering::Relaxed);
         match endpoint {
             Endpoint::Chat => self.chat_requests.fetch_add(1, Ordering::Relaxed),
@@ -117,7 +196,7 @@ impl Shared {
             Endpoint::Embeddings => self.embedding_requests.fetch_add(1, Ordering::Relaxed),
         };
         if !behavior.track_requests {
-            return;
+            return Answering(None);
         }
         let idempotency_key = header_str(headers, "idempotency-key");
         let request_id = header_str(headers, "x-request-id");
@@ -132,7 +211,9 @@ impl Shared {
                 }
             }
         }
+        let progress = Arc::new(Progress::default());
         let record = RecordedRequest {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             path: endpoint.path(),
             authorization: header_str(headers, "authorization").map(str::to_owned),
             api_key: header_str(headers, "api-key").map(str::to_owned),
@@ -140,12 +221,14 @@ impl Shared {
             request_id: request_id.map(str::to_owned),
             idempotency_key: idempotency_key.map(str::to_owned),
             body: body.clone(),
+            progress: progress.clone(),
         };
         let mut recent = self.recent.lock();
         if recent.len() == RECENT_CAPACITY {
             recent.pop_front();
         }
         recent.push_back(record);
+        Answering(Some(progress))
     }
 
     /// Latency and hang, common to every API request: `true` when a hanging request was
@@ -341,11 +424,22 @@ pub(crate) async fn embeddings(
     body: Bytes,
 ) -> Response {
     let behavior = shared.behavior.load_full();
-    shared.count(Endpoint::Embeddings, &headers, query.as_deref(), &body, &behavior);
-    if let Some(answer) = shared.preamble(&behavior, &headers).await {
+    let answering = shared.count(Endpoint::Embeddings, &headers, query.as_deref(), &body, &behavior);
+    let response = embed(&shared, &behavior, &headers, &body, &answering).await;
+    answering.answered(response)
+}
+
+async fn embed(
+    shared: &Shared,
+    behavior: &Behavior,
+    headers: &HeaderMap,
+    body: &[u8],
+    answering: &Answering,
+) -> Response {
+    if let Some(answer) = shared.preamble(behavior, headers).await {
         return answer;
     }
-    let request: EmbeddingRequest = match serde_json::from_slice(&body) {
+    let request: EmbeddingRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
         Err(err) => return invalid(&format!("Invalid embeddings request: {err}")),
     };
@@ -372,7 +466,7 @@ pub(crate) async fn embeddings(
     if behavior.strict_models && !behavior.models.contains(&request.model) {
         return model_not_found(&request.model);
     }
-    if let Some(answer) = shared.injected_failure(&behavior) {
+    if let Some(answer) = shared.injected_failure(behavior) {
         return answer;
     }
     if behavior.garbage {
@@ -390,6 +484,7 @@ pub(crate) async fn embeddings(
         }
     };
     shared.succeeded.fetch_add(1, Ordering::Relaxed);
+    answering.completed();
     let usage = wire::EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens };
     if base64 {
         let data = vectors
@@ -456,8 +551,10 @@ fn authenticate_only(shared: &Shared, behavior: &Behavior, headers: &HeaderMap) 
 }
 
 /// `GET /_mock/requests`: the recorded requests, oldest first, for tests in another process (the
-/// real-client tests): path, request id, idempotency key, the body (as JSON when it is JSON), its
-/// unknown parameters and its images. Empty unless [`Behavior::track_requests`] is on.
+/// real-client tests, the chaos runner): arrival number, path, request id, idempotency key, how
+/// the answer ended so far (outcome, status, streamed pieces, replay), the body (as JSON when it
+/// is JSON), its unknown parameters and its images. Empty unless [`Behavior::track_requests`] is
+/// on.
 pub(crate) async fn recorded(State(shared): State<Arc<Shared>>) -> Response {
     let recorded: Vec<serde_json::Value> = shared
         .recent
@@ -468,10 +565,15 @@ pub(crate) async fn recorded(State(shared): State<Arc<Shared>>) -> Response {
                 .json()
                 .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&request.body).into_owned()));
             serde_json::json!({
+                "seq": request.seq,
                 "path": request.path,
                 "query": request.query,
                 "request_id": request.request_id,
                 "idempotency_key": request.idempotency_key,
+                "outcome": request.outcome().as_str(),
+                "status": request.status(),
+                "pieces": request.pieces(),
+                "replay": request.replay(),
                 "body": body,
                 "unknown_parameters": request.unknown_parameters(),
                 "images": request.images(),

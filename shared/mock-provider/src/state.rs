@@ -2,7 +2,9 @@
 //! ([`crate::MockProvider`]) and the request handlers.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicU64;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -281,9 +283,103 @@ const OPENAI_RESPONSES_PARAMETERS: &[&str] = &[
     "user",
 ];
 
+/// How the mock ended an API request ([`RecordedRequest::outcome`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Still being answered: waiting (latency, hang) or streaming.
+    Pending,
+    /// The reply was produced in full: a JSON document, or a stream to its last event (a replay
+    /// too, see [`RecordedRequest::replay`]).
+    Completed,
+    /// Answered without a reply: an error status (an injected failure, a refused request, a hang
+    /// released at shutdown) or garbage.
+    Failed,
+    /// A stream broken on purpose by [`Behavior::fail_after_chunks`].
+    Cut,
+    /// The client went away before the answer ended, while the mock waited or mid-stream.
+    Abandoned,
+}
+
+impl Outcome {
+    /// The name `GET /_mock/requests` reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cut => "cut",
+            Self::Abandoned => "abandoned",
+        }
+    }
+
+    fn from_u8(value: u8) -> Self {
+        match value {
+            1 => Self::Completed,
+            2 => Self::Failed,
+            3 => Self::Cut,
+            4 => Self::Abandoned,
+            _ => Self::Pending,
+        }
+    }
+
+    fn as_u8(self) -> u8 {
+        match self {
+            Self::Pending => 0,
+            Self::Completed => 1,
+            Self::Failed => 2,
+            Self::Cut => 3,
+            Self::Abandoned => 4,
+        }
+    }
+}
+
+/// How far the answer of a recorded request got; written by its handler (and its stream) with
+/// relaxed atomics, read by [`RecordedRequest`].
+#[derive(Default)]
+pub(crate) struct Progress {
+    outcome: AtomicU8,
+    /// HTTP status of the answer's head; 0 until it is sent.
+    status: AtomicU16,
+    streaming: AtomicBool,
+    /// Completion pieces streamed so far.
+    pieces: AtomicU32,
+    replay: AtomicBool,
+}
+
+impl Progress {
+    /// Ends the request with `outcome` unless it has ended already.
+    pub(crate) fn finish(&self, outcome: Outcome) {
+        let _ = self.outcome.compare_exchange(0, outcome.as_u8(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Records the status of the answer's head. An answer that is not a stream has ended with
+    /// it: failed, unless its reply was marked completed before it left.
+    pub(crate) fn answered(&self, status: u16) {
+        self.status.store(status, Ordering::Relaxed);
+        if !self.streaming.load(Ordering::Relaxed) {
+            self.finish(Outcome::Failed);
+        }
+    }
+
+    pub(crate) fn set_streaming(&self) {
+        self.streaming.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_pieces(&self, pieces: usize) {
+        self.pieces.store(u32::try_from(pieces).unwrap_or(u32::MAX), Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_replay(&self) {
+        self.replay.store(true, Ordering::Relaxed);
+    }
+}
+
 /// One request as the mock received it (kept when [`Behavior::track_requests`] is on).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RecordedRequest {
+    /// Arrival number (from 1, never reset): tells a reader of `GET /_mock/requests` which
+    /// requests it has seen.
+    pub seq: u64,
     /// Route path, e.g. `/v1/chat/completions`.
     pub path: &'static str,
     /// The `Authorization` header.
@@ -298,9 +394,49 @@ pub struct RecordedRequest {
     pub idempotency_key: Option<String>,
     /// The raw body.
     pub body: Bytes,
+    pub(crate) progress: Arc<Progress>,
+}
+
+impl fmt::Debug for RecordedRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordedRequest")
+            .field("seq", &self.seq)
+            .field("path", &self.path)
+            .field("authorization", &self.authorization)
+            .field("api_key", &self.api_key)
+            .field("query", &self.query)
+            .field("request_id", &self.request_id)
+            .field("idempotency_key", &self.idempotency_key)
+            .field("outcome", &self.outcome())
+            .field("status", &self.status())
+            .field("pieces", &self.pieces())
+            .field("replay", &self.replay())
+            .field("body", &self.body)
+            .finish()
+    }
 }
 
 impl RecordedRequest {
+    /// How the answer ended so far (the request's progress, live: a clone sees it move on).
+    pub fn outcome(&self) -> Outcome {
+        Outcome::from_u8(self.progress.outcome.load(Ordering::Relaxed))
+    }
+
+    /// HTTP status of the answer's head, once sent.
+    pub fn status(&self) -> Option<u16> {
+        Some(self.progress.status.load(Ordering::Relaxed)).filter(|s| *s != 0)
+    }
+
+    /// Completion pieces (tokens) streamed so far; `None` when the answer is not a stream.
+    pub fn pieces(&self) -> Option<u32> {
+        self.progress.streaming.load(Ordering::Relaxed).then(|| self.progress.pieces.load(Ordering::Relaxed))
+    }
+
+    /// Answered as a replay of a completed idempotency key ([`Behavior::honour_idempotency_keys`]).
+    pub fn replay(&self) -> bool {
+        self.progress.replay.load(Ordering::Relaxed)
+    }
+
     /// The body as JSON.
     pub fn json(&self) -> serde_json::Result<serde_json::Value> {
         serde_json::from_slice(&self.body)
@@ -372,6 +508,8 @@ pub(crate) struct Shared {
     pub(crate) fail_next: AtomicU64,
     /// Source of response ids.
     pub(crate) ids: AtomicU64,
+    /// Arrival numbers of recorded requests.
+    pub(crate) seq: AtomicU64,
     pub(crate) by_idempotency_key: Mutex<HashMap<String, u64>>,
     pub(crate) by_request_id: Mutex<HashMap<String, u64>>,
     /// Completions per idempotency key.
@@ -399,6 +537,7 @@ impl Shared {
             decisions: AtomicU64::new(0),
             fail_next: AtomicU64::new(0),
             ids: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
             by_idempotency_key: Mutex::new(HashMap::new()),
             by_request_id: Mutex::new(HashMap::new()),
             completed_keys: Mutex::new(HashMap::new()),
