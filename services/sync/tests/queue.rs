@@ -422,6 +422,62 @@ async fn an_interrupted_attempt_is_charged_at_the_estimate_on_disk() {
     an_interrupted_attempt_is_charged_at_the_estimate(StoreKind::File).await;
 }
 
+/// An attempt cut mid-stream was served in part (its prompt and what it streamed): it is charged
+/// that, estimated from its length, once, and the delivery that succeeds later on its own — as a
+/// chat stream cut the same way is charged.
+async fn an_attempt_cut_mid_stream_is_charged_what_it_served(kind: StoreKind) {
+    let mock =
+        MockProvider::start_with(Behavior { stream_chunks: 4, fail_after_chunks: Some(2), ..Behavior::default() })
+            .await
+            .unwrap();
+    let (store, _dir) = store(kind).await;
+    let clock = Arc::new(ManualClock::new(start()));
+    let cfg = config(3);
+    let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
+    let spec = provider("mock", &mock);
+    let queue = charging_queue(store, std::slice::from_ref(&spec), clock.clone(), &cfg, &quota);
+    let upstream = meshgate_sync::Upstream::new(&cfg, &[spec], Default::default()).unwrap();
+    let reservation = admit(&quota, &principal(), "job-cut", 1_000, 5_000).await;
+    let request = EnqueueRequest {
+        reservation: Some(reservation),
+        ..enqueue_request("", "mock", "a longer answer that is cut after two pieces")
+    };
+    let (created, _) = queue.enqueue(&upstream, request).await.unwrap();
+
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let retried = job(&queue, &created.id).await;
+    assert_eq!((retried.job_status(), retried.attempts), (JobStatus::Queued, 1), "{retried:?}");
+    let cut = quota_status(&quota).await.scopes;
+    let cut_tokens = cut[0].used_tokens;
+    assert!(cut_tokens > 0, "the cut attempt is charged: {cut:?}");
+    assert!(cut.iter().all(|s| (s.used_tokens, s.requests_today) == (cut_tokens, 1)), "{cut:?}");
+
+    mock.update(|b| b.fail_after_chunks = None);
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
+    let done = job(&queue, &created.id).await;
+    assert_eq!((done.job_status(), done.attempts), (JobStatus::Succeeded, 2));
+    let usage = done.to_proto().usage.unwrap();
+    for scope in quota_status(&quota).await.scopes {
+        assert_eq!(
+            (scope.used_tokens, scope.requests_today, scope.reserved_tokens),
+            (cut_tokens + usage.total_tokens, 2, 0),
+            "{scope:?}"
+        );
+    }
+    quota_shutdown.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_cut_mid_stream_is_charged_what_it_served_on_postgres() {
+    an_attempt_cut_mid_stream_is_charged_what_it_served(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_cut_mid_stream_is_charged_what_it_served_on_disk() {
+    an_attempt_cut_mid_stream_is_charged_what_it_served(StoreKind::File).await;
+}
+
 /// A job holds its admission while queued; a dead letter frees it; a dead letter put back holds
 /// its new admission, which delivery commits with the actual usage.
 async fn a_dead_letter_frees_its_reservation(kind: StoreKind) {

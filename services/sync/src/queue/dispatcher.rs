@@ -26,9 +26,10 @@ use crate::upstream::{CallOptions, Upstream};
 /// Counters of the queue: `event` is `enqueued`, `deduplicated`, `succeeded`, `retried`, `dead`,
 /// `lost_lease`, `revived` (a dead letter put back), `charge_pending` (delivered, the charge to be
 /// retried), `charge_refused` (the quota service refused the usage as invalid: delivered
-/// uncharged), `released` (a dead letter's reservation freed), `interrupted_charged` or
-/// `interrupted_uncharged` (an attempt a stopped worker left unrecorded, charged at the job's
-/// estimate before the next, or that charge failed).
+/// uncharged), `released` (a dead letter's reservation freed), `interrupted_charged` (an attempt
+/// a stopped worker left unrecorded, charged at the job's estimate before the next), `cut_charged`
+/// (an attempt cut mid-stream, charged what it served) or `attempt_uncharged` (either charge
+/// failed).
 #[derive(Clone)]
 pub struct QueueMetrics {
     pub(crate) jobs: IntCounterVec,
@@ -202,23 +203,14 @@ impl Charger {
         .map_err(failed)
     }
 
-    /// Charges the attempt a stopped worker left unrecorded (see [`JobRecord::interrupted`]) at
-    /// the job's estimate, what its reservation holds, once per attempt (`job:<id>:attempt:<n>`):
-    /// the provider may have served it, and serves the next attempt again unless it honours the
-    /// job id as `Idempotency-Key`. Returns the tokens charged (none without an estimate).
-    async fn charge_interrupted(&self, job: &JobRecord) -> Result<i64, Error> {
-        if job.reserved_tokens <= 0 && job.reserved_cost_micros <= 0 {
-            return Ok(0);
-        }
+    /// Charges `usage` served by a failed attempt `attempt` of `job` (one cut mid-stream, or one
+    /// a stopped worker left unrecorded), once per attempt (`job:<id>:attempt:<n>`): the delivery
+    /// that succeeds later is charged on its own.
+    async fn charge_attempt(&self, job: &JobRecord, attempt: i32, usage: Usage) -> Result<(), Error> {
         let charge = ChargeRequest {
-            charge_id: format!("job:{}:attempt:{}", job.id, job.attempts - 1),
+            charge_id: format!("job:{}:attempt:{attempt}", job.id),
             principal: Some(Self::principal(job)),
-            usage: Some(Usage {
-                prompt_tokens: job.reserved_tokens,
-                total_tokens: job.reserved_tokens,
-                cost_micros: job.reserved_cost_micros,
-                ..Usage::default()
-            }),
+            usage: Some(usage),
             requests: 1,
         };
         self.call(|mut quota| {
@@ -226,7 +218,7 @@ impl Charger {
             async move { quota.charge(charge).await }
         })
         .await
-        .map(|_| job.reserved_tokens)
+        .map(drop)
         .map_err(|status| Error::Charge(format!("{}: {}", status.code(), status.message())))
     }
 
@@ -490,31 +482,43 @@ impl Dispatcher {
         }
     }
 
-    /// Delivers `job`, first charging an interrupted last attempt when the provider may have
-    /// served it (a provider that honours idempotency keys answers the next attempt with the same
-    /// completion, charged once when it is delivered).
+    /// Delivers `job`, first charging an interrupted last attempt at the job's estimate (what its
+    /// reservation holds) when the provider may have served it: a provider that honours the job
+    /// id as `Idempotency-Key` answers this attempt with that one's completion instead, charged
+    /// once when it is delivered. A job queued without a reservation has no estimate to charge.
     async fn deliver_again(&self, job: &JobRecord) -> Result<JobOutcome, Error> {
         if job.interrupted
+            && (job.reserved_tokens > 0 || job.reserved_cost_micros > 0)
             && !self.replayed_by_providers(job)
-            && let Some(charger) = &self.charger
         {
-            match charger.charge_interrupted(job).await {
-                Ok(tokens) => {
-                    self.metrics.event("interrupted_charged");
-                    tracing::warn!(
-                        job = %job.id,
-                        attempt = job.attempts - 1,
-                        tokens,
-                        "sync queue: an interrupted attempt may have been served; charged at the job's estimate"
-                    );
-                }
-                Err(err) => {
-                    self.metrics.event("interrupted_uncharged");
-                    tracing::warn!(job = %job.id, error = %err, "sync queue: charging an interrupted attempt failed");
-                }
-            }
+            let estimate = Usage {
+                prompt_tokens: job.reserved_tokens,
+                total_tokens: job.reserved_tokens,
+                cost_micros: job.reserved_cost_micros,
+                ..Usage::default()
+            };
+            self.charge_failed_attempt(job, job.attempts - 1, estimate, "interrupted").await;
         }
         self.deliver(job).await
+    }
+
+    /// Charges what a failed attempt served (`why`: `interrupted`, or `cut` mid-stream), logged
+    /// and counted; a charge that fails is logged, and the job goes on.
+    async fn charge_failed_attempt(&self, job: &JobRecord, attempt: i32, usage: Usage, why: &'static str) {
+        let Some(charger) = &self.charger else { return };
+        match charger.charge_attempt(job, attempt, usage).await {
+            Ok(()) => {
+                self.metrics.event(if why == "cut" { "cut_charged" } else { "interrupted_charged" });
+                tracing::warn!(
+                    job = %job.id, attempt, why, tokens = usage.total_tokens,
+                    "sync queue: a failed attempt may have been served; charged"
+                );
+            }
+            Err(err) => {
+                self.metrics.event("attempt_uncharged");
+                tracing::warn!(job = %job.id, attempt, why, error = %err, "sync queue: charging a failed attempt failed");
+            }
+        }
     }
 
     /// Charges a delivered job: `Succeeded` once the charge landed (the outcome's usage then
@@ -598,8 +602,14 @@ impl Dispatcher {
             let options = CallOptions { idempotency_key: Some(job.id.clone()), max_retries: Some(0) };
             match collect(&self.upstream, call, options, &provider).await {
                 Ok(outcome) => return Ok(outcome),
-                Err((err, received)) => {
-                    let next = !received && err.is_retryable();
+                Err((err, partial)) => {
+                    let next = partial.is_none() && err.is_retryable();
+                    if let Some(partial) = partial {
+                        // Cut after it began: the provider served the prompt and what it sent, as
+                        // a chat stream cut the same way is charged.
+                        let usage = Charger::priced_usage(job, &partial);
+                        self.charge_failed_attempt(job, job.attempts, usage, "cut").await;
+                    }
                     last = Some(err);
                     if !next {
                         break;
@@ -628,26 +638,26 @@ fn is_permanent(err: &Error) -> bool {
 
 /// Runs one call to its end and folds its answer: text, refusal, reasoning, tool calls (streamed
 /// or assembled), usage. The error says whether any content had been received.
+/// Tokens of `bytes` of text, estimated (about four bytes a token) where a provider reported none.
+fn estimated_tokens(bytes: usize) -> i64 {
+    i64::try_from((bytes as u64).div_ceil(4)).unwrap_or(i64::MAX)
+}
+
+/// One delivery, read whole. A failure after the provider began answering comes with what it
+/// served: its usage when it reported any, else the prompt and the text so far estimated from
+/// their length.
 async fn collect(
     upstream: &Upstream,
     request: CompleteRequest,
     options: CallOptions,
     provider: &str,
-) -> Result<JobOutcome, (Error, bool)> {
-    let mut stream = upstream.complete_with(request, options).map_err(|err| (err, false))?;
+) -> Result<JobOutcome, (Error, Option<JobOutcome>)> {
+    let prompt_bytes: usize = request.messages.iter().map(prost::Message::encoded_len).sum();
+    let mut stream = upstream.complete_with(request, options).map_err(|err| (err, None))?;
     let mut answer = Answer::default();
     let mut dropped_params = Vec::new();
     let mut received = false;
-    while let Some(item) = stream.next().await {
-        let chunk = item.map_err(|err| (err, received))?;
-        received = true;
-        if !chunk.dropped_params.is_empty() {
-            dropped_params.clone_from(&chunk.dropped_params);
-        }
-        answer.push(&chunk);
-    }
-    // The stream ends without an error only after the provider's last chunk.
-    Ok(JobOutcome {
+    let outcome = |answer: Answer, dropped_params: Vec<String>| JobOutcome {
         finish_reason: answer.finish_reason_or_default().to_owned(),
         text: answer.content,
         usage: answer.usage,
@@ -657,5 +667,28 @@ async fn collect(
         refusal: answer.refusal,
         reasoning: answer.reasoning,
         dropped_params,
-    })
+    };
+    while let Some(item) = stream.next().await {
+        let chunk = match item {
+            Ok(chunk) => chunk,
+            Err(err) if received => {
+                let produced = answer.content.len() + answer.reasoning.len() + answer.refusal.len();
+                let calls: usize = answer.tool_calls.iter().map(prost::Message::encoded_len).sum();
+                let usage = answer.usage.unwrap_or(Usage {
+                    prompt_tokens: estimated_tokens(prompt_bytes),
+                    completion_tokens: estimated_tokens(produced + calls),
+                    ..Usage::default()
+                });
+                return Err((err, Some(JobOutcome { usage: Some(usage), ..outcome(answer, dropped_params) })));
+            }
+            Err(err) => return Err((err, None)),
+        };
+        received = true;
+        if !chunk.dropped_params.is_empty() {
+            dropped_params.clone_from(&chunk.dropped_params);
+        }
+        answer.push(&chunk);
+    }
+    // The stream ends without an error only after the provider's last chunk.
+    Ok(outcome(answer, dropped_params))
 }
