@@ -141,6 +141,8 @@ class Mesh:
             "MESHGATE_GATEWAY__ANALYTICS_ENDPOINT": f"http://127.0.0.1:{self.grpc['analytics']}",
             "MESHGATE_SYNC__QUOTA_ENDPOINT": f"http://127.0.0.1:{self.grpc['quota']}",
             "RUST_LOG": rust_log,
+            # Told to sync, which then does not charge an interrupted job attempt's estimate.
+            "MESHGATE_PROVIDER_MOCK_HONOURS_IDEMPOTENCY_KEYS": "true" if idempotent_provider else "false",
         })
         for name in SERVICES + ["gateway-1", "gateway-2"]:
             env = dict(common)
