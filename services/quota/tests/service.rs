@@ -195,6 +195,7 @@ fn unreachable_engine(fail_open: bool) -> (QuotaEngine, QuotaMetrics) {
             key_prefix: "unused:".into(),
             settled_retention: Duration::from_secs(60),
             track_dirty: false,
+            late_after: Duration::from_secs(2),
         },
     );
     let metrics = QuotaMetrics::new(&meshgate_runtime::Metrics::new("quota"));
@@ -206,6 +207,45 @@ fn unreachable_engine(fail_open: bool) -> (QuotaEngine, QuotaMetrics) {
         metrics.clone(),
     );
     (engine, metrics)
+}
+
+/// Redis stalled (SIGSTOP) with reservation scripts queued runs them when it wakes, after the
+/// quota service answered 503 and the gateway refused the requests: such a late script holds
+/// nothing, where before its hold blocked the budget until its TTL (five minutes) — found by the
+/// chaos suite's `redis-stall`. Here every script is late (`late_after` zero).
+#[tokio::test]
+async fn a_reservation_redis_runs_after_its_caller_gave_up_holds_nothing() {
+    let prefix = format!("{}:", unique("test:quota:late"));
+    let store = |late_after| {
+        let conn = redis_connection(&redis_url(), &RedisConfig::default()).unwrap();
+        let settings = RedisStoreSettings {
+            key_prefix: prefix.clone(),
+            settled_retention: Duration::from_secs(60),
+            track_dirty: false,
+            late_after,
+        };
+        Arc::new(RedisStore::new(conn, settings))
+    };
+    let engine = |late_after| {
+        let metrics = QuotaMetrics::new(&meshgate_runtime::Metrics::new("quota"));
+        QuotaEngine::new(
+            store(late_after),
+            Arc::new(MemoryLimits::default()),
+            system_clock(),
+            EngineSettings::default(),
+            metrics,
+        )
+    };
+    let p = principal();
+    let late = engine(Duration::ZERO);
+    let err = late.reserve(&reserve(&p, "stalled", 500, 0)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
+    assert!(err.to_string().contains("after it was sent"), "{err}");
+    let on_time = engine(Duration::from_secs(2));
+    let status = on_time.status(&pb::StatusRequest { principal: Some(p.clone()) }).await.unwrap();
+    assert!(status.scopes.iter().all(|s| s.reserved_tokens == 0), "a late script held budget: {status:?}");
+    assert!(on_time.reserve(&reserve(&p, "on-time", 500, 0)).await.unwrap().admitted);
+    delete_prefix(&prefix);
 }
 
 #[tokio::test]

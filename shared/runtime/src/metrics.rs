@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// Latency buckets in seconds, dense below a millisecond where the mesh's own hops live.
 pub const LATENCY_BUCKETS: &[f64] =
@@ -16,6 +16,9 @@ pub struct Metrics {
     pub(crate) grpc_requests: IntCounterVec,
     grpc_duration: HistogramVec,
     pub(crate) grpc_refused: IntCounterVec,
+    /// Tokio tasks alive in the process, read at each scrape: a count that keeps growing under
+    /// steady load is a leak (the soak watches it).
+    alive_tasks: IntGauge,
 }
 
 impl Metrics {
@@ -45,7 +48,10 @@ impl Metrics {
             &["method", "caller", "reason"],
         )
         .expect("static metric options are valid");
-        let metrics = Self { registry, grpc_requests, grpc_duration, grpc_refused };
+        let alive_tasks = IntGauge::new("meshgate_runtime_alive_tasks", "Tokio tasks alive in the process")
+            .expect("static metric options are valid");
+        let metrics = Self { registry, grpc_requests, grpc_duration, grpc_refused, alive_tasks };
+        metrics.register(Box::new(metrics.alive_tasks.clone()));
         metrics.register(Box::new(metrics.grpc_requests.clone()));
         metrics.register(Box::new(metrics.grpc_duration.clone()));
         metrics.register(Box::new(metrics.grpc_refused.clone()));
@@ -70,10 +76,40 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric in the registry.
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.alive_tasks.set(i64::try_from(runtime.metrics().num_alive_tasks()).unwrap_or(i64::MAX));
+        }
         let mut out = Vec::new();
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(%err, "metrics encoding failed");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_scrape_reports_the_tasks_alive_in_the_process() {
+        let metrics = Metrics::new("probe");
+        let (release, wait) = tokio::sync::watch::channel(false);
+        let parked: Vec<_> = (0..5)
+            .map(|_| {
+                let mut wait = wait.clone();
+                tokio::spawn(async move { while wait.changed().await.is_ok() && !*wait.borrow() {} })
+            })
+            .collect();
+        let alive = |text: &str| -> i64 {
+            let line = text.lines().find(|l| l.starts_with("meshgate_runtime_alive_tasks{")).expect("the gauge");
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert!(alive(&metrics.render()) >= 5);
+        release.send(true).unwrap();
+        for task in parked {
+            task.await.unwrap();
+        }
+        assert_eq!(alive(&metrics.render()), 0, "the parked tasks ended");
     }
 }

@@ -54,6 +54,11 @@ pub struct RedisStoreSettings {
     pub settled_retention: Duration,
     /// Whether commits mark counters dirty for the ledger (only when a ledger is written).
     pub track_dirty: bool,
+    /// A reservation script Redis runs this long after it was sent (by the wall clocks of this
+    /// host and Redis's) holds nothing: its caller has given up by then (the connection's response
+    /// timeout, plus a margin for the clocks), as when a stalled Redis runs the scripts queued
+    /// while it was stopped. Without this the hold would outlive everyone until its TTL.
+    pub late_after: Duration,
 }
 
 /// The quota store shared by every replica.
@@ -255,7 +260,11 @@ impl QuotaStore for RedisStore {
             .arg(ms((input.expires_at - input.now).to_std().unwrap_or_default() + self.settings.settled_retention))
             .arg(ms(COUNTER_TTL))
             .arg(suffixes.join("\n"))
-            .arg(input.leased_retry_after_ms.max(1));
+            .arg(input.leased_retry_after_ms.max(1))
+            .arg(
+                epoch_ms(Utc::now())
+                    .saturating_add(i64::try_from(self.settings.late_after.as_millis()).unwrap_or(i64::MAX)),
+            );
         for c in &input.counters {
             invocation.arg(c.tokens_limit).arg(c.cost_limit_micros).arg(c.requests_per_minute).arg(c.tokens_per_minute);
         }
@@ -263,6 +272,10 @@ impl QuotaStore for RedisStore {
         let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
         let values = integers(&reply)?;
         match values.first() {
+            Some(4) => Err(Error::Unavailable(format!(
+                "the quota store ran the reservation more than {} ms after it was sent",
+                self.settings.late_after.as_millis()
+            ))),
             Some(2) => Ok(ReserveOutcome::StaleLimits),
             Some(3) => Ok(ReserveOutcome::Unseeded(unseeded_positions(&values[1..], n)?)),
             Some(0) if values.len() >= 2 => {

@@ -129,6 +129,7 @@ impl Harness {
                         key_prefix: self.prefix.clone(),
                         settled_retention: Duration::from_secs(600),
                         track_dirty: true,
+                        late_after: Duration::from_secs(2),
                     },
                 );
                 (Arc::new(store), Arc::new(PostgresLimits::new(self.pool.clone().unwrap())))

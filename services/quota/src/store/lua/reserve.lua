@@ -6,13 +6,21 @@
 -- ARGV[4] tokens, ARGV[5] cost, ARGV[6] zset member, ARGV[7] record TTL (ms),
 -- ARGV[8] counter TTL (ms), ARGV[9] newline-separated counter key suffixes (kept for settling),
 -- ARGV[10] the wait (ms) to tell a request refused only because leases hold the budget,
--- ARGV[4i+7] .. ARGV[4i+10] tokens/day, cost/day, requests/minute, tokens/minute limits of
+-- ARGV[11] the wall-clock instant (ms) from which the script must not act (its caller gave up),
+-- ARGV[4i+8] .. ARGV[4i+11] tokens/day, cost/day, requests/minute, tokens/minute limits of
 -- counter i (0 = unlimited).
--- Returns {2} when limits changed; {3, i...} when counters i were never seeded from the ledger;
+-- Returns {4} when run too late (nothing changed); {2} when limits changed; {3, i...} when counters i were never seeded from the ledger;
 -- {0, existing, counters...} when admitted; {1, i, limit, retry ms, counters...} when counter i
 -- refuses (limit: 0 tokens/day, 1 cost/day, 2 requests/minute, 3 tokens/minute; retry ms 0 for a
 -- daily limit means at the window's reset). Seven integers per counter: five daily values and the
 -- two per-minute levels, what leases hold included.
+-- Run after its caller gave up (Redis was stalled with it queued): a hold made now would be
+-- held by nobody until its TTL.
+local clock = redis.call('TIME')
+if tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) >= tonumber(ARGV[11]) then
+  return {4}
+end
+
 local generation = redis.call('GET', KEYS[1]) or ''
 if generation ~= ARGV[1] then
   return {2}
@@ -25,7 +33,7 @@ local cost = tonumber(ARGV[5])
 local held_wait = tonumber(ARGV[10])
 
 local function limit(i, j)
-  return tonumber(ARGV[4 * i + 6 + j])
+  return tonumber(ARGV[4 * i + 7 + j])
 end
 
 -- Seeded-ness is read with the counter: field 6 of read_seeded.
