@@ -2,7 +2,8 @@
 # The chaos suite (issue 19): the six services as separate processes (two gateway replicas) with
 # Postgres and Redis, the mock provider as the only upstream, a steady open-loop mixed load from
 # three tenants with tight budgets, and faults held then healed (SIGKILL and restart of each
-# service in turn; Redis FLUSHALL and restart; a provider that hangs, answers 500 or 429 with
+# service in turn; Redis FLUSHALL and restart, Redis stalled; Postgres restarted and stalled; a
+# provider that hangs, answers 500 or 429 with
 # Retry-After, or cuts its streams, set on the running mock through its PUT /_mock/behavior), with
 # the invariants checked after every fault and at the end (scripts/chaos/run.py says which).
 # RELIABILITY.md has the results.
@@ -16,8 +17,9 @@
 #   router,quota,analytics,sync}, meshgate-mock-provider) instead of a debug build;
 #   MESHGATE_CHAOS_TIMEOUT (default 1200) caps the whole run in seconds (the build is not counted).
 # Everything runs on loopback, gRPC in plaintext (this slice; mTLS is the deployments' default).
-# Postgres: the one on 127.0.0.1:5432 (or a throwaway, as the tests do), in a fresh database
-# dropped at exit. Redis: the runner's own redis-server on a free port (it flushes and restarts it).
+# Postgres: the run's own throwaway cluster (initdb as the postgres user; stopped, stalled and
+# restarted by its faults), deleted at exit. Redis: the runner's own redis-server on a free port
+# (it flushes, stalls and restarts it).
 # Output: .run/chaos/<UTC timestamp>/ (report.json, requests.jsonl, logs/); exit 1 when an
 # invariant failed, 2 when the run itself could not complete.
 # shellcheck source-path=SCRIPTDIR/..
@@ -51,8 +53,9 @@ bin=$(mg_mesh_bins MESHGATE_CHAOS_BIN)
 timeout_secs=${MESHGATE_CHAOS_TIMEOUT:-1200}
 mg_watchdog "$timeout_secs"
 
-# --- Postgres: a fresh database ----------------------------------------------------------------
-mg_pg_ensure
+# --- Postgres: a cluster of the run's own (its faults stop and restart it), one fresh database --
+mg_need_cmd psql postgresql-client
+mg_pg_start_throwaway 55432
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mg_pg_create_db "meshgate_chaos_${stamp,,}_$$"
 export DATABASE_URL="postgres://postgres@127.0.0.1:$MG_PG_PORT/$MG_PG_DB"
@@ -71,6 +74,7 @@ done
 # The runner in the background so that a signal to this script reaches the trap at once; the
 # trap stops the runner by its pid (its children follow it).
 "$MG_VENV/bin/python" scripts/chaos/run.py --bin "$out/bin" --database-url "$DATABASE_URL" --out "$out" \
+    --pg-dir "$MG_PG_DIR" --pg-bindir "$MG_PG_BINDIR" \
     --total-timeout "$((timeout_secs - 30))" --shape "$shape binaries, plaintext gRPC on loopback" "$@" &
 runner=$!
 mg_defer mg_stop "$runner"

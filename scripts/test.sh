@@ -26,6 +26,8 @@
 #   MESHGATE_CLIENT_TESTS=0     skip the real-client tests (scripts/clients/run.sh: the openai,
 #                               anthropic and Agents SDKs and langchain-openai against the mock
 #                               and through meshgate), which run by default
+#   MESHGATE_SOAK_TESTS=0       skip the five-minute soak (scripts/chaos.sh --faults soak), which
+#                               runs by default
 #
 # A check whose tool is missing (rustfmt, clippy, cargo-nextest) fails the run: the tool is
 # installed first when it can be (rustup component add, cargo install --locked).
@@ -162,6 +164,14 @@ if [[ ${MESHGATE_CLIENT_TESTS:-1} == 1 ]]; then
     run_step clients scripts/clients/run.sh
 else
     NOT_REQUESTED+=("clients (MESHGATE_CLIENT_TESTS=0 was set)")
+fi
+# Five minutes of steady mixed load on the six processes, two gateway replicas, Postgres and Redis:
+# the invariants of the chaos suite, and no leak (memory, descriptors, Tokio tasks, Redis keys
+# without an expiry, Postgres connections) in the samples taken every 10 s (RELIABILITY.md).
+if [[ ${MESHGATE_SOAK_TESTS:-1} == 1 ]]; then
+    run_step soak scripts/chaos.sh --faults soak --soak-seconds 300 --budget-a 100000000 --budget-b 100000000
+else
+    NOT_REQUESTED+=("soak (MESHGATE_SOAK_TESTS=0 was set)")
 fi
 # ===== extra checks (end) ======================================================================
 

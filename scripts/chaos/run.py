@@ -72,6 +72,15 @@ CODE_STATUS = {
 }
 DEADLINES = {"chat": 10.0, "stream": 15.0, "job": 10.0, "embed": 10.0}
 SERVICE_FAULTS = ["gateway-1", "router", "quota", "analytics", "sync", "inference", "redis-flushall"]
+# Dependencies made unreachable without losing data (SIGSTOP, then SIGCONT), or restarted.
+DEPENDENCY_FAULTS = ["redis-stall", "postgres-stall", "postgres-restart"]
+# Not a fault: steady load for --soak-seconds, sampling what a leak would grow (see `leaks`).
+SOAK = "soak"
+# What a series may still grow over the second half of a soak without being called a leak:
+# (absolute, fraction of its level). Redis keys as a whole grow until their retention (600 s)
+# plateaus them, so only keys without an expiry are judged.
+LEAK_ALLOWANCE = {"rss_kb": (8192, 0.10), "fds": (10, 0.0), "alive_tasks": (50, 0.0),
+                  "redis.keys_without_ttl": (20, 0.0), "postgres.connections": (5, 0.0)}
 # The knobs each provider fault puts on the mock (PUT /_mock/behavior); healing puts back the
 # knobs the mock had at the start. provider-cut's piece count comes from --cut-after.
 PROVIDER_FAULTS = {
@@ -84,7 +93,7 @@ PROVIDER_FAULTS = {
 PROVIDER_CODES = {"rate_limited": 429, "upstream_error": 502, "service_unavailable": 503, "timeout": 504}
 MIX = [("chat", 40), ("stream", 30), ("job", 15), ("embed", 15)]
 GOOD = {"ok"}
-ACCEPTABLE = {"ok", "refused", "excused", "provider_fault"}
+ACCEPTABLE = {"ok", "refused", "excused", "provider_fault", "stalled_peer"}
 
 T0 = time.time()
 
@@ -124,6 +133,7 @@ class Runner:
         self.last_quiet: dict | None = None
         self.over_budget_seen: list[list[str]] = []  # [tenant + ":", what] already reported
         self.provider_windows: list[dict] = []  # {"fault", "t_fault", "t_heal"}
+        self.stall_windows: list[dict] = []  # Redis or Postgres stopped: {"fault", "t_fault", "t_heal"}
         self.healthy_knobs: dict | None = None
         self.partial_charges: dict[int, int] = {}  # mock seq -> tokens its trace says were charged
         self.partial_trace_missing: dict[int, dict] = {}  # mock seq -> entry whose trace was not found
@@ -410,16 +420,29 @@ class Runner:
             return "rate_limited_without_retry_after"
         return "provider_fault"
 
+    def stalled_peer_answer(self, rec: dict) -> str | None:
+        """While Redis or Postgres is stopped, a service that waits on it may not answer the gateway
+        within its peer deadline (`peer_timeout_ms`, 2 s): the gateway answers 504 `timeout`,
+        saying the outcome is unknown (a job may still be queued: resubmit it with the same
+        Idempotency-Key), not 503, which says nothing took effect. Accepted with the error shape
+        within the deadline plus 1 s; None for anything else."""
+        if rec.get("outcome") != "bad_status" or rec.get("code") != "timeout" or rec.get("status") != 504:
+            return None
+        if not any(rec["t_start"] <= w["t_heal"] and rec.get("t_end", rec["t_start"]) >= w["t_fault"]
+                   for w in self.stall_windows):
+            return None
+        return "stalled_peer" if rec.get("t_end", float("inf")) - rec["t_start"] <= 3.0 else None
+
     def final_outcome(self, rec: dict) -> str:
         outcome = rec.get("outcome", "pending")
         if outcome in ("cut", "stream_cut", "conn_error") and self.excused(rec):
             return "excused"
-        return self.provider_fault_answer(rec) or outcome
+        return self.provider_fault_answer(rec) or self.stalled_peer_answer(rec) or outcome
 
     # --- faults -------------------------------------------------------------------------------
     def faults(self) -> list[dict]:
-        names = SERVICE_FAULTS + list(PROVIDER_FAULTS)
-        chosen = self.args.faults.split(",") if self.args.faults else names
+        names = SERVICE_FAULTS + DEPENDENCY_FAULTS + list(PROVIDER_FAULTS) + [SOAK]
+        chosen = self.args.faults.split(",") if self.args.faults else [n for n in names if n != SOAK]
         unknown = set(chosen) - set(names)
         if unknown:
             raise SystemExit(f"unknown faults {sorted(unknown)}; known: {names}")
@@ -455,6 +478,26 @@ class Runner:
             self.provider_windows.append({"fault": name, "t_fault": t_fault, "t_heal": t_heal})
             log(f"fault {name}: healed")
             return t_fault, t_heal
+        if name == SOAK:
+            t_start = time.time()
+            samples = []
+            while time.time() - t_start < self.args.soak_seconds:
+                samples.append(await self.sample())
+                await asyncio.sleep(max(0.0, self.args.sample_every - (time.time() - samples[-1]["t"])))
+            samples.append(await self.sample())
+            fault["samples"] = samples
+            fault["leaks"] = leaks(samples)
+            fault["detail"] = f"steady load for {self.args.soak_seconds:.0f} s, sampled every {self.args.sample_every:.0f} s"
+            log(f"soak: {len(samples)} samples; leaks: {fault['leaks']['leaking'] or 'none'}")
+            return t_start, time.time()
+        if name in DEPENDENCY_FAULTS:
+            t_fault, t_heal = await self.dependency_fault(name, hold)
+            fault["detail"] = {
+                "redis-stall": f"SIGSTOP redis-server for {hold:.0f} s (unreachable, data kept), SIGCONT",
+                "postgres-stall": f"SIGSTOP every process of the Postgres cluster for {hold:.0f} s, SIGCONT",
+                "postgres-restart": f"pg_ctl stop -m immediate, {hold:.0f} s down, started again",
+            }[name]
+            return t_fault, t_heal
         if name == "redis-flushall":
             proc = self.mesh.procs["redis"]
             reply = self.mesh.redis_command("FLUSHALL")
@@ -474,6 +517,84 @@ class Runner:
         proc.start()
         t_heal = time.time()
         log(f"fault {name}: healed (restarted pid {proc.popen.pid})")
+        return t_fault, t_heal
+
+    async def sample(self) -> dict:
+        """One reading of what a leak would grow: each process's resident memory and open file
+        descriptors, each service's live Tokio tasks, Redis keys (all, and those without an
+        expiry), Postgres connections to the run's database."""
+        row: dict = {"t": time.time()}
+        for name, proc in self.mesh.procs.items():
+            if not proc.alive():
+                continue
+            pid = proc.popen.pid
+            try:
+                rss = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+                row[f"{name}.fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+            except OSError:
+                continue
+            if rss:
+                row[f"{name}.rss_kb"] = int(rss.group(1))
+            if name in self.mesh.admin:
+                try:
+                    resp = await request(HOST, self.mesh.admin[name], "GET", "/metrics", timeout=5)
+                    tasks = re.search(rb"^meshgate_runtime_alive_tasks(?:\{[^}]*\})? (\d+)", resp.body, re.M)
+                    if tasks:
+                        row[f"{name}.alive_tasks"] = int(tasks.group(1))
+                except (RuntimeError, OSError):
+                    pass
+        keyspace = re.search(rb"db0:keys=(\d+),expires=(\d+)", self.mesh.redis_command("INFO", "keyspace"))
+        keys, expiring = (int(keyspace.group(1)), int(keyspace.group(2))) if keyspace else (0, 0)
+        row["redis.keys"], row["redis.keys_without_ttl"] = keys, keys - expiring
+        try:
+            row["postgres.connections"] = int(self.psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")[0][0])
+        except RuntimeError:
+            pass
+        return row
+
+    def postgres_pids(self) -> list[int]:
+        """The postmaster of the run's cluster and every process it started."""
+        postmaster = int((Path(self.args.pg_dir) / "data" / "postmaster.pid").read_text().split()[0])
+        pids = [postmaster]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def pg_ctl(self, *args: str) -> None:
+        argv = [str(Path(self.args.pg_bindir) / "pg_ctl"), *args, "-D", str(Path(self.args.pg_dir) / "data"), "-w",
+                "-t", "60"]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        subprocess.run(argv, cwd=self.args.pg_dir, check=True, capture_output=True, timeout=90)
+
+    async def dependency_fault(self, name: str, hold: float) -> tuple[float, float]:
+        """Makes Redis or Postgres unreachable for `hold` seconds; returns (fault, heal) times."""
+        if name in ("redis-stall", "postgres-stall"):
+            pids = [self.mesh.procs["redis"].popen.pid] if name == "redis-stall" else self.postgres_pids()
+            t_fault = time.time()
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            log(f"fault {name}: injected ({len(pids)} processes stopped)")
+            await asyncio.sleep(hold)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        else:
+            t_fault = time.time()
+            await asyncio.to_thread(self.pg_ctl, "stop", "-m", "immediate")
+            log(f"fault {name}: injected")
+            await asyncio.sleep(hold)
+            # restart starts a stopped server with the options it last ran with (postmaster.opts).
+            log_file = str(Path(self.args.pg_dir) / "postgres.log")
+            await asyncio.to_thread(self.pg_ctl, "restart", "-m", "fast", "-l", log_file)
+        t_heal = time.time()
+        self.stall_windows.append({"fault": name, "t_fault": t_fault, "t_heal": t_heal})
+        log(f"fault {name}: healed")
         return t_fault, t_heal
 
     def path_requests(self, fault: str, since: float) -> list[dict]:
@@ -639,6 +760,16 @@ class Runner:
                 entry["ledger"] = int(rows[0][0])
             except RuntimeError as err:
                 entry["ledger_error"] = str(err)
+            # What holds the reserved budget: leases (the counter's `lt`) and reservations (the
+            # members of its zset, `<id>|<tokens>|<cost>`), read from Redis itself.
+            try:
+                counter = f"meshgate:quota:c:{time.strftime('%Y%m%d', time.gmtime())}:project:{t['project']}"
+                leased = re.search(rb"^:?\$?\d+\r\n(\d+)", self.mesh.redis_command("HGET", counter, "lt"))
+                entry["leased"] = int(leased.group(1)) if leased else 0
+                members = self.mesh.redis_command("ZRANGE", counter.replace(":c:", ":z:", 1), "0", "-1")
+                entry["holds"] = [m.decode(errors="replace") for m in re.findall(rb"\r\n([^\r\n$*]+\|\d+\|\d+)", members)]
+            except OSError as err:
+                entry["holds_error"] = str(err)
             entry.update(self.mock_accounting(name))
             snap[name] = entry
         return snap
@@ -792,7 +923,8 @@ class Runner:
             if d["ledger"] != d["used"]:
                 problems.append(f"{name}: since the last quiet point ledger {d['ledger']} != quota {d['used']}")
             if now.get("reserved") and not snap.get("_open_jobs"):
-                problems.append(f"{name}: {now['reserved']} tokens reserved at a quiet point with no job open")
+                problems.append(f"{name}: {now['reserved']} tokens reserved at a quiet point with no job open "
+                                f"(leases {now.get('leased')}, holds {now.get('holds')})")
         if self.oracle.incomplete:
             problems.append(f"the mock's ring lost {self.oracle.gaps} requests unread and {len(self.oracle.unsettled)} "
                             f"before they ended: counts incomplete")
@@ -958,6 +1090,8 @@ class Runner:
                 "path_outcomes_until_recovered": dict(impact),
                 "A_answers": answers, "B_traces": traces, "C_budgets": budgets, "C_exact": exact, "D_jobs": jobs,
             }
+            if "leaks" in fault:
+                window["leaks"], window["samples"] = fault["leaks"], fault["samples"]
             self.windows.append(window)
             log(f"fault {fault['name']}: A {'ok' if answers['ok'] else 'FAIL'} {answers['outcomes']}; "
                 f"B {'ok' if traces['ok'] else 'FAIL'} ({traces['checked']} traces); "
@@ -1082,12 +1216,61 @@ def table(report: dict) -> str:
                  "ok" if f["B_traces_all"]["ok"] else f"FAIL {f['B_traces_all']['missing_count']} missing",
                  "ok" if f["C_budgets_exact"]["ok"] else "FAIL", "", "ok" if f["D_jobs_all"]["ok"] else "FAIL", "", ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(" | ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)) for r in rows)
+    text = "\n".join(" | ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)) for r in rows)
+    for w in report["faults"]:
+        if "leaks" in w:
+            text += f"\n\nsoak #{w['round']}: {w['leaks']['samples']} samples; " + (
+                "no leak" if w["leaks"]["ok"] else "LEAKING " + ", ".join(w["leaks"]["leaking"]))
+            for key, v in w["leaks"]["series"].items():
+                text += (f"\n  {key:32} level {v['level']:>10} grew {v['grew_first_half']:>8} then "
+                         f"{v['grew_second_half']:>8} (allowed {v['allowed']}){'  LEAK' if v['leak'] else ''}")
+    return text
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares growth per second of (t, value) points."""
+    n = len(points)
+    mt, mv = sum(t for t, _ in points) / n, sum(v for _, v in points) / n
+    var = sum((t - mt) ** 2 for t, _ in points)
+    return 0.0 if var == 0 else sum((t - mt) * (v - mv) for t, v in points) / var
+
+
+def leaks(samples: list[dict], warmup: float = 0.2) -> dict:
+    """A leak is a slope that does not flatten: after a warm-up (the first fifth), a series whose
+    fitted growth over the second half exceeds its allowance (LEAK_ALLOWANCE) and is not smaller
+    than half its growth over the first half. Every judged series is reported with both."""
+    kept = samples[int(len(samples) * warmup):]
+    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for row in kept:
+        for key, value in row.items():
+            if key != "t":
+                series[key].append((row["t"], float(value)))
+    judged, leaking = {}, []
+    for key, points in sorted(series.items()):
+        kind = next((k for k in LEAK_ALLOWANCE if key == k or key.endswith("." + k)), None)
+        # The mock provider is the run's instrument (it remembers every idempotency key it saw).
+        if kind is None or len(points) < 6 or key.startswith("mock."):
+            continue
+        half = len(points) // 2
+        first, second = points[: half + 1], points[half:]
+        grew_first = slope(first) * (first[-1][0] - first[0][0])
+        grew_second = slope(second) * (second[-1][0] - second[0][0])
+        level = sum(v for _, v in second) / len(second)
+        absolute, fraction = LEAK_ALLOWANCE[kind]
+        allowed = max(absolute, fraction * level)
+        leak = grew_second > allowed and grew_second >= 0.5 * grew_first
+        judged[key] = {"level": round(level, 1), "grew_first_half": round(grew_first, 1),
+                       "grew_second_half": round(grew_second, 1), "allowed": round(allowed, 1), "leak": leak}
+        if leak:
+            leaking.append(key)
+    return {"ok": not leaking, "leaking": leaking, "series": judged, "samples": len(samples)}
 
 
 def failed(report: dict) -> list[str]:
     out = []
     for w in report["faults"]:
+        if "leaks" in w and not w["leaks"]["ok"]:
+            out.append(f"{w['fault']} #{w['round']}: leaks {', '.join(w['leaks']['leaking'])}")
         for key in ("A_answers", "B_traces", "C_budgets", "C_exact", "D_jobs"):
             if not w[key]["ok"]:
                 out.append(f"{w['fault']} #{w['round']}: {key}")
@@ -1132,6 +1315,11 @@ def main() -> int:
                         "bounds a job attempt against a hanging provider (default 5000)")
     p.add_argument("--cut-after", type=int, default=2,
                    help="provider-cut: completion pieces a stream sends before the mock aborts it (default 2)")
+    p.add_argument("--soak-seconds", type=float, default=300.0,
+                   help="how long the soak (--faults soak) runs its steady load (default 300)")
+    p.add_argument("--sample-every", type=float, default=10.0, help="the soak's sampling period (s)")
+    p.add_argument("--pg-dir", help="the run's own Postgres cluster (data/ and its socket), for its faults")
+    p.add_argument("--pg-bindir", help="the bin directory holding that cluster's pg_ctl")
     p.add_argument("--report-window", type=float, default=0.05,
                    help="a request answered this long before its gateway replica's SIGKILL may lose its charge "
                         "and trace (report_delay_ms and trace_flush_ms, 20 ms, plus scheduling; default 0.05 s)")

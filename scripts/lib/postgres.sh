@@ -4,11 +4,14 @@
 # (trust auth, unix socket in its temp dir) that is stopped and deleted at exit.
 # Needs common.sh sourced and mg_cleanup_init called.
 #
-# Sets: MG_PG_PORT, MG_PG_THROWAWAY (0 or 1), MG_PG_DB (mg_pg_create_db).
+# Sets: MG_PG_PORT, MG_PG_THROWAWAY (0 or 1), MG_PG_DB (mg_pg_create_db); for a throwaway
+# cluster also MG_PG_DIR (its directory: data/, the socket, postgres.log) and MG_PG_BINDIR.
 
 MG_PG_PORT=
 MG_PG_THROWAWAY=0
 MG_PG_DB=
+MG_PG_DIR=
+MG_PG_BINDIR=
 
 # psql against 127.0.0.1:PORT as postgres, never prompting and ignoring any password in the
 # caller's environment: the URL the tests get carries no password, so this must work without one.
@@ -120,6 +123,8 @@ mg_pg_start_throwaway() {
             -o "-p $port $opts" >/dev/null 2>&1 && mg_pg_login_ok "$port"; then
             MG_PG_PORT=$port
             MG_PG_THROWAWAY=1
+            MG_PG_DIR=$dir
+            MG_PG_BINDIR=$bindir
             mg_log "Postgres: throwaway server on 127.0.0.1:$port (data in $dir)"
             return 0
         fi
