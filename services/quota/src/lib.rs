@@ -75,8 +75,8 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
                 key_prefix: config.key_prefix.clone(),
                 settled_retention: config.settled_retention(),
                 track_dirty,
-                // The response timeout, and a second for the two hosts' clocks to disagree.
-                late_after: Duration::from_millis(config.redis.response_timeout_ms) + Duration::from_secs(1),
+                // When the store gives up waiting for the script.
+                late_after: Duration::from_millis(config.redis.response_timeout_ms),
             },
         )),
         None => Arc::new(MemoryStore::new(clock.clone(), config.settled_retention(), track_dirty)),

@@ -54,17 +54,23 @@ pub struct RedisStoreSettings {
     pub settled_retention: Duration,
     /// Whether commits mark counters dirty for the ledger (only when a ledger is written).
     pub track_dirty: bool,
-    /// A reservation script Redis runs this long after it was sent (by the wall clocks of this
-    /// host and Redis's) holds nothing: its caller has given up by then (the connection's response
-    /// timeout, plus a margin for the clocks), as when a stalled Redis runs the scripts queued
-    /// while it was stopped. Without this the hold would outlive everyone until its TTL.
+    /// A reservation script Redis runs this long after it was sent holds nothing: its caller has
+    /// given up by then (the connection's response timeout), as when a stalled Redis runs the
+    /// scripts queued while it was stopped. Without this the hold would outlive everyone until its
+    /// TTL. Measured on Redis's clock: this host's is mapped onto it (see `clock_offset_ms`).
     pub late_after: Duration,
 }
+
+/// How long a measured offset between this host's clock and Redis's is used.
+const CLOCK_OFFSET_TTL: Duration = Duration::from_secs(30);
 
 /// The quota store shared by every replica.
 pub struct RedisStore {
     conn: RedisConnection,
     settings: RedisStoreSettings,
+    /// Redis's clock minus this host's (ms) and when that was measured: a reservation's deadline
+    /// is set on Redis's clock, so the two hosts' clocks need not agree.
+    clock_offset: parking_lot::Mutex<Option<(i64, std::time::Instant)>>,
     reserve: Script,
     settle: Script,
     status: Script,
@@ -79,6 +85,7 @@ impl RedisStore {
         Self {
             conn,
             settings,
+            clock_offset: parking_lot::Mutex::new(None),
             reserve: Script::new(RESERVE),
             settle: Script::new(SETTLE),
             status: Script::new(STATUS),
@@ -87,6 +94,22 @@ impl RedisStore {
             seed: Script::new(SEED),
             clear_dirty: Script::new(CLEAR_DIRTY),
         }
+    }
+
+    /// Redis's clock minus this host's in ms, measured with `TIME` at most every
+    /// [`CLOCK_OFFSET_TTL`]. Taken against the end of the round trip, it errs by at most the round
+    /// trip towards a deadline that comes early, never late.
+    async fn clock_offset_ms(&self) -> Result<i64, Error> {
+        if let Some((offset, at)) = *self.clock_offset.lock()
+            && at.elapsed() < CLOCK_OFFSET_TTL
+        {
+            return Ok(offset);
+        }
+        let mut conn = self.conn.clone();
+        let (seconds, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let offset = seconds * 1_000 + micros / 1_000 - epoch_ms(Utc::now());
+        *self.clock_offset.lock() = Some((offset, std::time::Instant::now()));
+        Ok(offset)
     }
 
     fn key(&self, rest: &str) -> String {
@@ -262,7 +285,7 @@ impl QuotaStore for RedisStore {
             .arg(suffixes.join("\n"))
             .arg(input.leased_retry_after_ms.max(1))
             .arg(
-                epoch_ms(Utc::now())
+                (epoch_ms(Utc::now()) + self.clock_offset_ms().await?)
                     .saturating_add(i64::try_from(self.settings.late_after.as_millis()).unwrap_or(i64::MAX)),
             );
         for c in &input.counters {
