@@ -20,7 +20,8 @@
 # Postgres: the run's own throwaway cluster (initdb as the postgres user; stopped, stalled and
 # restarted by its faults), deleted at exit. Redis: the runner's own redis-server on a free port
 # (it flushes, stalls and restarts it).
-# Output: .run/chaos/<UTC timestamp>/ (report.json, requests.jsonl, logs/); exit 1 when an
+# Output: .run/chaos/<UTC timestamp>/ (report.json, requests.jsonl, logs/, the soak's
+# soak-*.png plots); exit 1 when an
 # invariant failed, 2 when the run itself could not complete.
 # shellcheck source-path=SCRIPTDIR/..
 set -euo pipefail
@@ -42,6 +43,7 @@ done
 
 mg_need_cmd redis-server redis-server
 mg_python_setup
+mg_pip_requirements scripts/chaos/requirements.txt
 mg_export_ort_dylib_path
 
 # --- binaries ----------------------------------------------------------------------------------
@@ -80,4 +82,8 @@ runner=$!
 mg_defer mg_stop "$runner"
 status=0
 wait "$runner" || status=$?
+# The soak's curves (soak-<round>-<measure>.png beside report.json).
+if [[ -f $out/report.json ]] && grep -q '"samples"' "$out/report.json"; then
+    "$MG_VENV/bin/python" scripts/chaos/plot.py "$out" >&2 || mg_warn "plotting the soak failed"
+fi
 exit "$status"
