@@ -97,7 +97,13 @@ impl Queue {
             reserved_cost_micros: reservation.estimated_cost_micros,
             ..JobRecord::default()
         };
-        let (job, created) = self.store.enqueue(job).await?;
+        // The caller (the gateway, which holds the reservation for the job) may give up waiting
+        // while the store is slow (Postgres stalled): this future is then dropped and no job may
+        // ever carry the reservation, so it is freed rather than held until its TTL.
+        let abandoned = AbandonedSubmission { dispatcher: &self.dispatcher, job: Some(job.clone()) };
+        let stored = self.store.enqueue(job).await;
+        abandoned.disarm();
+        let (job, created) = stored?;
         if created {
             self.metrics.event("enqueued");
             self.dispatcher.wake();
@@ -301,5 +307,25 @@ impl SyncApi for SyncService {
         let uplink = self.uplink.as_ref().ok_or(Error::NotImplemented(NO_CLOUD))?;
         let batch_id = uplink.stage(request.into_inner().traces).await.map_err(Error::from)?;
         Ok(Response::new(UplinkResponse { batch_id }))
+    }
+}
+
+/// Frees a submission's reservation when the submission is dropped before the store answered.
+struct AbandonedSubmission<'a> {
+    dispatcher: &'a Dispatcher,
+    job: Option<JobRecord>,
+}
+
+impl AbandonedSubmission<'_> {
+    fn disarm(mut self) {
+        self.job = None;
+    }
+}
+
+impl Drop for AbandonedSubmission<'_> {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            self.dispatcher.release_abandoned(job);
+        }
     }
 }

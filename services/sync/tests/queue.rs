@@ -478,6 +478,53 @@ async fn an_attempt_cut_mid_stream_is_charged_what_it_served_on_disk() {
     an_attempt_cut_mid_stream_is_charged_what_it_served(StoreKind::File).await;
 }
 
+/// A submission its caller gives up on before the store answers (the gateway's deadline passing
+/// while Postgres is stalled) frees its reservation: no job may ever carry it, and it held the
+/// tenant's budget until its TTL (found by the chaos suite's postgres-stall). Should the store
+/// still create the job, its delivery is charged directly, once.
+async fn an_abandoned_submission_frees_its_reservation(kind: StoreKind) {
+    let mock = MockProvider::start().await.unwrap();
+    let (store, _dir) = store(kind).await;
+    let clock = Arc::new(ManualClock::new(start()));
+    let cfg = config(3);
+    let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
+    let spec = provider("mock", &mock);
+    let queue = charging_queue(store, std::slice::from_ref(&spec), clock.clone(), &cfg, &quota);
+    let upstream = meshgate_sync::Upstream::new(&cfg, &[spec], Default::default()).unwrap();
+    let reservation = admit(&quota, &principal(), "job-abandoned", 1_000, 5_000).await;
+    let request = EnqueueRequest { reservation: Some(reservation), ..enqueue_request("", "mock", "never mind") };
+    // Given up on at the first wait: the store may or may not have the job afterwards.
+    let abandoned = tokio::time::timeout(Duration::from_nanos(1), queue.enqueue(&upstream, request)).await;
+    assert!(abandoned.is_err(), "the submission was not abandoned");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while quota_status(&quota).await.scopes.iter().any(|s| s.reserved_tokens > 0) {
+        assert!(tokio::time::Instant::now() < deadline, "the abandoned submission's reservation is still held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let delivered = queue.dispatcher().run_once().await.unwrap();
+    let charged: i64 = if delivered == 1 {
+        let job = queue.store().list(PROJECT, JobStatus::Succeeded, 10).await.unwrap().pop().unwrap();
+        job.outcome.unwrap().usage.unwrap().total_tokens
+    } else {
+        0
+    };
+    for scope in quota_status(&quota).await.scopes {
+        assert_eq!((scope.used_tokens, scope.reserved_tokens), (charged, 0), "{scope:?}");
+    }
+    quota_shutdown.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_submission_frees_its_reservation_on_postgres() {
+    an_abandoned_submission_frees_its_reservation(StoreKind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_submission_frees_its_reservation_on_disk() {
+    an_abandoned_submission_frees_its_reservation(StoreKind::File).await;
+}
+
 /// A job holds its admission while queued; a dead letter frees it; a dead letter put back holds
 /// its new admission, which delivery commits with the actual usage.
 async fn a_dead_letter_frees_its_reservation(kind: StoreKind) {

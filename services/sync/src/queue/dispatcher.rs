@@ -28,8 +28,9 @@ use crate::upstream::{CallOptions, Upstream};
 /// retried), `charge_refused` (the quota service refused the usage as invalid: delivered
 /// uncharged), `released` (a dead letter's reservation freed), `interrupted_charged` (an attempt
 /// a stopped worker left unrecorded, charged at the job's estimate before the next), `cut_charged`
-/// (an attempt cut mid-stream, charged what it served) or `attempt_uncharged` (either charge
-/// failed).
+/// (an attempt cut mid-stream, charged what it served), `attempt_uncharged` (either charge
+/// failed) or `abandoned_released` (a submission its caller gave up on before it was stored: its
+/// reservation freed).
 #[derive(Clone)]
 pub struct QueueMetrics {
     pub(crate) jobs: IntCounterVec,
@@ -323,6 +324,27 @@ impl Dispatcher {
             }
         }
         released
+    }
+
+    /// Frees `job`'s reservation in the background (the submission that made it was abandoned
+    /// before it was stored). Should the store still create the job, its delivery finds the
+    /// reservation released and charges the usage directly, once.
+    pub fn release_abandoned(&self, job: JobRecord) {
+        let Some(charger) = self.charger.clone() else { return };
+        if !job.reservation_open {
+            return;
+        }
+        let metrics = self.metrics.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                match charger.release(&job).await {
+                    Ok(()) => metrics.event("abandoned_released"),
+                    Err(err) => {
+                        tracing::warn!(job = %job.id, error = %err, "sync queue: the reservation expires on its own");
+                    }
+                }
+            });
+        }
     }
 
     /// Frees the open reservation of the dead letter `job` before it is put back under a new one.
