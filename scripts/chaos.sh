@@ -57,7 +57,7 @@ mg_watchdog "$timeout_secs"
 
 # --- Postgres: a cluster of the run's own (its faults stop and restart it), one fresh database --
 mg_need_cmd psql postgresql-client
-mg_pg_start_throwaway 55432
+MG_PG_DURABLE=1 mg_pg_start_throwaway 55432
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 mg_pg_create_db "meshgate_chaos_${stamp,,}_$$"
 export DATABASE_URL="postgres://postgres@127.0.0.1:$MG_PG_PORT/$MG_PG_DB"

@@ -115,8 +115,11 @@ mg_pg_start_throwaway() {
         mg_die "initdb failed"
     fi
 
-    # Durability settings are off: the cluster is deleted at exit and only speed matters.
-    local opts="-c listen_addresses=127.0.0.1 -k $dir -c fsync=off -c synchronous_commit=off"
+    # Durability settings are off: the cluster is deleted at exit and only speed matters. With
+    # MG_PG_DURABLE=1 (the chaos suite, which kills the server) a commit is acknowledged once its
+    # WAL is written, so a killed server keeps it; the host itself never crashes, so no fsync.
+    local opts="-c listen_addresses=127.0.0.1 -k $dir -c fsync=off"
+    [[ ${MG_PG_DURABLE:-0} == 1 ]] || opts+=" -c synchronous_commit=off"
     opts+=" -c full_page_writes=off -c max_connections=200"
     while read -r port; do
         if mg__as_pg "$dir" "$bindir/pg_ctl" start -w -t 60 -D "$dir/data" -l "$dir/postgres.log" \
