@@ -161,7 +161,6 @@ impl Charger {
     /// Charges the delivered job's `usage` once: commits its open reservation (with its principal,
     /// so a reservation the quota store lost is still charged), else charges `job:<id>`.
     async fn charge(&self, job: &JobRecord, usage: Usage) -> Result<(), ChargeFailure> {
-        let principal = Self::principal(job);
         let failed = |status: tonic::Status| {
             let reason = format!("{}: {}", status.code(), status.message());
             if status.code() == tonic::Code::InvalidArgument {
@@ -174,7 +173,7 @@ impl Charger {
             let commit = CommitRequest {
                 reservation_id: job.reservation_id.clone(),
                 usage: Some(usage),
-                principal: Some(principal.clone()),
+                principal: Some(Self::principal(job)),
             };
             match self
                 .call(|mut quota| {
@@ -189,38 +188,29 @@ impl Charger {
                 Err(status) => return Err(failed(status)),
             }
         }
-        let charge = ChargeRequest {
-            charge_id: format!("job:{}", job.id),
-            principal: Some(principal),
-            usage: Some(usage),
-            requests: 1,
-        };
-        self.call(|mut quota| {
-            let charge = charge.clone();
-            async move { quota.charge(charge).await }
-        })
-        .await
-        .map(drop)
-        .map_err(failed)
+        self.charge_once(job, format!("job:{}", job.id), usage).await.map_err(failed)
     }
 
     /// Charges `usage` served by a failed attempt `attempt` of `job` (one cut mid-stream, or one
     /// a stopped worker left unrecorded), once per attempt (`job:<id>:attempt:<n>`): the delivery
     /// that succeeds later is charged on its own.
     async fn charge_attempt(&self, job: &JobRecord, attempt: i32, usage: Usage) -> Result<(), Error> {
-        let charge = ChargeRequest {
-            charge_id: format!("job:{}:attempt:{attempt}", job.id),
-            principal: Some(Self::principal(job)),
-            usage: Some(usage),
-            requests: 1,
-        };
+        self.charge_once(job, format!("job:{}:attempt:{attempt}", job.id), usage)
+            .await
+            .map_err(|status| Error::Charge(format!("{}: {}", status.code(), status.message())))
+    }
+
+    /// `Quota.Charge` of one request's `usage` to `job`'s principal under `charge_id` (a replay
+    /// charges nothing).
+    async fn charge_once(&self, job: &JobRecord, charge_id: String, usage: Usage) -> Result<(), tonic::Status> {
+        let charge =
+            ChargeRequest { charge_id, principal: Some(Self::principal(job)), usage: Some(usage), requests: 1 };
         self.call(|mut quota| {
             let charge = charge.clone();
             async move { quota.charge(charge).await }
         })
         .await
         .map(drop)
-        .map_err(|status| Error::Charge(format!("{}: {}", status.code(), status.message())))
     }
 
     /// Frees the reservation of a job that will not be delivered. One the quota service no longer
