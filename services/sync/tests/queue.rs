@@ -367,6 +367,31 @@ async fn a_failed_charge_is_retried_without_a_second_delivery_on_disk() {
     a_failed_charge_is_retried_without_a_second_delivery(StoreKind::File).await;
 }
 
+/// A charging queue over a `kind` store delivering to `spec`, with a quota service of its own,
+/// and a submission of `text` holding a reservation of 1,000 tokens and 5,000 µ$ under
+/// `request_id`.
+struct ReservedSubmission {
+    queue: meshgate_sync::Queue,
+    upstream: meshgate_sync::Upstream,
+    clock: Arc<ManualClock>,
+    quota: String,
+    quota_shutdown: Shutdown,
+    request: EnqueueRequest,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn reserved_submission(kind: StoreKind, spec: ProviderSpec, request_id: &str, text: &str) -> ReservedSubmission {
+    let (store, dir) = store(kind).await;
+    let clock = Arc::new(ManualClock::new(start()));
+    let cfg = config(3);
+    let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
+    let queue = charging_queue(store, std::slice::from_ref(&spec), clock.clone(), &cfg, &quota);
+    let upstream = meshgate_sync::Upstream::new(&cfg, &[spec], Default::default()).unwrap();
+    let reservation = admit(&quota, &principal(), request_id, 1_000, 5_000).await;
+    let request = EnqueueRequest { reservation: Some(reservation), ..enqueue_request("", "mock", text) };
+    ReservedSubmission { queue, upstream, clock, quota, quota_shutdown, request, _dir: dir }
+}
+
 /// An attempt whose worker stopped without recording it (killed mid-delivery, or its lease lost)
 /// may have been served: before the job is delivered again that attempt is charged at the job's
 /// estimate, once — unless its provider honours the job id as `Idempotency-Key` and so answers
@@ -376,15 +401,9 @@ async fn an_interrupted_attempt_is_charged_at_the_estimate(kind: StoreKind) {
         let mock = MockProvider::start_with(Behavior { honour_idempotency_keys: honours, ..Behavior::default() })
             .await
             .unwrap();
-        let (store, _dir) = store(kind).await;
-        let clock = Arc::new(ManualClock::new(start()));
-        let cfg = config(3);
-        let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
         let spec = ProviderSpec { honours_idempotency_keys: honours, ..provider("mock", &mock) };
-        let queue = charging_queue(store, std::slice::from_ref(&spec), clock.clone(), &cfg, &quota);
-        let upstream = meshgate_sync::Upstream::new(&cfg, &[spec], Default::default()).unwrap();
-        let reservation = admit(&quota, &principal(), "job-1", 1_000, 5_000).await;
-        let request = EnqueueRequest { reservation: Some(reservation), ..enqueue_request("", "mock", "interrupt me") };
+        let ReservedSubmission { queue, upstream, clock, quota, quota_shutdown, request, _dir } =
+            reserved_submission(kind, spec, "job-1", "interrupt me").await;
         let (created, _) = queue.enqueue(&upstream, request).await.unwrap();
 
         // A worker claims the job and dies before recording anything.
@@ -430,18 +449,9 @@ async fn an_attempt_cut_mid_stream_is_charged_what_it_served(kind: StoreKind) {
         MockProvider::start_with(Behavior { stream_chunks: 4, fail_after_chunks: Some(2), ..Behavior::default() })
             .await
             .unwrap();
-    let (store, _dir) = store(kind).await;
-    let clock = Arc::new(ManualClock::new(start()));
-    let cfg = config(3);
-    let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
-    let spec = provider("mock", &mock);
-    let queue = charging_queue(store, std::slice::from_ref(&spec), clock.clone(), &cfg, &quota);
-    let upstream = meshgate_sync::Upstream::new(&cfg, &[spec], Default::default()).unwrap();
-    let reservation = admit(&quota, &principal(), "job-cut", 1_000, 5_000).await;
-    let request = EnqueueRequest {
-        reservation: Some(reservation),
-        ..enqueue_request("", "mock", "a longer answer that is cut after two pieces")
-    };
+    let ReservedSubmission { queue, upstream, clock, quota, quota_shutdown, request, _dir } =
+        reserved_submission(kind, provider("mock", &mock), "job-cut", "a longer answer that is cut after two pieces")
+            .await;
     let (created, _) = queue.enqueue(&upstream, request).await.unwrap();
 
     assert_eq!(queue.dispatcher().run_once().await.unwrap(), 1);
@@ -484,15 +494,8 @@ async fn an_attempt_cut_mid_stream_is_charged_what_it_served_on_disk() {
 /// still create the job, its delivery is charged directly, once.
 async fn an_abandoned_submission_frees_its_reservation(kind: StoreKind) {
     let mock = MockProvider::start().await.unwrap();
-    let (store, _dir) = store(kind).await;
-    let clock = Arc::new(ManualClock::new(start()));
-    let cfg = config(3);
-    let (quota, quota_shutdown) = quota_service("127.0.0.1:0".parse().unwrap()).await;
-    let spec = provider("mock", &mock);
-    let queue = charging_queue(store, std::slice::from_ref(&spec), clock.clone(), &cfg, &quota);
-    let upstream = meshgate_sync::Upstream::new(&cfg, &[spec], Default::default()).unwrap();
-    let reservation = admit(&quota, &principal(), "job-abandoned", 1_000, 5_000).await;
-    let request = EnqueueRequest { reservation: Some(reservation), ..enqueue_request("", "mock", "never mind") };
+    let ReservedSubmission { queue, upstream, quota, quota_shutdown, request, _dir, .. } =
+        reserved_submission(kind, provider("mock", &mock), "job-abandoned", "never mind").await;
     // Given up on at the first wait: the store may or may not have the job afterwards. (The
     // on-disk store may answer at once, before there is anything to give up on: then the job
     // exists and its delivery settles the reservation; Postgres always makes it wait.)
