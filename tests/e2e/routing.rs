@@ -8,6 +8,8 @@ use futures::StreamExt;
 use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::gateway::v1::ChatRequest;
 use meshgate_proto::gateway::v1::gateway_client::GatewayClient;
+use meshgate_proto::router::v1::router_client::RouterClient;
+use meshgate_proto::router::v1::{DecideRequest, RouteRequest};
 use meshgate_router::ModelFacts;
 use meshgate_tests::{ADMIN_KEY, CLOUD_MODEL, MeshOptions, TestMesh, chat_body};
 use serde_json::{Value, json};
@@ -162,5 +164,87 @@ async fn an_empty_answer_from_a_cheap_layer_is_escalated_one_layer_up() {
     let response = mesh.chat(body).await;
     assert_eq!(response.status(), 200);
     assert_eq!(header(&response, "x-meshgate-target"), "alpha/mock-gpt");
+    mesh.stop().await;
+}
+
+/// Sends `text` to the cloud model until the gateway serves it with a plan it held (the watch of
+/// the router's epoch opens a moment after the mesh starts); returns that response.
+async fn until_a_held_plan_serves(mesh: &TestMesh, text: &str) -> reqwest::Response {
+    for _ in 0..100 {
+        let response = mesh.chat(chat_body(CLOUD_MODEL, text)).await;
+        assert_eq!(response.status(), 200);
+        let trace = mesh.trace(&request_id(&response)).await;
+        if trace.routing_reasons.first().is_some_and(|r| r.contains("plan reused")) {
+            return response;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = mesh.chat(chat_body(CLOUD_MODEL, text)).await;
+    let trace = mesh.trace(&request_id(&response)).await;
+    panic!("no request was served with a held plan: {:?}", trace.routing_reasons);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_like_one_already_planned_waits_on_no_router_call_until_the_routing_changes() {
+    let mesh = TestMesh::start().await;
+    let router = mesh.admin_url("router");
+    let decisions = || mesh.metric(&router, "meshgate_router_decisions_total", &[]);
+    until_a_held_plan_serves(&mesh, "hello there").await;
+
+    // Held plans serve other texts; the task is still each request's own, labelled by the
+    // router's task classifier as the router labels it, and the router decides nothing.
+    let before = decisions().await;
+    let texts = ["Write a haiku about autumn leaves", "Solve the equation 3x + 7 = 22", "Refactor this Rust code"];
+    let mut labels = Vec::new();
+    for text in texts {
+        let response = mesh.chat(chat_body(CLOUD_MODEL, text)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-meshgate-target"), "alpha/mock-gpt");
+        let task = header(&response, "x-meshgate-task").to_owned();
+        let trace = mesh.trace(&request_id(&response)).await;
+        assert_eq!(trace.task, task);
+        let reason = &trace.routing_reasons[0];
+        assert!(reason.starts_with(&format!("task {task} from classifier:tiny-classify")), "{reason}");
+        assert!(reason.contains("plan reused from the router's decision in epoch"), "{reason}");
+        assert!(
+            trace.routing_reason.starts_with(&format!("task {task}; alpha/mock-gpt (l2) first")),
+            "{}",
+            trace.routing_reason
+        );
+        labels.push(task);
+    }
+    assert_eq!(decisions().await, before, "no request asked the router");
+    let mut router = RouterClient::new(mesh.channel_as("gateway", "router"));
+    for (text, label) in texts.iter().zip(&labels) {
+        let route = RouteRequest { model: CLOUD_MODEL.into(), task: "chat".into(), ..Default::default() };
+        let messages = vec![ChatMessage { role: "user".into(), content: (*text).into(), ..Default::default() }];
+        let decide = DecideRequest { request: Some(route), messages, task_hint: String::new() };
+        let plan = router.decide(decide).await.unwrap().into_inner();
+        assert_eq!(&plan.task, label, "the router labels {text:?} alike");
+    }
+
+    // alpha fails: the failure drops the held plans, the router decides again, and once alpha's
+    // breaker opens no held plan sends a request to it first.
+    mesh.alpha.set_failures(1.0, 500);
+    let mut served_by_beta_first = false;
+    for _ in 0..100 {
+        let response = mesh.chat(chat_body(CLOUD_MODEL, "hello again")).await;
+        assert_eq!(response.status(), 200, "beta serves what alpha fails");
+        let trace = mesh.trace(&request_id(&response)).await;
+        if trace.calls.len() == 1 && trace.calls[0].target_id == "beta/mock-gpt" {
+            served_by_beta_first = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served_by_beta_first, "alpha's breaker never opened");
+    assert!(decisions().await > before + texts.len() as f64, "the router decided again after the failure");
+    let alpha_calls = mesh.alpha.requests_total();
+    for _ in 0..5 {
+        let response = mesh.chat(chat_body(CLOUD_MODEL, "and again")).await;
+        assert_eq!(header(&response, "x-meshgate-target"), "beta/mock-gpt");
+    }
+    assert_eq!(mesh.alpha.requests_total(), alpha_calls, "an open breaker's target is not called first");
+    mesh.alpha.set_failures(0.0, 500);
     mesh.stop().await;
 }

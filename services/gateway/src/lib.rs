@@ -28,6 +28,7 @@ pub mod openapi;
 pub mod orchestrator;
 pub mod outcomes;
 pub mod peers;
+pub mod plan_cache;
 pub mod quota;
 pub mod quota_gate;
 pub mod reply_scan;
@@ -208,8 +209,10 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         metrics.clone(),
     )
     .map_err(|err| Error::Config(err.to_string()))?;
+    let plans = std::sync::Arc::new(plan_cache::PlanCache::default());
+    let plans_watch = tokio::spawn(plans.clone().watch(RouterClient::new(router.clone()), stop_listener.clone()));
     let orchestrator =
-        orchestrator::Orchestrator::new(peers, quota_gate.clone(), path, traces, outcomes, metrics.clone());
+        orchestrator::Orchestrator::new(peers, plans, quota_gate.clone(), path, traces, outcomes, metrics.clone());
     let admission = admission::Admission { orchestrator: orchestrator.clone(), guard, limits };
     let app = api::AppState {
         orchestrator,
@@ -253,6 +256,7 @@ pub async fn serve(config: Config, mut listeners: Listeners, shutdown: Shutdown)
         let _ = listener.await;
     }
     let _ = injection_watch.await;
+    let _ = plans_watch.await;
     served?;
     // The servers are down and dropped their handles; the last settlements finish, then the
     // uploader sends the remaining traces and ends.

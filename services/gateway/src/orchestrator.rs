@@ -12,11 +12,14 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use futures::future::{self, Either};
 use futures::stream::BoxStream;
+use meshgate_catalog::task::{ClassifierMiss, TaskGuess};
 use meshgate_policy::Finding;
 use meshgate_proto::analytics::v1::{ModelCall, ToolCall as TracedTool, Trace};
 use meshgate_proto::common::v1::content_part::Part;
 use meshgate_proto::common::v1::{ChatMessage, ErrorDetail, Layer, Principal, Target, TargetKind, Usage};
-use meshgate_proto::inference::v1::{GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels};
+use meshgate_proto::inference::v1::{
+    ClassifyRequest, GenerateChunk, GenerateRequest, ListModelsRequest as InferenceListModels,
+};
 use meshgate_proto::router::v1::{DecideRequest, ListTargetsRequest, Outcome, RoutePlan, RouteRequest, StepRole};
 use meshgate_proto::sync::v1::{CompleteChunk, CompleteRequest};
 use meshgate_quota_lease::Estimate;
@@ -29,6 +32,7 @@ use crate::guard::{Security, count_findings, trace_finding};
 use crate::metrics::GatewayMetrics;
 use crate::outcomes::OutcomeReporter;
 use crate::peers::{Peers, peer_call};
+use crate::plan_cache::PlanCache;
 use crate::quota_gate::{Hold, QuotaGate};
 use crate::reply_scan::ReplyScanner;
 use crate::traces::TraceSink;
@@ -158,6 +162,8 @@ fn chat_span(target: &Target, call: &ChatCall) -> tracing::Span {
 /// Runs the request path.
 pub struct Orchestrator {
     peers: Peers,
+    /// Plans the router marked reusable, held while its epoch stands.
+    plans: Arc<PlanCache>,
     quota: QuotaGate,
     config: PathConfig,
     traces: TraceSink,
@@ -168,13 +174,14 @@ pub struct Orchestrator {
 impl Orchestrator {
     pub fn new(
         peers: Peers,
+        plans: Arc<PlanCache>,
         quota: QuotaGate,
         config: PathConfig,
         traces: TraceSink,
         outcomes: OutcomeReporter,
         metrics: GatewayMetrics,
     ) -> Arc<Self> {
-        Arc::new(Self { peers, quota, config, traces, outcomes, metrics })
+        Arc::new(Self { peers, plans, quota, config, traces, outcomes, metrics })
     }
 
     pub fn peers(&self) -> &Peers {
@@ -289,13 +296,14 @@ impl Orchestrator {
             let hold = self.quota.hold(&call.request_id, &call.principal, Estimate { tokens, cost_micros }).await?;
             let quota = hold.budget();
             settlement.hold = Some(hold);
-            let task = plan.task.clone();
             let answering = self.first_answer(plan, &call, &mut settlement).await?;
-            Ok::<_, ApiError>((answering, task, quota))
+            Ok::<_, ApiError>((answering, quota))
         }
         .await;
+        settlement.classified_task().await;
         match started {
-            Ok((AnsweringTarget { target, called_at, first, rest, span }, task, quota)) => {
+            Ok((AnsweringTarget { target, called_at, first, rest, span }, quota)) => {
+                let task = settlement.trace.task.clone();
                 settlement.serving(target.clone(), called_at, span);
                 let chunks = self.stream_reply(first, rest, settlement);
                 Ok(ChatReply { target, task, chunks, quota })
@@ -329,9 +337,20 @@ impl Orchestrator {
         // The router classifies the text as the provider will see it (redacted); the token count
         // travels in the route, so only what is classified goes with it.
         let messages = classified_messages(&call.chat.messages);
-        let decide = DecideRequest { request: Some(route), messages, task_hint: String::new() };
-        let mut router = self.peers.router.clone();
-        let mut plan = peer_call("router", self.peers.timeout, router.decide(decide)).await?;
+        let mut plan = match self.plans.get(&route) {
+            Some(held) => {
+                let text = meshgate_catalog::task::classified_text(&messages);
+                settlement.reused_plan = Some(ReusedPlan::label(&held, &self.peers, text));
+                reused_plan(&held, prompt_tokens, max_tokens)
+            }
+            None => {
+                let decide = DecideRequest { request: Some(route.clone()), messages, task_hint: String::new() };
+                let mut router = self.peers.router.clone();
+                let plan = peer_call("router", self.peers.timeout, router.decide(decide)).await?;
+                self.plans.put(&route, &plan);
+                plan
+            }
+        };
         let planned = plan.targets.len();
         plan.targets.retain(|step| step.target.as_ref().is_some_and(|t| call.allowed.allows(t)));
         if plan.targets.len() < planned {
@@ -343,6 +362,10 @@ impl Orchestrator {
         settlement.routing_reason = plan.explanation.clone();
         settlement.trace.task = plan.task.clone();
         settlement.trace.routing_reasons = plan.reasons.clone();
+        if let Some(reused) = &settlement.reused_plan {
+            let guess = meshgate_catalog::task::heuristic(&reused.text);
+            settlement.label_task(&guess);
+        }
         if plan.targets.is_empty() && planned > 0 {
             return Err(ApiError::new(
                 ErrorCode::PermissionDenied,
@@ -672,6 +695,50 @@ fn classified_messages(messages: &[ChatMessage]) -> Vec<ChatMessage> {
     }
 }
 
+/// A plan the router decided for another request like this one, made this request's: its sizes
+/// and estimated costs (its task is labelled by [`Settlement::label_task`]).
+fn reused_plan(held: &RoutePlan, prompt_tokens: i64, max_tokens: i64) -> RoutePlan {
+    let mut plan = held.clone();
+    plan.reuse = None;
+    plan.required_context = prompt_tokens.saturating_add(max_tokens);
+    for step in &mut plan.targets {
+        if let Some(target) = &step.target {
+            step.estimated_cost_micros = target.cost_micros(prompt_tokens, max_tokens);
+        }
+    }
+    plan
+}
+
+/// A held plan serving this request, and its task being labelled as the router would label it:
+/// by the router's task classifier, asked while the target is called, else by the heuristic.
+struct ReusedPlan {
+    epoch: u64,
+    text: String,
+    classified: Option<tokio::task::JoinHandle<TaskGuess>>,
+}
+
+impl ReusedPlan {
+    fn label(held: &RoutePlan, peers: &Peers, text: String) -> Self {
+        let reuse = held.reuse.clone().unwrap_or_default();
+        let classified = (!reuse.task_classifier.is_empty()).then(|| {
+            let mut inference = peers.inference.clone();
+            let timeout = Duration::from_millis(u64::from(reuse.classifier_timeout_ms));
+            let (model, text) = (reuse.task_classifier.clone(), text.clone());
+            tokio::spawn(async move {
+                let request =
+                    ClassifyRequest { model: model.clone(), inputs: vec![text.clone()], ..Default::default() };
+                let answer = match tokio::time::timeout(timeout, inference.classify(request)).await {
+                    Err(_) => Err(ClassifierMiss::Late(timeout)),
+                    Ok(Err(status)) => Err(ClassifierMiss::Failed(status.message().to_owned())),
+                    Ok(Ok(response)) => Ok(response.into_inner().results.into_iter().next()),
+                };
+                meshgate_catalog::task::task_from_classifier(&text, &model, answer)
+            })
+        });
+        Self { epoch: reuse.epoch, text, classified }
+    }
+}
+
 /// A message with its text parts folded into `content`, one per line, and its other parts left
 /// out.
 fn text_message(message: &ChatMessage) -> ChatMessage {
@@ -742,6 +809,8 @@ struct Settlement {
     settled: bool,
     /// Whether the call being made is the plan's first step.
     primary: bool,
+    /// The held plan serving the request, if one is: the router counted no call of it in flight.
+    reused_plan: Option<ReusedPlan>,
     security: Security,
     /// Scans the reply when the project's policy scans output.
     scanner: Option<ReplyScanner>,
@@ -780,6 +849,7 @@ impl Settlement {
             usage: None,
             settled: false,
             primary: true,
+            reused_plan: None,
             scanner: call.security.engine.as_ref().map(ReplyScanner::new),
             security: call.security.clone(),
             output: Vec::new(),
@@ -987,14 +1057,47 @@ impl Settlement {
             .collect();
     }
 
+    /// Labels a request served by a held plan with its own task: the trace's task, the first
+    /// reason (the task's) and the explanation's leading "task <name>".
+    fn label_task(&mut self, guess: &TaskGuess) {
+        let epoch = self.reused_plan.as_ref().map_or(0, |reused| reused.epoch);
+        let task = guess.task.as_str();
+        let mut reason = format!("task {task} from {} (confidence {:.2})", guess.source, guess.confidence);
+        if let Some(note) = &guess.note {
+            reason.push_str(&format!("; {note}"));
+        }
+        reason.push_str(&format!("; plan reused from the router's decision in epoch {epoch}"));
+        match self.trace.routing_reasons.first_mut() {
+            Some(first) => *first = reason,
+            None => self.trace.routing_reasons.push(reason),
+        }
+        let rest = self.routing_reason.split_once("; ").map_or("", |(_, rest)| rest).to_owned();
+        self.routing_reason = format!("task {task}; {rest}");
+        self.trace.task = task.to_owned();
+    }
+
+    /// Waits for the task classifier's label of a request served by a held plan, if one was
+    /// asked for (it bounds its own wait), and labels the request with it.
+    async fn classified_task(&mut self) {
+        let Some(handle) = self.reused_plan.as_mut().and_then(|reused| reused.classified.take()) else { return };
+        if let Ok(guess) = handle.await {
+            self.label_task(&guess);
+        }
+    }
+
     fn report_outcome(&self, target_id: &str, ok: bool, latency: Duration, completion_tokens: i64, error_code: &str) {
+        // A target failing here may be about to open its breaker: until the router's epoch
+        // says so, this replica asks the router again instead of reusing plans that lead to it.
+        if !ok && !ErrorCode::parse(error_code).is_some_and(ErrorCode::spares_the_target) {
+            self.orchestrator.plans.forget_all();
+        }
         self.orchestrator.outcomes.report(Outcome {
             target_id: target_id.to_owned(),
             ok,
             latency_us: latency.as_micros() as i64,
             completion_tokens,
             error_code: error_code.to_owned(),
-            primary: self.primary,
+            primary: self.primary && self.reused_plan.is_none(),
         });
     }
 }
@@ -1099,5 +1202,29 @@ mod tests {
         assert!(both.allows(&cheap));
         assert!(!both.allows(&dear), "the project's list binds although the key's allows it");
         assert!(AllowedModels::new([key.as_slice()]).allows(&dear), "by target id");
+    }
+
+    #[test]
+    fn a_reused_plan_carries_this_request_s_sizes_and_costs() {
+        let target = Target {
+            id: "a/m".into(),
+            input_price_micros_per_mtok: 1_000_000,
+            output_price_micros_per_mtok: 2_000_000,
+            ..Target::default()
+        };
+        let held = RoutePlan {
+            targets: vec![meshgate_proto::router::v1::PlannedTarget {
+                target: Some(target),
+                estimated_cost_micros: 7,
+                ..Default::default()
+            }],
+            required_context: 50,
+            reuse: Some(meshgate_proto::router::v1::PlanReuse { epoch: 3, ttl_ms: 1_000, ..Default::default() }),
+            ..RoutePlan::default()
+        };
+        let plan = reused_plan(&held, 1_000, 500);
+        assert_eq!(plan.required_context, 1_500);
+        assert_eq!(plan.targets[0].estimated_cost_micros, 2_000, "1,000 × $1/M + 500 × $2/M");
+        assert!(plan.reuse.is_none(), "a reused plan is not held again");
     }
 }

@@ -225,7 +225,7 @@ async fn main() {
     let mut classify = InferenceClient::new(channel.clone());
     let request = |text: &str| ClassifyRequest {
         model: "task-classifier".into(),
-        inputs: vec![meshgate_router::classifier::classified_text(&messages(text))],
+        inputs: vec![meshgate_catalog::task::classified_text(&messages(text))],
         ..Default::default()
     };
     while classify.classify(request("hello")).await.is_err() {

@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use meshgate_catalog::task::{TASK_NAMES, Task};
 use meshgate_catalog::{Catalog, ModelFacts, Prices, ProviderSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::health::BreakerConfig;
 use crate::policy::RoutePolicy;
-use crate::task::{TASK_NAMES, Task};
 
 /// Router configuration (`[router]`, `MESHGATE_ROUTER__*`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -47,6 +47,11 @@ pub struct Config {
     pub policy_poll_ms: u64,
     /// Kubernetes discovery.
     pub kubernetes: KubeConfig,
+    /// How long a plan that depends on nothing but the request's project, model, kind, streaming,
+    /// capabilities and context range may serve other such requests at a gateway that watches
+    /// the routing epoch (`WatchRouting`), which drops it at once when anything it depends on
+    /// changes; 0 makes every request ask.
+    pub plan_reuse_ms: u64,
 }
 
 /// What the router watches in Kubernetes.
@@ -81,6 +86,7 @@ impl Default for Config {
             policy_file: None,
             policy_poll_ms: 1_000,
             kubernetes: KubeConfig::default(),
+            plan_reuse_ms: 1_000,
         }
     }
 }

@@ -5,11 +5,11 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use meshgate_proto::common::v1::{Layer, TargetKind};
-use meshgate_proto::router::v1::{PlannedTarget, Rejected, RoutePlan, StepRole};
+use meshgate_proto::router::v1::{PlanReuse, PlannedTarget, Rejected, RoutePlan, StepRole};
 use rand::Rng;
 
 use crate::error::Error;
-use crate::health::{HealthBook, Load};
+use crate::health::{BreakerState, HealthBook, Load};
 use crate::policy::{Resolved, layer_name};
 use crate::request::Features;
 use crate::targets::{Entry, Targets};
@@ -69,6 +69,9 @@ struct Planner<'a, 'i, R> {
     /// The causes of the rejections in `rejected`.
     causes: Vec<Cause>,
     reasons: Vec<String>,
+    /// Whether equivalent targets were ordered by draws and loads (the plan is then this
+    /// request's alone).
+    compared: bool,
 }
 
 impl<'a, R: Rng> Planner<'a, '_, R> {
@@ -182,6 +185,7 @@ impl<'a, R: Rng> Planner<'a, '_, R> {
         let policy = &self.inputs.policy.policy;
         let health = |e: &Entry| self.inputs.health.load(&e.target.id, self.inputs.now);
         let mut out = Vec::with_capacity(class.len());
+        self.compared |= class.len() > 1;
         while class.len() > 1 {
             let weights: Vec<u64> = class.iter().map(|e| u64::from(policy.weight(&e.target.id))).collect();
             let weighted = weights.iter().any(|w| *w != 1);
@@ -260,6 +264,7 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
         rejected: Vec::new(),
         causes: Vec::new(),
         reasons: Vec::new(),
+        compared: false,
     };
     match &features.task {
         Some(guess) => {
@@ -441,6 +446,19 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
         if race { "; racing the first two" } else { "" }
     );
     let layer = steps[0].entry.layer();
+    let reuse = reusable(inputs, &planner, &steps, chosen || !policy.tasks.is_empty(), race).then(|| {
+        let windows = || inputs.targets.all().map(|e| e.target.context_window).filter(|w| *w > 0);
+        let required = features.required_context();
+        if kind == "chat" {
+            PlanReuse {
+                context_above: windows().filter(|w| *w < required).max().unwrap_or(-1),
+                context_up_to: windows().filter(|w| *w >= required).min().unwrap_or(i64::MAX),
+                ..Default::default()
+            }
+        } else {
+            PlanReuse { context_above: -1, context_up_to: i64::MAX, ..Default::default() }
+        }
+    });
     let (task_source, task_confidence) =
         features.task.as_ref().map_or(("request".to_owned(), 1.0), |t| (t.source.clone(), t.confidence));
     let targets = steps
@@ -464,7 +482,32 @@ pub fn decide<R: Rng>(inputs: &Inputs<'_>, rng: &mut R) -> Result<RoutePlan, Err
         reasons: planner.reasons,
         rejected: planner.rejected,
         required_context: features.required_context(),
+        reuse,
     })
+}
+
+/// Whether the plan's targets hold for every request with the same project, model, kind,
+/// streaming and capabilities (in its context range) until the epoch changes: they did not depend
+/// on the task (`by_task`: the router chose the model or the policy has task rules), on a cost cap
+/// (the prompt's size), on draws or loads, on a context-window rejection (its reason names the
+/// size), on racing, or on a breaker that is not closed (a half-open one reopens or closes by time
+/// and probes, not only by epoch). The task itself is each request's: the reuser labels it.
+fn reusable<R>(
+    inputs: &Inputs<'_>,
+    planner: &Planner<'_, '_, R>,
+    steps: &[Step<'_>],
+    by_task: bool,
+    race: bool,
+) -> bool {
+    !by_task
+        && !race
+        && !planner.compared
+        && inputs.policy.policy.max_cost_micros.is_none()
+        && !planner.causes.contains(&Cause::Context)
+        && steps.iter().all(|s| {
+            s.role != StepRole::LastResort
+                && inputs.health.state(&s.entry.target.id, inputs.now) == BreakerState::Closed
+        })
 }
 
 #[cfg(test)]
@@ -481,7 +524,7 @@ mod tests {
     use crate::health::BreakerConfig;
     use crate::policy::{PolicyFile, PolicySet};
     use crate::targets::LocalModel;
-    use crate::task::{Task, TaskGuess};
+    use meshgate_catalog::task::{Task, TaskGuess};
 
     fn facts(layer: &str, input: i64, output: i64, context: i64, tasks: &[&str]) -> ModelFacts {
         ModelFacts {
@@ -997,5 +1040,29 @@ mod tests {
         }
         assert_eq!(leaders.len(), 3, "{leaders:?}");
         assert!(leaders.values().all(|n| *n >= 50), "{leaders:?}");
+    }
+
+    #[test]
+    fn only_plans_that_depend_on_nothing_but_the_request_s_shape_are_reusable() {
+        let world = World::new();
+        let chat = |model: &str| features(model, Some(Task::Chat), 500);
+        let plan = world.plan("escalation = false", &chat("mini"), 1).unwrap();
+        let reuse = plan.reuse.expect("one target per step, closed breakers: reusable");
+        // 1,500 tokens needed: above the embedding model's 512 and up to tiny's 2,048.
+        assert_eq!((reuse.context_above, reuse.context_up_to), (512, 2_048));
+        let embeddings = world.plan("", &features("e", None, 10), 1).unwrap().reuse.unwrap();
+        assert_eq!((embeddings.context_above, embeddings.context_up_to), (-1, i64::MAX), "embeddings have no window");
+
+        let not_reusable = |policy: &str, features: &Features| world.plan(policy, features, 1).unwrap().reuse.is_none();
+        assert!(not_reusable("", &chat("mini")), "escalation to l2 compares std and alt2 by load");
+        assert!(not_reusable("escalation = false", &chat("gpt")), "equivalent targets compared by load");
+        assert!(not_reusable("escalation = false", &chat("auto")), "the router chose the model by task");
+        assert!(not_reusable("escalation = false\nmax_cost_micros = 1000000000", &chat("mini")), "a cost cap");
+        let rules = "escalation = false\n[projects.p.tasks.code]\nfallback = [\"cheap/coder\"]";
+        assert!(not_reusable(rules, &chat("mini")), "task rules");
+        let too_big = features("tiny", Some(Task::Chat), 1_500);
+        assert!(world.plan("escalation = false", &too_big, 1).is_err(), "tiny cannot hold 2,500 tokens");
+        world.fail("cheap/mini", 10);
+        assert!(not_reusable("escalation = false", &chat("mini")), "an open breaker");
     }
 }

@@ -54,23 +54,38 @@ pub fn crd_yaml() -> String {
 
 /// Ready inference replicas as the EndpointSlices tell; unknown until the first list.
 #[derive(Debug)]
-pub struct Replicas(AtomicI64);
+pub struct Replicas {
+    ready: AtomicI64,
+    /// Counts the changes of `ready`, for whoever holds plans decided with an older count.
+    changes: tokio::sync::watch::Sender<u64>,
+}
 
 impl Default for Replicas {
     fn default() -> Self {
-        Self(AtomicI64::new(-1))
+        Self { ready: AtomicI64::new(-1), changes: tokio::sync::watch::Sender::new(0) }
     }
 }
 
 impl Replicas {
     pub fn get(&self) -> Option<u32> {
-        u32::try_from(self.0.load(Ordering::Relaxed)).ok()
+        u32::try_from(self.ready.load(Ordering::Relaxed)).ok()
+    }
+
+    /// Changes so far.
+    pub fn changes(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
+    /// [`Replicas::changes`], changing as each change happens.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn set(&self, ready: usize) {
         let ready = i64::try_from(ready).unwrap_or(i64::MAX);
-        if self.0.swap(ready, Ordering::Relaxed) != ready {
+        if self.ready.swap(ready, Ordering::Relaxed) != ready {
             tracing::info!(ready, "inference replicas changed");
+            self.changes.send_modify(|changes| *changes += 1);
         }
     }
 }

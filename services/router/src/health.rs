@@ -220,8 +220,13 @@ impl HealthBook {
         }
     }
 
-    /// Records one call's outcome at time `now`.
-    pub fn record(&self, target_id: &str, ok: bool, latency: Duration, now: Instant) {
+    /// The target's breaker state at `now` (closed for a target never seen).
+    pub fn state(&self, target_id: &str, now: Instant) -> BreakerState {
+        self.targets.lock().get(target_id).map_or(BreakerState::Closed, |h| h.state(now))
+    }
+
+    /// Records one call's outcome at time `now`; true when it opened or closed the breaker.
+    pub fn record(&self, target_id: &str, ok: bool, latency: Duration, now: Instant) -> bool {
         let config = self.config;
         let mut targets = self.targets.lock();
         let health = targets.entry(target_id.to_owned()).or_default();
@@ -247,9 +252,10 @@ impl HealthBook {
                     health.open_until = None;
                     health.probe_successes = 0;
                     health.recent.clear();
+                    return true;
                 }
             }
-            return;
+            return false;
         }
         health.failures += 1;
         health.consecutive_failures = health.consecutive_failures.saturating_add(1);
@@ -266,6 +272,7 @@ impl HealthBook {
             health.open_until = Some(now + Duration::from_millis(config.open_ms));
             health.probe_successes = 0;
         }
+        trips
     }
 }
 

@@ -2,7 +2,8 @@
 //! project's policy into an ordered, explained plan of targets, and learns per-target health
 //! from reported outcomes so failing or slow targets move back.
 //!
-//! Modules, each depending only on those listed before it: [`task`], [`health`], [`error`],
+//! Modules, each depending only on those listed before it (the task classes and their heuristic
+//! are the catalog's, shared with the gateway): [`health`], [`error`],
 //! [`policy`], [`targets`] (the catalog's targets and the local models), [`request`] (a
 //! request's features), [`classifier`] (task classification), [`config`], [`decide`] (the
 //! plan), [`discovery`] (Kubernetes), [`metrics`], [`state`] (the shared state), [`service`]
@@ -21,7 +22,6 @@ pub mod request;
 pub mod service;
 pub mod state;
 pub mod targets;
-pub mod task;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,12 +35,12 @@ pub use config::{Config, KubeConfig};
 pub use error::Error;
 pub use health::{BreakerConfig, HealthBook};
 pub use meshgate_catalog::ModelFacts;
+pub use meshgate_catalog::task::{Task, TaskGuess};
 pub use policy::{PolicyFile, PolicyStore, RoutePolicy};
 pub use request::Features;
 pub use service::RouterService;
 pub use state::RouterCore;
 pub use targets::{Entry, LocalModel, Targets};
-pub use task::{Task, TaskGuess};
 
 /// Runs the router until `shutdown`, with providers from `config` and the environment.
 pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> Result<(), Error> {
@@ -80,7 +80,10 @@ pub async fn serve(config: Config, listeners: Listeners, shutdown: Shutdown) -> 
         config.classifier_model.clone(),
         Duration::from_millis(config.classifier_timeout_ms.max(1)),
     );
-    let core = Arc::new(RouterCore::new(catalog, config.breaker, policies, classifier));
+    let core = Arc::new(
+        RouterCore::new(catalog, config.breaker, policies, classifier)
+            .with_plan_reuse(Duration::from_millis(config.plan_reuse_ms)),
+    );
     if let Some(client) = inference {
         tokio::spawn(local_models::refresh(
             core.clone(),

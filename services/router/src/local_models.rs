@@ -36,7 +36,7 @@ pub async fn refresh(
                     .collect();
                 if !core.classifier().is_pinned() {
                     let found = find_task_classifier(&mut client, &models, &mut verdicts).await;
-                    core.classifier().set_discovered(found);
+                    core.set_discovered_classifier(found);
                 }
                 core.set_local_models(models);
                 if !reachable {

@@ -13,7 +13,7 @@ use prometheus::IntCounterVec;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::task::{TASK_NAMES, Task};
+use meshgate_catalog::task::{TASK_NAMES, Task};
 
 /// A cost layer as written in policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
@@ -265,11 +265,23 @@ pub struct PolicyStore {
     set: ArcSwap<PolicySet>,
     /// Serialises updates (reads never wait).
     write: parking_lot::Mutex<()>,
+    /// Counts the updates published, for whoever holds plans decided under an older set.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 impl PolicyStore {
     pub fn new(config: RoutePolicy) -> Self {
-        Self { set: ArcSwap::from_pointee(PolicySet { config, ..Default::default() }), write: Default::default() }
+        Self { set: ArcSwap::from_pointee(PolicySet { config, ..Default::default() }), ..Default::default() }
+    }
+
+    /// Updates published so far.
+    pub fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    /// [`PolicyStore::version`], changing as each update is published.
+    pub fn watch_version(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     pub fn load(&self) -> Arc<PolicySet> {
@@ -282,6 +294,7 @@ impl PolicyStore {
         let mut next = PolicySet::clone(&self.set.load());
         change(&mut next);
         self.set.store(Arc::new(next));
+        self.version.send_modify(|version| *version += 1);
     }
 }
 

@@ -1,15 +1,13 @@
 //! What the router knows about one request before choosing: its kind, model, sizes, the
 //! capabilities it needs, whether it streams, and (set by the classifier) its task.
 
-use std::borrow::Cow;
-
 use meshgate_catalog::Capability;
+use meshgate_catalog::task::TaskGuess;
 use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::common::v1::content_part::Part;
 use meshgate_proto::router::v1::RouteRequest;
 
 use crate::error::Error;
-use crate::task::TaskGuess;
 
 /// Tokens an image part is estimated at: what OpenAI charges for a 1024 × 1024 image in high
 /// detail, a common size, and enough to keep a small-context model from getting it.
@@ -85,22 +83,6 @@ impl Features {
     }
 }
 
-/// The text of a message: its `content`, or its text parts one per line.
-pub fn message_text(message: &ChatMessage) -> Cow<'_, str> {
-    if message.parts.is_empty() {
-        return Cow::Borrowed(&message.content);
-    }
-    let texts: Vec<&str> = message
-        .parts
-        .iter()
-        .filter_map(|part| match &part.part {
-            Some(Part::Text(text)) => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
-    Cow::Owned(texts.join("\n"))
-}
-
 /// Rough token count of a conversation when the caller did not count: four bytes a token of
 /// everything the model reads as text (content, text parts, tool calls, refusals, reasoning),
 /// [`IMAGE_TOKENS`] an image, and a few tokens of framing per message. Audio and files are not
@@ -165,7 +147,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(estimate_tokens(&[call]), 5 + 4, "3 + 15 bytes of call");
-        assert_eq!(message_text(&parts), "abcd");
+        assert_eq!(meshgate_catalog::task::message_text(&parts), "abcd");
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! The router's gRPC service: requests in, plans and target states out, outcomes into the core.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::Stream;
 use meshgate_proto::common::v1::ChatMessage;
 use meshgate_proto::router::v1::router_server::Router;
 use meshgate_proto::router::v1::{
     DecideRequest, ListTargetsRequest, ListTargetsResponse, Outcome, OutcomeBatch, ReportOutcomeResponse, RoutePlan,
-    RouteRequest,
+    RouteRequest, RoutingEpoch, WatchRoutingRequest,
 };
 use meshgate_runtime::ErrorCode;
 use tonic::{Request, Response, Status};
@@ -88,5 +90,25 @@ impl Router for RouterService {
 
     async fn list_targets(&self, _: Request<ListTargetsRequest>) -> Result<Response<ListTargetsResponse>, Status> {
         Ok(Response::new(ListTargetsResponse { targets: self.core.states(Instant::now()) }))
+    }
+
+    type WatchRoutingStream = Pin<Box<dyn Stream<Item = Result<RoutingEpoch, Status>> + Send>>;
+
+    async fn watch_routing(
+        &self,
+        _: Request<WatchRoutingRequest>,
+    ) -> Result<Response<Self::WatchRoutingStream>, Status> {
+        let core = self.core.clone();
+        let epochs = futures::stream::unfold((core.watch_epoch(), true), move |(mut watch, first)| {
+            let core = core.clone();
+            async move {
+                if !first {
+                    watch.changed().await;
+                }
+                let (router_instance, epoch) = core.epoch();
+                Some((Ok(RoutingEpoch { router_instance, epoch }), (watch, false)))
+            }
+        });
+        Ok(Response::new(Box::pin(epochs)))
     }
 }

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use meshgate_catalog::Catalog;
+use meshgate_catalog::task::{TASK_NAMES, Task, TaskGuess, classified_text};
 use meshgate_proto::common::v1::{ChatMessage, Layer};
-use meshgate_proto::router::v1::{Outcome, RoutePlan, RouteRequest, StepRole, TargetState};
+use meshgate_proto::router::v1::{Outcome, PlanReuse, RoutePlan, RouteRequest, StepRole, TargetState};
 use meshgate_runtime::{ErrorCode, Shutdown};
 
-use crate::classifier::{TaskClassifier, classified_text};
+use crate::classifier::TaskClassifier;
 use crate::config::KubeConfig;
 use crate::decide::{self, Inputs};
 use crate::discovery::{self, Replicas};
@@ -21,7 +22,6 @@ use crate::metrics::{self, BreakerGauge};
 use crate::policy::{self, PolicyStore};
 use crate::request::Features;
 use crate::targets::{LocalModel, Targets};
-use crate::task::{TASK_NAMES, Task, TaskGuess};
 
 /// The routing state of one router.
 pub struct RouterCore {
@@ -36,6 +36,32 @@ pub struct RouterCore {
     /// Reads of the inference service's models: asked for by a plan that found no target
     /// (a model loaded since the last read is served at once), counted as they complete.
     local_reads: LocalReads,
+    /// Changes of the targets and of breaker states; with the policies' and the replicas'
+    /// versions, the routing epoch (see [`RouterCore::epoch`]).
+    changes: tokio::sync::watch::Sender<u64>,
+    /// A random id of this router process: epochs of different processes are unrelated.
+    instance: u64,
+    /// How long a reusable plan may serve other requests (zero: plans are never reused).
+    plan_reuse: Duration,
+}
+
+/// Waits for the routing epoch of a [`RouterCore`] to change.
+pub struct EpochWatch {
+    changes: tokio::sync::watch::Receiver<u64>,
+    policies: tokio::sync::watch::Receiver<u64>,
+    replicas: tokio::sync::watch::Receiver<u64>,
+}
+
+impl EpochWatch {
+    /// Resolves at the next change of anything a plan depends on.
+    pub async fn changed(&mut self) {
+        // The senders live as long as the core, which outlives every watch of it.
+        tokio::select! {
+            _ = self.changes.changed() => {}
+            _ = self.policies.changed() => {}
+            _ = self.replicas.changed() => {}
+        }
+    }
 }
 
 /// Reads of the local models on demand: a wish, and a count of finished reads to wait on.
@@ -68,6 +94,32 @@ impl RouterCore {
                 wanted: tokio::sync::Notify::new(),
                 done: tokio::sync::watch::Sender::new(0),
             },
+            changes: tokio::sync::watch::Sender::new(0),
+            instance: rand::random(),
+            plan_reuse: Duration::ZERO,
+        }
+    }
+
+    /// Lets plans that do not depend on the request's text, on loads or on probes serve other
+    /// requests for `ttl`, within an epoch (see `RoutePlan.reuse`).
+    pub fn with_plan_reuse(mut self, ttl: Duration) -> Self {
+        self.plan_reuse = ttl;
+        self
+    }
+
+    /// This process's id and its routing epoch: grows whenever anything a plan depends on
+    /// changes (targets, local models, policies, ready replicas, a breaker opening or closing).
+    pub fn epoch(&self) -> (u64, u64) {
+        let epoch = *self.changes.borrow() + self.policies.version() + self.replicas.changes();
+        (self.instance, epoch)
+    }
+
+    /// A watch of the routing epoch.
+    pub fn watch_epoch(&self) -> EpochWatch {
+        EpochWatch {
+            changes: self.changes.subscribe(),
+            policies: self.policies.watch_version(),
+            replicas: self.replicas.watch_changes(),
         }
     }
 
@@ -115,6 +167,14 @@ impl RouterCore {
         &self.classifier
     }
 
+    /// Sets the task classifier found among the local models (plans classified by a model are
+    /// never reused, so a change is a new epoch).
+    pub fn set_discovered_classifier(&self, model: Option<String>) {
+        if self.classifier.set_discovered(model) {
+            self.changes.send_modify(|changes| *changes += 1);
+        }
+    }
+
     /// Replaces the local models; rebuilds the targets only when they changed.
     pub fn set_local_models(&self, models: Vec<LocalModel>) {
         let mut local = self.local.lock();
@@ -122,6 +182,7 @@ impl RouterCore {
             tracing::info!(models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "local models changed");
             self.targets.store(Arc::new(Targets::build(&self.catalog, &models)));
             *local = models;
+            self.changes.send_modify(|changes| *changes += 1);
         }
     }
 
@@ -158,6 +219,8 @@ impl RouterCore {
     /// The plan for `features` at time `now`; the primary (both racers with `race`) counts as
     /// in flight until its outcome is reported.
     pub fn plan(&self, features: &Features, now: Instant, rng: &mut impl rand::Rng) -> Result<RoutePlan, Error> {
+        // Read before the inputs: a change while deciding makes the plan's epoch already past.
+        let (instance, epoch) = self.epoch();
         let targets = self.targets.load();
         let policy = self.policies.load().resolve(&features.project);
         let inputs = Inputs {
@@ -168,7 +231,18 @@ impl RouterCore {
             local_replicas: self.replicas.get(),
             now,
         };
-        let plan = decide::decide(&inputs, rng)?;
+        let mut plan = decide::decide(&inputs, rng)?;
+        plan.reuse = match plan.reuse.take() {
+            Some(reuse) if !self.plan_reuse.is_zero() => Some(PlanReuse {
+                router_instance: instance,
+                epoch,
+                ttl_ms: u32::try_from(self.plan_reuse.as_millis()).unwrap_or(u32::MAX),
+                task_classifier: self.classifier.active_model().map(|m| m.to_string()).unwrap_or_default(),
+                classifier_timeout_ms: u32::try_from(self.classifier.timeout().as_millis()).unwrap_or(u32::MAX),
+                ..reuse
+            }),
+            _ => None,
+        };
         if let Some(first) = plan.targets.first().and_then(|s| s.target.as_ref()) {
             let layer = Layer::try_from(first.layer).unwrap_or(Layer::L2Standard);
             self.decisions.with_label_values(&[first.id.as_str(), policy::layer_name(layer)]).inc();
@@ -194,7 +268,9 @@ impl RouterCore {
             return;
         }
         let latency = Duration::from_micros(outcome.latency_us.max(0) as u64);
-        self.health.record(&outcome.target_id, outcome.ok, latency, now);
+        if self.health.record(&outcome.target_id, outcome.ok, latency, now) {
+            self.changes.send_modify(|changes| *changes += 1);
+        }
     }
 
     /// Every target with its live state.

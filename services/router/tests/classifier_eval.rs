@@ -42,7 +42,7 @@ fn check(name: &str, examples: &[Example], predicted: &[Task], floors: [f64; 5])
 fn the_heuristic_per_class_accuracy_on_the_evaluation_set() {
     let examples = examples();
     assert_eq!(examples.len(), 125);
-    let predicted: Vec<Task> = examples.iter().map(|e| meshgate_router::classifier::heuristic(&e.text).task).collect();
+    let predicted: Vec<Task> = examples.iter().map(|e| meshgate_catalog::task::heuristic(&e.text).task).collect();
     check("heuristic", &examples, &predicted, HEURISTIC_FLOORS);
 }
 

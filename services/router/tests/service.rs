@@ -9,7 +9,8 @@ use meshgate_catalog::{Capability, ProviderSpec};
 use meshgate_proto::common::v1::{ChatMessage, Layer, Principal};
 use meshgate_proto::router::v1::router_client::RouterClient;
 use meshgate_proto::router::v1::{
-    DecideRequest, ListTargetsRequest, Outcome, OutcomeBatch, RoutePlan, RouteRequest, StepRole, TargetState,
+    DecideRequest, ListTargetsRequest, Outcome, OutcomeBatch, RoutePlan, RouteRequest, RoutingEpoch, StepRole,
+    TargetState, WatchRoutingRequest,
 };
 use meshgate_router::{Config, ModelFacts, RoutePolicy};
 use meshgate_runtime::{ListenConfig, Listeners, MeshChannel, Shutdown};
@@ -296,4 +297,47 @@ async fn an_invalid_policy_file_stops_the_start() {
     let config = Config { policy_file: Some(path), ..config() };
     let err = meshgate_router::serve(config, listeners, Shutdown::new()).await.unwrap_err();
     assert!(err.to_string().contains("unknown field `max_layr`"), "{err}");
+}
+
+#[tokio::test]
+async fn the_routing_epoch_is_pushed_as_breakers_and_policies_change_and_reusable_plans_carry_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    write(&path, "[projects.p]\nescalation = false\n");
+    let config = Config { policy_file: Some(path.clone()), policy_poll_ms: 20, ..config() };
+    let router = Router::start(config).await;
+    async fn next(epochs: &mut tonic::Streaming<RoutingEpoch>) -> RoutingEpoch {
+        let next = tokio::time::timeout(Duration::from_secs(5), epochs.message()).await;
+        next.expect("an epoch within 5 s").unwrap().expect("the stream stays open")
+    }
+    let mut epochs = router.client.clone().watch_routing(WatchRoutingRequest {}).await.unwrap().into_inner();
+    let first = next(&mut epochs).await;
+
+    // One target, no escalation: the plan holds for any request of this shape.
+    let plan = router.decide("mini", "p", "hello").await.unwrap();
+    let reuse = plan.reuse.expect("a plan of one healthy target is reusable");
+    assert_eq!((reuse.router_instance, reuse.epoch), (first.router_instance, first.epoch));
+    assert_eq!((reuse.ttl_ms, reuse.context_above, reuse.context_up_to), (1_000, -1, 100_000));
+    // Two equivalent targets compared by load, a model the router chooses by task: never.
+    assert!(router.decide("gpt", "p", "hello").await.unwrap().reuse.is_none());
+    assert!(router.decide("auto", "p", "hello").await.unwrap().reuse.is_none());
+
+    // A breaker opening is a new epoch, and a plan with an open breaker is not reusable.
+    let failure =
+        || Outcome { target_id: "cheap/mini".into(), error_code: "upstream_error".into(), ..Default::default() };
+    router
+        .client
+        .clone()
+        .report_outcomes(OutcomeBatch { outcomes: vec![failure(), failure(), failure()] })
+        .await
+        .unwrap();
+    let second = next(&mut epochs).await;
+    assert!(second.epoch > first.epoch && second.router_instance == first.router_instance);
+    assert!(router.decide("mini", "p", "hello").await.unwrap().reuse.is_none());
+
+    // So is a policy change.
+    write(&path, "[projects.p]\nescalation = false\nmax_layer = \"l2\"\n");
+    let third = next(&mut epochs).await;
+    assert!(third.epoch > second.epoch, "{third:?} after {second:?}");
+    router.stop().await;
 }

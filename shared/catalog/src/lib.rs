@@ -36,6 +36,7 @@ mod error;
 mod model;
 mod names;
 mod provider;
+pub mod task;
 
 pub use catalog::{Catalog, ModelProfile, Unpriced};
 pub use env::{process_env, providers_from_env, resolve_providers};

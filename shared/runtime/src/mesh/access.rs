@@ -49,6 +49,7 @@ const TABLE: &[(&str, Callers)] = &[
     ("/meshgate.router.v1.Router/Decide", Callers::Only(GATEWAY)),
     ("/meshgate.router.v1.Router/ReportOutcomes", Callers::Only(GATEWAY)),
     ("/meshgate.router.v1.Router/ListTargets", Callers::Only(GATEWAY)),
+    ("/meshgate.router.v1.Router/WatchRouting", Callers::Only(GATEWAY)),
     ("/meshgate.router.v1.Router/Route", Callers::Only(NOBODY)),
     ("/meshgate.router.v1.Router/ReportOutcome", Callers::Only(NOBODY)),
     ("/meshgate.sync.v1.Sync/Complete", Callers::Only(GATEWAY)),

@@ -49,6 +49,7 @@ const TABLE: &[(&str, usize)] = &[
     ("/meshgate.router.v1.Router/ReportOutcome", 16 * KIB),
     ("/meshgate.router.v1.Router/ReportOutcomes", MIB),
     ("/meshgate.router.v1.Router/ListTargets", KIB),
+    ("/meshgate.router.v1.Router/WatchRouting", KIB),
     ("/meshgate.sync.v1.Sync/Complete", CONVERSATION),
     ("/meshgate.sync.v1.Sync/Embed", CONVERSATION),
     ("/meshgate.sync.v1.Sync/Enqueue", CONVERSATION),
