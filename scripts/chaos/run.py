@@ -110,6 +110,23 @@ def error_shape(payload) -> tuple[bool, str | None]:
     return isinstance(code, str) and isinstance(err.get("message"), str), code if isinstance(code, str) else None
 
 
+def service_level(recs: list[dict], t0: float, t1: float) -> dict:
+    """What tenant tC's load (its budget is never spent, so no refusal is by design) met between t0
+    and t1: requests sent and answered 2xx per second, and the p50 / p99 latency of the answered
+    JSON chat requests (streams, embeddings and jobs differ in shape, so only chat is compared with
+    the healthy baseline)."""
+    sent = [r for r in recs if t0 <= r["t_start"] < t1 and r["tenant"] == "tC"]
+    seconds = max(t1 - t0, 1e-9)
+    chat = sorted(r["latency"] for r in sent if r["kind"] == "chat" and r.get("outcome") == "ok" and "latency" in r)
+
+    def pct(q: float) -> float | None:
+        return round(chat[min(len(chat) - 1, int(q * len(chat)))] * 1000, 1) if chat else None
+
+    return {"seconds": round(seconds, 1), "sent_per_s": round(len(sent) / seconds, 1),
+            "ok_per_s": round(sum(1 for r in sent if r.get("outcome") == "ok") / seconds, 1),
+            "chat_ok": len(chat), "chat_p50_ms": pct(0.5), "chat_p99_ms": pct(0.99)}
+
+
 class Runner:
     def __init__(self, args, mesh: Mesh):
         self.args = args
@@ -1039,7 +1056,8 @@ class Runner:
         baseline_recs = [r for r in self.records if t_base <= r["t_start"] < time.time()]
         self.last_quiet = await self.quiet_snapshot()
         baseline_exact = self.check_deltas(None, self.last_quiet)
-        report["baseline"] = {"requests": len(baseline_recs), "C_exact": baseline_exact}
+        report["baseline"] = {"requests": len(baseline_recs), "C_exact": baseline_exact,
+                              "service": service_level(baseline_recs, t_base, t_base + self.args.baseline)}
         log(f"baseline: {len(baseline_recs)} requests in {self.args.baseline:.0f} s; quiet point: exact "
             f"{'ok' if baseline_exact['ok'] else 'FAIL ' + '; '.join(baseline_exact['problems'])}")
 
@@ -1088,6 +1106,9 @@ class Runner:
                 "recovery_s": rec_s, "recovery_bound_s": self.args.recovery_bound,
                 "recovery_ok": rec_s is not None and rec_s <= self.args.recovery_bound,
                 "path_outcomes_until_recovered": dict(impact),
+                # From the fault until full service again (or the recovery bound): what users met.
+                "service_during": service_level(
+                    self.records, t_fault, t_heal + (self.args.recovery_bound if rec_s is None else rec_s)),
                 "A_answers": answers, "B_traces": traces, "C_budgets": budgets, "C_exact": exact, "D_jobs": jobs,
             }
             if "leaks" in fault:
@@ -1194,7 +1215,9 @@ def cut_estimate(deltas: dict) -> str:
 
 
 def table(report: dict) -> str:
-    rows = [("fault", "A answers", "B traces", "C budget", "C exact", "D jobs", "E recovery (s)", "path while down")]
+    base = report["baseline"]["service"]
+    rows = [("fault", "A answers", "B traces", "C budget", "C exact", "D jobs", "E recovery (s)", "path while down",
+             f"tC during: ok/s of sent, chat p50/p99 ms (healthy {service_cell(base)})")]
     for w in report["faults"]:
         rows.append((
             w["fault"] + (f" #{w['round']}" if report["config"]["rounds"] > 1 else ""),
@@ -1210,11 +1233,12 @@ def table(report: dict) -> str:
             (f"{w['recovery_s']}" if w["recovery_s"] is not None else "none") +
             f" (≤{w['recovery_bound_s']:.0f}) {'ok' if w['recovery_ok'] else 'FAIL'}",
             ", ".join(f"{k} {v}" for k, v in sorted(w["path_outcomes_until_recovered"].items())),
+            service_cell(w["service_during"]),
         ))
     f = report["final"]
     rows.append(("final", "ok" if f["A_answers_all"]["ok"] else f"FAIL {f['A_answers_all']['violation_count']}",
                  "ok" if f["B_traces_all"]["ok"] else f"FAIL {f['B_traces_all']['missing_count']} missing",
-                 "ok" if f["C_budgets_exact"]["ok"] else "FAIL", "", "ok" if f["D_jobs_all"]["ok"] else "FAIL", "", ""))
+                 "ok" if f["C_budgets_exact"]["ok"] else "FAIL", "", "ok" if f["D_jobs_all"]["ok"] else "FAIL", "", "", ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     text = "\n".join(" | ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)) for r in rows)
     for w in report["faults"]:
@@ -1225,6 +1249,11 @@ def table(report: dict) -> str:
                 text += (f"\n  {key:32} level {v['level']:>10} grew {v['grew_first_half']:>8} then "
                          f"{v['grew_second_half']:>8} (allowed {v['allowed']}){'  LEAK' if v['leak'] else ''}")
     return text
+
+
+def service_cell(level: dict) -> str:
+    return (f"{level['ok_per_s']}/{level['sent_per_s']} over {level['seconds']} s, "
+            f"{level['chat_p50_ms']}/{level['chat_p99_ms']}")
 
 
 def slope(points: list[tuple[float, float]]) -> float:
