@@ -264,7 +264,10 @@ async fn every_documented_error_code_is_answered_as_documented() {
     assert_eq!(admin(Method::POST, "/v1/orgs").json(&org).send().await.unwrap().status(), 201);
     let again = admin(Method::POST, "/v1/orgs").json(&org).send().await.unwrap();
     provoked(&mut seen, "createOrganization", "conflict", again).await;
-    let huge = chat(ADMIN_KEY, chat_body(CLOUD_MODEL, &"x".repeat(100 * 1024))).await.unwrap();
+    // Refused before its body is read, so the server closes the connection after answering: the
+    // client must not pool it for the next request (a reused one would be cut, IncompleteMessage).
+    let huge = http.post(format!("{edge}/v1/chat/completions")).bearer_auth(ADMIN_KEY).header("connection", "close");
+    let huge = huge.json(&chat_body(CLOUD_MODEL, &"x".repeat(100 * 1024))).send().await.unwrap();
     provoked(&mut seen, "createChatCompletion", "payload_too_large", huge).await;
     let batch = admin(Method::POST, "/v1/sync/batches")
         .header("idempotency-key", "edge-1")
