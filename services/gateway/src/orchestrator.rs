@@ -362,6 +362,8 @@ impl Orchestrator {
         settlement.routing_reason = plan.explanation.clone();
         settlement.trace.task = plan.task.clone();
         settlement.trace.routing_reasons = plan.reasons.clone();
+        // A held plan carries another request's task: this one's by the heuristic until (unless)
+        // the classifier asked in `ReusedPlan::label` answers.
         if let Some(reused) = &settlement.reused_plan {
             let guess = meshgate_catalog::task::heuristic(&reused.text);
             settlement.label_task(&guess);

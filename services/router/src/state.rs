@@ -114,6 +114,11 @@ impl RouterCore {
         (self.instance, epoch)
     }
 
+    /// Something a plan depends on changed here: plans held elsewhere are stale.
+    fn new_epoch(&self) {
+        self.changes.send_modify(|changes| *changes += 1);
+    }
+
     /// A watch of the routing epoch.
     pub fn watch_epoch(&self) -> EpochWatch {
         EpochWatch {
@@ -167,11 +172,11 @@ impl RouterCore {
         &self.classifier
     }
 
-    /// Sets the task classifier found among the local models (plans classified by a model are
-    /// never reused, so a change is a new epoch).
+    /// Sets the task classifier found among the local models (a held plan names the classifier
+    /// its reusers label tasks with, so a change is a new epoch).
     pub fn set_discovered_classifier(&self, model: Option<String>) {
         if self.classifier.set_discovered(model) {
-            self.changes.send_modify(|changes| *changes += 1);
+            self.new_epoch();
         }
     }
 
@@ -182,7 +187,7 @@ impl RouterCore {
             tracing::info!(models = ?models.iter().map(|m| &m.name).collect::<Vec<_>>(), "local models changed");
             self.targets.store(Arc::new(Targets::build(&self.catalog, &models)));
             *local = models;
-            self.changes.send_modify(|changes| *changes += 1);
+            self.new_epoch();
         }
     }
 
@@ -269,7 +274,7 @@ impl RouterCore {
         }
         let latency = Duration::from_micros(outcome.latency_us.max(0) as u64);
         if self.health.record(&outcome.target_id, outcome.ok, latency, now) {
-            self.changes.send_modify(|changes| *changes += 1);
+            self.new_epoch();
         }
     }
 

@@ -35,6 +35,16 @@ impl Router {
         Self { client, admin, shutdown, task }
     }
 
+    /// A router with [`config`] and a policy file of `text`, re-read every 20 ms (write it with
+    /// [`write`]); the directory holding it lives as long as the returned guard.
+    async fn with_policy_file(text: &str) -> (Self, tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        write(&path, text);
+        let config = Config { policy_file: Some(path.clone()), policy_poll_ms: 20, ..config() };
+        (Self::start(config).await, dir, path)
+    }
+
     /// The value of the series of metric `name` carrying the label `label` (`key="value"`), 0
     /// when absent.
     async fn metric(&self, name: &str, label: &str) -> f64 {
@@ -250,11 +260,7 @@ async fn eventually_plan(router: &Router, what: &str, check: impl Fn(&Result<Rou
 
 #[tokio::test]
 async fn the_policy_file_reloads_without_a_restart_and_keeps_the_last_good_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("policy.toml");
-    write(&path, "[projects.p]\nmax_layer = \"l1\"\n");
-    let config = Config { policy_file: Some(path.clone()), policy_poll_ms: 20, ..config() };
-    let router = Router::start(config).await;
+    let (router, _dir, path) = Router::with_policy_file("[projects.p]\nmax_layer = \"l1\"\n").await;
 
     let refused = router.decide("gpt", "p", "hello").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{}", refused.message());
@@ -301,11 +307,7 @@ async fn an_invalid_policy_file_stops_the_start() {
 
 #[tokio::test]
 async fn the_routing_epoch_is_pushed_as_breakers_and_policies_change_and_reusable_plans_carry_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("policy.toml");
-    write(&path, "[projects.p]\nescalation = false\n");
-    let config = Config { policy_file: Some(path.clone()), policy_poll_ms: 20, ..config() };
-    let router = Router::start(config).await;
+    let (router, _dir, path) = Router::with_policy_file("[projects.p]\nescalation = false\n").await;
     async fn next(epochs: &mut tonic::Streaming<RoutingEpoch>) -> RoutingEpoch {
         let next = tokio::time::timeout(Duration::from_secs(5), epochs.message()).await;
         next.expect("an epoch within 5 s").unwrap().expect("the stream stays open")
