@@ -803,13 +803,7 @@ class Runner:
         worker and charged at the job's estimate), per job id, from its log: those are charged by
         meshgate's estimate, as a cut chat reply is."""
         charges: dict[str, int] = defaultdict(int)
-        log = self.mesh.logs / "sync.log"
-        if not log.exists():
-            return charges
-        for line in log.read_text(errors="replace").splitlines():
-            if "a failed attempt may have been served; charged" not in line:
-                continue
-            line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # the log's colours
+        for line in self.failed_attempt_lines():
             job, tokens = re.search(r'job"?[=:]\s*"?([0-9a-f-]{36})', line), re.search(r'tokens"?[=:]\s*(\d+)', line)
             if job and tokens:
                 charges[job.group(1)] += int(tokens.group(1))
@@ -817,10 +811,15 @@ class Runner:
 
     def interrupted_charged(self, job_id: str) -> bool:
         """Whether sync charged an interrupted attempt of the job (its log says so)."""
+        return any(job_id in line and 'why="interrupted"' in line for line in self.failed_attempt_lines())
+
+    def failed_attempt_lines(self) -> list[str]:
+        """The lines of sync's log charging a failed job attempt, without the log's colours."""
         log = self.mesh.logs / "sync.log"
-        return log.exists() and any(job_id in line and 'why="interrupted"' in re.sub(r"\x1b\[[0-9;]*m", "", line)
-                                    for line in log.read_text(errors="replace").splitlines()
-                                    if "a failed attempt may have been served" in line)
+        if not log.exists():
+            return []
+        return [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in log.read_text(errors="replace").splitlines()
+                if "a failed attempt may have been served; charged" in line]
 
     def job_adjustment(self, tenant: str) -> tuple[int, int, int]:
         """What quota should hold for the tenant's jobs with charged failed attempts or still open,
